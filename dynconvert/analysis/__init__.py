@@ -1,0 +1,208 @@
+"""analyze(model, example_inputs) -> Plan: find the attention and MLP sites of any DiT-like model.
+
+The graph comes from ``torch.export`` (non-strict); when export fails, from a robust torch.fx
+tracer run block by block. Sites are read from the dataflow, not from class names: an attention
+call with the Linears that feed and consume it, a Linear-elementwise-Linear MLP whose output
+reaches the residual stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from dynconvert.analysis import attention as attn_finder
+from dynconvert.analysis import mlp as mlp_finder
+from dynconvert.analysis.costs import node_macs
+from dynconvert.analysis.graph import OpGraph, from_export
+from dynconvert.config import ConvertConfig
+from dynconvert.errors import AlreadyConvertedError, ExampleInputsError
+from dynconvert.inputs import batch_of, default_inputs, find_timestep_arg, shapes_of, split_inputs
+from dynconvert.plan import AttentionSite, MlpSite, Plan, SkippedSite
+
+FilterFn = Callable[[torch.nn.Module, str], bool]
+
+__all__ = ["analyze", "capture"]
+
+
+def analyze(
+    model: torch.nn.Module,
+    example_inputs: Any = None,
+    config: ConvertConfig | None = None,
+    filter_fn: FilterFn | None = None,
+) -> Plan:
+    """Find every attention and MLP site of ``model`` and what each costs.
+
+    Args:
+        model: any nn.Module (a DiT, U-ViT, a diffusers transformer...).
+        example_inputs: a tuple of positional args or a dict of keyword args that run the
+            model; optional for models that can make their own (built-in presets, diffusers
+            DiT/PixArt).
+        config: convert settings (which capture to use, MLP groups, timestep argument).
+        filter_fn: ``filter_fn(module, name) -> bool``; sites for which it returns False are
+            listed as skipped.
+
+    Returns:
+        The Plan (sites in execution order, skipped sites with reasons, MACs).
+
+    Example:
+        >>> from dynconvert.testing import tiny_dit
+        >>> plan = analyze(tiny_dit())
+        >>> len(plan.attention), len(plan.mlp)
+        (2, 2)
+    """
+    config = config or ConvertConfig()
+    if getattr(model, "_dynconvert_converted", False):
+        raise AlreadyConvertedError(
+            "this model is already converted; call dynconvert.revert(model) first, or use "
+            "dynconvert.get_state(model).plan for its plan"
+        )
+    args, kwargs = split_inputs(example_inputs) if example_inputs is not None else default_inputs(model)
+    timestep_arg = find_timestep_arg(model, config.timestep_arg)
+    graph = capture(model, args, kwargs, config.capture)
+    return plan_from_graph(model, graph, args, kwargs, timestep_arg, config, filter_fn)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def check_inputs_run(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Run the model once; raise ExampleInputsError (with the model's own message) if it fails."""
+    try:
+        with torch.no_grad(), _eval_mode(model):
+            model(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's model is reported as is
+        raise ExampleInputsError(
+            f"the example inputs do not run {type(model).__name__}: {type(e).__name__}: {e}. "
+            "Pass example_inputs exactly as you would call the model (a tuple of positional "
+            "arguments or a dict of keyword arguments)"
+        ) from e
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict, how: str = "auto") -> OpGraph:
+    """Capture the model's graph: torch.export (non-strict), else the robust per-block tracer."""
+    check_inputs_run(model, args, kwargs)
+    error: Exception | None = None
+    if how in ("auto", "export"):
+        try:
+            with torch.no_grad(), _eval_mode(model):
+                ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+            return from_export(ep, model)
+        except Exception as e:  # noqa: BLE001 - fall back to the tracer below
+            if how == "export":
+                raise ExampleInputsError(f"torch.export failed on {type(model).__name__}: {e}") from e
+            error = e
+    from dynconvert.analysis.fx_capture import capture_fx
+
+    with _eval_mode(model):
+        graph = capture_fx(model, args, kwargs)
+    if error is not None:
+        graph.coverage = f"{graph.coverage}; torch.export failed: {type(error).__name__}"
+    return graph
+
+
+def plan_from_graph(
+    model: torch.nn.Module,
+    graph: OpGraph,
+    args: tuple,
+    kwargs: dict,
+    timestep_arg: str,
+    config: ConvertConfig,
+    filter_fn: FilterFn | None = None,
+) -> Plan:
+    """Turn a captured graph into a Plan (sites, skipped sites, costs)."""
+    reuse = graph.linear_nodes()
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    attention: list[tuple[int, AttentionSite]] = []
+    skipped: list[SkippedSite] = []
+    site_nodes: set[int] = set()
+    taken: set[str] = set()
+    for call in attn_finder.find_calls(graph):
+        found = attn_finder.build_site(call, model, reuse)
+        if found.site is None:
+            skipped.append(found.skipped)
+            continue
+        attention.append((order[id(call.output)], found.site))
+        site_nodes.update(id(n) for n in [*found.linear_nodes, *call.cost_nodes])
+        taken.update(n.linear for n in found.linear_nodes)
+
+    attn_blocks: dict[str, AttentionSite] = {}
+    for _, s in attention:
+        attn_blocks.setdefault(s.block, s)
+    mlps: list[tuple[int, MlpSite]] = []
+    for fc2 in mlp_finder.find_fc2_candidates(graph):
+        found = mlp_finder.build_site(fc2, model, reuse, taken)
+        if found is None:
+            continue
+        if found.site is None:
+            skipped.append(found.skipped)
+            continue
+        site = found.site
+        if site.block not in attn_blocks:
+            skipped.append(SkippedSite(site.name, "mlp", "not inside a transformer block with attention"))
+            continue
+        groups = config.mlp_groups or attn_blocks[site.block].heads
+        mlp_finder.set_groups(site, groups)
+        if not config.mlp_width and site.width:
+            site.width, site.width_reason = False, "MLP width routing turned off in the config"
+        if not config.token_routing and site.token:
+            site.token, site.token_reason = False, "token routing turned off in the config"
+        if not site.width and not site.token:
+            skipped.append(SkippedSite(site.name, "mlp", f"{site.width_reason}; {site.token_reason}"))
+            continue
+        mlps.append((order[id(fc2)], site))
+        site_nodes.update(id(n) for n in found.linear_nodes)
+        taken.update(n.linear for n in found.linear_nodes)
+
+    kept_attn, kept_mlp = [], []
+    for _, site in sorted([*attention, *mlps], key=lambda p: p[0]):
+        reason = _excluded(model, site, config, filter_fn)
+        if isinstance(site, AttentionSite) and not config.attention_width and not reason:
+            reason = "attention width routing turned off in the config"
+        if reason:
+            skipped.append(SkippedSite(site.name, "attention" if isinstance(site, AttentionSite) else "mlp", reason))
+            continue
+        site.index = len(kept_attn) + len(kept_mlp)
+        (kept_attn if isinstance(site, AttentionSite) else kept_mlp).append(site)
+
+    static = sum(node_macs(n) for n in graph.nodes)
+    kept_ids = {s.name for s in [*kept_attn, *kept_mlp]}
+    site_macs = sum(s.macs() for s in [*kept_attn, *kept_mlp])
+    batch = batch_of(args, kwargs)
+    del kept_ids
+    return Plan(
+        model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+        timestep_arg=timestep_arg,
+        capture=graph.capture,
+        coverage=graph.coverage,
+        batch=batch,
+        input_shapes=shapes_of(args, kwargs),
+        attention=kept_attn,
+        mlp=kept_mlp,
+        skipped=skipped,
+        static_macs=static,
+        other_macs=static - site_macs * batch,
+    )
+
+
+def _excluded(model: torch.nn.Module, site: Any, config: ConvertConfig, filter_fn: FilterFn | None) -> str:
+    import re
+
+    for pattern in config.exclude:
+        if re.fullmatch(pattern, site.name) or site.name.startswith(pattern + "."):
+            return f"excluded by config.exclude pattern {pattern!r}"
+    if filter_fn is not None:
+        module = model.get_submodule(site.name) if site.name else model
+        if not filter_fn(module, site.name):
+            return "excluded by filter_fn"
+    return ""

@@ -1,0 +1,72 @@
+"""Multiply-accumulates (MACs) of one graph op, from its input and output shapes.
+
+Convention: one multiply-accumulate counts as one MAC. This is what DiT and DyDiT call a
+"FLOP"; hardware FLOPs are 2x these numbers (``torch.utils.flop_counter`` counts 2 per MAC).
+Elementwise ops, norms and softmax are not counted (as in DiT, fvcore and FlopCounterMode).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from dynconvert.analysis.graph import OpNode
+
+
+def _numel(shape: tuple[int, ...] | None) -> int:
+    return math.prod(shape) if shape else 0
+
+
+def node_macs(node: OpNode) -> int:
+    """MACs of one op (0 for ops that are not matrix products or convolutions)."""
+    if node.kind == "linear":
+        x = node.args[0]
+        k = x.shape[-1] if isinstance(x, OpNode) and x.shape else 0
+        return _numel(node.shape) * k
+    if node.kind == "conv":
+        w = node.args[1]
+        if not isinstance(w, OpNode) or not w.shape:
+            return 0
+        return _numel(node.shape) * math.prod(w.shape[1:])
+    if node.kind == "attention":
+        q, k, v = node.args[0], node.args[1], node.args[2]
+        if not all(isinstance(a, OpNode) and a.shape for a in (q, k, v)):
+            return 0
+        *lead, n, d = q.shape
+        m, dv = k.shape[-2], v.shape[-1]
+        return math.prod(lead) * n * m * (d + dv)
+    if node.kind == "matmul":
+        return _matmul_macs(node)
+    return 0
+
+
+def _matmul_macs(node: OpNode) -> int:
+    op = node.op
+    if op == "einsum":
+        return _einsum_macs(node)
+    if op in ("addmm", "baddbmm", "addbmm"):
+        a = node.args[1]
+    else:
+        a = node.args[0]
+    if not isinstance(a, OpNode) or not a.shape:
+        return 0
+    k = a.shape[-1] if len(a.shape) > 1 else a.shape[0]
+    if op == "addbmm":
+        return _numel(node.shape) * k * a.shape[0]
+    return _numel(node.shape) * k
+
+
+def _einsum_macs(node: OpNode) -> int:
+    eq = node.args[0]
+    operands = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    if not isinstance(eq, str) or len(operands) != 2:
+        return 0
+    lhs = eq.replace(" ", "").split("->")[0]
+    terms = lhs.split(",")
+    sizes: dict[str, int] = {}
+    for term, opnd in zip(terms, operands):
+        if not isinstance(opnd, OpNode) or not opnd.shape or "..." in term:
+            return 0
+        for ch, s in zip(re.sub(r"[^a-zA-Z]", "", term), opnd.shape):
+            sizes[ch] = int(s)
+    return math.prod(sizes.values())

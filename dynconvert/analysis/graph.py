@@ -1,0 +1,267 @@
+"""A small, uniform view of a captured torch.fx graph.
+
+Both capture paths (``torch.export`` non-strict, and the per-block robust tracer) produce an
+:class:`OpGraph`: one :class:`OpNode` per operation, with a canonical ``kind``, the module that
+ran it (from ``nn_module_stack`` or the tracer), the Linear it belongs to, its output shape,
+and a way to replay it on concrete tensors (used to derive row layouts exactly).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# Canonical kinds, keyed by the aten overload packet name or torch function/method name.
+SHAPE_OPS = {
+    "view", "reshape", "_unsafe_view", "permute", "transpose", "t", "unsqueeze", "squeeze",
+    "flatten", "unflatten", "expand", "contiguous", "clone", "alias", "detach", "unbind",
+    "chunk", "split", "split_with_sizes", "getitem", "select", "movedim", "swapaxes",
+    "lift_fresh_copy", "view_as", "reshape_as", "tensor_split", "slice", "narrow",
+}
+CAST_OPS = {"to", "_to_copy", "type_as", "float", "half", "bfloat16", "type", "_assert_tensor_metadata"}
+UNARY_OPS = {
+    "gelu", "silu", "relu", "sigmoid", "tanh", "mish", "hardswish", "hardsigmoid", "elu", "leaky_relu",
+    "softplus", "erf", "exp", "neg", "dropout", "native_dropout", "abs", "sqrt", "rsqrt", "square",
+    "relu6", "gelu_", "silu_", "relu_", "dropout_", "feature_dropout", "alpha_dropout", "identity",
+    "log_sigmoid", "selu", "celu", "quick_gelu", "pow",
+}
+BINARY_OPS = {"add", "sub", "mul", "div", "add_", "mul_", "div_", "sub_", "rsub", "truediv"}
+NORM_OPS = {"layer_norm", "native_layer_norm", "rms_norm", "group_norm", "native_group_norm", "batch_norm"}
+ATTENTION_OPS = {
+    "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_cudnn_attention",
+}
+MATMUL_OPS = {"matmul", "bmm", "mm", "einsum", "baddbmm", "addmm", "addbmm", "__matmul__"}
+SOFTMAX_OPS = {"softmax", "_softmax", "_safe_softmax"}
+CONV_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
+            "conv_transpose2d", "conv_transpose3d"}
+
+
+def canonical_kind(name: str) -> str:
+    """Map an op name (aten packet, torch function or tensor method) to a canonical kind."""
+    name = name.rstrip("_") if name not in ("__matmul__",) else name
+    if name == "linear":
+        return "linear"
+    if name in ATTENTION_OPS:
+        return "attention"
+    if name in MATMUL_OPS:
+        return "matmul"
+    if name in SOFTMAX_OPS:
+        return "softmax"
+    if name in CONV_OPS:
+        return "conv"
+    if name in NORM_OPS:
+        return "norm"
+    if name in SHAPE_OPS:
+        return "shape"
+    if name in CAST_OPS:
+        return "cast"
+    if name in UNARY_OPS:
+        return "unary"
+    if name in BINARY_OPS:
+        return "binary"
+    if name == "embedding":
+        return "embedding"
+    if name == "cat":
+        return "cat"
+    return "other"
+
+
+@dataclass(eq=False)
+class OpNode:
+    """One operation of the captured graph."""
+
+    name: str
+    op: str  # the original op name (e.g. "view", "scaled_dot_product_attention")
+    kind: str  # canonical kind, see canonical_kind
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    module: str = ""
+    module_class: str = ""
+    stack: tuple[str, ...] = ()  # fqns of the modules whose forward is running, outermost first
+    linear: str | None = None  # fqn of the nn.Linear for "linear" nodes
+    shape: tuple[int, ...] | None = None
+    shapes: tuple[tuple[int, ...], ...] | None = None  # for ops returning several tensors
+    replay: Callable[..., Any] | None = None
+    users: list[OpNode] = field(default_factory=list)
+    is_input: bool = False
+
+    def __repr__(self) -> str:
+        return f"OpNode({self.name}: {self.op} in {self.module or '<root>'} -> {self.shape})"
+
+    @property
+    def inputs(self) -> list[OpNode]:
+        """Graph nodes among the args (flattening lists), in order."""
+        out: list[OpNode] = []
+        for a in _flatten(self.args) + _flatten(tuple(self.kwargs.values())):
+            if isinstance(a, OpNode):
+                out.append(a)
+        return out
+
+    @property
+    def real_users(self) -> list[OpNode]:
+        """Users that compute something (skipping metadata assertions)."""
+        return [u for u in self.users if u.op != "_assert_tensor_metadata"]
+
+    def arg(self, i: int, name: str | None = None, default: Any = None) -> Any:
+        if len(self.args) > i:
+            return self.args[i]
+        if name is not None and name in self.kwargs:
+            return self.kwargs[name]
+        return default
+
+
+@dataclass
+class OpGraph:
+    """The nodes of one captured forward pass, in execution order."""
+
+    nodes: list[OpNode]
+    capture: str
+    coverage: str = ""
+
+    def __iter__(self) -> Iterator[OpNode]:
+        return iter(self.nodes)
+
+    def of_kind(self, kind: str) -> list[OpNode]:
+        return [n for n in self.nodes if n.kind == kind]
+
+    def linear_nodes(self) -> dict[str, list[OpNode]]:
+        """Linear fqn -> the nodes that call it (more than one means the module is reused)."""
+        out: dict[str, list[OpNode]] = {}
+        for n in self.nodes:
+            if n.kind == "linear" and n.linear is not None:
+                out.setdefault(n.linear, []).append(n)
+        return out
+
+
+def _flatten(args: Any) -> list[Any]:
+    out: list[Any] = []
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            out.extend(_flatten(a))
+        else:
+            out.append(a)
+    return out
+
+
+def _shape_of(val: Any) -> tuple[tuple[int, ...] | None, tuple[tuple[int, ...], ...] | None]:
+    if isinstance(val, torch.Tensor):
+        return tuple(int(s) for s in val.shape), None
+    if isinstance(val, (list, tuple)) and val and all(isinstance(v, torch.Tensor) for v in val):
+        return None, tuple(tuple(int(s) for s in v.shape) for v in val)
+    return None, None
+
+
+def from_export(ep: torch.export.ExportedProgram, model: torch.nn.Module) -> OpGraph:
+    """Build an OpGraph from an ExportedProgram (non-strict export of the whole model)."""
+    sig = ep.graph_signature
+    param_of = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    lifted = getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {}
+    mapping: dict[str, OpNode] = {}
+    nodes: list[OpNode] = []
+    linear_types = _linear_fqns(model)
+
+    def conv(a: Any) -> Any:
+        if isinstance(a, torch.fx.Node):
+            return mapping.get(a.name, a.name)
+        if isinstance(a, (list, tuple)):
+            return type(a)(conv(x) for x in a)
+        return a
+
+    for node in ep.graph.nodes:
+        if node.op == "placeholder":
+            shape, _ = _shape_of(node.meta.get("val"))
+            target = param_of.get(node.name) or lifted.get(node.name)
+            on = OpNode(name=target or node.name, op="param" if target else "input",
+                        kind="param" if target else "input", shape=shape, is_input=not target)
+            mapping[node.name] = on
+            continue
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if target is operator.getitem:
+            op_name = "getitem"
+        elif isinstance(target, torch._ops.OpOverload):
+            op_name = target.overloadpacket.__name__
+        else:
+            op_name = getattr(target, "__name__", str(target))
+        stack = node.meta.get("nn_module_stack") or {}
+        module, module_class = "", ""
+        paths: tuple[str, ...] = ()
+        if stack:
+            path, cls = list(stack.values())[-1]
+            module = _clean_path(path)
+            module_class = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+            paths = tuple(_clean_path(p) for p, _ in stack.values())
+        shape, shapes = _shape_of(node.meta.get("val"))
+        on = OpNode(
+            name=node.name, op=op_name, kind=canonical_kind(op_name), args=conv(node.args),
+            kwargs={k: conv(v) for k, v in node.kwargs.items()}, module=module,
+            module_class=module_class, stack=paths, shape=shape, shapes=shapes, replay=target,
+        )
+        if on.kind == "linear":
+            w = node.args[1]
+            wname = param_of.get(w.name) if isinstance(w, torch.fx.Node) else None
+            if wname and wname.endswith(".weight") and wname[: -len(".weight")] in linear_types:
+                on.linear = wname[: -len(".weight")]
+        mapping[node.name] = on
+        nodes.append(on)
+    _link_users(nodes)
+    return OpGraph(nodes=nodes, capture="torch.export", coverage="whole model")
+
+
+def _clean_path(path: str) -> str:
+    # Older torch versions prefix paths with "L['self']." or "L__self__."; newer give plain fqns.
+    for prefix in ("L['self'].", "L__self__.", "L__self___"):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+    return path
+
+
+def _linear_fqns(model: torch.nn.Module) -> set[str]:
+    return {name for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+
+
+def _link_users(nodes: list[OpNode]) -> None:
+    for n in nodes:
+        for i in n.inputs:
+            if n not in i.users:
+                i.users.append(n)
+
+
+def call_lca(*nodes: OpNode) -> str:
+    """The deepest module whose forward call encloses all the given ops."""
+    stacks = [n.stack for n in nodes]
+    common = ""
+    for entries in zip(*stacks):
+        if all(e == entries[0] for e in entries):
+            common = entries[0]
+        else:
+            break
+    return common
+
+
+def module_lca(*fqns: str) -> str:
+    """The deepest module containing all the given module paths."""
+    parts = [f.split(".") if f else [] for f in fqns]
+    common: list[str] = []
+    for seg in zip(*parts):
+        if all(s == seg[0] for s in seg):
+            common.append(seg[0])
+        else:
+            break
+    return ".".join(common)
+
+
+def block_of(fqn: str) -> str:
+    """The block a site belongs to: the path up to the first list index, else the parent."""
+    segs = fqn.split(".")
+    for i, s in enumerate(segs):
+        if s.isdigit():
+            return ".".join(segs[: i + 1])
+    return ".".join(segs[:-1]) if len(segs) > 1 else fqn

@@ -1,0 +1,252 @@
+"""RouterBank: every router of a converted model, and the routing state of the current call.
+
+The bank is attached to the converted model as the submodule ``dynconvert``, so its parameters
+are saved, moved, wrapped by DDP and copied by EMA like any others. Width masks are a function
+of the timestep alone: in evaluation they come from a per-timestep table computed once per t.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynconvert.config import ConvertConfig
+from dynconvert.errors import TimestepError
+from dynconvert.plan import AttentionSite, MlpSite, Plan, Site
+from dynconvert.routers import TimestepEncoder, TokenRouter, straight_through_mask, width_router
+
+MODES = ("train", "eval", "full")
+
+
+class RouterBank(nn.Module):
+    """The routers of all sites plus the per-call routing state."""
+
+    def __init__(self, plan: Plan, config: ConvertConfig, budget: float):
+        super().__init__()
+        self.plan = plan
+        self.config = config
+        self.budget = budget
+        self.t_embed = TimestepEncoder(config.router_embed_dim)
+        self.width = nn.ModuleDict()
+        self.token = nn.ModuleDict()
+        for s in plan.sites:
+            if s.units > 1:
+                self.width[str(s.index)] = width_router(config.router_embed_dim, s.units, config.width_bias_init)
+            if isinstance(s, MlpSite) and s.token:
+                self.token[str(s.index)] = TokenRouter(s.in_features, config.token_reduction, config.token_bias_init)
+        self.register_buffer("always_on", torch.zeros(len(plan.sites), dtype=torch.long))
+        self.mode: str | None = None
+        self.execution = "fast"
+        self.runtimes: list[Any] = []
+        self._reset_call()
+        self._table: dict[float, dict[int, torch.Tensor]] = {}
+        self._table_key: tuple | None = None
+        self._slices: dict[tuple, tuple] = {}
+        self.slice_bytes = 0
+
+    # -- per call --------------------------------------------------------------------------
+    def _reset_call(self) -> None:
+        self._t: torch.Tensor | None = None
+        self._emb: torch.Tensor | None = None
+        self._mode_now = "full"
+        self.records: dict[int, dict[str, Any]] = {}
+        self._eval_masks: dict[int, torch.Tensor] = {}
+
+    def begin(self, t: Any, training: bool) -> None:
+        """Start one forward call of the model at timestep(s) ``t``."""
+        self._reset_call()
+        self._mode_now = self.mode or ("train" if training else "eval")
+        if self._mode_now == "full":
+            return
+        if t is None:
+            raise TimestepError(
+                f"the model was called without its timestep argument {self.plan.timestep_arg!r}; "
+                "dynconvert routers need it"
+            )
+        device = self.always_on.device
+        t = torch.as_tensor(t, device=device).detach().float().reshape(-1)
+        t = t * self.config.timestep_scale
+        if self.config.timestep_reverse:
+            t = 1000.0 - t
+        self._t = t
+        if self._mode_now == "eval":
+            self._eval_masks = self._lookup(t)
+
+    @property
+    def mode_now(self) -> str:
+        return self._mode_now
+
+    def fast_for(self, site: Site) -> bool:
+        """Whether this site runs the sliced fast path in the current call."""
+        return self._mode_now == "eval" and self.execution == "fast" and self.config.fast_path and site.fast
+
+    def record(self, index: int) -> dict[str, Any]:
+        return self.records.setdefault(index, {})
+
+    # -- masks ------------------------------------------------------------------------------
+    def width_mask(self, index: int) -> torch.Tensor | None:
+        """(Bt, units) mask of one site for this call; None when every unit is on."""
+        rec = self.record(index)
+        if "width" in rec:
+            return rec["width"]
+        key = str(index)
+        if self._mode_now == "full" or key not in self.width:
+            mask = None
+        elif self._mode_now == "train":
+            if self._emb is None:
+                self._emb = self.t_embed(self._t)
+            mask = straight_through_mask(self.width[key](self._emb), self.config.tau, int(self.always_on[index]))
+        else:
+            mask = self._eval_masks.get(index)
+        rec["width"] = mask
+        return mask
+
+    def token_mask(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Mask over the leading dims of ``x`` (batch, tokens); None when tokens are not routed."""
+        key = str(index)
+        if self._mode_now == "full" or key not in self.token:
+            return None
+        logits = self.token[key](x)
+        if self._mode_now == "train":
+            return straight_through_mask(logits, self.config.tau, None)
+        return logits > 0
+
+    # -- evaluation table -------------------------------------------------------------------
+    def _params_key(self) -> tuple:
+        params = [p for p in self.parameters()]
+        return (
+            sum(p._version for p in params),
+            tuple(p.data_ptr() for p in params[:2]),
+            self.always_on._version,
+            self.always_on.device,
+        )
+
+    def _lookup(self, t: torch.Tensor) -> dict[int, torch.Tensor]:
+        key = self._params_key()
+        if key != self._table_key:
+            self._table, self._table_key = {}, key
+        values = [round(v, 4) for v in t.tolist()]
+        missing = sorted({v for v in values if v not in self._table})
+        if missing:
+            self._fill(missing)
+        uniq = list(dict.fromkeys(values))
+        if len(uniq) == 1:
+            row = self._table[uniq[0]]
+            return {i: m[None] for i, m in row.items()}
+        return {i: torch.stack([self._table[v][i] for v in values]) for i in self._table[values[0]]}
+
+    @torch.no_grad()
+    def _fill(self, values: list[float]) -> None:
+        t = torch.tensor(values, device=self.always_on.device)
+        emb = self.t_embed(t)
+        rows: dict[float, dict[int, torch.Tensor]] = {v: {} for v in values}
+        for key, router in self.width.items():
+            i = int(key)
+            on = router(emb) > 0  # (T, U)
+            on[:, int(self.always_on[i])] = True
+            for j, v in enumerate(values):
+                rows[v][i] = on[j]
+        self._table.update(rows)
+
+    def width_table(self, timesteps: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """Evaluation width masks for each site at the given timesteps (default 0..999).
+
+        Returns ``{site index: (T, units) bool}`` for every site with a width router.
+        """
+        t = torch.arange(1000, dtype=torch.float32) if timesteps is None else timesteps.float()
+        t = t.to(self.always_on.device)
+        with torch.no_grad():
+            emb = self.t_embed(t)
+            out = {}
+            for key, router in self.width.items():
+                on = router(emb) > 0
+                on[:, int(self.always_on[int(key)])] = True
+                out[int(key)] = on
+        return out
+
+    # -- weight slices ------------------------------------------------------------------------
+    def sliced(self, lin: nn.Linear, axis: str, units: torch.Tensor, index: torch.Tensor) -> tuple:
+        """Weight (and bias) of ``lin`` restricted to ``index`` rows/cols, cached while unchanged."""
+        w = lin.weight
+        ukey = tuple(units.tolist())
+        key = (id(lin), axis)
+        stamp = (ukey, w._version, w.data_ptr(), w.dtype, w.device)
+        hit = self._slices.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1], hit[2]
+        index = index.to(w.device)
+        if axis == "rows":
+            ws = w.index_select(0, index)
+            bs = lin.bias.index_select(0, index) if lin.bias is not None else None
+        else:
+            ws = w.index_select(1, index)
+            bs = lin.bias
+        if hit is not None:
+            self.slice_bytes -= hit[3]
+            del self._slices[key]
+        nbytes = ws.numel() * ws.element_size() + (bs.numel() * bs.element_size() if axis == "rows" and bs is not None else 0)
+        limit = self.config.slice_cache_mb
+        if limit is None or self.slice_bytes + nbytes <= limit * 2**20:
+            if not torch.is_grad_enabled() or not w.requires_grad:
+                self._slices[key] = (stamp, ws, bs, nbytes)
+                self.slice_bytes += nbytes
+        return ws, bs
+
+    def clear_cache(self) -> None:
+        """Drop cached weight slices and timestep tables (frees their memory)."""
+        self._slices.clear()
+        self.slice_bytes = 0
+        self._table, self._table_key = {}, None
+
+    # -- FLOPs --------------------------------------------------------------------------------
+    def last_flops_ratio(self, blocks_only: bool = False) -> torch.Tensor:
+        """F_dyn / F_static of each sample of the last call (differentiable in train mode).
+
+        ``blocks_only`` restricts both to the converted attention and MLP sites (the paper's
+        convention); otherwise the whole model counts, routers included.
+        """
+        other = 0.0 if blocks_only else self.plan.other_macs / max(self.plan.batch, 1)
+        dyn: Any = other
+        stat = other
+        for s in self.plan.sites:
+            rec = self.records.get(s.index, {})
+            if isinstance(s, AttentionSite):
+                cost = s.macs(rec.get("n"), rec.get("m"))
+                w = rec.get("width")
+                dyn = dyn + cost * (w.float().mean(-1) if w is not None else 1.0)
+            else:
+                n = rec.get("n")
+                cost = s.macs(n)
+                w = rec.get("width")
+                tk = rec.get("tokens")
+                frac: Any = w.float().mean(-1) if w is not None else 1.0
+                if tk is not None:
+                    frac = frac * tk.float().flatten(1).mean(1)
+                dyn = dyn + cost * frac
+                if tk is not None:
+                    dyn = dyn + s.router_macs(n, self.config.token_reduction)
+            stat += cost
+        out = torch.as_tensor(dyn, dtype=torch.float32, device=self.always_on.device) / stat
+        return out.reshape(-1)
+
+    def min_flops_ratio(self) -> float:
+        """The lowest whole-model ratio the routers can reach (always-on units, routers, rest)."""
+        other = self.plan.other_macs / max(self.plan.batch, 1)
+        return min_ratio(self.plan, self.config.token_reduction, other)
+
+
+def min_ratio(plan: Plan, token_reduction: int, other: float) -> float:
+    """Lowest reachable ratio of a plan: one head per attention, one group (or no token) per MLP."""
+    low, full = other, other
+    for s in plan.sites:
+        cost = s.macs()
+        full += cost
+        if isinstance(s, AttentionSite):
+            low += cost / s.heads
+        elif s.token:
+            low += s.router_macs(None, token_reduction)
+        else:
+            low += cost / s.units
+    return low / full

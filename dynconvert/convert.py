@@ -1,0 +1,227 @@
+"""convert / revert: attach routers to the sites of a plan, in place, and take them off again."""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynconvert.analysis import FilterFn, analyze
+from dynconvert.bank import RouterBank, min_ratio
+from dynconvert.config import ConvertConfig
+from dynconvert.dynamic import (
+    AttentionRuntime,
+    DynamicLinear,
+    MlpRuntime,
+    make_dynamic,
+    make_static,
+)
+from dynconvert.errors import AlreadyConvertedError, BudgetError, NoSitesError, NotConvertedError
+from dynconvert.importance import always_on_unit
+from dynconvert.inputs import default_inputs, split_inputs
+from dynconvert.plan import AttentionSite, Plan
+
+ATTR = "dynconvert"
+
+
+def check_budget(budget: Any) -> float:
+    """Validate a FLOPs budget: a number in (0, 1]."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise BudgetError(f"budget must be a number in (0, 1], e.g. 0.5 for half the FLOPs; got {budget!r}")
+    b = float(budget)
+    if not 0.0 < b <= 1.0:
+        raise BudgetError(f"budget must be in (0, 1] (a fraction of the original FLOPs, e.g. 0.5); got {b}")
+    return b
+
+
+def convert(
+    model: nn.Module,
+    budget: float,
+    *,
+    example_inputs: Any = None,
+    config: ConvertConfig | None = None,
+    filter_fn: FilterFn | None = None,
+) -> nn.Module:
+    """Make ``model`` dynamic, in place: routers on every attention and MLP site found.
+
+    Right after convert the model computes what it computed before (every router starts with
+    every unit on); calibration then teaches the routers to meet ``budget``.
+
+    Args:
+        model: a diffusion transformer (built-in DiT/U-ViT, diffusers DiT/PixArt, or any model
+            built the same way).
+        budget: target FLOPs as a fraction of the original forward pass, in (0, 1].
+        example_inputs: positional args (tuple) or keyword args (dict) that run the model;
+            optional for models that can make their own.
+        config: router settings (:class:`ConvertConfig`).
+        filter_fn: ``filter_fn(module, name) -> bool`` to leave sites out.
+
+    Returns:
+        The same model object, converted.
+
+    Example:
+        >>> import dynconvert
+        >>> from dynconvert.testing import tiny_dit
+        >>> model = dynconvert.convert(tiny_dit(), budget=0.5)
+        >>> dynconvert.is_converted(model)
+        True
+    """
+    b = check_budget(budget)
+    config = config or ConvertConfig()
+    if is_converted(model):
+        raise AlreadyConvertedError(
+            f"{type(model).__name__} is already converted; call dynconvert.revert(model) first "
+            "to convert it again with other settings"
+        )
+    if hasattr(model, ATTR):
+        raise AlreadyConvertedError(f"the model already has an attribute {ATTR!r}; rename it before converting")
+    args, kwargs = split_inputs(example_inputs) if example_inputs is not None else default_inputs(model)
+    plan = analyze(model, (args, kwargs), config, filter_fn)
+    check_plan(plan, b, config)
+    apply_plan(model, plan, config, b)
+    if any(s.fast_reason == "unverified" for s in plan.sites):
+        from dynconvert.verify import verify_fast_path
+
+        verify_fast_path(model, args, kwargs)
+    return model
+
+
+def check_plan(plan: Plan, budget: float, config: ConvertConfig) -> None:
+    """Refuse a plan with no sites, or a budget below what its always-on parts cost."""
+    if not plan.sites:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in plan.skipped[:5]) or "no attention call found"
+        raise NoSitesError(
+            f"found no convertible attention or MLP site in {plan.model_class} ({reasons}). "
+            "dynconvert converts transformer blocks made of attention and MLP Linears; see "
+            "`dynconvert inspect` for what was found"
+        )
+    low = min_ratio(plan, config.token_reduction, plan.other_macs / max(plan.batch, 1))
+    if budget < low:
+        raise BudgetError(
+            f"budget {budget} is below the minimum this model can reach ({low:.3f}): the parts that "
+            f"are not converted plus one head per attention and the routers already cost that much. "
+            f"Use a budget of at least {low:.3f}"
+        )
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: Plan,
+    config: ConvertConfig,
+    budget: float,
+    always_on: list[int] | None = None,
+) -> RouterBank:
+    """Swap the plan's Linears for DynamicLinears and attach the RouterBank (no checks)."""
+    modules = dict(model.named_modules())
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    bank = RouterBank(plan, config, budget).to(device)
+    for site in plan.sites:
+        linears = {m.linear: modules[m.linear] for m in [*site.in_maps, site.out_map]}
+        if always_on is not None:
+            bank.always_on[site.index] = always_on[site.index]
+        elif site.units > 1:
+            bank.always_on[site.index] = always_on_unit(site, linears, config.importance)
+    runtimes: list[Any] = []
+    hooks: list[Any] = []
+    for site in plan.sites:
+        if isinstance(site, AttentionSite):
+            module = modules[site.name] if site.name else model
+            rt: Any = AttentionRuntime(site, bank, module)
+            for name in dict.fromkeys([site.q, site.k, site.v]):
+                make_dynamic(modules[name], rt, "in", name)
+            make_dynamic(modules[site.out], rt, "out", site.out)
+            hooks.append(module.register_forward_pre_hook(rt.pre_hook, with_kwargs=True))
+            hooks.append(module.register_forward_hook(rt.post_hook, with_kwargs=True, always_call=True))
+        else:
+            rt = MlpRuntime(site, bank)
+            for name in site.fc1:
+                make_dynamic(modules[name], rt, "mlp_in", name)
+            make_dynamic(modules[site.fc2], rt, "mlp_out", site.fc2)
+        runtimes.append(rt)
+    bank.runtimes = runtimes
+    bank.hook_ids = [h.id for h in hooks]
+    model.add_module(ATTR, bank)
+    model.forward = RoutedForward(model, model.__dict__.get("forward"))
+    model._dynconvert_converted = True
+    return bank
+
+
+class RoutedForward:
+    """The converted model's forward: read the timestep, start the call, run the original."""
+
+    def __init__(self, model: nn.Module, inner: Any = None):
+        self.model = model
+        self.inner = inner
+        fn = inner if inner is not None else type(model).forward
+        sig = inspect.signature(fn)
+        params = list(sig.parameters)
+        if inner is None:
+            params = params[1:]
+            sig = sig.replace(parameters=list(sig.parameters.values())[1:])
+        self.__signature__ = sig
+        self.__doc__ = fn.__doc__
+        name = model.dynconvert.plan.timestep_arg
+        self.t_name = name
+        self.t_pos = params.index(name) if name in params else None
+        p = sig.parameters.get(name)
+        self.t_default = None if p is None or p.default is inspect.Parameter.empty else p.default
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model = self.model
+        if self.t_name in kwargs:
+            t = kwargs[self.t_name]
+        elif self.t_pos is not None and self.t_pos < len(args):
+            t = args[self.t_pos]
+        else:
+            t = self.t_default
+        model.dynconvert.begin(t, model.training)
+        if self.inner is not None:
+            return self.inner(*args, **kwargs)
+        return type(model).forward(model, *args, **kwargs)
+
+
+def is_converted(model: nn.Module) -> bool:
+    """True when ``model`` has been converted by dynconvert."""
+    return bool(getattr(model, "_dynconvert_converted", False)) and isinstance(getattr(model, ATTR, None), RouterBank)
+
+
+def get_state(model: nn.Module) -> RouterBank:
+    """The RouterBank of a converted model: plan, config, budget, routers and routing state.
+
+    Example:
+        >>> state = get_state(model)            # doctest: +SKIP
+        >>> state.last_flops_ratio().mean()      # doctest: +SKIP
+    """
+    if not is_converted(model):
+        raise NotConvertedError(
+            f"{type(model).__name__} is not converted; call dynconvert.convert(model, budget) first"
+        )
+    return getattr(model, ATTR)
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Take the routers off: every DynamicLinear becomes an nn.Linear again (same parameters).
+
+    Example:
+        >>> model = revert(model)                # doctest: +SKIP
+    """
+    bank = get_state(model)
+    for m in model.modules():
+        if isinstance(m, DynamicLinear):
+            make_static(m)
+        for hooks in (m._forward_pre_hooks, m._forward_hooks):
+            for hid in [h for h in hooks if h in bank.hook_ids]:
+                del hooks[hid]
+                m._forward_hooks_with_kwargs.pop(hid, None)
+                m._forward_pre_hooks_with_kwargs.pop(hid, None)
+                m._forward_hooks_always_called.pop(hid, None)
+    fwd = model.__dict__.pop("forward", None)
+    if isinstance(fwd, RoutedForward) and fwd.inner is not None:
+        model.forward = fwd.inner
+    del model._modules[ATTR]
+    model.__dict__.pop("_dynconvert_converted", None)
+    return model

@@ -1,0 +1,117 @@
+"""Example inputs: normalising what users pass, and making them for models that can."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from dynconvert.config import TIMESTEP_NAMES
+from dynconvert.errors import ExampleInputsError, TimestepError
+
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def split_inputs(example_inputs: Any) -> Inputs:
+    """Turn a tuple of positional args or a dict of keyword args into ``(args, kwargs)``."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[1], dict) \
+            and isinstance(example_inputs[0], tuple):
+        return tuple(example_inputs[0]), dict(example_inputs[1])
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    raise ExampleInputsError(
+        f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+def default_inputs(model: torch.nn.Module, batch_size: int = 1) -> Inputs:
+    """Example inputs a model can make itself, or a clear error saying to pass them.
+
+    Built-in models have ``example_inputs()``; diffusers DiT and PixArt transformers are built
+    from their config.
+    """
+    if hasattr(model, "example_inputs") and callable(model.example_inputs):
+        return split_inputs(model.example_inputs(batch_size=batch_size))
+    name = type(model).__name__
+    cfg = getattr(model, "config", None)
+    gen = torch.Generator().manual_seed(0)
+    if name == "DiTTransformer2DModel" and cfg is not None:
+        s, c = cfg.sample_size, cfg.in_channels
+        classes = cfg.num_embeds_ada_norm or 1000
+        return (), {
+            "hidden_states": torch.randn(batch_size, c, s, s, generator=gen),
+            "timestep": torch.linspace(999, 0, batch_size).round().long(),
+            "class_labels": torch.arange(batch_size) % classes,
+        }
+    if name in ("PixArtTransformer2DModel", "Transformer2DModel") and cfg is not None and cfg.sample_size:
+        s, c = cfg.sample_size, cfg.in_channels
+        text_dim = cfg.caption_channels or cfg.cross_attention_dim
+        kwargs: dict[str, Any] = {
+            "hidden_states": torch.randn(batch_size, c, s, s, generator=gen),
+            "timestep": torch.linspace(999, 0, batch_size).round().long(),
+        }
+        if text_dim:
+            kwargs["encoder_hidden_states"] = torch.randn(batch_size, 8, text_dim, generator=gen)
+        if name == "PixArtTransformer2DModel":
+            extra = getattr(model, "use_additional_conditions", False)
+            kwargs["added_cond_kwargs"] = (
+                {"resolution": torch.tensor([[s * 8.0, s * 8.0]] * batch_size),
+                 "aspect_ratio": torch.ones(batch_size, 1)}
+                if extra else {"resolution": None, "aspect_ratio": None}
+            )
+        return (), kwargs
+    raise ExampleInputsError(
+        f"{name} cannot make its own example inputs; pass example_inputs=(x, t, ...) or a dict of "
+        "keyword arguments, exactly as you would call the model"
+    )
+
+
+def batch_of(args: tuple, kwargs: dict) -> int:
+    """The batch size: the leading dim of the first tensor with at least 2 dims."""
+    for v in [*args, *kwargs.values()]:
+        if isinstance(v, torch.Tensor) and v.dim() >= 2:
+            return int(v.shape[0])
+    return 1
+
+
+def shapes_of(args: tuple, kwargs: dict) -> dict[str, list[int]]:
+    """Shapes of the tensor inputs, by position (``"0"``) or keyword."""
+    out = {str(i): list(v.shape) for i, v in enumerate(args) if isinstance(v, torch.Tensor)}
+    out.update({k: list(v.shape) for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+    return out
+
+
+def find_timestep_arg(model: torch.nn.Module, name: str | None = None) -> str:
+    """The forward parameter that carries the timestep (``t``, ``timestep``, ``timesteps``...)."""
+    params = list(inspect.signature(model.forward).parameters)
+    if name is not None:
+        if name not in params:
+            raise TimestepError(
+                f"{type(model).__name__}.forward has no argument {name!r}; its arguments are {params}"
+            )
+        return name
+    for cand in TIMESTEP_NAMES:
+        if cand in params:
+            return cand
+    raise TimestepError(
+        f"cannot find the timestep argument of {type(model).__name__}.forward (arguments: {params}); "
+        "set ConvertConfig(timestep_arg=...) to the name of the argument that carries t"
+    )
+
+
+def get_timestep(model: torch.nn.Module, arg: str, args: tuple, kwargs: dict) -> Any:
+    """The timestep value of one forward call (None when not passed)."""
+    if arg in kwargs:
+        return kwargs[arg]
+    params = list(inspect.signature(model.forward).parameters)
+    pos = params.index(arg)
+    if pos < len(args):
+        return args[pos]
+    default = inspect.signature(model.forward).parameters[arg].default
+    return None if default is inspect.Parameter.empty else default
