@@ -7,6 +7,7 @@ of the timestep alone: in evaluation they come from a per-timestep table compute
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -47,6 +48,29 @@ class RouterBank(nn.Module):
         self.slice_bytes = 0
 
     # -- per call --------------------------------------------------------------------------
+    def set_timestep_spec(self, model: nn.Module) -> None:
+        """Remember where the timestep sits in the model's forward signature."""
+        sig = inspect.signature(model.forward)
+        params = list(sig.parameters)
+        name = self.plan.timestep_arg
+        p = sig.parameters.get(name)
+        self.t_spec = (
+            name,
+            params.index(name) if name in params else None,
+            None if p is None or p.default is inspect.Parameter.empty else p.default,
+        )
+
+    def root_pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the converted model: read t and start the call."""
+        name, pos, default = self.t_spec
+        if name in kwargs:
+            t = kwargs[name]
+        elif pos is not None and pos < len(args):
+            t = args[pos]
+        else:
+            t = default
+        self.begin(t, model.training)
+
     def _reset_call(self) -> None:
         self._t: torch.Tensor | None = None
         self._emb: torch.Tensor | None = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import numbers
 from typing import Any
 
@@ -143,45 +142,12 @@ def apply_plan(
             make_dynamic(modules[site.fc2], rt, "mlp_out", site.fc2)
         runtimes.append(rt)
     bank.runtimes = runtimes
+    bank.set_timestep_spec(model)
+    hooks.append(model.register_forward_pre_hook(bank.root_pre_hook, with_kwargs=True))
     bank.hook_ids = [h.id for h in hooks]
     model.add_module(ATTR, bank)
-    model.forward = RoutedForward(model, model.__dict__.get("forward"))
     model._dynconvert_converted = True
     return bank
-
-
-class RoutedForward:
-    """The converted model's forward: read the timestep, start the call, run the original."""
-
-    def __init__(self, model: nn.Module, inner: Any = None):
-        self.model = model
-        self.inner = inner
-        fn = inner if inner is not None else type(model).forward
-        sig = inspect.signature(fn)
-        params = list(sig.parameters)
-        if inner is None:
-            params = params[1:]
-            sig = sig.replace(parameters=list(sig.parameters.values())[1:])
-        self.__signature__ = sig
-        self.__doc__ = fn.__doc__
-        name = model.dynconvert.plan.timestep_arg
-        self.t_name = name
-        self.t_pos = params.index(name) if name in params else None
-        p = sig.parameters.get(name)
-        self.t_default = None if p is None or p.default is inspect.Parameter.empty else p.default
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        model = self.model
-        if self.t_name in kwargs:
-            t = kwargs[self.t_name]
-        elif self.t_pos is not None and self.t_pos < len(args):
-            t = args[self.t_pos]
-        else:
-            t = self.t_default
-        model.dynconvert.begin(t, model.training)
-        if self.inner is not None:
-            return self.inner(*args, **kwargs)
-        return type(model).forward(model, *args, **kwargs)
 
 
 def is_converted(model: nn.Module) -> bool:
@@ -219,9 +185,6 @@ def revert(model: nn.Module) -> nn.Module:
                 m._forward_hooks_with_kwargs.pop(hid, None)
                 m._forward_pre_hooks_with_kwargs.pop(hid, None)
                 m._forward_hooks_always_called.pop(hid, None)
-    fwd = model.__dict__.pop("forward", None)
-    if isinstance(fwd, RoutedForward) and fwd.inner is not None:
-        model.forward = fwd.inner
     del model._modules[ATTR]
     model.__dict__.pop("_dynconvert_converted", None)
     return model

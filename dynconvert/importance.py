@@ -54,8 +54,24 @@ def unit_weights(site: Site, linears: dict[str, torch.nn.Linear]) -> list[torch.
     return out
 
 
+def _magnitude_fast(site: Site, linears: dict[str, torch.nn.Linear]) -> torch.Tensor:
+    """Same scores as :func:`magnitude`, from per-row/column squared norms (no weight copies)."""
+    total = torch.zeros(site.in_maps[0].units, dtype=torch.float64)
+    for m in [*site.in_maps, site.out_map]:
+        lin = linears[m.linear]
+        w = lin.weight.detach()
+        sq = torch.linalg.vector_norm(w, dim=1 if m.axis == "rows" else 0, dtype=torch.float32).pow(2)
+        if m.axis == "rows" and lin.bias is not None:
+            sq = sq + lin.bias.detach().float().pow(2)
+        table = torch.tensor([m.indices(u) for u in range(m.units)], dtype=torch.long)  # (U, S)
+        total += sq.double().cpu()[table].sum(1)
+    return total.sqrt()
+
+
 def always_on_unit(site: Site, linears: dict[str, torch.nn.Linear], score: str | ScoreFn) -> int:
     """Index of the unit with the highest importance score."""
+    if score == "magnitude":
+        return int(_magnitude_fast(site, linears).argmax())
     fn = IMPORTANCE[score] if isinstance(score, str) else score
     scores = fn(site, unit_weights(site, linears))
     return int(torch.as_tensor(scores).argmax())

@@ -27,8 +27,19 @@ def gumbel_sigmoid(logits: torch.Tensor, tau: float = 5.0, hard: bool = True) ->
     soft = torch.sigmoid((logits + noise) / tau)
     if not hard:
         return soft
-    hard_val = (soft > 0.5).to(soft.dtype)
-    return hard_val + soft - soft.detach()
+    return _StraightThrough.apply(soft)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: exactly 0 or 1 (threshold at 0.5). Backward: the gradient of the soft value."""
+
+    @staticmethod
+    def forward(ctx, soft: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return (soft > 0.5).to(soft.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return grad
 
 
 def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -89,19 +89,25 @@ def check_inputs_run(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         ) from e
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: dict, how: str = "auto") -> OpGraph:
-    """Capture the model's graph: torch.export (non-strict), else the robust per-block tracer."""
-    check_inputs_run(model, args, kwargs)
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict, how: str = "auto", any_linear: bool = False) -> OpGraph:
+    """Capture the model's graph: torch.export (non-strict), else the robust per-block tracer.
+
+    Example inputs that do not run the model raise ExampleInputsError (checked eagerly only
+    when export fails, so a good model is run once, not twice).
+    """
     error: Exception | None = None
     if how in ("auto", "export"):
         try:
             with torch.no_grad(), _eval_mode(model):
                 ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
-            return from_export(ep, model)
+            return from_export(ep, model, any_linear)
         except Exception as e:  # noqa: BLE001 - fall back to the tracer below
+            check_inputs_run(model, args, kwargs)
             if how == "export":
                 raise ExampleInputsError(f"torch.export failed on {type(model).__name__}: {e}") from e
             error = e
+    else:
+        check_inputs_run(model, args, kwargs)
     from dynconvert.analysis.fx_capture import capture_fx
 
     with _eval_mode(model):
@@ -141,7 +147,7 @@ def plan_from_graph(
         attn_blocks.setdefault(s.block, s)
     mlps: list[tuple[int, MlpSite]] = []
     for fc2 in mlp_finder.find_fc2_candidates(graph):
-        found = mlp_finder.build_site(fc2, model, reuse, taken)
+        found = mlp_finder.build_site(fc2, model, reuse, taken, order)
         if found is None:
             continue
         if found.site is None:

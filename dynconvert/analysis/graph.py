@@ -157,14 +157,18 @@ def _shape_of(val: Any) -> tuple[tuple[int, ...] | None, tuple[tuple[int, ...], 
     return None, None
 
 
-def from_export(ep: torch.export.ExportedProgram, model: torch.nn.Module) -> OpGraph:
-    """Build an OpGraph from an ExportedProgram (non-strict export of the whole model)."""
+def from_export(ep: torch.export.ExportedProgram, model: torch.nn.Module, any_linear: bool = False) -> OpGraph:
+    """Build an OpGraph from an ExportedProgram (non-strict export of the whole model).
+
+    Linear ops are tied to their module when it is exactly ``nn.Linear`` (any subclass with
+    ``any_linear``, used to count the costs of an already converted model).
+    """
     sig = ep.graph_signature
     param_of = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
     lifted = getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {}
     mapping: dict[str, OpNode] = {}
     nodes: list[OpNode] = []
-    linear_types = _linear_fqns(model)
+    linear_types = _linear_fqns(model, any_linear)
 
     def conv(a: Any) -> Any:
         if isinstance(a, torch.fx.Node):
@@ -223,7 +227,9 @@ def _clean_path(path: str) -> str:
     return path
 
 
-def _linear_fqns(model: torch.nn.Module) -> set[str]:
+def _linear_fqns(model: torch.nn.Module, any_linear: bool = False) -> set[str]:
+    if any_linear:
+        return {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     return {name for name, m in model.named_modules() if type(m) is torch.nn.Linear}
 
 

@@ -101,7 +101,7 @@ def trace_forward(node: OpNode) -> tuple[OpNode, list[OpNode]]:
             if nxt.args[0] is not cur:
                 raise ChainError("the attention output reaches the projection as its weight, not input")
             return nxt, chain
-        if nxt.kind in ("shape", "cast") or (nxt.kind == "unary" and nxt.op.startswith("dropout")):
+        if nxt.kind in ("shape", "cast") or (nxt.kind == "unary" and nxt.op.startswith(("dropout", "identity"))):
             if len(_tracked_inputs(nxt)) != 1:
                 raise ChainError(f"{_describe(nxt)} combines the attention output with another tensor")
             chain.append(nxt)

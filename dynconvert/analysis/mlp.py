@@ -95,7 +95,7 @@ def _residual_reason(fc2: OpNode, token_dims: int) -> str:
             return f"the MLP output is used {len(users)} times, not only by the residual add"
         u = users[0]
         tracked = [i for i in u.inputs if i is not cur]
-        if u.kind == "cast" or (u.kind == "unary" and u.op.startswith("dropout")):
+        if u.kind == "cast" or (u.kind == "unary" and u.op.startswith(("dropout", "identity"))):
             cur = u
             continue
         if u.kind == "binary" and u.op in ("mul", "div", "mul_", "div_", "truediv"):
@@ -133,6 +133,7 @@ def build_site(
     model: torch.nn.Module,
     reuse: dict[str, list[OpNode]],
     taken: set[str],
+    order: dict[int, int] | None = None,
 ) -> FoundMlp | None:
     """An MlpSite ending at ``fc2``, a SkippedSite with the reason, or None when not an MLP."""
     if fc2.linear is None or fc2.linear in taken:
@@ -140,7 +141,7 @@ def build_site(
     region = _region(fc2)
     if region is None:
         return None
-    sources = region.sources
+    sources = sorted(region.sources, key=lambda n: (order or {}).get(id(n), 0))
     x = sources[0].args[0]
     if not isinstance(x, OpNode) or not x.shape or len(x.shape) < 3:
         return None  # no token dimension: an embedding MLP, not a transformer MLP

@@ -238,7 +238,7 @@ class DiT(nn.Module):
         """Forward a batch whose second half holds null labels, mixing eps by classifier-free guidance."""
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)  # (N, C, H, W)
-        model_out = self.forward(combined, t, y)  # (N, out_channels, H, W)
+        model_out = self(combined, t, y)  # (N, out_channels, H, W); through __call__ so hooks run
         eps, rest = model_out[:, : self.in_channels], model_out[:, self.in_channels :]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)  # (N / 2, C, H, W)

@@ -1,0 +1,261 @@
+"""The fallback capture: a robust torch.fx tracer, module by module.
+
+Used when ``torch.export`` cannot capture the whole model. Starting at the root, each module
+that was called in an eager run is traced with torch.fx; a submodule that cannot be traced
+becomes a leaf (never a crash), and a module that cannot be traced at all is replaced by its
+children, traced the same way. Every captured graph is run once on the inputs that module saw
+(recorded eagerly), so every op has its real shapes and values.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from dynconvert.analysis.graph import OpGraph, OpNode, _link_users, canonical_kind
+
+_UNARY_MODULES = (nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.Hardswish, nn.Identity,
+                  nn.Dropout, nn.LeakyReLU, nn.ELU)
+_NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+
+
+class RobustTracer(torch.fx.Tracer):
+    """An fx Tracer that keeps Linears as call_module nodes and remembers where tracing broke."""
+
+    def __init__(self, leaves: set[str]):
+        super().__init__()
+        self.extra_leaves = leaves
+        self.failed: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)):
+            return True
+        if qualname in self.extra_leaves:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        name = self.path_of_module(m)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed is None:
+                self.failed = name
+            raise
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs a GraphModule and keeps every node's output."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        self.values[n.name] = out
+        return out
+
+
+def _record_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, tuple[tuple, dict]]:
+    seen: dict[str, tuple[tuple, dict]] = {}
+    handles = []
+    for name, m in model.named_modules():
+        def hook(mod: nn.Module, a: tuple, k: dict, name: str = name) -> None:
+            seen.setdefault(name, (a, k))
+        handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def capture_fx(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
+    """Capture the model module by module with :class:`RobustTracer`."""
+    inputs = _record_inputs(model, args, kwargs)
+    nodes: list[OpNode] = []
+    traced: list[str] = []
+    leaves_all: list[str] = []
+    untraced: list[str] = []
+
+    def visit(fqn: str, module: nn.Module) -> None:
+        if not any(True for _ in module.parameters()):
+            return
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)):
+            if fqn in inputs:  # a leaf called directly by an untraceable parent: count it alone
+                nodes.append(_leaf_node(module, fqn, *inputs[fqn]))
+            return
+        if fqn in inputs:
+            got = _trace_module(module, fqn, *inputs[fqn])
+            if got is not None:
+                sub, leaves = got
+                nodes.extend(sub)
+                traced.append(fqn or "<root>")
+                leaves_all.extend(leaves)
+                return
+            untraced.append(fqn or "<root>")
+        for name, child in module.named_children():
+            visit(f"{fqn}.{name}" if fqn else name, child)
+
+    visit("", model)
+    _link_users(nodes)
+    note = f"torch.fx per module: traced {len(traced)} module(s)"
+    if untraced:
+        note += f"; {len(untraced)} untraceable, split into children ({', '.join(untraced[:3])}{'...' if len(untraced) > 3 else ''})"
+    if leaves_all:
+        note += f"; kept as leaf: {', '.join(leaves_all[:4])}{'...' if len(leaves_all) > 4 else ''}"
+    return OpGraph(nodes=nodes, capture="torch.fx", coverage=note)
+
+
+def _trace_module(module: nn.Module, prefix: str, args: tuple, kwargs: dict) -> tuple[list[OpNode], list[str]] | None:
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    params = inspect.signature(module.forward).parameters
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()):
+        return None
+    concrete = {k: v for k, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
+    leaves: set[str] = set()
+    graph = None
+    for _ in range(32):
+        tracer = RobustTracer(leaves)
+        try:
+            graph = tracer.trace(module, concrete_args=concrete)
+            break
+        except Exception:  # noqa: BLE001 - an untraceable part becomes a leaf, then we retry
+            if not tracer.failed or tracer.failed in leaves:
+                return None
+            leaves.add(tracer.failed)
+    if graph is None:
+        return None
+    try:
+        gm = torch.fx.GraphModule(module, graph)
+        rec = _Recorder(gm)
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        values = [bound.arguments.get(n.target.lstrip("*"), None) for n in placeholders]
+        with torch.no_grad():
+            rec.run(*values)
+    except Exception:  # noqa: BLE001 - a graph that does not build or rerun is not trusted
+        return None
+    full = {f"{prefix}.{n}" if prefix else n for n in leaves}
+    return _to_opnodes(gm, prefix, rec.values), sorted(full)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else (prefix or name)
+
+
+def _to_opnodes(gm: torch.fx.GraphModule, prefix: str, values: dict[str, Any]) -> list[OpNode]:
+    mapping: dict[str, OpNode] = {}
+    out: list[OpNode] = []
+
+    def conv(a: Any) -> Any:
+        if isinstance(a, torch.fx.Node):
+            return mapping[a.name]
+        if isinstance(a, (list, tuple)):
+            return type(a)(conv(x) for x in a)
+        if isinstance(a, dict):
+            return {k: conv(v) for k, v in a.items()}
+        return a
+
+    for node in gm.graph.nodes:
+        val = values.get(node.name)
+        shape = tuple(val.shape) if isinstance(val, torch.Tensor) else None
+        shapes = tuple(tuple(v.shape) for v in val) if isinstance(val, (list, tuple)) and val and all(
+            isinstance(v, torch.Tensor) for v in val) else None
+        stack_meta = node.meta.get("nn_module_stack") or {}
+        stack = tuple(_join(prefix, p) for p, _ in stack_meta.values())
+        stack = ((prefix,) if prefix else ()) + stack
+        module = stack[-1] if stack else prefix
+        last = list(stack_meta.values())[-1] if stack_meta else None
+        module_class = (f"{last[1].__module__}.{last[1].__qualname__}" if last and not isinstance(last[1], str)
+                        else (last[1] if last else ""))
+        if node.op == "placeholder":
+            on = OpNode(name=_join(prefix, node.name), op="input", kind="input", shape=shape, is_input=True)
+        elif node.op == "get_attr":
+            on = OpNode(name=_join(prefix, node.target), op="param", kind="param", shape=shape)
+        elif node.op == "output":
+            continue
+        elif node.op == "call_module":
+            on = _module_node(gm, node, prefix, conv, shape)
+            stack = stack + (on.module,) if on.module not in stack else stack
+            on.stack = stack
+        else:
+            if node.op == "call_method":
+                name = node.target
+                method = node.target
+                replay = (lambda *a, _m=method, **k: getattr(a[0], _m)(*a[1:], **k))
+            else:
+                target = node.target
+                name = "getitem" if target is operator.getitem else getattr(target, "__name__", str(target))
+                replay = target
+            kind = canonical_kind(name)
+            if val is not None and not isinstance(val, torch.Tensor) and shapes is None:
+                kind = "const"
+            on = OpNode(name=_join(prefix, node.name), op=name, kind=kind, args=conv(node.args),
+                        kwargs=conv(dict(node.kwargs)), module=module, module_class=module_class,
+                        stack=stack, shape=shape, shapes=shapes, replay=replay)
+            if kind == "const":
+                on.args = (val,)
+            if kind == "linear":
+                w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+                if isinstance(w, torch.fx.Node) and w.op == "get_attr" and str(w.target).endswith(".weight"):
+                    owner = str(w.target)[: -len(".weight")]
+                    if type(gm.get_submodule(owner)) is nn.Linear:
+                        on.linear = _join(prefix, owner)
+        if on.module == "" and node.op in ("call_function", "call_method"):
+            on.module = module
+        mapping[node.name] = on
+        if node.op not in ("placeholder", "get_attr"):
+            out.append(on)
+    return out
+
+
+def _module_node(gm: torch.fx.GraphModule, node: torch.fx.Node, prefix: str, conv: Any, shape: Any) -> OpNode:
+    m = gm.get_submodule(node.target)
+    fqn = _join(prefix, node.target)
+    cls = f"{type(m).__module__}.{type(m).__qualname__}"
+    args = conv(node.args)
+    base = dict(name=fqn, module=fqn, module_class=cls, shape=shape, kwargs=conv(dict(node.kwargs)))
+    if type(m) is nn.Linear:
+        return OpNode(op="linear", kind="linear", args=args, linear=fqn,
+                      replay=lambda x, _m=m: _m(x), **base)
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        w = OpNode(name=f"{fqn}.weight", op="param", kind="param", shape=tuple(m.weight.shape))
+        return OpNode(op="conv", kind="conv", args=(args[0], w), **base)
+    if isinstance(m, _NORM_MODULES):
+        nshape = list(getattr(m, "normalized_shape", None) or [getattr(m, "num_channels", 0)])
+        op = "group_norm" if isinstance(m, nn.GroupNorm) else "layer_norm"
+        return OpNode(op=op, kind="norm", args=(args[0], nshape), **base)
+    if isinstance(m, _UNARY_MODULES):
+        op = "dropout" if isinstance(m, nn.Dropout) else type(m).__name__.lower()
+        return OpNode(op=op, kind="unary", args=args, replay=lambda x, _m=m: _m(x), **base)
+    if isinstance(m, nn.Embedding):
+        return OpNode(op="embedding", kind="embedding", args=args, **base)
+    return OpNode(op=type(m).__name__, kind="other", args=args, **base)
+
+
+def _leaf_node(module: nn.Module, fqn: str, args: tuple, kwargs: dict) -> OpNode:
+    """An OpNode for a Linear/Conv/Embedding run on its own (shapes from a real call)."""
+    with torch.no_grad():
+        out = module(*args, **kwargs)
+    x = args[0] if args else next(iter(kwargs.values()))
+    inp = OpNode(name=f"{fqn}:input", op="input", kind="input", shape=tuple(x.shape), is_input=True)
+    cls = f"{type(module).__module__}.{type(module).__qualname__}"
+    base = dict(name=fqn, module=fqn, module_class=cls, stack=(fqn,), shape=tuple(out.shape))
+    if type(module) is nn.Linear:
+        return OpNode(op="linear", kind="linear", args=(inp,), linear=fqn, **base)
+    if isinstance(module, nn.Embedding):
+        return OpNode(op="embedding", kind="embedding", args=(inp,), **base)
+    w = OpNode(name=f"{fqn}.weight", op="param", kind="param", shape=tuple(module.weight.shape))
+    return OpNode(op="conv", kind="conv", args=(inp, w), **base)

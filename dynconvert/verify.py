@@ -1,0 +1,70 @@
+"""Check the fast path of attention classes dynconvert has no registry entry for.
+
+For such classes the attributes that hold the head count were found by a scan (registry.py).
+Convert runs the model once on the masked path and once on the fast path with some heads off;
+sites whose fast path does not reproduce the masked result keep the masked path in evaluation
+(correct, not faster) and say so in the plan.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dynconvert.convert import get_state
+from dynconvert.plan import AttentionSite
+from dynconvert.routing import routing
+
+
+def _out(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = model(*args, **kwargs)
+    out = out.sample if hasattr(out, "sample") else out
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def verify_fast_path(model: nn.Module, args: tuple, kwargs: dict, atol: float = 1e-4) -> list[str]:
+    """Compare fast and masked paths for every unverified site; returns the names that failed."""
+    bank = get_state(model)
+    todo = [s for s in bank.plan.sites if s.fast_reason == "unverified" and isinstance(s, AttentionSite)]
+    if not todo:
+        return []
+    saved = {k: (r.weight.clone(), r.bias.clone()) for k, r in bank.width.items()}
+    g = torch.Generator().manual_seed(0)
+    failed: list[str] = []
+    try:
+        for s in todo:
+            r = bank.width[str(s.index)]
+            r.weight.zero_()
+            off = torch.randperm(s.heads, generator=g)[: s.heads // 2].tolist()
+            bias = torch.ones(s.heads)
+            bias[[u for u in off if u != int(bank.always_on[s.index])]] = -1.0
+            r.bias.copy_(bias)
+        bank.clear_cache()
+        with routing(model, "eval", "masked"):
+            ref = _out(model, args, kwargs)
+        for s in todo:  # one site at a time on the fast path, the others masked
+            for other in todo:
+                other.fast = other is s
+            bank.clear_cache()
+            try:
+                with routing(model, "eval", "fast"):
+                    got = _out(model, args, kwargs)
+                ok = got.shape == ref.shape and torch.allclose(got, ref, atol=atol, rtol=1e-3)
+            except Exception:  # noqa: BLE001 - a crash on the fast path is a failed check
+                ok = False
+            s.fast_reason = "fast path verified at convert time (attention class not in the registry)" if ok else ""
+            if not ok:
+                failed.append(s.name)
+        for s in todo:
+            s.fast = s.name not in failed
+            if not s.fast:
+                s.fast_reason = ("the sliced fast path did not reproduce the masked path for this attention "
+                                 "class; it runs masked (correct, not faster). Register its head-count "
+                                 "attributes with dynconvert.analysis.registry.register_attention")
+    finally:
+        for k, (w, b) in saved.items():
+            bank.width[k].weight.copy_(w)
+            bank.width[k].bias.copy_(b)
+        bank.clear_cache()
+    return failed

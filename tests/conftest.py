@@ -1,0 +1,23 @@
+"""Shared fixtures: the four supported families as tiny models with random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynconvert.inputs import default_inputs
+from dynconvert.testing import TINY_BUILDERS
+
+FAMILIES = list(TINY_BUILDERS)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    """(name, fresh tiny model, example inputs with 3 samples at 3 different timesteps)."""
+    model = TINY_BUILDERS[request.param]()
+    return request.param, model, default_inputs(model, batch_size=3)

@@ -1,0 +1,70 @@
+"""FLOPs: analytic counts against PyTorch's counter, and DiT-XL/2 against the published figures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dynconvert
+from dynconvert.flops import count_flops, measure_macs
+from dynconvert.models import build_model
+from dynconvert.testing import call, randomize_routing
+
+
+def test_static_total_matches_flop_counter(family):
+    name, model, inputs = family
+    report = count_flops(model, inputs)
+    measured = measure_macs(model, inputs)
+    assert report.ratio == 1.0
+    assert report.static_macs == pytest.approx(measured, rel=0.01)
+    dynconvert.convert(model, 0.5, example_inputs=inputs)
+    assert count_flops(model, inputs).static_macs == pytest.approx(report.static_macs, rel=1e-9)
+
+
+def test_executed_flops_of_fast_path_equal_analytic(family):
+    name, model, inputs = family
+    dynconvert.convert(model, 0.5, example_inputs=inputs)
+    randomize_routing(model, keep=0.5, tokens=0.6, vary_with_t=False, example_inputs=inputs)
+    call(model, inputs)  # warm the per-timestep width table (width routers run once per t)
+    report = count_flops(model, inputs)
+    executed = measure_macs(model, inputs)
+    assert 0.2 < report.ratio < 0.9
+    assert executed == pytest.approx(report.dynamic_macs, rel=0.02)
+    assert report.blocks_ratio < report.ratio or report.other_macs == 0
+
+
+def test_flops_ratio_in_training_matches_report():
+    from dynconvert.testing import tiny_dit
+
+    model = tiny_dit()
+    inputs = model.example_inputs(batch_size=2)
+    dynconvert.convert(model, 0.5, example_inputs=inputs)
+    randomize_routing(model, keep=0.5, example_inputs=inputs)
+    report = count_flops(model, inputs)
+    ratio = dynconvert.get_state(model).last_flops_ratio()
+    torch.testing.assert_close(ratio.double(), torch.tensor(report.per_sample_ratio, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+def test_count_flops_at_another_resolution():
+    from dynconvert.testing import tiny_diffusers_dit
+
+    model = tiny_diffusers_dit()
+    dynconvert.convert(model, 0.5)
+    big = {"hidden_states": torch.randn(1, 4, 16, 16), "timestep": torch.tensor([10]),
+           "class_labels": torch.tensor([1])}
+    report = count_flops(model, big)
+    assert report.sites[0].static_macs > 3 * dynconvert.get_state(model).plan.attention[0].macs()
+    assert report.static_macs == pytest.approx(measure_macs(model, big), rel=0.01)
+
+
+def test_dit_xl_256_matches_published_macs():
+    with torch.device("meta"):
+        model = build_model("DiT-XL/2")
+    report = count_flops(model, model.example_inputs(batch_size=1))
+    assert report.static_macs_per_sample == pytest.approx(118.69e9, rel=0.002)
+    attn, mlp = report.sites[0], report.sites[1]
+    assert attn.kind == "attention" and mlp.kind == "mlp"
+    assert round(attn.static_macs / 1e9, 3) == 1.510
+    assert round(mlp.static_macs / 1e9, 3) == 2.718
+    assert len(report.sites) == 56
+    assert report.blocks_static_macs == pytest.approx(28 * (attn.static_macs + mlp.static_macs))
