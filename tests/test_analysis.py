@@ -11,7 +11,7 @@ from torch import nn
 
 import dynconvert
 from dynconvert.config import ConvertConfig
-from dynconvert.testing import TINY_BUILDERS, call, randomize_routing
+from dynconvert.testing import TINY_BUILDERS, randomize_routing
 
 
 class ToyAttention(nn.Module):

@@ -194,7 +194,7 @@ def _to_opnodes(gm: torch.fx.GraphModule, prefix: str, values: dict[str, Any]) -
             if node.op == "call_method":
                 name = node.target
                 method = node.target
-                replay = (lambda *a, _m=method, **k: getattr(a[0], _m)(*a[1:], **k))
+                replay = _method_caller(method)
             else:
                 target = node.target
                 name = "getitem" if target is operator.getitem else getattr(target, "__name__", str(target))
@@ -259,3 +259,12 @@ def _leaf_node(module: nn.Module, fqn: str, args: tuple, kwargs: dict) -> OpNode
         return OpNode(op="embedding", kind="embedding", args=(inp,), **base)
     w = OpNode(name=f"{fqn}.weight", op="param", kind="param", shape=tuple(module.weight.shape))
     return OpNode(op="conv", kind="conv", args=(inp, w), **base)
+
+
+def _method_caller(method: str) -> Any:
+    """A function calling tensor method ``method`` (for replaying call_method nodes)."""
+
+    def call(obj: Any, *args: Any, **kwargs: Any) -> Any:
+        return getattr(obj, method)(*args, **kwargs)
+
+    return call
