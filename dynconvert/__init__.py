@@ -7,7 +7,9 @@ Example:
     >>> report = dynconvert.count_flops(model)
 """
 
+from dynconvert import calibrate
 from dynconvert.analysis import analyze
+from dynconvert.calibrate import CalibrationConfig, CalibrationResult, StepInfo, write_latents
 from dynconvert.config import ConvertConfig
 from dynconvert.convert import convert, get_state, is_converted, revert
 from dynconvert.errors import (
@@ -26,8 +28,10 @@ from dynconvert.errors import (
     RecordError,
     TimestepError,
 )
+from dynconvert.flops import FlopsReport, count_flops, measure_macs
 from dynconvert.plan import AttentionSite, MlpSite, Plan, SkippedSite
 from dynconvert.routing import routing, set_routing
+from dynconvert.save import load, save
 
 __version__ = "0.1.0"
 
@@ -35,6 +39,8 @@ __all__ = [
     "AlreadyConvertedError",
     "AttentionSite",
     "BudgetError",
+    "CalibrationConfig",
+    "CalibrationResult",
     "CalibrationError",
     "CheckpointError",
     "ConfigError",
@@ -42,6 +48,7 @@ __all__ = [
     "DataError",
     "DynconvertError",
     "ExampleInputsError",
+    "FlopsReport",
     "MlpSite",
     "ModelNotFoundError",
     "NoSitesError",
@@ -50,13 +57,20 @@ __all__ = [
     "Plan",
     "RecordError",
     "SkippedSite",
+    "StepInfo",
     "TimestepError",
     "__version__",
     "analyze",
+    "calibrate",
     "convert",
+    "count_flops",
     "get_state",
     "is_converted",
+    "load",
+    "measure_macs",
     "revert",
     "routing",
+    "save",
     "set_routing",
+    "write_latents",
 ]

@@ -1,0 +1,356 @@
+"""save / load: weights as safetensors plus a small JSON record of what convert did.
+
+A saved folder holds two files, each written to a temporary name and renamed into place:
+
+- ``model.safetensors``: every weight of the converted model (original names, plus routers
+  under ``dynconvert.``);
+- ``dynconvert.json``: the record (format and library version, the plan, router settings, the
+  budget, the always-on units, the per-timestep width masks for t = 0..999 and the FLOPs ratio
+  they give, and for built-in models the preset that rebuilds the base).
+
+``load`` replays the record onto a freshly built original model (modelopt's save/restore
+pattern): analysis does not run again, so loading needs no example inputs.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynconvert.bank import RouterBank
+from dynconvert.config import ConvertConfig
+from dynconvert.convert import apply_plan, get_state, is_converted, revert
+from dynconvert.errors import RecordError
+from dynconvert.plan import AttentionSite, Plan
+
+FORMAT = "dynconvert"
+FORMAT_VERSION = 1
+RECORD = "dynconvert.json"
+WEIGHTS = "model.safetensors"
+
+
+def _library_version() -> str:
+    from dynconvert import __version__
+
+    return __version__
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fingerprint(path: Path) -> str:
+    """sha256 of a file's size, first and last MiB (cheap check against truncation and swaps)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(2**20))
+        if size > 2**20:
+            f.seek(max(size - 2**20, 2**20))
+            h.update(f.read(2**20))
+    return h.hexdigest()
+
+
+def encode_masks(table: torch.Tensor) -> list[list[Any]]:
+    """(T, U) bool -> run-length segments ``[t_first, t_last, "0110..."]``."""
+    rows = ["".join("1" if v else "0" for v in r) for r in table.cpu().tolist()]
+    out: list[list[Any]] = []
+    for t, bits in enumerate(rows):
+        if out and out[-1][2] == bits:
+            out[-1][1] = t
+        else:
+            out.append([t, t, bits])
+    return out
+
+
+def decode_masks(segments: list[list[Any]], steps: int = 1000) -> torch.Tensor:
+    """Inverse of :func:`encode_masks`."""
+    units = len(segments[0][2])
+    table = torch.zeros(steps, units, dtype=torch.bool)
+    for first, last, bits in segments:
+        table[first : last + 1] = torch.tensor([c == "1" for c in bits])
+    return table
+
+
+def width_ratio_per_t(bank: RouterBank, tables: dict[int, torch.Tensor], token_keep: torch.Tensor | None = None) -> list[float]:
+    """Whole-model FLOPs ratio at each t from the width masks (and a token keep rate per t)."""
+    plan = bank.plan
+    other = plan.other_macs / max(plan.batch, 1)
+    steps = next(iter(tables.values())).shape[0] if tables else 1000
+    dyn = torch.full((steps,), float(other), dtype=torch.float64)
+    static = float(other)
+    keep = token_keep if token_keep is not None else torch.ones(steps, dtype=torch.float64)
+    for s in plan.sites:
+        cost = float(s.macs())
+        static += cost
+        frac = tables[s.index].double().mean(1) if s.index in tables else torch.ones(steps, dtype=torch.float64)
+        if isinstance(s, AttentionSite):
+            dyn += cost * frac
+        else:
+            tok = keep if s.token else 1.0
+            dyn += cost * frac * tok + (s.router_macs(None, bank.config.token_reduction) if s.token else 0.0)
+    return (dyn / static).tolist()
+
+
+def build_record(model: nn.Module, flops_ratio_per_t: list[float] | None = None, extra: dict | None = None) -> dict[str, Any]:
+    """The JSON record of a converted model."""
+    bank = get_state(model)
+    tables = bank.width_table()
+    ratio = flops_ratio_per_t if flops_ratio_per_t is not None else width_ratio_per_t(bank, tables)
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": _library_version(),
+        "torch_version": torch.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model_class": bank.plan.model_class,
+        "preset": getattr(model, "preset", None),
+        "preset_kwargs": dict(getattr(model, "preset_kwargs", {}) or {}),
+        "budget": bank.budget,
+        "config": bank.config.to_dict(),
+        "plan": bank.plan.to_dict(),
+        "always_on": [int(v) for v in bank.always_on.tolist()],
+        "width_masks": {str(i): encode_masks(t) for i, t in tables.items()},
+        "flops_ratio_per_t": [round(r, 6) for r in ratio],
+        "flops_ratio_note": (
+            "whole-model MACs ratio at each DDPM timestep 0..999 from the width masks"
+            + ("; token keep rates as measured" if flops_ratio_per_t is not None else "; all tokens kept")
+        ),
+        "mean_flops_ratio": sum(ratio) / len(ratio),
+    }
+    if extra:
+        record.update(extra)
+    return record
+
+
+def save(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    flops_ratio_per_t: list[float] | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Save a converted model: ``model.safetensors`` + ``dynconvert.json``, written atomically.
+
+    Args:
+        model: a converted model.
+        directory: output folder (created if needed).
+        flops_ratio_per_t: the measured FLOPs ratio at each of the 1000 timesteps (calibration
+            provides it from real data); by default the ratio from the width masks with every
+            token kept is recorded, and the record says so.
+        extra: more JSON-ready fields for the record (e.g. the calibration summary).
+
+    Example:
+        >>> dynconvert.save(model, "out/")               # doctest: +SKIP
+        >>> model = dynconvert.load("out/")              # doctest: +SKIP
+    """
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    record = build_record(model, flops_ratio_per_t, extra)
+    tensors, aliases = _dedupe(model.state_dict())
+    record["aliases"] = aliases
+    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS}.", suffix=".tmp", dir=out)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", "producer": "dynconvert"})
+        os.replace(tmp, out / WEIGHTS)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    record["weights"] = {"file": WEIGHTS, "fingerprint": _fingerprint(out / WEIGHTS),
+                         "bytes": (out / WEIGHTS).stat().st_size}
+    atomic_write_bytes(out / RECORD, json.dumps(record, indent=1).encode())
+    return out
+
+
+def read_record(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read and check ``dynconvert.json`` (format, version, weights file present and intact)."""
+    path = Path(directory)
+    rec_path = path / RECORD
+    if not rec_path.is_file():
+        raise RecordError(f"no {RECORD} in {path}; point to a folder written by dynconvert.save")
+    try:
+        record = json.loads(rec_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RecordError(f"{rec_path} is corrupt ({e}); save the model again") from e
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise RecordError(f"{rec_path} is not a dynconvert record")
+    version = record.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise RecordError(
+            f"{rec_path} has format version {version}, newer than this dynconvert supports "
+            f"({FORMAT_VERSION}); upgrade dynconvert (pip install -U dynconvert)"
+        )
+    for key in ("plan", "config", "budget", "always_on", "model_class", "weights"):
+        if key not in record:
+            raise RecordError(f"{rec_path} lacks {key!r}; it is truncated or corrupt, save the model again")
+    weights = path / record["weights"]["file"]
+    if not weights.is_file():
+        raise RecordError(f"{weights} is missing; copy the whole folder written by dynconvert.save")
+    if weights.stat().st_size != record["weights"]["bytes"] or _fingerprint(weights) != record["weights"]["fingerprint"]:
+        raise RecordError(
+            f"{weights} does not match its record (truncated, corrupt or from another save); "
+            "copy the folder again or save the model again"
+        )
+    return record
+
+
+def load(
+    directory: str | os.PathLike,
+    base_model: nn.Module | None = None,
+    *,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """Rebuild a converted model: original model + record + weights.
+
+    Args:
+        directory: a folder written by :func:`save`.
+        base_model: a freshly built original (e.g. from diffusers ``from_pretrained``); for
+            built-in presets it can be omitted and is rebuilt from the record.
+        device: where to put the model (default: where ``base_model`` is, else CPU).
+
+    Returns:
+        The converted model in eval mode (fast path), like ``from_pretrained``.
+
+    Raises:
+        RecordError: the folder is missing, corrupt, truncated, from a newer format, or from
+            another model. The base model is left unconverted.
+
+    Example:
+        >>> model = dynconvert.load("runs/digits")                       # doctest: +SKIP
+        >>> pipe.transformer = dynconvert.load("out/", pipe.transformer)  # doctest: +SKIP
+    """
+    record = read_record(directory)
+    if base_model is None:
+        if not record.get("preset"):
+            raise RecordError(
+                f"the record in {directory} is for {record['model_class']}, which is not a built-in "
+                "preset; pass base_model= a freshly built original (e.g. from_pretrained)"
+            )
+        from dynconvert.models import build_model
+
+        base_model = build_model(record["preset"], **record.get("preset_kwargs", {}))
+    if is_converted(base_model):
+        raise RecordError("base_model is already converted; pass a freshly built original model")
+    model_class = f"{type(base_model).__module__}.{type(base_model).__qualname__}"
+    if model_class != record["model_class"]:
+        raise RecordError(
+            f"the record in {directory} is for {record['model_class']}, but base_model is "
+            f"{model_class}; pass the model it was saved from"
+        )
+    try:
+        plan = Plan.from_dict(record["plan"])
+        cfg = dict(record["config"])
+        from dynconvert.importance import IMPORTANCE
+
+        if cfg.get("importance") not in IMPORTANCE:
+            cfg["importance"] = "magnitude"  # the chosen units are in the record
+        config = ConvertConfig.from_dict(cfg)
+    except (TypeError, KeyError, ValueError) as e:
+        raise RecordError(f"the record in {directory} is corrupt ({e}); save the model again") from e
+    _check_plan_matches(plan, base_model)
+    state = _read_weights(Path(directory), record)
+    expected = _expected_shapes(base_model, plan, config)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise RecordError(
+            f"the weights in {directory} do not fit this model: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != shape:
+            raise RecordError(f"weight {k} has shape {tuple(state[k].shape)} in {directory}, model expects {shape}")
+    apply_plan(base_model, plan, config, float(record["budget"]), always_on=list(record["always_on"]))
+    try:
+        base_model.load_state_dict(state, strict=True)
+    except Exception as e:
+        revert(base_model)
+        raise RecordError(f"could not load the weights of {directory}: {e}") from e
+    if device is not None:
+        base_model.to(device)
+    return base_model.eval()
+
+
+def _check_plan_matches(plan: Plan, model: nn.Module) -> None:
+    modules = dict(model.named_modules())
+    for s in plan.sites:
+        for m in [*s.in_maps, s.out_map]:
+            lin = modules.get(m.linear)
+            if type(lin) is not nn.Linear:
+                raise RecordError(
+                    f"the record refers to {m.linear}, which this model does not have as an nn.Linear; "
+                    "the record is from another model"
+                )
+            idx = max(max(m.indices(u)) for u in range(m.units))
+            size = lin.out_features if m.axis == "rows" else lin.in_features
+            if idx >= size:
+                raise RecordError(f"{m.linear} is smaller than in the record; the record is from another model")
+        if s.name and s.name not in modules:
+            raise RecordError(f"the record refers to module {s.name}, missing here; the record is from another model")
+
+
+def _read_weights(directory: Path, record: dict) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(directory / record["weights"]["file"]))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RecordError(f"cannot read the weights in {directory}: {e}; save the model again") from e
+    for alias, kept in record.get("aliases", {}).items():
+        state[alias] = state[kept]
+    return state
+
+
+def _expected_shapes(model: nn.Module, plan: Plan, config: ConvertConfig) -> dict[str, tuple[int, ...]]:
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with torch.device("meta"):
+        bank = RouterBank(plan, config, 1.0)
+    shapes.update({f"dynconvert.{k}": tuple(v.shape) for k, v in bank.state_dict().items()})
+    return shapes
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tied weights are stored once; the others become aliases (safetensors refuses shared memory)."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    same: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for k, v in state.items():
+        v = v.detach()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        if v.numel() and key in same:
+            aliases[k] = same[key]
+            continue
+        same[key] = k
+        ptr = v.untyped_storage().data_ptr()
+        t = v.contiguous().cpu()
+        if v.numel() and (ptr in storages or t.untyped_storage().data_ptr() in storages):
+            t = t.clone()  # a view into memory another tensor already uses
+        storages.add(ptr)
+        storages.add(t.untyped_storage().data_ptr())
+        tensors[k] = t
+    return tensors, aliases
