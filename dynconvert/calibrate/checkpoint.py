@@ -1,0 +1,287 @@
+"""Calibration checkpoints: atomic writes, discovery of the latest, RNG state capture.
+
+A checkpoint is one ``torch.save`` file ``<output_dir>/checkpoints/step-0001000.pt`` holding::
+
+    {"format": "dynconvert-calibration", "version": 1, "step": 1000,
+     "model": state_dict, "ema": EMA.state_dict(), "optimizer": ..., "scaler": ... or None,
+     "scheduler": None, "rng": [per-process RNG states], "data": {"position": rows read},
+     "counters": {...}, "history": {"loss": [...], "flops_ratio": [...]}, "config": {...}}
+
+It is written to a temporary file in the same folder, flushed to disk, then ``os.replace``d over
+the final name, so a killed run never leaves a half-written checkpoint under a real name. It loads
+with ``torch.load(weights_only=True)``: everything in it is tensors and plain Python values.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from dynconvert.errors import CheckpointError, OutputExistsError
+
+CHECKPOINT_FORMAT = "dynconvert-calibration"
+CHECKPOINT_VERSION = 1
+_NAME = re.compile(r"^step-(\d{7,})\.pt$")
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    """``<output_dir>/checkpoints``."""
+    return Path(output_dir) / "checkpoints"
+
+
+def checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    """Path of the checkpoint after ``step`` completed steps.
+
+    Example:
+        >>> checkpoint_path("run", 1000).as_posix()
+        'run/checkpoints/step-0001000.pt'
+    """
+    return checkpoint_dir(output_dir) / f"step-{step:07d}.pt"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    folder = checkpoint_dir(output_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _NAME.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint in ``output_dir``, or None.
+
+    Example:
+        >>> latest_checkpoint("/no/such/run") is None
+        True
+    """
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` atomically (temp file in the same folder, fsync, ``os.replace``).
+
+    Args:
+        path: The final file name.
+        payload: The checkpoint dict; "format" and "version" are added.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> import tempfile
+        >>> p = save_checkpoint(Path(tempfile.mkdtemp()) / "step-0000001.pt", {"step": 1})
+        >>> load_checkpoint(p)["step"]
+        1
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by ``save_checkpoint``.
+
+    Raises:
+        CheckpointError: Missing, unreadable, another format, or a newer version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for a corrupt file
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or unreadable ({type(err).__name__}: {err}); delete it "
+            "to resume from the previous one"
+        ) from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a dynconvert calibration checkpoint")
+    if int(payload.get("version", 0)) > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has version {payload['version']}, newer than this dynconvert "
+            f"({CHECKPOINT_VERSION}); upgrade dynconvert"
+        )
+    return payload
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest checkpoints; returns the deleted paths."""
+    found = list_checkpoints(output_dir)
+    doomed = [p for _, p in found[: max(0, len(found) - keep)]]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states (python, numpy, torch CPU, and CUDA where present).
+
+    Example:
+        >>> state = capture_rng()
+        >>> a = torch.rand(1); restore_rng(state); bool(torch.rand(1) == a)
+        True
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Restore states captured by ``capture_rng`` (CUDA only when present on both sides)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    npst = state["numpy"]
+    np.random.set_state(
+        (
+            npst["kind"],
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached"],
+        )
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) for one step of one process.
+
+    Every random draw of a step (timesteps, noise, label dropout, router Gumbel noise, dropout)
+    then depends only on (seed, rank, step), so a resumed run repeats an uninterrupted one.
+
+    Example:
+        >>> seed_step(0, 0, 5); a = torch.rand(1); seed_step(0, 0, 5); bool(torch.rand(1) == a)
+        True
+    """
+    mixed = (seed * 1_000_003 + rank) * 1_000_033 + step
+    mixed = (mixed * 6364136223846793005 + 1442695040888963407) % (2**63)
+    torch.manual_seed(mixed)
+    random.seed(mixed)
+    np.random.seed(mixed % (2**32))
+
+
+def load_training_state(cfg: Any, model: nn.Module, ema: Any) -> dict[str, Any] | None:
+    """Load the checkpoint to resume from into ``model`` and ``ema``; None for a fresh run.
+
+    Args:
+        cfg: The run's ``CalibrationConfig``.
+        model: The (unwrapped) model; its state dict is loaded.
+        ema: The ``EMA``; its shadow is loaded.
+
+    Returns:
+        The checkpoint dict plus "path" (the optimiser state is for the caller to load), or None
+        when there is no output_dir or no checkpoint yet.
+
+    Raises:
+        OutputExistsError: Checkpoints exist but ``resume`` is False.
+        CheckpointError: Settings differ from the checkpoint's, or it does not fit the model.
+    """
+    if not cfg.output_dir:
+        return None
+    path = latest_checkpoint(cfg.output_dir)
+    if path is None:
+        return None
+    if not cfg.resume:
+        raise OutputExistsError(
+            f"{cfg.output_dir} already holds checkpoints of a calibration run (latest {path}); "
+            "set resume=True to continue it, or choose another output_dir"
+        )
+    payload = load_checkpoint(path)
+    mismatch = cfg.resume_mismatch(payload["config"])
+    if mismatch:
+        raise CheckpointError(
+            f"cannot resume from {path}: these settings differ from the run that wrote it: "
+            f"{', '.join(mismatch)}; use the same values (only steps, checkpoint_every, "
+            "keep_checkpoints, output_dir, num_workers and cpu may change)"
+        )
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {path} does not match this model: {err}") from err
+    ema.load_state_dict(payload["ema"])
+    payload["path"] = path
+    return payload
+
+
+def save_training_state(
+    accelerator: Any,
+    cfg: Any,
+    raw: nn.Module,
+    ema: Any,
+    optimizer: Any,
+    done: int,
+    history: dict[str, list[float]],
+    counters: dict[str, int],
+) -> Path:
+    """Write the run's checkpoint after ``done`` steps on the main process, then prune.
+
+    Every process takes part (their RNG states are gathered); only the main one writes.
+
+    Returns:
+        The checkpoint path.
+    """
+    from accelerate.utils import gather_object
+
+    rng = [capture_rng()]
+    if accelerator.num_processes > 1:
+        rng = gather_object(rng)
+    path = checkpoint_path(cfg.output_dir, done)
+    if accelerator.is_main_process:
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        payload = {
+            "step": done,
+            "model": {k: v.detach().cpu() for k, v in raw.state_dict().items()},
+            "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler,
+            "scheduler": None,
+            "rng": rng,
+            "data": {"position": done * cfg.batch_size, "step": done},
+            "counters": dict(counters),
+            "history": {k: list(v) for k, v in history.items()},
+            "config": cfg.to_dict(),
+        }
+        save_checkpoint(path, payload)
+        prune_checkpoints(cfg.output_dir, cfg.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return path
