@@ -42,10 +42,11 @@ class RouterBank(nn.Module):
         self.execution = "fast"
         self.runtimes: list[Any] = []
         self._reset_call()
-        self._table: dict[float, dict[int, torch.Tensor]] = {}
+        self._table: dict[float, tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
         self._table_key: tuple | None = None
         self._slices: dict[tuple, tuple] = {}
         self.slice_bytes = 0
+        self.model_params = 0
 
     # -- per call --------------------------------------------------------------------------
     def set_timestep_spec(self, model: nn.Module) -> None:
@@ -77,6 +78,7 @@ class RouterBank(nn.Module):
         self._mode_now = "full"
         self.records: dict[int, dict[str, Any]] = {}
         self._eval_masks: dict[int, torch.Tensor] = {}
+        self._eval_cpu: dict[int, torch.Tensor] = {}
 
     def begin(self, t: Any, training: bool) -> None:
         """Start one forward call of the model at timestep(s) ``t``."""
@@ -96,7 +98,7 @@ class RouterBank(nn.Module):
             t = 1000.0 - t
         self._t = t
         if self._mode_now == "eval":
-            self._eval_masks = self._lookup(t)
+            self._eval_cpu, self._eval_masks = self._lookup(t)
 
     @property
     def mode_now(self) -> str:
@@ -127,6 +129,10 @@ class RouterBank(nn.Module):
         rec["width"] = mask
         return mask
 
+    def width_mask_cpu(self, index: int) -> torch.Tensor | None:
+        """The evaluation width mask of a site on the CPU (decisions without a device sync)."""
+        return self._eval_cpu.get(index)
+
     def token_mask(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         """Mask over the leading dims of ``x`` (batch, tokens); None when tokens are not routed."""
         key = str(index)
@@ -147,32 +153,35 @@ class RouterBank(nn.Module):
             self.always_on.device,
         )
 
-    def _lookup(self, t: torch.Tensor) -> dict[int, torch.Tensor]:
+    def _lookup(self, t: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Width masks of every site for the timesteps of this call, on CPU and on the device."""
         key = self._params_key()
         if key != self._table_key:
             self._table, self._table_key = {}, key
-        values = [round(v, 4) for v in t.tolist()]
-        missing = sorted({v for v in values if v not in self._table})
+        values = [round(v, 4) for v in t.tolist()]  # the one host sync of an evaluation call
+        uniq = list(dict.fromkeys(values))
+        missing = [v for v in uniq if v not in self._table]
         if missing:
             self._fill(missing)
-        uniq = list(dict.fromkeys(values))
         if len(uniq) == 1:
-            row = self._table[uniq[0]]
-            return {i: m[None] for i, m in row.items()}
-        return {i: torch.stack([self._table[v][i] for v in values]) for i in self._table[values[0]]}
+            return self._table[uniq[0]]
+        cpu = {i: torch.stack([self._table[v][0][i][0] for v in values]) for i in self._table[uniq[0]][0]}
+        dev = {i: m.to(self.always_on.device, non_blocking=True) for i, m in cpu.items()}
+        return cpu, dev
 
     @torch.no_grad()
     def _fill(self, values: list[float]) -> None:
         t = torch.tensor(values, device=self.always_on.device)
         emb = self.t_embed(t)
-        rows: dict[float, dict[int, torch.Tensor]] = {v: {} for v in values}
+        ons = {}
         for key, router in self.width.items():
             i = int(key)
             on = router(emb) > 0  # (T, U)
             on[:, int(self.always_on[i])] = True
-            for j, v in enumerate(values):
-                rows[v][i] = on[j]
-        self._table.update(rows)
+            ons[i] = on
+        cpu = {i: on.cpu() for i, on in ons.items()}
+        for j, v in enumerate(values):
+            self._table[v] = ({i: m[j : j + 1] for i, m in cpu.items()}, {i: m[j : j + 1] for i, m in ons.items()})
 
     def width_table(self, timesteps: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Evaluation width masks for each site at the given timesteps (default 0..999).
@@ -191,16 +200,17 @@ class RouterBank(nn.Module):
         return out
 
     # -- weight slices ------------------------------------------------------------------------
-    def sliced(self, lin: nn.Linear, axis: str, units: torch.Tensor, index: torch.Tensor) -> tuple:
-        """Weight (and bias) of ``lin`` restricted to ``index`` rows/cols, cached while unchanged."""
+    def sliced(self, lin: nn.Linear, axis: str, units: tuple[int, ...], index: torch.Tensor) -> tuple:
+        """Weight (and bias) of ``lin`` restricted to ``index`` rows/cols, cached while unchanged.
+
+        ``units`` (a tuple) identifies the unit set; ``index`` lives on the weight's device.
+        """
         w = lin.weight
-        ukey = tuple(units.tolist())
         key = (id(lin), axis)
-        stamp = (ukey, w._version, w.data_ptr(), w.dtype, w.device)
+        stamp = (units, w._version, w.data_ptr(), w.dtype)
         hit = self._slices.get(key)
         if hit is not None and hit[0] == stamp:
             return hit[1], hit[2]
-        index = index.to(w.device)
         if axis == "rows":
             ws = w.index_select(0, index)
             bs = lin.bias.index_select(0, index) if lin.bias is not None else None
@@ -211,12 +221,18 @@ class RouterBank(nn.Module):
             self.slice_bytes -= hit[3]
             del self._slices[key]
         nbytes = ws.numel() * ws.element_size() + (bs.numel() * bs.element_size() if axis == "rows" and bs is not None else 0)
-        limit = self.config.slice_cache_mb
-        if limit is None or self.slice_bytes + nbytes <= limit * 2**20:
+        if self.slice_bytes + nbytes <= self.cache_limit(ws.element_size()):
             if not torch.is_grad_enabled() or not w.requires_grad:
                 self._slices[key] = (stamp, ws, bs, nbytes)
                 self.slice_bytes += nbytes
         return ws, bs
+
+    def cache_limit(self, element_size: int = 4) -> float:
+        """Bytes the weight-slice cache may hold: ``slice_cache_mb``, or by default 20% of the
+        model's parameter bytes (so a converted model stays within 1.25x the original's memory)."""
+        if self.config.slice_cache_mb is not None:
+            return self.config.slice_cache_mb * 2**20
+        return 0.2 * self.model_params * element_size
 
     def clear_cache(self) -> None:
         """Drop cached weight slices and timestep tables (frees their memory)."""

@@ -38,7 +38,7 @@ class ConvertConfig:
     timestep_reverse: bool = False
     capture: str = "auto"
     fast_path: bool = True
-    slice_cache_mb: float | None = None
+    slice_cache_mb: float | None = None  # None: 20% of the model's parameter bytes
     exclude: list[str] = field(default_factory=list)
     version: int = CONFIG_VERSION
 

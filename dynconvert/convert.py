@@ -118,6 +118,7 @@ def apply_plan(
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     bank = RouterBank(plan, config, budget).to(device)
+    bank.model_params = sum(p.numel() for p in model.parameters())
     for site in plan.sites:
         linears = {m.linear: modules[m.linear] for m in [*site.in_maps, site.out_map]}
         if always_on is not None:

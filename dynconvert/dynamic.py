@@ -74,7 +74,7 @@ def unit_of_index(m: UnitMap, width: int) -> torch.Tensor:
 
 def _expand_rows(mask: torch.Tensor, owner: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per-sample unit mask (Bt, U) -> a multiplier broadcastable against x (B, ..., C)."""
-    cols = mask.to(x.dtype).index_select(1, owner.to(mask.device))  # (Bt, C)
+    cols = mask.to(x.dtype).index_select(1, owner)  # (Bt, C)
     bt = cols.shape[0]
     if bt == 1 or x.dim() == 1:
         return cols.reshape(*([1] * (x.dim() - 1)), -1) if bt == 1 else cols
@@ -87,7 +87,7 @@ def _expand_rows(mask: torch.Tensor, owner: torch.Tensor, x: torch.Tensor) -> to
 
 
 def _active(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Fast-path choice from a (Bt, U) bool mask: (units to compute, per-sample sub-mask).
+    """Fast-path choice from a (Bt, U) bool CPU mask: (units to compute, per-sample sub-mask).
 
     Returns (None, None) when every unit is on for every sample (plain full-width compute).
     """
@@ -101,30 +101,84 @@ def _active(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tenso
     return units, None if same else mask[:, units]
 
 
-class AttentionRuntime:
-    """Routes one attention site: head masks (masked path) or sliced heads (fast path)."""
+class _Decision:
+    """What the fast path computes for one mask pattern on one device (computed once, reused)."""
 
-    def __init__(self, site: AttentionSite, bank: Any, module: nn.Module):
+    __slots__ = ("units", "key", "rows", "cols", "sub")
+
+    def __init__(self, units: torch.Tensor, rows: dict[str, torch.Tensor], cols: torch.Tensor,
+                 sub: torch.Tensor | None):
+        self.units = units
+        self.key = tuple(units.tolist())
+        self.rows = rows
+        self.cols = cols
+        self.sub = sub  # (Bt, C') per-sample column mask inside the computed units, or None
+
+
+class _SiteRuntime:
+    """Shared by attention and MLP runtimes: unit tables, owners per device, decision cache."""
+
+    def __init__(self, site: AttentionSite | MlpSite, bank: Any, per_unit_out: int):
         self.site = site
         self.bank = bank
         self.tables = {m.linear: unit_table(m) for m in site.in_maps}
         self.out_table = unit_table(site.out_map)
-        self.out_owner = unit_of_index(site.out_map, site.heads * site.v_head_dim)
-        self.fast: tuple | None = None
+        self.out_owner = unit_of_index(site.out_map, site.units * per_unit_out)
+        self.per_unit_out = per_unit_out
+        self._owners: dict[torch.device, torch.Tensor] = {}
+        self._decisions: dict[tuple, _Decision | None] = {}
+
+    def owner(self, device: torch.device) -> torch.Tensor:
+        o = self._owners.get(device)
+        if o is None:
+            o = self._owners[device] = self.out_owner.to(device)
+        return o
+
+    def decide(self, mask_cpu: torch.Tensor | None, device: torch.device) -> _Decision | None:
+        """The fast-path decision for this call's CPU mask (None: compute every unit)."""
+        if mask_cpu is None:
+            return None
+        key = (tuple(mask_cpu.shape), mask_cpu.numpy().tobytes(), device)
+        if key in self._decisions:
+            return self._decisions[key]
+        units, sub = _active(mask_cpu)
+        d = None
+        if units is not None:
+            rows = {name: t[:, units].reshape(-1).to(device) for name, t in self.tables.items()}
+            cols = self.out_table[:, units].reshape(-1).to(device)
+            sub_cols = None
+            if sub is not None:
+                owner = torch.arange(units.numel()).repeat_interleave(self.per_unit_out)
+                sub_cols = sub.index_select(1, owner).to(device)  # (Bt, C') bool
+            d = _Decision(units, rows, cols, sub_cols)
+        if len(self._decisions) > 4096:
+            self._decisions.clear()
+        self._decisions[key] = d
+        return d
+
+
+class AttentionRuntime(_SiteRuntime):
+    """Routes one attention site: head masks (masked path) or sliced heads (fast path)."""
+
+    def __init__(self, site: AttentionSite, bank: Any, module: nn.Module):
+        super().__init__(site, bank, site.v_head_dim)
+        self.fast: _Decision | None = None
         self.saved: dict[str, int] = {}
-        self.module_class = type(module)
 
     def pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         self.fast = None
-        if not self.bank.fast_for(self.site):
+        bank, site = self.bank, self.site
+        if not bank.fast_for(site):
             return
-        units, sub = _active(self.bank.width_mask(self.site.index))
-        if units is None:
+        bank.width_mask(site.index)  # recorded for FLOPs accounting
+        device = bank.always_on.device
+        d = self.decide(bank.width_mask_cpu(site.index), device)
+        if d is None:
             return
-        self.fast = (units, sub)
-        for attr, per in self.site.head_attrs.items():
+        self.fast = d
+        for attr, per in site.head_attrs.items():
             self.saved[attr] = getattr(module, attr)
-            setattr(module, attr, int(units.numel()) * per)
+            setattr(module, attr, int(d.units.numel()) * per)
 
     def post_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         for attr, value in self.saved.items():
@@ -134,47 +188,40 @@ class AttentionRuntime:
 
     def linear_forward(self, lin: DynamicLinear, x: torch.Tensor) -> torch.Tensor:
         site, bank = self.site, self.bank
+        d = self.fast
         if lin._dc_role == "in":
-            name = self._name_of(lin)
+            name = lin._dc_name
             rec = bank.record(site.index)
             tokens = math.prod(x.shape[1:-1]) if x.dim() > 2 else x.shape[0]
             if name == site.q:
                 rec["n"] = tokens
             if name == site.k:
                 rec["m"] = tokens
-            if self.fast is None:
+            if d is None:
                 return F.linear(x, lin.weight, lin.bias)
-            units = self.fast[0]
-            table = self.tables[name]
-            w, b = bank.sliced(lin, "rows", units, table[:, units.to(table.device)].reshape(-1))
+            w, b = bank.sliced(lin, "rows", d.key, d.rows[name])
             return F.linear(x, w, b)
-        # out-projection
-        if self.fast is not None:
-            units, sub = self.fast
-            if sub is not None:
-                owner = torch.arange(units.numel()).repeat_interleave(site.v_head_dim)
-                x = x * _expand_rows(sub, owner, x)
-            w, b = bank.sliced(lin, "cols", units, self.out_table[:, units.to(self.out_table.device)].reshape(-1))
+        if d is not None:  # out-projection, fast path
+            if d.sub is not None:
+                x = x * _expand_sub(d.sub, x)
+            w, b = bank.sliced(lin, "cols", d.key, d.cols)
             return F.linear(x, w, b)
         mask = bank.width_mask(site.index)
         if mask is not None:
-            x = x * _expand_rows(mask, self.out_owner, x)
+            x = x * _expand_rows(mask, self.owner(mask.device), x)
         return F.linear(x, lin.weight, lin.bias)
 
-    @staticmethod
-    def _name_of(lin: DynamicLinear) -> str:
-        return lin._dc_name
+
+def _expand_sub(sub: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    bt = sub.shape[0]
+    return sub.to(x.dtype).reshape(bt, *([1] * (x.dim() - 2)), -1)
 
 
-class MlpRuntime:
+class MlpRuntime(_SiteRuntime):
     """Routes one MLP site: channel groups and tokens, masked or sliced and gathered."""
 
     def __init__(self, site: MlpSite, bank: Any):
-        self.site = site
-        self.bank = bank
-        self.tables = {m.linear: unit_table(m) for m in site.in_maps}
-        self.out_table = unit_table(site.out_map)
-        self.out_owner = unit_of_index(site.out_map, site.hidden)
+        super().__init__(site, bank, site.hidden // site.groups)
         self.call: dict[str, Any] | None = None
 
     def _begin(self, x: torch.Tensor) -> dict[str, Any]:
@@ -188,14 +235,15 @@ class MlpRuntime:
         call: dict[str, Any] = {"x": x, "lead": lead, "width": width, "tokens": tokens,
                                 "fast": bank.fast_for(site)}
         if call["fast"]:
-            units, sub = _active(width)
-            call["units"], call["sub"] = units, sub
+            call["d"] = self.decide(bank.width_mask_cpu(site.index) if site.width else None, x.device)
             idx = None
-            if tokens is not None and not bool(tokens.all()):
-                idx = tokens.reshape(-1).nonzero().squeeze(1)
-                call["x_sel"] = x.reshape(-1, x.shape[-1]).index_select(0, idx)
-            else:
-                call["x_sel"] = x
+            call["x_sel"] = x
+            if tokens is not None:
+                idx = tokens.reshape(-1).nonzero().squeeze(1)  # the one host sync of this site
+                if idx.numel() == tokens.numel():
+                    idx = None
+                else:
+                    call["x_sel"] = x.reshape(-1, x.shape[-1]).index_select(0, idx)
             call["idx"] = idx
         self.call = call
         return call
@@ -207,11 +255,10 @@ class MlpRuntime:
                 call = self._begin(x)
             if not call["fast"]:
                 return F.linear(x, lin.weight, lin.bias)
-            units = call["units"]
-            if units is None:
+            d = call["d"]
+            if d is None:
                 return F.linear(call["x_sel"], lin.weight, lin.bias)
-            table = self.tables[lin._dc_name]
-            w, b = self.bank.sliced(lin, "rows", units, table[:, units.to(table.device)].reshape(-1))
+            w, b = self.bank.sliced(lin, "rows", d.key, d.rows[lin._dc_name])
             return F.linear(call["x_sel"], w, b)
         call, self.call = self.call, None
         if call is None:  # fc2 without fc1 in this call: nothing to route
@@ -220,25 +267,22 @@ class MlpRuntime:
             return self._fast_out(lin, x, call)
         width, tokens = call["width"], call["tokens"]
         if width is not None:
-            x = x * _expand_rows(width, self.out_owner, x)
+            x = x * _expand_rows(width, self.owner(width.device), x)
         y = F.linear(x, lin.weight, lin.bias)
         if tokens is not None:
             y = y * tokens.unsqueeze(-1).to(y.dtype)
         return y
 
     def _fast_out(self, lin: nn.Linear, h: torch.Tensor, call: dict[str, Any]) -> torch.Tensor:
-        units, sub, idx, lead = call["units"], call["sub"], call["idx"], call["lead"]
-        if sub is not None:
-            per = self.site.hidden // self.site.groups
-            owner = torch.arange(units.numel()).repeat_interleave(per)
-            cols = sub.to(h.dtype).index_select(1, owner.to(sub.device))  # (Bt, C')
+        d, idx, lead = call["d"], call["idx"], call["lead"]
+        if d is not None and d.sub is not None:  # several timesteps in the batch: mask per sample
             n = math.prod(lead[1:]) if len(lead) > 1 else 1
             rows = idx if idx is not None else torch.arange(math.prod(lead), device=h.device)
-            h = h.reshape(-1, h.shape[-1]) * cols.index_select(0, (rows // n).to(cols.device))
-        if units is None:
+            h = h.reshape(-1, h.shape[-1]) * d.sub.to(h.dtype).index_select(0, rows // n)
+        if d is None:
             w, b = lin.weight, lin.bias
         else:
-            w, b = self.bank.sliced(lin, "cols", units, self.out_table[:, units.to(self.out_table.device)].reshape(-1))
+            w, b = self.bank.sliced(lin, "cols", d.key, d.cols)
         y = F.linear(h, w, b)
         if idx is None:
             return y.reshape(*lead, -1)

@@ -138,32 +138,40 @@ def randomize_routing(
 
 
 def _randomize_tokens(model: nn.Module, bank: Any, keep: float, g: torch.Generator, example_inputs: Any) -> None:
+    """Random token routers whose thresholds keep ``keep`` of the tokens each site really sees.
+
+    One evaluation call sets them site by site: just before each MLP runs, its router's bias is
+    put at the quantile of the logits of the tokens reaching it (so later blocks see the effect
+    of earlier skips, as they will at run time).
+    """
     inputs = split_inputs(example_inputs) if example_inputs is not None else default_inputs(model)
     modules = dict(model.named_modules())
-    seen: dict[int, torch.Tensor] = {}
+    for router in bank.token.values():
+        router.net[0].bias.fill_(1.0)  # keep the hidden ReLUs mostly active: no ties at logit 0
+        last = router.net[2]
+        last.weight.copy_(torch.randn(last.weight.shape, generator=g) * 2 / math.sqrt(last.in_features))
+        last.bias.zero_()
     handles = []
     for s in bank.plan.sites:
         if isinstance(s, MlpSite) and s.token:
-            def grab(mod: nn.Module, args: tuple, i: int = s.index) -> None:
-                seen.setdefault(i, args[0].detach())
-            handles.append(modules[s.fc1[0]].register_forward_pre_hook(grab))
+            router = bank.token[str(s.index)]
+
+            def set_bias(mod: nn.Module, args: tuple, router: nn.Module = router) -> None:
+                with torch.no_grad():
+                    last = router.net[2]
+                    last.bias.zero_()
+                    raw = router(args[0]).flatten().float().cpu()
+                    if keep >= 1:
+                        last.bias.fill_(float(-raw.min()) + 1.0)
+                    elif keep <= 0:
+                        last.bias.fill_(float(-raw.max()) - 1.0)
+                    else:
+                        last.bias.fill_(float(-torch.quantile(raw, 1.0 - keep)))
+
+            handles.append(modules[s.fc1[0]].register_forward_pre_hook(set_bias))
     try:
-        with routing(model, "full"):
+        with routing(model, "eval", "masked"), torch.no_grad():
             call(model, inputs)
     finally:
         for h in handles:
             h.remove()
-    for key, router in bank.token.items():
-        x = seen.get(int(key))
-        last = router.net[2]
-        last.weight.copy_(torch.randn(last.weight.shape, generator=g) * 2 / math.sqrt(last.in_features))
-        last.bias.zero_()
-        if x is None:
-            continue
-        raw = router(x).flatten().float().cpu()
-        if keep >= 1:
-            last.bias.fill_(float(-raw.min()) + 1.0)
-        elif keep <= 0:
-            last.bias.fill_(float(-raw.max()) - 1.0)
-        else:
-            last.bias.fill_(float(-torch.quantile(raw, 1.0 - keep)))

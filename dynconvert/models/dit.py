@@ -58,7 +58,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         t_freq = timestep_embedding(t, self.frequency_embedding_size)  # (N, F)
-        return self.mlp(t_freq)  # (N, D)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, D); bf16/fp16 models too
 
 
 class LabelEmbedder(nn.Module):

@@ -190,7 +190,7 @@ class UViT(nn.Module):
             )
         x = self.patch_embed(x)  # (B, L, D)
 
-        time_token = self.time_embed(timestep_embedding(timesteps, self.embed_dim))  # (B, D)
+        time_token = self.time_embed(timestep_embedding(timesteps, self.embed_dim).to(x.dtype))  # (B, D)
         x = torch.cat((time_token.unsqueeze(dim=1), x), dim=1)  # (B, 1 + L, D)
         if y is not None:
             label_emb = self.label_emb(y)  # (B, D)

@@ -1,0 +1,276 @@
+"""benchmark: time the original and the converted model in the same process, per denoising call.
+
+Calls alternate (original, converted, original, ...) after a warm-up, and the median of
+several repeats is reported, so both sides see the same machine state. FLOPs are reported
+two ways: the analytic ratio of the routing in force and the ratio the fast path really
+executed (``torch.utils.flop_counter`` with math attention). Peak memory is the model's own:
+weights + cached weight slices + the peak of what the call allocates.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynconvert.convert import convert, get_state, is_converted, revert
+from dynconvert.errors import ConfigError
+from dynconvert.flops import measure_macs
+from dynconvert.inputs import batch_of, default_inputs, find_timestep_arg, split_inputs
+from dynconvert.plan import AttentionSite
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class BenchResult:
+    """What :func:`benchmark` measured (times in seconds per denoising call, memory in bytes)."""
+
+    time_static_s: float
+    time_dynamic_s: float
+    speedup: float
+    flops_ratio: float
+    executed_flops_ratio: float | None
+    efficiency: float
+    peak_mem_static_bytes: int | None
+    peak_mem_dynamic_bytes: int | None
+    device: str
+    dtype: str
+    batch: int
+    timestep: float
+    repeats: int
+    times_static_s: list[float]
+    times_dynamic_s: list[float]
+    slice_cache_bytes: int
+    model: str
+    routing: str
+    flops_unit: str = "MACs"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _with_timestep(model: nn.Module, args: tuple, kwargs: dict, t: float) -> tuple[tuple, dict]:
+    name = find_timestep_arg(model)
+    params = list(inspect.signature(type(model).forward).parameters)[1:]
+    if name in kwargs:
+        old = kwargs[name]
+        kwargs = {**kwargs, name: torch.full_like(torch.as_tensor(old), t)}
+    else:
+        pos = params.index(name)
+        args = list(args)
+        args[pos] = torch.full_like(torch.as_tensor(args[pos]), t)
+        args = tuple(args)
+    return args, kwargs
+
+
+def _to(obj: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device=device, dtype=dtype) if obj.is_floating_point() else obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(o, device, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+def synthetic_routing(model: nn.Module, ratio: float, tokens: float = 0.7, inputs: Any = None, seed: int = 0) -> dict[str, float]:
+    """Set fixed routing (the same at every t) whose whole-model FLOPs ratio is about ``ratio``.
+
+    Heads and channel groups get the same kept fraction, chosen so that with ``tokens`` of the
+    tokens kept the ratio is met; the token keep rate is then re-solved for the rounded unit
+    counts and the token routers' thresholds are set on ``inputs``.
+
+    Returns the fractions used (``width``, ``tokens``).
+    """
+    from dynconvert.testing import randomize_routing
+
+    bank = get_state(model)
+    plan = bank.plan
+    other = plan.other_macs / max(plan.batch, 1)
+    att = [s for s in plan.sites if isinstance(s, AttentionSite)]
+    mlp = [s for s in plan.sites if not isinstance(s, AttentionSite)]
+    routers = sum(s.router_macs(None, bank.config.token_reduction) for s in mlp)
+    a = sum(s.macs() for s in att)
+    m = sum(s.macs() for s in mlp)
+    static = other + a + m
+    if ratio >= 1.0:  # everything on: the cost of a converted model that skips nothing
+        randomize_routing(model, keep=1.0, tokens=1.0, vary_with_t=False, seed=seed, example_inputs=inputs)
+        return {"width": 1.0, "tokens": 1.0}
+    budget = ratio * static - other - routers
+    width = min(1.0, max(0.0, budget / (a + tokens * m)))
+    kept_a = sum(s.macs() * max(1, round(width * s.units)) / s.units for s in att)
+    kept_m = sum(s.macs() * (max(1, round(width * s.units)) / s.units if s.width else 1.0) for s in mlp)
+    token_keep = min(1.0, max(0.0, (budget - kept_a) / kept_m)) if kept_m else 1.0
+    randomize_routing(model, keep=width, tokens=token_keep, vary_with_t=False, seed=seed, example_inputs=inputs)
+    return {"width": width, "tokens": token_keep}
+
+
+def _model_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def _peak_call_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes allocated by one call above what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - before)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    points = []
+    for e in prof.events():
+        delta = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        if delta:
+            points.append((e.time_range.start, delta))
+    points.sort()
+    cur = peak = 0
+    for _, d in points:
+        cur += d
+        peak = max(peak, cur)
+    return int(peak)
+
+
+def benchmark(
+    model: nn.Module,
+    *,
+    keep: float | None = None,
+    tokens: float = 0.7,
+    batch: int = 8,
+    timestep: float = 500.0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    repeats: int = 5,
+    warmup: int = 1,
+    count: bool = True,
+    memory: bool = True,
+    compile: bool = False,
+    seed: int = 0,
+    example_inputs: Any = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> BenchResult:
+    """Time the original and the converted model per denoising call, in the same process.
+
+    Args:
+        model: a converted model (its routing is used; the original is obtained by reverting a
+            copy) or a plain model (then ``keep`` is required: it is converted and given fixed
+            synthetic routing at FLOPs ratio ``keep``).
+        keep: target whole-model FLOPs ratio of synthetic routing (overrides a converted model's
+            learned routing when given).
+        tokens: token keep rate of synthetic routing.
+        batch: samples per call (2 = one classifier-free-guidance pair).
+        timestep: the DDPM timestep of every sample (masks are a function of t).
+        device, dtype: e.g. "cpu"/"float32" or "cuda"/"bfloat16".
+        repeats, warmup: timed and untimed calls per model (alternating).
+        count: also count executed FLOPs (one extra call of each model).
+        memory: also measure peak memory (one extra call of each model).
+        compile: wrap both models in torch.compile.
+
+    Example:
+        >>> from dynconvert.testing import tiny_dit
+        >>> r = benchmark(tiny_dit(), keep=0.5, batch=2, repeats=2)
+        >>> r.speedup > 0
+        True
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but CUDA is not available; use --device cpu")
+    dt = DTYPES[dtype]
+    progress = on_progress or (lambda stage, i, n: None)
+    name = getattr(model, "preset", None) or type(model).__name__
+    if example_inputs is None:
+        args, kwargs = default_inputs(model, batch_size=batch)
+    else:
+        args, kwargs = split_inputs(example_inputs)
+    args, kwargs = _with_timestep(model, args, kwargs, timestep)
+
+    if is_converted(model):
+        dynamic = model
+        static = revert(copy.deepcopy(model))
+    else:
+        if keep is None:
+            raise ConfigError("benchmarking an unconverted model needs keep= (the FLOPs ratio of synthetic routing)")
+        static = model
+        dynamic = convert(copy.deepcopy(model), keep if keep >= 0.05 else 0.05, example_inputs=(args, kwargs))
+    routing = "learned"
+    if keep is not None:
+        fr = synthetic_routing(dynamic, keep, tokens, (args, kwargs), seed)
+        routing = f"synthetic: {fr['width']:.3f} of heads and groups, {fr['tokens']:.3f} of tokens"
+    static.eval().to(device=dev, dtype=dt)
+    dynamic.eval().to(device=dev, dtype=dt)
+    bank = get_state(dynamic)
+    bank.clear_cache()
+    args, kwargs = _to(args, dev, dt), _to(kwargs, dev, dt)
+    run_static = torch.compile(static) if compile else static
+    run_dynamic = torch.compile(dynamic) if compile else dynamic
+
+    def call(m: nn.Module) -> Any:
+        with torch.no_grad():
+            return m(*args, **kwargs)
+
+    for i in range(warmup):
+        progress("warm-up", i + 1, warmup)
+        call(run_static)
+        call(run_dynamic)
+    ratio = float(bank.last_flops_ratio().mean())
+    ts, td = [], []
+    for i in range(repeats):
+        progress("timing", i + 1, repeats)
+        for m, out in ((run_static, ts), (run_dynamic, td)):
+            _sync(dev)
+            t0 = time.perf_counter()
+            call(m)
+            _sync(dev)
+            out.append(time.perf_counter() - t0)
+    t_static, t_dynamic = statistics.median(ts), statistics.median(td)
+    speedup = t_static / t_dynamic
+
+    executed = None
+    if count:
+        progress("counting FLOPs", 1, 1)
+        executed = measure_macs(dynamic, (args, kwargs)) / measure_macs(static, (args, kwargs))
+    peak_s = peak_d = None
+    if memory:
+        progress("measuring memory", 1, 1)
+        peak_s = _model_bytes(static) + _peak_call_bytes(lambda: call(static), dev)
+        peak_d = _model_bytes(dynamic) + bank.slice_bytes + _peak_call_bytes(lambda: call(dynamic), dev)
+    return BenchResult(
+        time_static_s=t_static, time_dynamic_s=t_dynamic, speedup=speedup, flops_ratio=ratio,
+        executed_flops_ratio=executed, efficiency=speedup * ratio,
+        peak_mem_static_bytes=peak_s, peak_mem_dynamic_bytes=peak_d, device=str(dev), dtype=str(dt).replace("torch.", ""),
+        batch=batch_of(args, kwargs), timestep=timestep, repeats=repeats, times_static_s=ts, times_dynamic_s=td,
+        slice_cache_bytes=int(bank.slice_bytes), model=name, routing=routing,
+    )
+
+
+def format_bytes(n: int | None) -> str:
+    """Human-readable bytes (GiB/MiB)."""
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+__all__ = ["BenchResult", "benchmark", "format_bytes", "synthetic_routing"]
