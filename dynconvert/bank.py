@@ -75,6 +75,7 @@ class RouterBank(nn.Module):
     def _reset_call(self) -> None:
         self._t: torch.Tensor | None = None
         self._emb: torch.Tensor | None = None
+        self._train_masks: dict[int, torch.Tensor] | None = None
         self._mode_now = "full"
         self.records: dict[int, dict[str, Any]] = {}
         self._eval_masks: dict[int, torch.Tensor] = {}
@@ -121,13 +122,42 @@ class RouterBank(nn.Module):
         if self._mode_now == "full" or key not in self.width:
             mask = None
         elif self._mode_now == "train":
-            if self._emb is None:
-                self._emb = self.t_embed(self._t)
-            mask = straight_through_mask(self.width[key](self._emb), self.config.tau, int(self.always_on[index]))
+            if self._train_masks is None:
+                self._train_masks = self._all_train_masks()
+            mask = self._train_masks[index]
         else:
             mask = self._eval_masks.get(index)
         rec["width"] = mask
         return mask
+
+    def _all_train_masks(self) -> dict[int, torch.Tensor]:
+        """Training masks of every site at once: one matmul and one Gumbel draw for all routers
+        (the same as running each router alone, with far fewer kernel launches)."""
+        keys = list(self.width.keys())
+        self._emb = self.t_embed(self._t)
+        weight = torch.cat([self.width[k].weight for k in keys])
+        bias = torch.cat([self.width[k].bias for k in keys])
+        sizes = [self.width[k].out_features for k in keys]
+        logits = torch.nn.functional.linear(self._emb, weight, bias)  # (B, sum of units)
+        on = self._always_on_positions(keys, sizes, logits.device)
+        masks = straight_through_mask(logits, self.config.tau, None)
+        masks = torch.where(on, torch.ones_like(masks), masks)
+        return {int(k): m for k, m in zip(keys, masks.split(sizes, dim=-1))}
+
+    def _always_on_positions(self, keys: list[str], sizes: list[int], device: torch.device) -> torch.Tensor:
+        stamp = (self.always_on._version, device, tuple(keys))
+        cached = getattr(self, "_on_cache", None)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        pos, offset = [], 0
+        for k, n in zip(keys, sizes):
+            pos.append(offset + int(self.always_on[int(k)]))
+            offset += n
+        on = torch.zeros(offset, dtype=torch.bool)
+        on[pos] = True
+        on = on.to(device)
+        self._on_cache = (stamp, on)
+        return on
 
     def width_mask_cpu(self, index: int) -> torch.Tensor | None:
         """The evaluation width mask of a site on the CPU (decisions without a device sync)."""
