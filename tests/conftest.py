@@ -16,6 +16,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread (small models: no oversubscription under load)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     """(name, fresh tiny model, example inputs with 3 samples at 3 different timesteps)."""

@@ -21,13 +21,7 @@ from dynconvert.calibrate.adapters import (
 from dynconvert.errors import ConfigError, DataError
 from dynconvert.testing import tiny_diffusers_dit, tiny_dit, tiny_pixart, tiny_uvit
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Eps(nn.Module):

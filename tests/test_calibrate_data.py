@@ -22,13 +22,7 @@ from dynconvert.calibrate.latents import read_index, write_latent_shards, write_
 from dynconvert.calibrate.stream import StepIndices, batch_stream
 from dynconvert.errors import DataError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ from dynconvert.errors import (
 )
 from dynconvert.testing import tiny_dit
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def converted(budget: float = 0.5):

@@ -19,13 +19,7 @@ from dynconvert.calibrate.objectives import (
 )
 from dynconvert.errors import ConfigError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_beta_schedules_endpoints():

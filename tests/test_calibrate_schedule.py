@@ -16,13 +16,7 @@ from dynconvert.calibrate.schedule import (
     stratified_uniform,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_lambda_schedule_key_steps():
