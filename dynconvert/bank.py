@@ -233,6 +233,9 @@ class RouterBank(nn.Module):
     def sliced(self, lin: nn.Linear, axis: str, units: tuple[int, ...], index: torch.Tensor) -> tuple:
         """Weight (and bias) of ``lin`` restricted to ``index`` rows/cols, cached while unchanged.
 
+        Column slices (strided gathers, the costly kind) are cached first; row slices (plain
+        copies) fill what the budget leaves.
+
         ``units`` (a tuple) identifies the unit set; ``index`` lives on the weight's device.
         """
         w = lin.weight
@@ -251,10 +254,17 @@ class RouterBank(nn.Module):
             self.slice_bytes -= hit[3]
             del self._slices[key]
         nbytes = ws.numel() * ws.element_size() + (bs.numel() * bs.element_size() if axis == "rows" and bs is not None else 0)
-        if self.slice_bytes + nbytes <= self.cache_limit(ws.element_size()):
-            if not torch.is_grad_enabled() or not w.requires_grad:
-                self._slices[key] = (stamp, ws, bs, nbytes)
-                self.slice_bytes += nbytes
+        if torch.is_grad_enabled() and w.requires_grad:
+            return ws, bs
+        limit = self.cache_limit(ws.element_size())
+        if axis == "cols":  # column gathers are the costly ones: they may push out cached rows
+            for k in [k for k in self._slices if k[1] == "rows"]:
+                if self.slice_bytes + nbytes <= limit:
+                    break
+                self.slice_bytes -= self._slices.pop(k)[3]
+        if self.slice_bytes + nbytes <= limit:
+            self._slices[key] = (stamp, ws, bs, nbytes)
+            self.slice_bytes += nbytes
         return ws, bs
 
     def cache_limit(self, element_size: int = 4) -> float:
