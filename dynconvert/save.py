@@ -52,10 +52,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _file_mode() -> int:
+    """The mode a plainly created file would get (0o666 minus the umask); mkstemp gives 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fingerprint(path: Path) -> str:
@@ -175,6 +183,7 @@ def save(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt", "producer": "dynconvert"})
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, out / WEIGHTS)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

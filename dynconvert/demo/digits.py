@@ -1,0 +1,175 @@
+"""The digits demo model: a small class-conditional DiT trained on scikit-learn's digits.
+
+Images are the 8x8 digits scaled to [-1, 1] and upsampled to 16x16 (``dynconvert.calibrate.
+digits(16)``), one channel, ten classes. The model is the built-in ``DiT`` (facebookresearch
+layout) at 16x16 with patch 2 (64 tokens), hidden size 64, 4 blocks of 4 heads, learned sigma,
+and class dropout 0.1 so that it samples with classifier-free guidance (null label 10). Its
+trained weights ship with dynconvert (``dynconvert/assets/digits_dit.safetensors``, fp16);
+``examples/train_digits.py`` reproduces them on a CPU in a few minutes.
+
+This module registers the preset ``digits`` (alias ``dit-digits``) with
+``dynconvert.models.build_model``; it imports nothing from ``dynconvert.models`` at load time so
+that ``dynconvert.models`` itself may import ``DIGITS_PRESETS`` from here.
+
+Example:
+    >>> import dynconvert.demo
+    >>> from dynconvert.models import build_model
+    >>> model = build_model("digits")
+    >>> model.num_classes, model.input_size
+    (10, 16)
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from dynconvert.errors import CheckpointError, ConfigError
+
+DIGITS_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "digits_dit.safetensors"
+"""The shipped base weights of the digits DiT (fp16 safetensors)."""
+
+DIGITS_CONFIG: dict = dict(
+    input_size=16,
+    patch_size=2,
+    in_channels=1,
+    hidden_size=64,
+    depth=4,
+    num_heads=4,
+    mlp_ratio=4.0,
+    class_dropout_prob=0.1,
+    num_classes=10,
+    learn_sigma=True,
+)
+"""Constructor arguments of ``DiT`` for the digits model."""
+
+DIGITS_SAMPLING: dict = dict(steps=50, cfg_scale=1.5, scheduler="ddim", clip_sample=True)
+"""Sampler settings the demo uses (pixel space: the predicted x0 is clipped to [-1, 1])."""
+
+
+def build_digits(pretrained: bool = True, **overrides) -> nn.Module:
+    """Build the digits DiT, with the shipped trained weights unless ``pretrained=False``.
+
+    Args:
+        pretrained: Load ``DIGITS_WEIGHTS`` (only possible when the overrides keep every weight
+            shape). ``False`` gives DiT's random initialisation.
+        **overrides: ``DiT`` constructor arguments that replace ``DIGITS_CONFIG``.
+
+    Returns:
+        The model (in training mode, like every preset; call ``.eval()`` to sample).
+
+    Raises:
+        ConfigError: An override ``DiT`` does not take.
+        CheckpointError: The weights file is missing, or the overrides change a weight shape
+            (pass ``pretrained=False``).
+
+    Example:
+        >>> from dynconvert.demo.digits import build_digits
+        >>> build_digits(pretrained=False, depth=2).preset_kwargs
+        {'pretrained': False, 'depth': 2}
+    """
+    from dynconvert.models.dit import DiT
+    from dynconvert.models.loading import load_checkpoint
+
+    valid = [p for p in inspect.signature(DiT.__init__).parameters if p != "self"]
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"Unknown option(s) {', '.join(unknown)} for preset 'digits' (DiT); valid options: "
+            f"pretrained, {', '.join(valid)}."
+        )
+    model = DiT(**{**DIGITS_CONFIG, **overrides})
+    model.preset = "digits"
+    model.preset_kwargs = dict(overrides) if pretrained else {"pretrained": False, **overrides}
+    if pretrained:
+        if not DIGITS_WEIGHTS.is_file():
+            raise CheckpointError(
+                f"the digits weights {DIGITS_WEIGHTS} are missing from this installation; "
+                "reinstall dynconvert, run examples/train_digits.py, or pass pretrained=False"
+            )
+        try:
+            load_checkpoint(model, DIGITS_WEIGHTS)
+        except CheckpointError as err:
+            raise CheckpointError(
+                f"{err} The shipped digits weights fit DIGITS_CONFIG only; pass pretrained=False "
+                "to build a changed architecture with random weights."
+            ) from err
+    return model
+
+
+DIGITS_PRESETS: dict[str, Callable[..., nn.Module]] = {"digits": build_digits}
+"""Preset name -> factory, for ``dynconvert.models.PRESETS``."""
+
+DIGITS_ALIASES: dict[str, str] = {"dit-digits": "digits"}
+"""Alias -> preset name, for ``dynconvert.models.ALIASES``."""
+
+
+def register() -> None:
+    """Register the ``digits`` preset with ``dynconvert.models`` (no-op when already there).
+
+    Example:
+        >>> register()
+        >>> from dynconvert.models import resolve_name
+        >>> resolve_name("dit-digits")
+        'digits'
+    """
+    from dynconvert import models
+
+    if not hasattr(models, "register_preset"):
+        return  # dynconvert.models is importing this module and adds DIGITS_PRESETS itself
+    if "digits" in models.PRESETS:
+        return
+    models.register_preset("digits", build_digits, aliases=tuple(DIGITS_ALIASES))
+
+
+def save_digits_weights(model: nn.Module, path: str | os.PathLike = DIGITS_WEIGHTS) -> Path:
+    """Write a digits model's state dict as fp16 safetensors, atomically (temp file, rename).
+
+    ``pos_embed`` (a fixed sin-cos table) is kept, as in DiT checkpoints.
+
+    Example:
+        >>> import tempfile
+        >>> p = save_digits_weights(build_digits(pretrained=False), tempfile.mkdtemp() + "/w.safetensors")
+        >>> p.stat().st_size < 5_000_000
+        True
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().half().contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": "pt", "config": repr(DIGITS_CONFIG)})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def digits_model_info() -> dict:
+    """Facts about the digits model for reports: config, parameter count, weights file size.
+
+    Example:
+        >>> digits_model_info()["config"]["hidden_size"]
+        64
+    """
+    from dynconvert.models.dit import DiT
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in DiT(**DIGITS_CONFIG).parameters())
+    return {
+        "config": dict(DIGITS_CONFIG),
+        "parameters": int(params),
+        "weights": str(DIGITS_WEIGHTS),
+        "weights_bytes": DIGITS_WEIGHTS.stat().st_size if DIGITS_WEIGHTS.is_file() else None,
+    }
