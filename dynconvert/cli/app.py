@@ -1,0 +1,85 @@
+"""The ``dynconvert`` command: one app factory, every command registered in one place."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from dynconvert.cli.errors import DynconvertGroup
+
+HELP = """Convert pretrained diffusion transformers into dynamic-compute models and calibrate them
+toward a FLOPs budget (timestep-wise dynamic width, spatial-wise dynamic tokens).
+
+[bold]Examples[/bold]
+
+  dynconvert convert --model digits --target-flops 0.5
+
+  dynconvert inspect --model dit-xl
+
+  dynconvert sample --run runs/digits-0.5 --out grid.png --compare
+
+Errors are one line on stderr with exit code 1; set DYNCONVERT_DEBUG=1 for tracebacks.
+"""
+
+
+def _version(value: bool) -> None:
+    if value:
+        from dynconvert import __version__
+
+        typer.echo(f"dynconvert {__version__}")
+        raise typer.Exit()
+
+
+def make_app() -> typer.Typer:
+    """Build the ``dynconvert`` Typer app (commands: inspect, convert, sample, bench, recipes).
+
+    Example:
+        >>> from typer.testing import CliRunner
+        >>> CliRunner().invoke(make_app(), ["--version"]).output.startswith("dynconvert ")
+        True
+    """
+    from dynconvert.cli import (
+        commands_bench,
+        commands_convert,
+        commands_inspect,
+        commands_recipes,
+        commands_sample,
+    )
+
+    app = typer.Typer(
+        name="dynconvert",
+        cls=DynconvertGroup,
+        help=HELP,
+        rich_markup_mode="rich",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+
+    @app.callback()
+    def root(
+        version: Annotated[
+            bool,
+            typer.Option(
+                "--version", help="Print the version and exit.", callback=_version, is_eager=True
+            ),
+        ] = False,
+    ) -> None:
+        """Convert diffusion transformers into dynamic-compute models."""
+
+    app.command("inspect", epilog=commands_inspect.SCHEMA)(commands_inspect.inspect)
+    app.command("convert", epilog=commands_convert.REPORT_KEYS)(commands_convert.convert)
+    app.command("sample")(commands_sample.sample)
+    app.command("bench", epilog=commands_bench.SCHEMA)(commands_bench.bench)
+    app.add_typer(commands_recipes.make_recipes_app(), name="recipes")
+    return app
+
+
+app = make_app()
+
+
+def main() -> None:
+    """Console-script entry point (``dynconvert`` and ``python -m dynconvert``)."""
+    app()

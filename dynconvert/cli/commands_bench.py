@@ -1,0 +1,137 @@
+"""``dynconvert bench``: time the original and the dynamic model in the same process."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from dynconvert.cli import render
+from dynconvert.cli.options import DeviceOpt, JsonOpt, ModelOpt, RunOpt
+from dynconvert.errors import ConfigError
+
+SCHEMA = """The --json object (dynconvert.bench.BenchResult): time_static_s, time_dynamic_s
+(median seconds per denoising call), speedup, flops_ratio (analytic), executed_flops_ratio
+(counted), efficiency (speedup x flops_ratio), peak_mem_static_bytes, peak_mem_dynamic_bytes,
+device, dtype, batch, timestep, repeats, times_static_s, times_dynamic_s, slice_cache_bytes,
+model, routing, flops_unit ("MACs")."""
+
+
+def bench(
+    model: ModelOpt = None,
+    run: RunOpt = None,
+    keep: Annotated[
+        float | None,
+        typer.Option(
+            "--keep",
+            help="FLOPs ratio of synthetic routing (required with --model; with --run it "
+            "replaces the learned routing).",
+            min=0.0,
+            max=1.0,
+            show_default=False,
+        ),
+    ] = None,
+    tokens: Annotated[
+        float,
+        typer.Option("--tokens", help="Token keep rate of synthetic routing.", min=0.0, max=1.0),
+    ] = 0.7,
+    batch: Annotated[
+        int, typer.Option("--batch", "-b", help="Samples per call (2 = one CFG pair).", min=1)
+    ] = 8,
+    timestep: Annotated[
+        float, typer.Option("--timestep", help="Timestep of every sample.", min=0, max=999)
+    ] = 500,
+    device: DeviceOpt = "auto",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="float32, bfloat16 or float16.")
+    ] = "float32",
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed calls per model.", min=1)] = 5,
+    warmup: Annotated[
+        int, typer.Option("--warmup", help="Untimed calls per model first.", min=0)
+    ] = 1,
+    count: Annotated[
+        bool, typer.Option("--count/--no-count", help="Also count executed FLOPs.")
+    ] = True,
+    memory: Annotated[
+        bool | None,
+        typer.Option(
+            "--memory/--no-memory",
+            help="Also measure peak memory (default: on CUDA only; on "
+            "CPU it runs the torch profiler, which logs to stderr).",
+            show_default=False,
+        ),
+    ] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Time the original and the dynamic model per denoising call (same process, alternating).
+
+    With --model, a preset is built with random weights (speed does not depend on them) and
+    given synthetic routing at FLOPs ratio --keep; with --run, the run's learned routing is
+    timed. Reports the median time of each, the speed-up, the analytic and the executed FLOPs
+    ratio, and peak memory.
+
+    [bold]Examples[/bold]
+
+      dynconvert bench --model dit-xl --keep 0.5 --batch 8 --device cuda --dtype bfloat16
+
+      dynconvert bench --run runs/digits-0.5 --batch 64 --json
+
+      dynconvert bench --model dit-s --keep 0.5 --tokens 0.5 --repeats 10
+    """
+    import torch
+
+    from dynconvert.bench import DTYPES, benchmark
+    from dynconvert.runs import _resolve_device, load_run, resolve_source
+
+    if (model is None) == (run is None):
+        raise ConfigError("pass exactly one of --model NAME (with --keep) or --run DIR")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    dev = _resolve_device(device)
+    with render.status(f"building {model or run}"):
+        if run is not None:
+            net, _ = load_run(run)
+        else:
+            if keep is None:
+                raise ConfigError(
+                    "bench --model needs --keep (the FLOPs ratio of synthetic routing, e.g. 0.5)"
+                )
+            net = resolve_source(model, random_init=True).build()
+            if dev == "cpu" and dtype in ("bfloat16", "bf16", "float16", "fp16"):
+                render.note("note: half precision on CPU is often slower than float32")
+        net = net.eval()
+    console = render.err()
+    stages: dict[str, Any] = {}
+
+    def on_progress(stage: str, i: int, n: int) -> None:
+        if stages.get("last") != stage:
+            stages["last"] = stage
+            console.print(f"[dim]    bench[/dim]  {stage}", highlight=False)
+
+    with torch.no_grad():
+        result = benchmark(net, keep=keep, tokens=tokens, batch=batch, timestep=timestep, device=dev,
+                           dtype=dtype, repeats=repeats, warmup=warmup, count=count,
+                           memory=memory if memory is not None else dev == "cuda",
+                           on_progress=on_progress).to_dict()  # fmt: skip
+    if json:
+        render.print_json(result)
+        return
+    show(result)
+
+
+def show(r: dict[str, Any]) -> None:
+    """Print a benchmark result as a table on stdout."""
+    from dynconvert.bench import format_bytes
+
+    rows = [
+        ("model", f"{r['model']} ({r['routing']})"),
+        ("device / dtype / batch", f"{r['device']} / {r['dtype']} / {r['batch']} at t={r['timestep']:g}"),
+        ("time per call", f"{1000 * r['time_static_s']:.2f} ms original, {1000 * r['time_dynamic_s']:.2f} ms dynamic "
+         f"(median of {r['repeats']})"),
+        ("speed-up", f"{r['speedup']:.2f}x"),
+        ("FLOPs ratio", f"{render.ratio(r['flops_ratio'])} analytic, {render.ratio(r['executed_flops_ratio'])} executed"),
+        ("efficiency", f"{r['efficiency']:.2f} (speed-up x FLOPs ratio; 1.0 = speed follows FLOPs)"),
+        ("peak memory", f"{format_bytes(r['peak_mem_static_bytes'])} original, "
+         f"{format_bytes(r['peak_mem_dynamic_bytes'])} dynamic"),
+    ]  # fmt: skip
+    render.out().print(render.key_values("Benchmark (MACs; 1 MAC = 2 FLOPs)", rows))

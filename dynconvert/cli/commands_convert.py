@@ -1,0 +1,173 @@
+"""``dynconvert convert``: build, convert, calibrate, measure and save one run folder."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any
+
+import typer
+
+from dynconvert.cli import render
+from dynconvert.cli.errors import EXIT_INTERRUPTED
+from dynconvert.cli.options import CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt
+
+REPORT_KEYS = """report.json (also printed with --json; MACs per sample, 1 MAC = 2 FLOPs): run_dir,
+model, model_class, recipe, target_flops, steps, flops_ratio (whole-model ratio, mean over the
+1000 timesteps; width masks exact per t, token keep rates measured on real batches),
+flops_ratio_blocks, executed_flops_ratio (counted by torch.utils.flop_counter), speedup (benchmark
+at a representative timestep), unit ("MACs"), static_macs, dynamic_macs, blocks_macs,
+flops_ratio_note, profile {timesteps, token_keep, measured, executed_timesteps},
+flops_ratio_per_t (1000 values, also in dynconvert.json), calibration {steps, final_loss, ...},
+bench (see 'dynconvert bench --help'), files, device, cpu_threads, timings, dynconvert_version;
+for the digits demo classifier_accuracy and frechet_distance, each {"original": .., "dynamic": ..},
+evaluation, and samples ("samples.png")."""
+
+
+def convert(
+    model: ModelOpt = None,
+    target_flops: Annotated[
+        str | None,
+        typer.Option(
+            "--target-flops",
+            "-t",
+            help="FLOPs budget: a fraction of the original model's, in (0, 1] "
+            "(default: the recipe's).",
+            show_default=False,
+        ),
+    ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            "--recipe",
+            help="A shipped recipe (see 'dynconvert recipes list') or a YAML file "
+            "(default: the recipe for --model).",
+            show_default=False,
+        ),
+    ] = None,
+    checkpoint: CheckpointOpt = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Calibration data: a latents folder, 'digits', or 'synthetic' "
+            "(random latents, to try the pipeline).",
+            show_default=False,
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps", help="Calibration steps (overrides the recipe's).", min=1, show_default=False
+        ),
+    ] = None,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out", "-o", help="Run folder (default: runs/<model>-<target>).", show_default=False
+        ),
+    ] = None,
+    device: DeviceOpt = "auto",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
+    ] = False,
+    random_init: Annotated[
+        bool,
+        typer.Option(
+            "--random-init", help="Start from random weights (to try the pipeline, not for use)."
+        ),
+    ] = False,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            help="Override a recipe field, dotted: --set calibration.lr=2e-5 (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Convert a model, calibrate it toward a FLOPs budget, and save the run.
+
+    Loads the base model, converts it, calibrates with live progress (step, loss, FLOPs ratio,
+    ETA), then measures the result and writes the run folder: model.safetensors and
+    dynconvert.json (load with dynconvert.load), report.json, samples.png (digits), and
+    checkpoints that --resume continues from. Everything that can be wrong with the options is
+    checked before the folder is created.
+
+    [bold]Examples[/bold]
+
+      dynconvert convert --model digits --target-flops 0.5
+
+      dynconvert convert --model dit-xl --checkpoint DiT-XL-2-256x256.pt --data latents/ --target-flops 0.5
+
+      dynconvert convert --recipe dit-s --checkpoint DiT-S-2.pt --data latents/ --set calibration.lr=2e-5
+
+      dynconvert convert --model digits --target-flops 0.5 --out runs/digits-0.5 --resume --steps 1200
+    """
+    from dynconvert.runs import RunRequest, execute_run, prepare_run
+
+    request = RunRequest(
+        model=model, target_flops=target_flops, recipe=recipe, checkpoint=checkpoint, data=data,
+        steps=steps, out=out, device=device, resume=resume, random_init=random_init,
+        overrides=list(set_ or []),
+    )  # fmt: skip
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch / torchrun
+    on_event = render.event_printer() if main_process else None
+    checked: list[tuple[str, str]] = []  # shown once every check passed: an error stays one line
+    with render.status("checking the options, building and converting the model"):
+        prepared = prepare_run(request, on_event=lambda stage, msg: checked.append((stage, msg)))
+    for stage, msg in checked if on_event is not None else []:
+        on_event(stage, msg)
+    if not prepared.main_process:
+        execute_run(prepared)
+        return
+    progress = render.StepProgress(prepared.calibration.steps)
+    try:
+        with progress:
+            report = execute_run(prepared, on_step=progress, on_event=on_event)
+    except KeyboardInterrupt:
+        from dynconvert.calibrate.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(prepared.out) if prepared.out.exists() else None
+        where = (
+            f"checkpoint {last} kept: add --resume to continue"
+            if last
+            else "no checkpoint was written"
+        )
+        render.err().print(f"Interrupted; {where}.", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if json:
+        render.print_json(report)
+    else:
+        show(report)
+
+
+def show(report: dict[str, Any]) -> None:
+    """Print a run report as a table on stdout."""
+    rows: list[tuple[str, Any]] = [
+        ("run folder", report["run_dir"]),
+        ("model", f"{report['model']} ({report['model_class'].rsplit('.', 1)[-1]}), recipe {report['recipe']}"),
+        ("steps", report["steps"]),
+        ("target FLOPs", report["target_flops"]),
+        ("FLOPs ratio (mean over t)", f"{render.ratio(report['flops_ratio'])}  "
+         f"({render.macs(report['dynamic_macs'])}MACs of {render.macs(report['static_macs'])}MACs per sample)"),
+        ("blocks-only ratio", render.ratio(report["flops_ratio_blocks"])),
+        ("executed FLOPs ratio", render.ratio(report["executed_flops_ratio"])),
+        ("speed-up", "-" if report.get("speedup") is None else f"{report['speedup']:.2f}x "
+         f"(batch {report['bench']['batch']}, t={report['bench']['timestep']:g}, {report['bench']['device']})"),
+    ]  # fmt: skip
+    for key, label in (
+        ("classifier_accuracy", "classifier accuracy"),
+        ("frechet_distance", "Frechet distance"),
+    ):
+        if key in report:
+            v = report[key]
+            rows.append((label, f"{v['original']:.3f} original -> {v['dynamic']:.3f} dynamic"))
+    if report.get("samples"):
+        rows.append(
+            ("samples", f"{report['run_dir']}/{report['samples']} (original left, dynamic right)")
+        )
+    rows.append(("time", render.duration(report["timings"].get("total_s"))))
+    render.out().print(render.key_values("Run report (report.json)", rows))

@@ -1,0 +1,224 @@
+"""``dynconvert inspect``: what convert finds in a model, and what it would cost."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dynconvert.cli import render
+from dynconvert.cli.options import JsonOpt, ModelOpt, RunOpt
+from dynconvert.errors import ConfigError
+
+SCHEMA = """The --json object (MACs per sample; 1 MAC = 2 hardware FLOPs):
+model, model_class, unit ("MACs"), timestep_arg, capture, coverage, input_shapes,
+static_macs (whole model), blocks_macs (converted attention + MLP sites), other_macs,
+blocks (count), min_budget (lowest reachable whole-model ratio), max_budget (1.0),
+sites: [{index, name, block, kind ("attention"|"mlp"), module_class, heads|groups, head_dim,
+hidden, width, width_reason, token_routing, token_reason, fast, fast_reason, macs, share}],
+skipped: [{name, kind, reason}], and for --run: run {budget, flops_ratio, recipe, ...} and each
+site's mean_units_on (fraction of heads/groups on, mean over the 1000 timesteps)."""
+
+
+def _build_for_inspect(name: str) -> Any:
+    """The model's architecture without weights (meta device) where possible."""
+    from dynconvert.runs import DIFFUSERS_MODELS, TEST_MODELS, resolve_source
+
+    key = name.strip().lower()
+    if key in TEST_MODELS:
+        return resolve_source(name, random_init=True).build()
+    if key in DIFFUSERS_MODELS:
+        import diffusers
+
+        cls, _, config = DIFFUSERS_MODELS[key]
+        with torch.device("meta"):
+            return getattr(diffusers, cls).from_config(config)
+    from dynconvert.models import build_model, resolve_name
+
+    canonical = resolve_name(name)
+    kwargs = {"pretrained": False} if canonical == "digits" else {}
+    with torch.device("meta"):
+        return build_model(canonical, **kwargs)
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """Example inputs on the model's device (meta for weightless models)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def plan_summary(plan: Any, config: Any = None) -> dict[str, Any]:
+    """The inspect JSON object of a plan (see SCHEMA)."""
+    from dynconvert.bank import min_ratio
+    from dynconvert.config import ConvertConfig
+    from dynconvert.plan import AttentionSite
+
+    config = config or ConvertConfig()
+    static = plan.static_macs_per_sample
+    other = plan.other_macs / max(plan.batch, 1)
+    sites = []
+    for s in plan.sites:
+        cost = s.macs()
+        d: dict[str, Any] = {"index": s.index, "name": s.name or "(model)", "block": s.block,
+                             "module_class": s.module_class, "macs": cost,
+                             "share": cost / static if static else 0.0, "fast": s.fast,
+                             "fast_reason": s.fast_reason}  # fmt: skip
+        if isinstance(s, AttentionSite):
+            d.update(kind="attention", attention=s.kind, heads=s.heads, head_dim=s.head_dim,
+                     tokens=s.tokens_q, width=True, width_reason="", token_routing=False,
+                     token_reason="attention always sees every token")  # fmt: skip
+        else:
+            d.update(kind="mlp", groups=s.groups, hidden=s.hidden, gated=s.gated, tokens=s.tokens,
+                     width=s.width, width_reason=s.width_reason, token_routing=s.token,
+                     token_reason=s.token_reason)  # fmt: skip
+        sites.append(d)
+    return {
+        "model_class": plan.model_class,
+        "unit": "MACs",
+        "per": "sample",
+        "timestep_arg": plan.timestep_arg,
+        "capture": plan.capture,
+        "coverage": plan.coverage,
+        "input_shapes": plan.input_shapes,
+        "static_macs": static,
+        "blocks_macs": plan.blocks_macs_per_sample,
+        "other_macs": other,
+        "blocks": len(plan.blocks),
+        "min_budget": min_ratio(plan, config.token_reduction, other),
+        "max_budget": 1.0,
+        "sites": sites,
+        "skipped": [{"name": s.name, "kind": s.kind, "reason": s.reason} for s in plan.skipped],
+    }
+
+
+def _run_summary(folder: str) -> dict[str, Any]:
+    from dynconvert.config import ConvertConfig
+    from dynconvert.importance import IMPORTANCE
+    from dynconvert.plan import Plan
+    from dynconvert.runs import read_run
+    from dynconvert.save import decode_masks, read_record
+
+    record = read_record(folder)
+    plan = Plan.from_dict(record["plan"])
+    cfg = dict(record["config"])
+    if cfg.get("importance") not in IMPORTANCE:
+        cfg["importance"] = "magnitude"
+    summary = plan_summary(plan, ConvertConfig.from_dict(cfg))
+    masks = record.get("width_masks", {})
+    for site in summary["sites"]:
+        segs = masks.get(str(site["index"]))
+        site["mean_units_on"] = float(decode_masks(segs).float().mean()) if segs else 1.0
+    run = read_run(folder) or {}
+    summary["model"] = (
+        record.get("preset") or (run.get("source") or {}).get("name") or record["model_class"]
+    )
+    summary["run"] = {
+        "dir": str(folder),
+        "budget": record["budget"],
+        "flops_ratio": record.get("mean_flops_ratio"),
+        "flops_ratio_note": record.get("flops_ratio_note"),
+        "recipe": (run.get("recipe") or {}).get("name"),
+        "status": run.get("status"),
+        "steps": run.get("steps"),
+    }
+    return summary
+
+
+def inspect(model: ModelOpt = None, run: RunOpt = None, json: JsonOpt = False) -> None:
+    """Show what convert finds in a model: blocks, sites, heads, groups, costs, budget range.
+
+    Prints one row per attention or MLP site (heads or channel groups, whether tokens can be
+    routed and why not, MACs per sample), the totals, the reachable FLOPs budget range, and the
+    sites that were skipped with the reason. No weights are needed: big presets are built on
+    the meta device. With --run, the plan of a converted model and its learned routing.
+
+    [bold]Examples[/bold]
+
+      dynconvert inspect --model dit-xl
+
+      dynconvert inspect --model digits --json
+
+      dynconvert inspect --run runs/digits-0.5
+    """
+    if (model is None) == (run is None):
+        raise ConfigError(
+            "pass exactly one of --model NAME or --run DIR (e.g. inspect --model dit-xl)"
+        )
+    if run is not None:
+        summary = _run_summary(run)
+    else:
+        from dynconvert.analysis import analyze
+        from dynconvert.inputs import default_inputs
+
+        with render.status(f"analysing {model}"):
+            net = _build_for_inspect(model)
+            args, kwargs = default_inputs(net)
+            device = next(net.parameters()).device
+            plan = analyze(net, (_to(args, device), _to(kwargs, device)))
+        summary = {"model": model, **plan_summary(plan)}
+    if json:
+        render.print_json(summary)
+        return
+    show(summary)
+
+
+def show(s: dict[str, Any]) -> None:
+    """Print an inspect summary as tables on stdout."""
+    console = render.out()
+    has_run = "run" in s
+    cols = ["#>", "site", "kind", "units", "tokens", "MACs>", "share>"]
+    if has_run:
+        cols.append("on>")
+    t = render.table(f"{s['model']} ({s['model_class'].rsplit('.', 1)[-1]}): {len(s['sites'])} sites "
+                     f"in {s['blocks']} blocks (MACs per sample)", *cols)  # fmt: skip
+    for site in s["sites"]:
+        if site["kind"] == "attention":
+            units, tokens = f"{site['heads']} heads x {site['head_dim']}", "all"
+        else:
+            per = site["hidden"] // max(site["groups"], 1)
+            units = (
+                f"{site['groups']} groups x {per}"
+                if site["width"]
+                else f"fixed: {site['width_reason']}"
+            )
+            tokens = "routed" if site["token_routing"] else f"all: {site['token_reason']}"
+        kind = {"cross": "xattn", "self": "attn"}.get(site.get("attention", ""), "mlp")
+        row = [str(site["index"]), site["name"], kind, units,
+               tokens, render.macs(site["macs"], compact=True), f"{100 * site['share']:.1f}%"]  # fmt: skip
+        if has_run:
+            row.append(f"{100 * site['mean_units_on']:.0f}%")
+        t.add_row(*row)
+    console.print(t)
+    static = s["static_macs"]
+    rows = [
+        ("whole model", f"{render.macs(static)}MACs per sample"),
+        (
+            "converted blocks",
+            f"{render.macs(s['blocks_macs'])}MACs ({100 * s['blocks_macs'] / static:.1f}%)",
+        ),
+        (
+            "not converted",
+            f"{render.macs(s['other_macs'])}MACs ({100 * s['other_macs'] / static:.1f}%)",
+        ),
+        ("reachable budget", f"{s['min_budget']:.3f} .. 1.0 (fraction of the whole model's MACs)"),
+        ("capture", f"{s['capture']}, {s['coverage']}"),
+        ("timestep argument", s["timestep_arg"]),
+    ]
+    if has_run:
+        r = s["run"]
+        rows += [
+            ("run", r["dir"]),
+            ("budget", r["budget"]),
+            ("flops ratio (mean over t)", render.ratio(r["flops_ratio"])),
+        ]
+    console.print(render.key_values("Totals (1 MAC = 2 FLOPs)", rows))
+    if s["skipped"]:
+        k = render.table("Skipped", "site", "kind", "reason")
+        for sk in s["skipped"]:
+            k.add_row(sk["name"], sk["kind"], sk["reason"])
+        console.print(k)
