@@ -9,9 +9,12 @@ weights + cached weight slices + the peak of what the call allocates.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -123,6 +126,26 @@ def _model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence what the profiler's C++ side prints to stderr (start/stop lines, device probes)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stream: nothing to silence
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _peak_call_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak bytes allocated by one call above what was allocated before it."""
     if device.type == "cuda":
@@ -134,7 +157,7 @@ def _peak_call_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     points = []
     for e in prof.events():

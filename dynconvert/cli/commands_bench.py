@@ -53,14 +53,13 @@ def bench(
         bool, typer.Option("--count/--no-count", help="Also count executed FLOPs.")
     ] = True,
     memory: Annotated[
-        bool | None,
+        bool,
         typer.Option(
             "--memory/--no-memory",
-            help="Also measure peak memory (default: on CUDA only; on "
-            "CPU it runs the torch profiler, which logs to stderr).",
-            show_default=False,
+            help="Also measure peak memory (weights + cached slices + the call's peak; "
+            "on CPU through the torch profiler's allocation events).",
         ),
-    ] = None,
+    ] = True,
     json: JsonOpt = False,
 ) -> None:
     """Time the original and the dynamic model per denoising call (same process, alternating).
@@ -111,7 +110,7 @@ def bench(
     with torch.no_grad():
         result = benchmark(net, keep=keep, tokens=tokens, batch=batch, timestep=timestep, device=dev,
                            dtype=dtype, repeats=repeats, warmup=warmup, count=count,
-                           memory=memory if memory is not None else dev == "cuda",
+                           memory=memory,
                            on_progress=on_progress).to_dict()  # fmt: skip
     if json:
         render.print_json(result)
