@@ -103,15 +103,3 @@ def find_timestep_arg(model: torch.nn.Module, name: str | None = None) -> str:
         f"cannot find the timestep argument of {type(model).__name__}.forward (arguments: {params}); "
         "set ConvertConfig(timestep_arg=...) to the name of the argument that carries t"
     )
-
-
-def get_timestep(model: torch.nn.Module, arg: str, args: tuple, kwargs: dict) -> Any:
-    """The timestep value of one forward call (None when not passed)."""
-    if arg in kwargs:
-        return kwargs[arg]
-    params = list(inspect.signature(model.forward).parameters)
-    pos = params.index(arg)
-    if pos < len(args):
-        return args[pos]
-    default = inspect.signature(model.forward).parameters[arg].default
-    return None if default is inspect.Parameter.empty else default

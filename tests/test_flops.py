@@ -68,3 +68,24 @@ def test_dit_xl_256_matches_published_macs():
     assert round(mlp.static_macs / 1e9, 3) == 2.718
     assert len(report.sites) == 56
     assert report.blocks_static_macs == pytest.approx(28 * (attn.static_macs + mlp.static_macs))
+
+
+def test_static_total_matches_fvcore_plus_attention_matmuls():
+    """design.md: fvcore counts projections and MLPs but not the attention matmuls."""
+    from fvcore.nn import FlopCountAnalysis
+
+    from dynconvert.testing import tiny_dit
+
+    model = tiny_dit()
+    inputs = model.example_inputs(batch_size=2)
+    fa = FlopCountAnalysis(model, inputs)
+    fa.unsupported_ops_warnings(False)
+    fa.uncalled_modules_warnings(False)
+    by_op = fa.by_operator()
+    assert "scaled_dot_product_attention" not in by_op  # what fvcore misses
+    # Not "layer_norm" (DiT's convention counts no norms) nor "einsum" (DiT's unpatchify is a
+    # permutation written as an einsum, which fvcore counts as multiplies).
+    matmuls = sum(v for k, v in by_op.items() if k in ("linear", "addmm", "matmul", "bmm", "conv"))
+    plan = dynconvert.analyze(model, inputs)
+    attention = sum(a.tokens_q * a.tokens_kv * a.heads * (a.head_dim + a.v_head_dim) for a in plan.attention) * 2
+    assert count_flops(model, inputs).static_macs == pytest.approx(matmuls + attention, rel=1e-6)

@@ -182,10 +182,8 @@ def plan_from_graph(
         (kept_attn if isinstance(site, AttentionSite) else kept_mlp).append(site)
 
     static = sum(node_macs(n) for n in graph.nodes)
-    kept_ids = {s.name for s in [*kept_attn, *kept_mlp]}
     site_macs = sum(s.macs() for s in [*kept_attn, *kept_mlp])
     batch = batch_of(args, kwargs)
-    del kept_ids
     return Plan(
         model_class=f"{type(model).__module__}.{type(model).__qualname__}",
         timestep_arg=timestep_arg,
