@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 import dynconvert
 from dynconvert.cli import app
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--model", "dit-tiny", "--random-init", "--target-flops", "0.5", "--data", "synthetic", "--steps", "2",
@@ -31,14 +33,6 @@ BENCH_KEYS = {
     "time_static_s", "time_dynamic_s", "speedup", "flops_ratio", "executed_flops_ratio", "efficiency",
     "peak_mem_static_bytes", "peak_mem_dynamic_bytes", "device", "dtype", "batch",
 }  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def invoke(*args: str, env: dict | None = None):

@@ -7,7 +7,6 @@ import json
 import re
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from dynconvert.cli import app
@@ -22,15 +21,9 @@ from dynconvert.recipes import (
     shipped_recipes,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EXPECTED = {"digits", "dit-s", "dit-b", "dit-xl-imagenet256", "uvit-imagenet256", "pixart-alpha"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_shipped_recipes_load_and_check():

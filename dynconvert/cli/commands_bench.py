@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from dynconvert.cli import render
-from dynconvert.cli.options import DeviceOpt, JsonOpt, ModelOpt, RunOpt
+from dynconvert.cli.options import DeviceOpt, JsonOpt, ModelOpt, RunOpt, unset_option
 from dynconvert.errors import ConfigError
 
 SCHEMA = """The --json object (dynconvert.bench.BenchResult): time_static_s, time_dynamic_s
@@ -22,13 +22,12 @@ def bench(
     run: RunOpt = None,
     keep: Annotated[
         float | None,
-        typer.Option(
+        unset_option(
             "--keep",
             help="FLOPs ratio of synthetic routing (required with --model; with --run it "
             "replaces the learned routing).",
             min=0.0,
             max=1.0,
-            show_default=False,
         ),
     ] = None,
     tokens: Annotated[

@@ -9,7 +9,14 @@ import typer
 
 from dynconvert.cli import render
 from dynconvert.cli.errors import EXIT_INTERRUPTED
-from dynconvert.cli.options import CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt
+from dynconvert.cli.options import (
+    CheckpointOpt,
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    SetOpt,
+    unset_option,
+)
 
 REPORT_KEYS = """report.json (also printed with --json; MACs per sample, 1 MAC = 2 FLOPs): run_dir,
 model, model_class, recipe, target_flops, steps, flops_ratio (whole-model ratio, mean over the
@@ -27,45 +34,37 @@ def convert(
     model: ModelOpt = None,
     target_flops: Annotated[
         str | None,
-        typer.Option(
+        unset_option(
             "--target-flops",
             "-t",
             help="FLOPs budget: a fraction of the original model's, in (0, 1] "
             "(default: the recipe's).",
-            show_default=False,
         ),
     ] = None,
     recipe: Annotated[
         str | None,
-        typer.Option(
+        unset_option(
             "--recipe",
             help="A shipped recipe (see 'dynconvert recipes list') or a YAML file "
             "(default: the recipe for --model).",
-            show_default=False,
         ),
     ] = None,
     checkpoint: CheckpointOpt = None,
     data: Annotated[
         str | None,
-        typer.Option(
+        unset_option(
             "--data",
             "-d",
             help="Calibration data: a latents folder, 'digits', or 'synthetic' "
             "(random latents, to try the pipeline).",
-            show_default=False,
         ),
     ] = None,
     steps: Annotated[
         int | None,
-        typer.Option(
-            "--steps", help="Calibration steps (overrides the recipe's).", min=1, show_default=False
-        ),
+        unset_option("--steps", help="Calibration steps (overrides the recipe's).", min=1),
     ] = None,
     out: Annotated[
-        str | None,
-        typer.Option(
-            "--out", "-o", help="Run folder (default: runs/<model>-<target>).", show_default=False
-        ),
+        str | None, unset_option("--out", "-o", help="Run folder (default: runs/<model>-<target>).")
     ] = None,
     device: DeviceOpt = "auto",
     resume: Annotated[
@@ -77,15 +76,7 @@ def convert(
             "--random-init", help="Start from random weights (to try the pipeline, not for use)."
         ),
     ] = False,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set",
-            "-s",
-            help="Override a recipe field, dotted: --set calibration.lr=2e-5 (repeatable).",
-            show_default=False,
-        ),
-    ] = None,
+    set_: SetOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Convert a model, calibrate it toward a FLOPs budget, and save the run.

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from dynconvert.cli import render
-from dynconvert.cli.options import JsonOpt
+from dynconvert.cli.options import JsonOpt, SetOpt
 
 
 def recipes_list(json: JsonOpt = False) -> None:
@@ -41,15 +41,7 @@ def recipes_show(
         bool,
         typer.Option("--resolved", help="Print every field after checking, defaults included."),
     ] = False,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set",
-            "-s",
-            help="Apply an override first, dotted: --set calibration.lr=2e-5.",
-            show_default=False,
-        ),
-    ] = None,
+    set_: SetOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Print a recipe: its YAML file with the comments that document each field.

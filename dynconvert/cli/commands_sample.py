@@ -8,7 +8,14 @@ from typing import Annotated
 import typer
 
 from dynconvert.cli import render
-from dynconvert.cli.options import CheckpointOpt, DeviceOpt, JsonOpt, SeedOpt
+from dynconvert.cli.options import (
+    CheckpointOpt,
+    DeviceOpt,
+    JsonOpt,
+    RequiredRunOpt,
+    SeedOpt,
+    unset_option,
+)
 from dynconvert.errors import ConfigError
 
 
@@ -27,19 +34,12 @@ def _labels(text: str | None) -> list[int] | None:
 
 
 def sample(
-    run: Annotated[
-        str,
-        typer.Option(
-            "--run", "-r", help="A run folder written by 'dynconvert convert'.", show_default=False
-        ),
-    ],
-    out: Annotated[str, typer.Option("--out", "-o", help="The PNG to write.", show_default=False)],
+    run: RequiredRunOpt,
+    out: Annotated[str, unset_option("--out", "-o", help="The PNG to write.")],
     labels: Annotated[
         str | None,
-        typer.Option(
-            "--labels",
-            help="Class labels, comma-separated (default: the first classes, up to 10).",
-            show_default=False,
+        unset_option(
+            "--labels", help="Class labels, comma-separated (default: the first classes, up to 10)."
         ),
     ] = None,
     steps: Annotated[int, typer.Option("--steps", help="Sampler steps.", min=1)] = 50,
@@ -57,11 +57,7 @@ def sample(
     checkpoint: CheckpointOpt = None,
     vae: Annotated[
         str | None,
-        typer.Option(
-            "--vae",
-            help="A local diffusers AutoencoderKL folder to decode latents.",
-            show_default=False,
-        ),
+        unset_option("--vae", help="A local diffusers AutoencoderKL folder to decode latents."),
     ] = None,
     raw: Annotated[
         bool, typer.Option("--raw", help="Write latents' first 3 channels as colours (no VAE).")

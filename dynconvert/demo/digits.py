@@ -36,17 +36,10 @@ DIGITS_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "digits_dit.sa
 """The shipped base weights of the digits DiT (fp16 safetensors)."""
 
 DIGITS_CONFIG: dict = dict(
-    input_size=16,
-    patch_size=2,
-    in_channels=1,
-    hidden_size=64,
-    depth=4,
-    num_heads=4,
-    mlp_ratio=4.0,
-    class_dropout_prob=0.1,
-    num_classes=10,
-    learn_sigma=True,
-)
+    input_size=16, patch_size=2, in_channels=1,  # 16x16 pixels, 64 tokens
+    hidden_size=64, depth=4, num_heads=4, mlp_ratio=4.0,  # 4 blocks of 4 heads
+    class_dropout_prob=0.1, num_classes=10, learn_sigma=True,  # CFG with null label 10
+)  # fmt: skip
 """Constructor arguments of ``DiT`` for the digits model."""
 
 DIGITS_SAMPLING: dict = dict(steps=50, cfg_scale=1.5, scheduler="ddim", clip_sample=True)
@@ -74,7 +67,7 @@ def build_digits(pretrained: bool = True, **overrides) -> nn.Module:
         >>> build_digits(pretrained=False, depth=2).preset_kwargs
         {'pretrained': False, 'depth': 2}
     """
-    from dynconvert.models.dit import DiT
+    from dynconvert.models.dit import DiT, dit_factory
     from dynconvert.models.loading import load_checkpoint
 
     valid = [p for p in inspect.signature(DiT.__init__).parameters if p != "self"]
@@ -84,22 +77,22 @@ def build_digits(pretrained: bool = True, **overrides) -> nn.Module:
             f"Unknown option(s) {', '.join(unknown)} for preset 'digits' (DiT); valid options: "
             f"pretrained, {', '.join(valid)}."
         )
-    model = DiT(**{**DIGITS_CONFIG, **overrides})
-    model.preset = "digits"
-    model.preset_kwargs = dict(overrides) if pretrained else {"pretrained": False, **overrides}
-    if pretrained:
-        if not DIGITS_WEIGHTS.is_file():
-            raise CheckpointError(
-                f"the digits weights {DIGITS_WEIGHTS} are missing from this installation; "
-                "reinstall dynconvert, run examples/train_digits.py, or pass pretrained=False"
-            )
-        try:
-            load_checkpoint(model, DIGITS_WEIGHTS)
-        except CheckpointError as err:
-            raise CheckpointError(
-                f"{err} The shipped digits weights fit DIGITS_CONFIG only; pass pretrained=False "
-                "to build a changed architecture with random weights."
-            ) from err
+    model = dit_factory("digits", **DIGITS_CONFIG)(**overrides)
+    if not pretrained:
+        model.preset_kwargs = {"pretrained": False, **overrides}
+        return model
+    if not DIGITS_WEIGHTS.is_file():
+        raise CheckpointError(
+            f"the digits weights {DIGITS_WEIGHTS} are missing from this installation; "
+            "reinstall dynconvert, run examples/train_digits.py, or pass pretrained=False"
+        )
+    try:
+        load_checkpoint(model, DIGITS_WEIGHTS)
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"{err} The shipped digits weights fit DIGITS_CONFIG only; pass pretrained=False "
+            "to build a changed architecture with random weights."
+        ) from err
     return model
 
 

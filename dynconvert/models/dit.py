@@ -299,8 +299,15 @@ _SIZES = {
 }
 
 
-def _factory(name: str, **config) -> Callable[..., DiT]:
-    """A preset factory: ``DiT`` with ``config``, overridden by the caller's keyword arguments."""
+def dit_factory(name: str, **config) -> Callable[..., DiT]:
+    """A preset factory: ``DiT`` with ``config``, overridden by the caller's keyword arguments.
+
+    The model it builds records ``preset`` (``name``) and ``preset_kwargs`` (the overrides).
+
+    Example:
+        >>> dit_factory("dit-one", depth=1, hidden_size=32, num_heads=2)(depth=2).preset_kwargs
+        {'depth': 2}
+    """
 
     def build(**overrides) -> DiT:
         model = DiT(**{**config, **overrides})
@@ -318,12 +325,12 @@ DIT_PRESETS: dict[str, Callable[..., DiT]] = {}
 for _size, _arch in _SIZES.items():
     for _patch in (2, 4, 8):
         _name = f"DiT-{_size}/{_patch}"
-        DIT_PRESETS[_name] = _factory(_name, input_size=32, patch_size=_patch, **_arch)
-        DIT_PRESETS[f"{_name}-512"] = _factory(
+        DIT_PRESETS[_name] = dit_factory(_name, input_size=32, patch_size=_patch, **_arch)
+        DIT_PRESETS[f"{_name}-512"] = dit_factory(
             f"{_name}-512", input_size=64, patch_size=_patch, **_arch
         )
 
-DIT_PRESETS["dit-tiny"] = _factory(
+DIT_PRESETS["dit-tiny"] = dit_factory(
     "dit-tiny",
     input_size=8,
     patch_size=2,

@@ -1,0 +1,69 @@
+"""Run folders: what ``dynconvert convert`` does end to end, usable from Python too.
+
+A run builds the base model, converts it, calibrates it toward the FLOPs target, measures the
+result and writes everything into one folder::
+
+    runs/digits-0.5/
+      run.json            what was asked (model, target, recipe) and the run's status
+      checkpoints/        resumable calibration checkpoints (step-0000100.pt, ...)
+      model.safetensors   the converted, calibrated model (EMA weights) ...
+      dynconvert.json     ... and its record: dynconvert.load("runs/digits-0.5")
+      samples.png         original (left) vs dynamic (right), same seeds (when the recipe asks)
+      report.json         the figures: FLOPs ratio, executed ratio, speed-up, quality metrics
+
+Every check that can fail on bad input (recipe, model name, budget, checkpoint, data, output
+folder) runs in :func:`prepare_run`, before the folder is created; :func:`execute_run` then
+writes. A run that fails before its first checkpoint removes the folder it created; after that
+the checkpoints stay and ``resume=True`` continues.
+
+The code lives in four modules: ``sources`` (the base model and the data), ``folder`` (the run
+folder and its files), ``report`` (the measurements) and ``pipeline`` (the run itself).
+
+Example:
+    >>> from dynconvert.runs import RunRequest, convert_run
+    >>> report = convert_run(RunRequest(model="digits", target_flops=0.5))  # doctest: +SKIP
+    >>> report["flops_ratio"], report["run_dir"]                            # doctest: +SKIP
+"""
+
+from dynconvert.runs.folder import check_out, default_out, dumps, load_run, read_run
+from dynconvert.runs.pipeline import (
+    PreparedRun,
+    RunRequest,
+    convert_run,
+    execute_run,
+    parse_target,
+    prepare_run,
+)
+from dynconvert.runs.pipeline import _resolve_device as _resolve_device  # for the CLI
+from dynconvert.runs.report import build_report, flops_profile, write_samples
+from dynconvert.runs.sources import (
+    DIFFUSERS_MODELS,
+    TEST_MODELS,
+    ModelSource,
+    original_model,
+    resolve_source,
+    synthetic_data,
+)
+
+__all__ = [
+    "DIFFUSERS_MODELS",
+    "TEST_MODELS",
+    "ModelSource",
+    "PreparedRun",
+    "RunRequest",
+    "build_report",
+    "check_out",
+    "convert_run",
+    "default_out",
+    "dumps",
+    "execute_run",
+    "flops_profile",
+    "load_run",
+    "original_model",
+    "parse_target",
+    "prepare_run",
+    "read_run",
+    "resolve_source",
+    "synthetic_data",
+    "write_samples",
+]

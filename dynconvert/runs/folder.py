@@ -1,0 +1,257 @@
+"""The run folder: its default name, ``run.json``, refusing a folder that holds another run,
+cleanup after a failed fresh run, JSON files, and loading a finished run back."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from dynconvert.errors import OutputExistsError, RecordError
+from dynconvert.recipes import Recipe
+from dynconvert.runs.sources import ModelSource
+
+if TYPE_CHECKING:
+    from dynconvert.runs.pipeline import PreparedRun
+
+RUN_FILE = "run.json"
+REPORT_FILE = "report.json"
+SAMPLES_FILE = "samples.png"
+RUN_FORMAT = "dynconvert-run"
+RUN_VERSION = 1
+
+
+def default_out(model: str, target: float) -> Path:
+    """``runs/<model>-<target>``, e.g. ``runs/digits-0.5``.
+
+    Example:
+        >>> default_out("DiT-XL/2", 0.5).as_posix()
+        'runs/dit-xl-2-0.5'
+    """
+    slug = model.strip().lower().replace("/", "-").replace(" ", "-")
+    return Path("runs") / f"{slug}-{target:g}"
+
+
+def _normal_path(value: str | None) -> str | None:
+    """An absolute path for a path that exists (``latents/`` and ``./latents`` are the same)."""
+    if value is None or value in ("digits", "synthetic") or not Path(value).expanduser().exists():
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
+def _identity(recipe: Recipe, source: ModelSource, target: float) -> dict[str, Any]:
+    """What makes two runs the same run (everything but the length and the reporting)."""
+    from dynconvert.calibrate.config import RESUME_FREE_FIELDS
+
+    return {
+        "model": source.to_dict(with_config=False),
+        "target_flops": target,
+        "recipe": recipe.name,
+        "data": _normal_path(recipe.data),
+        "convert": recipe.convert_config().to_dict(),
+        "calibration": {k: v for k, v in recipe.calibration.items() if k not in RESUME_FREE_FIELDS},
+    }
+
+
+def _differences(now: dict[str, Any], was: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(now) | set(was)):
+        a, b = now.get(k), was.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} ({b!r} there, {a!r} now)")
+    return out
+
+
+def read_run(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``run.json`` of a run folder, or None when there is none."""
+    path = Path(folder) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise OutputExistsError(f"{path} is unreadable ({e}); choose another --out") from e
+    if not isinstance(data, dict) or data.get("format") != RUN_FORMAT:
+        raise OutputExistsError(f"{path} is not a dynconvert run file; choose another --out")
+    return data
+
+
+def check_out(
+    out: Path, identity: dict[str, Any], resume: bool, steps: int
+) -> dict[str, Any] | None:
+    """Refuse an output folder that holds another run; returns the run there when resuming.
+
+    Raises:
+        OutputExistsError: The folder holds another run, a finished one, or other files, or
+            ``resume`` was asked where there is nothing to resume. The message names the fix.
+    """
+    from dynconvert.calibrate.checkpoint import list_checkpoints
+
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is a file; choose a folder")
+    if not out.exists() or not any(out.iterdir()):
+        if resume:
+            raise OutputExistsError(
+                f"nothing to resume in {out}: no run there; drop --resume to start one"
+            )
+        return None
+    previous = read_run(out)
+    if previous is None:
+        raise OutputExistsError(
+            f"{out} is not empty and holds no dynconvert run; choose another --out"
+        )
+    was = previous.get("identity", {})
+    desc = f"{was.get('model', {}).get('name')} at target {was.get('target_flops')}, recipe {was.get('recipe')}"
+    diff = _differences(identity, was)
+    if diff:
+        more = f" and {len(diff) - 2} more" if len(diff) > 2 else ""
+        raise OutputExistsError(
+            f"{out} holds another run ({desc}) that differs in {'; '.join(diff[:2])}{more}; choose "
+            "another --out, or repeat that run's options with --resume to continue it"
+        )
+    found = list_checkpoints(out)
+    last = found[-1][0] if found else 0
+    if previous.get("status") == "finished":
+        if not resume:
+            raise OutputExistsError(
+                f"{out} holds a finished run ({desc}, {last} steps); choose another --out, or "
+                f"add --resume with --steps above {last} to calibrate it further"
+            )
+        if steps <= last:
+            raise OutputExistsError(
+                f"the run in {out} already finished {last} steps; --resume needs --steps above {last}, "
+                "or choose another --out"
+            )
+    elif not resume:
+        raise OutputExistsError(
+            f"{out} holds an unfinished run of these settings ({last} steps checkpointed); add "
+            "--resume to continue it, or choose another --out"
+        )
+    return previous
+
+
+def _remove_run(out: Path, existed: bool) -> None:
+    """Remove what a failed fresh run wrote (the folder itself when the run created it)."""
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    (out / RUN_FILE).unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+_NUMBERS = re.compile(r"\[\s*((?:-?[\d.eE+-]+|null)(?:,\s*(?:-?[\d.eE+-]+|null))*)\s*\]")
+
+
+def dumps(data: Any, indent: int = 2) -> str:
+    """JSON with indentation, but lists of numbers on one line (the 1000-value FLOPs profile).
+
+    Example:
+        >>> print(dumps({"a": [1, 2.5], "b": float("inf")}))
+        {
+          "a": [1, 2.5],
+          "b": null
+        }
+    """
+    text = json.dumps(_finite(data), indent=indent, default=_plain_default, allow_nan=False)
+    return _NUMBERS.sub(
+        lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text
+    )
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no inf or nan: they become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _plain_default(obj: Any) -> Any:
+    if hasattr(obj, "to_dict"):
+        return _finite(obj.to_dict())
+    if hasattr(obj, "tolist"):
+        return _finite(obj.tolist())
+    return str(obj)
+
+
+def _atomic_json(path: Path, data: dict[str, Any]) -> None:
+    from dynconvert.save import atomic_write_bytes
+
+    atomic_write_bytes(path, (dumps(data) + "\n").encode())
+
+
+def _version() -> str:
+    from dynconvert import __version__
+
+    return __version__
+
+
+def _write_run(prepared: PreparedRun, status: str, steps: int | None = None) -> None:
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    _atomic_json(prepared.out / RUN_FILE, {
+        "format": RUN_FORMAT,
+        "version": RUN_VERSION,
+        "status": status,
+        "created": (prepared.previous or {}).get("created", now),
+        "updated": now,
+        "steps": steps if steps is not None else prepared.calibration.steps,
+        "identity": prepared.identity,
+        "source": prepared.source.to_dict(),
+        "recipe": prepared.recipe.to_dict(),
+        "recipe_file": prepared.recipe.source,
+        "dynconvert_version": _version(),
+    })  # fmt: skip
+
+
+def load_run(
+    folder: str | os.PathLike, device: str | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The calibrated model of a run folder (or any ``dynconvert.save`` folder) and ``run.json``.
+
+    Returns:
+        ``(model, info)``: the converted model in eval mode, and the run's ``run.json`` (empty
+        for a folder written by ``dynconvert.save`` alone).
+
+    Raises:
+        RecordError: The folder holds no saved model.
+
+    Example:
+        >>> model, info = load_run("runs/digits-0.5")        # doctest: +SKIP
+    """
+    import dynconvert
+    from dynconvert.save import RECORD, read_record
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise RecordError(
+            f"--run {path}: no such folder; pass a folder written by dynconvert convert"
+        )
+    try:
+        run = read_run(path) or {}
+    except OutputExistsError as e:
+        raise RecordError(str(e).replace("; choose another --out", "")) from e
+    if not (path / RECORD).is_file():
+        unfinished = run.get("status") == "running"
+        hint = (
+            " yet (the run has not finished: continue it with convert --resume)"
+            if unfinished
+            else ""
+        )
+        raise RecordError(f"{path} holds no saved model{hint}; pass a finished run folder")
+    record = read_record(path)
+    base = None
+    if not record.get("preset") and run.get("source"):
+        base = ModelSource.from_dict(run["source"]).skeleton()
+    return dynconvert.load(path, base, device=device), run

@@ -1,0 +1,283 @@
+"""The end-to-end run: :func:`prepare_run` checks everything and converts the model (nothing
+written yet); :func:`execute_run` creates the folder, calibrates (continuing from the last
+checkpoint with ``resume``), measures and writes the report; :func:`convert_run` does both."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynconvert.errors import BudgetError, ConfigError, DataError
+from dynconvert.recipes import (
+    Recipe,
+    apply_overrides,
+    read_recipe_data,
+    recipe_for_model,
+    recipe_from_dict,
+)
+from dynconvert.runs.folder import (
+    REPORT_FILE,
+    _atomic_json,
+    _identity,
+    _remove_run,
+    _write_run,
+    check_out,
+    default_out,
+)
+from dynconvert.runs.report import build_report
+from dynconvert.runs.sources import (
+    ModelSource,
+    _check_data_shape,
+    _data_source,
+    resolve_source,
+    synthetic_data,
+)
+
+EventFn = Callable[[str, str], None]
+"""``on_event(stage, message)``: progress of the stages around calibration, for a CLI to show."""
+
+
+def parse_target(value: Any) -> float:
+    """A FLOPs target from the command line or Python: a number in (0, 1].
+
+    Example:
+        >>> parse_target("0.5")
+        0.5
+    """
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise BudgetError(
+                f"--target-flops must be a number in (0, 1] (a fraction of the original FLOPs, "
+                f"e.g. 0.5); got {value!r}"
+            ) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BudgetError(f"--target-flops must be a number in (0, 1], e.g. 0.5; got {value!r}")
+    if not 0.0 < float(value) <= 1.0:
+        raise BudgetError(
+            f"--target-flops must be in (0, 1] (a fraction of the original FLOPs, e.g. 0.5 for "
+            f"half); got {value:g}"
+        )
+    return float(value)
+
+
+@dataclass
+class RunRequest:
+    """What the user asked for (the options of ``dynconvert convert``).
+
+    Attributes:
+        model: Preset name or alias, or a diffusers model name (``pixart-alpha``); default: the
+            recipe's model.
+        target_flops: FLOPs budget in (0, 1]; default: the recipe's.
+        recipe: Shipped recipe name or YAML file; default: the recipe for ``model``.
+        checkpoint: Weights file or diffusers folder.
+        data: Latents folder, ``digits`` or ``synthetic``; default: the recipe's.
+        steps: Calibration steps (overrides ``calibration.steps``).
+        out: Run folder; default ``runs/<model>-<target>``.
+        device: "auto", "cpu" or "cuda".
+        resume: Continue the run in ``out``.
+        random_init: Start from random weights (to try the pipeline).
+        overrides: ``key=value`` recipe overrides (``calibration.lr=2e-5``).
+    """
+
+    model: str | None = None
+    target_flops: float | str | None = None
+    recipe: str | None = None
+    checkpoint: str | None = None
+    data: str | None = None
+    steps: int | None = None
+    out: str | None = None
+    device: str = "auto"
+    resume: bool = False
+    random_init: bool = False
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PreparedRun:
+    """A checked run with its converted model, ready to execute: nothing written yet."""
+
+    request: RunRequest
+    recipe: Recipe
+    source: ModelSource
+    target: float
+    out: Path
+    device: str
+    calibration: Any
+    model: nn.Module
+    data: Any
+    identity: dict[str, Any]
+    previous: dict[str, Any] | None = None
+    main_process: bool = True
+
+
+def resolve_recipe(name: str | None, overrides: list[str], explicit: dict[str, Any]) -> Recipe:
+    """A recipe with ``--set`` overrides applied, then the explicit options (typed) on top."""
+    if name is None:
+        data, source = {"name": "default"}, None
+    else:
+        data, path = read_recipe_data(name)
+        source = str(path)
+    where = f"recipe {data.get('name')}"
+    try:
+        data = apply_overrides(data, overrides)
+        data = apply_overrides(data, {k: v for k, v in explicit.items() if v is not None})
+        return recipe_from_dict(data, source)
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def _resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda; got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available on this machine; use --device cpu")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> PreparedRun:
+    """Check everything and build the converted model; writes nothing.
+
+    Raises:
+        DynconvertError: A bad recipe, model name, budget, checkpoint, data set, device or
+            output folder (each message names the fix).
+    """
+    import dynconvert
+
+    event = on_event or (lambda stage, msg: None)
+    target = parse_target(request.target_flops) if request.target_flops is not None else None
+    steps = request.steps
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"--steps must be an integer >= 1; got {steps!r}")
+    recipe_name = request.recipe
+    if recipe_name is None and request.model is not None:
+        recipe_name = recipe_for_model(request.model)
+    explicit = {"model": request.model, "target_flops": target, "checkpoint": request.checkpoint,
+                "data": request.data, "calibration.steps": steps}  # fmt: skip
+    recipe = resolve_recipe(recipe_name, list(request.overrides), explicit)
+    if recipe.model is None:
+        raise ConfigError(
+            "no model: pass --model NAME (e.g. --model digits) or a --recipe that names one"
+        )
+    target = recipe.target_flops
+    device = _resolve_device(request.device)
+    source = resolve_source(
+        recipe.model, checkpoint=recipe.checkpoint, random_init=request.random_init,
+        model_kwargs=recipe.model_kwargs, seed=int(recipe.calibration.get("seed", 0)),
+    )  # fmt: skip
+    if recipe.data is None:
+        raise DataError(
+            f"recipe {recipe.name} needs calibration data: pass --data a latents folder (see "
+            "dynconvert.write_latents), or --data synthetic to try the pipeline on random latents"
+        )
+    out = Path(request.out) if request.out else default_out(recipe.model, target)
+    calibration = recipe.calibration_config(
+        target, output_dir=str(out), resume=bool(request.resume), cpu=device == "cpu"
+    )
+    identity = _identity(recipe, source, target)
+    main = int(os.environ.get("RANK", "0")) == 0
+    previous = check_out(out, identity, request.resume, calibration.steps) if main else None
+    data = _data_source(recipe.data)
+
+    t0 = time.perf_counter()
+    model = source.build()
+    event("build", f"built {source.describe()} in {time.perf_counter() - t0:.1f} s")
+    if data is None:
+        data = synthetic_data(model, rows=max(64, calibration.batch_size), seed=calibration.seed)
+    _check_data_shape(model, data)
+
+    t0 = time.perf_counter()
+    model = dynconvert.convert(model, target, config=recipe.convert_config())
+    plan = dynconvert.get_state(model).plan
+    event("convert", f"converted {len(plan.sites)} sites in {len(plan.blocks)} blocks "
+          f"({plan.coverage}) in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    return PreparedRun(
+        request=request, recipe=recipe, source=source, target=target, out=out, device=device,
+        calibration=calibration, model=model, data=data, identity=identity, previous=previous,
+        main_process=main,
+    )  # fmt: skip
+
+
+def execute_run(
+    prepared: PreparedRun,
+    on_step: Callable[[Any], None] | None = None,
+    on_event: EventFn | None = None,
+) -> dict[str, Any] | None:
+    """Create the run folder, calibrate, measure, save, and write ``report.json``.
+
+    Returns:
+        The report (None on the other processes of a multi-process launch).
+    """
+    event = on_event or (lambda stage, msg: None)
+    out, main = prepared.out, prepared.main_process
+    t_start = time.perf_counter()
+    existed = out.exists()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_run(prepared, "running")
+    threads = torch.get_num_threads()
+    if prepared.recipe.cpu_threads and prepared.device == "cpu":
+        torch.set_num_threads(prepared.recipe.cpu_threads)
+    try:
+        return _calibrate_and_report(prepared, on_step, event, existed, t_start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _calibrate_and_report(
+    prepared: PreparedRun,
+    on_step: Callable[[Any], None] | None,
+    event: EventFn,
+    existed: bool,
+    t_start: float,
+) -> dict[str, Any] | None:
+    import dynconvert
+    from dynconvert.calibrate.checkpoint import list_checkpoints
+
+    out, main = prepared.out, prepared.main_process
+    try:
+        event(
+            "calibrate",
+            f"calibrating toward {prepared.target:g} for {prepared.calibration.steps} steps",
+        )
+        t0 = time.perf_counter()
+        result = dynconvert.calibrate(
+            prepared.model, prepared.data, prepared.calibration, on_step=on_step
+        )
+        calibrate_s = time.perf_counter() - t0
+    except BaseException:
+        if main and prepared.previous is None and not list_checkpoints(out):
+            _remove_run(out, existed)  # nothing worth keeping: leave nothing behind
+        raise
+    if not main:
+        return None
+    report = build_report(prepared, result, event)
+    report["timings"]["calibrate_s"] = round(calibrate_s, 2)
+    report["timings"]["total_s"] = round(time.perf_counter() - t_start, 2)
+    _atomic_json(out / REPORT_FILE, report)
+    _write_run(prepared, "finished", steps=result.steps)
+    return report
+
+
+def convert_run(
+    request: RunRequest,
+    on_step: Callable[[Any], None] | None = None,
+    on_event: EventFn | None = None,
+) -> dict[str, Any] | None:
+    """:func:`prepare_run` then :func:`execute_run`: one whole ``dynconvert convert``.
+
+    Example:
+        >>> report = convert_run(RunRequest(model="digits", target_flops=0.5, out="runs/x"))  # doctest: +SKIP
+    """
+    return execute_run(prepare_run(request, on_event), on_step=on_step, on_event=on_event)

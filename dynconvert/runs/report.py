@@ -1,0 +1,373 @@
+"""What a run measures once calibrated: the FLOPs profile over t, the executed FLOPs, the
+benchmark, the digits evaluation and sample grids, assembled into ``report.json``."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from dynconvert.errors import CheckpointError, ConfigError
+from dynconvert.runs.folder import REPORT_FILE, SAMPLES_FILE, _version
+from dynconvert.runs.sources import _first_line, original_model
+
+if TYPE_CHECKING:
+    from dynconvert.runs.pipeline import EventFn, PreparedRun
+
+UNIT = "MACs"
+
+
+def _real_batch(data: Any, rows: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A fixed batch of real calibration rows (for the FLOPs profile)."""
+    if hasattr(data, "get_batch") and len(data):
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(data), generator=g)[: min(rows, len(data))].tolist()
+        batch = data.prepare(data.get_batch(idx), device)
+    else:
+        batch = data.prepare(next(iter(data.iterable)), device)
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def _noised(
+    objective: Any, x0: torch.Tensor, t: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t at DDPM timestep t (or flow time t/1000) and the timestep the model is given."""
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
+    index = torch.full((x0.shape[0],), int(t), dtype=torch.long, device=x0.device)
+    if hasattr(objective, "diffusion"):
+        return objective.diffusion.q_sample(x0, index, noise), index + objective.timestep_offset
+    s = (index.float() + 0.5) / 1000.0
+    return objective.flow.interpolate(x0, noise, s), s * objective.timestep_scale
+
+
+def _counted(fn: Callable[[], Any]) -> float:
+    """MACs executed by ``fn`` (torch.utils.flop_counter with math attention; 2 FLOPs a MAC)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        fn()
+    return counter.get_total_flops() / 2
+
+
+@torch.no_grad()
+def flops_profile(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    config: Any,
+    points: int = 20,
+    executed_points: int = 20,
+) -> dict[str, Any]:
+    """The FLOPs ratio at each of the 1000 timesteps, measured on real data.
+
+    Width masks are a function of t (read for every t from the routers); token keep rates come
+    from eval forwards on ``batch`` at ``points`` timesteps spread over 0..999 (linearly
+    interpolated in between). At ``executed_points`` of them (evenly spread) the MACs the fast
+    path executes are also counted (torch.utils.flop_counter, math attention) against the full
+    model's; ``executed_flops_ratio`` is their mean.
+
+    Returns:
+        ``per_t`` (1000 whole-model ratios), ``blocks_per_t``, ``flops_ratio`` (their mean),
+        ``flops_ratio_blocks``, ``executed_flops_ratio``, ``timesteps`` and ``token_keep``
+        (mean over token-routed sites at each measured t), ``measured`` (the batch-mean ratio of
+        the eval forward at each measured t).
+    """
+    import numpy as np
+
+    import dynconvert
+    from dynconvert.calibrate.adapters import resolve_labels, select_adapter
+    from dynconvert.calibrate.objectives import build_objective
+    from dynconvert.plan import AttentionSite
+
+    bank = dynconvert.get_state(model)
+    adapter = select_adapter(model, config.adapter, config.adapter_args)
+    objective = build_objective(config, adapter)
+    if not resolve_labels(model, adapter, config).uses_labels:
+        batch = {k: v for k, v in batch.items() if k != "y"}
+    x0 = batch["x"].float()
+    ts = np.unique(np.linspace(0, 999, max(2, points)).round().astype(int))
+    counted = set(
+        np.linspace(0, len(ts) - 1, min(executed_points, len(ts))).round().astype(int).tolist()
+    )
+    token_sites = [s for s in bank.plan.sites if not isinstance(s, AttentionSite) and s.token]
+    keep = {s.index: [] for s in token_sites}
+    measured, executed = [], []
+    full = None
+    was = model.training
+    model.eval()
+    try:
+        for k, t in enumerate(ts.tolist()):
+            x_t, t_in = _noised(objective, x0, t, seed=k)
+            if k in counted and full is None:  # the full model's cost does not depend on t
+                with dynconvert.routing(model, "full"):
+                    full = _counted(lambda: adapter(model, x_t, t_in, batch))  # noqa: B023
+            with dynconvert.routing(model, "eval"):
+                if k in counted:
+                    executed.append(_counted(lambda: adapter(model, x_t, t_in, batch)) / full)  # noqa: B023
+                else:
+                    adapter(model, x_t, t_in, batch)
+                measured.append(float(bank.last_flops_ratio().mean()))
+                for s in token_sites:
+                    tk = bank.records.get(s.index, {}).get("tokens")
+                    keep[s.index].append(float(tk.float().mean()) if tk is not None else 1.0)
+    finally:
+        model.train(was)
+    tables = {i: m.double().mean(1).cpu().numpy() for i, m in bank.width_table().items()}
+    grid = np.arange(1000)
+    plan = bank.plan
+    other = plan.other_macs / max(plan.batch, 1)
+    dyn_t, blocks_dyn, static, blocks = np.full(1000, other), np.zeros(1000), other, 0.0
+    for s in plan.sites:
+        cost = float(s.macs())
+        frac = tables.get(s.index, np.ones(1000))
+        if s.index in keep:
+            frac = frac * np.interp(grid, ts, np.asarray(keep[s.index]))
+            frac = frac + s.router_macs(None, bank.config.token_reduction) / cost
+        dyn_t += cost * frac
+        blocks_dyn += cost * frac
+        static += cost
+        blocks += cost
+    per_t = dyn_t / static
+    blocks_per_t = blocks_dyn / blocks
+    keep_mean = [
+        float(np.mean([keep[i][k] for i in keep])) if keep else 1.0 for k in range(len(ts))
+    ]
+    return {
+        "per_t": [round(float(v), 6) for v in per_t],
+        "blocks_per_t": [round(float(v), 6) for v in blocks_per_t],
+        "flops_ratio": float(per_t.mean()),
+        "flops_ratio_blocks": float(blocks_per_t.mean()),
+        "executed_flops_ratio": float(np.mean(executed)) if executed else None,
+        "executed_timesteps": [int(ts[k]) for k in sorted(counted)],
+        "timesteps": [int(t) for t in ts],
+        "token_keep": [round(v, 4) for v in keep_mean],
+        "measured": [round(v, 4) for v in measured],
+        "static_macs": static,
+        "dynamic_macs": float(dyn_t.mean()),
+        "blocks_macs": blocks,
+    }
+
+
+def build_report(
+    prepared: PreparedRun, result: Any, on_event: EventFn | None = None
+) -> dict[str, Any]:
+    """Measure the calibrated model, save it with its FLOPs profile, and assemble the report."""
+    import dynconvert
+
+    event = on_event or (lambda stage, msg: None)
+    recipe, out, model = prepared.recipe, prepared.out, result.model
+    settings = recipe.report
+    device = next(model.parameters()).device
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    event("profile", "measuring the FLOPs profile on real data")
+    batch = _real_batch(prepared.data, settings.profile_batch, prepared.calibration.seed, device)
+    prof = flops_profile(model, batch, prepared.calibration, settings.profile_timesteps,
+                         settings.executed_timesteps)  # fmt: skip
+    timings["profile_s"] = round(time.perf_counter() - t0, 2)
+    event("profile", f"FLOPs ratio {prof['flops_ratio']:.3f} (mean over t), executed "
+          f"{_fmt(prof['executed_flops_ratio'])}")  # fmt: skip
+
+    summary = {
+        "steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
+        "last_flops_ratio_train": result.flops_ratios[-1] if result.flops_ratios else None,
+        "skipped_nonfinite": result.skipped_nonfinite, "skipped_grad_norm": result.skipped_grad_norm,
+        "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+    }  # fmt: skip
+    t0 = time.perf_counter()
+    dynconvert.save(model, out, flops_ratio_per_t=prof["per_t"],
+                    extra={"run": {"recipe": recipe.name, "source": prepared.source.to_dict(with_config=False),
+                                   "target_flops": prepared.target}, "calibration": summary})  # fmt: skip
+    timings["save_s"] = round(time.perf_counter() - t0, 2)
+    event("save", f"saved the model to {out}")
+
+    bench = None
+    if settings.bench:
+        t0 = time.perf_counter()
+        event(
+            "bench",
+            f"timing original vs dynamic (batch {settings.bench_batch}, t={settings.bench_timestep})",
+        )
+        from dynconvert.bench import benchmark
+
+        bench = benchmark(model, batch=settings.bench_batch, timestep=float(settings.bench_timestep),
+                          device=str(device), repeats=settings.bench_repeats, memory=False).to_dict()  # fmt: skip
+        model.eval()
+        timings["bench_s"] = round(time.perf_counter() - t0, 2)
+        event("bench", f"speed-up {bench['speedup']:.2f}x at t={settings.bench_timestep}")
+
+    report: dict[str, Any] = {
+        "run_dir": str(out),
+        "model": recipe.model,
+        "model_class": dynconvert.get_state(model).plan.model_class,
+        "recipe": recipe.name,
+        "target_flops": prepared.target,
+        "steps": result.steps,
+        "flops_ratio": prof["flops_ratio"],
+        "flops_ratio_blocks": prof["flops_ratio_blocks"],
+        "executed_flops_ratio": prof["executed_flops_ratio"],
+        "speedup": bench["speedup"] if bench else None,
+        "unit": UNIT,
+        "static_macs": prof["static_macs"],
+        "dynamic_macs": prof["dynamic_macs"],
+        "blocks_macs": prof["blocks_macs"],
+        "flops_ratio_note": (
+            "whole-model MACs ratio (dynamic / original), mean over the 1000 DDPM timesteps; "
+            "width masks exact per t, token keep rates measured on real data at "
+            f"{len(prof['timesteps'])} timesteps and interpolated"
+        ),
+        "profile": {
+            k: prof[k] for k in ("timesteps", "token_keep", "measured", "executed_timesteps")
+        },
+        "flops_ratio_per_t": prof["per_t"],
+        "calibration": summary,
+        "bench": bench,
+    }
+    if recipe.evaluate.kind == "digits":
+        t0 = time.perf_counter()
+        event("evaluate", "sampling both models for classifier accuracy and Frechet distance")
+        report.update(_evaluate_digits(prepared, model))
+        timings["evaluate_s"] = round(time.perf_counter() - t0, 2)
+        event(
+            "evaluate",
+            "accuracy {original:.3f} -> {dynamic:.3f}".format(**report["classifier_accuracy"]),
+        )
+    if recipe.samples.grid and "samples" not in report:
+        t0 = time.perf_counter()
+        event("samples", f"writing {SAMPLES_FILE} (original left, dynamic right)")
+        write_samples(model, original_model({"source": prepared.source.to_dict()}).to(device),
+                      out / SAMPLES_FILE, recipe.samples)  # fmt: skip
+        report["samples"] = SAMPLES_FILE
+        timings["samples_s"] = round(time.perf_counter() - t0, 2)
+    files = {p.name for p in out.iterdir() if not p.name.startswith(".")} | {REPORT_FILE}
+    report["files"] = sorted(files)
+    report["device"] = str(device)
+    report["cpu_threads"] = torch.get_num_threads() if device.type == "cpu" else None
+    report["timings"] = timings
+    report["dynconvert_version"] = _version()
+    return report
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _evaluate_digits(prepared: PreparedRun, model: nn.Module) -> dict[str, Any]:
+    """Classifier accuracy and Frechet distance of the original and the dynamic digits model."""
+    from dynconvert.demo import evaluate_digits, write_demo_grid
+
+    ev, samples = prepared.recipe.evaluate, prepared.recipe.samples
+    device = next(model.parameters()).device
+    original = original_model({"source": prepared.source.to_dict()}).to(device)
+    res = evaluate_digits(original, model, per_class=ev.per_class, steps=ev.steps, seed=ev.seed,
+                          cfg_scale=samples.cfg_scale, scheduler=samples.scheduler)  # fmt: skip
+    keep = ("classifier_accuracy", "frechet_distance")
+    out: dict[str, Any] = {k: {m: float(res[k][m]) for m in ("original", "dynamic")} for k in keep}
+    extra = {k: v for k, v in res.items() if k not in (*keep, "tensors") and _jsonable(v)}
+    for k in keep:  # the other figures (real held-out accuracy, distance between the two models)
+        extra.update(
+            {f"{k}_{m}": float(v) for m, v in res[k].items() if m not in ("original", "dynamic")}
+        )
+    out["evaluation"] = extra
+    if samples.grid:
+        write_demo_grid(res, prepared.out / SAMPLES_FILE, columns=min(10, ev.per_class), upscale=2)
+        out["samples"] = SAMPLES_FILE
+    return out
+
+
+def _jsonable(v: Any) -> bool:
+    return isinstance(v, (str, int, float, bool, type(None))) or (
+        isinstance(v, (list, dict)) and len(json.dumps(v, default=str)) < 2000
+    )
+
+
+def class_labels(model: nn.Module, labels: list[int] | None = None) -> list[int] | None:
+    """The labels to sample (given, or the first classes up to 10); None for unconditional models."""
+    from dynconvert.sampling import model_spec
+
+    spec = model_spec(model)
+    if not spec.uses_labels or spec.num_classes is None:
+        return None
+    if labels is not None:
+        bad = [v for v in labels if not 0 <= v < spec.num_classes]
+        if bad:
+            raise ConfigError(f"labels {bad} are outside 0..{spec.num_classes - 1} of this model")
+        return list(labels)
+    if spec.num_classes >= 1000:
+        return [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
+    return list(range(min(spec.num_classes, 10)))
+
+
+def draw(model: nn.Module, settings: Any, labels: list[int] | None, full: bool = False,
+         on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:  # fmt: skip
+    """Samples of ``model`` (routing "full" when ``full``) with the settings' sampler and seed."""
+    import dynconvert
+    from dynconvert.sampling import model_spec, sample
+
+    spec = model_spec(model)
+    kwargs = dict(labels=labels, steps=settings.steps, cfg_scale=settings.cfg_scale, seed=settings.seed,
+                  scheduler=settings.scheduler, clip_sample=spec.channels in (1, 3), on_step=on_step,
+                  num_samples=None if labels else 8)  # fmt: skip
+    if spec.adapter.needs_cond:
+        raise ConfigError(
+            "sampling a text-conditional model needs caption embeddings: use "
+            "dynconvert.sampling.sample(model, cond=...) from Python"
+        )
+    if full and dynconvert.is_converted(model):
+        with dynconvert.routing(model, "full"):
+            return sample(model, **kwargs)
+    return sample(model, **kwargs)
+
+
+def write_samples(dynamic: nn.Module, original: nn.Module | None, path: Path, settings: Any,
+                  vae: str | None = None, raw: bool = False) -> Path:  # fmt: skip
+    """``path``: a grid of the dynamic model's samples, beside the original's when given."""
+    from dynconvert.sampling import compare_grid, save_grid
+
+    labels = class_labels(dynamic, getattr(settings, "labels", None))
+    images = to_images(draw(dynamic, settings, labels), vae, raw)
+    nrow = min(len(images), 10) if len(images) <= 10 else None
+    if original is None:
+        return save_grid(images, path, nrow=nrow, upscale=_upscale(images))
+    base = to_images(draw(original, settings, labels), vae, raw)
+    return compare_grid(base, images, path, nrow=nrow, upscale=_upscale(images))
+
+
+def _upscale(images: torch.Tensor) -> int:
+    return max(1, 64 // int(images.shape[-1]))
+
+
+def to_images(x: torch.Tensor, vae: str | None = None, raw: bool = False) -> torch.Tensor:
+    """Samples as images in [-1, 1]: decoded through a local VAE folder when given."""
+    if vae is not None:
+        from diffusers import AutoencoderKL
+
+        path = Path(vae).expanduser()
+        if not path.is_dir():
+            raise CheckpointError(
+                f"--vae {vae}: no such folder; pass a local diffusers AutoencoderKL folder"
+            )
+        try:
+            model = AutoencoderKL.from_pretrained(
+                str(path), subfolder="vae" if (path / "vae").is_dir() else None
+            )
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot load a VAE from {path}: {_first_line(e)}") from e
+        model = model.to(x.device).eval()
+        with torch.no_grad():
+            return model.decode(x / float(model.config.scaling_factor)).sample.clamp(-1, 1)
+    if x.shape[1] in (1, 3):
+        return x.clamp(-1, 1)
+    if raw:
+        return (x[:, :3] / 3.0).clamp(-1, 1)
+    raise ConfigError(
+        f"the samples are {x.shape[1]}-channel latents: pass --vae PATH (a local diffusers "
+        "AutoencoderKL folder) to decode them, or --raw to write their first 3 channels as colours"
+    )
