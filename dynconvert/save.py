@@ -59,6 +59,28 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write a safetensors file through a temporary file in the same folder, then rename.
+
+    Example:
+        >>> atomic_save_tensors({"w": torch.zeros(2)}, "/tmp/w.safetensors")  # doctest: +SKIP
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def _file_mode() -> int:
     """The mode a plainly created file would get (0o666 minus the umask); mkstemp gives 0o600."""
     umask = os.umask(0)
@@ -172,22 +194,12 @@ def save(
         >>> dynconvert.save(model, "out/")               # doctest: +SKIP
         >>> model = dynconvert.load("out/")              # doctest: +SKIP
     """
-    from safetensors.torch import save_file
-
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     record = build_record(model, flops_ratio_per_t, extra)
     tensors, aliases = _dedupe(model.state_dict())
     record["aliases"] = aliases
-    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS}.", suffix=".tmp", dir=out)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", "producer": "dynconvert"})
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, out / WEIGHTS)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save_tensors(tensors, out / WEIGHTS, metadata={"format": "pt", "producer": "dynconvert"})
     record["weights"] = {"file": WEIGHTS, "fingerprint": _fingerprint(out / WEIGHTS),
                          "bytes": (out / WEIGHTS).stat().st_size}
     atomic_write_bytes(out / RECORD, json.dumps(record, indent=1).encode())

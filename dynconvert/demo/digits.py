@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -132,21 +131,10 @@ def save_digits_weights(model: nn.Module, path: str | os.PathLike = DIGITS_WEIGH
         >>> p.stat().st_size < 5_000_000
         True
     """
-    from safetensors.torch import save_file
+    from dynconvert.save import atomic_save_tensors
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().half().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt", "config": repr(DIGITS_CONFIG)})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_save_tensors(state, path, metadata={"format": "pt", "config": repr(DIGITS_CONFIG)})
 
 
 def digits_model_info() -> dict:

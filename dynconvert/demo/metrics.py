@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -169,21 +168,10 @@ def save_classifier(model: DigitsClassifier, path: str | os.PathLike = CLASSIFIE
         >>> save_classifier(DigitsClassifier(), tempfile.mkdtemp() + "/clf.safetensors").suffix
         '.safetensors'
     """
-    from safetensors.torch import save_file
+    from dynconvert.save import atomic_save_tensors
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_save_tensors(state, path)
 
 
 def load_classifier() -> DigitsClassifier:
