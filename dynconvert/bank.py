@@ -7,7 +7,6 @@ of the timestep alone: in evaluation they come from a per-timestep table compute
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -15,8 +14,9 @@ from torch import nn
 
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import TimestepError
+from dynconvert.inputs import timestep_slot
 from dynconvert.plan import AttentionSite, MlpSite, Plan, Site
-from dynconvert.routers import TimestepEncoder, TokenRouter, straight_through_mask, width_router
+from dynconvert.routers import TimestepEncoder, TokenRouter, gumbel_sigmoid, width_router
 
 MODES = ("train", "eval", "full")
 
@@ -51,15 +51,7 @@ class RouterBank(nn.Module):
     # -- per call --------------------------------------------------------------------------
     def set_timestep_spec(self, model: nn.Module) -> None:
         """Remember where the timestep sits in the model's forward signature."""
-        sig = inspect.signature(model.forward)
-        params = list(sig.parameters)
-        name = self.plan.timestep_arg
-        p = sig.parameters.get(name)
-        self.t_spec = (
-            name,
-            params.index(name) if name in params else None,
-            None if p is None or p.default is inspect.Parameter.empty else p.default,
-        )
+        self.t_spec = (self.plan.timestep_arg, *timestep_slot(model, self.plan.timestep_arg))
 
     def root_pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the converted model: read t and start the call."""
@@ -140,7 +132,7 @@ class RouterBank(nn.Module):
         sizes = [self.width[k].out_features for k in keys]
         logits = torch.nn.functional.linear(self._emb, weight, bias)  # (B, sum of units)
         on = self._always_on_positions(keys, sizes, logits.device)
-        masks = straight_through_mask(logits, self.config.tau, None)
+        masks = gumbel_sigmoid(logits, self.config.tau)
         masks = torch.where(on, torch.ones_like(masks), masks)
         return {int(k): m for k, m in zip(keys, masks.split(sizes, dim=-1))}
 
@@ -170,12 +162,13 @@ class RouterBank(nn.Module):
             return None
         logits = self.token[key](x)
         if self._mode_now == "train":
-            return straight_through_mask(logits, self.config.tau, None)
+            return gumbel_sigmoid(logits, self.config.tau)
         return logits > 0
 
     # -- evaluation table -------------------------------------------------------------------
     def _params_key(self) -> tuple:
-        params = [p for p in self.parameters()]
+        """Changes whenever anything the width masks depend on changes (training, loading)."""
+        params = [*self.t_embed.parameters(), *self.width.parameters()]
         return (
             sum(p._version for p in params),
             tuple(p.data_ptr() for p in params[:2]),
@@ -199,16 +192,8 @@ class RouterBank(nn.Module):
         dev = {i: m.to(self.always_on.device, non_blocking=True) for i, m in cpu.items()}
         return cpu, dev
 
-    @torch.no_grad()
     def _fill(self, values: list[float]) -> None:
-        t = torch.tensor(values, device=self.always_on.device)
-        emb = self.t_embed(t)
-        ons = {}
-        for key, router in self.width.items():
-            i = int(key)
-            on = router(emb) > 0  # (T, U)
-            on[:, int(self.always_on[i])] = True
-            ons[i] = on
+        ons = self.width_table(torch.tensor(values))
         cpu = {i: on.cpu() for i, on in ons.items()}
         for j, v in enumerate(values):
             self._table[v] = ({i: m[j : j + 1] for i, m in cpu.items()}, {i: m[j : j + 1] for i, m in ons.items()})
@@ -281,6 +266,18 @@ class RouterBank(nn.Module):
         self._table, self._table_key = {}, None
 
     # -- FLOPs --------------------------------------------------------------------------------
+    def site_costs(self) -> list[tuple[Site, float, Any, float]]:
+        """Per converted site, from the masks of the last call: (site, static MACs, dynamic MACs
+        per sample (differentiable in train mode), token-router MACs per sample)."""
+        out = []
+        for s in self.plan.sites:
+            rec = self.records.get(s.index, {})
+            w, tk = rec.get("width"), rec.get("tokens")
+            width = w.float().mean(-1) if w is not None else None
+            tokens = tk.float().flatten(1).mean(1) if tk is not None else None
+            out.append((s, *site_cost(s, width, tokens, self.config.token_reduction, rec.get("n"), rec.get("m"))))
+        return out
+
     def last_flops_ratio(self, blocks_only: bool = False) -> torch.Tensor:
         """F_dyn / F_static of each sample of the last call (differentiable in train mode).
 
@@ -290,23 +287,8 @@ class RouterBank(nn.Module):
         other = 0.0 if blocks_only else self.plan.other_macs / max(self.plan.batch, 1)
         dyn: Any = other
         stat = other
-        for s in self.plan.sites:
-            rec = self.records.get(s.index, {})
-            if isinstance(s, AttentionSite):
-                cost = s.macs(rec.get("n"), rec.get("m"))
-                w = rec.get("width")
-                dyn = dyn + cost * (w.float().mean(-1) if w is not None else 1.0)
-            else:
-                n = rec.get("n")
-                cost = s.macs(n)
-                w = rec.get("width")
-                tk = rec.get("tokens")
-                frac: Any = w.float().mean(-1) if w is not None else 1.0
-                if tk is not None:
-                    frac = frac * tk.float().flatten(1).mean(1)
-                dyn = dyn + cost * frac
-                if tk is not None:
-                    dyn = dyn + s.router_macs(n, self.config.token_reduction)
+        for _, cost, d, router in self.site_costs():
+            dyn = dyn + d + router
             stat += cost
         out = torch.as_tensor(dyn, dtype=torch.float32, device=self.always_on.device) / stat
         return out.reshape(-1)
@@ -317,16 +299,32 @@ class RouterBank(nn.Module):
         return min_ratio(self.plan, self.config.token_reduction, other)
 
 
+def site_cost(
+    site: Site, width: Any, tokens: Any, token_reduction: int, n: int | None = None, m: int | None = None
+) -> tuple[float, Any, float]:
+    """MACs of one site for one sample: (static, dynamic, token router).
+
+    ``width`` is the fraction of heads or channel groups on and ``tokens`` the fraction of
+    tokens kept (numbers or per-sample tensors; None: all on, or not routed). Attention cost
+    scales with the heads on; MLP cost with groups on times tokens kept. The token router runs
+    on every token whenever tokens are routed.
+    """
+    if isinstance(site, AttentionSite):
+        cost = float(site.macs(n, m))
+        return cost, cost * (1.0 if width is None else width), 0.0
+    cost = float(site.macs(n))
+    frac: Any = 1.0 if width is None else width
+    if tokens is None:
+        return cost, cost * frac, 0.0
+    return cost, cost * frac * tokens, float(site.router_macs(n, token_reduction))
+
+
 def min_ratio(plan: Plan, token_reduction: int, other: float) -> float:
     """Lowest reachable ratio of a plan: one head per attention, one group (or no token) per MLP."""
     low, full = other, other
     for s in plan.sites:
-        cost = s.macs()
+        routed = isinstance(s, MlpSite) and s.token
+        cost, dyn, router = site_cost(s, 1.0 / s.units, 0.0 if routed else None, token_reduction)
         full += cost
-        if isinstance(s, AttentionSite):
-            low += cost / s.heads
-        elif s.token:
-            low += s.router_macs(None, token_reduction)
-        else:
-            low += cost / s.units
+        low += dyn + router
     return low / full

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import os
 import statistics
 import sys
@@ -26,7 +25,7 @@ from torch import nn
 from dynconvert.convert import convert, get_state, is_converted, revert
 from dynconvert.errors import ConfigError
 from dynconvert.flops import measure_macs
-from dynconvert.inputs import batch_of, default_inputs, find_timestep_arg, split_inputs
+from dynconvert.inputs import batch_of, default_inputs, split_inputs, with_timestep
 from dynconvert.plan import AttentionSite
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -64,20 +63,6 @@ class BenchResult:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _with_timestep(model: nn.Module, args: tuple, kwargs: dict, t: float) -> tuple[tuple, dict]:
-    name = find_timestep_arg(model)
-    params = list(inspect.signature(type(model).forward).parameters)[1:]
-    if name in kwargs:
-        old = kwargs[name]
-        kwargs = {**kwargs, name: torch.full_like(torch.as_tensor(old), t)}
-    else:
-        pos = params.index(name)
-        args = list(args)
-        args[pos] = torch.full_like(torch.as_tensor(args[pos]), t)
-        args = tuple(args)
-    return args, kwargs
 
 
 def _to(obj: Any, device: torch.device, dtype: torch.dtype) -> Any:
@@ -207,6 +192,8 @@ def benchmark(
         memory: also measure peak memory (one extra call of each model).
         compile: wrap both models in torch.compile.
 
+    Both models are moved to ``device`` and ``dtype`` (a plain ``model`` is the original itself).
+
     Example:
         >>> from dynconvert.testing import tiny_dit
         >>> r = benchmark(tiny_dit(), keep=0.5, batch=2, repeats=2)
@@ -225,7 +212,7 @@ def benchmark(
         args, kwargs = default_inputs(model, batch_size=batch)
     else:
         args, kwargs = split_inputs(example_inputs)
-    args, kwargs = _with_timestep(model, args, kwargs, timestep)
+    args, kwargs = with_timestep(model, (args, kwargs), float(timestep))
 
     if is_converted(model):
         dynamic = model
@@ -234,7 +221,7 @@ def benchmark(
         if keep is None:
             raise ConfigError("benchmarking an unconverted model needs keep= (the FLOPs ratio of synthetic routing)")
         static = model
-        dynamic = convert(copy.deepcopy(model), keep if keep >= 0.05 else 0.05, example_inputs=(args, kwargs))
+        dynamic = convert(copy.deepcopy(model), keep, example_inputs=(args, kwargs))
     routing = "learned"
     if keep is not None:
         fr = synthetic_routing(dynamic, keep, tokens, (args, kwargs), seed)

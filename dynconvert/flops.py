@@ -87,28 +87,6 @@ class FlopsReport:
         return d
 
 
-def site_costs(bank: Any) -> list[tuple[Any, float, torch.Tensor | float, float]]:
-    """Per site of the last call: (site, static, dynamic per sample, router MACs per sample)."""
-    out = []
-    for s in bank.plan.sites:
-        rec = bank.records.get(s.index, {})
-        w = rec.get("width")
-        frac: Any = w.detach().float().mean(-1) if w is not None else 1.0
-        if isinstance(s, AttentionSite):
-            cost = s.macs(rec.get("n"), rec.get("m"))
-            out.append((s, float(cost), cost * frac, 0.0))
-            continue
-        n = rec.get("n")
-        cost = s.macs(n)
-        tk = rec.get("tokens")
-        router = 0.0
-        if tk is not None:
-            frac = frac * tk.detach().float().flatten(1).mean(1)
-            router = float(s.router_macs(n, bank.config.token_reduction))
-        out.append((s, float(cost), cost * frac, router))
-    return out
-
-
 def count_flops(model: nn.Module, example_inputs: Any = None) -> FlopsReport:
     """Static cost of the original model and dynamic cost under the current routing, in MACs.
 
@@ -137,7 +115,7 @@ def count_flops(model: nn.Module, example_inputs: Any = None) -> FlopsReport:
     with torch.no_grad():
         out = model(*args, **kwargs)
     del out
-    costs = site_costs(bank)
+    costs = bank.site_costs()
     other = _other_macs(model, bank.plan, args, kwargs, costs)
     sites: list[SiteFlops] = []
     dyn_per_sample: Any = other / batch

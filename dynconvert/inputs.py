@@ -103,3 +103,35 @@ def find_timestep_arg(model: torch.nn.Module, name: str | None = None) -> str:
         f"cannot find the timestep argument of {type(model).__name__}.forward (arguments: {params}); "
         "set ConvertConfig(timestep_arg=...) to the name of the argument that carries t"
     )
+
+
+def timestep_slot(model: torch.nn.Module, name: str) -> tuple[int | None, Any]:
+    """Where the timestep argument ``name`` sits in ``model.forward``: (position, default).
+
+    The position is None for a keyword-only argument; the default is None when there is none.
+    """
+    params = inspect.signature(model.forward).parameters
+    p = params.get(name)
+    position = list(params).index(name) if p is not None and p.kind != p.KEYWORD_ONLY else None
+    default = None if p is None or p.default is inspect.Parameter.empty else p.default
+    return position, default
+
+
+def with_timestep(model: torch.nn.Module, inputs: Any, value: Any, name: str | None = None) -> Inputs:
+    """The inputs with the timestep replaced: ``value`` is one number for every sample, or one
+    value per sample.
+
+    Example:
+        >>> args, kwargs = with_timestep(model, model.example_inputs(2), 500.0)  # doctest: +SKIP
+    """
+    args, kwargs = split_inputs(inputs)
+    name = name or find_timestep_arg(model)
+    position, _ = timestep_slot(model, name)
+    old = kwargs[name] if name in kwargs or position is None or position >= len(args) else args[position]
+    old = torch.as_tensor(old)
+    new = torch.full_like(old, value) if isinstance(value, (int, float)) else torch.as_tensor(value, dtype=old.dtype)
+    if name in kwargs or position is None or position >= len(args):
+        return tuple(args), {**kwargs, name: new}
+    args = list(args)
+    args[position] = new
+    return tuple(args), kwargs

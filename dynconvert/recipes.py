@@ -31,13 +31,13 @@ import yaml
 from dynconvert.calibrate.config import CalibrationConfig
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import ConfigError
+from dynconvert.sampling import SCHEDULERS
 
 RECIPE_VERSION = 1
 RECIPE_DIR = Path(__file__).parent / "recipes"
 RUN_FIELDS = ("target", "output_dir", "resume")
 """Calibration fields a recipe may not set: the run sets them (--target-flops, --out, --resume)."""
 
-SCHEDULERS = ("ddim", "dpm", "ddpm")
 EVALUATIONS = ("none", "digits")
 
 
@@ -314,9 +314,7 @@ class Recipe:
         """The validated :class:`ConvertConfig` of the ``convert`` section."""
         try:
             return ConvertConfig.from_dict(dict(self.convert))
-        except ConfigError as e:
-            raise ConfigError(f"section convert: {e}") from e
-        except TypeError as e:
+        except (ConfigError, TypeError) as e:
             raise ConfigError(f"section convert: {e}") from e
 
     def calibration_config(self, target: float | None = None, **run: Any) -> CalibrationConfig:
@@ -331,13 +329,11 @@ class Recipe:
             "target": self.target_flops if target is None else target,
             **run,
         }
-        if data.get("adam_betas") is not None and isinstance(data["adam_betas"], list):
+        if isinstance(data.get("adam_betas"), list):
             data["adam_betas"] = tuple(data["adam_betas"])
         try:
             return CalibrationConfig.from_dict(data)
-        except ConfigError as e:
-            raise ConfigError(f"section calibration: {e}") from e
-        except TypeError as e:
+        except (ConfigError, TypeError) as e:
             raise ConfigError(f"section calibration: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
@@ -522,6 +518,7 @@ def _check_key(parts: list[str], key: str) -> None:
 def load_recipe(
     name_or_path: str | Path | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
+    values: dict[str, Any] | None = None,
 ) -> Recipe:
     """Load, override and check a recipe (a shipped name or a YAML file).
 
@@ -529,6 +526,8 @@ def load_recipe(
         name_or_path: A shipped recipe name (``dynconvert recipes list``) or a YAML file; None
             gives the built-in defaults (recipe "default": the dataclass defaults).
         overrides: ``key=value`` strings or a dict, with dotted keys.
+        values: Typed values with dotted keys, applied after ``overrides`` (what explicit
+            command-line options such as ``--target-flops`` set; not parsed as YAML).
 
     Returns:
         The checked :class:`Recipe`.
@@ -546,11 +545,12 @@ def load_recipe(
     else:
         data, path = read_recipe_data(name_or_path)
         source = str(path)
-    if overrides:
-        try:
-            data = apply_overrides(data, overrides)
-        except ConfigError as e:
-            raise ConfigError(f"{_where(data, source)}: {e}") from e
+    for layer in (overrides, values):
+        if layer:
+            try:
+                data = apply_overrides(data, layer)
+            except ConfigError as e:
+                raise ConfigError(f"{_where(data, source)}: {e}") from e
     try:
         return recipe_from_dict(data, source)
     except (ConfigError, TypeError) as e:  # TypeError: a mapping where a scalar belongs, ...
@@ -596,12 +596,13 @@ def recipe_for_model(model: str) -> str | None:
 def recipe_summary(name: str) -> dict[str, Any]:
     """Name, model, target, steps and description of a shipped recipe (for ``recipes list``)."""
     r = load_recipe(name)
+    cal = r.calibration_config()
     return {
         "name": r.name,
         "model": r.model,
         "target_flops": r.target_flops,
-        "steps": r.calibration_config().steps,
-        "batch_size": r.calibration_config().batch_size,
+        "steps": cal.steps,
+        "batch_size": cal.batch_size,
         "description": r.description,
         "file": r.source,
     }

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -85,12 +84,3 @@ def width_router(embed_dim: int, units: int, bias_init: float = 15.0) -> nn.Line
     nn.init.zeros_(lin.weight)
     nn.init.constant_(lin.bias, bias_init)
     return lin
-
-
-def straight_through_mask(logits: torch.Tensor, tau: float, always_on: int | None) -> torch.Tensor:
-    """Training mask (hard forward, soft backward) with the always-on unit forced to 1."""
-    m = gumbel_sigmoid(logits, tau)
-    if always_on is not None:
-        keep = F.one_hot(torch.tensor(always_on, device=m.device), m.shape[-1]).to(torch.bool)
-        m = torch.where(keep, torch.ones_like(m), m)
-    return m

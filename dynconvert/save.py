@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynconvert.bank import RouterBank
+from dynconvert.bank import RouterBank, site_cost
 from dynconvert.config import ConvertConfig
 from dynconvert.convert import apply_plan, get_state, is_converted, revert
 from dynconvert.errors import RecordError
-from dynconvert.plan import AttentionSite, Plan
+from dynconvert.plan import MlpSite, Plan
 
 FORMAT = "dynconvert"
 FORMAT_VERSION = 1
@@ -127,18 +127,15 @@ def width_ratio_per_t(bank: RouterBank, tables: dict[int, torch.Tensor], token_k
     plan = bank.plan
     other = plan.other_macs / max(plan.batch, 1)
     steps = next(iter(tables.values())).shape[0] if tables else 1000
+    keep = token_keep if token_keep is not None else torch.ones(steps, dtype=torch.float64)
     dyn = torch.full((steps,), float(other), dtype=torch.float64)
     static = float(other)
-    keep = token_keep if token_keep is not None else torch.ones(steps, dtype=torch.float64)
     for s in plan.sites:
-        cost = float(s.macs())
+        width = tables[s.index].double().mean(1) if s.index in tables else None
+        tokens = keep if isinstance(s, MlpSite) and s.token else None
+        cost, d, router = site_cost(s, width, tokens, bank.config.token_reduction)
         static += cost
-        frac = tables[s.index].double().mean(1) if s.index in tables else torch.ones(steps, dtype=torch.float64)
-        if isinstance(s, AttentionSite):
-            dyn += cost * frac
-        else:
-            tok = keep if s.token else 1.0
-            dyn += cost * frac * tok + (s.router_macs(None, bank.config.token_reduction) if s.token else 0.0)
+        dyn += d + router
     return (dyn / static).tolist()
 
 

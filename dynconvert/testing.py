@@ -123,9 +123,8 @@ def randomize_routing(
             on = int(bank.always_on[int(key)])
             if vary_with_t:
                 router.weight.copy_(torch.randn(router.weight.shape, generator=g) * 3 / math.sqrt(router.in_features))
-                raw = (emb @ router.weight.T).cpu()  # (1000, U)
-                q = torch.quantile(raw, 1.0 - keep, dim=0) if 0 < keep < 1 else raw.min(0).values - (1 if keep >= 1 else -1e4)
-                router.bias.copy_(-q)
+                raw = (emb @ router.weight.T).cpu()  # (1000, U): each unit on for `keep` of the t
+                router.bias.copy_(_threshold(raw, keep, dim=0))
             else:
                 router.weight.zero_()
                 k = max(1, min(units, round(keep * units)))
@@ -135,6 +134,17 @@ def randomize_routing(
         if bank.token:
             _randomize_tokens(model, bank, tokens, g, example_inputs)
     bank.clear_cache()
+
+
+def _threshold(raw: torch.Tensor, keep: float, dim: int | None = None) -> torch.Tensor:
+    """The bias that puts ``keep`` of the ``raw`` logits above 0 (along ``dim``, or overall)."""
+    if keep >= 1:
+        low = raw.min() if dim is None else raw.min(dim).values
+        return 1.0 - low
+    if keep <= 0:
+        high = raw.max() if dim is None else raw.max(dim).values
+        return -1.0 - high
+    return -torch.quantile(raw, 1.0 - keep, dim=dim)
 
 
 def _randomize_tokens(model: nn.Module, bank: Any, keep: float, g: torch.Generator, example_inputs: Any) -> None:
@@ -160,13 +170,7 @@ def _randomize_tokens(model: nn.Module, bank: Any, keep: float, g: torch.Generat
                 with torch.no_grad():
                     last = router.net[2]
                     last.bias.zero_()
-                    raw = router(args[0]).flatten().float().cpu()
-                    if keep >= 1:
-                        last.bias.fill_(float(-raw.min()) + 1.0)
-                    elif keep <= 0:
-                        last.bias.fill_(float(-raw.max()) - 1.0)
-                    else:
-                        last.bias.fill_(float(-torch.quantile(raw, 1.0 - keep)))
+                    last.bias.copy_(_threshold(router(args[0]).flatten().float().cpu(), keep))
 
             handles.append(modules[s.fc1[0]].register_forward_pre_hook(set_bias))
     try:

@@ -197,3 +197,21 @@ def test_mlp_groups_configurable_and_always_on_by_importance():
     assert bank.plan.mlp[0].groups == 8 and bank.width["1"].out_features == 8
     assert int(bank.always_on[0]) == 1
     assert math.isclose(bank.plan.attention[0].macs(), bank.plan.attention[1].macs())
+
+
+def test_importance_is_pluggable_and_magnitude_is_the_weight_norm():
+    from dynconvert.importance import magnitude, unit_weights
+
+    model = TINY_BUILDERS["dit"]()
+    modules = dict(model.named_modules())
+    for site in dynconvert.analyze(model).sites:
+        linears = {m.linear: modules[m.linear] for m in [*site.in_maps, site.out_map]}
+        norms = torch.stack([w.double().pow(2).sum().sqrt() for w in unit_weights(site, linears)])
+        torch.testing.assert_close(magnitude(site, linears), norms, rtol=1e-5, atol=0)
+
+    def last_unit(site, linears):
+        return torch.arange(site.in_maps[0].units, dtype=torch.float32)
+
+    dynconvert.convert(model, 0.5, config=ConvertConfig(importance=last_unit))
+    bank = dynconvert.get_state(model)
+    assert bank.always_on.tolist() == [s.units - 1 for s in bank.plan.sites]

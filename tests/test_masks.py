@@ -5,19 +5,9 @@ from __future__ import annotations
 import torch
 
 import dynconvert
-from dynconvert.inputs import default_inputs, split_inputs
+from dynconvert.inputs import default_inputs, with_timestep
 from dynconvert.plan import AttentionSite, MlpSite
 from dynconvert.testing import call, randomize_routing, tiny_dit
-
-
-def _with_timesteps(inputs, values):
-    args, kwargs = split_inputs(inputs)
-    args = list(args)
-    if "timestep" in kwargs:
-        kwargs["timestep"] = torch.tensor(values, dtype=kwargs["timestep"].dtype)
-    else:
-        args[1] = torch.tensor(values, dtype=args[1].dtype)
-    return tuple(args), kwargs
 
 
 def test_fast_path_equals_masked_path(family):
@@ -26,7 +16,7 @@ def test_fast_path_equals_masked_path(family):
     randomize_routing(model, keep=0.5, seed=3, example_inputs=inputs)
     bank = dynconvert.get_state(model)
     for ts in ([10, 10, 10], [999, 999, 999], [0, 500, 999], [250, 251, 900]):
-        x = _with_timesteps(inputs, ts)
+        x = with_timestep(model, inputs, ts)
         with torch.no_grad():
             fast = call(model, x)
             with dynconvert.routing(model, "eval", "masked"):
@@ -39,7 +29,7 @@ def test_fast_path_equals_masked_path(family):
 def test_switched_off_units_contribute_nothing():
     model = tiny_dit()
     inputs = default_inputs(model, batch_size=2)
-    args = _with_timesteps(inputs, [300, 300])
+    args = with_timestep(model, inputs, [300, 300])
     dynconvert.convert(model, 0.5, example_inputs=args)
     randomize_routing(model, keep=0.5, seed=1, vary_with_t=False, tokens=1.0, example_inputs=args)
     bank = dynconvert.get_state(model)

@@ -92,8 +92,8 @@ def check_inputs_run(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, how: str = "auto", any_linear: bool = False) -> OpGraph:
     """Capture the model's graph: torch.export (non-strict), else the robust per-block tracer.
 
-    Example inputs that do not run the model raise ExampleInputsError (checked eagerly only
-    when export fails, so a good model is run once, not twice).
+    Example inputs that do not run the model raise ExampleInputsError (checked by an eager run
+    only when export fails: the fx tracer's own eager run, which records each module's inputs).
     """
     error: Exception | None = None
     if how in ("auto", "export"):
@@ -102,13 +102,11 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, how: str = "auto"
                 ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
             return from_export(ep, model, any_linear)
         except Exception as e:  # noqa: BLE001 - fall back to the tracer below
-            check_inputs_run(model, args, kwargs)
             if how == "export":
+                check_inputs_run(model, args, kwargs)
                 raise ExampleInputsError(f"torch.export failed on {type(model).__name__}: {e}") from e
             error = e
-    else:
-        check_inputs_run(model, args, kwargs)
-    from dynconvert.analysis.fx_capture import capture_fx
+    from dynconvert.analysis.fx_capture import capture_fx  # its eager run checks the inputs
 
     with _eval_mode(model):
         graph = capture_fx(model, args, kwargs)

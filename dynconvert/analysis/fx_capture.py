@@ -69,9 +69,10 @@ def _record_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, tup
         def hook(mod: nn.Module, a: tuple, k: dict, name: str = name) -> None:
             seen.setdefault(name, (a, k))
         handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+    from dynconvert.analysis import check_inputs_run
+
     try:
-        with torch.no_grad():
-            model(*args, **kwargs)
+        check_inputs_run(model, args, kwargs)
     finally:
         for h in handles:
             h.remove()

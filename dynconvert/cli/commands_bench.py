@@ -79,13 +79,13 @@ def bench(
     import torch
 
     from dynconvert.bench import DTYPES, benchmark
-    from dynconvert.runs import _resolve_device, load_run, resolve_source
+    from dynconvert.runs import load_run, resolve_device, resolve_source
 
     if (model is None) == (run is None):
         raise ConfigError("pass exactly one of --model NAME (with --keep) or --run DIR")
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     with render.status(f"building {model or run}"):
         if run is not None:
             net, _ = load_run(run)

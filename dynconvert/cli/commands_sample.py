@@ -81,7 +81,7 @@ def sample(
     """
     from types import SimpleNamespace
 
-    from dynconvert.runs import _resolve_device, load_run, original_model, write_samples
+    from dynconvert.runs import load_run, original_model, resolve_device, write_samples
     from dynconvert.sampling import SCHEDULERS
 
     if scheduler not in SCHEDULERS:
@@ -91,7 +91,7 @@ def sample(
     settings = SimpleNamespace(
         labels=_labels(labels), steps=steps, cfg_scale=cfg, seed=seed, scheduler=scheduler
     )
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     with render.status(f"loading {run}"):
         model, info = load_run(run, device=dev)
         original = original_model(info, checkpoint).to(dev) if compare else None

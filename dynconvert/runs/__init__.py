@@ -33,8 +33,8 @@ from dynconvert.runs.pipeline import (
     execute_run,
     parse_target,
     prepare_run,
+    resolve_device,
 )
-from dynconvert.runs.pipeline import _resolve_device as _resolve_device  # for the CLI
 from dynconvert.runs.report import build_report, flops_profile, write_samples
 from dynconvert.runs.sources import (
     DIFFUSERS_MODELS,
@@ -63,6 +63,7 @@ __all__ = [
     "parse_target",
     "prepare_run",
     "read_run",
+    "resolve_device",
     "resolve_source",
     "synthetic_data",
     "write_samples",

@@ -4,7 +4,6 @@ checkpoint with ``resume``), measures and writes the report; :func:`convert_run`
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable
@@ -15,14 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynconvert.convert import check_budget
 from dynconvert.errors import BudgetError, ConfigError, DataError
-from dynconvert.recipes import (
-    Recipe,
-    apply_overrides,
-    read_recipe_data,
-    recipe_for_model,
-    recipe_from_dict,
-)
+from dynconvert.recipes import Recipe, load_recipe, recipe_for_model
 from dynconvert.runs.folder import (
     REPORT_FILE,
     _atomic_json,
@@ -32,7 +26,7 @@ from dynconvert.runs.folder import (
     check_out,
     default_out,
 )
-from dynconvert.runs.report import build_report
+from dynconvert.runs.report import build_report, check_report
 from dynconvert.runs.sources import (
     ModelSource,
     _check_data_shape,
@@ -46,28 +40,20 @@ EventFn = Callable[[str, str], None]
 
 
 def parse_target(value: Any) -> float:
-    """A FLOPs target from the command line or Python: a number in (0, 1].
+    """A FLOPs target from the command line or Python: a number in (0, 1] (checked by
+    :func:`dynconvert.convert.check_budget`; a string is parsed first).
 
     Example:
         >>> parse_target("0.5")
         0.5
     """
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise BudgetError(
-                f"--target-flops must be a number in (0, 1] (a fraction of the original FLOPs, "
-                f"e.g. 0.5); got {value!r}"
-            ) from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BudgetError(f"--target-flops must be a number in (0, 1], e.g. 0.5; got {value!r}")
-    if not 0.0 < float(value) <= 1.0:
+    try:
+        return check_budget(float(value) if isinstance(value, str) else value)
+    except (ValueError, BudgetError):
         raise BudgetError(
-            f"--target-flops must be in (0, 1] (a fraction of the original FLOPs, e.g. 0.5 for "
-            f"half); got {value:g}"
-        )
-    return float(value)
+            f"--target-flops must be a number in (0, 1] (a fraction of the original FLOPs, e.g. "
+            f"0.5 for half); got {value!r}"
+        ) from None
 
 
 @dataclass
@@ -120,23 +106,8 @@ class PreparedRun:
     main_process: bool = True
 
 
-def resolve_recipe(name: str | None, overrides: list[str], explicit: dict[str, Any]) -> Recipe:
-    """A recipe with ``--set`` overrides applied, then the explicit options (typed) on top."""
-    if name is None:
-        data, source = {"name": "default"}, None
-    else:
-        data, path = read_recipe_data(name)
-        source = str(path)
-    where = f"recipe {data.get('name')}"
-    try:
-        data = apply_overrides(data, overrides)
-        data = apply_overrides(data, {k: v for k, v in explicit.items() if v is not None})
-        return recipe_from_dict(data, source)
-    except (ConfigError, TypeError) as e:
-        raise ConfigError(f"{where}: {e}") from e
-
-
-def _resolve_device(device: str) -> str:
+def resolve_device(device: str) -> str:
+    """``--device``: "auto" (cuda when present), "cpu" or "cuda" (refused without CUDA)."""
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda; got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -165,13 +136,14 @@ def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> Prepare
         recipe_name = recipe_for_model(request.model)
     explicit = {"model": request.model, "target_flops": target, "checkpoint": request.checkpoint,
                 "data": request.data, "calibration.steps": steps}  # fmt: skip
-    recipe = resolve_recipe(recipe_name, list(request.overrides), explicit)
+    recipe = load_recipe(recipe_name, list(request.overrides),
+                         {k: v for k, v in explicit.items() if v is not None})  # fmt: skip
     if recipe.model is None:
         raise ConfigError(
             "no model: pass --model NAME (e.g. --model digits) or a --recipe that names one"
         )
     target = recipe.target_flops
-    device = _resolve_device(request.device)
+    device = resolve_device(request.device)
     source = resolve_source(
         recipe.model, checkpoint=recipe.checkpoint, random_init=request.random_init,
         model_kwargs=recipe.model_kwargs, seed=int(recipe.calibration.get("seed", 0)),
@@ -196,6 +168,7 @@ def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> Prepare
     if data is None:
         data = synthetic_data(model, rows=max(64, calibration.batch_size), seed=calibration.seed)
     _check_data_shape(model, data)
+    check_report(recipe, model)
 
     t0 = time.perf_counter()
     model = dynconvert.convert(model, target, config=recipe.convert_config())

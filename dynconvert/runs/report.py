@@ -154,6 +154,16 @@ def flops_profile(
     }
 
 
+def check_report(recipe: Any, model: nn.Module) -> None:
+    """Refuse, before any work, a report the model cannot give (the digits evaluation needs
+    the digits model: its classifier only knows 16x16 digits in 10 classes)."""
+    if recipe.evaluate.kind == "digits" and getattr(model, "preset", None) != "digits":
+        raise ConfigError(
+            f"evaluate.kind 'digits' scores samples of the digits demo model; model "
+            f"{recipe.model!r} is not it. Set evaluate.kind to 'none'"
+        )
+
+
 def build_report(
     prepared: PreparedRun, result: Any, on_event: EventFn | None = None
 ) -> dict[str, Any]:
