@@ -46,7 +46,7 @@ def main() -> None:
         out = adapter(model, noisy.x_t, noisy.t, batch).float()
         loss = objective.loss(out, x0, noisy)["loss"].mean()
         if with_flops:
-            loss = loss + flops_loss(dynconvert.get_state(model).last_flops_ratio(), 0.5, 2.0)
+            loss = loss + flops_loss(dynconvert.last_flops_ratio(model), 0.5, 2.0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt = opts[id(model)]

@@ -28,7 +28,7 @@ from dynconvert.errors import (
     RecordError,
     TimestepError,
 )
-from dynconvert.flops import FlopsReport, count_flops, measure_macs
+from dynconvert.flops import FlopsReport, count_flops, last_flops_ratio, measure_macs
 from dynconvert.plan import AttentionSite, MlpSite, Plan, SkippedSite
 from dynconvert.routing import routing, set_routing
 from dynconvert.save import load, save
@@ -64,6 +64,7 @@ __all__ = [
     "calibrate",
     "convert",
     "count_flops",
+    "last_flops_ratio",
     "get_state",
     "is_converted",
     "load",

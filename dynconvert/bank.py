@@ -15,7 +15,7 @@ from torch import nn
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import TimestepError
 from dynconvert.inputs import timestep_slot
-from dynconvert.plan import AttentionSite, MlpSite, Plan, Site
+from dynconvert.plan import MlpSite, Plan, Site
 from dynconvert.routers import TimestepEncoder, TokenRouter, gumbel_sigmoid, width_router
 
 MODES = ("train", "eval", "full")
@@ -264,67 +264,3 @@ class RouterBank(nn.Module):
         self._slices.clear()
         self.slice_bytes = 0
         self._table, self._table_key = {}, None
-
-    # -- FLOPs --------------------------------------------------------------------------------
-    def site_costs(self) -> list[tuple[Site, float, Any, float]]:
-        """Per converted site, from the masks of the last call: (site, static MACs, dynamic MACs
-        per sample (differentiable in train mode), token-router MACs per sample)."""
-        out = []
-        for s in self.plan.sites:
-            rec = self.records.get(s.index, {})
-            w, tk = rec.get("width"), rec.get("tokens")
-            width = w.float().mean(-1) if w is not None else None
-            tokens = tk.float().flatten(1).mean(1) if tk is not None else None
-            out.append((s, *site_cost(s, width, tokens, self.config.token_reduction, rec.get("n"), rec.get("m"))))
-        return out
-
-    def last_flops_ratio(self, blocks_only: bool = False) -> torch.Tensor:
-        """F_dyn / F_static of each sample of the last call (differentiable in train mode).
-
-        ``blocks_only`` restricts both to the converted attention and MLP sites (the paper's
-        convention); otherwise the whole model counts, routers included.
-        """
-        other = 0.0 if blocks_only else self.plan.other_macs / max(self.plan.batch, 1)
-        dyn: Any = other
-        stat = other
-        for _, cost, d, router in self.site_costs():
-            dyn = dyn + d + router
-            stat += cost
-        out = torch.as_tensor(dyn, dtype=torch.float32, device=self.always_on.device) / stat
-        return out.reshape(-1)
-
-    def min_flops_ratio(self) -> float:
-        """The lowest whole-model ratio the routers can reach (always-on units, routers, rest)."""
-        other = self.plan.other_macs / max(self.plan.batch, 1)
-        return min_ratio(self.plan, self.config.token_reduction, other)
-
-
-def site_cost(
-    site: Site, width: Any, tokens: Any, token_reduction: int, n: int | None = None, m: int | None = None
-) -> tuple[float, Any, float]:
-    """MACs of one site for one sample: (static, dynamic, token router).
-
-    ``width`` is the fraction of heads or channel groups on and ``tokens`` the fraction of
-    tokens kept (numbers or per-sample tensors; None: all on, or not routed). Attention cost
-    scales with the heads on; MLP cost with groups on times tokens kept. The token router runs
-    on every token whenever tokens are routed.
-    """
-    if isinstance(site, AttentionSite):
-        cost = float(site.macs(n, m))
-        return cost, cost * (1.0 if width is None else width), 0.0
-    cost = float(site.macs(n))
-    frac: Any = 1.0 if width is None else width
-    if tokens is None:
-        return cost, cost * frac, 0.0
-    return cost, cost * frac * tokens, float(site.router_macs(n, token_reduction))
-
-
-def min_ratio(plan: Plan, token_reduction: int, other: float) -> float:
-    """Lowest reachable ratio of a plan: one head per attention, one group (or no token) per MLP."""
-    low, full = other, other
-    for s in plan.sites:
-        routed = isinstance(s, MlpSite) and s.token
-        cost, dyn, router = site_cost(s, 1.0 / s.units, 0.0 if routed else None, token_reduction)
-        full += cost
-        low += dyn + router
-    return low / full

@@ -9,11 +9,8 @@ weights + cached weight slices + the peak of what the call allocates.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -24,9 +21,9 @@ from torch import nn
 
 from dynconvert.convert import convert, get_state, is_converted, revert
 from dynconvert.errors import ConfigError
-from dynconvert.flops import measure_macs
+from dynconvert.flops import last_flops_ratio, measure_macs
 from dynconvert.inputs import batch_of, default_inputs, split_inputs, with_timestep
-from dynconvert.plan import AttentionSite
+from dynconvert.synthetic import synthetic_routing
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -75,60 +72,8 @@ def _to(obj: Any, device: torch.device, dtype: torch.dtype) -> Any:
     return obj
 
 
-def synthetic_routing(model: nn.Module, ratio: float, tokens: float = 0.7, inputs: Any = None, seed: int = 0) -> dict[str, float]:
-    """Set fixed routing (the same at every t) whose whole-model FLOPs ratio is about ``ratio``.
-
-    Heads and channel groups get the same kept fraction, chosen so that with ``tokens`` of the
-    tokens kept the ratio is met; the token keep rate is then re-solved for the rounded unit
-    counts and the token routers' thresholds are set on ``inputs``.
-
-    Returns the fractions used (``width``, ``tokens``).
-    """
-    from dynconvert.testing import randomize_routing
-
-    bank = get_state(model)
-    plan = bank.plan
-    other = plan.other_macs / max(plan.batch, 1)
-    att = [s for s in plan.sites if isinstance(s, AttentionSite)]
-    mlp = [s for s in plan.sites if not isinstance(s, AttentionSite)]
-    routers = sum(s.router_macs(None, bank.config.token_reduction) for s in mlp)
-    a = sum(s.macs() for s in att)
-    m = sum(s.macs() for s in mlp)
-    static = other + a + m
-    if ratio >= 1.0:  # everything on: the cost of a converted model that skips nothing
-        randomize_routing(model, keep=1.0, tokens=1.0, vary_with_t=False, seed=seed, example_inputs=inputs)
-        return {"width": 1.0, "tokens": 1.0}
-    budget = ratio * static - other - routers
-    width = min(1.0, max(0.0, budget / (a + tokens * m)))
-    kept_a = sum(s.macs() * max(1, round(width * s.units)) / s.units for s in att)
-    kept_m = sum(s.macs() * (max(1, round(width * s.units)) / s.units if s.width else 1.0) for s in mlp)
-    token_keep = min(1.0, max(0.0, (budget - kept_a) / kept_m)) if kept_m else 1.0
-    randomize_routing(model, keep=width, tokens=token_keep, vary_with_t=False, seed=seed, example_inputs=inputs)
-    return {"width": width, "tokens": token_keep}
-
-
 def _model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence what the profiler's C++ side prints to stderr (start/stop lines, device probes)."""
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # a captured stream: nothing to silence
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(fd)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-        yield
-    finally:
-        os.dup2(saved, fd)
-        os.close(saved)
-        os.close(devnull)
 
 
 def _peak_call_bytes(fn: Callable[[], Any], device: torch.device) -> int:
@@ -142,7 +87,7 @@ def _peak_call_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     points = []
     for e in prof.events():
@@ -204,7 +149,7 @@ def benchmark(
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda requested but CUDA is not available; use --device cpu")
+        raise ConfigError('device cuda requested but CUDA is not available; use `device="cpu"`')
     dt = DTYPES[dtype]
     progress = on_progress or (lambda stage, i, n: None)
     name = getattr(model, "preset", None) or type(model).__name__
@@ -242,7 +187,7 @@ def benchmark(
         progress("warm-up", i + 1, warmup)
         call(run_static)
         call(run_dynamic)
-    ratio = float(bank.last_flops_ratio().mean())
+    ratio = float(last_flops_ratio(bank).mean())
     ts, td = [], []
     for i in range(repeats):
         progress("timing", i + 1, repeats)

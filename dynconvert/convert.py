@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dynconvert.analysis import FilterFn, analyze
-from dynconvert.bank import RouterBank, min_ratio
+from dynconvert.bank import RouterBank
 from dynconvert.config import ConvertConfig
 from dynconvert.dynamic import (
     AttentionRuntime,
@@ -18,12 +18,15 @@ from dynconvert.dynamic import (
     make_dynamic,
     make_static,
 )
-from dynconvert.errors import AlreadyConvertedError, BudgetError, NoSitesError, NotConvertedError
+from dynconvert.errors import AlreadyConvertedError, BudgetError, NoSitesError
+from dynconvert.flops import min_ratio
 from dynconvert.importance import always_on_unit
 from dynconvert.inputs import default_inputs, split_inputs
 from dynconvert.plan import AttentionSite, Plan
+from dynconvert.state import ATTR, attach, detach, get_state, is_converted
+from dynconvert.verify import verify_fast_path
 
-ATTR = "dynconvert"
+__all__ = ["apply_plan", "check_budget", "check_plan", "convert", "get_state", "is_converted", "revert"]
 
 
 def check_budget(budget: Any) -> float:
@@ -82,8 +85,6 @@ def convert(
     check_plan(plan, b, config)
     apply_plan(model, plan, config, b)
     if any(s.fast_reason == "unverified" for s in plan.sites):
-        from dynconvert.verify import verify_fast_path
-
         verify_fast_path(model, args, kwargs)
     return model
 
@@ -97,7 +98,7 @@ def check_plan(plan: Plan, budget: float, config: ConvertConfig) -> None:
             "dynconvert converts transformer blocks made of attention and MLP Linears; see "
             "`dynconvert inspect` for what was found"
         )
-    low = min_ratio(plan, config.token_reduction, plan.other_macs / max(plan.batch, 1))
+    low = min_ratio(plan, config.token_reduction)
     if budget < low:
         raise BudgetError(
             f"budget {budget} is below the minimum this model can reach ({low:.3f}): the parts that "
@@ -146,28 +147,8 @@ def apply_plan(
     bank.set_timestep_spec(model)
     hooks.append(model.register_forward_pre_hook(bank.root_pre_hook, with_kwargs=True))
     bank.hook_ids = [h.id for h in hooks]
-    model.add_module(ATTR, bank)
-    model._dynconvert_converted = True
+    attach(model, bank)
     return bank
-
-
-def is_converted(model: nn.Module) -> bool:
-    """True when ``model`` has been converted by dynconvert."""
-    return bool(getattr(model, "_dynconvert_converted", False)) and isinstance(getattr(model, ATTR, None), RouterBank)
-
-
-def get_state(model: nn.Module) -> RouterBank:
-    """The RouterBank of a converted model: plan, config, budget, routers and routing state.
-
-    Example:
-        >>> state = get_state(model)            # doctest: +SKIP
-        >>> state.last_flops_ratio().mean()      # doctest: +SKIP
-    """
-    if not is_converted(model):
-        raise NotConvertedError(
-            f"{type(model).__name__} is not converted; call dynconvert.convert(model, budget) first"
-        )
-    return getattr(model, ATTR)
 
 
 def revert(model: nn.Module) -> nn.Module:
@@ -186,6 +167,5 @@ def revert(model: nn.Module) -> nn.Module:
                 m._forward_hooks_with_kwargs.pop(hid, None)
                 m._forward_pre_hooks_with_kwargs.pop(hid, None)
                 m._forward_hooks_always_called.pop(hid, None)
-    del model._modules[ATTR]
-    model.__dict__.pop("_dynconvert_converted", None)
+    detach(model)
     return model

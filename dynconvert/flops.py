@@ -1,28 +1,47 @@
-"""count_flops: the static and dynamic cost of a model, per site and in total, in MACs.
+"""The one FLOPs accountant of dynconvert, in MACs: what each site costs under a routing, and
+what a model executes.
 
 Convention: **MACs** (one multiply-accumulate = 1), the unit DiT and DyDiT call "FLOPs"
 (DiT-XL/2 at 256 px: 118.69 G). Hardware FLOPs are twice these numbers; PyTorch's
 ``FlopCounterMode`` counts 2 per MAC.
 
-Sources of the formulas: projections and MLPs are ``tokens x in x out`` per Linear; attention
-adds QK^T (``N x M x H x d``) and AV (``N x M x H x d_v``), which fvcore and PyTorch's CPU
-counter miss unless attention is decomposed (``sdpa_kernel(SDPBackend.MATH)``). The rest of the
-model (patch embedding, conditioning, final layer) is summed op by op over the captured graph.
+Sources of the formulas:
+
+- a site's full cost is :meth:`AttentionSite.macs` / :meth:`MlpSite.macs` (plan.py):
+  ``tokens x in x out`` per Linear; attention adds QK^T (``N x M x H x d``) and AV
+  (``N x M x H x d_v``), which fvcore and PyTorch's CPU counter miss unless attention is
+  decomposed (``sdpa_kernel(SDPBackend.MATH)``);
+- under routing (DyDiT, method.md "training objective"): attention scales with the fraction of
+  heads on; the MLP with the fraction of channel groups on times the fraction of tokens kept;
+  a token router (D -> D/r -> 1) runs on every token whenever tokens are routed;
+- the rest of the model (patch embedding, conditioning, final layer) is summed op by op over the
+  captured graph at analysis time (``Plan.other_macs``) and never changes.
+
+Everything that reports or trains toward a FLOPs figure goes through :func:`site_cost`: the
+differentiable ratio of a training call (:func:`last_flops_ratio`), the per-timestep profile
+(:func:`routed_ratio` with (T,) tensors), the lowest reachable budget (:func:`min_ratio`),
+synthetic routing at a target (:func:`solve_keep`) and :func:`count_flops`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from dynconvert.analysis import analyze, capture
 from dynconvert.analysis.costs import node_macs
-from dynconvert.convert import get_state, is_converted
+from dynconvert.bank import RouterBank
 from dynconvert.inputs import batch_of, default_inputs, shapes_of, split_inputs
-from dynconvert.plan import AttentionSite, Plan
+from dynconvert.plan import AttentionSite, Plan, Site
+from dynconvert.routing import routing
+from dynconvert.state import get_state, is_converted
+
+Fraction = Any
+"""A fraction in [0, 1]: a number, or a tensor (per sample (B,), or per timestep (T,))."""
 
 UNIT = "MACs (multiply-accumulates; 1 MAC = 2 hardware FLOPs)"
 
@@ -87,6 +106,169 @@ class FlopsReport:
         return d
 
 
+# -- the accountant ------------------------------------------------------------------------
+class SiteCost(NamedTuple):
+    """MACs of one site for one sample: full cost, cost under routing, token-router cost."""
+
+    static: float
+    dynamic: Fraction
+    router: float
+
+
+def site_cost(
+    site: Site,
+    width: Fraction | None = None,
+    tokens: Fraction | None = None,
+    token_reduction: int = 16,
+    n: int | None = None,
+    m: int | None = None,
+) -> SiteCost:
+    """The cost of one site for one sample under routing (the one place this is computed).
+
+    Args:
+        site: an attention or MLP site of a plan.
+        width: fraction of heads or channel groups on (None: all on).
+        tokens: fraction of tokens that run the MLP (None: tokens are not routed; ignored for
+            attention, which always sees every token).
+        token_reduction: the token router's bottleneck ratio r (D -> D/r -> 1).
+        n, m: query and key/value token counts of this call (None: the plan's).
+
+    Example:
+        >>> from dynconvert.testing import tiny_dit
+        >>> from dynconvert.analysis import analyze
+        >>> mlp = analyze(tiny_dit()).mlp[0]
+        >>> c = site_cost(mlp, width=0.5, tokens=0.5)
+        >>> c.dynamic == c.static * 0.25, c.router > 0
+        (True, True)
+    """
+    if isinstance(site, AttentionSite):
+        cost = float(site.macs(n, m))
+        return SiteCost(cost, cost * (1.0 if width is None else width), 0.0)
+    cost = float(site.macs(n))
+    frac: Fraction = 1.0 if width is None else width
+    if tokens is None or not site.token:
+        return SiteCost(cost, cost * frac, 0.0)
+    return SiteCost(cost, cost * frac * tokens, float(site.router_macs(n, token_reduction)))
+
+
+def other_macs_per_sample(plan: Plan) -> float:
+    """MACs of everything outside the converted sites, for one sample (never routed)."""
+    return plan.other_macs / max(plan.batch, 1)
+
+
+def _pick(value: Fraction | Mapping[int, Fraction] | None, site: Site) -> Fraction | None:
+    """A per-site fraction from one value for every site, or a {site index: value} map."""
+    if isinstance(value, Mapping):
+        return value.get(site.index)
+    return value
+
+
+def routed_ratio(
+    plan: Plan,
+    token_reduction: int,
+    width: Fraction | Mapping[int, Fraction] | None = None,
+    tokens: Fraction | Mapping[int, Fraction] | None = None,
+    blocks_only: bool = False,
+) -> Fraction:
+    """F_dyn / F_static of a plan under the given routing fractions.
+
+    ``width`` applies to sites that have a width router (more than one unit), ``tokens`` to
+    token-routed MLP sites; each is one value for every site or a ``{site index: value}`` map,
+    and values may be tensors (per sample or per timestep: the result has their shape).
+    ``blocks_only`` restricts both sides to the converted sites (the paper's convention);
+    otherwise the whole forward pass counts, routers included.
+
+    Example:
+        >>> from dynconvert.analysis import analyze
+        >>> from dynconvert.testing import tiny_dit
+        >>> plan = analyze(tiny_dit())
+        >>> routed_ratio(plan, 16)
+        1.0
+    """
+    other = 0.0 if blocks_only else other_macs_per_sample(plan)
+    static, dynamic = other, other
+    for s in plan.sites:
+        w = _pick(width, s) if s.units > 1 else None
+        c = site_cost(s, w, _pick(tokens, s), token_reduction)
+        static += c.static
+        dynamic = dynamic + c.dynamic + c.router
+    return dynamic / static
+
+
+def min_ratio(plan: Plan, token_reduction: int) -> float:
+    """Lowest reachable whole-model ratio: one head per attention, one channel group per MLP
+    (no token at all where tokens are routed), plus the routers and the parts not converted.
+
+    Example:
+        >>> from dynconvert.analysis import analyze
+        >>> from dynconvert.testing import tiny_dit
+        >>> 0 < min_ratio(analyze(tiny_dit()), 16) < 1
+        True
+    """
+    width = {s.index: 1.0 / s.units for s in plan.sites}
+    return float(routed_ratio(plan, token_reduction, width, tokens=0.0))
+
+
+def solve_keep(plan: Plan, token_reduction: int, ratio: float, tokens: float) -> tuple[float, float]:
+    """Width and token keep fractions, the same at every site, whose ratio is about ``ratio``.
+
+    The ratio is linear in each fraction, so both are solved exactly from two evaluations of
+    :func:`routed_ratio`: first the width for ``tokens`` of the tokens kept, then (after the
+    width is rounded to whole heads and groups per site) the token keep rate. Both are clamped
+    to [0, 1].
+
+    Returns:
+        ``(width, tokens)``.
+    """
+
+    def solve(f: Any, lo_at: Any, hi_at: Any) -> float:  # f linear in x: f(x) = ratio
+        lo, hi = float(f(lo_at)), float(f(hi_at))
+        return min(1.0, max(0.0, (ratio - lo) / (hi - lo))) if hi != lo else 1.0
+
+    width = solve(lambda w: routed_ratio(plan, token_reduction, w, tokens), 0.0, 1.0)
+    rounded = {s.index: max(1, round(width * s.units)) / s.units for s in plan.sites}
+    keep = solve(lambda k: routed_ratio(plan, token_reduction, rounded, k), 0.0, 1.0)
+    return width, keep
+
+
+def call_costs(bank: RouterBank) -> list[tuple[Site, SiteCost]]:
+    """Per site, its cost in the model's last forward call, from the masks that call recorded
+    (per sample, differentiable in training mode)."""
+    out = []
+    for s in bank.plan.sites:
+        rec = bank.records.get(s.index, {})
+        w, tk = rec.get("width"), rec.get("tokens")
+        width = w.float().mean(-1) if w is not None else None  # (B,) fraction of units on
+        kept = tk.float().flatten(1).mean(1) if tk is not None else None  # (B,) tokens kept
+        out.append((s, site_cost(s, width, kept, bank.config.token_reduction, rec.get("n"), rec.get("m"))))
+    return out
+
+
+def last_flops_ratio(model: nn.Module | RouterBank, blocks_only: bool = False) -> torch.Tensor:
+    """F_dyn / F_static of each sample of the model's last forward call, shape (B,).
+
+    Differentiable in training-mode routing: this is the quantity the calibration loss pulls
+    toward the budget. ``blocks_only`` restricts it to the converted sites.
+
+    Example:
+        >>> import dynconvert
+        >>> from dynconvert.testing import tiny_dit
+        >>> model = dynconvert.convert(tiny_dit(), 0.5).eval()
+        >>> _ = model(*model.example_inputs(2))
+        >>> last_flops_ratio(model).shape
+        torch.Size([2])
+    """
+    bank = model if isinstance(model, RouterBank) else get_state(model)
+    other = 0.0 if blocks_only else other_macs_per_sample(bank.plan)
+    static, dynamic = other, other
+    for _, c in call_costs(bank):
+        static += c.static
+        dynamic = dynamic + c.dynamic + c.router
+    out = torch.as_tensor(dynamic, dtype=torch.float32, device=bank.always_on.device) / static
+    return out.reshape(-1)
+
+
+# -- counting a model --------------------------------------------------------------------------
 def count_flops(model: nn.Module, example_inputs: Any = None) -> FlopsReport:
     """Static cost of the original model and dynamic cost under the current routing, in MACs.
 
@@ -115,16 +297,16 @@ def count_flops(model: nn.Module, example_inputs: Any = None) -> FlopsReport:
     with torch.no_grad():
         out = model(*args, **kwargs)
     del out
-    costs = bank.site_costs()
+    costs = call_costs(bank)
     other = _other_macs(model, bank.plan, args, kwargs, costs)
     sites: list[SiteFlops] = []
     dyn_per_sample: Any = other / batch
-    for s, stat, dyn, router in costs:
-        dyn_t = torch.as_tensor(dyn, dtype=torch.float64).reshape(-1)
+    for s, c in costs:
+        dyn_t = torch.as_tensor(c.dynamic, dtype=torch.float64).reshape(-1)  # (B,) or (1,)
         if dyn_t.numel() == 1:
             dyn_t = dyn_t.expand(batch)
-        sites.append(SiteFlops(s.name, _kind(s), s.block, stat, float(dyn_t.mean()), router))
-        dyn_per_sample = dyn_per_sample + dyn_t + router
+        sites.append(SiteFlops(s.name, _kind(s), s.block, c.static, float(dyn_t.mean()), c.router))
+        dyn_per_sample = dyn_per_sample + dyn_t + c.router
     blocks_static = sum(s.static_macs for s in sites) * batch
     blocks_dynamic = sum(s.dynamic_macs + s.router_macs for s in sites) * batch
     static = other + blocks_static
@@ -149,12 +331,10 @@ def _other_macs(model: nn.Module, plan: Plan, args: tuple, kwargs: dict, costs: 
         return float(plan.other_macs)
     if batch != plan.batch and _same_but_batch(shapes_of(args, kwargs), plan.input_shapes, plan.batch, batch):
         return float(plan.other_macs) * batch / plan.batch
-    from dynconvert.routing import routing
-
     with routing(model, "full"):
         graph = capture(model, args, kwargs, "export", any_linear=True)
     total = sum(node_macs(n) for n in graph.nodes)
-    return float(total) - sum(stat for _, stat, _, _ in costs) * batch
+    return float(total) - sum(c.static for _, c in costs) * batch
 
 
 def _same_but_batch(a: dict, b: dict, nb: int, na: int) -> bool:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from dynconvert.bank import MODES
-from dynconvert.convert import get_state
+from dynconvert.state import get_state
 from dynconvert.errors import ConfigError
 
 EXECUTIONS = ("fast", "masked")

@@ -25,11 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynconvert.bank import RouterBank, site_cost
+from dynconvert.bank import RouterBank
 from dynconvert.config import ConvertConfig
-from dynconvert.convert import apply_plan, get_state, is_converted, revert
+from dynconvert.convert import apply_plan, revert
 from dynconvert.errors import RecordError
-from dynconvert.plan import MlpSite, Plan
+from dynconvert.flops import routed_ratio
+from dynconvert.plan import Plan
+from dynconvert.state import get_state, is_converted
 
 FORMAT = "dynconvert"
 FORMAT_VERSION = 1
@@ -124,19 +126,11 @@ def decode_masks(segments: list[list[Any]], steps: int = 1000) -> torch.Tensor:
 
 def width_ratio_per_t(bank: RouterBank, tables: dict[int, torch.Tensor], token_keep: torch.Tensor | None = None) -> list[float]:
     """Whole-model FLOPs ratio at each t from the width masks (and a token keep rate per t)."""
-    plan = bank.plan
-    other = plan.other_macs / max(plan.batch, 1)
-    steps = next(iter(tables.values())).shape[0] if tables else 1000
-    keep = token_keep if token_keep is not None else torch.ones(steps, dtype=torch.float64)
-    dyn = torch.full((steps,), float(other), dtype=torch.float64)
-    static = float(other)
-    for s in plan.sites:
-        width = tables[s.index].double().mean(1) if s.index in tables else None
-        tokens = keep if isinstance(s, MlpSite) and s.token else None
-        cost, d, router = site_cost(s, width, tokens, bank.config.token_reduction)
-        static += cost
-        dyn += d + router
-    return (dyn / static).tolist()
+    width = {i: t.double().mean(1) for i, t in tables.items()}  # {site: (T,) fraction on}
+    per_t = routed_ratio(bank.plan, bank.config.token_reduction, width, token_keep)
+    if not isinstance(per_t, torch.Tensor):  # no width router and no token keep: constant
+        per_t = torch.full((1000,), float(per_t), dtype=torch.float64)
+    return per_t.tolist()
 
 
 def build_record(model: nn.Module, flops_ratio_per_t: list[float] | None = None, extra: dict | None = None) -> dict[str, Any]:

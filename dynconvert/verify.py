@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dynconvert.convert import get_state
+from dynconvert.state import get_state
 from dynconvert.plan import AttentionSite
 from dynconvert.routing import routing
 

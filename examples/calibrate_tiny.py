@@ -37,7 +37,7 @@ def main(out: str) -> None:
     x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([0.0, 300.0, 600.0, 999.0]), torch.arange(4)
     with torch.no_grad():
         same = torch.allclose(loaded(x, t, y), result.model(x, t, y), atol=1e-5)
-    ratio = dynconvert.get_state(loaded).last_flops_ratio().mean().item()
+    ratio = dynconvert.last_flops_ratio(loaded).mean().item()
     print(f"saved to {out}; reloaded model matches: {same}; FLOPs ratio on this batch: {ratio:.3f}")
     if not same:
         raise SystemExit("the reloaded model differs from the saved one")

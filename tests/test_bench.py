@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import dynconvert
-from dynconvert.bench import BenchResult, benchmark, synthetic_routing
+from dynconvert.bench import BenchResult, benchmark
+from dynconvert.synthetic import synthetic_routing
 from dynconvert.testing import tiny_dit
 
 KEYS = {"time_static_s", "time_dynamic_s", "speedup", "flops_ratio", "executed_flops_ratio", "efficiency",
@@ -39,7 +40,7 @@ def test_synthetic_routing_hits_the_ratio(target):
     dynconvert.convert(model, 0.3, example_inputs=inputs)
     synthetic_routing(model, target, tokens=0.7, inputs=inputs)
     model(*inputs)
-    ratio = float(dynconvert.get_state(model).last_flops_ratio().mean())
+    ratio = float(dynconvert.last_flops_ratio(model).mean())
     assert ratio == pytest.approx(target, abs=0.06)
 
 

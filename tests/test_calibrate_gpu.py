@@ -49,7 +49,7 @@ def test_calibration_on_cuda(precision):
     with torch.no_grad():
         out = model(x, t, y)  # the eval fast path, on the GPU
     assert out.shape == (8, 8, 8, 8) and torch.isfinite(out).all()
-    assert dynconvert.get_state(model).last_flops_ratio().mean().item() < 0.9
+    assert dynconvert.last_flops_ratio(model).mean().item() < 0.9
 
 
 def test_resume_on_cuda(tmp_path):

@@ -41,7 +41,7 @@ def test_flops_ratio_in_training_matches_report():
     dynconvert.convert(model, 0.5, example_inputs=inputs)
     randomize_routing(model, keep=0.5, example_inputs=inputs)
     report = count_flops(model, inputs)
-    ratio = dynconvert.get_state(model).last_flops_ratio()
+    ratio = dynconvert.last_flops_ratio(model)
     torch.testing.assert_close(ratio.double(), torch.tensor(report.per_sample_ratio, dtype=torch.float64), rtol=1e-5, atol=0)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dynconvert
-from dynconvert.bench import synthetic_routing
+from dynconvert.synthetic import synthetic_routing
 from dynconvert.flops import count_flops, measure_macs
 from dynconvert.inputs import default_inputs
 from dynconvert.models import build_model

@@ -41,6 +41,7 @@ from dynconvert.calibrate.objectives import build_objective, distill_loss, flops
 from dynconvert.calibrate.result import CalibrationResult, StepInfo
 from dynconvert.calibrate.schedule import LambdaSchedule
 from dynconvert.calibrate.stream import batch_stream
+from dynconvert.flops import last_flops_ratio, min_ratio
 from dynconvert.errors import (
     BudgetError,
     CalibrationError,
@@ -72,8 +73,7 @@ def _router_parameters(state: Any) -> list[nn.Parameter]:
 
 
 def _check_budget(state: Any, target: float) -> None:
-    minimum = state.min_flops_ratio
-    minimum = float(minimum() if callable(minimum) else minimum)
+    minimum = min_ratio(state.plan, state.config.token_reduction)
     if target < minimum - 1e-9:
         raise BudgetError(
             f"target {target} is below the minimum FLOPs ratio this converted model can reach "
@@ -318,7 +318,7 @@ def _step_terms(
     terms = dict.fromkeys(_TERMS, torch.zeros((), device=x0.device))
     with accelerator.autocast():
         out = adapter(ddp_model, noisy.x_t, noisy.t, batch).float()  # the dynamic model
-    ratios = state.last_flops_ratio().float()  # (B,), read before any other forward
+    ratios = last_flops_ratio(state).float()  # (B,), read before any other forward
     diff = objective.loss(out, x0, noisy)
     terms["diffusion"] = diff["loss"].mean()
     terms["mse"] = diff["mse"].mean().detach()

@@ -54,7 +54,7 @@ def _to(value: Any, device: torch.device) -> Any:
 
 def plan_summary(plan: Any, config: Any = None) -> dict[str, Any]:
     """The inspect JSON object of a plan (see SCHEMA)."""
-    from dynconvert.bank import min_ratio
+    from dynconvert.flops import min_ratio
     from dynconvert.config import ConvertConfig
     from dynconvert.plan import AttentionSite
 
@@ -89,7 +89,7 @@ def plan_summary(plan: Any, config: Any = None) -> dict[str, Any]:
         "blocks_macs": plan.blocks_macs_per_sample,
         "other_macs": other,
         "blocks": len(plan.blocks),
-        "min_budget": min_ratio(plan, config.token_reduction, other),
+        "min_budget": min_ratio(plan, config.token_reduction),
         "max_budget": 1.0,
         "sites": sites,
         "skipped": [{"name": s.name, "kind": s.kind, "reason": s.reason} for s in plan.skipped],

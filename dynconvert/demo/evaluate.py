@@ -23,7 +23,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from dynconvert.demo.digits import DIGITS_SAMPLING
 from dynconvert.errors import ConfigError
+from dynconvert.flops import last_flops_ratio
+from dynconvert.routing import routing
+from dynconvert.sampling import compare_grid, sample
+from dynconvert.state import get_state, is_converted
 
 _CHUNK = 50
 """Samples per model call (100 rows with guidance): measured fastest on a 2-core CPU."""
@@ -31,15 +36,13 @@ _CHUNK = 50
 
 def _flops_probe(model: nn.Module) -> tuple[list[float], Callable[[int, int], None] | None]:
     """A per-step callback recording the whole-model FLOPs ratio of a converted model's last call."""
-    from dynconvert.convert import get_state, is_converted
-
     ratios: list[float] = []
     if not is_converted(model):
         return ratios, None
     bank = get_state(model)
 
     def probe(done: int, total: int) -> None:
-        ratios.append(float(bank.last_flops_ratio().float().mean()))
+        ratios.append(float(last_flops_ratio(bank).mean()))
 
     return ratios, probe
 
@@ -57,10 +60,6 @@ def _sample_digits(
     on_progress: Callable[[str, int, int], None] | None,
 ) -> tuple[torch.Tensor, float, float | None]:
     """Samples of one model (routing ``mode`` when converted), seconds, mean FLOPs ratio."""
-    from dynconvert.convert import is_converted
-    from dynconvert.demo.digits import DIGITS_SAMPLING
-    from dynconvert.routing import routing
-    from dynconvert.sampling import sample
 
     ratios, probe = _flops_probe(model) if mode == "eval" else ([], None)
 
@@ -142,7 +141,6 @@ def evaluate_digits(
         >>> r["classifier_accuracy"]["dynamic"]  # doctest: +SKIP
         0.9
     """
-    from dynconvert.convert import is_converted
     from dynconvert.demo import metrics
 
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
@@ -238,7 +236,6 @@ def write_demo_grid(
     Example:
         >>> write_demo_grid(result, "runs/digits/samples.png")  # doctest: +SKIP
     """
-    from dynconvert.sampling import compare_grid
 
     tensors = evaluation.get("tensors") if isinstance(evaluation, dict) else None
     if not tensors or "original" not in tensors or "dynamic" not in tensors:

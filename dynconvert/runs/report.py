@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dynconvert.errors import CheckpointError, ConfigError
+from dynconvert.flops import last_flops_ratio, routed_ratio
 from dynconvert.runs.folder import REPORT_FILE, SAMPLES_FILE, _version
 from dynconvert.runs.sources import _first_line, original_model
 
@@ -112,29 +113,22 @@ def flops_profile(
                     executed.append(_counted(lambda: adapter(model, x_t, t_in, batch)) / full)  # noqa: B023
                 else:
                     adapter(model, x_t, t_in, batch)
-                measured.append(float(bank.last_flops_ratio().mean()))
+                measured.append(float(last_flops_ratio(bank).mean()))
                 for s in token_sites:
                     tk = bank.records.get(s.index, {}).get("tokens")
                     keep[s.index].append(float(tk.float().mean()) if tk is not None else 1.0)
     finally:
         model.train(was)
-    tables = {i: m.double().mean(1).cpu().numpy() for i, m in bank.width_table().items()}
-    grid = np.arange(1000)
-    plan = bank.plan
-    other = plan.other_macs / max(plan.batch, 1)
-    dyn_t, blocks_dyn, static, blocks = np.full(1000, other), np.zeros(1000), other, 0.0
-    for s in plan.sites:
-        cost = float(s.macs())
-        frac = tables.get(s.index, np.ones(1000))
-        if s.index in keep:
-            frac = frac * np.interp(grid, ts, np.asarray(keep[s.index]))
-            frac = frac + s.router_macs(None, bank.config.token_reduction) / cost
-        dyn_t += cost * frac
-        blocks_dyn += cost * frac
-        static += cost
-        blocks += cost
-    per_t = dyn_t / static
-    blocks_per_t = blocks_dyn / blocks
+    grid = torch.arange(1000, dtype=torch.float64)
+    width = {i: m.double().mean(1).cpu() for i, m in bank.width_table().items()}  # {site: (1000,)}
+    tokens = {  # {site: (1000,)}: keep rates measured at ts, interpolated in between
+        i: torch.from_numpy(np.interp(grid.numpy(), ts, np.asarray(k))) for i, k in keep.items()
+    }
+    reduction = bank.config.token_reduction
+    per_t = routed_ratio(bank.plan, reduction, width, tokens) * torch.ones_like(grid)
+    blocks_per_t = routed_ratio(bank.plan, reduction, width, tokens, blocks_only=True) * torch.ones_like(grid)
+    static = bank.plan.static_macs / max(bank.plan.batch, 1)
+    blocks = float(bank.plan.blocks_macs_per_sample)
     keep_mean = [
         float(np.mean([keep[i][k] for i in keep])) if keep else 1.0 for k in range(len(ts))
     ]
@@ -149,7 +143,7 @@ def flops_profile(
         "token_keep": [round(v, 4) for v in keep_mean],
         "measured": [round(v, 4) for v in measured],
         "static_macs": static,
-        "dynamic_macs": float(dyn_t.mean()),
+        "dynamic_macs": float(per_t.mean()) * static,
         "blocks_macs": blocks,
     }
 
@@ -362,7 +356,7 @@ def to_images(x: torch.Tensor, vae: str | None = None, raw: bool = False) -> tor
         path = Path(vae).expanduser()
         if not path.is_dir():
             raise CheckpointError(
-                f"--vae {vae}: no such folder; pass a local diffusers AutoencoderKL folder"
+                f"`vae` {vae}: no such folder; pass a local diffusers AutoencoderKL folder"
             )
         try:
             model = AutoencoderKL.from_pretrained(
@@ -378,6 +372,6 @@ def to_images(x: torch.Tensor, vae: str | None = None, raw: bool = False) -> tor
     if raw:
         return (x[:, :3] / 3.0).clamp(-1, 1)
     raise ConfigError(
-        f"the samples are {x.shape[1]}-channel latents: pass --vae PATH (a local diffusers "
-        "AutoencoderKL folder) to decode them, or --raw to write their first 3 channels as colours"
+        f"the samples are {x.shape[1]}-channel latents: pass `vae` (a local diffusers "
+        "AutoencoderKL folder) to decode them, or `raw=True` to write their first 3 channels as colours"
     )
