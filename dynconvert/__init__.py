@@ -33,7 +33,7 @@ from dynconvert.plan import AttentionSite, MlpSite, Plan, SkippedSite
 from dynconvert.routing import routing, set_routing
 from dynconvert.save import load, save
 
-__version__ = "0.1.0"
+from dynconvert.version import __version__
 
 __all__ = [
     "AlreadyConvertedError",
@@ -75,3 +75,7 @@ __all__ = [
     "set_routing",
     "write_latents",
 ]
+
+# The digits demo plugs into the registries (model preset ``digits``, calibration data
+# ``"digits"``, the ``digits`` evaluation): importing the package makes it available everywhere.
+import dynconvert.demo  # noqa: E402,F401

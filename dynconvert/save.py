@@ -32,6 +32,7 @@ from dynconvert.errors import RecordError
 from dynconvert.flops import routed_ratio
 from dynconvert.plan import Plan
 from dynconvert.state import get_state, is_converted
+from dynconvert.version import __version__
 
 FORMAT = "dynconvert"
 FORMAT_VERSION = 1
@@ -40,8 +41,6 @@ WEIGHTS = "model.safetensors"
 
 
 def _library_version() -> str:
-    from dynconvert import __version__
-
     return __version__
 
 

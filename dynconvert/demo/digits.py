@@ -7,9 +7,10 @@ and class dropout 0.1 so that it samples with classifier-free guidance (null lab
 trained weights ship with dynconvert (``dynconvert/assets/digits_dit.safetensors``, fp16);
 ``examples/train_digits.py`` reproduces them on a CPU in a few minutes.
 
-This module registers the preset ``digits`` (alias ``dit-digits``) with
-``dynconvert.models.build_model``; it imports nothing from ``dynconvert.models`` at load time so
-that ``dynconvert.models`` itself may import ``DIGITS_PRESETS`` from here.
+Importing ``dynconvert.demo`` registers the preset ``digits`` (alias ``dit-digits``) with
+``dynconvert.models.build_model`` (:func:`register`); ``import dynconvert`` does that, so the
+preset is there for every user of the package, while ``dynconvert.models`` knows nothing of the
+demo.
 
 Example:
     >>> import dynconvert.demo
@@ -30,6 +31,10 @@ import torch
 import torch.nn as nn
 
 from dynconvert.errors import CheckpointError, ConfigError
+from dynconvert.models import PRESETS, register_preset
+from dynconvert.models.dit import DiT, dit_factory
+from dynconvert.models.loading import load_checkpoint
+from dynconvert.save import atomic_save_tensors
 
 DIGITS_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "digits_dit.safetensors"
 """The shipped base weights of the digits DiT (fp16 safetensors)."""
@@ -66,8 +71,6 @@ def build_digits(pretrained: bool = True, **overrides) -> nn.Module:
         >>> build_digits(pretrained=False, depth=2).preset_kwargs
         {'pretrained': False, 'depth': 2}
     """
-    from dynconvert.models.dit import DiT, dit_factory
-    from dynconvert.models.loading import load_checkpoint
 
     valid = [p for p in inspect.signature(DiT.__init__).parameters if p != "self"]
     unknown = sorted(set(overrides) - set(valid))
@@ -111,13 +114,8 @@ def register() -> None:
         >>> resolve_name("dit-digits")
         'digits'
     """
-    from dynconvert import models
-
-    if not hasattr(models, "register_preset"):
-        return  # dynconvert.models is importing this module and adds DIGITS_PRESETS itself
-    if "digits" in models.PRESETS:
-        return
-    models.register_preset("digits", build_digits, aliases=tuple(DIGITS_ALIASES))
+    if "digits" not in PRESETS:
+        register_preset("digits", build_digits, aliases=tuple(DIGITS_ALIASES))
 
 
 def save_digits_weights(model: nn.Module, path: str | os.PathLike = DIGITS_WEIGHTS) -> Path:
@@ -131,8 +129,6 @@ def save_digits_weights(model: nn.Module, path: str | os.PathLike = DIGITS_WEIGH
         >>> p.stat().st_size < 5_000_000
         True
     """
-    from dynconvert.save import atomic_save_tensors
-
     state = {k: v.detach().cpu().half().contiguous() for k, v in model.state_dict().items()}
     return atomic_save_tensors(state, path, metadata={"format": "pt", "config": repr(DIGITS_CONFIG)})
 
@@ -144,8 +140,6 @@ def digits_model_info() -> dict:
         >>> digits_model_info()["config"]["hidden_size"]
         64
     """
-    from dynconvert.models.dit import DiT
-
     with torch.device("meta"):
         params = sum(p.numel() for p in DiT(**DIGITS_CONFIG).parameters())
     return {

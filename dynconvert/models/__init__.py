@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 import torch.nn as nn
 
-from dynconvert.demo.digits import DIGITS_ALIASES, DIGITS_PRESETS
 from dynconvert.errors import ConfigError, ModelNotFoundError
 from dynconvert.models.dit import DIT_PRESETS, DiT
 from dynconvert.models.loading import build_from_checkpoint, load_checkpoint
@@ -35,11 +34,12 @@ __all__ = [
     "resolve_name",
 ]
 
-PRESETS: dict[str, Callable[..., nn.Module]] = {**DIT_PRESETS, **UVIT_PRESETS, **DIGITS_PRESETS}
-"""Canonical preset name -> factory taking keyword overrides and returning a fresh model."""
+PRESETS: dict[str, Callable[..., nn.Module]] = {**DIT_PRESETS, **UVIT_PRESETS}
+"""Canonical preset name -> factory taking keyword overrides and returning a fresh model.
+
+Other packages add theirs with :func:`register_preset` (the digits demo adds ``digits``)."""
 
 ALIASES: dict[str, str] = {
-    **DIGITS_ALIASES,
     "dit-s": "DiT-S/2",
     "dit-b": "DiT-B/2",
     "dit-l": "DiT-L/2",
