@@ -1,32 +1,19 @@
-"""Recipes: named, checked settings of a whole ``dynconvert convert`` run, shipped as YAML.
+"""The recipe dataclasses: :class:`Recipe` and its checked sections (report, samples, evaluate).
 
-A recipe says which model to start from, the FLOPs target, the data, how convert builds the
-routers (``convert:``, the fields of :class:`~dynconvert.ConvertConfig`), how calibration trains
-them (``calibration:``, the fields of :class:`~dynconvert.CalibrationConfig` except ``target``,
-``output_dir`` and ``resume``, which the run sets), and what the run measures afterwards
-(``report:``, ``samples:``, ``evaluate:``). Every field is documented in :class:`Recipe` and in
-the YAML files as comments. Loading is strict: an unknown key anywhere is an error that lists
-the valid keys. ``--set key=value`` overrides use dotted keys (``calibration.lr=2e-5``).
-
-The shipped recipes live in ``dynconvert/recipes/*.yaml``.
+Each class checks its fields in ``__post_init__``; building one from plain data rejects unknown
+keys and lists the valid ones.
 
 Example:
-    >>> from dynconvert.recipes import load_recipe
-    >>> r = load_recipe("digits", overrides=["calibration.steps=10"])
-    >>> r.model, r.calibration["steps"]
-    ('digits', 10)
+    >>> from dynconvert.recipes import recipe_from_dict
+    >>> recipe_from_dict({"name": "mine", "model": "digits", "target_flops": 0.4}).target_flops
+    0.4
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from dynconvert.calibrate.config import CalibrationConfig
 from dynconvert.config import ConvertConfig
@@ -34,42 +21,11 @@ from dynconvert.errors import ConfigError
 from dynconvert.sampling import SCHEDULERS
 
 RECIPE_VERSION = 1
-RECIPE_DIR = Path(__file__).parent / "recipes"
 RUN_FIELDS = ("target", "output_dir", "resume")
-"""Calibration fields a recipe may not set: the run sets them (--target-flops, --out, --resume)."""
+"""Calibration fields a recipe may not set: the run sets them (from ``target_flops``, and the
+run's output folder and ``resume``)."""
 
 EVALUATIONS = ("none", "digits")
-
-
-class _Loader(yaml.SafeLoader):
-    """Safe YAML loader that reads ``1e-4`` as a float (YAML 1.2), not as a string."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def parse_value(text: str) -> Any:
-    """A ``--set`` value as YAML (``2e-5`` -> float, ``true`` -> bool, ``[1, 2]`` -> list).
-
-    Example:
-        >>> parse_value("2e-5"), parse_value("null"), parse_value("ddim")
-        (2e-05, None, 'ddim')
-    """
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError:
-        return text
 
 
 def _check(section: str, value: Any, ok: bool, what: str) -> None:
@@ -215,16 +171,17 @@ class Recipe:
         name: The recipe's name (``dynconvert recipes list``).
         description: One line on what it is for and where its numbers come from.
         model: The model it starts from: a preset name or alias (``dit-xl``, ``DiT-S/2``,
-            ``U-ViT-H/2``, ``digits``) or a diffusers model name (``pixart-alpha``). ``--model``
-            overrides it.
+            ``U-ViT-H/2``, ``digits``) or a diffusers model name (``pixart-alpha``). A run's
+            ``model`` overrides it.
         model_kwargs: Constructor overrides of a preset (e.g. ``num_classes: 10``).
-        applies_to: Presets this recipe is the default for when ``--model`` is given without
-            ``--recipe``.
+        applies_to: Presets this recipe is the default for when a run names a ``model`` but no
+            ``recipe``.
         target_flops: The FLOPs budget lambda, a fraction of the original whole-model MACs in
-            (0, 1]. ``--target-flops`` overrides it.
-        checkpoint: Default weights (file, or diffusers folder); ``--checkpoint`` overrides it.
+            (0, 1]. A run's ``target_flops`` overrides it.
+        checkpoint: Default weights (file, or diffusers folder); a run's ``checkpoint``
+            overrides it.
         data: Default calibration data: a latents folder, ``digits``, or ``synthetic`` (random
-            latents, for trying the pipeline); ``--data`` overrides it.
+            latents, for trying the pipeline); a run's ``data`` overrides it.
         launch: How to launch the run at full scale (documentation only).
         cpu_threads: Torch CPU threads while a CPU run calibrates and measures (None: torch's
             default, one per core). Small models run as fast on one thread and do not collapse
@@ -305,7 +262,7 @@ class Recipe:
         if taken:
             raise ConfigError(
                 f"section calibration may not set {', '.join(taken)}: the run sets them "
-                "(use target_flops / --target-flops, --out and --resume)"
+                "(use `target_flops` for the target, and the run's `out` and `resume=True`)"
             )
         self.convert_config()
         self.calibration_config()
@@ -321,6 +278,7 @@ class Recipe:
         """The validated :class:`CalibrationConfig`: the section plus the run's own fields.
 
         Example:
+            >>> from dynconvert.recipes import load_recipe
             >>> load_recipe("digits").calibration_config(0.5, output_dir="runs/x").target
             0.5
         """
@@ -340,6 +298,7 @@ class Recipe:
         """Plain data (what a YAML file holds), without ``source``.
 
         Example:
+            >>> from dynconvert.recipes import load_recipe
             >>> r = load_recipe("digits")
             >>> recipe_from_dict(r.to_dict()) == r
             True
@@ -368,6 +327,10 @@ def recipe_from_dict(data: dict[str, Any], source: str | None = None) -> Recipe:
 
     Raises:
         ConfigError: An unknown key (the message lists the valid ones) or a bad value.
+
+    Example:
+        >>> recipe_from_dict({"name": "mine", "calibration": {"steps": 10}}).calibration
+        {'steps': 10}
     """
     if not isinstance(data, dict):
         raise ConfigError(f"a recipe must be a mapping of fields; got {type(data).__name__}")
@@ -376,248 +339,3 @@ def recipe_from_dict(data: dict[str, Any], source: str | None = None) -> Recipe:
     recipe = _build(Recipe, data, "")
     recipe.source = source
     return recipe
-
-
-def shipped_recipes() -> dict[str, Path]:
-    """Name -> file of every recipe shipped with dynconvert, sorted by name.
-
-    Example:
-        >>> "digits" in shipped_recipes()
-        True
-    """
-    return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.yaml"))}
-
-
-def recipe_path(name_or_path: str | Path) -> Path:
-    """The YAML file of a shipped recipe name or of a path.
-
-    Raises:
-        ConfigError: Neither a shipped name nor an existing file; lists the shipped names.
-    """
-    shipped = shipped_recipes()
-    key = str(name_or_path)
-    if key in shipped:
-        return shipped[key]
-    path = Path(key).expanduser()
-    if path.is_file():
-        return path
-    if path.suffix in (".yaml", ".yml") or "/" in key:
-        raise ConfigError(
-            f"recipe file {path} does not exist; check the path, or use one of: {', '.join(shipped)}"
-        )
-    raise ConfigError(
-        f"unknown recipe {key!r}; shipped recipes: {', '.join(shipped)} (or pass a .yaml file)"
-    )
-
-
-def read_recipe_data(name_or_path: str | Path) -> tuple[dict[str, Any], Path]:
-    """The raw mapping of a recipe file (not yet checked) and its path."""
-    path = recipe_path(name_or_path)
-    try:
-        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise ConfigError(
-            f"recipe {path} is not valid YAML{line}: {getattr(e, 'problem', e)}"
-        ) from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read recipe {path}: {e}") from e
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe {path} must be a mapping of fields; got {type(data).__name__}")
-    data.setdefault("name", path.stem)
-    return data, path
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
-    """Apply ``key=value`` overrides with dotted keys to recipe data (a new dict).
-
-    Args:
-        data: Recipe data (a mapping as read from YAML).
-        overrides: ``["calibration.lr=2e-5", "model=dit-tiny"]`` or ``{"calibration.lr": 2e-5}``.
-
-    Raises:
-        ConfigError: A malformed item or a key that is not a recipe field (lists the valid ones).
-
-    Example:
-        >>> apply_overrides({"name": "x"}, ["calibration.lr=2e-5"])["calibration"]
-        {'lr': 2e-05}
-    """
-    out = copy.deepcopy(data)
-    items: list[tuple[str, Any]] = []
-    if isinstance(overrides, dict):
-        items = list(overrides.items())
-    else:
-        for item in overrides:
-            key, sep, text = str(item).partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"--set takes key=value (e.g. calibration.lr=2e-5); got {item!r}")
-            items.append((key.strip(), parse_value(text.strip())))
-    for key, value in items:
-        parts = key.split(".")
-        _check_key(parts, key)
-        node = out
-        for p in parts[:-1]:
-            child = node.get(p)
-            if child is None:
-                child = node[p] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"cannot set {key}: {p} is not a section")
-            node = child
-        node[parts[-1]] = value
-    return out
-
-
-_FREE_SECTIONS = ("model_kwargs",)
-
-
-def _section_fields(section: str) -> list[str] | None:
-    """Valid keys of a recipe section (None: any key)."""
-    if section in _FREE_SECTIONS:
-        return None
-    classes = {
-        "convert": ConvertConfig,
-        "calibration": CalibrationConfig,
-        "report": ReportSettings,
-        "samples": SampleSettings,
-        "evaluate": EvaluateSettings,
-    }
-    cls = classes.get(section)
-    if cls is None:
-        return []
-    skip = RUN_FIELDS if section == "calibration" else ()
-    return [f.name for f in dataclasses.fields(cls) if f.name not in skip]
-
-
-def _check_key(parts: list[str], key: str) -> None:
-    top = [f.name for f in dataclasses.fields(Recipe) if f.name != "source"]
-    if parts[0] == "calibration" and len(parts) == 2 and parts[1] in RUN_FIELDS:
-        flag = {
-            "target": "--target-flops (or target_flops=...)",
-            "output_dir": "--out",
-            "resume": "--resume",
-        }
-        raise ConfigError(f"{key} is set by the run: use {flag[parts[1]]}")
-    if parts[0] not in top:
-        raise ConfigError(f"unknown recipe key {key!r}; valid top-level keys: {', '.join(top)}")
-    if len(parts) == 1:
-        return
-    valid = _section_fields(parts[0])
-    if valid is None:
-        return
-    if not valid:
-        raise ConfigError(f"recipe key {parts[0]!r} is not a section; set it as {parts[0]}=value")
-    if len(parts) > 2 or parts[1] not in valid:
-        raise ConfigError(
-            f"unknown recipe key {key!r}; valid keys of {parts[0]}: {', '.join(valid)}"
-        )
-
-
-def load_recipe(
-    name_or_path: str | Path | None = None,
-    overrides: list[str] | dict[str, Any] | None = None,
-    values: dict[str, Any] | None = None,
-) -> Recipe:
-    """Load, override and check a recipe (a shipped name or a YAML file).
-
-    Args:
-        name_or_path: A shipped recipe name (``dynconvert recipes list``) or a YAML file; None
-            gives the built-in defaults (recipe "default": the dataclass defaults).
-        overrides: ``key=value`` strings or a dict, with dotted keys.
-        values: Typed values with dotted keys, applied after ``overrides`` (what explicit
-            command-line options such as ``--target-flops`` set; not parsed as YAML).
-
-    Returns:
-        The checked :class:`Recipe`.
-
-    Raises:
-        ConfigError: Unknown recipe, invalid YAML, an unknown key (listing the valid ones), or a
-            bad value.
-
-    Example:
-        >>> load_recipe("dit-xl-imagenet256").calibration["batch_size"]
-        256
-    """
-    if name_or_path is None:
-        data, source = {"name": "default"}, None
-    else:
-        data, path = read_recipe_data(name_or_path)
-        source = str(path)
-    for layer in (overrides, values):
-        if layer:
-            try:
-                data = apply_overrides(data, layer)
-            except ConfigError as e:
-                raise ConfigError(f"{_where(data, source)}: {e}") from e
-    try:
-        return recipe_from_dict(data, source)
-    except (ConfigError, TypeError) as e:  # TypeError: a mapping where a scalar belongs, ...
-        raise ConfigError(f"{_where(data, source)}: {e}") from e
-
-
-def _where(data: dict[str, Any], source: str | None) -> str:
-    name = data.get("name", "default")
-    shipped = source is not None and Path(source).parent == RECIPE_DIR
-    return f"recipe {name} ({source})" if source and not shipped else f"recipe {name}"
-
-
-def recipe_for_model(model: str) -> str | None:
-    """The shipped recipe whose ``applies_to`` (or ``model``) names this model, if any.
-
-    Example:
-        >>> recipe_for_model("dit-xl")
-        'dit-xl-imagenet256'
-    """
-    from dynconvert.errors import ModelNotFoundError
-    from dynconvert.models import resolve_name
-
-    def canon(name: str) -> str:
-        try:
-            return resolve_name(name)
-        except ModelNotFoundError:  # a diffusers model name (pixart-alpha) is not a preset
-            return name.lower()
-
-    want = canon(model)
-    for name, path in shipped_recipes().items():
-        try:
-            data, _ = read_recipe_data(path)
-        except ConfigError:
-            continue
-        names = list(data.get("applies_to") or [])
-        if data.get("model"):
-            names.append(data["model"])
-        if any(canon(str(n)) == want for n in names):
-            return name
-    return None
-
-
-def recipe_summary(name: str) -> dict[str, Any]:
-    """Name, model, target, steps and description of a shipped recipe (for ``recipes list``)."""
-    r = load_recipe(name)
-    cal = r.calibration_config()
-    return {
-        "name": r.name,
-        "model": r.model,
-        "target_flops": r.target_flops,
-        "steps": cal.steps,
-        "batch_size": cal.batch_size,
-        "description": r.description,
-        "file": r.source,
-    }
-
-
-__all__ = [
-    "EvaluateSettings",
-    "Recipe",
-    "ReportSettings",
-    "SampleSettings",
-    "apply_overrides",
-    "load_recipe",
-    "parse_value",
-    "recipe_for_model",
-    "recipe_from_dict",
-    "recipe_path",
-    "shipped_recipes",
-]
