@@ -106,7 +106,7 @@ def bench(
             stages["last"] = stage
             console.print(f"[dim]    bench[/dim]  {stage}", highlight=False)
 
-    with torch.no_grad():
+    with torch.no_grad(), render.native_stderr_silenced():  # the profiler's C++ start/stop lines
         result = benchmark(net, keep=keep, tokens=tokens, batch=batch, timestep=timestep, device=dev,
                            dtype=dtype, repeats=repeats, warmup=warmup, count=count,
                            memory=memory,

@@ -6,6 +6,7 @@ The library never prints and never imports rich; everything a person reads goes 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -160,3 +161,39 @@ def status(message: str) -> Iterator[None]:
             yield
     else:
         yield
+
+
+@contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Silence what native code (the torch profiler's C++ side) writes to the stderr file
+    descriptor, while Python's ``sys.stderr`` (progress, notes, warnings) still reaches it.
+
+    The process's stderr descriptor points at the null device for the duration; ``sys.stderr``
+    writes through a copy of the original descriptor. The library never touches descriptors:
+    the bench command wraps its call with this. Nothing happens when stderr has no descriptor
+    (a captured stream, as under ``typer.testing.CliRunner``).
+
+    Example:
+        >>> with native_stderr_silenced():
+        ...     pass
+    """
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stream: nothing to silence
+        yield
+        return
+    python_stderr = sys.stderr
+    python_stderr.flush()
+    saved = os.dup(fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    kept = os.fdopen(saved, "w", buffering=1, encoding=python_stderr.encoding, closefd=False)
+    try:
+        os.dup2(devnull, fd)
+        sys.stderr = kept
+        yield
+    finally:
+        kept.flush()
+        sys.stderr = python_stderr
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
