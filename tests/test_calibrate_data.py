@@ -16,10 +16,10 @@ from dynconvert.calibrate.data import (
     TensorSource,
     as_source,
     check_batch,
-    digits,
 )
 from dynconvert.calibrate.latents import read_index, write_latent_shards, write_latents
 from dynconvert.calibrate.stream import StepIndices, batch_stream
+from dynconvert.demo.data import digits
 from dynconvert.errors import DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

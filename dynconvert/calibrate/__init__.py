@@ -26,7 +26,7 @@ from dynconvert.calibrate.data import (
     Source,
     TensorSource,
     as_source,
-    digits,
+    register_source,
 )
 from dynconvert.calibrate.diffusion import FlowMatching, GaussianDiffusion, make_betas
 from dynconvert.calibrate.ema import EMA
@@ -58,7 +58,6 @@ __all__ = [
     "as_source",
     "build_objective",
     "calibrate",
-    "digits",
     "distill_loss",
     "flops_loss",
     "generic_adapter",
@@ -70,6 +69,7 @@ __all__ = [
     "read_index",
     "sample_ddpm_timesteps",
     "sample_flow_times",
+    "register_source",
     "select_adapter",
     "write_latent_shards",
     "write_latents",

@@ -3,18 +3,17 @@
 A source yields batch dicts ``{"x": (B, C, H, W), "y": (B,), "cond": (B, L, D), "cond_mask":
 (B, L)}`` (only "x" is required). Sources: precomputed latent shards (``LatentShards``), an image
 folder encoded on the fly through a VAE (``ImageFolderSource``), tensors in memory
-(``TensorSource``, e.g. ``digits()``), a map-style dataset, or any iterable of batch dicts
+(``TensorSource``), a map-style dataset, or any iterable of batch dicts
 (``IterableSource``). ``as_source`` picks one for whatever the user passed; ``stream.batch_stream`` orders the rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from dynconvert.errors import DataError
 
@@ -285,33 +284,27 @@ class IterableSource:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def digits(image_size: int = 16) -> TensorSource:
-    """scikit-learn's 8x8 digits (1797 images, labels 0..9) scaled to [-1, 1] and resized.
+NAMED_SOURCES: dict[str, Callable[[], Source]] = {}
+"""Data sets known by name (``as_source("digits")``); packages add theirs with
+:func:`register_source` (the digits demo adds ``digits``)."""
 
-    Args:
-        image_size: Side of the output images (bilinear upsampling), 1 channel.
 
-    Returns:
-        A ``TensorSource`` with x (1797, 1, image_size, image_size) and y (1797,).
+def register_source(name: str, factory: Callable[[], Source]) -> None:
+    """Make ``as_source(name)`` (and a recipe's ``data: name``) build ``factory()``.
 
     Example:
-        >>> src = digits(16)
-        >>> len(src), tuple(src.get_batch([0])["x"].shape)
-        (1797, (1, 1, 16, 16))
+        >>> register_source("zeros", lambda: TensorSource(torch.zeros(4, 1, 8, 8)))
+        >>> len(as_source("zeros"))
+        4
     """
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0 * 2.0 - 1.0
-    if image_size != 8:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    return TensorSource(x.clamp(-1.0, 1.0), torch.tensor(data.target, dtype=torch.long))
+    NAMED_SOURCES[name] = factory
 
 
 def as_source(data: Any) -> Source | IterableSource:
     """Wrap what the user passed as a data source.
 
-    Accepts a ``Source``; a latents folder path; the string "digits"; a dict of tensors with "x";
+    Accepts a ``Source``; a latents folder path; a registered name (:func:`register_source`,
+    e.g. "digits"); a dict of tensors with "x";
     a tensor of latents; a map-style dataset; or any iterable of batch dicts.
 
     Raises:
@@ -336,10 +329,12 @@ def as_source(data: Any) -> Source | IterableSource:
             raise DataError(
                 f"{path} holds no latents (no index.json or shards); write it with write_latents()"
             )
-        if str(data) == "digits":
-            return digits()
+        if str(data) in NAMED_SOURCES:
+            return NAMED_SOURCES[str(data)]()
+        names = ", ".join(repr(n) for n in sorted(NAMED_SOURCES))
         raise DataError(
-            f"data folder {path} does not exist; pass a latents folder, 'digits', or tensors"
+            f"data folder {path} does not exist; pass a latents folder, tensors, or a named data "
+            f"set ({names or 'none registered'})"
         )
     if isinstance(data, dict):
         if "x" not in data:

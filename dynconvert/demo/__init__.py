@@ -1,7 +1,10 @@
 """The digits demo: a small DiT that ships with dynconvert, and metrics to judge its samples.
 
-Importing this package registers the model preset ``digits`` (alias ``dit-digits``), so that
-``dynconvert.models.build_model("digits")`` builds the digits DiT with its shipped weights.
+Importing this package (``import dynconvert`` does) registers the demo with the core's
+registries: the model preset ``digits`` (alias ``dit-digits``), so that
+``dynconvert.models.build_model("digits")`` builds the digits DiT with its shipped weights, and
+the named calibration data ``"digits"`` (``dynconvert.demo.data.digits``) and the run
+evaluation ``evaluate.kind: digits`` (``dynconvert.demo.evaluate.digits_report``).
 Everything else loads on first use:
 
 - ``build_digits``, ``DIGITS_CONFIG``, ``DIGITS_WEIGHTS`` (``dynconvert.demo.digits``)
@@ -25,13 +28,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from dynconvert.calibrate.data import register_source
+from dynconvert.demo import data as _data
 from dynconvert.demo import digits as _digits
+from dynconvert.demo.evaluate import DIGITS_EVALUATION
+from dynconvert.evaluations import register_evaluation
 
 _LAZY = {
     "DIGITS_CONFIG": "digits",
     "DIGITS_SAMPLING": "digits",
     "DIGITS_WEIGHTS": "digits",
     "build_digits": "digits",
+    "digits": "data",
     "digits_model_info": "digits",
     "save_digits_weights": "digits",
     "train_digits": "training",
@@ -62,3 +70,5 @@ def __dir__() -> list[str]:
 
 
 _digits.register()
+register_source("digits", _data.digits)
+register_evaluation(DIGITS_EVALUATION)

@@ -1,6 +1,6 @@
 """The digits demo model: a small class-conditional DiT trained on scikit-learn's digits.
 
-Images are the 8x8 digits scaled to [-1, 1] and upsampled to 16x16 (``dynconvert.calibrate.
+Images are the 8x8 digits scaled to [-1, 1] and upsampled to 16x16 (``dynconvert.demo.data.
 digits(16)``), one channel, ten classes. The model is the built-in ``DiT`` (facebookresearch
 layout) at 16x16 with patch 2 (64 tokens), hidden size 64, 4 blocks of 4 heads, learned sigma,
 and class dropout 0.1 so that it samples with classifier-free guidance (null label 10). Its

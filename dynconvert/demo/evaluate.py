@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import torch.nn as nn
 
 from dynconvert.demo.digits import DIGITS_SAMPLING
 from dynconvert.errors import ConfigError
+from dynconvert.evaluations import Evaluation
 from dynconvert.flops import last_flops_ratio
 from dynconvert.routing import routing
 from dynconvert.sampling import compare_grid, sample
@@ -248,3 +250,51 @@ def write_demo_grid(
     return compare_grid(
         tensors["original"][keep], tensors["dynamic"][keep], path, nrow=show, upscale=upscale
     )
+
+
+# -- the "digits" evaluation of a run (evaluate.kind: digits) ----------------------------------
+SAMPLES_FILE = "samples.png"
+"""The grid a run writes (original left, dynamic right), as named in ``report.json``."""
+
+
+def check_digits_model(model: nn.Module) -> str:
+    """Why ``model`` cannot take the digits evaluation ("" when it can): its classifier only
+    knows the digits model's 16x16 one-channel images in 10 classes."""
+    if getattr(model, "preset", None) != "digits":
+        return "it scores samples of the digits demo model only"
+    return ""
+
+
+def digits_report(original: nn.Module, dynamic: nn.Module, recipe: Any, out: Path) -> dict[str, Any]:
+    """The report fields of a digits run: classifier accuracy and Frechet distance of the
+    original and the dynamic model (same seeds), the other figures under ``evaluation``, and
+    the sample grid when the recipe asks for one."""
+    ev, samples = recipe.evaluate, recipe.samples
+    res = evaluate_digits(original, dynamic, per_class=ev.per_class, steps=ev.steps, seed=ev.seed,
+                          cfg_scale=samples.cfg_scale, scheduler=samples.scheduler)  # fmt: skip
+    keep = ("classifier_accuracy", "frechet_distance")
+    fields: dict[str, Any] = {k: {m: float(res[k][m]) for m in ("original", "dynamic")} for k in keep}
+    extra = {k: v for k, v in res.items() if k not in (*keep, "tensors") and _jsonable(v)}
+    for k in keep:  # the other figures (real held-out accuracy, distance between the two models)
+        extra.update({f"{k}_{m}": float(v) for m, v in res[k].items() if m not in ("original", "dynamic")})
+    fields["evaluation"] = extra
+    if samples.grid:
+        write_demo_grid(res, Path(out) / SAMPLES_FILE, columns=min(10, ev.per_class), upscale=2)
+        fields["samples"] = SAMPLES_FILE
+    return fields
+
+
+def _jsonable(v: Any) -> bool:
+    """Small enough, and plain enough, for report.json."""
+    return isinstance(v, (str, int, float, bool, type(None))) or (
+        isinstance(v, (list, dict)) and len(json.dumps(v, default=str)) < 2000
+    )
+
+
+DIGITS_EVALUATION = Evaluation(
+    "digits",
+    run=digits_report,
+    check=check_digits_model,
+    description="sampling both models for classifier accuracy and Frechet distance",
+    summary=lambda r: "accuracy {original:.3f} -> {dynamic:.3f}".format(**r["classifier_accuracy"]),
+)

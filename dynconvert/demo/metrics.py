@@ -67,7 +67,7 @@ class DigitsClassifier(nn.Module):
 def real_digits() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1797 scikit-learn digits as ``(x (N, 1, 16, 16) in [-1, 1], y (N,))``, cached.
 
-    The same images as ``dynconvert.calibrate.digits(16)``, the data the digits DiT learned.
+    The same images as ``dynconvert.demo.data.digits(16)``, the data the digits DiT learned.
 
     Example:
         >>> x, y = real_digits()
@@ -75,7 +75,7 @@ def real_digits() -> tuple[torch.Tensor, torch.Tensor]:
         ((1797, 1, 16, 16), 9)
     """
     if "real" not in _CACHE:
-        from dynconvert.calibrate.data import digits
+        from dynconvert.demo.data import digits
 
         src = digits(IMAGE_SIZE)
         _CACHE["real"] = (src.tensors["x"], src.tensors["y"])

@@ -93,8 +93,8 @@ def train_digits(
         >>> train_digits(steps=1, batch_size=4).model.num_classes
         10
     """
-    from dynconvert.calibrate.data import digits
     from dynconvert.calibrate.diffusion import GaussianDiffusion
+    from dynconvert.demo.data import digits
     from dynconvert.demo.digits import build_digits
 
     data = digits(16).tensors

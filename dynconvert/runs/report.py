@@ -3,7 +3,6 @@ benchmark, the digits evaluation and sample grids, assembled into ``report.json`
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from dynconvert.errors import CheckpointError, ConfigError
+from dynconvert.evaluations import EVALUATIONS, NONE, evaluation_names
 from dynconvert.flops import last_flops_ratio, routed_ratio
 from dynconvert.runs.folder import REPORT_FILE, SAMPLES_FILE, _version
 from dynconvert.runs.sources import _first_line, original_model
@@ -149,13 +149,15 @@ def flops_profile(
 
 
 def check_report(recipe: Any, model: nn.Module) -> None:
-    """Refuse, before any work, a report the model cannot give (the digits evaluation needs
-    the digits model: its classifier only knows 16x16 digits in 10 classes)."""
-    if recipe.evaluate.kind == "digits" and getattr(model, "preset", None) != "digits":
-        raise ConfigError(
-            f"evaluate.kind 'digits' scores samples of the digits demo model; model "
-            f"{recipe.model!r} is not it. Set evaluate.kind to 'none'"
-        )
+    """Refuse, before any work, an evaluation the recipe asks for that the model cannot take."""
+    kind = recipe.evaluate.kind
+    if kind == NONE:
+        return
+    if kind not in EVALUATIONS:
+        raise ConfigError(f"evaluate.kind {kind!r} is not registered; use one of {', '.join(evaluation_names())}")
+    reason = EVALUATIONS[kind].check(model)
+    if reason:
+        raise ConfigError(f"evaluate.kind {kind!r} cannot evaluate model {recipe.model!r}: {reason}. Set evaluate.kind to 'none'")
 
 
 def build_report(
@@ -234,15 +236,14 @@ def build_report(
         "calibration": summary,
         "bench": bench,
     }
-    if recipe.evaluate.kind == "digits":
+    if recipe.evaluate.kind != NONE:
+        evaluation = EVALUATIONS[recipe.evaluate.kind]
         t0 = time.perf_counter()
-        event("evaluate", "sampling both models for classifier accuracy and Frechet distance")
-        report.update(_evaluate_digits(prepared, model))
+        event("evaluate", f"{evaluation.name}: {evaluation.description}")
+        original = original_model({"source": prepared.source.to_dict()}).to(device)
+        report.update(evaluation.run(original, model, recipe, out))
         timings["evaluate_s"] = round(time.perf_counter() - t0, 2)
-        event(
-            "evaluate",
-            "accuracy {original:.3f} -> {dynamic:.3f}".format(**report["classifier_accuracy"]),
-        )
+        event("evaluate", evaluation.summary(report))
     if recipe.samples.grid and "samples" not in report:
         t0 = time.perf_counter()
         event("samples", f"writing {SAMPLES_FILE} (original left, dynamic right)")
@@ -261,35 +262,6 @@ def build_report(
 
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
-
-
-def _evaluate_digits(prepared: PreparedRun, model: nn.Module) -> dict[str, Any]:
-    """Classifier accuracy and Frechet distance of the original and the dynamic digits model."""
-    from dynconvert.demo import evaluate_digits, write_demo_grid
-
-    ev, samples = prepared.recipe.evaluate, prepared.recipe.samples
-    device = next(model.parameters()).device
-    original = original_model({"source": prepared.source.to_dict()}).to(device)
-    res = evaluate_digits(original, model, per_class=ev.per_class, steps=ev.steps, seed=ev.seed,
-                          cfg_scale=samples.cfg_scale, scheduler=samples.scheduler)  # fmt: skip
-    keep = ("classifier_accuracy", "frechet_distance")
-    out: dict[str, Any] = {k: {m: float(res[k][m]) for m in ("original", "dynamic")} for k in keep}
-    extra = {k: v for k, v in res.items() if k not in (*keep, "tensors") and _jsonable(v)}
-    for k in keep:  # the other figures (real held-out accuracy, distance between the two models)
-        extra.update(
-            {f"{k}_{m}": float(v) for m, v in res[k].items() if m not in ("original", "dynamic")}
-        )
-    out["evaluation"] = extra
-    if samples.grid:
-        write_demo_grid(res, prepared.out / SAMPLES_FILE, columns=min(10, ev.per_class), upscale=2)
-        out["samples"] = SAMPLES_FILE
-    return out
-
-
-def _jsonable(v: Any) -> bool:
-    return isinstance(v, (str, int, float, bool, type(None))) or (
-        isinstance(v, (list, dict)) and len(json.dumps(v, default=str)) < 2000
-    )
 
 
 def class_labels(model: nn.Module, labels: list[int] | None = None) -> list[int] | None:

@@ -35,7 +35,7 @@ PIXART_ALPHA_512 = dict(
     norm_num_groups=32, norm_type="ada_norm_single", num_attention_heads=16, num_embeds_ada_norm=1000,
     num_layers=28, out_channels=8, patch_size=2, sample_size=64, use_additional_conditions=False,
 )  # fmt: skip
-"""The published config of PixArt-XL-2-512x512's transformer (for inspect and --random-init)."""
+"""The published config of PixArt-XL-2-512x512's transformer (for inspect and random weights)."""
 
 DIFFUSERS_MODELS = {
     "pixart-alpha": (
@@ -165,8 +165,8 @@ class ModelSource:
         except Exception as e:  # hub access fails in many ways (offline, DNS, HTTP, cache)
             hint = ORIGINAL_CHECKPOINTS.get(_canonical(self.name), "")
             raise CheckpointError(
-                f"no weights for {self.name}: pass --checkpoint (the official file{' ' + hint if hint else ''}, "
-                f"or a diffusers folder), or --random-init to try the pipeline; loading {self.repo} "
+                f"no weights for {self.name}: pass `checkpoint` (the official file{' ' + hint if hint else ''}, "
+                f"or a diffusers folder), or `random_init=True` to try the pipeline; loading {self.repo} "
                 f"from the Hugging Face hub failed ({_first_line(e)})"
             ) from e
 
@@ -228,12 +228,14 @@ def resolve_source(
 
     kwargs = dict(model_kwargs or {})
     if checkpoint and random_init:
-        raise ConfigError("--checkpoint and --random-init exclude each other; pass one of them")
+        raise ConfigError(
+            "`checkpoint` and `random_init=True` exclude each other; pass one of them"
+        )
     key = name.strip().lower()
     if key in TEST_MODELS:
         if not random_init:
             raise CheckpointError(
-                f"{name} is a test model with random weights only; add --random-init"
+                f"{name} is a test model with random weights only; add `random_init=True`"
             )
         return ModelSource(name, "testing", TEST_MODELS[key], "random", seed=seed)
     if key in DIFFUSERS_MODELS:
@@ -251,7 +253,7 @@ def resolve_source(
         path = Path(checkpoint).expanduser()
         if not path.exists():
             raise CheckpointError(
-                f"--checkpoint {checkpoint}: no such file or folder; check the path"
+                f"`checkpoint` {checkpoint}: no such file or folder; check the path"
             )
         if path.is_dir():
             if kind == "preset" and not target.startswith("DiT-"):
@@ -283,8 +285,8 @@ def resolve_source(
         return ModelSource(name, "diffusers", cls, "hub", seed=seed, repo=repo)
     hint = ORIGINAL_CHECKPOINTS.get(target)
     raise CheckpointError(
-        f"{name} has no weights to start from: pass --checkpoint PATH (a .pt, .pth or .safetensors "
-        f"file{', e.g. ' + hint if hint else ''}), or --random-init to try the pipeline with random weights"
+        f"{name} has no weights to start from: pass `checkpoint` (a .pt, .pth or .safetensors "
+        f"file{', e.g. ' + hint if hint else ''}), or `random_init=True` to try the pipeline with random weights"
     )
 
 
@@ -326,7 +328,7 @@ def synthetic_data(model: nn.Module, rows: int = 64, seed: int = 0) -> Any:
     x = _pick(named, X_NAMES)
     if x is None:
         raise DataError(
-            f"cannot tell the input shape of {type(model).__name__}; pass --data a latents folder"
+            f"cannot tell the input shape of {type(model).__name__}; set `data` to a latents folder"
         )
     g = torch.Generator().manual_seed(seed)
     y = _pick(named, Y_NAMES)
@@ -339,16 +341,17 @@ def synthetic_data(model: nn.Module, rows: int = 64, seed: int = 0) -> Any:
 
 def _data_source(data: str) -> Any:
     """The calibration data a recipe names (None for ``synthetic``: made once the model exists)."""
-    from dynconvert.calibrate import as_source, digits
+    from dynconvert.calibrate.data import NAMED_SOURCES, as_source
 
     if data == "synthetic":
         return None
-    if data == "digits":
-        return digits(16)
+    if data in NAMED_SOURCES:  # a named data set (the demo registers "digits")
+        return as_source(data)
     path = Path(data).expanduser()
     if not path.exists():
+        names = "".join(f", {n!r}" for n in sorted(NAMED_SOURCES))
         raise DataError(
-            f"--data {data}: no such folder; pass a latents folder, 'digits' or 'synthetic'"
+            f"`data` {data}: no such folder; pass a latents folder, 'synthetic'{names}"
         )
     return as_source(path)
 
@@ -387,6 +390,6 @@ def original_model(info: dict[str, Any], checkpoint: str | None = None) -> nn.Mo
                                 seed=source.seed)  # fmt: skip
     elif source.checkpoint and not Path(source.checkpoint).exists():
         raise CheckpointError(
-            f"the run's original weights {source.checkpoint} are gone; pass --checkpoint PATH to compare"
+            f"the run's original weights {source.checkpoint} are gone; pass `checkpoint` to compare"
         )
     return source.build().eval()
