@@ -1,29 +1,40 @@
-"""Find MLP sites in an OpGraph: fc1 (or a gated pair), what lies between, fc2, and the residual."""
+"""Find MLP sites in an OpGraph: fc1 (or a gated pair), what lies between, fc2, and the residual.
+
+Every Linear of the graph is tried as an fc2. Walking back from its input must reach one or two
+Linears (fc1, or the value and gate projections of a gated MLP) through ops that act on each
+hidden channel on its own; only then is cutting the hidden width into channel groups the same
+as zeroing those groups. Walking forward from fc2 must reach the residual add as
+``x + g * mlp(...)`` with ``g`` constant per token; only then does a token whose MLP update is
+zero pass on unchanged (method.md, "Spatial-wise Dynamic Token").
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from dynconvert.analysis.graph import OpGraph, OpNode, block_of, call_lca, module_lca
 from dynconvert.plan import MlpSite, SkippedSite, UnitMap
 
+_SPLIT_OPS = ("chunk", "split", "split_with_sizes")
+_MAX_REGION_OPS = 32  # an MLP has a handful of ops between fc1 and fc2; more: we left the MLP
+
 
 @dataclass
 class Region:
     """The ops between the input projection(s) and fc2."""
 
-    sources: list[OpNode]
-    nodes: list[OpNode]
-    split: OpNode | None
-    norms: list[OpNode]
-    width_reason: str = ""
-    token_reason: str = ""
+    sources: list[OpNode] = field(default_factory=list)  # fc1, or the value and gate Linears
+    nodes: list[OpNode] = field(default_factory=list)  # every op between them and fc2
+    split: OpNode | None = None  # the split of a fused value-and-gate fc1 output, if any
+    width_reason: str = ""  # why the hidden width cannot be routed ("" when it can)
 
 
 @dataclass
 class FoundMlp:
+    """An MLP site, or a candidate refused with the reason, and the Linear nodes it takes."""
+
     site: MlpSite | None
     skipped: SkippedSite | None
     linear_nodes: list[OpNode]
@@ -35,88 +46,125 @@ def _desc(n: OpNode) -> str:
 
 
 def _region(fc2: OpNode) -> Region | None:
-    """Walk back from fc2's input to the Linear(s) feeding it, or None when it is not an MLP."""
-    start = fc2.args[0]
+    """Walk back from fc2's input to the Linear(s) feeding it, or None when it is not an MLP.
+
+    A depth-first walk over the tensor inputs of each op (parameters and constants are not
+    followed). It stops at Linears, the sources, and gives up on an op that cannot lie inside
+    an MLP (see :func:`_region_inputs`) or on a value whose width is not the hidden width.
+    """
+    start = fc2.args[0]  # fc2's input: (B, N, hidden)
     if not isinstance(start, OpNode):
         return None
-    stack, seen = [start], set()
-    sources: list[OpNode] = []
-    nodes: list[OpNode] = []
-    split = None
-    norms: list[OpNode] = []
-    width_reason = ""
     hidden = start.shape[-1] if start.shape else -1
+    region = Region()
+    stack, seen = [start], set()
     while stack:
         n = stack.pop()
-        if id(n) in seen:
+        if id(n) in seen:  # reached twice: x * x, or the two halves of one split
             continue
         seen.add(id(n))
         if n.kind == "linear":
-            sources.append(n)
+            region.sources.append(n)
             continue
-        nodes.append(n)
-        if len(nodes) > 32 or (n.shape is not None and n.shape[-1] not in (hidden, 2 * hidden)):
-            return None  # left the MLP: only hidden-width values lie between fc1 and fc2
-        tracked = [i for i in n.inputs if i.kind not in ("param", "const")]
-        if n.kind in ("unary", "cast") and len(tracked) == 1:
-            stack.extend(tracked)
-        elif n.kind == "binary":
-            others = [a for a in n.args if not isinstance(a, OpNode)]
-            if len(tracked) == 2 or (len(tracked) == 1 and len(others) == len(n.args) - 1):
-                stack.extend(tracked)
-            else:
-                return None
-        elif n.kind == "shape" and n.op == "getitem" and tracked and tracked[0].op in ("chunk", "split", "split_with_sizes"):
-            stack.append(tracked[0])
-        elif n.kind == "shape" and n.op in ("chunk", "split", "split_with_sizes"):
-            dim = n.arg(2, "dim", 0) if n.op != "chunk" else n.arg(2, "dim", 0)
-            rank = len(tracked[0].shape or ())
-            if dim not in (-1, rank - 1):
-                return None
-            split = n
-            stack.extend(tracked)
-        elif n.kind == "norm" and tracked:
-            norms.append(n)
-            width_reason = f"a norm over the hidden channels ({_desc(n)}) runs inside the MLP"
-            stack.append(tracked[0])
-        else:
+        region.nodes.append(n)
+        if len(region.nodes) > _MAX_REGION_OPS:
             return None
-    if not sources or len(sources) > 2:
+        # Between fc1 and fc2 every value is hidden wide (2 * hidden before a value/gate split);
+        # any other width means the walk has left the MLP (for example into the block's input).
+        # Ops that return several tensors (a split) have no single shape and pass.
+        if n.shape is not None and n.shape[-1] not in (hidden, 2 * hidden):
+            return None
+        follow = _region_inputs(n, region)
+        if follow is None:
+            return None
+        stack.extend(follow)
+    if not 1 <= len(region.sources) <= 2:  # fc1, or the two Linears of a gated MLP
         return None
-    return Region(sources=sources, nodes=nodes, split=split, norms=norms, width_reason=width_reason)
+    return region
+
+
+def _region_inputs(n: OpNode, region: Region) -> list[OpNode] | None:
+    """The inputs of ``n`` the walk goes on with, or None when ``n`` cannot lie inside an MLP.
+
+    A split of a fused value-and-gate projection is recorded in ``region.split``, a norm over the
+    hidden channels in ``region.width_reason``.
+    """
+    tracked = [i for i in n.inputs if i.kind not in ("param", "const")]
+    if n.kind in ("unary", "cast"):  # activation, dropout, dtype cast
+        return tracked if len(tracked) == 1 else None
+    if n.kind == "binary":
+        # value * gate (two tensors), or one tensor with plain numbers (x * 0.5). Any other
+        # operand (a parameter, a constant computed in the graph) ends the walk.
+        numbers = [a for a in n.args if not isinstance(a, OpNode)]
+        if len(tracked) == 2 or (len(tracked) == 1 and len(numbers) == len(n.args) - 1):
+            return tracked
+        return None
+    if n.kind == "shape" and n.op == "getitem":
+        # One half of a split fc1 output: go on with the split; any other indexing ends the walk.
+        return tracked[:1] if tracked and tracked[0].op in _SPLIT_OPS else None
+    if n.kind == "shape" and n.op in _SPLIT_OPS:
+        # A fused fc1 holding value and gate. Only a split of the last (channel) dim keeps
+        # tokens apart; chunk(x, chunks, dim) and split(x, sizes, dim) both take dim third.
+        if not tracked:
+            return None
+        dim = n.arg(2, "dim", 0)
+        rank = len(tracked[0].shape or ())
+        if dim not in (-1, rank - 1):
+            return None
+        region.split = n
+        return tracked
+    if n.kind == "norm" and tracked:
+        # A norm over the hidden channels mixes them: removing a group changes the statistics of
+        # the others, so width routing is off. Tokens stay independent: token routing may stay.
+        region.width_reason = f"a norm over the hidden channels ({_desc(n)}) runs inside the MLP"
+        return tracked[:1]
+    return None
 
 
 def _residual_reason(fc2: OpNode, token_dims: int) -> str:
-    """Empty when fc2's output reaches the residual as ``x + g * f`` with per-token-constant g."""
+    """Empty when fc2's output reaches the residual as ``x + g * f`` with per-token-constant g.
+
+    Otherwise the reason token routing is ruled out: a skipped token gets a zero MLP update,
+    which leaves it unchanged only if nothing but a per-token scale and the add follow fc2.
+    """
     cur = fc2
     while True:
         users = cur.real_users
         if len(users) != 1:
             return f"the MLP output is used {len(users)} times, not only by the residual add"
         u = users[0]
-        tracked = [i for i in u.inputs if i is not cur]
         if u.kind == "cast" or (u.kind == "unary" and u.op.startswith(("dropout", "identity"))):
-            cur = u
+            cur = u  # keeps a zero update zero
             continue
         if u.kind == "binary" and u.op in ("mul", "div", "mul_", "div_", "truediv"):
+            # The gate g (DiT's adaLN gate_mlp, (B, 1, D)) must not vary over the token axes.
             other = [a for a in u.args if a is not cur]
             ok = True
             for a in other:
                 if isinstance(a, OpNode):
                     ok = ok and _per_token_constant(a.shape, cur.shape, token_dims)
             if not ok:
-                return f"the MLP output is scaled per token ({_desc(u)}), so a skipped token would not stay unchanged"
+                return (
+                    f"the MLP output is scaled per token ({_desc(u)}), so a skipped token would "
+                    "not stay unchanged"
+                )
             cur = u
             continue
         if u.kind == "binary" and u.op in ("add", "add_"):
-            other = [a for a in tracked if isinstance(a, OpNode)]
+            # The residual add: the other operand is the stream itself, of the output's shape.
+            other = [i for i in u.inputs if i is not cur and isinstance(i, OpNode)]
             if len(other) == 1 and other[0].shape == u.shape:
                 return ""
-            return f"the MLP output is added to something that is not the residual stream ({_desc(u)})"
+            return (
+                f"the MLP output is added to something that is not the residual stream ({_desc(u)})"
+            )
         return f"{_desc(u)} follows the MLP output before the residual add"
 
 
-def _per_token_constant(shape: tuple[int, ...] | None, ref: tuple[int, ...] | None, token_dims: int) -> bool:
+def _per_token_constant(
+    shape: tuple[int, ...] | None, ref: tuple[int, ...] | None, token_dims: int
+) -> bool:
+    """Whether a tensor of ``shape``, broadcast against ``ref``, has size 1 on the token axes."""
     if shape is None or ref is None:
         return False
     # Align from the right; the token axes are 1..token_dims-1 of ref (axis 0 is the batch).
@@ -128,6 +176,10 @@ def _per_token_constant(shape: tuple[int, ...] | None, ref: tuple[int, ...] | No
     return True
 
 
+def _refuse(name: str, reason: str) -> FoundMlp:
+    return FoundMlp(None, SkippedSite(name, "mlp", reason), [])
+
+
 def build_site(
     fc2: OpNode,
     model: torch.nn.Module,
@@ -135,52 +187,65 @@ def build_site(
     taken: set[str],
     order: dict[int, int] | None = None,
 ) -> FoundMlp | None:
-    """An MlpSite ending at ``fc2``, a SkippedSite with the reason, or None when not an MLP."""
+    """An MlpSite ending at ``fc2``, a SkippedSite with the reason, or None when not an MLP.
+
+    Args:
+        fc2: A Linear node of the graph, tried as the output projection of an MLP.
+        model: The model the graph was captured from (for module classes).
+        reuse: Linear fqn -> the nodes that call it (a Linear called twice cannot be sliced).
+        taken: Linears already claimed by another site.
+        order: Node id -> position in the graph, to list a gated pair in execution order.
+    """
     if fc2.linear is None or fc2.linear in taken:
         return None
     region = _region(fc2)
     if region is None:
         return None
     sources = sorted(region.sources, key=lambda n: (order or {}).get(id(n), 0))
-    x = sources[0].args[0]
+    x = sources[0].args[0]  # the MLP input: (B, N, D), or (B, H, W, D)
     if not isinstance(x, OpNode) or not x.shape or len(x.shape) < 3:
         return None  # no token dimension: an embedding MLP, not a transformer MLP
     if any(s.args[0] is not x for s in sources):
-        return None
+        return None  # the two projections of a gated MLP read the same input
     names = [s.linear for s in sources]
     module_name = call_lca(*sources, fc2) if all(n.stack for n in [*sources, fc2]) else ""
     module_name = module_name or module_lca(*(n or "" for n in names), fc2.linear)
     if any(n is None for n in names):
-        return FoundMlp(None, SkippedSite(module_name, "mlp", "an input projection is not an nn.Linear"), [])
+        return _refuse(module_name, "an input projection is not an nn.Linear")
     for ln in [*sources, fc2]:
         if len(reuse.get(ln.linear, [])) > 1:
-            return FoundMlp(None, SkippedSite(module_name, "mlp", f"{ln.linear} is called more than once per forward"), [])
+            return _refuse(module_name, f"{ln.linear} is called more than once per forward")
         if ln.linear in taken:
             return None
+    # Slicing changes every value inside the MLP: none of them may be read from outside.
     region_ids = {id(n) for n in region.nodes} | {id(fc2)}
     for n in [*sources, *region.nodes]:
         if any(id(u) not in region_ids for u in n.real_users):
-            return FoundMlp(None, SkippedSite(module_name, "mlp", f"an intermediate value ({_desc(n)}) is used outside the MLP"), [])
+            return _refuse(
+                module_name, f"an intermediate value ({_desc(n)}) is used outside the MLP"
+            )
 
     hidden = fc2.args[0].shape[-1]
     width_reason = region.width_reason
     gated = False
     outs = [s.shape[-1] for s in sources]
-    if len(sources) == 2:
+    if len(sources) == 2:  # separate value and gate projections (SwiGLU as w1, w3)
         gated = True
         if outs != [hidden, hidden]:
             width_reason = width_reason or "the two input projections do not match the hidden width"
-    elif region.split is not None:
+    elif region.split is not None:  # one fc1 of 2 * hidden rows, split into value and gate
         gated = True
         sizes = region.split.arg(1, "split_size_or_sections")
         halves = region.split.op == "chunk" and region.split.arg(1, "chunks") == 2
         halves = halves or (region.split.op != "chunk" and sizes in (hidden, [hidden, hidden]))
         if not halves or outs[0] != 2 * hidden:
-            width_reason = width_reason or "the input projection is split in a way other than two equal halves"
+            width_reason = (
+                width_reason or "the input projection is split in a way other than two equal halves"
+            )
     elif outs[0] != hidden:
         width_reason = width_reason or "the input projection width differs from the hidden width"
 
-    token_dims = len(x.shape) - 1
+    token_dims = len(x.shape) - 1  # batch, then token_dims - 1 token axes, then channels
     token_reason = _residual_reason(fc2, token_dims)
     site = MlpSite(
         name=module_name,
@@ -192,7 +257,7 @@ def build_site(
         hidden=hidden,
         out_features=fc2.shape[-1],
         gated=gated,
-        groups=1,
+        groups=1,  # set by set_groups once the block's head count is known
         tokens=int(torch.tensor(x.shape[1:-1]).prod()),
         in_maps=[],
         out_map=UnitMap(linear=fc2.linear, axis="cols", units=1),
@@ -206,20 +271,40 @@ def build_site(
 
 
 def set_groups(site: MlpSite, groups: int) -> None:
-    """Cut the hidden width into ``groups`` equal contiguous groups and fill the unit maps."""
+    """Cut the hidden width into ``groups`` equal contiguous groups and fill the unit maps.
+
+    When ``groups`` does not divide the hidden width, the largest divisor below it is used;
+    a site that cannot be cut (or has width routing off) gets one group spanning everything.
+
+    Example:
+        >>> from dynconvert.plan import MlpSite, UnitMap
+        >>> out = UnitMap(linear="fc2", axis="cols", units=1)
+        >>> site = MlpSite("mlp", "b", "Mlp", ["fc1"], "fc2", 8, 12, 8, False, 1, 4, [], out)
+        >>> set_groups(site, 5)
+        >>> site.groups, site.in_maps[0].parts
+        (4, [(0, 3, 3)])
+    """
     g = max(d for d in range(1, min(groups, site.hidden) + 1) if site.hidden % d == 0)
     if g < 2:
         site.width = False
-        site.width_reason = site.width_reason or f"hidden width {site.hidden} cannot be cut into groups"
+        site.width_reason = (
+            site.width_reason or f"hidden width {site.hidden} cannot be cut into groups"
+        )
     g = g if site.width else 1
-    size = site.hidden // g
+    size = site.hidden // g  # channels a group
     site.groups = g
     if len(site.fc1) == 2:
-        site.in_maps = [UnitMap(linear=n, axis="rows", units=g, parts=[(0, size, size)]) for n in site.fc1]
+        # Value and gate Linears: group u owns the same size rows of each.
+        site.in_maps = [
+            UnitMap(linear=n, axis="rows", units=g, parts=[(0, size, size)]) for n in site.fc1
+        ]
     elif site.gated and site.width:
-        site.in_maps = [UnitMap(linear=site.fc1[0], axis="rows", units=g,
-                                parts=[(0, size, size), (site.hidden, size, size)])]
+        # One fused Linear: group u owns size rows of the value half and the same of the gate
+        # half, which starts at row ``hidden`` (the two halves are dropped together).
+        parts = [(0, size, size), (site.hidden, size, size)]
+        site.in_maps = [UnitMap(linear=site.fc1[0], axis="rows", units=g, parts=parts)]
     else:
+        # A plain fc1, or a single group that spans every fc1 row (both halves when gated).
         rows = site.fc1_out // g
         site.in_maps = [UnitMap(linear=site.fc1[0], axis="rows", units=g, parts=[(0, rows, rows)])]
     site.out_map = UnitMap(linear=site.fc2, axis="cols", units=g, parts=[(0, size, size)])
@@ -231,4 +316,5 @@ def _class_of(model: torch.nn.Module, name: str) -> str:
 
 
 def find_fc2_candidates(graph: OpGraph) -> list[OpNode]:
+    """Every Linear of the graph: which of them end an MLP is up to :func:`build_site`."""
     return [n for n in graph.nodes if n.kind == "linear"]
