@@ -9,6 +9,7 @@ reaches the residual stream.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from dynconvert.inputs import batch_of, default_inputs, find_timestep_arg, shape
 from dynconvert.plan import AttentionSite, MlpSite, Plan, SkippedSite
 
 FilterFn = Callable[[torch.nn.Module, str], bool]
+"""``filter_fn(module, name) -> bool``: False leaves the site at ``name`` unconverted."""
 
 __all__ = ["analyze", "capture"]
 
@@ -55,12 +57,15 @@ def analyze(
         (2, 2)
     """
     config = config or ConvertConfig()
+    # A converted model's DynamicLinears would be found as sites again and routed twice.
     if getattr(model, "_dynconvert_converted", False):
         raise AlreadyConvertedError(
             "this model is already converted; call dynconvert.revert(model) first, or use "
             "dynconvert.get_state(model).plan for its plan"
         )
-    args, kwargs = split_inputs(example_inputs) if example_inputs is not None else default_inputs(model)
+    args, kwargs = (
+        split_inputs(example_inputs) if example_inputs is not None else default_inputs(model)
+    )
     timestep_arg = find_timestep_arg(model, config.timestep_arg)
     graph = capture(model, args, kwargs, config.capture)
     return plan_from_graph(model, graph, args, kwargs, timestep_arg, config, filter_fn)
@@ -68,6 +73,7 @@ def analyze(
 
 @contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module):
+    """Run the model in eval mode (no dropout, no label dropout), then restore its mode."""
     was = model.training
     model.eval()
     try:
@@ -89,11 +95,27 @@ def check_inputs_run(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         ) from e
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: dict, how: str = "auto", any_linear: bool = False) -> OpGraph:
+def capture(
+    model: torch.nn.Module, args: tuple, kwargs: dict, how: str = "auto", any_linear: bool = False
+) -> OpGraph:
     """Capture the model's graph: torch.export (non-strict), else the robust per-block tracer.
 
     Example inputs that do not run the model raise ExampleInputsError (checked by an eager run
     only when export fails: the fx tracer's own eager run, which records each module's inputs).
+
+    Args:
+        model: The model to capture (left in the training mode it came in).
+        args: Positional inputs of its forward.
+        kwargs: Keyword inputs of its forward.
+        how: "auto" (export, else fx), "export" (export only, errors raised) or "fx".
+        any_linear: Tie linear ops to any nn.Linear subclass too (to count the costs of a
+            converted model, whose Linears are DynamicLinears).
+
+    Example:
+        >>> from dynconvert.testing import tiny_dit
+        >>> model = tiny_dit()
+        >>> capture(model, model.example_inputs(2), {}).capture
+        'torch.export'
     """
     error: Exception | None = None
     if how in ("auto", "export"):
@@ -104,8 +126,10 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, how: str = "auto"
         except Exception as e:  # noqa: BLE001 - fall back to the tracer below
             if how == "export":
                 check_inputs_run(model, args, kwargs)
-                raise ExampleInputsError(f"torch.export failed on {type(model).__name__}: {e}") from e
-            error = e
+                raise ExampleInputsError(
+                    f"torch.export failed on {type(model).__name__}: {e}"
+                ) from e
+            error = e  # reported in the coverage note of the fx graph
     from dynconvert.analysis.fx_capture import capture_fx  # its eager run checks the inputs
 
     with _eval_mode(model):
@@ -125,35 +149,40 @@ def plan_from_graph(
     filter_fn: FilterFn | None = None,
 ) -> Plan:
     """Turn a captured graph into a Plan (sites, skipped sites, costs)."""
-    reuse = graph.linear_nodes()
-    order = {id(n): i for i, n in enumerate(graph.nodes)}
-    attention: list[tuple[int, AttentionSite]] = []
+    reuse = graph.linear_nodes()  # Linear fqn -> its calls; a Linear called twice is not sliced
+    order = {id(n): i for i, n in enumerate(graph.nodes)}  # node -> position in execution order
+    attention: list[tuple[int, AttentionSite]] = []  # (position of the call, site)
     skipped: list[SkippedSite] = []
-    site_nodes: set[int] = set()
-    taken: set[str] = set()
+    taken: set[str] = set()  # Linears claimed by a site: no second site may route them
+
+    # Attention first: its q/k/v/out Linears are then not offered to the MLP finder.
     for call in attn_finder.find_calls(graph):
         found = attn_finder.build_site(call, model, reuse)
         if found.site is None:
             skipped.append(found.skipped)
             continue
         attention.append((order[id(call.output)], found.site))
-        site_nodes.update(id(n) for n in [*found.linear_nodes, *call.cost_nodes])
         taken.update(n.linear for n in found.linear_nodes)
 
+    # The first attention site of each block: its head count is the MLP's default group count
+    # (G = H, as the paper), and an MLP outside any such block (a timestep or caption embedding
+    # MLP) is not a transformer MLP.
     attn_blocks: dict[str, AttentionSite] = {}
     for _, s in attention:
         attn_blocks.setdefault(s.block, s)
     mlps: list[tuple[int, MlpSite]] = []
     for fc2 in mlp_finder.find_fc2_candidates(graph):
         found = mlp_finder.build_site(fc2, model, reuse, taken, order)
-        if found is None:
+        if found is None:  # this Linear does not end an MLP
             continue
         if found.site is None:
             skipped.append(found.skipped)
             continue
         site = found.site
         if site.block not in attn_blocks:
-            skipped.append(SkippedSite(site.name, "mlp", "not inside a transformer block with attention"))
+            skipped.append(
+                SkippedSite(site.name, "mlp", "not inside a transformer block with attention")
+            )
             continue
         groups = config.mlp_groups or attn_blocks[site.block].heads
         mlp_finder.set_groups(site, groups)
@@ -162,23 +191,32 @@ def plan_from_graph(
         if not config.token_routing and site.token:
             site.token, site.token_reason = False, "token routing turned off in the config"
         if not site.width and not site.token:
-            skipped.append(SkippedSite(site.name, "mlp", f"{site.width_reason}; {site.token_reason}"))
+            skipped.append(
+                SkippedSite(site.name, "mlp", f"{site.width_reason}; {site.token_reason}")
+            )
             continue
         mlps.append((order[id(fc2)], site))
-        site_nodes.update(id(n) for n in found.linear_nodes)
         taken.update(n.linear for n in found.linear_nodes)
 
+    # User exclusions last, then number the kept sites in execution order: site.index is the
+    # position of the site's masks and routers in the RouterBank.
     kept_attn, kept_mlp = [], []
     for _, site in sorted([*attention, *mlps], key=lambda p: p[0]):
         reason = _excluded(model, site, config, filter_fn)
         if isinstance(site, AttentionSite) and not config.attention_width and not reason:
             reason = "attention width routing turned off in the config"
         if reason:
-            skipped.append(SkippedSite(site.name, "attention" if isinstance(site, AttentionSite) else "mlp", reason))
+            skipped.append(
+                SkippedSite(
+                    site.name, "attention" if isinstance(site, AttentionSite) else "mlp", reason
+                )
+            )
             continue
         site.index = len(kept_attn) + len(kept_mlp)
         (kept_attn if isinstance(site, AttentionSite) else kept_mlp).append(site)
 
+    # Costs: the graph's MACs are for the whole example batch, a site's macs() for one sample.
+    # other_macs is what routing never changes (embeddings, final layer, skipped sites).
     static = sum(node_macs(n) for n in graph.nodes)
     site_macs = sum(s.macs() for s in [*kept_attn, *kept_mlp])
     batch = batch_of(args, kwargs)
@@ -197,9 +235,14 @@ def plan_from_graph(
     )
 
 
-def _excluded(model: torch.nn.Module, site: Any, config: ConvertConfig, filter_fn: FilterFn | None) -> str:
-    import re
+def _excluded(
+    model: torch.nn.Module, site: Any, config: ConvertConfig, filter_fn: FilterFn | None
+) -> str:
+    """Why the user left ``site`` out ("" when kept).
 
+    A ``config.exclude`` pattern matches the whole site name or a module above it ("blocks.0"
+    leaves out "blocks.0.attn").
+    """
     for pattern in config.exclude:
         if re.fullmatch(pattern, site.name) or site.name.startswith(pattern + "."):
             return f"excluded by config.exclude pattern {pattern!r}"

@@ -19,8 +19,15 @@ from torch import nn
 
 from dynconvert.analysis.graph import OpGraph, OpNode, _link_users, canonical_kind
 
-_UNARY_MODULES = (nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.Hardswish, nn.Identity,
-                  nn.Dropout, nn.LeakyReLU, nn.ELU)
+# Leaf modules the graph still understands: the tracer keeps them as call_module nodes, and
+# _module_node gives them the kind of the op they run.
+_LEAF_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+# fmt: off
+_UNARY_MODULES = (
+    nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.Hardswish, nn.Identity,
+    nn.Dropout, nn.LeakyReLU, nn.ELU,
+)
+# fmt: on
 _NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
 
@@ -29,11 +36,12 @@ class RobustTracer(torch.fx.Tracer):
 
     def __init__(self, leaves: set[str]):
         super().__init__()
-        self.extra_leaves = leaves
-        self.failed: str | None = None
+        self.extra_leaves = leaves  # submodules that failed to trace in an earlier attempt
+        self.failed: str | None = None  # the innermost module whose tracing raised
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)):
+        # Linears stay whole so that each one maps to one module (its fqn names the site).
+        if isinstance(m, _LEAF_MODULES):
             return True
         if qualname in self.extra_leaves:
             return True
@@ -44,6 +52,7 @@ class RobustTracer(torch.fx.Tracer):
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
+            # The innermost failing module is seen first as the error unwinds: keep that one.
             if self.failed is None:
                 self.failed = name
             raise
@@ -63,11 +72,18 @@ class _Recorder(torch.fx.Interpreter):
 
 
 def _record_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, tuple[tuple, dict]]:
+    """Run the model once eagerly; module fqn -> the (args, kwargs) of its first call.
+
+    Modules never called (unused branches) are absent. Raises ExampleInputsError when the
+    inputs do not run the model.
+    """
     seen: dict[str, tuple[tuple, dict]] = {}
     handles = []
     for name, m in model.named_modules():
-        def hook(mod: nn.Module, a: tuple, k: dict, name: str = name) -> None:
+
+        def hook(mod: nn.Module, a: tuple, k: dict, name: str = name) -> None:  # binds name
             seen.setdefault(name, (a, k))
+
         handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     from dynconvert.analysis import check_inputs_run
 
@@ -83,14 +99,15 @@ def capture_fx(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
     """Capture the model module by module with :class:`RobustTracer`."""
     inputs = _record_inputs(model, args, kwargs)
     nodes: list[OpNode] = []
-    traced: list[str] = []
-    leaves_all: list[str] = []
-    untraced: list[str] = []
+    traced: list[str] = []  # modules captured whole
+    leaves_all: list[str] = []  # submodules kept as opaque leaves inside them
+    untraced: list[str] = []  # modules replaced by their children
 
     def visit(fqn: str, module: nn.Module) -> None:
+        """Trace ``module`` whole if possible, else visit its children (top-down)."""
         if not any(True for _ in module.parameters()):
-            return
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)):
+            return  # no weights, so no site here (matmuls inside, if any, go uncounted)
+        if isinstance(module, _LEAF_MODULES):
             if fqn in inputs:  # a leaf called directly by an untraceable parent: count it alone
                 nodes.append(_leaf_node(module, fqn, *inputs[fqn]))
             return
@@ -110,13 +127,23 @@ def capture_fx(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
     _link_users(nodes)
     note = f"torch.fx per module: traced {len(traced)} module(s)"
     if untraced:
-        note += f"; {len(untraced)} untraceable, split into children ({', '.join(untraced[:3])}{'...' if len(untraced) > 3 else ''})"
+        more = "..." if len(untraced) > 3 else ""
+        note += f"; {len(untraced)} untraceable, split into children "
+        note += f"({', '.join(untraced[:3])}{more})"
     if leaves_all:
-        note += f"; kept as leaf: {', '.join(leaves_all[:4])}{'...' if len(leaves_all) > 4 else ''}"
+        more = "..." if len(leaves_all) > 4 else ""
+        note += f"; kept as leaf: {', '.join(leaves_all[:4])}{more}"
     return OpGraph(nodes=nodes, capture="torch.fx", coverage=note)
 
 
-def _trace_module(module: nn.Module, prefix: str, args: tuple, kwargs: dict) -> tuple[list[OpNode], list[str]] | None:
+def _trace_module(
+    module: nn.Module, prefix: str, args: tuple, kwargs: dict
+) -> tuple[list[OpNode], list[str]] | None:
+    """Trace one module on the inputs it saw: (its ops, the submodules kept as leaves), or None.
+
+    Each failing submodule becomes a leaf and tracing is retried (at most 32 times); None when
+    the module itself cannot be traced or its graph does not rerun on the recorded inputs.
+    """
     try:
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
     except TypeError:
@@ -125,6 +152,7 @@ def _trace_module(module: nn.Module, prefix: str, args: tuple, kwargs: dict) -> 
     params = inspect.signature(module.forward).parameters
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()):
         return None
+    # Non-tensor arguments (flags, None, ints) are baked in, so Python branches on them trace.
     concrete = {k: v for k, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
     leaves: set[str] = set()
     graph = None
@@ -134,11 +162,12 @@ def _trace_module(module: nn.Module, prefix: str, args: tuple, kwargs: dict) -> 
             graph = tracer.trace(module, concrete_args=concrete)
             break
         except Exception:  # noqa: BLE001 - an untraceable part becomes a leaf, then we retry
-            if not tracer.failed or tracer.failed in leaves:
+            if not tracer.failed or tracer.failed in leaves:  # own code failed, or no progress
                 return None
             leaves.add(tracer.failed)
     if graph is None:
         return None
+    # Rerun the graph on the recorded inputs: every node gets its real value, hence its shape.
     try:
         gm = torch.fx.GraphModule(module, graph)
         rec = _Recorder(gm)
@@ -153,14 +182,17 @@ def _trace_module(module: nn.Module, prefix: str, args: tuple, kwargs: dict) -> 
 
 
 def _join(prefix: str, name: str) -> str:
+    """``prefix.name``, or whichever of the two is not empty."""
     return f"{prefix}.{name}" if prefix and name else (prefix or name)
 
 
 def _to_opnodes(gm: torch.fx.GraphModule, prefix: str, values: dict[str, Any]) -> list[OpNode]:
-    mapping: dict[str, OpNode] = {}
+    """The OpNodes of one traced module (fqns prefixed by ``prefix``), from its rerun values."""
+    mapping: dict[str, OpNode] = {}  # fx node name -> OpNode
     out: list[OpNode] = []
 
     def conv(a: Any) -> Any:
+        """fx arguments -> OpNode arguments (nodes replaced by their OpNodes)."""
         if isinstance(a, torch.fx.Node):
             return mapping[a.name]
         if isinstance(a, (list, tuple)):
@@ -172,69 +204,103 @@ def _to_opnodes(gm: torch.fx.GraphModule, prefix: str, values: dict[str, Any]) -
     for node in gm.graph.nodes:
         val = values.get(node.name)
         shape = tuple(val.shape) if isinstance(val, torch.Tensor) else None
-        shapes = tuple(tuple(v.shape) for v in val) if isinstance(val, (list, tuple)) and val and all(
-            isinstance(v, torch.Tensor) for v in val) else None
+        shapes = (
+            tuple(tuple(v.shape) for v in val)
+            if isinstance(val, (list, tuple))
+            and val
+            and all(isinstance(v, torch.Tensor) for v in val)
+            else None
+        )
+        # The traced module itself runs every op; fx's stack (if any) names the ones inside it.
         stack_meta = node.meta.get("nn_module_stack") or {}
         stack = tuple(_join(prefix, p) for p, _ in stack_meta.values())
         stack = ((prefix,) if prefix else ()) + stack
         module = stack[-1] if stack else prefix
         last = list(stack_meta.values())[-1] if stack_meta else None
-        module_class = (f"{last[1].__module__}.{last[1].__qualname__}" if last and not isinstance(last[1], str)
-                        else (last[1] if last else ""))
+        module_class = (
+            f"{last[1].__module__}.{last[1].__qualname__}"
+            if last and not isinstance(last[1], str)
+            else (last[1] if last else "")
+        )
         if node.op == "placeholder":
-            on = OpNode(name=_join(prefix, node.name), op="input", kind="input", shape=shape, is_input=True)
+            on = OpNode(
+                name=_join(prefix, node.name), op="input", kind="input", shape=shape, is_input=True
+            )
         elif node.op == "get_attr":
             on = OpNode(name=_join(prefix, node.target), op="param", kind="param", shape=shape)
         elif node.op == "output":
             continue
-        elif node.op == "call_module":
+        elif node.op == "call_module":  # a leaf: Linear, conv, norm, activation or untraceable
             on = _module_node(gm, node, prefix, conv, shape)
             stack = stack + (on.module,) if on.module not in stack else stack
             on.stack = stack
-        else:
+        else:  # call_function or call_method
             if node.op == "call_method":
                 name = node.target
-                method = node.target
-                replay = _method_caller(method)
+                replay = _method_caller(node.target)
             else:
                 target = node.target
-                name = "getitem" if target is operator.getitem else getattr(target, "__name__", str(target))
+                name = (
+                    "getitem"
+                    if target is operator.getitem
+                    else getattr(target, "__name__", str(target))
+                )
                 replay = target
             kind = canonical_kind(name)
+            # A non-tensor result (x.shape[-1], an int computed in Python) is a constant that
+            # replay substitutes with its recorded value.
             if val is not None and not isinstance(val, torch.Tensor) and shapes is None:
                 kind = "const"
-            on = OpNode(name=_join(prefix, node.name), op=name, kind=kind, args=conv(node.args),
-                        kwargs=conv(dict(node.kwargs)), module=module, module_class=module_class,
-                        stack=stack, shape=shape, shapes=shapes, replay=replay)
+            on = OpNode(
+                name=_join(prefix, node.name),
+                op=name,
+                kind=kind,
+                args=conv(node.args),
+                kwargs=conv(dict(node.kwargs)),
+                module=module,
+                module_class=module_class,
+                stack=stack,
+                shape=shape,
+                shapes=shapes,
+                replay=replay,
+            )
             if kind == "const":
                 on.args = (val,)
-            if kind == "linear":
+            if kind == "linear":  # F.linear(x, self.fc.weight): tie it to the module fc
                 w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-                if isinstance(w, torch.fx.Node) and w.op == "get_attr" and str(w.target).endswith(".weight"):
+                if (
+                    isinstance(w, torch.fx.Node)
+                    and w.op == "get_attr"
+                    and str(w.target).endswith(".weight")
+                ):
                     owner = str(w.target)[: -len(".weight")]
                     if type(gm.get_submodule(owner)) is nn.Linear:
                         on.linear = _join(prefix, owner)
-        if on.module == "" and node.op in ("call_function", "call_method"):
-            on.module = module
         mapping[node.name] = on
         if node.op not in ("placeholder", "get_attr"):
             out.append(on)
     return out
 
 
-def _module_node(gm: torch.fx.GraphModule, node: torch.fx.Node, prefix: str, conv: Any, shape: Any) -> OpNode:
+def _module_node(
+    gm: torch.fx.GraphModule, node: torch.fx.Node, prefix: str, conv: Any, shape: Any
+) -> OpNode:
+    """The OpNode of a leaf module call, with the kind of the op the module runs."""
     m = gm.get_submodule(node.target)
     fqn = _join(prefix, node.target)
     cls = f"{type(m).__module__}.{type(m).__qualname__}"
     args = conv(node.args)
     base = dict(name=fqn, module=fqn, module_class=cls, shape=shape, kwargs=conv(dict(node.kwargs)))
     if type(m) is nn.Linear:
-        return OpNode(op="linear", kind="linear", args=args, linear=fqn,
-                      replay=lambda x, _m=m: _m(x), **base)
+        return OpNode(
+            op="linear", kind="linear", args=args, linear=fqn, replay=lambda x, _m=m: _m(x), **base
+        )
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        # A stand-in weight node: costs.node_macs reads the kernel size from its shape.
         w = OpNode(name=f"{fqn}.weight", op="param", kind="param", shape=tuple(m.weight.shape))
         return OpNode(op="conv", kind="conv", args=(args[0], w), **base)
     if isinstance(m, _NORM_MODULES):
+        # The normalised width, which layout.trace_back compares with the head size (qk-norm).
         nshape = list(getattr(m, "normalized_shape", None) or [getattr(m, "num_channels", 0)])
         op = "group_norm" if isinstance(m, nn.GroupNorm) else "layer_norm"
         return OpNode(op=op, kind="norm", args=(args[0], nshape), **base)
@@ -243,7 +309,7 @@ def _module_node(gm: torch.fx.GraphModule, node: torch.fx.Node, prefix: str, con
         return OpNode(op=op, kind="unary", args=args, replay=lambda x, _m=m: _m(x), **base)
     if isinstance(m, nn.Embedding):
         return OpNode(op="embedding", kind="embedding", args=args, **base)
-    return OpNode(op=type(m).__name__, kind="other", args=args, **base)
+    return OpNode(op=type(m).__name__, kind="other", args=args, **base)  # opaque to analysis
 
 
 def _leaf_node(module: nn.Module, fqn: str, args: tuple, kwargs: dict) -> OpNode:

@@ -15,22 +15,29 @@ from typing import Any
 
 import torch
 
-# Canonical kinds, keyed by the aten overload packet name or torch function/method name.
-SHAPE_OPS = {
+# Canonical kinds, keyed by the aten overload packet name or torch function/method name. Site
+# finding reasons about kinds, not names: the same reshape is "view" in one capture and
+# "_unsafe_view" in another, and "gelu" may come as a function, a method or a module.
+# fmt: off
+SHAPE_OPS = {  # move, view or select values without computing (replayable on index tensors)
     "view", "reshape", "_unsafe_view", "permute", "transpose", "t", "unsqueeze", "squeeze",
     "flatten", "unflatten", "expand", "contiguous", "clone", "alias", "detach", "unbind",
     "chunk", "split", "split_with_sizes", "getitem", "select", "movedim", "swapaxes",
     "lift_fresh_copy", "view_as", "reshape_as", "tensor_split", "slice", "narrow",
 }
-CAST_OPS = {"to", "_to_copy", "type_as", "float", "half", "bfloat16", "type", "_assert_tensor_metadata"}
-UNARY_OPS = {
-    "gelu", "silu", "relu", "sigmoid", "tanh", "mish", "hardswish", "hardsigmoid", "elu", "leaky_relu",
-    "softplus", "erf", "exp", "neg", "dropout", "native_dropout", "abs", "sqrt", "rsqrt", "square",
-    "relu6", "gelu_", "silu_", "relu_", "dropout_", "feature_dropout", "alpha_dropout", "identity",
-    "log_sigmoid", "selu", "celu", "quick_gelu", "pow",
+CAST_OPS = {  # change the dtype only
+    "to", "_to_copy", "type_as", "float", "half", "bfloat16", "type", "_assert_tensor_metadata",
+}
+UNARY_OPS = {  # elementwise on one tensor: act on every channel on its own
+    "gelu", "silu", "relu", "sigmoid", "tanh", "mish", "hardswish", "hardsigmoid", "elu",
+    "leaky_relu", "softplus", "erf", "exp", "neg", "dropout", "native_dropout", "abs", "sqrt",
+    "rsqrt", "square", "relu6", "gelu_", "silu_", "relu_", "dropout_", "feature_dropout",
+    "alpha_dropout", "identity", "log_sigmoid", "selu", "celu", "quick_gelu", "pow",
 }
 BINARY_OPS = {"add", "sub", "mul", "div", "add_", "mul_", "div_", "sub_", "rsub", "truediv"}
-NORM_OPS = {"layer_norm", "native_layer_norm", "rms_norm", "group_norm", "native_group_norm", "batch_norm"}
+NORM_OPS = {
+    "layer_norm", "native_layer_norm", "rms_norm", "group_norm", "native_group_norm", "batch_norm",
+}
 ATTENTION_OPS = {
     "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
@@ -38,13 +45,21 @@ ATTENTION_OPS = {
 }
 MATMUL_OPS = {"matmul", "bmm", "mm", "einsum", "baddbmm", "addmm", "addbmm", "__matmul__"}
 SOFTMAX_OPS = {"softmax", "_softmax", "_safe_softmax"}
-CONV_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
-            "conv_transpose2d", "conv_transpose3d"}
+CONV_OPS = {
+    "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
+    "conv_transpose2d", "conv_transpose3d",
+}
+# fmt: on
 
 
 def canonical_kind(name: str) -> str:
-    """Map an op name (aten packet, torch function or tensor method) to a canonical kind."""
-    name = name.rstrip("_") if name not in ("__matmul__",) else name
+    """Map an op name (aten packet, torch function or tensor method) to a canonical kind.
+
+    Example:
+        >>> canonical_kind("_unsafe_view"), canonical_kind("gelu_"), canonical_kind("foo")
+        ('shape', 'unary', 'other')
+    """
+    name = name.rstrip("_") if name not in ("__matmul__",) else name  # in-place gelu_ is gelu
     if name == "linear":
         return "linear"
     if name in ATTENTION_OPS:
@@ -79,17 +94,17 @@ class OpNode:
     name: str
     op: str  # the original op name (e.g. "view", "scaled_dot_product_attention")
     kind: str  # canonical kind, see canonical_kind
-    args: tuple = ()
+    args: tuple = ()  # OpNodes where the op read a graph value, plain values elsewhere
     kwargs: dict = field(default_factory=dict)
-    module: str = ""
-    module_class: str = ""
+    module: str = ""  # fqn of the innermost module running the op ("" for the root)
+    module_class: str = ""  # "package.module.Class" of that module
     stack: tuple[str, ...] = ()  # fqns of the modules whose forward is running, outermost first
     linear: str | None = None  # fqn of the nn.Linear for "linear" nodes
-    shape: tuple[int, ...] | None = None
+    shape: tuple[int, ...] | None = None  # the output shape at the example inputs
     shapes: tuple[tuple[int, ...], ...] | None = None  # for ops returning several tensors
-    replay: Callable[..., Any] | None = None
-    users: list[OpNode] = field(default_factory=list)
-    is_input: bool = False
+    replay: Callable[..., Any] | None = None  # the op itself, to rerun on index tensors
+    users: list[OpNode] = field(default_factory=list)  # ops that read this one's output
+    is_input: bool = False  # a model input (placeholder that is not a parameter)
 
     def __repr__(self) -> str:
         return f"OpNode({self.name}: {self.op} in {self.module or '<root>'} -> {self.shape})"
@@ -109,6 +124,7 @@ class OpNode:
         return [u for u in self.users if u.op != "_assert_tensor_metadata"]
 
     def arg(self, i: int, name: str | None = None, default: Any = None) -> Any:
+        """Argument ``i``, or keyword ``name`` when it was not passed by position."""
         if len(self.args) > i:
             return self.args[i]
         if name is not None and name in self.kwargs:
@@ -121,14 +137,11 @@ class OpGraph:
     """The nodes of one captured forward pass, in execution order."""
 
     nodes: list[OpNode]
-    capture: str
-    coverage: str = ""
+    capture: str  # "torch.export" or "torch.fx"
+    coverage: str = ""  # what was captured, for the plan ("whole model", leaves, failures)
 
     def __iter__(self) -> Iterator[OpNode]:
         return iter(self.nodes)
-
-    def of_kind(self, kind: str) -> list[OpNode]:
-        return [n for n in self.nodes if n.kind == kind]
 
     def linear_nodes(self) -> dict[str, list[OpNode]]:
         """Linear fqn -> the nodes that call it (more than one means the module is reused)."""
@@ -140,6 +153,7 @@ class OpGraph:
 
 
 def _flatten(args: Any) -> list[Any]:
+    """Nested lists and tuples (torch.cat's tensor list, for one) as one flat list."""
     out: list[Any] = []
     for a in args:
         if isinstance(a, (list, tuple)):
@@ -150,6 +164,7 @@ def _flatten(args: Any) -> list[Any]:
 
 
 def _shape_of(val: Any) -> tuple[tuple[int, ...] | None, tuple[tuple[int, ...], ...] | None]:
+    """(shape, None) of a tensor, (None, shapes) of a list of tensors, else (None, None)."""
     if isinstance(val, torch.Tensor):
         return tuple(int(s) for s in val.shape), None
     if isinstance(val, (list, tuple)) and val and all(isinstance(v, torch.Tensor) for v in val):
@@ -157,20 +172,24 @@ def _shape_of(val: Any) -> tuple[tuple[int, ...] | None, tuple[tuple[int, ...], 
     return None, None
 
 
-def from_export(ep: torch.export.ExportedProgram, model: torch.nn.Module, any_linear: bool = False) -> OpGraph:
+def from_export(
+    ep: torch.export.ExportedProgram, model: torch.nn.Module, any_linear: bool = False
+) -> OpGraph:
     """Build an OpGraph from an ExportedProgram (non-strict export of the whole model).
 
     Linear ops are tied to their module when it is exactly ``nn.Linear`` (any subclass with
     ``any_linear``, used to count the costs of an already converted model).
     """
+    # Export lifts parameters and buffers to graph inputs: map them back to their fqns.
     sig = ep.graph_signature
     param_of = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
     lifted = getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {}
-    mapping: dict[str, OpNode] = {}
+    mapping: dict[str, OpNode] = {}  # fx node name -> OpNode
     nodes: list[OpNode] = []
     linear_types = _linear_fqns(model, any_linear)
 
     def conv(a: Any) -> Any:
+        """fx arguments -> OpNode arguments (nodes replaced by their OpNodes)."""
         if isinstance(a, torch.fx.Node):
             return mapping.get(a.name, a.name)
         if isinstance(a, (list, tuple)):
@@ -181,8 +200,13 @@ def from_export(ep: torch.export.ExportedProgram, model: torch.nn.Module, any_li
         if node.op == "placeholder":
             shape, _ = _shape_of(node.meta.get("val"))
             target = param_of.get(node.name) or lifted.get(node.name)
-            on = OpNode(name=target or node.name, op="param" if target else "input",
-                        kind="param" if target else "input", shape=shape, is_input=not target)
+            on = OpNode(
+                name=target or node.name,
+                op="param" if target else "input",
+                kind="param" if target else "input",
+                shape=shape,
+                is_input=not target,
+            )
             mapping[node.name] = on
             continue
         if node.op != "call_function":
@@ -194,6 +218,7 @@ def from_export(ep: torch.export.ExportedProgram, model: torch.nn.Module, any_li
             op_name = target.overloadpacket.__name__
         else:
             op_name = getattr(target, "__name__", str(target))
+        # nn_module_stack: {key: (fqn, class)} of the modules running the op, outermost first.
         stack = node.meta.get("nn_module_stack") or {}
         module, module_class = "", ""
         paths: tuple[str, ...] = ()
@@ -204,11 +229,19 @@ def from_export(ep: torch.export.ExportedProgram, model: torch.nn.Module, any_li
             paths = tuple(_clean_path(p) for p, _ in stack.values())
         shape, shapes = _shape_of(node.meta.get("val"))
         on = OpNode(
-            name=node.name, op=op_name, kind=canonical_kind(op_name), args=conv(node.args),
-            kwargs={k: conv(v) for k, v in node.kwargs.items()}, module=module,
-            module_class=module_class, stack=paths, shape=shape, shapes=shapes, replay=target,
+            name=node.name,
+            op=op_name,
+            kind=canonical_kind(op_name),
+            args=conv(node.args),
+            kwargs={k: conv(v) for k, v in node.kwargs.items()},
+            module=module,
+            module_class=module_class,
+            stack=paths,
+            shape=shape,
+            shapes=shapes,
+            replay=target,
         )
-        if on.kind == "linear":
+        if on.kind == "linear":  # tie it to its module through the weight's fqn
             w = node.args[1]
             wname = param_of.get(w.name) if isinstance(w, torch.fx.Node) else None
             if wname and wname.endswith(".weight") and wname[: -len(".weight")] in linear_types:
@@ -223,17 +256,19 @@ def _clean_path(path: str) -> str:
     # Older torch versions prefix paths with "L['self']." or "L__self__."; newer give plain fqns.
     for prefix in ("L['self'].", "L__self__.", "L__self___"):
         if path.startswith(prefix):
-            path = path[len(prefix):]
+            path = path[len(prefix) :]
     return path
 
 
 def _linear_fqns(model: torch.nn.Module, any_linear: bool = False) -> set[str]:
+    """Fqns of the model's nn.Linear modules (subclasses only with ``any_linear``)."""
     if any_linear:
         return {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     return {name for name, m in model.named_modules() if type(m) is torch.nn.Linear}
 
 
 def _link_users(nodes: list[OpNode]) -> None:
+    """Fill every node's ``users`` from the other nodes' inputs."""
     for n in nodes:
         for i in n.inputs:
             if n not in i.users:
@@ -241,7 +276,14 @@ def _link_users(nodes: list[OpNode]) -> None:
 
 
 def call_lca(*nodes: OpNode) -> str:
-    """The deepest module whose forward call encloses all the given ops."""
+    """The deepest module whose forward call encloses all the given ops.
+
+    Example:
+        >>> a = OpNode("a", "linear", "linear", stack=("blocks.0", "blocks.0.attn"))
+        >>> b = OpNode("b", "linear", "linear", stack=("blocks.0", "blocks.0.mlp"))
+        >>> call_lca(a, b)
+        'blocks.0'
+    """
     stacks = [n.stack for n in nodes]
     common = ""
     for entries in zip(*stacks):
@@ -253,7 +295,12 @@ def call_lca(*nodes: OpNode) -> str:
 
 
 def module_lca(*fqns: str) -> str:
-    """The deepest module containing all the given module paths."""
+    """The deepest module containing all the given module paths.
+
+    Example:
+        >>> module_lca("blocks.0.attn.qkv", "blocks.0.attn.proj")
+        'blocks.0.attn'
+    """
     parts = [f.split(".") if f else [] for f in fqns]
     common: list[str] = []
     for seg in zip(*parts):
@@ -265,7 +312,12 @@ def module_lca(*fqns: str) -> str:
 
 
 def block_of(fqn: str) -> str:
-    """The block a site belongs to: the path up to the first list index, else the parent."""
+    """The block a site belongs to: the path up to the first list index, else the parent.
+
+    Example:
+        >>> block_of("blocks.3.attn"), block_of("mid_block.mlp")
+        ('blocks.3', 'mid_block')
+    """
     segs = fqn.split(".")
     for i, s in enumerate(segs):
         if s.isdigit():
