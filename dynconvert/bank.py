@@ -17,6 +17,7 @@ from dynconvert.errors import TimestepError
 from dynconvert.inputs import timestep_slot
 from dynconvert.plan import MlpSite, Plan, Site
 from dynconvert.routers import TimestepEncoder, TokenRouter, gumbel_sigmoid, width_router
+from dynconvert.slices import SliceCache
 
 MODES = ("train", "eval", "full")
 
@@ -44,8 +45,7 @@ class RouterBank(nn.Module):
         self._reset_call()
         self._table: dict[float, tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
         self._table_key: tuple | None = None
-        self._slices: dict[tuple, tuple] = {}
-        self.slice_bytes = 0
+        self.slices = SliceCache()
         self.model_params = 0
 
     # -- per call --------------------------------------------------------------------------
@@ -216,41 +216,14 @@ class RouterBank(nn.Module):
 
     # -- weight slices ------------------------------------------------------------------------
     def sliced(self, lin: nn.Linear, axis: str, units: tuple[int, ...], index: torch.Tensor) -> tuple:
-        """Weight (and bias) of ``lin`` restricted to ``index`` rows/cols, cached while unchanged.
+        """Weight (and bias) of ``lin`` restricted to ``index`` rows/cols (see :class:`SliceCache`)."""
+        self.slices.limit_bytes = self.cache_limit(lin.weight.element_size())
+        return self.slices.get(lin, axis, units, index)
 
-        Column slices (strided gathers, the costly kind) are cached first; row slices (plain
-        copies) fill what the budget leaves.
-
-        ``units`` (a tuple) identifies the unit set; ``index`` lives on the weight's device.
-        """
-        w = lin.weight
-        key = (id(lin), axis)
-        stamp = (units, w._version, w.data_ptr(), w.dtype)
-        hit = self._slices.get(key)
-        if hit is not None and hit[0] == stamp:
-            return hit[1], hit[2]
-        if axis == "rows":
-            ws = w.index_select(0, index)
-            bs = lin.bias.index_select(0, index) if lin.bias is not None else None
-        else:
-            ws = w.index_select(1, index)
-            bs = lin.bias
-        if hit is not None:
-            self.slice_bytes -= hit[3]
-            del self._slices[key]
-        nbytes = ws.numel() * ws.element_size() + (bs.numel() * bs.element_size() if axis == "rows" and bs is not None else 0)
-        if torch.is_grad_enabled() and w.requires_grad:
-            return ws, bs
-        limit = self.cache_limit(ws.element_size())
-        if axis == "cols":  # column gathers are the costly ones: they may push out cached rows
-            for k in [k for k in self._slices if k[1] == "rows"]:
-                if self.slice_bytes + nbytes <= limit:
-                    break
-                self.slice_bytes -= self._slices.pop(k)[3]
-        if self.slice_bytes + nbytes <= limit:
-            self._slices[key] = (stamp, ws, bs, nbytes)
-            self.slice_bytes += nbytes
-        return ws, bs
+    @property
+    def slice_bytes(self) -> int:
+        """Bytes the weight-slice cache holds now."""
+        return self.slices.nbytes
 
     def cache_limit(self, element_size: int = 4) -> float:
         """Bytes the weight-slice cache may hold: ``slice_cache_mb``, or by default 20% of the
@@ -261,6 +234,5 @@ class RouterBank(nn.Module):
 
     def clear_cache(self) -> None:
         """Drop cached weight slices and timestep tables (frees their memory)."""
-        self._slices.clear()
-        self.slice_bytes = 0
+        self.slices.clear()
         self._table, self._table_key = {}, None

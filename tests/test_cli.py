@@ -207,8 +207,7 @@ BAD = {
     "budget abc": (["--target-flops", "abc"], "number"),
     "missing checkpoint": (["--checkpoint", "/no/such/file.pt"], "--checkpoint"),
     "unknown --set key": (["--set", "calibration.learning_rate=1"], "valid keys"),
-    "bad option value": (["--steps", "abc"], "--steps"),
-    "unknown option": (["--bogus"], "--bogus"),
+    "run field in --set": (["--set", "calibration.target=0.3"], "--target-flops"),
     "bad device": (["--device", "tpu"], "--device"),
     "unreachable budget": (["--target-flops", "0.1"], "minimum"),
     "missing data": (["--data", "/no/such/latents"], "--data"),
@@ -228,6 +227,88 @@ def test_bad_input_is_one_line_exit_1_and_writes_nothing(name, tmp_path):
     line = one_line_error(invoke("convert", *base, *extra, "--out", out))
     assert expect in line
     assert not out.exists()
+
+
+USAGE = {
+    "bad option value": (["--steps", "abc"], "--steps"),
+    "unknown option": (["--bogus"], "--bogus"),
+}
+
+
+@pytest.mark.parametrize("name", list(USAGE))
+def test_bad_command_line_is_a_usage_error_exit_2_and_writes_nothing(name, tmp_path):
+    """typer reports bad command-line input itself: the usage line, the option, exit code 2."""
+    extra, expect = USAGE[name]
+    out = tmp_path / "run"
+    result = invoke("convert", *TINY, *extra, "--out", out)
+    assert result.exit_code == 2, result.output
+    assert "Usage: dynconvert convert" in result.stderr and expect in result.stderr
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_no_command_prints_the_usage_with_exit_2():
+    result = invoke()
+    assert result.exit_code == 2 and "Usage: dynconvert" in result.output
+
+
+def test_library_messages_name_settings_and_the_cli_names_flags(tmp_path):
+    """One error in both forms: Python names (`random_init=True`) from the library, flags from
+    the command line; the CLI's table maps every flag it uses to a real option."""
+    from dynconvert.cli.errors import FLAGS, cli_message
+    from dynconvert.errors import CheckpointError, OutputExistsError
+    from dynconvert.runs import RunRequest, prepare_run, resolve_source
+
+    with pytest.raises(CheckpointError, match="`random_init=True` to try") as info:
+        resolve_source("dit-tiny")
+    assert "--" not in str(info.value)
+    line = one_line_error(invoke("convert", *[a for a in TINY if a != "--random-init"]))
+    assert "--random-init to try" in line and "`" not in line
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    request = RunRequest(model="dit-tiny", target_flops=0.5, data="synthetic", random_init=True,
+                         out=str(busy))  # fmt: skip
+    with pytest.raises(OutputExistsError, match="choose another `out`") as info:
+        prepare_run(request)
+    assert "--" not in str(info.value)
+    assert cli_message(str(info.value)).endswith("choose another --out")
+
+    helps = "".join(invoke(c, "--help").stdout for c in ("convert", "sample", "bench"))
+    assert all(flag in helps for flag in FLAGS.values())
+    assert cli_message("see `dynconvert.write_latents`") == "see `dynconvert.write_latents`"
+
+
+def test_ctrl_c_is_exit_130(monkeypatch):
+    import dynconvert.recipes
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dynconvert.recipes, "shipped_recipes", interrupted)
+    result = invoke("recipes", "list")
+    assert result.exit_code == 130 and "Interrupted." in result.stderr
+
+
+def test_cli_uses_only_typer_public_api():
+    for path in (ROOT / "dynconvert" / "cli").glob("*.py"):
+        text = path.read_text()
+        for banned in ("import click", "from click", "typer.core", "typer._click", "cls="):
+            assert banned not in text, f"{path.name} uses {banned}"
+
+
+def test_bench_silences_native_stderr_but_not_python_stderr(monkeypatch, tmp_path):
+    from dynconvert.cli.render import native_stderr_silenced
+
+    with open(tmp_path / "stderr.txt", "w+") as f:
+        monkeypatch.setattr(sys, "stderr", f)  # a real descriptor, as on a terminal
+        with native_stderr_silenced():
+            os.write(f.fileno(), b"native\n")  # what the profiler's C++ side does
+            print("python", file=sys.stderr)
+        assert sys.stderr is f
+        os.write(f.fileno(), b"restored\n")
+        f.seek(0)
+        assert f.read().split() == ["python", "restored"]
 
 
 def test_recipe_file_with_an_unknown_key(tmp_path):

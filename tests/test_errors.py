@@ -32,7 +32,9 @@ def test_budget_out_of_range(budget):
 def test_budget_below_the_reachable_minimum_names_it():
     model = tiny_dit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(dynconvert.BudgetError, match=r"minimum this model can reach \((0\.\d+)\)") as info:
+    with pytest.raises(
+        dynconvert.BudgetError, match=r"minimum this model can reach \((0\.\d+)\)"
+    ) as info:
         dynconvert.convert(model, 0.01)
     assert "at least" in str(info.value)
     _unchanged(model, before)
@@ -59,7 +61,9 @@ def test_example_inputs_that_do_not_run_the_model():
     model = tiny_dit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     bad = (torch.randn(1, 3, 8, 8), torch.ones(1), torch.zeros(1, dtype=torch.long))
-    with pytest.raises(dynconvert.ExampleInputsError, match="do not run DiT.*exactly as you would call"):
+    with pytest.raises(
+        dynconvert.ExampleInputsError, match="do not run DiT.*exactly as you would call"
+    ):
         dynconvert.convert(model, 0.5, example_inputs=bad)
     _unchanged(model, before)
     with pytest.raises(dynconvert.ExampleInputsError, match="tuple of positional"):
@@ -108,7 +112,9 @@ def test_not_converted_and_bad_mode():
 
 
 def test_unknown_config_key_lists_valid_ones():
-    with pytest.raises(dynconvert.ConfigError, match="unknown convert config key.*valid keys: .*tau"):
+    with pytest.raises(
+        dynconvert.ConfigError, match="unknown convert config key.*valid keys: .*tau"
+    ):
         dynconvert.ConvertConfig.from_dict({"tauu": 1.0})
     with pytest.raises(dynconvert.ConfigError, match="capture"):
         dynconvert.ConvertConfig(capture="magic")

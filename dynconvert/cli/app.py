@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from dynconvert.cli.errors import DynconvertGroup
+from dynconvert.cli.errors import known_errors
 
 HELP = """Convert pretrained diffusion transformers into dynamic-compute models and calibrate them
 toward a FLOPs budget (timestep-wise dynamic width, spatial-wise dynamic tokens).
@@ -19,7 +19,8 @@ toward a FLOPs budget (timestep-wise dynamic width, spatial-wise dynamic tokens)
 
   dynconvert sample --run runs/digits-0.5 --out grid.png --compare
 
-Errors are one line on stderr with exit code 1; set DYNCONVERT_DEBUG=1 for tracebacks.
+Errors are one line on stderr with exit code 1 (set DYNCONVERT_DEBUG=1 for tracebacks); a bad
+option prints the usage with exit code 2; Ctrl-C exits with code 130.
 """
 
 
@@ -49,7 +50,6 @@ def make_app() -> typer.Typer:
 
     app = typer.Typer(
         name="dynconvert",
-        cls=DynconvertGroup,
         help=HELP,
         rich_markup_mode="rich",
         no_args_is_help=True,
@@ -69,10 +69,12 @@ def make_app() -> typer.Typer:
     ) -> None:
         """Convert diffusion transformers into dynamic-compute models."""
 
-    app.command("inspect", epilog=commands_inspect.SCHEMA)(commands_inspect.inspect)
-    app.command("convert", epilog=commands_convert.REPORT_KEYS)(commands_convert.convert)
-    app.command("sample")(commands_sample.sample)
-    app.command("bench", epilog=commands_bench.SCHEMA)(commands_bench.bench)
+    app.command("inspect", epilog=commands_inspect.SCHEMA)(known_errors(commands_inspect.inspect))
+    app.command("convert", epilog=commands_convert.REPORT_KEYS)(
+        known_errors(commands_convert.convert)
+    )
+    app.command("sample")(known_errors(commands_sample.sample))
+    app.command("bench", epilog=commands_bench.SCHEMA)(known_errors(commands_bench.bench))
     app.add_typer(commands_recipes.make_recipes_app(), name="recipes")
     return app
 
@@ -82,4 +84,4 @@ app = make_app()
 
 def main() -> None:
     """Console-script entry point (``dynconvert`` and ``python -m dynconvert``)."""
-    app()
+    app(prog_name="dynconvert")

@@ -54,8 +54,8 @@ def _to(value: Any, device: torch.device) -> Any:
 
 def plan_summary(plan: Any, config: Any = None) -> dict[str, Any]:
     """The inspect JSON object of a plan (see SCHEMA)."""
-    from dynconvert.flops import min_ratio
     from dynconvert.config import ConvertConfig
+    from dynconvert.flops import min_ratio
     from dynconvert.plan import AttentionSite
 
     config = config or ConvertConfig()

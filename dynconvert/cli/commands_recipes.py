@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from dynconvert.cli import render
+from dynconvert.cli.errors import known_errors
 from dynconvert.cli.options import JsonOpt, SetOpt
 
 
@@ -85,6 +86,6 @@ def make_recipes_app() -> typer.Typer:
         rich_markup_mode="rich",
         no_args_is_help=True,
     )
-    app.command("list")(recipes_list)
-    app.command("show")(recipes_show)
+    app.command("list")(known_errors(recipes_list))
+    app.command("show")(known_errors(recipes_show))
     return app

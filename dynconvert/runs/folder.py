@@ -79,9 +79,9 @@ def read_run(folder: str | os.PathLike) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise OutputExistsError(f"{path} is unreadable ({e}); choose another --out") from e
+        raise OutputExistsError(f"{path} is unreadable ({e}); choose another `out`") from e
     if not isinstance(data, dict) or data.get("format") != RUN_FORMAT:
-        raise OutputExistsError(f"{path} is not a dynconvert run file; choose another --out")
+        raise OutputExistsError(f"{path} is not a dynconvert run file; choose another `out`")
     return data
 
 
@@ -97,17 +97,17 @@ def check_out(
     from dynconvert.calibrate.checkpoint import list_checkpoints
 
     if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out {out} is a file; choose a folder")
+        raise OutputExistsError(f"`out` {out} is a file; choose a folder")
     if not out.exists() or not any(out.iterdir()):
         if resume:
             raise OutputExistsError(
-                f"nothing to resume in {out}: no run there; drop --resume to start one"
+                f"nothing to resume in {out}: no run there; drop `resume=True` to start one"
             )
         return None
     previous = read_run(out)
     if previous is None:
         raise OutputExistsError(
-            f"{out} is not empty and holds no dynconvert run; choose another --out"
+            f"{out} is not empty and holds no dynconvert run; choose another `out`"
         )
     was = previous.get("identity", {})
     desc = f"{was.get('model', {}).get('name')} at target {was.get('target_flops')}, recipe {was.get('recipe')}"
@@ -116,25 +116,25 @@ def check_out(
         more = f" and {len(diff) - 2} more" if len(diff) > 2 else ""
         raise OutputExistsError(
             f"{out} holds another run ({desc}) that differs in {'; '.join(diff[:2])}{more}; choose "
-            "another --out, or repeat that run's options with --resume to continue it"
+            "another `out`, or repeat that run's settings with `resume=True` to continue it"
         )
     found = list_checkpoints(out)
     last = found[-1][0] if found else 0
     if previous.get("status") == "finished":
         if not resume:
             raise OutputExistsError(
-                f"{out} holds a finished run ({desc}, {last} steps); choose another --out, or "
-                f"add --resume with --steps above {last} to calibrate it further"
+                f"{out} holds a finished run ({desc}, {last} steps); choose another `out`, or "
+                f"add `resume=True` with `steps` above {last} to calibrate it further"
             )
         if steps <= last:
             raise OutputExistsError(
-                f"the run in {out} already finished {last} steps; --resume needs --steps above {last}, "
-                "or choose another --out"
+                f"the run in {out} already finished {last} steps; `resume=True` needs `steps` above {last}, "
+                "or choose another `out`"
             )
     elif not resume:
         raise OutputExistsError(
             f"{out} holds an unfinished run of these settings ({last} steps checkpointed); add "
-            "--resume to continue it, or choose another --out"
+            "`resume=True` to continue it, or choose another `out`"
         )
     return previous
 
@@ -236,16 +236,16 @@ def load_run(
     path = Path(folder)
     if not path.is_dir():
         raise RecordError(
-            f"--run {path}: no such folder; pass a folder written by dynconvert convert"
+            f"no such run folder: {path}; pass a folder written by dynconvert convert"
         )
     try:
         run = read_run(path) or {}
     except OutputExistsError as e:
-        raise RecordError(str(e).replace("; choose another --out", "")) from e
+        raise RecordError(str(e).replace("; choose another `out`", "")) from e
     if not (path / RECORD).is_file():
         unfinished = run.get("status") == "running"
         hint = (
-            " yet (the run has not finished: continue it with convert --resume)"
+            " yet (the run has not finished: convert it again with `resume=True`)"
             if unfinished
             else ""
         )

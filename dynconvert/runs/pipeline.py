@@ -51,7 +51,7 @@ def parse_target(value: Any) -> float:
         return check_budget(float(value) if isinstance(value, str) else value)
     except (ValueError, BudgetError):
         raise BudgetError(
-            f"--target-flops must be a number in (0, 1] (a fraction of the original FLOPs, e.g. "
+            f"`target_flops` must be a number in (0, 1] (a fraction of the original FLOPs, e.g. "
             f"0.5 for half); got {value!r}"
         ) from None
 
@@ -107,11 +107,13 @@ class PreparedRun:
 
 
 def resolve_device(device: str) -> str:
-    """``--device``: "auto" (cuda when present), "cpu" or "cuda" (refused without CUDA)."""
+    """``device``: "auto" (cuda when present), "cpu" or "cuda" (refused without CUDA)."""
     if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device must be auto, cpu or cuda; got {device!r}")
+        raise ConfigError(f"`device` must be auto, cpu or cuda; got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: CUDA is not available on this machine; use --device cpu")
+        raise ConfigError(
+            '`device="cuda"`: CUDA is not available on this machine; use `device="cpu"`'
+        )
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
@@ -130,7 +132,7 @@ def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> Prepare
     target = parse_target(request.target_flops) if request.target_flops is not None else None
     steps = request.steps
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ConfigError(f"--steps must be an integer >= 1; got {steps!r}")
+        raise ConfigError(f"`steps` must be an integer >= 1; got {steps!r}")
     recipe_name = request.recipe
     if recipe_name is None and request.model is not None:
         recipe_name = recipe_for_model(request.model)
@@ -140,7 +142,7 @@ def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> Prepare
                          {k: v for k, v in explicit.items() if v is not None})  # fmt: skip
     if recipe.model is None:
         raise ConfigError(
-            "no model: pass --model NAME (e.g. --model digits) or a --recipe that names one"
+            'no model: pass `model` (e.g. `model="digits"`) or a `recipe` that names one'
         )
     target = recipe.target_flops
     device = resolve_device(request.device)
@@ -150,8 +152,8 @@ def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> Prepare
     )  # fmt: skip
     if recipe.data is None:
         raise DataError(
-            f"recipe {recipe.name} needs calibration data: pass --data a latents folder (see "
-            "dynconvert.write_latents), or --data synthetic to try the pipeline on random latents"
+            f"recipe {recipe.name} needs calibration data: set `data` to a latents folder (see "
+            'dynconvert.write_latents), or `data="synthetic"` to try the pipeline on random latents'
         )
     out = Path(request.out) if request.out else default_out(recipe.model, target)
     calibration = recipe.calibration_config(
