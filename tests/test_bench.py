@@ -9,8 +9,19 @@ from dynconvert.bench import BenchResult, benchmark
 from dynconvert.synthetic import synthetic_routing
 from dynconvert.testing import tiny_dit
 
-KEYS = {"time_static_s", "time_dynamic_s", "speedup", "flops_ratio", "executed_flops_ratio", "efficiency",
-        "peak_mem_static_bytes", "peak_mem_dynamic_bytes", "device", "dtype", "batch"}
+KEYS = {
+    "time_static_s",
+    "time_dynamic_s",
+    "speedup",
+    "flops_ratio",
+    "executed_flops_ratio",
+    "efficiency",
+    "peak_mem_static_bytes",
+    "peak_mem_dynamic_bytes",
+    "device",
+    "dtype",
+    "batch",
+}
 
 
 def test_benchmark_reports_every_documented_field():

@@ -15,7 +15,8 @@ def test_converted_model_computes_the_original(family):
     name, model, inputs = family
     reference = call(model, inputs)
     dynconvert.convert(model, 0.5, example_inputs=inputs)
-    torch.testing.assert_close(call(model, inputs), reference, atol=1e-5, rtol=0)  # eval, routers all on
+    # eval, routers all on
+    torch.testing.assert_close(call(model, inputs), reference, atol=1e-5, rtol=0)
     with dynconvert.routing(model, "full"):
         torch.testing.assert_close(call(model, inputs), reference, atol=1e-5, rtol=0)
     with dynconvert.routing(model, "train"):  # (model stays in eval: no label dropout)

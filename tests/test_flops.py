@@ -42,7 +42,12 @@ def test_flops_ratio_in_training_matches_report():
     randomize_routing(model, keep=0.5, example_inputs=inputs)
     report = count_flops(model, inputs)
     ratio = dynconvert.last_flops_ratio(model)
-    torch.testing.assert_close(ratio.double(), torch.tensor(report.per_sample_ratio, dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        ratio.double(),
+        torch.tensor(report.per_sample_ratio, dtype=torch.float64),
+        rtol=1e-5,
+        atol=0,
+    )
 
 
 def test_count_flops_at_another_resolution():
@@ -50,8 +55,11 @@ def test_count_flops_at_another_resolution():
 
     model = tiny_diffusers_dit()
     dynconvert.convert(model, 0.5)
-    big = {"hidden_states": torch.randn(1, 4, 16, 16), "timestep": torch.tensor([10]),
-           "class_labels": torch.tensor([1])}
+    big = {
+        "hidden_states": torch.randn(1, 4, 16, 16),
+        "timestep": torch.tensor([10]),
+        "class_labels": torch.tensor([1]),
+    }
     report = count_flops(model, big)
     assert report.sites[0].static_macs > 3 * dynconvert.get_state(model).plan.attention[0].macs()
     assert report.static_macs == pytest.approx(measure_macs(model, big), rel=0.01)
@@ -87,5 +95,10 @@ def test_static_total_matches_fvcore_plus_attention_matmuls():
     # permutation written as an einsum, which fvcore counts as multiplies).
     matmuls = sum(v for k, v in by_op.items() if k in ("linear", "addmm", "matmul", "bmm", "conv"))
     plan = dynconvert.analyze(model, inputs)
-    attention = sum(a.tokens_q * a.tokens_kv * a.heads * (a.head_dim + a.v_head_dim) for a in plan.attention) * 2
+    attention = (
+        sum(
+            a.tokens_q * a.tokens_kv * a.heads * (a.head_dim + a.v_head_dim) for a in plan.attention
+        )
+        * 2
+    )
     assert count_flops(model, inputs).static_macs == pytest.approx(matmuls + attention, rel=1e-6)

@@ -37,13 +37,17 @@ def test_round_trip_builtin_preset(tmp_path):
 
 def test_round_trip_diffusers_model_with_fresh_base(tmp_path):
     model = _converted(tiny_diffusers_dit)
-    inputs = {"hidden_states": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([3, 700]),
-              "class_labels": torch.tensor([1, 2])}
+    inputs = {
+        "hidden_states": torch.randn(2, 4, 8, 8),
+        "timestep": torch.tensor([3, 700]),
+        "class_labels": torch.tensor([1, 2]),
+    }
     expected = call(model, inputs)
     save(model, tmp_path)
     with pytest.raises(dynconvert.RecordError, match="pass base_model"):
         load(tmp_path)
-    loaded = load(tmp_path, tiny_diffusers_dit(seed=123))  # other init: every weight comes from the file
+    # Another init: every weight must come from the file.
+    loaded = load(tmp_path, tiny_diffusers_dit(seed=123))
     torch.testing.assert_close(call(loaded, inputs), expected, atol=0, rtol=0)
 
 
@@ -71,7 +75,9 @@ def test_newer_format_and_corrupt_record(tmp_path):
     path = tmp_path / "dynconvert.json"
     record = json.loads(path.read_text())
     path.write_text(json.dumps({**record, "format_version": 99}))
-    with pytest.raises(dynconvert.RecordError, match="newer than this dynconvert supports.*upgrade"):
+    with pytest.raises(
+        dynconvert.RecordError, match="newer than this dynconvert supports.*upgrade"
+    ):
         load(tmp_path)
     path.write_text(json.dumps(record)[: len(json.dumps(record)) // 2])
     with pytest.raises(dynconvert.RecordError, match="corrupt"):

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import dynconvert
-from dynconvert.synthetic import synthetic_routing
 from dynconvert.flops import count_flops, measure_macs
 from dynconvert.inputs import default_inputs
 from dynconvert.models import build_model
+from dynconvert.synthetic import synthetic_routing
 from dynconvert.testing import TINY_BUILDERS, call, randomize_routing
 
 
@@ -43,7 +43,13 @@ def test_fast_equals_masked_on_cuda(name, dtype):
     model = TINY_BUILDERS[name]().cuda().to(dtype)
     inputs = default_inputs(model, batch_size=3)
     args, kwargs = inputs
-    move = lambda v: (v.cuda().to(dtype) if v.is_floating_point() else v.cuda()) if torch.is_tensor(v) else v  # noqa: E731
+
+    def move(v):
+        """To CUDA; floating tensors also to ``dtype`` (labels and timesteps keep theirs)."""
+        if not torch.is_tensor(v):
+            return v
+        return v.cuda().to(dtype) if v.is_floating_point() else v.cuda()
+
     inputs = (tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()})
     dynconvert.convert(model, 0.5, example_inputs=inputs)
     randomize_routing(model, keep=0.5, example_inputs=inputs)
