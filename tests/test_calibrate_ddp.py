@@ -1,4 +1,8 @@
-"""Two-process DDP calibration on CPU (gloo): torchrun, with accelerate inside ``calibrate``."""
+"""Two-process DDP calibration on CPU (gloo): torchrun, with accelerate inside ``calibrate``.
+
+Slow: two fresh interpreters import torch and dynconvert, rendezvous and calibrate (about 15 s
+on 2 cores), so it runs with ``pytest -m slow``.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 

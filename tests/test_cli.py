@@ -81,6 +81,7 @@ def test_every_help_exits_0_and_shows_an_example(command):
     )
 
 
+@pytest.mark.slow
 def test_version_and_python_m():
     result = invoke("--version")
     assert result.exit_code == 0 and result.stdout.strip() == f"dynconvert {dynconvert.__version__}"
@@ -336,6 +337,7 @@ def test_no_weights_without_hub_access_says_so(tmp_path):
     assert "--checkpoint" in line and not out.exists()
 
 
+@pytest.mark.slow
 def test_convert_from_a_diffusers_folder(tmp_path):
     from dynconvert.runs import load_run
     from dynconvert.testing import tiny_diffusers_dit
@@ -450,6 +452,7 @@ sys.exit(max(codes.values()))
 """
 
 
+@pytest.mark.slow
 def test_examples_run(tmp_path):
     cases = [[str(ROOT / "examples" / name)] for name in EXAMPLES]
     cases[1].append(str(tmp_path / "tiny"))
