@@ -23,30 +23,43 @@ MODES = ("train", "eval", "full")
 
 
 class RouterBank(nn.Module):
-    """The routers of all sites plus the per-call routing state."""
+    """The routers of all sites plus the per-call routing state.
+
+    Life of one forward call: the model's pre-hook (:meth:`root_pre_hook`) reads t and calls
+    :meth:`begin`; each site's runtime (dynamic.py) then asks for its masks
+    (:meth:`width_mask`, :meth:`token_mask`) the first time one of its Linears runs, and what
+    it used is left in ``records`` (masks and token counts per site), which the FLOPs
+    accountant (flops.py) reads after the call.
+    """
 
     def __init__(self, plan: Plan, config: ConvertConfig, budget: float):
         super().__init__()
         self.plan = plan
         self.config = config
         self.budget = budget
+        # Width routers see only an embedding of t (method.md, TDW): one shared sinusoidal
+        # encoder, then one Linear per site to its units' logits.
         self.t_embed = TimestepEncoder(config.router_embed_dim)
-        self.width = nn.ModuleDict()
-        self.token = nn.ModuleDict()
+        self.width = nn.ModuleDict()  # str(site index) -> Linear(embed, units)
+        self.token = nn.ModuleDict()  # str(site index) -> TokenRouter (D -> D/r -> 1), MLPs only
         for s in plan.sites:
-            if s.units > 1:
+            if s.units > 1:  # a single unit is always on: nothing to route
                 self.width[str(s.index)] = width_router(config.router_embed_dim, s.units, config.width_bias_init)
             if isinstance(s, MlpSite) and s.token:
                 self.token[str(s.index)] = TokenRouter(s.in_features, config.token_reduction, config.token_bias_init)
+        # The unit of each site that is never switched off (chosen by importance at convert
+        # time); a buffer so it is saved, moved and loaded with the routers.
         self.register_buffer("always_on", torch.zeros(len(plan.sites), dtype=torch.long))
-        self.mode: str | None = None
-        self.execution = "fast"
-        self.runtimes: list[Any] = []
+        self.mode: str | None = None  # routing.MODES, or None: follow model.training
+        self.execution = "fast"  # evaluation path: "fast" (sliced) or "masked" (reference)
+        self.runtimes: list[Any] = []  # one per site, in plan order (set by convert)
         self._reset_call()
+        # Evaluation width masks per t value: {t: (cpu masks, device masks)}, valid while
+        # _table_key (router parameter versions) is unchanged.
         self._table: dict[float, tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
         self._table_key: tuple | None = None
         self.slices = SliceCache()
-        self.model_params = 0
+        self.model_params = 0  # parameter count of the whole model: sizes the slice cache
 
     # -- per call --------------------------------------------------------------------------
     def set_timestep_spec(self, model: nn.Module) -> None:
@@ -65,6 +78,7 @@ class RouterBank(nn.Module):
         self.begin(t, model.training)
 
     def _reset_call(self) -> None:
+        """Forget everything about the previous call (masks, records, embedding)."""
         self._t: torch.Tensor | None = None
         self._emb: torch.Tensor | None = None
         self._train_masks: dict[int, torch.Tensor] | None = None
@@ -85,8 +99,8 @@ class RouterBank(nn.Module):
                 "dynconvert routers need it"
             )
         device = self.always_on.device
-        t = torch.as_tensor(t, device=device).detach().float().reshape(-1)
-        t = t * self.config.timestep_scale
+        t = torch.as_tensor(t, device=device).detach().float().reshape(-1)  # (Bt,): 1 or B values
+        t = t * self.config.timestep_scale  # onto the DDPM 0..1000 scale the routers read
         if self.config.timestep_reverse:
             t = 1000.0 - t
         self._t = t
@@ -95,6 +109,7 @@ class RouterBank(nn.Module):
 
     @property
     def mode_now(self) -> str:
+        """The routing mode of the current call ("train", "eval" or "full")."""
         return self._mode_now
 
     def fast_for(self, site: Site) -> bool:
@@ -102,6 +117,8 @@ class RouterBank(nn.Module):
         return self._mode_now == "eval" and self.execution == "fast" and self.config.fast_path and site.fast
 
     def record(self, index: int) -> dict[str, Any]:
+        """What site ``index`` used in this call: "width" (Bt, U), "tokens" (B, N), "n"/"m"
+        (query / key-value token counts), read by the FLOPs accountant."""
         return self.records.setdefault(index, {})
 
     # -- masks ------------------------------------------------------------------------------
@@ -137,6 +154,8 @@ class RouterBank(nn.Module):
         return {int(k): m for k, m in zip(keys, masks.split(sizes, dim=-1))}
 
     def _always_on_positions(self, keys: list[str], sizes: list[int], device: torch.device) -> torch.Tensor:
+        """(sum of units,) bool: the always-on unit of each router in the concatenated logits
+        (cached: rebuilding it every training step would sync the device)."""
         stamp = (self.always_on._version, device, tuple(keys))
         cached = getattr(self, "_on_cache", None)
         if cached is not None and cached[0] == stamp:
@@ -160,7 +179,7 @@ class RouterBank(nn.Module):
         key = str(index)
         if self._mode_now == "full" or key not in self.token:
             return None
-        logits = self.token[key](x)
+        logits = self.token[key](x)  # (B, N): one logit per token
         if self._mode_now == "train":
             return gumbel_sigmoid(logits, self.config.tau)
         return logits > 0
@@ -193,6 +212,7 @@ class RouterBank(nn.Module):
         return cpu, dev
 
     def _fill(self, values: list[float]) -> None:
+        """Add the masks of new t values to the table (one router pass for all of them)."""
         ons = self.width_table(torch.tensor(values))
         cpu = {i: on.cpu() for i, on in ons.items()}
         for j, v in enumerate(values):
