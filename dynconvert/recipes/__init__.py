@@ -35,7 +35,6 @@ from dynconvert.recipes.files import (
 from dynconvert.recipes.loading import load_recipe, recipe_for_model, recipe_summary
 from dynconvert.recipes.overrides import apply_overrides
 from dynconvert.recipes.settings import (
-    EVALUATIONS,
     RECIPE_VERSION,
     RUN_FIELDS,
     EvaluateSettings,
@@ -46,7 +45,6 @@ from dynconvert.recipes.settings import (
 )
 
 __all__ = [
-    "EVALUATIONS",
     "RECIPE_DIR",
     "RECIPE_VERSION",
     "RUN_FIELDS",

@@ -18,6 +18,7 @@ from typing import Any
 from dynconvert.calibrate.config import CalibrationConfig
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import ConfigError
+from dynconvert.evaluations import evaluation_names
 from dynconvert.sampling import SCHEDULERS
 
 RECIPE_VERSION = 1
@@ -25,7 +26,6 @@ RUN_FIELDS = ("target", "output_dir", "resume")
 """Calibration fields a recipe may not set: the run sets them (from ``target_flops``, and the
 run's output folder and ``resume``)."""
 
-EVALUATIONS = ("none", "digits")
 
 
 def _check(section: str, value: Any, ok: bool, what: str) -> None:
@@ -142,8 +142,9 @@ class EvaluateSettings:
     """Quality metrics of the original and the dynamic model, for ``report.json``.
 
     Attributes:
-        kind: "none", or "digits" (classifier accuracy and Frechet distance of samples of the
-            digits demo, original vs dynamic, same seeds).
+        kind: "none", or a registered evaluation (``dynconvert.evaluations``; the demo adds
+            "digits": classifier accuracy and Frechet distance of samples of the digits model,
+            original vs dynamic, same seeds).
         per_class: Samples per class.
         steps: Sampler steps.
         seed: Seed of the initial noise.
@@ -156,7 +157,8 @@ class EvaluateSettings:
 
     def __post_init__(self) -> None:
         _check(
-            "evaluate.kind", self.kind, self.kind in EVALUATIONS, f"one of {', '.join(EVALUATIONS)}"
+            "evaluate.kind", self.kind, self.kind in evaluation_names(),
+            f"one of {', '.join(evaluation_names())}",
         )
         _check("evaluate.per_class", self.per_class, _is_int(self.per_class, 1), "an integer >= 1")
         _check("evaluate.steps", self.steps, _is_int(self.steps, 1), "an integer >= 1")
