@@ -27,7 +27,6 @@ RUN_FIELDS = ("target", "output_dir", "resume")
 run's output folder and ``resume``)."""
 
 
-
 def _check(section: str, value: Any, ok: bool, what: str) -> None:
     if not ok:
         raise ConfigError(f"{section} must be {what}; got {value!r}")
@@ -157,7 +156,9 @@ class EvaluateSettings:
 
     def __post_init__(self) -> None:
         _check(
-            "evaluate.kind", self.kind, self.kind in evaluation_names(),
+            "evaluate.kind",
+            self.kind,
+            self.kind in evaluation_names(),
             f"one of {', '.join(evaluation_names())}",
         )
         _check("evaluate.per_class", self.per_class, _is_int(self.per_class, 1), "an integer >= 1")
