@@ -27,9 +27,11 @@ from dynconvert.plan import AttentionSite, MlpSite, UnitMap
 class DynamicLinear(nn.Linear):
     """An nn.Linear routed by its site (same parameters, same names as the original)."""
 
-    _dc_rt: Any
-    _dc_role: str
-    _dc_name: str
+    # Only the class changes, never the Parameters: state-dict keys stay the original's, so an
+    # original checkpoint loads, and optimisers or hooks that hold the Parameters stay valid.
+    _dc_rt: Any  # the site's runtime (AttentionRuntime or MlpRuntime)
+    _dc_role: str  # "in" (q/k/v), "out", "mlp_in" (fc1 or value/gate) or "mlp_out" (fc2)
+    _dc_name: str  # fqn in the model: the key of this Linear's rows in the site's unit tables
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._dc_rt.linear_forward(self, x)
@@ -51,19 +53,37 @@ def make_static(lin: nn.Linear) -> None:
 
 
 def unit_table(m: UnitMap) -> torch.Tensor:
-    """(parts, units, size) table of indices; ``table[:, units].reshape(-1)`` slices a unit set."""
+    """(parts, units, size) table of indices; ``table[:, units].reshape(-1)`` slices a unit set.
+
+    Parts come first so that a slice is part-major: for a fused qkv (parts q, k, v) and heads
+    {0, 2} it lists q0 q2 k0 k2 v0 v2, the layout ``reshape(B, N, 3, heads, d)`` expects of a
+    qkv with two heads. The model's own reshaping code then works on the sliced output as is,
+    once its head-count attribute is lowered.
+
+    Example:
+        >>> from dynconvert.plan import UnitMap
+        >>> qkv = UnitMap("qkv", "rows", units=2, parts=[(0, 2, 2), (4, 2, 2), (8, 2, 2)])
+        >>> unit_table(qkv)[:, [1]].reshape(-1).tolist()  # every row of head 1
+        [2, 3, 6, 7, 10, 11]
+    """
     if m.explicit is not None:
-        return torch.tensor(m.explicit, dtype=torch.long)
+        return torch.tensor(m.explicit, dtype=torch.long)  # explicit[part][unit] = indices
     rows = []
     for base, stride, size in m.parts:
-        u = torch.arange(m.units)[:, None] * stride + torch.arange(size)[None, :]
+        u = torch.arange(m.units)[:, None] * stride + torch.arange(size)[None, :]  # (units, size)
         rows.append(base + u)
-    return torch.stack(rows)
+    return torch.stack(rows)  # (parts, units, size)
 
 
 def unit_of_index(m: UnitMap, width: int) -> torch.Tensor:
-    """For each of ``width`` indices, the unit that owns it."""
-    owner = torch.full((width,), -1, dtype=torch.long)
+    """For each of ``width`` indices, the unit that owns it (the masked path's lookup).
+
+    Example:
+        >>> from dynconvert.plan import UnitMap
+        >>> unit_of_index(UnitMap("proj", "cols", units=2, parts=[(0, 2, 2)]), 4).tolist()
+        [0, 0, 1, 1]
+    """
+    owner = torch.full((width,), -1, dtype=torch.long)  # (width,)
     table = unit_table(m)
     for u in range(m.units):
         owner[table[:, u].reshape(-1)] = u
@@ -73,7 +93,11 @@ def unit_of_index(m: UnitMap, width: int) -> torch.Tensor:
 
 
 def _expand_rows(mask: torch.Tensor, owner: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample unit mask (Bt, U) -> a multiplier broadcastable against x (B, ..., C)."""
+    """Per-sample unit mask (Bt, U) -> a multiplier broadcastable against x (B, ..., C).
+
+    Bt is the number of timesteps of the call: 1 when the whole batch shares one t (the mask
+    broadcasts over it), else one per sample.
+    """
     cols = mask.to(x.dtype).index_select(1, owner)  # (Bt, C)
     bt = cols.shape[0]
     if bt == 1 or x.dim() == 1:
@@ -83,7 +107,7 @@ def _expand_rows(mask: torch.Tensor, owner: torch.Tensor, x: torch.Tensor) -> to
             f"the batch of this call ({x.shape[0]}) differs from the number of timesteps ({bt}); "
             "pass one timestep per sample"
         )
-    return cols.reshape(bt, *([1] * (x.dim() - 2)), -1)
+    return cols.reshape(bt, *([1] * (x.dim() - 2)), -1)  # (Bt, 1, ..., C)
 
 
 def _active(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -93,12 +117,14 @@ def _active(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tenso
     """
     if mask is None:
         return None, None
-    union = mask.any(0)
-    same = bool((mask == union).all())
+    # Compute every unit some sample needs; samples whose timestep switches off part of that
+    # union (a batch spanning several timesteps) zero their extra units with the sub-mask.
+    union = mask.any(0)  # (U,)
+    same = bool((mask == union).all())  # every sample has the union
     if same and bool(union.all()):
         return None, None
     units = union.nonzero().squeeze(1)
-    return units, None if same else mask[:, units]
+    return units, None if same else mask[:, units]  # (U',), (Bt, U') or None
 
 
 class _Decision:
@@ -106,12 +132,17 @@ class _Decision:
 
     __slots__ = ("units", "key", "rows", "cols", "sub")
 
-    def __init__(self, units: torch.Tensor, rows: dict[str, torch.Tensor], cols: torch.Tensor,
-                 sub: torch.Tensor | None):
-        self.units = units
-        self.key = tuple(units.tolist())
-        self.rows = rows
-        self.cols = cols
+    def __init__(
+        self,
+        units: torch.Tensor,
+        rows: dict[str, torch.Tensor],
+        cols: torch.Tensor,
+        sub: torch.Tensor | None,
+    ):
+        self.units = units  # (U',) the units computed, ascending
+        self.key = tuple(units.tolist())  # names the unit set in the weight-slice cache
+        self.rows = rows  # input Linear fqn -> its rows of these units, on the device
+        self.cols = cols  # the out-projection's (or fc2's) columns of these units
         self.sub = sub  # (Bt, C') per-sample column mask inside the computed units, or None
 
 
@@ -120,22 +151,27 @@ class _SiteRuntime:
 
     def __init__(self, site: AttentionSite | MlpSite, bank: Any, per_unit_out: int):
         self.site = site
-        self.bank = bank
-        self.tables = {m.linear: unit_table(m) for m in site.in_maps}
-        self.out_table = unit_table(site.out_map)
-        self.out_owner = unit_of_index(site.out_map, site.units * per_unit_out)
-        self.per_unit_out = per_unit_out
+        self.bank = bank  # the RouterBank: masks of the current call, slice cache, records
+        self.tables = {m.linear: unit_table(m) for m in site.in_maps}  # (parts, units, size)
+        self.out_table = unit_table(site.out_map)  # (1, units, per_unit_out)
+        self.out_owner = unit_of_index(site.out_map, site.units * per_unit_out)  # (C,)
+        self.per_unit_out = per_unit_out  # out-projection input columns a unit owns
         self._owners: dict[torch.device, torch.Tensor] = {}
         self._decisions: dict[tuple, _Decision | None] = {}
 
     def owner(self, device: torch.device) -> torch.Tensor:
+        """The column -> unit table on ``device`` (copied there once)."""
         o = self._owners.get(device)
         if o is None:
             o = self._owners[device] = self.out_owner.to(device)
         return o
 
     def decide(self, mask_cpu: torch.Tensor | None, device: torch.device) -> _Decision | None:
-        """The fast-path decision for this call's CPU mask (None: compute every unit)."""
+        """The fast-path decision for this call's CPU mask (None: compute every unit).
+
+        Keyed by the mask's bytes: the few mask patterns of a sampling run repeat at many
+        timesteps, so their index tensors are built and moved to the device once.
+        """
         if mask_cpu is None:
             return None
         key = (tuple(mask_cpu.shape), mask_cpu.numpy().tobytes(), device)
@@ -148,10 +184,12 @@ class _SiteRuntime:
             cols = self.out_table[:, units].reshape(-1).to(device)
             sub_cols = None
             if sub is not None:
+                # The sliced columns are unit-major: column c belongs to computed unit
+                # c // per_unit_out.
                 owner = torch.arange(units.numel()).repeat_interleave(self.per_unit_out)
                 sub_cols = sub.index_select(1, owner).to(device)  # (Bt, C') bool
             d = _Decision(units, rows, cols, sub_cols)
-        if len(self._decisions) > 4096:
+        if len(self._decisions) > 4096:  # bound the memory of a run with many mask patterns
             self._decisions.clear()
         self._decisions[key] = d
         return d
@@ -162,10 +200,11 @@ class AttentionRuntime(_SiteRuntime):
 
     def __init__(self, site: AttentionSite, bank: Any, module: nn.Module):
         super().__init__(site, bank, site.v_head_dim)
-        self.fast: _Decision | None = None
-        self.saved: dict[str, int] = {}
+        self.fast: _Decision | None = None  # this call's fast-path decision (None: full/masked)
+        self.saved: dict[str, int] = {}  # head-count attributes lowered for this call
 
     def pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        """Forward pre-hook of the attention module: decide the call, lower its head count."""
         self.fast = None
         bank, site = self.bank, self.site
         if not bank.fast_for(site):
@@ -176,43 +215,54 @@ class AttentionRuntime(_SiteRuntime):
         if d is None:
             return
         self.fast = d
+        # The module reshapes the q/k/v outputs with its own head count (timm: num_heads and
+        # attn_dim; diffusers: heads). The sliced Linears return only the active heads' rows,
+        # so for this call the count must match them: left as is, the reshape either fails or,
+        # when the sizes happen to divide, silently splits the channels into wrong heads.
         for attr, per in site.head_attrs.items():
             self.saved[attr] = getattr(module, attr)
             setattr(module, attr, int(d.units.numel()) * per)
 
     def post_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        """Forward hook (also called when the forward raises): restore the head count."""
         for attr, value in self.saved.items():
             setattr(module, attr, value)
         self.saved.clear()
         self.fast = None
 
     def linear_forward(self, lin: DynamicLinear, x: torch.Tensor) -> torch.Tensor:
+        """Forward of one of the site's Linears: x (B, N, C_in) -> (B, N, C_out)."""
         site, bank = self.site, self.bank
         d = self.fast
         if lin._dc_role == "in":
             name = lin._dc_name
+            # Token counts of this call, for the FLOPs of QK^T and AV: n queries, m keys
+            # (m differs from n in cross-attention).
             rec = bank.record(site.index)
             tokens = math.prod(x.shape[1:-1]) if x.dim() > 2 else x.shape[0]
             if name == site.q:
                 rec["n"] = tokens
             if name == site.k:
                 rec["m"] = tokens
-            if d is None:
+            if d is None:  # the masked path zeroes heads at the out-projection only
                 return F.linear(x, lin.weight, lin.bias)
-            w, b = bank.sliced(lin, "rows", d.key, d.rows[name])
-            return F.linear(x, w, b)
-        if d is not None:  # out-projection, fast path
-            if d.sub is not None:
+            w, b = bank.sliced(lin, "rows", d.key, d.rows[name])  # active heads' rows
+            return F.linear(x, w, b)  # (B, N, parts * H' * d)
+        if d is not None:  # out-projection, fast path: x (B, N, H' * dv)
+            if d.sub is not None:  # several timesteps: zero each sample's extra heads
                 x = x * _expand_sub(d.sub, x)
-            w, b = bank.sliced(lin, "cols", d.key, d.cols)
-            return F.linear(x, w, b)
-        mask = bank.width_mask(site.index)
+            w, b = bank.sliced(lin, "cols", d.key, d.cols)  # active heads' columns, full bias
+            return F.linear(x, w, b)  # (B, N, D)
+        # Masked path: zero the switched-off heads' outputs before the out-projection, which is
+        # what removing them computes (the bias is added either way).
+        mask = bank.width_mask(site.index)  # (Bt, H) or None
         if mask is not None:
             x = x * _expand_rows(mask, self.owner(mask.device), x)
         return F.linear(x, lin.weight, lin.bias)
 
 
 def _expand_sub(sub: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample column mask (B, C') -> a multiplier (B, 1, ..., C') for x (B, ..., C')."""
     bt = sub.shape[0]
     return sub.to(x.dtype).reshape(bt, *([1] * (x.dim() - 2)), -1)
 
@@ -222,35 +272,52 @@ class MlpRuntime(_SiteRuntime):
 
     def __init__(self, site: MlpSite, bank: Any):
         super().__init__(site, bank, site.hidden // site.groups)
+        # State of the MLP call in progress, handed from fc1 to fc2: "x" the MLP input, "lead"
+        # its leading dims (B, N), "width" the (Bt, G) group mask, "tokens" the (B, N) token
+        # mask, "fast"; on the fast path also "d" the decision, "idx" the selected rows of the
+        # flattened B * N tokens (None: all) and "x_sel" the input rows fc1 computes.
         self.call: dict[str, Any] | None = None
 
     def _begin(self, x: torch.Tensor) -> dict[str, Any]:
+        """Start an MLP call at its input x (B, N, D): masks, and on the fast path the gather."""
         site, bank = self.site, self.bank
         rec = bank.record(site.index)
-        lead = x.shape[:-1]
-        rec["n"] = math.prod(lead[1:]) if len(lead) > 1 else 1
-        width = bank.width_mask(site.index) if site.width else None
-        tokens = bank.token_mask(site.index, x) if site.token else None
+        lead = x.shape[:-1]  # (B, N) or (B, H, W)
+        rec["n"] = math.prod(lead[1:]) if len(lead) > 1 else 1  # tokens per sample
+        width = bank.width_mask(site.index) if site.width else None  # (Bt, G)
+        tokens = bank.token_mask(site.index, x) if site.token else None  # (B, N), router on x
         rec["tokens"] = tokens
-        call: dict[str, Any] = {"x": x, "lead": lead, "width": width, "tokens": tokens,
-                                "fast": bank.fast_for(site)}
+        call: dict[str, Any] = {
+            "x": x,
+            "lead": lead,
+            "width": width,
+            "tokens": tokens,
+            "fast": bank.fast_for(site),
+        }
         if call["fast"]:
-            call["d"] = self.decide(bank.width_mask_cpu(site.index) if site.width else None, x.device)
+            call["d"] = self.decide(
+                bank.width_mask_cpu(site.index) if site.width else None, x.device
+            )
             idx = None
             call["x_sel"] = x
             if tokens is not None:
+                # Gather the selected tokens over batch x tokens: no padding, and the two
+                # classifier-free-guidance halves may select different tokens.
                 idx = tokens.reshape(-1).nonzero().squeeze(1)  # the one host sync of this site
                 if idx.numel() == tokens.numel():
-                    idx = None
+                    idx = None  # every token selected: no gather, no scatter
                 else:
-                    call["x_sel"] = x.reshape(-1, x.shape[-1]).index_select(0, idx)
+                    call["x_sel"] = x.reshape(-1, x.shape[-1]).index_select(0, idx)  # (K, D)
             call["idx"] = idx
         self.call = call
         return call
 
     def linear_forward(self, lin: DynamicLinear, x: torch.Tensor) -> torch.Tensor:
+        """Forward of fc1 (or the value / gate Linear) and of fc2."""
         if lin._dc_role == "mlp_in":
             call = self.call
+            # A gated MLP's second input Linear reads the same x: it joins the call begun by
+            # the first instead of drawing new masks.
             if call is None or call["x"] is not x:
                 call = self._begin(x)
             if not call["fast"]:
@@ -259,33 +326,42 @@ class MlpRuntime(_SiteRuntime):
             if d is None:
                 return F.linear(call["x_sel"], lin.weight, lin.bias)
             w, b = self.bank.sliced(lin, "rows", d.key, d.rows[lin._dc_name])
-            return F.linear(call["x_sel"], w, b)
-        call, self.call = self.call, None
+            return F.linear(call["x_sel"], w, b)  # (K, F') or (B, N, F')
+        call, self.call = self.call, None  # fc2 ends the call
         if call is None:  # fc2 without fc1 in this call: nothing to route
             return F.linear(x, lin.weight, lin.bias)
         if call["fast"]:
             return self._fast_out(lin, x, call)
+        # Masked path: zero the switched-off groups' channels before fc2.
         width, tokens = call["width"], call["tokens"]
         if width is not None:
-            x = x * _expand_rows(width, self.owner(width.device), x)
-        y = F.linear(x, lin.weight, lin.bias)
+            x = x * _expand_rows(width, self.owner(width.device), x)  # (B, N, F)
+        y = F.linear(x, lin.weight, lin.bias)  # (B, N, D)
         if tokens is not None:
+            # The mask multiplies fc2's output, bias included: a skipped token's MLP update is
+            # exactly zero, so the residual x + g * 0 passes it on unchanged, as the fast path
+            # (which never computes it) does. In training the mask is the straight-through
+            # Gumbel value, so this product also carries the token router's gradient.
             y = y * tokens.unsqueeze(-1).to(y.dtype)
         return y
 
     def _fast_out(self, lin: nn.Linear, h: torch.Tensor, call: dict[str, Any]) -> torch.Tensor:
+        """fc2 on the fast path: h (K, F') or (B, N, F') -> (B, N, D), scattered into zeros."""
         d, idx, lead = call["d"], call["idx"], call["lead"]
         if d is not None and d.sub is not None:  # several timesteps in the batch: mask per sample
-            n = math.prod(lead[1:]) if len(lead) > 1 else 1
+            n = math.prod(lead[1:]) if len(lead) > 1 else 1  # tokens per sample
             rows = idx if idx is not None else torch.arange(math.prod(lead), device=h.device)
+            # Row r of the flattened B * N tokens belongs to sample r // n.
             h = h.reshape(-1, h.shape[-1]) * d.sub.to(h.dtype).index_select(0, rows // n)
         if d is None:
             w, b = lin.weight, lin.bias
         else:
-            w, b = self.bank.sliced(lin, "cols", d.key, d.cols)
-        y = F.linear(h, w, b)
+            w, b = self.bank.sliced(lin, "cols", d.key, d.cols)  # active groups' columns
+        y = F.linear(h, w, b)  # (K, D) or (B, N, D)
         if idx is None:
             return y.reshape(*lead, -1)
-        out = y.new_zeros(math.prod(lead), y.shape[-1])
+        # Skipped tokens get exactly zero (no bias), as on the masked path; an empty selection
+        # gives all zeros.
+        out = y.new_zeros(math.prod(lead), y.shape[-1])  # (B * N, D)
         out.index_copy_(0, idx, y.reshape(-1, y.shape[-1]))
-        return out.reshape(*lead, -1)
+        return out.reshape(*lead, -1)  # (B, N, D)

@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-import torch
-
 PLAN_VERSION = 1
+"""Format version of ``Plan.to_dict``, stored in the saved record."""
 
 
 @dataclass
@@ -24,12 +23,17 @@ class UnitMap:
     parts (q, k and v rows of the same head); a gated MLP input has two (value and gate halves).
     ``explicit`` replaces the parts when the layout is not regular: ``explicit[p][u]`` lists
     the indices of unit ``u`` in part ``p``.
+
+    Example:
+        >>> qkv = UnitMap("attn.qkv", "rows", units=2, parts=[(0, 4, 4), (8, 4, 4), (16, 4, 4)])
+        >>> qkv.indices(1)  # q, k and v rows of head 1 (2 heads of 4 channels)
+        [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23]
     """
 
-    linear: str
-    axis: Literal["rows", "cols"]
-    units: int
-    parts: list[tuple[int, int, int]] = field(default_factory=list)
+    linear: str  # fqn of the nn.Linear
+    axis: Literal["rows", "cols"]  # output rows (q/k/v, fc1) or input columns (out-proj, fc2)
+    units: int  # heads, or channel groups
+    parts: list[tuple[int, int, int]] = field(default_factory=list)  # (base, stride, size)
     explicit: list[list[list[int]]] | None = None
 
     def indices(self, unit: int) -> list[int]:
@@ -42,56 +46,37 @@ class UnitMap:
             out.extend(range(start, start + size))
         return out
 
-    def index_tensor(self, units: torch.Tensor | list[int] | None = None) -> torch.Tensor:
-        """Indices of the given units (all units when None), ordered by part, then unit."""
-        chosen = range(self.units) if units is None else [int(u) for u in units]
-        if self.explicit is not None:
-            idx = [i for part in self.explicit for u in chosen for i in part[u]]
-        else:
-            idx = []
-            for base, stride, size in self.parts:
-                for u in chosen:
-                    start = base + u * stride
-                    idx.extend(range(start, start + size))
-        return torch.tensor(idx, dtype=torch.long)
-
-    @property
-    def per_unit(self) -> int:
-        """How many indices each unit owns."""
-        if self.explicit is not None:
-            return sum(len(part[0]) for part in self.explicit)
-        return sum(size for _, _, size in self.parts)
-
 
 @dataclass
 class AttentionSite:
     """One attention call: its projections, heads and cost."""
 
-    name: str
-    block: str
-    module_class: str
+    name: str  # fqn of the attention module ("" for the root)
+    block: str  # the transformer block it belongs to (e.g. "blocks.3")
+    module_class: str  # "package.module.Class" of the attention module
     kind: Literal["self", "cross"]
     heads: int
-    head_dim: int
-    v_head_dim: int
-    q: str
+    head_dim: int  # channels of a query / key head
+    v_head_dim: int  # channels of a value head (the attention output per head)
+    q: str  # fqns of the q, k, v Linears (the same fqn three times for a fused qkv)
     k: str
     v: str
-    out: str
-    q_in: int
-    kv_in: int
-    out_features: int
-    tokens_q: int
-    tokens_kv: int
-    in_maps: list[UnitMap]
-    out_map: UnitMap
-    head_attrs: dict[str, int] = field(default_factory=dict)
-    fast: bool = True
-    fast_reason: str = ""
-    index: int = -1
+    out: str  # fqn of the out-projection
+    q_in: int  # input features of the q projection
+    kv_in: int  # input features of the k and v projections (the context's, in cross-attention)
+    out_features: int  # output features of the out-projection
+    tokens_q: int  # query tokens per sample at the example inputs
+    tokens_kv: int  # key tokens per sample at the example inputs
+    in_maps: list[UnitMap]  # rows of each distinct input Linear, per head
+    out_map: UnitMap  # columns of the out-projection, per head
+    head_attrs: dict[str, int] = field(default_factory=dict)  # attribute -> channels per head
+    fast: bool = True  # whether evaluation may run the sliced fast path here
+    fast_reason: str = ""  # why not, or "unverified" until convert has checked it
+    index: int = -1  # position among the converted sites, in execution order
 
     @property
     def units(self) -> int:
+        """Routed units: one per head."""
         return self.heads
 
     def macs(self, tokens_q: int | None = None, tokens_kv: int | None = None) -> int:
@@ -115,34 +100,36 @@ class AttentionSite:
 class MlpSite:
     """One MLP: input projection(s), output projection, channel groups and cost."""
 
-    name: str
-    block: str
+    name: str  # fqn of the module that runs the MLP
+    block: str  # the transformer block it belongs to
     module_class: str
-    fc1: list[str]
+    fc1: list[str]  # the input Linear, or the value and gate Linears of a gated MLP
     fc2: str
-    in_features: int
-    hidden: int
+    in_features: int  # D
+    hidden: int  # F: fc2's input width (half of a fused value-and-gate fc1's output)
     out_features: int
     gated: bool
-    groups: int
-    tokens: int
-    in_maps: list[UnitMap]
-    out_map: UnitMap
-    width: bool = True
-    width_reason: str = ""
-    token: bool = True
-    token_reason: str = ""
-    token_dims: int = 2
-    fast: bool = True
+    groups: int  # G equal contiguous channel groups (1 when width routing is off)
+    tokens: int  # tokens per sample at the example inputs
+    in_maps: list[UnitMap]  # rows of each input Linear, per group
+    out_map: UnitMap  # columns of fc2, per group
+    width: bool = True  # channel groups are routed
+    width_reason: str = ""  # why not
+    token: bool = True  # tokens are routed (the MLP output reaches the residual as x + g * f)
+    token_reason: str = ""  # why not
+    token_dims: int = 2  # leading dims of the MLP input: batch plus token_dims - 1 token axes
+    fast: bool = True  # whether evaluation may run the sliced, gathered fast path here
     fast_reason: str = ""
-    index: int = -1
+    index: int = -1  # position among the converted sites, in execution order
 
     @property
     def units(self) -> int:
+        """Routed units: the channel groups (1 when width routing is off)."""
         return self.groups if self.width else 1
 
     @property
     def fc1_out(self) -> int:
+        """Output rows of fc1: value and gate halves when gated (2F), else F."""
         return self.hidden * 2 if self.gated else self.hidden
 
     def macs(self, tokens: int | None = None) -> int:
@@ -155,8 +142,8 @@ class MlpSite:
         if not self.token:
             return 0
         n = self.tokens if tokens is None else tokens
-        r = max(1, self.in_features // reduction)
-        return n * (self.in_features * r + r)
+        r = max(1, self.in_features // reduction)  # hidden width of the router
+        return n * (self.in_features * r + r)  # D -> r, then r -> 1, per token
 
 
 @dataclass
@@ -169,23 +156,24 @@ class SkippedSite:
 
 
 Site = AttentionSite | MlpSite
+"""A converted site of either kind."""
 
 
 @dataclass
 class Plan:
     """Everything analysis found: sites to convert, sites skipped and the model's cost."""
 
-    model_class: str
-    timestep_arg: str
-    capture: str
-    coverage: str
-    batch: int
-    input_shapes: dict[str, list[int]]
+    model_class: str  # "package.module.Class" of the analysed model (checked on load)
+    timestep_arg: str  # the forward argument the routers read t from
+    capture: str  # "torch.export" or "torch.fx"
+    coverage: str  # what the capture covered (untraceable parts, leaves)
+    batch: int  # batch size of the example inputs
+    input_shapes: dict[str, list[int]]  # example input shapes, by position or keyword
     attention: list[AttentionSite]
     mlp: list[MlpSite]
     skipped: list[SkippedSite]
-    static_macs: int
-    other_macs: int
+    static_macs: int  # MACs of the whole forward at the example inputs (the whole batch)
+    other_macs: int  # the part of static_macs routing never changes (embeddings, head, ...)
     version: int = PLAN_VERSION
 
     @property
@@ -195,6 +183,7 @@ class Plan:
 
     @property
     def blocks(self) -> list[str]:
+        """The blocks holding converted sites, in execution order."""
         seen: dict[str, None] = {}
         for s in self.sites:
             seen.setdefault(s.block, None)
@@ -202,6 +191,7 @@ class Plan:
 
     @property
     def static_macs_per_sample(self) -> int:
+        """MACs of the original model's forward for one sample."""
         return self.static_macs // max(self.batch, 1)
 
     @property
@@ -218,14 +208,25 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict` (JSON turned the parts' tuples into lists: back to tuples).
+
+        Example:
+            >>> from dynconvert.analysis import analyze
+            >>> from dynconvert.plan import Plan
+            >>> from dynconvert.testing import tiny_dit
+            >>> plan = analyze(tiny_dit())
+            >>> Plan.from_dict(plan.to_dict()) == plan
+            True
+        """
         d = dict(data)
 
         def maps(items: list[dict]) -> list[UnitMap]:
             return [_unit_map(m) for m in items]
 
         d["attention"] = [
-            AttentionSite(**{**a, "in_maps": maps(a["in_maps"]), "out_map": _unit_map(a["out_map"])})
+            AttentionSite(
+                **{**a, "in_maps": maps(a["in_maps"]), "out_map": _unit_map(a["out_map"])}
+            )
             for a in d["attention"]
         ]
         d["mlp"] = [
@@ -237,6 +238,7 @@ class Plan:
 
 
 def _unit_map(d: dict[str, Any]) -> UnitMap:
+    """A UnitMap from its dict (parts as tuples again)."""
     return UnitMap(
         linear=d["linear"],
         axis=d["axis"],
