@@ -10,12 +10,65 @@ from typing import Any
 from dynconvert.errors import ConfigError
 
 CONFIG_VERSION = 1
+"""Format version of ``ConvertConfig.to_dict``; a newer one is refused."""
+
 TIMESTEP_NAMES = ("timestep", "timesteps", "t", "time", "sigma", "sigmas")
+"""Forward argument names taken for the timestep, in this order, when ``timestep_arg`` is None."""
 
 
 @dataclass
 class ConvertConfig:
     """How convert builds the routers. Defaults follow the paper (method.md).
+
+    Attributes:
+        attention_width: Route attention heads. Off: no attention site is converted (heads are
+            an attention site's only routed units). Default True, as the paper.
+        mlp_width: Route the MLP's channel groups. Off: MLPs keep full width (their tokens may
+            still be routed). Default True.
+        token_routing: Route tokens through the MLP (a skipped token skips the whole MLP).
+            Off: no token routers. Default True. Sites whose MLP output does not reach the
+            residual as ``x + g * mlp(...)`` are never token-routed.
+        mlp_groups: Channel groups G the MLP hidden width is cut into, >= 1. None (default):
+            the block's head count, G = H as in the paper (DiT-XL: 16 groups of 288). When G
+            does not divide the hidden width the largest divisor below it is used; one group
+            turns width routing off for that MLP.
+        tau: Temperature of the Gumbel-sigmoid used in training, > 0: noisy logits are divided
+            by it before the sigmoid. Default 5.0, the paper's.
+        width_bias_init: Initial bias of the width routers (their weights start at zero), in
+            logits. Default 15.0, the paper's: every unit starts on (all but surely, under the
+            training noise), so the converted model starts as the original.
+        token_bias_init: Initial bias of the token routers' last layer, in logits. Default
+            35.0, the paper's: every token starts selected.
+        token_reduction: Bottleneck ratio r of the token router D -> D/r -> ReLU -> 1, >= 1.
+            Default 16, the paper's: the routers cost about 1/16 of a D x D Linear per token.
+        router_embed_dim: Width of the timestep embedding the width routers read (sinusoid,
+            then a 2-layer MLP shared by all of them); an even integer >= 2 (cos and sin
+            halves). Default 256, DiT's frequency embedding size.
+        importance: How the always-on unit of each width router is chosen: "magnitude" (the
+            unit whose weights have the largest L2 norm; default), "first" (unit 0, as the
+            original code without re-ranking), or a callable ``fn(site, linears) -> scores``
+            with one score per unit (see ``dynconvert.importance``).
+        timestep_arg: Name of the forward argument that carries t. None (default): the first
+            of ``TIMESTEP_NAMES`` in the forward's signature.
+        timestep_scale: The routers read ``t * timestep_scale``, which should be on the DDPM
+            scale 0..1000; > 0. Default 1.0 (DDPM models pass t in 0..999). Use 1000 for flow
+            models that pass sigma in [0, 1].
+        timestep_reverse: Use ``1000 - t`` (after scaling), for models whose time runs the
+            other way (t = 0 at pure noise). Default False.
+        capture: How the graph is captured: "auto" (default; torch.export non-strict, and
+            the per-module torch.fx tracer where export fails), "export" (export only: its
+            errors are raised) or "fx" (the tracer only).
+        fast_path: Let evaluation run the sliced weights and gathered tokens. False: evaluation
+            always runs the masked full-width path (same outputs, no speed-up; a reference
+            for debugging). Default True.
+        slice_cache_mb: Memory bound, in MiB, of the cache of sliced weights the fast path
+            reuses across calls. None (default): 20% of the model's parameter bytes, so a
+            converted model stays within about 1.25x the original's memory.
+        exclude: Sites to leave unconverted: regular expressions matched against the whole
+            site name, or module paths above it ("blocks.0" leaves out "blocks.0.attn").
+            Default empty.
+        version: Format version of this config (``CONFIG_VERSION``); a newer one than this
+            dynconvert's is refused.
 
     Example:
         >>> cfg = ConvertConfig(mlp_groups=8, token_routing=False)
@@ -38,19 +91,23 @@ class ConvertConfig:
     timestep_reverse: bool = False
     capture: str = "auto"
     fast_path: bool = True
-    slice_cache_mb: float | None = None  # None: 20% of the model's parameter bytes
+    slice_cache_mb: float | None = None
     exclude: list[str] = field(default_factory=list)
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         if self.mlp_groups is not None and self.mlp_groups < 1:
-            raise ConfigError(f"mlp_groups must be a positive integer or None, got {self.mlp_groups}")
+            raise ConfigError(
+                f"mlp_groups must be a positive integer or None, got {self.mlp_groups}"
+            )
         if self.tau <= 0:
             raise ConfigError(f"tau must be > 0, got {self.tau}")
         if self.token_reduction < 1:
             raise ConfigError(f"token_reduction must be >= 1, got {self.token_reduction}")
         if self.router_embed_dim < 2 or self.router_embed_dim % 2:
-            raise ConfigError(f"router_embed_dim must be an even integer >= 2, got {self.router_embed_dim}")
+            raise ConfigError(
+                f"router_embed_dim must be an even integer >= 2, got {self.router_embed_dim}"
+            )
         if self.capture not in ("auto", "export", "fx"):
             raise ConfigError(f"capture must be one of auto, export, fx; got {self.capture!r}")
         if self.timestep_scale <= 0:
@@ -60,8 +117,8 @@ class ConvertConfig:
 
             if self.importance not in IMPORTANCE:
                 raise ConfigError(
-                    f"unknown importance {self.importance!r}; valid: {', '.join(sorted(IMPORTANCE))}, "
-                    "or pass a callable"
+                    f"unknown importance {self.importance!r}; "
+                    f"valid: {', '.join(sorted(IMPORTANCE))}, or pass a callable"
                 )
         if self.version > CONFIG_VERSION:
             raise ConfigError(
@@ -81,7 +138,8 @@ class ConvertConfig:
         unknown = sorted(set(data) - valid)
         if unknown:
             raise ConfigError(
-                f"unknown convert config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}"
+                f"unknown convert config key(s) {', '.join(unknown)}; "
+                f"valid keys: {', '.join(sorted(valid))}"
             )
         return cls(**data)
 
