@@ -15,6 +15,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -191,6 +192,17 @@ def calibrate(
             stop=cfg.steps, num_workers=cfg.num_workers,
         )  # fmt: skip
         in_a_row, t0, last = 0, time.perf_counter(), {}
+        step_terms = _StepTerms(
+            core=core,
+            cfg=cfg,
+            accelerator=accelerator,
+            adapter=adapter,
+            objective=objective,
+            state=state,
+            ddp_model=ddp_model,
+            model=model,
+            teacher=teacher,
+        )
 
         # Training loop: one optimiser step per iteration.
         for step in range(start, cfg.steps):
@@ -200,10 +212,7 @@ def calibrate(
             batch = _labels_for_step(batch, labels, adapter, cfg)
             noisy = objective.noise(x0)
             lam = lambdas(step)
-            terms = _step_terms(
-                core, cfg, accelerator, adapter, objective, state, ddp_model, model, teacher,
-                batch, x0, noisy, lam, step,
-            )  # fmt: skip
+            terms = step_terms(batch, x0, noisy, lam=lam, step=step)
             total = terms["loss"]
 
             # All processes agree on the values to log and on whether the loss is finite.
@@ -294,54 +303,73 @@ def calibrate(
     )
 
 
-def _step_terms(
-    core: Any,
-    cfg: CalibrationConfig,
-    accelerator: Any,
-    adapter: ModelAdapter,
-    objective: Any,
-    state: Any,
-    ddp_model: nn.Module,
-    model: nn.Module,
-    teacher: nn.Module | None,
-    batch: dict[str, torch.Tensor],
-    x0: torch.Tensor,
-    noisy: Any,
-    lam: float,
-    step: int,
-) -> dict[str, torch.Tensor]:
-    """The loss terms of one step; "loss" is the total to back-propagate.
+@dataclass(frozen=True)
+class _StepTerms:
+    """The loss terms of one step, from what stays fixed over the run (built before the loop).
 
     total = diffusion_weight * diffusion + w (mean F_dyn/F_static - lambda)^2
             [+ distill_weight * MSE to the teacher] [+ complete-model diffusion loss]
     """
-    terms = dict.fromkeys(_TERMS, torch.zeros((), device=x0.device))
-    with accelerator.autocast():
-        out = adapter(ddp_model, noisy.x_t, noisy.t, batch).float()  # the dynamic model
-    ratios = last_flops_ratio(state).float()  # (B,), read before any other forward
-    diff = objective.loss(out, x0, noisy)
-    terms["diffusion"] = diff["loss"].mean()
-    terms["mse"] = diff["mse"].mean().detach()
-    if "vb" in diff:
-        terms["vb"] = diff["vb"].mean().detach()
-    terms["flops"] = flops_loss(ratios, lam, cfg.flops_weight)
-    terms["flops_ratio"] = ratios.mean().detach()
-    total = terms["flops"]
-    if cfg.diffusion_weight > 0:
-        total = total + cfg.diffusion_weight * terms["diffusion"]
-    if cfg.distill_weight > 0:
-        with torch.no_grad(), accelerator.autocast():
-            target = adapter(teacher, noisy.x_t, noisy.t, batch).float()
-        terms["distill"] = distill_loss(out, target).mean()
-        total = total + cfg.distill_weight * terms["distill"]
-    if step < cfg.complete_model_steps:
-        # Same weights, full width, all tokens; outside DDP's forward, in the same backward.
-        with core.routing(model, "full"), accelerator.autocast():
-            full_out = adapter(model, noisy.x_t, noisy.t, batch).float()
-        terms["complete"] = objective.loss(full_out, x0, noisy)["loss"].mean()
-        total = total + terms["complete"]
-    terms["loss"] = total
-    return terms
+
+    core: Any  # the core API (routing), imported late
+    cfg: CalibrationConfig
+    accelerator: Any  # accelerate.Accelerator: autocast for mixed precision
+    adapter: ModelAdapter  # calls a model on (x_t, t, batch) and returns its prediction
+    objective: Any  # the diffusion objective: its loss of a prediction
+    state: Any  # the converted model's RouterBank: masks of its last forward, for the FLOPs
+    ddp_model: nn.Module  # the model as accelerate prepared it (DDP-wrapped on several processes)
+    model: nn.Module  # the same model unwrapped, for the complete-model pass
+    teacher: nn.Module | None  # frozen full-width model to distil from
+
+    def __call__(
+        self,
+        batch: dict[str, torch.Tensor],
+        x0: torch.Tensor,
+        noisy: Any,
+        *,
+        lam: float,
+        step: int,
+    ) -> dict[str, torch.Tensor]:
+        """The terms of ``_TERMS`` as tensors; "loss" is the total to back-propagate.
+
+        Args:
+            batch: This process's rows (labels already dropped for this step).
+            x0: The clean inputs (B, C, H, W), float32.
+            noisy: ``objective.noise(x0)``, a NoisyBatch: x_t, the model's timesteps t, noise.
+            lam: The FLOPs target lambda of this step.
+            step: The step index (the complete-model loss runs while it is below
+                ``cfg.complete_model_steps``).
+        """
+        cfg, adapter = self.cfg, self.adapter
+        terms = dict.fromkeys(_TERMS, torch.zeros((), device=x0.device))
+        with self.accelerator.autocast():
+            out = adapter(self.ddp_model, noisy.x_t, noisy.t, batch).float()  # the dynamic model
+        ratios = last_flops_ratio(self.state).float()  # (B,), read before any other forward
+        diff = self.objective.loss(out, x0, noisy)
+        terms["diffusion"] = diff["loss"].mean()
+        terms["mse"] = diff["mse"].mean().detach()
+        if "vb" in diff:
+            terms["vb"] = diff["vb"].mean().detach()
+        # The FLOPs term uses the batch mean: a batch spanning all timesteps may spend more
+        # at hard ones and less at easy ones, as long as the mean meets lambda.
+        terms["flops"] = flops_loss(ratios, lam, cfg.flops_weight)
+        terms["flops_ratio"] = ratios.mean().detach()
+        total = terms["flops"]
+        if cfg.diffusion_weight > 0:
+            total = total + cfg.diffusion_weight * terms["diffusion"]
+        if cfg.distill_weight > 0:
+            with torch.no_grad(), self.accelerator.autocast():
+                target = adapter(self.teacher, noisy.x_t, noisy.t, batch).float()
+            terms["distill"] = distill_loss(out, target).mean()
+            total = total + cfg.distill_weight * terms["distill"]
+        if step < cfg.complete_model_steps:
+            # Same weights, full width, all tokens; outside DDP's forward, in the same backward.
+            with self.core.routing(self.model, "full"), self.accelerator.autocast():
+                full_out = adapter(self.model, noisy.x_t, noisy.t, batch).float()
+            terms["complete"] = self.objective.loss(full_out, x0, noisy)["loss"].mean()
+            total = total + terms["complete"]
+        terms["loss"] = total
+        return terms
 
 
 def _labels_for_step(batch: dict, labels, adapter: ModelAdapter, cfg: CalibrationConfig) -> dict:
