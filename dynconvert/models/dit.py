@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 
+from dynconvert.models.presets import preset_factory
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Apply adaLN shift and scale (N, D) to tokens (N, T, D)."""
@@ -180,7 +182,7 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Initialise as the original: xavier linears, sin-cos pos_embed, zeroed adaLN and output."""
+        """Initialise as the original: xavier linears, sin-cos pos_embed, zero adaLN and output."""
 
         def _basic_init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
@@ -235,7 +237,12 @@ class DiT(nn.Module):
     def forward_with_cfg(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float
     ) -> torch.Tensor:
-        """Forward a batch whose second half holds null labels, mixing eps by classifier-free guidance."""
+        """Forward a batch whose second half holds null labels; mix eps by classifier-free guidance.
+
+        The first half's latents are run twice (with labels, then null labels) and both halves
+        get the same guided eps, so they stay identical through the sampler loop, as in the
+        original ``sample.py``.
+        """
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)  # (N, C, H, W)
         model_out = self(combined, t, y)  # (N, out_channels, H, W); through __call__ so hooks run
@@ -291,6 +298,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
 #                                  DiT presets                                  #
 #################################################################################
 
+# Model sizes of the paper (Table 1).
 _SIZES = {
     "S": dict(depth=12, hidden_size=384, num_heads=6),
     "B": dict(depth=12, hidden_size=768, num_heads=12),
@@ -302,25 +310,18 @@ _SIZES = {
 def dit_factory(name: str, **config) -> Callable[..., DiT]:
     """A preset factory: ``DiT`` with ``config``, overridden by the caller's keyword arguments.
 
-    The model it builds records ``preset`` (``name``) and ``preset_kwargs`` (the overrides).
+    The model it builds records ``preset`` (``name``) and ``preset_kwargs`` (the overrides);
+    see :func:`dynconvert.models.presets.preset_factory`.
 
     Example:
         >>> dit_factory("dit-one", depth=1, hidden_size=32, num_heads=2)(depth=2).preset_kwargs
         {'depth': 2}
     """
-
-    def build(**overrides) -> DiT:
-        model = DiT(**{**config, **overrides})
-        model.preset = name
-        model.preset_kwargs = dict(overrides)
-        return model
-
-    build.__name__ = name.replace("-", "_").replace("/", "_")
-    build.__doc__ = f"Build {name}: DiT({', '.join(f'{k}={v}' for k, v in config.items())})."
-    build.model_cls = DiT
-    return build
+    return preset_factory(DiT, name, **config)
 
 
+# Every size at patch 2, 4 and 8 (the DiT paper's grid) for 256x256 images (32x32 latents),
+# and the same as "-512" for 512x512 (64x64 latents).
 DIT_PRESETS: dict[str, Callable[..., DiT]] = {}
 for _size, _arch in _SIZES.items():
     for _patch in (2, 4, 8):
@@ -330,6 +331,7 @@ for _size, _arch in _SIZES.items():
             f"{_name}-512", input_size=64, patch_size=_patch, **_arch
         )
 
+# Tiny test model: 2 blocks of 2 heads x 16 dims, 8x8x4 latents (16 tokens), 10 classes.
 DIT_PRESETS["dit-tiny"] = dit_factory(
     "dit-tiny",
     input_size=8,

@@ -16,6 +16,7 @@ import torch.utils.checkpoint
 from timm.models.vision_transformer import Mlp
 
 from dynconvert.models.dit import example_timesteps, timestep_embedding
+from dynconvert.models.presets import preset_factory
 
 
 def unpatchify(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -190,7 +191,8 @@ class UViT(nn.Module):
             )
         x = self.patch_embed(x)  # (B, L, D)
 
-        time_token = self.time_embed(timestep_embedding(timesteps, self.embed_dim).to(x.dtype))  # (B, D)
+        t_freq = timestep_embedding(timesteps, self.embed_dim).to(x.dtype)  # (B, D)
+        time_token = self.time_embed(t_freq)  # (B, D)
         x = torch.cat((time_token.unsqueeze(dim=1), x), dim=1)  # (B, 1 + L, D)
         if y is not None:
             label_emb = self.label_emb(y)  # (B, D)
@@ -219,7 +221,8 @@ class UViT(nn.Module):
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, ...]:
-        """Valid inputs for ``forward``: ``(x, timesteps, y)``, or ``(x, timesteps)`` if unconditional."""
+        """Valid inputs for ``forward``: ``(x, timesteps, y)``, or ``(x, timesteps)`` without
+        classes."""
         param = next(self.parameters())
         device = param.device if device is None else device
         shape = (batch_size, self.in_chans, self.img_size, self.img_size)
@@ -238,17 +241,7 @@ class UViT(nn.Module):
 
 def _factory(name: str, **config) -> Callable[..., UViT]:
     """A preset factory: ``UViT`` with ``config``, overridden by the caller's keyword arguments."""
-
-    def build(**overrides) -> UViT:
-        model = UViT(**{**config, **overrides})
-        model.preset = name
-        model.preset_kwargs = dict(overrides)
-        return model
-
-    build.__name__ = name.replace("-", "_").replace("/", "_")
-    build.__doc__ = f"Build {name}: UViT({', '.join(f'{k}={v}' for k, v in config.items())})."
-    build.model_cls = UViT
-    return build
+    return preset_factory(UViT, name, **config)
 
 
 # Sizes of the paper (Table 1); depth counts in + out blocks, plus one mid block.
