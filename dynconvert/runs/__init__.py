@@ -27,8 +27,6 @@ Example:
 
 from dynconvert.runs.folder import check_out, default_out, dumps, load_run, read_run
 from dynconvert.runs.pipeline import (
-    PreparedRun,
-    RunRequest,
     convert_run,
     execute_run,
     parse_target,
@@ -36,6 +34,7 @@ from dynconvert.runs.pipeline import (
     resolve_device,
 )
 from dynconvert.runs.report import build_report, flops_profile, write_samples
+from dynconvert.runs.request import EventFn, PreparedRun, RunRequest
 from dynconvert.runs.sources import (
     DIFFUSERS_MODELS,
     TEST_MODELS,
@@ -49,6 +48,7 @@ __all__ = [
     "DIFFUSERS_MODELS",
     "TEST_MODELS",
     "ModelSource",
+    "EventFn",
     "PreparedRun",
     "RunRequest",
     "build_report",

@@ -14,12 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from dynconvert.calibrate.checkpoint import list_checkpoints
+from dynconvert.calibrate.config import RESUME_FREE_FIELDS
 from dynconvert.errors import OutputExistsError, RecordError
 from dynconvert.recipes import Recipe
 from dynconvert.runs.sources import ModelSource
+from dynconvert.save import RECORD, atomic_write_bytes, load, read_record
+from dynconvert.version import __version__
 
 if TYPE_CHECKING:
-    from dynconvert.runs.pipeline import PreparedRun
+    from dynconvert.runs.request import PreparedRun
 
 RUN_FILE = "run.json"
 REPORT_FILE = "report.json"
@@ -46,9 +50,8 @@ def _normal_path(value: str | None) -> str | None:
     return str(Path(value).expanduser().resolve())
 
 
-def _identity(recipe: Recipe, source: ModelSource, target: float) -> dict[str, Any]:
+def run_identity(recipe: Recipe, source: ModelSource, target: float) -> dict[str, Any]:
     """What makes two runs the same run (everything but the length and the reporting)."""
-    from dynconvert.calibrate.config import RESUME_FREE_FIELDS
 
     return {
         "model": source.to_dict(with_config=False),
@@ -94,7 +97,6 @@ def check_out(
         OutputExistsError: The folder holds another run, a finished one, or other files, or
             ``resume`` was asked where there is nothing to resume. The message names the fix.
     """
-    from dynconvert.calibrate.checkpoint import list_checkpoints
 
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"`out` {out} is a file; choose a folder")
@@ -139,7 +141,7 @@ def check_out(
     return previous
 
 
-def _remove_run(out: Path, existed: bool) -> None:
+def remove_run(out: Path, existed: bool) -> None:
     """Remove what a failed fresh run wrote (the folder itself when the run created it)."""
     if not existed:
         shutil.rmtree(out, ignore_errors=True)
@@ -186,21 +188,14 @@ def _plain_default(obj: Any) -> Any:
     return str(obj)
 
 
-def _atomic_json(path: Path, data: dict[str, Any]) -> None:
-    from dynconvert.save import atomic_write_bytes
+def write_json(path: Path, data: dict[str, Any]) -> None:
 
     atomic_write_bytes(path, (dumps(data) + "\n").encode())
 
 
-def _version() -> str:
-    from dynconvert import __version__
-
-    return __version__
-
-
-def _write_run(prepared: PreparedRun, status: str, steps: int | None = None) -> None:
+def write_run_state(prepared: PreparedRun, status: str, steps: int | None = None) -> None:
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    _atomic_json(prepared.out / RUN_FILE, {
+    write_json(prepared.out / RUN_FILE, {
         "format": RUN_FORMAT,
         "version": RUN_VERSION,
         "status": status,
@@ -211,7 +206,7 @@ def _write_run(prepared: PreparedRun, status: str, steps: int | None = None) -> 
         "source": prepared.source.to_dict(),
         "recipe": prepared.recipe.to_dict(),
         "recipe_file": prepared.recipe.source,
-        "dynconvert_version": _version(),
+        "dynconvert_version": __version__,
     })  # fmt: skip
 
 
@@ -230,8 +225,6 @@ def load_run(
     Example:
         >>> model, info = load_run("runs/digits-0.5")        # doctest: +SKIP
     """
-    import dynconvert
-    from dynconvert.save import RECORD, read_record
 
     path = Path(folder)
     if not path.is_dir():
@@ -254,4 +247,4 @@ def load_run(
     base = None
     if not record.get("preset") and run.get("source"):
         base = ModelSource.from_dict(run["source"]).skeleton()
-    return dynconvert.load(path, base, device=device), run
+    return load(path, base, device=device), run

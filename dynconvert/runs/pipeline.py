@@ -7,36 +7,34 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from dynconvert.convert import check_budget
+from dynconvert.calibrate.checkpoint import list_checkpoints
+from dynconvert.calibrate.loop import calibrate
+from dynconvert.convert import check_budget, convert
 from dynconvert.errors import BudgetError, ConfigError, DataError
-from dynconvert.recipes import Recipe, load_recipe, recipe_for_model
+from dynconvert.recipes import load_recipe, recipe_for_model
 from dynconvert.runs.folder import (
     REPORT_FILE,
-    _atomic_json,
-    _identity,
-    _remove_run,
-    _write_run,
     check_out,
     default_out,
+    remove_run,
+    run_identity,
+    write_json,
+    write_run_state,
 )
 from dynconvert.runs.report import build_report, check_report
+from dynconvert.runs.request import EventFn, PreparedRun, RunRequest
 from dynconvert.runs.sources import (
-    ModelSource,
-    _check_data_shape,
-    _data_source,
+    check_data_shape,
+    data_source,
     resolve_source,
     synthetic_data,
 )
-
-EventFn = Callable[[str, str], None]
-"""``on_event(stage, message)``: progress of the stages around calibration, for a CLI to show."""
+from dynconvert.state import get_state
 
 
 def parse_target(value: Any) -> float:
@@ -54,56 +52,6 @@ def parse_target(value: Any) -> float:
             f"`target_flops` must be a number in (0, 1] (a fraction of the original FLOPs, e.g. "
             f"0.5 for half); got {value!r}"
         ) from None
-
-
-@dataclass
-class RunRequest:
-    """What the user asked for (the options of ``dynconvert convert``).
-
-    Attributes:
-        model: Preset name or alias, or a diffusers model name (``pixart-alpha``); default: the
-            recipe's model.
-        target_flops: FLOPs budget in (0, 1]; default: the recipe's.
-        recipe: Shipped recipe name or YAML file; default: the recipe for ``model``.
-        checkpoint: Weights file or diffusers folder.
-        data: Latents folder, ``digits`` or ``synthetic``; default: the recipe's.
-        steps: Calibration steps (overrides ``calibration.steps``).
-        out: Run folder; default ``runs/<model>-<target>``.
-        device: "auto", "cpu" or "cuda".
-        resume: Continue the run in ``out``.
-        random_init: Start from random weights (to try the pipeline).
-        overrides: ``key=value`` recipe overrides (``calibration.lr=2e-5``).
-    """
-
-    model: str | None = None
-    target_flops: float | str | None = None
-    recipe: str | None = None
-    checkpoint: str | None = None
-    data: str | None = None
-    steps: int | None = None
-    out: str | None = None
-    device: str = "auto"
-    resume: bool = False
-    random_init: bool = False
-    overrides: list[str] = field(default_factory=list)
-
-
-@dataclass
-class PreparedRun:
-    """A checked run with its converted model, ready to execute: nothing written yet."""
-
-    request: RunRequest
-    recipe: Recipe
-    source: ModelSource
-    target: float
-    out: Path
-    device: str
-    calibration: Any
-    model: nn.Module
-    data: Any
-    identity: dict[str, Any]
-    previous: dict[str, Any] | None = None
-    main_process: bool = True
 
 
 def resolve_device(device: str) -> str:
@@ -126,7 +74,6 @@ def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> Prepare
         DynconvertError: A bad recipe, model name, budget, checkpoint, data set, device or
             output folder (each message names the fix).
     """
-    import dynconvert
 
     event = on_event or (lambda stage, msg: None)
     target = parse_target(request.target_flops) if request.target_flops is not None else None
@@ -159,22 +106,22 @@ def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> Prepare
     calibration = recipe.calibration_config(
         target, output_dir=str(out), resume=bool(request.resume), cpu=device == "cpu"
     )
-    identity = _identity(recipe, source, target)
+    identity = run_identity(recipe, source, target)
     main = int(os.environ.get("RANK", "0")) == 0
     previous = check_out(out, identity, request.resume, calibration.steps) if main else None
-    data = _data_source(recipe.data)
+    data = data_source(recipe.data)
 
     t0 = time.perf_counter()
     model = source.build()
     event("build", f"built {source.describe()} in {time.perf_counter() - t0:.1f} s")
     if data is None:
         data = synthetic_data(model, rows=max(64, calibration.batch_size), seed=calibration.seed)
-    _check_data_shape(model, data)
+    check_data_shape(model, data)
     check_report(recipe, model)
 
     t0 = time.perf_counter()
-    model = dynconvert.convert(model, target, config=recipe.convert_config())
-    plan = dynconvert.get_state(model).plan
+    model = convert(model, target, config=recipe.convert_config())
+    plan = get_state(model).plan
     event("convert", f"converted {len(plan.sites)} sites in {len(plan.blocks)} blocks "
           f"({plan.coverage}) in {time.perf_counter() - t0:.1f} s")  # fmt: skip
     return PreparedRun(
@@ -200,7 +147,7 @@ def execute_run(
     existed = out.exists()
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_run(prepared, "running")
+        write_run_state(prepared, "running")
     threads = torch.get_num_threads()
     if prepared.recipe.cpu_threads and prepared.device == "cpu":
         torch.set_num_threads(prepared.recipe.cpu_threads)
@@ -217,8 +164,6 @@ def _calibrate_and_report(
     existed: bool,
     t_start: float,
 ) -> dict[str, Any] | None:
-    import dynconvert
-    from dynconvert.calibrate.checkpoint import list_checkpoints
 
     out, main = prepared.out, prepared.main_process
     try:
@@ -227,21 +172,21 @@ def _calibrate_and_report(
             f"calibrating toward {prepared.target:g} for {prepared.calibration.steps} steps",
         )
         t0 = time.perf_counter()
-        result = dynconvert.calibrate(
+        result = calibrate(
             prepared.model, prepared.data, prepared.calibration, on_step=on_step
         )
         calibrate_s = time.perf_counter() - t0
     except BaseException:
         if main and prepared.previous is None and not list_checkpoints(out):
-            _remove_run(out, existed)  # nothing worth keeping: leave nothing behind
+            remove_run(out, existed)  # nothing worth keeping: leave nothing behind
         raise
     if not main:
         return None
     report = build_report(prepared, result, event)
     report["timings"]["calibrate_s"] = round(calibrate_s, 2)
     report["timings"]["total_s"] = round(time.perf_counter() - t_start, 2)
-    _atomic_json(out / REPORT_FILE, report)
-    _write_run(prepared, "finished", steps=result.steps)
+    write_json(out / REPORT_FILE, report)
+    write_run_state(prepared, "finished", steps=result.steps)
     return report
 
 

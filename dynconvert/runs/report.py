@@ -11,14 +11,23 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from dynconvert.bench import benchmark
+from dynconvert.calibrate.adapters import resolve_labels, select_adapter
+from dynconvert.calibrate.objectives import build_objective
 from dynconvert.errors import CheckpointError, ConfigError
 from dynconvert.evaluations import EVALUATIONS, NONE, evaluation_names
 from dynconvert.flops import last_flops_ratio, routed_ratio
-from dynconvert.runs.folder import REPORT_FILE, SAMPLES_FILE, _version
-from dynconvert.runs.sources import _first_line, original_model
+from dynconvert.plan import AttentionSite
+from dynconvert.routing import routing
+from dynconvert.runs.folder import REPORT_FILE, SAMPLES_FILE
+from dynconvert.runs.sources import first_line, original_model
+from dynconvert.sampling import compare_grid, model_spec, sample, save_grid
+from dynconvert.save import save
+from dynconvert.state import get_state, is_converted
+from dynconvert.version import __version__
 
 if TYPE_CHECKING:
-    from dynconvert.runs.pipeline import EventFn, PreparedRun
+    from dynconvert.runs.request import EventFn, PreparedRun
 
 UNIT = "MACs"
 
@@ -81,12 +90,7 @@ def flops_profile(
     """
     import numpy as np
 
-    import dynconvert
-    from dynconvert.calibrate.adapters import resolve_labels, select_adapter
-    from dynconvert.calibrate.objectives import build_objective
-    from dynconvert.plan import AttentionSite
-
-    bank = dynconvert.get_state(model)
+    bank = get_state(model)
     adapter = select_adapter(model, config.adapter, config.adapter_args)
     objective = build_objective(config, adapter)
     if not resolve_labels(model, adapter, config).uses_labels:
@@ -106,9 +110,9 @@ def flops_profile(
         for k, t in enumerate(ts.tolist()):
             x_t, t_in = _noised(objective, x0, t, seed=k)
             if k in counted and full is None:  # the full model's cost does not depend on t
-                with dynconvert.routing(model, "full"):
+                with routing(model, "full"):
                     full = _counted(lambda: adapter(model, x_t, t_in, batch))  # noqa: B023
-            with dynconvert.routing(model, "eval"):
+            with routing(model, "eval"):
                 if k in counted:
                     executed.append(_counted(lambda: adapter(model, x_t, t_in, batch)) / full)  # noqa: B023
                 else:
@@ -164,7 +168,6 @@ def build_report(
     prepared: PreparedRun, result: Any, on_event: EventFn | None = None
 ) -> dict[str, Any]:
     """Measure the calibrated model, save it with its FLOPs profile, and assemble the report."""
-    import dynconvert
 
     event = on_event or (lambda stage, msg: None)
     recipe, out, model = prepared.recipe, prepared.out, result.model
@@ -188,7 +191,7 @@ def build_report(
         "resumed_from": str(result.resumed_from) if result.resumed_from else None,
     }  # fmt: skip
     t0 = time.perf_counter()
-    dynconvert.save(model, out, flops_ratio_per_t=prof["per_t"],
+    save(model, out, flops_ratio_per_t=prof["per_t"],
                     extra={"run": {"recipe": recipe.name, "source": prepared.source.to_dict(with_config=False),
                                    "target_flops": prepared.target}, "calibration": summary})  # fmt: skip
     timings["save_s"] = round(time.perf_counter() - t0, 2)
@@ -201,7 +204,6 @@ def build_report(
             "bench",
             f"timing original vs dynamic (batch {settings.bench_batch}, t={settings.bench_timestep})",
         )
-        from dynconvert.bench import benchmark
 
         bench = benchmark(model, batch=settings.bench_batch, timestep=float(settings.bench_timestep),
                           device=str(device), repeats=settings.bench_repeats, memory=False).to_dict()  # fmt: skip
@@ -212,7 +214,7 @@ def build_report(
     report: dict[str, Any] = {
         "run_dir": str(out),
         "model": recipe.model,
-        "model_class": dynconvert.get_state(model).plan.model_class,
+        "model_class": get_state(model).plan.model_class,
         "recipe": recipe.name,
         "target_flops": prepared.target,
         "steps": result.steps,
@@ -256,7 +258,7 @@ def build_report(
     report["device"] = str(device)
     report["cpu_threads"] = torch.get_num_threads() if device.type == "cpu" else None
     report["timings"] = timings
-    report["dynconvert_version"] = _version()
+    report["dynconvert_version"] = __version__
     return report
 
 
@@ -266,7 +268,6 @@ def _fmt(v: float | None) -> str:
 
 def class_labels(model: nn.Module, labels: list[int] | None = None) -> list[int] | None:
     """The labels to sample (given, or the first classes up to 10); None for unconditional models."""
-    from dynconvert.sampling import model_spec
 
     spec = model_spec(model)
     if not spec.uses_labels or spec.num_classes is None:
@@ -284,8 +285,6 @@ def class_labels(model: nn.Module, labels: list[int] | None = None) -> list[int]
 def draw(model: nn.Module, settings: Any, labels: list[int] | None, full: bool = False,
          on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:  # fmt: skip
     """Samples of ``model`` (routing "full" when ``full``) with the settings' sampler and seed."""
-    import dynconvert
-    from dynconvert.sampling import model_spec, sample
 
     spec = model_spec(model)
     kwargs = dict(labels=labels, steps=settings.steps, cfg_scale=settings.cfg_scale, seed=settings.seed,
@@ -296,8 +295,8 @@ def draw(model: nn.Module, settings: Any, labels: list[int] | None, full: bool =
             "sampling a text-conditional model needs caption embeddings: use "
             "dynconvert.sampling.sample(model, cond=...) from Python"
         )
-    if full and dynconvert.is_converted(model):
-        with dynconvert.routing(model, "full"):
+    if full and is_converted(model):
+        with routing(model, "full"):
             return sample(model, **kwargs)
     return sample(model, **kwargs)
 
@@ -305,7 +304,6 @@ def draw(model: nn.Module, settings: Any, labels: list[int] | None, full: bool =
 def write_samples(dynamic: nn.Module, original: nn.Module | None, path: Path, settings: Any,
                   vae: str | None = None, raw: bool = False) -> Path:  # fmt: skip
     """``path``: a grid of the dynamic model's samples, beside the original's when given."""
-    from dynconvert.sampling import compare_grid, save_grid
 
     labels = class_labels(dynamic, getattr(settings, "labels", None))
     images = to_images(draw(dynamic, settings, labels), vae, raw)
@@ -335,7 +333,7 @@ def to_images(x: torch.Tensor, vae: str | None = None, raw: bool = False) -> tor
                 str(path), subfolder="vae" if (path / "vae").is_dir() else None
             )
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"cannot load a VAE from {path}: {_first_line(e)}") from e
+            raise CheckpointError(f"cannot load a VAE from {path}: {first_line(e)}") from e
         model = model.to(x.device).eval()
         with torch.no_grad():
             return model.decode(x / float(model.config.scaling_factor)).sample.clamp(-1, 1)

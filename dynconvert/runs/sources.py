@@ -25,6 +25,7 @@ from dynconvert.errors import (
     ExampleInputsError,
     ModelNotFoundError,
 )
+from dynconvert.models.tiny import TINY_DIFFUSERS
 
 HUB_WEIGHTS = {"DiT-XL/2": "facebook/DiT-XL-2-256", "DiT-XL/2-512": "facebook/DiT-XL-2-512"}
 """Presets with published diffusers weights on the Hugging Face hub (loaded as diffusers models)."""
@@ -46,8 +47,8 @@ DIFFUSERS_MODELS = {
 }
 """Model names that are diffusers transformers: name -> (class, hub repository, config)."""
 
-TEST_MODELS = {"diffusers-dit-tiny": "diffusers-dit", "pixart-tiny": "pixart"}
-"""Hidden tiny models from ``dynconvert.testing`` (random weights), for tests and trials."""
+TEST_MODELS = TINY_DIFFUSERS
+"""Hidden tiny diffusers models (random weights), for tests and trials."""
 
 ORIGINAL_CHECKPOINTS = {
     "DiT-XL/2": "DiT-XL-2-256x256.pt",
@@ -113,9 +114,7 @@ class ModelSource:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             if self.kind == "testing":
-                from dynconvert.testing import TINY_BUILDERS
-
-                return TINY_BUILDERS[self.target](seed=self.seed)
+                return TINY_DIFFUSERS[self.target](seed=self.seed)
             if self.kind == "diffusers":
                 model = self._build_diffusers()
                 self.config = _plain(dict(model.config))
@@ -154,7 +153,7 @@ class ModelSource:
                     return cls.from_pretrained(str(folder), subfolder=sub)
             except (OSError, ValueError, RuntimeError) as e:
                 raise CheckpointError(
-                    f"cannot load {self.target} from {folder}: {_first_line(e)}"
+                    f"cannot load {self.target} from {folder}: {first_line(e)}"
                 ) from e
         try:
             with warnings.catch_warnings():
@@ -167,7 +166,7 @@ class ModelSource:
             raise CheckpointError(
                 f"no weights for {self.name}: pass `checkpoint` (the official file{' ' + hint if hint else ''}, "
                 f"or a diffusers folder), or `random_init=True` to try the pipeline; loading {self.repo} "
-                f"from the Hugging Face hub failed ({_first_line(e)})"
+                f"from the Hugging Face hub failed ({first_line(e)})"
             ) from e
 
 
@@ -191,7 +190,7 @@ def _canonical(name: str) -> str:
         return name
 
 
-def _first_line(e: BaseException, limit: int = 160) -> str:
+def first_line(e: BaseException, limit: int = 160) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -237,7 +236,7 @@ def resolve_source(
             raise CheckpointError(
                 f"{name} is a test model with random weights only; add `random_init=True`"
             )
-        return ModelSource(name, "testing", TEST_MODELS[key], "random", seed=seed)
+        return ModelSource(name, "testing", key, "random", seed=seed)
     if key in DIFFUSERS_MODELS:
         cls, repo, _ = DIFFUSERS_MODELS[key]
         kind, target = "diffusers", cls
@@ -339,7 +338,7 @@ def synthetic_data(model: nn.Module, rows: int = 64, seed: int = 0) -> Any:
     return TensorSource(torch.randn(x.shape, generator=g), y, cond, mask)
 
 
-def _data_source(data: str) -> Any:
+def data_source(data: str) -> Any:
     """The calibration data a recipe names (None for ``synthetic``: made once the model exists)."""
     from dynconvert.calibrate.data import NAMED_SOURCES, as_source
 
@@ -356,7 +355,7 @@ def _data_source(data: str) -> Any:
     return as_source(path)
 
 
-def _check_data_shape(model: nn.Module, data: Any) -> None:
+def check_data_shape(model: nn.Module, data: Any) -> None:
     """Refuse data whose samples do not fit the model's input (before anything is written)."""
     get = getattr(data, "get_batch", None)
     if get is None or not len(data):
