@@ -42,7 +42,6 @@ from dynconvert.calibrate.objectives import build_objective, distill_loss, flops
 from dynconvert.calibrate.result import CalibrationResult, StepInfo
 from dynconvert.calibrate.schedule import LambdaSchedule
 from dynconvert.calibrate.stream import batch_stream
-from dynconvert.flops import last_flops_ratio, min_ratio
 from dynconvert.errors import (
     BudgetError,
     CalibrationError,
@@ -50,20 +49,11 @@ from dynconvert.errors import (
     DataError,
     NotConvertedError,
 )
+from dynconvert.flops import last_flops_ratio, min_ratio
+from dynconvert.routing import routing, set_routing
+from dynconvert.state import get_state, is_converted
 
 _TERMS = ("loss", "diffusion", "flops", "flops_ratio", "mse", "vb", "distill", "complete")
-
-
-def _core() -> Any:
-    """The core API (imported late: dynconvert's package init imports this module)."""
-    import types
-
-    from dynconvert.convert import get_state, is_converted
-    from dynconvert.routing import routing, set_routing
-
-    return types.SimpleNamespace(
-        get_state=get_state, is_converted=is_converted, routing=routing, set_routing=set_routing
-    )
 
 
 def _router_parameters(state: Any) -> list[nn.Parameter]:
@@ -122,13 +112,12 @@ def calibrate(
         >>> cfg = dynconvert.CalibrationConfig(target=0.5, steps=20, batch_size=8)  # doctest: +SKIP
         >>> result = dynconvert.calibrate(model, "digits", cfg)  # doctest: +SKIP
     """
-    core = _core()
     cfg = as_config(config)
-    if not core.is_converted(model):
+    if not is_converted(model):
         raise NotConvertedError(
             "calibrate needs a converted model; call dynconvert.convert(model, budget) first"
         )
-    state = core.get_state(model)
+    state = get_state(model)
     _check_budget(state, cfg.target)
     adapter = adapter or select_adapter(model, cfg.adapter, cfg.adapter_args)
     objective = build_objective(cfg, adapter)
@@ -144,8 +133,8 @@ def calibrate(
         teacher = copy.deepcopy(model)
     if teacher is not None:
         teacher.requires_grad_(False).eval().to(device)
-        if core.is_converted(teacher):
-            core.set_routing(teacher, "full")
+        if is_converted(teacher):
+            set_routing(teacher, "full")
     grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     saved_forward = model.__dict__.get("forward", MISSING)  # mixed precision wraps it
     saved_mode = getattr(state, "mode", None)
@@ -186,14 +175,13 @@ def calibrate(
         for m, _ in dropouts:
             m.dropout_prob = 0.0
         model.train()
-        core.set_routing(model, "train")
+        set_routing(model, "train")
         stream = batch_stream(
             source, cfg.batch_size, seed=cfg.seed, rank=rank, world=world, start=start,
             stop=cfg.steps, num_workers=cfg.num_workers,
         )  # fmt: skip
         in_a_row, t0, last = 0, time.perf_counter(), {}
         step_terms = _StepTerms(
-            core=core,
             cfg=cfg,
             accelerator=accelerator,
             adapter=adapter,
@@ -280,7 +268,7 @@ def calibrate(
             m.dropout_prob = p
         for n, p in model.named_parameters():
             p.requires_grad_(grad_flags[n])
-        core.set_routing(model, saved_mode)
+        set_routing(model, saved_mode)
         restore_forward(model, saved_forward)
 
     # Result: the EMA weights in the model, the raw weights beside them.
@@ -311,7 +299,6 @@ class _StepTerms:
             [+ distill_weight * MSE to the teacher] [+ complete-model diffusion loss]
     """
 
-    core: Any  # the core API (routing), imported late
     cfg: CalibrationConfig
     accelerator: Any  # accelerate.Accelerator: autocast for mixed precision
     adapter: ModelAdapter  # calls a model on (x_t, t, batch) and returns its prediction
@@ -364,7 +351,7 @@ class _StepTerms:
             total = total + cfg.distill_weight * terms["distill"]
         if step < cfg.complete_model_steps:
             # Same weights, full width, all tokens; outside DDP's forward, in the same backward.
-            with self.core.routing(self.model, "full"), self.accelerator.autocast():
+            with routing(self.model, "full"), self.accelerator.autocast():
                 full_out = adapter(self.model, noisy.x_t, noisy.t, batch).float()
             terms["complete"] = self.objective.loss(full_out, x0, noisy)["loss"].mean()
             total = total + terms["complete"]
