@@ -78,12 +78,16 @@ def convert(
             f"{type(model).__name__} is already converted; call dynconvert.revert(model) first "
             "to convert it again with other settings"
         )
+    # The converted state lives under this attribute: never overwrite one of the model's own.
     if hasattr(model, ATTR):
         raise AlreadyConvertedError(f"the model already has an attribute {ATTR!r}; rename it before converting")
+    # Resolved once: analysis captures the graph with them, the fast-path check reruns them.
     args, kwargs = split_inputs(example_inputs) if example_inputs is not None else default_inputs(model)
     plan = analyze(model, (args, kwargs), config, filter_fn)
-    check_plan(plan, b, config)
+    check_plan(plan, b, config)  # before any change: a refused plan leaves the model untouched
     apply_plan(model, plan, config, b)
+    # Head-count attributes found by a scan, not the registry: compare fast and masked paths
+    # once; a site that differs keeps the masked path (verify.py).
     if any(s.fast_reason == "unverified" for s in plan.sites):
         verify_fast_path(model, args, kwargs)
     return model
@@ -118,8 +122,10 @@ def apply_plan(
     modules = dict(model.named_modules())
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    bank = RouterBank(plan, config, budget).to(device)
-    bank.model_params = sum(p.numel() for p in model.parameters())
+    bank = RouterBank(plan, config, budget).to(device)  # routers where the weights are
+    bank.model_params = sum(p.numel() for p in model.parameters())  # sizes the slice cache
+    # The unit each width router can never switch off: the recorded one when load replays a
+    # record, else the most important unit (method.md: chosen by importance, not by index).
     for site in plan.sites:
         linears = {m.linear: modules[m.linear] for m in [*site.in_maps, site.out_map]}
         if always_on is not None:
@@ -132,9 +138,11 @@ def apply_plan(
         if isinstance(site, AttentionSite):
             module = modules[site.name] if site.name else model
             rt: Any = AttentionRuntime(site, bank, module)
-            for name in dict.fromkeys([site.q, site.k, site.v]):
+            for name in dict.fromkeys([site.q, site.k, site.v]):  # a fused qkv only once
                 make_dynamic(modules[name], rt, "in", name)
             make_dynamic(modules[site.out], rt, "out", site.out)
+            # The pre-hook lowers the module's head-count attributes for a sliced call and the
+            # post-hook restores them, also when the forward raises (always_call).
             hooks.append(module.register_forward_pre_hook(rt.pre_hook, with_kwargs=True))
             hooks.append(module.register_forward_hook(rt.post_hook, with_kwargs=True, always_call=True))
         else:
@@ -145,8 +153,9 @@ def apply_plan(
         runtimes.append(rt)
     bank.runtimes = runtimes
     bank.set_timestep_spec(model)
+    # Every forward of the model starts here: read t from its arguments, set the call's masks.
     hooks.append(model.register_forward_pre_hook(bank.root_pre_hook, with_kwargs=True))
-    bank.hook_ids = [h.id for h in hooks]
+    bank.hook_ids = [h.id for h in hooks]  # revert removes exactly these, no one else's
     attach(model, bank)
     return bank
 
@@ -160,7 +169,8 @@ def revert(model: nn.Module) -> nn.Module:
     bank = get_state(model)
     for m in model.modules():
         if isinstance(m, DynamicLinear):
-            make_static(m)
+            make_static(m)  # the class only: the Parameters (and state-dict keys) never changed
+        # Our hooks by id, from every dict PyTorch files a hook in (kwargs, always-called).
         for hooks in (m._forward_pre_hooks, m._forward_hooks):
             for hid in [h for h in hooks if h in bank.hook_ids]:
                 del hooks[hid]
