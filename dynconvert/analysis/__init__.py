@@ -8,7 +8,6 @@ reaches the residual stream.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +20,15 @@ from dynconvert.analysis.costs import node_macs
 from dynconvert.analysis.graph import OpGraph, from_export
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import AlreadyConvertedError, ExampleInputsError
-from dynconvert.inputs import batch_of, default_inputs, find_timestep_arg, shapes_of, split_inputs
+from dynconvert.inputs import (
+    batch_of,
+    check_inputs_run,
+    default_inputs,
+    eval_mode,
+    find_timestep_arg,
+    shapes_of,
+    split_inputs,
+)
 from dynconvert.plan import AttentionSite, MlpSite, Plan, SkippedSite
 
 FilterFn = Callable[[torch.nn.Module, str], bool]
@@ -63,36 +70,13 @@ def analyze(
             "this model is already converted; call dynconvert.revert(model) first, or use "
             "dynconvert.get_state(model).plan for its plan"
         )
+    # Inputs as (args, kwargs); presets and diffusers DiT/PixArt can make their own.
     args, kwargs = (
         split_inputs(example_inputs) if example_inputs is not None else default_inputs(model)
     )
-    timestep_arg = find_timestep_arg(model, config.timestep_arg)
+    timestep_arg = find_timestep_arg(model, config.timestep_arg)  # fails early, naming the fix
     graph = capture(model, args, kwargs, config.capture)
     return plan_from_graph(model, graph, args, kwargs, timestep_arg, config, filter_fn)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    """Run the model in eval mode (no dropout, no label dropout), then restore its mode."""
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
-
-
-def check_inputs_run(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    """Run the model once; raise ExampleInputsError (with the model's own message) if it fails."""
-    try:
-        with torch.no_grad(), _eval_mode(model):
-            model(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001 - any failure of the user's model is reported as is
-        raise ExampleInputsError(
-            f"the example inputs do not run {type(model).__name__}: {type(e).__name__}: {e}. "
-            "Pass example_inputs exactly as you would call the model (a tuple of positional "
-            "arguments or a dict of keyword arguments)"
-        ) from e
 
 
 def capture(
@@ -120,11 +104,12 @@ def capture(
     error: Exception | None = None
     if how in ("auto", "export"):
         try:
-            with torch.no_grad(), _eval_mode(model):
+            with torch.no_grad(), eval_mode(model):
                 ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
             return from_export(ep, model, any_linear)
         except Exception as e:  # noqa: BLE001 - fall back to the tracer below
             if how == "export":
+                # Bad inputs get their own clear error before blaming export.
                 check_inputs_run(model, args, kwargs)
                 raise ExampleInputsError(
                     f"torch.export failed on {type(model).__name__}: {e}"
@@ -132,7 +117,7 @@ def capture(
             error = e  # reported in the coverage note of the fx graph
     from dynconvert.analysis.fx_capture import capture_fx  # its eager run checks the inputs
 
-    with _eval_mode(model):
+    with eval_mode(model):
         graph = capture_fx(model, args, kwargs)
     if error is not None:
         graph.coverage = f"{graph.coverage}; torch.export failed: {type(error).__name__}"

@@ -61,9 +61,9 @@ def trace_back(node: OpNode, head_dim: int) -> tuple[OpNode, list[OpNode], list[
             raise ChainError("its input does not come from a Linear projection")
         tracked = _tracked_inputs(cur)
         if cur.kind in ("shape", "cast", "unary") and len(tracked) == 1:
-            nxt = tracked[0]
+            nxt = tracked[0]  # view / permute / unbind / split, cast, elementwise
         elif cur.kind == "binary" and len(tracked) == 1 and _scalar_other(cur, tracked[0]):
-            nxt = tracked[0]
+            nxt = tracked[0]  # q * scale: the same number for every head
         elif cur.kind == "norm" and tracked:
             # qk-norm is head-local (and commutes with removing heads) only if it normalises
             # exactly one head's channels.
@@ -100,7 +100,7 @@ def trace_forward(node: OpNode) -> tuple[OpNode, list[OpNode]]:
     cur = node
     while True:
         users = cur.real_users
-        if len(users) != 1:
+        if len(users) != 1:  # read elsewhere too: slicing would change that reader's input
             raise ChainError(
                 f"the attention output is used {len(users)} times before any projection"
             )
@@ -142,7 +142,7 @@ def replay(chain: list[OpNode], start: OpNode, value: torch.Tensor) -> Any:
     values: dict[int, Any] = {id(start): value}  # node id -> its replayed value
     prev = start
     for n in chain:
-        if n.kind in ("shape",):
+        if n.kind in ("shape",):  # rerun the op itself (its shape arguments as recorded)
             args = _substitute(n.args, values)
             kwargs = {k: _substitute(v, values) for k, v in n.kwargs.items()}
             values[id(n)] = n.replay(*args, **kwargs)
