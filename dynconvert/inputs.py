@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -135,3 +137,27 @@ def with_timestep(model: torch.nn.Module, inputs: Any, value: Any, name: str | N
     args = list(args)
     args[position] = new
     return tuple(args), kwargs
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run the model in eval mode (no dropout, no label dropout), then restore its mode."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def check_inputs_run(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Run the model once; raise ExampleInputsError (with the model's own message) if it fails."""
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's model is reported as is
+        raise ExampleInputsError(
+            f"the example inputs do not run {type(model).__name__}: {type(e).__name__}: {e}. "
+            "Pass example_inputs exactly as you would call the model (a tuple of positional "
+            "arguments or a dict of keyword arguments)"
+        ) from e

@@ -17,7 +17,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from dynconvert.analysis.graph import OpGraph, OpNode, _link_users, canonical_kind
+from dynconvert.analysis.graph import OpGraph, OpNode, canonical_kind, link_users
+from dynconvert.inputs import check_inputs_run
 
 # Leaf modules the graph still understands: the tracer keeps them as call_module nodes, and
 # _module_node gives them the kind of the op they run.
@@ -40,6 +41,7 @@ class RobustTracer(torch.fx.Tracer):
         self.failed: str | None = None  # the innermost module whose tracing raised
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        """Keep Linears, convolutions, Embeddings and ``extra_leaves`` whole; else fx's default."""
         # Linears stay whole so that each one maps to one module (its fqn names the site).
         if isinstance(m, _LEAF_MODULES):
             return True
@@ -48,6 +50,11 @@ class RobustTracer(torch.fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        """Trace a call to ``m`` as fx does; if it raises, note the innermost failing module.
+
+        That module's path goes into ``failed`` (set once, as the error first unwinds) and the
+        exception is re-raised.
+        """
         name = self.path_of_module(m)
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -85,8 +92,6 @@ def _record_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, tup
             seen.setdefault(name, (a, k))
 
         handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
-    from dynconvert.analysis import check_inputs_run
-
     try:
         check_inputs_run(model, args, kwargs)
     finally:
@@ -124,7 +129,7 @@ def capture_fx(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
             visit(f"{fqn}.{name}" if fqn else name, child)
 
     visit("", model)
-    _link_users(nodes)
+    link_users(nodes)
     note = f"torch.fx per module: traced {len(traced)} module(s)"
     if untraced:
         more = "..." if len(untraced) > 3 else ""

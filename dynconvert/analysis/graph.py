@@ -248,7 +248,7 @@ def from_export(
                 on.linear = wname[: -len(".weight")]
         mapping[node.name] = on
         nodes.append(on)
-    _link_users(nodes)
+    link_users(nodes)
     return OpGraph(nodes=nodes, capture="torch.export", coverage="whole model")
 
 
@@ -267,7 +267,7 @@ def _linear_fqns(model: torch.nn.Module, any_linear: bool = False) -> set[str]:
     return {name for name, m in model.named_modules() if type(m) is torch.nn.Linear}
 
 
-def _link_users(nodes: list[OpNode]) -> None:
+def link_users(nodes: list[OpNode]) -> None:
     """Fill every node's ``users`` from the other nodes' inputs."""
     for n in nodes:
         for i in n.inputs:

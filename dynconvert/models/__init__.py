@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 from collections.abc import Callable
 
 import torch.nn as nn
 
 from dynconvert.errors import ConfigError, ModelNotFoundError
 from dynconvert.models.dit import DIT_PRESETS, DiT
-from dynconvert.models.loading import build_from_checkpoint, load_checkpoint
+from dynconvert.models.loading import load_checkpoint
 from dynconvert.models.uvit import UVIT_PRESETS, UViT
 
 __all__ = [
@@ -204,3 +205,35 @@ def register_preset(
     PRESETS[name] = factory
     for alias in aliases:
         ALIASES[alias] = name
+
+
+def build_from_checkpoint(
+    name: str,
+    path: str | os.PathLike,
+    *,
+    strict: bool = True,
+    key: str | None = None,
+    **overrides,
+) -> nn.Module:
+    """Build a preset and load a checkpoint into it: ``build_model`` then ``load_checkpoint``.
+
+    Args:
+        name: Preset name or alias (see ``dynconvert.models.list_presets()``).
+        path: The checkpoint file.
+        strict: As for ``load_checkpoint``.
+        key: As for ``load_checkpoint``.
+        **overrides: Constructor arguments replacing the preset's.
+
+    Returns:
+        The model with the checkpoint's weights, in training mode (call ``.eval()`` to sample).
+
+    Raises:
+        ModelNotFoundError: Unknown preset name.
+        CheckpointError: As for ``load_checkpoint``.
+
+    Example:
+        >>> from dynconvert.models import build_from_checkpoint
+        >>> model = build_from_checkpoint("U-ViT-H/2", "imagenet256_uvit_huge.pth")  # doctest: +SKIP
+    """
+    model = build_model(name, **overrides)
+    return load_checkpoint(model, path, strict=strict, key=key)

@@ -108,40 +108,6 @@ def load_checkpoint(
     return model
 
 
-def build_from_checkpoint(
-    name: str,
-    path: str | os.PathLike,
-    *,
-    strict: bool = True,
-    key: str | None = None,
-    **overrides,
-) -> nn.Module:
-    """Build a preset and load a checkpoint into it: ``build_model`` then ``load_checkpoint``.
-
-    Args:
-        name: Preset name or alias (see ``dynconvert.models.list_presets()``).
-        path: The checkpoint file.
-        strict: As for ``load_checkpoint``.
-        key: As for ``load_checkpoint``.
-        **overrides: Constructor arguments replacing the preset's.
-
-    Returns:
-        The model with the checkpoint's weights, in training mode (call ``.eval()`` to sample).
-
-    Raises:
-        ModelNotFoundError: Unknown preset name.
-        CheckpointError: As for ``load_checkpoint``.
-
-    Example:
-        >>> from dynconvert.models import build_from_checkpoint
-        >>> model = build_from_checkpoint("U-ViT-H/2", "imagenet256_uvit_huge.pth")  # doctest: +SKIP
-    """
-    from dynconvert.models import build_model  # late: the package imports this module
-
-    model = build_model(name, **overrides)
-    return load_checkpoint(model, path, strict=strict, key=key)
-
-
 #################################################################################
 #                                 Reading files                                 #
 #################################################################################

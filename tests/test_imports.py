@@ -1,0 +1,157 @@
+"""The import graph of the package flows one way (issue: "a one-way house").
+
+Read with ``ast`` from the source, function-level imports included (a late import is still a
+dependency), so a cycle cannot hide behind ``import`` inside a function.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "dynconvert"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in ROOT.rglob("*.py")}
+
+
+def _imports(name: str) -> list[tuple[str, list[str], int]]:
+    """(imported module, imported names, line) for every absolute import in a module."""
+    tree = ast.parse(MODULES[name].read_text())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append((node.module, [a.name for a in node.names], node.lineno))
+        elif isinstance(node, ast.Import):
+            out.extend((a.name, [], node.lineno) for a in node.names)
+    return out
+
+
+def _edges(name: str) -> set[str]:
+    """Modules of this package that ``name`` imports (``from pkg import sub`` counts as sub)."""
+    out = set()
+    for module, names, _ in _imports(name):
+        if not module.startswith("dynconvert"):
+            continue
+        subs = [f"{module}.{n}" for n in names if f"{module}.{n}" in MODULES]
+        out.update(subs or [module])
+    return {m for m in out if m in MODULES and m != name}
+
+
+GRAPH = {name: _edges(name) for name in MODULES}
+
+
+def _cycles() -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(GRAPH[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(GRAPH):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _in(name: str, *packages: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def test_the_graph_is_read():
+    assert "dynconvert.state" in GRAPH["dynconvert.routing"]
+    assert "dynconvert.flops" in GRAPH["dynconvert.convert"]
+
+
+def test_no_import_cycles():
+    assert _cycles() == []
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("dynconvert.models", ("dynconvert.demo", "dynconvert.runs", "dynconvert.cli", "dynconvert.calibrate")),
+        # the runtime reads and routes; it never depends on the converter or anything above it
+        ("dynconvert.bank", ("dynconvert.convert", "dynconvert.flops", "dynconvert.save")),
+        ("dynconvert.dynamic", ("dynconvert.convert", "dynconvert.bank", "dynconvert.flops")),
+        ("dynconvert.routing", ("dynconvert.convert",)),
+        ("dynconvert.flops", ("dynconvert.convert", "dynconvert.save")),
+        ("dynconvert.verify", ("dynconvert.convert",)),
+        ("dynconvert.analysis", ("dynconvert.convert", "dynconvert.bank", "dynconvert.flops")),
+        ("dynconvert.calibrate", ("dynconvert.runs", "dynconvert.cli", "dynconvert.demo")),
+    ],
+)
+def test_layers(package, forbidden):
+    bad = sorted(
+        f"{m} -> {dep}"
+        for m in GRAPH
+        if _in(m, package)
+        for dep in GRAPH[m]
+        if _in(dep, *forbidden)
+    )
+    assert bad == []
+
+
+def test_no_library_module_imports_the_test_helpers():
+    bad = sorted(m for m in GRAPH if m != "dynconvert.testing" and "dynconvert.testing" in GRAPH[m])
+    assert bad == []
+
+
+def test_only_the_cli_imports_typer_click_or_rich():
+    bad = []
+    for name in MODULES:
+        if _in(name, "dynconvert.cli"):
+            continue
+        for module, _, line in _imports(name):
+            if module.split(".")[0] in ("typer", "click", "rich"):
+                bad.append(f"{name}:{line} imports {module}")
+    assert bad == []
+
+
+def test_only_the_cli_uses_the_package_facade():
+    """Library modules import what they use from its own module, not ``import dynconvert``."""
+    bad = sorted(
+        m for m in GRAPH if "dynconvert" in GRAPH[m] and not _in(m, "dynconvert.cli", "dynconvert.__main__")
+    )
+    assert bad == []
+
+
+def test_no_private_names_across_modules():
+    bad = []
+    for name in MODULES:
+        for module, names, line in _imports(name):
+            if not module.startswith("dynconvert") or module == name:
+                continue
+            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+            if private:
+                bad.append(f"{name}:{line} imports {', '.join(private)} from {module}")
+    assert bad == []
