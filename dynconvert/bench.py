@@ -54,6 +54,7 @@ class BenchResult:
     flops_unit: str = "MACs"
 
     def to_dict(self) -> dict[str, Any]:
+        """All fields as a plain dict (``dataclasses.asdict``), ready for JSON."""
         return asdict(self)
 
 

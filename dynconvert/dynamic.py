@@ -34,6 +34,13 @@ class DynamicLinear(nn.Linear):
     _dc_name: str  # fqn in the model: the key of this Linear's rows in the site's unit tables
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) -> this Linear's output, as the site's runtime routes this call.
+
+        Masked path: full width; switched-off units (and skipped tokens) are zeroed around the
+        out-projection / fc2. Fast path: q/k/v and fc1 use only the active rows of the weight
+        (fc1 only the selected tokens, gathered), the out-projection and fc2 only the active
+        columns, giving (..., out_features) again. See the runtimes' ``linear_forward``.
+        """
         return self._dc_rt.linear_forward(self, x)
 
 

@@ -59,6 +59,7 @@ class SiteFlops:
 
     @property
     def ratio(self) -> float:
+        """dynamic_macs / static_macs of this site, router MACs excluded (1.0 if static is 0)."""
         return self.dynamic_macs / self.static_macs if self.static_macs else 1.0
 
 
@@ -79,10 +80,12 @@ class FlopsReport:
 
     @property
     def static_macs_per_sample(self) -> float:
+        """static_macs / batch: the original model's MACs for one sample."""
         return self.static_macs / self.batch
 
     @property
     def dynamic_macs_per_sample(self) -> float:
+        """dynamic_macs / batch: the mean MACs of one sample under routing (routers included)."""
         return self.dynamic_macs / self.batch
 
     @property
@@ -96,6 +99,7 @@ class FlopsReport:
         return self.blocks_dynamic_macs / self.blocks_static_macs if self.blocks_static_macs else 1.0
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields (sites as dicts) plus the derived per-sample MACs, ratio and blocks_ratio."""
         d = asdict(self)
         d.update(
             static_macs_per_sample=self.static_macs_per_sample,

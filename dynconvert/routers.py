@@ -58,6 +58,7 @@ class TimestepEncoder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) timesteps -> (B, dim) embedding, in the MLP's dtype."""
         return self.mlp(sinusoidal(t, self.dim).to(self.mlp[0].weight.dtype))  # (B, dim)
 
 
@@ -71,6 +72,7 @@ class TokenRouter(nn.Module):
         nn.init.constant_(self.net[2].bias, bias_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (..., N, D) -> one logit per token (..., N); evaluation runs the MLP iff > 0."""
         return self.net(x.to(self.net[0].weight.dtype)).squeeze(-1)  # (..., N)
 
 

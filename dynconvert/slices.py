@@ -33,7 +33,8 @@ class SliceCache:
     Example:
         >>> lin = nn.Linear(4, 6)
         >>> cache = SliceCache(limit_bytes=1e6)
-        >>> w, b = cache.get(lin, "rows", (0, 2), torch.tensor([0, 1, 4, 5]))
+        >>> with torch.no_grad():  # under autograd a trainable weight's slice is not cached
+        ...     w, b = cache.get(lin, "rows", (0, 2), torch.tensor([0, 1, 4, 5]))
         >>> w.shape, cache.nbytes > 0
         (torch.Size([4, 4]), True)
     """

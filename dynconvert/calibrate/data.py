@@ -108,6 +108,7 @@ class TensorSource(Source):
         return self.tensors["x"].shape[0]
 
     def get_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The rows at ``indices`` of every tensor held ("x"; "y", "cond", "cond_mask" if given)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         return {k: v[idx] for k, v in self.tensors.items()}
 
@@ -178,6 +179,12 @@ class LatentShards(Source):
         return self._handles[i]
 
     def get_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Read the rows at ``indices`` from their shards (global row numbers, any order).
+
+        Returns:
+            "x" (from "latents", as float32) and whichever of "y" ("labels"), "cond", "cond_mask"
+            the shards hold, on the CPU.
+        """
         import bisect
 
         rows: dict[str, list[torch.Tensor]] = {}
@@ -222,6 +229,10 @@ class ImageFolderSource(Source):
         return state
 
     def get_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Load, resize and center-crop images: {"image": (B, 3, S, S) in [-1, 1], "y": (B,)}.
+
+        No VAE here (this may run in a DataLoader worker); ``prepare`` encodes the images.
+        """
         from dynconvert.calibrate.images import load_image
 
         images = torch.stack([load_image(self.paths[i], self.image_size) for i in indices])
@@ -233,6 +244,11 @@ class ImageFolderSource(Source):
     def prepare(
         self, batch: dict[str, torch.Tensor], device: torch.device
     ) -> dict[str, torch.Tensor]:
+        """Encode the images to latents on ``device``: {"x": (B, C, H/f, W/f), "y": (B,)}.
+
+        The VAE is loaded on first use (leaving the global RNG as it was); the posterior is
+        sampled with the global RNG when ``sample`` is set, else its mean is used.
+        """
         from dynconvert.calibrate.images import encode_images, load_vae
 
         if self._vae is None:
@@ -254,6 +270,11 @@ class DatasetSource(Source):
         return len(self.dataset)
 
     def get_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Stack the items at ``indices``: dicts key by key, (x, y) pairs into "x" and long "y".
+
+        Raises:
+            DataError: The items are neither dicts nor (x, y) pairs.
+        """
         items = [self.dataset[i] for i in indices]
         if isinstance(items[0], dict):
             return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
@@ -281,6 +302,7 @@ class IterableSource:
     def prepare(
         self, batch: dict[str, torch.Tensor], device: torch.device
     ) -> dict[str, torch.Tensor]:
+        """Move every tensor of the batch to ``device`` (non-blocking), like ``Source.prepare``."""
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 

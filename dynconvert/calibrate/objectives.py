@@ -75,11 +75,22 @@ class Objective:
     kind = "base"
 
     def noise(self, x0: torch.Tensor) -> NoisyBatch:  # pragma: no cover - interface
+        """Draw timesteps and noise for clean latents ``x0`` (B, C, H, W); the noised batch."""
         raise NotImplementedError
 
     def loss(
         self, output: torch.Tensor, x0: torch.Tensor, noisy: NoisyBatch
     ) -> dict[str, torch.Tensor]:  # pragma: no cover - interface
+        """The per-sample diffusion loss of the model's ``output`` on ``noisy`` (made from ``x0``).
+
+        Args:
+            output: The model's prediction (B, C, H, W), or (B, 2C, H, W) with learned sigma.
+            x0: The clean latents.
+            noisy: What ``noise(x0)`` returned.
+
+        Returns:
+            Per-sample (B,) terms: "loss" (what is trained), "mse", and "vb" where there is one.
+        """
         raise NotImplementedError
 
 
@@ -108,11 +119,17 @@ class EpsObjective(Objective):
         self.learn_sigma = learn_sigma
 
     def noise(self, x0: torch.Tensor) -> NoisyBatch:
+        """Stratified DDPM indices (the model gets index + offset), noise, x_t from q(x_t | x0)."""
         return _ddpm_noise(self.diffusion, self.strata, self.timestep_offset, x0)
 
     def loss(
         self, output: torch.Tensor, x0: torch.Tensor, noisy: NoisyBatch
     ) -> dict[str, torch.Tensor]:
+        """DiT's hybrid loss: eps MSE, plus the VB term when the output carries learned sigma.
+
+        With ``learn_sigma=True`` the output must have 2C channels; with False, variance channels
+        are dropped (MSE only); with None the channel count decides.
+        """
         c = x0.shape[1]
         if self.learn_sigma is True and output.shape[1] != 2 * c:
             raise ConfigError(
@@ -135,11 +152,13 @@ class VObjective(Objective):
         self.timestep_offset = timestep_offset
 
     def noise(self, x0: torch.Tensor) -> NoisyBatch:
+        """Stratified DDPM indices (the model gets index + offset), noise, x_t from q(x_t | x0)."""
         return _ddpm_noise(self.diffusion, self.strata, self.timestep_offset, x0)
 
     def loss(
         self, output: torch.Tensor, x0: torch.Tensor, noisy: NoisyBatch
     ) -> dict[str, torch.Tensor]:
+        """Per-sample MSE to the v target (learned-sigma channels ignored); "loss" is "mse"."""
         pred = _prediction(output, x0.shape[1], "v-prediction")
         target = self.diffusion.v_target(x0, noisy.index, noisy.noise)
         mse = mean_flat((target - pred) ** 2)
@@ -173,6 +192,7 @@ class FlowObjective(Objective):
         self.timestep_scale = timestep_scale
 
     def noise(self, x0: torch.Tensor) -> NoisyBatch:
+        """Stratified times s, noise, ``x_t = (1 - s) x0 + s noise``, ``t = s * timestep_scale``."""
         s = sample_flow_times(
             x0.shape[0], self.dist, self.mean, self.std, self.strata, device=x0.device
         )
@@ -183,6 +203,7 @@ class FlowObjective(Objective):
     def loss(
         self, output: torch.Tensor, x0: torch.Tensor, noisy: NoisyBatch
     ) -> dict[str, torch.Tensor]:
+        """Per-sample MSE to the velocity ``noise - x0`` (sigma channels dropped); loss = mse."""
         pred = _prediction(output, x0.shape[1], "flow-matching")
         mse = mean_flat((self.flow.velocity(x0, noisy.noise) - pred) ** 2)
         return {"mse": mse, "loss": mse}

@@ -58,6 +58,7 @@ class LambdaSchedule:
     warmup_steps: int = 1000
 
     def __call__(self, step: int) -> float:
+        """lambda at the 0-based ``step`` (:func:`lambda_at` with this schedule's settings)."""
         return lambda_at(step, self.target, self.hold_steps, self.warmup_steps)
 
 

@@ -55,10 +55,12 @@ def macs(n: float | int | None, compact: bool = False) -> str:
 
 
 def ratio(v: float | None, digits: int = 3) -> str:
+    """A ratio with ``digits`` decimals (``0.512``); ``-`` for None."""
     return "-" if v is None else f"{v:.{digits}f}"
 
 
 def duration(seconds: float | None) -> str:
+    """Seconds rounded to ``m:ss`` or ``h:mm:ss``; ``-`` for None, inf or nan."""
     if seconds is None or not math.isfinite(seconds):
         return "-"
     seconds = int(round(seconds))

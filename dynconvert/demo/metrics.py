@@ -61,6 +61,7 @@ class DigitsClassifier(nn.Module):
         return F.relu(self.fc(x.flatten(1)))  # (N, 64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (N, 1, 16, 16) in [-1, 1] -> class logits (N, 10)."""
         return self.head(self.features(x))  # (N, 10)
 
 

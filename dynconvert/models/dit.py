@@ -59,6 +59,7 @@ class TimestepEmbedder(nn.Module):
         self.frequency_embedding_size = frequency_embedding_size
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """(N,) timesteps -> (N, hidden_size) embedding, in the MLP's dtype."""
         t_freq = timestep_embedding(t, self.frequency_embedding_size)  # (N, F)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, D); bf16/fp16 models too
 
@@ -86,6 +87,11 @@ class LabelEmbedder(nn.Module):
     def forward(
         self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
+        """(N,) labels -> (N, hidden_size) embeddings.
+
+        Labels are first replaced by the null label where ``force_drop_ids == 1``, or at random
+        (rate ``dropout_prob``) when ``train`` is set and dropout is on.
+        """
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)  # (N, D)
@@ -116,6 +122,10 @@ class DiTBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Tokens x (N, T, D) and conditioning c (N, D) -> (N, T, D).
+
+        adaLN-Zero: c gives shift, scale and gate of the attention and of the MLP residual branch.
+        """
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
             c
         ).chunk(6, dim=1)  # 6 x (N, D)
@@ -136,6 +146,7 @@ class FinalLayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Tokens x (N, T, D) and conditioning c (N, D) -> patches (N, T, p * p * out_channels)."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (N, D)
         x = modulate(self.norm_final(x), shift, scale)  # (N, T, D)
         return self.linear(x)  # (N, T, p * p * out_channels)

@@ -43,6 +43,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D); head size taken from the qkv weights, so pruned heads work."""
         batch, length, _ = x.shape
         qkv = self.qkv(x)  # (B, L, 3 * H * Dh)
         head_dim = qkv.shape[-1] // (3 * self.num_heads)  # from the weights: heads may be pruned
@@ -74,6 +75,10 @@ class Block(nn.Module):
         self.use_checkpoint = use_checkpoint
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D); an out-block first fuses ``skip``, its in-block's (B, L, D).
+
+        With ``use_checkpoint`` the block is activation-checkpointed in training.
+        """
         if self.use_checkpoint and self.training:
             return torch.utils.checkpoint.checkpoint(self._forward, x, skip, use_reentrant=False)
         return self._forward(x, skip)
@@ -95,6 +100,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> patch tokens (B, H/p * W/p, D)."""
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, L, D)
 
 

@@ -189,11 +189,20 @@ def _plain_default(obj: Any) -> Any:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-
+    """Write ``data`` atomically as JSON (:func:`dumps`: inf and nan as null), newline-ended."""
     atomic_write_bytes(path, (dumps(data) + "\n").encode())
 
 
 def write_run_state(prepared: PreparedRun, status: str, steps: int | None = None) -> None:
+    """Write the run's ``run.json``: status, times, steps, identity, model source and recipe.
+
+    The "created" time of an earlier run.json in the folder is kept.
+
+    Args:
+        prepared: The run.
+        status: For example "running" or "finished".
+        steps: Steps to record (None: the calibration's configured steps).
+    """
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     write_json(prepared.out / RUN_FILE, {
         "format": RUN_FORMAT,

@@ -89,6 +89,11 @@ class ModelSource:
     config: dict[str, Any] | None = None
 
     def to_dict(self, with_config: bool = True) -> dict[str, Any]:
+        """The fields as a dict, for ``run.json`` (``from_dict`` reads it back).
+
+        Args:
+            with_config: Include the diffusers ``config`` when there is one.
+        """
         d = {k: getattr(self, k) for k in ("name", "kind", "target", "weights", "checkpoint",
                                             "model_kwargs", "seed", "repo")}  # fmt: skip
         if with_config and self.config is not None:
@@ -97,9 +102,11 @@ class ModelSource:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSource:
+        """Rebuild a source from :meth:`to_dict`'s output."""
         return cls(**data)
 
     def describe(self) -> str:
+        """The model and where its weights come from, e.g. ``digits (shipped weights)``."""
         where = {
             "shipped": "shipped weights",
             "random": "random weights",
@@ -191,6 +198,7 @@ def _canonical(name: str) -> str:
 
 
 def first_line(e: BaseException, limit: int = 160) -> str:
+    """An exception's message on one line (whitespace collapsed), cut to ``limit`` characters."""
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
