@@ -18,7 +18,7 @@ import time
 import torch
 
 import dynconvert
-from dynconvert.calibrate import CalibrationConfig, build_objective, flops_loss, select_adapter
+from dynconvert.calibration import CalibrationConfig, build_objective, flops_loss, select_adapter
 from dynconvert.models import build_model
 
 

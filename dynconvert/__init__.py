@@ -7,9 +7,14 @@ Example:
     >>> report = dynconvert.count_flops(model)
 """
 
-from dynconvert import calibrate
 from dynconvert.analysis import analyze
-from dynconvert.calibrate import CalibrationConfig, CalibrationResult, StepInfo, write_latents
+from dynconvert.calibration import (
+    CalibrationConfig,
+    CalibrationResult,
+    StepInfo,
+    calibrate,
+    write_latents,
+)
 from dynconvert.config import ConvertConfig
 from dynconvert.convert import convert, get_state, is_converted, revert
 from dynconvert.errors import (
@@ -32,7 +37,6 @@ from dynconvert.flops import FlopsReport, count_flops, last_flops_ratio, measure
 from dynconvert.plan import AttentionSite, MlpSite, Plan, SkippedSite
 from dynconvert.routing import routing, set_routing
 from dynconvert.save import load, save
-
 from dynconvert.version import __version__
 
 __all__ = [

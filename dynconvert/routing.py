@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from torch import nn
 
 from dynconvert.bank import MODES
-from dynconvert.state import get_state
 from dynconvert.errors import ConfigError
+from dynconvert.state import get_state
 
 EXECUTIONS = ("fast", "masked")
 

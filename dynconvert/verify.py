@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dynconvert.state import get_state
 from dynconvert.plan import AttentionSite
 from dynconvert.routing import routing
+from dynconvert.state import get_state
 
 
 def _out(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:

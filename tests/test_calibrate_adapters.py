@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 import dynconvert
-from dynconvert.calibrate import CalibrationConfig, calibrate
-from dynconvert.calibrate.adapters import (
+from dynconvert.calibration import CalibrationConfig, calibrate
+from dynconvert.calibration.adapters import (
     LabelPolicy,
     drop_labels,
     generic_adapter,

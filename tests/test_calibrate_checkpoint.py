@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dynconvert.calibrate.checkpoint import (
+from dynconvert.calibration.checkpoint import (
     capture_rng,
     checkpoint_path,
     latest_checkpoint,
@@ -20,7 +20,7 @@ from dynconvert.calibrate.checkpoint import (
     save_checkpoint,
     seed_step,
 )
-from dynconvert.calibrate.ema import EMA
+from dynconvert.calibration.ema import EMA
 from dynconvert.errors import CheckpointError
 
 

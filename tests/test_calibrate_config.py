@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from dynconvert.calibrate.config import CalibrationConfig, as_config
+from dynconvert.calibration.config import CalibrationConfig, as_config
 from dynconvert.errors import ConfigError
 
 

@@ -10,15 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dynconvert.calibrate.data import (
+from dynconvert.calibration.data import (
     IterableSource,
     LatentShards,
     TensorSource,
     as_source,
     check_batch,
 )
-from dynconvert.calibrate.latents import read_index, write_latent_shards, write_latents
-from dynconvert.calibrate.stream import StepIndices, batch_stream
+from dynconvert.calibration.latents import read_index, write_latent_shards, write_latents
+from dynconvert.calibration.stream import StepIndices, batch_stream
 from dynconvert.demo.data import digits
 from dynconvert.errors import DataError
 
@@ -161,7 +161,7 @@ def test_write_latents_errors(tmp_path, image_folder, tiny_vae):
 
 
 def test_image_folder_source_encodes_on_the_fly(image_folder, tiny_vae):
-    from dynconvert.calibrate.data import ImageFolderSource
+    from dynconvert.calibration.data import ImageFolderSource
 
     src = ImageFolderSource(image_folder, tiny_vae, image_size=16)
     assert len(src) == 5

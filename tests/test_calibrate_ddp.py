@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     import dynconvert
     from accelerate import PartialState
-    from dynconvert.calibrate import CalibrationConfig, calibrate
+    from dynconvert.calibration import CalibrationConfig, calibrate
     from dynconvert.testing import tiny_dit
 
     out = sys.argv[1]

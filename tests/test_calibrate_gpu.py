@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dynconvert
-from dynconvert.calibrate import CalibrationConfig, calibrate
+from dynconvert.calibration import CalibrationConfig, calibrate
 from dynconvert.testing import tiny_dit
 
 pytestmark = [

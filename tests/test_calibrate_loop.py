@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import dynconvert
-from dynconvert.calibrate import CalibrationConfig, StepInfo, calibrate
-from dynconvert.calibrate.checkpoint import list_checkpoints
+from dynconvert.calibration import CalibrationConfig, StepInfo, calibrate
+from dynconvert.calibration.checkpoint import list_checkpoints
 from dynconvert.errors import (
     BudgetError,
     CalibrationError,
@@ -229,9 +229,13 @@ def test_uvit_runs_with_its_offset_and_schedule():
     assert result.last_terms["vb"] == 0.0  # eps model, no learned sigma
 
 
-def test_package_is_callable_and_runs_on_digits():
-    import dynconvert.calibrate as calibrate_package
+def test_calibrate_is_a_function_and_calibration_a_plain_package():
+    import types
 
+    import dynconvert.calibration
+
+    assert type(dynconvert.calibration) is types.ModuleType  # an ordinary package
+    assert dynconvert.calibrate is dynconvert.calibration.calibrate
     model = dynconvert.convert(tiny_dit(in_channels=1, input_size=16), budget=0.5)
-    result = calibrate_package(model, "digits", {"target": 0.5, "steps": 2, "batch_size": 8})
+    result = dynconvert.calibrate(model, "digits", {"target": 0.5, "steps": 2, "batch_size": 8})
     assert len(result.losses) == 2 and result.config.target == 0.5

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from dynconvert.calibrate.config import CalibrationConfig
-from dynconvert.calibrate.diffusion import GaussianDiffusion, make_betas
-from dynconvert.calibrate.objectives import (
+from dynconvert.calibration.config import CalibrationConfig
+from dynconvert.calibration.diffusion import GaussianDiffusion, make_betas
+from dynconvert.calibration.objectives import (
     EpsObjective,
     FlowObjective,
     build_objective,
@@ -192,7 +192,7 @@ def test_flops_term_and_distill_by_hand():
 
 
 def test_build_objective_auto_uses_adapter_defaults():
-    from dynconvert.calibrate.adapters import select_adapter
+    from dynconvert.calibration.adapters import select_adapter
     from dynconvert.models import build_model
 
     cfg = CalibrationConfig(target=0.5)

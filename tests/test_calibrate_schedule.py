@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dynconvert.calibrate.schedule import (
+from dynconvert.calibration.schedule import (
     LambdaSchedule,
     lambda_at,
     logit_normal_quantile,

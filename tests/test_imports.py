@@ -99,7 +99,7 @@ def test_no_import_cycles():
 @pytest.mark.parametrize(
     ("package", "forbidden"),
     [
-        ("dynconvert.models", ("dynconvert.demo", "dynconvert.runs", "dynconvert.cli", "dynconvert.calibrate")),
+        ("dynconvert.models", ("dynconvert.demo", "dynconvert.runs", "dynconvert.cli", "dynconvert.calibration")),
         # the runtime reads and routes; it never depends on the converter or anything above it
         ("dynconvert.bank", ("dynconvert.convert", "dynconvert.flops", "dynconvert.save")),
         ("dynconvert.dynamic", ("dynconvert.convert", "dynconvert.bank", "dynconvert.flops")),
@@ -107,7 +107,7 @@ def test_no_import_cycles():
         ("dynconvert.flops", ("dynconvert.convert", "dynconvert.save")),
         ("dynconvert.verify", ("dynconvert.convert",)),
         ("dynconvert.analysis", ("dynconvert.convert", "dynconvert.bank", "dynconvert.flops")),
-        ("dynconvert.calibrate", ("dynconvert.runs", "dynconvert.cli", "dynconvert.demo")),
+        ("dynconvert.calibration", ("dynconvert.runs", "dynconvert.cli", "dynconvert.demo")),
     ],
 )
 def test_layers(package, forbidden):

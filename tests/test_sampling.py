@@ -239,7 +239,7 @@ class _PointMassOracle(torch.nn.Module):
 
     def __init__(self, mu: torch.Tensor, schedule: str = "linear"):
         super().__init__()
-        from dynconvert.calibrate.diffusion import make_betas
+        from dynconvert.calibration.diffusion import make_betas
 
         abar = torch.cumprod(1.0 - torch.tensor(make_betas(schedule)), 0).float()
         self.register_buffer("abar", abar)

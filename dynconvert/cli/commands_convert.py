@@ -119,7 +119,7 @@ def convert(
         with progress:
             report = execute_run(prepared, on_step=progress, on_event=on_event)
     except KeyboardInterrupt:
-        from dynconvert.calibrate.checkpoint import latest_checkpoint
+        from dynconvert.calibration.checkpoint import latest_checkpoint
 
         last = latest_checkpoint(prepared.out) if prepared.out.exists() else None
         where = (

@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from dynconvert.calibrate.data import register_source
+from dynconvert.calibration.data import register_source
 from dynconvert.demo import data as _data
 from dynconvert.demo import digits as _digits
 from dynconvert.demo.evaluate import DIGITS_EVALUATION

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dynconvert.calibrate.data import TensorSource
+from dynconvert.calibration.data import TensorSource
 
 
 def digits(image_size: int = 16) -> TensorSource:

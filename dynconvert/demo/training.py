@@ -93,7 +93,7 @@ def train_digits(
         >>> train_digits(steps=1, batch_size=4).model.num_classes
         10
     """
-    from dynconvert.calibrate.diffusion import GaussianDiffusion
+    from dynconvert.calibration.diffusion import GaussianDiffusion
     from dynconvert.demo.data import digits
     from dynconvert.demo.digits import build_digits
 

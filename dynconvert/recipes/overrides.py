@@ -13,7 +13,7 @@ import copy
 import dataclasses
 from typing import Any
 
-from dynconvert.calibrate.config import CalibrationConfig
+from dynconvert.calibration.config import CalibrationConfig
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import ConfigError
 from dynconvert.recipes.files import parse_value

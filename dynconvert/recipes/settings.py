@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from dynconvert.calibrate.config import CalibrationConfig
+from dynconvert.calibration.config import CalibrationConfig
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import ConfigError
 from dynconvert.evaluations import evaluation_names

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from dynconvert.calibrate.checkpoint import list_checkpoints
-from dynconvert.calibrate.config import RESUME_FREE_FIELDS
+from dynconvert.calibration.checkpoint import list_checkpoints
+from dynconvert.calibration.config import RESUME_FREE_FIELDS
 from dynconvert.errors import OutputExistsError, RecordError
 from dynconvert.recipes import Recipe
 from dynconvert.runs.sources import ModelSource

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from dynconvert.calibrate.checkpoint import list_checkpoints
-from dynconvert.calibrate.loop import calibrate
+from dynconvert.calibration.checkpoint import list_checkpoints
+from dynconvert.calibration.loop import calibrate
 from dynconvert.convert import check_budget, convert
 from dynconvert.errors import BudgetError, ConfigError, DataError
 from dynconvert.recipes import load_recipe, recipe_for_model

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from dynconvert.bench import benchmark
-from dynconvert.calibrate.adapters import resolve_labels, select_adapter
-from dynconvert.calibrate.objectives import build_objective
+from dynconvert.calibration.adapters import resolve_labels, select_adapter
+from dynconvert.calibration.objectives import build_objective
 from dynconvert.errors import CheckpointError, ConfigError
 from dynconvert.evaluations import EVALUATIONS, NONE, evaluation_names
 from dynconvert.flops import last_flops_ratio, routed_ratio

@@ -314,7 +314,7 @@ def _pick(named: dict[str, Any], names: tuple[str, ...]) -> Any:
 
 def model_input_shape(model: nn.Module) -> tuple[int, ...] | None:
     """(C, H, W) of one sample the model takes (None when it cannot tell)."""
-    from dynconvert.calibrate.adapters import X_NAMES
+    from dynconvert.calibration.adapters import X_NAMES
 
     x = _pick(_named_inputs(model, 1), X_NAMES)
     return tuple(x.shape[1:]) if x is not None else None
@@ -328,8 +328,8 @@ def synthetic_data(model: nn.Module, rows: int = 64, seed: int = 0) -> Any:
         >>> len(synthetic_data(tiny_dit(), rows=8))
         8
     """
-    from dynconvert.calibrate import TensorSource
-    from dynconvert.calibrate.adapters import X_NAMES, Y_NAMES
+    from dynconvert.calibration import TensorSource
+    from dynconvert.calibration.adapters import X_NAMES, Y_NAMES
 
     named = _named_inputs(model, rows)
     x = _pick(named, X_NAMES)
@@ -348,7 +348,7 @@ def synthetic_data(model: nn.Module, rows: int = 64, seed: int = 0) -> Any:
 
 def data_source(data: str) -> Any:
     """The calibration data a recipe names (None for ``synthetic``: made once the model exists)."""
-    from dynconvert.calibrate.data import NAMED_SOURCES, as_source
+    from dynconvert.calibration.data import NAMED_SOURCES, as_source
 
     if data == "synthetic":
         return None

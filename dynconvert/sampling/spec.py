@@ -47,7 +47,7 @@ def model_spec(model: nn.Module, null_label: int | None = None) -> ModelSpec:
     """
     # Imported on use: the calibrate package loads the whole training loop, which importing
     # this package (dynconvert.recipes reads SCHEDULERS) should not pay for.
-    from dynconvert.calibrate.adapters import resolve_labels, select_adapter
+    from dynconvert.calibration.adapters import resolve_labels, select_adapter
 
     adapter = select_adapter(model)
     if adapter.objective == "flow":

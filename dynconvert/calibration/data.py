@@ -118,7 +118,7 @@ class LatentShards(Source):
 
     Example:
         >>> import tempfile
-        >>> from dynconvert.calibrate.latents import write_latent_shards
+        >>> from dynconvert.calibration.latents import write_latent_shards
         >>> d = tempfile.mkdtemp()
         >>> _ = write_latent_shards(d, torch.arange(6.).reshape(6, 1, 1, 1), torch.arange(6), shard_size=4)
         >>> LatentShards(d).get_batch([5, 0])["x"].flatten().tolist()
@@ -126,7 +126,7 @@ class LatentShards(Source):
     """
 
     def __init__(self, folder: str | Path):
-        from dynconvert.calibrate.latents import SHARD_KEYS, read_index
+        from dynconvert.calibration.latents import SHARD_KEYS, read_index
 
         self.root = Path(folder)
         self.index = read_index(self.root)
@@ -210,7 +210,7 @@ class ImageFolderSource(Source):
     def __init__(
         self, folder: str | Path, vae_path: str | Path, image_size: int, sample: bool = True
     ):
-        from dynconvert.calibrate.images import list_image_folder
+        from dynconvert.calibration.images import list_image_folder
 
         self.paths, self.labels, self.classes = list_image_folder(folder)
         if not Path(vae_path).is_dir():
@@ -233,7 +233,7 @@ class ImageFolderSource(Source):
 
         No VAE here (this may run in a DataLoader worker); ``prepare`` encodes the images.
         """
-        from dynconvert.calibrate.images import load_image
+        from dynconvert.calibration.images import load_image
 
         images = torch.stack([load_image(self.paths[i], self.image_size) for i in indices])
         return {
@@ -249,7 +249,7 @@ class ImageFolderSource(Source):
         The VAE is loaded on first use (leaving the global RNG as it was); the posterior is
         sampled with the global RNG when ``sample`` is set, else its mean is used.
         """
-        from dynconvert.calibrate.images import encode_images, load_vae
+        from dynconvert.calibration.images import encode_images, load_vae
 
         if self._vae is None:
             with torch.random.fork_rng(devices=[]):  # loading must not shift the step's RNG
@@ -373,5 +373,5 @@ def as_source(data: Any) -> Source | IterableSource:
     if isinstance(data, Iterable):
         return IterableSource(data)
     raise DataError(
-        f"cannot use {type(data).__name__} as data; see dynconvert.calibrate.data.as_source"
+        f"cannot use {type(data).__name__} as data; see dynconvert.calibration.data.as_source"
     )

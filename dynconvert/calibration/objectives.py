@@ -7,8 +7,8 @@ batch-level term (the FLOPs term); the loop takes the means.
 
 Example:
     >>> import torch
-    >>> from dynconvert.calibrate.config import CalibrationConfig
-    >>> from dynconvert.calibrate.objectives import build_objective
+    >>> from dynconvert.calibration.config import CalibrationConfig
+    >>> from dynconvert.calibration.objectives import build_objective
     >>> obj = build_objective(CalibrationConfig(target=0.5, objective="eps"))
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <...>
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dynconvert.calibrate.diffusion import FlowMatching, GaussianDiffusion, mean_flat
-from dynconvert.calibrate.schedule import sample_ddpm_timesteps, sample_flow_times
+from dynconvert.calibration.diffusion import FlowMatching, GaussianDiffusion, mean_flat
+from dynconvert.calibration.schedule import sample_ddpm_timesteps, sample_flow_times
 from dynconvert.errors import ConfigError
 
 
@@ -220,7 +220,7 @@ def build_objective(config, adapter=None) -> Objective:
         The objective.
 
     Example:
-        >>> from dynconvert.calibrate.config import CalibrationConfig
+        >>> from dynconvert.calibration.config import CalibrationConfig
         >>> build_objective(CalibrationConfig(target=0.5, objective="flow")).kind
         'flow'
     """

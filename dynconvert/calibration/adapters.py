@@ -7,7 +7,7 @@ training defaults (objective, beta schedule, timestep offset). ``select_adapter`
 the model's class; the ``adapter`` config field overrides it.
 
 Example:
-    >>> from dynconvert.calibrate.adapters import select_adapter
+    >>> from dynconvert.calibration.adapters import select_adapter
     >>> import torch.nn as nn
     >>> class Net(nn.Module):
     ...     def forward(self, x, t, y): return x
@@ -261,7 +261,7 @@ def resolve_labels(model: nn.Module, adapter: ModelAdapter, config: Any) -> Labe
 
     Example:
         >>> from dynconvert.models import build_model
-        >>> from dynconvert.calibrate.config import CalibrationConfig
+        >>> from dynconvert.calibration.config import CalibrationConfig
         >>> m = build_model("dit-tiny")
         >>> resolve_labels(m, select_adapter(m), CalibrationConfig(target=0.5))
         LabelPolicy(num_classes=10, null_label=10, dropout=0.1, uses_labels=True)

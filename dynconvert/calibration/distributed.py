@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dynconvert.calibrate.config import CalibrationConfig
+from dynconvert.calibration.config import CalibrationConfig
 from dynconvert.errors import ConfigError
 
 MISSING = object()
@@ -23,7 +23,7 @@ def make_accelerator(config: CalibrationConfig):
     precision is reset rather than refused.
 
     Example:
-        >>> from dynconvert.calibrate.config import CalibrationConfig
+        >>> from dynconvert.calibration.config import CalibrationConfig
         >>> make_accelerator(CalibrationConfig(target=0.5)).num_processes
         1
 

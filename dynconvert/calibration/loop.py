@@ -21,27 +21,27 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dynconvert.calibrate.adapters import (
+from dynconvert.calibration.adapters import (
     ModelAdapter,
     drop_labels,
     label_embedders,
     resolve_labels,
     select_adapter,
 )
-from dynconvert.calibrate.checkpoint import (
+from dynconvert.calibration.checkpoint import (
     load_training_state,
     restore_rng,
     save_training_state,
     seed_step,
 )
-from dynconvert.calibrate.config import CalibrationConfig, as_config
-from dynconvert.calibrate.data import as_source, check_batch
-from dynconvert.calibrate.distributed import MISSING, make_accelerator, restore_forward
-from dynconvert.calibrate.ema import EMA
-from dynconvert.calibrate.objectives import build_objective, distill_loss, flops_loss
-from dynconvert.calibrate.result import CalibrationResult, StepInfo
-from dynconvert.calibrate.schedule import LambdaSchedule
-from dynconvert.calibrate.stream import batch_stream
+from dynconvert.calibration.config import CalibrationConfig, as_config
+from dynconvert.calibration.data import as_source, check_batch
+from dynconvert.calibration.distributed import MISSING, make_accelerator, restore_forward
+from dynconvert.calibration.ema import EMA
+from dynconvert.calibration.objectives import build_objective, distill_loss, flops_loss
+from dynconvert.calibration.result import CalibrationResult, StepInfo
+from dynconvert.calibration.schedule import LambdaSchedule
+from dynconvert.calibration.stream import batch_stream
 from dynconvert.errors import (
     BudgetError,
     CalibrationError,

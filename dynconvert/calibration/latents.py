@@ -20,7 +20,7 @@ Latents are stored already multiplied by ``scaling_factor`` (what the diffusion 
 
 Example:
     >>> import tempfile, torch
-    >>> from dynconvert.calibrate.latents import write_latent_shards, read_index
+    >>> from dynconvert.calibration.latents import write_latent_shards, read_index
     >>> d = tempfile.mkdtemp()
     >>> _ = write_latent_shards(d, torch.zeros(5, 4, 2, 2), torch.arange(5), shard_size=2)
     >>> read_index(d)["count"], len(read_index(d)["shards"])
@@ -279,7 +279,7 @@ def write_latents(
     Example:
         >>> write_latents("imagenet/train", "latents/", "sd-vae-ft-ema", 256)  # doctest: +SKIP
     """
-    from dynconvert.calibrate.images import (
+    from dynconvert.calibration.images import (
         encode_images,
         list_image_folder,
         load_image,

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dynconvert.calibrate.data import IterableSource, Source, check_batch
+from dynconvert.calibration.data import IterableSource, Source, check_batch
 from dynconvert.errors import DataError
 
 
@@ -91,7 +91,7 @@ def batch_stream(
         Batch dicts (this process's rows), before ``source.prepare``.
 
     Example:
-        >>> from dynconvert.calibrate.data import TensorSource
+        >>> from dynconvert.calibration.data import TensorSource
         >>> src = TensorSource(torch.arange(8.).reshape(8, 1, 1, 1))
         >>> full = [b["x"].flatten().tolist() for b in batch_stream(src, 4, seed=0, stop=3)]
         >>> tail = [b["x"].flatten().tolist() for b in batch_stream(src, 4, seed=0, start=1, stop=3)]
