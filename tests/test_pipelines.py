@@ -26,35 +26,28 @@ def _tiny_vae():
     ).eval()
 
 
+def _sample(pipe):
+    """Three DDIM steps of two class-conditional samples, the same noise every call."""
+    return pipe(
+        class_labels=[1, 3],
+        num_inference_steps=3,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+
+
 def test_dit_pipeline_runs_with_converted_transformer():
     from diffusers import DDIMScheduler, DiTPipeline
 
     transformer = tiny_diffusers_dit()
     pipe = DiTPipeline(transformer=transformer, vae=_tiny_vae(), scheduler=DDIMScheduler())
-    reference = pipe(
-        class_labels=[1, 3],
-        num_inference_steps=3,
-        guidance_scale=1.0,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
+    reference = _sample(pipe)
     dynconvert.convert(pipe.transformer, 0.5)
-    same = pipe(
-        class_labels=[1, 3],
-        num_inference_steps=3,
-        guidance_scale=1.0,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
+    same = _sample(pipe)
     assert abs(same - reference).max() < 1e-4  # routers start all on
     randomize_routing(pipe.transformer, keep=0.5)
-    dynamic = pipe(
-        class_labels=[1, 3],
-        num_inference_steps=3,
-        guidance_scale=1.0,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
+    dynamic = _sample(pipe)
     assert dynamic.shape == reference.shape and abs(dynamic - reference).max() > 1e-3
     bank = dynconvert.get_state(pipe.transformer)
     assert dynconvert.last_flops_ratio(bank).mean() < 1.0
