@@ -55,12 +55,12 @@ def _to(value: Any, device: torch.device) -> Any:
 def plan_summary(plan: Any, config: Any = None) -> dict[str, Any]:
     """The inspect JSON object of a plan (see SCHEMA)."""
     from dynconvert.config import ConvertConfig
-    from dynconvert.flops import min_ratio
+    from dynconvert.flops import min_ratio, other_macs_per_sample
     from dynconvert.plan import AttentionSite
 
     config = config or ConvertConfig()
     static = plan.static_macs_per_sample
-    other = plan.other_macs / max(plan.batch, 1)
+    other = other_macs_per_sample(plan)
     sites = []
     for s in plan.sites:
         cost = s.macs()
