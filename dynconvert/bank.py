@@ -58,7 +58,7 @@ class RouterBank(nn.Module):
         # _table_key (router parameter versions) is unchanged.
         self._table: dict[float, tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
         self._table_key: tuple | None = None
-        self.slices = SliceCache()
+        self.slices = SliceCache(self.cache_limit)
         self.model_params = 0  # parameter count of the whole model: sizes the slice cache
 
     # -- per call --------------------------------------------------------------------------
@@ -237,7 +237,6 @@ class RouterBank(nn.Module):
     # -- weight slices ------------------------------------------------------------------------
     def sliced(self, lin: nn.Linear, axis: str, units: tuple[int, ...], index: torch.Tensor) -> tuple:
         """Weight (and bias) of ``lin`` restricted to ``index`` rows/cols (see :class:`SliceCache`)."""
-        self.slices.limit_bytes = self.cache_limit(lin.weight.element_size())
         return self.slices.get(lin, axis, units, index)
 
     @property

@@ -14,6 +14,7 @@ slices are plain contiguous copies and only fill what the budget leaves.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -32,15 +33,15 @@ class SliceCache:
 
     Example:
         >>> lin = nn.Linear(4, 6)
-        >>> cache = SliceCache(limit_bytes=1e6)
+        >>> cache = SliceCache(limit=lambda element_size: 1e6)
         >>> with torch.no_grad():  # under autograd a trainable weight's slice is not cached
         ...     w, b = cache.get(lin, "rows", (0, 2), torch.tensor([0, 1, 4, 5]))
         >>> w.shape, cache.nbytes > 0
         (torch.Size([4, 4]), True)
     """
 
-    def __init__(self, limit_bytes: float = 0.0):
-        self.limit_bytes = limit_bytes
+    def __init__(self, limit: Callable[[int], float] = lambda element_size: 0.0):
+        self.limit = limit  # bytes allowed, given the element size (asked only on a miss)
         self._entries: dict[tuple[int, str], _Entry] = {}
         self.nbytes = 0
 
@@ -70,12 +71,13 @@ class SliceCache:
         nbytes = ws.numel() * ws.element_size()
         if axis == "rows" and bs is not None:
             nbytes += bs.numel() * bs.element_size()
+        limit = self.limit(ws.element_size())
         if axis == "cols":  # column gathers are the costly ones: they may push out cached rows
             for k in [k for k in self._entries if k[1] == "rows"]:
-                if self.nbytes + nbytes <= self.limit_bytes:
+                if self.nbytes + nbytes <= limit:
                     break
                 self._drop(k)
-        if self.nbytes + nbytes <= self.limit_bytes:
+        if self.nbytes + nbytes <= limit:
             self._entries[key] = _Entry(stamp, ws, bs, nbytes)
             self.nbytes += nbytes
         return ws, bs
