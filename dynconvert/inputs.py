@@ -36,8 +36,51 @@ def default_inputs(model: torch.nn.Module, batch_size: int = 1) -> Inputs:
     """Example inputs a model can make itself, or a clear error saying to pass them.
 
     Built-in models have ``example_inputs()``; diffusers DiT and PixArt transformers are built
-    from their config.
+    from their config. Floating inputs take the model's compute dtype (a model loaded in fp16 or
+    bf16 gets fp16 or bf16 inputs) and every tensor goes to the model's device.
     """
+    dtype, device = model_dtype_device(model)
+    args, kwargs = _default_inputs(model, batch_size)
+    return _to(args, dtype, device), _to(kwargs, dtype, device)
+
+
+_COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def model_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype the model computes in and the device it sits on.
+
+    The dtype is that of its first floating parameter in a compute dtype (fp16, bf16, fp32,
+    fp64): parameters stored in a storage-only dtype (float8 under layerwise casting) are
+    skipped, and a model with none gives float32. The device is its first parameter's (CPU if
+    it has none).
+
+    Example:
+        >>> model_dtype_device(torch.nn.Linear(2, 2).to(torch.bfloat16))
+        (torch.bfloat16, device(type='cpu'))
+    """
+    dtype, device = None, None
+    for p in model.parameters():
+        device = p.device if device is None else device
+        if p.is_floating_point() and p.dtype in _COMPUTE_DTYPES:
+            dtype = p.dtype
+            break
+    return dtype or torch.float32, device or torch.device("cpu")
+
+
+def _to(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """Floating tensors to ``dtype`` and every tensor to ``device``, through tuples and dicts."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+    if isinstance(value, dict):
+        return {k: _to(v, dtype, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, dtype, device) for v in value)
+    return value
+
+
+def _default_inputs(model: torch.nn.Module, batch_size: int) -> Inputs:
+    """The example inputs of :func:`default_inputs`, in float32 on the CPU."""
     if hasattr(model, "example_inputs") and callable(model.example_inputs):
         return split_inputs(model.example_inputs(batch_size=batch_size))
     name = type(model).__name__
