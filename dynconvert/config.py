@@ -8,12 +8,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dynconvert.errors import ConfigError
+from dynconvert.fields import Range, check_fields
 
 CONFIG_VERSION = 1
 """Format version of ``ConvertConfig.to_dict``; a newer one is refused."""
 
 TIMESTEP_NAMES = ("timestep", "timesteps", "t", "time", "sigma", "sigmas")
 """Forward argument names taken for the timestep, in this order, when ``timestep_arg`` is None."""
+
+
+_POSITIVE = Range(0, low_open=True)
+_RANGES = {
+    "mlp_groups": Range(1),
+    "tau": _POSITIVE,
+    "width_bias_init": Range(-1e4, 1e4),
+    "token_bias_init": Range(-1e4, 1e4),
+    "token_reduction": Range(1),
+    "router_embed_dim": Range(2, 65536),
+    "timestep_scale": _POSITIVE,
+    "slice_cache_mb": Range(0),
+    "version": Range(1),
+}
+"""Valid ranges of the number fields (the types come from the annotations)."""
 
 
 @dataclass
@@ -96,22 +112,14 @@ class ConvertConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        if self.mlp_groups is not None and self.mlp_groups < 1:
+        # Types and ranges of every field first (an integer field refuses 5.0), then the rest.
+        check_fields(self, _RANGES)
+        if self.router_embed_dim % 2:
             raise ConfigError(
-                f"mlp_groups must be a positive integer or None, got {self.mlp_groups}"
-            )
-        if self.tau <= 0:
-            raise ConfigError(f"tau must be > 0, got {self.tau}")
-        if self.token_reduction < 1:
-            raise ConfigError(f"token_reduction must be >= 1, got {self.token_reduction}")
-        if self.router_embed_dim < 2 or self.router_embed_dim % 2:
-            raise ConfigError(
-                f"router_embed_dim must be an even integer >= 2, got {self.router_embed_dim}"
+                f"router_embed_dim must be an even integer in [2, 65536]; got {self.router_embed_dim}"
             )
         if self.capture not in ("auto", "export", "fx"):
             raise ConfigError(f"capture must be one of auto, export, fx; got {self.capture!r}")
-        if self.timestep_scale <= 0:
-            raise ConfigError(f"timestep_scale must be > 0, got {self.timestep_scale}")
         if isinstance(self.importance, str):
             from dynconvert.importance import IMPORTANCE
 

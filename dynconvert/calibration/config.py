@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from dynconvert.errors import ConfigError
+from dynconvert.fields import SEED_MAX, Range, check_fields
 
 CALIBRATION_CONFIG_VERSION = 1
 
@@ -29,13 +29,40 @@ def _one_of(name: str, value: Any, valid: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
 
 
-def _at_least(name: str, value: Any, low: float, kind: type = int) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        ok = ok and float(value).is_integer()
-    if not ok or not math.isfinite(value) or value < low:
-        what = "an integer" if kind is int else "a number"
-        raise ConfigError(f"{name} must be {what} >= {low}; got {value!r}")
+_POSITIVE = Range(0, low_open=True)
+_NON_NEGATIVE = Range(0)
+_RANGES = {
+    "target": Range(0, 1, low_open=True),
+    "steps": Range(1),
+    "batch_size": Range(1),
+    "lr": Range(0, 10),
+    "weight_decay": Range(0, 1e3),
+    "adam_betas": Range(0, 1, high_open=True),
+    "flops_weight": Range(0, 1e6),
+    "lambda_hold_steps": _NON_NEGATIVE,
+    "warmup_steps": _NON_NEGATIVE,
+    "complete_model_steps": _NON_NEGATIVE,
+    "diffusion_weight": Range(0, 1e6),
+    "distill_weight": Range(0, 1e6),
+    "ema_decay": Range(0, 1, high_open=True),
+    "grad_clip": _POSITIVE,
+    "skip_grad_norm": _POSITIVE,
+    "seed": Range(0, SEED_MAX),
+    "checkpoint_every": _NON_NEGATIVE,
+    "keep_checkpoints": Range(1),
+    "num_train_timesteps": Range(2, 100_000),
+    "timestep_strata": Range(1, 100_000),
+    "flow_logit_mean": Range(-100, 100),
+    "flow_logit_std": Range(0, 100, low_open=True),
+    "flow_timestep_scale": _POSITIVE,
+    "label_dropout": Range(0, 1, high_open=True),
+    "null_label": _NON_NEGATIVE,
+    "num_classes": Range(1),
+    "max_nonfinite_in_a_row": Range(1),
+    "num_workers": Range(0, 1024),
+    "version": Range(1),
+}
+"""Valid ranges of the number fields (the types come from the annotations)."""
 
 
 @dataclass
@@ -139,62 +166,22 @@ class CalibrationConfig:
     version: int = CALIBRATION_CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        if isinstance(self.target, bool) or not isinstance(self.target, (int, float)):
-            raise ConfigError(f"target must be a number in (0, 1]; got {self.target!r}")
-        if not (0.0 < self.target <= 1.0):
-            raise ConfigError(f"target must be in (0, 1] (a FLOPs ratio); got {self.target}")
-        _at_least("steps", self.steps, 1)
-        _at_least("batch_size", self.batch_size, 1)
-        _at_least("lr", self.lr, 0.0, float)
-        _at_least("weight_decay", self.weight_decay, 0.0, float)
-        betas = tuple(self.adam_betas)
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ConfigError(f"adam_betas must be two numbers in [0, 1); got {self.adam_betas!r}")
-        self.adam_betas = (float(betas[0]), float(betas[1]))
-        _at_least("flops_weight", self.flops_weight, 0.0, float)
-        _at_least("lambda_hold_steps", self.lambda_hold_steps, 0)
-        _at_least("warmup_steps", self.warmup_steps, 0)
-        _at_least("complete_model_steps", self.complete_model_steps, 0)
-        _at_least("diffusion_weight", self.diffusion_weight, 0.0, float)
-        _at_least("distill_weight", self.distill_weight, 0.0, float)
+        # Types and ranges of every field first (an integer field refuses 5.0), then the rest.
+        check_fields(self, _RANGES)
+        self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
         if self.diffusion_weight == 0 and self.distill_weight == 0:
             raise ConfigError(
                 "diffusion_weight and distill_weight are both 0: set at least one > 0 "
                 "(distill_weight=1, diffusion_weight=0 trains by distillation alone)"
             )
-        if not (0.0 <= self.ema_decay < 1.0):
-            raise ConfigError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
-        if self.grad_clip is not None:
-            _at_least("grad_clip", self.grad_clip, 1e-12, float)
-        if self.skip_grad_norm is not None:
-            _at_least("skip_grad_norm", self.skip_grad_norm, 1e-12, float)
         _one_of("trainable", self.trainable, TRAINABLE)
         _one_of("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        _at_least("seed", self.seed, 0)
-        _at_least("checkpoint_every", self.checkpoint_every, 0)
-        _at_least("keep_checkpoints", self.keep_checkpoints, 1)
         if self.resume and not self.output_dir:
             raise ConfigError("resume=True needs output_dir (the folder holding the checkpoints)")
         _one_of("objective", self.objective, OBJECTIVES)
         _one_of("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-        _at_least("num_train_timesteps", self.num_train_timesteps, 2)
-        _at_least("timestep_strata", self.timestep_strata, 1)
         _one_of("flow_t_dist", self.flow_t_dist, FLOW_T_DISTS)
-        _at_least("flow_logit_std", self.flow_logit_std, 1e-6, float)
-        _at_least("flow_timestep_scale", self.flow_timestep_scale, 1e-12, float)
-        if self.label_dropout is not None and not (0.0 <= self.label_dropout < 1.0):
-            raise ConfigError(f"label_dropout must be in [0, 1) or None; got {self.label_dropout}")
-        if self.null_label is not None:
-            _at_least("null_label", self.null_label, 0)
-        if self.num_classes is not None:
-            _at_least("num_classes", self.num_classes, 1)
         _one_of("adapter", self.adapter, ADAPTERS)
-        if not isinstance(self.adapter_args, dict):
-            raise ConfigError(
-                f"adapter_args must be a dict; got {type(self.adapter_args).__name__}"
-            )
-        _at_least("max_nonfinite_in_a_row", self.max_nonfinite_in_a_row, 1)
-        _at_least("num_workers", self.num_workers, 0)
         if self.version > CALIBRATION_CONFIG_VERSION:
             raise ConfigError(
                 f"calibration config version {self.version} is newer than this dynconvert "

@@ -19,6 +19,7 @@ from dynconvert.calibration.config import CalibrationConfig
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import ConfigError
 from dynconvert.evaluations import evaluation_names
+from dynconvert.fields import INT_MAX, SEED_MAX, Range, check_fields, check_value
 from dynconvert.sampling import SCHEDULERS
 
 RECIPE_VERSION = 1
@@ -32,12 +33,39 @@ def _check(section: str, value: Any, ok: bool, what: str) -> None:
         raise ConfigError(f"{section} must be {what}; got {value!r}")
 
 
-def _is_int(v: Any, low: int = 0) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+_REPORT_RANGES = {
+    "profile_timesteps": Range(1, 1000),
+    "profile_batch": Range(1, 65536),
+    "executed_timesteps": Range(0, 1000),
+    "bench_timestep": Range(0, 999),
+    "bench_batch": Range(1, 65536),
+    "bench_repeats": Range(1, 10_000),
+}
+_SAMPLE_RANGES = {
+    "labels": Range(0),
+    "steps": Range(1, 10_000),
+    "cfg_scale": Range(1, 100),
+    "seed": Range(0, SEED_MAX),
+}
+_EVALUATE_RANGES = {
+    "per_class": Range(1, 100_000),
+    "steps": Range(1, 10_000),
+    "seed": Range(0, SEED_MAX),
+}
+_RECIPE_FIELDS: list[tuple[str, Any, Range | None]] = [
+    ("name", str, None),
+    ("description", str, None),
+    ("model", str | None, None),
+    ("checkpoint", str | None, None),
+    ("data", str | None, None),
+    ("launch", str | None, None),
+    ("model_kwargs", dict[str, Any], None),
+    ("applies_to", list[str], None),
+    ("target_flops", float, Range(0, 1, low_open=True)),
+    ("cpu_threads", int | None, Range(1, 4096)),
+    ("version", int, Range(1, INT_MAX)),
+]
+"""Top-level recipe fields checked by type and range (the sections check themselves)."""
 
 
 @dataclass
@@ -67,26 +95,7 @@ class ReportSettings:
     bench_repeats: int = 5
 
     def __post_init__(self) -> None:
-        for name in ("profile_timesteps", "profile_batch", "bench_batch", "bench_repeats"):
-            _check(
-                f"report.{name}",
-                getattr(self, name),
-                _is_int(getattr(self, name), 1),
-                "an integer >= 1",
-            )
-        _check(
-            "report.executed_timesteps",
-            self.executed_timesteps,
-            _is_int(self.executed_timesteps, 0),
-            "an integer >= 0",
-        )
-        _check("report.bench", self.bench, isinstance(self.bench, bool), "true or false")
-        _check(
-            "report.bench_timestep",
-            self.bench_timestep,
-            _is_int(self.bench_timestep) and self.bench_timestep <= 999,
-            "an integer in 0..999",
-        )
+        check_fields(self, _REPORT_RANGES, "report.")
 
 
 @dataclass
@@ -110,30 +119,14 @@ class SampleSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check("samples.grid", self.grid, isinstance(self.grid, bool), "true or false")
-        if self.labels is not None:
-            _check(
-                "samples.labels",
-                self.labels,
-                isinstance(self.labels, list)
-                and bool(self.labels)
-                and all(_is_int(v) for v in self.labels),
-                "a non-empty list of class labels (integers >= 0) or null",
-            )
-        _check("samples.steps", self.steps, _is_int(self.steps, 1), "an integer >= 1")
-        _check(
-            "samples.cfg_scale",
-            self.cfg_scale,
-            _is_num(self.cfg_scale) and self.cfg_scale >= 1.0,
-            "a number >= 1.0",
-        )
+        check_fields(self, _SAMPLE_RANGES, "samples.")
+        _check("samples.labels", self.labels, self.labels != [], "a non-empty list or null")
         _check(
             "samples.scheduler",
             self.scheduler,
             self.scheduler in SCHEDULERS,
             f"one of {', '.join(SCHEDULERS)}",
         )
-        _check("samples.seed", self.seed, _is_int(self.seed), "an integer >= 0")
 
 
 @dataclass
@@ -155,15 +148,13 @@ class EvaluateSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_fields(self, _EVALUATE_RANGES, "evaluate.")
         _check(
             "evaluate.kind",
             self.kind,
             self.kind in evaluation_names(),
             f"one of {', '.join(evaluation_names())}",
         )
-        _check("evaluate.per_class", self.per_class, _is_int(self.per_class, 1), "an integer >= 1")
-        _check("evaluate.steps", self.steps, _is_int(self.steps, 1), "an integer >= 1")
-        _check("evaluate.seed", self.seed, _is_int(self.seed), "an integer >= 0")
 
 
 @dataclass
@@ -217,29 +208,9 @@ class Recipe:
     source: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        _check(
-            "name", self.name, isinstance(self.name, str) and bool(self.name), "a non-empty string"
-        )
-        _check("description", self.description, isinstance(self.description, str), "a string")
-        for key in ("model", "checkpoint", "data", "launch"):
-            v = getattr(self, key)
-            _check(key, v, v is None or isinstance(v, str), "a string or null")
-        _check("model_kwargs", self.model_kwargs, isinstance(self.model_kwargs, dict), "a mapping")
-        _check("cpu_threads", self.cpu_threads, self.cpu_threads is None or _is_int(self.cpu_threads, 1),
-               "an integer >= 1 or null")  # fmt: skip
-        _check(
-            "applies_to",
-            self.applies_to,
-            isinstance(self.applies_to, list) and all(isinstance(v, str) for v in self.applies_to),
-            "a list of preset names",
-        )
-        _check(
-            "target_flops",
-            self.target_flops,
-            _is_num(self.target_flops) and 0.0 < self.target_flops <= 1.0,
-            "a number in (0, 1] (a fraction of the original FLOPs, e.g. 0.5)",
-        )
-        _check("version", self.version, _is_int(self.version, 1), "an integer >= 1")
+        for name, kind, bounds in _RECIPE_FIELDS:
+            check_value(name, getattr(self, name), kind, bounds)
+        _check("name", self.name, bool(self.name), "a non-empty string")
         if self.version > RECIPE_VERSION:
             raise ConfigError(
                 f"recipe version {self.version} is newer than this dynconvert ({RECIPE_VERSION}); "
