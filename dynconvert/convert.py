@@ -19,6 +19,7 @@ from dynconvert.dynamic import (
     make_static,
 )
 from dynconvert.errors import AlreadyConvertedError, BudgetError, NoSitesError
+from dynconvert.fields import SEED_MAX, Range, check_value
 from dynconvert.flops import min_ratio
 from dynconvert.importance import always_on_unit
 from dynconvert.inputs import default_inputs, split_inputs
@@ -46,6 +47,7 @@ def convert(
     example_inputs: Any = None,
     config: ConvertConfig | None = None,
     filter_fn: FilterFn | None = None,
+    seed: int = 0,
 ) -> nn.Module:
     """Make ``model`` dynamic, in place: routers on every attention and MLP site found.
 
@@ -60,6 +62,9 @@ def convert(
             optional for models that can make their own.
         config: router settings (:class:`ConvertConfig`).
         filter_fn: ``filter_fn(module, name) -> bool`` to leave sites out.
+        seed: Seed of the routers' initial weights, in [0, 2**32 - 1]: the same model, budget,
+            config and seed give bit-identical routers (a run passes its own seed). Drawn from
+            a generator of its own: the global torch RNG is left as it was.
 
     Returns:
         The same model object, converted.
@@ -72,6 +77,7 @@ def convert(
         True
     """
     b = check_budget(budget)
+    check_value("seed", seed, int, Range(0, SEED_MAX))
     config = config or ConvertConfig()
     if is_converted(model):
         raise AlreadyConvertedError(
@@ -85,7 +91,9 @@ def convert(
     args, kwargs = split_inputs(example_inputs) if example_inputs is not None else default_inputs(model)
     plan = analyze(model, (args, kwargs), config, filter_fn)
     check_plan(plan, b, config)  # before any change: a refused plan leaves the model untouched
-    apply_plan(model, plan, config, b)
+    with torch.random.fork_rng(devices=[]):  # router init from the seed, global RNG untouched
+        torch.manual_seed(seed)
+        apply_plan(model, plan, config, b)
     # Head-count attributes found by a scan, not the registry: compare fast and masked paths
     # once; a site that differs keeps the masked path (verify.py).
     if any(s.fast_reason == "unverified" for s in plan.sites):
@@ -127,7 +135,7 @@ def apply_plan(
     # The unit each width router can never switch off: the recorded one when load replays a
     # record, else the most important unit (method.md: chosen by importance, not by index).
     for site in plan.sites:
-        linears = {m.linear: modules[m.linear] for m in [*site.in_maps, site.out_map]}
+        linears = {m.linear: modules[m.linear] for m in site.maps()}
         if always_on is not None:
             bank.always_on[site.index] = always_on[site.index]
         elif site.units > 1:
@@ -138,9 +146,10 @@ def apply_plan(
         if isinstance(site, AttentionSite):
             module = modules[site.name] if site.name else model
             rt: Any = AttentionRuntime(site, bank, module)
-            for name in dict.fromkeys([site.q, site.k, site.v]):  # a fused qkv only once
-                make_dynamic(modules[name], rt, "in", name)
-            make_dynamic(modules[site.out], rt, "out", site.out)
+            for m in site.in_maps:  # every stream's q/k/v Linears (a fused qkv once)
+                make_dynamic(modules[m.linear], rt, "in", m.linear)
+            for m in site.out_maps:  # every stream's out-projection
+                make_dynamic(modules[m.linear], rt, "out", m.linear)
             # The pre-hook lowers the module's head-count attributes for a sliced call and the
             # post-hook restores them, also when the forward raises (always_call).
             hooks.append(module.register_forward_pre_hook(rt.pre_hook, with_kwargs=True))

@@ -44,17 +44,28 @@ class DynamicLinear(nn.Linear):
         return self._dc_rt.linear_forward(self, x)
 
 
+_DYNAMIC_CLASSES: dict[type, type] = {nn.Linear: DynamicLinear}
+
+
 def make_dynamic(lin: nn.Linear, runtime: Any, role: str, name: str) -> None:
-    """Turn an nn.Linear into a DynamicLinear in place (``name`` is its fqn in the model)."""
-    lin.__class__ = DynamicLinear
+    """Turn an nn.Linear into a DynamicLinear in place (``name`` is its fqn in the model).
+
+    A subclass of nn.Linear that keeps its forward (analysis only routes those) becomes a
+    class deriving from both, so ``isinstance(lin, TheirLinear)`` still holds.
+    """
+    cls = type(lin)
+    dyn = _DYNAMIC_CLASSES.get(cls)
+    if dyn is None:
+        dyn = _DYNAMIC_CLASSES[cls] = type(f"Dynamic{cls.__name__}", (DynamicLinear, cls), {})
+    lin.__class__ = dyn
     lin._dc_rt = runtime
     lin._dc_role = role
     lin._dc_name = name
 
 
 def make_static(lin: nn.Linear) -> None:
-    """Undo :func:`make_dynamic`."""
-    lin.__class__ = nn.Linear
+    """Undo :func:`make_dynamic`: the original class again."""
+    lin.__class__ = next(c for c in type(lin).__mro__[1:] if not issubclass(c, DynamicLinear))
     for attr in ("_dc_rt", "_dc_role", "_dc_name"):
         lin.__dict__.pop(attr, None)
 
@@ -85,6 +96,9 @@ def unit_table(m: UnitMap) -> torch.Tensor:
 def unit_of_index(m: UnitMap, width: int) -> torch.Tensor:
     """For each of ``width`` indices, the unit that owns it (the masked path's lookup).
 
+    Indices the map keeps outside every unit (``m.keep``) get ``m.units``: the masked path
+    appends an always-on column to the mask for them (see :func:`pad_mask`).
+
     Example:
         >>> from dynconvert.plan import UnitMap
         >>> unit_of_index(UnitMap("proj", "cols", units=2, parts=[(0, 2, 2)]), 4).tolist()
@@ -94,27 +108,49 @@ def unit_of_index(m: UnitMap, width: int) -> torch.Tensor:
     table = unit_table(m)
     for u in range(m.units):
         owner[table[:, u].reshape(-1)] = u
+    if m.keep:
+        owner[torch.tensor(m.keep, dtype=torch.long)] = m.units
     if (owner < 0).any():
         raise ValueError(f"{m.linear}: some {m.axis} belong to no unit")
     return owner
+
+
+def pad_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(Bt, U) unit mask -> (Bt, U + 1) with an always-on last column (for kept indices)."""
+    return torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+
+
+def per_row(values: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per-sample values (Bt, ...) for ``rows`` rows of a call: as they are when they match, else
+    each sample's values repeated for its rows.
+
+    Video and spatio-temporal models fold frames (or tokens) into the batch: a spatial block sees
+    (batch x frames) rows, a temporal one (batch x tokens). Every such model folds sample-major
+    ("b f n d -> (b f) n d"), so row r belongs to sample r // (rows / Bt).
+    """
+    bt = values.shape[0]
+    if rows == bt or bt == 1:
+        return values
+    if rows % bt:
+        raise RuntimeError(
+            f"this call has {rows} rows for {bt} timesteps, not a multiple; pass one timestep "
+            "per sample (or one for the whole batch)"
+        )
+    return values.repeat_interleave(rows // bt, 0)
 
 
 def _expand_rows(mask: torch.Tensor, owner: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per-sample unit mask (Bt, U) -> a multiplier broadcastable against x (B, ..., C).
 
     Bt is the number of timesteps of the call: 1 when the whole batch shares one t (the mask
-    broadcasts over it), else one per sample.
+    broadcasts over it), else one per sample (repeated for the rows a sample folds into).
     """
     cols = mask.to(x.dtype).index_select(1, owner)  # (Bt, C)
     bt = cols.shape[0]
     if bt == 1 or x.dim() == 1:
         return cols.reshape(*([1] * (x.dim() - 1)), -1) if bt == 1 else cols
-    if x.shape[0] != bt:
-        raise RuntimeError(
-            f"the batch of this call ({x.shape[0]}) differs from the number of timesteps ({bt}); "
-            "pass one timestep per sample"
-        )
-    return cols.reshape(bt, *([1] * (x.dim() - 2)), -1)  # (Bt, 1, ..., C)
+    cols = per_row(cols, x.shape[0])  # (B, C)
+    return cols.reshape(x.shape[0], *([1] * (x.dim() - 2)), -1)  # (B, 1, ..., C)
 
 
 def _active(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -143,14 +179,14 @@ class _Decision:
         self,
         units: torch.Tensor,
         rows: dict[str, torch.Tensor],
-        cols: torch.Tensor,
-        sub: torch.Tensor | None,
+        cols: dict[str, torch.Tensor],
+        sub: dict[str, torch.Tensor] | None,
     ):
         self.units = units  # (U',) the units computed, ascending
         self.key = tuple(units.tolist())  # names the unit set in the weight-slice cache
         self.rows = rows  # input Linear fqn -> its rows of these units, on the device
-        self.cols = cols  # the out-projection's (or fc2's) columns of these units
-        self.sub = sub  # (Bt, C') per-sample column mask inside the computed units, or None
+        self.cols = cols  # per out-projection (or fc2): its columns of these units, kept ones too
+        self.sub = sub  # per out-projection: (Bt, C') column mask inside the computed units, or None
 
 
 class _SiteRuntime:
@@ -160,18 +196,29 @@ class _SiteRuntime:
         self.site = site
         self.bank = bank  # the RouterBank: masks of the current call, slice cache, records
         self.tables = {m.linear: unit_table(m) for m in site.in_maps}  # (parts, units, size)
-        self.out_table = unit_table(site.out_map)  # (1, units, per_unit_out)
-        self.out_owner = unit_of_index(site.out_map, site.units * per_unit_out)  # (C,)
+        # Per out-projection (several for a joint attention): its (1, units, per_unit_out)
+        # table, the columns kept outside every unit, and the column -> unit owner table.
+        self.out_tables = {m.linear: unit_table(m) for m in site.out_maps}
+        self.out_keep = {m.linear: torch.tensor(m.keep, dtype=torch.long) for m in site.out_maps}
+        self.out_owners = {
+            m.linear: unit_of_index(m, site.units * per_unit_out + len(m.keep)) for m in site.out_maps
+        }
         self.per_unit_out = per_unit_out  # out-projection input columns a unit owns
         self._owners: dict[torch.device, torch.Tensor] = {}
         self._decisions: dict[tuple, _Decision | None] = {}
 
-    def owner(self, device: torch.device) -> torch.Tensor:
-        """The column -> unit table on ``device`` (copied there once)."""
-        o = self._owners.get(device)
+    def owner(self, name: str, device: torch.device) -> torch.Tensor:
+        """The column -> unit table of out-projection ``name`` on ``device`` (copied once)."""
+        o = self._owners.get((name, device))
         if o is None:
-            o = self._owners[device] = self.out_owner.to(device)
+            o = self._owners[(name, device)] = self.out_owners[name].to(device)
         return o
+
+    def masked_out(self, name: str, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Masked path: x (B, ..., C) with the switched-off units' columns of ``name`` zeroed."""
+        if self.out_keep[name].numel():
+            mask = pad_mask(mask)  # kept columns (a parallel block's MLP part) stay on
+        return x * _expand_rows(mask, self.owner(name, mask.device), x)
 
     def decide(self, mask_cpu: torch.Tensor | None, device: torch.device) -> _Decision | None:
         """The fast-path decision for this call's CPU mask (None: compute every unit).
@@ -188,13 +235,18 @@ class _SiteRuntime:
         d = None
         if units is not None:
             rows = {name: t[:, units].reshape(-1).to(device) for name, t in self.tables.items()}
-            cols = self.out_table[:, units].reshape(-1).to(device)
-            sub_cols = None
-            if sub is not None:
-                # The sliced columns are unit-major: column c belongs to computed unit
-                # c // per_unit_out.
-                owner = torch.arange(units.numel()).repeat_interleave(self.per_unit_out)
-                sub_cols = sub.index_select(1, owner).to(device)  # (Bt, C') bool
+            cols, sub_cols = {}, None if sub is None else {}
+            for name, t in self.out_tables.items():
+                keep = self.out_keep[name]
+                # The units' columns, unit-major, then the kept ones: analysis only keeps
+                # columns where the unit columns are ascending and come before them.
+                cols[name] = torch.cat([t[:, units].reshape(-1), keep]).to(device)
+                if sub is not None:
+                    # Column c of the slice belongs to computed unit c // per_unit_out; kept
+                    # columns to no unit (always on).
+                    owner = torch.arange(units.numel()).repeat_interleave(self.per_unit_out)
+                    on = sub.index_select(1, owner)
+                    sub_cols[name] = torch.cat([on, on.new_ones(on.shape[0], keep.numel())], 1).to(device)
             d = _Decision(units, rows, cols, sub_cols)
         if len(self._decisions) > 4096:  # bound the memory of a run with many mask patterns
             self._decisions.clear()
@@ -217,8 +269,10 @@ class AttentionRuntime(_SiteRuntime):
         if not bank.fast_for(site):
             return
         bank.width_mask(site.index)  # recorded for FLOPs accounting
-        device = bank.always_on.device
-        d = self.decide(bank.width_mask_cpu(site.index), device)
+        if bank.planned_now:  # decided once per pattern, before the call (planner.py)
+            d = bank.planner.decision(site.index)
+        else:
+            d = self.decide(bank.width_mask_cpu(site.index), bank.always_on.device)
         if d is None:
             return
         self.fast = d
@@ -228,7 +282,7 @@ class AttentionRuntime(_SiteRuntime):
         # when the sizes happen to divide, silently splits the channels into wrong heads.
         for attr, per in site.head_attrs.items():
             self.saved[attr] = getattr(module, attr)
-            setattr(module, attr, int(d.units.numel()) * per)
+            setattr(module, attr, len(d.key) * per)
 
     def post_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         """Forward hook (also called when the forward raises): restore the head count."""
@@ -247,31 +301,30 @@ class AttentionRuntime(_SiteRuntime):
             # (m differs from n in cross-attention).
             rec = bank.record(site.index)
             tokens = math.prod(x.shape[1:-1]) if x.dim() > 2 else x.shape[0]
-            if name == site.q:
-                rec["n"] = tokens
-            if name == site.k:
-                rec["m"] = tokens
+            rec.setdefault("seen", {})[name] = tokens
+            rec["rows"] = x.shape[0]
             if d is None:  # the masked path zeroes heads at the out-projection only
                 return F.linear(x, lin.weight, lin.bias)
             w, b = bank.sliced(lin, "rows", d.key, d.rows[name])  # active heads' rows
             return F.linear(x, w, b)  # (B, N, parts * H' * d)
-        if d is not None:  # out-projection, fast path: x (B, N, H' * dv)
+        name = lin._dc_name
+        if d is not None:  # out-projection, fast path: x (B, N, H' * dv [+ kept columns])
             if d.sub is not None:  # several timesteps: zero each sample's extra heads
-                x = x * _expand_sub(d.sub, x)
-            w, b = bank.sliced(lin, "cols", d.key, d.cols)  # active heads' columns, full bias
+                x = x * _expand_sub(d.sub[name], x)
+            w, b = bank.sliced(lin, "cols", d.key, d.cols[name])  # active heads' columns, full bias
             return F.linear(x, w, b)  # (B, N, D)
         # Masked path: zero the switched-off heads' outputs before the out-projection, which is
         # what removing them computes (the bias is added either way).
         mask = bank.width_mask(site.index)  # (Bt, H) or None
         if mask is not None:
-            x = x * _expand_rows(mask, self.owner(mask.device), x)
+            x = self.masked_out(name, mask, x)
         return F.linear(x, lin.weight, lin.bias)
 
 
 def _expand_sub(sub: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample column mask (B, C') -> a multiplier (B, 1, ..., C') for x (B, ..., C')."""
-    bt = sub.shape[0]
-    return sub.to(x.dtype).reshape(bt, *([1] * (x.dim() - 2)), -1)
+    """Per-sample column mask (Bt, C') -> a multiplier (B, 1, ..., C') for x (B, ..., C')."""
+    sub = per_row(sub, x.shape[0])
+    return sub.to(x.dtype).reshape(x.shape[0], *([1] * (x.dim() - 2)), -1)
 
 
 class MlpRuntime(_SiteRuntime):
@@ -288,9 +341,13 @@ class MlpRuntime(_SiteRuntime):
     def _begin(self, x: torch.Tensor) -> dict[str, Any]:
         """Start an MLP call at its input x (B, N, D): masks, and on the fast path the gather."""
         site, bank = self.site, self.bank
+        if bank.planned_now and bank.fast_for(site):  # static shapes: capacity, not nonzero
+            self.call = bank.planner.begin_mlp(self, x)
+            return self.call
         rec = bank.record(site.index)
         lead = x.shape[:-1]  # (B, N) or (B, H, W)
-        rec["n"] = math.prod(lead[1:]) if len(lead) > 1 else 1  # tokens per sample
+        rec["n"] = math.prod(lead[1:]) if len(lead) > 1 else 1  # tokens per row
+        rec["rows"] = lead[0]  # more than the batch when frames or tokens are folded into it
         width = bank.width_mask(site.index) if site.width else None  # (Bt, G)
         tokens = bank.token_mask(site.index, x) if site.token else None  # (B, N), router on x
         rec["tokens"] = tokens
@@ -342,7 +399,7 @@ class MlpRuntime(_SiteRuntime):
         # Masked path: zero the switched-off groups' channels before fc2.
         width, tokens = call["width"], call["tokens"]
         if width is not None:
-            x = x * _expand_rows(width, self.owner(width.device), x)  # (B, N, F)
+            x = self.masked_out(lin._dc_name, width, x)  # (B, N, F)
         y = F.linear(x, lin.weight, lin.bias)  # (B, N, D)
         if tokens is not None:
             # The mask multiplies fc2's output, bias included: a skipped token's MLP update is
@@ -356,15 +413,18 @@ class MlpRuntime(_SiteRuntime):
         """fc2 on the fast path: h (K, F') or (B, N, F') -> (B, N, D), scattered into zeros."""
         d, idx, lead = call["d"], call["idx"], call["lead"]
         if d is not None and d.sub is not None:  # several timesteps in the batch: mask per sample
-            n = math.prod(lead[1:]) if len(lead) > 1 else 1  # tokens per sample
+            n = math.prod(lead[1:]) if len(lead) > 1 else 1  # tokens per row
             rows = idx if idx is not None else torch.arange(math.prod(lead), device=h.device)
-            # Row r of the flattened B * N tokens belongs to sample r // n.
-            h = h.reshape(-1, h.shape[-1]) * d.sub.to(h.dtype).index_select(0, rows // n)
+            # Token r of the flattened B * N belongs to row r // n, which belongs to its sample.
+            sub = per_row(d.sub[lin._dc_name], lead[0]).to(h.dtype)  # (B, C')
+            h = h.reshape(-1, h.shape[-1]) * sub.index_select(0, rows // n)
         if d is None:
             w, b = lin.weight, lin.bias
         else:
-            w, b = self.bank.sliced(lin, "cols", d.key, d.cols)  # active groups' columns
+            w, b = self.bank.sliced(lin, "cols", d.key, d.cols[lin._dc_name])  # active groups' columns
         y = F.linear(h, w, b)  # (K, D) or (B, N, D)
+        if call.get("keep") is not None:  # planned path: rows under the threshold give zero
+            y = y * call["keep"].reshape(*y.shape[:-1], 1)  # bool: promotes to y's dtype
         if idx is None:
             return y.reshape(*lead, -1)
         # Skipped tokens get exactly zero (no bias), as on the masked path; an empty selection

@@ -125,7 +125,8 @@ def site_cost(
     tokens: Fraction | None = None,
     token_reduction: int = 16,
     n: int | None = None,
-    m: int | None = None,
+    seen: Mapping[str, int] | None = None,
+    fold: int | None = None,
 ) -> SiteCost:
     """The cost of one site for one sample under routing (the one place this is computed).
 
@@ -135,7 +136,11 @@ def site_cost(
         tokens: fraction of tokens that run the MLP (None: tokens are not routed; ignored for
             attention, which always sees every token).
         token_reduction: the token router's bottleneck ratio r (D -> D/r -> 1).
-        n, m: query and key/value token counts of this call (None: the plan's).
+        n: tokens per sample of an MLP call (None: the plan's).
+        seen: tokens per sample each Linear of an attention site ran on in a call (missing
+            ones: the plan's).
+        fold: rows per sample in a call (video blocks folding frames into the batch; None: the
+            plan's).
 
     Example:
         >>> from dynconvert.testing import tiny_dit
@@ -146,13 +151,13 @@ def site_cost(
         (True, True)
     """
     if isinstance(site, AttentionSite):
-        cost = float(site.macs(n, m))
+        cost = float(site.macs(dict(seen or {}), fold))
         return SiteCost(cost, cost * (1.0 if width is None else width), 0.0)
-    cost = float(site.macs(n))
+    cost = float(site.macs(n, fold))
     frac: Fraction = 1.0 if width is None else width
     if tokens is None or not site.token:
         return SiteCost(cost, cost * frac, 0.0)
-    return SiteCost(cost, cost * frac * tokens, float(site.router_macs(n, token_reduction)))
+    return SiteCost(cost, cost * frac * tokens, float(site.router_macs(n, token_reduction, fold)))
 
 
 def other_macs_per_sample(plan: Plan) -> float:
@@ -239,12 +244,21 @@ def call_costs(bank: RouterBank) -> list[tuple[Site, SiteCost]]:
     """Per site, its cost in the model's last forward call, from the masks that call recorded
     (per sample, differentiable in training mode)."""
     out = []
+    batch = getattr(bank, "call_batch", 0)
     for s in bank.plan.sites:
         rec = bank.records.get(s.index, {})
         w, tk = rec.get("width"), rec.get("tokens")
+        # Rows per sample: more than 1 where a block folds frames or tokens into the batch.
+        rows = rec.get("rows")
+        fold = rows // batch if rows and batch and rows % batch == 0 else None
         width = w.float().mean(-1) if w is not None else None  # (B,) fraction of units on
-        kept = tk.float().flatten(1).mean(1) if tk is not None else None  # (B,) tokens kept
-        out.append((s, site_cost(s, width, kept, bank.config.token_reduction, rec.get("n"), rec.get("m"))))
+        kept = tk.float().flatten(1).mean(1) if tk is not None else None  # (rows,) tokens kept
+        if kept is not None and fold and fold > 1:
+            kept = kept.reshape(-1, fold).mean(1)  # (B,)
+        seen = rec.get("seen")
+        if "executed_tokens" in rec:  # planned path: the MLP ran on its capacity (or all tokens)
+            kept = rec["executed_tokens"]
+        out.append((s, site_cost(s, width, kept, bank.config.token_reduction, rec.get("n"), seen, fold)))
     return out
 
 

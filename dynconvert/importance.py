@@ -27,7 +27,7 @@ def magnitude(site: Site, linears: dict[str, torch.nn.Linear]) -> torch.Tensor:
     Computed from per-row / per-column norms, without copying weights.
     """
     total = torch.zeros(site.in_maps[0].units, dtype=torch.float64)
-    for m in [*site.in_maps, site.out_map]:
+    for m in site.maps():
         lin = linears[m.linear]
         sq = torch.linalg.vector_norm(lin.weight.detach(), dim=1 if m.axis == "rows" else 0, dtype=torch.float32).pow(2)
         if m.axis == "rows" and lin.bias is not None:
@@ -56,7 +56,7 @@ def unit_weights(site: Site, linears: dict[str, torch.nn.Linear]) -> list[torch.
     out = []
     for u in range(site.in_maps[0].units):
         pieces = []
-        for m in [*site.in_maps, site.out_map]:
+        for m in site.maps():
             lin = linears[m.linear]
             idx = torch.tensor(m.indices(u), dtype=torch.long, device=lin.weight.device)
             w = lin.weight.detach()

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-PLAN_VERSION = 1
-"""Format version of ``Plan.to_dict``, stored in the saved record."""
+PLAN_VERSION = 2
+"""Format version of ``Plan.to_dict``, stored in the saved record (1: before joint attention
+streams and kept columns; its plans load unchanged, the new fields take their defaults)."""
 
 
 @dataclass
@@ -35,6 +36,9 @@ class UnitMap:
     units: int  # heads, or channel groups
     parts: list[tuple[int, int, int]] = field(default_factory=list)  # (base, stride, size)
     explicit: list[list[list[int]]] | None = None
+    # Indices that belong to no unit and are always computed: the MLP columns of a parallel
+    # block's fused out-projection, which reads concat(attention output, MLP hidden).
+    keep: list[int] = field(default_factory=list)
 
     def indices(self, unit: int) -> list[int]:
         """Indices of one unit, in increasing order of part then offset."""
@@ -45,6 +49,26 @@ class UnitMap:
             start = base + unit * stride
             out.extend(range(start, start + size))
         return out
+
+
+@dataclass
+class AttentionStream:
+    """One more projection set of a joint attention (text and image streams attended together).
+
+    Its q, k and v Linears fill their own range of the attention's sequence and its
+    out-projection reads that range back; a head is on or off in every stream at once.
+    An empty name means the stream has no such Linear (a stream whose output is dropped).
+    """
+
+    q: str
+    k: str
+    v: str
+    out: str
+    q_in: int
+    kv_in: int
+    out_features: int
+    tokens_q: int
+    tokens_kv: int
 
 
 @dataclass
@@ -73,27 +97,49 @@ class AttentionSite:
     fast: bool = True  # whether evaluation may run the sliced fast path here
     fast_reason: str = ""  # why not, or "unverified" until convert has checked it
     index: int = -1  # position among the converted sites, in execution order
+    streams: list[AttentionStream] = field(default_factory=list)  # joint attention: the others
+    more_out_maps: list[UnitMap] = field(default_factory=list)  # their out-projections' columns
+    between: list[str] = field(default_factory=list)  # head-local ops before the attention
+    fold: int = 1  # rows per sample (frames folded into the batch by a video block), example inputs
 
     @property
     def units(self) -> int:
         """Routed units: one per head."""
         return self.heads
 
-    def macs(self, tokens_q: int | None = None, tokens_kv: int | None = None) -> int:
+    @property
+    def out_maps(self) -> list[UnitMap]:
+        """Columns per head of every out-projection (one per stream that has one)."""
+        return [self.out_map, *self.more_out_maps]
+
+    def maps(self) -> list[UnitMap]:
+        """Every UnitMap of the site: input rows, then out-projection columns."""
+        return [*self.in_maps, *self.out_maps]
+
+    def macs(self, seen: dict[str, int] | None = None, fold: int | None = None) -> int:
         """Multiply-accumulates of this site for one sample (projections + QK^T + AV).
 
-        Source: the standard transformer count (Kaplan et al. 2020, table 1), with the
-        attention matmuls made explicit: QK^T is N*M*H*d_qk and AV is N*M*H*d_v.
+        ``seen`` maps a Linear of the site to the tokens per row it ran on in a call (the
+        plan's token counts otherwise), ``fold`` the rows per sample (see ``fold``). Source: the standard transformer count (Kaplan et al.
+        2020, table 1), with the attention matmuls made explicit: QK^T is N*M*H*d_qk and AV is
+        N*M*H*d_v, N and M summed over the streams of a joint attention.
         """
-        n = self.tokens_q if tokens_q is None else tokens_q
-        m = self.tokens_kv if tokens_kv is None else tokens_kv
+        seen = seen or {}
         h, dq, dv = self.heads, self.head_dim, self.v_head_dim
-        q = n * self.q_in * h * dq
-        kv = m * self.kv_in * h * (dq + dv)
-        scores = n * m * h * dq
-        mix = n * m * h * dv
-        out = n * h * dv * self.out_features
-        return q + kv + scores + mix + out
+        first = AttentionStream(
+            self.q, self.k, self.v, self.out, self.q_in, self.kv_in, self.out_features,
+            self.tokens_q, self.tokens_kv,
+        )  # fmt: skip
+        total, n_all, m_all = 0, 0, 0
+        for s in [first, *self.streams]:
+            n = seen.get(s.q, s.tokens_q) if s.q else 0
+            m = seen.get(s.k, s.tokens_kv) if s.k else 0
+            total += n * s.q_in * h * dq + m * s.kv_in * h * (dq + dv)
+            if s.out:
+                total += seen.get(s.out, n) * h * dv * s.out_features
+            n_all, m_all = n_all + n, m_all + m
+        total += n_all * m_all * h * (dq + dv)
+        return total * (self.fold if fold is None else fold)
 
 
 @dataclass
@@ -121,6 +167,7 @@ class MlpSite:
     fast: bool = True  # whether evaluation may run the sliced, gathered fast path here
     fast_reason: str = ""
     index: int = -1  # position among the converted sites, in execution order
+    fold: int = 1  # rows per sample (frames folded into the batch by a video block), example inputs
 
     @property
     def units(self) -> int:
@@ -128,20 +175,30 @@ class MlpSite:
         return self.groups if self.width else 1
 
     @property
+    def out_maps(self) -> list[UnitMap]:
+        """fc2's columns per group."""
+        return [self.out_map]
+
+    def maps(self) -> list[UnitMap]:
+        """Every UnitMap of the site: fc1 rows, then fc2 columns."""
+        return [*self.in_maps, self.out_map]
+
+    @property
     def fc1_out(self) -> int:
         """Output rows of fc1: value and gate halves when gated (2F), else F."""
         return self.hidden * 2 if self.gated else self.hidden
 
-    def macs(self, tokens: int | None = None) -> int:
-        """Multiply-accumulates of this MLP for one sample: N*D*F1 + N*F*D_out."""
-        n = self.tokens if tokens is None else tokens
+    def macs(self, tokens: int | None = None, fold: int | None = None) -> int:
+        """Multiply-accumulates of this MLP for one sample: N*D*F1 + N*F*D_out (N tokens per
+        row, times ``fold`` rows per sample)."""
+        n = (self.tokens if tokens is None else tokens) * (self.fold if fold is None else fold)
         return n * self.in_features * self.fc1_out + n * self.hidden * self.out_features
 
-    def router_macs(self, tokens: int | None = None, reduction: int = 16) -> int:
+    def router_macs(self, tokens: int | None = None, reduction: int = 16, fold: int | None = None) -> int:
         """MACs of this site's token router (D -> D/r -> 1) for one sample."""
         if not self.token:
             return 0
-        n = self.tokens if tokens is None else tokens
+        n = (self.tokens if tokens is None else tokens) * (self.fold if fold is None else fold)
         r = max(1, self.in_features // reduction)  # hidden width of the router
         return n * (self.in_features * r + r)  # D -> r, then r -> 1, per token
 
@@ -225,7 +282,13 @@ class Plan:
 
         d["attention"] = [
             AttentionSite(
-                **{**a, "in_maps": maps(a["in_maps"]), "out_map": _unit_map(a["out_map"])}
+                **{
+                    **a,
+                    "in_maps": maps(a["in_maps"]),
+                    "out_map": _unit_map(a["out_map"]),
+                    "more_out_maps": maps(a.get("more_out_maps", [])),
+                    "streams": [AttentionStream(**s) for s in a.get("streams", [])],
+                }
             )
             for a in d["attention"]
         ]
@@ -245,4 +308,5 @@ def _unit_map(d: dict[str, Any]) -> UnitMap:
         units=d["units"],
         parts=[tuple(p) for p in d.get("parts", [])],
         explicit=d.get("explicit"),
+        keep=list(d.get("keep", [])),
     )

@@ -25,12 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynconvert.analysis.graph import routable_linear
 from dynconvert.bank import RouterBank
 from dynconvert.config import ConvertConfig
 from dynconvert.convert import apply_plan, revert
 from dynconvert.errors import RecordError
 from dynconvert.flops import routed_ratio
-from dynconvert.plan import Plan
+from dynconvert.plan import PLAN_VERSION, Plan
 from dynconvert.state import get_state, is_converted
 from dynconvert.version import __version__
 
@@ -74,6 +75,8 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLik
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:  # on disk before the rename: a crash leaves old or new
+            os.fsync(f.fileno())
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
@@ -209,14 +212,14 @@ def read_record(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise RecordError(f"{rec_path} is not a dynconvert record")
     version = record.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise RecordError(f"{rec_path} has no valid format_version ({version!r}); save the model again")
+    if version > FORMAT_VERSION:
         raise RecordError(
             f"{rec_path} has format version {version}, newer than this dynconvert supports "
             f"({FORMAT_VERSION}); upgrade dynconvert (pip install -U dynconvert)"
         )
-    for key in ("plan", "config", "budget", "always_on", "model_class", "weights"):
-        if key not in record:
-            raise RecordError(f"{rec_path} lacks {key!r}; it is truncated or corrupt, save the model again")
+    check_record(record, rec_path)
     weights = path / record["weights"]["file"]
     if not weights.is_file():
         raise RecordError(f"{weights} is missing; copy the whole folder written by dynconvert.save")
@@ -226,6 +229,77 @@ def read_record(directory: str | os.PathLike) -> dict[str, Any]:
             "copy the folder again or save the model again"
         )
     return record
+
+
+_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "plan": (dict,),
+    "config": (dict,),
+    "budget": (int, float),
+    "always_on": (list,),
+    "model_class": (str,),
+    "weights": (dict,),
+}
+
+
+def check_record(record: dict[str, Any], rec_path: Path) -> None:
+    """Check the fields of a record by type and range, and that its weights file is inside its
+    folder (a plain file name: no folder part, not absolute).
+
+    Raises:
+        RecordError: The first bad field, named; the fix is to save the model again.
+    """
+
+    def bad(what: str) -> RecordError:
+        return RecordError(f"{rec_path} is corrupt: {what}; save the model again")
+
+    for key, kinds in _RECORD_FIELDS.items():
+        if key not in record:
+            raise RecordError(f"{rec_path} lacks {key!r}; it is truncated or corrupt, save the model again")
+        if not isinstance(record[key], kinds) or isinstance(record[key], bool):
+            raise bad(f"{key} is {record[key]!r:.40}, not {' or '.join(k.__name__ for k in kinds)}")
+    plan_version = record["plan"].get("version", 1)
+    if isinstance(plan_version, bool) or not isinstance(plan_version, int) or plan_version < 1:
+        raise bad(f"plan.version {plan_version!r} is not a version number")
+    if plan_version > PLAN_VERSION:
+        raise RecordError(
+            f"{rec_path} has plan version {plan_version}, newer than this dynconvert supports "
+            f"({PLAN_VERSION}); upgrade dynconvert (pip install -U dynconvert)"
+        )
+    if not 0.0 < record["budget"] <= 1.0:
+        raise bad(f"budget {record['budget']} is outside (0, 1]")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in record["always_on"]):
+        raise bad("always_on must be a list of unit indices (integers >= 0)")
+    w = record["weights"]
+    name, size, fingerprint = w.get("file"), w.get("bytes"), w.get("fingerprint")
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise bad(f"weights.file {name!r} is not a file name inside the folder")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0 or not isinstance(fingerprint, str):
+        raise bad("weights.bytes or weights.fingerprint is missing or of the wrong type")
+    if not isinstance(record.get("aliases", {}), dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in record.get("aliases", {}).items()
+    ):
+        raise bad("aliases must map weight names to weight names")
+    for key in ("preset_kwargs", "width_masks"):
+        if key in record and not isinstance(record[key], dict):
+            raise bad(f"{key} must be a mapping")
+    if "preset" in record and record["preset"] is not None and not isinstance(record["preset"], str):
+        raise bad("preset must be a name or null")
+
+
+def check_record_units(record: dict[str, Any], plan: Plan, directory: str | os.PathLike) -> None:
+    """Refuse a record whose always-on units do not fit its plan (one per site, in range)."""
+    always_on = record["always_on"]
+    if len(always_on) != len(plan.sites):
+        raise RecordError(
+            f"the record in {directory} has {len(always_on)} always-on units for "
+            f"{len(plan.sites)} sites; it is corrupt, save the model again"
+        )
+    for site, unit in zip(plan.sites, always_on):
+        if unit >= max(site.units, 1):
+            raise RecordError(
+                f"the record in {directory} names always-on unit {unit} of site {site.name or site.index}, "
+                f"which has {site.units}; it is corrupt, save the model again"
+            )
 
 
 def load(
@@ -281,6 +355,7 @@ def load(
         config = ConvertConfig.from_dict(cfg)
     except (TypeError, KeyError, ValueError) as e:
         raise RecordError(f"the record in {directory} is corrupt ({e}); save the model again") from e
+    check_record_units(record, plan, directory)
     _check_plan_matches(plan, base_model)
     state = _read_weights(Path(directory), record)
     expected = _expected_shapes(base_model, plan, config)
@@ -308,9 +383,9 @@ def load(
 def _check_plan_matches(plan: Plan, model: nn.Module) -> None:
     modules = dict(model.named_modules())
     for s in plan.sites:
-        for m in [*s.in_maps, s.out_map]:
+        for m in s.maps():
             lin = modules.get(m.linear)
-            if type(lin) is not nn.Linear:
+            if lin is None or not routable_linear(lin):
                 raise RecordError(
                     f"the record refers to {m.linear}, which this model does not have as an nn.Linear; "
                     "the record is from another model"

@@ -36,9 +36,9 @@ class ToyAttention(nn.Module):
         q = q.view(b, n, self.n_heads, self.hd).transpose(1, 2)
         k = self.wk(x).view(b, n, -1, self.hd).transpose(1, 2)
         v = self.wv(x).view(b, n, -1, self.hd).transpose(1, 2)
-        if self.trap == "rope":
-            ang = torch.arange(n, dtype=x.dtype)[:, None] / 10.0
-            q = q * torch.cos(ang) + q.flip(-1) * torch.sin(ang)
+        if self.trap == "rope_per_head":  # a rotary table that differs per head
+            ang = torch.arange(n, dtype=x.dtype)[None, :, None] * torch.arange(1.0, self.n_heads + 1)[:, None, None]
+            q = q * torch.cos(ang / 10.0) + q.flip(-1) * torch.sin(ang / 10.0)
         o = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.trap == "gqa")
         if self.trap == "reshape_with_c":
             return self.wo(o.transpose(1, 2).reshape(b, n, c))
@@ -105,19 +105,22 @@ def test_generic_model_sites_found_and_fast_path_verified():
     [
         ("gqa", "grouped kv heads"),
         ("qknorm_all", "qk-norm across all heads"),
-        ("rope", "mixes the projection with another tensor"),
+        ("rope_per_head", "differs per head"),
     ],
 )
 def test_attention_traps_are_refused_with_a_reason(trap, reason):
     torch.manual_seed(0)
     model = ToyDiT(trap=trap).eval()
-    plan = dynconvert.analyze(model, toy_inputs())
+    inputs = toy_inputs()
+    reference = model(*inputs)
+    plan = dynconvert.analyze(model, inputs)
     assert plan.attention == []
     skipped = [s for s in plan.skipped if s.kind == "attention"]
     assert len(skipped) == 2 and all(reason in s.reason for s in skipped), skipped
-    assert len(plan.mlp) == 0  # no attention in the block: MLPs are not converted alone
-    with pytest.raises(dynconvert.NoSitesError, match="no convertible"):
-        dynconvert.convert(model, 0.5, example_inputs=toy_inputs())
+    # The block still has attention, refused or not: its MLP is a transformer MLP and converts.
+    assert [m.name for m in plan.mlp] == ["blocks.0", "blocks.1"]
+    dynconvert.convert(model, 0.8, example_inputs=inputs)
+    torch.testing.assert_close(model(*inputs), reference, atol=1e-5, rtol=0)
 
 
 def test_norm_after_mlp_rules_out_token_routing():

@@ -8,8 +8,10 @@ reaches the residual stream.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -17,7 +19,8 @@ import torch
 from dynconvert.analysis import attention as attn_finder
 from dynconvert.analysis import mlp as mlp_finder
 from dynconvert.analysis.costs import node_macs
-from dynconvert.analysis.graph import OpGraph, from_export
+from dynconvert.analysis.graph import OpGraph, block_of, from_export
+from dynconvert.analysis.headlocal import linear_ancestry
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import AlreadyConvertedError, ExampleInputsError
 from dynconvert.inputs import (
@@ -104,7 +107,7 @@ def capture(
     error: Exception | None = None
     if how in ("auto", "export"):
         try:
-            with torch.no_grad(), eval_mode(model):
+            with torch.no_grad(), eval_mode(model), _quiet_torch():
                 ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
             return from_export(ep, model, any_linear)
         except Exception as e:  # noqa: BLE001 - fall back to the tracer below
@@ -124,6 +127,19 @@ def capture(
     return graph
 
 
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Silence torch's own log records while exporting: a failed export logs whole graph dumps
+    to the terminal, and analysis reports what it has to say in the plan instead."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def plan_from_graph(
     model: torch.nn.Module,
     graph: OpGraph,
@@ -141,20 +157,26 @@ def plan_from_graph(
     taken: set[str] = set()  # Linears claimed by a site: no second site may route them
 
     # Attention first: its q/k/v/out Linears are then not offered to the MLP finder.
+    from_linear = linear_ancestry(graph.nodes)  # what a rotary table is not: computed from a Linear
+    # Heads of every block's first attention call, converted or not: a block whose attention is
+    # refused (qk-norm across all heads) is still a transformer block, and its MLP a site.
+    block_heads: dict[str, int] = {}
     for call in attn_finder.find_calls(graph):
-        found = attn_finder.build_site(call, model, reuse)
+        if call.q.shape is not None and len(call.q.shape) == 4:
+            block_heads.setdefault(block_of(call.output.module), call.q.shape[1])
+        found = attn_finder.build_site(call, model, reuse, order, from_linear)
         if found.site is None:
             skipped.append(found.skipped)
             continue
+        found.site.fold = _fold(found.linear_nodes[0], batch_of(args, kwargs))
         attention.append((order[id(call.output)], found.site))
         taken.update(n.linear for n in found.linear_nodes)
 
     # The first attention site of each block: its head count is the MLP's default group count
     # (G = H, as the paper), and an MLP outside any such block (a timestep or caption embedding
     # MLP) is not a transformer MLP.
-    attn_blocks: dict[str, AttentionSite] = {}
     for _, s in attention:
-        attn_blocks.setdefault(s.block, s)
+        block_heads.setdefault(s.block, s.heads)
     mlps: list[tuple[int, MlpSite]] = []
     for fc2 in mlp_finder.find_fc2_candidates(graph):
         found = mlp_finder.build_site(fc2, model, reuse, taken, order)
@@ -164,12 +186,12 @@ def plan_from_graph(
             skipped.append(found.skipped)
             continue
         site = found.site
-        if site.block not in attn_blocks:
+        if site.block not in block_heads:
             skipped.append(
                 SkippedSite(site.name, "mlp", "not inside a transformer block with attention")
             )
             continue
-        groups = config.mlp_groups or attn_blocks[site.block].heads
+        groups = config.mlp_groups or block_heads[site.block]
         mlp_finder.set_groups(site, groups)
         if not config.mlp_width and site.width:
             site.width, site.width_reason = False, "MLP width routing turned off in the config"
@@ -180,6 +202,7 @@ def plan_from_graph(
                 SkippedSite(site.name, "mlp", f"{site.width_reason}; {site.token_reason}")
             )
             continue
+        site.fold = _fold(found.linear_nodes[0], batch_of(args, kwargs))
         mlps.append((order[id(fc2)], site))
         taken.update(n.linear for n in found.linear_nodes)
 
@@ -218,6 +241,14 @@ def plan_from_graph(
         static_macs=static,
         other_macs=static - site_macs * batch,
     )
+
+
+def _fold(linear: Any, batch: int) -> int:
+    """Rows per sample a site's Linear sees: more than 1 where a video block folds frames (or
+    tokens) into the batch, (B x F, N, C)."""
+    x = linear.args[0] if linear.args else None
+    rows = x.shape[0] if x is not None and x.shape and len(x.shape) >= 3 else batch
+    return rows // batch if batch and rows > batch and rows % batch == 0 else 1
 
 
 def _excluded(

@@ -13,17 +13,10 @@ from dataclasses import dataclass, field
 import torch
 
 from dynconvert.analysis.graph import OpGraph, OpNode, block_of, call_lca, module_lca
-from dynconvert.analysis.layout import (
-    ChainError,
-    as_parts,
-    head_table,
-    index_tensor,
-    replay,
-    trace_back,
-    trace_forward,
-)
+from dynconvert.analysis.headlocal import InputLayout, OutTarget, derive_inputs, derive_outputs
+from dynconvert.analysis.layout import ChainError, as_parts, describe
 from dynconvert.analysis.registry import attention_attrs
-from dynconvert.plan import AttentionSite, SkippedSite, UnitMap
+from dynconvert.plan import AttentionSite, AttentionStream, SkippedSite, UnitMap
 
 
 @dataclass
@@ -91,7 +84,11 @@ class FoundAttention:
 
 
 def build_site(
-    call: AttentionCall, model: torch.nn.Module, reuse: dict[str, list[OpNode]]
+    call: AttentionCall,
+    model: torch.nn.Module,
+    reuse: dict[str, list[OpNode]],
+    order: dict[int, int],
+    from_linear: set[int],
 ) -> FoundAttention:
     """Derive one AttentionSite from an attention call, or the reason it cannot be converted.
 
@@ -99,25 +96,35 @@ def build_site(
         call: The attention call.
         model: The model the graph was captured from (for the attention module and its class).
         reuse: Linear fqn -> the nodes that call it (a Linear called twice cannot be sliced).
+        order: node id -> position in the graph.
+        from_linear: ids of the nodes computed from some Linear (headlocal.linear_ancestry).
     """
     where = call.output.module or "<root>"
     try:
-        return _build(call, model, reuse)
+        return _build(call, model, reuse, order, from_linear)
     except ChainError as e:
         return FoundAttention(None, SkippedSite(where, "attention", e.reason), [])
 
 
-def _unit_map(linear: str, axis: str, units: int, tables: list[torch.Tensor]) -> UnitMap:
+def _unit_map(
+    linear: str, axis: str, units: int, tables: list[torch.Tensor], keep: list[int] | None = None
+) -> UnitMap:
     """A UnitMap from one (units, size) index table per part: regular parts where every table
     is ``base + u * stride + j``, else the explicit indices."""
     parts = [as_parts(t) for t in tables]
+    keep = list(keep or [])
     if any(p is None for p in parts):
-        return UnitMap(linear=linear, axis=axis, units=units, explicit=[t.tolist() for t in tables])
-    return UnitMap(linear=linear, axis=axis, units=units, parts=parts)
+        explicit = [t.tolist() for t in tables]
+        return UnitMap(linear=linear, axis=axis, units=units, explicit=explicit, keep=keep)
+    return UnitMap(linear=linear, axis=axis, units=units, parts=parts, keep=keep)
 
 
 def _build(
-    call: AttentionCall, model: torch.nn.Module, reuse: dict[str, list[OpNode]]
+    call: AttentionCall,
+    model: torch.nn.Module,
+    reuse: dict[str, list[OpNode]],
+    order: dict[int, int],
+    from_linear: set[int],
 ) -> FoundAttention:
     q_shape = call.q.shape  # (B, H, N, d)
     if q_shape is None or len(q_shape) != 4:
@@ -131,69 +138,54 @@ def _build(
         raise ChainError("a single head: nothing to route")
     v_head_dim = call.v.shape[-1]
 
-    # Input side: replay the ops from each projection to the attention on a tensor of row
-    # numbers, shaped like the projection's output (..., rows). What arrives at the attention
-    # is (B, H, N, d); head_table reduces it to (H, d), the row feeding channel j of head h.
-    tables: dict[str, tuple[OpNode, torch.Tensor]] = {}
-    for role, operand in (("q", call.q), ("k", call.k), ("v", call.v)):
-        lin, chain, _ = trace_back(operand, head_dim if role != "v" else v_head_dim)
-        if lin.linear is None:
-            raise ChainError(f"the {role} projection is not an nn.Linear module")
-        value = replay(chain, lin, index_tensor(lin.shape))
-        layout = call.key_layout if role == "k" else "bhnd"
-        tables[role] = (lin, head_table(value, layout))
-
-    # Output side: give channel j of head h in the attention output (B, H, N, dv) the code
-    # h * dv + j and replay the ops to the out-projection: each of its input columns then
-    # holds the code of the (head, channel) it reads.
-    out_lin, out_chain = trace_forward(call.output)
-    if out_lin.linear is None:
-        raise ChainError("the out-projection is not an nn.Linear module")
-    out_shape = call.output.shape
-    code = torch.arange(heads * v_head_dim).view(1, heads, 1, v_head_dim).expand(*out_shape)
-    cols = replay(out_chain, call.output, code.contiguous())  # (B, N, H * dv) usually
-    flat = cols.reshape(-1, cols.shape[-1])  # (B * N, columns)
-    if not torch.equal(flat, flat[:1].expand_as(flat)):
-        raise ChainError("the out-projection columns differ across tokens")
-    col_code = flat[0]  # column -> code
-    every_code = torch.arange(heads * v_head_dim)
-    if col_code.numel() != heads * v_head_dim or not torch.equal(
-        col_code.sort().values, every_code
-    ):
-        raise ChainError("the out-projection input holds channels that are not attention heads")
-    out_table = torch.empty(heads * v_head_dim, dtype=torch.long)  # code -> column
-    out_table[col_code] = torch.arange(col_code.numel())
-    out_table = out_table.view(heads, v_head_dim)  # (H, dv): column of channel j of head h
+    # Input side: the ops from the projections to q, k and v replayed on row codes give the
+    # rows of every (head, channel) per source Linear, and are checked for head-locality
+    # (headlocal.py): rotary embeddings, per-head norms and joint streams pass, a norm over
+    # all heads does not.
+    layout = derive_inputs(call.q, call.k, call.v, call.key_layout, order, from_linear)
+    # Output side: every out-projection reading the attention output (one per stream), with
+    # the input column of every (head, channel) and the columns that are not heads.
+    targets = derive_outputs(call.output, heads, v_head_dim)
+    for t in targets:
+        if t.keep and not _ascending(t.table):
+            raise ChainError(
+                "the out-projection mixes head channels with other channels in an irregular order"
+            )
 
     # Slicing rewrites each Linear for this site alone: a shared Linear would be cut for two.
-    linears = [tables["q"][0], tables["k"][0], tables["v"][0], out_lin]
-    for ln in {id(n): n for n in linears}.values():
+    in_nodes = {id(s.node): s.node for role in "qkv" for s in layout.sources[role]}
+    out_nodes = [t.node for t in targets]
+    for ln in [*in_nodes.values(), *out_nodes]:
+        if ln.linear is None:
+            raise ChainError(f"a projection of this attention ({describe(ln)}) is not an nn.Linear module")
         if len(reuse.get(ln.linear, [])) > 1:
             raise ChainError(f"{ln.linear} is called more than once per forward (shared module)")
-    if out_lin.linear in {tables[r][0].linear for r in "qkv"}:
+    if {n.linear for n in out_nodes} & {n.linear for n in in_nodes.values()}:
         raise ChainError("the out-projection is also an input projection")
 
     # One UnitMap per distinct input Linear: a fused qkv gets three parts (q, k, v rows of a
     # head), separate projections one part each. Units are heads.
     per_linear: dict[str, list[torch.Tensor]] = {}
     for role in "qkv":
-        lin, table = tables[role]
-        per_linear.setdefault(lin.linear, []).append(table)
+        for s in layout.sources[role]:
+            per_linear.setdefault(s.node.linear, []).append(s.table)
     in_maps = [_unit_map(name, "rows", heads, ts) for name, ts in per_linear.items()]
-    out_map = _unit_map(out_lin.linear, "cols", heads, [out_table])
-
-    q_lin, k_lin, v_lin = tables["q"][0], tables["k"][0], tables["v"][0]
+    out_maps = [_unit_map(t.node.linear, "cols", heads, [t.table], t.keep) for t in targets]
+    streams = sorted(_streams(layout, targets), key=lambda s: not s.out)  # one with an out first
+    first, more = streams[0], streams[1:]
+    out_lin = next((t.node for t in targets if t.node.linear == first.out), targets[0].node)
+    out_maps.sort(key=lambda m: m.linear != out_lin.linear)  # the first stream's map first
+    q_lin = layout.sources["q"][0].node
+    k_lin = layout.sources["k"][0].node
     # The site's module: the deepest module whose forward runs all five ops (its head-count
     # attributes are lowered on the fast path), else the deepest common module path.
-    ops = [call.output, q_lin, k_lin, v_lin, out_lin]
+    ops = [call.output, *in_nodes.values(), *out_nodes]
     name = call_lca(*ops) if all(n.stack for n in ops) else ""
-    name = name or module_lca(
-        call.output.module, q_lin.linear, k_lin.linear, v_lin.linear, out_lin.linear
-    )
+    name = name or module_lca(call.output.module, *(n.linear for n in ops[1:]))
     module = model.get_submodule(name) if name else model
     attrs, known = attention_attrs(module, heads, head_dim)
     # Self-attention: one fused projection, or q and k computed from the same tensor.
-    self_attn = q_lin is k_lin or q_lin.args[0] is k_lin.args[0]
+    self_attn = q_lin is k_lin or q_lin.args[0] is k_lin.args[0] or len(streams) > 1
     site = AttentionSite(
         name=name,
         block=block_of(name),
@@ -202,21 +194,78 @@ def _build(
         heads=heads,
         head_dim=head_dim,
         v_head_dim=v_head_dim,
-        q=q_lin.linear,
-        k=k_lin.linear,
-        v=v_lin.linear,
-        out=out_lin.linear,
-        q_in=q_lin.args[0].shape[-1],
-        kv_in=k_lin.args[0].shape[-1],
-        out_features=out_lin.shape[-1],
-        tokens_q=q_shape[2],
-        tokens_kv=k_shape[2] if call.key_layout == "bhnd" else k_shape[3],
+        q=first.q,
+        k=first.k,
+        v=first.v,
+        out=first.out,
+        q_in=first.q_in,
+        kv_in=first.kv_in,
+        out_features=first.out_features,
+        tokens_q=first.tokens_q,
+        tokens_kv=first.tokens_kv,
         in_maps=in_maps,
-        out_map=out_map,
+        out_map=out_maps[0],
+        more_out_maps=out_maps[1:],
+        streams=more,
+        between=sorted({n.op for n in layout.ops if n.kind not in ("shape", "cast")}),
         head_attrs=attrs,
         fast=True,
-        # Head-count attributes found by a scan, not the registry: convert checks the fast
-        # path against the masked path once (verify.py) before trusting it.
-        fast_reason="" if known else "unverified",
+        # Head-count attributes found by a scan, not the registry, or ops beyond reshapes
+        # between the projections and the attention: convert checks the fast path against
+        # the masked path once (verify.py) before trusting it.
+        fast_reason="" if known and layout.trivial else "unverified",
     )
-    return FoundAttention(site, None, [q_lin, k_lin, v_lin, out_lin])
+    return FoundAttention(site, None, [*in_nodes.values(), *out_nodes])
+
+
+def _ascending(table: torch.Tensor) -> bool:
+    """Whether an (H, dv) column table lists its columns in increasing order, head-major."""
+    flat = table.reshape(-1)
+    return bool((flat[1:] > flat[:-1]).all())
+
+
+def _streams(layout: InputLayout, targets: list[OutTarget]) -> list[AttentionStream]:
+    """Group the projections into streams: those filling the same sequence positions.
+
+    Self-attention has one stream (q, k and v fill every position); cross-attention one stream
+    whose k and v fill the context's positions; joint attention one stream per projection set.
+    """
+    qs, ks, vs = layout.sources["q"], layout.sources["k"], layout.sources["v"]
+    if len(qs) == 1 and len(ks) == 1 and len(vs) == 1 and len(targets) == 1:
+        pairs = [(qs[0], ks[0], vs[0], targets[0])]
+    else:
+        pairs = []
+        used_k, used_v, used_o = set(), set(), set()
+        for q in qs:
+            k = next((s for s in ks if s.tokens == q.tokens and id(s) not in used_k), None)
+            v = next((s for s in vs if s.tokens == q.tokens and id(s) not in used_v), None)
+            o = next((t for t in targets if t.tokens == q.tokens and id(t) not in used_o), None)
+            if k is None or v is None:
+                raise ChainError("joint attention streams whose q, k and v fill different tokens")
+            used_k.add(id(k))
+            used_v.add(id(v))
+            if o is not None:
+                used_o.add(id(o))
+            pairs.append((q, k, v, o))
+        if len(used_k) != len(ks) or len(used_v) != len(vs):
+            raise ChainError("extra key/value tokens that no query stream owns")
+        if len(used_o) != len(targets):
+            raise ChainError("an out-projection reads tokens of several streams")
+    out = []
+    for q, k, v, o in pairs:
+        out.append(
+            AttentionStream(
+                q=q.node.linear,
+                k=k.node.linear,
+                v=v.node.linear,
+                out=o.node.linear if o is not None else "",
+                q_in=q.node.args[0].shape[-1],
+                kv_in=k.node.args[0].shape[-1],
+                out_features=o.node.shape[-1] if o is not None else 0,
+                tokens_q=len(q.tokens),
+                tokens_kv=len(k.tokens),
+            )
+        )
+    if not any(s.out for s in out):
+        raise ChainError("no stream of the joint attention has an out-projection")
+    return out

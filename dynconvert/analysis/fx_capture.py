@@ -17,7 +17,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from dynconvert.analysis.graph import OpGraph, OpNode, canonical_kind, link_users
+from dynconvert.analysis.graph import OpGraph, OpNode, canonical_kind, link_users, routable_linear
 from dynconvert.inputs import check_inputs_run
 
 # Leaf modules the graph still understands: the tracer keeps them as call_module nodes, and
@@ -279,7 +279,7 @@ def _to_opnodes(gm: torch.fx.GraphModule, prefix: str, values: dict[str, Any]) -
                     and str(w.target).endswith(".weight")
                 ):
                     owner = str(w.target)[: -len(".weight")]
-                    if type(gm.get_submodule(owner)) is nn.Linear:
+                    if routable_linear(gm.get_submodule(owner)):
                         on.linear = _join(prefix, owner)
         mapping[node.name] = on
         if node.op not in ("placeholder", "get_attr"):
@@ -296,7 +296,7 @@ def _module_node(
     cls = f"{type(m).__module__}.{type(m).__qualname__}"
     args = conv(node.args)
     base = dict(name=fqn, module=fqn, module_class=cls, shape=shape, kwargs=conv(dict(node.kwargs)))
-    if type(m) is nn.Linear:
+    if routable_linear(m):
         return OpNode(
             op="linear", kind="linear", args=args, linear=fqn, replay=lambda x, _m=m: _m(x), **base
         )
@@ -305,7 +305,7 @@ def _module_node(
         w = OpNode(name=f"{fqn}.weight", op="param", kind="param", shape=tuple(m.weight.shape))
         return OpNode(op="conv", kind="conv", args=(args[0], w), **base)
     if isinstance(m, _NORM_MODULES):
-        # The normalised width, which layout.trace_back compares with the head size (qk-norm).
+        # The normalised width, which headlocal.py checks against the head layout (qk-norm).
         nshape = list(getattr(m, "normalized_shape", None) or [getattr(m, "num_channels", 0)])
         op = "group_norm" if isinstance(m, nn.GroupNorm) else "layer_norm"
         return OpNode(op=op, kind="norm", args=(args[0], nshape), **base)
@@ -325,7 +325,7 @@ def _leaf_node(module: nn.Module, fqn: str, args: tuple, kwargs: dict) -> OpNode
     inp = OpNode(name=f"{fqn}:input", op="input", kind="input", shape=tuple(x.shape), is_input=True)
     cls = f"{type(module).__module__}.{type(module).__qualname__}"
     base = dict(name=fqn, module=fqn, module_class=cls, stack=(fqn,), shape=tuple(out.shape))
-    if type(module) is nn.Linear:
+    if routable_linear(module):
         return OpNode(op="linear", kind="linear", args=(inp,), linear=fqn, **base)
     if isinstance(module, nn.Embedding):
         return OpNode(op="embedding", kind="embedding", args=(inp,), **base)

@@ -23,7 +23,8 @@ SHAPE_OPS = {  # move, view or select values without computing (replayable on in
     "view", "reshape", "_unsafe_view", "permute", "transpose", "t", "unsqueeze", "squeeze",
     "flatten", "unflatten", "expand", "contiguous", "clone", "alias", "detach", "unbind",
     "chunk", "split", "split_with_sizes", "getitem", "select", "movedim", "swapaxes",
-    "lift_fresh_copy", "view_as", "reshape_as", "tensor_split", "slice", "narrow",
+    "lift_fresh_copy", "view_as", "reshape_as", "tensor_split", "slice", "narrow", "flip", "roll",
+    "repeat", "repeat_interleave",
 }
 CAST_OPS = {  # change the dtype only
     "to", "_to_copy", "type_as", "float", "half", "bfloat16", "type", "_assert_tensor_metadata",
@@ -45,6 +46,10 @@ ATTENTION_OPS = {
 }
 MATMUL_OPS = {"matmul", "bmm", "mm", "einsum", "baddbmm", "addmm", "addbmm", "__matmul__"}
 SOFTMAX_OPS = {"softmax", "_softmax", "_safe_softmax"}
+REDUCE_OPS = {  # reduce over some dims (hand-written norms: x.pow(2).mean(-1, keepdim=True))
+    "mean", "sum", "amax", "amin", "var", "std", "linalg_vector_norm", "norm", "logsumexp",
+}
+COMPLEX_OPS = {"view_as_complex", "view_as_real"}  # rotary embeddings in complex form
 CONV_OPS = {
     "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
     "conv_transpose2d", "conv_transpose3d",
@@ -82,8 +87,12 @@ def canonical_kind(name: str) -> str:
         return "binary"
     if name == "embedding":
         return "embedding"
-    if name == "cat":
+    if name in ("cat", "concat", "concatenate", "stack"):
         return "cat"
+    if name in REDUCE_OPS:
+        return "reduce"
+    if name in COMPLEX_OPS:
+        return "complex"
     return "other"
 
 
@@ -177,8 +186,8 @@ def from_export(
 ) -> OpGraph:
     """Build an OpGraph from an ExportedProgram (non-strict export of the whole model).
 
-    Linear ops are tied to their module when it is exactly ``nn.Linear`` (any subclass with
-    ``any_linear``, used to count the costs of an already converted model).
+    Linear ops are tied to their module when it is an ``nn.Linear`` with nn.Linear's forward
+    (any subclass with ``any_linear``, used to count the costs of an already converted model).
     """
     # Export lifts parameters and buffers to graph inputs: map them back to their fqns.
     sig = ep.graph_signature
@@ -264,7 +273,20 @@ def _linear_fqns(model: torch.nn.Module, any_linear: bool = False) -> set[str]:
     """Fqns of the model's nn.Linear modules (subclasses only with ``any_linear``)."""
     if any_linear:
         return {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    return {name for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    return {name for name, m in model.named_modules() if routable_linear(m)}
+
+
+def routable_linear(m: torch.nn.Module) -> bool:
+    """An nn.Linear, or a subclass that keeps nn.Linear's forward (one that only adds attributes,
+    as LoRA-ready or quantisation-ready layers do): its class can be swapped for a routed one.
+
+    Example:
+        >>> class Tagged(torch.nn.Linear):
+        ...     pass
+        >>> routable_linear(Tagged(2, 2)), routable_linear(torch.nn.Conv1d(2, 2, 1))
+        (True, False)
+    """
+    return isinstance(m, torch.nn.Linear) and type(m).forward is torch.nn.Linear.forward
 
 
 def link_users(nodes: list[OpNode]) -> None:

@@ -1,0 +1,424 @@
+"""Head-locality: which ops may stand between the projections and the attention, read from the graph.
+
+Removing a head is the same as zeroing it only if every op between the q/k/v projections and the
+attention (and between the attention and its out-projections) treats every head the same way
+and on its own. That is decided here by *replaying* the ops on index tensors, not by a list of
+allowed op names:
+
+- every row of every source Linear gets its own code (``offset of the Linear + row``);
+- the ops from the Linears to the attention operands are rerun on those codes: shape ops
+  (reshape, permute, split, cat, stack) for real, elementwise ops and casts as the identity, a
+  reduction (``x.pow(2).mean(-1)`` of a hand-written RMSNorm) keeps one representative code;
+- what arrives at the attention, (B, H, N, d), gives every head's rows in every source Linear,
+  and so the code -> head map;
+- then the ops are checked against that map: an elementwise op may combine two values only of
+  the same head (``q * cos + rotate_half(q) * sin``), a norm or reduction may only run over the
+  channels of one head (per-head qk-norm), and a tensor that does not come from a projection
+  (a cos/sin table, a norm weight) must be the same for every head (size 1 on the axes along
+  which the head changes).
+
+Rotary embeddings in every form (rotate-half, interleaved pairs, complex multiply, tables indexed
+by position), per-head norms (module or hand-written), casts, scaling and joint attention over
+several projection sets concatenated along the sequence all pass these checks; a norm over all
+heads, grouped kv heads or per-head tables do not, each with its own reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dynconvert.analysis.graph import OpNode
+from dynconvert.analysis.layout import ChainError, describe
+
+_PASS = ("shape", "cast", "unary", "binary", "norm", "reduce", "cat", "complex")
+_MAX_OPS = 400  # ops between the projections and one attention call; more: we left the block
+_PAIR = 2**24  # view_as_complex packs a channel pair (a, b) into one code: _PAIR * (a + 1) + b
+
+
+@dataclass
+class Source:
+    """One projection feeding an attention operand: its rows per head and the tokens it fills."""
+
+    node: OpNode  # the Linear call
+    table: torch.Tensor  # (H, d): the row of the Linear feeding channel j of head h
+    tokens: tuple[int, ...]  # positions along the attention's sequence axis it fills
+
+
+@dataclass
+class InputLayout:
+    """The sources of q, k and v, and whether anything but moving values stands in between."""
+
+    sources: dict[str, list[Source]]  # "q" / "k" / "v" -> its sources, in sequence order
+    trivial: bool  # only reshapes, casts and scaling by numbers between Linears and attention
+    ops: list[OpNode] = field(default_factory=list)  # every op between them (for the plan)
+
+
+@dataclass
+class OutTarget:
+    """One out-projection reading (part of) the attention output."""
+
+    node: OpNode  # the Linear call
+    table: torch.Tensor  # (H, dv): the input column of channel j of head h
+    keep: list[int]  # input columns that are not attention heads (a parallel block's MLP part)
+    tokens: tuple[int, ...]  # attention sequence positions it reads
+
+
+def linear_ancestry(nodes: list[OpNode]) -> set[int]:
+    """Ids of the nodes computed (through any ops) from some Linear's output."""
+    out: set[int] = set()
+    for n in nodes:  # execution order: inputs come first
+        if n.kind == "linear" or any(i.kind == "linear" or id(i) in out for i in n.inputs):
+            out.add(id(n))
+    return out
+
+
+def _tracked_set(operands: list[OpNode], from_linear: set[int]) -> tuple[set[int], list[OpNode]]:
+    """The ops between the operands and their source Linears, and the Linears themselves.
+
+    A node is tracked when a Linear is reachable from it backwards through head-local kinds of
+    ops. An op of another kind computed from a Linear on the way is refused; one computed from
+    no Linear (a rotary table built from positions) is a constant for the replay.
+    """
+    tracked: dict[int, bool] = {}
+    sources: list[OpNode] = []
+    count = 0
+
+    def visit(n: OpNode) -> bool:
+        nonlocal count
+        if id(n) in tracked:
+            return tracked[id(n)]
+        count += 1
+        if count > _MAX_OPS:
+            raise ChainError("the path from the projections to the attention is too long to follow")
+        if n.kind == "linear":
+            tracked[id(n)] = True
+            sources.append(n)
+            return True
+        if n.kind not in _PASS:
+            if id(n) in from_linear:
+                raise ChainError(f"{describe(n)} lies between the projection and the attention")
+            tracked[id(n)] = False
+            return False
+        tracked[id(n)] = False  # guards a cycle (none in a dataflow graph)
+        hit = False
+        for i in n.inputs:
+            hit = visit(i) or hit
+        tracked[id(n)] = hit
+        return hit
+
+    for op in operands:
+        if not visit(op):
+            raise ChainError("an attention operand does not come from a Linear projection")
+    return {k for k, v in tracked.items() if v}, sources
+
+
+def _sub(a: Any, values: dict[int, torch.Tensor]) -> Any:
+    """Arguments for rerunning a shape op: tracked nodes by their codes, others by -1 codes."""
+    if isinstance(a, OpNode):
+        if id(a) in values:
+            return values[id(a)]
+        if a.kind == "const":
+            return a.args[0]
+        if a.shape is not None:  # a value from no projection (learned tokens, a cat partner)
+            return torch.full(a.shape, -1, dtype=torch.long)
+        raise ChainError(f"cannot replay {describe(a)}: its value is unknown")
+    if isinstance(a, (list, tuple)):
+        return type(a)(_sub(x, values) for x in a)
+    return a
+
+
+def _dims(n: OpNode, rank: int) -> list[int]:
+    """The reduced dims of a reduction node, non-negative (all dims when none are given)."""
+    pos = 2 if n.op == "linalg_vector_norm" else 1
+    d = n.arg(pos, "dim")
+    if d is None or d == []:
+        return list(range(rank))
+    d = [d] if isinstance(d, int) else list(d)
+    return sorted(x % rank for x in d)
+
+
+class _Replay:
+    """Codes of every tracked node, and the checks to run once heads are known."""
+
+    def __init__(self, order: dict[int, int]):
+        self.order = order
+        self.values: dict[int, torch.Tensor] = {}
+        self.same: list[tuple[OpNode, torch.Tensor, torch.Tensor]] = []  # must share heads
+        self.const: list[tuple[OpNode, torch.Tensor, list[int]]] = []  # one head along dims
+        self.bcast: list[tuple[OpNode, torch.Tensor, tuple[int, ...]]] = []  # same for heads
+        self.trivial = True
+
+    def run(self, nodes: list[OpNode], sources: list[OpNode], tracked: set[int]) -> None:
+        offset = 0
+        for s in sorted(sources, key=lambda n: self.order[id(n)]):
+            width = s.shape[-1]
+            self.values[id(s)] = torch.arange(width).expand(*s.shape).contiguous() + offset
+            offset += width
+        for n in sorted(nodes, key=lambda n: self.order[id(n)]):
+            if id(n) in tracked and n.kind != "linear":
+                self.values[id(n)] = self.step(n, tracked)
+
+    def step(self, n: OpNode, tracked: set[int]) -> torch.Tensor:
+        ins = [i for i in n.inputs if id(i) in tracked]
+        vals = [self.values[id(i)] for i in ins]
+        if n.kind in ("shape", "cat"):
+            args = _sub(n.args, self.values)
+            kwargs = {k: _sub(v, self.values) for k, v in n.kwargs.items()}
+            return n.replay(*args, **kwargs)
+        if n.kind == "complex":
+            self.trivial = False
+            v = vals[0]
+            if n.op == "view_as_complex":  # (..., d/2, 2) -> (..., d/2): a pair becomes one value
+                self.same.append((n, v[..., 0], v[..., 1]))
+                return _PAIR * (v[..., 0] + 1) + v[..., 1]
+            return torch.stack([v // _PAIR - 1, v % _PAIR], -1)  # view_as_real: back to pairs
+        if n.kind == "reduce":
+            self.trivial = False
+            v = vals[0]
+            dims = _dims(n, v.dim())
+            self.const.append((n, v, dims))
+            keep = bool(n.arg(3 if n.op == "linalg_vector_norm" else 2, "keepdim", False))
+            for d in reversed(dims):
+                v = v.narrow(d, 0, 1) if keep else v.select(d, 0)
+            return v
+        if n.kind == "norm":
+            self.trivial = False
+            v = vals[0]
+            shape = n.arg(1, "normalized_shape") or []
+            width = len(shape) if isinstance(shape, (list, tuple)) else 1
+            self.const.append((n, v, list(range(v.dim() - width, v.dim()))))
+            return v
+        out_shape = n.shape if n.shape is not None else tuple(vals[0].shape)
+        out = vals[0].expand(*out_shape) if tuple(vals[0].shape) != tuple(out_shape) else vals[0]
+        others = [a for a in n.inputs if id(a) not in tracked and a.shape is not None]
+        if n.kind == "binary" and (len(vals) > 1 or others):
+            self.trivial = False
+        for v in vals[1:]:
+            self.same.append((n, out, v.expand(*out_shape)))
+        for a in others:
+            self.bcast.append((n, out, tuple(a.shape)))
+        return out
+
+    def check(self, head_of: torch.Tensor) -> None:
+        """Run the recorded checks with the code -> head map (-1: no head)."""
+
+        def heads(v: torch.Tensor) -> torch.Tensor:
+            v = torch.where(v >= _PAIR, v // _PAIR - 1, v)  # a complex pair: its first channel
+            return torch.where(v >= 0, head_of[v.clamp(min=0)], torch.full_like(v, -2))
+
+        for n, v, dims in self.const:
+            h = heads(v)
+            lo, hi = h, h
+            for d in dims:
+                lo, hi = lo.amin(d, keepdim=True), hi.amax(d, keepdim=True)
+            if not torch.equal(lo, hi):
+                what = "normalises" if n.kind == "norm" else "reduces over"
+                raise ChainError(
+                    f"qk-norm across all heads: {describe(n)} {what} channels of several heads; "
+                    "removing heads would change it"
+                )
+        for n, a, b in self.same:
+            if not torch.equal(heads(a), heads(b)):
+                raise ChainError(
+                    f"{describe(n)} combines values of different heads (or of a tensor computed "
+                    "from another Linear) before the attention"
+                )
+        for n, v, shape in self.bcast:
+            h = heads(v)
+            offset = h.dim() - len(shape)
+            for axis in range(h.dim()):
+                j = axis - offset
+                if j < 0 or shape[j] == 1:
+                    continue
+                first = h.narrow(axis, 0, 1)
+                if not torch.equal(h, first.expand_as(h)):
+                    raise ChainError(
+                        f"{describe(n)} combines the projection with a tensor that differs per "
+                        "head; removing heads would misalign it"
+                    )
+
+
+def derive_inputs(
+    q: OpNode, k: OpNode, v: OpNode, key_layout: str, order: dict[int, int], from_linear: set[int]
+) -> InputLayout:
+    """Rows of every (head, channel) in every Linear feeding q, k and v, checked for head-locality.
+
+    Args:
+        q, k, v: the attention operands, (B, H, N, d) (k is (B, H, d, M) when ``key_layout`` is
+            "bhdn", a hand-written q @ k^T).
+        key_layout: "bhnd" or "bhdn".
+        order: node id -> position in the graph (execution order).
+        from_linear: ids of nodes computed from some Linear (:func:`linear_ancestry`).
+
+    Raises:
+        ChainError: with the reason, when removing a head would not be the same as zeroing it.
+    """
+    tracked, sources = _tracked_set([q, k, v], from_linear)
+    nodes = [n for n in _collect(q, k, v, tracked)]
+    replay = _Replay(order)
+    replay.run(nodes, sources, tracked)
+    offsets = {}
+    off = 0
+    for s in sorted(sources, key=lambda n: order[id(n)]):
+        offsets[id(s)] = (off, s.shape[-1])
+        off += s.shape[-1]
+    by_role: dict[str, list[Source]] = {}
+    head_of = torch.full((max(off, 1),), -1, dtype=torch.long)
+    for role, node in (("q", q), ("k", k), ("v", v)):
+        value = replay.values[id(node)]
+        if value.dim() != 4:
+            raise ChainError(
+                f"attention operands have {value.dim()} dims; only (batch, heads, tokens, dim) is "
+                "supported"
+            )
+        if role == "k" and key_layout == "bhdn":
+            value = value.transpose(-1, -2)
+        found = _split_sources(value, sources, offsets)
+        by_role[role] = found
+        for s in found:
+            base = offsets[id(s.node)][0]
+            codes = s.table + base  # (H, d)
+            prev = head_of[codes]
+            h = torch.arange(codes.shape[0])[:, None].expand_as(codes)
+            if ((prev >= 0) & (prev != h)).any():
+                raise ChainError("a projection row feeds several heads")
+            head_of[codes] = h
+    replay.check(head_of)
+    chain = [n for n in nodes if n.kind != "linear"]
+    return InputLayout(by_role, replay.trivial, chain)
+
+
+def _collect(q: OpNode, k: OpNode, v: OpNode, tracked: set[int]) -> list[OpNode]:
+    """The tracked nodes reachable backwards from the operands (each once)."""
+    seen: dict[int, OpNode] = {}
+    stack = [q, k, v]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen or id(n) not in tracked:
+            continue
+        seen[id(n)] = n
+        if n.kind != "linear":
+            stack.extend(n.inputs)
+    return list(seen.values())
+
+
+def _split_sources(
+    value: torch.Tensor, sources: list[OpNode], offsets: dict[int, tuple[int, int]]
+) -> list[Source]:
+    """Per source Linear present in ``value`` (B, H, N, d): its (H, d) row table and tokens."""
+    if (value < 0).any():
+        raise ChainError("some attention tokens do not come from a projection (learned tokens)")
+    which = torch.full_like(value, -1)
+    for i, s in enumerate(sources):
+        base, width = offsets[id(s)]
+        which[(value >= base) & (value < base + width)] = i
+    per_token = which[0, 0, :, 0]  # (N,): the source of each token
+    if not torch.equal(which, per_token[None, None, :, None].expand_as(which)):
+        raise ChainError(
+            "a head's channels come from several projections, or differ across samples and heads"
+        )
+    out: list[Source] = []
+    for i in dict.fromkeys(per_token.tolist()):
+        s = sources[i]
+        pos = (per_token == i).nonzero().squeeze(1)
+        part = value.index_select(2, pos) - offsets[id(s)][0]  # (B, H, n_s, d)
+        table = part[0, :, 0, :]  # (H, d)
+        if not torch.equal(part, table[None, :, None, :].expand_as(part)):
+            raise ChainError("the projection's rows are not the same for every token and sample")
+        out.append(Source(s, table, tuple(pos.tolist())))
+    return out
+
+
+def derive_outputs(output: OpNode, heads: int, v_head_dim: int) -> list[OutTarget]:
+    """The out-projection(s) reading the attention output (B, H, N, dv), with their columns.
+
+    The ops from the attention output to each Linear may only move values (reshape, transpose,
+    split along the sequence for joint attention, concatenation with other channels for a
+    parallel block's fused out-projection), cast or drop out; each Linear must read every head
+    channel exactly once, the same columns for every token.
+
+    Raises:
+        ChainError: with the reason otherwise.
+    """
+    b, h, n, dv = output.shape
+    code = (torch.arange(h)[:, None] * dv + torch.arange(dv)[None, :])  # (H, dv)
+    values: dict[int, torch.Tensor] = {
+        id(output): code[None, :, None, :].expand(b, h, n, dv).contiguous()
+    }
+    tokens: dict[int, torch.Tensor] = {
+        id(output): torch.arange(n)[None, None, :, None].expand(b, h, n, dv).contiguous()
+    }
+    targets: list[OutTarget] = []
+    frontier = [output]
+    seen: set[int] = set()
+    while frontier:
+        cur = frontier.pop(0)
+        users = cur.real_users
+        if not users and cur is not output and cur.op == "getitem":
+            continue  # an unused part of a split (a stream whose output is dropped)
+        if not users:
+            raise ChainError("the attention output reaches the model output without a projection")
+        for u in users:
+            if id(u) in seen:
+                continue
+            seen.add(id(u))
+            if u.kind == "linear":
+                if u.args[0] is not cur:
+                    raise ChainError(
+                        "the attention output reaches the projection as its weight, not input"
+                    )
+                targets.append(_target(u, values[id(cur)], tokens[id(cur)], h, dv))
+                continue
+            if u.kind == "norm":
+                raise ChainError(
+                    f"a norm over all heads ({describe(u)}) runs before the out-projection"
+                )
+            movable = u.kind in ("shape", "cast", "cat") or (
+                u.kind == "unary" and u.op.startswith(("dropout", "identity", "native_dropout"))
+            )
+            if not movable:
+                raise ChainError(f"{describe(u)} lies between the attention and its out-projection")
+            if u.kind == "cat":
+                dim = u.arg(1, "dim", 0)
+                rank = len(u.shape or ())
+                if dim not in (-1, rank - 1):
+                    raise ChainError(
+                        f"{describe(u)} concatenates the attention output with another tensor "
+                        "along the tokens"
+                    )
+            if u.kind in ("shape", "cat"):
+                args = _sub(u.args, values)
+                kwargs = {k: _sub(v, values) for k, v in u.kwargs.items()}
+                values[id(u)] = u.replay(*args, **kwargs)
+                args = _sub(u.args, tokens)
+                kwargs = {k: _sub(v, tokens) for k, v in u.kwargs.items()}
+                tokens[id(u)] = u.replay(*args, **kwargs)
+            else:
+                values[id(u)] = values[id(cur)]
+                tokens[id(u)] = tokens[id(cur)]
+            frontier.append(u)
+    if not targets:
+        raise ChainError("no out-projection reads the attention output")
+    return targets
+
+
+def _target(lin: OpNode, cols: Any, toks: Any, heads: int, dv: int) -> OutTarget:
+    """The column table of one out-projection from the codes replayed to its input."""
+    if not isinstance(cols, torch.Tensor):
+        raise ChainError("the out-projection input could not be followed")
+    flat = cols.reshape(-1, cols.shape[-1])  # (tokens, columns)
+    if not torch.equal(flat, flat[:1].expand_as(flat)):
+        raise ChainError("the out-projection columns differ across tokens")
+    col_code = flat[0]
+    owned = (col_code >= 0).nonzero().squeeze(1)
+    codes = col_code[owned]
+    if codes.numel() != heads * dv or not torch.equal(codes.sort().values, torch.arange(heads * dv)):
+        raise ChainError("the out-projection does not read every head channel exactly once")
+    table = torch.empty(heads * dv, dtype=torch.long)
+    table[codes] = owned
+    keep = (col_code < 0).nonzero().squeeze(1).tolist()
+    tok = toks.reshape(-1, toks.shape[-1])[:, owned[0]] if owned.numel() else toks.reshape(-1)
+    return OutTarget(lin, table.view(heads, dv), keep, tuple(sorted(set(tok.tolist()))))
