@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from dynconvert.inputs import split_inputs
+from dynconvert.models.patterns import PATTERN_MODELS, mmdit, rotary_dit, video_dit
 from dynconvert.models.tiny import randomize_weights, tiny_diffusers_dit, tiny_pixart
 from dynconvert.synthetic import randomize_routing, synthetic_routing
 
 __all__ = [
-    "TINY_BUILDERS", "call", "randomize_routing", "randomize_weights", "synthetic_routing",
+    "PATTERN_MODELS", "TINY_BUILDERS", "call", "mmdit", "randomize_routing", "rotary_dit", "video_dit", "randomize_weights", "synthetic_routing",
     "tiny_diffusers_dit", "tiny_dit", "tiny_pixart", "tiny_uvit",
 ]  # fmt: skip
 

@@ -1,0 +1,88 @@
+"""Patterns of today's diffusion transformers, on small models nobody registered (issue 9).
+
+Each pattern model converts with its sites found from the graph, and keeps the three
+invariants: a fresh conversion computes the original; the fast path equals the masked path
+under random routing; the executed MACs equal the analytic count.
+"""
+
+import pytest
+import torch
+
+import dynconvert
+from dynconvert.flops import measure_macs
+from dynconvert.testing import PATTERN_MODELS, randomize_routing
+
+EXPECTED = {  # name -> (attention sites, MLP sites, streams of the first attention)
+    "rotary-rotate-half": (2, 2, 1),
+    "rotary-interleaved": (2, 2, 1),
+    "rotary-complex": (2, 2, 1),
+    "rotary-table-manual": (2, 2, 1),
+    "qknorm-all-heads": (0, 2, 0),
+    "mmdit": (3, 4, 2),
+    "video": (2, 2, 1),
+}
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_pattern_model_converts_and_keeps_the_invariants(name):
+    model, inputs = PATTERN_MODELS[name]()
+    reference = model(**inputs)
+    dynconvert.convert(model, 0.85, example_inputs=inputs)
+    plan = dynconvert.get_state(model).plan
+    n_attn, n_mlp, streams = EXPECTED[name]
+    assert (len(plan.attention), len(plan.mlp)) == (n_attn, n_mlp), plan.skipped
+    if n_attn:
+        assert 1 + len(plan.attention[0].streams) == streams
+    assert _rel(model(**inputs), reference) < 1e-5  # fresh conversion == original
+    randomize_routing(model, keep=0.5, example_inputs=inputs)
+    with dynconvert.routing(model, "eval", "masked"):
+        masked = model(**inputs)
+    assert _rel(model(**inputs), masked) < 1e-5  # fast path == masked path
+    assert all(s.fast for s in plan.sites), [(s.name, s.fast_reason) for s in plan.sites]
+    # Executed == analytic with the whole batch at one timestep (as pipelines call it).
+    one_t = {**inputs, "timestep": torch.full_like(inputs["timestep"], 700.0)}
+    report = dynconvert.count_flops(model, one_t)
+    executed = measure_macs(model, one_t) / report.static_macs
+    assert report.ratio < 0.95
+    assert abs(executed - report.ratio) <= 0.02 * report.ratio, (executed, report.ratio)
+
+
+def test_qk_norm_across_all_heads_is_refused_with_its_reason():
+    model, inputs = PATTERN_MODELS["qknorm-all-heads"]()
+    plan = dynconvert.analyze(model, inputs)
+    reasons = [s.reason for s in plan.skipped if s.kind == "attention"]
+    assert len(reasons) == 2 and all("qk-norm across all heads" in r and "`mean`" in r for r in reasons)
+
+
+def test_joint_and_parallel_sites_route_every_stream_and_keep_the_mlp_columns():
+    model, inputs = PATTERN_MODELS["mmdit"]()
+    plan = dynconvert.analyze(model, inputs)
+    joint = plan.attention[0]
+    assert {m.linear for m in joint.in_maps} == {
+        f"joint.0.attn.{p}{r}" for p in ("", "txt_") for r in "qkv"
+    }
+    assert {m.linear for m in joint.out_maps} == {"joint.0.attn.o", "joint.0.attn.txt_o"}
+    single = plan.attention[2]
+    assert single.name == "single.0" and single.out == "single.0.out"
+    # The fused out-projection reads concat(attention 32, MLP hidden 64): the MLP columns stay.
+    assert single.out_map.keep == list(range(32, 96))
+    assert sum(s.macs() for s in plan.sites) + plan.other_macs / plan.batch == pytest.approx(
+        plan.static_macs / plan.batch
+    )
+
+
+def test_video_rows_map_to_their_sample_and_linear_subclasses_stay_themselves():
+    from dynconvert.models.patterns import CustomLinear
+
+    model, inputs = PATTERN_MODELS["video"]()
+    plan = dynconvert.analyze(model, inputs)
+    assert [s.fold for s in plan.sites] == [3, 3, 8, 8]  # 3 frames, then 8 tokens per sample
+    dynconvert.convert(model, 0.85, example_inputs=inputs)
+    qkv = model.blocks[0].spatial.qkv
+    assert isinstance(qkv, CustomLinear) and qkv.tag == "custom"
+    dynconvert.revert(model)
+    assert type(qkv) is CustomLinear
