@@ -87,6 +87,40 @@ def _flux_ids(h: int, w: int, text: int) -> tuple[torch.Tensor, torch.Tensor]:
     return img.reshape(h * w, 3), torch.zeros(text, 3)
 
 
+def _T(scale: float = 1000.0, integer: bool = False) -> Callable[[int], torch.Tensor]:
+    """Spec of a timestep input: distinct per sample, in (0, scale)."""
+    return lambda batch: _steps(batch, scale, integer)
+
+
+def _M(length: int, dtype: torch.dtype = torch.long) -> Callable[[int], torch.Tensor]:
+    """Spec of an all-ones (B, length) mask."""
+    return lambda batch: _ones_mask(batch, length, dtype)
+
+
+def _Z(*shape: int) -> Callable[[int], torch.Tensor]:
+    """Spec of a zero (B, *shape) tensor."""
+    return lambda batch: torch.zeros(batch, *shape)
+
+
+def _kw(**spec: Any) -> Callable[..., dict[str, Any]]:
+    """Inputs from a spec: a tuple is a random (B, *tuple) tensor, a callable gets the batch
+    size, anything else is passed as it is."""
+
+    def inputs(model: nn.Module, batch: int = 2) -> dict[str, Any]:
+        g = _gen()
+        out: dict[str, Any] = {}
+        for key, value in spec.items():
+            if isinstance(value, tuple):
+                out[key] = _randn(g, batch, *value)
+            elif callable(value):
+                out[key] = value(batch)
+            else:
+                out[key] = value
+        return out
+
+    return inputs
+
+
 # -- built-in and timm models ----------------------------------------------------------------------
 def _builtin(name: str) -> Callable[[int], nn.Module]:
     def build(seed: int = 0) -> nn.Module:
@@ -308,6 +342,12 @@ def _qwenimage_inputs(model: nn.Module, batch: int = 2) -> dict[str, Any]:
             "img_shapes": [(1, 4, 4)] * batch}
 
 
+def _lumina_rope() -> torch.Tensor:
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+    return get_2d_rotary_pos_embed_lumina(16, 32, 32)  # head_dim 16, a grid larger than the 4x4 patches
+
+
 # -- the zoo ---------------------------------------------------------------------------------------
 ZOO: dict[str, ZooEntry] = {
     # built-in and timm
@@ -398,66 +438,170 @@ ZOO: dict[str, ZooEntry] = {
         "WanTransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
         in_channels=4, out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32), _video_cf_inputs(16)),
+    # diffusers, image (batch 2)
+    "bria": ZooEntry("BriaTransformer2DModel", "image", _diffusers(
+        "BriaTransformer2DModel", patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8)),
+        _chroma_inputs),
+    "longcat-image": ZooEntry("LongCatImageTransformer2DModel", "image", _diffusers(
+        "LongCatImageTransformer2DModel", patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8)), _chroma_inputs),
+    "ovis-image": ZooEntry("OvisImageTransformer2DModel", "image", _diffusers(
+        "OvisImageTransformer2DModel", patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+        num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+        axes_dims_rope=(4, 4, 8)), _chroma_inputs),
+    "hidream": ZooEntry("HiDreamImageTransformer2DModel", "image", _diffusers(
+        "HiDreamImageTransformer2DModel", patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+        num_single_layers=1, attention_head_dim=8, num_attention_heads=4, caption_channels=[8, 4], text_emb_dim=8,
+        num_routed_experts=2, num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(16, 16),
+        llama_layers=(0, 1), force_inference_output=True), _kw(
+        hidden_states=(4, 16, 16), encoder_hidden_states_t5=(8, 8),
+        encoder_hidden_states_llama3=lambda b: torch.randn(2, b, 8, 4, generator=_gen()),
+        pooled_embeds=(8,), timesteps=_T(integer=True)), "mixture-of-experts MLPs (2 experts, both active)"),
+    "omnigen": ZooEntry("OmniGenTransformer2DModel", "image", _diffusers(
+        "OmniGenTransformer2DModel", hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=64, num_layers=2, pad_token_id=0, vocab_size=100, in_channels=4, time_step_dim=4,
+        rope_scaling={"long_factor": list(range(1, 9)), "short_factor": list(range(1, 9))}), _kw(
+        hidden_states=(4, 8, 8), timestep=_T(1.0), input_ids=lambda b: torch.arange(8).repeat(b, 1) % 10,
+        input_img_latents=[], input_image_sizes={},
+        attention_mask=lambda b: torch.ones(b, 8 + 1 + 16, 8 + 1 + 16),
+        position_ids=lambda b: torch.arange(8 + 1 + 16).repeat(b, 1))),
+    "lumina-next": ZooEntry("LuminaNextDiT2DModel", "image", _diffusers(
+        "LuminaNextDiT2DModel", sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2,
+        num_attention_heads=2, num_kv_heads=2, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5,
+        learn_sigma=True, qk_norm=True, cross_attention_dim=16, scaling_factor=1.0), _kw(
+        hidden_states=(4, 8, 8), timestep=_T(1.0), encoder_hidden_states=(8, 16), encoder_mask=_M(8),
+        image_rotary_emb=lambda b: _lumina_rope(), cross_attention_kwargs={})),
+    "hunyuan-image": ZooEntry("HunyuanImageTransformer2DModel", "image", _diffusers(
+        "HunyuanImageTransformer2DModel", in_channels=4, out_channels=4, num_attention_heads=2,
+        attention_head_dim=8, num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=(1, 1),
+        guidance_embeds=False, text_embed_dim=16, rope_axes_dim=(4, 4)), _kw(
+        hidden_states=(4, 4, 4), timestep=_T(), encoder_hidden_states=(8, 16),
+        encoder_attention_mask=_M(8))),
+    "z-image": ZooEntry("ZImageTransformer2DModel", "image", _diffusers(
+        "ZImageTransformer2DModel", all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32,
+        n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, qk_norm=True, cap_feat_dim=16,
+        axes_dims=[8, 4, 4], axes_lens=[64, 16, 16]), lambda model, batch=2: {
+        "x": [torch.randn(4, 1, 8, 8, generator=_gen()) for _ in range(batch)],
+        "cap_feats": [torch.randn(8, 16, generator=_gen()) for _ in range(batch)], "t": _steps(batch, 1.0)},
+        "inputs are lists of per-sample tensors"),
+    "transformer2d": ZooEntry("Transformer2DModel", "image", _diffusers(
+        "Transformer2DModel", num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+        num_layers=2, sample_size=8, patch_size=2, norm_type="ada_norm_zero", num_embeds_ada_norm=10,
+        norm_elementwise_affine=False, activation_fn="gelu-approximate"), _dit_inputs,
+        "patched ada_norm_zero config (the DiT layout of the generic class)"),
+    # diffusers, video (batch 2)
+    "skyreels-v2": ZooEntry("SkyReelsV2Transformer3DModel", "video", _diffusers(
+        "SkyReelsV2Transformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+        in_channels=4, out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
+        rope_max_seq_len=32), _video_cf_inputs(16)),
+    "chronoedit": ZooEntry("ChronoEditTransformer3DModel", "video", _diffusers(
+        "ChronoEditTransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+        in_channels=4, out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
+        rope_max_seq_len=32), _video_cf_inputs(16)),
+    "wan-vace": ZooEntry("WanVACETransformer3DModel", "video", _diffusers(
+        "WanVACETransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+        in_channels=4, out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
+        rope_max_seq_len=32, vace_layers=[0], vace_in_channels=8), _kw(
+        hidden_states=(4, 2, 8, 8), encoder_hidden_states=(8, 16), timestep=_T(integer=True),
+        control_hidden_states=(8, 2, 8, 8), control_hidden_states_scale=lambda b: torch.ones(1))),
+    "anyflow": ZooEntry("AnyFlowTransformer3DModel", "video", _diffusers(
+        "AnyFlowTransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+        in_channels=4, out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
+        rope_max_seq_len=32), _kw(
+        hidden_states=(2, 4, 8, 8), timestep=lambda b: _steps(b)[:, None].repeat(1, 2),
+        r_timestep=lambda b: _steps(b)[:, None].repeat(1, 2) * 0.5,
+        encoder_hidden_states=(8, 16))),
+    "sana-video": ZooEntry("SanaVideoTransformer3DModel", "video", _diffusers(
+        "SanaVideoTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+        num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+        caption_channels=8, sample_size=8, patch_size=(1, 2, 2), rope_max_seq_len=32), _kw(
+        hidden_states=(4, 2, 8, 8), encoder_hidden_states=(8, 8), timestep=_T(integer=True))),
+    "hunyuan-video15": ZooEntry("HunyuanVideo15Transformer3DModel", "video", _diffusers(
+        "HunyuanVideo15Transformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2,
+        attention_head_dim=8, num_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1,
+        text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12, rope_axes_dim=(2, 2, 4), target_size=16,
+        task_type="t2v"), _kw(
+        hidden_states=(4, 1, 8, 8), timestep=_T(), encoder_hidden_states=(6, 16), encoder_hidden_states_2=(4, 8),
+        encoder_attention_mask=_M(6, torch.float32), encoder_attention_mask_2=_M(4, torch.float32),
+        image_embeds=_Z(3, 12))),
+    "hunyuan-video-framepack": ZooEntry("HunyuanVideoFramepackTransformer3DModel", "video", _diffusers(
+        "HunyuanVideoFramepackTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2,
+        attention_head_dim=8, num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2,
+        patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 2),
+        image_condition_type=None, has_image_proj=True, image_proj_dim=16, has_clean_x_embedder=True), _kw(
+        hidden_states=(4, 2, 8, 8), timestep=_T(integer=True), encoder_hidden_states=(8, 16),
+        encoder_attention_mask=_M(8), pooled_projections=(8,), image_embeds=(4, 16),
+        indices_latents=lambda b: torch.arange(2), guidance=lambda b: torch.full((b,), 3500.0),
+        latents_clean=(4, 1, 8, 8), indices_latents_clean=lambda b: torch.arange(1),
+        latents_history_2x=(4, 1, 8, 8), indices_latents_history_2x=lambda b: torch.arange(1),
+        latents_history_4x=(4, 4, 8, 8), indices_latents_history_4x=lambda b: torch.arange(4))),
+    "cosmos": ZooEntry("CosmosTransformer3DModel", "video", _diffusers(
+        "CosmosTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12,
+        num_layers=2, mlp_ratio=2, text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 32, 32),
+        patch_size=(1, 2, 2), rope_scale=(2.0, 1.0, 1.0), concat_padding_mask=True,
+        extra_pos_embed_type="learnable"), _kw(
+        hidden_states=(4, 2, 8, 8), timestep=_T(integer=True), encoder_hidden_states=(8, 16),
+        attention_mask=_M(8, torch.float32), fps=30, padding_mask=lambda b: torch.zeros(1, 1, 8, 8))),
+    "easyanimate": ZooEntry("EasyAnimateTransformer3DModel", "video", _diffusers(
+        "EasyAnimateTransformer3DModel", attention_head_dim=16, num_attention_heads=2, in_channels=4, mmdit_layers=2,
+        num_layers=2, out_channels=4, patch_size=2, sample_height=8, sample_width=8, text_embed_dim=16,
+        time_embed_dim=8, time_position_encoding_type="3d_rope"), _kw(
+        hidden_states=(4, 2, 8, 8), timestep=_T(integer=True), encoder_hidden_states=(8, 16))),
+    "consisid": ZooEntry("ConsisIDTransformer3DModel", "video", _diffusers(
+        "ConsisIDTransformer3DModel", num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=5,
+        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=8, is_train_face=False), _cogvideox_inputs,
+        "no face branch (is_train_face=False): the CogVideoX backbone"),
+    "kandinsky5": ZooEntry("Kandinsky5Transformer3DModel", "video", _diffusers(
+        "Kandinsky5Transformer3DModel", in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16,
+        out_visual_dim=4, patch_size=(1, 2, 2), model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2,
+        axes_dims=(4, 6, 6)), _kw(
+        hidden_states=lambda b: torch.randn(b, 2, 8, 8, 4, generator=_gen()), encoder_hidden_states=(8, 16),
+        timestep=_T(), pooled_projections=(8,),
+        visual_rope_pos=lambda b: (torch.arange(2), torch.arange(4), torch.arange(4)),
+        text_rope_pos=lambda b: torch.arange(8))),
 }
 """Zoo name -> :class:`ZooEntry`."""
 
 ZOO_EXCLUDED: dict[str, str] = {
     "AceStepTransformer1DModel": "pending: no tiny config in the zoo yet",
     "AnyFlowFARTransformer3DModel": "pending: no tiny config in the zoo yet",
-    "AnyFlowTransformer3DModel": "pending: no tiny config in the zoo yet",
     "BriaFibo2Transformer2DModel": "pending: no tiny config in the zoo yet",
     "BriaFiboTransformer2DModel": "pending: no tiny config in the zoo yet",
-    "BriaTransformer2DModel": "pending: no tiny config in the zoo yet",
-    "ChronoEditTransformer3DModel": "pending: no tiny config in the zoo yet",
-    "ConsisIDTransformer3DModel": "pending: no tiny config in the zoo yet",
     "Cosmos3OmniTransformer": "pending: no tiny config in the zoo yet",
-    "CosmosTransformer3DModel": "pending: no tiny config in the zoo yet",
     "DreamLiteTransformer2DModel": "pending: no tiny config in the zoo yet",
     "DualTransformer2DModel": "pending: no tiny config in the zoo yet",
-    "EasyAnimateTransformer3DModel": "pending: no tiny config in the zoo yet",
     "ErnieImageTransformer2DModel": "pending: no tiny config in the zoo yet",
     "Flux3Transformer2DModel": "pending: no tiny config in the zoo yet",
     "GlmImageTransformer2DModel": "pending: no tiny config in the zoo yet",
     "HeliosTransformer3DModel": "pending: no tiny config in the zoo yet",
-    "HiDreamImageTransformer2DModel": "pending: no tiny config in the zoo yet",
-    "HunyuanImageTransformer2DModel": "pending: no tiny config in the zoo yet",
-    "HunyuanVideo15Transformer3DModel": "pending: no tiny config in the zoo yet",
-    "HunyuanVideoFramepackTransformer3DModel": "pending: no tiny config in the zoo yet",
     "Ideogram4Transformer2DModel": "pending: no tiny config in the zoo yet",
     "JoyImageEditPlusTransformer3DModel": "pending: no tiny config in the zoo yet",
     "JoyImageEditTransformer3DModel": "pending: no tiny config in the zoo yet",
-    "Kandinsky5Transformer3DModel": "pending: no tiny config in the zoo yet",
     "Kandinsky6SRTransformer3DModel": "pending: no tiny config in the zoo yet",
     "Kandinsky6Transformer3DModel": "pending: no tiny config in the zoo yet",
     "Krea2Transformer2DModel": "pending: no tiny config in the zoo yet",
     "LTX2VideoTransformer3DModel": "pending: no tiny config in the zoo yet",
     "LongCatAudioDiTTransformer": "pending: no tiny config in the zoo yet",
-    "LongCatImageTransformer2DModel": "pending: no tiny config in the zoo yet",
-    "LuminaNextDiT2DModel": "pending: no tiny config in the zoo yet",
     "MiniMaxH3Transformer3DModel": "pending: no tiny config in the zoo yet",
     "MiniMaxMusic3RVQDepthDecoder": "pending: no tiny config in the zoo yet",
     "MiniMaxMusic3Transformer1DModel": "pending: no tiny config in the zoo yet",
     "MotifVideoTransformer3DModel": "pending: no tiny config in the zoo yet",
     "NucleusMoEImageTransformer2DModel": "pending: no tiny config in the zoo yet",
-    "OmniGenTransformer2DModel": "pending: no tiny config in the zoo yet",
-    "OvisImageTransformer2DModel": "pending: no tiny config in the zoo yet",
     "PRXTransformer2DModel": "pending: no tiny config in the zoo yet",
     "PriorTransformer": "pending: no tiny config in the zoo yet",
     "QwenImage21Transformer2DModel": "pending: no tiny config in the zoo yet",
     "RFD4ProteinaTransformer": "pending: no tiny config in the zoo yet",
-    "SanaVideoTransformer3DModel": "pending: no tiny config in the zoo yet",
     "SanaWMLTX2RefinerTransformer3DModel": "pending: no tiny config in the zoo yet",
     "SanaWMTransformer3DModel": "pending: no tiny config in the zoo yet",
-    "SkyReelsV2Transformer3DModel": "pending: no tiny config in the zoo yet",
     "StableAudio3DiTModel": "pending: no tiny config in the zoo yet",
     "StableAudioDiTModel": "pending: no tiny config in the zoo yet",
     "T5FilmDecoder": "pending: no tiny config in the zoo yet",
-    "Transformer2DModel": "pending: no tiny config in the zoo yet",
     "TransformerTemporalModel": "pending: no tiny config in the zoo yet",
     "WanAnimate2Transformer3DModel": "pending: no tiny config in the zoo yet",
     "WanAnimateTransformer3DModel": "pending: no tiny config in the zoo yet",
-    "WanVACETransformer3DModel": "pending: no tiny config in the zoo yet",
-    "ZImageTransformer2DModel": "pending: no tiny config in the zoo yet",
 }
 """diffusers class name -> why it has no zoo entry (cannot be built or run here)."""
 
