@@ -1,0 +1,92 @@
+"""The quality study runner (benchmarks/quality_digits.py): its rows, schedules and smoke run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynconvert.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location(
+        "quality_digits", ROOT / "benchmarks" / "quality_digits.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plan_covers_every_method_seed_zero_first(study):
+    settings = study.study_settings(study.main.__globals__["argparse"].Namespace(
+        smoke=False, targets=[0.3, 0.5, 0.7], seeds_at_half=3, calibration_steps=400,
+        batch_size=64, samples=1000, sample_steps=25))  # fmt: skip
+    rows = study.plan_rows(settings, list(study.METHODS))
+    assert len(rows) == len(set(rows))
+    assert {m for m, _, _ in rows} == set(study.METHODS)
+    assert rows[:8] == [("original", 1.0, 0), ("fine-tuned", 1.0, 0)] + [
+        (m, 0.5, 0) for m in study.METHODS[2:]
+    ]
+    assert [r[1] for r in rows[8:16]] == [1.0] + [0.5] * 4 + [1.0] + [0.5] * 2  # seeds 1, 2 at 0.5
+    assert ("dynamic", 0.5, 2) in rows and ("dynamic", 0.3, 1) not in rows
+    assert ("cache", 0.5, 1) not in rows  # training-free methods are deterministic: one seed
+
+
+def test_rows_have_the_issue_schema(study):
+    settings = {"sample_steps": 25, "samples": 1000}
+    row = study.infeasible_row("tokens-only", 0.3, 0, settings, "unreachable")
+    assert set(study.ROW_KEYS) <= set(row)
+    rows = [
+        {"method": "dynamic", "target_flops": 0.5, "flops_ratio": 0.5, "seed": s, "steps": 25,
+         "samples": 1000, "accuracy": 0.9 + s / 100, "frechet_distance": 10.0 + s}
+        for s in range(3)
+    ] + [row]  # fmt: skip
+    (s,) = study.summary(rows)
+    assert (s["seeds"], s["fd_mean"], s["fd_min"], s["fd_max"]) == (3, 11.0, 10.0, 12.0)
+    assert "| dynamic | 0.5 |" in study.table(rows)
+    json.dumps(rows)
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_cache_schedule_matches_the_budget(study, target):
+    reuse = study.cache_schedule(25, target, 0.26)
+    assert not reuse[0]  # the first step always runs in full
+    ratio = (reuse.count(False) + 0.26 * reuse.count(True)) / 25
+    assert abs(ratio - target) <= 0.74 / 25 / 2 + 1e-9
+
+
+def test_first_block_cache_is_exact_without_reuse_and_reuses_the_residual(study):
+    model = build_model("digits").eval()
+    x, t, y = torch.randn(4, 1, 16, 16), torch.full((4,), 500), torch.arange(4)
+    with torch.no_grad():
+        ref = model(x, t, y)
+        with study.first_block_cache(model, [False, False]):
+            assert torch.allclose(model(x, t, y), ref, atol=1e-6)
+        with study.first_block_cache(model, [False, True]):
+            model(x, t, y)
+            again = model(x, t, y)  # same input: the reused residual is exact
+        assert torch.allclose(again, ref, atol=1e-5)
+    assert len(model.blocks) == 4  # restored
+    cost = study.cached_step_cost(model)
+    assert 0.2 < cost < 0.4  # one of four blocks plus embeddings and the final layer
+
+
+@pytest.mark.slow
+def test_smoke_study_runs_and_writes_rows_and_plots(study, tmp_path):
+    out = tmp_path / "q.json"
+    data = study.main(["--smoke", "--out", str(out), "--quiet"])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} == set(study.METHODS)
+    for r in rows:
+        assert set(study.ROW_KEYS) <= set(r), r
+    assert data["summary"]
+    assert (tmp_path / "q_fd.png").is_file()
+    again = study.main(["--smoke", "--out", str(out), "--quiet", "--no-plots"])
+    assert len(again["rows"]) == len(rows)  # resumed: nothing ran twice
