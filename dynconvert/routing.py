@@ -4,6 +4,10 @@
   by multiplication so gradients reach the routers.
 - ``"eval"``: deterministic masks (a unit is on iff its logit > 0; width masks from a table
   keyed by t), run on the fast path (sliced weights, gathered tokens).
+  Execution paths in evaluation: ``"fast"`` (sliced weights, tokens gathered by ``nonzero``),
+  ``"masked"`` (the full-width reference), ``"planned"`` (static shapes: per-timestep patterns,
+  fixed token capacities, one host read per call; see planner.py) and ``"auto"`` (planned on
+  CUDA, fast elsewhere: what ``dynconvert.load`` selects).
 - ``"full"``: every unit and token on: the original model.
 - ``None``: follow ``model.training`` (train -> "train", eval -> "eval").
 """
@@ -19,7 +23,7 @@ from dynconvert.bank import MODES
 from dynconvert.errors import ConfigError
 from dynconvert.state import get_state
 
-EXECUTIONS = ("fast", "masked")
+EXECUTIONS = ("fast", "masked", "planned", "auto")
 
 
 def set_routing(model: nn.Module, mode: str | None, execution: str | None = None) -> None:
@@ -27,6 +31,7 @@ def set_routing(model: nn.Module, mode: str | None, execution: str | None = None
 
     Example:
         >>> set_routing(model, "full")          # doctest: +SKIP
+        >>> set_routing(model, "eval", execution="planned")  # doctest: +SKIP
     """
     bank = get_state(model)
     if mode is not None and mode not in MODES:

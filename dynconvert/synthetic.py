@@ -21,6 +21,7 @@ from torch import nn
 from dynconvert.flops import solve_keep
 from dynconvert.inputs import default_inputs, split_inputs
 from dynconvert.plan import MlpSite
+from dynconvert.planned import planner_of, set_token_capacity
 from dynconvert.routing import routing
 from dynconvert.state import get_state
 
@@ -40,7 +41,9 @@ def randomize_routing(
     With ``vary_with_t`` the width masks change with the timestep (each unit on for about
     ``keep`` of the timesteps); without it exactly ``round(keep * units)`` units are on at every
     t. Token routers get random weights and a bias at the quantile that keeps the requested
-    fraction of tokens of ``example_inputs`` (default: the model's own example inputs).
+    fraction of tokens of ``example_inputs`` (default: the model's own example inputs), and a
+    capacity for the planned path: that fraction plus ``PlannedOptions.capacity_margin`` (so
+    an uncalibrated model runs planned, with no overflow on those inputs).
     """
     bank = get_state(model)
     tokens = keep if tokens is None else tokens
@@ -91,15 +94,17 @@ def _randomize_tokens(model: nn.Module, bank: Any, keep: float, g: torch.Generat
         last.weight.copy_(torch.randn(last.weight.shape, generator=g) * 2 / math.sqrt(last.in_features))
         last.bias.zero_()
     handles = []
+    kept: dict[int, float] = {}  # site -> fraction of the tokens kept on these inputs
     for s in bank.plan.sites:
         if isinstance(s, MlpSite) and s.token:
             router = bank.token[str(s.index)]
 
-            def set_bias(mod: nn.Module, args: tuple, router: nn.Module = router) -> None:
+            def set_bias(mod: nn.Module, args: tuple, router: nn.Module = router, index: int = s.index) -> None:
                 with torch.no_grad():
                     last = router.net[2]
                     last.bias.zero_()
                     last.bias.copy_(_threshold(router(args[0]).flatten().float().cpu(), keep))
+                    kept[index] = float((router(args[0]) > 0).float().mean())
 
             handles.append(modules[s.fc1[0]].register_forward_pre_hook(set_bias))
     try:
@@ -108,6 +113,8 @@ def _randomize_tokens(model: nn.Module, bank: Any, keep: float, g: torch.Generat
     finally:
         for h in handles:
             h.remove()
+    margin = planner_of(model).options.capacity_margin
+    set_token_capacity(model, {i: min(1.0, f + margin) for i, f in kept.items()})
 
 
 def synthetic_routing(model: nn.Module, ratio: float, tokens: float = 0.7, inputs: Any = None, seed: int = 0) -> dict[str, float]:
