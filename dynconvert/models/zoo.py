@@ -348,6 +348,40 @@ def _lumina_rope() -> torch.Tensor:
     return get_2d_rotary_pos_embed_lumina(16, 32, 32)  # head_dim 16, a grid larger than the 4x4 patches
 
 
+def _ideogram4_inputs(batch: int, text: int = 4, side: int = 2) -> dict[str, Any]:
+    from diffusers.models.transformers import transformer_ideogram4 as ideogram
+
+    g, image = _gen(), side * side
+    hidden = torch.zeros(batch, text + image, 16)
+    hidden[:, text:] = _randn(g, batch, image, 16)
+    context = torch.zeros(batch, text + image, 24)
+    context[:, :text] = _randn(g, batch, text, 24)
+    pos = torch.zeros(batch, text + image, 3, dtype=torch.long)
+    pos[:, :text] = torch.arange(text)[:, None]
+    off = ideogram.IMAGE_POSITION_OFFSET
+    pos[:, text:, 0] = off
+    pos[:, text:, 1] = torch.arange(side).repeat_interleave(side) + off
+    pos[:, text:, 2] = torch.arange(side).repeat(side) + off
+    indicator = torch.full((batch, text + image), ideogram.OUTPUT_IMAGE_INDICATOR, dtype=torch.long)
+    indicator[:, :text] = ideogram.LLM_TOKEN_INDICATOR
+    return {"hidden_states": hidden, "encoder_hidden_states": context, "timestep": _steps(batch, 1.0),
+            "position_ids": pos, "segment_ids": torch.ones(batch, text + image, dtype=torch.long),
+            "indicator": indicator}
+
+
+def _krea2_positions(text: int, h: int, w: int) -> torch.Tensor:
+    pos = torch.zeros(text + h * w, 3)
+    pos[text:, 1] = torch.arange(h).repeat_interleave(w)
+    pos[text:, 2] = torch.arange(w).repeat(h)
+    return pos
+
+
+def _stable_audio_rope(dim: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    return get_1d_rotary_pos_embed(dim, length, use_real=True, repeat_interleave_real=False)
+
+
 # -- the zoo ---------------------------------------------------------------------------------------
 ZOO: dict[str, ZooEntry] = {
     # built-in and timm
@@ -491,6 +525,95 @@ ZOO: dict[str, ZooEntry] = {
         num_layers=2, sample_size=8, patch_size=2, norm_type="ada_norm_zero", num_embeds_ada_norm=10,
         norm_elementwise_affine=False, activation_fn="gelu-approximate"), _dit_inputs,
         "patched ada_norm_zero config (the DiT layout of the generic class)"),
+    "motif-video": ZooEntry("MotifVideoTransformer3DModel", "video", _diffusers(
+        "MotifVideoTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+        num_layers=1, num_single_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16,
+        rope_axes_dim=(2, 2, 4)), _kw(
+        hidden_states=(4, 2, 8, 8), timestep=_T(integer=True), encoder_hidden_states=(8, 16),
+        encoder_attention_mask=_M(8))),
+    "helios": ZooEntry("HeliosTransformer3DModel", "video", _diffusers(
+        "HeliosTransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+        in_channels=4, out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, rope_dim=(4, 4, 4),
+        has_multi_term_memory_patch=False), _video_cf_inputs(16), "no history latents (plain text-to-video call)"),
+    "prior": ZooEntry("PriorTransformer", "other", _diffusers(
+        "PriorTransformer", num_attention_heads=2, attention_head_dim=8, num_layers=2, embedding_dim=16,
+        num_embeddings=7, additional_embeddings=4), _kw(
+        hidden_states=(16,), timestep=_T(integer=True), proj_embedding=(16,), encoder_hidden_states=(7, 16),
+        attention_mask=_M(7, torch.bool)), "unCLIP prior: denoises a CLIP image embedding, not a latent image"),
+    "stable-audio": ZooEntry("StableAudioDiTModel", "audio", _diffusers(
+        "StableAudioDiTModel", sample_size=16, in_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, num_key_value_attention_heads=2, out_channels=4, cross_attention_dim=16,
+        time_proj_dim=8, global_states_input_dim=16, cross_attention_input_dim=16), _kw(
+        hidden_states=(4, 16), timestep=_T(integer=True), encoder_hidden_states=(8, 16),
+        global_hidden_states=(1, 16), rotary_embedding=lambda b: _stable_audio_rope(4, 17))),
+    # diffusers, image (batch 3)
+    "ernie-image": ZooEntry("ErnieImageTransformer2DModel", "image", _diffusers(
+        "ErnieImageTransformer2DModel", hidden_size=32, num_attention_heads=2, num_layers=2, ffn_hidden_size=64,
+        in_channels=4, out_channels=4, patch_size=1, text_in_dim=16, rope_axes_dim=(8, 4, 4),
+        qk_layernorm=True), _kw(
+        hidden_states=(4, 4, 4), timestep=_T(), text_bth=(8, 16), text_lens=lambda b: torch.full((b,), 8))),
+    "ideogram4": ZooEntry("Ideogram4Transformer2DModel", "image", _diffusers(
+        "Ideogram4Transformer2DModel", in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        intermediate_size=32, adaln_dim=16, llm_features_dim=24, rope_theta=10_000, mrope_section=(2, 1, 1)),
+        lambda model, batch=2: _ideogram4_inputs(batch), "text and image tokens in one sequence"),
+    "krea2": ZooEntry("Krea2Transformer2DModel", "image", _diffusers(
+        "Krea2Transformer2DModel", in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=32, timestep_embed_dim=8, text_hidden_dim=16, num_text_layers=3,
+        text_num_attention_heads=2, text_num_key_value_heads=1, text_intermediate_size=16,
+        num_layerwise_text_blocks=1, num_refiner_text_blocks=1, axes_dims_rope=(4, 2, 2)), _kw(
+        hidden_states=(16, 16), encoder_hidden_states=(4, 3, 16), timestep=_T(1.0),
+        position_ids=lambda b: _krea2_positions(4, 4, 4), encoder_attention_mask=_M(4, torch.bool)),
+        "grouped-query attention (4 heads, 2 key/value heads)"),
+    "glm-image": ZooEntry("GlmImageTransformer2DModel", "image", _diffusers(
+        "GlmImageTransformer2DModel", patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+        attention_head_dim=8, num_attention_heads=2, text_embed_dim=32, time_embed_dim=16, condition_dim=8,
+        prior_vq_quantizer_codebook_size=64), _kw(
+        hidden_states=(4, 8, 8), encoder_hidden_states=(8, 32),
+        prior_token_id=lambda b: (torch.arange(16)[None] + torch.arange(b)[:, None]) % 64,
+        prior_token_drop=lambda b: torch.zeros(b, dtype=torch.bool), timestep=_T(integer=True),
+        target_size=lambda b: torch.tensor([[8.0, 8.0]] * b), crop_coords=lambda b: torch.zeros(b, 2))),
+    "qwenimage21": ZooEntry("QwenImage21Transformer2DModel", "image", _diffusers(
+        "QwenImage21Transformer2DModel", patch_size=1, in_channels=4, out_channels=4, num_layers=2,
+        attention_head_dim=16, num_attention_heads=2, context_in_dim=8, mlp_ratio=2, axes_dims_rope=(4, 6, 6)),
+        _kw(hidden_states=(16, 4), encoder_hidden_states=(4, 8), encoder_hidden_states_mask=_M(4),
+            timestep=_T(1.0), img_shapes=lambda b: [[(1, 4, 4)]] * b,
+            img_mask=lambda b: torch.tensor([[False] * 4 + [True] * 4] * b)),
+        "block-causal attention over text, condition and target tokens"),
+    "flux3": ZooEntry("Flux3Transformer2DModel", "image", _diffusers(
+        "Flux3Transformer2DModel", in_channels=4, cond_in_channels=4, num_layers=1, num_single_layers=1,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, timestep_channels=256,
+        axes_dims_rope=(4, 4, 4, 4)), lambda model, batch=2: {
+        k: (v[0] if k.endswith("_ids") else v) for k, v in _flux2_inputs(model, batch).items()}),
+    "bria-fibo": ZooEntry("BriaFiboTransformer2DModel", "image", _diffusers(
+        "BriaFiboTransformer2DModel", patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8),
+        text_encoder_dim=16), lambda model, batch=2: {
+        **_chroma_inputs(model, batch), "text_encoder_layers": [torch.randn(batch, 8, 16, generator=_gen())] * 2}),
+    "prx": ZooEntry("PRXTransformer2DModel", "image", _diffusers(
+        "PRXTransformer2DModel", in_channels=4, patch_size=2, context_in_dim=16, hidden_size=32, mlp_ratio=2.0,
+        num_heads=2, depth=2, axes_dim=[8, 8]), _kw(
+        hidden_states=(4, 8, 8), timestep=_T(1.0), encoder_hidden_states=(8, 16))),
+    "nucleus-moe-image": ZooEntry("NucleusMoEImageTransformer2DModel", "image", _diffusers(
+        "NucleusMoEImageTransformer2DModel", patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4),
+        num_experts=4, moe_intermediate_dim=16, dense_moe_strategy="leave_first_three_and_last_block_dense"),
+        _kw(hidden_states=(16, 16), img_shapes=lambda b: [(1, 4, 4)] * b, encoder_hidden_states=(8, 16),
+            encoder_hidden_states_mask=_M(8), timestep=_T(1.0)), "mixture-of-experts MLPs"),
+    "dreamlite": ZooEntry("DreamLiteTransformer2DModel", "image", _diffusers(
+        "DreamLiteTransformer2DModel", num_attention_heads=2, attention_head_dim=8, in_channels=16, out_channels=16,
+        num_layers=1, norm_num_groups=4, cross_attention_dim=16), _kw(
+        hidden_states=(16, 4, 4), encoder_hidden_states=(8, 16), timestep=_T(integer=True)),
+        "a U-Net transformer block (continuous input, no timestep conditioning inside)"),
+    "joyimage-edit": ZooEntry("JoyImageEditTransformer3DModel", "image", _diffusers(
+        "JoyImageEditTransformer3DModel", patch_size=[1, 2, 2], in_channels=4, hidden_size=32, num_attention_heads=2,
+        text_dim=16, num_layers=2, rope_dim_list=[4, 6, 6]), _kw(
+        hidden_states=(4, 1, 8, 8), timestep=_T(), encoder_hidden_states=(8, 16))),
+    "joyimage-edit-plus": ZooEntry("JoyImageEditPlusTransformer3DModel", "image", _diffusers(
+        "JoyImageEditPlusTransformer3DModel", patch_size=[1, 2, 2], in_channels=4, hidden_size=32,
+        num_attention_heads=2, text_dim=16, num_layers=2, rope_dim_list=[4, 6, 6]), _kw(
+        hidden_states=(16, 4, 1, 2, 2), timestep=_T(), encoder_hidden_states=(8, 16),
+        encoder_hidden_states_mask=_M(8), shape_list=lambda b: [[(1, 4, 4)]] * b),
+        "inputs are patchified: (B, patches, C, pt, ph, pw)"),
     # diffusers, video (batch 2)
     "skyreels-v2": ZooEntry("SkyReelsV2Transformer3DModel", "video", _diffusers(
         "SkyReelsV2Transformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
