@@ -12,12 +12,16 @@ result and writes everything into one folder::
       report.json         the figures: FLOPs ratio, executed ratio, speed-up, quality metrics
 
 Every check that can fail on bad input (recipe, model name, budget, checkpoint, data, output
-folder) runs in :func:`prepare_run`, before the folder is created; :func:`execute_run` then
-writes. A run that fails before its first checkpoint removes the folder it created; after that
-the checkpoints stay and ``resume=True`` continues.
+folder and whether it can be written) runs in :func:`prepare_run`, before the folder is
+created; :func:`execute_run` then writes, holding the folder's lock (``.dynconvert.lock``, an OS
+file lock: a second writer is refused at once with the holder's PID). A run that fails before
+its first checkpoint removes only what it wrote (the folder too when it created it); after that
+the checkpoints stay and ``resume=True`` continues. A resume that fails leaves ``run.json`` as
+it was.
 
-The code lives in four modules: ``sources`` (the base model and the data), ``folder`` (the run
-folder and its files), ``report`` (the measurements) and ``pipeline`` (the run itself).
+The code lives in five modules: ``sources`` (the base model and the data), ``folder`` (the run
+folder and its files), ``lock`` (one writer per folder), ``report`` (the measurements) and
+``pipeline`` (the run itself).
 
 Example:
     >>> from dynconvert.runs import RunRequest, convert_run
@@ -25,7 +29,15 @@ Example:
     >>> report["flops_ratio"], report["run_dir"]                            # doctest: +SKIP
 """
 
-from dynconvert.runs.folder import check_out, default_out, dumps, load_run, read_run
+from dynconvert.runs.folder import (
+    check_out,
+    check_writable,
+    default_out,
+    dumps,
+    load_run,
+    read_run,
+)
+from dynconvert.runs.lock import LOCK_FILE, RunLock, holder
 from dynconvert.runs.pipeline import (
     convert_run,
     execute_run,
@@ -46,18 +58,22 @@ from dynconvert.runs.sources import (
 
 __all__ = [
     "DIFFUSERS_MODELS",
+    "LOCK_FILE",
     "TEST_MODELS",
     "ModelSource",
+    "RunLock",
     "EventFn",
     "PreparedRun",
     "RunRequest",
     "build_report",
     "check_out",
+    "check_writable",
     "convert_run",
     "default_out",
     "dumps",
     "execute_run",
     "flops_profile",
+    "holder",
     "load_run",
     "original_model",
     "parse_target",

@@ -1,5 +1,6 @@
 """The run folder: its default name, ``run.json``, refusing a folder that holds another run,
-cleanup after a failed fresh run, JSON files, and loading a finished run back."""
+checking that ``out`` can be written, cleanup after a failed run (only what this process wrote),
+stale temp files, JSON files, and loading a finished run back."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from dynconvert.calibration.checkpoint import list_checkpoints
+from dynconvert.calibration.checkpoint import checkpoint_dir, list_checkpoints
 from dynconvert.calibration.config import RESUME_FREE_FIELDS
 from dynconvert.errors import OutputExistsError, RecordError
 from dynconvert.recipes import Recipe
+from dynconvert.runs.lock import LOCK_FILE
 from dynconvert.runs.sources import ModelSource
 from dynconvert.save import RECORD, atomic_write_bytes, load, read_record
 from dynconvert.version import __version__
@@ -30,6 +33,7 @@ REPORT_FILE = "report.json"
 SAMPLES_FILE = "samples.png"
 RUN_FORMAT = "dynconvert-run"
 RUN_VERSION = 1
+RUN_STATUSES = ("running", "finished")
 
 
 def default_out(model: str, target: float) -> Path:
@@ -85,7 +89,87 @@ def read_run(folder: str | os.PathLike) -> dict[str, Any] | None:
         raise OutputExistsError(f"{path} is unreadable ({e}); choose another `out`") from e
     if not isinstance(data, dict) or data.get("format") != RUN_FORMAT:
         raise OutputExistsError(f"{path} is not a dynconvert run file; choose another `out`")
+    version = data.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= RUN_VERSION:
+        raise OutputExistsError(
+            f"{path} has run-folder version {version!r}; this dynconvert reads version "
+            f"{RUN_VERSION} (upgrade dynconvert for a newer one); choose another `out`"
+        )
+    kinds = {"status": str, "identity": dict, "source": dict, "recipe": dict, "steps": int}
+    for key, kind in kinds.items():
+        if key in data and not isinstance(data[key], kind) or isinstance(data.get(key), bool):
+            raise OutputExistsError(
+                f"{path} is corrupt: {key} is {type(data[key]).__name__}, not "
+                f"{kind.__name__}; choose another `out`"
+            )
+    if data.get("status") not in RUN_STATUSES:
+        raise OutputExistsError(
+            f"{path} is corrupt: status {data.get('status')!r} is not one of "
+            f"{', '.join(RUN_STATUSES)}; choose another `out`"
+        )
     return data
+
+
+def is_scratch(name: str) -> bool:
+    """Whether a file name is the lock or a temp file (they do not make a folder non-empty).
+
+    Example:
+        >>> is_scratch(".model.safetensors.k2j4.tmp"), is_scratch("run.json")
+        (True, False)
+    """
+    return name == LOCK_FILE or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Remove the temp files a killed writer left in ``out`` and its checkpoints folder.
+
+    Call it holding the folder's lock: every temp file there is then stale.
+
+    Returns:
+        The removed paths.
+    """
+    removed = []
+    for folder in (out, checkpoint_dir(out)):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.name != LOCK_FILE and is_scratch(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def check_writable(path: Path, what: str = "`out`") -> None:
+    """Refuse a path that cannot be created or written, before any work starts.
+
+    ``path`` may exist (a folder, or a file to overwrite) or not (its nearest existing parent
+    must be a folder this process can create files in: probed with a temp file).
+
+    Raises:
+        OutputExistsError: The message names the path and why.
+
+    Example:
+        >>> check_writable(Path(tempfile.mkdtemp()) / "runs" / "x")
+    """
+    path = Path(path).expanduser()
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputExistsError(
+            f"{what} {path} cannot be written: {parent} is a file, not a folder"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dynconvert-probe.", suffix=".tmp", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+        if path.is_file() and not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is read-only")
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise OutputExistsError(
+            f"{what} {path} cannot be written ({reason} in {parent}); choose a writable path"
+        ) from None
 
 
 def check_out(
@@ -100,7 +184,7 @@ def check_out(
 
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"`out` {out} is a file; choose a folder")
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or all(is_scratch(p.name) for p in out.iterdir()):
         if resume:
             raise OutputExistsError(
                 f"nothing to resume in {out}: no run there; drop `resume=True` to start one"
@@ -138,16 +222,46 @@ def check_out(
             f"{out} holds an unfinished run of these settings ({last} steps checkpointed); add "
             "`resume=True` to continue it, or choose another `out`"
         )
+    elif steps < last:
+        raise OutputExistsError(
+            f"the run in {out} has a checkpoint at step {last}; `resume=True` needs `steps` of "
+            f"at least {last} (got {steps}), or choose another `out`"
+        )
     return previous
 
 
-def remove_run(out: Path, existed: bool) -> None:
-    """Remove what a failed fresh run wrote (the folder itself when the run created it)."""
-    if not existed:
-        shutil.rmtree(out, ignore_errors=True)
-        return
-    (out / RUN_FILE).unlink(missing_ok=True)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+def snapshot(out: Path) -> set[str]:
+    """Relative paths of every file and folder under ``out`` (empty when it does not exist)."""
+    if not out.is_dir():
+        return set()
+    return {p.relative_to(out).as_posix() for p in out.rglob("*")}
+
+
+def remove_created(out: Path, before: set[str], created_folder: bool) -> None:
+    """Remove what this process wrote into ``out`` after :func:`snapshot` gave ``before``.
+
+    Only paths that were not there before go (deepest first); files that were there stay, even
+    when this process rewrote them. The folder itself goes when this process created it and
+    nothing else is left in it but the lock.
+
+    Args:
+        out: The run folder.
+        before: :func:`snapshot` of the folder taken when this process started writing.
+        created_folder: Whether this process created ``out``.
+    """
+    for rel in sorted(snapshot(out) - before - {LOCK_FILE}, key=lambda r: -r.count("/")):
+        p = out / rel
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    if created_folder and out.is_dir():
+        if all(p.name == LOCK_FILE for p in out.iterdir()):
+            (out / LOCK_FILE).unlink(missing_ok=True)
+            try:
+                out.rmdir()
+            except OSError:
+                pass  # someone put a file there meanwhile: leave it
 
 
 _NUMBERS = re.compile(r"\[\s*((?:-?[\d.eE+-]+|null)(?:,\s*(?:-?[\d.eE+-]+|null))*)\s*\]")

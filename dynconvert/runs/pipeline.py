@@ -1,6 +1,10 @@
 """The end-to-end run: :func:`prepare_run` checks everything and converts the model (nothing
-written yet); :func:`execute_run` creates the folder, calibrates (continuing from the last
-checkpoint with ``resume``), measures and writes the report; :func:`convert_run` does both."""
+written yet); :func:`execute_run` locks the folder, calibrates (continuing from the last
+checkpoint with ``resume``), measures and writes the report; :func:`convert_run` does both.
+
+Failure rules: a fresh run that fails before its first checkpoint removes only what it wrote
+(the folder too when it created it); a resume that fails before a new checkpoint puts
+``run.json`` back as it was. Either way the lock is dropped."""
 
 from __future__ import annotations
 
@@ -12,20 +16,26 @@ from typing import Any
 
 import torch
 
-from dynconvert.calibration.checkpoint import list_checkpoints
+from dynconvert.calibration.checkpoint import check_resume, list_checkpoints
 from dynconvert.calibration.loop import calibrate
 from dynconvert.convert import check_budget, convert
 from dynconvert.errors import BudgetError, ConfigError, DataError
+from dynconvert.fields import Range, check_value
 from dynconvert.recipes import load_recipe, recipe_for_model
 from dynconvert.runs.folder import (
     REPORT_FILE,
+    RUN_FILE,
     check_out,
+    check_writable,
     default_out,
-    remove_run,
+    remove_created,
+    remove_stale_temps,
     run_identity,
+    snapshot,
     write_json,
     write_run_state,
 )
+from dynconvert.runs.lock import RunLock, refuse_if_locked
 from dynconvert.runs.report import build_report, check_report
 from dynconvert.runs.request import EventFn, PreparedRun, RunRequest
 from dynconvert.runs.sources import (
@@ -34,6 +44,7 @@ from dynconvert.runs.sources import (
     resolve_source,
     synthetic_data,
 )
+from dynconvert.save import atomic_write_bytes
 from dynconvert.state import get_state
 
 
@@ -78,8 +89,11 @@ def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> Prepare
     event = on_event or (lambda stage, msg: None)
     target = parse_target(request.target_flops) if request.target_flops is not None else None
     steps = request.steps
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ConfigError(f"`steps` must be an integer >= 1; got {steps!r}")
+    if steps is not None:
+        check_value("`steps`", steps, int, Range(1))
+    for name in ("model", "recipe", "checkpoint", "data", "out"):
+        check_value(f"`{name}`", getattr(request, name), str | os.PathLike | None)
+    check_value("`overrides`", list(request.overrides), list[str])
     recipe_name = request.recipe
     if recipe_name is None and request.model is not None:
         recipe_name = recipe_for_model(request.model)
@@ -108,11 +122,22 @@ def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> Prepare
     )
     identity = run_identity(recipe, source, target)
     main = int(os.environ.get("RANK", "0")) == 0
-    previous = check_out(out, identity, request.resume, calibration.steps) if main else None
+    previous = None
+    if main:
+        check_writable(out)
+        refuse_if_locked(out)  # another process is writing there: refused before any work
+        previous = check_out(out, identity, request.resume, calibration.steps)
     data = data_source(recipe.data)
 
     t0 = time.perf_counter()
-    model = source.build()
+    try:
+        model = source.build()
+    except (TypeError, ValueError) as e:  # a model_kwargs value the model's constructor refuses
+        if not recipe.model_kwargs:
+            raise
+        raise ConfigError(
+            f"{source.describe()} cannot be built with model_kwargs {recipe.model_kwargs}: {e}"
+        ) from e
     event("build", f"built {source.describe()} in {time.perf_counter() - t0:.1f} s")
     if data is None:
         data = synthetic_data(model, rows=max(64, calibration.batch_size), seed=calibration.seed)
@@ -120,8 +145,10 @@ def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> Prepare
     check_report(recipe, model)
 
     t0 = time.perf_counter()
-    model = convert(model, target, config=recipe.convert_config())
+    model = convert(model, target, config=recipe.convert_config(), seed=calibration.seed)
     plan = get_state(model).plan
+    if main:
+        check_resume(calibration, model)  # the checkpoint to continue from, before any work
     event("convert", f"converted {len(plan.sites)} sites in {len(plan.blocks)} blocks "
           f"({plan.coverage}) in {time.perf_counter() - t0:.1f} s")  # fmt: skip
     return PreparedRun(
@@ -142,44 +169,66 @@ def execute_run(
         The report (None on the other processes of a multi-process launch).
     """
     event = on_event or (lambda stage, msg: None)
-    out, main = prepared.out, prepared.main_process
+    main = prepared.main_process
     t_start = time.perf_counter()
-    existed = out.exists()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_run_state(prepared, "running")
     threads = torch.get_num_threads()
     if prepared.recipe.cpu_threads and prepared.device == "cpu":
         torch.set_num_threads(prepared.recipe.cpu_threads)
     try:
-        return _calibrate_and_report(prepared, on_step, event, existed, t_start)
+        if not main:
+            return _calibrate_and_report(prepared, on_step, event, t_start)
+        return _locked_run(prepared, on_step, event, t_start)
     finally:
         torch.set_num_threads(threads)
+
+
+def _locked_run(
+    prepared: PreparedRun,
+    on_step: Callable[[Any], None] | None,
+    event: EventFn,
+    t_start: float,
+) -> dict[str, Any] | None:
+    """The main process's run, holding the folder's lock throughout."""
+    out = prepared.out
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):
+        # Checked again under the lock: another writer may have finished here since prepare.
+        prepared.previous = check_out(
+            out, prepared.identity, prepared.request.resume, prepared.calibration.steps
+        )
+        remove_stale_temps(out)  # what a killed writer left; nobody else is writing now
+        before = snapshot(out)
+        run_file = out / RUN_FILE
+        run_before = run_file.read_bytes() if run_file.is_file() else None
+        checkpoints_before = list_checkpoints(out)
+        write_run_state(prepared, "running")
+        try:
+            return _calibrate_and_report(prepared, on_step, event, t_start)
+        except BaseException:
+            if list_checkpoints(out) == checkpoints_before:  # no progress: undo what we wrote
+                if prepared.previous is None:
+                    remove_created(out, before, created)
+                elif run_before is not None:
+                    atomic_write_bytes(run_file, run_before)
+            raise
 
 
 def _calibrate_and_report(
     prepared: PreparedRun,
     on_step: Callable[[Any], None] | None,
     event: EventFn,
-    existed: bool,
     t_start: float,
 ) -> dict[str, Any] | None:
 
     out, main = prepared.out, prepared.main_process
-    try:
-        event(
-            "calibrate",
-            f"calibrating toward {prepared.target:g} for {prepared.calibration.steps} steps",
-        )
-        t0 = time.perf_counter()
-        result = calibrate(
-            prepared.model, prepared.data, prepared.calibration, on_step=on_step
-        )
-        calibrate_s = time.perf_counter() - t0
-    except BaseException:
-        if main and prepared.previous is None and not list_checkpoints(out):
-            remove_run(out, existed)  # nothing worth keeping: leave nothing behind
-        raise
+    event(
+        "calibrate",
+        f"calibrating toward {prepared.target:g} for {prepared.calibration.steps} steps",
+    )
+    t0 = time.perf_counter()
+    result = calibrate(prepared.model, prepared.data, prepared.calibration, on_step=on_step)
+    calibrate_s = time.perf_counter() - t0
     if not main:
         return None
     report = build_report(prepared, result, event)

@@ -331,7 +331,9 @@ def synthetic_data(model: nn.Module, rows: int = 64, seed: int = 0) -> Any:
     from dynconvert.calibration import TensorSource
     from dynconvert.calibration.adapters import X_NAMES, Y_NAMES
 
-    named = _named_inputs(model, rows)
+    with torch.random.fork_rng(devices=[]):  # labels from the seed, not the global RNG
+        torch.manual_seed(seed)
+        named = _named_inputs(model, rows)
     x = _pick(named, X_NAMES)
     if x is None:
         raise DataError(
