@@ -25,10 +25,12 @@ import torch
 import torch.nn as nn
 
 from dynconvert.errors import CheckpointError, OutputExistsError
+from dynconvert.state import get_state
 
 CHECKPOINT_FORMAT = "dynconvert-calibration"
 CHECKPOINT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{7,})\.pt$")
+_TEMP = re.compile(r"^\.step-\d{7,}\.pt\.(\d+)\.tmp$")
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -102,8 +104,10 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by ``save_checkpoint``.
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
+    """Load a checkpoint written by ``save_checkpoint`` (``mmap``: map the tensors, read lazily).
 
     Raises:
         CheckpointError: Missing, unreadable, another format, or a newer version.
@@ -112,7 +116,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises many types for a corrupt file
         raise CheckpointError(
             f"checkpoint {path} is corrupt or unreadable ({type(err).__name__}: {err}); delete it "
@@ -120,12 +124,123 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from err
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a dynconvert calibration checkpoint")
-    if int(payload.get("version", 0)) > CHECKPOINT_VERSION:
+    version = payload.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CheckpointError(
-            f"checkpoint {path} has version {payload['version']}, newer than this dynconvert "
+            f"checkpoint {path} has no valid version ({version!r}); it is corrupt"
+        )
+    if version > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has version {version}, newer than this dynconvert "
             f"({CHECKPOINT_VERSION}); upgrade dynconvert"
         )
     return payload
+
+
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "step": int,
+    "model": dict,
+    "ema": dict,
+    "optimizer": dict,
+    "rng": list,
+    "counters": dict,
+    "history": dict,
+    "config": dict,
+}
+"""The keys a checkpoint to resume from must hold, and their types."""
+
+
+def check_training_payload(payload: dict[str, Any], path: str | Path) -> None:
+    """Refuse a checkpoint that lacks a key of a training state or holds one of another type.
+
+    Raises:
+        CheckpointError: The message names the key; delete the file to resume from the one
+            before.
+
+    Example:
+        >>> check_training_payload({"step": 1}, "x.pt")
+        Traceback (most recent call last):
+        ...
+        dynconvert.errors.CheckpointError: checkpoint x.pt lacks 'model' (it is not a training state or is corrupt); delete it to resume from the previous one
+    """
+    for key, kind in _FIELDS.items():
+        if key not in payload:
+            raise CheckpointError(
+                f"checkpoint {path} lacks {key!r} (it is not a training state or is corrupt); "
+                "delete it to resume from the previous one"
+            )
+        value = payload[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: {key!r} is a {type(value).__name__}; delete it "
+                "to resume from the previous one"
+            )
+    if payload["step"] < 0:
+        raise CheckpointError(f"checkpoint {path} is corrupt: step {payload['step']} < 0")
+    groups = payload["optimizer"].get("param_groups")
+    if not isinstance(groups, list) or not isinstance(payload["optimizer"].get("state"), dict):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its optimizer state is incomplete")
+
+
+def check_optimizer_fits(
+    optimizer_state: dict[str, Any], params: list[torch.Tensor], path: str | Path
+) -> None:
+    """Refuse an optimizer state written for other parameters (another model or ``trainable``).
+
+    Args:
+        optimizer_state: The checkpoint's ``optimizer.state_dict()``.
+        params: The trainable parameters in the optimizer's order.
+        path: The checkpoint, for the message.
+
+    Raises:
+        CheckpointError: Another number of parameters, or a moment of another shape.
+    """
+    ids = [i for g in optimizer_state.get("param_groups", []) for i in g.get("params", [])]
+    if len(ids) != len(params):
+        raise CheckpointError(
+            f"checkpoint {path} holds optimizer state for {len(ids)} parameters, this model "
+            f"trains {len(params)}: it is from another model or `trainable` setting"
+        )
+    for i, p in zip(ids, params):
+        for name, value in optimizer_state.get("state", {}).get(i, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                raise CheckpointError(
+                    f"checkpoint {path} holds optimizer state {name} of shape "
+                    f"{tuple(value.shape)} for a parameter of shape {tuple(p.shape)}: it is "
+                    "from another model"
+                )
+
+
+def remove_stale_temps(output_dir: str | Path) -> list[Path]:
+    """Remove checkpoint temp files whose writer is gone (killed during a write).
+
+    A temp file is ``.step-XXXXXXX.pt.<pid>.tmp``; one whose process no longer runs is stale.
+
+    Returns:
+        The removed paths.
+    """
+    folder = checkpoint_dir(output_dir)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _TEMP.match(p.name)
+        if m and not _alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process writes no checkpoint while it looks for stale ones
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
@@ -200,6 +315,69 @@ def seed_step(seed: int, rank: int, step: int) -> None:
     np.random.seed(mixed % (2**32))
 
 
+def _check_resumable(cfg: Any, payload: dict[str, Any], path: Path) -> None:
+    """The checkpoint is a training state of these settings, at most ``cfg.steps`` in."""
+    check_training_payload(payload, path)
+    if payload["step"] > cfg.steps:
+        raise CheckpointError(
+            f"cannot resume from {path}: it is at step {payload['step']}, past the {cfg.steps} "
+            f"steps asked; ask for at least {payload['step']} steps"
+        )
+    mismatch = cfg.resume_mismatch(payload["config"])
+    if mismatch:
+        raise CheckpointError(
+            f"cannot resume from {path}: these settings differ from the run that wrote it: "
+            f"{', '.join(mismatch)}; use the same values (only steps, checkpoint_every, "
+            "keep_checkpoints, output_dir, num_workers and cpu may change)"
+        )
+
+
+def check_resume(cfg: Any, model: nn.Module) -> int | None:
+    """Check, before any work, the checkpoint a resumed run would continue from.
+
+    The tensors are memory-mapped, not read. Checked: the checkpoint's keys and types, its
+    step against ``cfg.steps``, its settings against ``cfg``, its weights' names and shapes
+    against ``model``, and that its optimizer moments have the shapes of this model's
+    parameters. ``calibrate`` checks again when it loads.
+
+    Args:
+        cfg: The run's ``CalibrationConfig``.
+        model: The converted model the run calibrates.
+
+    Returns:
+        The checkpoint's step, or None when nothing is resumed.
+
+    Raises:
+        CheckpointError: What is wrong, naming the checkpoint.
+    """
+    if not cfg.resume or not cfg.output_dir:
+        return None
+    path = latest_checkpoint(cfg.output_dir)
+    if path is None:
+        return None
+    payload = load_checkpoint(path, mmap=True)
+    _check_resumable(cfg, payload, path)
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in payload["model"].items() if isinstance(v, torch.Tensor)}
+    if mine != theirs:
+        diff = sorted(set(mine) ^ set(theirs)) or [k for k in mine if mine[k] != theirs[k]]
+        raise CheckpointError(
+            f"checkpoint {path} does not match this model (e.g. {', '.join(diff[:3])}): it is "
+            "from another model or conversion"
+        )
+    if cfg.trainable == "routers":
+        bank = get_state(model)
+        routers = (
+            bank.router_parameters() if hasattr(bank, "router_parameters") else bank.parameters()
+        )
+        ids = {id(p) for p in routers}
+        trainable = [p for p in model.parameters() if id(p) in ids]
+    else:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+    check_optimizer_fits(payload["optimizer"], trainable, path)
+    return payload["step"]
+
+
 def load_training_state(cfg: Any, model: nn.Module, ema: Any) -> dict[str, Any] | None:
     """Load the checkpoint to resume from into ``model`` and ``ema``; None for a fresh run.
 
@@ -218,6 +396,7 @@ def load_training_state(cfg: Any, model: nn.Module, ema: Any) -> dict[str, Any] 
     """
     if not cfg.output_dir:
         return None
+    remove_stale_temps(cfg.output_dir)
     path = latest_checkpoint(cfg.output_dir)
     if path is None:
         return None
@@ -227,18 +406,20 @@ def load_training_state(cfg: Any, model: nn.Module, ema: Any) -> dict[str, Any] 
             "set resume=True to continue it, or choose another output_dir"
         )
     payload = load_checkpoint(path)
-    mismatch = cfg.resume_mismatch(payload["config"])
-    if mismatch:
-        raise CheckpointError(
-            f"cannot resume from {path}: these settings differ from the run that wrote it: "
-            f"{', '.join(mismatch)}; use the same values (only steps, checkpoint_every, "
-            "keep_checkpoints, output_dir, num_workers and cpu may change)"
-        )
+    _check_resumable(cfg, payload, path)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint {path} does not match this model: {err}") from err
-    ema.load_state_dict(payload["ema"])
+    check_optimizer_fits(
+        payload["optimizer"], [p for p in model.parameters() if p.requires_grad], path
+    )
+    try:
+        ema.load_state_dict(payload["ema"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"checkpoint {path}: its EMA does not match this model ({err})"
+        ) from err
     payload["path"] = path
     return payload
 
