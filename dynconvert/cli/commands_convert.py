@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
@@ -116,7 +120,7 @@ def convert(
         return
     progress = render.StepProgress(prepared.calibration.steps)
     try:
-        with progress:
+        with progress, terminate_as_exit():
             report = execute_run(prepared, on_step=progress, on_event=on_event)
     except KeyboardInterrupt:
         from dynconvert.calibration.checkpoint import latest_checkpoint
@@ -133,6 +137,31 @@ def convert(
         render.print_json(report)
     else:
         show(report)
+
+
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def terminate_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into ``SystemExit(143)`` while the block runs, so that its cleanup runs.
+
+    Temp files are removed, the run folder's lock is dropped and a failed fresh run removes what
+    it wrote, as on Ctrl-C (``kill -9`` cannot be caught: the next start removes leftovers).
+    Only in the main thread (elsewhere Python allows no signal handlers): there it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(EXIT_TERMINATED)
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def show(report: dict[str, Any]) -> None:

@@ -81,13 +81,20 @@ def sample(
     """
     from types import SimpleNamespace
 
-    from dynconvert.runs import load_run, original_model, resolve_device, write_samples
+    from dynconvert.runs import (
+        check_writable,
+        load_run,
+        original_model,
+        resolve_device,
+        write_samples,
+    )
     from dynconvert.sampling import SCHEDULERS
 
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}; got {scheduler!r}")
     if not out.lower().endswith(".png"):
         raise ConfigError(f"--out must be a .png file; got {out!r}")
+    check_writable(Path(out))  # before the model loads and samples
     settings = SimpleNamespace(
         labels=_labels(labels), steps=steps, cfg_scale=cfg, seed=seed, scheduler=scheduler
     )
