@@ -8,10 +8,8 @@ reaches the residual stream.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,7 +17,7 @@ import torch
 from dynconvert.analysis import attention as attn_finder
 from dynconvert.analysis import mlp as mlp_finder
 from dynconvert.analysis.costs import node_macs
-from dynconvert.analysis.graph import OpGraph, block_of, from_export
+from dynconvert.analysis.graph import OpGraph, block_of, from_export, quiet_torch
 from dynconvert.analysis.headlocal import linear_ancestry
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import AlreadyConvertedError, ExampleInputsError
@@ -107,7 +105,7 @@ def capture(
     error: Exception | None = None
     if how in ("auto", "export"):
         try:
-            with torch.no_grad(), eval_mode(model), _quiet_torch():
+            with torch.no_grad(), eval_mode(model), quiet_torch():
                 ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
             return from_export(ep, model, any_linear)
         except Exception as e:  # noqa: BLE001 - fall back to the tracer below
@@ -125,19 +123,6 @@ def capture(
     if error is not None:
         graph.coverage = f"{graph.coverage}; torch.export failed: {type(error).__name__}"
     return graph
-
-
-@contextlib.contextmanager
-def _quiet_torch() -> Iterator[None]:
-    """Silence torch's own log records while exporting: a failed export logs whole graph dumps
-    to the terminal, and analysis reports what it has to say in the plan instead."""
-    logger = logging.getLogger("torch")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def plan_from_graph(

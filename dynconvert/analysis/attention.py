@@ -145,7 +145,7 @@ def _build(
     layout = derive_inputs(call.q, call.k, call.v, call.key_layout, order, from_linear)
     # Output side: every out-projection reading the attention output (one per stream), with
     # the input column of every (head, channel) and the columns that are not heads.
-    targets = derive_outputs(call.output, heads, v_head_dim)
+    targets = derive_outputs(call.output, heads, v_head_dim, order)
     for t in targets:
         if t.keep and not _ascending(t.table):
             raise ChainError(

@@ -105,6 +105,7 @@ def capture_fx(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
     inputs = _record_inputs(model, args, kwargs)
     nodes: list[OpNode] = []
     traced: list[str] = []  # modules captured whole
+    exported: list[str] = []  # modules captured whole by torch.export on their recorded inputs
     leaves_all: list[str] = []  # submodules kept as opaque leaves inside them
     untraced: list[str] = []  # modules replaced by their children
 
@@ -116,6 +117,14 @@ def capture_fx(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
             if fqn in inputs:  # a leaf called directly by an untraceable parent: count it alone
                 nodes.append(_leaf_node(module, fqn, *inputs[fqn]))
             return
+        if fqn and fqn in inputs:
+            # A block that torch.export captures on the inputs it saw gives the full aten graph
+            # (inside attention processors too): better than tracing it with leaves.
+            sub = export_module(module, fqn, *inputs[fqn])
+            if sub is not None:
+                nodes.extend(sub)
+                exported.append(fqn)
+                return
         if fqn in inputs:
             got = _trace_module(module, fqn, *inputs[fqn])
             if got is not None:
@@ -129,8 +138,23 @@ def capture_fx(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
             visit(f"{fqn}.{name}" if fqn else name, child)
 
     visit("", model)
+    # Modules kept as opaque leaves (untraceable by fx): capture each on its own, so an
+    # attention written in an untraceable module still shows its projections and its call.
+    opaque = []
+    for leaf in leaves_all:
+        if leaf in inputs:
+            sub = export_module(model.get_submodule(leaf), leaf, *inputs[leaf])
+            if sub is not None:
+                nodes.extend(sub)
+                exported.append(leaf)
+                continue
+        opaque.append(leaf)
+    leaves_all = opaque
     link_users(nodes)
     note = f"torch.fx per module: traced {len(traced)} module(s)"
+    if exported:
+        more = "..." if len(exported) > 3 else ""
+        note += f"; {len(exported)} exported on their own ({', '.join(exported[:3])}{more})"
     if untraced:
         more = "..." if len(untraced) > 3 else ""
         note += f"; {len(untraced)} untraceable, split into children "
@@ -139,6 +163,36 @@ def capture_fx(model: nn.Module, args: tuple, kwargs: dict) -> OpGraph:
         more = "..." if len(leaves_all) > 4 else ""
         note += f"; kept as leaf: {', '.join(leaves_all[:4])}{more}"
     return OpGraph(nodes=nodes, capture="torch.fx", coverage=note)
+
+
+def export_module(module: nn.Module, prefix: str, args: tuple, kwargs: dict) -> list[OpNode] | None:
+    """torch.export one module on the inputs it saw; its ops with fqns under ``prefix``, or None.
+
+    Used per block when the whole model cannot be exported (data-dependent shapes in the
+    conditioning path, ``.tolist()`` of caption lengths): the blocks themselves usually can.
+    """
+    from dynconvert.analysis.graph import from_export, quiet_torch
+
+    try:
+        with torch.no_grad(), quiet_torch():
+            ep = torch.export.export(module, tuple(args), dict(kwargs), strict=False)
+        graph = from_export(ep, module)
+    except Exception:  # noqa: BLE001 - not exportable alone: the fx tracer takes over
+        return None
+    out = []
+    for n in graph.nodes:
+        n.name = _join(prefix, n.name)
+        n.module = _join(prefix, n.module)
+        n.stack = (prefix, *(_join(prefix, p) for p in n.stack if p))
+        n.linear = _join(prefix, n.linear) if n.linear is not None else None
+        n.is_output = False  # the block's outputs are used by the rest of the model
+        out.append(n)
+    # Parameters and inputs of the block are placeholders: renamed through the args they feed.
+    for n in graph.nodes:
+        for i in n.inputs:
+            if i.kind in ("param", "input") and not i.name.startswith(prefix + ".") and i.name != prefix:
+                i.name = _join(prefix, i.name)
+    return out
 
 
 def _trace_module(

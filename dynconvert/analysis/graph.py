@@ -8,6 +8,8 @@ and a way to replay it on concrete tensors (used to derive row layouts exactly).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -114,6 +116,7 @@ class OpNode:
     replay: Callable[..., Any] | None = None  # the op itself, to rerun on index tensors
     users: list[OpNode] = field(default_factory=list)  # ops that read this one's output
     is_input: bool = False  # a model input (placeholder that is not a parameter)
+    is_output: bool = False  # returned by the model (export graphs; unknown for fx captures)
 
     def __repr__(self) -> str:
         return f"OpNode({self.name}: {self.op} in {self.module or '<root>'} -> {self.shape})"
@@ -257,6 +260,11 @@ def from_export(
                 on.linear = wname[: -len(".weight")]
         mapping[node.name] = on
         nodes.append(on)
+    for node in ep.graph.nodes:  # what the model returns: a dead end that is not dead code
+        if node.op == "output":
+            for a in _flatten(tuple(node.args)):
+                if isinstance(a, torch.fx.Node) and isinstance(mapping.get(a.name), OpNode):
+                    mapping[a.name].is_output = True
     link_users(nodes)
     return OpGraph(nodes=nodes, capture="torch.export", coverage="whole model")
 
@@ -345,3 +353,16 @@ def block_of(fqn: str) -> str:
         if s.isdigit():
             return ".".join(segs[: i + 1])
     return ".".join(segs[:-1]) if len(segs) > 1 else fqn
+
+
+@contextlib.contextmanager
+def quiet_torch() -> Iterator[None]:
+    """Silence torch's own log records while exporting: a failed export logs whole graph dumps
+    to the terminal, and analysis reports what it has to say in the plan instead."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -332,77 +332,77 @@ def _split_sources(
     return out
 
 
-def derive_outputs(output: OpNode, heads: int, v_head_dim: int) -> list[OutTarget]:
+def derive_outputs(output: OpNode, heads: int, v_head_dim: int, order: dict[int, int]) -> list[OutTarget]:
     """The out-projection(s) reading the attention output (B, H, N, dv), with their columns.
 
     The ops from the attention output to each Linear may only move values (reshape, transpose,
-    split along the sequence for joint attention, concatenation with other channels for a
-    parallel block's fused out-projection), cast or drop out; each Linear must read every head
-    channel exactly once, the same columns for every token.
+    split along the sequence for joint attention and concatenation of those parts again,
+    concatenation with other channels for a parallel block's fused out-projection), cast or drop
+    out; each Linear must read every head channel exactly once, the same columns for every
+    token. Unused parts (a stream whose output is dropped) are dead code and fine.
 
     Raises:
         ChainError: with the reason otherwise.
     """
     b, h, n, dv = output.shape
-    code = (torch.arange(h)[:, None] * dv + torch.arange(dv)[None, :])  # (H, dv)
-    values: dict[int, torch.Tensor] = {
-        id(output): code[None, :, None, :].expand(b, h, n, dv).contiguous()
-    }
-    tokens: dict[int, torch.Tensor] = {
-        id(output): torch.arange(n)[None, None, :, None].expand(b, h, n, dv).contiguous()
-    }
-    targets: list[OutTarget] = []
-    frontier = [output]
-    seen: set[int] = set()
-    while frontier:
-        cur = frontier.pop(0)
+    code = torch.arange(h)[:, None] * dv + torch.arange(dv)[None, :]  # (H, dv)
+    values = {id(output): code[None, :, None, :].expand(b, h, n, dv).contiguous()}
+    tokens = {id(output): torch.arange(n)[None, None, :, None].expand(b, h, n, dv).contiguous()}
+    # Everything reachable from the output up to the Linears, then replayed in graph order so
+    # that a concatenation sees all of its parts.
+    reach: dict[int, OpNode] = {}
+    targets: list[OpNode] = []
+    stack = [output]
+    while stack:
+        cur = stack.pop()
         users = cur.real_users
-        if not users and cur is not output and cur.op == "getitem":
-            continue  # an unused part of a split (a stream whose output is dropped)
+        if not users and cur is not output and not cur.is_output:
+            continue  # dead code: an unused part of a split
         if not users:
             raise ChainError("the attention output reaches the model output without a projection")
         for u in users:
-            if id(u) in seen:
+            if id(u) in reach or u in targets:
                 continue
-            seen.add(id(u))
             if u.kind == "linear":
                 if u.args[0] is not cur:
                     raise ChainError(
                         "the attention output reaches the projection as its weight, not input"
                     )
-                targets.append(_target(u, values[id(cur)], tokens[id(cur)], h, dv))
+                targets.append(u)
                 continue
             if u.kind == "norm":
-                raise ChainError(
-                    f"a norm over all heads ({describe(u)}) runs before the out-projection"
-                )
+                raise ChainError(f"a norm over all heads ({describe(u)}) runs before the out-projection")
             movable = u.kind in ("shape", "cast", "cat") or (
                 u.kind == "unary" and u.op.startswith(("dropout", "identity", "native_dropout"))
             )
             if not movable:
                 raise ChainError(f"{describe(u)} lies between the attention and its out-projection")
-            if u.kind == "cat":
-                dim = u.arg(1, "dim", 0)
-                rank = len(u.shape or ())
-                if dim not in (-1, rank - 1):
-                    raise ChainError(
-                        f"{describe(u)} concatenates the attention output with another tensor "
-                        "along the tokens"
-                    )
-            if u.kind in ("shape", "cat"):
-                args = _sub(u.args, values)
-                kwargs = {k: _sub(v, values) for k, v in u.kwargs.items()}
-                values[id(u)] = u.replay(*args, **kwargs)
-                args = _sub(u.args, tokens)
-                kwargs = {k: _sub(v, tokens) for k, v in u.kwargs.items()}
-                tokens[id(u)] = u.replay(*args, **kwargs)
-            else:
-                values[id(u)] = values[id(cur)]
-                tokens[id(u)] = tokens[id(cur)]
-            frontier.append(u)
+            reach[id(u)] = u
+            stack.append(u)
+    for u in sorted(reach.values(), key=lambda x: order[id(x)]):
+        if u.kind == "cat":
+            dim = u.arg(1, "dim", 0)
+            rank = len(u.shape or ())
+            parts = [a for a in _flat(u.args[0]) if isinstance(a, OpNode)]
+            along_tokens = dim not in (-1, rank - 1)
+            if along_tokens and any(id(p) not in values for p in parts):
+                raise ChainError(
+                    f"{describe(u)} concatenates the attention output with another tensor "
+                    "along the tokens"
+                )
+        if u.kind in ("shape", "cat"):
+            values[id(u)] = u.replay(*_sub(u.args, values), **{k: _sub(v, values) for k, v in u.kwargs.items()})
+            tokens[id(u)] = u.replay(*_sub(u.args, tokens), **{k: _sub(v, tokens) for k, v in u.kwargs.items()})
+        else:
+            src = next(i for i in u.inputs if id(i) in values)
+            values[id(u)], tokens[id(u)] = values[id(src)], tokens[id(src)]
     if not targets:
         raise ChainError("no out-projection reads the attention output")
-    return targets
+    return [_target(t, values[id(t.args[0])], tokens[id(t.args[0])], h, dv) for t in targets]
+
+
+def _flat(a: Any) -> list[Any]:
+    return [y for x in a for y in _flat(x)] if isinstance(a, (list, tuple)) else [a]
 
 
 def _target(lin: OpNode, cols: Any, toks: Any, heads: int, dv: int) -> OutTarget:
