@@ -50,6 +50,12 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
+
+def _fsync(path: Path) -> None:
+    """Flush a written file to disk (before it is renamed into place)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
 class ShardWriter:
     """Appends rows and writes full shards as it goes; ``close()`` writes ``index.json``.
 
@@ -139,6 +145,7 @@ class ShardWriter:
         name = shard_name(len(self._shards))
         tmp = self.out / (name + ".tmp")
         save_file(tensors, str(tmp))
+        _fsync(tmp)  # on disk before the rename: a crash leaves no torn shard under its name
         os.replace(tmp, self.out / name)
         self._shards.append({"file": name, "count": rows})
         self._count += rows
@@ -164,6 +171,7 @@ class ShardWriter:
         index.update(self.meta)
         tmp = self.out / (INDEX_FILE + ".tmp")
         tmp.write_text(json.dumps(index, indent=1))
+        _fsync(tmp)
         os.replace(tmp, self.out / INDEX_FILE)
         return index
 
