@@ -50,7 +50,7 @@ def _first_problem(row: dict) -> str:
     return (texts[0].replace("|", "\\|")[:160] + (f" (+{len(texts) - 1} more)" if len(texts) > 1 else "")) if texts else ""
 
 
-def markdown(rows: list[dict], command: str, seconds: float) -> str:
+def markdown(rows: list[dict], command: str, seconds: float, note: str = "") -> str:
     """The table, the summary line, the reason groups and the excluded classes, as markdown."""
     s = summary(rows)
     lines = [
@@ -59,7 +59,7 @@ def markdown(rows: list[dict], command: str, seconds: float) -> str:
         f"Command: `{command}`  ",
         f"torch {torch.__version__}, diffusers {_version('diffusers')}, timm {_version('timm')}, "
         f"{platform.machine()}, {torch.get_num_threads()} threads, {seconds:.0f} s in all.",
-        "",
+        *([note, ""] if note else [""]),
         f"**{s['image_video_within']} of {s['image_video']} image/video models have an executed FLOPs ratio "
         f"<= {s['threshold']} under randomize_routing(keep=0.5)**; {s['converted']} of {s['rows']} converted, "
         f"{s['errors']} errors, {s['fresh_failures']} fresh-conversion mismatches, "
@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", metavar="NAME", help="zoo entries to run (default: all)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (1 thread each when > 1)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--note", default="", help="a line for the markdown header (e.g. the commit measured)")
     args = parser.parse_args()
     names = args.only or list(ZOO)
     unknown = [n for n in names if n not in ZOO]
@@ -135,9 +136,9 @@ def main() -> None:
     stem = "support_matrix" if not args.only else "support_matrix_partial"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(
-        {"command": command.strip(), "seconds": round(seconds, 1), "summary": summary(rows), "rows": rows,
+        {"command": command.strip(), "note": args.note, "seconds": round(seconds, 1), "summary": summary(rows), "rows": rows,
          "excluded": ZOO_EXCLUDED}, indent=1, default=str) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(rows, command.strip(), seconds))
+    (args.out / f"{stem}.md").write_text(markdown(rows, command.strip(), seconds, args.note))
     s = summary(rows)
     print(f"{s['image_video_within']}/{s['image_video']} image/video models with executed ratio <= 0.75; "
           f"{s['converted']}/{s['rows']} converted; {s['errors']} errors; wrote {args.out / stem}.{{json,md}}")

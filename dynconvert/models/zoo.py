@@ -66,10 +66,10 @@ def _diffusers(class_name: str, **config: Any) -> Callable[[int], nn.Module]:
     """A builder of ``diffusers.<class_name>(**config)`` with random weights, in eval mode."""
 
     def build(seed: int = 0) -> nn.Module:
-        import diffusers
+        import diffusers.models.transformers as transformers
 
         torch.manual_seed(seed)
-        model = getattr(diffusers, class_name)(**config)
+        model = getattr(transformers, class_name)(**config)
         return randomize_weights(model.eval(), seed)
 
     return build
@@ -382,6 +382,28 @@ def _stable_audio_rope(dim: int, length: int) -> tuple[torch.Tensor, torch.Tenso
     return get_1d_rotary_pos_embed(dim, length, use_real=True, repeat_interleave_real=False)
 
 
+def _minimax_h3_layout(text: int, audio: int, video: int) -> dict[str, Any]:
+    n = text + audio + video
+    text_i, audio_i, video_i = torch.arange(text), torch.arange(text, text + audio), torch.arange(text + audio, n)
+    tags = torch.zeros(n, dtype=torch.long)
+    tags[text_i], tags[audio_i] = 1, 2
+    t_index = torch.zeros(n, dtype=torch.long)
+    t_index[audio_i] = 1
+    pos = torch.zeros(n, 3)
+    pos[:, 0] = torch.arange(n, dtype=torch.float32)
+    pos[video_i, 1] = torch.arange(video, dtype=torch.float32) % 4
+    pos[video_i, 2] = torch.arange(video, dtype=torch.float32) % 2
+    return {"timestep": torch.tensor([0.7, 0.3]), "timestep_indices": t_index, "token_tags": tags,
+            "position_ids": pos, "video_indices": video_i, "audio_indices": audio_i, "text_indices": text_i}
+
+
+def _camera(batch: int, frames: int, side: int = 8) -> torch.Tensor:
+    c2w = torch.eye(4).repeat(batch, frames, 1, 1)
+    c2w[..., 2, 3] = torch.arange(frames, dtype=torch.float32) * 0.1
+    intrinsics = torch.tensor([float(side), float(side), side / 2, side / 2]).expand(batch, frames, 4)
+    return torch.cat([c2w.flatten(start_dim=-2), intrinsics], dim=-1)
+
+
 # -- the zoo ---------------------------------------------------------------------------------------
 ZOO: dict[str, ZooEntry] = {
     # built-in and timm
@@ -546,6 +568,59 @@ ZOO: dict[str, ZooEntry] = {
         time_proj_dim=8, global_states_input_dim=16, cross_attention_input_dim=16), _kw(
         hidden_states=(4, 16), timestep=_T(integer=True), encoder_hidden_states=(8, 16),
         global_hidden_states=(1, 16), rotary_embedding=lambda b: _stable_audio_rope(4, 17))),
+    "ltx2": ZooEntry("LTX2VideoTransformer3DModel", "video", _diffusers(
+        "LTX2VideoTransformer3DModel", in_channels=4, out_channels=4, patch_size=1, patch_size_t=1,
+        num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, audio_in_channels=4,
+        audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=8, audio_cross_attention_dim=16,
+        num_layers=2, qk_norm="rms_norm_across_heads", caption_channels=16, rope_double_precision=False), _kw(
+        hidden_states=(2 * 4 * 4, 4), audio_hidden_states=(5, 4), encoder_hidden_states=(8, 16),
+        audio_encoder_hidden_states=(8, 16), timestep=_T(), encoder_attention_mask=_M(8, torch.bool),
+        num_frames=2, height=4, width=4, audio_num_frames=5, fps=25.0), "joint video and audio streams"),
+    "kandinsky6": ZooEntry("Kandinsky6Transformer3DModel", "video", _diffusers(
+        "Kandinsky6Transformer3DModel", in_visual_dim=4, out_visual_dim=4, in_text_dim=8, in_text_dim2=8,
+        time_dim=16, patch_size=(1, 2, 2), model_dim=48, ff_dim=64, num_text_blocks=1, num_visual_blocks=2,
+        axes_dims=(4, 4, 4), visual_cond=False, in_audio_dim=4, out_audio_dim=4), _kw(
+        hidden_states=lambda b: torch.randn(b, 2, 8, 8, 4, generator=_gen()), encoder_hidden_states=(6, 8),
+        pooled_projections=(8,), timestep=_T())),
+    "wan-animate": ZooEntry("WanAnimateTransformer3DModel", "video", _diffusers(
+        "WanAnimateTransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+        in_channels=12, latent_channels=4, out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
+        image_dim=16, rope_max_seq_len=32, motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16},
+        motion_encoder_size=16, motion_style_dim=8, motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16,
+        face_encoder_num_heads=2, inject_face_latents_blocks=2), _kw(
+        hidden_states=(12, 21, 4, 4), timestep=_T(integer=True), encoder_hidden_states=(8, 16),
+        encoder_hidden_states_image=(4, 16), pose_hidden_states=(4, 20, 4, 4), face_pixel_values=(3, 77, 16, 16)),
+        "motion and face encoders at their smallest"),
+    "minimax-h3": ZooEntry("MiniMaxH3Transformer3DModel", "video", _diffusers(
+        "MiniMaxH3Transformer3DModel", num_attention_heads=2, attention_head_dim=16, hidden_size=24, num_layers=2,
+        num_refiner_layers=1, ffn_dim=32, in_channels=4, audio_in_channels=6, patch_size=(1, 2, 2), text_dim=8,
+        freq_dim=8, time_embed_hidden_dim=24, time_embed_dim=16, rope_freq_dim=2), lambda model, batch=2: {
+        **_kw(hidden_states=(8, 16), audio_hidden_states=(6, 6), encoder_hidden_states=(4, 8))(model, batch),
+        **_minimax_h3_layout(4, 6, 8)}, "one packed text+audio+video sequence; timesteps per row group, not per sample"),
+    "sana-wm": ZooEntry("SanaWMTransformer3DModel", "video", _diffusers(
+        "SanaWMTransformer3DModel", in_channels=4, num_layers=2, hidden_size=32, num_attention_heads=2,
+        patch_size=(1, 1, 1), softmax_every_n=2, linear_head_dim=16, t_kernel_size=3, conv_kernel_size=4,
+        caption_channels=8, mlp_ratio=2.0, chunk_plucker_channels=8, chunk_plucker_post_attn_blocks=2), _kw(
+        hidden_states=(4, 4, 8, 8), timestep=lambda b: _steps(b)[:, None, None].repeat(1, 1, 4),
+        encoder_hidden_states=(1, 16, 8), encoder_attention_mask=_M(16), camera_conditions=lambda b: _camera(b, 4),
+        chunk_plucker=(8, 4, 8, 8)), "camera-controlled world model: linear (GDN) and softmax attention blocks"),
+    "sana-wm-refiner": ZooEntry("SanaWMLTX2RefinerTransformer3DModel", "video", _diffusers(
+        "SanaWMLTX2RefinerTransformer3DModel", in_channels=4, out_channels=4, patch_size=1, patch_size_t=1,
+        num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, audio_in_channels=4,
+        audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=8, audio_cross_attention_dim=16,
+        num_layers=2, qk_norm="rms_norm_across_heads", caption_channels=16, rope_double_precision=False),
+        lambda model, batch=2: {
+            **_kw(hidden_states=(32, 4), encoder_hidden_states=(8, 16), encoder_attention_mask=_M(8, torch.float32))(
+                model, batch),
+            "timestep": _steps(batch)[:, None].repeat(1, 32),
+            "video_rotary_emb": model.build_rotary_emb_for_absolute_positions(
+                batch_size=batch, frame_positions=[0, 1], height=4, width=4, device=torch.device("cpu"), fps=24.0)},
+        "per-token timesteps (B, tokens), the same for every token of a sample"),
+    "kandinsky6-sr": ZooEntry("Kandinsky6SRTransformer3DModel", "video", _diffusers(
+        "Kandinsky6SRTransformer3DModel", in_visual_dim=4, out_visual_dim=8, time_dim=16, patch_size=(1, 2, 2),
+        model_dim=24, ff_dim=32, num_visual_blocks=2, axes_dims=(4, 4, 4)), _kw(
+        hidden_states=lambda b: torch.randn(b, 2, 16, 16, 9, generator=_gen()), timestep=_T()),
+        "video super-resolution; sparse (nabla) flex attention"),
     # diffusers, image (batch 3)
     "ernie-image": ZooEntry("ErnieImageTransformer2DModel", "image", _diffusers(
         "ErnieImageTransformer2DModel", hidden_size=32, num_attention_heads=2, num_layers=2, ffn_hidden_size=64,
@@ -685,6 +760,23 @@ ZOO: dict[str, ZooEntry] = {
         timestep=_T(), pooled_projections=(8,),
         visual_rope_pos=lambda b: (torch.arange(2), torch.arange(4), torch.arange(4)),
         text_rope_pos=lambda b: torch.arange(8))),
+    # diffusers, other denoisers and building blocks
+    "dual-transformer2d": ZooEntry("DualTransformer2DModel", "other", _diffusers(
+        "DualTransformer2DModel", num_attention_heads=2, attention_head_dim=8, in_channels=16, num_layers=1,
+        norm_num_groups=4, cross_attention_dim=16), _kw(
+        hidden_states=(16, 4, 4), encoder_hidden_states=(77 + 257, 16), timestep=_T(integer=True)),
+        "Versatile Diffusion's pair of Transformer2DModels (text 77 + image 257 condition tokens)"),
+    "transformer-temporal": ZooEntry("TransformerTemporalModel", "other", _diffusers(
+        "TransformerTemporalModel", num_attention_heads=2, attention_head_dim=8, in_channels=16, num_layers=1,
+        norm_num_groups=4), lambda model, batch=2: {
+        "hidden_states": torch.randn(batch * 2, 16, 4, 4, generator=_gen()), "num_frames": 2},
+        "a temporal layer of video U-Nets, no timestep input (batch x frames rows)"),
+    "t5-film": ZooEntry("T5FilmDecoder", "audio", _diffusers(
+        "T5FilmDecoder", input_dims=8, targets_length=16, d_model=32, num_layers=2, num_heads=2, d_kv=8, d_ff=64,
+        dropout_rate=0.0), lambda model, batch=2: {
+        "encodings_and_masks": [(torch.randn(batch, 8, 32, generator=_gen()), torch.ones(batch, 8, dtype=torch.bool))],
+        "decoder_input_tokens": torch.randn(batch, 16, 8, generator=_gen()), "decoder_noise_time": _steps(batch, 1.0)},
+        "spectrogram diffusion decoder (music)"),
 }
 """Zoo name -> :class:`ZooEntry`."""
 
@@ -692,39 +784,13 @@ ZOO_EXCLUDED: dict[str, str] = {
     "AceStepTransformer1DModel": "pending: no tiny config in the zoo yet",
     "AnyFlowFARTransformer3DModel": "pending: no tiny config in the zoo yet",
     "BriaFibo2Transformer2DModel": "pending: no tiny config in the zoo yet",
-    "BriaFiboTransformer2DModel": "pending: no tiny config in the zoo yet",
     "Cosmos3OmniTransformer": "pending: no tiny config in the zoo yet",
-    "DreamLiteTransformer2DModel": "pending: no tiny config in the zoo yet",
-    "DualTransformer2DModel": "pending: no tiny config in the zoo yet",
-    "ErnieImageTransformer2DModel": "pending: no tiny config in the zoo yet",
-    "Flux3Transformer2DModel": "pending: no tiny config in the zoo yet",
-    "GlmImageTransformer2DModel": "pending: no tiny config in the zoo yet",
-    "HeliosTransformer3DModel": "pending: no tiny config in the zoo yet",
-    "Ideogram4Transformer2DModel": "pending: no tiny config in the zoo yet",
-    "JoyImageEditPlusTransformer3DModel": "pending: no tiny config in the zoo yet",
-    "JoyImageEditTransformer3DModel": "pending: no tiny config in the zoo yet",
-    "Kandinsky6SRTransformer3DModel": "pending: no tiny config in the zoo yet",
-    "Kandinsky6Transformer3DModel": "pending: no tiny config in the zoo yet",
-    "Krea2Transformer2DModel": "pending: no tiny config in the zoo yet",
-    "LTX2VideoTransformer3DModel": "pending: no tiny config in the zoo yet",
     "LongCatAudioDiTTransformer": "pending: no tiny config in the zoo yet",
-    "MiniMaxH3Transformer3DModel": "pending: no tiny config in the zoo yet",
     "MiniMaxMusic3RVQDepthDecoder": "pending: no tiny config in the zoo yet",
     "MiniMaxMusic3Transformer1DModel": "pending: no tiny config in the zoo yet",
-    "MotifVideoTransformer3DModel": "pending: no tiny config in the zoo yet",
-    "NucleusMoEImageTransformer2DModel": "pending: no tiny config in the zoo yet",
-    "PRXTransformer2DModel": "pending: no tiny config in the zoo yet",
-    "PriorTransformer": "pending: no tiny config in the zoo yet",
-    "QwenImage21Transformer2DModel": "pending: no tiny config in the zoo yet",
     "RFD4ProteinaTransformer": "pending: no tiny config in the zoo yet",
-    "SanaWMLTX2RefinerTransformer3DModel": "pending: no tiny config in the zoo yet",
-    "SanaWMTransformer3DModel": "pending: no tiny config in the zoo yet",
     "StableAudio3DiTModel": "pending: no tiny config in the zoo yet",
-    "StableAudioDiTModel": "pending: no tiny config in the zoo yet",
-    "T5FilmDecoder": "pending: no tiny config in the zoo yet",
-    "TransformerTemporalModel": "pending: no tiny config in the zoo yet",
     "WanAnimate2Transformer3DModel": "pending: no tiny config in the zoo yet",
-    "WanAnimateTransformer3DModel": "pending: no tiny config in the zoo yet",
 }
 """diffusers class name -> why it has no zoo entry (cannot be built or run here)."""
 
