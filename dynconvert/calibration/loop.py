@@ -38,9 +38,15 @@ from dynconvert.calibration.config import CalibrationConfig, as_config
 from dynconvert.calibration.data import as_source, check_batch
 from dynconvert.calibration.distributed import MISSING, make_accelerator, restore_forward
 from dynconvert.calibration.ema import EMA
-from dynconvert.calibration.objectives import build_objective, distill_loss, flops_loss
+from dynconvert.calibration.objectives import (
+    build_objective,
+    distill_loss,
+    flops_loss,
+    token_keep,
+    token_keep_loss,
+)
 from dynconvert.calibration.result import CalibrationResult, StepInfo
-from dynconvert.calibration.schedule import LambdaSchedule
+from dynconvert.calibration.schedule import LambdaSchedule, token_bias_shift
 from dynconvert.calibration.stream import batch_stream
 from dynconvert.errors import (
     BudgetError,
@@ -181,6 +187,7 @@ def calibrate(
             stop=cfg.steps, num_workers=cfg.num_workers,
         )  # fmt: skip
         in_a_row, t0, last = 0, time.perf_counter(), {}
+        shifted = start - 1  # the token-bias schedule is applied up to this step
         step_terms = _StepTerms(
             cfg=cfg,
             accelerator=accelerator,
@@ -228,6 +235,7 @@ def calibrate(
                         accelerator.scaler.update()  # fp16: lower the scale, reset its state
                 else:
                     optimizer.step()
+                    shifted = _shift_token_bias(state, cfg, shifted, step)
                     ema.update(model)
             optimizer.zero_grad(set_to_none=True)
             history["loss"].append(values["loss"])
@@ -296,6 +304,7 @@ class _StepTerms:
     """The loss terms of one step, from what stays fixed over the run (built before the loop).
 
     total = diffusion_weight * diffusion + w (mean F_dyn/F_static - lambda)^2
+            + w max(0, mean token keep - sqrt(lambda))^2  (with token routers)
             [+ distill_weight * MSE to the teacher] [+ complete-model diffusion loss]
     """
 
@@ -332,6 +341,7 @@ class _StepTerms:
         with self.accelerator.autocast():
             out = adapter(self.ddp_model, noisy.x_t, noisy.t, batch).float()  # the dynamic model
         ratios = last_flops_ratio(self.state).float()  # (B,), read before any other forward
+        kept = token_keep(self.state)  # (B,) or None, from the same call's masks
         diff = self.objective.loss(out, x0, noisy)
         terms["diffusion"] = diff["loss"].mean()
         terms["mse"] = diff["mse"].mean().detach()
@@ -339,7 +349,11 @@ class _StepTerms:
             terms["vb"] = diff["vb"].mean().detach()
         # The FLOPs term uses the batch mean: a batch spanning all timesteps may spend more
         # at hard ones and less at easy ones, as long as the mean meets lambda.
-        terms["flops"] = flops_loss(ratios, lam, cfg.flops_weight)
+        # Plus a one-sided cap on the mean token keep rate (sqrt(lambda)): without it the width
+        # routers meet the budget alone and the token routers never switch a token off.
+        terms["flops"] = flops_loss(ratios, lam, cfg.flops_weight) + token_keep_loss(
+            kept, lam, cfg.flops_weight
+        ).to(ratios.device)
         terms["flops_ratio"] = ratios.mean().detach()
         total = terms["flops"]
         if cfg.diffusion_weight > 0:
@@ -357,6 +371,31 @@ class _StepTerms:
             total = total + terms["complete"]
         terms["loss"] = total
         return terms
+
+
+TOKEN_BIAS_END = 0.0
+"""Where the token routers' output bias is carried to over lambda's warm-up (logits): the
+decision boundary, so from then on the routers' own weights decide which tokens run."""
+
+
+def _shift_token_bias(state: Any, cfg: CalibrationConfig, done: int, step: int) -> int:
+    """After an optimiser step, move every token router's output bias down by the bias
+    schedule's progress since step ``done`` (``schedule.token_bias_shift``); returns ``step``.
+
+    Applied with the optimiser step, so a skipped step changes no weight (its share is carried
+    to the next step taken). A no-op without token routers or without a budget (target 1).
+    """
+    routers = getattr(state, "token", None)
+    if not routers or cfg.target >= 1.0:
+        return step
+    start = float(state.config.token_bias_init)
+    args = (start, TOKEN_BIAS_END, cfg.lambda_hold_steps, cfg.warmup_steps)
+    delta = token_bias_shift(step, *args) - token_bias_shift(done, *args)
+    if delta:
+        with torch.no_grad():
+            for router in routers.values():
+                router.net[2].bias.sub_(delta)
+    return step
 
 
 def _labels_for_step(batch: dict, labels, adapter: ModelAdapter, cfg: CalibrationConfig) -> dict:

@@ -265,6 +265,69 @@ def flops_loss(ratios: torch.Tensor, lam: float, weight: float = 2.0) -> torch.T
     return weight * (ratios.float().mean() - lam) ** 2
 
 
+def token_keep_target(lam: float) -> float:
+    """The most of its tokens the token routers may keep, on the batch mean, at target ``lam``.
+
+    ``sqrt(lam)``: the keep rate at which tokens and MLP width would share an MLP's saving
+    equally (width fraction times token fraction = lam). It follows lambda's schedule (1.0 while
+    lambda is held at 1.0), so calibration still starts from the full model.
+
+    Why a second target: the FLOPs term alone asks only that the *total* meets lambda, and the
+    width routers (one logit per unit fed by a shared, wide timestep embedding) reach it long
+    before a token router's logit moves; once the total is met the FLOPs gradient is zero and
+    the diffusion loss keeps every token on, so token routing stays inert (issue 11).
+
+    Example:
+        >>> token_keep_target(1.0), round(token_keep_target(0.5), 4)
+        (1.0, 0.7071)
+    """
+    return float(lam) ** 0.5
+
+
+def token_keep(state) -> torch.Tensor | None:
+    """The fraction of tokens each sample kept in the last forward call, averaged over the
+    token-routed sites, (B,) and differentiable in training mode; None without token routers.
+
+    Args:
+        state: The converted model's ``RouterBank`` (``dynconvert.get_state(model)``).
+    """
+    kept = [
+        rec["tokens"].float().flatten(1).mean(1)
+        for rec in state.records.values()
+        if rec.get("tokens") is not None
+    ]
+    if not kept:
+        return None
+    return torch.stack(kept).mean(0)
+
+
+def token_keep_loss(keep: torch.Tensor | None, lam: float, weight: float = 2.0) -> torch.Tensor:
+    """One-sided term ``weight * max(0, mean(keep) - token_keep_target(lam))^2``.
+
+    Zero once the batch keeps at most ``sqrt(lam)`` of its tokens on average: the routers still
+    choose which tokens and at which timesteps; the term only stops the width routers from
+    taking the whole saving.
+
+    Args:
+        keep: Per-sample kept fraction (B,) from :func:`token_keep`, or None (no token routers).
+        lam: The current target lambda.
+        weight: The FLOPs term's weight w.
+
+    Returns:
+        A scalar tensor (0 when ``keep`` is None).
+
+    Example:
+        >>> float(token_keep_loss(torch.tensor([1.0, 1.0]), 0.25))  # 2 * (1 - 0.5)^2
+        0.5
+        >>> float(token_keep_loss(torch.tensor([0.4]), 0.25))
+        0.0
+    """
+    if keep is None:
+        return torch.zeros(())
+    excess = (keep.float().mean() - token_keep_target(lam)).clamp(min=0.0)
+    return weight * excess**2
+
+
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Per-sample MSE between the student's and the frozen teacher's full outputs (B,).
 

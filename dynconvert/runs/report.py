@@ -145,10 +145,30 @@ def flops_profile(
         "executed_timesteps": [int(ts[k]) for k in sorted(counted)],
         "timesteps": [int(t) for t in ts],
         "token_keep": [round(v, 4) for v in keep_mean],
+        "token_sites": len(token_sites),
         "measured": [round(v, 4) for v in measured],
         "static_macs": static,
         "dynamic_macs": float(per_t.mean()) * static,
         "blocks_macs": blocks,
+    }
+
+
+def token_keep_summary(prof: dict[str, Any]) -> dict[str, float] | None:
+    """Mean token keep rate of a :func:`flops_profile` over its measured timesteps, and over
+    those at t >= 500 (mid and high noise); None when the model routes no tokens.
+
+    Example:
+        >>> token_keep_summary({"timesteps": [0, 500, 999], "token_keep": [1.0, 0.5, 0.3],
+        ...                     "token_sites": 4})
+        {'mean': 0.6, 't_ge_500': 0.4}
+    """
+    if not prof.get("token_sites"):
+        return None
+    pairs = list(zip(prof["timesteps"], prof["token_keep"]))
+    high = [k for t, k in pairs if t >= 500] or [k for _, k in pairs]
+    return {
+        "mean": round(sum(k for _, k in pairs) / len(pairs), 4),
+        "t_ge_500": round(sum(high) / len(high), 4),
     }
 
 
@@ -181,8 +201,11 @@ def build_report(
     prof = flops_profile(model, batch, prepared.calibration, settings.profile_timesteps,
                          settings.executed_timesteps)  # fmt: skip
     timings["profile_s"] = round(time.perf_counter() - t0, 2)
+    keep = token_keep_summary(prof)
+    kept = "" if keep is None else (f", token keep {keep['mean']:.3f} (t >= 500: "
+                                    f"{keep['t_ge_500']:.3f})")  # fmt: skip
     event("profile", f"FLOPs ratio {prof['flops_ratio']:.3f} (mean over t), executed "
-          f"{_fmt(prof['executed_flops_ratio'])}")  # fmt: skip
+          f"{_fmt(prof['executed_flops_ratio'])}{kept}")  # fmt: skip
 
     summary = {
         "steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
@@ -234,6 +257,7 @@ def build_report(
         "profile": {
             k: prof[k] for k in ("timesteps", "token_keep", "measured", "executed_timesteps")
         },
+        "token_keep": keep,
         "flops_ratio_per_t": prof["per_t"],
         "calibration": summary,
         "bench": bench,
