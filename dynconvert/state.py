@@ -8,6 +8,8 @@ so that runtime modules never depend on the converter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from dynconvert.bank import RouterBank
@@ -17,6 +19,11 @@ ATTR = "dynconvert"
 """Name of the RouterBank submodule on a converted model (router weights live under it)."""
 FLAG = "_dynconvert_converted"
 """Instance attribute set to True by convert and removed by revert."""
+ATTACH_HOOKS: list[Callable[[nn.Module], None]] = []
+"""Called with the model at the end of :func:`attach` (convert, load); pretrained.py registers
+the diffusers integration here (save_pretrained keeps the routers)."""
+DETACH_HOOKS: list[Callable[[nn.Module], None]] = []
+"""Called with the model at the start of :func:`detach` (revert): undo what ATTACH_HOOKS did."""
 
 
 def is_converted(model: nn.Module) -> bool:
@@ -51,9 +58,13 @@ def attach(model: nn.Module, bank: RouterBank) -> None:
     """Attach ``bank`` as the model's state (the last step of convert and load)."""
     model.add_module(ATTR, bank)
     setattr(model, FLAG, True)
+    for hook in ATTACH_HOOKS:
+        hook(model)
 
 
 def detach(model: nn.Module) -> None:
     """Remove the state attached by :func:`attach` (the last step of revert)."""
+    for hook in DETACH_HOOKS:
+        hook(model)
     del model._modules[ATTR]
     model.__dict__.pop(FLAG, None)
