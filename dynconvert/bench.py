@@ -1,7 +1,9 @@
 """benchmark: time the original and the converted model in the same process, per denoising call.
 
 Calls alternate (original, converted, original, ...) after a warm-up, and the median of
-several repeats is reported, so both sides see the same machine state. FLOPs are reported
+several repeats is reported, so both sides see the same machine state. With ``graphs=True``
+both models run through CUDA graphs (graphs.py; the dynamic one on the planned path), so the
+speed-up compares graphed with graphed; on CPU that option changes nothing. FLOPs are reported
 two ways: the analytic ratio of the routing in force and the ratio the fast path really
 executed (``torch.utils.flop_counter`` with math attention). Peak memory is the model's own:
 weights + cached weight slices + the peak of what the call allocates.
@@ -22,7 +24,10 @@ from torch import nn
 from dynconvert.convert import convert, get_state, is_converted, revert
 from dynconvert.errors import ConfigError
 from dynconvert.flops import last_flops_ratio, measure_macs
+from dynconvert.graphs import disable_cuda_graphs, enable_cuda_graphs, graph_stats
 from dynconvert.inputs import batch_of, default_inputs, split_inputs, with_timestep
+from dynconvert.planned import token_overflow
+from dynconvert.routing import EXECUTIONS
 from dynconvert.synthetic import synthetic_routing
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -52,6 +57,13 @@ class BenchResult:
     model: str
     routing: str
     flops_unit: str = "MACs"
+    execution: str = "fast"
+    graphs: bool = False
+    graphs_static: int | None = None
+    graphs_dynamic: int | None = None
+    capture_s_static: float | None = None
+    capture_s_dynamic: float | None = None
+    token_overflow_rate: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as a plain dict (``dataclasses.asdict``), ready for JSON."""
@@ -117,6 +129,8 @@ def benchmark(
     count: bool = True,
     memory: bool = True,
     compile: bool = False,
+    execution: str | None = None,
+    graphs: bool = False,
     seed: int = 0,
     example_inputs: Any = None,
     on_progress: Callable[[str, int, int], None] | None = None,
@@ -137,6 +151,9 @@ def benchmark(
         count: also count executed FLOPs (one extra call of each model).
         memory: also measure peak memory (one extra call of each model).
         compile: wrap both models in torch.compile.
+        execution: the converted model's evaluation path ("fast", "planned", "masked", "auto";
+            default: the model's own, "planned" with ``graphs``).
+        graphs: run both models through CUDA graphs (on CUDA; eager elsewhere).
 
     Both models are moved to ``device`` and ``dtype`` (a plain ``model`` is the original itself).
 
@@ -148,6 +165,8 @@ def benchmark(
     """
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if execution is not None and execution not in EXECUTIONS:
+        raise ConfigError(f"execution must be one of {', '.join(EXECUTIONS)}; got {execution!r}")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError('device cuda requested but CUDA is not available; use `device="cpu"`')
@@ -176,6 +195,13 @@ def benchmark(
     dynamic.eval().to(device=dev, dtype=dt)
     bank = get_state(dynamic)
     bank.clear_cache()
+    if execution is not None or graphs:
+        bank.execution = execution or "planned"
+    for m in (static, dynamic):  # graphed or eager as asked (a loaded model comes graphed)
+        if graphs:
+            enable_cuda_graphs(m)
+        else:
+            disable_cuda_graphs(m)
     args, kwargs = _to(args, dev, dt), _to(kwargs, dev, dt)
     run_static = torch.compile(static) if compile else static
     run_dynamic = torch.compile(dynamic) if compile else dynamic
@@ -189,6 +215,7 @@ def benchmark(
         call(run_static)
         call(run_dynamic)
     ratio = float(last_flops_ratio(bank).mean())
+    token_overflow(dynamic)  # count the timed calls only
     ts, td = [], []
     for i in range(repeats):
         progress("timing", i + 1, repeats)
@@ -198,6 +225,8 @@ def benchmark(
             call(m)
             _sync(dev)
             out.append(time.perf_counter() - t0)
+    overflow = token_overflow(dynamic)
+    g_static, g_dynamic = graph_stats(static) or {}, graph_stats(dynamic) or {}
     t_static, t_dynamic = statistics.median(ts), statistics.median(td)
     speedup = t_static / t_dynamic
 
@@ -216,6 +245,10 @@ def benchmark(
         peak_mem_static_bytes=peak_s, peak_mem_dynamic_bytes=peak_d, device=str(dev), dtype=str(dt).replace("torch.", ""),
         batch=batch_of(args, kwargs), timestep=timestep, repeats=repeats, times_static_s=ts, times_dynamic_s=td,
         slice_cache_bytes=int(bank.slice_bytes), model=name, routing=routing,
+        execution=bank.execution, graphs=graphs,
+        graphs_static=g_static.get("graphs"), graphs_dynamic=g_dynamic.get("graphs"),
+        capture_s_static=g_static.get("capture_s"), capture_s_dynamic=g_dynamic.get("capture_s"),
+        token_overflow_rate=overflow.rate if overflow.calls else None,
     )
 
 

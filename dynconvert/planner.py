@@ -122,6 +122,7 @@ class Planner:
         self.calls = 0
         self._reset_state()
         self._linears: tuple[int, list[nn.Linear]] | None = None
+        self._named: tuple[int, dict[str, nn.Module]] | None = None
         self._stamp: tuple | None = None
         self._counter: torch.Tensor | None = None  # (2,) long: dropped, wanted (on the device)
 
@@ -153,6 +154,8 @@ class Planner:
             if len(self.patterns) > 4096:  # many mixed-t batches: bound the bookkeeping
                 self.patterns.clear()
             pattern = self.patterns[key] = self._build(key)
+            if not torch.is_grad_enabled():  # slice now, not inside a compiled or captured call
+                self._preslice(pattern, model)
         self.current = pattern
         self.calls += 1
         device = self.bank.always_on.device
@@ -223,6 +226,27 @@ class Planner:
                 cap = None if any(c is None for c in caps) else sum(caps) / len(caps)
             sites[site.index] = SitePlan(d, cap)
         return Pattern(key, sites)
+
+    def _preslice(self, pattern: Pattern, model: nn.Module) -> None:
+        """Cut the pattern's weight slices into the store (within the cap) before the call."""
+        modules = self._named[1] if self._named and self._named[0] == id(model) else None
+        if modules is None:
+            modules = dict(model.named_modules())
+            self._named = (id(model), modules)
+        for rt in self.bank.runtimes:
+            d = pattern.sites[rt.site.index].decision
+            if d is None:
+                continue
+            site = rt.site
+            cols = (
+                d.cols
+                if isinstance(d.cols, dict)
+                else {getattr(site, "out", None) or site.fc2: d.cols}
+            )
+            for axis, items in (("rows", d.rows), ("cols", cols)):
+                for name, index in items.items():
+                    if name in modules:
+                        self.sliced(modules[name], axis, d.key, index)
 
     def decision(self, index: int) -> Any:
         """The current pattern's decision for site ``index`` (None: compute every unit)."""

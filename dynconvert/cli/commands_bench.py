@@ -14,7 +14,9 @@ SCHEMA = """The --json object (dynconvert.bench.BenchResult): time_static_s, tim
 (median seconds per denoising call), speedup, flops_ratio (analytic), executed_flops_ratio
 (counted), efficiency (speedup x flops_ratio), peak_mem_static_bytes, peak_mem_dynamic_bytes,
 device, dtype, batch, timestep, repeats, times_static_s, times_dynamic_s, slice_cache_bytes,
-model, routing, flops_unit ("MACs")."""
+model, routing, flops_unit ("MACs"), execution, graphs, graphs_static, graphs_dynamic,
+capture_s_static, capture_s_dynamic (CUDA graphs held and seconds spent capturing them),
+token_overflow_rate (tokens over a planned capacity / tokens over the threshold)."""
 
 
 def bench(
@@ -59,6 +61,22 @@ def bench(
             "on CPU through the torch profiler's allocation events).",
         ),
     ] = True,
+    execution: Annotated[
+        str | None,
+        typer.Option(
+            "--execution",
+            help="Evaluation path of the dynamic model: fast, planned, masked or auto "
+            "(default: the model's own; planned with --graphs).",
+        ),
+    ] = None,
+    graphs: Annotated[
+        bool,
+        typer.Option(
+            "--graphs/--no-graphs",
+            help="Run both models through CUDA graphs (one per routing pattern and shape; "
+            "CUDA only).",
+        ),
+    ] = False,
     json: JsonOpt = False,
 ) -> None:
     """Time the original and the dynamic model per denoising call (same process, alternating).
@@ -71,6 +89,8 @@ def bench(
     [bold]Examples[/bold]
 
       dynconvert bench --model dit-xl --keep 0.5 --batch 8 --device cuda --dtype bfloat16
+
+      dynconvert bench --model dit-xl --keep 0.5 --batch 32 --device cuda --dtype bfloat16 --graphs
 
       dynconvert bench --run runs/digits-0.5 --batch 64 --json
 
@@ -109,7 +129,7 @@ def bench(
     with torch.no_grad(), render.native_stderr_silenced():  # the profiler's C++ start/stop lines
         result = benchmark(net, keep=keep, tokens=tokens, batch=batch, timestep=timestep, device=dev,
                            dtype=dtype, repeats=repeats, warmup=warmup, count=count,
-                           memory=memory,
+                           memory=memory, execution=execution, graphs=graphs,
                            on_progress=on_progress).to_dict()  # fmt: skip
     if json:
         render.print_json(result)
@@ -129,6 +149,9 @@ def show(r: dict[str, Any]) -> None:
         ("speed-up", f"{r['speedup']:.2f}x"),
         ("FLOPs ratio", f"{render.ratio(r['flops_ratio'])} analytic, {render.ratio(r['executed_flops_ratio'])} executed"),
         ("efficiency", f"{r['efficiency']:.2f} (speed-up x FLOPs ratio; 1.0 = speed follows FLOPs)"),
+        ("execution", f"{r['execution']}" + (f", CUDA graphs {r['graphs_static']} original / "
+         f"{r['graphs_dynamic']} dynamic" if r.get("graphs") else ", eager")
+         + (f", token overflow {100 * r['token_overflow_rate']:.2f}%" if r.get("token_overflow_rate") is not None else "")),
         ("peak memory", f"{format_bytes(r['peak_mem_static_bytes'])} original, "
          f"{format_bytes(r['peak_mem_dynamic_bytes'])} dynamic"),
     ]  # fmt: skip
