@@ -378,3 +378,20 @@ def test_bench_graphs_both_models_on_cuda():
         memory=False,
     )
     assert r.graphs_static == 1 and r.graphs_dynamic >= 1 and r.speedup > 0
+
+
+def test_the_flops_profile_measures_token_capacities():
+    from dynconvert.runs.report import flops_profile
+
+    model = tiny_dit()
+    inputs = default_inputs(model, batch_size=4)
+    _routed(model, inputs, gather=False)
+    set_token_capacity(model, None)
+    batch = {"x": torch.randn(4, 4, 8, 8), "y": torch.arange(4)}
+    flops_profile(
+        model, batch, dynconvert.CalibrationConfig(target=0.5), points=3, executed_points=0
+    )
+    caps = planner_of(model).capacity
+    token_sites = [s.index for s in dynconvert.get_state(model).plan.mlp if s.token]
+    assert sorted(caps) == token_sites
+    assert all(0 < float(c.min()) and float(c.max()) <= 1 for c in caps.values())

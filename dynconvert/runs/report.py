@@ -18,6 +18,7 @@ from dynconvert.errors import CheckpointError, ConfigError
 from dynconvert.evaluations import EVALUATIONS, NONE, evaluation_names
 from dynconvert.flops import last_flops_ratio, routed_ratio
 from dynconvert.plan import AttentionSite
+from dynconvert.planned import capacity_from_keep
 from dynconvert.routing import routing
 from dynconvert.runs.folder import REPORT_FILE, SAMPLES_FILE
 from dynconvert.runs.sources import first_line, original_model
@@ -102,6 +103,7 @@ def flops_profile(
     )
     token_sites = [s for s in bank.plan.sites if not isinstance(s, AttentionSite) and s.token]
     keep = {s.index: [] for s in token_sites}
+    busy = {s.index: [] for s in token_sites}  # 90th percentile of the per-sample keep rate
     measured, executed = [], []
     full = None
     was = model.training
@@ -121,8 +123,12 @@ def flops_profile(
                 for s in token_sites:
                     tk = bank.records.get(s.index, {}).get("tokens")
                     keep[s.index].append(float(tk.float().mean()) if tk is not None else 1.0)
+                    per_sample = tk.float().flatten(1).mean(1) if tk is not None else torch.ones(1)
+                    busy[s.index].append(float(torch.quantile(per_sample, 0.9)))
     finally:
         model.train(was)
+    # Token capacities of the planned path (GPU): saved in the record with the model.
+    capacity_from_keep(model, [int(t) for t in ts], busy)
     grid = torch.arange(1000, dtype=torch.float64)
     width = {i: m.double().mean(1).cpu() for i, m in bank.width_table().items()}  # {site: (1000,)}
     tokens = {  # {site: (1000,)}: keep rates measured at ts, interpolated in between
