@@ -261,11 +261,52 @@ class AttentionRuntime(_SiteRuntime):
         super().__init__(site, bank, site.v_head_dim)
         self.fast: _Decision | None = None  # this call's fast-path decision (None: full/masked)
         self.saved: dict[str, int] = {}  # head-count attributes lowered for this call
+        self.fused: dict[str, tuple[str, ...]] = {}  # fused projection fqn -> the fqns it fuses
+
+    # diffusers `fuse_qkv_projections()` adds a Linear whose rows are those of to_q, to_k, to_v
+    # (self-attention) or to_k, to_v (cross-attention) one after another; its processor splits
+    # the output into equal parts and reshapes each with the module's head count.
+    FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v")}
+
+    def adopt_fused(self, module: nn.Module) -> None:
+        """Route the projections fused after convert: their head layout is derived from the
+        Linears they concatenate (checked against the weights), so a sliced call computes the
+        active heads of every part, part-major, as the processor's split expects."""
+        for attr, parts in self.FUSED.items():
+            lin = module._modules.get(attr)
+            if type(lin) is not nn.Linear:  # absent, or already routed
+                continue
+            prefix = self.site.name + "." if self.site.name else ""
+            names = [prefix + p for p in parts]
+            if any(n not in self.tables for n in names):
+                raise RuntimeError(
+                    f"{prefix}{attr} fuses {', '.join(parts)}, which this site does not route "
+                    "together; call unfuse_qkv_projections() before running the converted model"
+                )
+            tables, offset = [], 0
+            for p, n in zip(parts, names):
+                src = module._modules[p]
+                rows = lin.weight[offset : offset + src.out_features]
+                if rows.shape != src.weight.shape or not torch.equal(rows, src.weight):
+                    raise RuntimeError(
+                        f"{prefix}{attr} does not hold the rows of {', '.join(parts)} one after "
+                        "another, so its heads cannot be derived; call unfuse_qkv_projections()"
+                    )
+                tables.append(self.tables[n] + offset)
+                offset += src.out_features
+            fqn = prefix + attr
+            self.tables[fqn] = torch.cat(tables)  # (parts, units, size): part-major when sliced
+            self.fused[fqn] = tuple(names)
+            self._decisions.clear()
+            self.bank.clear_cache()
+            make_dynamic(lin, self, "in", fqn)
 
     def pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         """Forward pre-hook of the attention module: decide the call, lower its head count."""
         self.fast = None
         bank, site = self.bank, self.site
+        if getattr(module, "fused_projections", False):
+            self.adopt_fused(module)
         if not bank.fast_for(site):
             return
         bank.width_mask(site.index)  # recorded for FLOPs accounting
@@ -301,7 +342,9 @@ class AttentionRuntime(_SiteRuntime):
             # (m differs from n in cross-attention).
             rec = bank.record(site.index)
             tokens = math.prod(x.shape[1:-1]) if x.dim() > 2 else x.shape[0]
-            rec.setdefault("seen", {})[name] = tokens
+            seen = rec.setdefault("seen", {})
+            for src in self.fused.get(name, (name,)):  # a fused projection counts as its parts
+                seen[src] = tokens
             rec["rows"] = x.shape[0]
             if d is None:  # the masked path zeroes heads at the out-projection only
                 return F.linear(x, lin.weight, lin.bias)
