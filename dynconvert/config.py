@@ -67,10 +67,12 @@ class ConvertConfig:
         timestep_arg: Name of the forward argument that carries t. None (default): the first
             of ``TIMESTEP_NAMES`` in the forward's signature.
         timestep_scale: The routers read ``t * timestep_scale``, which should be on the DDPM
-            scale 0..1000; > 0. Default 1.0 (DDPM models pass t in 0..999). Use 1000 for flow
-            models that pass sigma in [0, 1].
+            scale 0..1000; > 0. None (default): inferred at analysis and stated in the plan
+            (``Plan.timestep_convention``): from the model class where its pipelines are known
+            to pass sigma in [0, 1] (Flux, Chroma, QwenImage, Lumina...), else from example
+            timesteps that all lie in [0, 1], else 1.0 (DDPM models pass t in 0..999).
         timestep_reverse: Use ``1000 - t`` (after scaling), for models whose time runs the
-            other way (t = 0 at pure noise). Default False.
+            other way (t = 0 at pure noise). None (default): inferred with the scale.
         capture: How the graph is captured: "auto" (default; torch.export non-strict, and
             the per-module torch.fx tracer where export fails), "export" (export only: its
             errors are raised) or "fx" (the tracer only).
@@ -103,8 +105,8 @@ class ConvertConfig:
     router_embed_dim: int = 256
     importance: str | Callable[..., Any] = "magnitude"
     timestep_arg: str | None = None
-    timestep_scale: float = 1.0
-    timestep_reverse: bool = False
+    timestep_scale: float | None = None
+    timestep_reverse: bool | None = None
     capture: str = "auto"
     fast_path: bool = True
     slice_cache_mb: float | None = None

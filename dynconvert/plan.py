@@ -232,6 +232,9 @@ class Plan:
     static_macs: int  # MACs of the whole forward at the example inputs (the whole batch)
     other_macs: int  # the part of static_macs routing never changes (embeddings, head, ...)
     version: int = PLAN_VERSION
+    timestep_scale: float = 1.0  # routers read t x this (onto DDPM's 0..1000)
+    timestep_reverse: bool = False  # and 1000 - that, for time that runs from noise to data
+    timestep_convention: str = ""  # what analysis assumed the model takes, and why
 
     @property
     def sites(self) -> list[Site]:

@@ -86,3 +86,29 @@ def test_video_rows_map_to_their_sample_and_linear_subclasses_stay_themselves():
     assert isinstance(qkv, CustomLinear) and qkv.tag == "custom"
     dynconvert.revert(model)
     assert type(qkv) is CustomLinear
+
+
+def test_timestep_convention_is_inferred_stated_and_a_wrong_guess_is_visible():
+    from dynconvert.models.zoo import ZOO
+
+    # DDPM scale by default, said so in the plan.
+    model, inputs = PATTERN_MODELS["rotary-rotate-half"]()
+    plan = dynconvert.analyze(model, inputs)
+    assert (plan.timestep_scale, plan.timestep_reverse) == (1.0, False)
+    assert "DDPM" in plan.timestep_convention
+    # Example timesteps that are fractions in [0, 1]: sigma, read x 1000.
+    sigma_inputs = {**inputs, "timestep": torch.tensor([0.25, 0.8])}
+    plan = dynconvert.analyze(model, sigma_inputs)
+    assert plan.timestep_scale == 1000.0 and "inferred from the example" in plan.timestep_convention
+    # A class whose pipelines pass sigma: known, whatever the example inputs hold.
+    flux = ZOO["flux"].build(0)
+    plan = dynconvert.analyze(flux, ZOO["flux"].inputs(flux))
+    assert plan.timestep_scale == 1000.0 and "Flux" in plan.timestep_convention
+    # The user's setting wins.
+    cfg = dynconvert.ConvertConfig(timestep_scale=2.0, timestep_reverse=True)
+    plan = dynconvert.analyze(model, inputs, config=cfg)
+    assert (plan.timestep_scale, plan.timestep_reverse) == (2.0, True)
+    # Converted on DDPM's scale, then called with sigmas: one warning naming the fix.
+    dynconvert.convert(model, 0.85, example_inputs=inputs)
+    with pytest.warns(UserWarning, match="timestep_scale"):
+        model(**sigma_inputs)

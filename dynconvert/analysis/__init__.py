@@ -19,6 +19,7 @@ from dynconvert.analysis import mlp as mlp_finder
 from dynconvert.analysis.costs import node_macs
 from dynconvert.analysis.graph import OpGraph, block_of, from_export, quiet_torch
 from dynconvert.analysis.headlocal import linear_ancestry
+from dynconvert.analysis.registry import timestep_convention
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import AlreadyConvertedError, ExampleInputsError
 from dynconvert.inputs import (
@@ -29,6 +30,7 @@ from dynconvert.inputs import (
     find_timestep_arg,
     shapes_of,
     split_inputs,
+    timestep_slot,
 )
 from dynconvert.plan import AttentionSite, MlpSite, Plan, SkippedSite
 
@@ -213,6 +215,11 @@ def plan_from_graph(
     static = sum(node_macs(n) for n in graph.nodes)
     site_macs = sum(s.macs() for s in [*kept_attn, *kept_mlp])
     batch = batch_of(args, kwargs)
+    position, _ = timestep_slot(model, timestep_arg)
+    example_t = kwargs.get(timestep_arg, args[position] if position is not None and position < len(args) else None)
+    scale, reverse, convention = timestep_convention(
+        model, example_t, config.timestep_scale, config.timestep_reverse
+    )
     return Plan(
         model_class=f"{type(model).__module__}.{type(model).__qualname__}",
         timestep_arg=timestep_arg,
@@ -225,6 +232,9 @@ def plan_from_graph(
         skipped=skipped,
         static_macs=static,
         other_macs=static - site_macs * batch,
+        timestep_scale=scale,
+        timestep_reverse=reverse,
+        timestep_convention=convention,
     )
 
 

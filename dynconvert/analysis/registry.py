@@ -15,7 +15,7 @@ once at convert time; a site that fails that check keeps the masked path.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -29,6 +29,46 @@ _ATTENTION: dict[str, dict[str, AttrKind]] = {
     "diffusers.models.attention_processor.Attention": {"heads": "heads"},
     "dynconvert.models.uvit.Attention": {"num_heads": "heads"},
 }
+
+
+# Diffusion transformers whose pipelines pass the timestep on another scale than DDPM's
+# 0..1000: class name -> (scale onto 0..1000, reversed, what they take). The graph cannot
+# tell this; a wrong guess is warned about at run time (bank.py).
+TIMESTEP_CONVENTIONS: dict[str, tuple[float, bool, str]] = {
+    "FluxTransformer2DModel": (1000.0, False, "sigma in [0, 1] (Flux pipelines pass t / 1000)"),
+    "Flux2Transformer2DModel": (1000.0, False, "sigma in [0, 1] (Flux 2 pipelines pass t / 1000)"),
+    "ChromaTransformer2DModel": (1000.0, False, "sigma in [0, 1] (Chroma pipelines pass t / 1000)"),
+    "QwenImageTransformer2DModel": (1000.0, False, "sigma in [0, 1] (QwenImage pipelines pass t / 1000)"),
+    "Lumina2Transformer2DModel": (1000.0, True, "t in [0, 1] from noise (0) to data (1) (Lumina 2 pipelines)"),
+    "LuminaNextDiT2DModel": (1000.0, True, "t in [0, 1] from noise (0) to data (1) (Lumina-Next pipelines)"),
+    "ZImageTransformer2DModel": (1000.0, True, "t in [0, 1] from noise (0) to data (1) (Z-Image pipelines)"),
+}
+
+
+def timestep_convention(model: torch.nn.Module, example_t: Any, scale: float | None, reverse: bool | None) -> tuple[float, bool, str]:
+    """The scale onto DDPM's 0..1000, whether time runs reversed, and a sentence for the plan.
+
+    User settings win; then the class table :data:`TIMESTEP_CONVENTIONS`; then the example
+    timesteps (all in [0, 1] and not all whole numbers: sigma, times 1000); else DDPM.
+
+    Example:
+        >>> timestep_convention(torch.nn.Linear(1, 1), torch.tensor([0.3, 0.9]), None, None)[:2]
+        (1000.0, False)
+    """
+    if scale is not None:
+        rev = bool(reverse)
+        return float(scale), rev, f"t x {scale:g}{' reversed' if rev else ''} (set in the config)"
+    for cls in type(model).__mro__:
+        if cls.__name__ in TIMESTEP_CONVENTIONS:
+            s, rev, text = TIMESTEP_CONVENTIONS[cls.__name__]
+            rev = rev if reverse is None else bool(reverse)
+            return s, rev, f"{text}: routers read t x {s:g}{', reversed' if rev else ''}"
+    rev = bool(reverse)
+    if isinstance(example_t, torch.Tensor) and example_t.numel() and example_t.is_floating_point():
+        t = example_t.detach().float().cpu()
+        if float(t.min()) >= 0 and float(t.max()) <= 1 and not torch.equal(t, t.round()):
+            return 1000.0, rev, "t in [0, 1] (inferred from the example timesteps): routers read t x 1000"
+    return 1.0, rev, "t in [0, 1000] (DDPM scale, the default)"
 
 
 def register_attention(qualname: str, attrs: dict[str, AttrKind]) -> None:
