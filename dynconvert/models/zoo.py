@@ -689,6 +689,12 @@ ZOO: dict[str, ZooEntry] = {
         hidden_states=(16, 4, 1, 2, 2), timestep=_T(), encoder_hidden_states=(8, 16),
         encoder_hidden_states_mask=_M(8), shape_list=lambda b: [[(1, 4, 4)]] * b),
         "inputs are patchified: (B, patches, C, pt, ph, pw)"),
+    "bria-fibo2": ZooEntry("BriaFibo2Transformer2DModel", "image", _diffusers(
+        "BriaFibo2Transformer2DModel", in_channels=4, patch_size=2, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=2, cap_feat_dim=24, injection_layer_ids=(1,), perceiver_num_layers=1, min_num_gist_tokens=4,
+        max_num_gist_tokens=8, gist_step=4, gist_min_text_len=4, gist_max_text_len=16, axes_dims=(4, 6, 6),
+        axes_lens=(16, 16, 16)), _kw(hidden_states=(4, 8, 8), timestep=_T(1.0), encoder_hidden_states=(2, 6, 24)),
+        "Perceiver text compression into gist tokens, text injection blocks"),
     # diffusers, video (batch 2)
     "skyreels-v2": ZooEntry("SkyReelsV2Transformer3DModel", "video", _diffusers(
         "SkyReelsV2Transformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
@@ -711,6 +717,13 @@ ZOO: dict[str, ZooEntry] = {
         hidden_states=(2, 4, 8, 8), timestep=lambda b: _steps(b)[:, None].repeat(1, 2),
         r_timestep=lambda b: _steps(b)[:, None].repeat(1, 2) * 0.5,
         encoder_hidden_states=(8, 16))),
+    "anyflow-far": ZooEntry("AnyFlowFARTransformer3DModel", "video", _diffusers(
+        "AnyFlowFARTransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+        in_channels=4, out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+        chunk_partition=(1, 1)), _kw(
+        hidden_states=(2, 4, 8, 8), timestep=lambda b: _steps(b)[:, None].repeat(1, 2),
+        r_timestep=lambda b: _steps(b)[:, None].repeat(1, 2) * 0.5, encoder_hidden_states=(8, 16),
+        chunk_partition=[1, 1]), "frame-autoregressive without a KV cache; flex attention (compiled on the first call)"),
     "sana-video": ZooEntry("SanaVideoTransformer3DModel", "video", _diffusers(
         "SanaVideoTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
         num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
@@ -760,6 +773,26 @@ ZOO: dict[str, ZooEntry] = {
         timestep=_T(), pooled_projections=(8,),
         visual_rope_pos=lambda b: (torch.arange(2), torch.arange(4), torch.arange(4)),
         text_rope_pos=lambda b: torch.arange(8))),
+    # diffusers, audio
+    "stable-audio3": ZooEntry("StableAudio3DiTModel", "audio", _diffusers(
+        "StableAudio3DiTModel", io_channels=8, patch_size=1, embed_dim=32, depth=2, num_heads=2, cond_token_dim=16,
+        global_cond_dim=16, local_add_cond_dim=4, timestep_features_dim=16, num_memory_tokens=4), _kw(
+        hidden_states=(8, 16), timestep=_T(1.0), encoder_hidden_states=(8, 16), global_hidden_states=(16,)),
+        "differential attention, memory tokens"),
+    "minimax-music3": ZooEntry("MiniMaxMusic3Transformer1DModel", "audio", _diffusers(
+        "MiniMaxMusic3Transformer1DModel", in_channels=8, condition_dim=16, num_layers=2, num_attention_heads=2,
+        attention_head_dim=8, ff_inner_dim=32, rotary_dim=8, fourier_embedding_dim=16), _kw(
+        hidden_states=(8, 16), timestep=_T(1.0), encoder_hidden_states=(16, 16))),
+    "longcat-audio": ZooEntry("LongCatAudioDiTTransformer", "audio", _diffusers(
+        "LongCatAudioDiTTransformer", dit_dim=32, dit_depth=2, dit_heads=2, dit_text_dim=16, latent_dim=8), _kw(
+        hidden_states=(16, 8), encoder_hidden_states=(8, 16), encoder_attention_mask=_M(8, torch.bool),
+        timestep=_T(1.0))),
+    "ace-step": ZooEntry("AceStepTransformer1DModel", "audio", _diffusers(
+        "AceStepTransformer1DModel", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, in_channels=24, audio_acoustic_hidden_dim=8,
+        patch_size=2, sliding_window=4, encoder_hidden_size=16), _kw(
+        hidden_states=(16, 8), timestep=_T(1.0), timestep_r=_T(0.5), encoder_hidden_states=(8, 16),
+        context_latents=(16, 16))),
     # diffusers, other denoisers and building blocks
     "dual-transformer2d": ZooEntry("DualTransformer2DModel", "other", _diffusers(
         "DualTransformer2DModel", num_attention_heads=2, attention_head_dim=8, in_channels=16, num_layers=1,
@@ -781,16 +814,18 @@ ZOO: dict[str, ZooEntry] = {
 """Zoo name -> :class:`ZooEntry`."""
 
 ZOO_EXCLUDED: dict[str, str] = {
-    "AceStepTransformer1DModel": "pending: no tiny config in the zoo yet",
-    "AnyFlowFARTransformer3DModel": "pending: no tiny config in the zoo yet",
-    "BriaFibo2Transformer2DModel": "pending: no tiny config in the zoo yet",
-    "Cosmos3OmniTransformer": "pending: no tiny config in the zoo yet",
-    "LongCatAudioDiTTransformer": "pending: no tiny config in the zoo yet",
-    "MiniMaxMusic3RVQDepthDecoder": "pending: no tiny config in the zoo yet",
-    "MiniMaxMusic3Transformer1DModel": "pending: no tiny config in the zoo yet",
-    "RFD4ProteinaTransformer": "pending: no tiny config in the zoo yet",
-    "StableAudio3DiTModel": "pending: no tiny config in the zoo yet",
-    "WanAnimate2Transformer3DModel": "pending: no tiny config in the zoo yet",
+    "Cosmos3OmniTransformer": (
+        "not attempted yet: an omni (text, vision, sound, action) generator whose forward takes packed sequences, per-modality index tensors and token lists built by its pipeline"
+    ),
+    "MiniMaxMusic3RVQDepthDecoder": (
+        "not a denoiser: the autoregressive codebook-depth decoder of a music tokenizer (inputs_embeds only, no timestep)"
+    ),
+    "RFD4ProteinaTransformer": (
+        "protein structure generator, not image/video: a pair representation and a dozen structural feature tensors; not attempted"
+    ),
+    "WanAnimate2Transformer3DModel": (
+        "its denoising call reads a KV cache that a separate reference call (kv_cache_mode='extract') must fill first: a two-call protocol with state between calls, not one call that can be captured and converted"
+    ),
 }
 """diffusers class name -> why it has no zoo entry (cannot be built or run here)."""
 
