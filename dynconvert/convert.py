@@ -15,6 +15,7 @@ from dynconvert.dynamic import (
     AttentionRuntime,
     DynamicLinear,
     MlpRuntime,
+    SharedOutRuntime,
     make_dynamic,
     make_static,
 )
@@ -160,6 +161,14 @@ def apply_plan(
                 make_dynamic(modules[name], rt, "mlp_in", name)
             make_dynamic(modules[site.fc2], rt, "mlp_out", site.fc2)
         runtimes.append(rt)
+    # A parallel block's out-projection belongs to its attention and its MLP at once.
+    owners: dict[str, list[Any]] = {}
+    for rt in runtimes:
+        for m in rt.site.out_maps:
+            owners.setdefault(m.linear, []).append(rt)
+    for name, rts in owners.items():
+        if len(rts) > 1:
+            make_dynamic(modules[name], SharedOutRuntime(rts, name), "out", name)
     bank.runtimes = runtimes
     bank.set_timestep_spec(model)
     # Every forward of the model starts here: read t from its arguments, set the call's masks.

@@ -54,7 +54,7 @@ def make_dynamic(lin: nn.Linear, runtime: Any, role: str, name: str) -> None:
     class deriving from both, so ``isinstance(lin, TheirLinear)`` still holds.
     """
     cls = type(lin)
-    dyn = _DYNAMIC_CLASSES.get(cls)
+    dyn = cls if issubclass(cls, DynamicLinear) else _DYNAMIC_CLASSES.get(cls)  # re-routed
     if dyn is None:
         dyn = _DYNAMIC_CLASSES[cls] = type(f"Dynamic{cls.__name__}", (DynamicLinear, cls), {})
     lin.__class__ = dyn
@@ -325,6 +325,14 @@ class AttentionRuntime(_SiteRuntime):
             self.saved[attr] = getattr(module, attr)
             setattr(module, attr, len(d.key) * per)
 
+    def out_state(self) -> tuple[_Decision | None, bool, torch.Tensor | None]:
+        """For a shared out-projection: (this call's decision, sliced?, head mask if masked)."""
+        if self.fast is not None:
+            return self.fast, True, None
+        if self.bank.fast_for(self.site):
+            return None, True, None  # every head on
+        return None, False, self.bank.width_mask(self.site.index)
+
     def post_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         """Forward hook (also called when the forward raises): restore the head count."""
         for attr, value in self.saved.items():
@@ -348,7 +356,10 @@ class AttentionRuntime(_SiteRuntime):
             rec["rows"] = x.shape[0]
             if d is None:  # the masked path zeroes heads at the out-projection only
                 return F.linear(x, lin.weight, lin.bias)
-            w, b = bank.sliced(lin, "rows", d.key, d.rows[name])  # active heads' rows
+            rows = d.rows.get(name)
+            if rows is None:  # a projection fused after this decision was made (adopt_fused)
+                rows = d.rows[name] = self.tables[name][:, d.units].reshape(-1).to(x.device)
+            w, b = bank.sliced(lin, "rows", d.key, rows)  # active heads' rows
             return F.linear(x, w, b)  # (B, N, parts * H' * d)
         name = lin._dc_name
         if d is not None:  # out-projection, fast path: x (B, N, H' * dv [+ kept columns])
@@ -452,6 +463,16 @@ class MlpRuntime(_SiteRuntime):
             y = y * tokens.unsqueeze(-1).to(y.dtype)
         return y
 
+    def out_state(self) -> tuple[_Decision | None, bool, torch.Tensor | None]:
+        """For a shared fc2 (parallel block): (decision, sliced?, group mask if masked); ends
+        the MLP call begun at fc1."""
+        call, self.call = self.call, None
+        if call is None:
+            return None, False, None
+        if call["fast"]:
+            return call["d"], True, None
+        return None, False, call["width"]
+
     def _fast_out(self, lin: nn.Linear, h: torch.Tensor, call: dict[str, Any]) -> torch.Tensor:
         """fc2 on the fast path: h (K, F') or (B, N, F') -> (B, N, D), scattered into zeros."""
         d, idx, lead = call["d"], call["idx"], call["lead"]
@@ -475,3 +496,51 @@ class MlpRuntime(_SiteRuntime):
         out = y.new_zeros(math.prod(lead), y.shape[-1])  # (B * N, D)
         out.index_copy_(0, idx, y.reshape(-1, y.shape[-1]))
         return out.reshape(*lead, -1)  # (B, N, D)
+
+
+class SharedOutRuntime:
+    """The out-projection of a parallel block, read by two sites: it consumes
+    concat(attention output, activated MLP hidden), so its columns are the attention's heads
+    and the MLP's channel groups (Flux's single-stream blocks).
+
+    Each owner contributes its columns of this call: on the fast path only its active units'
+    (the input arrives sliced the same way), on the masked path all of them times its mask.
+    """
+
+    def __init__(self, owners: list[Any], name: str):
+        # Owners in the order their columns come in the input (the concatenation's order).
+        self.owners = sorted(owners, key=lambda rt: int(rt.out_tables[name].min()))
+        self.bank = self.owners[0].bank
+
+    def linear_forward(self, lin: DynamicLinear, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, C') -> (B, N, D): every owner's columns of this call, weight sliced to them."""
+        name = lin._dc_name
+        cols, mults, keys, sliced = [], [], [], False
+        for rt in self.owners:
+            d, fast, mask = rt.out_state()
+            table = rt.out_tables[name]  # (1, units, size)
+            size = table.shape[-1]
+            if fast and d is not None:
+                sliced = True
+                cols.append(table[:, d.units.cpu()].reshape(-1))
+                keys.append(d.key)
+                n = cols[-1].numel()
+                mults.append(d.sub[name][:, :n] if d.sub is not None else None)
+            else:
+                cols.append(table.reshape(-1))
+                keys.append(None)
+                owner = torch.arange(table.shape[1]).repeat_interleave(size).to(x.device)
+                mults.append(mask.index_select(1, owner) if mask is not None and not fast else None)
+        if any(m is not None for m in mults):
+            parts = []
+            for c, m in zip(cols, mults):
+                parts.append(m.to(x.dtype) if m is not None else x.new_ones(1, c.numel()))
+            bt = max(p.shape[0] for p in parts)
+            mult = torch.cat([p.expand(bt, -1) for p in parts], 1)  # (Bt, C')
+            mult = per_row(mult, x.shape[0]) if bt > 1 else mult
+            x = x * mult.reshape(mult.shape[0], *([1] * (x.dim() - 2)), -1)
+        if not sliced:
+            return F.linear(x, lin.weight, lin.bias)
+        index = torch.cat(cols).to(x.device)
+        w, b = self.bank.sliced(lin, "cols", tuple(keys), index)
+        return F.linear(x, w, b)

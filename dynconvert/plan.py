@@ -168,6 +168,10 @@ class MlpSite:
     fast_reason: str = ""
     index: int = -1  # position among the converted sites, in execution order
     fold: int = 1  # rows per sample (frames folded into the batch by a video block), example inputs
+    # A parallel block's MLP shares fc2 with the attention: its hidden channels start at column
+    # fc2_offset of fc2's input, and the other columns (the attention's) are kept.
+    fc2_offset: int = 0
+    fc2_keep: list[int] = field(default_factory=list)
 
     @property
     def units(self) -> int:

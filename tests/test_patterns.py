@@ -18,7 +18,7 @@ EXPECTED = {  # name -> (attention sites, MLP sites, streams of the first attent
     "rotary-complex": (2, 2, 1),
     "rotary-table-manual": (2, 2, 1),
     "qknorm-all-heads": (0, 2, 0),
-    "mmdit": (3, 4, 2),
+    "mmdit": (3, 5, 2),
     "video": (2, 2, 1),
 }
 
@@ -70,6 +70,11 @@ def test_joint_and_parallel_sites_route_every_stream_and_keep_the_mlp_columns():
     assert single.name == "single.0" and single.out == "single.0.out"
     # The fused out-projection reads concat(attention 32, MLP hidden 64): the MLP columns stay.
     assert single.out_map.keep == list(range(32, 96))
+    # ... and its MLP owns those: channel groups of mlp_in's rows and of out's columns 32..95,
+    # no token routing (the projection also carries the attention's update).
+    mlp = next(m for m in plan.mlp if m.name == "single.0")
+    assert (mlp.fc1, mlp.fc2, mlp.fc2_offset, mlp.width, mlp.token) == (["single.0.mlp_in"], "single.0.out", 32, True, False)
+    assert mlp.out_map.indices(0) == list(range(32, 32 + 64 // mlp.groups)) and mlp.out_map.keep == list(range(32))
     assert sum(s.macs() for s in plan.sites) + plan.other_macs / plan.batch == pytest.approx(
         plan.static_macs / plan.batch
     )

@@ -164,9 +164,11 @@ def plan_from_graph(
     # MLP) is not a transformer MLP.
     for _, s in attention:
         block_heads.setdefault(s.block, s.heads)
+    # Out-projections of parallel blocks: the columns their attention leaves to the MLP.
+    shared = {m.linear: m.keep for _, s in attention for m in s.out_maps if m.keep}
     mlps: list[tuple[int, MlpSite]] = []
     for fc2 in mlp_finder.find_fc2_candidates(graph):
-        found = mlp_finder.build_site(fc2, model, reuse, taken, order)
+        found = mlp_finder.build_site(fc2, model, reuse, taken, order, shared)
         if found is None:  # this Linear does not end an MLP
             continue
         if found.site is None:

@@ -45,14 +45,15 @@ def _desc(n: OpNode) -> str:
     return f"`{n.op}` in {n.module or '<root>'} ({cls})"
 
 
-def _region(fc2: OpNode) -> Region | None:
+def _region(fc2: OpNode, start: OpNode | None = None) -> Region | None:
     """Walk back from fc2's input to the Linear(s) feeding it, or None when it is not an MLP.
 
     A depth-first walk over the tensor inputs of each op (parameters and constants are not
     followed). It stops at Linears, the sources, and gives up on an op that cannot lie inside
     an MLP (see :func:`_region_inputs`) or on a value whose width is not the hidden width.
+    ``start`` is the MLP part of fc2's input when fc2 reads concat(attention, MLP hidden).
     """
-    start = fc2.args[0]  # fc2's input: (B, N, hidden)
+    start = start if start is not None else fc2.args[0]  # fc2's input: (B, N, hidden)
     if not isinstance(start, OpNode):
         return None
     hidden = start.shape[-1] if start.shape else -1
@@ -180,12 +181,32 @@ def _refuse(name: str, reason: str) -> FoundMlp:
     return FoundMlp(None, SkippedSite(name, "mlp", reason), [])
 
 
+def parallel_part(fc2: OpNode, keep: list[int]) -> tuple[OpNode, int] | None:
+    """The MLP hidden part of a parallel block's fused out-projection, and its first column.
+
+    ``fc2`` reads concat(attention output, activated MLP hidden) along the channels; ``keep``
+    are the columns the attention site left to others. The part must be exactly those columns.
+    """
+    cat = fc2.args[0]
+    if not isinstance(cat, OpNode) or cat.kind != "cat" or not keep:
+        return None
+    parts = cat.args[0] if cat.args and isinstance(cat.args[0], (list, tuple)) else []
+    offset = 0
+    for p in parts:
+        width = p.shape[-1] if isinstance(p, OpNode) and p.shape else 0
+        if isinstance(p, OpNode) and keep == list(range(offset, offset + width)):
+            return p, offset
+        offset += width
+    return None
+
+
 def build_site(
     fc2: OpNode,
     model: torch.nn.Module,
     reuse: dict[str, list[OpNode]],
     taken: set[str],
     order: dict[int, int] | None = None,
+    shared: dict[str, list[int]] | None = None,
 ) -> FoundMlp | None:
     """An MlpSite ending at ``fc2``, a SkippedSite with the reason, or None when not an MLP.
 
@@ -195,10 +216,17 @@ def build_site(
         reuse: Linear fqn -> the nodes that call it (a Linear called twice cannot be sliced).
         taken: Linears already claimed by another site.
         order: Node id -> position in the graph, to list a gated pair in execution order.
+        shared: out-projections of parallel blocks -> the columns their attention left (the
+            MLP may claim exactly those).
     """
-    if fc2.linear is None or fc2.linear in taken:
+    part = None
+    if fc2.linear is not None and fc2.linear in (shared or {}):
+        part = parallel_part(fc2, shared[fc2.linear])
+        if part is None:
+            return None
+    elif fc2.linear is None or fc2.linear in taken:
         return None
-    region = _region(fc2)
+    region = _region(fc2, part[0] if part else None)
     if region is None:
         return None
     sources = sorted(region.sources, key=lambda n: (order or {}).get(id(n), 0))
@@ -215,17 +243,17 @@ def build_site(
     for ln in [*sources, fc2]:
         if len(reuse.get(ln.linear, [])) > 1:
             return _refuse(module_name, f"{ln.linear} is called more than once per forward")
-        if ln.linear in taken:
+        if ln.linear in taken and ln is not fc2:
             return None
     # Slicing changes every value inside the MLP: none of them may be read from outside.
-    region_ids = {id(n) for n in region.nodes} | {id(fc2)}
+    region_ids = {id(n) for n in region.nodes} | {id(fc2)} | ({id(fc2.args[0])} if part else set())
     for n in [*sources, *region.nodes]:
         if any(id(u) not in region_ids for u in n.real_users):
             return _refuse(
                 module_name, f"an intermediate value ({_desc(n)}) is used outside the MLP"
             )
 
-    hidden = fc2.args[0].shape[-1]
+    hidden = (part[0] if part else fc2.args[0]).shape[-1]
     width_reason = region.width_reason
     gated = False
     outs = [s.shape[-1] for s in sources]
@@ -247,6 +275,8 @@ def build_site(
 
     token_dims = len(x.shape) - 1  # batch, then token_dims - 1 token axes, then channels
     token_reason = _residual_reason(fc2, token_dims)
+    if part:
+        token_reason = "the MLP shares its out-projection with the attention (parallel block)"
     site = MlpSite(
         name=module_name,
         block=block_of(module_name),
@@ -266,6 +296,10 @@ def build_site(
         token=not token_reason,
         token_reason=token_reason,
         token_dims=token_dims,
+        fc2_offset=part[1] if part else 0,
+        fc2_keep=[] if not part else [
+            c for c in range(fc2.args[0].shape[-1]) if not part[1] <= c < part[1] + hidden
+        ],
     )
     return FoundMlp(site, None, [*sources, fc2])
 
@@ -307,7 +341,9 @@ def set_groups(site: MlpSite, groups: int) -> None:
         # A plain fc1, or a single group that spans every fc1 row (both halves when gated).
         rows = site.fc1_out // g
         site.in_maps = [UnitMap(linear=site.fc1[0], axis="rows", units=g, parts=[(0, rows, rows)])]
-    site.out_map = UnitMap(linear=site.fc2, axis="cols", units=g, parts=[(0, size, size)])
+    site.out_map = UnitMap(
+        linear=site.fc2, axis="cols", units=g, parts=[(site.fc2_offset, size, size)], keep=site.fc2_keep
+    )
 
 
 def _class_of(model: torch.nn.Module, name: str) -> str:
