@@ -131,11 +131,22 @@ def _residual_reason(fc2: OpNode, token_dims: int) -> str:
     cur = fc2
     while True:
         users = cur.real_users
+        if len(users) > 1 and all(_token_slice(u, token_dims) for u in users):
+            # Joint streams through one MLP (CogVideoX, Lumina): its output is cut along the
+            # tokens and each part goes to its own stream's residual. Every part must hold.
+            for u in users:
+                reason = _residual_reason(u, token_dims)
+                if reason:
+                    return reason
+            return ""
         if len(users) != 1:
             return f"the MLP output is used {len(users)} times, not only by the residual add"
         u = users[0]
         if u.kind == "cast" or (u.kind == "unary" and u.op.startswith(("dropout", "identity"))):
             cur = u  # keeps a zero update zero
+            continue
+        if _token_slice(u, token_dims):
+            cur = u  # one stream's part of the tokens: a skipped token's zero stays zero
             continue
         if u.kind == "binary" and u.op in ("mul", "div", "mul_", "div_", "truediv"):
             # The gate g (DiT's adaLN gate_mlp, (B, 1, D)) must not vary over the token axes.
@@ -160,6 +171,21 @@ def _residual_reason(fc2: OpNode, token_dims: int) -> str:
                 f"the MLP output is added to something that is not the residual stream ({_desc(u)})"
             )
         return f"{_desc(u)} follows the MLP output before the residual add"
+
+
+def _token_slice(n: OpNode, token_dims: int) -> bool:
+    """Whether ``n`` selects tokens (a slice, split or narrow along a token axis) or takes one
+    part of such a split: it moves updates without mixing them."""
+    if n.kind != "shape":
+        return False
+    if n.op == "getitem":
+        src = n.args[0] if n.args else None
+        return isinstance(src, OpNode) and _token_slice(src, token_dims)
+    if n.op in ("slice", "narrow", "split", "split_with_sizes", "tensor_split", "chunk"):
+        dim = n.arg(1 if n.op in ("slice", "narrow") else 2, "dim", 0)
+        rank = len(n.args[0].shape or ()) if isinstance(n.args[0], OpNode) else 0
+        return isinstance(dim, int) and rank > 0 and 1 <= dim % rank < token_dims
+    return False
 
 
 def _per_token_constant(
