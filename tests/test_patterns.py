@@ -117,3 +117,55 @@ def test_timestep_convention_is_inferred_stated_and_a_wrong_guess_is_visible():
     dynconvert.convert(model, 0.85, example_inputs=inputs)
     with pytest.warns(UserWarning, match="timestep_scale"):
         model(**sigma_inputs)
+
+
+class EinsumAttention(torch.nn.Module):
+    """Attention written with einsum, in another codebase's style."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.h, self.qkv, self.o = heads, torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.h, -1).permute(2, 0, 3, 1, 4)
+        w = torch.einsum("bhid,bhjd->bhij", q, k).mul(0.5).softmax(-1)
+        return self.o(torch.einsum("bhij,bhjd->bhid", w, v).transpose(1, 2).reshape(b, n, -1))
+
+
+class ConvBlock(torch.nn.Module):
+    def __init__(self, dim=16):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(dim, dim, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+class Stack(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([block() for _ in range(2)])
+
+    def forward(self, x, timestep):
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+
+def test_einsum_attention_converts_and_nothing_found_says_why_per_block():
+    inputs = (torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500.0, 500.0]))
+    torch.manual_seed(0)
+    model = Stack(EinsumAttention).eval()
+    reference = model(*inputs)
+    dynconvert.convert(model, 0.7, example_inputs=inputs)
+    assert [s.name for s in dynconvert.get_state(model).plan.attention] == ["blocks.0", "blocks.1"]
+    assert _rel(model(*inputs), reference) < 1e-5
+    randomize_routing(model, keep=0.5, example_inputs=inputs)
+    with dynconvert.routing(model, "eval", "masked"):
+        masked = model(*inputs)
+    assert _rel(model(*inputs), masked) < 1e-5
+    # Blocks with no attention and no MLP: the plan says, per block, what it saw.
+    plan = dynconvert.analyze(Stack(ConvBlock).eval(), inputs)
+    assert [s.name for s in plan.skipped] == ["blocks.0", "blocks.1"]
+    assert all("no attention call" in s.reason and "0 Linears" in s.reason for s in plan.skipped)

@@ -212,6 +212,9 @@ def plan_from_graph(
         site.index = len(kept_attn) + len(kept_mlp)
         (kept_attn if isinstance(site, AttentionSite) else kept_mlp).append(site)
 
+    if not kept_attn and not kept_mlp and not skipped:
+        skipped = _why_nothing(model, graph)  # never "nothing found and nothing skipped"
+
     # Costs: the graph's MACs are for the whole example batch, a site's macs() for one sample.
     # other_macs is what routing never changes (embeddings, final layer, skipped sites).
     static = sum(node_macs(n) for n in graph.nodes)
@@ -238,6 +241,29 @@ def plan_from_graph(
         timestep_reverse=reverse,
         timestep_convention=convention,
     )
+
+
+def _why_nothing(model: torch.nn.Module, graph: OpGraph) -> list[SkippedSite]:
+    """Per transformer block (the items of the model's module lists), why it gave no site."""
+    names = [n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1].isdigit()]
+    depth = min((n.count(".") for n in names), default=0)
+    blocks = [n for n in names if n.count(".") == depth] or [""]
+    out = []
+    for b in blocks:
+        ops = [n for n in graph.nodes if b == "" or n.module == b or n.module.startswith(b + ".")]
+        linears = sum(n.kind == "linear" for n in ops)
+        opaque = sorted({n.op for n in ops if n.kind == "other"})[:3]
+        if not ops:
+            why = f"none of its ops were captured ({graph.coverage})"
+        else:
+            why = (
+                f"no attention call (scaled_dot_product_attention, or softmax(q k^T) v written out) "
+                f"among its {len(ops)} captured ops ({linears} Linears"
+                + (f"; opaque: {', '.join(opaque)}" if opaque else "")
+                + f"); capture: {graph.capture}, {graph.coverage}"
+            )
+        out.append(SkippedSite(b or "<root>", "attention", why))
+    return out
 
 
 def _fold(linear: Any, batch: int) -> int:

@@ -9,6 +9,7 @@ wherever removing a head would not be the same as zeroing it (design.md, "Traps"
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -51,6 +52,8 @@ def _manual_call(softmax: OpNode) -> AttentionCall | None:
     cur = softmax.args[0] if softmax.args and isinstance(softmax.args[0], OpNode) else None
     while cur is not None and cur.kind in ("binary", "cast", "unary"):
         cur = next((i for i in cur.inputs if i.kind not in ("param",)), None)
+    if cur is not None and cur.op == "einsum":
+        return _einsum_call(cur, softmax)
     if cur is None or cur.kind != "matmul" or cur.op not in ("matmul", "bmm", "__matmul__"):
         return None
     scores = cur  # q @ k^T: (B, H, N, M)
@@ -72,6 +75,50 @@ def _manual_call(softmax: OpNode) -> AttentionCall | None:
     if not all(isinstance(a, OpNode) for a in (q, k, v)):
         return None
     return AttentionCall(output=nxt, q=q, k=k, v=v, key_layout="bhdn", cost_nodes=[scores, nxt])
+
+
+def _einsum_operands(node: OpNode) -> tuple[str, list[str], list[Any]] | None:
+    """(output subscripts, input subscripts, operands) of a two-operand 4-D einsum, else None."""
+    eq = node.args[0] if node.args else None
+    ops = list(node.args[1]) if len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) else list(node.args[1:])
+    if not isinstance(eq, str) or "->" not in eq or "..." in eq or len(ops) != 2:
+        return None
+    lhs, out = eq.replace(" ", "").split("->")
+    ins = lhs.split(",")
+    if len(ins) != 2 or any(len(x) != 4 for x in [*ins, out]):
+        return None
+    return out, ins, ops
+
+
+def _einsum_call(scores: OpNode, softmax: OpNode) -> AttentionCall | None:
+    """Attention written with einsum: softmax(einsum("bhnd,bhmd->bhnm", q, k)) then
+    einsum("bhnm,bhmd->bhnd", p, v) (any letters; k may be given as (B, H, d, M))."""
+    parsed = _einsum_operands(scores)
+    if parsed is None:
+        return None
+    out, (qs, ks), (q, k) = parsed
+    c = qs[3]  # the contracted channel letter: q's last axis
+    extra = set(ks) - set(qs)  # the key-token letter
+    if c in out or c not in ks or len(extra) != 1 or qs[:2] != ks[:2] or out != qs[:3] + extra.pop():
+        return None
+    layout = "bhnd" if ks[3] == c else ("bhdn" if ks[2] == c else "")
+    nxt = softmax
+    while True:
+        users = nxt.real_users
+        if len(users) != 1:
+            return None
+        nxt = users[0]
+        if nxt.op == "einsum":
+            break
+        if nxt.kind not in ("cast", "unary"):
+            return None
+    parsed = _einsum_operands(nxt)
+    if parsed is None or not layout:
+        return None
+    o, (ps, vs), (p, v) = parsed
+    if ps[3] != vs[2] or o != ps[:3] + vs[3] or not all(isinstance(a, OpNode) for a in (q, k, v)):
+        return None
+    return AttentionCall(output=nxt, q=q, k=k, v=v, key_layout=layout, cost_nodes=[scores, nxt])
 
 
 @dataclass
