@@ -7,15 +7,18 @@ of the timestep alone: in evaluation they come from a per-timestep table compute
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
+from dynconvert.checkpointing import wrap_checkpointing
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import TimestepError
-from dynconvert.inputs import timestep_slot
+from dynconvert.inputs import batch_of, timestep_slot
 from dynconvert.plan import MlpSite, Plan, Site
+from dynconvert.planner import Planner
 from dynconvert.routers import TimestepEncoder, TokenRouter, gumbel_sigmoid, width_router
 from dynconvert.slices import SliceCache
 
@@ -51,14 +54,19 @@ class RouterBank(nn.Module):
         # time); a buffer so it is saved, moved and loaded with the routers.
         self.register_buffer("always_on", torch.zeros(len(plan.sites), dtype=torch.long))
         self.mode: str | None = None  # routing.MODES, or None: follow model.training
-        self.execution = "fast"  # evaluation path: "fast" (sliced) or "masked" (reference)
+        # Evaluation path: "fast" (sliced, tokens gathered by nonzero), "masked" (reference),
+        # "planned" (static shapes per timestep pattern, planner.py) or "auto" (planned on
+        # CUDA, fast elsewhere: what a loaded model runs).
+        self.execution = "fast"
         self.runtimes: list[Any] = []  # one per site, in plan order (set by convert)
+        self.replay: Any = None  # checkpointing.NoiseReplay of the checkpointed block running
         self._reset_call()
         # Evaluation width masks per t value: {t: (cpu masks, device masks)}, valid while
         # _table_key (router parameter versions) is unchanged.
         self._table: dict[float, tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
         self._table_key: tuple | None = None
         self.slices = SliceCache(self.cache_limit)
+        self.planner = Planner(self)  # patterns, pre-sliced weights and capacities (planned path)
         self.model_params = 0  # parameter count of the whole model: sizes the slice cache
 
     # -- per call --------------------------------------------------------------------------
@@ -66,6 +74,9 @@ class RouterBank(nn.Module):
         """Remember where the timestep sits in the model's forward signature."""
         self.t_spec = (self.plan.timestep_arg, *timestep_slot(model, self.plan.timestep_arg))
 
+    # Under torch.compile this hook runs eagerly: reading t on the host is the one graph break
+    # of a forward (and the planned path keeps it the only one, see planner.py).
+    @torch.compiler.disable
     def root_pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the converted model: read t and start the call."""
         name, pos, default = self.t_spec
@@ -75,7 +86,12 @@ class RouterBank(nn.Module):
             t = args[pos]
         else:
             t = default
-        self.begin(t, model.training)
+        self.begin(t, model.training, model)
+        if torch.is_grad_enabled():  # a checkpointed block must recompute with this call's routing
+            wrap_checkpointing(model, self)
+        # The model's batch: blocks that fold frames or tokens into the batch see more rows,
+        # which the FLOPs accountant maps back to samples.
+        self.call_batch = batch_of(args, kwargs)
 
     def _reset_call(self) -> None:
         """Forget everything about the previous call (masks, records, embedding)."""
@@ -86,9 +102,11 @@ class RouterBank(nn.Module):
         self.records: dict[int, dict[str, Any]] = {}
         self._eval_masks: dict[int, torch.Tensor] = {}
         self._eval_cpu: dict[int, torch.Tensor] = {}
+        self._exec_now = "fast"
 
-    def begin(self, t: Any, training: bool) -> None:
-        """Start one forward call of the model at timestep(s) ``t``."""
+    def begin(self, t: Any, training: bool, model: nn.Module | None = None) -> None:
+        """Start one forward call of the model at timestep(s) ``t`` (``model``: the converted
+        model, which the planned path needs to see its weights)."""
         self._reset_call()
         self._mode_now = self.mode or ("train" if training else "eval")
         if self._mode_now == "full":
@@ -100,12 +118,24 @@ class RouterBank(nn.Module):
             )
         device = self.always_on.device
         t = torch.as_tensor(t, device=device).detach().float().reshape(-1)  # (Bt,): 1 or B values
-        t = t * self.config.timestep_scale  # onto the DDPM 0..1000 scale the routers read
-        if self.config.timestep_reverse:
+        # Onto the DDPM 0..1000 scale the routers read: the config's setting, else what analysis
+        # assumed for this model (Plan.timestep_convention; records before it: DDPM).
+        scale = self.config.timestep_scale
+        reverse = self.config.timestep_reverse
+        t = t * (self.plan.timestep_scale if scale is None else scale)
+        if self.plan.timestep_reverse if reverse is None else reverse:
             t = 1000.0 - t
         self._t = t
+        # Training masks are drawn here, before any block: a checkpointed block's recomputation
+        # must not be the one that draws them, and the draw order then does not depend on it.
+        self.ensure_train_masks()
         if self._mode_now == "eval":
-            self._eval_cpu, self._eval_masks = self._lookup(t)
+            self._eval_cpu, self._eval_masks, values = self._lookup(t)
+            self._exec_now = self.execution
+            if self._exec_now == "auto":
+                self._exec_now = "planned" if device.type == "cuda" else "fast"
+            if self.planned_now:
+                self.planner.begin(values, self._table_key, model)
 
     @property
     def mode_now(self) -> str:
@@ -113,8 +143,18 @@ class RouterBank(nn.Module):
         return self._mode_now
 
     def fast_for(self, site: Site) -> bool:
-        """Whether this site runs the sliced fast path in the current call."""
-        return self._mode_now == "eval" and self.execution == "fast" and self.config.fast_path and site.fast
+        """Whether this site runs sliced (fast or planned path) in the current call."""
+        return (
+            self._mode_now == "eval"
+            and self._exec_now in ("fast", "planned")
+            and self.config.fast_path
+            and site.fast
+        )
+
+    @property
+    def planned_now(self) -> bool:
+        """Whether the current call runs the planned path (static shapes, planner.py)."""
+        return self._mode_now == "eval" and self._exec_now == "planned" and self.config.fast_path
 
     def record(self, index: int) -> dict[str, Any]:
         """What site ``index`` used in this call: "width" (Bt, U), "tokens" (B, N), "n"/"m"
@@ -147,6 +187,8 @@ class RouterBank(nn.Module):
         weight = torch.cat([self.width[k].weight for k in keys])
         bias = torch.cat([self.width[k].bias for k in keys])
         sizes = [self.width[k].out_features for k in keys]
+        # Cast: stored in float8 under layerwise casting, the routers compute in emb's dtype.
+        weight, bias = weight.to(self._emb.dtype), bias.to(self._emb.dtype)
         logits = torch.nn.functional.linear(self._emb, weight, bias)  # (B, sum of units)
         on = self._always_on_positions(keys, sizes, logits.device)
         masks = gumbel_sigmoid(logits, self.config.tau)
@@ -181,8 +223,27 @@ class RouterBank(nn.Module):
             return None
         logits = self.token[key](x)  # (B, N): one logit per token
         if self._mode_now == "train":
-            return gumbel_sigmoid(logits, self.config.tau)
+            # Inside a checkpointed block the noise is kept and replayed by its recomputation.
+            noise = self.replay.noise(index, logits) if self.replay is not None else None
+            return gumbel_sigmoid(logits, self.config.tau, noise=noise)
         return logits > 0
+
+    # -- gradient checkpointing (checkpointing.py) --------------------------------------------
+    _CALL_STATE = ("_t", "_emb", "_train_masks", "_mode_now", "records", "_eval_masks", "_eval_cpu",
+                   "_exec_now", "call_batch")  # fmt: skip
+
+    def call_state(self) -> dict[str, Any]:
+        """The routing state of the current call (masks, records), to restore it later."""
+        return {k: self.__dict__[k] for k in self._CALL_STATE if k in self.__dict__}
+
+    def set_call_state(self, state: dict[str, Any]) -> None:
+        """Put back a state from :meth:`call_state` (a checkpointed block's recomputation)."""
+        self.__dict__.update(state)
+
+    def ensure_train_masks(self) -> None:
+        """Draw this training call's width masks now, if not yet drawn."""
+        if self._mode_now == "train" and len(self.width) and self._train_masks is None:
+            self._train_masks = self._all_train_masks()
 
     # -- evaluation table -------------------------------------------------------------------
     def _params_key(self) -> tuple:
@@ -195,21 +256,46 @@ class RouterBank(nn.Module):
             self.always_on.device,
         )
 
-    def _lookup(self, t: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """Width masks of every site for the timesteps of this call, on CPU and on the device."""
+    def _lookup(self, t: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], list[float]]:
+        """Width masks of every site for the timesteps of this call, on CPU and on the device,
+        and the timestep values (rounded, one per sample or one for all)."""
         key = self._params_key()
         if key != self._table_key:
             self._table, self._table_key = {}, key
         values = [round(v, 4) for v in t.tolist()]  # the one host sync of an evaluation call
+        self._check_convention(values)
         uniq = list(dict.fromkeys(values))
         missing = [v for v in uniq if v not in self._table]
         if missing:
             self._fill(missing)
         if len(uniq) == 1:
-            return self._table[uniq[0]]
+            return (*self._table[uniq[0]], uniq)
         cpu = {i: torch.stack([self._table[v][0][i][0] for v in values]) for i in self._table[uniq[0]][0]}
         dev = {i: m.to(self.always_on.device, non_blocking=True) for i, m in cpu.items()}
-        return cpu, dev
+        return cpu, dev, values
+
+    def _check_convention(self, values: list[float]) -> None:
+        """Warn once when the timesteps contradict the assumed convention (a wrong guess must be
+        visible): outside 0..1000 after scaling, or fractions in [0, 1] read on DDPM's scale."""
+        if getattr(self, "_warned_convention", False) or not values:
+            return
+        lo, hi = min(values), max(values)
+        odd = lo < -1.0 or hi > 1001.0
+        odd = odd or (hi <= 1.0 and any(v != round(v) for v in values))  # sigma read as DDPM t
+        if odd:
+            self._warned_convention = True
+            warnings.warn(
+                f"dynconvert routers read timesteps {lo:g}..{hi:g} after the assumed convention "
+                f"({self.plan.timestep_convention or 'DDPM scale'}), outside what they expect "
+                "(0..1000); set ConvertConfig(timestep_scale=..., timestep_reverse=...) for "
+                "this model and convert again",
+                stacklevel=4,
+            )
+
+    def eval_masks_cpu(self, value: float) -> dict[int, torch.Tensor]:
+        """``{site: (1, units) bool}`` CPU width masks at one timestep value already looked up
+        in this evaluation call (the planned path's patterns are built from them)."""
+        return self._table[value][0]
 
     def _fill(self, values: list[float]) -> None:
         """Add the masks of new t values to the table (one router pass for all of them)."""
@@ -236,13 +322,16 @@ class RouterBank(nn.Module):
 
     # -- weight slices ------------------------------------------------------------------------
     def sliced(self, lin: nn.Linear, axis: str, units: tuple[int, ...], index: torch.Tensor) -> tuple:
-        """Weight (and bias) of ``lin`` restricted to ``index`` rows/cols (see :class:`SliceCache`)."""
+        """Weight (and bias) of ``lin`` restricted to ``index`` rows/cols (see :class:`SliceCache`;
+        on the planned path the planner's per-pattern slices)."""
+        if self.planned_now:
+            return self.planner.sliced(lin, axis, units, index)
         return self.slices.get(lin, axis, units, index)
 
     @property
     def slice_bytes(self) -> int:
-        """Bytes the weight-slice cache holds now."""
-        return self.slices.nbytes
+        """Bytes the weight-slice cache and the planned path's pre-sliced weights hold now."""
+        return self.slices.nbytes + self.planner.store_bytes
 
     def cache_limit(self, element_size: int = 4) -> float:
         """Bytes the weight-slice cache may hold: ``slice_cache_mb``, or by default 20% of the
