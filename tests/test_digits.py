@@ -161,3 +161,19 @@ def test_converted_digits_model_saves_and_loads_without_a_base(tmp_path):
     a = sample(model, labels=[3, 8], seed=1, **settings)
     b = sample(loaded, labels=[3, 8], seed=1, **settings)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_demo_routes_tokens_at_mid_and_high_noise(tmp_path):
+    """The demo's own run (recipe digits, target 0.5, 400 steps; minutes on a CPU) meets its
+    budget with the token routers switching a visible share of tokens off (issue 11)."""
+    from dynconvert.runs import RunRequest, convert_run
+
+    overrides = ["evaluate.kind=none", "report.bench=false", "samples.grid=false"]
+    report = convert_run(
+        RunRequest(model="digits", target_flops=0.5, out=str(tmp_path / "run"), overrides=overrides)
+    )
+    assert abs(report["flops_ratio"] - 0.5) < 0.05
+    assert report["token_keep"]["t_ge_500"] < 0.9
+    keep = dict(zip(report["profile"]["timesteps"], report["profile"]["token_keep"]))
+    assert keep[0] > keep[999]  # more tokens kept near the data than near pure noise
