@@ -52,6 +52,11 @@ REDUCE_OPS = {  # reduce over some dims (hand-written norms: x.pow(2).mean(-1, k
     "mean", "sum", "amax", "amin", "var", "std", "linalg_vector_norm", "norm", "logsumexp",
 }
 COMPLEX_OPS = {"view_as_complex", "view_as_real"}  # rotary embeddings in complex form
+FRESH_OPS = {  # new tensors whose values do not depend on the input's (only its shape)
+    "empty_like", "zeros_like", "ones_like", "full_like", "new_empty", "new_zeros", "new_ones",
+    "new_full",
+}
+MUTATE_OPS = {"copy_"}  # writes into a view: out[..., 0::2] = a (Wan's rotary)
 CONV_OPS = {
     "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
     "conv_transpose2d", "conv_transpose3d",
@@ -95,6 +100,10 @@ def canonical_kind(name: str) -> str:
         return "reduce"
     if name in COMPLEX_OPS:
         return "complex"
+    if name in FRESH_OPS:
+        return "fresh"
+    if name + "_" in MUTATE_OPS or name in MUTATE_OPS:
+        return "mutate"
     return "other"
 
 

@@ -75,6 +75,18 @@ def linear_ancestry(nodes: list[OpNode]) -> set[int]:
     return out
 
 
+def _writes(fresh: OpNode) -> list[tuple[OpNode, OpNode]]:
+    """(view, copy_) pairs writing into a fresh tensor: ``out = empty_like(x); out[..., ::2] = a``."""
+    out = []
+    for view in fresh.real_users:
+        if view.kind != "shape":
+            continue
+        for c in view.real_users:
+            if c.kind == "mutate" and c.args and c.args[0] is view:
+                out.append((view, c))
+    return out
+
+
 def _tracked_set(operands: list[OpNode], from_linear: set[int]) -> tuple[set[int], list[OpNode]]:
     """The ops between the operands and their source Linears, and the Linears themselves.
 
@@ -97,6 +109,17 @@ def _tracked_set(operands: list[OpNode], from_linear: set[int]) -> tuple[set[int
             tracked[id(n)] = True
             sources.append(n)
             return True
+        if n.kind == "fresh":
+            # Its values are only what is written into it: follow the writes' sources.
+            tracked[id(n)] = False
+            hit = False
+            for view, c in _writes(n):
+                src = c.args[1] if len(c.args) > 1 and isinstance(c.args[1], OpNode) else None
+                if src is not None and visit(src):
+                    hit = True
+                    tracked[id(view)] = tracked[id(c)] = True
+            tracked[id(n)] = hit
+            return hit
         if n.kind not in _PASS:
             if id(n) in from_linear:
                 raise ChainError(f"{describe(n)} lies between the projection and the attention")
@@ -167,7 +190,13 @@ class _Replay:
         if n.kind in ("shape", "cat"):
             args = _sub(n.args, self.values)
             kwargs = {k: _sub(v, self.values) for k, v in n.kwargs.items()}
-            return n.replay(*args, **kwargs)
+            return n.replay(*args, **kwargs)  # a slice of a fresh tensor stays a view of it
+        if n.kind == "fresh":
+            self.trivial = False
+            return torch.full(n.shape, -1, dtype=torch.long)  # nothing written yet
+        if n.kind == "mutate":
+            view, src = self.values[id(n.args[0])], self.values[id(n.args[1])]
+            return view.copy_(src.expand_as(view))  # writes through into the fresh tensor
         if n.kind == "complex":
             self.trivial = False
             v = vals[0]
@@ -257,7 +286,7 @@ def derive_inputs(
         ChainError: with the reason, when removing a head would not be the same as zeroing it.
     """
     tracked, sources = _tracked_set([q, k, v], from_linear)
-    nodes = [n for n in _collect(q, k, v, tracked)]
+    nodes = list(_collect(q, k, v, tracked))
     replay = _Replay(order)
     replay.run(nodes, sources, tracked)
     offsets = {}
@@ -300,7 +329,9 @@ def _collect(q: OpNode, k: OpNode, v: OpNode, tracked: set[int]) -> list[OpNode]
         if id(n) in seen or id(n) not in tracked:
             continue
         seen[id(n)] = n
-        if n.kind != "linear":
+        if n.kind == "fresh":  # what is written into it, and the writes themselves
+            stack.extend(x for pair in _writes(n) for x in pair)
+        elif n.kind != "linear":
             stack.extend(n.inputs)
     return list(seen.values())
 
