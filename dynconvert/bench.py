@@ -230,6 +230,10 @@ def benchmark(
     t_static, t_dynamic = statistics.median(ts), statistics.median(td)
     speedup = t_static / t_dynamic
 
+    # FLOPs and memory are measured on the same paths run eagerly: a graph replay dispatches no
+    # op to count and allocates from its pool, captured during the warm-up.
+    for m in (static, dynamic):
+        disable_cuda_graphs(m)
     executed = None
     if count:
         progress("counting FLOPs", 1, 1)
