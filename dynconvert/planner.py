@@ -135,6 +135,12 @@ class Planner:
         self.store_bytes = 0
         self.uncached_slices = 0  # slices beyond the cap, gathered in the forward
 
+    def clear(self) -> None:
+        """Drop every pattern and pre-sliced weight (rebuilt on the next planned call)."""
+        self._reset_state()
+        self._stamp = None
+        self.epoch += 1
+
     # -- per call -------------------------------------------------------------------------------
     def begin(self, values: list[float], table_key: Any, model: nn.Module) -> None:
         """Pick the pattern of a call whose samples have DDPM timesteps ``values`` (host floats).
