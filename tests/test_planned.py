@@ -126,11 +126,8 @@ def test_overflow_is_counted_and_drops_the_lowest_logits():
     assert token_overflow(model).dropped == 0  # read once: reset
 
 
-@pytest.mark.parametrize("name", ["dit", "diffusers-dit"])
-def test_no_data_dependent_op_in_a_planned_forward(name):
-    from dynconvert.testing import TINY_BUILDERS
-
-    model = TINY_BUILDERS[name]()
+def test_no_data_dependent_op_in_a_planned_forward():
+    model = tiny_dit()
     inputs = default_inputs(model, batch_size=3)
     _routed(model, inputs)
     found = {}
