@@ -82,6 +82,7 @@ class Pattern:
 
     key: tuple[int, ...]  # the pattern id of each sample's t (one id when all share it)
     sites: dict[int, SitePlan]
+    sliced: bool = False  # its weights were cut into the store before a call
 
 
 @dataclass
@@ -160,8 +161,9 @@ class Planner:
             if len(self.patterns) > 4096:  # many mixed-t batches: bound the bookkeeping
                 self.patterns.clear()
             pattern = self.patterns[key] = self._build(key)
-            if not torch.is_grad_enabled():  # slice now, not inside a compiled or captured call
-                self._preslice(pattern, model)
+        if not pattern.sliced and not torch.is_grad_enabled():
+            self._preslice(pattern, model)  # now: not inside a compiled or captured call
+            pattern.sliced = True
         self.current = pattern
         self.calls += 1
         device = self.bank.always_on.device
