@@ -341,6 +341,7 @@ class RouterBank(nn.Module):
         return 0.2 * self.model_params * element_size
 
     def clear_cache(self) -> None:
-        """Drop cached weight slices and timestep tables (frees their memory)."""
+        """Drop cached weight slices, timestep tables and planned patterns (frees their memory)."""
         self.slices.clear()
         self._table, self._table_key = {}, None
+        self.planner.clear()
