@@ -73,12 +73,22 @@ def test_every_entry_is_tiny_and_runs():
             model(**entry.inputs(model, batch=2))
 
 
+# Zoo entries that do not meet the invariants of the slow test yet (issue 9): remove a name when its
+# row passes (the test then XPASSes). Filled from benchmarks/results/support_matrix.json.
+KNOWN_GAPS: set[str] = set()
+
+
+def _zoo_params():
+    gap = pytest.mark.xfail(reason="issue 9: not supported yet (see support_matrix.md)", strict=False)
+    return [pytest.param(n, marks=gap) if n in KNOWN_GAPS else n for n in ZOO]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("name", _zoo_params())
 def test_whole_zoo(name):
     row = support_row(name)
     assert row["status"] != "error", row["error"]
-    explained = row["skipped"] or row["site_notes"] or row["plan_extras"]
+    explained = row["skipped"] or row["site_notes"]
     assert row["attention"] or row["mlp"] or explained, "no site and no reason"
     if row["status"] == "converted":
         assert row["fresh_ok"], row["fresh_rel_err"]
