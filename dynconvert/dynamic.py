@@ -259,6 +259,8 @@ class AttentionRuntime(_SiteRuntime):
 
     def __init__(self, site: AttentionSite, bank: Any, module: nn.Module):
         super().__init__(site, bank, site.v_head_dim)
+        # A partial site's cut modules slice their output like a projection's rows.
+        self.tables.update({m.linear: unit_table(m) for m in site.cut_maps})
         self.fast: _Decision | None = None  # this call's fast-path decision (None: full/masked)
         self.saved: dict[str, int] = {}  # head-count attributes lowered for this call
         self.fused: dict[str, tuple[str, ...]] = {}  # fused projection fqn -> the fqns it fuses
@@ -324,6 +326,18 @@ class AttentionRuntime(_SiteRuntime):
         for attr, per in site.head_attrs.items():
             self.saved[attr] = getattr(module, attr)
             setattr(module, attr, len(d.key) * per)
+
+    def cut_hook(self, name: str) -> Any:
+        """Forward hook of a partial site's cut module (a norm across all heads): its output
+        (..., H * d), computed in full, keeps only the active heads' channels on the fast path."""
+
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+            d = self.fast
+            if d is None:
+                return None
+            return output.index_select(-1, d.rows[name])  # (..., H' * d)
+
+        return hook
 
     def out_state(self) -> tuple[_Decision | None, bool, torch.Tensor | None]:
         """For a shared out-projection: (this call's decision, sliced?, head mask if masked)."""

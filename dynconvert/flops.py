@@ -152,7 +152,8 @@ def site_cost(
     """
     if isinstance(site, AttentionSite):
         cost = float(site.macs(dict(seen or {}), fold))
-        return SiteCost(cost, cost * (1.0 if width is None else width), 0.0)
+        fixed = float(site.fixed_macs(dict(seen or {}), fold))  # a partial site's full-width part
+        return SiteCost(cost, fixed + (cost - fixed) * (1.0 if width is None else width), 0.0)
     cost = float(site.macs(n, fold))
     frac: Fraction = 1.0 if width is None else width
     if tokens is None or not site.token:

@@ -101,11 +101,37 @@ class AttentionSite:
     more_out_maps: list[UnitMap] = field(default_factory=list)  # their out-projections' columns
     between: list[str] = field(default_factory=list)  # head-local ops before the attention
     fold: int = 1  # rows per sample (frames folded into the batch by a video block), example inputs
+    # A partial site: a norm across all heads (qk-norm over the whole width) stops the Linears
+    # of ``unsliced`` from being sliced: they and the norm run in full, then the norm module's
+    # output is cut to the active heads (``cut_maps``, keyed by the module's fqn). Saved: the
+    # attention matmuls, the other projections and the out-projection of the inactive heads.
+    cut_maps: list[UnitMap] = field(default_factory=list)
+    unsliced: list[str] = field(default_factory=list)
 
     @property
     def units(self) -> int:
         """Routed units: one per head."""
         return self.heads
+
+    def fixed_macs(self, seen: dict[str, int] | None = None, fold: int | None = None) -> int:
+        """The part of :meth:`macs` no routing saves: projections computed in full (partial site)."""
+        if not self.unsliced:
+            return 0
+        seen = seen or {}
+        h, dq = self.heads, self.head_dim
+        total = 0
+        for s in [self._first_stream(), *self.streams]:
+            if s.q in self.unsliced:
+                total += seen.get(s.q, s.tokens_q) * s.q_in * h * dq
+            if s.k in self.unsliced:
+                total += seen.get(s.k, s.tokens_kv) * s.kv_in * h * dq
+        return total * (self.fold if fold is None else fold)
+
+    def _first_stream(self) -> AttentionStream:
+        return AttentionStream(
+            self.q, self.k, self.v, self.out, self.q_in, self.kv_in, self.out_features,
+            self.tokens_q, self.tokens_kv,
+        )  # fmt: skip
 
     @property
     def out_maps(self) -> list[UnitMap]:
@@ -126,12 +152,8 @@ class AttentionSite:
         """
         seen = seen or {}
         h, dq, dv = self.heads, self.head_dim, self.v_head_dim
-        first = AttentionStream(
-            self.q, self.k, self.v, self.out, self.q_in, self.kv_in, self.out_features,
-            self.tokens_q, self.tokens_kv,
-        )  # fmt: skip
         total, n_all, m_all = 0, 0, 0
-        for s in [first, *self.streams]:
+        for s in [self._first_stream(), *self.streams]:
             n = seen.get(s.q, s.tokens_q) if s.q else 0
             m = seen.get(s.k, s.tokens_kv) if s.k else 0
             total += n * s.q_in * h * dq + m * s.kv_in * h * (dq + dv)
@@ -295,6 +317,7 @@ class Plan:
                     "out_map": _unit_map(a["out_map"]),
                     "more_out_maps": maps(a.get("more_out_maps", [])),
                     "streams": [AttentionStream(**s) for s in a.get("streams", [])],
+                    "cut_maps": maps(a.get("cut_maps", [])),
                 }
             )
             for a in d["attention"]

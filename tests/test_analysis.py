@@ -26,13 +26,13 @@ class ToyAttention(nn.Module):
         self.wk = nn.Linear(dim, kv_heads * self.hd)
         self.wv = nn.Linear(dim, kv_heads * self.hd)
         self.wo = nn.Linear(dim, dim)
-        self.qnorm = nn.LayerNorm(dim) if trap == "qknorm_all" else None
+        self.qnorm = trap == "qknorm_all"  # inline, over all heads: no module to cut after
 
     def forward(self, x):
         b, n, c = x.shape
         q = self.wq(x)
-        if self.qnorm is not None:
-            q = self.qnorm(q)
+        if self.qnorm:
+            q = F.layer_norm(q, (c,))
         q = q.view(b, n, self.n_heads, self.hd).transpose(1, 2)
         k = self.wk(x).view(b, n, -1, self.hd).transpose(1, 2)
         v = self.wv(x).view(b, n, -1, self.hd).transpose(1, 2)

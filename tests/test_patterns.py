@@ -17,7 +17,7 @@ EXPECTED = {  # name -> (attention sites, MLP sites, streams of the first attent
     "rotary-interleaved": (2, 2, 1),
     "rotary-complex": (2, 2, 1),
     "rotary-table-manual": (2, 2, 1),
-    "qknorm-all-heads": (0, 2, 0),
+    "qknorm-all-heads": (2, 2, 1),
     "mmdit": (3, 5, 2),
     "video": (2, 2, 1),
 }
@@ -51,11 +51,18 @@ def test_pattern_model_converts_and_keeps_the_invariants(name):
     assert abs(executed - report.ratio) <= 0.02 * report.ratio, (executed, report.ratio)
 
 
-def test_qk_norm_across_all_heads_is_refused_with_its_reason():
+def test_qk_norm_across_all_heads_gives_an_exact_partial_site():
     model, inputs = PATTERN_MODELS["qknorm-all-heads"]()
     plan = dynconvert.analyze(model, inputs)
-    reasons = [s.reason for s in plan.skipped if s.kind == "attention"]
-    assert len(reasons) == 2 and all("qk-norm across all heads" in r and "`mean`" in r for r in reasons)
+    site = plan.attention[0]
+    # q and k (and their norms) run in full; the norms' outputs are cut to the active heads.
+    assert site.unsliced == ["layers.0.attn.to_k", "layers.0.attn.to_q"]
+    assert sorted(m.linear for m in site.cut_maps) == ["layers.0.attn.k_norm", "layers.0.attn.q_norm"]
+    assert [m.linear for m in site.in_maps] == ["layers.0.attn.to_v"]
+    # Only the unsliced projections are counted as fixed: the rest scales with the heads.
+    full = dynconvert.flops.site_cost(site, width=1.0)
+    none = dynconvert.flops.site_cost(site, width=0.0)
+    assert none.dynamic == site.fixed_macs() == 2 * 16 * 32 * 32 and full.dynamic == site.macs()
 
 
 def test_joint_and_parallel_sites_route_every_stream_and_keep_the_mlp_columns():

@@ -216,7 +216,9 @@ def _build(
     for role in "qkv":
         for s in layout.sources[role]:
             per_linear.setdefault(s.node.linear, []).append(s.table)
-    in_maps = [_unit_map(name, "rows", heads, ts) for name, ts in per_linear.items()]
+    cut_of = {lin: mod for mod, lin in layout.cuts.items()}  # partial: cut after the norm
+    in_maps = [_unit_map(name, "rows", heads, ts) for name, ts in per_linear.items() if name not in cut_of]
+    cut_maps = [_unit_map(cut_of[name], "rows", heads, ts) for name, ts in per_linear.items() if name in cut_of]
     out_maps = [_unit_map(t.node.linear, "cols", heads, [t.table], t.keep) for t in targets]
     streams = sorted(_streams(layout, targets), key=lambda s: not s.out)  # one with an out first
     first, more = streams[0], streams[1:]
@@ -254,6 +256,8 @@ def _build(
         out_map=out_maps[0],
         more_out_maps=out_maps[1:],
         streams=more,
+        cut_maps=cut_maps,
+        unsliced=sorted(cut_of),
         between=sorted({n.op for n in layout.ops if n.kind not in ("shape", "cast")}),
         head_attrs=attrs,
         fast=True,

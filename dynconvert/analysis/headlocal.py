@@ -54,6 +54,17 @@ class InputLayout:
     sources: dict[str, list[Source]]  # "q" / "k" / "v" -> its sources, in sequence order
     trivial: bool  # only reshapes, casts and scaling by numbers between Linears and attention
     ops: list[OpNode] = field(default_factory=list)  # every op between them (for the plan)
+    # Partial site: module fqn -> the Linear it normalises across all heads. The Linear runs in
+    # full, the module's output is cut to the active heads (same columns as the Linear's rows).
+    cuts: dict[str, str] = field(default_factory=dict)
+
+
+class _AcrossHeads(ChainError):
+    """A norm or reduction over several heads' channels (maybe a cut point, see derive_inputs)."""
+
+    def __init__(self, reason: str, node: OpNode):
+        super().__init__(reason)
+        self.node = node
 
 
 @dataclass
@@ -231,31 +242,42 @@ class _Replay:
             self.bcast.append((n, out, tuple(a.shape)))
         return out
 
-    def check(self, head_of: torch.Tensor) -> None:
-        """Run the recorded checks with the code -> head map (-1: no head)."""
+    def check(self, head_of: torch.Tensor, skip: set[str] | frozenset = frozenset()) -> None:
+        """Run the recorded checks with the code -> head map (-1: no head); ops inside the
+        modules of ``skip`` (cut points) are exempt."""
+
+        def exempt(n: OpNode) -> bool:
+            return any(n.module == m or n.module.startswith(m + ".") for m in skip)
 
         def heads(v: torch.Tensor) -> torch.Tensor:
             v = torch.where(v >= _PAIR, v // _PAIR - 1, v)  # a complex pair: its first channel
             return torch.where(v >= 0, head_of[v.clamp(min=0)], torch.full_like(v, -2))
 
         for n, v, dims in self.const:
+            if exempt(n):
+                continue
             h = heads(v)
             lo, hi = h, h
             for d in dims:
                 lo, hi = lo.amin(d, keepdim=True), hi.amax(d, keepdim=True)
             if not torch.equal(lo, hi):
                 what = "normalises" if n.kind == "norm" else "reduces over"
-                raise ChainError(
+                raise _AcrossHeads(
                     f"qk-norm across all heads: {describe(n)} {what} channels of several heads; "
-                    "removing heads would change it"
+                    "removing heads would change it",
+                    n,
                 )
         for n, a, b in self.same:
+            if exempt(n):
+                continue
             if not torch.equal(heads(a), heads(b)):
                 raise ChainError(
                     f"{describe(n)} combines values of different heads (or of a tensor computed "
                     "from another Linear) before the attention"
                 )
         for n, v, shape in self.bcast:
+            if exempt(n):
+                continue
             h = heads(v)
             offset = h.dim() - len(shape)
             for axis in range(h.dim()):
@@ -315,9 +337,43 @@ def derive_inputs(
             if ((prev >= 0) & (prev != h)).any():
                 raise ChainError("a projection row feeds several heads")
             head_of[codes] = h
-    replay.check(head_of)
+    cuts: dict[str, str] = {}
+    while True:
+        try:
+            replay.check(head_of, set(cuts))
+            break
+        except _AcrossHeads as e:
+            cut = _cut_point(e.node, nodes, sources, replay, by_role)
+            if cut is None or cut[0] in cuts:
+                raise ChainError(e.reason) from None
+            cuts[cut[0]] = cut[1]
     chain = [n for n in nodes if n.kind != "linear"]
-    return InputLayout(by_role, replay.trivial, chain)
+    return InputLayout(by_role, replay.trivial, chain, cuts)
+
+
+def _cut_point(
+    n: OpNode, nodes: list[OpNode], sources: list[OpNode], replay: _Replay, by_role: dict[str, list[Source]]
+) -> tuple[str, str] | None:
+    """Where a norm across all heads can be followed by dropping heads exactly: its module,
+    when that module reads one projection's output as it is and returns it in the same layout
+    (``norm_q(to_q(x))``), and that projection feeds only this operand. None otherwise."""
+    m = n.module
+    if not m:
+        return None
+    inside = {id(x) for x in nodes if x.module == m or x.module.startswith(m + ".")}
+    entries = {id(i): i for x in nodes if id(x) in inside for i in x.inputs if id(i) not in inside and id(i) in replay.values}
+    exits = [x for x in nodes if id(x) in inside and any(id(u) not in inside and id(u) in replay.values for u in x.real_users)]
+    if len(entries) != 1 or len(exits) != 1:
+        return None
+    (entry,) = entries.values()
+    if entry.kind != "linear" or entry not in sources:
+        return None
+    if not torch.equal(replay.values[id(exits[0])], replay.values[id(entry)]):
+        return None  # the module moves channels: its output columns are not the Linear's rows
+    roles = [r for r, found in by_role.items() if any(s.node is entry for s in found)]
+    if len(roles) != 1 or roles[0] == "v":
+        return None
+    return m, entry.linear
 
 
 def _collect(q: OpNode, k: OpNode, v: OpNode, tracked: set[int]) -> list[OpNode]:

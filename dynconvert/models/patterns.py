@@ -84,7 +84,9 @@ class RotarySelfAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int, rope: str, qk_norm: str | None, manual: bool):
         super().__init__()
         self.n_heads, self.head_size, self.rope, self.manual = n_heads, dim // n_heads, rope, manual
-        self.to_qkv = nn.Linear(dim, 3 * dim)
+        # Wan / LTX style (a norm over all heads) with separate projections, else one fused.
+        self.to_qkv = nn.Linear(dim, 3 * dim) if qk_norm != "all" else None
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3)) if qk_norm == "all" else (None,) * 3
         self.proj = nn.Linear(dim, dim)
         self.qk_norm = qk_norm
         if qk_norm == "head_rms":
@@ -96,9 +98,10 @@ class RotarySelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # noqa: D102
         b, n, _ = x.shape
-        q, k, v = self.to_qkv(x).chunk(3, dim=-1)
         if self.qk_norm == "all":
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = self.q_norm(self.to_q(x)), self.k_norm(self.to_k(x)), self.to_v(x)
+        else:
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
         q, k, v = (t.unflatten(-1, (self.n_heads, -1)).transpose(1, 2) for t in (q, k, v))
         if self.qk_norm in ("head_rms", "head_layernorm"):
             q, k = self.q_norm(q), self.k_norm(k)
