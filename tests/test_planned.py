@@ -393,3 +393,21 @@ def test_the_flops_profile_measures_token_capacities():
     token_sites = [s.index for s in dynconvert.get_state(model).plan.mlp if s.token]
     assert sorted(caps) == token_sites
     assert all(0 < float(c.min()) and float(c.max()) <= 1 for c in caps.values())
+
+
+def test_graph_runner_takes_diffusers_kwargs_and_outputs():
+    from dynconvert.testing import tiny_pixart
+
+    model = tiny_pixart()
+    inputs = default_inputs(model, batch_size=2)  # keyword arguments, a dict holding None values
+    _routed(model, inputs)
+    reference = copy.deepcopy(model)
+    runner = enable_cuda_graphs(model, capture=FakeCapture())
+    for m in (model, reference):
+        dynconvert.set_routing(m, "eval", "planned")
+    with torch.no_grad():
+        first, second = call(model, inputs), call(model, inputs)  # captured, then replayed
+        expected = call(reference, inputs)
+    assert runner.stats["graphs"] == 1 and runner.stats["replays"] == 1, runner.stats
+    torch.testing.assert_close(first, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second, expected, atol=1e-5, rtol=1e-5)
