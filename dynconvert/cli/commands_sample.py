@@ -81,6 +81,7 @@ def sample(
     """
     from types import SimpleNamespace
 
+    from dynconvert.planned import token_overflow
     from dynconvert.runs import (
         check_writable,
         load_run,
@@ -103,9 +104,16 @@ def sample(
         model, info = load_run(run, device=dev)
         original = original_model(info, checkpoint).to(dev) if compare else None
     with render.status(f"sampling ({steps} {scheduler} steps{', twice' if compare else ''})"):
+        token_overflow(model)  # counted from here: this sampling call only
         path = write_samples(model, original, Path(out), settings, vae=vae, raw=raw)
+    # Planned path (CUDA): tokens over a site's fixed capacity, read once for the whole call.
+    overflow = token_overflow(model)
     result = {"path": str(path), "run": run, "compare": compare, "labels": settings.labels, "steps": steps,
-              "cfg_scale": cfg, "seed": seed, "scheduler": scheduler}  # fmt: skip
+              "cfg_scale": cfg, "seed": seed, "scheduler": scheduler,
+              "token_overflow": {"dropped": overflow.dropped, "rate": overflow.rate}}  # fmt: skip
+    if overflow.dropped:
+        render.note(f"note: {overflow.dropped} tokens ({100 * overflow.rate:.2f}%) exceeded their site's "
+                    "token capacity and skipped their MLP")  # fmt: skip
     if json:
         render.print_json(result)
     else:
