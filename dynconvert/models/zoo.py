@@ -799,11 +799,6 @@ ZOO: dict[str, ZooEntry] = {
         norm_num_groups=4, cross_attention_dim=16), _kw(
         hidden_states=(16, 4, 4), encoder_hidden_states=(77 + 257, 16), timestep=_T(integer=True)),
         "Versatile Diffusion's pair of Transformer2DModels (text 77 + image 257 condition tokens)"),
-    "transformer-temporal": ZooEntry("TransformerTemporalModel", "other", _diffusers(
-        "TransformerTemporalModel", num_attention_heads=2, attention_head_dim=8, in_channels=16, num_layers=1,
-        norm_num_groups=4), lambda model, batch=2: {
-        "hidden_states": torch.randn(batch * 2, 16, 4, 4, generator=_gen()), "num_frames": 2},
-        "a temporal layer of video U-Nets, no timestep input (batch x frames rows)"),
     "t5-film": ZooEntry("T5FilmDecoder", "audio", _diffusers(
         "T5FilmDecoder", input_dims=8, targets_length=16, d_model=32, num_layers=2, num_heads=2, d_kv=8, d_ff=64,
         dropout_rate=0.0), lambda model, batch=2: {
@@ -814,6 +809,9 @@ ZOO: dict[str, ZooEntry] = {
 """Zoo name -> :class:`ZooEntry`."""
 
 ZOO_EXCLUDED: dict[str, str] = {
+    "TransformerTemporalModel": (
+        "not a denoiser on its own: the temporal layer of video U-Nets, called without a timestep"
+    ),
     "Cosmos3OmniTransformer": (
         "not attempted yet: an omni (text, vision, sound, action) generator whose forward takes packed sequences, per-modality index tensors and token lists built by its pipeline"
     ),
