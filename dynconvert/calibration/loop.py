@@ -44,9 +44,10 @@ from dynconvert.calibration.objectives import (
     flops_loss,
     token_keep,
     token_keep_loss,
+    token_keep_target,
 )
 from dynconvert.calibration.result import CalibrationResult, StepInfo
-from dynconvert.calibration.schedule import LambdaSchedule, token_bias_shift
+from dynconvert.calibration.schedule import LambdaSchedule, token_bias_step
 from dynconvert.calibration.stream import batch_stream
 from dynconvert.errors import (
     BudgetError,
@@ -187,7 +188,6 @@ def calibrate(
             stop=cfg.steps, num_workers=cfg.num_workers,
         )  # fmt: skip
         in_a_row, t0, last = 0, time.perf_counter(), {}
-        shifted = start - 1  # the token-bias schedule is applied up to this step
         step_terms = _StepTerms(
             cfg=cfg,
             accelerator=accelerator,
@@ -235,7 +235,7 @@ def calibrate(
                         accelerator.scaler.update()  # fp16: lower the scale, reset its state
                 else:
                     optimizer.step()
-                    shifted = _shift_token_bias(state, cfg, shifted, step)
+                    _lower_token_bias(state, cfg, lam, terms.get("token_keep"), accelerator)
                     ema.update(model)
             optimizer.zero_grad(set_to_none=True)
             history["loss"].append(values["loss"])
@@ -355,6 +355,8 @@ class _StepTerms:
             kept, lam, cfg.flops_weight
         ).to(ratios.device)
         terms["flops_ratio"] = ratios.mean().detach()
+        if kept is not None:  # read by the token-bias step after the optimiser step
+            terms["token_keep"] = kept.mean().detach()
         total = terms["flops"]
         if cfg.diffusion_weight > 0:
             total = total + cfg.diffusion_weight * terms["diffusion"]
@@ -373,29 +375,29 @@ class _StepTerms:
         return terms
 
 
-TOKEN_BIAS_END = 0.0
-"""Where the token routers' output bias is carried to over lambda's warm-up (logits): the
-decision boundary, so from then on the routers' own weights decide which tokens run."""
+def _lower_token_bias(
+    state: Any, cfg: CalibrationConfig, lam: float, keep: torch.Tensor | None, accelerator: Any
+) -> None:
+    """After an optimiser step, lower every token router's output bias by one step of
+    ``schedule.token_bias_step`` while the batch kept more than ``sqrt(lam)`` of its tokens.
 
-
-def _shift_token_bias(state: Any, cfg: CalibrationConfig, done: int, step: int) -> int:
-    """After an optimiser step, move every token router's output bias down by the bias
-    schedule's progress since step ``done`` (``schedule.token_bias_shift``); returns ``step``.
-
-    Applied with the optimiser step, so a skipped step changes no weight (its share is carried
-    to the next step taken). A no-op without token routers or without a budget (target 1).
+    AdamW moves the bias about lr per step, far too slowly to leave its initial value (35): this
+    carries it down at the pace of lambda's warm-up, and stops as soon as the batch keeps no more
+    than the cap, so the routers' own weights (which the keep cap pushed toward "drop" all
+    along) cannot switch every token off once the bias arrives. Applied with the optimiser step
+    (a skipped step changes no weight); a no-op without token routers or a budget (target 1).
     """
     routers = getattr(state, "token", None)
-    if not routers or cfg.target >= 1.0:
-        return step
-    start = float(state.config.token_bias_init)
-    args = (start, TOKEN_BIAS_END, cfg.lambda_hold_steps, cfg.warmup_steps)
-    delta = token_bias_shift(step, *args) - token_bias_shift(done, *args)
-    if delta:
-        with torch.no_grad():
-            for router in routers.values():
-                router.net[2].bias.sub_(delta)
-    return step
+    if not routers or keep is None or cfg.target >= 1.0:
+        return
+    if accelerator.num_processes > 1:  # every process moves the bias alike
+        keep = accelerator.reduce(keep.detach().float(), reduction="mean")
+    if float(keep) <= token_keep_target(lam) + 1e-6:
+        return
+    delta = token_bias_step(float(state.config.token_bias_init), cfg.warmup_steps)
+    with torch.no_grad():
+        for router in routers.values():
+            router.net[2].bias.sub_(delta)
 
 
 def _labels_for_step(batch: dict, labels, adapter: ModelAdapter, cfg: CalibrationConfig) -> dict:

@@ -62,27 +62,16 @@ class LambdaSchedule:
         return lambda_at(step, self.target, self.hold_steps, self.warmup_steps)
 
 
-def token_bias_shift(
-    step: int, start: float, end: float, hold_steps: int, warmup_steps: int
-) -> float:
-    """How far the token routers' output bias has been moved down by the 0-based ``step``.
-
-    The bias starts at ``start`` (every token on: the converted model begins as the original)
-    and is moved linearly to ``end`` over lambda's warm-up (0 during the hold, ``start - end``
-    from the end of the warm-up on), in step with lambda. The optimiser still trains the bias;
-    the schedule only carries it across the distance AdamW cannot cover in a calibration run
-    (about ``lr`` per step: 35 logits at lr 1e-4 is 350k steps), which left every token on.
+def token_bias_step(start: float, warmup_steps: int) -> float:
+    """How far one step lowers the token routers' output bias while the batch keeps more tokens
+    than its cap: ``start / warmup_steps`` logits, so a bias that starts at ``start`` can reach
+    the decision boundary (0) within lambda's warm-up, in step with lambda.
 
     Example:
-        >>> token_bias_shift(0, 35.0, 1.0, 100, 1000), token_bias_shift(600, 35.0, 1.0, 100, 1000)
-        (0.0, 17.0)
-        >>> token_bias_shift(5000, 35.0, 1.0, 100, 1000)
-        34.0
+        >>> token_bias_step(35.0, 1000), token_bias_step(35.0, 0)
+        (0.035, 35.0)
     """
-    if step < hold_steps or start <= end:
-        return 0.0
-    frac = 1.0 if warmup_steps <= 0 else min(1.0, (step - hold_steps) / warmup_steps)
-    return (float(start) - float(end)) * frac
+    return max(float(start), 0.0) / max(int(warmup_steps), 1)
 
 
 def stratified_uniform(
