@@ -396,26 +396,27 @@ def _split_sources(
     value: torch.Tensor, sources: list[OpNode], offsets: dict[int, tuple[int, int]]
 ) -> list[Source]:
     """Per source Linear present in ``value`` (B, H, N, d): its (H, d) row table and tokens."""
-    if (value < 0).any():
+    if not torch.equal(value, value[:1].expand_as(value)):
+        raise ChainError("the projection's rows are not the same for every sample")
+    value = value[0]  # (H, N, d): every sample reads the same rows
+    if int(value.min()) < 0:
         raise ChainError("some attention tokens do not come from a projection (learned tokens)")
-    which = torch.full_like(value, -1)
-    for i, s in enumerate(sources):
-        base, width = offsets[id(s)]
-        which[(value >= base) & (value < base + width)] = i
-    per_token = which[0, 0, :, 0]  # (N,): the source of each token
-    if not torch.equal(which, per_token[None, None, :, None].expand_as(which)):
-        raise ChainError(
-            "a head's channels come from several projections, or differ across samples and heads"
-        )
+    order = sorted(sources, key=lambda s: offsets[id(s)][0])
+    bases = torch.tensor([offsets[id(s)][0] for s in order[1:]], dtype=value.dtype)
+    per_token = torch.bucketize(value[0, :, 0].contiguous(), bases, right=True)  # (N,): source of each token
+    lo = torch.tensor([offsets[id(s)][0] for s in order])[per_token]  # (N,) its first code
+    hi = lo + torch.tensor([offsets[id(s)][1] for s in order])[per_token]
+    if not bool(((value >= lo[None, :, None]) & (value < hi[None, :, None])).all()):
+        raise ChainError("a head's channels come from several projections, or differ across heads")
     out: list[Source] = []
     for i in dict.fromkeys(per_token.tolist()):
-        s = sources[i]
+        s = order[i]
         pos = (per_token == i).nonzero().squeeze(1)
-        part = value.index_select(2, pos) - offsets[id(s)][0]  # (B, H, n_s, d)
-        table = part[0, :, 0, :]  # (H, d)
-        if not torch.equal(part, table[None, :, None, :].expand_as(part)):
-            raise ChainError("the projection's rows are not the same for every token and sample")
-        out.append(Source(s, table, tuple(pos.tolist())))
+        part = value.index_select(1, pos) - offsets[id(s)][0]  # (H, n_s, d)
+        table = part[:, 0, :]  # (H, d)
+        if not torch.equal(part, table[:, None, :].expand_as(part)):
+            raise ChainError("the projection's rows are not the same for every token")
+        out.append(Source(s, table.contiguous(), tuple(pos.tolist())))
     return out
 
 
