@@ -86,12 +86,12 @@ class RouterBank(nn.Module):
             t = args[pos]
         else:
             t = default
+        # The model's batch: blocks that fold frames or tokens into the batch see more rows,
+        # which the FLOPs accountant maps back to samples; per-frame timesteps are reduced to it.
+        self.call_batch = batch_of(args, kwargs)
         self.begin(t, model.training, model)
         if torch.is_grad_enabled():  # a checkpointed block must recompute with this call's routing
             wrap_checkpointing(model, self)
-        # The model's batch: blocks that fold frames or tokens into the batch see more rows,
-        # which the FLOPs accountant maps back to samples.
-        self.call_batch = batch_of(args, kwargs)
 
     def _reset_call(self) -> None:
         """Forget everything about the previous call (masks, records, embedding)."""
@@ -118,6 +118,11 @@ class RouterBank(nn.Module):
             )
         device = self.always_on.device
         t = torch.as_tensor(t, device=device).detach().float().reshape(-1)  # (Bt,): 1 or B values
+        batch = getattr(self, "call_batch", 0)
+        if batch and t.numel() > batch and t.numel() % batch == 0:
+            # Per-frame or per-token timesteps (diffusion forcing): heads are chosen per sample,
+            # so the width routers read each sample's mean t.
+            t = t.reshape(batch, -1).mean(1)
         # Onto the DDPM 0..1000 scale the routers read: the config's setting, else what analysis
         # assumed for this model (Plan.timestep_convention; records before it: DDPM).
         scale = self.config.timestep_scale

@@ -218,6 +218,11 @@ def _build(
             per_linear.setdefault(s.node.linear, []).append(s.table)
     cut_of = {lin: mod for mod, lin in layout.cuts.items()}  # partial: cut after the norm
     in_maps = [_unit_map(name, "rows", heads, ts) for name, ts in per_linear.items() if name not in cut_of]
+    # A projection that also computes other channels (one Linear for q, k, v and the MLP
+    # hidden, split by sizes the model computes from its attributes) cannot return fewer rows:
+    # the model's split would fail. Such a site keeps the masked path (exact, not faster).
+    widths = {n.linear: n.shape[-1] for n in in_nodes.values()}
+    mixed = [m.linear for m in in_maps if sum(len(m.indices(u)) for u in range(heads)) < widths[m.linear]]
     cut_maps = [_unit_map(cut_of[name], "rows", heads, ts) for name, ts in per_linear.items() if name in cut_of]
     out_maps = [_unit_map(t.node.linear, "cols", heads, [t.table], t.keep) for t in targets]
     streams = sorted(_streams(layout, targets), key=lambda s: not s.out)  # one with an out first
@@ -260,11 +265,15 @@ def _build(
         unsliced=sorted(cut_of),
         between=sorted({n.op for n in layout.ops if n.kind not in ("shape", "cast")}),
         head_attrs=attrs,
-        fast=True,
+        fast=not mixed,
         # Head-count attributes found by a scan, not the registry, or ops beyond reshapes
         # between the projections and the attention: convert checks the fast path against
         # the masked path once (verify.py) before trusting it.
-        fast_reason="" if known and layout.trivial else "unverified",
+        fast_reason=(
+            f"{mixed[0]} also computes channels that are not heads (a fused input projection)"
+            if mixed
+            else ("" if known and layout.trivial else "unverified")
+        ),
     )
     return FoundAttention(site, None, [*in_nodes.values(), *out_nodes])
 

@@ -327,8 +327,15 @@ def derive_inputs(
             )
         if role == "k" and key_layout == "bhdn":
             value = value.transpose(-1, -2)
-        found = _split_sources(value, sources, offsets)
-        by_role[role] = found
+        by_role[role] = _split_sources(value, sources, offsets)
+    # Values combined elementwise stand for each other: rotary's x1 * cos - x2 * sin reaches the
+    # attention with x1's code only. Every head's rows are completed with their partners.
+    component = _components(replay.same, off)
+    for found in by_role.values():
+        for s in found:
+            base, width = offsets[id(s.node)]
+            s.table = _complete(s.table + base, component, base, base + width) - base
+    for found in by_role.values():
         for s in found:
             base = offsets[id(s.node)][0]
             codes = s.table + base  # (H, d)
@@ -374,6 +381,47 @@ def _cut_point(
     if len(roles) != 1 or roles[0] == "v":
         return None
     return m, entry.linear
+
+
+def _components(same: list[tuple[OpNode, torch.Tensor, torch.Tensor]], size: int) -> torch.Tensor:
+    """Code -> component: codes that an elementwise op combined (union-find over the pairs)."""
+    parent = list(range(size))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for _, a, b in same:
+        a, b = torch.broadcast_tensors(a, b)
+        pairs = torch.stack([a.reshape(-1), b.reshape(-1)], 1)
+        pairs = pairs[(pairs >= 0).all(1) & (pairs < size).all(1)].unique(dim=0)
+        for x, y in pairs.tolist():
+            rx, ry = find(x), find(y)
+            if rx != ry:
+                parent[rx] = ry
+    return torch.tensor([find(a) for a in range(size)], dtype=torch.long)
+
+
+def _complete(table: torch.Tensor, component: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """(H, d) codes -> each head's codes with all their partners in [lo, hi).
+
+    A table whose codes are distinct and already hold all their partners is kept as it is (its
+    order is the attention's channel order); a completed one lists each head's rows ascending.
+    """
+    own = component[lo:hi]
+    rows = []
+    for h in range(table.shape[0]):
+        comps = component[table[h]].unique()
+        rows.append(torch.isin(own, comps).nonzero().squeeze(1) + lo)
+    if all(r.numel() == table.shape[1] for r in rows) and all(
+        table[h].unique().numel() == table.shape[1] for h in range(table.shape[0])
+    ):
+        return table
+    if len({r.numel() for r in rows}) != 1:
+        raise ChainError("heads do not have the same number of rows in the projection")
+    return torch.stack(rows)
 
 
 def _collect(q: OpNode, k: OpNode, v: OpNode, tracked: set[int]) -> list[OpNode]:

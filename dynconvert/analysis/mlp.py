@@ -344,7 +344,7 @@ def set_groups(site: MlpSite, groups: int) -> None:
         >>> site.groups, site.in_maps[0].parts
         (4, [(0, 3, 3)])
     """
-    g = max(d for d in range(1, min(groups, site.hidden) + 1) if site.hidden % d == 0)
+    g = max(d for d in range(1, max(1, min(groups, site.hidden)) + 1) if site.hidden % d == 0)
     if g < 2:
         site.width = False
         site.width_reason = (
