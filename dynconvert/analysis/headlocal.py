@@ -242,12 +242,14 @@ class _Replay:
             self.bcast.append((n, out, tuple(a.shape)))
         return out
 
-    def check(self, head_of: torch.Tensor, skip: set[str] | frozenset = frozenset()) -> None:
+    def check(
+        self, head_of: torch.Tensor, skip: set[str] | frozenset = frozenset(), only_norms: bool = False
+    ) -> None:
         """Run the recorded checks with the code -> head map (-1: no head); ops inside the
-        modules of ``skip`` (cut points) are exempt."""
+        modules of ``skip`` (cut points) are exempt; ``only_norms``: the norm/reduction checks."""
 
         def exempt(n: OpNode) -> bool:
-            return any(n.module == m or n.module.startswith(m + ".") for m in skip)
+            return _inside(n, skip)
 
         def heads(v: torch.Tensor) -> torch.Tensor:
             v = torch.where(v >= _PAIR, v // _PAIR - 1, v)  # a complex pair: its first channel
@@ -267,6 +269,8 @@ class _Replay:
                     "removing heads would change it",
                     n,
                 )
+        if only_norms:
+            return
         for n, a, b in self.same:
             if exempt(n):
                 continue
@@ -317,7 +321,6 @@ def derive_inputs(
         offsets[id(s)] = (off, s.shape[-1])
         off += s.shape[-1]
     by_role: dict[str, list[Source]] = {}
-    head_of = torch.full((max(off, 1),), -1, dtype=torch.long)
     for role, node in (("q", q), ("k", k), ("v", v)):
         value = replay.values[id(node)]
         if value.dim() != 4:
@@ -328,32 +331,29 @@ def derive_inputs(
         if role == "k" and key_layout == "bhdn":
             value = value.transpose(-1, -2)
         by_role[role] = _split_sources(value, sources, offsets)
-    # Values combined elementwise stand for each other: rotary's x1 * cos - x2 * sin reaches the
-    # attention with x1's code only. Every head's rows are completed with their partners.
-    component = _components(replay.same, off)
-    for found in by_role.values():
-        for s in found:
-            base, width = offsets[id(s.node)]
-            s.table = _complete(s.table + base, component, base, base + width) - base
-    for found in by_role.values():
-        for s in found:
-            base = offsets[id(s.node)][0]
-            codes = s.table + base  # (H, d)
-            prev = head_of[codes]
-            h = torch.arange(codes.shape[0])[:, None].expand_as(codes)
-            if ((prev >= 0) & (prev != h)).any():
-                raise ChainError("a projection row feeds several heads")
-            head_of[codes] = h
+    # 1. Norms across all heads first (on the codes as they reach the attention): each must be
+    #    a module to cut after, or the site is refused.
     cuts: dict[str, str] = {}
     while True:
         try:
-            replay.check(head_of, set(cuts))
+            replay.check(_head_map(by_role, offsets, off), set(cuts), only_norms=True)
             break
         except _AcrossHeads as e:
             cut = _cut_point(e.node, nodes, sources, replay, by_role)
             if cut is None or cut[0] in cuts:
                 raise ChainError(e.reason) from None
             cuts[cut[0]] = cut[1]
+    # 2. Values combined elementwise stand for each other: rotary's x1 * cos - x2 * sin reaches
+    #    the attention with x1's code only. Every head's rows are completed with their partners
+    #    (ops inside a cut module, which mixes every head, do not count).
+    same = [x for x in replay.same if not _inside(x[0], cuts)]
+    component = _components(same, off)
+    for found in by_role.values():
+        for s in found:
+            base, width = offsets[id(s.node)]
+            s.table = _complete(s.table + base, component, base, base + width) - base
+    # 3. Every check, with the completed heads.
+    replay.check(_head_map(by_role, offsets, off), set(cuts))
     chain = [n for n in nodes if n.kind != "linear"]
     return InputLayout(by_role, replay.trivial, chain, cuts)
 
@@ -381,6 +381,27 @@ def _cut_point(
     if len(roles) != 1 or roles[0] == "v":
         return None
     return m, entry.linear
+
+
+def _inside(n: OpNode, modules: dict[str, str] | set[str]) -> bool:
+    """Whether op ``n`` runs inside one of ``modules``."""
+    return any(n.module == m or n.module.startswith(m + ".") for m in modules)
+
+
+def _head_map(
+    by_role: dict[str, list[Source]], offsets: dict[int, tuple[int, int]], size: int
+) -> torch.Tensor:
+    """Code -> head (-1: reaches no head), from every source's (H, d) table."""
+    head_of = torch.full((max(size, 1),), -1, dtype=torch.long)
+    for found in by_role.values():
+        for s in found:
+            codes = s.table + offsets[id(s.node)][0]  # (H, d)
+            prev = head_of[codes]
+            h = torch.arange(codes.shape[0])[:, None].expand_as(codes)
+            if ((prev >= 0) & (prev != h)).any():
+                raise ChainError("a projection row feeds several heads")
+            head_of[codes] = h
+    return head_of
 
 
 def _components(same: list[tuple[OpNode, torch.Tensor, torch.Tensor]], size: int) -> torch.Tensor:
