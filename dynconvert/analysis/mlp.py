@@ -298,6 +298,9 @@ def build_site(
             )
     elif outs[0] != hidden:
         width_reason = width_reason or "the input projection width differs from the hidden width"
+    # chunk(2) halves whatever width it gets; split by sizes keeps the full-width sizes, so a
+    # sliced fc1 would not split: such an MLP keeps the masked path (exact, not faster).
+    fixed_split = region.split is not None and region.split.op != "chunk" and not width_reason
 
     token_dims = len(x.shape) - 1  # batch, then token_dims - 1 token axes, then channels
     token_reason = _residual_reason(fc2, token_dims)
@@ -322,6 +325,8 @@ def build_site(
         token=not token_reason,
         token_reason=token_reason,
         token_dims=token_dims,
+        fast=not fixed_split,
+        fast_reason=f"the fused value/gate projection is split by fixed sizes ({_desc(region.split)})" if fixed_split else "",
         fc2_offset=part[1] if part else 0,
         fc2_keep=[] if not part else [
             c for c in range(fc2.args[0].shape[-1]) if not part[1] <= c < part[1] + hidden
