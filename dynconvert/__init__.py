@@ -35,6 +35,7 @@ from dynconvert.errors import (
 )
 from dynconvert.flops import FlopsReport, count_flops, last_flops_ratio, measure_macs
 from dynconvert.plan import AttentionSite, MlpSite, Plan, SkippedSite
+from dynconvert.pretrained import LoraNotRoutedError  # registers the diffusers integration
 from dynconvert.routing import routing, set_routing
 from dynconvert.save import load, save
 from dynconvert.version import __version__
@@ -53,6 +54,7 @@ __all__ = [
     "DynconvertError",
     "ExampleInputsError",
     "FlopsReport",
+    "LoraNotRoutedError",
     "MlpSite",
     "ModelNotFoundError",
     "NoSitesError",

@@ -31,7 +31,9 @@ from dynconvert.config import ConvertConfig
 from dynconvert.convert import apply_plan, revert
 from dynconvert.errors import RecordError
 from dynconvert.flops import routed_ratio
+from dynconvert.graphs import enable_cuda_graphs
 from dynconvert.plan import PLAN_VERSION, Plan
+from dynconvert.planned import capacity_record, load_capacity_record
 from dynconvert.state import get_state, is_converted
 from dynconvert.version import __version__
 
@@ -161,6 +163,9 @@ def build_record(model: nn.Module, flops_ratio_per_t: list[float] | None = None,
         ),
         "mean_flops_ratio": sum(ratio) / len(ratio),
     }
+    capacity = capacity_record(model)  # token capacities per t for the planned path (GPU)
+    if capacity is not None:
+        record["token_capacity"] = capacity
     if extra:
         record.update(extra)
     return record
@@ -192,9 +197,61 @@ def save(
     record = build_record(model, flops_ratio_per_t, extra)
     tensors, aliases = _dedupe(model.state_dict())
     record["aliases"] = aliases
-    atomic_save_tensors(tensors, out / WEIGHTS, metadata={"format": "pt", "producer": "dynconvert"})
-    record["weights"] = {"file": WEIGHTS, "fingerprint": _fingerprint(out / WEIGHTS),
-                         "bytes": (out / WEIGHTS).stat().st_size}
+    # A diffusers model's folder is also a from_pretrained folder (its static weights).
+    weights = DIFFUSERS_WEIGHTS if is_diffusers_model(model) else WEIGHTS
+    atomic_save_tensors(tensors, out / weights, metadata={"format": "pt", "producer": "dynconvert"})
+    record["weights"] = {"file": weights, "fingerprint": _fingerprint(out / weights),
+                         "bytes": (out / weights).stat().st_size}
+    if is_diffusers_model(model):
+        write_diffusers_config(model, out)
+    atomic_write_bytes(out / RECORD, json.dumps(record, indent=1).encode())
+    return out
+
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+"""The weights file diffusers ``from_pretrained`` reads; ``save`` names a diffusers model's so."""
+CONFIG_NOTE_KEY = "_dynconvert"
+"""Key of the note in a converted model's config.json (diffusers ignores keys starting with _)."""
+
+
+def is_diffusers_model(model: nn.Module) -> bool:
+    """True for a diffusers ``ModelMixin`` (it has ``save_pretrained`` and a config)."""
+    return any(c.__name__ == "ModelMixin" and c.__module__.startswith("diffusers") for c in type(model).__mro__)
+
+
+def config_note() -> str:
+    """What a converted model's config.json says to whoever opens it with ``from_pretrained``."""
+    return (
+        f"converted by dynconvert {__version__}: from_pretrained gives back the static weights "
+        f"(the routers under dynconvert.* are not used); dynconvert.load(folder) rebuilds the "
+        f"converted model from {RECORD}"
+    )
+
+
+def write_diffusers_config(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write the model's diffusers config.json, with :func:`config_note` under ``_dynconvert``."""
+    config = json.loads(model.to_json_string())  # what save_config writes
+    config[CONFIG_NOTE_KEY] = config_note()
+    atomic_write_bytes(Path(directory) / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_pretrained_record(model: nn.Module, directory: str | os.PathLike, files: list[str]) -> Path:
+    """Write ``dynconvert.json`` beside the weights diffusers ``save_pretrained`` wrote.
+
+    Args:
+        model: the converted model that was saved.
+        directory: the save_pretrained folder.
+        files: the weights file, or a shard index followed by its shards.
+
+    Example:
+        >>> write_pretrained_record(model, "out/", ["diffusion_pytorch_model.safetensors"])  # doctest: +SKIP
+    """
+    out = Path(directory)
+    record = build_record(model, extra={"saved_by": "save_pretrained"})
+    record["aliases"] = {}
+    first = out / files[0]
+    record["weights"] = {"file": files[0], "fingerprint": _fingerprint(first), "bytes": first.stat().st_size,
+                         "shards": list(files[1:])}
     atomic_write_bytes(out / RECORD, json.dumps(record, indent=1).encode())
     return out
 
@@ -204,7 +261,11 @@ def read_record(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory)
     rec_path = path / RECORD
     if not rec_path.is_file():
-        raise RecordError(f"no {RECORD} in {path}; point to a folder written by dynconvert.save")
+        raise RecordError(
+            f"no {RECORD} in {path}; point to a folder written by dynconvert.save or by the "
+            "save_pretrained of a converted model (a folder saved before conversion, or by "
+            "ModelMixin.save_pretrained called on the class, has no record: save it again)"
+        )
     try:
         record = json.loads(rec_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -275,6 +336,9 @@ def check_record(record: dict[str, Any], rec_path: Path) -> None:
         raise bad(f"weights.file {name!r} is not a file name inside the folder")
     if isinstance(size, bool) or not isinstance(size, int) or size < 0 or not isinstance(fingerprint, str):
         raise bad("weights.bytes or weights.fingerprint is missing or of the wrong type")
+    shards = w.get("shards", [])  # a sharded save_pretrained: its shard files
+    if not isinstance(shards, list) or not all(isinstance(n, str) and n and Path(n).name == n and n not in (".", "..") for n in shards):
+        raise bad("weights.shards must be a list of file names inside the folder")
     if not isinstance(record.get("aliases", {}), dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in record.get("aliases", {}).items()
     ):
@@ -311,9 +375,12 @@ def load(
     """Rebuild a converted model: original model + record + weights.
 
     Args:
-        directory: a folder written by :func:`save`.
+        directory: a folder written by :func:`save` or by a converted diffusers model's
+            ``save_pretrained``, or a pipeline folder (``pipe.save_pretrained``) whose one
+            converted component is then loaded (e.g. its ``transformer/``).
         base_model: a freshly built original (e.g. from diffusers ``from_pretrained``); for
-            built-in presets it can be omitted and is rebuilt from the record.
+            built-in presets and diffusers models it can be omitted: it is rebuilt from the
+            record, or from the folder's config.json in the dtype of the saved weights.
         device: where to put the model (default: where ``base_model`` is, else CPU).
 
     Returns:
@@ -327,16 +394,24 @@ def load(
         >>> model = dynconvert.load("runs/digits")                       # doctest: +SKIP
         >>> pipe.transformer = dynconvert.load("out/", pipe.transformer)  # doctest: +SKIP
     """
+    directory = _record_folder(Path(directory))
     record = read_record(directory)
+    built = base_model is None
     if base_model is None:
-        if not record.get("preset"):
+        if record.get("preset"):
+            from dynconvert.models import build_model
+
+            try:
+                base_model = build_model(record["preset"], **record.get("preset_kwargs", {}))
+            except (TypeError, ValueError) as e:  # preset_kwargs the preset does not take
+                raise RecordError(f"the record in {directory} cannot rebuild its model ({e}); save the model again") from e
+        elif (directory / "config.json").is_file():
+            base_model = _base_from_config(directory, record["model_class"])
+        else:
             raise RecordError(
                 f"the record in {directory} is for {record['model_class']}, which is not a built-in "
                 "preset; pass base_model= a freshly built original (e.g. from_pretrained)"
             )
-        from dynconvert.models import build_model
-
-        base_model = build_model(record["preset"], **record.get("preset_kwargs", {}))
     if is_converted(base_model):
         raise RecordError("base_model is already converted; pass a freshly built original model")
     model_class = f"{type(base_model).__module__}.{type(base_model).__qualname__}"
@@ -369,15 +444,53 @@ def load(
     for k, shape in expected.items():
         if tuple(state[k].shape) != shape:
             raise RecordError(f"weight {k} has shape {tuple(state[k].shape)} in {directory}, model expects {shape}")
+    if built:  # a model rebuilt here takes the dtype the weights were saved in
+        dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+        if len(dtypes) == 1:
+            base_model.to(dtypes.pop())
     apply_plan(base_model, plan, config, float(record["budget"]), always_on=list(record["always_on"]))
     try:
         base_model.load_state_dict(state, strict=True)
     except Exception as e:
         revert(base_model)
         raise RecordError(f"could not load the weights of {directory}: {e}") from e
+    # Inference as deployed: on CUDA the planned path (static shapes) under CUDA graphs, on
+    # other devices the fast path; the user does nothing for either (planner.py, graphs.py).
+    load_capacity_record(base_model, record.get("token_capacity"))
+    get_state(base_model).execution = "auto"
+    enable_cuda_graphs(base_model)
     if device is not None:
         base_model.to(device)
     return base_model.eval()
+
+
+def _record_folder(path: Path) -> Path:
+    """The folder holding the record: ``path``, or the one component of a pipeline folder that
+    has one (``pipe.save_pretrained`` writes each component into its own subfolder)."""
+    if (path / RECORD).is_file() or not (path / "model_index.json").is_file():
+        return path
+    found = [sub for sub in sorted(path.iterdir()) if (sub / RECORD).is_file()]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise RecordError(f"the pipeline folder {path} holds no converted component ({RECORD} in a subfolder)")
+    names = ", ".join(sub.name for sub in found)
+    raise RecordError(f"the pipeline folder {path} holds several converted components ({names}); pass one subfolder")
+
+
+def _base_from_config(directory: Path, model_class: str) -> nn.Module:
+    """A fresh diffusers model of ``model_class`` built from the folder's config.json."""
+    import importlib
+
+    module, _, name = model_class.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        return cls.from_config(cls.load_config(str(directory)))
+    except (ImportError, AttributeError, OSError, ValueError, TypeError) as e:
+        raise RecordError(
+            f"cannot build {model_class} from {directory / 'config.json'} ({e}); pass base_model= "
+            "a freshly built original (e.g. from_pretrained)"
+        ) from e
 
 
 def _check_plan_matches(plan: Plan, model: nn.Module) -> None:
@@ -402,11 +515,23 @@ def _read_weights(directory: Path, record: dict) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    info = record["weights"]
+    files = info.get("shards") or [info["file"]]  # a sharded save_pretrained: its shards
+    state: dict[str, torch.Tensor] = {}
     try:
-        state = load_file(str(directory / record["weights"]["file"]))
-    except (SafetensorError, OSError, ValueError) as e:
+        for name in files:
+            path = directory / name
+            if not path.is_file():
+                raise OSError(f"{path} is missing")
+            if name.endswith(".safetensors"):
+                state.update(load_file(str(path)))
+            else:  # save_pretrained(safe_serialization=False): a torch pickle of tensors only
+                state.update(torch.load(path, map_location="cpu", weights_only=True))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise RecordError(f"cannot read the weights in {directory}: {e}; save the model again") from e
     for alias, kept in record.get("aliases", {}).items():
+        if kept not in state:
+            raise RecordError(f"the record in {directory} aliases {alias} to {kept}, which its weights lack; save the model again")
         state[alias] = state[kept]
     return state
 
