@@ -47,6 +47,8 @@ def _macs(x: int | None) -> str:
 def _first_problem(row: dict) -> str:
     if row["error"]:
         return row["error"].replace("|", "\\|")[:160]
+    if row.get("flops_error"):
+        return row["flops_error"].replace("|", "\\|")[:160]
     texts = [f"{s['name']}: {s['reason']}" for s in row["skipped"]] + row["site_notes"]
     return (texts[0].replace("|", "\\|")[:160] + (f" (+{len(texts) - 1} more)" if len(texts) > 1 else "")) if texts else ""
 
@@ -63,7 +65,8 @@ def markdown(rows: list[dict], command: str, seconds: float, note: str = "") -> 
         *([note, ""] if note else [""]),
         f"**{s['image_video_within']} of {s['image_video']} image/video models have an executed FLOPs ratio "
         f"<= {s['threshold']} under randomize_routing(keep=0.5)**; {s['converted']} of {s['rows']} converted, "
-        f"{s['errors']} errors, {s['fresh_failures']} fresh-conversion mismatches, "
+        f"{s['errors']} errors, {s['flops_errors']} where PyTorch's FLOP counter could not run, "
+        f"{s['fresh_failures']} fresh-conversion mismatches, "
         f"{s['fast_masked_failures']} fast != masked.",
         "",
         "Columns: sites = attention/MLP sites found, skipped = candidate sites left out; MACs per sample of the "
