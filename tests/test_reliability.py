@@ -135,7 +135,7 @@ def edit_json(path: Path, **changes) -> None:
 
 SET_CASES = {
     "whole float steps": ("calibration.steps=5.0", "[1, 2147483647]"),
-    "whole float batch size": ("calibration.batch_size=8.0", "[1, 2147483647]"),
+    "whole float batch size": ("calibration.batch_size=8.0", "[1, 65536]"),
     "seed 1e30": ("calibration.seed=1e30", "[0, 4294967295]"),
     "seed past 2**64": ("calibration.seed=100000000000000000000", "[0, 4294967295]"),
     "string for a float": ("convert.tau=abc", "(0, inf)"),
@@ -146,13 +146,16 @@ SET_CASES = {
     "cpu_threads float": ("cpu_threads=2.0", "[1, 4096]"),
     "lr out of range": ("calibration.lr=1e30", "[0, 10]"),
     "model_kwargs type": ("model_kwargs={depth: 2.0}", "model_kwargs"),
+    "batch size past its range": ("calibration.batch_size=2147483647", "[1, 65536]"),
+    "a grid of latents": ("samples.grid=true", "samples.grid"),
 }
 
 
 @pytest.mark.parametrize("name", list(SET_CASES))
 def test_bad_set_values_are_one_line(name, tmp_path):
     item, expect = SET_CASES[name]
-    result = invoke("convert", *TINY, "--set", item, "--out", tmp_path / "run")
+    bounded = ["--set", "calibration.steps=4"]  # a case that passed by mistake stays short
+    result = invoke("convert", *TINY, *bounded, "--set", item, "--out", tmp_path / "run")
     assert expect in refused(result)
     assert files(tmp_path) == {}
 
@@ -164,6 +167,9 @@ def test_a_recipe_file_is_checked_field_by_field(tmp_path):
     line = refused(invoke("convert", *TINY, "--recipe", recipe, "--out", tmp_path / "run"))
     assert "steps must be an integer in [1, 2147483647]; got 10.0" in line
     assert files(tmp_path) == before
+    recipe.write_text("name: mine\nmodel: !!python/object/apply:os.system ['touch pwned']\n")
+    line = refused(invoke("convert", *TINY, "--recipe", recipe, "--out", tmp_path / "run"))
+    assert "constructor" in line and not Path("pwned").exists()
 
 
 @pytest.mark.parametrize("where", ["under a file", "unwritable system folder"])
@@ -174,6 +180,12 @@ def test_an_unwritable_out_is_refused_first(where, tmp_path):
     line = refused(invoke("convert", *TINY, "--out", out))
     assert "--out" in line and "cannot be written" in line
     assert files(tmp_path) == before
+
+
+def test_an_empty_out_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default folder would be runs/ here
+    assert "--out is empty" in refused(invoke("convert", *TINY, "--out", ""))
+    assert files(tmp_path) == {}
 
 
 def test_sample_out_is_checked_before_loading(runs, tmp_path):
@@ -228,6 +240,7 @@ FOLDER_CASES = {
     "another model's optimizer": (lambda p: _checkpoint_with_other_optimizer(p / "checkpoints" / "step-0000004.pt"), "optimizer state"),
     "newer run-folder version": (_run_version, "version 99"),
     "unknown run status": (_run_status, "status"),
+    "run.json source not a mapping": (lambda p: edit_json(p / "run.json", source="x"), "source"),
 }  # fmt: skip
 
 
@@ -255,6 +268,8 @@ RECORD_CASES = {
     "newer format": ({"format_version": 99}, "newer"),
     "newer plan": ({"plan__version": 99}, "plan version 99"),
     "weights bytes string": ({"weights__bytes": "12"}, "weights.bytes"),
+    "preset_kwargs of the wrong type": ({"preset_kwargs": {"depth": "x"}}, "cannot rebuild"),
+    "alias to a missing weight": ({"aliases": {"a": "nope"}}, "lack"),
 }
 
 

@@ -34,7 +34,7 @@ _NON_NEGATIVE = Range(0)
 _RANGES = {
     "target": Range(0, 1, low_open=True),
     "steps": Range(1),
-    "batch_size": Range(1),
+    "batch_size": Range(1, 65536),
     "lr": Range(0, 10),
     "weight_decay": Range(0, 1e3),
     "adam_betas": Range(0, 1, high_open=True),

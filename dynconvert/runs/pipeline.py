@@ -41,6 +41,7 @@ from dynconvert.runs.request import EventFn, PreparedRun, RunRequest
 from dynconvert.runs.sources import (
     check_data_shape,
     data_source,
+    model_input_shape,
     resolve_source,
     synthetic_data,
 )
@@ -78,6 +79,25 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def check_samples(recipe: Any, model: Any) -> None:
+    """Refuse, before any work, a ``samples.grid`` of a model whose samples are not images.
+
+    Raises:
+        ConfigError: The model's samples are latents (not 1 or 3 channels); the message says
+            to turn the grid off and sample with a VAE afterwards.
+    """
+    if not recipe.samples.grid:
+        return
+    with torch.random.fork_rng(devices=[]):  # example inputs: leave the global RNG as it was
+        shape = model_input_shape(model)
+    if shape is not None and shape[0] not in (1, 3):
+        raise ConfigError(
+            f"samples.grid: {recipe.model} samples {shape[0]}-channel latents, which need a VAE "
+            "to become images; set samples.grid to false and run `dynconvert sample --vae` "
+            "on the finished run"
+        )
+
+
 def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> PreparedRun:
     """Check everything and build the converted model; writes nothing.
 
@@ -94,6 +114,10 @@ def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> Prepare
     for name in ("model", "recipe", "checkpoint", "data", "out"):
         check_value(f"`{name}`", getattr(request, name), str | os.PathLike | None)
     check_value("`overrides`", list(request.overrides), list[str])
+    if request.out is not None and not str(request.out).strip():
+        raise ConfigError(
+            "`out` is empty; pass a folder for the run, or leave it out for the default"
+        )
     recipe_name = request.recipe
     if recipe_name is None and request.model is not None:
         recipe_name = recipe_for_model(request.model)
@@ -143,6 +167,7 @@ def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> Prepare
         data = synthetic_data(model, rows=max(64, calibration.batch_size), seed=calibration.seed)
     check_data_shape(model, data)
     check_report(recipe, model)
+    check_samples(recipe, model)
 
     t0 = time.perf_counter()
     model = convert(model, target, config=recipe.convert_config(), seed=calibration.seed)
