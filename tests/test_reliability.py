@@ -342,6 +342,21 @@ def test_a_failed_fresh_run_removes_only_what_it_wrote(tmp_path, monkeypatch):
     assert out.is_dir() and list(out.iterdir()) == []
 
 
+def test_sigterm_runs_the_cleanup(tmp_path, monkeypatch):
+    import signal
+
+    from dynconvert.cli import render
+
+    def terminate(self, info):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(render.StepProgress, "__call__", terminate)
+    out = tmp_path / "run"
+    result = invoke("convert", *TINY, *STEPS, "--out", out)
+    assert result.exit_code == 143 and not out.exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_weights_are_fsynced_before_the_rename(tmp_path, monkeypatch):
     model = dynconvert.convert(tiny_dit(), 0.5)
     calls = []
