@@ -18,6 +18,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -434,6 +435,10 @@ def load(
     _check_plan_matches(plan, base_model)
     state = _read_weights(Path(directory), record)
     expected = _expected_shapes(base_model, plan, config)
+    # diffusers fuse_qkv_projections() adds copies of the q/k/v weights (to_qkv, to_kv); a model
+    # saved fused carries them, a freshly built one has none: they are dropped (no information).
+    for k in [k for k in state if k not in expected and re.search(r"\.(to_qkv|to_kv|to_added_qkv)\.(weight|bias)$", k)]:
+        del state[k]
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -209,7 +209,7 @@ def _fuse(model, fuse=True):
 
 
 @pytest.mark.parametrize("timesteps", [[T, T], [T, 100]], ids=["one-t", "two-t"])
-def test_fused_qkv_equals_unfused(family, timesteps):
+def test_fused_qkv_equals_unfused(family, timesteps, tmp_path):
     name, model, _ = family
     inputs = _inputs(model, t=timesteps)
     with torch.no_grad():
@@ -222,6 +222,11 @@ def test_fused_qkv_equals_unfused(family, timesteps):
                 torch.testing.assert_close(call(model, inputs), unfused, atol=1e-5, rtol=1e-5)
         model.unfuse_qkv_projections() if hasattr(model, "unfuse_qkv_projections") else _fuse(model, False)
         torch.testing.assert_close(call(model, inputs), unfused, atol=0, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path)  # saved fused: the fused copies are dropped on load
+    with torch.no_grad():
+        torch.testing.assert_close(call(dynconvert.load(tmp_path), inputs), unfused, atol=0, rtol=0)
     fused_linear = model.transformer_blocks[0].attn1.to_qkv
     dynconvert.revert(model)
     assert type(fused_linear) is torch.nn.Linear
