@@ -244,7 +244,8 @@ def support_rows(names: list[str] | None = None, *, keep: float = KEEP, seed: in
 
 def reason_group(reason: str) -> str:
     """A reason with the names of modules, numbers and quoted parts blanked, for grouping."""
-    r = re.sub(r"'[^']*'|\"[^\"]*\"|`[^`]*`", "'…'", reason)
+    r = re.sub(r"<[^<>]* at 0x[0-9a-f]+>", "<…>", reason)  # object addresses
+    r = re.sub(r"'[^']*'|\"[^\"]*\"|`[^`]*`", "'…'", r)
     r = re.sub(r"\b[\w]+(\.[\w]+)+\b", "…", r)  # dotted module names
     r = re.sub(r"\(\w+\)", "(…)", r)  # class names
     r = re.sub(r"\d+(\.\d+)?", "N", r)
