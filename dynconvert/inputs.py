@@ -40,6 +40,8 @@ def default_inputs(model: torch.nn.Module, batch_size: int = 1) -> Inputs:
     bf16 gets fp16 or bf16 inputs) and every tensor goes to the model's device.
     """
     dtype, device = model_dtype_device(model)
+    if device.type == "meta":  # a model built without weights (inspect): real inputs, on the CPU
+        device = torch.device("cpu")
     args, kwargs = _default_inputs(model, batch_size)
     return _to(args, dtype, device), _to(kwargs, dtype, device)
 
