@@ -95,10 +95,23 @@ def convert(
     with torch.random.fork_rng(devices=[]):  # router init from the seed, global RNG untouched
         torch.manual_seed(seed)
         apply_plan(model, plan, config, b)
-    # Head-count attributes found by a scan, not the registry: compare fast and masked paths
-    # once; a site that differs keeps the masked path (verify.py).
+    # Head-count attributes found by a scan, or ops beyond reshapes before the attention:
+    # compare fast and masked paths once (verify.py). A site whose sliced path differs is not
+    # converted (routing it would cost accuracy and save nothing): convert again without it.
     if any(s.fast_reason == "unverified" for s in plan.sites):
-        verify_fast_path(model, args, kwargs)
+        failed = verify_fast_path(model, args, kwargs)
+        if failed:
+            revert(model)
+            reason = (
+                "the sliced fast path did not reproduce the masked path (its head-count attributes "
+                "are not known); not converted. Register them with "
+                "dynconvert.analysis.registry.register_attention"
+            )
+            plan.drop_attention({name: reason for name in failed})
+            check_plan(plan, b, config)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                apply_plan(model, plan, config, b)
     return model
 
 

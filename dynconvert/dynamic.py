@@ -323,9 +323,10 @@ class AttentionRuntime(_SiteRuntime):
         # attn_dim; diffusers: heads). The sliced Linears return only the active heads' rows,
         # so for this call the count must match them: left as is, the reshape either fails or,
         # when the sizes happen to divide, silently splits the channels into wrong heads.
-        for attr, per in site.head_attrs.items():
-            self.saved[attr] = getattr(module, attr)
-            setattr(module, attr, len(d.key) * per)
+        for attr, per in site.head_attrs.items():  # "heads", or "attn.heads" on a submodule
+            owner, name = _owner(module, attr)
+            self.saved[attr] = getattr(owner, name)
+            setattr(owner, name, len(d.key) * per)
 
     def cut_hook(self, name: str) -> Any:
         """Forward hook of a partial site's cut module (a norm across all heads): its output
@@ -350,7 +351,8 @@ class AttentionRuntime(_SiteRuntime):
     def post_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         """Forward hook (also called when the forward raises): restore the head count."""
         for attr, value in self.saved.items():
-            setattr(module, attr, value)
+            owner, name = _owner(module, attr)
+            setattr(owner, name, value)
         self.saved.clear()
         self.fast = None
 
@@ -387,6 +389,14 @@ class AttentionRuntime(_SiteRuntime):
         if mask is not None:
             x = self.masked_out(name, mask, x)
         return F.linear(x, lin.weight, lin.bias)
+
+
+def _owner(module: nn.Module, path: str) -> tuple[Any, str]:
+    """The object holding attribute ``path`` ("heads" or "attn.heads") and its last name."""
+    if "." not in path:
+        return module, path
+    sub, name = path.rsplit(".", 1)
+    return module.get_submodule(sub), name
 
 
 def _expand_sub(sub: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

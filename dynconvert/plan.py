@@ -288,6 +288,18 @@ class Plan:
             total += s.macs()
         return total
 
+    def drop_attention(self, reasons: dict[str, str]) -> None:
+        """Move the attention sites named in ``reasons`` to ``skipped`` with their reason: their
+        cost joins what routing never changes, and the other sites are numbered again in
+        execution order."""
+        gone = [s for s in self.attention if s.name in reasons]
+        for s in gone:
+            self.skipped.append(SkippedSite(s.name, "attention", reasons[s.name]))
+            self.other_macs += s.macs() * self.batch
+        self.attention = [s for s in self.attention if s.name not in reasons]
+        for i, s in enumerate(sorted([*self.attention, *self.mlp], key=lambda x: x.index)):
+            s.index = i
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
         return asdict(self)

@@ -36,9 +36,10 @@ def verify_fast_path(model: nn.Module, args: tuple, kwargs: dict, atol: float = 
         for s in todo:
             r = bank.width[str(s.index)]
             r.weight.zero_()
-            off = torch.randperm(s.heads, generator=g)[: s.heads // 2].tolist()
+            # Half the heads off (at least one), never the always-on one: slicing must happen.
+            others = [u for u in torch.randperm(s.heads, generator=g).tolist() if u != int(bank.always_on[s.index])]
             bias = torch.ones(s.heads)
-            bias[[u for u in off if u != int(bank.always_on[s.index])]] = -1.0
+            bias[others[: max(1, s.heads // 2)]] = -1.0
             r.bias.copy_(bias)
         bank.clear_cache()
         with routing(model, "eval", "masked"):

@@ -202,6 +202,8 @@ def plan_from_graph(
         reason = _excluded(model, site, config, filter_fn)
         if isinstance(site, AttentionSite) and not config.attention_width and not reason:
             reason = "attention width routing turned off in the config"
+        if not site.fast and not reason:  # routing it would cost accuracy and save no compute
+            reason = f"{site.fast_reason}; not converted: only a sliced site saves compute"
         if reason:
             skipped.append(
                 SkippedSite(

@@ -220,9 +220,13 @@ def _build(
     in_maps = [_unit_map(name, "rows", heads, ts) for name, ts in per_linear.items() if name not in cut_of]
     # A projection that also computes other channels (one Linear for q, k, v and the MLP
     # hidden, split by sizes the model computes from its attributes) cannot return fewer rows:
-    # the model's split would fail. Such a site keeps the masked path (exact, not faster).
+    # the model's split would fail. Such a site is not converted (it could not run sliced).
     widths = {n.linear: n.shape[-1] for n in in_nodes.values()}
     mixed = [m.linear for m in in_maps if sum(len(m.indices(u)) for u in range(heads)) < widths[m.linear]]
+    # A mask given per head (repeated for the heads outside the attention module) keeps its
+    # full head count when heads are removed: such a site is not converted either.
+    mask = call.output.arg(3, "attn_mask") if call.output.kind == "attention" else None
+    per_head_mask = isinstance(mask, OpNode) and bool(mask.shape) and len(mask.shape) == 4 and mask.shape[1] == heads
     cut_maps = [_unit_map(cut_of[name], "rows", heads, ts) for name, ts in per_linear.items() if name in cut_of]
     out_maps = [_unit_map(t.node.linear, "cols", heads, [t.table], t.keep) for t in targets]
     streams = sorted(_streams(layout, targets), key=lambda s: not s.out)  # one with an out first
@@ -237,7 +241,9 @@ def _build(
     name = call_lca(*ops) if all(n.stack for n in ops) else ""
     name = name or module_lca(call.output.module, *(n.linear for n in ops[1:]))
     module = model.get_submodule(name) if name else model
-    attrs, known = attention_attrs(module, heads, head_dim)
+    where = call.output.module
+    inner = where[len(name) + 1 :] if name and where.startswith(name + ".") else (where if not name else "")
+    attrs, known = attention_attrs(module, heads, head_dim, inner)
     # Self-attention: one fused projection, or q and k computed from the same tensor.
     self_attn = q_lin is k_lin or q_lin.args[0] is k_lin.args[0] or len(streams) > 1
     site = AttentionSite(
@@ -265,13 +271,15 @@ def _build(
         unsliced=sorted(cut_of),
         between=sorted({n.op for n in layout.ops if n.kind not in ("shape", "cast")}),
         head_attrs=attrs,
-        fast=not mixed,
+        fast=not mixed and not per_head_mask,
         # Head-count attributes found by a scan, not the registry, or ops beyond reshapes
         # between the projections and the attention: convert checks the fast path against
         # the masked path once (verify.py) before trusting it.
         fast_reason=(
             f"{mixed[0]} also computes channels that are not heads (a fused input projection)"
             if mixed
+            else "the attention mask is given per head"
+            if per_head_mask
             else ("" if known and layout.trivial else "unverified")
         ),
     )

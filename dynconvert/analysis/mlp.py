@@ -299,7 +299,7 @@ def build_site(
     elif outs[0] != hidden:
         width_reason = width_reason or "the input projection width differs from the hidden width"
     # chunk(2) halves whatever width it gets; split by sizes keeps the full-width sizes, so a
-    # sliced fc1 would not split: such an MLP keeps the masked path (exact, not faster).
+    # sliced fc1 would not split: such an MLP is not converted (it could not run sliced).
     fixed_split = region.split is not None and region.split.op != "chunk" and not width_reason
 
     token_dims = len(x.shape) - 1  # batch, then token_dims - 1 token axes, then channels

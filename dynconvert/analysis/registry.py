@@ -10,7 +10,7 @@ add ``register_attention("package.module.ClassName", {"attr": "heads" | "inner"}
 "heads" means the attribute holds the head count and "inner" the head count times head size.
 Without an entry, dynconvert looks for integer attributes equal to the head count (or the
 attention width) and verifies the result by running the fast path against the masked path
-once at convert time; a site that fails that check keeps the masked path.
+once at convert time; a site that fails that check is not converted (it would save nothing).
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ AttrKind = Literal["heads", "inner"]
 _ATTENTION: dict[str, dict[str, AttrKind]] = {
     "timm.layers.attention.Attention": {"num_heads": "heads", "attn_dim": "inner"},
     "timm.models.vision_transformer.Attention": {"num_heads": "heads", "attn_dim": "inner"},
-    "diffusers.models.attention_processor.Attention": {"heads": "heads"},
+    # Processors reshape with heads, and some derive head_dim = inner_dim // heads (QwenImage).
+    "diffusers.models.attention_processor.Attention": {
+        "heads": "heads", "inner_dim": "inner", "inner_kv_dim": "inner",
+    },
     "dynconvert.models.uvit.Attention": {"num_heads": "heads"},
 }
 
@@ -84,12 +87,15 @@ def register_attention(qualname: str, attrs: dict[str, AttrKind]) -> None:
 
 
 def attention_attrs(
-    module: torch.nn.Module, heads: int, head_dim: int
+    module: torch.nn.Module, heads: int, head_dim: int, inner: str = ""
 ) -> tuple[dict[str, int], bool]:
     """Attributes to lower when heads are removed, as ``{attr: channels per head}``.
 
     On the fast path each attribute is set to (active heads) x (channels per head) for the
     call: 1 for a head count, ``head_dim`` for a width.
+
+    ``inner`` is the path, below ``module``, of the module whose forward runs the attention op:
+    when the site's module is a whole block (a parallel block), the head count lives there.
 
     Returns the mapping and whether it came from the registry (True) or from a scan (False).
 
@@ -98,6 +104,22 @@ def attention_attrs(
         >>> attention_attrs(Attention(32, num_heads=4), heads=4, head_dim=8)
         ({'num_heads': 1, 'attn_dim': 8}, True)
     """
+    out, known = _own_attrs(module, heads, head_dim)
+    if out:
+        return out, known
+    # A block whose forward runs the attention itself (a parallel block's site is the block):
+    # the head count lives on its attention submodule, lowered by its dotted path.
+    parts = inner.split(".") if inner else []
+    for i in range(len(parts), 0, -1):  # the attention's own module first, then its parents
+        name = ".".join(parts[:i])
+        sub_out, sub_known = _own_attrs(module.get_submodule(name), heads, head_dim)
+        if sub_out:
+            return {f"{name}.{a}": v for a, v in sub_out.items()}, sub_known
+    return {}, known
+
+
+def _own_attrs(module: torch.nn.Module, heads: int, head_dim: int) -> tuple[dict[str, int], bool]:
+    """:func:`attention_attrs` of the module itself (registry, else a scan of its integers)."""
     # The registry, through the class's bases (a subclass reshapes like its parent).
     for cls in type(module).__mro__:
         key = f"{cls.__module__}.{cls.__qualname__}"
