@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from dynconvert.analysis import analyze, capture
-from dynconvert.analysis.costs import node_macs
+from dynconvert.analysis.costs import eager_macs, node_macs
 from dynconvert.bank import RouterBank
 from dynconvert.inputs import batch_of, default_inputs, shapes_of, split_inputs
 from dynconvert.plan import AttentionSite, Plan, Site
@@ -379,11 +379,5 @@ def measure_macs(model: nn.Module, example_inputs: Any = None) -> float:
         >>> measure_macs(tiny_dit()) > 0
         True
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     args, kwargs = split_inputs(example_inputs) if example_inputs is not None else default_inputs(model)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-        model(*args, **kwargs)
-    return counter.get_total_flops() / 2
+    return eager_macs(model, args, kwargs)

@@ -16,7 +16,7 @@ import torch
 
 from dynconvert.analysis import attention as attn_finder
 from dynconvert.analysis import mlp as mlp_finder
-from dynconvert.analysis.costs import node_macs
+from dynconvert.analysis.costs import eager_macs, node_macs
 from dynconvert.analysis.graph import OpGraph, block_of, from_export, quiet_torch
 from dynconvert.analysis.headlocal import linear_ancestry
 from dynconvert.analysis.registry import timestep_convention
@@ -220,6 +220,10 @@ def plan_from_graph(
     # Costs: the graph's MACs are for the whole example batch, a site's macs() for one sample.
     # other_macs is what routing never changes (embeddings, final layer, skipped sites).
     static = sum(node_macs(n) for n in graph.nodes)
+    if graph.capture != "torch.export":
+        # A capture in pieces misses the ops of opaque leaves: count one eager forward instead.
+        with torch.no_grad(), eval_mode(model):
+            static = int(round(eager_macs(model, args, kwargs)))
     site_macs = sum(s.macs() for s in [*kept_attn, *kept_mlp])
     batch = batch_of(args, kwargs)
     position, _ = timestep_slot(model, timestep_arg)

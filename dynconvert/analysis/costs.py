@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import re
 
+import torch
+
 from dynconvert.analysis.graph import OpNode
 
 
@@ -84,3 +86,15 @@ def _einsum_macs(node: OpNode) -> int:
         for ch, s in zip(re.sub(r"[^a-zA-Z]", "", term), opnd.shape):
             sizes[ch] = int(s)
     return math.prod(sizes.values())
+
+
+def eager_macs(model: torch.nn.Module, args: tuple, kwargs: dict) -> float:
+    """MACs one eager forward executes, counted by torch.utils.flop_counter (math attention, so
+    QK^T and AV are counted matmuls). The ground truth where a capture could not see every op."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        model(*args, **kwargs)
+    return counter.get_total_flops() / 2

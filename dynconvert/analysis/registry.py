@@ -67,7 +67,8 @@ def timestep_convention(model: torch.nn.Module, example_t: Any, scale: float | N
             rev = rev if reverse is None else bool(reverse)
             return s, rev, f"{text}: routers read t x {s:g}{', reversed' if rev else ''}"
     rev = bool(reverse)
-    if isinstance(example_t, torch.Tensor) and example_t.numel() and example_t.is_floating_point():
+    t_known = isinstance(example_t, torch.Tensor) and example_t.device.type != "meta"
+    if t_known and example_t.numel() and example_t.is_floating_point():
         t = example_t.detach().float().cpu()
         if float(t.min()) >= 0 and float(t.max()) <= 1 and not torch.equal(t, t.round()):
             return 1000.0, rev, "t in [0, 1] (inferred from the example timesteps): routers read t x 1000"
