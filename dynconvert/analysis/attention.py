@@ -57,24 +57,28 @@ def _manual_call(softmax: OpNode) -> AttentionCall | None:
     if cur is None or cur.kind != "matmul" or cur.op not in ("matmul", "bmm", "__matmul__"):
         return None
     scores = cur  # q @ k^T: (B, H, N, M)
-    # Forward from the softmax to the value matmul (through dropout and casts).
-    nxt = softmax
-    while True:
-        users = nxt.real_users
-        if len(users) != 1:
-            return None
-        nxt = users[0]
-        if nxt.kind == "matmul" and nxt.args[0] is not None:
-            break
-        if nxt.kind not in ("cast", "unary"):
-            return None
-    if nxt.op not in ("matmul", "bmm", "__matmul__"):
+    nxt = _value_product(softmax, lambda n: n.kind == "matmul" and n.args[0] is not None)
+    if nxt is None or nxt.op not in ("matmul", "bmm", "__matmul__"):
         return None
     q, k = scores.args[0], scores.args[1]
     v = nxt.args[1]
     if not all(isinstance(a, OpNode) for a in (q, k, v)):
         return None
     return AttentionCall(output=nxt, q=q, k=k, v=v, key_layout="bhdn", cost_nodes=[scores, nxt])
+
+
+def _value_product(softmax: OpNode, is_product: Any) -> OpNode | None:
+    """Forward from the softmax, through dropout and casts only, to the product with v."""
+    nxt = softmax
+    while True:
+        users = nxt.real_users
+        if len(users) != 1:
+            return None
+        nxt = users[0]
+        if is_product(nxt):
+            return nxt
+        if nxt.kind not in ("cast", "unary"):
+            return None
 
 
 def _einsum_operands(node: OpNode) -> tuple[str, list[str], list[Any]] | None:
@@ -102,17 +106,8 @@ def _einsum_call(scores: OpNode, softmax: OpNode) -> AttentionCall | None:
     if c in out or c not in ks or len(extra) != 1 or qs[:2] != ks[:2] or out != qs[:3] + extra.pop():
         return None
     layout = "bhnd" if ks[3] == c else ("bhdn" if ks[2] == c else "")
-    nxt = softmax
-    while True:
-        users = nxt.real_users
-        if len(users) != 1:
-            return None
-        nxt = users[0]
-        if nxt.op == "einsum":
-            break
-        if nxt.kind not in ("cast", "unary"):
-            return None
-    parsed = _einsum_operands(nxt)
+    nxt = _value_product(softmax, lambda n: n.op == "einsum")
+    parsed = _einsum_operands(nxt) if nxt is not None else None
     if parsed is None or not layout:
         return None
     o, (ps, vs), (p, v) = parsed
