@@ -88,8 +88,9 @@ def study_settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.smoke:
         return dict(targets=[0.5], seeds={0.5: [0]}, calibration_steps=6, batch_size=16,
                     samples=50, sample_steps=5, profile_points=5)  # fmt: skip
-    seeds = {t: [0] for t in args.targets}
-    seeds[0.5] = list(range(args.seeds_at_half))
+    seeds = {t: list(args.seeds) if args.seeds else [0] for t in args.targets}
+    if 0.5 in seeds and not args.seeds:
+        seeds[0.5] = list(range(args.seeds_at_half))
     return dict(targets=list(args.targets), seeds=seeds, calibration_steps=args.calibration_steps,
                 batch_size=args.batch_size, samples=args.samples, sample_steps=args.sample_steps,
                 profile_points=20)  # fmt: skip
@@ -504,6 +505,31 @@ def plot(data: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     return written
 
 
+def merge(parts: list[str], out: Path, plots: bool = True, quiet: bool = False) -> dict[str, Any]:
+    """Combine study files run in parallel (disjoint rows) into ``out``, with summary and plots."""
+    data: dict[str, Any] = {"rows": [], "parts": []}
+    seen = set()
+    for part in parts:
+        d = load_rows(Path(part))
+        data.setdefault("settings", d.get("settings"))
+        data["parts"].append(
+            {"command": d.get("command"), "elapsed_seconds": d.get("elapsed_seconds")}
+        )
+        for r in d["rows"]:
+            key = (r["method"], r["target_flops"], r["seed"])
+            if key not in seen:
+                seen.add(key)
+                data["rows"].append(r)
+    data["summary"] = summary(data["rows"])
+    write_json(out, data)
+    if plots:
+        with contextlib.suppress(ImportError):
+            plot(data, out.parent, out.stem)
+    if not quiet:
+        print(table(data["rows"]))
+    return data
+
+
 # -- main -----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the study (or the rows of it not yet in ``--out``); returns the study file's dict."""
@@ -511,6 +537,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="benchmarks/results/quality_digits.json")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     parser.add_argument("--seeds-at-half", type=int, default=3)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="the seeds of every target (default: 0, and --seeds-at-half at 0.5)",
+    )
     parser.add_argument("--calibration-steps", type=int, default=400, help="the recipe's 400")
     parser.add_argument("--batch-size", type=int, default=64, help="the recipe's 64")
     parser.add_argument("--samples", type=int, default=1000)
@@ -520,7 +552,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: about 2 minutes")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument(
+        "--merge", nargs="+", metavar="JSON",
+        help="run nothing: merge the rows of these study files (parts run in parallel) into --out",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out), plots=not args.no_plots, quiet=args.quiet)
     torch.set_num_threads(args.threads)
     settings = study_settings(args)
     out = Path(args.out)
