@@ -26,7 +26,7 @@ def study():
 
 def test_plan_covers_every_method_seed_zero_first(study):
     settings = study.study_settings(study.main.__globals__["argparse"].Namespace(
-        smoke=False, targets=[0.3, 0.5, 0.7], seeds_at_half=3, calibration_steps=400,
+        smoke=False, targets=[0.3, 0.5, 0.7], seeds_at_half=3, seeds=None, calibration_steps=400,
         batch_size=64, samples=1000, sample_steps=25))  # fmt: skip
     rows = study.plan_rows(settings, list(study.METHODS))
     assert len(rows) == len(set(rows))
