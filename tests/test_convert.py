@@ -81,3 +81,15 @@ def test_sites_found_per_family(family):
         cross = [a for a in plan.attention if a.kind == "cross"][0]
         assert cross.tokens_kv == 8 and cross.kv_in == 16
         assert [s.name for s in plan.skipped] == ["caption_projection"]
+
+
+def test_mlp_width_off_routes_tokens_only():
+    from dynconvert.testing import tiny_dit
+
+    model = tiny_dit()
+    inputs = model.example_inputs(2)
+    reference = model(*inputs)
+    dynconvert.convert(model, 0.7, config=dynconvert.ConvertConfig(mlp_width=False))
+    plan = dynconvert.get_state(model).plan
+    assert all(m.units == 1 and m.groups == 1 and m.token and not m.width for m in plan.mlp)
+    torch.testing.assert_close(model(*inputs), reference, atol=1e-5, rtol=0)

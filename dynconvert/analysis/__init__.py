@@ -180,10 +180,10 @@ def plan_from_graph(
                 SkippedSite(site.name, "mlp", "not inside a transformer block with attention")
             )
             continue
+        if not config.mlp_width and site.width:  # before the groups: off means one group
+            site.width, site.width_reason = False, "MLP width routing turned off in the config"
         groups = config.mlp_groups or block_heads[site.block]
         mlp_finder.set_groups(site, groups)
-        if not config.mlp_width and site.width:
-            site.width, site.width_reason = False, "MLP width routing turned off in the config"
         if not config.token_routing and site.token:
             site.token, site.token_reason = False, "token routing turned off in the config"
         if not site.width and not site.token:
