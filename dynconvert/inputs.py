@@ -73,6 +73,8 @@ def model_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.devic
 def _to(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
     """Floating tensors to ``dtype`` and every tensor to ``device``, through tuples and dicts."""
     if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":  # made without data (inspect's weightless model): as is
+            return value
         return value.to(device=device, dtype=dtype if value.is_floating_point() else None)
     if isinstance(value, dict):
         return {k: _to(v, dtype, device) for k, v in value.items()}
