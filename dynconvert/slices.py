@@ -53,6 +53,12 @@ class SliceCache:
         slice must stay in the graph).
         """
         w = lin.weight
+        if getattr(lin, "_diffusers_hook", None) is not None:
+            # diffusers' layerwise casting and offloading swap the weight's storage on every call
+            # (an address can come back with other values): a cached slice cannot be trusted.
+            ws = w.index_select(0 if axis == "rows" else 1, index)
+            bs = lin.bias.index_select(0, index) if axis == "rows" and lin.bias is not None else lin.bias
+            return ws, bs
         key = (id(lin), axis)
         stamp = (units, w._version, w.data_ptr(), w.dtype)
         hit = self._entries.get(key)

@@ -168,7 +168,8 @@ def test_recipe_runs_on_a_tiny_model_of_its_family(recipe, tiny, tmp_path):
     report = json.loads(result.stdout)
     assert report["recipe"] == recipe and report["steps"] == 2
     assert 0 < report["flops_ratio"] <= 1.1 and len(report["flops_ratio_per_t"]) == 1000
-    assert (out / "model.safetensors").is_file() and (out / "report.json").is_file()
+    record = json.loads((out / "dynconvert.json").read_text())
+    assert (out / record["weights"]["file"]).is_file() and (out / "report.json").is_file()
 
 
 def test_digits_recipe_runs_with_its_metrics(tmp_path):
