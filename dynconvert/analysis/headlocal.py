@@ -189,7 +189,7 @@ class _Replay:
         offset = 0
         for s in sorted(sources, key=lambda n: self.order[id(n)]):
             width = s.shape[-1]
-            self.values[id(s)] = torch.arange(width).expand(*s.shape).contiguous() + offset
+            self.values[id(s)] = torch.arange(width).expand(*s.shape) + offset  # a new tensor
             offset += width
         for n in sorted(nodes, key=lambda n: self.order[id(n)]):
             if id(n) in tracked and n.kind != "linear":
@@ -347,11 +347,12 @@ def derive_inputs(
     #    the attention with x1's code only. Every head's rows are completed with their partners
     #    (ops inside a cut module, which mixes every head, do not count).
     same = [x for x in replay.same if not _inside(x[0], cuts)]
-    component = _components(same, off)
-    for found in by_role.values():
-        for s in found:
-            base, width = offsets[id(s.node)]
-            s.table = _complete(s.table + base, component, base, base + width) - base
+    if same:  # nothing combined (plain reshapes): every code already stands alone
+        component = _components(same, off)
+        for found in by_role.values():
+            for s in found:
+                base, width = offsets[id(s.node)]
+                s.table = _complete(s.table + base, component, base, base + width) - base
     # 3. Every check, with the completed heads.
     replay.check(_head_map(by_role, offsets, off), set(cuts))
     chain = [n for n in nodes if n.kind != "linear"]
@@ -464,28 +465,31 @@ def _collect(q: OpNode, k: OpNode, v: OpNode, tracked: set[int]) -> list[OpNode]
 def _split_sources(
     value: torch.Tensor, sources: list[OpNode], offsets: dict[int, tuple[int, int]]
 ) -> list[Source]:
-    """Per source Linear present in ``value`` (B, H, N, d): its (H, d) row table and tokens."""
-    if not torch.equal(value, value[:1].expand_as(value)):
-        raise ChainError("the projection's rows are not the same for every sample")
-    value = value[0]  # (H, N, d): every sample reads the same rows
-    if int(value.min()) < 0:
-        raise ChainError("some attention tokens do not come from a projection (learned tokens)")
+    """Per source Linear present in ``value`` (B, H, N, d): its (H, d) row table and tokens.
+
+    The tables are read at each source's first token, then one comparison checks that every
+    token of every sample and head holds exactly them (so a head's channels come from one
+    projection, the same rows for every token).
+    """
     order = sorted(sources, key=lambda s: offsets[id(s)][0])
     bases = torch.tensor([offsets[id(s)][0] for s in order[1:]], dtype=value.dtype)
-    per_token = torch.bucketize(value[0, :, 0].contiguous(), bases, right=True)  # (N,): source of each token
-    lo = torch.tensor([offsets[id(s)][0] for s in order])[per_token]  # (N,) its first code
-    hi = lo + torch.tensor([offsets[id(s)][1] for s in order])[per_token]
-    if not bool(((value >= lo[None, :, None]) & (value < hi[None, :, None])).all()):
-        raise ChainError("a head's channels come from several projections, or differ across heads")
+    first = value[0, 0, :, 0].contiguous()  # (N,): head 0, channel 0 of every token
+    if int(first.min()) < 0:
+        raise ChainError("some attention tokens do not come from a projection (learned tokens)")
+    per_token = torch.bucketize(first, bases, right=True)  # (N,): the source of each token
+    expected = torch.empty_like(value[0])  # (H, N, d)
     out: list[Source] = []
     for i in dict.fromkeys(per_token.tolist()):
         s = order[i]
+        base, width = offsets[id(s)]
         pos = (per_token == i).nonzero().squeeze(1)
-        part = value.index_select(1, pos) - offsets[id(s)][0]  # (H, n_s, d)
-        table = part[:, 0, :]  # (H, d)
-        if not torch.equal(part, table[:, None, :].expand_as(part)):
-            raise ChainError("the projection's rows are not the same for every token")
-        out.append(Source(s, table.contiguous(), tuple(pos.tolist())))
+        table = value[0, :, int(pos[0]), :]  # (H, d) codes at its first token
+        if int(table.min()) < base or int(table.max()) >= base + width:
+            raise ChainError("a head's channels come from several projections")
+        expected[:, pos, :] = table[:, None, :]
+        out.append(Source(s, (table - base).contiguous(), tuple(pos.tolist())))
+    if not torch.equal(value, expected[None].expand_as(value)):
+        raise ChainError("the projection's rows are not the same for every token, head and sample")
     return out
 
 
