@@ -75,9 +75,7 @@ def test_every_entry_is_tiny_and_runs():
 
 # Zoo entries that do not meet the invariants of the slow test yet (issue 9): remove a name when its
 # row passes (the test then XPASSes). Filled from benchmarks/results/support_matrix.json.
-KNOWN_GAPS = {
-    "motif-video", "ovis-image", "prior", "qwenimage", "t5-film",
-}
+KNOWN_GAPS = {"t5-film"}  # its timestep argument is named decoder_noise_time
 
 
 def _zoo_params():
