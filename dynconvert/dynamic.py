@@ -535,6 +535,10 @@ class SharedOutRuntime:
         # Owners in the order their columns come in the input (the concatenation's order).
         self.owners = sorted(owners, key=lambda rt: int(rt.out_tables[name].min()))
         self.bank = self.owners[0].bank
+        # Built once per unit-set combination / device: the column index of the sliced weight,
+        # and each owner's column -> unit table (the calls of a sampling run repeat a few).
+        self._index: dict[tuple, torch.Tensor] = {}
+        self._owner: dict[tuple, torch.Tensor] = {}
 
     def linear_forward(self, lin: DynamicLinear, x: torch.Tensor) -> torch.Tensor:
         """x (B, N, C') -> (B, N, D): every owner's columns of this call, weight sliced to them."""
@@ -553,8 +557,13 @@ class SharedOutRuntime:
             else:
                 cols.append(table.reshape(-1))
                 keys.append(None)
-                owner = torch.arange(table.shape[1]).repeat_interleave(size).to(x.device)
-                mults.append(mask.index_select(1, owner) if mask is not None and not fast else None)
+                if mask is not None and not fast:
+                    okey = (id(rt), x.device)
+                    if okey not in self._owner:
+                        self._owner[okey] = torch.arange(table.shape[1]).repeat_interleave(size).to(x.device)
+                    mults.append(mask.index_select(1, self._owner[okey]))
+                else:
+                    mults.append(None)
         if any(m is not None for m in mults):
             parts = []
             for c, m in zip(cols, mults):
@@ -565,6 +574,11 @@ class SharedOutRuntime:
             x = x * mult.reshape(mult.shape[0], *([1] * (x.dim() - 2)), -1)
         if not sliced:
             return F.linear(x, lin.weight, lin.bias)
-        index = torch.cat(cols).to(x.device)
+        ikey = (tuple(keys), x.device)
+        index = self._index.get(ikey)
+        if index is None:
+            if len(self._index) > 4096:  # bound the memory of a run with many unit sets
+                self._index.clear()
+            index = self._index[ikey] = torch.cat(cols).to(x.device)
         w, b = self.bank.sliced(lin, "cols", tuple(keys), index)
         return F.linear(x, w, b)
