@@ -10,6 +10,7 @@ real).
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from dynconvert.graphs import disable_cuda_graphs, enable_cuda_graphs, graph_sta
 from dynconvert.inputs import default_inputs, split_inputs, with_timestep
 from dynconvert.plan import MlpSite
 from dynconvert.planned import (
+    CAPACITY_STEPS,
     configure_planned,
     planned_stats,
     planner_of,
@@ -393,6 +395,58 @@ def test_the_flops_profile_measures_token_capacities():
     token_sites = [s.index for s in dynconvert.get_state(model).plan.mlp if s.token]
     assert sorted(caps) == token_sites
     assert all(0 < float(c.min()) and float(c.max()) <= 1 for c in caps.values())
+
+
+def test_calibrate_measures_token_capacities_on_its_data():
+    """The plain ``dynconvert.calibrate`` API sets capacities, as the run pipeline does: for
+    each token-routed site and measured t, the busy per-sample keep rate plus the margin."""
+    from dynconvert.calibration.adapters import select_adapter
+    from dynconvert.calibration.capacity import busy_keep, noised_at
+    from dynconvert.calibration.objectives import build_objective
+
+    model = tiny_dit()
+    inputs = default_inputs(model, batch_size=4)
+    bank = _routed(model, inputs, gather=False)
+    set_token_capacity(model, None)
+    g = torch.Generator().manual_seed(0)
+    # Identical rows: the batch calibrate draws is this one whatever order it samples in.
+    data = {"x": torch.randn(1, 4, 8, 8, generator=g).repeat(16, 1, 1, 1), "y": torch.full((16,), 3)}
+    # lr 0 and a label dropout of 0: the routers and the batch the capacities see are known.
+    cfg = dynconvert.CalibrationConfig(
+        target=0.5, steps=1, batch_size=16, lr=0.0, ema_decay=0.0, label_dropout=0.0,
+        lambda_hold_steps=0, warmup_steps=0, capacity_points=3,
+    )  # fmt: skip
+    dynconvert.calibrate(model, data, cfg)
+    caps = planner_of(model).capacity
+    token_sites = [s.index for s in bank.plan.mlp if s.token]
+    assert token_sites and sorted(caps) == token_sites
+    # Recompute them by hand at the three measured timesteps (0, 500, 999).
+    objective = build_objective(cfg, select_adapter(model))
+    margin = planner_of(model).options.capacity_margin
+    busy = {i: [] for i in token_sites}
+    for k, t in enumerate((0, 500, 999)):
+        x_t, t_in = noised_at(objective, data["x"], t, seed=k)
+        with torch.no_grad(), dynconvert.routing(model, "eval", "fast"):
+            model(x_t, t_in, data["y"])
+        for i in token_sites:
+            busy[i].append(busy_keep(bank.records[i]["tokens"]))
+    some_below_one = False
+    for i in token_sites:
+        # A measured t takes the larger of its own and the previous measured t's rate.
+        for j, t in enumerate((0, 500, 999)):
+            want = min(1.0, max(busy[i][max(j - 1, 0)], busy[i][j]) + margin)
+            want = math.ceil(want * CAPACITY_STEPS - 1e-9) / CAPACITY_STEPS  # stored rounded up
+            assert float(caps[i][t]) == pytest.approx(want, abs=1e-6)
+            some_below_one |= want < 1.0
+    assert some_below_one, "randomize_routing skips tokens: some capacity must be below 1"
+
+    # capacity_points=0 leaves them unset.
+    model2 = tiny_dit()
+    _routed(model2, inputs, gather=False)
+    set_token_capacity(model2, None)
+    cfg0 = dynconvert.CalibrationConfig.from_dict({**cfg.to_dict(), "capacity_points": 0})
+    dynconvert.calibrate(model2, data, cfg0)
+    assert not planner_of(model2).capacity
 
 
 def test_graph_runner_takes_diffusers_kwargs_and_outputs():

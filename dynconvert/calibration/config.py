@@ -19,7 +19,16 @@ TRAINABLE = ("all", "routers")
 FLOW_T_DISTS = ("logit_normal", "uniform")
 
 RESUME_FREE_FIELDS = frozenset(
-    {"steps", "checkpoint_every", "keep_checkpoints", "output_dir", "resume", "num_workers", "cpu"}
+    {
+        "steps",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "output_dir",
+        "resume",
+        "num_workers",
+        "cpu",
+        "capacity_points",
+    }
 )
 """Fields a resumed run may change; every other field must equal the checkpoint's."""
 
@@ -60,6 +69,7 @@ _RANGES = {
     "num_classes": Range(1),
     "max_nonfinite_in_a_row": Range(1),
     "num_workers": Range(0, 1024),
+    "capacity_points": Range(0, 1000),
     "version": Range(1),
 }
 """Valid ranges of the number fields (the types come from the annotations)."""
@@ -115,6 +125,10 @@ class CalibrationConfig:
         max_nonfinite_in_a_row: Non-finite losses in a row that stop the run.
         num_workers: DataLoader worker processes.
         cpu: Force CPU even when an accelerator is present.
+        capacity_points: Timesteps at which the calibrated model's token keep rates are
+            measured, at the end, to set the planned path's token capacities (saved with the
+            model; ``calibration.capacity``). 0: leave capacities unset (the planned path then
+            runs token-routed MLPs on every token).
         version: Config format version.
 
     Example:
@@ -163,6 +177,7 @@ class CalibrationConfig:
     max_nonfinite_in_a_row: int = 5
     num_workers: int = 0
     cpu: bool = False
+    capacity_points: int = 11
     version: int = CALIBRATION_CONFIG_VERSION
 
     def __post_init__(self) -> None:

@@ -28,6 +28,7 @@ from dynconvert.calibration.adapters import (
     resolve_labels,
     select_adapter,
 )
+from dynconvert.calibration.capacity import measure_token_capacity
 from dynconvert.calibration.checkpoint import (
     load_training_state,
     restore_rng,
@@ -187,7 +188,7 @@ def calibrate(
             source, cfg.batch_size, seed=cfg.seed, rank=rank, world=world, start=start,
             stop=cfg.steps, num_workers=cfg.num_workers,
         )  # fmt: skip
-        in_a_row, t0, last = 0, time.perf_counter(), {}
+        in_a_row, t0, last, last_batch = 0, time.perf_counter(), {}, None
         step_terms = _StepTerms(
             cfg=cfg,
             accelerator=accelerator,
@@ -205,6 +206,7 @@ def calibrate(
             batch = check_batch(source.prepare(next(stream), device))
             x0 = batch["x"].float()
             batch = _labels_for_step(batch, labels, adapter, cfg)
+            last_batch = batch
             noisy = objective.noise(x0)
             lam = lambdas(step)
             terms = step_terms(batch, x0, noisy, lam=lam, step=step)
@@ -283,6 +285,15 @@ def calibrate(
     train_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     ema.copy_to(model)
     model.eval()
+    if cfg.capacity_points:
+        # Token capacities of the planned path, measured on real data (calibration/capacity.py).
+        if last_batch is None:  # resumed at the last step: no batch was drawn in this call
+            first = batch_stream(source, cfg.batch_size, seed=cfg.seed, rank=rank, world=world,
+                                 start=0, stop=1)  # fmt: skip
+            last_batch = _labels_for_step(
+                check_batch(source.prepare(next(first), device)), labels, adapter, cfg
+            )
+        measure_token_capacity(model, adapter, objective, last_batch, cfg.capacity_points)
     accelerator.wait_for_everyone()
     return CalibrationResult(
         model=model,

@@ -13,11 +13,11 @@ from torch import nn
 
 from dynconvert.bench import benchmark
 from dynconvert.calibration.adapters import resolve_labels, select_adapter
+from dynconvert.calibration.capacity import busy_keep, noised_at, token_sites
 from dynconvert.calibration.objectives import build_objective
 from dynconvert.errors import CheckpointError, ConfigError
 from dynconvert.evaluations import EVALUATIONS, NONE, evaluation_names
 from dynconvert.flops import last_flops_ratio, routed_ratio
-from dynconvert.plan import AttentionSite
 from dynconvert.planned import capacity_from_keep
 from dynconvert.routing import routing
 from dynconvert.runs.folder import REPORT_FILE, SAMPLES_FILE
@@ -42,18 +42,6 @@ def _real_batch(data: Any, rows: int, seed: int, device: torch.device) -> dict[s
     else:
         batch = data.prepare(next(iter(data.iterable)), device)
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-
-
-def _noised(
-    objective: Any, x0: torch.Tensor, t: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_t at DDPM timestep t (or flow time t/1000) and the timestep the model is given."""
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
-    index = torch.full((x0.shape[0],), int(t), dtype=torch.long, device=x0.device)
-    if hasattr(objective, "diffusion"):
-        return objective.diffusion.q_sample(x0, index, noise), index + objective.timestep_offset
-    s = (index.float() + 0.5) / 1000.0
-    return objective.flow.interpolate(x0, noise, s), s * objective.timestep_scale
 
 
 def _counted(fn: Callable[[], Any]) -> float:
@@ -101,16 +89,16 @@ def flops_profile(
     counted = set(
         np.linspace(0, len(ts) - 1, min(executed_points, len(ts))).round().astype(int).tolist()
     )
-    token_sites = [s for s in bank.plan.sites if not isinstance(s, AttentionSite) and s.token]
-    keep = {s.index: [] for s in token_sites}
-    busy = {s.index: [] for s in token_sites}  # 90th percentile of the per-sample keep rate
+    routed = token_sites(model)
+    keep: dict[int, list[float]] = {i: [] for i in routed}
+    busy: dict[int, list[float]] = {i: [] for i in routed}  # busy per-sample keep (capacity.py)
     measured, executed = [], []
     full = None
     was = model.training
     model.eval()
     try:
         for k, t in enumerate(ts.tolist()):
-            x_t, t_in = _noised(objective, x0, t, seed=k)
+            x_t, t_in = noised_at(objective, x0, t, seed=k)
             if k in counted and full is None:  # the full model's cost does not depend on t
                 with routing(model, "full"):
                     full = _counted(lambda: adapter(model, x_t, t_in, batch))  # noqa: B023
@@ -120,11 +108,10 @@ def flops_profile(
                 else:
                     adapter(model, x_t, t_in, batch)
                 measured.append(float(last_flops_ratio(bank).mean()))
-                for s in token_sites:
-                    tk = bank.records.get(s.index, {}).get("tokens")
-                    keep[s.index].append(float(tk.float().mean()) if tk is not None else 1.0)
-                    per_sample = tk.float().flatten(1).mean(1) if tk is not None else torch.ones(1)
-                    busy[s.index].append(float(torch.quantile(per_sample, 0.9)))
+                for i in routed:
+                    tk = bank.records.get(i, {}).get("tokens")
+                    keep[i].append(float(tk.float().mean()) if tk is not None else 1.0)
+                    busy[i].append(busy_keep(tk))
     finally:
         model.train(was)
     # Token capacities of the planned path (GPU): saved in the record with the model.
@@ -151,7 +138,7 @@ def flops_profile(
         "executed_timesteps": [int(ts[k]) for k in sorted(counted)],
         "timesteps": [int(t) for t in ts],
         "token_keep": [round(v, 4) for v in keep_mean],
-        "token_sites": len(token_sites),
+        "token_sites": len(routed),
         "measured": [round(v, 4) for v in measured],
         "static_macs": static,
         "dynamic_macs": float(per_t.mean()) * static,
