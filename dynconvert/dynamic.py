@@ -405,6 +405,23 @@ def _expand_sub(sub: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return sub.to(x.dtype).reshape(x.shape[0], *([1] * (x.dim() - 2)), -1)
 
 
+def record_mlp_call(site: MlpSite, rec: dict[str, Any], lead: torch.Size) -> None:
+    """Note an MLP call's size in its site's record for the FLOPs accountant: "n" tokens per
+    row (summed over the calls of a forward when the MLP is shared by several streams,
+    ``site.calls`` > 1) and "rows" (more than the batch when a block folds frames into it).
+
+    Example:
+        >>> rec = {}
+        >>> record_mlp_call(type("S", (), {"calls": 2})(), rec, torch.Size([2, 16]))
+        >>> record_mlp_call(type("S", (), {"calls": 2})(), rec, torch.Size([2, 4]))
+        >>> rec
+        {'n': 20, 'rows': 2}
+    """
+    n = math.prod(lead[1:]) if len(lead) > 1 else 1  # tokens per row
+    rec["n"] = rec.get("n", 0) + n if site.calls > 1 else n
+    rec["rows"] = lead[0]
+
+
 class MlpRuntime(_SiteRuntime):
     """Routes one MLP site: channel groups and tokens, masked or sliced and gathered."""
 
@@ -424,8 +441,7 @@ class MlpRuntime(_SiteRuntime):
             return self.call
         rec = bank.record(site.index)
         lead = x.shape[:-1]  # (B, N) or (B, H, W)
-        rec["n"] = math.prod(lead[1:]) if len(lead) > 1 else 1  # tokens per row
-        rec["rows"] = lead[0]  # more than the batch when frames or tokens are folded into it
+        record_mlp_call(site, rec, lead)
         width = bank.width_mask(site.index) if site.width else None  # (Bt, G)
         tokens = bank.token_mask(site.index, x) if site.token else None  # (B, N), router on x
         rec["tokens"] = tokens

@@ -190,6 +190,7 @@ class MlpSite:
     fast_reason: str = ""
     index: int = -1  # position among the converted sites, in execution order
     fold: int = 1  # rows per sample (frames folded into the batch by a video block), example inputs
+    calls: int = 1  # applications per forward (shared weights over streams); tokens sums them
     # A parallel block's MLP shares fc2 with the attention: its hidden channels start at column
     # fc2_offset of fc2's input, and the other columns (the attention's) are kept.
     fc2_offset: int = 0

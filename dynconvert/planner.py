@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynconvert.dynamic import DynamicLinear
+from dynconvert.dynamic import DynamicLinear, record_mlp_call
 from dynconvert.plan import MlpSite
 
 CAPACITY_STEPS = 32
@@ -315,8 +315,7 @@ class Planner:
         rec = bank.record(site.index)
         lead = x.shape[:-1]  # (B, N) or (B, H, W)
         rows = math.prod(lead)
-        rec["n"] = math.prod(lead[1:]) if len(lead) > 1 else 1  # tokens per row
-        rec["rows"] = lead[0]  # more than the batch when frames or tokens are folded into it
+        record_mlp_call(site, rec, lead)
         plan = self.current.sites[site.index]
         call: dict[str, Any] = {
             "x": x, "lead": lead, "width": bank.width_mask(site.index) if site.width else None,

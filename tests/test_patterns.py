@@ -19,6 +19,7 @@ EXPECTED = {  # name -> (attention sites, MLP sites, streams of the first attent
     "rotary-table-manual": (2, 2, 1),
     "qknorm-all-heads": (2, 2, 1),
     "mmdit": (3, 5, 2),
+    "mmdit-shared-mlp": (3, 3, 2),
     "video": (2, 2, 1),
 }
 
@@ -176,3 +177,22 @@ def test_einsum_attention_converts_and_nothing_found_says_why_per_block():
     plan = dynconvert.analyze(Stack(ConvBlock).eval(), inputs)
     assert [s.name for s in plan.skipped] == ["blocks.0", "blocks.1"]
     assert all("no attention call" in s.reason and "0 Linears" in s.reason for s in plan.skipped)
+
+
+def test_an_mlp_shared_by_two_streams_routes_its_width_over_both_calls():
+    model, inputs = PATTERN_MODELS["mmdit-shared-mlp"]()
+    plan = dynconvert.analyze(model, inputs)
+    shared = [s for s in plan.mlp if s.name.endswith(".ff")]
+    assert len(shared) == 2, plan.skipped
+    for s in shared:
+        # Sliced SwiGLU halves: one fused projection, gated; 16 image + 6 text tokens.
+        assert (s.calls, s.tokens, s.gated, s.fc1) == (2, 22, True, [s.name + ".proj_in"])
+        assert s.width and not s.token and "2 times per forward" in s.token_reason
+    model2, _ = PATTERN_MODELS["mmdit-shared-mlp"]()
+    dynconvert.convert(model2, 0.85, example_inputs=inputs)
+    randomize_routing(model2, keep=0.5, example_inputs=inputs)
+    with torch.no_grad():
+        model2(**inputs)
+    bank = dynconvert.get_state(model2)
+    index = next(s.index for s in bank.plan.mlp if s.name.endswith(".ff"))
+    assert bank.records[index]["n"] == 22  # both calls counted

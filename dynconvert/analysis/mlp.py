@@ -28,6 +28,7 @@ class Region:
     sources: list[OpNode] = field(default_factory=list)  # fc1, or the value and gate Linears
     nodes: list[OpNode] = field(default_factory=list)  # every op between them and fc2
     split: OpNode | None = None  # the split of a fused value-and-gate fc1 output, if any
+    halves: list[int] = field(default_factory=list)  # or its halves sliced apart: 0 first, 1 second
     width_reason: str = ""  # why the hidden width cannot be routed ("" when it can)
 
 
@@ -100,9 +101,16 @@ def _region_inputs(n: OpNode, region: Region) -> list[OpNode] | None:
         if len(tracked) == 2 or (len(tracked) == 1 and len(numbers) == len(n.args) - 1):
             return tracked
         return None
-    if n.kind == "shape" and n.op == "getitem":
-        # One half of a split fc1 output: go on with the split; any other indexing ends the walk.
-        return tracked[:1] if tracked and tracked[0].op in _SPLIT_OPS else None
+    if n.kind == "shape" and n.op == "getitem" and tracked and tracked[0].op in _SPLIT_OPS:
+        return tracked[:1]  # one half of a split fc1 output: go on with the split
+    if n.kind == "shape" and n.op in ("getitem", "slice", "narrow") and len(tracked) == 1:
+        # x[..., :h] and x[..., h:] of a fused fc1 (Flux 2's SwiGLU): a split written as two
+        # slices. Any other indexing ends the walk.
+        half = _channel_half(n, tracked[0].shape)
+        if half is None:
+            return None
+        region.halves.append(half)
+        return tracked
     if n.kind == "shape" and n.op in _SPLIT_OPS:
         # A fused fc1 holding value and gate. Only a split of the last (channel) dim keeps
         # tokens apart; chunk(x, chunks, dim) and split(x, sizes, dim) both take dim third.
@@ -119,6 +127,42 @@ def _region_inputs(n: OpNode, region: Region) -> list[OpNode] | None:
         # the others, so width routing is off. Tokens stay independent: token routing may stay.
         region.width_reason = f"a norm over the hidden channels ({_desc(n)}) runs inside the MLP"
         return tracked[:1]
+    return None
+
+
+def _channel_half(n: OpNode, shape: tuple[int, ...] | None) -> int | None:
+    """0 or 1 when ``n`` takes the first or the second half of its input's last dim, else None.
+
+    Accepts ``aten.slice(x, dim, start, end)``, ``narrow(x, dim, start, length)`` and
+    ``x[..., a:b]`` (a getitem whose index leaves every other dim whole).
+    """
+    if not shape:
+        return None
+    width, rank = shape[-1], len(shape)
+    if n.op == "slice":
+        dim, start, end = n.arg(1, "dim", 0), n.arg(2, "start", None), n.arg(3, "end", None)
+        step = n.arg(4, "step", 1)
+    elif n.op == "narrow":
+        dim, start, length = n.arg(1, "dim", 0), n.arg(2, "start", 0), n.arg(3, "length", 0)
+        end, step = (start + length if isinstance(start, int) and isinstance(length, int) else None), 1
+    else:  # getitem
+        index = n.arg(1)
+        index = index if isinstance(index, tuple) else (index,)
+        if not index or not isinstance(index[-1], slice):
+            return None
+        lead = index[:-1]
+        whole = all(i is Ellipsis or i == slice(None) for i in lead)
+        if not whole or (Ellipsis not in lead and len(index) != rank):
+            return None
+        dim, start, end, step = -1, index[-1].start, index[-1].stop, index[-1].step or 1
+    if dim not in (-1, rank - 1) or step != 1 or width % 2:
+        return None
+    start = 0 if start is None else start
+    end = width if end is None or (isinstance(end, int) and end > width) else end
+    if (start, end) == (0, width // 2):
+        return 0
+    if (start, end) == (width // 2, width):
+        return 1
     return None
 
 
@@ -267,17 +311,38 @@ def build_site(
     if any(n is None for n in names):
         return _refuse(module_name, "an input projection is not an nn.Linear")
     for ln in [*sources, fc2]:
-        if len(reuse.get(ln.linear, [])) > 1:
-            return _refuse(module_name, f"{ln.linear} is called more than once per forward")
         if ln.linear in taken and ln is not fc2:
             return None
+    # Shared weights: an MLP applied to several streams in turn (CogView4's image and text
+    # tokens). Every call of fc2 must be the same MLP; its width is routed once per forward
+    # (the same groups in every call), and ``tokens`` counts the tokens of all calls.
+    calls = [(fc2, region, sources)]
+    counts = {len(reuse.get(ln.linear, [])) or 1 for ln in [*sources, fc2]}
+    if counts != {1}:
+        twice = next(ln.linear for ln in [*sources, fc2] if len(reuse.get(ln.linear, [])) > 1)
+        if len(counts) > 1 or part is not None:
+            return _refuse(module_name, f"{twice} is called more than once per forward")
+        for c in reuse[fc2.linear]:
+            if c is fc2:
+                continue
+            r = _region(c)
+            if r is None or sorted(n.linear or "" for n in r.sources) != sorted(names):
+                return _refuse(
+                    module_name, f"{twice} is called more than once per forward, not always as this MLP"
+                )
+            calls.append((c, r, sorted(r.sources, key=lambda n: (order or {}).get(id(n), 0))))
     # Slicing changes every value inside the MLP: none of them may be read from outside.
-    region_ids = {id(n) for n in region.nodes} | {id(fc2)} | ({id(fc2.args[0])} if part else set())
-    for n in [*sources, *region.nodes]:
-        if any(id(u) not in region_ids for u in n.real_users):
-            return _refuse(
-                module_name, f"an intermediate value ({_desc(n)}) is used outside the MLP"
-            )
+    for c_fc2, c_region, c_sources in calls:
+        region_ids = {id(n) for n in c_region.nodes} | {id(c_fc2)}
+        region_ids |= {id(c_fc2.args[0])} if part else set()
+        for n in [*c_sources, *c_region.nodes]:
+            if any(id(u) not in region_ids for u in n.real_users):
+                return _refuse(
+                    module_name, f"an intermediate value ({_desc(n)}) is used outside the MLP"
+                )
+    inputs = [c_sources[0].args[0] for _, _, c_sources in calls]  # each call's (B, N, D)
+    if any(not isinstance(i, OpNode) or not i.shape or i.shape[0] != x.shape[0] for i in inputs):
+        return _refuse(module_name, "the calls of this shared MLP see different batches")
 
     hidden = (part[0] if part else fc2.args[0]).shape[-1]
     width_reason = region.width_reason
@@ -296,6 +361,12 @@ def build_site(
             width_reason = (
                 width_reason or "the input projection is split in a way other than two equal halves"
             )
+    elif region.halves:  # one fc1 of 2 * hidden rows, its two halves sliced apart
+        gated = True
+        if sorted(region.halves) != [0, 1] or outs[0] != 2 * hidden:
+            width_reason = (
+                width_reason or "the input projection is sliced in a way other than two equal halves"
+            )
     elif outs[0] != hidden:
         width_reason = width_reason or "the input projection width differs from the hidden width"
     # chunk(2) halves whatever width it gets; split by sizes keeps the full-width sizes, so a
@@ -304,6 +375,11 @@ def build_site(
 
     token_dims = len(x.shape) - 1  # batch, then token_dims - 1 token axes, then channels
     token_reason = _residual_reason(fc2, token_dims)
+    if len(calls) > 1:
+        token_reason = (
+            f"the MLP runs {len(calls)} times per forward with shared weights; tokens are not "
+            "routed (its width is)"
+        )
     if part:
         token_reason = "the MLP shares its out-projection with the attention (parallel block)"
     site = MlpSite(
@@ -317,7 +393,8 @@ def build_site(
         out_features=fc2.shape[-1],
         gated=gated,
         groups=1,  # set by set_groups once the block's head count is known
-        tokens=int(torch.tensor(x.shape[1:-1]).prod()),
+        tokens=sum(int(torch.tensor(i.shape[1:-1]).prod()) for i in inputs),
+        calls=len(calls),
         in_maps=[],
         out_map=UnitMap(linear=fc2.linear, axis="cols", units=1),
         width=not width_reason,

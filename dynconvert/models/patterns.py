@@ -236,6 +236,39 @@ class JointBlock(nn.Module):
         return img, txt
 
 
+class SlicedSwiGLU(nn.Module):
+    """Flux 2's MLP: one projection to value and gate, the halves taken by slicing."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, 2 * hidden, bias=False)
+        self.proj_out = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        h = self.proj_in(x)
+        half = h.shape[-1] // 2  # from the shape: a sliced projection halves the same way
+        return self.proj_out(F.silu(h[..., :half]) * h[..., half:])
+
+
+class SharedMlpBlock(JointBlock):
+    """CogView4's two-stream block: joint attention, then one MLP (shared weights) applied to
+    the image tokens and to the text tokens in turn."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__(dim, heads)
+        del self.ff_img, self.ff_txt
+        self.ff = SlicedSwiGLU(dim, 2 * dim)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
+        a1, b1, g1, a2, b2, g2 = self.mod_img(c)
+        c1, d1, h1, c2, d2, h2 = self.mod_txt(c)
+        ai, at = self.attn(self.norm(img) * (1 + b1) + a1, self.norm(txt) * (1 + d1) + c1)
+        img, txt = img + g1 * ai, txt + h1 * at
+        img = img + g2 * self.ff(self.norm(img) * (1 + b2) + a2)
+        txt = txt + h2 * self.ff(self.norm(txt) * (1 + d2) + c2)
+        return img, txt
+
+
 class ParallelBlock(nn.Module):
     """Single-stream block (Flux): attention and MLP side by side from one input, one out-proj
     reading concat(attention output, activated MLP hidden)."""
@@ -264,11 +297,12 @@ class ParallelBlock(nn.Module):
 class MMDiT(nn.Module):
     """Image + text model: joint two-stream blocks, then parallel single-stream blocks."""
 
-    def __init__(self, dim=32, heads=4, joint=2, single=1, channels=4, text_dim=12):
+    def __init__(self, dim=32, heads=4, joint=2, single=1, channels=4, text_dim=12, shared_mlp=False):
         super().__init__()
         self.embed, self.text_embed = nn.Linear(channels, dim), nn.Linear(text_dim, dim)
         self.t_mlp = nn.Sequential(nn.Linear(64, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.joint = nn.ModuleList([JointBlock(dim, heads) for _ in range(joint)])
+        block = SharedMlpBlock if shared_mlp else JointBlock
+        self.joint = nn.ModuleList([block(dim, heads) for _ in range(joint)])
         self.single = nn.ModuleList([ParallelBlock(dim, heads) for _ in range(single)])
         self.head = nn.Linear(dim, channels)
 
@@ -283,10 +317,13 @@ class MMDiT(nn.Module):
         return self.head(x[:, txt.shape[1]:])
 
 
-def mmdit(joint: int = 2, single: int = 1, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
-    """An MM-DiT (SD3 / Flux shape): joint attention blocks and parallel single-stream blocks."""
+def mmdit(
+    joint: int = 2, single: int = 1, seed: int = 0, shared_mlp: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
+    """An MM-DiT (SD3 / Flux shape): joint attention blocks and parallel single-stream blocks;
+    ``shared_mlp``: the joint blocks apply one sliced-SwiGLU MLP to both streams (CogView4)."""
     torch.manual_seed(seed)
-    model = MMDiT(joint=joint, single=single)
+    model = MMDiT(joint=joint, single=single, shared_mlp=shared_mlp)
     inputs = _inputs(2, 16, 4, seed, encoder_hidden_states=(6, 12))
     return randomize_weights(model.eval(), seed), inputs
 
@@ -367,6 +404,7 @@ PATTERN_MODELS = {
     "rotary-table-manual": lambda: rotary_dit("table", "head_rms", manual=True),
     "qknorm-all-heads": lambda: rotary_dit("rotate_half", "all"),
     "mmdit": mmdit,
+    "mmdit-shared-mlp": lambda: mmdit(shared_mlp=True),
     "video": video_dit,
 }
 """Builders of the pattern models by name, each returning ``(model, example_inputs)``."""
