@@ -120,7 +120,7 @@ def capture(
             error = e  # reported in the coverage note of the fx graph
     from dynconvert.analysis.fx_capture import capture_fx  # its eager run checks the inputs
 
-    with eval_mode(model):
+    with eval_mode(model), quiet_torch():
         graph = capture_fx(model, args, kwargs)
     if error is not None:
         graph.coverage = f"{graph.coverage}; torch.export failed: {type(error).__name__}"

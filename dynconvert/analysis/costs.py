@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -88,13 +90,35 @@ def _einsum_macs(node: OpNode) -> int:
     return math.prod(sizes.values())
 
 
-def eager_macs(model: torch.nn.Module, args: tuple, kwargs: dict) -> float:
-    """MACs one eager forward executes, counted by torch.utils.flop_counter (math attention, so
-    QK^T and AV are counted matmuls). The ground truth where a capture could not see every op."""
+def call_macs(fn: Callable[[], Any], params: Iterable[torch.nn.Parameter] = ()) -> float:
+    """MACs ``fn()`` executes, counted by torch.utils.flop_counter (math attention, so QK^T and
+    AV are counted matmuls; 2 FLOPs a MAC). ``params`` (the model's) do not require grad while
+    counting: the counter's module tracker hooks the backward of every input that requires grad
+    and fails on a view of a parameter made under no_grad (a learned query bank sliced in the
+    forward, as in Bria Fibo 2).
+
+    Example:
+        >>> lin = torch.nn.Linear(4, 3)
+        >>> call_macs(lambda: lin(torch.zeros(2, 4)), lin.parameters())
+        24.0
+    """
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-        model(*args, **kwargs)
+    flags = [(p, p.requires_grad) for p in params]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+            fn()
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
     return counter.get_total_flops() / 2
+
+
+def eager_macs(model: torch.nn.Module, args: tuple, kwargs: dict) -> float:
+    """MACs one eager forward executes (:func:`call_macs`). The ground truth where a capture
+    could not see every op."""
+    return call_macs(lambda: model(*args, **kwargs), model.parameters())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import operator
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -366,12 +367,15 @@ def block_of(fqn: str) -> str:
 
 @contextlib.contextmanager
 def quiet_torch() -> Iterator[None]:
-    """Silence torch's own log records while exporting: a failed export logs whole graph dumps
-    to the terminal, and analysis reports what it has to say in the plan instead."""
+    """Silence torch's own log records and warnings while capturing: a failed export logs whole
+    graph dumps to the terminal and the fx tracer warns about every specialised input, while
+    analysis reports what it has to say in the plan instead."""
     logger = logging.getLogger("torch")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"torch(\.|$)")
+            yield
     finally:
         logger.setLevel(level)

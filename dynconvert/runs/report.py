@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from dynconvert.analysis.costs import call_macs
 from dynconvert.bench import benchmark
 from dynconvert.calibration.adapters import resolve_labels, select_adapter
 from dynconvert.calibration.capacity import busy_keep, noised_at, token_sites
@@ -42,17 +43,6 @@ def _real_batch(data: Any, rows: int, seed: int, device: torch.device) -> dict[s
     else:
         batch = data.prepare(next(iter(data.iterable)), device)
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-
-
-def _counted(fn: Callable[[], Any]) -> float:
-    """MACs executed by ``fn`` (torch.utils.flop_counter with math attention; 2 FLOPs a MAC)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-        fn()
-    return counter.get_total_flops() / 2
 
 
 @torch.no_grad()
@@ -101,10 +91,10 @@ def flops_profile(
             x_t, t_in = noised_at(objective, x0, t, seed=k)
             if k in counted and full is None:  # the full model's cost does not depend on t
                 with routing(model, "full"):
-                    full = _counted(lambda: adapter(model, x_t, t_in, batch))  # noqa: B023
+                    full = call_macs(lambda: adapter(model, x_t, t_in, batch), model.parameters())  # noqa: B023
             with routing(model, "eval"):
                 if k in counted:
-                    executed.append(_counted(lambda: adapter(model, x_t, t_in, batch)) / full)  # noqa: B023
+                    executed.append(call_macs(lambda: adapter(model, x_t, t_in, batch), model.parameters()) / full)  # noqa: B023
                 else:
                     adapter(model, x_t, t_in, batch)
                 measured.append(float(last_flops_ratio(bank).mean()))
