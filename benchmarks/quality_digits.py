@@ -28,9 +28,11 @@ Smoke (about 2 minutes): ``python benchmarks/quality_digits.py --smoke --out /tm
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import sys
@@ -531,6 +533,20 @@ def merge(parts: list[str], out: Path, plots: bool = True, quiet: bool = False) 
 
 
 # -- main -----------------------------------------------------------------------------------------
+def row_job(method: str, target: float, seed: int, settings: dict[str, Any], threads: int,
+            shared: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """One row, timed; an unreachable target gives an infeasible row (run in a worker with
+    ``--jobs``: its own process, ``threads`` torch threads)."""
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    try:
+        row = run_row(method, target, seed, settings, {} if shared is None else shared)
+    except dynconvert.BudgetError as e:
+        row = infeasible_row(method, target, seed, settings, f"unreachable: {e}")
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the study (or the rows of it not yet in ``--out``); returns the study file's dict."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -548,7 +564,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps (the recipe's 25)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per row")
+    parser.add_argument(
+        "--jobs", type=int, default=1,
+        help="rows run at once, each in its own process (2 on a 2-core machine)",
+    )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: about 2 minutes")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--quiet", action="store_true")
@@ -570,24 +590,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         argv if argv is not None else sys.argv[1:]
     )
     done = {(r["method"], r["target_flops"], r["seed"]) for r in data["rows"]}
-    shared: dict[str, Any] = {}
+    todo = [key for key in plan_rows(settings, args.methods) if key not in done]
     t_start = time.perf_counter()
-    for method, target, seed in plan_rows(settings, args.methods):
-        if (method, target, seed) in done:
-            continue
-        t0 = time.perf_counter()
-        try:
-            row = run_row(method, target, seed, settings, shared)
-        except dynconvert.BudgetError as e:
-            row = infeasible_row(method, target, seed, settings, f"unreachable: {e}")
-        row["seconds"] = round(time.perf_counter() - t0, 1)
+
+    def record(row: dict[str, Any]) -> None:  # written as each row finishes: a stop loses one
         data["rows"].append(row)
         data["elapsed_seconds"] = round(data.get("elapsed_seconds", 0) + row["seconds"], 1)
         write_json(out, data)
         if not args.quiet:
-            print(f"[{time.perf_counter() - t_start:7.0f} s] {method:15s} target {target:g} seed {seed}: "
-                  f"ratio {row['flops_ratio']} acc {row['accuracy']} FD {row['frechet_distance']} "
-                  f"({row['seconds']} s)", flush=True)  # fmt: skip
+            print(f"[{time.perf_counter() - t_start:7.0f} s] {row['method']:15s} target "
+                  f"{row['target_flops']:g} seed {row['seed']}: ratio {row['flops_ratio']} "
+                  f"acc {row['accuracy']} FD {row['frechet_distance']} ({row['seconds']} s)",
+                  flush=True)  # fmt: skip
+
+    if args.jobs > 1 and len(todo) > 1:
+        # Rows are independent (each seeds its own training and uses the fixed evaluation
+        # noise), so they give the same numbers in parallel; spawn: no forked torch threads.
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(row_job, *key, settings, args.threads) for key in todo]
+            for fut in concurrent.futures.as_completed(futures):
+                record(fut.result())
+    else:
+        shared: dict[str, Any] = {}
+        for key in todo:
+            record(row_job(*key, settings, args.threads, shared))
     data["summary"] = summary(data["rows"])
     write_json(out, data)
     if not args.no_plots:
