@@ -258,7 +258,7 @@ class AttentionRuntime(_SiteRuntime):
     """Routes one attention site: head masks (masked path) or sliced heads (fast path)."""
 
     def __init__(self, site: AttentionSite, bank: Any, module: nn.Module):
-        super().__init__(site, bank, site.v_head_dim)
+        super().__init__(site, bank, site.v_head_dim * site.group)  # out columns per unit
         # A partial site's cut modules slice their output like a projection's rows.
         self.tables.update({m.linear: unit_table(m) for m in site.cut_maps})
         self.fast: _Decision | None = None  # this call's fast-path decision (None: full/masked)

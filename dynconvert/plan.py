@@ -79,7 +79,7 @@ class AttentionSite:
     block: str  # the transformer block it belongs to (e.g. "blocks.3")
     module_class: str  # "package.module.Class" of the attention module
     kind: Literal["self", "cross"]
-    heads: int
+    heads: int  # query heads
     head_dim: int  # channels of a query / key head
     v_head_dim: int  # channels of a value head (the attention output per head)
     q: str  # fqns of the q, k, v Linears (the same fqn three times for a fused qkv)
@@ -107,24 +107,30 @@ class AttentionSite:
     # attention matmuls, the other projections and the out-projection of the inactive heads.
     cut_maps: list[UnitMap] = field(default_factory=list)
     unsliced: list[str] = field(default_factory=list)
+    kv_heads: int = 0  # key/value heads when fewer (grouped-query attention; 0: as many as heads)
 
     @property
     def units(self) -> int:
-        """Routed units: one per head."""
-        return self.heads
+        """Routed units: one per head, or per key/value head with its query heads (GQA)."""
+        return self.kv_heads or self.heads
+
+    @property
+    def group(self) -> int:
+        """Query heads per unit (1 unless key/value heads are shared)."""
+        return self.heads // self.units
 
     def fixed_macs(self, seen: dict[str, int] | None = None, fold: int | None = None) -> int:
         """The part of :meth:`macs` no routing saves: projections computed in full (partial site)."""
         if not self.unsliced:
             return 0
         seen = seen or {}
-        h, dq = self.heads, self.head_dim
+        h, hk, dq = self.heads, self.units, self.head_dim
         total = 0
         for s in [self._first_stream(), *self.streams]:
             if s.q in self.unsliced:
                 total += seen.get(s.q, s.tokens_q) * s.q_in * h * dq
             if s.k in self.unsliced:
-                total += seen.get(s.k, s.tokens_kv) * s.kv_in * h * dq
+                total += seen.get(s.k, s.tokens_kv) * s.kv_in * hk * dq
         return total * (self.fold if fold is None else fold)
 
     def _first_stream(self) -> AttentionStream:
@@ -148,15 +154,16 @@ class AttentionSite:
         ``seen`` maps a Linear of the site to the tokens per row it ran on in a call (the
         plan's token counts otherwise), ``fold`` the rows per sample (see ``fold``). Source: the standard transformer count (Kaplan et al.
         2020, table 1), with the attention matmuls made explicit: QK^T is N*M*H*d_qk and AV is
-        N*M*H*d_v, N and M summed over the streams of a joint attention.
+        N*M*H*d_v, N and M summed over the streams of a joint attention. The k and v
+        projections have ``units`` heads (fewer with grouped-query attention).
         """
         seen = seen or {}
-        h, dq, dv = self.heads, self.head_dim, self.v_head_dim
+        h, hk, dq, dv = self.heads, self.units, self.head_dim, self.v_head_dim
         total, n_all, m_all = 0, 0, 0
         for s in [self._first_stream(), *self.streams]:
             n = seen.get(s.q, s.tokens_q) if s.q else 0
             m = seen.get(s.k, s.tokens_kv) if s.k else 0
-            total += n * s.q_in * h * dq + m * s.kv_in * h * (dq + dv)
+            total += n * s.q_in * h * dq + m * s.kv_in * hk * (dq + dv)
             if s.out:
                 total += seen.get(s.out, n) * h * dv * s.out_features
             n_all, m_all = n_all + n, m_all + m

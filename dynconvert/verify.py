@@ -37,9 +37,9 @@ def verify_fast_path(model: nn.Module, args: tuple, kwargs: dict, atol: float = 
             r = bank.width[str(s.index)]
             r.weight.zero_()
             # Half the heads off (at least one), never the always-on one: slicing must happen.
-            others = [u for u in torch.randperm(s.heads, generator=g).tolist() if u != int(bank.always_on[s.index])]
-            bias = torch.ones(s.heads)
-            bias[others[: max(1, s.heads // 2)]] = -1.0
+            others = [u for u in torch.randperm(s.units, generator=g).tolist() if u != int(bank.always_on[s.index])]
+            bias = torch.ones(s.units)
+            bias[others[: max(1, s.units // 2)]] = -1.0
             r.bias.copy_(bias)
         bank.clear_cache()
         with routing(model, "eval", "masked"):

@@ -18,6 +18,8 @@ EXPECTED = {  # name -> (attention sites, MLP sites, streams of the first attent
     "rotary-complex": (2, 2, 1),
     "rotary-table-manual": (2, 2, 1),
     "qknorm-all-heads": (2, 2, 1),
+    "gqa-repeat-kv": (2, 2, 1),
+    "gqa-enable-gqa": (2, 2, 1),
     "mmdit": (3, 5, 2),
     "mmdit-shared-mlp": (3, 3, 2),
     "video": (2, 2, 1),
@@ -196,3 +198,16 @@ def test_an_mlp_shared_by_two_streams_routes_its_width_over_both_calls():
     bank = dynconvert.get_state(model2)
     index = next(s.index for s in bank.plan.mlp if s.name.endswith(".ff"))
     assert bank.records[index]["n"] == 22  # both calls counted
+
+
+@pytest.mark.parametrize("name", ["gqa-repeat-kv", "gqa-enable-gqa"])
+def test_grouped_query_attention_routes_key_value_groups(name):
+    model, inputs = PATTERN_MODELS[name]()
+    site = dynconvert.analyze(model, inputs).attention[0]
+    # 4 query heads of 8 channels, 2 key/value heads: a unit is one kv head + 2 query heads.
+    assert (site.heads, site.kv_heads, site.units, site.group) == (4, 2, 2, 2)
+    rows = {m.linear.rsplit(".", 1)[-1]: [m.indices(u) for u in range(2)] for m in site.in_maps}
+    assert rows["wq"] == [list(range(0, 16)), list(range(16, 32))]
+    assert rows["wk"] == rows["wv"] == [list(range(0, 8)), list(range(8, 16))]
+    assert [site.out_map.indices(u) for u in range(2)] == [list(range(0, 16)), list(range(16, 32))]
+    assert site.head_attrs == {"n_heads": 2, "n_kv_heads": 1}

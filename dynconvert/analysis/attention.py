@@ -174,8 +174,8 @@ def _build(
     heads, head_dim = q_shape[1], q_shape[3]
     k_shape = call.k.shape
     k_heads = k_shape[1] if k_shape is not None and len(k_shape) == 4 else -1
-    if k_heads != heads:  # a key head serves several query heads: heads cannot go one by one
-        raise ChainError(f"grouped kv heads ({k_heads} key heads for {heads} query heads)")
+    if k_heads < 1 or heads % k_heads:
+        raise ChainError(f"{k_heads} key heads for {heads} query heads")
     if heads < 2:
         raise ChainError("a single head: nothing to route")
     v_head_dim = call.v.shape[-1]
@@ -183,8 +183,12 @@ def _build(
     # Input side: the ops from the projections to q, k and v replayed on row codes give the
     # rows of every (head, channel) per source Linear, and are checked for head-locality
     # (headlocal.py): rotary embeddings, per-head norms and joint streams pass, a norm over
-    # all heads does not.
-    layout = derive_inputs(call.q, call.k, call.v, call.key_layout, order, from_linear)
+    # all heads does not. Grouped-query attention (a key/value head serves g query heads,
+    # given to the kernel with fewer heads or repeated to H): the units are the key/value
+    # heads, each with its g query heads; the smallest g that passes is the grouping.
+    layout, units = _grouped_layout(call, heads, k_heads, order, from_linear)
+    if units < 2:
+        raise ChainError(f"one key/value head for {heads} query heads (multi-query attention): nothing to route")
     # Output side: every out-projection reading the attention output (one per stream), with
     # the input column of every (head, channel) and the columns that are not heads.
     targets = derive_outputs(call.output, heads, v_head_dim, order)
@@ -210,20 +214,20 @@ def _build(
     per_linear: dict[str, list[torch.Tensor]] = {}
     for role in "qkv":
         for s in layout.sources[role]:
-            per_linear.setdefault(s.node.linear, []).append(s.table)
+            per_linear.setdefault(s.node.linear, []).append(_per_unit(s.table, units))
     cut_of = {lin: mod for mod, lin in layout.cuts.items()}  # partial: cut after the norm
-    in_maps = [_unit_map(name, "rows", heads, ts) for name, ts in per_linear.items() if name not in cut_of]
+    in_maps = [_unit_map(name, "rows", units, ts) for name, ts in per_linear.items() if name not in cut_of]
     # A projection that also computes other channels (one Linear for q, k, v and the MLP
     # hidden, split by sizes the model computes from its attributes) cannot return fewer rows:
     # the model's split would fail. Such a site is not converted (it could not run sliced).
     widths = {n.linear: n.shape[-1] for n in in_nodes.values()}
-    mixed = [m.linear for m in in_maps if sum(len(m.indices(u)) for u in range(heads)) < widths[m.linear]]
+    mixed = [m.linear for m in in_maps if sum(len(m.indices(u)) for u in range(units)) < widths[m.linear]]
     # A mask given per head (repeated for the heads outside the attention module) keeps its
     # full head count when heads are removed: such a site is not converted either.
     mask = call.output.arg(3, "attn_mask") if call.output.kind == "attention" else None
     per_head_mask = isinstance(mask, OpNode) and bool(mask.shape) and len(mask.shape) == 4 and mask.shape[1] == heads
-    cut_maps = [_unit_map(cut_of[name], "rows", heads, ts) for name, ts in per_linear.items() if name in cut_of]
-    out_maps = [_unit_map(t.node.linear, "cols", heads, [t.table], t.keep) for t in targets]
+    cut_maps = [_unit_map(cut_of[name], "rows", units, ts) for name, ts in per_linear.items() if name in cut_of]
+    out_maps = [_unit_map(t.node.linear, "cols", units, [_per_unit(t.table, units)], t.keep) for t in targets]
     streams = sorted(_streams(layout, targets), key=lambda s: not s.out)  # one with an out first
     first, more = streams[0], streams[1:]
     out_lin = next((t.node for t in targets if t.node.linear == first.out), targets[0].node)
@@ -238,7 +242,7 @@ def _build(
     module = model.get_submodule(name) if name else model
     where = call.output.module
     inner = where[len(name) + 1 :] if name and where.startswith(name + ".") else (where if not name else "")
-    attrs, known = attention_attrs(module, heads, head_dim, inner)
+    attrs, known = attention_attrs(module, heads, head_dim, inner, kv_heads=units)
     # Self-attention: one fused projection, or q and k computed from the same tensor.
     self_attn = q_lin is k_lin or q_lin.args[0] is k_lin.args[0] or len(streams) > 1
     site = AttentionSite(
@@ -247,6 +251,7 @@ def _build(
         module_class=f"{type(module).__module__}.{type(module).__qualname__}",
         kind="self" if self_attn else "cross",
         heads=heads,
+        kv_heads=units if units != heads else 0,
         head_dim=head_dim,
         v_head_dim=v_head_dim,
         q=first.q,
@@ -279,6 +284,44 @@ def _build(
         ),
     )
     return FoundAttention(site, None, [*in_nodes.values(), *out_nodes])
+
+
+def _grouped_layout(
+    call: AttentionCall, heads: int, k_heads: int, order: dict[int, int], from_linear: set[int]
+) -> tuple[InputLayout, int]:
+    """The input layout and the number of routed units: one per head, or one per key/value
+    head when key/value heads are shared (fewer key heads, or each repeated to g query heads)."""
+    if k_heads != heads:  # the kernel takes fewer key/value heads (enable_gqa)
+        return derive_inputs(call.q, call.k, call.v, call.key_layout, order, from_linear, k_heads), k_heads
+    try:
+        return derive_inputs(call.q, call.k, call.v, call.key_layout, order, from_linear), heads
+    except ChainError as e:
+        if "feeds several heads" not in e.reason:
+            raise
+        for g in range(2, heads + 1):  # repeated to H: try groups of 2, 3, ... query heads
+            if heads % g:
+                continue
+            try:
+                layout = derive_inputs(
+                    call.q, call.k, call.v, call.key_layout, order, from_linear, heads // g
+                )
+            except ChainError:
+                continue
+            return layout, heads // g
+        raise
+
+
+def _per_unit(table: torch.Tensor, units: int) -> torch.Tensor:
+    """A source's (rows, d) index table as (units, size): a query or output table of H rows
+    joins the g heads of each unit; a key/value table repeated to H rows keeps one copy (the
+    replay checked that the copies hold the same rows)."""
+    rows = table.shape[0]
+    if rows == units:
+        return table
+    grouped = table.reshape(units, rows // units, -1)  # (units, g, d)
+    if bool((grouped == grouped[:, :1]).all()):  # a repeated key/value head
+        return grouped[:, 0]
+    return grouped.reshape(units, -1)
 
 
 def _ascending(table: torch.Tensor) -> bool:

@@ -297,7 +297,13 @@ class _Replay:
 
 
 def derive_inputs(
-    q: OpNode, k: OpNode, v: OpNode, key_layout: str, order: dict[int, int], from_linear: set[int]
+    q: OpNode,
+    k: OpNode,
+    v: OpNode,
+    key_layout: str,
+    order: dict[int, int],
+    from_linear: set[int],
+    units: int | None = None,
 ) -> InputLayout:
     """Rows of every (head, channel) in every Linear feeding q, k and v, checked for head-locality.
 
@@ -307,6 +313,9 @@ def derive_inputs(
         key_layout: "bhnd" or "bhdn".
         order: node id -> position in the graph (execution order).
         from_linear: ids of nodes computed from some Linear (:func:`linear_ancestry`).
+        units: grouped-query attention: the number of key/value heads; the units routed are
+            then groups of H / units consecutive query heads with their key/value head (a
+            table of H rows maps row r to unit r * units // H). None: one unit per head.
 
     Raises:
         ChainError: with the reason, when removing a head would not be the same as zeroing it.
@@ -336,7 +345,7 @@ def derive_inputs(
     cuts: dict[str, str] = {}
     while True:
         try:
-            replay.check(_head_map(by_role, offsets, off), set(cuts), only_norms=True)
+            replay.check(_head_map(by_role, offsets, off, units), set(cuts), only_norms=True)
             break
         except _AcrossHeads as e:
             cut = _cut_point(e.node, nodes, sources, replay, by_role)
@@ -354,7 +363,7 @@ def derive_inputs(
                 base, width = offsets[id(s.node)]
                 s.table = _complete(s.table + base, component, base, base + width) - base
     # 3. Every check, with the completed heads.
-    replay.check(_head_map(by_role, offsets, off), set(cuts))
+    replay.check(_head_map(by_role, offsets, off, units), set(cuts))
     chain = [n for n in nodes if n.kind != "linear"]
     return InputLayout(by_role, replay.trivial, chain, cuts)
 
@@ -390,18 +399,28 @@ def _inside(n: OpNode, modules: dict[str, str] | set[str]) -> bool:
 
 
 def _head_map(
-    by_role: dict[str, list[Source]], offsets: dict[int, tuple[int, int]], size: int
+    by_role: dict[str, list[Source]],
+    offsets: dict[int, tuple[int, int]],
+    size: int,
+    units: int | None = None,
 ) -> torch.Tensor:
-    """Code -> head (-1: reaches no head), from every source's (H, d) table."""
+    """Code -> unit (-1: reaches no head), from every source's (H, d) table: the head, or with
+    grouped key/value heads (``units`` of them) the group of row r of a table of H rows,
+    r * units // H (consecutive query heads share a key/value head, as repeat_interleave and
+    ``enable_gqa`` lay them out)."""
     head_of = torch.full((max(size, 1),), -1, dtype=torch.long)
     for found in by_role.values():
         for s in found:
             codes = s.table + offsets[id(s.node)][0]  # (H, d)
             prev = head_of[codes]
-            h = torch.arange(codes.shape[0])[:, None].expand_as(codes)
+            rows = codes.shape[0]
+            h = torch.arange(rows) if units is None else torch.arange(rows) * units // rows
+            h = h[:, None].expand_as(codes)
             if ((prev >= 0) & (prev != h)).any():
                 raise ChainError("a projection row feeds several heads")
             head_of[codes] = h
+            if not torch.equal(head_of[codes], h):  # one row repeated to several heads (GQA)
+                raise ChainError("a projection row feeds several heads")
     return head_of
 
 

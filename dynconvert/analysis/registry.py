@@ -88,12 +88,14 @@ def register_attention(qualname: str, attrs: dict[str, AttrKind]) -> None:
 
 
 def attention_attrs(
-    module: torch.nn.Module, heads: int, head_dim: int, inner: str = ""
+    module: torch.nn.Module, heads: int, head_dim: int, inner: str = "", kv_heads: int | None = None
 ) -> tuple[dict[str, int], bool]:
-    """Attributes to lower when heads are removed, as ``{attr: channels per head}``.
+    """Attributes to lower when heads are removed, as ``{attr: value per routed unit}``.
 
-    On the fast path each attribute is set to (active heads) x (channels per head) for the
-    call: 1 for a head count, ``head_dim`` for a width.
+    On the fast path each attribute is set to (active units) x (value per unit) for the
+    call: 1 for a head count, ``head_dim`` for a width. With grouped-query attention
+    (``kv_heads`` < ``heads``) a unit is a key/value head with its g = heads / kv_heads query
+    heads: a query head count lowers by g per unit, a key/value head count by 1.
 
     ``inner`` is the path, below ``module``, of the module whose forward runs the attention op:
     when the site's module is a whole block (a parallel block), the head count lives there.
@@ -105,7 +107,8 @@ def attention_attrs(
         >>> attention_attrs(Attention(32, num_heads=4), heads=4, head_dim=8)
         ({'num_heads': 1, 'attn_dim': 8}, True)
     """
-    out, known = _own_attrs(module, heads, head_dim)
+    kv = kv_heads or heads
+    out, known = _own_attrs(module, heads, head_dim, kv)
     if out:
         return out, known
     # A block whose forward runs the attention itself (a parallel block's site is the block):
@@ -113,13 +116,15 @@ def attention_attrs(
     parts = inner.split(".") if inner else []
     for i in range(len(parts), 0, -1):  # the attention's own module first, then its parents
         name = ".".join(parts[:i])
-        sub_out, sub_known = _own_attrs(module.get_submodule(name), heads, head_dim)
+        sub_out, sub_known = _own_attrs(module.get_submodule(name), heads, head_dim, kv)
         if sub_out:
             return {f"{name}.{a}": v for a, v in sub_out.items()}, sub_known
     return {}, known
 
 
-def _own_attrs(module: torch.nn.Module, heads: int, head_dim: int) -> tuple[dict[str, int], bool]:
+def _own_attrs(
+    module: torch.nn.Module, heads: int, head_dim: int, kv_heads: int
+) -> tuple[dict[str, int], bool]:
     """:func:`attention_attrs` of the module itself (registry, else a scan of its integers)."""
     # The registry, through the class's bases (a subclass reshapes like its parent).
     for cls in type(module).__mro__:
@@ -128,7 +133,9 @@ def _own_attrs(module: torch.nn.Module, heads: int, head_dim: int) -> tuple[dict
             out = {}
             for attr, kind in _ATTENTION[key].items():
                 if hasattr(module, attr):
-                    out[attr] = 1 if kind == "heads" else head_dim
+                    per = _per_unit(getattr(module, attr), heads, head_dim, kv_heads)
+                    g = heads // kv_heads
+                    out[attr] = per if per is not None else (g if kind == "heads" else g * head_dim)
             return out, True
     # No entry: guess from integer attributes equal to the head count or the attention width
     # (convert then checks the fast path against the masked path before trusting the guess).
@@ -136,8 +143,25 @@ def _own_attrs(module: torch.nn.Module, heads: int, head_dim: int) -> tuple[dict
     for attr, value in vars(module).items():
         if attr.startswith("_") or isinstance(value, bool) or not isinstance(value, int):
             continue
-        if value == heads:
-            out[attr] = 1
-        elif value == heads * head_dim and heads > 1:  # one head: width = head size, not to lower
-            out[attr] = head_dim
+        per = _per_unit(value, heads, head_dim, kv_heads)
+        if per is not None:
+            out[attr] = per
     return out, False
+
+
+def _per_unit(value: Any, heads: int, head_dim: int, kv_heads: int) -> int | None:
+    """What an integer attribute lowers by per routed unit: a query head count by g (query
+    heads per unit), a key/value head count by 1, a width by g * head_dim or head_dim; None
+    when the value is none of these (one head: its width is the head size, not lowered)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    g = heads // kv_heads
+    if value == heads:
+        return g
+    if value == kv_heads:
+        return 1
+    if value == heads * head_dim and heads > 1:
+        return g * head_dim
+    if value == kv_heads * head_dim and kv_heads > 1:
+        return head_dim
+    return None

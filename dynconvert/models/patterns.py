@@ -114,6 +114,38 @@ class RotarySelfAttention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(b, n, -1))
 
 
+class GroupedQueryAttention(nn.Module):
+    """Llama-style grouped-query attention: fewer key/value heads, each shared by a group of
+    query heads, either repeated to every query head (``repeat_kv``: expand, then reshape) or
+    handed to the kernel as they are (``enable_gqa``)."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, share: str = "repeat_kv"):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim, self.share = n_heads, n_kv_heads, dim // n_heads, share
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.q_norm, self.k_norm = HandRMSNorm(self.head_dim), HandRMSNorm(self.head_dim)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        b, n, _ = x.shape
+        q = self.q_norm(self.wq(x).view(b, n, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.wk(x).view(b, n, self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.wv(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, "rotate_half", pos), apply_rope(k, "rotate_half", pos)
+        if self.share == "repeat_kv":
+            rep = self.n_heads // self.n_kv_heads
+            k, v = (
+                t[:, :, None].expand(b, self.n_kv_heads, rep, n, self.head_dim).reshape(b, -1, n, self.head_dim)
+                for t in (k, v)
+            )
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.wo(o.transpose(1, 2).reshape(b, n, -1))
+
+
 class ScaleShift(nn.Module):
     """adaLN modulation: (B, dim) conditioning -> shift, scale, gate for attention and MLP."""
 
@@ -139,12 +171,17 @@ class FeedForward(nn.Module):
 class RotaryBlock(nn.Module):
     """adaLN-Zero block: rotary self-attention, GELU MLP, gated residuals."""
 
-    def __init__(self, dim: int, heads: int, rope: str, qk_norm: str | None, manual: bool):
+    def __init__(
+        self, dim: int, heads: int, rope: str, qk_norm: str | None, manual: bool, gqa: tuple | None = None
+    ):
         super().__init__()
         self.mod = ScaleShift(dim)
         self.n1 = nn.LayerNorm(dim, elementwise_affine=False)
         self.n2 = nn.LayerNorm(dim, elementwise_affine=False)
-        self.attn = RotarySelfAttention(dim, heads, rope, qk_norm, manual)
+        if gqa:  # (key/value heads, how they are shared)
+            self.attn = GroupedQueryAttention(dim, heads, *gqa)
+        else:
+            self.attn = RotarySelfAttention(dim, heads, rope, qk_norm, manual)
         self.ff = FeedForward(dim, 4 * dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # noqa: D102
@@ -156,12 +193,14 @@ class RotaryBlock(nn.Module):
 class RotaryDiT(nn.Module):
     """Token-sequence DiT with rotary attention (hidden_states (B, N, C_in), timestep (B,))."""
 
-    def __init__(self, dim=32, heads=4, depth=2, channels=4, rope="rotate_half", qk_norm=None, manual=False):
+    def __init__(
+        self, dim=32, heads=4, depth=2, channels=4, rope="rotate_half", qk_norm=None, manual=False, gqa=None
+    ):
         super().__init__()
         self.embed = nn.Linear(channels, dim)
         self.t_mlp = nn.Sequential(nn.Linear(64, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.layers = nn.ModuleList(
-            [RotaryBlock(dim, heads, rope, qk_norm, manual) for _ in range(depth)]
+            [RotaryBlock(dim, heads, rope, qk_norm, manual, gqa) for _ in range(depth)]
         )
         self.head = nn.Linear(dim, channels)
 
@@ -184,11 +223,16 @@ def _inputs(batch: int, tokens: int, channels: int, seed: int, **extra: Any) -> 
 
 
 def rotary_dit(
-    rope: str = "rotate_half", qk_norm: str | None = None, manual: bool = False, seed: int = 0
+    rope: str = "rotate_half",
+    qk_norm: str | None = None,
+    manual: bool = False,
+    seed: int = 0,
+    gqa: tuple[int, str] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """A DiT with rotary embeddings (:data:`ROPE_FORMS`) and qk-norm (:data:`QK_NORMS`)."""
+    """A DiT with rotary embeddings (:data:`ROPE_FORMS`) and qk-norm (:data:`QK_NORMS`);
+    ``gqa=(kv_heads, "repeat_kv" | "enable_gqa")``: grouped-query attention instead."""
     torch.manual_seed(seed)
-    model = RotaryDiT(rope=rope, qk_norm=qk_norm, manual=manual)
+    model = RotaryDiT(rope=rope, qk_norm=qk_norm, manual=manual, gqa=gqa)
     return randomize_weights(model.eval(), seed), _inputs(2, 16, 4, seed)
 
 
@@ -403,6 +447,8 @@ PATTERN_MODELS = {
     "rotary-complex": lambda: rotary_dit("complex", "head_rms"),
     "rotary-table-manual": lambda: rotary_dit("table", "head_rms", manual=True),
     "qknorm-all-heads": lambda: rotary_dit("rotate_half", "all"),
+    "gqa-repeat-kv": lambda: rotary_dit(gqa=(2, "repeat_kv")),
+    "gqa-enable-gqa": lambda: rotary_dit(gqa=(2, "enable_gqa")),
     "mmdit": mmdit,
     "mmdit-shared-mlp": lambda: mmdit(shared_mlp=True),
     "video": video_dit,
