@@ -108,6 +108,11 @@ class AttentionSite:
     cut_maps: list[UnitMap] = field(default_factory=list)
     unsliced: list[str] = field(default_factory=list)
     kv_heads: int = 0  # key/value heads when fewer (grouped-query attention; 0: as many as heads)
+    # Gated attention: a Linear of gate_in -> gate_rows whose output (through elementwise ops)
+    # scales the attention output per channel or per head; its rows are sliced with their head.
+    gate: str = ""
+    gate_in: int = 0
+    gate_rows: int = 0
 
     @property
     def units(self) -> int:
@@ -160,12 +165,15 @@ class AttentionSite:
         seen = seen or {}
         h, hk, dq, dv = self.heads, self.units, self.head_dim, self.v_head_dim
         total, n_all, m_all = 0, 0, 0
-        for s in [self._first_stream(), *self.streams]:
+        first = self._first_stream()
+        for s in [first, *self.streams]:
             n = seen.get(s.q, s.tokens_q) if s.q else 0
             m = seen.get(s.k, s.tokens_kv) if s.k else 0
             total += n * s.q_in * h * dq + m * s.kv_in * hk * (dq + dv)
             if s.out:
                 total += seen.get(s.out, n) * h * dv * s.out_features
+            if s is first and self.gate:  # the gate reads the query stream's tokens
+                total += seen.get(self.gate, n) * self.gate_in * self.gate_rows
             n_all, m_all = n_all + n, m_all + m
         total += n_all * m_all * h * (dq + dv)
         return total * (self.fold if fold is None else fold)

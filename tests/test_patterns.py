@@ -20,6 +20,8 @@ EXPECTED = {  # name -> (attention sites, MLP sites, streams of the first attent
     "qknorm-all-heads": (2, 2, 1),
     "gqa-repeat-kv": (2, 2, 1),
     "gqa-enable-gqa": (2, 2, 1),
+    "gated-gqa": (2, 2, 1),
+    "gated-per-head": (2, 2, 1),
     "mmdit": (3, 5, 2),
     "mmdit-shared-mlp": (3, 3, 2),
     "video": (2, 2, 1),
@@ -211,3 +213,15 @@ def test_grouped_query_attention_routes_key_value_groups(name):
     assert rows["wk"] == rows["wv"] == [list(range(0, 8)), list(range(8, 16))]
     assert [site.out_map.indices(u) for u in range(2)] == [list(range(0, 16)), list(range(16, 32))]
     assert site.head_attrs == {"n_heads": 2, "n_kv_heads": 1}
+
+
+@pytest.mark.parametrize(("name", "per_unit"), [("gated-gqa", 16), ("gated-per-head", 1)])
+def test_an_output_gate_is_sliced_with_its_heads(name, per_unit):
+    model, inputs = PATTERN_MODELS[name]()
+    site = dynconvert.analyze(model, inputs).attention[0]
+    gate = next(m for m in site.in_maps if m.linear.endswith("to_gate"))
+    assert site.gate == gate.linear and site.gate_in == 32
+    # Per channel with 2 key/value groups: 16 rows a unit; per head (4 heads): 1 row a unit.
+    assert [gate.indices(u) for u in range(site.units)] == [
+        list(range(u * per_unit, (u + 1) * per_unit)) for u in range(site.units)
+    ]

@@ -191,7 +191,9 @@ def _build(
         raise ChainError(f"one key/value head for {heads} query heads (multi-query attention): nothing to route")
     # Output side: every out-projection reading the attention output (one per stream), with
     # the input column of every (head, channel) and the columns that are not heads.
-    targets = derive_outputs(call.output, heads, v_head_dim, order)
+    targets, gates = derive_outputs(call.output, heads, v_head_dim, order)
+    if len(gates) > 1:
+        raise ChainError("several gates scale the attention output")
     for t in targets:
         if t.keep and not _ascending(t.table):
             raise ChainError(
@@ -200,6 +202,7 @@ def _build(
 
     # Slicing rewrites each Linear for this site alone: a shared Linear would be cut for two.
     in_nodes = {id(s.node): s.node for role in "qkv" for s in layout.sources[role]}
+    in_nodes.update({id(g.node): g.node for g in gates})
     out_nodes = [t.node for t in targets]
     for ln in [*in_nodes.values(), *out_nodes]:
         if ln.linear is None:
@@ -215,6 +218,10 @@ def _build(
     for role in "qkv":
         for s in layout.sources[role]:
             per_linear.setdefault(s.node.linear, []).append(_per_unit(s.table, units))
+    for g in gates:  # a gate's rows go with their head, as the value rows do
+        if g.node.linear in per_linear:
+            raise ChainError(f"the gate {g.node.linear} is also a q, k or v projection")
+        per_linear[g.node.linear] = [_per_unit(g.table, units)]
     cut_of = {lin: mod for mod, lin in layout.cuts.items()}  # partial: cut after the norm
     in_maps = [_unit_map(name, "rows", units, ts) for name, ts in per_linear.items() if name not in cut_of]
     # A projection that also computes other channels (one Linear for q, k, v and the MLP
@@ -269,6 +276,9 @@ def _build(
         streams=more,
         cut_maps=cut_maps,
         unsliced=sorted(cut_of),
+        gate=gates[0].node.linear if gates else "",
+        gate_in=gates[0].node.args[0].shape[-1] if gates else 0,
+        gate_rows=gates[0].node.shape[-1] if gates else 0,
         between=sorted({n.op for n in layout.ops if n.kind not in ("shape", "cast")}),
         head_attrs=attrs,
         fast=not mixed and not per_head_mask,

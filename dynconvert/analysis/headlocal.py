@@ -512,14 +512,28 @@ def _split_sources(
     return out
 
 
-def derive_outputs(output: OpNode, heads: int, v_head_dim: int, order: dict[int, int]) -> list[OutTarget]:
-    """The out-projection(s) reading the attention output (B, H, N, dv), with their columns.
+@dataclass
+class OutGate:
+    """A gate projection scaling the attention output before the out-projection (gated
+    attention: ``o * sigmoid(to_gate(x))``, per channel or per head)."""
+
+    node: OpNode  # the gate Linear call
+    table: torch.Tensor  # (H, k): the gate rows of head h
+
+
+def derive_outputs(
+    output: OpNode, heads: int, v_head_dim: int, order: dict[int, int]
+) -> tuple[list[OutTarget], list[OutGate]]:
+    """The out-projection(s) reading the attention output (B, H, N, dv), with their columns,
+    and the gate projections multiplied into it on the way.
 
     The ops from the attention output to each Linear may only move values (reshape, transpose,
     split along the sequence for joint attention and concatenation of those parts again,
     concatenation with other channels for a parallel block's fused out-projection), cast or drop
-    out; each Linear must read every head channel exactly once, the same columns for every
-    token. Unused parts (a stream whose output is dropped) are dead code and fine.
+    out, or multiply it by a gate: a Linear's output through elementwise ops, each of whose
+    rows scales channels of one head at the same token (its rows then belong to that head and
+    are sliced with it). Each out-projection must read every head channel exactly once, the
+    same columns for every token. Unused parts (a stream whose output is dropped) are dead code.
 
     Raises:
         ChainError: with the reason otherwise.
@@ -532,6 +546,8 @@ def derive_outputs(output: OpNode, heads: int, v_head_dim: int, order: dict[int,
     # that a concatenation sees all of its parts.
     reach: dict[int, OpNode] = {}
     targets: list[OpNode] = []
+    gate_of: dict[int, tuple[OpNode, list[OpNode]]] = {}  # mul -> (gate operand, its chain)
+    gates: list[OutGate] = []
     stack = [output]
     while stack:
         cur = stack.pop()
@@ -555,6 +571,12 @@ def derive_outputs(output: OpNode, heads: int, v_head_dim: int, order: dict[int,
             movable = u.kind in ("shape", "cast", "cat") or (
                 u.kind == "unary" and u.op.startswith(("dropout", "identity", "native_dropout"))
             )
+            if not movable and u.kind == "binary" and u.op in ("mul", "mul_"):
+                other = [i for i in u.inputs if i is not cur and i.kind not in ("param", "const")]
+                chain = _gate_chain(other[0]) if len(other) == 1 else None
+                if chain is not None:
+                    gate_of[id(u)] = (other[0], chain)
+                    movable = True
             if not movable:
                 raise ChainError(f"{describe(u)} lies between the attention and its out-projection")
             reach[id(u)] = u
@@ -576,9 +598,63 @@ def derive_outputs(output: OpNode, heads: int, v_head_dim: int, order: dict[int,
         else:
             src = next(i for i in u.inputs if id(i) in values)
             values[id(u)], tokens[id(u)] = values[id(src)], tokens[id(src)]
+            if id(u) in gate_of:
+                gates.append(_gate(u, *gate_of[id(u)], values[id(src)], tokens[id(src)], h, dv))
     if not targets:
         raise ChainError("no out-projection reads the attention output")
-    return [_target(t, values[id(t.args[0])], tokens[id(t.args[0])], h, dv) for t in targets]
+    outs = [_target(t, values[id(t.args[0])], tokens[id(t.args[0])], h, dv) for t in targets]
+    return outs, gates
+
+
+def _gate_chain(n: OpNode) -> list[OpNode] | None:
+    """The ops from a Linear to ``n`` (Linear first) when they act on each value on its own
+    (activations, casts, reshapes, scaling by numbers): a gate; None otherwise."""
+    chain = [n]
+    while chain[-1].kind != "linear":
+        cur = chain[-1]
+        tracked = [i for i in cur.inputs if i.kind not in ("param", "const")]
+        numbers_only = all(not isinstance(a, OpNode) or a in tracked for a in cur.args)
+        ok = cur.kind in ("unary", "cast", "shape") or (cur.kind == "binary" and numbers_only)
+        if not ok or len(tracked) != 1 or cur.op in ("cat", "getitem", "split", "chunk"):
+            return None
+        chain.append(tracked[0])
+    return chain[::-1]
+
+
+def _gate(
+    mul: OpNode, operand: OpNode, chain: list[OpNode], codes: torch.Tensor, toks: torch.Tensor, heads: int, dv: int
+) -> OutGate:
+    """The gate rows of each head, replaying the gate's chain on row and token codes and
+    pairing them with the attention output's codes at the multiply."""
+    lin = chain[0]
+    shape = lin.shape
+    if not shape or len(shape) < 3:
+        raise ChainError(f"the gate {describe(lin)} is not (batch, tokens, rows)")
+    rows = shape[-1]
+    gval = {id(lin): torch.arange(rows).expand(*shape).contiguous()}
+    gtok = {id(lin): torch.arange(shape[1])[None, :, None].expand(*shape).contiguous()}
+    for u in chain[1:]:
+        if u.kind == "shape":
+            gval[id(u)] = u.replay(*_sub(u.args, gval), **{k: _sub(v, gval) for k, v in u.kwargs.items()})
+            gtok[id(u)] = u.replay(*_sub(u.args, gtok), **{k: _sub(v, gtok) for k, v in u.kwargs.items()})
+        else:
+            src = next(i for i in u.inputs if id(i) in gval)
+            gval[id(u)], gtok[id(u)] = gval[id(src)], gtok[id(src)]
+    try:
+        c, r, t_out, t_gate = torch.broadcast_tensors(codes, gval[id(operand)], toks, gtok[id(operand)])
+    except RuntimeError:
+        raise ChainError(f"{describe(mul)} scales the attention output by a tensor of another shape") from None
+    if not torch.equal(t_out, t_gate):
+        raise ChainError(f"{describe(mul)} gates the attention output with another token's values")
+    head = (c // dv).reshape(-1)
+    owner = torch.full((rows,), -1, dtype=torch.long)
+    owner[r.reshape(-1)] = head
+    if bool((owner < 0).any()) or not torch.equal(owner[r.reshape(-1)], head):
+        raise ChainError(f"the gate {describe(lin)} has rows that scale several heads or none")
+    per_head = [(owner == i).nonzero().squeeze(1) for i in range(heads)]
+    if len({p.numel() for p in per_head}) != 1:
+        raise ChainError(f"the gate {describe(lin)} gives the heads different numbers of rows")
+    return OutGate(lin, torch.stack(per_head))
 
 
 def _flat(a: Any) -> list[Any]:

@@ -119,7 +119,9 @@ class GroupedQueryAttention(nn.Module):
     query heads, either repeated to every query head (``repeat_kv``: expand, then reshape) or
     handed to the kernel as they are (``enable_gqa``)."""
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, share: str = "repeat_kv"):
+    def __init__(
+        self, dim: int, n_heads: int, n_kv_heads: int, share: str = "repeat_kv", gate: str | None = None
+    ):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim, self.share = n_heads, n_kv_heads, dim // n_heads, share
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
@@ -127,6 +129,11 @@ class GroupedQueryAttention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
         self.q_norm, self.k_norm = HandRMSNorm(self.head_dim), HandRMSNorm(self.head_dim)
+        # Output gate: per channel, sigmoid(to_gate(x)) (Qwen3-Next, Krea 2), or per head,
+        # 2 * sigmoid(to_gate(x)) of shape (B, N, H) (LTX-2).
+        self.gate = gate
+        if gate is not None:
+            self.to_gate = nn.Linear(dim, n_heads * self.head_dim if gate == "channel" else n_heads)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # noqa: D102
         b, n, _ = x.shape
@@ -143,7 +150,12 @@ class GroupedQueryAttention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v)
         else:
             o = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        return self.wo(o.transpose(1, 2).reshape(b, n, -1))
+        o = o.transpose(1, 2)  # (B, N, H, d)
+        if self.gate == "channel":
+            o = o.reshape(b, n, -1) * torch.sigmoid(self.to_gate(x))
+        elif self.gate == "head":
+            o = o * (2.0 * torch.sigmoid(self.to_gate(x))).unsqueeze(-1)
+        return self.wo(o.reshape(b, n, -1))
 
 
 class ScaleShift(nn.Module):
@@ -227,10 +239,11 @@ def rotary_dit(
     qk_norm: str | None = None,
     manual: bool = False,
     seed: int = 0,
-    gqa: tuple[int, str] | None = None,
+    gqa: tuple[int, str] | tuple[int, str, str] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A DiT with rotary embeddings (:data:`ROPE_FORMS`) and qk-norm (:data:`QK_NORMS`);
-    ``gqa=(kv_heads, "repeat_kv" | "enable_gqa")``: grouped-query attention instead."""
+    ``gqa=(kv_heads, "repeat_kv" | "enable_gqa"[, "channel" | "head"])``: grouped-query
+    attention instead, with an output gate per channel or per head."""
     torch.manual_seed(seed)
     model = RotaryDiT(rope=rope, qk_norm=qk_norm, manual=manual, gqa=gqa)
     return randomize_weights(model.eval(), seed), _inputs(2, 16, 4, seed)
@@ -449,6 +462,8 @@ PATTERN_MODELS = {
     "qknorm-all-heads": lambda: rotary_dit("rotate_half", "all"),
     "gqa-repeat-kv": lambda: rotary_dit(gqa=(2, "repeat_kv")),
     "gqa-enable-gqa": lambda: rotary_dit(gqa=(2, "enable_gqa")),
+    "gated-gqa": lambda: rotary_dit(gqa=(2, "repeat_kv", "channel")),
+    "gated-per-head": lambda: rotary_dit(gqa=(4, "enable_gqa", "head")),
     "mmdit": mmdit,
     "mmdit-shared-mlp": lambda: mmdit(shared_mlp=True),
     "video": video_dit,
