@@ -414,12 +414,31 @@ def record_mlp_call(site: MlpSite, rec: dict[str, Any], lead: torch.Size) -> Non
         >>> rec = {}
         >>> record_mlp_call(type("S", (), {"calls": 2})(), rec, torch.Size([2, 16]))
         >>> record_mlp_call(type("S", (), {"calls": 2})(), rec, torch.Size([2, 4]))
-        >>> rec
-        {'n': 20, 'rows': 2}
+        >>> rec["n"], rec["rows"]
+        (20, 2)
     """
     n = math.prod(lead[1:]) if len(lead) > 1 else 1  # tokens per row
     rec["n"] = rec.get("n", 0) + n if site.calls > 1 else n
+    rec["n_call"] = n
     rec["rows"] = lead[0]
+
+
+def record_mlp_tokens(
+    site: MlpSite, rec: dict[str, Any], tokens: torch.Tensor | None, computed: float | None = None
+) -> None:
+    """Note an MLP call's token mask (and on the planned path the fraction of its rows it
+    computed) for the FLOPs accountant. The calls of a shared MLP (``site.calls`` > 1) join:
+    masks side by side along the tokens, computed fractions weighted by the calls' rows.
+    """
+    if tokens is not None and site.calls > 1 and rec.get("tokens") is not None:
+        tokens = torch.cat([rec["tokens"].flatten(1), tokens.flatten(1)], 1)  # (B, N1 + N2)
+    rec["tokens"] = tokens
+    if computed is not None:
+        rows = rec.get("n", 1)  # tokens per row so far, this call's included (record_mlp_call)
+        if site.calls > 1 and "executed_tokens" in rec:
+            before = rec["n"] - rec["n_call"]
+            computed = (rec["executed_tokens"] * before + computed * rec["n_call"]) / rows
+        rec["executed_tokens"] = computed
 
 
 class MlpRuntime(_SiteRuntime):
@@ -444,7 +463,7 @@ class MlpRuntime(_SiteRuntime):
         record_mlp_call(site, rec, lead)
         width = bank.width_mask(site.index) if site.width else None  # (Bt, G)
         tokens = bank.token_mask(site.index, x) if site.token else None  # (B, N), router on x
-        rec["tokens"] = tokens
+        record_mlp_tokens(site, rec, tokens)
         call: dict[str, Any] = {
             "x": x,
             "lead": lead,

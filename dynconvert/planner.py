@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynconvert.dynamic import DynamicLinear, record_mlp_call
+from dynconvert.dynamic import DynamicLinear, record_mlp_call, record_mlp_tokens
 from dynconvert.plan import MlpSite
 
 CAPACITY_STEPS = 32
@@ -324,18 +324,18 @@ class Planner:
         if site.token and str(site.index) in bank.token:
             logits = bank.token[str(site.index)](x)  # (B, N): one logit per token
             on = logits > 0
-            rec["tokens"] = call["tokens"] = on
+            call["tokens"] = on
             k = self.capacity_rows(plan.capacity, rows)
             if k is None:  # every row computed, skipped tokens zeroed: the threshold rule
                 call["keep"] = on.unsqueeze(-1)
-                rec["executed_tokens"] = 1.0
+                record_mlp_tokens(site, rec, on, 1.0)
             else:
                 top, idx = torch.topk(logits.reshape(-1), k, sorted=False)  # (K,), (K,)
                 keep = top > 0
                 call["idx"] = idx
                 call["x_sel"] = x.reshape(-1, x.shape[-1]).index_select(0, idx)  # (K, D)
                 call["keep"] = keep.unsqueeze(-1)
-                rec["executed_tokens"] = k / rows
+                record_mlp_tokens(site, rec, on, k / rows)
                 wanted = on.sum()  # (): tokens over the threshold
                 self._count(torch.stack([wanted - keep.sum(), wanted]))
         return call

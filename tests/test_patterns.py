@@ -183,7 +183,7 @@ def test_einsum_attention_converts_and_nothing_found_says_why_per_block():
     assert all("no attention call" in s.reason and "0 Linears" in s.reason for s in plan.skipped)
 
 
-def test_an_mlp_shared_by_two_streams_routes_its_width_over_both_calls():
+def test_an_mlp_shared_by_two_streams_is_routed_over_both_calls():
     model, inputs = PATTERN_MODELS["mmdit-shared-mlp"]()
     plan = dynconvert.analyze(model, inputs)
     shared = [s for s in plan.mlp if s.name.endswith(".ff")]
@@ -191,15 +191,25 @@ def test_an_mlp_shared_by_two_streams_routes_its_width_over_both_calls():
     for s in shared:
         # Sliced SwiGLU halves: one fused projection, gated; 16 image + 6 text tokens.
         assert (s.calls, s.tokens, s.gated, s.fc1) == (2, 22, True, [s.name + ".proj_in"])
-        assert s.width and not s.token and "2 times per forward" in s.token_reason
+        assert s.width and s.token, s.token_reason  # x + g * ff(x) holds in both streams
     model2, _ = PATTERN_MODELS["mmdit-shared-mlp"]()
     dynconvert.convert(model2, 0.85, example_inputs=inputs)
     randomize_routing(model2, keep=0.5, example_inputs=inputs)
-    with torch.no_grad():
-        model2(**inputs)
     bank = dynconvert.get_state(model2)
     index = next(s.index for s in bank.plan.mlp if s.name.endswith(".ff"))
-    assert bank.records[index]["n"] == 22  # both calls counted
+    for execution in ("fast", "masked", "planned"):
+        with torch.no_grad(), dynconvert.routing(model2, "eval", execution):
+            model2(**inputs)
+        rec = bank.records[index]
+        # Both calls counted: 16 image + 6 text tokens, one token mask over both, per sample.
+        assert rec["n"] == 22 and tuple(rec["tokens"].shape) == (2, 22), execution
+        if execution == "planned":
+            assert 0 < rec["executed_tokens"] <= 1
+    with torch.no_grad(), dynconvert.routing(model2, "eval", "fast"):
+        fast = model2(**inputs)
+    with torch.no_grad(), dynconvert.routing(model2, "eval", "planned"):
+        planned = model2(**inputs)
+    assert _rel(planned, fast) < 1e-5  # capacities from randomize_routing suffice
 
 
 @pytest.mark.parametrize("name", ["gqa-repeat-kv", "gqa-enable-gqa"])

@@ -374,12 +374,9 @@ def build_site(
     fixed_split = region.split is not None and region.split.op != "chunk" and not width_reason
 
     token_dims = len(x.shape) - 1  # batch, then token_dims - 1 token axes, then channels
-    token_reason = _residual_reason(fc2, token_dims)
-    if len(calls) > 1:
-        token_reason = (
-            f"the MLP runs {len(calls)} times per forward with shared weights; tokens are not "
-            "routed (its width is)"
-        )
+    # Tokens are routed per call (each call's router decides on its own tokens), so every
+    # call must leave a skipped token unchanged.
+    token_reason = next((r for c, _, _ in calls if (r := _residual_reason(c, token_dims))), "")
     if part:
         token_reason = "the MLP shares its out-projection with the attention (parallel block)"
     site = MlpSite(
