@@ -32,6 +32,7 @@ class DynamicLinear(nn.Linear):
     _dc_rt: Any  # the site's runtime (AttentionRuntime or MlpRuntime)
     _dc_role: str  # "in" (q/k/v), "out", "mlp_in" (fc1 or value/gate) or "mlp_out" (fc2)
     _dc_name: str  # fqn in the model: the key of this Linear's rows in the site's unit tables
+    _dc_base: type = nn.Linear  # the class it had before (make_static restores it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> this Linear's output, as the site's runtime routes this call.
@@ -43,6 +44,12 @@ class DynamicLinear(nn.Linear):
         """
         return self._dc_rt.linear_forward(self, x)
 
+    def extra_repr(self) -> str:
+        """From the weight: a routed module that only holds a weight and a bias (a model's own
+        projection class calling F.linear) has no ``in_features`` of its own."""
+        out_f, in_f = self.weight.shape
+        return f"in_features={in_f}, out_features={out_f}, bias={self.bias is not None}"
+
 
 _DYNAMIC_CLASSES: dict[type, type] = {nn.Linear: DynamicLinear}
 
@@ -50,13 +57,15 @@ _DYNAMIC_CLASSES: dict[type, type] = {nn.Linear: DynamicLinear}
 def make_dynamic(lin: nn.Linear, runtime: Any, role: str, name: str) -> None:
     """Turn an nn.Linear into a DynamicLinear in place (``name`` is its fqn in the model).
 
-    A subclass of nn.Linear that keeps its forward (analysis only routes those) becomes a
-    class deriving from both, so ``isinstance(lin, TheirLinear)`` still holds.
+    A subclass of nn.Linear that keeps its forward (analysis only routes those), or a module
+    of the model's own that holds only a weight and a bias and runs F.linear on them
+    (``graph.linear_like``), becomes a class deriving from both, so ``isinstance(lin,
+    TheirClass)`` still holds.
     """
     cls = type(lin)
     dyn = cls if issubclass(cls, DynamicLinear) else _DYNAMIC_CLASSES.get(cls)  # re-routed
     if dyn is None:
-        dyn = _DYNAMIC_CLASSES[cls] = type(f"Dynamic{cls.__name__}", (DynamicLinear, cls), {})
+        dyn = _DYNAMIC_CLASSES[cls] = type(f"Dynamic{cls.__name__}", (DynamicLinear, cls), {"_dc_base": cls})
     lin.__class__ = dyn
     lin._dc_rt = runtime
     lin._dc_role = role
@@ -65,7 +74,7 @@ def make_dynamic(lin: nn.Linear, runtime: Any, role: str, name: str) -> None:
 
 def make_static(lin: nn.Linear) -> None:
     """Undo :func:`make_dynamic`: the original class again."""
-    lin.__class__ = next(c for c in type(lin).__mro__[1:] if not issubclass(c, DynamicLinear))
+    lin.__class__ = type(lin)._dc_base
     for attr in ("_dc_rt", "_dc_role", "_dc_name"):
         lin.__dict__.pop(attr, None)
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynconvert.analysis.graph import routable_linear
+from dynconvert.analysis.graph import linear_like, routable_linear
 from dynconvert.bank import RouterBank
 from dynconvert.config import ConvertConfig
 from dynconvert.convert import apply_plan, revert
@@ -503,13 +503,13 @@ def _check_plan_matches(plan: Plan, model: nn.Module) -> None:
     for s in plan.sites:
         for m in s.maps():
             lin = modules.get(m.linear)
-            if lin is None or not routable_linear(lin):
+            if lin is None or not (routable_linear(lin) or linear_like(lin)):
                 raise RecordError(
                     f"the record refers to {m.linear}, which this model does not have as an nn.Linear; "
                     "the record is from another model"
                 )
             idx = max(max(m.indices(u)) for u in range(m.units))
-            size = lin.out_features if m.axis == "rows" else lin.in_features
+            size = lin.weight.shape[0 if m.axis == "rows" else 1]
             if idx >= size:
                 raise RecordError(f"{m.linear} is smaller than in the record; the record is from another model")
         if s.name and s.name not in modules:

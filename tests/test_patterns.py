@@ -25,6 +25,7 @@ EXPECTED = {  # name -> (attention sites, MLP sites, streams of the first attent
     "mmdit": (3, 5, 2),
     "mmdit-shared-mlp": (3, 3, 2),
     "video": (2, 2, 1),
+    "video-own-projections": (2, 2, 1),
 }
 
 
@@ -235,3 +236,26 @@ def test_an_output_gate_is_sliced_with_its_heads(name, per_unit):
     assert [gate.indices(u) for u in range(site.units)] == [
         list(range(u * per_unit, (u + 1) * per_unit)) for u in range(site.units)
     ]
+
+
+def test_hand_written_projections_are_routed_saved_and_restored(tmp_path):
+    from dynconvert.models.patterns import Dense, ScaledDense, video_dit
+
+    model, inputs = video_dit(linear=Dense)
+    reference = model(**inputs)
+    dynconvert.convert(model, 0.85, example_inputs=inputs)
+    qkv = model.blocks[0].spatial.qkv
+    assert isinstance(qkv, Dense) and "in_features=32, out_features=96" in repr(qkv)
+    randomize_routing(model, keep=0.5, example_inputs=inputs)
+    routed = model(**inputs)
+    dynconvert.save(model, tmp_path / "run")
+    loaded = dynconvert.load(tmp_path / "run", video_dit(linear=Dense)[0])
+    assert _rel(loaded(**inputs), routed) < 1e-6
+    dynconvert.revert(model)
+    assert type(model.blocks[0].spatial.qkv) is Dense
+    assert _rel(model(**inputs), reference) < 1e-6
+    # A projection that computes more than F.linear on its weight is left alone, with a reason.
+    scaled, inputs = video_dit(linear=ScaledDense)
+    plan = dynconvert.analyze(scaled, inputs)
+    assert not plan.attention and not plan.mlp
+    assert any("not an nn.Linear" in s.reason for s in plan.skipped), plan.skipped

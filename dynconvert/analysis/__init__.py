@@ -17,7 +17,13 @@ import torch
 from dynconvert.analysis import attention as attn_finder
 from dynconvert.analysis import mlp as mlp_finder
 from dynconvert.analysis.costs import eager_macs, node_macs
-from dynconvert.analysis.graph import OpGraph, block_of, from_export, quiet_torch
+from dynconvert.analysis.graph import (
+    OpGraph,
+    block_of,
+    from_export,
+    quiet_torch,
+    untie_impure_linears,
+)
 from dynconvert.analysis.headlocal import linear_ancestry
 from dynconvert.analysis.registry import timestep_convention
 from dynconvert.config import ConvertConfig
@@ -137,6 +143,7 @@ def plan_from_graph(
     filter_fn: FilterFn | None = None,
 ) -> Plan:
     """Turn a captured graph into a Plan (sites, skipped sites, costs)."""
+    untie_impure_linears(graph, model)  # a module running F.linear on its weight, and only that
     reuse = graph.linear_nodes()  # Linear fqn -> its calls; a Linear called twice is not sliced
     order = {id(n): i for i, n in enumerate(graph.nodes)}  # node -> position in execution order
     attention: list[tuple[int, AttentionSite]] = []  # (position of the call, site)

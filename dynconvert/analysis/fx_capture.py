@@ -17,7 +17,14 @@ import torch
 import torch.fx
 from torch import nn
 
-from dynconvert.analysis.graph import OpGraph, OpNode, canonical_kind, link_users, routable_linear
+from dynconvert.analysis.graph import (
+    OpGraph,
+    OpNode,
+    canonical_kind,
+    linear_like,
+    link_users,
+    routable_linear,
+)
 from dynconvert.inputs import check_inputs_run
 
 # Leaf modules the graph still understands: the tracer keeps them as call_module nodes, and
@@ -333,7 +340,8 @@ def _to_opnodes(gm: torch.fx.GraphModule, prefix: str, values: dict[str, Any]) -
                     and str(w.target).endswith(".weight")
                 ):
                     owner = str(w.target)[: -len(".weight")]
-                    if routable_linear(gm.get_submodule(owner)):
+                    owner_module = gm.get_submodule(owner)
+                    if routable_linear(owner_module) or linear_like(owner_module):
                         on.linear = _join(prefix, owner)
         mapping[node.name] = on
         if node.op not in ("placeholder", "get_attr"):

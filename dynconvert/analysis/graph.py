@@ -288,10 +288,56 @@ def _clean_path(path: str) -> str:
 
 
 def _linear_fqns(model: torch.nn.Module, any_linear: bool = False) -> set[str]:
-    """Fqns of the model's nn.Linear modules (subclasses only with ``any_linear``)."""
+    """Fqns of the model's routable projections: nn.Linear modules (subclasses only with
+    ``any_linear``) and modules that hold only a weight and a bias (:func:`linear_like`)."""
     if any_linear:
         return {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    return {name for name, m in model.named_modules() if routable_linear(m)}
+    return {name for name, m in model.named_modules() if routable_linear(m) or linear_like(m)}
+
+
+def linear_like(m: torch.nn.Module) -> bool:
+    """A module that is not an nn.Linear but holds exactly what one does: a 2-D ``weight``
+    Parameter, an optional 1-D ``bias`` Parameter, no buffers and no submodules; its forward
+    may be ``F.linear(x, self.weight, self.bias)`` (analysis checks in the graph that it runs
+    nothing else, see :func:`untie_impure_linears`).
+
+    Example:
+        >>> class Proj(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.weight = torch.nn.Parameter(torch.zeros(3, 2))
+        ...         self.bias = None
+        >>> linear_like(Proj()), linear_like(torch.nn.Linear(2, 3)), linear_like(torch.nn.LayerNorm(2))
+        (True, False, False)
+    """
+    if isinstance(m, torch.nn.Linear) or next(m.children(), None) is not None or next(m.buffers(), None) is not None:
+        return False
+    w = m._parameters.get("weight")
+    b = m._parameters.get("bias", None)
+    names = set(m._parameters) - {"weight", "bias"}
+    return isinstance(w, torch.nn.Parameter) and w.dim() == 2 and not names and (b is None or b.dim() == 1)
+
+
+def untie_impure_linears(graph: OpGraph, model: torch.nn.Module) -> None:
+    """Untie the linear ops of :func:`linear_like` modules whose forward runs anything but
+    that one linear op on their own weight and bias: routing swaps such a module's forward
+    for a plain (sliced) linear, so it must have computed exactly that."""
+    modules = dict(model.named_modules())
+    by_module: dict[str, list[OpNode]] = {}
+    for n in graph.nodes:
+        if n.module:
+            by_module.setdefault(n.module, []).append(n)
+    for n in graph.nodes:
+        m = modules.get(n.linear) if n.linear else None
+        if m is None or not linear_like(m):
+            continue
+        ops = [x for x in by_module.get(n.linear, []) if x.kind not in ("param", "const", "input")]
+        bias = n.arg(2, "bias")
+        bias_ok = (m.bias is None and bias is None) or (
+            m._parameters.get("bias") is not None and isinstance(bias, OpNode) and bias.kind == "param"
+        )
+        if ops != [n] or not bias_ok:
+            n.linear = None
 
 
 def routable_linear(m: torch.nn.Module) -> bool:

@@ -393,6 +393,26 @@ class CustomLinear(nn.Linear):
         self.tag = "custom"
 
 
+class Dense(nn.Module):
+    """A projection written by hand, as some repositories do: its own weight and bias and
+    ``F.linear`` on them (not an nn.Linear)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / in_features**0.5)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return F.linear(x, self.weight, self.bias)
+
+
+class ScaledDense(Dense):
+    """Like :class:`Dense` but scales its output: not a plain linear, so it is not routed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return F.linear(x, self.weight, self.bias) * 0.5
+
+
 class SpaceTimeAttention(nn.Module):
     """Attention over one axis of a video: frames folded into the batch by the caller."""
 
@@ -445,13 +465,14 @@ class VideoDiT(nn.Module):
         return self.head(h)
 
 
-def video_dit(seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
-    """A video DiT folding frames (spatial) and tokens (temporal) into the batch, with Linear
-    subclasses for every projection."""
+def video_dit(seed: int = 0, linear: type[nn.Module] = CustomLinear) -> tuple[nn.Module, dict[str, Any]]:
+    """A video DiT folding frames (spatial) and tokens (temporal) into the batch, with
+    ``linear`` (a Linear subclass by default, or a hand-written projection) for every
+    projection of its blocks."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     inputs = {"hidden_states": torch.randn(2, 3, 8, 4, generator=g), "timestep": torch.tensor([100.0, 800.0])}
-    return randomize_weights(VideoDiT().eval(), seed), inputs
+    return randomize_weights(VideoDiT(linear=linear).eval(), seed), inputs
 
 
 PATTERN_MODELS = {
@@ -467,5 +488,6 @@ PATTERN_MODELS = {
     "mmdit": mmdit,
     "mmdit-shared-mlp": lambda: mmdit(shared_mlp=True),
     "video": video_dit,
+    "video-own-projections": lambda: video_dit(linear=Dense),
 }
 """Builders of the pattern models by name, each returning ``(model, example_inputs)``."""
