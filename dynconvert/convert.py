@@ -103,8 +103,9 @@ def convert(
         if failed:
             revert(model)
             reason = (
-                "the sliced fast path did not reproduce the masked path (its head-count attributes "
-                "are not known); not converted. Register them with "
+                "the sliced fast path did not reproduce the masked path (head-count attributes "
+                "the scan did not find, or a per-head input such as a mask built outside the "
+                "attention module with every head); not converted. Register the attributes with "
                 "dynconvert.analysis.registry.register_attention"
             )
             plan.drop_attention({name: reason for name in failed})

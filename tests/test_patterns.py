@@ -259,3 +259,70 @@ def test_hand_written_projections_are_routed_saved_and_restored(tmp_path):
     plan = dynconvert.analyze(scaled, inputs)
     assert not plan.attention and not plan.mlp
     assert any("not an nn.Linear" in s.reason for s in plan.skipped), plan.skipped
+
+
+class _MaskedAttention(torch.nn.Module):
+    """Self-attention with a padding mask repeated per head: inside, with its own head count
+    (as diffusers' prepare_attention_mask does), or given ready-made by the caller."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x, keep, mask=None):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        if mask is None:
+            mask = keep[:, None, None, :].expand(b, self.heads, n, n)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(o.transpose(1, 2).reshape(b, n, -1))
+
+
+class _MaskedBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = _MaskedAttention()
+        self.ff = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+
+    def forward(self, h, keep, mask):
+        h = h + self.attn(h, keep, mask)
+        return h + self.ff(h)
+
+
+class _MaskedDiT(torch.nn.Module):
+    def __init__(self, outside: bool):
+        super().__init__()
+        self.outside = outside
+        self.t = torch.nn.Linear(1, 32)
+        self.blocks = torch.nn.ModuleList([_MaskedBlock() for _ in range(2)])
+
+    def forward(self, hidden_states, timestep, keep):
+        h = hidden_states + self.t(timestep[:, None, None] / 1000)
+        b, n, _ = h.shape
+        mask = keep[:, None, None, :].expand(b, 4, n, n) if self.outside else None
+        for blk in self.blocks:
+            h = blk(h, keep, mask)
+        return h
+
+
+@pytest.mark.parametrize("outside", [False, True])
+def test_a_mask_given_per_head_is_checked_at_convert(outside):
+    torch.manual_seed(0)
+    model = _MaskedDiT(outside).eval()
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[0, 6:] = False
+    inputs = {"hidden_states": torch.randn(2, 8, 32), "timestep": torch.tensor([100.0, 700.0]), "keep": keep}
+    reference = model(**inputs)
+    dynconvert.convert(model, 0.9, example_inputs=inputs)
+    plan = dynconvert.get_state(model).plan
+    assert _rel(model(**inputs), reference) < 1e-5
+    if outside:  # built with every head outside the module: the sliced call cannot take it
+        assert not plan.attention and len(plan.mlp) == 2
+        assert all("did not reproduce" in s.reason for s in plan.skipped if s.kind == "attention")
+    else:  # built inside with the lowered head count: converted and sliced
+        assert len(plan.attention) == 2 and all(s.fast for s in plan.attention)
+        randomize_routing(model, keep=0.5, example_inputs=inputs)
+        with dynconvert.routing(model, "eval", "masked"):
+            masked = model(**inputs)
+        assert _rel(model(**inputs), masked) < 1e-5

@@ -229,8 +229,9 @@ def _build(
     # the model's split would fail. Such a site is not converted (it could not run sliced).
     widths = {n.linear: n.shape[-1] for n in in_nodes.values()}
     mixed = [m.linear for m in in_maps if sum(len(m.indices(u)) for u in range(units)) < widths[m.linear]]
-    # A mask given per head (repeated for the heads outside the attention module) keeps its
-    # full head count when heads are removed: such a site is not converted either.
+    # A mask given per head fits a sliced call only if the model builds it with the lowered
+    # head count (inside the attention module); one built outside keeps every head. Convert
+    # tells the two apart by running the fast path once (verify.py).
     mask = call.output.arg(3, "attn_mask") if call.output.kind == "attention" else None
     per_head_mask = isinstance(mask, OpNode) and bool(mask.shape) and len(mask.shape) == 4 and mask.shape[1] == heads
     cut_maps = [_unit_map(cut_of[name], "rows", units, ts) for name, ts in per_linear.items() if name in cut_of]
@@ -281,16 +282,16 @@ def _build(
         gate_rows=gates[0].node.shape[-1] if gates else 0,
         between=sorted({n.op for n in layout.ops if n.kind not in ("shape", "cast")}),
         head_attrs=attrs,
-        fast=not mixed and not per_head_mask,
-        # Head-count attributes found by a scan, not the registry, or ops beyond reshapes
-        # between the projections and the attention: convert checks the fast path against
-        # the masked path once (verify.py) before trusting it.
+        fast=not mixed,
+        # Head-count attributes found by a scan, not the registry, ops beyond reshapes between
+        # the projections and the attention, or a mask given per head (it fits the sliced call
+        # only when the model repeats it with the lowered head count, as diffusers'
+        # prepare_attention_mask does): convert checks the fast path against the masked path
+        # once (verify.py) before trusting it.
         fast_reason=(
             f"{mixed[0]} also computes channels that are not heads (a fused input projection)"
             if mixed
-            else "the attention mask is given per head"
-            if per_head_mask
-            else ("" if known and layout.trivial else "unverified")
+            else ("" if known and layout.trivial and not per_head_mask else "unverified")
         ),
     )
     return FoundAttention(site, None, [*in_nodes.values(), *out_nodes])
