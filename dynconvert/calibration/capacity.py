@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dynconvert.planned import capacity_from_keep
 from dynconvert.plan import AttentionSite
+from dynconvert.planned import capacity_from_keep
 from dynconvert.routing import routing
 from dynconvert.state import get_state
 
