@@ -288,9 +288,14 @@ class JointBlock(nn.Module):
         c1, d1, h1, c2, d2, h2 = self.mod_txt(c)
         ai, at = self.attn(self.norm(img) * (1 + b1) + a1, self.norm(txt) * (1 + d1) + c1)
         img, txt = img + g1 * ai, txt + h1 * at
-        img = img + g2 * self.ff_img(self.norm(img) * (1 + b2) + a2)
-        txt = txt + h2 * self.ff_txt(self.norm(txt) * (1 + d2) + c2)
+        ff_img, ff_txt = self.mlps()
+        img = img + g2 * ff_img(self.norm(img) * (1 + b2) + a2)
+        txt = txt + h2 * ff_txt(self.norm(txt) * (1 + d2) + c2)
         return img, txt
+
+    def mlps(self) -> tuple[nn.Module, nn.Module]:
+        """The image stream's MLP and the text stream's."""
+        return self.ff_img, self.ff_txt
 
 
 class SlicedSwiGLU(nn.Module):
@@ -316,14 +321,9 @@ class SharedMlpBlock(JointBlock):
         del self.ff_img, self.ff_txt
         self.ff = SlicedSwiGLU(dim, 2 * dim)
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
-        a1, b1, g1, a2, b2, g2 = self.mod_img(c)
-        c1, d1, h1, c2, d2, h2 = self.mod_txt(c)
-        ai, at = self.attn(self.norm(img) * (1 + b1) + a1, self.norm(txt) * (1 + d1) + c1)
-        img, txt = img + g1 * ai, txt + h1 * at
-        img = img + g2 * self.ff(self.norm(img) * (1 + b2) + a2)
-        txt = txt + h2 * self.ff(self.norm(txt) * (1 + d2) + c2)
-        return img, txt
+    def mlps(self) -> tuple[nn.Module, nn.Module]:
+        """The one MLP, for both streams."""
+        return self.ff, self.ff
 
 
 class ParallelBlock(nn.Module):
