@@ -13,6 +13,8 @@ from dynconvert.bank import RouterBank
 from dynconvert.config import ConvertConfig
 from dynconvert.dynamic import (
     AttentionRuntime,
+    ConvMlpRuntime,
+    DynamicConv,
     DynamicLinear,
     MlpRuntime,
     SharedOutRuntime,
@@ -172,9 +174,11 @@ def apply_plan(
             hooks.append(module.register_forward_pre_hook(rt.pre_hook, with_kwargs=True))
             hooks.append(module.register_forward_hook(rt.post_hook, with_kwargs=True, always_call=True))
         else:
-            rt = MlpRuntime(site, bank)
+            rt = ConvMlpRuntime(site, bank) if site.conv else MlpRuntime(site, bank)
             for name in site.fc1:
                 make_dynamic(modules[name], rt, "mlp_in", name)
+            for m in site.mid_maps:  # depthwise convolutions of a convolutional MLP
+                make_dynamic(modules[m.linear], rt, "mlp_mid", m.linear)
             make_dynamic(modules[site.fc2], rt, "mlp_out", site.fc2)
         runtimes.append(rt)
     # A parallel block's out-projection belongs to its attention and its MLP at once.
@@ -202,7 +206,7 @@ def revert(model: nn.Module) -> nn.Module:
     """
     bank = get_state(model)
     for m in model.modules():
-        if isinstance(m, DynamicLinear):
+        if isinstance(m, (DynamicLinear, DynamicConv)):
             make_static(m)  # the class only: the Parameters (and state-dict keys) never changed
         # Our hooks by id, from every dict PyTorch files a hook in (kwargs, always-called).
         for hooks in (m._forward_pre_hooks, m._forward_hooks):

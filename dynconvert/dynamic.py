@@ -51,6 +51,22 @@ class DynamicLinear(nn.Linear):
         return f"in_features={in_f}, out_features={out_f}, bias={self.bias is not None}"
 
 
+class DynamicConv(nn.Module):
+    """A pointwise or depthwise convolution of a convolutional MLP, routed by its site (same
+    parameters, same names as the original)."""
+
+    _dc_rt: Any  # the site's ConvMlpRuntime
+    _dc_role: str  # "mlp_in" (pointwise fc1), "mlp_mid" (depthwise) or "mlp_out" (pointwise fc2)
+    _dc_name: str
+    _dc_base: type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, *spatial) -> this convolution's output, as the site's runtime routes it."""
+        return self._dc_rt.conv_forward(self, x)
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_FNS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}  # weight dims -> functional convolution
 _DYNAMIC_CLASSES: dict[type, type] = {nn.Linear: DynamicLinear}
 
 
@@ -63,9 +79,11 @@ def make_dynamic(lin: nn.Linear, runtime: Any, role: str, name: str) -> None:
     TheirClass)`` still holds.
     """
     cls = type(lin)
-    dyn = cls if issubclass(cls, DynamicLinear) else _DYNAMIC_CLASSES.get(cls)  # re-routed
+    routed = issubclass(cls, (DynamicLinear, DynamicConv))
+    dyn = cls if routed else _DYNAMIC_CLASSES.get(cls)  # re-routed
     if dyn is None:
-        dyn = _DYNAMIC_CLASSES[cls] = type(f"Dynamic{cls.__name__}", (DynamicLinear, cls), {"_dc_base": cls})
+        base = DynamicConv if isinstance(lin, _CONVS) else DynamicLinear
+        dyn = _DYNAMIC_CLASSES[cls] = type(f"Dynamic{cls.__name__}", (base, cls), {"_dc_base": cls})
     lin.__class__ = dyn
     lin._dc_rt = runtime
     lin._dc_role = role
@@ -564,6 +582,65 @@ class MlpRuntime(_SiteRuntime):
         out = y.new_zeros(math.prod(lead), y.shape[-1])  # (B * N, D)
         out.index_copy_(0, idx, y.reshape(-1, y.shape[-1]))
         return out.reshape(*lead, -1)  # (B, N, D)
+
+
+class ConvMlpRuntime(_SiteRuntime):
+    """Routes a convolutional MLP site (channels first): channel groups are fc1's output
+    channels, each depthwise convolution's channels and fc2's input channels. Width only: the
+    masked path zeroes the switched-off groups' channels before fc2, the fast path (and the
+    planned one, which decides per pattern) runs every convolution on the active channels."""
+
+    def __init__(self, site: MlpSite, bank: Any):
+        super().__init__(site, bank, site.hidden // site.groups)
+        self.tables.update({m.linear: unit_table(m) for m in site.mid_maps})  # depthwise channels
+        self.call: dict[str, Any] | None = None  # this MLP call: "x", "fast", "d"
+
+    def _begin(self, x: torch.Tensor) -> dict[str, Any]:
+        site, bank = self.site, self.bank
+        record_mlp_call(site, bank.record(site.index), torch.Size([x.shape[0], *x.shape[2:]]))
+        bank.width_mask(site.index)  # recorded for the FLOPs accountant
+        d = None
+        if bank.fast_for(site):
+            if bank.planned_now:
+                d = bank.planner.decision(site.index)
+            else:
+                d = self.decide(bank.width_mask_cpu(site.index), x.device)
+        self.call = {"x": x, "fast": bank.fast_for(site), "d": d}
+        return self.call
+
+    def conv_forward(self, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Forward of fc1 (B, D, ...) -> (B, F1', ...), a depthwise convolution, or fc2."""
+        role, name = conv._dc_role, conv._dc_name
+        if role == "mlp_in":
+            call = self.call
+            if call is None or call["x"] is not x:  # a second input conv reads the same x
+                call = self._begin(x)
+            d = call["d"]
+            if d is None:
+                return conv._conv_forward(x, conv.weight, conv.bias)
+            w, b = self.bank.sliced(conv, "rows", d.key, d.rows[name])
+            return conv._conv_forward(x, w, b)
+        if role == "mlp_mid":
+            d = self.call["d"] if self.call is not None else None
+            if d is None:
+                return conv._conv_forward(x, conv.weight, conv.bias)
+            rows = d.rows[name]
+            w, b = self.bank.sliced(conv, "rows", d.key, rows)  # one filter per active channel
+            fn = _CONV_FNS[w.dim()]
+            return fn(x, w, b, conv.stride, conv.padding, conv.dilation, rows.numel())
+        call, self.call = self.call, None  # fc2 ends the call
+        d = call["d"] if call is not None else None
+        if d is not None:
+            if d.sub is not None:  # several timesteps: zero each sample's extra groups
+                sub = per_row(d.sub[name], x.shape[0]).to(x.dtype)  # (B, C')
+                x = x * sub.reshape(*sub.shape, *([1] * (x.dim() - 2)))
+            w, b = self.bank.sliced(conv, "cols", d.key, d.cols[name])
+            return conv._conv_forward(x, w, b)
+        mask = self.bank.width_mask(self.site.index) if call is not None and not call["fast"] else None
+        if mask is not None:  # masked path: the switched-off groups' channels are zero
+            cols = per_row(mask.to(x.dtype).index_select(1, self.owner(name, mask.device)), x.shape[0])
+            x = x * cols.reshape(*cols.shape, *([1] * (x.dim() - 2)))  # (B, F, 1, ...)
+        return conv._conv_forward(x, conv.weight, conv.bias)
 
 
 class SharedOutRuntime:

@@ -29,7 +29,9 @@ def magnitude(site: Site, linears: dict[str, torch.nn.Linear]) -> torch.Tensor:
     total = torch.zeros(site.in_maps[0].units, dtype=torch.float64)
     for m in site.maps():
         lin = linears[m.linear]
-        sq = torch.linalg.vector_norm(lin.weight.detach(), dim=1 if m.axis == "rows" else 0, dtype=torch.float32).pow(2)
+        w = lin.weight.detach()
+        w = w.flatten(1) if m.axis == "rows" else w.transpose(0, 1).flatten(1)  # (units' axis, rest); convs too
+        sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).pow(2)
         if m.axis == "rows" and lin.bias is not None:
             sq = sq + lin.bias.detach().float().pow(2)
         total += sq.double().cpu()[_unit_index(m)].sum(1)

@@ -210,6 +210,14 @@ class MlpSite:
     # fc2_offset of fc2's input, and the other columns (the attention's) are kept.
     fc2_offset: int = 0
     fc2_keep: list[int] = field(default_factory=list)
+    # A convolutional MLP (Sana's GLUMBConv, Mix-FFN): fc1 and fc2 are pointwise convolutions
+    # over channels-first inputs (B, C, H, W), and ``mid`` per-channel (depthwise) convolutions
+    # of ``mid_taps`` kernel taps run between them on ``mid_channels`` channels each (fc1's
+    # output, or one half of it); their channels are sliced with their group (``mid_maps``).
+    conv: bool = False
+    mid_maps: list[UnitMap] = field(default_factory=list)
+    mid_channels: list[int] = field(default_factory=list)
+    mid_taps: int = 0
 
     @property
     def units(self) -> int:
@@ -222,8 +230,8 @@ class MlpSite:
         return [self.out_map]
 
     def maps(self) -> list[UnitMap]:
-        """Every UnitMap of the site: fc1 rows, then fc2 columns."""
-        return [*self.in_maps, self.out_map]
+        """Every UnitMap of the site: fc1 rows, depthwise channels, then fc2 columns."""
+        return [*self.in_maps, *self.mid_maps, self.out_map]
 
     @property
     def fc1_out(self) -> int:
@@ -234,7 +242,8 @@ class MlpSite:
         """Multiply-accumulates of this MLP for one sample: N*D*F1 + N*F*D_out (N tokens per
         row, times ``fold`` rows per sample)."""
         n = (self.tokens if tokens is None else tokens) * (self.fold if fold is None else fold)
-        return n * self.in_features * self.fc1_out + n * self.hidden * self.out_features
+        mid = sum(self.mid_channels) * self.mid_taps  # depthwise convolutions, per token
+        return n * self.in_features * self.fc1_out + n * mid + n * self.hidden * self.out_features
 
     def router_macs(self, tokens: int | None = None, reduction: int = 16, fold: int | None = None) -> int:
         """MACs of this site's token router (D -> D/r -> 1) for one sample."""
@@ -351,7 +360,10 @@ class Plan:
             for a in d["attention"]
         ]
         d["mlp"] = [
-            MlpSite(**{**m, "in_maps": maps(m["in_maps"]), "out_map": _unit_map(m["out_map"])})
+            MlpSite(**{
+                **m, "in_maps": maps(m["in_maps"]), "out_map": _unit_map(m["out_map"]),
+                "mid_maps": maps(m.get("mid_maps", [])),
+            })  # fmt: skip
             for m in d["mlp"]
         ]
         d["skipped"] = [SkippedSite(**s) for s in d["skipped"]]

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynconvert.dynamic import DynamicLinear, record_mlp_call, record_mlp_tokens
+from dynconvert.dynamic import DynamicConv, DynamicLinear, record_mlp_call, record_mlp_tokens
 from dynconvert.plan import MlpSite
 
 CAPACITY_STEPS = 32
@@ -175,7 +175,7 @@ class Planner:
         if self._linears is None or self._linears[0] != id(model):
             self._linears = (
                 id(model),
-                [m for m in model.modules() if isinstance(m, DynamicLinear)],
+                [m for m in model.modules() if isinstance(m, (DynamicLinear, DynamicConv))],
             )
         lins = self._linears[1]
         if not lins:

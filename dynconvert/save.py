@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynconvert.analysis.convmlp import routable_conv
 from dynconvert.analysis.graph import linear_like, routable_linear
 from dynconvert.bank import RouterBank
 from dynconvert.config import ConvertConfig
@@ -503,7 +504,7 @@ def _check_plan_matches(plan: Plan, model: nn.Module) -> None:
     for s in plan.sites:
         for m in s.maps():
             lin = modules.get(m.linear)
-            if lin is None or not (routable_linear(lin) or linear_like(lin)):
+            if lin is None or not (routable_linear(lin) or linear_like(lin) or routable_conv(lin)):
                 raise RecordError(
                     f"the record refers to {m.linear}, which this model does not have as an nn.Linear; "
                     "the record is from another model"

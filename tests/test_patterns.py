@@ -22,6 +22,7 @@ EXPECTED = {  # name -> (attention sites, MLP sites, streams of the first attent
     "gqa-enable-gqa": (2, 2, 1),
     "gated-gqa": (2, 2, 1),
     "gated-per-head": (2, 2, 1),
+    "conv-mlp": (2, 2, 1),
     "mmdit": (3, 5, 2),
     "mmdit-shared-mlp": (3, 3, 2),
     "video": (2, 2, 1),
@@ -326,3 +327,25 @@ def test_a_mask_given_per_head_is_checked_at_convert(outside):
         with dynconvert.routing(model, "eval", "masked"):
             masked = model(**inputs)
         assert _rel(model(**inputs), masked) < 1e-5
+
+
+def test_a_convolutional_mlp_routes_its_channel_groups():
+    model, inputs = PATTERN_MODELS["conv-mlp"]()
+    site = dynconvert.analyze(model, inputs).mlp[0]
+    # 1x1 conv to 2 x 64 channels, a 3x3 depthwise conv over all of them, chunk, 1x1 conv back.
+    assert site.conv and site.gated and (site.hidden, site.groups, site.tokens) == (64, 4, 16)
+    assert site.fc1 == ["layers.0.ff.inverted"] and site.fc2 == "layers.0.ff.point"
+    assert [m.linear for m in site.mid_maps] == ["layers.0.ff.depth"] and site.mid_taps == 9
+    assert site.mid_maps[0].indices(1) == [*range(16, 32), *range(80, 96)]  # value and gate rows
+    assert site.width and not site.token and "neighbouring tokens" in site.token_reason
+    reference = model(**inputs)
+    dynconvert.convert(model, 0.85, example_inputs=inputs)
+    randomize_routing(model, keep=0.5, example_inputs=inputs)
+    with dynconvert.routing(model, "eval", "planned"):
+        planned = model(**inputs)
+    with dynconvert.routing(model, "eval", "fast"):
+        fast = model(**inputs)
+    assert _rel(planned, fast) < 1e-5
+    dynconvert.revert(model)
+    assert type(model.layers[0].ff.depth) is torch.nn.Conv2d
+    assert _rel(model(**inputs), reference) < 1e-6

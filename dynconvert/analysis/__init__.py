@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from dynconvert.analysis import attention as attn_finder
+from dynconvert.analysis import convmlp as conv_finder
 from dynconvert.analysis import mlp as mlp_finder
 from dynconvert.analysis.costs import eager_macs, node_macs
 from dynconvert.analysis.graph import (
@@ -174,8 +175,18 @@ def plan_from_graph(
     # Out-projections of parallel blocks: the columns their attention leaves to the MLP.
     shared = {m.linear: m.keep for _, s in attention for m in s.out_maps if m.keep}
     mlps: list[tuple[int, MlpSite]] = []
-    for fc2 in mlp_finder.find_fc2_candidates(graph):
-        found = mlp_finder.build_site(fc2, model, reuse, taken, order, shared)
+    # Linear MLPs, then convolutional ones (pointwise convolutions around per-channel ops).
+    conv_fc2 = conv_finder.find_fc2_candidates(graph, model)
+    conv_reuse: dict[str, list[Any]] = {}
+    for n in graph.nodes:
+        found_conv = conv_finder.conv_module(n, model) if n.kind == "conv" else None
+        if found_conv is not None:
+            conv_reuse.setdefault(found_conv[0], []).append(n)
+    for fc2 in [*mlp_finder.find_fc2_candidates(graph), *conv_fc2]:
+        if fc2.kind == "conv":
+            found = conv_finder.build_site(fc2, model, conv_reuse, taken)
+        else:
+            found = mlp_finder.build_site(fc2, model, reuse, taken, order, shared)
         if found is None:  # this Linear does not end an MLP
             continue
         if found.site is None:
@@ -191,6 +202,8 @@ def plan_from_graph(
             site.width, site.width_reason = False, "MLP width routing turned off in the config"
         groups = config.mlp_groups or block_heads[site.block]
         mlp_finder.set_groups(site, groups)
+        if site.conv:
+            conv_finder.set_conv_groups(site)
         if not config.token_routing and site.token:
             site.token, site.token_reason = False, "token routing turned off in the config"
         if not site.width and not site.token:
@@ -200,7 +213,7 @@ def plan_from_graph(
             continue
         site.fold = _fold(found.linear_nodes[0], batch_of(args, kwargs))
         mlps.append((order[id(fc2)], site))
-        taken.update(n.linear for n in found.linear_nodes)
+        taken.update(m.linear for m in site.maps())
 
     # User exclusions last, then number the kept sites in execution order: site.index is the
     # position of the site's masks and routers in the RouterBank.

@@ -180,11 +180,34 @@ class FeedForward(nn.Module):
         return self.down(F.gelu(self.up(x), approximate="tanh"))
 
 
+class ConvFeedForward(nn.Module):
+    """Sana's GLUMBConv on a token grid (B, C, H, W): a 1x1 convolution to value and gate, SiLU,
+    a 3x3 depthwise convolution, value * SiLU(gate), a 1x1 convolution back."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.inverted = nn.Conv2d(dim, 2 * hidden, 1)
+        self.depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
+        self.point = nn.Conv2d(hidden, dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        value, gate = self.depth(F.silu(self.inverted(x))).chunk(2, dim=1)
+        return self.point(value * F.silu(gate))
+
+
 class RotaryBlock(nn.Module):
-    """adaLN-Zero block: rotary self-attention, GELU MLP, gated residuals."""
+    """adaLN-Zero block: rotary self-attention, GELU MLP (or a convolutional one on the token
+    grid, as Sana), gated residuals."""
 
     def __init__(
-        self, dim: int, heads: int, rope: str, qk_norm: str | None, manual: bool, gqa: tuple | None = None
+        self,
+        dim: int,
+        heads: int,
+        rope: str,
+        qk_norm: str | None,
+        manual: bool,
+        gqa: tuple | None = None,
+        conv_mlp: bool = False,
     ):
         super().__init__()
         self.mod = ScaleShift(dim)
@@ -194,25 +217,33 @@ class RotaryBlock(nn.Module):
             self.attn = GroupedQueryAttention(dim, heads, *gqa)
         else:
             self.attn = RotarySelfAttention(dim, heads, rope, qk_norm, manual)
-        self.ff = FeedForward(dim, 4 * dim)
+        self.conv_mlp = conv_mlp
+        self.ff = ConvFeedForward(dim, 2 * dim) if conv_mlp else FeedForward(dim, 4 * dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # noqa: D102
         sh1, sc1, g1, sh2, sc2, g2 = self.mod(c)
         x = x + g1 * self.attn(self.n1(x) * (1 + sc1) + sh1, pos)
-        return x + g2 * self.ff(self.n2(x) * (1 + sc2) + sh2)
+        h = self.n2(x) * (1 + sc2) + sh2
+        if not self.conv_mlp:
+            return x + g2 * self.ff(h)
+        b, n, d = h.shape
+        side = int(n**0.5)  # tokens of a square grid, row-major
+        grid = h.transpose(1, 2).reshape(b, d, side, side)
+        return x + g2 * self.ff(grid).flatten(2).transpose(1, 2)
 
 
 class RotaryDiT(nn.Module):
     """Token-sequence DiT with rotary attention (hidden_states (B, N, C_in), timestep (B,))."""
 
     def __init__(
-        self, dim=32, heads=4, depth=2, channels=4, rope="rotate_half", qk_norm=None, manual=False, gqa=None
-    ):
+        self, dim=32, heads=4, depth=2, channels=4, rope="rotate_half", qk_norm=None, manual=False, gqa=None,
+        conv_mlp=False,
+    ):  # fmt: skip
         super().__init__()
         self.embed = nn.Linear(channels, dim)
         self.t_mlp = nn.Sequential(nn.Linear(64, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.layers = nn.ModuleList(
-            [RotaryBlock(dim, heads, rope, qk_norm, manual, gqa) for _ in range(depth)]
+            [RotaryBlock(dim, heads, rope, qk_norm, manual, gqa, conv_mlp) for _ in range(depth)]
         )
         self.head = nn.Linear(dim, channels)
 
@@ -240,12 +271,14 @@ def rotary_dit(
     manual: bool = False,
     seed: int = 0,
     gqa: tuple[int, str] | tuple[int, str, str] | None = None,
+    conv_mlp: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A DiT with rotary embeddings (:data:`ROPE_FORMS`) and qk-norm (:data:`QK_NORMS`);
     ``gqa=(kv_heads, "repeat_kv" | "enable_gqa"[, "channel" | "head"])``: grouped-query
-    attention instead, with an output gate per channel or per head."""
+    attention instead, with an output gate per channel or per head; ``conv_mlp``: Sana's
+    convolutional MLP on the 4x4 token grid."""
     torch.manual_seed(seed)
-    model = RotaryDiT(rope=rope, qk_norm=qk_norm, manual=manual, gqa=gqa)
+    model = RotaryDiT(rope=rope, qk_norm=qk_norm, manual=manual, gqa=gqa, conv_mlp=conv_mlp)
     return randomize_weights(model.eval(), seed), _inputs(2, 16, 4, seed)
 
 
@@ -485,6 +518,7 @@ PATTERN_MODELS = {
     "gqa-enable-gqa": lambda: rotary_dit(gqa=(2, "enable_gqa")),
     "gated-gqa": lambda: rotary_dit(gqa=(2, "repeat_kv", "channel")),
     "gated-per-head": lambda: rotary_dit(gqa=(4, "enable_gqa", "head")),
+    "conv-mlp": lambda: rotary_dit(conv_mlp=True),
     "mmdit": mmdit,
     "mmdit-shared-mlp": lambda: mmdit(shared_mlp=True),
     "video": video_dit,
