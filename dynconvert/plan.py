@@ -113,6 +113,9 @@ class AttentionSite:
     gate: str = ""
     gate_in: int = 0
     gate_rows: int = 0
+    # Linear (kernel) attention: its two per-head products cost linear_macs per row at the
+    # example tokens, in proportion to query + key tokens (not N x M as softmax attention).
+    linear_macs: int = 0
 
     @property
     def units(self) -> int:
@@ -175,7 +178,11 @@ class AttentionSite:
             if s is first and self.gate:  # the gate reads the query stream's tokens
                 total += seen.get(self.gate, n) * self.gate_in * self.gate_rows
             n_all, m_all = n_all + n, m_all + m
-        total += n_all * m_all * h * (dq + dv)
+        if self.linear_macs:  # (v @ k) @ q per head: proportional to N + M
+            seen_all = sum(s.tokens_q + s.tokens_kv for s in [first, *self.streams])
+            total += self.linear_macs * (n_all + m_all) // max(1, seen_all)
+        else:
+            total += n_all * m_all * h * (dq + dv)
         return total * (self.fold if fold is None else fold)
 
 

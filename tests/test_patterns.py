@@ -23,6 +23,7 @@ EXPECTED = {  # name -> (attention sites, MLP sites, streams of the first attent
     "gated-gqa": (2, 2, 1),
     "gated-per-head": (2, 2, 1),
     "conv-mlp": (2, 2, 1),
+    "sana-like": (2, 2, 1),
     "mmdit": (3, 5, 2),
     "mmdit-shared-mlp": (3, 3, 2),
     "video": (2, 2, 1),
@@ -349,3 +350,14 @@ def test_a_convolutional_mlp_routes_its_channel_groups():
     dynconvert.revert(model)
     assert type(model.layers[0].ff.depth) is torch.nn.Conv2d
     assert _rel(model(**inputs), reference) < 1e-6
+
+
+def test_linear_attention_is_a_site_counted_linearly_in_tokens():
+    model, inputs = PATTERN_MODELS["sana-like"]()
+    site = dynconvert.analyze(model, inputs).attention[0]
+    # 4 heads of 8 channels; (v + ones row) @ k then @ q: 2 * H * (d + 1) * d * N per sample.
+    assert (site.heads, site.head_dim, site.v_head_dim) == (4, 8, 8)
+    assert site.linear_macs == 2 * 4 * 9 * 8 * 16 and site.fast_reason == "unverified"
+    assert site.macs(seen={site.q: 32, site.k: 32, site.v: 32, site.out: 32}) - site.macs() == (
+        3 * 32 * 32 * 16 + 32 * 32 * 16 + 2 * 4 * 9 * 8 * 16
+    )  # twice the tokens: projections and the linear attention double

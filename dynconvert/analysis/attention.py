@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from dynconvert.analysis.costs import node_macs
 from dynconvert.analysis.graph import OpGraph, OpNode, block_of, call_lca, module_lca
 from dynconvert.analysis.headlocal import InputLayout, OutTarget, derive_inputs, derive_outputs
 from dynconvert.analysis.layout import ChainError, as_parts, describe
@@ -30,11 +31,16 @@ class AttentionCall:
     v: OpNode  # (B, H, M, dv)
     key_layout: str  # "bhnd" for sdpa, "bhdn" for q @ k^T
     cost_nodes: list[OpNode] = field(default_factory=list)  # the ops holding QK^T and AV
+    # Linear (kernel) attention holds q, v and its output channels-first: (B, H, d, N).
+    q_layout: str = "bhnd"
+    v_layout: str = "bhnd"
+    out_layout: str = "bhnd"
 
 
 def find_calls(graph: OpGraph) -> list[AttentionCall]:
     """Every attention call of the graph, in execution order."""
     calls: list[AttentionCall] = []
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
     for n in graph.nodes:
         if n.kind == "attention":  # scaled_dot_product_attention(q, k, v, ...)
             q, k, v = n.args[0], n.args[1], n.args[2]
@@ -43,7 +49,64 @@ def find_calls(graph: OpGraph) -> list[AttentionCall]:
             call = _manual_call(n)
             if call is not None:
                 calls.append(call)
+        elif n.kind == "matmul":  # linear attention: (pad(v) @ k) @ q, no softmax
+            call = _linear_call(n, order)
+            if call is not None:
+                calls.append(call)
     return calls
+
+
+_PAD_OPS = ("pad", "constant_pad_nd")
+
+
+def _linear_call(out: OpNode, order: dict[int, int]) -> AttentionCall | None:
+    """Linear (kernel) attention as Sana writes it: v (B, H, d, M), optionally padded with a
+    row of ones (the normaliser), times k (B, H, M, d) gives (B, H, d', d); times q (B, H, d, N)
+    gives (B, H, d', N); then per-head elementwise work (dividing by the normaliser row). Every
+    product runs per (batch, head), so heads stay independent as in softmax attention."""
+    first = out.args[0] if len(out.args) > 1 else None
+    if out.op not in ("matmul", "__matmul__") or not isinstance(first, OpNode) or first.kind != "matmul":
+        return None
+    if first.op not in ("matmul", "__matmul__") or len(first.real_users) != 1:
+        return None
+    v, k, q = first.args[0], first.args[1], out.args[1]
+    if not all(isinstance(a, OpNode) and a.shape and len(a.shape) == 4 for a in (v, k, q)):
+        return None
+    while v.op in _PAD_OPS or v.kind == "cast":  # the normaliser row, then v itself
+        v = v.args[0]
+    if not v.shape or len(v.shape) != 4 or not (q.shape[1] == k.shape[1] == v.shape[1]):
+        return None
+    if k.shape[3] != q.shape[2] or k.shape[2] != v.shape[3]:  # (d, M) @ (M, d) @ (d, N)
+        return None
+    # The attention's end: the per-head work on the product (4-D, same batch and heads) up to
+    # where it leaves that shape (flattening the heads for the out-projection).
+    end, inside, kept = out, {id(out)}, [out]
+    for n in sorted(_users_closure(out), key=lambda x: order[id(x)]):
+        if n.shape and len(n.shape) == 4 and n.shape[:2] == out.shape[:2] and all(
+            id(i) in inside or i.kind in ("param", "const") for i in n.inputs
+        ):
+            inside.add(id(n))
+            kept.append(n)
+            end = n
+    if any(id(u) not in inside for n in kept if n is not end for u in n.real_users):
+        return None  # the per-head work has more than one way out
+    return AttentionCall(
+        output=end, q=q, k=k, v=v, key_layout="bhnd", cost_nodes=[first, out],
+        q_layout="bhdn", v_layout="bhdn", out_layout="bhdn",
+    )  # fmt: skip
+
+
+def _users_closure(n: OpNode) -> list[OpNode]:
+    """Every op reading ``n``'s value, directly or through others, in discovery order."""
+    seen, order, stack = {id(n)}, [], list(n.real_users)
+    while stack:
+        u = stack.pop(0)
+        if id(u) in seen:
+            continue
+        seen.add(id(u))
+        order.append(u)
+        stack.extend(u.real_users)
+    return order
 
 
 def _manual_call(softmax: OpNode) -> AttentionCall | None:
@@ -171,14 +234,16 @@ def _build(
     q_shape = call.q.shape  # (B, H, N, d)
     if q_shape is None or len(q_shape) != 4:
         raise ChainError("attention operands are not (batch, heads, tokens, dim) tensors")
-    heads, head_dim = q_shape[1], q_shape[3]
+    heads, head_dim = q_shape[1], q_shape[3] if call.q_layout == "bhnd" else q_shape[2]
     k_shape = call.k.shape
     k_heads = k_shape[1] if k_shape is not None and len(k_shape) == 4 else -1
     if k_heads < 1 or heads % k_heads:
         raise ChainError(f"{k_heads} key heads for {heads} query heads")
     if heads < 2:
         raise ChainError("a single head: nothing to route")
-    v_head_dim = call.v.shape[-1]
+    linear = call.q_layout == "bhdn"  # linear (kernel) attention: checked once at convert
+    out_shape = call.output.shape or ()
+    v_head_dim = out_shape[-1] if call.out_layout == "bhnd" else out_shape[2]  # channels a head returns
 
     # Input side: the ops from the projections to q, k and v replayed on row codes give the
     # rows of every (head, channel) per source Linear, and are checked for head-locality
@@ -191,7 +256,7 @@ def _build(
         raise ChainError(f"one key/value head for {heads} query heads (multi-query attention): nothing to route")
     # Output side: every out-projection reading the attention output (one per stream), with
     # the input column of every (head, channel) and the columns that are not heads.
-    targets, gates = derive_outputs(call.output, heads, v_head_dim, order)
+    targets, gates = derive_outputs(call.output, heads, v_head_dim, order, call.out_layout)
     if len(gates) > 1:
         raise ChainError("several gates scale the attention output")
     for t in targets:
@@ -280,6 +345,7 @@ def _build(
         gate=gates[0].node.linear if gates else "",
         gate_in=gates[0].node.args[0].shape[-1] if gates else 0,
         gate_rows=gates[0].node.shape[-1] if gates else 0,
+        linear_macs=sum(node_macs(c) for c in call.cost_nodes) // q_shape[0] if linear else 0,
         between=sorted({n.op for n in layout.ops if n.kind not in ("shape", "cast")}),
         head_attrs=attrs,
         fast=not mixed,
@@ -291,7 +357,7 @@ def _build(
         fast_reason=(
             f"{mixed[0]} also computes channels that are not heads (a fused input projection)"
             if mixed
-            else ("" if known and layout.trivial and not per_head_mask else "unverified")
+            else ("" if known and layout.trivial and not per_head_mask and not linear else "unverified")
         ),
     )
     return FoundAttention(site, None, [*in_nodes.values(), *out_nodes])
@@ -302,10 +368,16 @@ def _grouped_layout(
 ) -> tuple[InputLayout, int]:
     """The input layout and the number of routed units: one per head, or one per key/value
     head when key/value heads are shared (fewer key heads, or each repeated to g query heads)."""
+
+    def derive(units: int | None) -> InputLayout:
+        return derive_inputs(
+            call.q, call.k, call.v, call.key_layout, order, from_linear, units, call.q_layout, call.v_layout
+        )
+
     if k_heads != heads:  # the kernel takes fewer key/value heads (enable_gqa)
-        return derive_inputs(call.q, call.k, call.v, call.key_layout, order, from_linear, k_heads), k_heads
+        return derive(k_heads), k_heads
     try:
-        return derive_inputs(call.q, call.k, call.v, call.key_layout, order, from_linear), heads
+        return derive(None), heads
     except ChainError as e:
         if "feeds several heads" not in e.reason:
             raise
@@ -313,9 +385,7 @@ def _grouped_layout(
             if heads % g:
                 continue
             try:
-                layout = derive_inputs(
-                    call.q, call.k, call.v, call.key_layout, order, from_linear, heads // g
-                )
+                layout = derive(heads // g)
             except ChainError:
                 continue
             return layout, heads // g

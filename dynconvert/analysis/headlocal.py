@@ -304,6 +304,8 @@ def derive_inputs(
     order: dict[int, int],
     from_linear: set[int],
     units: int | None = None,
+    q_layout: str = "bhnd",
+    v_layout: str = "bhnd",
 ) -> InputLayout:
     """Rows of every (head, channel) in every Linear feeding q, k and v, checked for head-locality.
 
@@ -316,6 +318,7 @@ def derive_inputs(
         units: grouped-query attention: the number of key/value heads; the units routed are
             then groups of H / units consecutive query heads with their key/value head (a
             table of H rows maps row r to unit r * units // H). None: one unit per head.
+        q_layout, v_layout: "bhnd", or "bhdn" for channels-first operands (linear attention).
 
     Raises:
         ChainError: with the reason, when removing a head would not be the same as zeroing it.
@@ -337,7 +340,8 @@ def derive_inputs(
                 f"attention operands have {value.dim()} dims; only (batch, heads, tokens, dim) is "
                 "supported"
             )
-        if role == "k" and key_layout == "bhdn":
+        layout = {"q": q_layout, "k": key_layout, "v": v_layout}[role]
+        if layout == "bhdn":
             value = value.transpose(-1, -2)
         by_role[role] = _split_sources(value, sources, offsets)
     # 1. Norms across all heads first (on the codes as they reach the attention): each must be
@@ -522,7 +526,7 @@ class OutGate:
 
 
 def derive_outputs(
-    output: OpNode, heads: int, v_head_dim: int, order: dict[int, int]
+    output: OpNode, heads: int, v_head_dim: int, order: dict[int, int], layout: str = "bhnd"
 ) -> tuple[list[OutTarget], list[OutGate]]:
     """The out-projection(s) reading the attention output (B, H, N, dv), with their columns,
     and the gate projections multiplied into it on the way.
@@ -538,10 +542,16 @@ def derive_outputs(
     Raises:
         ChainError: with the reason otherwise.
     """
-    b, h, n, dv = output.shape
+    if layout == "bhdn":  # channels first (linear attention): (B, H, dv, N)
+        b, h, dv, n = output.shape
+    else:
+        b, h, n, dv = output.shape
     code = torch.arange(h)[:, None] * dv + torch.arange(dv)[None, :]  # (H, dv)
     values = {id(output): code[None, :, None, :].expand(b, h, n, dv).contiguous()}
     tokens = {id(output): torch.arange(n)[None, None, :, None].expand(b, h, n, dv).contiguous()}
+    if layout == "bhdn":
+        values = {k: t.transpose(-1, -2).contiguous() for k, t in values.items()}
+        tokens = {k: t.transpose(-1, -2).contiguous() for k, t in tokens.items()}
     # Everything reachable from the output up to the Linears, then replayed in graph order so
     # that a concatenation sees all of its parts.
     reach: dict[int, OpNode] = {}

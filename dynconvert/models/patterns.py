@@ -180,6 +180,25 @@ class FeedForward(nn.Module):
         return self.down(F.gelu(self.up(x), approximate="tanh"))
 
 
+class ReLULinearAttention(nn.Module):
+    """Sana's linear attention: ReLU feature maps, (v padded with a row of ones) @ k, then @ q,
+    divided by the normaliser row; channels first, (B, H, d, N), computed in float32."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        q = F.relu(self.to_q(x).transpose(1, 2).unflatten(1, (self.heads, -1))).float()  # (B, H, d, N)
+        k = F.relu(self.to_k(x).transpose(1, 2).unflatten(1, (self.heads, -1)).transpose(2, 3)).float()
+        v = F.pad(self.to_v(x).transpose(1, 2).unflatten(1, (self.heads, -1)).float(), (0, 0, 0, 1), value=1.0)
+        o = (v @ k) @ q  # (B, H, d + 1, N)
+        o = o[:, :, :-1] / (o[:, :, -1:] + 1e-15)
+        return self.to_out(o.flatten(1, 2).transpose(1, 2).to(x.dtype))
+
+
 class ConvFeedForward(nn.Module):
     """Sana's GLUMBConv on a token grid (B, C, H, W): a 1x1 convolution to value and gate, SiLU,
     a 3x3 depthwise convolution, value * SiLU(gate), a 1x1 convolution back."""
@@ -215,6 +234,8 @@ class RotaryBlock(nn.Module):
         self.n2 = nn.LayerNorm(dim, elementwise_affine=False)
         if gqa:  # (key/value heads, how they are shared)
             self.attn = GroupedQueryAttention(dim, heads, *gqa)
+        elif rope == "linear":  # Sana: linear attention, no rotary
+            self.attn = ReLULinearAttention(dim, heads)
         else:
             self.attn = RotarySelfAttention(dim, heads, rope, qk_norm, manual)
         self.conv_mlp = conv_mlp
@@ -276,7 +297,7 @@ def rotary_dit(
     """A DiT with rotary embeddings (:data:`ROPE_FORMS`) and qk-norm (:data:`QK_NORMS`);
     ``gqa=(kv_heads, "repeat_kv" | "enable_gqa"[, "channel" | "head"])``: grouped-query
     attention instead, with an output gate per channel or per head; ``conv_mlp``: Sana's
-    convolutional MLP on the 4x4 token grid."""
+    convolutional MLP on the 4x4 token grid; ``rope="linear"``: Sana's linear attention."""
     torch.manual_seed(seed)
     model = RotaryDiT(rope=rope, qk_norm=qk_norm, manual=manual, gqa=gqa, conv_mlp=conv_mlp)
     return randomize_weights(model.eval(), seed), _inputs(2, 16, 4, seed)
@@ -519,6 +540,7 @@ PATTERN_MODELS = {
     "gated-gqa": lambda: rotary_dit(gqa=(2, "repeat_kv", "channel")),
     "gated-per-head": lambda: rotary_dit(gqa=(4, "enable_gqa", "head")),
     "conv-mlp": lambda: rotary_dit(conv_mlp=True),
+    "sana-like": lambda: rotary_dit("linear", conv_mlp=True),
     "mmdit": mmdit,
     "mmdit-shared-mlp": lambda: mmdit(shared_mlp=True),
     "video": video_dit,
