@@ -81,7 +81,7 @@ def _linear_call(out: OpNode, order: dict[int, int]) -> AttentionCall | None:
     # The attention's end: the per-head work on the product (4-D, same batch and heads) up to
     # where it leaves that shape (flattening the heads for the out-projection).
     end, inside, kept = out, {id(out)}, [out]
-    for n in sorted(_users_closure(out), key=lambda x: order[id(x)]):
+    for n in sorted(_per_head_users(out), key=lambda x: order[id(x)]):
         if n.shape and len(n.shape) == 4 and n.shape[:2] == out.shape[:2] and all(
             id(i) in inside or i.kind in ("param", "const") for i in n.inputs
         ):
@@ -96,17 +96,20 @@ def _linear_call(out: OpNode, order: dict[int, int]) -> AttentionCall | None:
     )  # fmt: skip
 
 
-def _users_closure(n: OpNode) -> list[OpNode]:
-    """Every op reading ``n``'s value, directly or through others, in discovery order."""
-    seen, order, stack = {id(n)}, [], list(n.real_users)
+def _per_head_users(n: OpNode) -> list[OpNode]:
+    """The ops reading ``n``'s value, directly or through others, that keep its batch and head
+    axes (4-D, same leading sizes); the walk stops where the shape leaves them."""
+    seen, found, stack = {id(n)}, [], list(n.real_users)
     while stack:
-        u = stack.pop(0)
+        u = stack.pop()
         if id(u) in seen:
             continue
         seen.add(id(u))
-        order.append(u)
+        if not u.shape or len(u.shape) != 4 or u.shape[:2] != n.shape[:2]:
+            continue
+        found.append(u)
         stack.extend(u.real_users)
-    return order
+    return found
 
 
 def _manual_call(softmax: OpNode) -> AttentionCall | None:
