@@ -456,6 +456,15 @@ def record_mlp_tokens(
     """Note an MLP call's token mask (and on the planned path the fraction of its rows it
     computed) for the FLOPs accountant. The calls of a shared MLP (``site.calls`` > 1) join:
     masks side by side along the tokens, computed fractions weighted by the calls' rows.
+
+    Example:
+        >>> site, rec = type("S", (), {"calls": 2})(), {}
+        >>> record_mlp_call(site, rec, torch.Size([2, 16]))
+        >>> record_mlp_tokens(site, rec, torch.ones(2, 16))
+        >>> record_mlp_call(site, rec, torch.Size([2, 4]))
+        >>> record_mlp_tokens(site, rec, torch.zeros(2, 4))
+        >>> tuple(rec["tokens"].shape), round(float(rec["tokens"].mean()), 3)
+        ((2, 20), 0.8)
     """
     if tokens is not None and site.calls > 1 and rec.get("tokens") is not None:
         tokens = torch.cat([rec["tokens"].flatten(1), tokens.flatten(1)], 1)  # (B, N1 + N2)

@@ -67,19 +67,38 @@ def routable_conv(m: nn.Module) -> bool:
 
 
 def pointwise(m: nn.Module) -> bool:
-    """A 1x1 (or 1, 1x1x1) convolution without groups, stride or padding: a Linear on channels."""
+    """A 1x1 (or 1, 1x1x1) convolution without groups, stride or padding: a Linear on channels.
+
+    Example:
+        >>> pointwise(nn.Conv2d(8, 16, 1)), pointwise(nn.Conv2d(8, 8, 3, padding=1))
+        (True, False)
+    """
     pads = m.padding if isinstance(m.padding, tuple) else (0,)  # "valid" / "same": none at 1x1
     kernel_one = all(k == 1 for k in m.kernel_size)
     return kernel_one and all(s == 1 for s in m.stride) and m.groups == 1 and not any(pads)
 
 
 def depthwise(m: nn.Module) -> bool:
-    """One filter per channel (groups = in = out channels), stride 1: acts per channel."""
+    """One filter per channel (groups = in = out channels), stride 1: acts per channel.
+
+    Example:
+        >>> depthwise(nn.Conv2d(8, 8, 3, padding=1, groups=8)), depthwise(nn.Conv2d(8, 8, 1))
+        (True, False)
+    """
     return m.groups == m.in_channels == m.out_channels and all(s == 1 for s in m.stride)
 
 
 def find_fc2_candidates(graph: OpGraph, model: nn.Module) -> list[OpNode]:
-    """The pointwise convolutions of the graph (which of them end an MLP: :func:`build_site`)."""
+    """The pointwise convolutions of the graph (which of them end an MLP: :func:`build_site`).
+
+    Example:
+        >>> from dynconvert.analysis import capture
+        >>> from dynconvert.testing import PATTERN_MODELS
+        >>> model, inputs = PATTERN_MODELS["conv-mlp"]()
+        >>> graph = capture(model, (), inputs)
+        >>> sorted(n.args[1].name for n in find_fc2_candidates(graph, model))[:2]
+        ['layers.0.ff.inverted.weight', 'layers.0.ff.point.weight']
+    """
     out = []
     for n in graph.nodes:
         found = conv_module(n, model) if n.kind == "conv" else None
@@ -152,6 +171,13 @@ def build_site(
         model: The model the graph was captured from.
         reuse: fqn -> the nodes that call it (a module called twice is not sliced).
         taken: Modules already claimed by another site.
+
+    Example:
+        >>> from dynconvert.analysis import analyze
+        >>> from dynconvert.testing import PATTERN_MODELS
+        >>> model, inputs = PATTERN_MODELS["conv-mlp"]()
+        >>> analyze(model, inputs).mlp[0].fc2  # the site build_site found
+        'layers.0.ff.point'
     """
     fc2_name, fc2_mod = conv_module(fc2, model) or (None, None)
     if fc2_name is None or fc2_name in taken:
@@ -226,7 +252,16 @@ def _refuse(name: str, reason: str) -> FoundMlp:
 
 def set_conv_groups(site: MlpSite) -> None:
     """After ``mlp.set_groups``: each depthwise convolution's channels follow fc1's rows (all
-    of fc1's output, both halves when gated) or one half of them."""
+    of fc1's output, both halves when gated) or one half of them.
+
+    Example:
+        >>> from dynconvert.analysis import analyze
+        >>> from dynconvert.testing import PATTERN_MODELS
+        >>> model, inputs = PATTERN_MODELS["conv-mlp"]()
+        >>> site = analyze(model, inputs).mlp[0]  # set_groups, then set_conv_groups, ran
+        >>> site.mid_maps[0].parts  # group u: 16 value channels, and 16 gate channels at 64
+        [(0, 16, 16), (64, 16, 16)]
+    """
     g, size = site.groups, site.hidden // site.groups
     maps = []
     for m, channels in zip(site.mid_maps, site.mid_channels, strict=True):

@@ -321,7 +321,15 @@ def linear_like(m: torch.nn.Module) -> bool:
 def untie_impure_linears(graph: OpGraph, model: torch.nn.Module) -> None:
     """Untie the linear ops of :func:`linear_like` modules whose forward runs anything but
     that one linear op on their own weight and bias: routing swaps such a module's forward
-    for a plain (sliced) linear, so it must have computed exactly that."""
+    for a plain (sliced) linear, so it must have computed exactly that.
+
+    Example:
+        >>> from dynconvert.analysis import analyze
+        >>> from dynconvert.models.patterns import ScaledDense, video_dit
+        >>> model, inputs = video_dit(linear=ScaledDense)  # F.linear(...) * 0.5: not plain
+        >>> analyze(model, inputs).attention  # its projections were untied: no site
+        []
+    """
     modules = dict(model.named_modules())
     by_module: dict[str, list[OpNode]] = {}
     for n in graph.nodes:
