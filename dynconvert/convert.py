@@ -104,13 +104,20 @@ def convert(
         failed = verify_fast_path(model, args, kwargs)
         if failed:
             revert(model)
-            reason = (
+            attention = (
                 "the sliced fast path did not reproduce the masked path (head-count attributes "
                 "the scan did not find, or a per-head input such as a mask built outside the "
                 "attention module with every head); not converted. Register the attributes with "
                 "dynconvert.analysis.registry.register_attention"
             )
-            plan.drop_attention({name: reason for name in failed})
+            mlp = (
+                "the sliced fast path did not reproduce the masked path (the model splits the "
+                "hidden channels at fixed sizes, not from the shape it is given); not converted"
+            )
+            plan.drop_sites({
+                s.index: attention if isinstance(s, AttentionSite) else mlp
+                for s in plan.sites if s.index in failed
+            })  # fmt: skip
             check_plan(plan, b, config)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)

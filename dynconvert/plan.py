@@ -320,15 +320,26 @@ class Plan:
             total += s.macs()
         return total
 
-    def drop_attention(self, reasons: dict[str, str]) -> None:
-        """Move the attention sites named in ``reasons`` to ``skipped`` with their reason: their
+    def drop_sites(self, reasons: dict[int, str]) -> None:
+        """Move the sites whose index is in ``reasons`` to ``skipped`` with their reason: their
         cost joins what routing never changes, and the other sites are numbered again in
-        execution order."""
-        gone = [s for s in self.attention if s.name in reasons]
-        for s in gone:
-            self.skipped.append(SkippedSite(s.name, "attention", reasons[s.name]))
-            self.other_macs += s.macs() * self.batch
-        self.attention = [s for s in self.attention if s.name not in reasons]
+        execution order.
+
+        Example:
+            >>> from dynconvert.analysis import analyze
+            >>> from dynconvert.testing import tiny_dit
+            >>> plan = analyze(tiny_dit())
+            >>> plan.drop_sites({0: "not wanted"})
+            >>> len(plan.sites), plan.skipped[-1].reason, plan.sites[0].index
+            (3, 'not wanted', 0)
+        """
+        for s in self.sites:
+            if s.index in reasons:
+                kind = "attention" if isinstance(s, AttentionSite) else "mlp"
+                self.skipped.append(SkippedSite(s.name, kind, reasons[s.index]))
+                self.other_macs += s.macs() * self.batch
+        self.attention = [s for s in self.attention if s.index not in reasons]
+        self.mlp = [s for s in self.mlp if s.index not in reasons]
         for i, s in enumerate(sorted([*self.attention, *self.mlp], key=lambda x: x.index)):
             s.index = i
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dynconvert.plan import AttentionSite
 from dynconvert.routing import routing
 from dynconvert.state import get_state
 
@@ -23,15 +22,15 @@ def _out(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def verify_fast_path(model: nn.Module, args: tuple, kwargs: dict, atol: float = 1e-4) -> list[str]:
-    """Compare fast and masked paths for every unverified site; returns the names that failed."""
+def verify_fast_path(model: nn.Module, args: tuple, kwargs: dict, atol: float = 1e-4) -> list[int]:
+    """Compare fast and masked paths for every unverified site; returns the indices that failed."""
     bank = get_state(model)
-    todo = [s for s in bank.plan.sites if s.fast_reason == "unverified" and isinstance(s, AttentionSite)]
+    todo = [s for s in bank.plan.sites if s.fast_reason == "unverified" and s.units > 1]
     if not todo:
         return []
     saved = {k: (r.weight.clone(), r.bias.clone()) for k, r in bank.width.items()}
     g = torch.Generator().manual_seed(0)
-    failed: list[str] = []
+    failed: list[int] = []
     try:
         for s in todo:
             r = bank.width[str(s.index)]
@@ -54,15 +53,13 @@ def verify_fast_path(model: nn.Module, args: tuple, kwargs: dict, atol: float = 
                 ok = got.shape == ref.shape and torch.allclose(got, ref, atol=atol, rtol=1e-3)
             except Exception:  # noqa: BLE001 - a crash on the fast path is a failed check
                 ok = False
-            s.fast_reason = "fast path verified at convert time (attention class not in the registry)" if ok else ""
+            s.fast_reason = "fast path verified at convert time" if ok else ""
             if not ok:
-                failed.append(s.name)
+                failed.append(s.index)
         for s in todo:
-            s.fast = s.name not in failed
+            s.fast = s.index not in failed
             if not s.fast:
-                s.fast_reason = ("the sliced fast path did not reproduce the masked path for this attention "
-                                 "class; it runs masked (correct, not faster). Register its head-count "
-                                 "attributes with dynconvert.analysis.registry.register_attention")
+                s.fast_reason = "the sliced fast path did not reproduce the masked path"
     finally:
         for k, (w, b) in saved.items():
             bank.width[k].weight.copy_(w)

@@ -103,7 +103,7 @@ def test_generic_model_sites_found_and_fast_path_verified():
 @pytest.mark.parametrize(
     ("trap", "reason"),
     [
-        ("gqa", "one key/value head for 4 query heads"),  # 2 or more: routed (test_patterns)
+        ("gqa", "one key/value unit for all 4 query heads"),  # 2 or more: routed (test_patterns)
         ("qknorm_all", "qk-norm across all heads"),
         ("rope_per_head", "differs per head"),
     ],

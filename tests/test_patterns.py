@@ -361,3 +361,87 @@ def test_linear_attention_is_a_site_counted_linearly_in_tokens():
     assert site.macs(seen={site.q: 32, site.k: 32, site.v: 32, site.out: 32}) - site.macs() == (
         3 * 32 * 32 * 16 + 32 * 32 * 16 + 2 * 4 * 9 * 8 * 16
     )  # twice the tokens: projections and the linear attention double
+
+
+def test_halves_sliced_at_a_fixed_width_are_checked_and_dropped():
+    from dynconvert.models.patterns import SlicedSwiGLU
+
+    class FixedHalves(SlicedSwiGLU):  # h[..., :self.hidden]: a sliced fc1 would not halve
+        def forward(self, x):
+            h = self.proj_in(x)
+            hidden = self.proj_out.in_features
+            return self.proj_out(torch.nn.functional.silu(h[..., :hidden]) * h[..., hidden:])
+
+    model, inputs = PATTERN_MODELS["mmdit-shared-mlp"]()
+    for blk in model.joint:
+        blk.ff.__class__ = FixedHalves
+    reference = model(**inputs)
+    dynconvert.convert(model, 0.9, example_inputs=inputs)
+    plan = dynconvert.get_state(model).plan
+    assert not [s for s in plan.mlp if s.name.endswith(".ff")]
+    assert sum("splits the hidden channels at fixed sizes" in s.reason for s in plan.skipped) == 2
+    assert _rel(model(**inputs), reference) < 1e-5
+    randomize_routing(model, keep=0.5, example_inputs=inputs)
+    with dynconvert.routing(model, "eval", "masked"):
+        masked = model(**inputs)
+    assert _rel(model(**inputs), masked) < 1e-5
+
+
+def test_a_gate_read_outside_the_attention_is_not_sliced():
+    from dynconvert.models.patterns import GroupedQueryAttention
+
+    class LeakyGate(GroupedQueryAttention):  # the gate's logits also feed the residual
+        def forward(self, x, pos):
+            b, n, _ = x.shape
+            q, k, v = (
+                w(x).view(b, n, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv)
+            )
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+            logits = self.to_gate(x)
+            return self.wo(o * torch.sigmoid(logits)) + 0.1 * logits
+
+    model, inputs = PATTERN_MODELS["gated-per-head"]()
+    for layer in model.layers:
+        layer.attn.gate = "channel"
+        layer.attn.to_gate = torch.nn.Linear(32, 32)
+        layer.attn.__class__ = LeakyGate
+    plan = dynconvert.analyze(model, inputs)
+    assert not plan.attention
+    assert all("lies between the attention" in s.reason for s in plan.skipped if s.kind == "attention")
+
+
+def test_a_gate_computed_on_a_token_grid_is_found():
+    from dynconvert.models.patterns import GroupedQueryAttention
+
+    class GridGate(GroupedQueryAttention):  # the gate Linear runs on (B, 4, 4, D)
+        def forward(self, x, pos):
+            b, n, _ = x.shape
+            q, k, v = (
+                w(x).view(b, n, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv)
+            )
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+            gate = self.to_gate(x.view(b, 4, n // 4, -1)).reshape(b, n, -1)
+            return self.wo(o * torch.sigmoid(gate))
+
+    model, inputs = PATTERN_MODELS["gated-per-head"]()
+    for layer in model.layers:
+        layer.attn.to_gate = torch.nn.Linear(32, 32)
+        layer.attn.__class__ = GridGate
+    plan = dynconvert.analyze(model, inputs)
+    assert [s.gate for s in plan.attention] == ["layers.0.attn.to_gate", "layers.1.attn.to_gate"]
+
+
+def test_a_weight_only_projection_without_a_bias_attribute_is_refused_not_crashed():
+    from dynconvert.models.patterns import video_dit
+
+    class WeightOnly(torch.nn.Module):
+        def __init__(self, i, o, bias=True):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(o, i) / i**0.5)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight)
+
+    model, inputs = video_dit(linear=WeightOnly)
+    plan = dynconvert.analyze(model, inputs)
+    assert not plan.attention and any("not an nn.Linear" in s.reason for s in plan.skipped)

@@ -256,7 +256,10 @@ def _build(
     # heads, each with its g query heads; the smallest g that passes is the grouping.
     layout, units = _grouped_layout(call, heads, k_heads, order, from_linear)
     if units < 2:
-        raise ChainError(f"one key/value head for {heads} query heads (multi-query attention): nothing to route")
+        raise ChainError(
+            f"one key/value unit for all {heads} query heads (multi-query attention, or key/value "
+            "heads repeated in another order than repeat_interleave): nothing to route"
+        )
     # Output side: every out-projection reading the attention output (one per stream), with
     # the input column of every (head, channel) and the columns that are not heads.
     targets, gates = derive_outputs(call.output, heads, v_head_dim, order, call.out_layout)

@@ -315,7 +315,9 @@ def linear_like(m: torch.nn.Module) -> bool:
     w = m._parameters.get("weight")
     b = m._parameters.get("bias", None)
     names = set(m._parameters) - {"weight", "bias"}
-    return isinstance(w, torch.nn.Parameter) and w.dim() == 2 and not names and (b is None or b.dim() == 1)
+    # A bias attribute (None when unused), as nn.Linear has: the routed forward reads it.
+    has_bias = "bias" in m._parameters or getattr(m, "bias", 0) is None
+    return isinstance(w, torch.nn.Parameter) and w.dim() == 2 and not names and has_bias and (b is None or b.dim() == 1)
 
 
 def untie_impure_linears(graph: OpGraph, model: torch.nn.Module) -> None:

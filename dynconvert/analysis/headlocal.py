@@ -25,6 +25,7 @@ heads, grouped kv heads or per-head tables do not, each with its own reason.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -628,6 +629,9 @@ def _gate_chain(n: OpNode) -> list[OpNode] | None:
         if not ok or len(tracked) != 1 or cur.op in ("cat", "getitem", "split", "chunk"):
             return None
         chain.append(tracked[0])
+    # Slicing the gate's rows changes every value of the chain: none may be read elsewhere.
+    if any(len(x.real_users) != 1 for x in chain):
+        return None
     return chain[::-1]
 
 
@@ -642,7 +646,9 @@ def _gate(
         raise ChainError(f"the gate {describe(lin)} is not (batch, tokens, rows)")
     rows = shape[-1]
     gval = {id(lin): torch.arange(rows).expand(*shape).contiguous()}
-    gtok = {id(lin): torch.arange(shape[1])[None, :, None].expand(*shape).contiguous()}
+    # Token codes over every axis between the batch and the rows (a token grid too).
+    n_tok = math.prod(shape[1:-1])
+    gtok = {id(lin): torch.arange(n_tok).reshape(1, *shape[1:-1], 1).expand(*shape).contiguous()}
     for u in chain[1:]:
         if u.kind == "shape":
             gval[id(u)] = u.replay(*_sub(u.args, gval), **{k: _sub(v, gval) for k, v in u.kwargs.items()})

@@ -400,7 +400,16 @@ def build_site(
         token_reason=token_reason,
         token_dims=token_dims,
         fast=not fixed_split,
-        fast_reason=f"the fused value/gate projection is split by fixed sizes ({_desc(region.split)})" if fixed_split else "",
+        # Halves taken by slicing are constants in the graph, whether the model computed them
+        # from the shape (they follow a sliced fc1) or holds them fixed (they do not): convert
+        # checks the fast path once (verify.py).
+        fast_reason=(
+            f"the fused value/gate projection is split by fixed sizes ({_desc(region.split)})"
+            if fixed_split
+            else "unverified"
+            if region.halves
+            else ""
+        ),
         fc2_offset=part[1] if part else 0,
         fc2_keep=[] if not part else [
             c for c in range(fc2.args[0].shape[-1]) if not part[1] <= c < part[1] + hidden
