@@ -22,7 +22,7 @@ Rows go to ``--out`` (one per evaluated model, written as each finishes; rows al
 skipped, so an interrupted study resumes). Plots are written next to it.
 
 Run (the committed results): see README, "Quality study".
-Smoke (about 2 minutes): ``python benchmarks/quality_digits.py --smoke --out /tmp/q.json``
+Smoke (under a minute; in the default tests): ``python benchmarks/quality_digits.py --smoke --out /tmp/q.json``
 """
 
 from __future__ import annotations
@@ -569,7 +569,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--jobs", type=int, default=1,
         help="rows run at once, each in its own process (2 on a 2-core machine)",
     )  # fmt: skip
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes: about 2 minutes")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: under a minute")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument(
