@@ -79,16 +79,18 @@ def test_first_block_cache_is_exact_without_reuse_and_reuses_the_residual(study)
 
 
 def test_smoke_study_runs_and_writes_rows(study, tmp_path):
-    # The smoke version, in the default suite (about 15 s on 2 cores; the plots are
-    # checked in the slow set).
+    # The smoke version, in the default suite: one method of each kind (training-free,
+    # routed, statically pruned, cached), about 6 s; every method and the plots run in the slow
+    # set (below).
     out = tmp_path / "q.json"
-    data = study.main(["--smoke", "--out", str(out), "--quiet", "--no-plots"])
+    methods = ["original", "dynamic", "static-pruning", "cache"]
+    data = study.main(["--smoke", "--out", str(out), "--quiet", "--no-plots", "--methods", *methods])
     rows = json.loads(out.read_text())["rows"]
-    assert {r["method"] for r in rows} == set(study.METHODS)
+    assert {r["method"] for r in rows} == set(methods)
     for r in rows:
         assert set(study.ROW_KEYS) <= set(r), r
     assert data["summary"]
-    again = study.main(["--smoke", "--out", str(out), "--quiet", "--no-plots"])
+    again = study.main(["--smoke", "--out", str(out), "--quiet", "--no-plots", "--methods", *methods])
     assert len(again["rows"]) == len(rows)  # resumed: nothing ran twice
 
 
@@ -103,6 +105,9 @@ def test_smoke_study_in_parallel_gives_the_same_rows_and_plots(study, tmp_path):
            "--out", str(out), "--quiet"]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=600)
     parallel = json.loads(out.read_text())
+    assert {r["method"] for r in parallel["rows"]} == set(study.METHODS)
+    for r in parallel["rows"]:
+        assert set(study.ROW_KEYS) <= set(r), r
     assert (tmp_path / "b_fd.png").is_file() and (tmp_path / "b_profile.png").is_file()
 
     def key(rows):
