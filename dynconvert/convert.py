@@ -11,13 +11,12 @@ from torch import nn
 from dynconvert.analysis import FilterFn, analyze
 from dynconvert.bank import RouterBank
 from dynconvert.config import ConvertConfig
+from dynconvert.conv_runtime import ConvMlpRuntime
 from dynconvert.dynamic import (
     AttentionRuntime,
-    ConvMlpRuntime,
     DynamicConv,
     DynamicLinear,
     MlpRuntime,
-    SharedOutRuntime,
     make_dynamic,
     make_static,
 )
@@ -27,6 +26,7 @@ from dynconvert.flops import min_ratio
 from dynconvert.importance import always_on_unit
 from dynconvert.inputs import default_inputs, split_inputs
 from dynconvert.plan import AttentionSite, Plan
+from dynconvert.shared_out import SharedOutRuntime
 from dynconvert.state import ATTR, attach, detach, get_state, is_converted
 from dynconvert.verify import verify_fast_path
 

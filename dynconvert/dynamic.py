@@ -66,7 +66,6 @@ class DynamicConv(nn.Module):
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_FNS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}  # weight dims -> functional convolution
 _DYNAMIC_CLASSES: dict[type, type] = {nn.Linear: DynamicLinear}
 
 
@@ -216,7 +215,7 @@ class _Decision:
         self.sub = sub  # per out-projection: (Bt, C') column mask inside the computed units, or None
 
 
-class _SiteRuntime:
+class SiteRuntime:
     """Shared by attention and MLP runtimes: unit tables, owners per device, decision cache."""
 
     def __init__(self, site: AttentionSite | MlpSite, bank: Any, per_unit_out: int):
@@ -281,7 +280,7 @@ class _SiteRuntime:
         return d
 
 
-class AttentionRuntime(_SiteRuntime):
+class AttentionRuntime(SiteRuntime):
     """Routes one attention site: head masks (masked path) or sliced heads (fast path)."""
 
     def __init__(self, site: AttentionSite, bank: Any, module: nn.Module):
@@ -477,7 +476,7 @@ def record_mlp_tokens(
         rec["executed_tokens"] = computed
 
 
-class MlpRuntime(_SiteRuntime):
+class MlpRuntime(SiteRuntime):
     """Routes one MLP site: channel groups and tokens, masked or sliced and gathered."""
 
     def __init__(self, site: MlpSite, bank: Any):
@@ -591,124 +590,3 @@ class MlpRuntime(_SiteRuntime):
         out = y.new_zeros(math.prod(lead), y.shape[-1])  # (B * N, D)
         out.index_copy_(0, idx, y.reshape(-1, y.shape[-1]))
         return out.reshape(*lead, -1)  # (B, N, D)
-
-
-class ConvMlpRuntime(_SiteRuntime):
-    """Routes a convolutional MLP site (channels first): channel groups are fc1's output
-    channels, each depthwise convolution's channels and fc2's input channels. Width only: the
-    masked path zeroes the switched-off groups' channels before fc2, the fast path (and the
-    planned one, which decides per pattern) runs every convolution on the active channels."""
-
-    def __init__(self, site: MlpSite, bank: Any):
-        super().__init__(site, bank, site.hidden // site.groups)
-        self.tables.update({m.linear: unit_table(m) for m in site.mid_maps})  # depthwise channels
-        self.call: dict[str, Any] | None = None  # this MLP call: "x", "fast", "d"
-
-    def _begin(self, x: torch.Tensor) -> dict[str, Any]:
-        site, bank = self.site, self.bank
-        record_mlp_call(site, bank.record(site.index), torch.Size([x.shape[0], *x.shape[2:]]))
-        bank.width_mask(site.index)  # recorded for the FLOPs accountant
-        d = None
-        if bank.fast_for(site):
-            if bank.planned_now:
-                d = bank.planner.decision(site.index)
-            else:
-                d = self.decide(bank.width_mask_cpu(site.index), x.device)
-        self.call = {"x": x, "fast": bank.fast_for(site), "d": d}
-        return self.call
-
-    def conv_forward(self, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Forward of fc1 (B, D, ...) -> (B, F1', ...), a depthwise convolution, or fc2."""
-        role, name = conv._dc_role, conv._dc_name
-        if role == "mlp_in":
-            call = self.call
-            if call is None or call["x"] is not x:  # a second input conv reads the same x
-                call = self._begin(x)
-            d = call["d"]
-            if d is None:
-                return conv._conv_forward(x, conv.weight, conv.bias)
-            w, b = self.bank.sliced(conv, "rows", d.key, d.rows[name])
-            return conv._conv_forward(x, w, b)
-        if role == "mlp_mid":
-            d = self.call["d"] if self.call is not None else None
-            if d is None:
-                return conv._conv_forward(x, conv.weight, conv.bias)
-            rows = d.rows[name]
-            w, b = self.bank.sliced(conv, "rows", d.key, rows)  # one filter per active channel
-            fn = _CONV_FNS[w.dim()]
-            return fn(x, w, b, conv.stride, conv.padding, conv.dilation, rows.numel())
-        call, self.call = self.call, None  # fc2 ends the call
-        d = call["d"] if call is not None else None
-        if d is not None:
-            if d.sub is not None:  # several timesteps: zero each sample's extra groups
-                sub = per_row(d.sub[name], x.shape[0]).to(x.dtype)  # (B, C')
-                x = x * sub.reshape(*sub.shape, *([1] * (x.dim() - 2)))
-            w, b = self.bank.sliced(conv, "cols", d.key, d.cols[name])
-            return conv._conv_forward(x, w, b)
-        mask = self.bank.width_mask(self.site.index) if call is not None and not call["fast"] else None
-        if mask is not None:  # masked path: the switched-off groups' channels are zero
-            cols = per_row(mask.to(x.dtype).index_select(1, self.owner(name, mask.device)), x.shape[0])
-            x = x * cols.reshape(*cols.shape, *([1] * (x.dim() - 2)))  # (B, F, 1, ...)
-        return conv._conv_forward(x, conv.weight, conv.bias)
-
-
-class SharedOutRuntime:
-    """The out-projection of a parallel block, read by two sites: it consumes
-    concat(attention output, activated MLP hidden), so its columns are the attention's heads
-    and the MLP's channel groups (Flux's single-stream blocks).
-
-    Each owner contributes its columns of this call: on the fast path only its active units'
-    (the input arrives sliced the same way), on the masked path all of them times its mask.
-    """
-
-    def __init__(self, owners: list[Any], name: str):
-        # Owners in the order their columns come in the input (the concatenation's order).
-        self.owners = sorted(owners, key=lambda rt: int(rt.out_tables[name].min()))
-        self.bank = self.owners[0].bank
-        # Built once per unit-set combination / device: the column index of the sliced weight,
-        # and each owner's column -> unit table (the calls of a sampling run repeat a few).
-        self._index: dict[tuple, torch.Tensor] = {}
-        self._owner: dict[tuple, torch.Tensor] = {}
-
-    def linear_forward(self, lin: DynamicLinear, x: torch.Tensor) -> torch.Tensor:
-        """x (B, N, C') -> (B, N, D): every owner's columns of this call, weight sliced to them."""
-        name = lin._dc_name
-        cols, mults, keys, sliced = [], [], [], False
-        for rt in self.owners:
-            d, fast, mask = rt.out_state()
-            table = rt.out_tables[name]  # (1, units, size)
-            size = table.shape[-1]
-            if fast and d is not None:
-                sliced = True
-                cols.append(table[:, d.units.cpu()].reshape(-1))
-                keys.append(d.key)
-                n = cols[-1].numel()
-                mults.append(d.sub[name][:, :n] if d.sub is not None else None)
-            else:
-                cols.append(table.reshape(-1))
-                keys.append(None)
-                if mask is not None and not fast:
-                    okey = (id(rt), x.device)
-                    if okey not in self._owner:
-                        self._owner[okey] = torch.arange(table.shape[1]).repeat_interleave(size).to(x.device)
-                    mults.append(mask.index_select(1, self._owner[okey]))
-                else:
-                    mults.append(None)
-        if any(m is not None for m in mults):
-            parts = []
-            for c, m in zip(cols, mults):
-                parts.append(m.to(x.dtype) if m is not None else x.new_ones(1, c.numel()))
-            bt = max(p.shape[0] for p in parts)
-            mult = torch.cat([p.expand(bt, -1) for p in parts], 1)  # (Bt, C')
-            mult = per_row(mult, x.shape[0]) if bt > 1 else mult
-            x = x * mult.reshape(mult.shape[0], *([1] * (x.dim() - 2)), -1)
-        if not sliced:
-            return F.linear(x, lin.weight, lin.bias)
-        ikey = (tuple(keys), x.device)
-        index = self._index.get(ikey)
-        if index is None:
-            if len(self._index) > 4096:  # bound the memory of a run with many unit sets
-                self._index.clear()
-            index = self._index[ikey] = torch.cat(cols).to(x.device)
-        w, b = self.bank.sliced(lin, "cols", tuple(keys), index)
-        return F.linear(x, w, b)

@@ -15,7 +15,8 @@ import torch
 
 from dynconvert.analysis.costs import node_macs
 from dynconvert.analysis.graph import OpGraph, OpNode, block_of, call_lca, module_lca
-from dynconvert.analysis.headlocal import InputLayout, OutTarget, derive_inputs, derive_outputs
+from dynconvert.analysis.headlocal import InputLayout, derive_inputs
+from dynconvert.analysis.headout import OutTarget, derive_outputs
 from dynconvert.analysis.layout import ChainError, as_parts, describe
 from dynconvert.analysis.registry import attention_attrs
 from dynconvert.plan import AttentionSite, AttentionStream, SkippedSite, UnitMap

@@ -1,9 +1,9 @@
 """Head-locality: which ops may stand between the projections and the attention, read from the graph.
 
 Removing a head is the same as zeroing it only if every op between the q/k/v projections and the
-attention (and between the attention and its out-projections) treats every head the same way
-and on its own. That is decided here by *replaying* the ops on index tensors, not by a list of
-allowed op names:
+attention (and between the attention and its out-projections, headout.py) treats every head
+the same way and on its own. That is decided here by *replaying* the ops on index tensors, not
+by a list of allowed op names:
 
 - every row of every source Linear gets its own code (``offset of the Linear + row``);
 - the ops from the Linears to the attention operands are rerun on those codes: shape ops
@@ -19,13 +19,13 @@ allowed op names:
 
 Rotary embeddings in every form (rotate-half, interleaved pairs, complex multiply, tables indexed
 by position), per-head norms (module or hand-written), casts, scaling and joint attention over
-several projection sets concatenated along the sequence all pass these checks; a norm over all
-heads, grouped kv heads or per-head tables do not, each with its own reason.
+several projection sets concatenated along the sequence all pass these checks; key/value heads
+shared by groups of query heads pass as units of a key/value head and its query heads (the
+caller gives ``units``); a norm over all heads or per-head tables do not, each with its reason.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,16 +66,6 @@ class _AcrossHeads(ChainError):
     def __init__(self, reason: str, node: OpNode):
         super().__init__(reason)
         self.node = node
-
-
-@dataclass
-class OutTarget:
-    """One out-projection reading (part of) the attention output."""
-
-    node: OpNode  # the Linear call
-    table: torch.Tensor  # (H, dv): the input column of channel j of head h
-    keep: list[int]  # input columns that are not attention heads (a parallel block's MLP part)
-    tokens: tuple[int, ...]  # attention sequence positions it reads
 
 
 def linear_ancestry(nodes: list[OpNode]) -> set[int]:
@@ -150,7 +140,7 @@ def _tracked_set(operands: list[OpNode], from_linear: set[int]) -> tuple[set[int
     return {k for k, v in tracked.items() if v}, sources
 
 
-def _sub(a: Any, values: dict[int, torch.Tensor]) -> Any:
+def substitute(a: Any, values: dict[int, torch.Tensor]) -> Any:
     """Arguments for rerunning a shape op: tracked nodes by their codes, others by -1 codes."""
     if isinstance(a, OpNode):
         if id(a) in values:
@@ -161,7 +151,7 @@ def _sub(a: Any, values: dict[int, torch.Tensor]) -> Any:
             return torch.full(a.shape, -1, dtype=torch.long)
         raise ChainError(f"cannot replay {describe(a)}: its value is unknown")
     if isinstance(a, (list, tuple)):
-        return type(a)(_sub(x, values) for x in a)
+        return type(a)(substitute(x, values) for x in a)
     return a
 
 
@@ -200,8 +190,8 @@ class _Replay:
         ins = [i for i in n.inputs if id(i) in tracked]
         vals = [self.values[id(i)] for i in ins]
         if n.kind in ("shape", "cat"):
-            args = _sub(n.args, self.values)
-            kwargs = {k: _sub(v, self.values) for k, v in n.kwargs.items()}
+            args = substitute(n.args, self.values)
+            kwargs = {k: substitute(v, self.values) for k, v in n.kwargs.items()}
             return n.replay(*args, **kwargs)  # a slice of a fresh tensor stays a view of it
         if n.kind == "fresh":
             self.trivial = False
@@ -515,182 +505,3 @@ def _split_sources(
     if not torch.equal(value, expected[None].expand_as(value)):
         raise ChainError("the projection's rows are not the same for every token, head and sample")
     return out
-
-
-@dataclass
-class OutGate:
-    """A gate projection scaling the attention output before the out-projection (gated
-    attention: ``o * sigmoid(to_gate(x))``, per channel or per head)."""
-
-    node: OpNode  # the gate Linear call
-    table: torch.Tensor  # (H, k): the gate rows of head h
-
-
-def derive_outputs(
-    output: OpNode, heads: int, v_head_dim: int, order: dict[int, int], layout: str = "bhnd"
-) -> tuple[list[OutTarget], list[OutGate]]:
-    """The out-projection(s) reading the attention output (B, H, N, dv), with their columns,
-    and the gate projections multiplied into it on the way.
-
-    The ops from the attention output to each Linear may only move values (reshape, transpose,
-    split along the sequence for joint attention and concatenation of those parts again,
-    concatenation with other channels for a parallel block's fused out-projection), cast or drop
-    out, or multiply it by a gate: a Linear's output through elementwise ops, each of whose
-    rows scales channels of one head at the same token (its rows then belong to that head and
-    are sliced with it). Each out-projection must read every head channel exactly once, the
-    same columns for every token. Unused parts (a stream whose output is dropped) are dead code.
-
-    Raises:
-        ChainError: with the reason otherwise.
-    """
-    if layout == "bhdn":  # channels first (linear attention): (B, H, dv, N)
-        b, h, dv, n = output.shape
-    else:
-        b, h, n, dv = output.shape
-    code = torch.arange(h)[:, None] * dv + torch.arange(dv)[None, :]  # (H, dv)
-    values = {id(output): code[None, :, None, :].expand(b, h, n, dv).contiguous()}
-    tokens = {id(output): torch.arange(n)[None, None, :, None].expand(b, h, n, dv).contiguous()}
-    if layout == "bhdn":
-        values = {k: t.transpose(-1, -2).contiguous() for k, t in values.items()}
-        tokens = {k: t.transpose(-1, -2).contiguous() for k, t in tokens.items()}
-    # Everything reachable from the output up to the Linears, then replayed in graph order so
-    # that a concatenation sees all of its parts.
-    reach: dict[int, OpNode] = {}
-    targets: list[OpNode] = []
-    gate_of: dict[int, tuple[OpNode, list[OpNode]]] = {}  # mul -> (gate operand, its chain)
-    gates: list[OutGate] = []
-    stack = [output]
-    while stack:
-        cur = stack.pop()
-        users = cur.real_users
-        if not users and cur is not output and not cur.is_output:
-            continue  # dead code: an unused part of a split
-        if not users:
-            raise ChainError("the attention output reaches the model output without a projection")
-        for u in users:
-            if id(u) in reach or u in targets:
-                continue
-            if u.kind == "linear":
-                if u.args[0] is not cur:
-                    raise ChainError(
-                        "the attention output reaches the projection as its weight, not input"
-                    )
-                targets.append(u)
-                continue
-            if u.kind == "norm":
-                raise ChainError(f"a norm over all heads ({describe(u)}) runs before the out-projection")
-            movable = u.kind in ("shape", "cast", "cat") or (
-                u.kind == "unary" and u.op.startswith(("dropout", "identity", "native_dropout"))
-            )
-            if not movable and u.kind == "binary" and u.op in ("mul", "mul_"):
-                other = [i for i in u.inputs if i is not cur and i.kind not in ("param", "const")]
-                chain = _gate_chain(other[0]) if len(other) == 1 else None
-                if chain is not None:
-                    gate_of[id(u)] = (other[0], chain)
-                    movable = True
-            if not movable:
-                raise ChainError(f"{describe(u)} lies between the attention and its out-projection")
-            reach[id(u)] = u
-            stack.append(u)
-    for u in sorted(reach.values(), key=lambda x: order[id(x)]):
-        if u.kind == "cat":
-            dim = u.arg(1, "dim", 0)
-            rank = len(u.shape or ())
-            parts = [a for a in _flat(u.args[0]) if isinstance(a, OpNode)]
-            along_tokens = dim not in (-1, rank - 1)
-            if along_tokens and any(id(p) not in values for p in parts):
-                raise ChainError(
-                    f"{describe(u)} concatenates the attention output with another tensor "
-                    "along the tokens"
-                )
-        if u.kind in ("shape", "cat"):
-            values[id(u)] = u.replay(*_sub(u.args, values), **{k: _sub(v, values) for k, v in u.kwargs.items()})
-            tokens[id(u)] = u.replay(*_sub(u.args, tokens), **{k: _sub(v, tokens) for k, v in u.kwargs.items()})
-        else:
-            src = next(i for i in u.inputs if id(i) in values)
-            values[id(u)], tokens[id(u)] = values[id(src)], tokens[id(src)]
-            if id(u) in gate_of:
-                gates.append(_gate(u, *gate_of[id(u)], values[id(src)], tokens[id(src)], h, dv))
-    if not targets:
-        raise ChainError("no out-projection reads the attention output")
-    outs = [_target(t, values[id(t.args[0])], tokens[id(t.args[0])], h, dv) for t in targets]
-    return outs, gates
-
-
-def _gate_chain(n: OpNode) -> list[OpNode] | None:
-    """The ops from a Linear to ``n`` (Linear first) when they act on each value on its own
-    (activations, casts, reshapes, scaling by numbers): a gate; None otherwise."""
-    chain = [n]
-    while chain[-1].kind != "linear":
-        cur = chain[-1]
-        tracked = [i for i in cur.inputs if i.kind not in ("param", "const")]
-        numbers_only = all(not isinstance(a, OpNode) or a in tracked for a in cur.args)
-        ok = cur.kind in ("unary", "cast", "shape") or (cur.kind == "binary" and numbers_only)
-        if not ok or len(tracked) != 1 or cur.op in ("cat", "getitem", "split", "chunk"):
-            return None
-        chain.append(tracked[0])
-    # Slicing the gate's rows changes every value of the chain: none may be read elsewhere.
-    if any(len(x.real_users) != 1 for x in chain):
-        return None
-    return chain[::-1]
-
-
-def _gate(
-    mul: OpNode, operand: OpNode, chain: list[OpNode], codes: torch.Tensor, toks: torch.Tensor, heads: int, dv: int
-) -> OutGate:
-    """The gate rows of each head, replaying the gate's chain on row and token codes and
-    pairing them with the attention output's codes at the multiply."""
-    lin = chain[0]
-    shape = lin.shape
-    if not shape or len(shape) < 3:
-        raise ChainError(f"the gate {describe(lin)} is not (batch, tokens, rows)")
-    rows = shape[-1]
-    gval = {id(lin): torch.arange(rows).expand(*shape).contiguous()}
-    # Token codes over every axis between the batch and the rows (a token grid too).
-    n_tok = math.prod(shape[1:-1])
-    gtok = {id(lin): torch.arange(n_tok).reshape(1, *shape[1:-1], 1).expand(*shape).contiguous()}
-    for u in chain[1:]:
-        if u.kind == "shape":
-            gval[id(u)] = u.replay(*_sub(u.args, gval), **{k: _sub(v, gval) for k, v in u.kwargs.items()})
-            gtok[id(u)] = u.replay(*_sub(u.args, gtok), **{k: _sub(v, gtok) for k, v in u.kwargs.items()})
-        else:
-            src = next(i for i in u.inputs if id(i) in gval)
-            gval[id(u)], gtok[id(u)] = gval[id(src)], gtok[id(src)]
-    try:
-        c, r, t_out, t_gate = torch.broadcast_tensors(codes, gval[id(operand)], toks, gtok[id(operand)])
-    except RuntimeError:
-        raise ChainError(f"{describe(mul)} scales the attention output by a tensor of another shape") from None
-    if not torch.equal(t_out, t_gate):
-        raise ChainError(f"{describe(mul)} gates the attention output with another token's values")
-    head = (c // dv).reshape(-1)
-    owner = torch.full((rows,), -1, dtype=torch.long)
-    owner[r.reshape(-1)] = head
-    if bool((owner < 0).any()) or not torch.equal(owner[r.reshape(-1)], head):
-        raise ChainError(f"the gate {describe(lin)} has rows that scale several heads or none")
-    per_head = [(owner == i).nonzero().squeeze(1) for i in range(heads)]
-    if len({p.numel() for p in per_head}) != 1:
-        raise ChainError(f"the gate {describe(lin)} gives the heads different numbers of rows")
-    return OutGate(lin, torch.stack(per_head))
-
-
-def _flat(a: Any) -> list[Any]:
-    return [y for x in a for y in _flat(x)] if isinstance(a, (list, tuple)) else [a]
-
-
-def _target(lin: OpNode, cols: Any, toks: Any, heads: int, dv: int) -> OutTarget:
-    """The column table of one out-projection from the codes replayed to its input."""
-    if not isinstance(cols, torch.Tensor):
-        raise ChainError("the out-projection input could not be followed")
-    flat = cols.reshape(-1, cols.shape[-1])  # (tokens, columns)
-    if not torch.equal(flat, flat[:1].expand_as(flat)):
-        raise ChainError("the out-projection columns differ across tokens")
-    col_code = flat[0]
-    owned = (col_code >= 0).nonzero().squeeze(1)
-    codes = col_code[owned]
-    if codes.numel() != heads * dv or not torch.equal(codes.sort().values, torch.arange(heads * dv)):
-        raise ChainError("the out-projection does not read every head channel exactly once")
-    table = torch.empty(heads * dv, dtype=torch.long)
-    table[codes] = owned
-    keep = (col_code < 0).nonzero().squeeze(1).tolist()
-    tok = toks.reshape(-1, toks.shape[-1])[:, owned[0]] if owned.numel() else toks.reshape(-1)
-    return OutTarget(lin, table.view(heads, dv), keep, tuple(sorted(set(tok.tolist()))))
