@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynconvert.dynamic import SiteRuntime, per_row, record_mlp_call, unit_table
+from dynconvert.dynamic import SiteRuntime, column_multiplier, record_mlp_call, unit_table
 from dynconvert.plan import MlpSite
 
 CONV_FNS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
@@ -35,13 +35,13 @@ class ConvMlpRuntime(SiteRuntime):
         site, bank = self.site, self.bank
         record_mlp_call(site, bank.record(site.index), torch.Size([x.shape[0], *x.shape[2:]]))
         bank.width_mask(site.index)  # recorded for the FLOPs accountant
-        d = None
-        if bank.fast_for(site):
+        fast, d = bank.fast_for(site), None
+        if fast:
             if bank.planned_now:
                 d = bank.planner.decision(site.index)
             else:
                 d = self.decide(bank.width_mask_cpu(site.index), x.device)
-        self.call = {"x": x, "fast": bank.fast_for(site), "d": d}
+        self.call = {"x": x, "fast": fast, "d": d}
         return self.call
 
     def conv_forward(self, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -68,12 +68,11 @@ class ConvMlpRuntime(SiteRuntime):
         d = call["d"] if call is not None else None
         if d is not None:
             if d.sub is not None:  # several timesteps: zero each sample's extra groups
-                sub = per_row(d.sub[name], x.shape[0]).to(x.dtype)  # (B, C')
-                x = x * sub.reshape(*sub.shape, *([1] * (x.dim() - 2)))
+                x = x * column_multiplier(d.sub[name], x, channels_first=True)
             w, b = self.bank.sliced(conv, "cols", d.key, d.cols[name])
             return conv._conv_forward(x, w, b)
         mask = self.bank.width_mask(self.site.index) if call is not None and not call["fast"] else None
         if mask is not None:  # masked path: the switched-off groups' channels are zero
-            cols = per_row(mask.to(x.dtype).index_select(1, self.owner(name, mask.device)), x.shape[0])
-            x = x * cols.reshape(*cols.shape, *([1] * (x.dim() - 2)))  # (B, F, 1, ...)
+            owner = self.owner(name, mask.device)
+            x = x * column_multiplier(mask.index_select(1, owner), x, channels_first=True)
         return conv._conv_forward(x, conv.weight, conv.bias)

@@ -165,18 +165,24 @@ def per_row(values: torch.Tensor, rows: int) -> torch.Tensor:
     return values.repeat_interleave(rows // bt, 0)
 
 
-def _expand_rows(mask: torch.Tensor, owner: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample unit mask (Bt, U) -> a multiplier broadcastable against x (B, ..., C).
+def column_multiplier(cols: torch.Tensor, x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
+    """Per-sample column values (Bt, C) -> a multiplier broadcastable against x: (B, ..., C), or
+    (B, C, ...) for channels-first convolution inputs.
 
-    Bt is the number of timesteps of the call: 1 when the whole batch shares one t (the mask
-    broadcasts over it), else one per sample (repeated for the rows a sample folds into).
+    Bt is the number of timesteps of the call: 1 when the whole batch shares one t (it
+    broadcasts over the batch), else one per sample (repeated for the rows a sample folds into).
+
+    Example:
+        >>> column_multiplier(torch.ones(1, 3), torch.zeros(2, 5, 3)).shape
+        torch.Size([1, 1, 3])
+        >>> column_multiplier(torch.ones(2, 3), torch.zeros(2, 3, 4, 4), channels_first=True).shape
+        torch.Size([2, 3, 1, 1])
     """
-    cols = mask.to(x.dtype).index_select(1, owner)  # (Bt, C)
-    bt = cols.shape[0]
-    if bt == 1 or x.dim() == 1:
-        return cols.reshape(*([1] * (x.dim() - 1)), -1) if bt == 1 else cols
-    cols = per_row(cols, x.shape[0])  # (B, C)
-    return cols.reshape(x.shape[0], *([1] * (x.dim() - 2)), -1)  # (B, 1, ..., C)
+    cols = per_row(cols.to(x.dtype), x.shape[0])  # (B, C) or (1, C)
+    spatial = [1] * max(0, x.dim() - 2)
+    if channels_first:
+        return cols.reshape(cols.shape[0], -1, *spatial)
+    return cols.reshape(cols.shape[0], *spatial, -1)
 
 
 def _active(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -244,7 +250,7 @@ class SiteRuntime:
         """Masked path: x (B, ..., C) with the switched-off units' columns of ``name`` zeroed."""
         if self.out_keep[name].numel():
             mask = pad_mask(mask)  # kept columns (a parallel block's MLP part) stay on
-        return x * _expand_rows(mask, self.owner(name, mask.device), x)
+        return x * column_multiplier(mask.index_select(1, self.owner(name, mask.device)), x)
 
     def decide(self, mask_cpu: torch.Tensor | None, device: torch.device) -> _Decision | None:
         """The fast-path decision for this call's CPU mask (None: compute every unit).
@@ -406,7 +412,7 @@ class AttentionRuntime(SiteRuntime):
         name = lin._dc_name
         if d is not None:  # out-projection, fast path: x (B, N, H' * dv [+ kept columns])
             if d.sub is not None:  # several timesteps: zero each sample's extra heads
-                x = x * _expand_sub(d.sub[name], x)
+                x = x * column_multiplier(d.sub[name], x)
             w, b = bank.sliced(lin, "cols", d.key, d.cols[name])  # active heads' columns, full bias
             return F.linear(x, w, b)  # (B, N, D)
         # Masked path: zero the switched-off heads' outputs before the out-projection, which is
@@ -423,12 +429,6 @@ def _owner(module: nn.Module, path: str) -> tuple[Any, str]:
         return module, path
     sub, name = path.rsplit(".", 1)
     return module.get_submodule(sub), name
-
-
-def _expand_sub(sub: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample column mask (Bt, C') -> a multiplier (B, 1, ..., C') for x (B, ..., C')."""
-    sub = per_row(sub, x.shape[0])
-    return sub.to(x.dtype).reshape(x.shape[0], *([1] * (x.dim() - 2)), -1)
 
 
 def record_mlp_call(site: MlpSite, rec: dict[str, Any], lead: torch.Size) -> None:

@@ -18,11 +18,10 @@ from math import prod
 from torch import nn
 
 from dynconvert.analysis.graph import OpGraph, OpNode, block_of, call_lca, module_lca
-from dynconvert.analysis.mlp import FoundMlp
+from dynconvert.analysis.mlp import SPLIT_OPS, FoundMlp
 from dynconvert.plan import MlpSite, SkippedSite, UnitMap
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_SPLIT_OPS = ("chunk", "split", "split_with_sizes")
 _MAX_REGION_OPS = 32
 
 
@@ -143,10 +142,10 @@ def _region(fc2: OpNode, model: nn.Module) -> ConvRegion | None:
             if not (len(tracked) == 2 or (len(tracked) == 1 and len(numbers) == len(n.args) - 1)):
                 return None
         elif n.kind == "shape" and n.op == "getitem":
-            if not tracked or tracked[0].op not in _SPLIT_OPS:
+            if not tracked or tracked[0].op not in SPLIT_OPS:
                 return None
             tracked = tracked[:1]
-        elif n.kind == "shape" and n.op in _SPLIT_OPS:
+        elif n.kind == "shape" and n.op in SPLIT_OPS:
             if not tracked or n.arg(2, "dim", 0) not in (1, 1 - len(tracked[0].shape or ())):
                 return None  # only a split of the channels keeps value and gate per channel
             region.split = n

@@ -17,7 +17,7 @@ import torch
 from dynconvert.analysis.graph import OpGraph, OpNode, block_of, call_lca, module_lca
 from dynconvert.plan import MlpSite, SkippedSite, UnitMap
 
-_SPLIT_OPS = ("chunk", "split", "split_with_sizes")
+SPLIT_OPS = ("chunk", "split", "split_with_sizes")  # a fused value/gate output cut in two
 _MAX_REGION_OPS = 32  # an MLP has a handful of ops between fc1 and fc2; more: we left the MLP
 
 
@@ -101,7 +101,7 @@ def _region_inputs(n: OpNode, region: Region) -> list[OpNode] | None:
         if len(tracked) == 2 or (len(tracked) == 1 and len(numbers) == len(n.args) - 1):
             return tracked
         return None
-    if n.kind == "shape" and n.op == "getitem" and tracked and tracked[0].op in _SPLIT_OPS:
+    if n.kind == "shape" and n.op == "getitem" and tracked and tracked[0].op in SPLIT_OPS:
         return tracked[:1]  # one half of a split fc1 output: go on with the split
     if n.kind == "shape" and n.op in ("getitem", "slice", "narrow") and len(tracked) == 1:
         # x[..., :h] and x[..., h:] of a fused fc1 (Flux 2's SwiGLU): a split written as two
@@ -111,7 +111,7 @@ def _region_inputs(n: OpNode, region: Region) -> list[OpNode] | None:
             return None
         region.halves.append(half)
         return tracked
-    if n.kind == "shape" and n.op in _SPLIT_OPS:
+    if n.kind == "shape" and n.op in SPLIT_OPS:
         # A fused fc1 holding value and gate. Only a split of the last (channel) dim keeps
         # tokens apart; chunk(x, chunks, dim) and split(x, sizes, dim) both take dim third.
         if not tracked:
