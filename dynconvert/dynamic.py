@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from dynconvert.plan import AttentionSite, MlpSite, UnitMap
 
@@ -291,8 +292,10 @@ class AttentionRuntime(SiteRuntime):
 
     def __init__(self, site: AttentionSite, bank: Any, module: nn.Module):
         super().__init__(site, bank, site.v_head_dim * site.group)  # out columns per unit
-        # A partial site's cut modules slice their output like a projection's rows.
+        # A partial site's cut modules slice their output like a projection's rows, and a
+        # table handed in per head (keyed by its argument path) along its axis.
         self.tables.update({m.linear: unit_table(m) for m in site.cut_maps})
+        self.tables.update({t.path: unit_table(t.map) for t in site.table_args})
         self.fast: _Decision | None = None  # this call's fast-path decision (None: full/masked)
         self.saved: dict[str, int] = {}  # head-count attributes lowered for this call
         self.fused: dict[str, tuple[str, ...]] = {}  # fused projection fqn -> the fqns it fuses
@@ -335,8 +338,9 @@ class AttentionRuntime(SiteRuntime):
             self.bank.clear_cache()
             make_dynamic(lin, self, "in", fqn)
 
-    def pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        """Forward pre-hook of the attention module: decide the call, lower its head count."""
+    def pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> tuple[tuple, dict] | None:
+        """Forward pre-hook of the attention module: decide the call, lower its head count
+        (and cut the per-head tables among its arguments)."""
         self.fast = None
         bank, site = self.bank, self.site
         if getattr(module, "fused_projections", False):
@@ -359,6 +363,26 @@ class AttentionRuntime(SiteRuntime):
             owner, name = _owner(module, attr)
             self.saved[attr] = getattr(owner, name)
             setattr(owner, name, len(d.key) * per)
+        if site.table_args:
+            return self.cut_tables(args, kwargs, d)
+        return None
+
+    def cut_tables(self, args: tuple, kwargs: dict, d: _Decision) -> tuple[tuple, dict]:
+        """The module's arguments with every per-head table (a rotary table over the whole
+        width, (B, N, H * d)) cut to the active heads' positions along its axis."""
+        leaves, spec = pytree.tree_flatten_with_path((args, kwargs))
+        cut = {t.path: t for t in self.site.table_args}
+        out = []
+        for path, leaf in leaves:
+            t = cut.pop(pytree.keystr(path), None)
+            out.append(leaf if t is None else leaf.index_select(t.dim, d.rows[t.path]))
+        if cut:
+            raise RuntimeError(
+                f"{self.site.name or 'the model'} was called without the per-head table that "
+                f"analysis found at {next(iter(cut))} of its arguments; call it as in the example "
+                "inputs, or convert again with inputs that call it this way"
+            )
+        return pytree.tree_unflatten(out, spec)
 
     def cut_hook(self, name: str) -> Any:
         """Forward hook of a partial site's cut module (a norm across all heads): its output

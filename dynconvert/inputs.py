@@ -137,7 +137,14 @@ def shapes_of(args: tuple, kwargs: dict) -> dict[str, list[int]]:
 
 
 def find_timestep_arg(model: torch.nn.Module, name: str | None = None) -> str:
-    """The forward parameter that carries the timestep (``t``, ``timestep``, ``timesteps``...)."""
+    """The forward parameter that carries the timestep: ``name`` when given, else the first of
+    ``TIMESTEP_NAMES`` in the signature, else the only one ending in ``_`` + one of them.
+
+    Example:
+        >>> from dynconvert.testing import tiny_dit
+        >>> find_timestep_arg(tiny_dit())
+        't'
+    """
     params = list(inspect.signature(model.forward).parameters)
     if name is not None:
         if name not in params:
@@ -148,6 +155,10 @@ def find_timestep_arg(model: torch.nn.Module, name: str | None = None) -> str:
     for cand in TIMESTEP_NAMES:
         if cand in params:
             return cand
+    # A prefixed name (T5FilmDecoder's ``decoder_noise_time``, ``noise_sigma``), when only one.
+    prefixed = [p for p in params if any(p.endswith("_" + c) for c in TIMESTEP_NAMES)]
+    if len(prefixed) == 1:
+        return prefixed[0]
     raise TimestepError(
         f"cannot find the timestep argument of {type(model).__name__}.forward (arguments: {params}); "
         "set ConvertConfig(timestep_arg=...) to the name of the argument that carries t"

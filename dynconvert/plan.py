@@ -72,6 +72,16 @@ class AttentionStream:
 
 
 @dataclass
+class TableArg:
+    """A tensor argument of the attention module that differs per head (a rotary table over
+    the whole width): the fast path cuts it along ``dim`` to the active heads' positions."""
+
+    path: str  # where it is in the module's (args, kwargs), e.g. "[1]['image_rotary_emb'][0]"
+    dim: int  # the axis cut (negative: counted from the end)
+    map: UnitMap  # positions along ``dim`` of every unit (``map.linear`` is the path)
+
+
+@dataclass
 class AttentionSite:
     """One attention call: its projections, heads and cost."""
 
@@ -116,6 +126,11 @@ class AttentionSite:
     # Linear (kernel) attention: its two per-head products cost linear_macs per row at the
     # example tokens, in proportion to query + key tokens (not N x M as softmax attention).
     linear_macs: int = 0
+    # Key/value compression (PixArt-Sigma): keys and values are downsampled between their
+    # projections and the attention, which sees 1 / kv_stride of the tokens the k and v
+    # projections ran on (``tokens_kv`` counts the projections' tokens).
+    kv_stride: int = 1
+    table_args: list[TableArg] = field(default_factory=list)  # per-head tables handed in
 
     @property
     def units(self) -> int:
@@ -137,8 +152,11 @@ class AttentionSite:
         for s in [self._first_stream(), *self.streams]:
             if s.q in self.unsliced:
                 total += seen.get(s.q, s.tokens_q) * s.q_in * h * dq
-            if s.k in self.unsliced:
-                total += seen.get(s.k, s.tokens_kv) * s.kv_in * hk * dq
+            m = seen.get(s.k, s.tokens_kv)
+            if s.k in self.unsliced:  # a fused key/value projection holds the value rows too
+                total += m * s.kv_in * hk * (dq + (self.v_head_dim if s.v == s.k else 0))
+            if s.v in self.unsliced and s.v != s.k:  # cut after key/value compression
+                total += seen.get(s.v, m) * s.kv_in * hk * self.v_head_dim
         return total * (self.fold if fold is None else fold)
 
     def _first_stream(self) -> AttentionStream:
@@ -162,7 +180,8 @@ class AttentionSite:
         ``seen`` maps a Linear of the site to the tokens per row it ran on in a call (the
         plan's token counts otherwise), ``fold`` the rows per sample (see ``fold``). Source: the standard transformer count (Kaplan et al.
         2020, table 1), with the attention matmuls made explicit: QK^T is N*M*H*d_qk and AV is
-        N*M*H*d_v, N and M summed over the streams of a joint attention. The k and v
+        N*M*H*d_v, N and M summed over the streams of a joint attention (M: the keys the attention
+        sees, the k projection's tokens / ``kv_stride``). The k and v
         projections have ``units`` heads (fewer with grouped-query attention).
         """
         seen = seen or {}
@@ -177,7 +196,7 @@ class AttentionSite:
                 total += seen.get(s.out, n) * h * dv * s.out_features
             if s is first and self.gate:  # the gate reads the query stream's tokens
                 total += seen.get(self.gate, n) * self.gate_in * self.gate_rows
-            n_all, m_all = n_all + n, m_all + m
+            n_all, m_all = n_all + n, m_all + m // self.kv_stride
         if self.linear_macs:  # (v @ k) @ q per head: proportional to N + M
             seen_all = sum(s.tokens_q + s.tokens_kv for s in [first, *self.streams])
             total += self.linear_macs * (n_all + m_all) // max(1, seen_all)
@@ -373,6 +392,9 @@ class Plan:
                     "more_out_maps": maps(a.get("more_out_maps", [])),
                     "streams": [AttentionStream(**s) for s in a.get("streams", [])],
                     "cut_maps": maps(a.get("cut_maps", [])),
+                    "table_args": [
+                        TableArg(t["path"], t["dim"], _unit_map(t["map"])) for t in a.get("table_args", [])
+                    ],
                 }
             )
             for a in d["attention"]

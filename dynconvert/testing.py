@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from dynconvert.inputs import split_inputs
-from dynconvert.models.patterns import PATTERN_MODELS, mmdit, rotary_dit, video_dit
+from dynconvert.models.attention_forms import FORMS
+from dynconvert.models.patterns import PATTERNS, mmdit, rotary_dit, video_dit
 from dynconvert.models.tiny import randomize_weights, tiny_diffusers_dit, tiny_pixart
 from dynconvert.synthetic import randomize_routing, synthetic_routing
 
@@ -26,6 +27,10 @@ __all__ = [
     "PATTERN_MODELS", "TINY_BUILDERS", "call", "mmdit", "randomize_routing", "rotary_dit", "video_dit", "randomize_weights", "synthetic_routing",
     "tiny_diffusers_dit", "tiny_dit", "tiny_pixart", "tiny_uvit",
 ]  # fmt: skip
+
+PATTERN_MODELS = {**PATTERNS, **FORMS}
+"""Every pattern model by name (models/patterns.py and models/attention_forms.py): small
+models written as other codebases write them, each returning ``(model, example_inputs)``."""
 
 
 def tiny_dit(seed: int = 0, **overrides: Any) -> nn.Module:

@@ -39,6 +39,7 @@ class Eps(nn.Module):
         )
 
 
+@pytest.mark.slow  # builds several diffusers classes (3-4 s)
 def test_auto_selection_by_class():
     assert select_adapter(tiny_dit()).name == "dit"
     assert select_adapter(tiny_uvit()).name == "uvit"

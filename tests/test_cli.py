@@ -136,6 +136,7 @@ def test_inspect_json_has_the_documented_keys():
     assert kinds == {"attention", "mlp"} and all("token_routing" in site for site in s["sites"])
 
 
+@pytest.mark.slow  # builds DiT-XL/2 (4-5 s); the small presets cover inspect in the default run
 def test_inspect_dit_xl_needs_no_weights():
     result = invoke("inspect", "--model", "dit-xl", "--json")
     assert result.exit_code == 0, result.output

@@ -28,6 +28,13 @@ EXPECTED = {  # name -> (attention sites, MLP sites, streams of the first attent
     "mmdit-shared-mlp": (3, 3, 2),
     "video": (2, 2, 1),
     "video-own-projections": (2, 2, 1),
+    "kv-conv-norm": (2, 2, 1),
+    "kv-uniform": (2, 2, 1),
+    "kv-nearest": (2, 2, 1),
+    "kv-pool": (2, 2, 1),
+    "kv-reduce-input": (2, 2, 1),
+    "rotary-wide-table": (2, 2, 1),
+    "rotary-wide-table-norm-all": (2, 2, 1),
 }
 
 

@@ -75,7 +75,7 @@ def test_every_entry_is_tiny_and_runs():
 
 # Zoo entries that do not meet the invariants of the slow test yet (issue 9): remove a name when its
 # row passes (the test then XPASSes). Filled from benchmarks/results/support_matrix.json.
-KNOWN_GAPS = {"t5-film"}  # its timestep argument is named decoder_noise_time
+KNOWN_GAPS: set[str] = set()  # none since T5FilmDecoder converts (2026-12-02)
 
 
 def _zoo_params():

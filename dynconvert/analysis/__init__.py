@@ -8,6 +8,7 @@ reaches the residual stream.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from dynconvert.analysis import attention as attn_finder
 from dynconvert.analysis import convmlp as conv_finder
 from dynconvert.analysis import mlp as mlp_finder
+from dynconvert.analysis import tables
 from dynconvert.analysis.costs import eager_macs, node_macs
 from dynconvert.analysis.graph import (
     OpGraph,
@@ -116,7 +118,9 @@ def capture(
         try:
             with torch.no_grad(), eval_mode(model), quiet_torch():
                 ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
-            return from_export(ep, model, any_linear)
+            graph = from_export(ep, model, any_linear)
+            graph.evaluate = functools.partial(tables.node_values, ep, tuple(args), dict(kwargs))
+            return graph
         except Exception as e:  # noqa: BLE001 - fall back to the tracer below
             if how == "export":
                 # Bad inputs get their own clear error before blaming export.
@@ -156,6 +160,8 @@ def plan_from_graph(
     # Heads of every block's first attention call, converted or not: a block whose attention is
     # refused (qk-norm across all heads) is still a transformer block, and its MLP a site.
     block_heads: dict[str, int] = {}
+    pending: list[tuple[Any, list]] = []  # sites with per-head tables handed in (tables.py)
+    claims: dict[int, set[str]] = {}  # site -> its Linears
     for call in attn_finder.find_calls(graph):
         if call.q.shape is not None and len(call.q.shape) == 4:
             block_heads.setdefault(block_of(call.output.module), call.q.shape[1])
@@ -164,8 +170,17 @@ def plan_from_graph(
             skipped.append(found.skipped)
             continue
         found.site.fold = _fold(found.linear_nodes[0], batch_of(args, kwargs))
+        if found.tables:
+            pending.append((found.site, found.tables))
         attention.append((order[id(call.output)], found.site))
-        taken.update(n.linear for n in found.linear_nodes)
+        claims[id(found.site)] = {n.linear for n in found.linear_nodes}
+    if pending:  # which argument each table is: one forward pass for all of them
+        failed = tables.resolve(model, graph, args, kwargs, pending)
+        for _, site in [p for p in attention if id(p[1]) in failed]:
+            skipped.append(SkippedSite(site.name, "attention", failed[id(site)]))
+        attention = [p for p in attention if id(p[1]) not in failed]
+    for _, site in attention:
+        taken.update(claims[id(site)])
 
     # The first attention site of each block: its head count is the MLP's default group count
     # (G = H, as the paper), and an MLP outside any such block (a timestep or caption embedding

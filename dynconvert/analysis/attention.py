@@ -8,14 +8,16 @@ wherever removing a head would not be the same as zeroing it (design.md, "Traps"
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import torch
 
 from dynconvert.analysis.costs import node_macs
 from dynconvert.analysis.graph import OpGraph, OpNode, block_of, call_lca, module_lca
-from dynconvert.analysis.headlocal import InputLayout, derive_inputs
+from dynconvert.analysis.headlocal import InputLayout, Source, TableUse, derive_inputs, substitute
 from dynconvert.analysis.headout import OutTarget, derive_outputs
 from dynconvert.analysis.layout import ChainError, as_parts, describe
 from dynconvert.analysis.registry import attention_attrs
@@ -36,6 +38,9 @@ class AttentionCall:
     q_layout: str = "bhnd"
     v_layout: str = "bhnd"
     out_layout: str = "bhnd"
+    # A tensor other than q k^T joins the scores before the softmax (an additive mask or bias,
+    # maybe per head): the sliced call is checked once at convert.
+    scores_extra: bool = False
 
 
 def find_calls(graph: OpGraph) -> list[AttentionCall]:
@@ -121,17 +126,97 @@ def _manual_call(softmax: OpNode) -> AttentionCall | None:
         cur = next((i for i in cur.inputs if i.kind not in ("param",)), None)
     if cur is not None and cur.op == "einsum":
         return _einsum_call(cur, softmax)
-    if cur is None or cur.kind != "matmul" or cur.op not in ("matmul", "bmm", "__matmul__"):
+    if cur is None or cur.kind != "matmul" or cur.op not in ("matmul", "bmm", "__matmul__", "baddbmm"):
         return None
-    scores = cur  # q @ k^T: (B, H, N, M)
+    scores = cur  # q @ k^T: (B, H, N, M), or (B * H, N, M) with the heads folded into the batch
     nxt = _value_product(softmax, lambda n: n.kind == "matmul" and n.args[0] is not None)
     if nxt is None or nxt.op not in ("matmul", "bmm", "__matmul__"):
         return None
-    q, k = scores.args[0], scores.args[1]
+    # baddbmm(mask, q, k^T, beta, alpha): diffusers' classic AttnProcessor adds the mask there.
+    q, k = (scores.args[1], scores.args[2]) if scores.op == "baddbmm" else (scores.args[0], scores.args[1])
     v = nxt.args[1]
     if not all(isinstance(a, OpNode) for a in (q, k, v)):
         return None
-    return AttentionCall(output=nxt, q=q, k=k, v=v, key_layout="bhdn", cost_nodes=[scores, nxt])
+    extra = _scores_extra(softmax, scores)
+    if q.shape is not None and len(q.shape) == 3:
+        return _unfold_heads(q, k, v, nxt, [scores, nxt], extra)
+    return AttentionCall(
+        output=nxt, q=q, k=k, v=v, key_layout="bhdn", cost_nodes=[scores, nxt], scores_extra=extra
+    )
+
+
+def _scores_extra(softmax: OpNode, scores: OpNode) -> bool:
+    """Whether a tensor other than q k^T (a mask, a position bias) joins the scores between the
+    score product and the softmax (baddbmm's added input counts unless beta is 0)."""
+    if scores.op == "baddbmm":
+        beta = scores.arg(3, "beta", 1)
+        if beta != 0 and isinstance(scores.args[0], OpNode) and scores.args[0].kind != "fresh":
+            return True
+    cur = softmax.args[0]
+    while cur is not scores and isinstance(cur, OpNode):
+        others = [i for i in cur.inputs if i.kind not in ("param", "const")]
+        if len(others) > 1:
+            return True
+        cur = others[0] if others else None
+    return False
+
+
+def _unfold_heads(
+    q: OpNode, k: OpNode, v: OpNode, out: OpNode, cost: list[OpNode], extra: bool
+) -> AttentionCall | None:
+    """Attention with the heads folded into the batch (diffusers' classic AttnProcessor:
+    ``head_to_batch_dim`` makes (B * H, N, d), then baddbmm / bmm, ``batch_to_head_dim`` after):
+    the same call on the (B, H, N, d) tensors before the fold and after the unfold, when only
+    a fold of batch and heads lies in between (checked by replaying indices)."""
+    q4, k4, v4 = _folded_from(q, False), _folded_from(k, True), _folded_from(v, False)
+    out4 = _unfolded_into(out)
+    if q4 is None or k4 is None or v4 is None or out4 is None:
+        return None
+    return AttentionCall(
+        output=out4, q=q4, k=k4, v=v4, key_layout="bhnd", cost_nodes=cost, scores_extra=extra
+    )
+
+
+def _fold_chain(start: OpNode, end: OpNode, chain: list[OpNode], expected: torch.Tensor) -> bool:
+    """Whether the shape ops ``chain`` (from ``start`` to ``end``) move the index tensor of
+    ``start`` into ``expected``."""
+    values = {id(start): torch.arange(math.prod(start.shape)).reshape(start.shape)}
+    for n in chain:
+        values[id(n)] = n.replay(*substitute(n.args, values), **{a: substitute(b, values) for a, b in n.kwargs.items()})
+    got = values[id(end)]
+    return isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.equal(got, expected)
+
+
+def _folded_from(x: OpNode, transposed: bool) -> OpNode | None:
+    """The (B, H, N, d) tensor that shape ops folded into ``x`` (B * H, N, d) — (B * H, d, N)
+    when ``transposed`` — or None."""
+    chain, cur = [], x
+    for _ in range(6):
+        if cur.kind != "shape" or cur.replay is None or len(cur.inputs) != 1:
+            return None
+        chain.insert(0, cur)
+        cur = cur.inputs[0]
+        if cur.shape is not None and len(cur.shape) == 4 and cur.shape[0] * cur.shape[1] == x.shape[0]:
+            b, h, n, d = cur.shape
+            expected = torch.arange(b * h * n * d).reshape(b * h, n, d)
+            if _fold_chain(cur, x, chain, expected.transpose(1, 2) if transposed else expected):
+                return cur
+    return None
+
+
+def _unfolded_into(out: OpNode) -> OpNode | None:
+    """The (B, H, N, dv) tensor that shape ops make of ``out`` (B * H, N, dv), or None."""
+    chain, cur = [], out
+    for _ in range(3):
+        users = cur.real_users
+        if len(users) != 1 or users[0].kind != "shape" or users[0].replay is None:
+            return None
+        cur = users[0]
+        chain.append(cur)
+        if cur.shape is not None and len(cur.shape) == 4 and cur.shape[0] * cur.shape[1] == out.shape[0]:
+            expected = torch.arange(math.prod(out.shape)).reshape(cur.shape)
+            return cur if _fold_chain(out, cur, chain, expected) else None
+    return None
 
 
 def _value_product(softmax: OpNode, is_product: Any) -> OpNode | None:
@@ -190,6 +275,7 @@ class FoundAttention:
     site: AttentionSite | None
     skipped: SkippedSite | None
     linear_nodes: list[OpNode]
+    tables: list[TableUse] = field(default_factory=list)  # per-head tensors to find (tables.py)
 
 
 def build_site(
@@ -294,7 +380,7 @@ def _build(
         if g.node.linear in per_linear:
             raise ChainError(f"the gate {g.node.linear} is also a q, k or v projection")
         per_linear[g.node.linear] = [_per_unit(g.table, units)]
-    cut_of = {lin: mod for mod, lin in layout.cuts.items()}  # partial: cut after the norm
+    cut_of = {lin: mod for mod, cut in layout.cuts.items() for lin in cut.linears}  # partial site
     in_maps = [_unit_map(name, "rows", units, ts) for name, ts in per_linear.items() if name not in cut_of]
     # A projection that also computes other channels (one Linear for q, k, v and the MLP
     # hidden, split by sizes the model computes from its attributes) cannot return fewer rows:
@@ -306,9 +392,10 @@ def _build(
     # tells the two apart by running the fast path once (verify.py).
     mask = call.output.arg(3, "attn_mask") if call.output.kind == "attention" else None
     per_head_mask = isinstance(mask, OpNode) and bool(mask.shape) and len(mask.shape) == 4 and mask.shape[1] == heads
-    cut_maps = [_unit_map(cut_of[name], "rows", units, ts) for name, ts in per_linear.items() if name in cut_of]
+    cut_maps = [_unit_map(mod, "rows", units, [_per_unit(cut.table, units)]) for mod, cut in layout.cuts.items()]
     out_maps = [_unit_map(t.node.linear, "cols", units, [_per_unit(t.table, units)], t.keep) for t in targets]
-    streams = sorted(_streams(layout, targets), key=lambda s: not s.out)  # one with an out first
+    stride = _kv_stride(layout)
+    streams = sorted(_streams(layout, targets, stride), key=lambda s: not s.out)  # one with an out first
     first, more = streams[0], streams[1:]
     out_lin = next((t.node for t in targets if t.node.linear == first.out), targets[0].node)
     out_maps.sort(key=lambda m: m.linear != out_lin.linear)  # the first stream's map first
@@ -353,6 +440,7 @@ def _build(
         gate_in=gates[0].node.args[0].shape[-1] if gates else 0,
         gate_rows=gates[0].node.shape[-1] if gates else 0,
         linear_macs=sum(node_macs(c) for c in call.cost_nodes) // q_shape[0] if linear else 0,
+        kv_stride=stride,
         between=sorted({n.op for n in layout.ops if n.kind not in ("shape", "cast")}),
         head_attrs=attrs,
         fast=not mixed,
@@ -364,10 +452,14 @@ def _build(
         fast_reason=(
             f"{mixed[0]} also computes channels that are not heads (a fused input projection)"
             if mixed
-            else ("" if known and layout.trivial and not per_head_mask and not linear else "unverified")
+            else (
+                ""
+                if known and layout.trivial and not per_head_mask and not linear and not call.scores_extra
+                else "unverified"
+            )
         ),
     )
-    return FoundAttention(site, None, [*in_nodes.values(), *out_nodes])
+    return FoundAttention(site, None, [*in_nodes.values(), *out_nodes], layout.tables)
 
 
 def _grouped_layout(
@@ -418,8 +510,25 @@ def _ascending(table: torch.Tensor) -> bool:
     return bool((flat[1:] > flat[:-1]).all())
 
 
-def _streams(layout: InputLayout, targets: list[OutTarget]) -> list[AttentionStream]:
-    """Group the projections into streams: those filling the same sequence positions.
+def _kv_stride(layout: InputLayout) -> int:
+    """Projection tokens per attention key: 1, or the factor by which keys and values are
+    downsampled between their projections and the attention (key/value compression): rows a
+    Linear computes per attention position it fills, against the queries' (the batch, and
+    any axis folded into it, cancels; sequence-first layouts too)."""
+
+    def ratio(s: Source) -> Fraction:
+        return Fraction(math.prod(s.node.shape[:-1]), len(s.tokens))
+
+    base = ratio(layout.sources["q"][0])
+    found = {ratio(s) / base for role in "kv" for s in layout.sources[role]}
+    if len(found) != 1 or (stride := found.pop()).denominator != 1 or stride < 1:
+        raise ChainError("keys and values are resampled by different factors before the attention")
+    return int(stride)
+
+
+def _streams(layout: InputLayout, targets: list[OutTarget], stride: int = 1) -> list[AttentionStream]:
+    """Group the projections into streams: those filling the same sequence positions
+    (``stride``: projection tokens per attention key, see :func:`_kv_stride`).
 
     Self-attention has one stream (q, k and v fill every position); cross-attention one stream
     whose k and v fill the context's positions; joint attention one stream per projection set.
@@ -457,7 +566,7 @@ def _streams(layout: InputLayout, targets: list[OutTarget]) -> list[AttentionStr
                 kv_in=k.node.args[0].shape[-1],
                 out_features=o.node.shape[-1] if o is not None else 0,
                 tokens_q=len(q.tokens),
-                tokens_kv=len(k.tokens),
+                tokens_kv=len(k.tokens) * stride,
             )
         )
     if not any(s.out for s in out):

@@ -57,6 +57,14 @@ FRESH_OPS = {  # new tensors whose values do not depend on the input's (only its
     "empty_like", "zeros_like", "ones_like", "full_like", "new_empty", "new_zeros", "new_ones",
     "new_full",
 }
+SPATIAL_OPS = {  # act on every channel of a channels-first grid on its own (pooling, resizing)
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
+    "max_pool2d_with_indices", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "_adaptive_avg_pool2d", "interpolate", "upsample_nearest1d", "upsample_nearest2d",
+    "upsample_nearest3d", "_upsample_nearest_exact1d", "_upsample_nearest_exact2d",
+    "_upsample_nearest_exact3d", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_linear1d",
+    "upsample_trilinear3d",
+}
 MUTATE_OPS = {"copy_"}  # writes into a view: out[..., 0::2] = a (Wan's rotary)
 CONV_OPS = {
     "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
@@ -101,6 +109,8 @@ def canonical_kind(name: str) -> str:
         return "reduce"
     if name in COMPLEX_OPS:
         return "complex"
+    if name in SPATIAL_OPS:
+        return "spatial"
     if name in FRESH_OPS:
         return "fresh"
     if name + "_" in MUTATE_OPS or name in MUTATE_OPS:
@@ -161,6 +171,9 @@ class OpGraph:
     nodes: list[OpNode]
     capture: str  # "torch.export" or "torch.fx"
     coverage: str = ""  # what was captured, for the plan ("whole model", leaves, failures)
+    # Node name -> its value at the example inputs, for the names asked (export captures only:
+    # reruns the exported graph; analysis asks only when it needs values, see tables.py).
+    evaluate: Callable[[set[str]], dict[str, Any]] | None = None
 
     def __iter__(self) -> Iterator[OpNode]:
         return iter(self.nodes)

@@ -34,7 +34,7 @@ import torch
 from dynconvert.analysis.graph import OpNode
 from dynconvert.analysis.layout import ChainError, describe
 
-_PASS = ("shape", "cast", "unary", "binary", "norm", "reduce", "cat", "complex")
+_PASS = ("shape", "cast", "unary", "binary", "norm", "reduce", "cat", "complex", "spatial", "conv")
 _MAX_OPS = 400  # ops between the projections and one attention call; more: we left the block
 _PAIR = 2**24  # view_as_complex packs a channel pair (a, b) into one code: _PAIR * (a + 1) + b
 
@@ -55,9 +55,19 @@ class InputLayout:
     sources: dict[str, list[Source]]  # "q" / "k" / "v" -> its sources, in sequence order
     trivial: bool  # only reshapes, casts and scaling by numbers between Linears and attention
     ops: list[OpNode] = field(default_factory=list)  # every op between them (for the plan)
-    # Partial site: module fqn -> the Linear it normalises across all heads. The Linear runs in
-    # full, the module's output is cut to the active heads (same columns as the Linear's rows).
-    cuts: dict[str, str] = field(default_factory=dict)
+    # Partial site: module fqn -> where its output is cut to the active heads (a norm across
+    # all heads, or one after key/value compression). Its Linears and every op between them and
+    # the module run in full.
+    cuts: dict[str, Cut] = field(default_factory=dict)
+    tables: list[TableUse] = field(default_factory=list)  # per-head tensors to cut with the heads
+
+
+@dataclass
+class Cut:
+    """A module whose output, computed in full, keeps only the active heads' channels."""
+
+    linears: tuple[str, ...]  # the projections whose every path to the attention passes it
+    table: torch.Tensor  # (H, d): the output column (last axis) of channel j of head h
 
 
 class _AcrossHeads(ChainError):
@@ -173,7 +183,8 @@ class _Replay:
         self.values: dict[int, torch.Tensor] = {}
         self.same: list[tuple[OpNode, torch.Tensor, torch.Tensor]] = []  # must share heads
         self.const: list[tuple[OpNode, torch.Tensor, list[int]]] = []  # one head along dims
-        self.bcast: list[tuple[OpNode, torch.Tensor, tuple[int, ...]]] = []  # same for heads
+        self.bcast: list[tuple[OpNode, torch.Tensor, OpNode]] = []  # must be the same per head
+        self.wide: list[OpNode] = []  # depthwise convolutions: a weight per channel, cut after
         self.trivial = True
 
     def run(self, nodes: list[OpNode], sources: list[OpNode], tracked: set[int]) -> None:
@@ -215,6 +226,9 @@ class _Replay:
             for d in reversed(dims):
                 v = v.narrow(d, 0, 1) if keep else v.select(d, 0)
             return v
+        if n.kind in ("spatial", "conv"):
+            self.trivial = False
+            return self._grid_op(n, vals[0])
         if n.kind == "norm":
             self.trivial = False
             v = vals[0]
@@ -230,17 +244,54 @@ class _Replay:
         for v in vals[1:]:
             self.same.append((n, out, v.expand(*out_shape)))
         for a in others:
-            self.bcast.append((n, out, tuple(a.shape)))
+            self.bcast.append((n, out, a))
         return out
 
+    def _grid_op(self, n: OpNode, v: torch.Tensor) -> torch.Tensor:
+        """Codes after an op on a channels-first grid (B, C, *spatial): pooling or resizing
+        keeps every channel's code; a depthwise convolution (each output channel reads one
+        input channel) too, but has a weight per channel, so it needs a cut after it; any other
+        convolution mixes channels (checked like a norm over them)."""
+        out_shape = n.shape
+        if out_shape is None or v.dim() < 3 or len(out_shape) != v.dim():
+            raise ChainError(f"{describe(n)} lies between the projection and the attention")
+        flat = v.flatten(2)  # (B, C, positions): a projection gives every token the same codes
+        if not torch.equal(flat.amin(-1), flat.amax(-1)):
+            raise ChainError(f"{describe(n)} runs over a grid whose tokens come from different projections")
+        per = flat[..., 0]  # (B, C_in)
+        c_in, c_out = per.shape[1], out_shape[1]
+        if n.kind == "spatial":
+            src = torch.arange(c_in)
+        else:
+            w = n.args[1] if len(n.args) > 1 else None
+            w_shape = w.shape if isinstance(w, (OpNode, torch.Tensor)) else None
+            transposed = "transpose" in n.op or (n.op == "convolution" and bool(n.arg(6)))
+            if w_shape is None or transposed:
+                raise ChainError(f"{describe(n)} lies between the projection and the attention")
+            if w_shape[1] == 1 and c_out % c_in == 0:  # depthwise: out channel o reads o // mult
+                src = torch.arange(c_out) // (c_out // c_in)
+                self.wide.append(n)
+            else:  # every output channel reads several input channels
+                self.const.append((n, v, [1]))
+                src = torch.zeros(c_out, dtype=torch.long)
+        per = per[:, src]  # (B, C_out)
+        return per.reshape(*per.shape, *[1] * (len(out_shape) - 2)).expand(*out_shape)
+
     def check(
-        self, head_of: torch.Tensor, skip: set[str] | frozenset = frozenset(), only_norms: bool = False
+        self,
+        head_of: torch.Tensor,
+        skip: set[str] | frozenset = frozenset(),
+        shadow: set[int] | frozenset = frozenset(),
+        only_norms: bool = False,
+        tables: list[TableUse] | None = None,
     ) -> None:
         """Run the recorded checks with the code -> head map (-1: no head); ops inside the
-        modules of ``skip`` (cut points) are exempt; ``only_norms``: the norm/reduction checks."""
+        modules of ``skip`` (cut points) or in ``shadow`` (ids of ops whose every path to the
+        attention passes a cut) are exempt; ``only_norms``: the checks that may ask for a cut;
+        ``tables``: collects tensors that differ per head along one axis instead of refusing."""
 
         def exempt(n: OpNode) -> bool:
-            return _inside(n, skip)
+            return id(n) in shadow or _inside(n, skip)
 
         def heads(v: torch.Tensor) -> torch.Tensor:
             v = torch.where(v >= _PAIR, v // _PAIR - 1, v)  # a complex pair: its first channel
@@ -254,10 +305,24 @@ class _Replay:
             for d in dims:
                 lo, hi = lo.amin(d, keepdim=True), hi.amax(d, keepdim=True)
             if not torch.equal(lo, hi):
+                if n.kind == "conv":
+                    raise _AcrossHeads(
+                        f"{describe(n)} mixes channels of several heads between the projection "
+                        "and the attention; removing heads would change it",
+                        n,
+                    )
                 what = "normalises" if n.kind == "norm" else "reduces over"
                 raise _AcrossHeads(
                     f"qk-norm across all heads: {describe(n)} {what} channels of several heads; "
                     "removing heads would change it",
+                    n,
+                )
+        for n in self.wide:
+            if not exempt(n):
+                raise _AcrossHeads(
+                    f"{describe(n)} (a depthwise convolution, key/value compression) has a weight "
+                    "per channel between the projection and the attention, and no module after it "
+                    "whose output could be cut to the active heads",
                     n,
                 )
         if only_norms:
@@ -270,21 +335,55 @@ class _Replay:
                     f"{describe(n)} combines values of different heads (or of a tensor computed "
                     "from another Linear) before the attention"
                 )
-        for n, v, shape in self.bcast:
+        for n, v, a in self.bcast:
             if exempt(n):
                 continue
-            h = heads(v)
-            offset = h.dim() - len(shape)
-            for axis in range(h.dim()):
-                j = axis - offset
-                if j < 0 or shape[j] == 1:
-                    continue
-                first = h.narrow(axis, 0, 1)
-                if not torch.equal(h, first.expand_as(h)):
-                    raise ChainError(
-                        f"{describe(n)} combines the projection with a tensor that differs per "
-                        "head; removing heads would misalign it"
-                    )
+            use = _table_use(n, heads(v), a)
+            if use is None:
+                continue
+            if isinstance(use, str):
+                raise ChainError(use)
+            if tables is None:
+                raise ChainError(
+                    f"{describe(n)} combines the projection with a tensor that differs per "
+                    "head; removing heads would misalign it"
+                )
+            tables.append(use)
+
+
+@dataclass
+class TableUse:
+    """A tensor that is not from a projection but differs per head where it meets one (rotary
+    tables over the whole width, LTX): removing heads needs it cut along ``dim`` too."""
+
+    node: OpNode  # the tensor as the op reads it
+    op: OpNode  # the op combining it with the projection's values
+    dim: int  # its axis along which the head changes (negative: counted from the end)
+    heads: torch.Tensor  # (size,): the unit of each position along that axis
+
+
+def _table_use(n: OpNode, h: torch.Tensor, a: OpNode) -> TableUse | str | None:
+    """None when tensor ``a`` is the same for every head where ``n`` combines it with heads
+    ``h``; else how it differs: a TableUse when along one axis, each position in one head, else
+    the reason it cannot be cut."""
+    shape = tuple(a.shape)
+    offset = h.dim() - len(shape)
+    varying = []
+    for axis in range(h.dim()):
+        j = axis - offset
+        if j < 0 or shape[j] == 1:
+            continue
+        if not torch.equal(h, h.narrow(axis, 0, 1).expand_as(h)):
+            varying.append(axis)
+    if not varying:
+        return None
+    if len(varying) != 1:
+        return f"{describe(n)} combines the projection with a tensor that differs per head along several axes"
+    axis = varying[0]
+    per = h.movedim(axis, 0).reshape(h.shape[axis], -1)  # (positions, everything else)
+    if not torch.equal(per, per[:, :1].expand_as(per)) or int(per.min()) < 0:
+        return f"{describe(n)} combines the projection with a tensor whose positions do not each belong to one head"
+    return TableUse(a, n, axis - h.dim(), per[:, 0].clone())
 
 
 def derive_inputs(
@@ -335,57 +434,155 @@ def derive_inputs(
         if layout == "bhdn":
             value = value.transpose(-1, -2)
         by_role[role] = _split_sources(value, sources, offsets)
-    # 1. Norms across all heads first (on the codes as they reach the attention): each must be
-    #    a module to cut after, or the site is refused.
-    cuts: dict[str, str] = {}
+    # 1. Norms across all heads (and depthwise convolutions) first, on the codes as they reach
+    #    the attention: each must be followed by a module to cut at, or the site is refused.
+    operands = (q, k, v)
+    calls: dict[str, list[tuple[OpNode, torch.Tensor]]] = {}
+    shadow: set[int] = set()
     while True:
         try:
-            replay.check(_head_map(by_role, offsets, off, units), set(cuts), only_norms=True)
+            replay.check(_head_map(by_role, offsets, off, units), set(calls), shadow, only_norms=True)
             break
         except _AcrossHeads as e:
-            cut = _cut_point(e.node, nodes, sources, replay, by_role)
-            if cut is None or cut[0] in cuts:
+            cut = _cut_point(e.node, nodes, sources, replay, offsets)
+            if cut is None or cut[0] in calls:
                 raise ChainError(e.reason) from None
-            cuts[cut[0]] = cut[1]
+            calls[cut[0]] = cut[1]
+            shadow = _shadowed(nodes, operands, set(calls), order)
+    for m in list(calls):  # a cut before another cut: only the later one is cut
+        others = set(calls) - {m}
+        if others and all(id(x) in _shadowed(nodes, operands, others, order) for x in _exits(m, nodes, replay)):
+            del calls[m]
+            shadow = _shadowed(nodes, operands, set(calls), order)
     # 2. Values combined elementwise stand for each other: rotary's x1 * cos - x2 * sin reaches
     #    the attention with x1's code only. Every head's rows are completed with their partners
     #    (ops inside a cut module, which mixes every head, do not count).
-    same = [x for x in replay.same if not _inside(x[0], cuts)]
+    same = [x for x in replay.same if not _inside(x[0], calls) and id(x[0]) not in shadow]
     if same:  # nothing combined (plain reshapes): every code already stands alone
         component = _components(same, off)
         for found in by_role.values():
             for s in found:
                 base, width = offsets[id(s.node)]
                 s.table = _complete(s.table + base, component, base, base + width) - base
-    # 3. Every check, with the completed heads.
-    replay.check(_head_map(by_role, offsets, off, units), set(cuts))
+    # 3. Every check, with the completed heads; tensors that differ per head along one axis
+    #    (rotary tables over the whole width) are kept for the caller to cut with the heads.
+    tables: list[TableUse] = []
+    replay.check(_head_map(by_role, offsets, off, units), set(calls), shadow, tables=tables)
+    cuts = {m: _cut_table(m, found, by_role, offsets, shadow) for m, found in calls.items()}
     chain = [n for n in nodes if n.kind != "linear"]
-    return InputLayout(by_role, replay.trivial, chain, cuts)
+    return InputLayout(by_role, replay.trivial, chain, cuts, tables)
 
 
 def _cut_point(
-    n: OpNode, nodes: list[OpNode], sources: list[OpNode], replay: _Replay, by_role: dict[str, list[Source]]
-) -> tuple[str, str] | None:
-    """Where a norm across all heads can be followed by dropping heads exactly: its module,
-    when that module reads one projection's output as it is and returns it in the same layout
-    (``norm_q(to_q(x))``), and that projection feeds only this operand. None otherwise."""
+    n: OpNode,
+    nodes: list[OpNode],
+    sources: list[OpNode],
+    replay: _Replay,
+    offsets: dict[int, tuple[int, int]],
+) -> tuple[str, list[tuple[OpNode, torch.Tensor]]] | None:
+    """Where heads can be dropped exactly after an op that needs every head (a norm across
+    all heads, a depthwise convolution): the module running it, when each of its calls reads
+    one tensor and returns it with the same channels in the same places, channels last
+    (``norm_q(to_q(x))``; PixArt-Sigma's ``norm(sr(k))``, called for k and then v), and those
+    channels come from one projection. Returns the module and, per call, that projection and
+    the codes along the output's last axis; None when there is no such module."""
     m = n.module
     if not m:
         return None
-    inside = {id(x) for x in nodes if x.module == m or x.module.startswith(m + ".")}
-    entries = {id(i): i for x in nodes if id(x) in inside for i in x.inputs if id(i) not in inside and id(i) in replay.values}
-    exits = [x for x in nodes if id(x) in inside and any(id(u) not in inside and id(u) in replay.values for u in x.real_users)]
-    if len(entries) != 1 or len(exits) != 1:
-        return None
-    (entry,) = entries.values()
-    if entry.kind != "linear" or entry not in sources:
-        return None
-    if not torch.equal(replay.values[id(exits[0])], replay.values[id(entry)]):
-        return None  # the module moves channels: its output columns are not the Linear's rows
-    roles = [r for r, found in by_role.items() if any(s.node is entry for s in found)]
-    if len(roles) != 1 or roles[0] == "v":
-        return None
-    return m, entry.linear
+    inside = [x for x in nodes if _inside(x, {m})]
+    ids = {id(x) for x in inside}
+    out = []
+    for call in _connected(inside, ids):
+        entries = {id(i): i for x in call for i in x.inputs if id(i) not in ids and id(i) in replay.values}
+        exits = [x for x in call if any(id(u) not in ids and id(u) in replay.values for u in x.real_users)]
+        if len(entries) != 1 or len(exits) != 1:
+            return None
+        (entry,) = entries.values()
+        before, after = replay.values[id(entry)], replay.values[id(exits[0])]
+        if before.shape != after.shape or not torch.equal(before, after):
+            return None  # the module moves channels (or tokens)
+        rows = after.reshape(-1, after.shape[-1])
+        if not torch.equal(rows, rows[:1].expand_as(rows)):
+            return None  # channels are not along the last axis
+        codes = rows[0]
+        owner = [s for s in sources if offsets[id(s)][0] <= int(codes.min()) and int(codes.max()) < sum(offsets[id(s)])]
+        if int(codes.min()) < 0 or len(owner) != 1:
+            return None
+        out.append((owner[0], codes))
+    return (m, out) if out else None
+
+
+def _connected(inside: list[OpNode], ids: set[int]) -> list[list[OpNode]]:
+    """The ops of a module split by call: groups connected through each other's values."""
+    seen: set[int] = set()
+    groups = []
+    for start in inside:
+        if id(start) in seen:
+            continue
+        group, stack = [], [start]
+        seen.add(id(start))
+        while stack:
+            x = stack.pop()
+            group.append(x)
+            for y in [*x.inputs, *x.real_users]:
+                if id(y) in ids and id(y) not in seen:
+                    seen.add(id(y))
+                    stack.append(y)
+        groups.append(group)
+    return groups
+
+
+def _exits(m: str, nodes: list[OpNode], replay: _Replay) -> list[OpNode]:
+    """The ops of module ``m`` whose values leave it on the way to the attention."""
+    inside = {id(x) for x in nodes if _inside(x, {m})}
+    return [x for x in nodes if id(x) in inside and any(id(u) not in inside and id(u) in replay.values for u in x.real_users)]
+
+
+def _shadowed(nodes: list[OpNode], operands: tuple[OpNode, ...], cuts: set[str], order: dict[int, int]) -> set[int]:
+    """Ids of the ops whose every path to the attention passes a cut module (and the modules'
+    own ops): they run in full before the cut, so removing heads does not touch them."""
+    tracked = {id(x) for x in nodes}
+    live = {id(o) for o in operands}
+    for x in sorted(nodes, key=lambda n: order[id(n)], reverse=True):
+        if id(x) in live:
+            continue
+        for u in x.real_users:
+            if id(u) in tracked and not _inside(u, cuts) and (id(u) in live or u.kind == "mutate"):
+                live.add(id(x))
+                break
+    return {id(x) for x in nodes if id(x) not in live or _inside(x, cuts)}
+
+
+def _cut_table(
+    m: str,
+    calls: list[tuple[OpNode, torch.Tensor]],
+    by_role: dict[str, list[Source]],
+    offsets: dict[int, tuple[int, int]],
+    shadow: set[int],
+) -> Cut:
+    """The cut of module ``m``: its projections (which must reach the attention through cuts
+    only) and the output column of every head's channels, the same in every call."""
+    table = None
+    for lin, codes in calls:
+        if id(lin) not in shadow:
+            raise ChainError(
+                f"{lin.linear} reaches the attention both through {m}, which mixes heads, and "
+                "without it (a fused projection): its rows cannot be cut after the module"
+            )
+        column = torch.full((int(codes.max()) + 1,), -1, dtype=torch.long)
+        column[codes] = torch.arange(codes.numel())
+        base = offsets[id(lin)][0]
+        for s in (s for found in by_role.values() for s in found if s.node is lin):
+            absolute = s.table + base
+            if int(absolute.max()) >= column.numel() or bool((column[absolute] < 0).any()):
+                continue  # another role of the same projection, cut in another call
+            t = column[absolute]
+            if table is not None and not torch.equal(t, table):
+                raise ChainError(f"the calls of {m} keep different columns per head")
+            table = t
+    if table is None:
+        raise ChainError(f"no head's channels leave {m}")
+    return Cut(tuple(sorted({lin.linear for lin, _ in calls})), table)
 
 
 def _inside(n: OpNode, modules: dict[str, str] | set[str]) -> bool:

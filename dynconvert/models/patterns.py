@@ -27,7 +27,7 @@ ROPE_FORMS = ("rotate_half", "interleaved", "complex", "table")
 QK_NORMS = (None, "head_rms", "head_layernorm", "all")
 
 
-def _time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """(B,) timesteps in [0, 1000) -> (B, dim) sinusoidal features."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
@@ -50,7 +50,7 @@ class HandRMSNorm(nn.Module):
         return (x * self.scale).to(dtype)
 
 
-def _rope_tables(n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (n, d) of rotary angles, each frequency repeated for its channel pair."""
     inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # (d/2,)
     ang = torch.arange(n, dtype=torch.float32)[:, None] * inv[None]  # (n, d/2)
@@ -66,7 +66,7 @@ def apply_rope(x: torch.Tensor, form: str, pos: torch.Tensor | None = None) -> t
         freqs = torch.polar(torch.ones(n, d // 2), torch.arange(n, dtype=torch.float32)[:, None] * inv)
         xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
         return torch.view_as_real(xc * freqs).flatten(-2).type_as(x)
-    cos, sin = _rope_tables(n, d)
+    cos, sin = rope_tables(n, d)
     if form == "table" and pos is not None:  # tables indexed by position ids (Flux, Hunyuan)
         cos, sin = cos[pos], sin[pos]
     if form == "interleaved":  # pairs (x0, x1) -> (-x1, x0), stacked and flattened back
@@ -269,7 +269,7 @@ class RotaryDiT(nn.Module):
         self.head = nn.Linear(dim, channels)
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        c = self.t_mlp(_time_embedding(timestep, 64))
+        c = self.t_mlp(time_embedding(timestep, 64))
         pos = torch.arange(hidden_states.shape[1], device=hidden_states.device)
         h = self.embed(hidden_states)
         for layer in self.layers:
@@ -277,7 +277,9 @@ class RotaryDiT(nn.Module):
         return self.head(h)
 
 
-def _inputs(batch: int, tokens: int, channels: int, seed: int, **extra: Any) -> dict[str, Any]:
+def sequence_inputs(batch: int, tokens: int, channels: int, seed: int, **extra: Any) -> dict[str, Any]:
+    """Keyword inputs of a pattern model: (B, N, C) hidden states, B timesteps, and ``extra``
+    random tensors by name and shape."""
     g = torch.Generator().manual_seed(seed)
     t = torch.tensor([100.0, 800.0, 450.0, 20.0][:batch] + [500.0] * max(0, batch - 4))
     out = {"hidden_states": torch.randn(batch, tokens, channels, generator=g), "timestep": t}
@@ -300,7 +302,7 @@ def rotary_dit(
     convolutional MLP on the 4x4 token grid; ``rope="linear"``: Sana's linear attention."""
     torch.manual_seed(seed)
     model = RotaryDiT(rope=rope, qk_norm=qk_norm, manual=manual, gqa=gqa, conv_mlp=conv_mlp)
-    return randomize_weights(model.eval(), seed), _inputs(2, 16, 4, seed)
+    return randomize_weights(model.eval(), seed), sequence_inputs(2, 16, 4, seed)
 
 
 class JointAttention(nn.Module):
@@ -418,7 +420,7 @@ class MMDiT(nn.Module):
         self.head = nn.Linear(dim, channels)
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        c = self.t_mlp(_time_embedding(timestep, 64))
+        c = self.t_mlp(time_embedding(timestep, 64))
         img, txt = self.embed(hidden_states), self.text_embed(encoder_hidden_states)
         for blk in self.joint:
             img, txt = blk(img, txt, c)
@@ -435,7 +437,7 @@ def mmdit(
     ``shared_mlp``: the joint blocks apply one sliced-SwiGLU MLP to both streams (CogView4)."""
     torch.manual_seed(seed)
     model = MMDiT(joint=joint, single=single, shared_mlp=shared_mlp)
-    inputs = _inputs(2, 16, 4, seed, encoder_hidden_states=(6, 12))
+    inputs = sequence_inputs(2, 16, 4, seed, encoder_hidden_states=(6, 12))
     return randomize_weights(model.eval(), seed), inputs
 
 
@@ -513,7 +515,7 @@ class VideoDiT(nn.Module):
         self.head = nn.Linear(dim, channels)
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        h = self.embed(hidden_states) + self.t_mlp(_time_embedding(timestep, 64))[:, None, None]
+        h = self.embed(hidden_states) + self.t_mlp(time_embedding(timestep, 64))[:, None, None]
         for blk in self.blocks:
             h = blk(h)
         return self.head(h)
@@ -529,7 +531,7 @@ def video_dit(seed: int = 0, linear: type[nn.Module] = CustomLinear) -> tuple[nn
     return randomize_weights(VideoDiT(linear=linear).eval(), seed), inputs
 
 
-PATTERN_MODELS = {
+PATTERNS = {
     "rotary-rotate-half": lambda: rotary_dit("rotate_half"),
     "rotary-interleaved": lambda: rotary_dit("interleaved", "head_layernorm"),
     "rotary-complex": lambda: rotary_dit("complex", "head_rms"),

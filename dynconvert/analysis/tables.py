@@ -1,0 +1,149 @@
+"""Tables that differ per head, handed to an attention module as arguments.
+
+LTX-Video computes its rotary cos / sin tables once, over the whole width (B, N, heads x d),
+and passes them through every block into the attention, where they multiply q and k. Removing
+a head then needs the table's columns of that head removed too. headlocal.py finds such a
+table where it meets the projection (:class:`TableUse`); here it is followed back to where it
+enters the attention module, and matched by value with the module's arguments on one forward
+pass, so that the fast path can cut that argument (a pytree path such as
+``[1]['image_rotary_emb'][0]``) with the active heads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.fx._pytree import tree_flatten_spec
+from torch.utils import _pytree as pytree
+
+from dynconvert.analysis.graph import OpGraph, OpNode
+from dynconvert.analysis.headlocal import TableUse
+from dynconvert.analysis.layout import describe
+from dynconvert.plan import AttentionSite, TableArg, UnitMap
+
+
+def node_values(ep: torch.export.ExportedProgram, args: tuple, kwargs: dict, names: set[str]) -> dict[str, Any]:
+    """The values of the nodes ``names`` of an exported graph at ``(args, kwargs)`` (one run).
+
+    Example:
+        >>> ep = torch.export.export(torch.nn.Linear(2, 2), (torch.ones(1, 2),))
+        >>> list(node_values(ep, (torch.ones(1, 2),), {}, {"linear"}))
+        ['linear']
+    """
+    gm = ep.module()
+    found: dict[str, Any] = {}
+
+    class _Recorder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            out = super().run_node(n)
+            if n.name in names:
+                found[n.name] = out
+            return out
+
+    flat = tree_flatten_spec((tuple(args), dict(kwargs)), gm._in_spec)  # in the export's order
+    with torch.no_grad():
+        _Recorder(gm).run(*flat)
+    return found
+
+
+def entering(use: TableUse, module: str) -> OpNode | str:
+    """The tensor a table use starts from where it enters ``module``: followed back through
+    casts and shape ops that keep its axes from ``use.dim`` on. A reason when it is computed
+    inside the module (it cannot be cut at the module's arguments then)."""
+    n = use.node
+    while module == "" or n.module == module or n.module.startswith(module + "."):
+        src = n.inputs[0] if len(n.inputs) == 1 else None
+        if n.kind not in ("cast", "shape") or src is None or src.shape is None or n.shape is None:
+            return (
+                f"a table that differs per head ({describe(use.op)}) is computed inside the "
+                "attention module, not handed to it: it cannot be cut with the heads"
+            )
+        if len(src.shape) < -use.dim or tuple(src.shape[use.dim :]) != tuple(n.shape[use.dim :]):
+            return f"a table that differs per head is reshaped inside the attention ({describe(n)})"
+        n = src
+    return n
+
+
+def module_inputs(model: torch.nn.Module, args: tuple, kwargs: dict, names: set[str]) -> dict[str, list]:
+    """Module fqn -> ``[(pytree path, leaf), ...]`` of its first call's ``(args, kwargs)``."""
+    seen: dict[str, list] = {}
+    hooks = []
+    for name in names:
+
+        def record(_m: torch.nn.Module, a: tuple, kw: dict, _name: str = name) -> None:
+            if _name not in seen:
+                leaves, _ = pytree.tree_flatten_with_path((a, kw))
+                seen[_name] = [(pytree.keystr(p), leaf) for p, leaf in leaves]
+
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(record, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def resolve(
+    model: torch.nn.Module,
+    graph: OpGraph,
+    args: tuple,
+    kwargs: dict,
+    pending: list[tuple[AttentionSite, list[TableUse]]],
+) -> dict[int, str]:
+    """Give every pending site its ``table_args``; returns ``id(site) -> reason`` for those
+    whose tables cannot be cut (they are not converted)."""
+    failed: dict[int, str] = {}
+    starts: dict[int, list[tuple[OpNode, TableUse]]] = {}
+    for site, uses in pending:
+        found = [(entering(u, site.name), u) for u in uses]
+        reason = next((r for r, _ in found if isinstance(r, str)), None)
+        if reason is not None:
+            failed[id(site)] = reason
+        elif graph.evaluate is None:
+            failed[id(site)] = (
+                "a table that differs per head is handed to the attention, and the model was "
+                "not captured whole by torch.export, so which argument it is cannot be found"
+            )
+        else:
+            starts[id(site)] = found  # type: ignore[assignment]
+    todo = [(s, u) for s, u in pending if id(s) in starts]
+    if not todo:
+        return failed
+    values = graph.evaluate({n.name for found in starts.values() for n, _ in found})
+    inputs = module_inputs(model, args, kwargs, {s.name for s, _ in todo})
+    for site, _ in todo:
+        tables: dict[str, TableArg] = {}
+        for node, use in starts[id(site)]:
+            value = values.get(node.name)
+            paths = [
+                p
+                for p, leaf in inputs.get(site.name, [])
+                if isinstance(leaf, torch.Tensor) and isinstance(value, torch.Tensor)
+                and leaf.shape == value.shape and torch.equal(leaf, value)
+            ]
+            if len(paths) != 1:
+                failed[id(site)] = (
+                    f"a table that differs per head ({describe(use.op)}) matches "
+                    f"{'none' if not paths else 'several'} of the attention module's arguments"
+                )
+                break
+            arg = _table_arg(paths[0], use, site.units)
+            if isinstance(arg, str) or (paths[0] in tables and tables[paths[0]] != arg):
+                failed[id(site)] = arg if isinstance(arg, str) else f"{paths[0]} is cut differently by its uses"
+                break
+            tables[paths[0]] = arg
+        else:
+            site.table_args = list(tables.values())
+            site.fast_reason = site.fast_reason or "unverified"  # convert checks the cut once
+    return failed
+
+
+def _table_arg(path: str, use: TableUse, units: int) -> TableArg | str:
+    """The table at ``path`` cut along ``use.dim``: every unit's positions, ascending."""
+    per_unit = [(use.heads == u).nonzero().squeeze(1).tolist() for u in range(units)]
+    if len({len(p) for p in per_unit}) != 1 or not per_unit[0]:
+        return f"the table at {path} does not give every head the same number of positions"
+    return TableArg(path, use.dim, UnitMap(path, "rows", units, explicit=[per_unit]))

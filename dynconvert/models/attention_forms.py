@@ -1,0 +1,168 @@
+"""Attention modules whose q, k or v reach the attention through more than head-local ops, as
+pattern models (see patterns.py): key/value compression (PixArt-Sigma, PVT) and rotary tables
+over the whole width handed in by the model (LTX-Video).
+
+Example:
+    >>> model, inputs = compressed_kv_dit("conv")
+    >>> model(**inputs).shape
+    torch.Size([2, 16, 4])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynconvert.models.patterns import (
+    HandRMSNorm,
+    RotaryDiT,
+    rope_tables,
+    sequence_inputs,
+    time_embedding,
+)
+from dynconvert.models.tiny import randomize_weights
+
+KV_SAMPLINGS = ("conv", "uniform", "nearest", "pool", "reduce-input")
+
+
+class KVCompressAttention(nn.Module):
+    """Self-attention on a square token grid whose keys and values are downsampled by ``ratio``
+    per side before the attention, as PixArt-Sigma does at high resolution:
+
+    - ``conv``: a strided depthwise convolution, then one LayerNorm over every head's channels
+      (one module pair shared by k and v);
+    - ``uniform``: every ratio-th row and column (strided slicing);
+    - ``nearest``: nearest-neighbour interpolation;
+    - ``pool``: average pooling;
+    - ``reduce-input``: PVT's spatial reduction, a strided convolution of the *input* before
+      the key/value projection.
+
+    ``fused``: one Linear for q, k and v (PixArt-Sigma's own code), else one each (a port to
+    diffusers' layout).
+    """
+
+    def __init__(self, dim: int, heads: int, sampling: str, ratio: int = 2, fused: bool = True):
+        super().__init__()
+        self.heads, self.sampling, self.ratio, self.fused = heads, sampling, ratio, fused
+        if sampling == "reduce-input":
+            self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
+            self.sr = nn.Conv2d(dim, dim, ratio, stride=ratio)
+        else:
+            if fused:
+                self.qkv = nn.Linear(dim, 3 * dim)
+            else:
+                self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+            self.sr = nn.Conv2d(dim, dim, ratio, stride=ratio, groups=dim) if sampling == "conv" else None
+        self.norm = nn.LayerNorm(dim) if sampling in ("conv", "reduce-input") else None
+        self.proj = nn.Linear(dim, dim)
+
+    def downsample(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) on a square grid -> (B, N / ratio^2, C)."""
+        b, n, c = t.shape  # C: as many channels as the active heads have
+        side, r = math.isqrt(n), self.ratio
+        grid = t.reshape(b, side, side, c).permute(0, 3, 1, 2)  # (B, C, side, side)
+        if self.sampling in ("conv", "reduce-input"):
+            return self.norm(self.sr(grid).flatten(2).transpose(1, 2))
+        if self.sampling == "uniform":
+            grid = grid[:, :, ::r, ::r]
+        elif self.sampling == "nearest":
+            grid = F.interpolate(grid, scale_factor=1 / r, mode="nearest")
+        else:
+            grid = F.avg_pool2d(grid, r)
+        return grid.permute(0, 2, 3, 1).reshape(b, -1, c)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        b, n, _ = x.shape
+        if self.sampling == "reduce-input":
+            q = self.q(x)
+            k, v = self.kv(self.downsample(x)).chunk(2, dim=-1)
+        else:
+            if self.fused:
+                q, k, v = self.qkv(x).unflatten(-1, (3, -1)).unbind(2)
+            else:
+                q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+            k, v = self.downsample(k), self.downsample(v)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d) over N / ratio^2 keys
+        return self.proj(o.transpose(1, 2).reshape(b, n, -1))
+
+
+def compressed_kv_dit(sampling: str = "conv", fused: bool = True, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+    """A DiT on a 4x4 token grid whose attentions compress keys and values by 2 per side
+    (:data:`KV_SAMPLINGS`), with one fused q/k/v projection or three."""
+    torch.manual_seed(seed)
+    model = RotaryDiT()
+    for layer in model.layers:
+        layer.attn = KVCompressAttention(32, 4, sampling, fused=fused)
+    return randomize_weights(model.eval(), seed), sequence_inputs(2, 16, 4, seed)
+
+
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> (..., C): every channel pair (a, b) becomes (-b, a)."""
+    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([-b, a], dim=-1).flatten(-2)
+
+
+class WideRotaryAttention(nn.Module):
+    """LTX-Video's attention: q and k RMS-normed over every head's channels (``norm="all"``)
+    or not at all, then rotated by cos / sin tables (B, N, C) over the whole width that the
+    model computes once and hands to every block (each head has its own frequencies)."""
+
+    def __init__(self, dim: int, heads: int, norm: str | None = "all"):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.to_out = nn.Linear(dim, dim)
+        self.norm_q = HandRMSNorm(dim) if norm == "all" else nn.Identity()
+        self.norm_k = HandRMSNorm(dim) if norm == "all" else nn.Identity()
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # noqa: D102
+        cos, sin = rope
+        q, k, v = self.norm_q(self.to_q(x)), self.norm_k(self.to_k(x)), self.to_v(x)
+        q = (q.float() * cos + _rotate_pairs(q).float() * sin).to(x.dtype)
+        k = (k.float() * cos + _rotate_pairs(k).float() * sin).to(x.dtype)
+        q, k, v = (t.unflatten(2, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(o.transpose(1, 2).flatten(2))
+
+
+class WideRopeDiT(RotaryDiT):
+    """A DiT whose rotary tables span the whole width (B, N, C) and are computed once at the
+    top, then passed through every block into its attention (LTX-Video's layout)."""
+
+    def __init__(self, norm: str | None = "all"):
+        super().__init__()
+        for layer in self.layers:
+            layer.attn = WideRotaryAttention(32, 4, norm)
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        b, n, _ = hidden_states.shape
+        c = self.t_mlp(time_embedding(timestep, 64))
+        cos, sin = rope_tables(n, 32)  # (N, C): one frequency per channel pair of the width
+        rope = (cos[None].expand(b, n, 32), sin[None].expand(b, n, 32))
+        h = self.embed(hidden_states)
+        for layer in self.layers:
+            h = layer(h, c, rope)
+        return self.head(h)
+
+
+def wide_rope_dit(norm: str | None = "all", seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+    """A DiT with LTX-Video's attention: rotary tables over the whole width, handed in."""
+    torch.manual_seed(seed)
+    return randomize_weights(WideRopeDiT(norm).eval(), seed), sequence_inputs(2, 16, 4, seed)
+
+
+FORMS = {
+    "kv-conv-norm": lambda: compressed_kv_dit("conv", fused=False),
+    "kv-uniform": lambda: compressed_kv_dit("uniform"),
+    "kv-nearest": lambda: compressed_kv_dit("nearest"),
+    "kv-pool": lambda: compressed_kv_dit("pool"),
+    "kv-reduce-input": lambda: compressed_kv_dit("reduce-input"),
+    "rotary-wide-table": lambda: wide_rope_dit(None),
+    "rotary-wide-table-norm-all": lambda: wide_rope_dit("all"),
+}
+"""Builders of this module's pattern models by name, each returning ``(model, example_inputs)``."""

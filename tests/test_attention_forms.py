@@ -1,0 +1,132 @@
+"""Key/value compression and rotary tables over the whole width (issue 9, point 5 and point 1).
+
+The three invariants of every pattern model run in test_patterns.py (these models are in
+PATTERN_MODELS); here: what each form makes of a site, and its refusals.
+"""
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor
+
+import dynconvert
+from dynconvert.config import ConvertConfig
+from dynconvert.flops import measure_macs, site_cost
+from dynconvert.inputs import default_inputs, with_timestep
+from dynconvert.models.attention_forms import WideRotaryAttention, compressed_kv_dit
+from dynconvert.models.patterns import rope_tables
+from dynconvert.plan import Plan
+from dynconvert.testing import PATTERN_MODELS, randomize_routing, tiny_pixart
+
+
+@pytest.mark.parametrize("name", ["kv-uniform", "kv-nearest", "kv-pool"])
+def test_keys_and_values_resampled_per_channel_keep_a_whole_site(name):
+    model, inputs = PATTERN_MODELS[name]()
+    plan = dynconvert.analyze(model, inputs)
+    site = plan.attention[0]
+    # The fused qkv is sliced as usual: downsampling acts on every channel on its own.
+    assert [m.linear for m in site.in_maps] == ["layers.0.attn.qkv"] and not site.unsliced
+    # The projection runs on 16 tokens, the attention sees 4 keys (2x2 per side).
+    assert (site.tokens_q, site.tokens_kv, site.kv_stride) == (16, 16, 4)
+    qkv, out, attn = 16 * 32 * 96, 16 * 32 * 32, 16 * 4 * 4 * (8 + 8)
+    assert site.macs() == qkv + out + attn
+
+
+def test_compression_by_a_depthwise_conv_and_a_norm_over_all_heads_is_cut_after_the_norm():
+    model, inputs = PATTERN_MODELS["kv-conv-norm"]()
+    site = dynconvert.analyze(model, inputs).attention[0]
+    # k and v run in full through the (shared) conv and LayerNorm; the norm's output, in both
+    # of its calls, is cut to the active heads; q and the out-projection are sliced.
+    assert site.unsliced == ["layers.0.attn.to_k", "layers.0.attn.to_v"]
+    assert [m.linear for m in site.cut_maps] == ["layers.0.attn.norm"]
+    assert [m.linear for m in site.in_maps] == ["layers.0.attn.to_q"]
+    assert site.kv_stride == 4
+    # What no routing saves: the k and v projections over all 16 tokens.
+    assert site.fixed_macs() == 2 * 16 * 32 * 32
+    assert site_cost(site, width=0.0).dynamic == site.fixed_macs()
+
+
+def test_a_fused_projection_that_reaches_the_attention_around_the_cut_is_refused():
+    model, inputs = compressed_kv_dit("conv", fused=True)  # PixArt-Sigma's own layout
+    plan = dynconvert.analyze(model, inputs)
+    assert not plan.attention
+    reason = next(s.reason for s in plan.skipped if s.name == "layers.0.attn")
+    assert "layers.0.attn.qkv reaches the attention both through layers.0.attn.norm" in reason
+
+
+def test_a_depthwise_conv_with_nothing_to_cut_after_it_is_refused_with_its_reason():
+    model, inputs = compressed_kv_dit("conv", fused=False)
+    for layer in model.layers:
+        layer.attn.norm = torch.nn.Identity()  # the conv's output goes straight to the heads
+    plan = dynconvert.analyze(model, inputs)
+    reason = next(s.reason for s in plan.skipped if s.name == "layers.0.attn")
+    assert "depthwise convolution" in reason and "no module after it" in reason
+
+
+def test_a_cut_site_runs_one_head_per_attention_as_the_masked_path_does():
+    model, inputs = PATTERN_MODELS["kv-conv-norm"]()
+    reference = model(**inputs)
+    dynconvert.convert(model, 0.6, example_inputs=inputs)
+    plan = dynconvert.get_state(model).plan
+    assert len(plan.attention) == 2 and all(s.fast for s in plan.attention)
+    assert torch.allclose(model(**inputs), reference, atol=1e-6)
+    # Exactly one head of four on at every t: the cut keeps that head's columns of the norm.
+    randomize_routing(model, keep=0.25, vary_with_t=False, example_inputs=inputs)
+    fast = model(**inputs)
+    with dynconvert.routing(model, "eval", "masked"):
+        masked = model(**inputs)
+    assert torch.allclose(fast, masked, atol=1e-5)
+    assert not torch.allclose(fast, reference, atol=1e-3)  # heads really were dropped
+
+
+@pytest.mark.parametrize("name", ["rotary-wide-table", "rotary-wide-table-norm-all"])
+def test_a_rotary_table_over_the_whole_width_is_cut_with_the_heads(name):
+    model, inputs = PATTERN_MODELS[name]()
+    plan = dynconvert.analyze(model, inputs)
+    site = plan.attention[0]
+    # The tables come in as the attention's second argument, a (cos, sin) pair of (B, N, C);
+    # head h owns columns 8h .. 8h + 7 of each.
+    assert [(t.path, t.dim) for t in site.table_args] == [("[0][1][0]", -1), ("[0][1][1]", -1)]
+    assert site.table_args[0].map.indices(1) == list(range(8, 16))
+    if name == "rotary-wide-table":  # q and k sliced, tables cut to match
+        assert {m.linear for m in site.in_maps} == {f"layers.0.attn.to_{x}" for x in "qkv"}
+    else:  # q and k normalised over all heads: cut after the norms, then the tables
+        assert [m.linear for m in site.cut_maps] == ["layers.0.attn.norm_q", "layers.0.attn.norm_k"]
+    assert Plan.from_dict(plan.to_dict()) == plan  # saved records carry the tables
+
+
+def test_a_table_computed_inside_the_attention_or_without_export_is_refused_with_its_reason():
+    model, inputs = PATTERN_MODELS["rotary-wide-table"]()
+    plan = dynconvert.analyze(model, inputs, ConvertConfig(capture="fx"))
+    reason = next(s.reason for s in plan.skipped if s.name == "layers.0.attn")
+    assert "not captured whole by torch.export" in reason
+
+    class OwnTables(WideRotaryAttention):  # builds its (per-head) table itself
+        def forward(self, x, rope):
+            cos, sin = rope_tables(x.shape[1], x.shape[2])
+            return super().forward(x, (cos, sin))
+
+    for layer in model.layers:
+        layer.attn = OwnTables(32, 4, None)
+    plan = dynconvert.analyze(model, inputs)
+    reason = next(s.reason for s in plan.skipped if s.name == "layers.0.attn")
+    assert "computed inside the attention module" in reason
+
+
+def test_heads_folded_into_the_batch_by_the_classic_diffusers_processor_convert():
+    # AttnProcessor (set_default_attn_processor) folds heads into the batch, (B * H, N, d),
+    # and runs baddbmm / softmax / bmm: the fold is seen through, the same sites are found.
+    model = tiny_pixart()
+    model.set_attn_processor(AttnProcessor())
+    args, kwargs = default_inputs(model)
+    reference = model(*args, **kwargs)[0]
+    dynconvert.convert(model, 0.8, example_inputs=kwargs)
+    plan = dynconvert.get_state(model).plan
+    assert (len(plan.attention), len(plan.mlp)) == (4, 2), plan.skipped
+    assert torch.allclose(model(**kwargs)[0], reference, atol=1e-5)
+    randomize_routing(model, keep=0.5)
+    with dynconvert.routing(model, "eval", "masked"):
+        masked = model(**kwargs)[0]
+    assert torch.allclose(model(**kwargs)[0], masked, atol=1e-5)
+    one_t = with_timestep(model, kwargs, 700.0)[1]
+    report = dynconvert.count_flops(model, one_t)
+    assert measure_macs(model, one_t) / report.static_macs == pytest.approx(report.ratio, rel=0.02)
