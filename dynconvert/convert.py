@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from dynconvert.analysis import FilterFn, analyze
+from dynconvert.attention_runtime import AttentionRuntime
 from dynconvert.bank import RouterBank
 from dynconvert.config import ConvertConfig
 from dynconvert.conv_runtime import ConvMlpRuntime
 from dynconvert.dynamic import (
-    AttentionRuntime,
     DynamicConv,
     DynamicLinear,
     MlpRuntime,

@@ -138,7 +138,8 @@ def shapes_of(args: tuple, kwargs: dict) -> dict[str, list[int]]:
 
 def find_timestep_arg(model: torch.nn.Module, name: str | None = None) -> str:
     """The forward parameter that carries the timestep: ``name`` when given, else the first of
-    ``TIMESTEP_NAMES`` in the signature, else the only one ending in ``_`` + one of them.
+    ``TIMESTEP_NAMES`` in the signature, else the only one ending in ``_`` + one of them
+    (``_t`` aside).
 
     Example:
         >>> from dynconvert.testing import tiny_dit
@@ -155,8 +156,9 @@ def find_timestep_arg(model: torch.nn.Module, name: str | None = None) -> str:
     for cand in TIMESTEP_NAMES:
         if cand in params:
             return cand
-    # A prefixed name (T5FilmDecoder's ``decoder_noise_time``, ``noise_sigma``), when only one.
-    prefixed = [p for p in params if any(p.endswith("_" + c) for c in TIMESTEP_NAMES)]
+    # A prefixed name (T5FilmDecoder's ``decoder_noise_time``, ``noise_sigma``), when only one;
+    # not ``_t``: ``x_t`` is the noisy input in many codebases.
+    prefixed = [p for p in params if any(p.endswith("_" + c) for c in TIMESTEP_NAMES if len(c) > 1)]
     if len(prefixed) == 1:
         return prefixed[0]
     raise TimestepError(

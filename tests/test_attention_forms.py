@@ -6,13 +6,18 @@ PATTERN_MODELS); here: what each form makes of a site, and its refusals.
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor
 
 import dynconvert
 from dynconvert.config import ConvertConfig
 from dynconvert.flops import measure_macs, site_cost
 from dynconvert.inputs import default_inputs, with_timestep
-from dynconvert.models.attention_forms import WideRotaryAttention, compressed_kv_dit
+from dynconvert.models.attention_forms import (
+    KVCompressAttention,
+    WideRotaryAttention,
+    compressed_kv_dit,
+)
 from dynconvert.models.patterns import rope_tables
 from dynconvert.plan import Plan
 from dynconvert.testing import PATTERN_MODELS, randomize_routing, tiny_pixart
@@ -130,3 +135,49 @@ def test_heads_folded_into_the_batch_by_the_classic_diffusers_processor_convert(
     one_t = with_timestep(model, kwargs, 700.0)[1]
     report = dynconvert.count_flops(model, one_t)
     assert measure_macs(model, one_t) / report.static_macs == pytest.approx(report.ratio, rel=0.02)
+
+
+class _FlippedTable(WideRotaryAttention):  # reverses the sin table's columns inside
+    def forward(self, x, rope):
+        cos, sin = rope
+        return super().forward(x, (cos, sin.flip(-1)))
+
+
+class _PooledEverything(torch.nn.Module):  # q, k and v pooled 2x2, the output upsampled back
+    def __init__(self):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v, self.to_out = (torch.nn.Linear(32, 32) for _ in range(4))
+
+    def forward(self, x, pos):
+        b, n, c = x.shape
+
+        def pool(t):
+            return F.avg_pool2d(t.transpose(1, 2).reshape(b, c, 4, 4), 2).flatten(2).transpose(1, 2)
+
+        q, k, v = (pool(p(x)).unflatten(-1, (4, -1)).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v))
+        o = self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        return F.interpolate(o.transpose(1, 2).reshape(b, c, 2, 2), scale_factor=2.0).flatten(2).transpose(1, 2)
+
+
+class _AdaptivePool(KVCompressAttention):  # PVT-v2's pooling to a fixed grid
+    def downsample(self, t):
+        b, n, c = t.shape
+        grid = F.adaptive_avg_pool2d(t.transpose(1, 2).reshape(b, c, 4, 4), 2)
+        return grid.flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize(
+    ("base", "make", "reason"),
+    [
+        ("rotary-wide-table", lambda: _FlippedTable(32, 4, None), "reordered inside the attention (`flip`"),
+        ("kv-pool", _PooledEverything, "the queries are resampled between their projection and the attention"),
+        ("kv-pool", lambda: _AdaptivePool(32, 4, "pool", fused=False), "`adaptive_avg_pool2d`"),
+    ],
+)
+def test_what_would_be_cut_or_counted_wrongly_is_refused_with_its_reason(base, make, reason):
+    model, inputs = PATTERN_MODELS[base]()
+    for layer in model.layers:
+        layer.attn = make()
+    plan = dynconvert.analyze(model, inputs)
+    assert not plan.attention
+    assert reason in next(s.reason for s in plan.skipped if s.name == "layers.0.attn")

@@ -8,6 +8,7 @@ from torch import nn
 
 import dynconvert
 from dynconvert.dynamic import DynamicLinear
+from dynconvert.inputs import find_timestep_arg
 from dynconvert.testing import tiny_dit
 
 
@@ -101,6 +102,18 @@ def test_missing_timestep_argument():
 
     with pytest.raises(dynconvert.TimestepError, match="timestep_arg"):
         dynconvert.convert(NoTime(), 0.5, example_inputs=(torch.randn(1, 2, 4),))
+
+
+def test_a_prefixed_timestep_name_is_taken_only_when_it_is_one_and_not_x_t():
+    def model_with(forward):
+        m = nn.Module()
+        m.forward = forward
+        return m
+
+    assert find_timestep_arg(model_with(lambda tokens, decoder_noise_time: None)) == "decoder_noise_time"
+    for forward in (lambda x_t, noise_level: None, lambda x, a_time, b_time: None):
+        with pytest.raises(dynconvert.TimestepError, match="timestep_arg"):
+            find_timestep_arg(model_with(forward))
 
 
 def test_not_converted_and_bad_mode():

@@ -35,6 +35,8 @@ EXPECTED = {  # name -> (attention sites, MLP sites, streams of the first attent
     "kv-reduce-input": (2, 2, 1),
     "rotary-wide-table": (2, 2, 1),
     "rotary-wide-table-norm-all": (2, 2, 1),
+    "folded-heads": (2, 2, 1),
+    "folded-heads-key-first": (2, 2, 1),
 }
 
 

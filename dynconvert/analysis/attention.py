@@ -17,10 +17,11 @@ import torch
 
 from dynconvert.analysis.costs import node_macs
 from dynconvert.analysis.graph import OpGraph, OpNode, block_of, call_lca, module_lca
-from dynconvert.analysis.headlocal import InputLayout, Source, TableUse, derive_inputs, substitute
+from dynconvert.analysis.headlocal import InputLayout, Source, derive_inputs
 from dynconvert.analysis.headout import OutTarget, derive_outputs
 from dynconvert.analysis.layout import ChainError, as_parts, describe
 from dynconvert.analysis.registry import attention_attrs
+from dynconvert.analysis.replay import TableUse, substitute
 from dynconvert.plan import AttentionSite, AttentionStream, SkippedSite, UnitMap
 
 
@@ -41,6 +42,7 @@ class AttentionCall:
     # A tensor other than q k^T joins the scores before the softmax (an additive mask or bias,
     # maybe per head): the sliced call is checked once at convert.
     scores_extra: bool = False
+    folded: bool = False  # heads were folded into the batch (read batch-major, see _unfold_heads)
 
 
 def find_calls(graph: OpGraph) -> list[AttentionCall]:
@@ -168,12 +170,15 @@ def _unfold_heads(
     ``head_to_batch_dim`` makes (B * H, N, d), then baddbmm / bmm, ``batch_to_head_dim`` after):
     the same call on the (B, H, N, d) tensors before the fold and after the unfold, when only
     a fold of batch and heads lies in between (checked by replaying indices)."""
-    q4, k4, v4 = _folded_from(q, False), _folded_from(k, True), _folded_from(v, False)
+    q4, v4 = _folded_from(q), _folded_from(v)
+    k4, layout = _folded_from(k), "bhdn"  # k^T folded as it is: (B, H, d, M)
+    if k4 is None:  # k (B, H, M, d) folded, then transposed
+        k4, layout = _folded_from(k, transposed=True), "bhnd"
     out4 = _unfolded_into(out)
     if q4 is None or k4 is None or v4 is None or out4 is None:
         return None
     return AttentionCall(
-        output=out4, q=q4, k=k4, v=v4, key_layout="bhnd", cost_nodes=cost, scores_extra=extra
+        output=out4, q=q4, k=k4, v=v4, key_layout=layout, cost_nodes=cost, scores_extra=extra, folded=True
     )
 
 
@@ -187,9 +192,10 @@ def _fold_chain(start: OpNode, end: OpNode, chain: list[OpNode], expected: torch
     return isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.equal(got, expected)
 
 
-def _folded_from(x: OpNode, transposed: bool) -> OpNode | None:
-    """The (B, H, N, d) tensor that shape ops folded into ``x`` (B * H, N, d) — (B * H, d, N)
-    when ``transposed`` — or None."""
+def _folded_from(x: OpNode, transposed: bool = False) -> OpNode | None:
+    """The 4-D tensor (B, H, a, b) that shape ops folded into ``x``, (B * H, a, b) (or, with
+    ``transposed``, (B * H, b, a)), or None. Batch-major folding is assumed (diffusers'
+    ``head_to_batch_dim``); a heads-major fold fails the checks that follow, with a reason."""
     chain, cur = [], x
     for _ in range(6):
         if cur.kind != "shape" or cur.replay is None or len(cur.inputs) != 1:
@@ -298,7 +304,9 @@ def build_site(
     try:
         return _build(call, model, reuse, order, from_linear)
     except ChainError as e:
-        return FoundAttention(None, SkippedSite(where, "attention", e.reason), [])
+        # A fold read the wrong way round (heads-major, H x B) shows up as a layout problem.
+        why = f"heads folded into the batch, read as batch x heads: {e.reason}" if call.folded else e.reason
+        return FoundAttention(None, SkippedSite(where, "attention", why), [])
 
 
 def _unit_map(
@@ -394,7 +402,7 @@ def _build(
     per_head_mask = isinstance(mask, OpNode) and bool(mask.shape) and len(mask.shape) == 4 and mask.shape[1] == heads
     cut_maps = [_unit_map(mod, "rows", units, [_per_unit(cut.table, units)]) for mod, cut in layout.cuts.items()]
     out_maps = [_unit_map(t.node.linear, "cols", units, [_per_unit(t.table, units)], t.keep) for t in targets]
-    stride = _kv_stride(layout)
+    stride = _kv_stride(layout, q_shape[0])
     streams = sorted(_streams(layout, targets, stride), key=lambda s: not s.out)  # one with an out first
     first, more = streams[0], streams[1:]
     out_lin = next((t.node for t in targets if t.node.linear == first.out), targets[0].node)
@@ -510,19 +518,34 @@ def _ascending(table: torch.Tensor) -> bool:
     return bool((flat[1:] > flat[:-1]).all())
 
 
-def _kv_stride(layout: InputLayout) -> int:
+def _kv_stride(layout: InputLayout, batch: int) -> int:
     """Projection tokens per attention key: 1, or the factor by which keys and values are
-    downsampled between their projections and the attention (key/value compression): rows a
-    Linear computes per attention position it fills, against the queries' (the batch, and
-    any axis folded into it, cancels; sequence-first layouts too)."""
+    downsampled between their projections and the attention (key/value compression), read as
+    the rows a Linear computes per position it fills and per row of the attention's ``batch``
+    (so an axis folded into the batch, or a sequence-first layout, counts as it should).
+
+    Queries must reach the attention one projection row per query, and keys and values a
+    whole number of rows per key: anything else (queries resampled, a context repeated to
+    every frame) would be miscounted, and is refused."""
 
     def ratio(s: Source) -> Fraction:
-        return Fraction(math.prod(s.node.shape[:-1]), len(s.tokens))
+        return Fraction(math.prod(s.node.shape[:-1]), len(s.tokens) * batch)
 
-    base = ratio(layout.sources["q"][0])
-    found = {ratio(s) / base for role in "kv" for s in layout.sources[role]}
-    if len(found) != 1 or (stride := found.pop()).denominator != 1 or stride < 1:
+    q = {ratio(s) for s in layout.sources["q"]}
+    if q != {1}:
+        raise ChainError(
+            f"the queries are resampled between their projection and the attention ({min(q)} "
+            "projection rows per query): their cost could not be counted"
+        )
+    found = {ratio(s) for role in "kv" for s in layout.sources[role]}
+    if len(found) != 1:
         raise ChainError("keys and values are resampled by different factors before the attention")
+    stride = found.pop()
+    if stride.denominator != 1:
+        raise ChainError(
+            f"keys and values are repeated or broadcast between their projections and the attention "
+            f"({stride} projection rows per key): their cost could not be counted"
+        )
     return int(stride)
 
 

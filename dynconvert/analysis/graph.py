@@ -58,9 +58,9 @@ FRESH_OPS = {  # new tensors whose values do not depend on the input's (only its
     "new_full",
 }
 SPATIAL_OPS = {  # act on every channel of a channels-first grid on its own (pooling, resizing)
+    # by a fixed factor; adaptive pooling is not here: its factor changes with the resolution
     "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
-    "max_pool2d_with_indices", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
-    "_adaptive_avg_pool2d", "interpolate", "upsample_nearest1d", "upsample_nearest2d",
+    "max_pool2d_with_indices", "interpolate", "upsample_nearest1d", "upsample_nearest2d",
     "upsample_nearest3d", "_upsample_nearest_exact1d", "_upsample_nearest_exact2d",
     "_upsample_nearest_exact3d", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_linear1d",
     "upsample_trilinear3d",

@@ -27,16 +27,15 @@ caller gives ``units``); a norm over all heads or per-head tables do not, each w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from dynconvert.analysis.graph import OpNode
 from dynconvert.analysis.layout import ChainError, describe
+from dynconvert.analysis.replay import AcrossHeads, Replay, TableUse, in_modules
 
 _PASS = ("shape", "cast", "unary", "binary", "norm", "reduce", "cat", "complex", "spatial", "conv")
 _MAX_OPS = 400  # ops between the projections and one attention call; more: we left the block
-_PAIR = 2**24  # view_as_complex packs a channel pair (a, b) into one code: _PAIR * (a + 1) + b
 
 
 @dataclass
@@ -68,14 +67,6 @@ class Cut:
 
     linears: tuple[str, ...]  # the projections whose every path to the attention passes it
     table: torch.Tensor  # (H, d): the output column (last axis) of channel j of head h
-
-
-class _AcrossHeads(ChainError):
-    """A norm or reduction over several heads' channels (maybe a cut point, see derive_inputs)."""
-
-    def __init__(self, reason: str, node: OpNode):
-        super().__init__(reason)
-        self.node = node
 
 
 def linear_ancestry(nodes: list[OpNode]) -> set[int]:
@@ -150,242 +141,6 @@ def _tracked_set(operands: list[OpNode], from_linear: set[int]) -> tuple[set[int
     return {k for k, v in tracked.items() if v}, sources
 
 
-def substitute(a: Any, values: dict[int, torch.Tensor]) -> Any:
-    """Arguments for rerunning a shape op: tracked nodes by their codes, others by -1 codes."""
-    if isinstance(a, OpNode):
-        if id(a) in values:
-            return values[id(a)]
-        if a.kind == "const":
-            return a.args[0]
-        if a.shape is not None:  # a value from no projection (learned tokens, a cat partner)
-            return torch.full(a.shape, -1, dtype=torch.long)
-        raise ChainError(f"cannot replay {describe(a)}: its value is unknown")
-    if isinstance(a, (list, tuple)):
-        return type(a)(substitute(x, values) for x in a)
-    return a
-
-
-def _dims(n: OpNode, rank: int) -> list[int]:
-    """The reduced dims of a reduction node, non-negative (all dims when none are given)."""
-    pos = 2 if n.op == "linalg_vector_norm" else 1
-    d = n.arg(pos, "dim")
-    if d is None or d == []:
-        return list(range(rank))
-    d = [d] if isinstance(d, int) else list(d)
-    return sorted(x % rank for x in d)
-
-
-class _Replay:
-    """Codes of every tracked node, and the checks to run once heads are known."""
-
-    def __init__(self, order: dict[int, int]):
-        self.order = order
-        self.values: dict[int, torch.Tensor] = {}
-        self.same: list[tuple[OpNode, torch.Tensor, torch.Tensor]] = []  # must share heads
-        self.const: list[tuple[OpNode, torch.Tensor, list[int]]] = []  # one head along dims
-        self.bcast: list[tuple[OpNode, torch.Tensor, OpNode]] = []  # must be the same per head
-        self.wide: list[OpNode] = []  # depthwise convolutions: a weight per channel, cut after
-        self.trivial = True
-
-    def run(self, nodes: list[OpNode], sources: list[OpNode], tracked: set[int]) -> None:
-        offset = 0
-        for s in sorted(sources, key=lambda n: self.order[id(n)]):
-            width = s.shape[-1]
-            self.values[id(s)] = torch.arange(width).expand(*s.shape) + offset  # a new tensor
-            offset += width
-        for n in sorted(nodes, key=lambda n: self.order[id(n)]):
-            if id(n) in tracked and n.kind != "linear":
-                self.values[id(n)] = self.step(n, tracked)
-
-    def step(self, n: OpNode, tracked: set[int]) -> torch.Tensor:
-        ins = [i for i in n.inputs if id(i) in tracked]
-        vals = [self.values[id(i)] for i in ins]
-        if n.kind in ("shape", "cat"):
-            args = substitute(n.args, self.values)
-            kwargs = {k: substitute(v, self.values) for k, v in n.kwargs.items()}
-            return n.replay(*args, **kwargs)  # a slice of a fresh tensor stays a view of it
-        if n.kind == "fresh":
-            self.trivial = False
-            return torch.full(n.shape, -1, dtype=torch.long)  # nothing written yet
-        if n.kind == "mutate":
-            view, src = self.values[id(n.args[0])], self.values[id(n.args[1])]
-            return view.copy_(src.expand_as(view))  # writes through into the fresh tensor
-        if n.kind == "complex":
-            self.trivial = False
-            v = vals[0]
-            if n.op == "view_as_complex":  # (..., d/2, 2) -> (..., d/2): a pair becomes one value
-                self.same.append((n, v[..., 0], v[..., 1]))
-                return _PAIR * (v[..., 0] + 1) + v[..., 1]
-            return torch.stack([v // _PAIR - 1, v % _PAIR], -1)  # view_as_real: back to pairs
-        if n.kind == "reduce":
-            self.trivial = False
-            v = vals[0]
-            dims = _dims(n, v.dim())
-            self.const.append((n, v, dims))
-            keep = bool(n.arg(3 if n.op == "linalg_vector_norm" else 2, "keepdim", False))
-            for d in reversed(dims):
-                v = v.narrow(d, 0, 1) if keep else v.select(d, 0)
-            return v
-        if n.kind in ("spatial", "conv"):
-            self.trivial = False
-            return self._grid_op(n, vals[0])
-        if n.kind == "norm":
-            self.trivial = False
-            v = vals[0]
-            shape = n.arg(1, "normalized_shape") or []
-            width = len(shape) if isinstance(shape, (list, tuple)) else 1
-            self.const.append((n, v, list(range(v.dim() - width, v.dim()))))
-            return v
-        out_shape = n.shape if n.shape is not None else tuple(vals[0].shape)
-        out = vals[0].expand(*out_shape) if tuple(vals[0].shape) != tuple(out_shape) else vals[0]
-        others = [a for a in n.inputs if id(a) not in tracked and a.shape is not None]
-        if n.kind == "binary" and (len(vals) > 1 or others):
-            self.trivial = False
-        for v in vals[1:]:
-            self.same.append((n, out, v.expand(*out_shape)))
-        for a in others:
-            self.bcast.append((n, out, a))
-        return out
-
-    def _grid_op(self, n: OpNode, v: torch.Tensor) -> torch.Tensor:
-        """Codes after an op on a channels-first grid (B, C, *spatial): pooling or resizing
-        keeps every channel's code; a depthwise convolution (each output channel reads one
-        input channel) too, but has a weight per channel, so it needs a cut after it; any other
-        convolution mixes channels (checked like a norm over them)."""
-        out_shape = n.shape
-        if out_shape is None or v.dim() < 3 or len(out_shape) != v.dim():
-            raise ChainError(f"{describe(n)} lies between the projection and the attention")
-        flat = v.flatten(2)  # (B, C, positions): a projection gives every token the same codes
-        if not torch.equal(flat.amin(-1), flat.amax(-1)):
-            raise ChainError(f"{describe(n)} runs over a grid whose tokens come from different projections")
-        per = flat[..., 0]  # (B, C_in)
-        c_in, c_out = per.shape[1], out_shape[1]
-        if n.kind == "spatial":
-            src = torch.arange(c_in)
-        else:
-            w = n.args[1] if len(n.args) > 1 else None
-            w_shape = w.shape if isinstance(w, (OpNode, torch.Tensor)) else None
-            transposed = "transpose" in n.op or (n.op == "convolution" and bool(n.arg(6)))
-            if w_shape is None or transposed:
-                raise ChainError(f"{describe(n)} lies between the projection and the attention")
-            if w_shape[1] == 1 and c_out % c_in == 0:  # depthwise: out channel o reads o // mult
-                src = torch.arange(c_out) // (c_out // c_in)
-                self.wide.append(n)
-            else:  # every output channel reads several input channels
-                self.const.append((n, v, [1]))
-                src = torch.zeros(c_out, dtype=torch.long)
-        per = per[:, src]  # (B, C_out)
-        return per.reshape(*per.shape, *[1] * (len(out_shape) - 2)).expand(*out_shape)
-
-    def check(
-        self,
-        head_of: torch.Tensor,
-        skip: set[str] | frozenset = frozenset(),
-        shadow: set[int] | frozenset = frozenset(),
-        only_norms: bool = False,
-        tables: list[TableUse] | None = None,
-    ) -> None:
-        """Run the recorded checks with the code -> head map (-1: no head); ops inside the
-        modules of ``skip`` (cut points) or in ``shadow`` (ids of ops whose every path to the
-        attention passes a cut) are exempt; ``only_norms``: the checks that may ask for a cut;
-        ``tables``: collects tensors that differ per head along one axis instead of refusing."""
-
-        def exempt(n: OpNode) -> bool:
-            return id(n) in shadow or _inside(n, skip)
-
-        def heads(v: torch.Tensor) -> torch.Tensor:
-            v = torch.where(v >= _PAIR, v // _PAIR - 1, v)  # a complex pair: its first channel
-            return torch.where(v >= 0, head_of[v.clamp(min=0)], torch.full_like(v, -2))
-
-        for n, v, dims in self.const:
-            if exempt(n):
-                continue
-            h = heads(v)
-            lo, hi = h, h
-            for d in dims:
-                lo, hi = lo.amin(d, keepdim=True), hi.amax(d, keepdim=True)
-            if not torch.equal(lo, hi):
-                if n.kind == "conv":
-                    raise _AcrossHeads(
-                        f"{describe(n)} mixes channels of several heads between the projection "
-                        "and the attention; removing heads would change it",
-                        n,
-                    )
-                what = "normalises" if n.kind == "norm" else "reduces over"
-                raise _AcrossHeads(
-                    f"qk-norm across all heads: {describe(n)} {what} channels of several heads; "
-                    "removing heads would change it",
-                    n,
-                )
-        for n in self.wide:
-            if not exempt(n):
-                raise _AcrossHeads(
-                    f"{describe(n)} (a depthwise convolution, key/value compression) has a weight "
-                    "per channel between the projection and the attention, and no module after it "
-                    "whose output could be cut to the active heads",
-                    n,
-                )
-        if only_norms:
-            return
-        for n, a, b in self.same:
-            if exempt(n):
-                continue
-            if not torch.equal(heads(a), heads(b)):
-                raise ChainError(
-                    f"{describe(n)} combines values of different heads (or of a tensor computed "
-                    "from another Linear) before the attention"
-                )
-        for n, v, a in self.bcast:
-            if exempt(n):
-                continue
-            use = _table_use(n, heads(v), a)
-            if use is None:
-                continue
-            if isinstance(use, str):
-                raise ChainError(use)
-            if tables is None:
-                raise ChainError(
-                    f"{describe(n)} combines the projection with a tensor that differs per "
-                    "head; removing heads would misalign it"
-                )
-            tables.append(use)
-
-
-@dataclass
-class TableUse:
-    """A tensor that is not from a projection but differs per head where it meets one (rotary
-    tables over the whole width, LTX): removing heads needs it cut along ``dim`` too."""
-
-    node: OpNode  # the tensor as the op reads it
-    op: OpNode  # the op combining it with the projection's values
-    dim: int  # its axis along which the head changes (negative: counted from the end)
-    heads: torch.Tensor  # (size,): the unit of each position along that axis
-
-
-def _table_use(n: OpNode, h: torch.Tensor, a: OpNode) -> TableUse | str | None:
-    """None when tensor ``a`` is the same for every head where ``n`` combines it with heads
-    ``h``; else how it differs: a TableUse when along one axis, each position in one head, else
-    the reason it cannot be cut."""
-    shape = tuple(a.shape)
-    offset = h.dim() - len(shape)
-    varying = []
-    for axis in range(h.dim()):
-        j = axis - offset
-        if j < 0 or shape[j] == 1:
-            continue
-        if not torch.equal(h, h.narrow(axis, 0, 1).expand_as(h)):
-            varying.append(axis)
-    if not varying:
-        return None
-    if len(varying) != 1:
-        return f"{describe(n)} combines the projection with a tensor that differs per head along several axes"
-    axis = varying[0]
-    per = h.movedim(axis, 0).reshape(h.shape[axis], -1)  # (positions, everything else)
-    if not torch.equal(per, per[:, :1].expand_as(per)) or int(per.min()) < 0:
-        return f"{describe(n)} combines the projection with a tensor whose positions do not each belong to one head"
-    return TableUse(a, n, axis - h.dim(), per[:, 0].clone())
-
-
 def derive_inputs(
     q: OpNode,
     k: OpNode,
@@ -415,7 +170,7 @@ def derive_inputs(
     """
     tracked, sources = _tracked_set([q, k, v], from_linear)
     nodes = list(_collect(q, k, v, tracked))
-    replay = _Replay(order)
+    replay = Replay(order)
     replay.run(nodes, sources, tracked)
     offsets = {}
     off = 0
@@ -443,7 +198,7 @@ def derive_inputs(
         try:
             replay.check(_head_map(by_role, offsets, off, units), set(calls), shadow, only_norms=True)
             break
-        except _AcrossHeads as e:
+        except AcrossHeads as e:
             cut = _cut_point(e.node, nodes, sources, replay, offsets)
             if cut is None or cut[0] in calls:
                 raise ChainError(e.reason) from None
@@ -457,7 +212,7 @@ def derive_inputs(
     # 2. Values combined elementwise stand for each other: rotary's x1 * cos - x2 * sin reaches
     #    the attention with x1's code only. Every head's rows are completed with their partners
     #    (ops inside a cut module, which mixes every head, do not count).
-    same = [x for x in replay.same if not _inside(x[0], calls) and id(x[0]) not in shadow]
+    same = [x for x in replay.same if not in_modules(x[0], calls) and id(x[0]) not in shadow]
     if same:  # nothing combined (plain reshapes): every code already stands alone
         component = _components(same, off)
         for found in by_role.values():
@@ -477,7 +232,7 @@ def _cut_point(
     n: OpNode,
     nodes: list[OpNode],
     sources: list[OpNode],
-    replay: _Replay,
+    replay: Replay,
     offsets: dict[int, tuple[int, int]],
 ) -> tuple[str, list[tuple[OpNode, torch.Tensor]]] | None:
     """Where heads can be dropped exactly after an op that needs every head (a norm across
@@ -489,7 +244,7 @@ def _cut_point(
     m = n.module
     if not m:
         return None
-    inside = [x for x in nodes if _inside(x, {m})]
+    inside = [x for x in nodes if in_modules(x, {m})]
     ids = {id(x) for x in inside}
     out = []
     for call in _connected(inside, ids):
@@ -532,9 +287,9 @@ def _connected(inside: list[OpNode], ids: set[int]) -> list[list[OpNode]]:
     return groups
 
 
-def _exits(m: str, nodes: list[OpNode], replay: _Replay) -> list[OpNode]:
+def _exits(m: str, nodes: list[OpNode], replay: Replay) -> list[OpNode]:
     """The ops of module ``m`` whose values leave it on the way to the attention."""
-    inside = {id(x) for x in nodes if _inside(x, {m})}
+    inside = {id(x) for x in nodes if in_modules(x, {m})}
     return [x for x in nodes if id(x) in inside and any(id(u) not in inside and id(u) in replay.values for u in x.real_users)]
 
 
@@ -547,10 +302,10 @@ def _shadowed(nodes: list[OpNode], operands: tuple[OpNode, ...], cuts: set[str],
         if id(x) in live:
             continue
         for u in x.real_users:
-            if id(u) in tracked and not _inside(u, cuts) and (id(u) in live or u.kind == "mutate"):
+            if id(u) in tracked and not in_modules(u, cuts) and (id(u) in live or u.kind == "mutate"):
                 live.add(id(x))
                 break
-    return {id(x) for x in nodes if id(x) not in live or _inside(x, cuts)}
+    return {id(x) for x in nodes if id(x) not in live or in_modules(x, cuts)}
 
 
 def _cut_table(
@@ -583,11 +338,6 @@ def _cut_table(
     if table is None:
         raise ChainError(f"no head's channels leave {m}")
     return Cut(tuple(sorted({lin.linear for lin, _ in calls})), table)
-
-
-def _inside(n: OpNode, modules: dict[str, str] | set[str]) -> bool:
-    """Whether op ``n`` runs inside one of ``modules``."""
-    return any(n.module == m or n.module.startswith(m + ".") for m in modules)
 
 
 def _head_map(

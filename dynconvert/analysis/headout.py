@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from dynconvert.analysis.graph import OpNode
-from dynconvert.analysis.headlocal import substitute
 from dynconvert.analysis.layout import ChainError, describe
+from dynconvert.analysis.replay import substitute
 
 
 @dataclass

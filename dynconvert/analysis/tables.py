@@ -18,8 +18,8 @@ from torch.fx._pytree import tree_flatten_spec
 from torch.utils import _pytree as pytree
 
 from dynconvert.analysis.graph import OpGraph, OpNode
-from dynconvert.analysis.headlocal import TableUse
 from dynconvert.analysis.layout import describe
+from dynconvert.analysis.replay import TableUse, substitute
 from dynconvert.plan import AttentionSite, TableArg, UnitMap
 
 
@@ -49,20 +49,47 @@ def node_values(ep: torch.export.ExportedProgram, args: tuple, kwargs: dict, nam
 
 def entering(use: TableUse, module: str) -> OpNode | str:
     """The tensor a table use starts from where it enters ``module``: followed back through
-    casts and shape ops that keep its axes from ``use.dim`` on. A reason when it is computed
-    inside the module (it cannot be cut at the module's arguments then)."""
-    n = use.node
+    casts and shape ops, which must leave every position along ``use.dim`` where it was
+    (replayed on indices: a flip, roll or transpose of equal axes would move them). A reason
+    when it is computed inside the module, or moved there (it cannot be cut at the argument)."""
+    chain, n = [], use.node
     while module == "" or n.module == module or n.module.startswith(module + "."):
         src = n.inputs[0] if len(n.inputs) == 1 else None
-        if n.kind not in ("cast", "shape") or src is None or src.shape is None or n.shape is None:
+        ok = n.kind == "cast" or (n.kind == "shape" and n.replay is not None)
+        if not ok or src is None or src.shape is None or n.shape is None:
             return (
                 f"a table that differs per head ({describe(use.op)}) is computed inside the "
                 "attention module, not handed to it: it cannot be cut with the heads"
             )
-        if len(src.shape) < -use.dim or tuple(src.shape[use.dim :]) != tuple(n.shape[use.dim :]):
-            return f"a table that differs per head is reshaped inside the attention ({describe(n)})"
+        chain.insert(0, n)
         n = src
+    if chain and not _keeps_positions(n, chain, use.dim):
+        return f"a table that differs per head is reordered inside the attention ({describe(chain[-1])})"
     return n
+
+
+def _keeps_positions(src: OpNode, chain: list[OpNode], dim: int) -> bool:
+    """Whether the ops ``chain`` from ``src`` keep every position along axis ``dim`` (negative)
+    at the same index there, whatever they do to the other axes."""
+    if len(src.shape) < -dim:
+        return False
+    index = torch.arange(src.shape[dim]).reshape(-1, *[1] * (-dim - 1)).expand(*src.shape)
+    values = {id(src): index}
+    for n in chain:
+        if n.kind == "cast":
+            values[id(n)] = values[id(n.inputs[0])]
+            continue
+        try:
+            args = substitute(n.args, values)
+            kwargs = {k: substitute(v, values) for k, v in n.kwargs.items()}
+            values[id(n)] = n.replay(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - an op that does not replay on indices moves them
+            return False
+    out = values[id(chain[-1])]
+    if not isinstance(out, torch.Tensor) or out.dim() < -dim or out.shape[dim] != src.shape[dim]:
+        return False
+    want = torch.arange(out.shape[dim]).reshape(-1, *[1] * (-dim - 1))
+    return torch.equal(out, want.expand_as(out))
 
 
 def module_inputs(model: torch.nn.Module, args: tuple, kwargs: dict, names: set[str]) -> dict[str, list]:
@@ -124,17 +151,22 @@ def resolve(
                 if isinstance(leaf, torch.Tensor) and isinstance(value, torch.Tensor)
                 and leaf.shape == value.shape and torch.equal(leaf, value)
             ]
-            if len(paths) != 1:
+            if not paths:
                 failed[id(site)] = (
-                    f"a table that differs per head ({describe(use.op)}) matches "
-                    f"{'none' if not paths else 'several'} of the attention module's arguments"
+                    f"a table that differs per head ({describe(use.op)}) matches none of the "
+                    "attention module's arguments"
                 )
                 break
-            arg = _table_arg(paths[0], use, site.units)
-            if isinstance(arg, str) or (paths[0] in tables and tables[paths[0]] != arg):
-                failed[id(site)] = arg if isinstance(arg, str) else f"{paths[0]} is cut differently by its uses"
+            # The same table given twice (Lumina's query_rotary_emb and key_rotary_emb): both
+            # are cut alike; convert's check of the fast path covers the case where one is not
+            # the one multiplied.
+            args = [_table_arg(p, use, site.units) for p in paths]
+            bad = next((a for a in args if isinstance(a, str)), None)
+            bad = bad or next((f"{a.path} is cut differently by its uses" for a in args if a.path in tables and tables[a.path] != a), None)  # type: ignore[union-attr]
+            if bad:
+                failed[id(site)] = bad
                 break
-            tables[paths[0]] = arg
+            tables.update({a.path: a for a in args})  # type: ignore[union-attr]
         else:
             site.table_args = list(tables.values())
             site.fast_reason = site.fast_reason or "unverified"  # convert checks the cut once

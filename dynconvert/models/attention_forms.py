@@ -1,6 +1,7 @@
 """Attention modules whose q, k or v reach the attention through more than head-local ops, as
-pattern models (see patterns.py): key/value compression (PixArt-Sigma, PVT) and rotary tables
-over the whole width handed in by the model (LTX-Video).
+pattern models (see patterns.py): key/value compression (PixArt-Sigma, PVT), rotary tables
+over the whole width handed in by the model (LTX-Video), and heads folded into the batch
+(diffusers' classic AttnProcessor).
 
 Example:
     >>> model, inputs = compressed_kv_dit("conv")
@@ -156,6 +157,44 @@ def wide_rope_dit(norm: str | None = "all", seed: int = 0) -> tuple[nn.Module, d
     return randomize_weights(WideRopeDiT(norm).eval(), seed), sequence_inputs(2, 16, 4, seed)
 
 
+class FoldedHeadsAttention(nn.Module):
+    """Attention with the heads folded into the batch, as diffusers' classic AttnProcessor and
+    older repositories write it: (B * H, N, d) operands, baddbmm for the scores, bmm with v.
+    ``key_first``: k is laid out (B, H, d, N) before folding instead of transposed after."""
+
+    def __init__(self, dim: int, heads: int, key_first: bool = False):
+        super().__init__()
+        self.heads, self.key_first = heads, key_first
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.to_out = nn.Linear(dim, dim)
+
+    def fold(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, N, H * d) -> (B * H, N, d), batch-major (diffusers' head_to_batch_dim)."""
+        b, n, _ = t.shape
+        return t.reshape(b, n, self.heads, -1).permute(0, 2, 1, 3).reshape(b * self.heads, n, -1)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        b, n, _ = x.shape
+        q, v = self.fold(self.to_q(x)), self.fold(self.to_v(x))
+        if self.key_first:  # (B, N, H, d) -> (B, H, d, N) -> (B * H, d, N)
+            kt = self.to_k(x).reshape(b, n, self.heads, -1).permute(0, 2, 3, 1).reshape(b * self.heads, -1, n)
+        else:
+            kt = self.fold(self.to_k(x)).transpose(1, 2)
+        empty = torch.empty(b * self.heads, n, n, dtype=x.dtype, device=x.device)
+        scores = torch.baddbmm(empty, q, kt, beta=0, alpha=q.shape[-1] ** -0.5)
+        o = torch.bmm(scores.softmax(-1), v)  # (B * H, N, d)
+        return self.to_out(o.reshape(b, self.heads, n, -1).permute(0, 2, 1, 3).reshape(b, n, -1))
+
+
+def folded_heads_dit(key_first: bool = False, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+    """A DiT whose attentions fold the heads into the batch (:class:`FoldedHeadsAttention`)."""
+    torch.manual_seed(seed)
+    model = RotaryDiT()
+    for layer in model.layers:
+        layer.attn = FoldedHeadsAttention(32, 4, key_first)
+    return randomize_weights(model.eval(), seed), sequence_inputs(2, 16, 4, seed)
+
+
 FORMS = {
     "kv-conv-norm": lambda: compressed_kv_dit("conv", fused=False),
     "kv-uniform": lambda: compressed_kv_dit("uniform"),
@@ -164,5 +203,7 @@ FORMS = {
     "kv-reduce-input": lambda: compressed_kv_dit("reduce-input"),
     "rotary-wide-table": lambda: wide_rope_dit(None),
     "rotary-wide-table-norm-all": lambda: wide_rope_dit("all"),
+    "folded-heads": folded_heads_dit,
+    "folded-heads-key-first": lambda: folded_heads_dit(key_first=True),
 }
 """Builders of this module's pattern models by name, each returning ``(model, example_inputs)``."""
