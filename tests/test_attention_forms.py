@@ -181,3 +181,23 @@ def test_what_would_be_cut_or_counted_wrongly_is_refused_with_its_reason(base, m
     plan = dynconvert.analyze(model, inputs)
     assert not plan.attention
     assert reason in next(s.reason for s in plan.skipped if s.name == "layers.0.attn")
+
+
+class _NoSoftmax(torch.nn.Module):  # "attention" without a softmax: no attention call to find
+    def __init__(self):
+        super().__init__()
+        self.to_qkv, self.to_out = torch.nn.Linear(32, 96), torch.nn.Linear(32, 32)
+
+    def forward(self, x, pos):
+        q, k, v = F.normalize(self.to_qkv(x), dim=-1).chunk(3, dim=-1)
+        return self.to_out((q @ k.transpose(1, 2)) @ v)
+
+
+def test_a_block_whose_mlp_is_found_but_no_attention_says_why_for_the_attention():
+    model, inputs = PATTERN_MODELS["rotary-rotate-half"]()
+    for layer in model.layers:
+        layer.attn = _NoSoftmax()
+    plan = dynconvert.analyze(model, inputs)
+    why = {s.name: s.reason for s in plan.skipped}
+    assert why["layers.0.ff"] == "not inside a transformer block with attention"
+    assert why["layers.0"].startswith("no attention call") and "captured ops" in why["layers.0"]

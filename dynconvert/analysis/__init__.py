@@ -190,6 +190,7 @@ def plan_from_graph(
     # Out-projections of parallel blocks: the columns their attention leaves to the MLP.
     shared = {m.linear: m.keep for _, s in attention for m in s.out_maps if m.keep}
     mlps: list[tuple[int, MlpSite]] = []
+    orphans: dict[str, None] = {}  # transformer blocks with an MLP but no attention call found
     # Linear MLPs, then convolutional ones (pointwise convolutions around per-channel ops).
     conv_fc2 = conv_finder.find_fc2_candidates(graph, model)
     conv_reuse: dict[str, list[Any]] = {}
@@ -212,6 +213,8 @@ def plan_from_graph(
             skipped.append(
                 SkippedSite(site.name, "mlp", "not inside a transformer block with attention")
             )
+            if site.block and site.block.rsplit(".", 1)[-1].isdigit():  # an item of a block list
+                orphans.setdefault(site.block, None)
             continue
         if not config.mlp_width and site.width:  # before the groups: off means one group
             site.width, site.width_reason = False, "MLP width routing turned off in the config"
@@ -251,6 +254,8 @@ def plan_from_graph(
 
     if not kept_attn and not kept_mlp and not skipped:
         skipped = _why_nothing(model, graph)  # never "nothing found and nothing skipped"
+    # A block whose MLP was found but no attention call at all: say why for its attention too.
+    skipped += [SkippedSite(b, "attention", _why_no_attention(b, graph)) for b in orphans]
 
     # Costs: the graph's MACs are for the whole example batch, a site's macs() for one sample.
     # other_macs is what routing never changes (embeddings, final layer, skipped sites).
@@ -289,22 +294,24 @@ def _why_nothing(model: torch.nn.Module, graph: OpGraph) -> list[SkippedSite]:
     names = [n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1].isdigit()]
     depth = min((n.count(".") for n in names), default=0)
     blocks = [n for n in names if n.count(".") == depth] or [""]
-    out = []
-    for b in blocks:
-        ops = [n for n in graph.nodes if b == "" or n.module == b or n.module.startswith(b + ".")]
-        linears = sum(n.kind == "linear" for n in ops)
-        opaque = sorted({n.op for n in ops if n.kind == "other"})[:3]
-        if not ops:
-            why = f"none of its ops were captured ({graph.coverage})"
-        else:
-            why = (
-                f"no attention call (scaled_dot_product_attention, or softmax(q k^T) v written out) "
-                f"among its {len(ops)} captured ops ({linears} Linears"
-                + (f"; opaque: {', '.join(opaque)}" if opaque else "")
-                + f"); capture: {graph.capture}, {graph.coverage}"
-            )
-        out.append(SkippedSite(b or "<root>", "attention", why))
-    return out
+    return [SkippedSite(b or "<root>", "attention", _why_no_attention(b, graph)) for b in blocks]
+
+
+def _why_no_attention(block: str, graph: OpGraph) -> str:
+    """Why no attention call was found in ``block`` ("" for the whole model): what was captured
+    there, and the ops analysis could not see into (a flex attention, an opaque leaf)."""
+    ops = [n for n in graph.nodes if block == "" or n.module == block or n.module.startswith(block + ".")]
+    if not ops:
+        return f"none of its ops were captured ({graph.coverage})"
+    linears = sum(n.kind == "linear" for n in ops)
+    # Attention-like names first (flex_attention, a kernel of another library), then the rest.
+    opaque = sorted({n.op for n in ops if n.kind == "other"}, key=lambda op: ("attention" not in op.lower(), op))[:3]
+    return (
+        f"no attention call (scaled_dot_product_attention, or softmax(q k^T) v written out) "
+        f"among its {len(ops)} captured ops ({linears} Linears"
+        + (f"; opaque: {', '.join(opaque)}" if opaque else "")
+        + f"); capture: {graph.capture}, {graph.coverage}"
+    )
 
 
 def _fold(linear: Any, batch: int) -> int:
