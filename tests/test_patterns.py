@@ -17,6 +17,7 @@ EXPECTED = {  # name -> (attention sites, MLP sites, streams of the first attent
     "rotary-interleaved": (2, 2, 1),
     "rotary-complex": (2, 2, 1),
     "rotary-table-manual": (2, 2, 1),
+    "rotary-matrix": (2, 2, 1),
     "qknorm-all-heads": (2, 2, 1),
     "gqa-repeat-kv": (2, 2, 1),
     "gqa-enable-gqa": (2, 2, 1),

@@ -196,7 +196,8 @@ def derive_inputs(
     shadow: set[int] = set()
     while True:
         try:
-            replay.check(_head_map(by_role, offsets, off, units), set(calls), shadow, only_norms=True)
+            head_of = _lend_heads(_head_map(by_role, offsets, off, units), replay.same)
+            replay.check(head_of, set(calls), shadow, only_norms=True)
             break
         except AcrossHeads as e:
             cut = _cut_point(e.node, nodes, sources, replay, offsets)
@@ -363,6 +364,31 @@ def _head_map(
             head_of[codes] = h
             if not torch.equal(head_of[codes], h):  # one row repeated to several heads (GQA)
                 raise ChainError("a projection row feeds several heads")
+    return head_of
+
+
+def _lend_heads(head_of: torch.Tensor, same: list[tuple[OpNode, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The code -> head map with codes that reach no head given the head of a value they were
+    combined with (the second channel of a rotary pair summed into the first), so that a
+    per-head norm before them is not mistaken for one across heads. Two codes that both have
+    a head are left alone: whether they may be combined is checked later."""
+    head_of = head_of.clone()
+    size = head_of.numel()
+    pairs = []
+    for _, a, b in same:
+        a, b = torch.broadcast_tensors(a, b)
+        p = torch.stack([a.reshape(-1), b.reshape(-1)], 1)
+        pairs.append(p[((p >= 0) & (p < size)).all(1)].unique(dim=0))
+    if not pairs:
+        return head_of
+    p = torch.cat(pairs)
+    for _ in range(8):  # a chain of combinations hands a head on one link per pass
+        ha, hb = head_of[p[:, 0]], head_of[p[:, 1]]
+        to_b, to_a = (ha >= 0) & (hb < 0), (hb >= 0) & (ha < 0)
+        if not (to_a.any() or to_b.any()):
+            break
+        head_of[p[to_b, 1]] = ha[to_b]
+        head_of[p[to_a, 0]] = hb[to_a]
     return head_of
 
 

@@ -104,9 +104,14 @@ class Replay:
             dims = _dims(n, v.dim())
             self.const.append((n, v, dims))
             keep = bool(n.arg(3 if n.op == "linalg_vector_norm" else 2, "keepdim", False))
-            for d in reversed(dims):
-                v = v.narrow(d, 0, 1) if keep else v.select(d, 0)
-            return v
+            first = v
+            for d in dims:
+                first = first.narrow(d, 0, 1)
+            # The reduced values stand for each other, as two operands of an elementwise op do:
+            # a rotary written as (rotation * pairs).sum(-1) (Kandinsky 5) reaches the attention
+            # with one code of each pair, and the other must still be counted in its head.
+            self.same.append((n, first.expand_as(v), v))
+            return first if keep else first.reshape([x for i, x in enumerate(v.shape) if i not in dims])
         if n.kind in ("spatial", "conv"):
             self.trivial = False
             return self._grid_op(n, vals[0])

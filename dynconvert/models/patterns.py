@@ -23,7 +23,7 @@ from torch import nn
 
 from dynconvert.models.tiny import randomize_weights
 
-ROPE_FORMS = ("rotate_half", "interleaved", "complex", "table")
+ROPE_FORMS = ("rotate_half", "interleaved", "complex", "table", "matrix")
 QK_NORMS = (None, "head_rms", "head_layernorm", "all")
 
 
@@ -67,6 +67,10 @@ def apply_rope(x: torch.Tensor, form: str, pos: torch.Tensor | None = None) -> t
         xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
         return torch.view_as_real(xc * freqs).flatten(-2).type_as(x)
     cos, sin = rope_tables(n, d)
+    if form == "matrix":  # Kandinsky 5: a 2x2 rotation per channel pair, times the pair, summed
+        c, s = cos[:, ::2], sin[:, ::2]  # (N, d/2)
+        rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # (N, d/2, 2, 2)
+        return (rot * x.float().reshape(*x.shape[:-1], -1, 1, 2)).sum(-1).reshape(x.shape).to(x.dtype)
     if form == "table" and pos is not None:  # tables indexed by position ids (Flux, Hunyuan)
         cos, sin = cos[pos], sin[pos]
     if form == "interleaved":  # pairs (x0, x1) -> (-x1, x0), stacked and flattened back
@@ -536,6 +540,7 @@ PATTERNS = {
     "rotary-interleaved": lambda: rotary_dit("interleaved", "head_layernorm"),
     "rotary-complex": lambda: rotary_dit("complex", "head_rms"),
     "rotary-table-manual": lambda: rotary_dit("table", "head_rms", manual=True),
+    "rotary-matrix": lambda: rotary_dit("matrix", "head_rms"),
     "qknorm-all-heads": lambda: rotary_dit("rotate_half", "all"),
     "gqa-repeat-kv": lambda: rotary_dit(gqa=(2, "repeat_kv")),
     "gqa-enable-gqa": lambda: rotary_dit(gqa=(2, "enable_gqa")),
