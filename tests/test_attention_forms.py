@@ -201,3 +201,14 @@ def test_a_block_whose_mlp_is_found_but_no_attention_says_why_for_the_attention(
     why = {s.name: s.reason for s in plan.skipped}
     assert why["layers.0.ff"] == "not inside a transformer block with attention"
     assert why["layers.0"].startswith("no attention call") and "captured ops" in why["layers.0"]
+
+
+def test_a_context_of_keys_and_values_only_is_a_stream_without_queries():
+    model, inputs = PATTERN_MODELS["context-kv"]()
+    site = dynconvert.analyze(model, inputs).attention[0]
+    text = site.streams[0]
+    assert (site.q, site.out, site.tokens_q, site.tokens_kv) == ("layers.0.attn.to_q", "layers.0.attn.to_out", 16, 16)
+    assert (text.q, text.k, text.v, text.out, text.tokens_kv) == ("", "layers.0.attn.add_k_proj", "layers.0.attn.add_v_proj", "", 6)
+    # Projections, then 16 queries over 6 + 16 keys.
+    proj = 16 * 32 * 32 * 3 + 6 * 12 * 32 * 2 + 16 * 32 * 32
+    assert site.macs() == proj + 16 * 22 * 4 * (8 + 8)

@@ -38,6 +38,7 @@ EXPECTED = {  # name -> (attention sites, MLP sites, streams of the first attent
     "rotary-wide-table-norm-all": (2, 2, 1),
     "folded-heads": (2, 2, 1),
     "folded-heads-key-first": (2, 2, 1),
+    "context-kv": (2, 2, 2),
 }
 
 

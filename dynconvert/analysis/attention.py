@@ -554,7 +554,8 @@ def _streams(layout: InputLayout, targets: list[OutTarget], stride: int = 1) -> 
     (``stride``: projection tokens per attention key, see :func:`_kv_stride`).
 
     Self-attention has one stream (q, k and v fill every position); cross-attention one stream
-    whose k and v fill the context's positions; joint attention one stream per projection set.
+    whose k and v fill the context's positions; joint attention one stream per projection set,
+    and a stream of keys and values only for a context that is attended to but has no queries.
     """
     qs, ks, vs = layout.sources["q"], layout.sources["k"], layout.sources["v"]
     if len(qs) == 1 and len(ks) == 1 and len(vs) == 1 and len(targets) == 1:
@@ -562,9 +563,17 @@ def _streams(layout: InputLayout, targets: list[OutTarget], stride: int = 1) -> 
     else:
         pairs = []
         used_k, used_v, used_o = set(), set(), set()
+
+        def partner(q: Source, found: list[Source], used: set[int]) -> Source | None:
+            # The same positions (q and k share the sequence), else the same input tensor:
+            # PRX's image queries attend over text keys, then the image's own keys.
+            free = [s for s in found if id(s) not in used]
+            return next((s for s in free if s.tokens == q.tokens), None) or next(
+                (s for s in free if s.node.args[0] is q.node.args[0]), None
+            )
+
         for q in qs:
-            k = next((s for s in ks if s.tokens == q.tokens and id(s) not in used_k), None)
-            v = next((s for s in vs if s.tokens == q.tokens and id(s) not in used_v), None)
+            k, v = partner(q, ks, used_k), partner(q, vs, used_v)
             o = next((t for t in targets if t.tokens == q.tokens and id(t) not in used_o), None)
             if k is None or v is None:
                 raise ChainError("joint attention streams whose q, k and v fill different tokens")
@@ -573,22 +582,30 @@ def _streams(layout: InputLayout, targets: list[OutTarget], stride: int = 1) -> 
             if o is not None:
                 used_o.add(id(o))
             pairs.append((q, k, v, o))
-        if len(used_k) != len(ks) or len(used_v) != len(vs):
-            raise ChainError("extra key/value tokens that no query stream owns")
+        # Keys and values of a stream with no queries (a context attended to, not attending).
+        for k in [s for s in ks if id(s) not in used_k]:
+            v = next((s for s in vs if id(s) not in used_v and s.tokens == k.tokens), None)
+            if v is None:
+                raise ChainError("extra key tokens with no values of their own")
+            used_k.add(id(k))
+            used_v.add(id(v))
+            pairs.append((None, k, v, None))
+        if len(used_v) != len(vs):
+            raise ChainError("extra value tokens with no keys of their own")
         if len(used_o) != len(targets):
             raise ChainError("an out-projection reads tokens of several streams")
     out = []
     for q, k, v, o in pairs:
         out.append(
             AttentionStream(
-                q=q.node.linear,
+                q=q.node.linear if q is not None else "",
                 k=k.node.linear,
                 v=v.node.linear,
                 out=o.node.linear if o is not None else "",
-                q_in=q.node.args[0].shape[-1],
+                q_in=q.node.args[0].shape[-1] if q is not None else 0,
                 kv_in=k.node.args[0].shape[-1],
                 out_features=o.node.shape[-1] if o is not None else 0,
-                tokens_q=len(q.tokens),
+                tokens_q=len(q.tokens) if q is not None else 0,
                 tokens_kv=len(k.tokens) * stride,
             )
         )

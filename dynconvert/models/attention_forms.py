@@ -1,7 +1,7 @@
 """Attention modules whose q, k or v reach the attention through more than head-local ops, as
 pattern models (see patterns.py): key/value compression (PixArt-Sigma, PVT), rotary tables
-over the whole width handed in by the model (LTX-Video), and heads folded into the batch
-(diffusers' classic AttnProcessor).
+over the whole width handed in by the model (LTX-Video), heads folded into the batch
+(diffusers' classic AttnProcessor), and a context given as keys and values only (PRX).
 
 Example:
     >>> model, inputs = compressed_kv_dit("conv")
@@ -195,6 +195,52 @@ def folded_heads_dit(key_first: bool = False, seed: int = 0) -> tuple[nn.Module,
     return randomize_weights(model.eval(), seed), sequence_inputs(2, 16, 4, seed)
 
 
+class ContextKVAttention(nn.Module):
+    """PRX / Nucleus style: the image's queries attend over the text's keys and values followed
+    by the image's own; the text has key and value projections but no queries (it is attended
+    to, not attending) and no out-projection."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int = 12):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(dim, dim) for _ in range(4))
+        self.add_k_proj, self.add_v_proj = nn.Linear(context_dim, dim), nn.Linear(context_dim, dim)
+
+    def forward(self, x: torch.Tensor, pos_and_context: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # noqa: D102
+        context = pos_and_context[1]
+        q = self.to_q(x)
+        k = torch.cat([self.add_k_proj(context), self.to_k(x)], dim=1)
+        v = torch.cat([self.add_v_proj(context), self.to_v(x)], dim=1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        return self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+class ContextKVDiT(RotaryDiT):
+    """A DiT whose attentions take the text as extra keys and values only."""
+
+    def __init__(self):
+        super().__init__()
+        for layer in self.layers:
+            layer.attn = ContextKVAttention(32, 4)
+
+    def forward(  # noqa: D102
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        c = self.t_mlp(time_embedding(timestep, 64))
+        pos = torch.arange(hidden_states.shape[1], device=hidden_states.device)
+        h = self.embed(hidden_states)
+        for layer in self.layers:
+            h = layer(h, c, (pos, encoder_hidden_states))
+        return self.head(h)
+
+
+def context_kv_dit(seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+    """A DiT whose image queries attend over text keys/values and their own (PRX's layout)."""
+    torch.manual_seed(seed)
+    inputs = sequence_inputs(2, 16, 4, seed, encoder_hidden_states=(6, 12))
+    return randomize_weights(ContextKVDiT().eval(), seed), inputs
+
+
 FORMS = {
     "kv-conv-norm": lambda: compressed_kv_dit("conv", fused=False),
     "kv-uniform": lambda: compressed_kv_dit("uniform"),
@@ -205,5 +251,6 @@ FORMS = {
     "rotary-wide-table-norm-all": lambda: wide_rope_dit("all"),
     "folded-heads": folded_heads_dit,
     "folded-heads-key-first": lambda: folded_heads_dit(key_first=True),
+    "context-kv": context_kv_dit,
 }
 """Builders of this module's pattern models by name, each returning ``(model, example_inputs)``."""
