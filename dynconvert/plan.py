@@ -57,7 +57,8 @@ class AttentionStream:
 
     Its q, k and v Linears fill their own range of the attention's sequence and its
     out-projection reads that range back; a head is on or off in every stream at once.
-    An empty name means the stream has no such Linear (a stream whose output is dropped).
+    An empty name means the stream has no such Linear (a stream whose output is dropped, or a
+    context of keys and values only).
     """
 
     q: str
@@ -69,6 +70,7 @@ class AttentionStream:
     out_features: int
     tokens_q: int
     tokens_kv: int
+    v_in: int = 0  # input features of the v projection when they differ from k's (0: kv_in)
 
 
 @dataclass
@@ -97,7 +99,7 @@ class AttentionSite:
     v: str
     out: str  # fqn of the out-projection
     q_in: int  # input features of the q projection
-    kv_in: int  # input features of the k and v projections (the context's, in cross-attention)
+    kv_in: int  # input features of the k (and v) projection (the context's, in cross-attention)
     out_features: int  # output features of the out-projection
     tokens_q: int  # query tokens per sample at the example inputs
     tokens_kv: int  # key tokens per sample at the example inputs
@@ -131,6 +133,7 @@ class AttentionSite:
     # projections ran on (``tokens_kv`` counts the projections' tokens).
     kv_stride: int = 1
     table_args: list[TableArg] = field(default_factory=list)  # per-head tables handed in
+    v_in: int = 0  # input features of the v projection when they differ from k's (0: kv_in)
 
     @property
     def units(self) -> int:
@@ -156,13 +159,13 @@ class AttentionSite:
             if s.k in self.unsliced:  # a fused key/value projection holds the value rows too
                 total += m * s.kv_in * hk * (dq + (self.v_head_dim if s.v == s.k else 0))
             if s.v in self.unsliced and s.v != s.k:  # cut after key/value compression
-                total += seen.get(s.v, m) * s.kv_in * hk * self.v_head_dim
+                total += seen.get(s.v, m) * (s.v_in or s.kv_in) * hk * self.v_head_dim
         return total * (self.fold if fold is None else fold)
 
     def _first_stream(self) -> AttentionStream:
         return AttentionStream(
             self.q, self.k, self.v, self.out, self.q_in, self.kv_in, self.out_features,
-            self.tokens_q, self.tokens_kv,
+            self.tokens_q, self.tokens_kv, self.v_in,
         )  # fmt: skip
 
     @property
@@ -191,7 +194,7 @@ class AttentionSite:
         for s in [first, *self.streams]:
             n = seen.get(s.q, s.tokens_q) if s.q else 0
             m = seen.get(s.k, s.tokens_kv) if s.k else 0
-            total += n * s.q_in * h * dq + m * s.kv_in * hk * (dq + dv)
+            total += n * s.q_in * h * dq + m * hk * (s.kv_in * dq + (s.v_in or s.kv_in) * dv)
             if s.out:
                 total += seen.get(s.out, n) * h * dv * s.out_features
             if s is first and self.gate:  # the gate reads the query stream's tokens

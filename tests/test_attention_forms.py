@@ -14,6 +14,7 @@ from dynconvert.config import ConvertConfig
 from dynconvert.flops import measure_macs, site_cost
 from dynconvert.inputs import default_inputs, with_timestep
 from dynconvert.models.attention_forms import (
+    ContextKVAttention,
     KVCompressAttention,
     WideRotaryAttention,
     compressed_kv_dit,
@@ -212,3 +213,52 @@ def test_a_context_of_keys_and_values_only_is_a_stream_without_queries():
     # Projections, then 16 queries over 6 + 16 keys.
     proj = 16 * 32 * 32 * 3 + 6 * 12 * 32 * 2 + 16 * 32 * 32
     assert site.macs() == proj + 16 * 22 * 4 * (8 + 8)
+
+
+class _WideValues(ContextKVAttention):  # the context's values read a wider input than its keys
+    def __init__(self):
+        super().__init__(32, 4)
+        self.add_v_proj = torch.nn.Linear(24, 32)
+
+    def forward(self, x, pos_and_context):
+        context = pos_and_context[1]
+        q = self.to_q(x)
+        k = torch.cat([self.add_k_proj(context), self.to_k(x)], dim=1)
+        v = torch.cat([self.add_v_proj(torch.cat([context, context], -1)), self.to_v(x)], dim=1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        return self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+def test_values_reading_a_wider_input_than_their_keys_are_counted_at_their_width():
+    model, inputs = PATTERN_MODELS["context-kv"]()
+    for layer in model.layers:
+        layer.attn = _WideValues()
+    dynconvert.convert(model, 0.85, example_inputs=inputs)
+    site = dynconvert.get_state(model).plan.attention[0]
+    assert (site.streams[0].kv_in, site.streams[0].v_in) == (12, 24)
+    randomize_routing(model, keep=0.5, example_inputs=inputs)
+    one_t = {**inputs, "timestep": torch.full_like(inputs["timestep"], 700.0)}
+    report = dynconvert.count_flops(model, one_t)
+    assert measure_macs(model, one_t) / report.static_macs == pytest.approx(report.ratio, rel=0.02)
+
+
+class _NormWithExtras(torch.nn.Module):  # each head's q has 4 more rows, used only by its norm
+    def __init__(self):
+        super().__init__()
+        self.to_q, self.to_kv = torch.nn.Linear(32, 4 * 12), torch.nn.Linear(32, 64)
+        self.to_out = torch.nn.Linear(32, 32)
+
+    def forward(self, x, pos):
+        q = self.to_q(x).unflatten(-1, (4, 12))
+        q = (q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6))[..., :8].transpose(1, 2)
+        k, v = (t.unflatten(-1, (4, 8)).transpose(1, 2) for t in self.to_kv(x).chunk(2, -1))
+        return self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+def test_rows_that_only_feed_a_norm_are_refused_not_miscounted():
+    model, inputs = PATTERN_MODELS["rotary-rotate-half"]()
+    for layer in model.layers:
+        layer.attn = _NormWithExtras()
+    plan = dynconvert.analyze(model, inputs)
+    reason = next(s.reason for s in plan.skipped if s.name == "layers.0.attn")
+    assert "each head takes 12 rows of layers.0.attn.to_q for its 8 channels" in reason

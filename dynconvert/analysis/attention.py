@@ -350,6 +350,13 @@ def _build(
     # given to the kernel with fewer heads or repeated to H): the units are the key/value
     # heads, each with its g query heads; the smallest g that passes is the grouping.
     layout, units = _grouped_layout(call, heads, k_heads, order, from_linear)
+    for role, width in (("q", head_dim), ("k", head_dim), ("v", v_head_dim)):
+        for src in layout.sources[role]:
+            if src.table.shape[-1] > width:  # rows that never reach the attention, run with it
+                raise ChainError(
+                    f"each head takes {src.table.shape[-1]} rows of {src.node.linear} for its "
+                    f"{width} channels (rows that only feed a norm): its cost would be miscounted"
+                )
     if units < 2:
         raise ChainError(
             f"one key/value unit for all {heads} query heads (multi-query attention, or key/value "
@@ -435,6 +442,7 @@ def _build(
         out=first.out,
         q_in=first.q_in,
         kv_in=first.kv_in,
+        v_in=first.v_in,
         out_features=first.out_features,
         tokens_q=first.tokens_q,
         tokens_kv=first.tokens_kv,
@@ -565,11 +573,11 @@ def _streams(layout: InputLayout, targets: list[OutTarget], stride: int = 1) -> 
         used_k, used_v, used_o = set(), set(), set()
 
         def partner(q: Source, found: list[Source], used: set[int]) -> Source | None:
-            # The same positions (q and k share the sequence), else the same input tensor:
-            # PRX's image queries attend over text keys, then the image's own keys.
+            # The projection reading the same input tensor (PRX's image queries attend over
+            # text keys, then the image's own keys), else the one filling the same positions.
             free = [s for s in found if id(s) not in used]
-            return next((s for s in free if s.tokens == q.tokens), None) or next(
-                (s for s in free if s.node.args[0] is q.node.args[0]), None
+            return next((s for s in free if s.node.args[0] is q.node.args[0]), None) or next(
+                (s for s in free if s.tokens == q.tokens), None
             )
 
         for q in qs:
@@ -607,6 +615,7 @@ def _streams(layout: InputLayout, targets: list[OutTarget], stride: int = 1) -> 
                 out_features=o.node.shape[-1] if o is not None else 0,
                 tokens_q=len(q.tokens) if q is not None else 0,
                 tokens_kv=len(k.tokens) * stride,
+                v_in=v.node.args[0].shape[-1] if v.node.args[0].shape[-1] != k.node.args[0].shape[-1] else 0,
             )
         )
     if not any(s.out for s in out):
