@@ -118,6 +118,7 @@ def test_a_table_computed_inside_the_attention_or_without_export_is_refused_with
     assert "computed inside the attention module" in reason
 
 
+@pytest.mark.slow  # 3-4 s; the folded-heads pattern models cover the path in the default run
 def test_heads_folded_into_the_batch_by_the_classic_diffusers_processor_convert():
     # AttnProcessor (set_default_attn_processor) folds heads into the batch, (B * H, N, d),
     # and runs baddbmm / softmax / bmm: the fold is seen through, the same sites are found.
