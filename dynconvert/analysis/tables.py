@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 from dynconvert.analysis.graph import OpGraph, OpNode
 from dynconvert.analysis.layout import describe
 from dynconvert.analysis.replay import TableUse, substitute
+from dynconvert.inputs import eval_mode
 from dynconvert.plan import AttentionSite, TableArg, UnitMap
 
 
@@ -105,7 +106,7 @@ def module_inputs(model: torch.nn.Module, args: tuple, kwargs: dict, names: set[
 
         hooks.append(model.get_submodule(name).register_forward_pre_hook(record, with_kwargs=True))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):  # as the graph was captured (no dropout)
             model(*args, **kwargs)
     finally:
         for h in hooks:
