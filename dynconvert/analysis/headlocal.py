@@ -15,13 +15,17 @@ by a list of allowed op names:
   the same head (``q * cos + rotate_half(q) * sin``), a norm or reduction may only run over the
   channels of one head (per-head qk-norm), and a tensor that does not come from a projection
   (a cos/sin table, a norm weight) must be the same for every head (size 1 on the axes along
-  which the head changes).
+  which the head changes), or differ along one axis only: a table the caller cuts with the
+  heads (tables.py). The replay itself is replay.py.
 
-Rotary embeddings in every form (rotate-half, interleaved pairs, complex multiply, tables indexed
-by position), per-head norms (module or hand-written), casts, scaling and joint attention over
-several projection sets concatenated along the sequence all pass these checks; key/value heads
-shared by groups of query heads pass as units of a key/value head and its query heads (the
-caller gives ``units``); a norm over all heads or per-head tables do not, each with its reason.
+Rotary embeddings in every form (rotate-half, interleaved pairs, complex multiply, rotation
+matrices, tables indexed by position), per-head norms (module or hand-written), casts, scaling,
+pooling of keys and values, and joint attention over several projection sets concatenated along
+the sequence all pass these checks; key/value heads shared by groups of query heads pass as
+units of a key/value head and its query heads (the caller gives ``units``). A norm over all
+heads, or a depthwise convolution, passes only with a module after it whose output can be cut
+to the active heads (a partial site: everything before the cut runs in full); otherwise the
+site is refused with the reason.
 """
 
 from __future__ import annotations
