@@ -263,3 +263,13 @@ def test_rows_that_only_feed_a_norm_are_refused_not_miscounted():
     plan = dynconvert.analyze(model, inputs)
     reason = next(s.reason for s in plan.skipped if s.name == "layers.0.attn")
     assert "each head takes 12 rows of layers.0.attn.to_q for its 8 channels" in reason
+
+
+def test_another_librarys_kernel_is_read_in_its_layout_and_counted():
+    # A torch.library custom op taking (B, N, H, d), as flash-attn does: found by its name and
+    # shapes, its layout told apart by the replay, its matmuls counted (the graph has none).
+    model, inputs = PATTERN_MODELS["kernel"]()
+    plan = dynconvert.analyze(model, inputs)
+    site = plan.attention[0]
+    assert (site.heads, site.head_dim, site.fast_reason) == (4, 8, "unverified")
+    assert plan.static_macs == measure_macs(model, inputs)

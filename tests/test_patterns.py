@@ -39,6 +39,7 @@ EXPECTED = {  # name -> (attention sites, MLP sites, streams of the first attent
     "folded-heads": (2, 2, 1),
     "folded-heads-key-first": (2, 2, 1),
     "context-kv": (2, 2, 2),
+    "kernel": (2, 2, 1),
 }
 
 

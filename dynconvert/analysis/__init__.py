@@ -162,6 +162,7 @@ def plan_from_graph(
     block_heads: dict[str, int] = {}
     pending: list[tuple[Any, list]] = []  # sites with per-head tables handed in (tables.py)
     claims: dict[int, set[str]] = {}  # site -> its Linears
+    kernel_macs: dict[int, int] = {}  # site -> MACs of another library's kernel (not in the graph)
     for call in attn_finder.find_calls(graph):
         if call.q.shape is not None and len(call.q.shape) == 4:
             block_heads.setdefault(block_of(call.output.module), call.q.shape[1])
@@ -174,6 +175,7 @@ def plan_from_graph(
             pending.append((found.site, found.tables))
         attention.append((order[id(call.output)], found.site))
         claims[id(found.site)] = {n.linear for n in found.linear_nodes}
+        kernel_macs[id(found.site)] = found.kernel_macs
     if pending:  # which argument each table is: one forward pass for all of them
         failed = tables.resolve(model, graph, args, kwargs, pending)
         for _, site in [p for p in attention if id(p[1]) in failed]:
@@ -259,7 +261,7 @@ def plan_from_graph(
 
     # Costs: the graph's MACs are for the whole example batch, a site's macs() for one sample.
     # other_macs is what routing never changes (embeddings, final layer, skipped sites).
-    static = sum(node_macs(n) for n in graph.nodes)
+    static = sum(node_macs(n) for n in graph.nodes) + sum(kernel_macs[id(a)] for _, a in attention)
     if graph.capture != "torch.export":
         # A capture in pieces misses the ops of opaque leaves: count one eager forward instead.
         with torch.no_grad(), eval_mode(model):

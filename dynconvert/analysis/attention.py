@@ -43,6 +43,11 @@ class AttentionCall:
     # maybe per head): the sliced call is checked once at convert.
     scores_extra: bool = False
     folded: bool = False  # heads were folded into the batch (read batch-major, see _unfold_heads)
+    # Another library's kernel (flash-attn, xformers, flex attention, a custom op): its
+    # semantics are not known, so its sliced call is checked at convert; ``alt`` is the same
+    # call read in the other layout ((B, N, H, d) as flash-attn takes it), tried when this fails.
+    kernel: bool = False
+    alt: AttentionCall | None = None
 
 
 def find_calls(graph: OpGraph) -> list[AttentionCall]:
@@ -57,6 +62,10 @@ def find_calls(graph: OpGraph) -> list[AttentionCall]:
             call = _manual_call(n)
             if call is not None:
                 calls.append(call)
+        elif n.kind == "other" and ("attn" in n.op.lower() or "attention" in n.op.lower()):
+            call = _kernel_call(n)  # another library's attention kernel, by its name and shapes
+            if call is not None:
+                calls.append(call)
         elif n.kind == "matmul":  # linear attention: (pad(v) @ k) @ q, no softmax
             call = _linear_call(n, order)
             if call is not None:
@@ -65,6 +74,35 @@ def find_calls(graph: OpGraph) -> list[AttentionCall]:
 
 
 _PAD_OPS = ("pad", "constant_pad_nd")
+
+
+def _kernel_call(n: OpNode) -> AttentionCall | None:
+    """An op of another library named like an attention (``flash_attn_func``, xformers'
+    ``memory_efficient_attention``, ``flex_attention``, a ``torch.library`` custom op) whose
+    first three arguments are 4-D q, k, v and whose output (or first output) is q's shape with
+    v's channels. Read as (B, H, N, d), else as (B, N, H, d); the replay tells which holds."""
+    q, k, v = (n.args + (None, None, None))[:3]
+    if not all(isinstance(a, OpNode) and a.shape and len(a.shape) == 4 for a in (q, k, v)):
+        return None
+    out = n if n.shape is not None else next(
+        (u for u in n.real_users if u.op == "getitem" and len(u.args) > 1 and u.args[1] == 0), None
+    )
+    if out is None or out.shape is None or tuple(out.shape[:3]) != tuple(q.shape[:3]) or out.shape[3] != v.shape[3]:
+        return None
+    calls = []
+    for layout, h, t in (("bhnd", 1, 2), ("bnhd", 2, 1)):  # the heads' axis, the tokens' axis
+        if q.shape[h] % k.shape[h] == 0 and k.shape[h] == v.shape[h] and k.shape[t] == v.shape[t]:
+            calls.append(
+                AttentionCall(
+                    output=out, q=q, k=k, v=v, key_layout=layout, cost_nodes=[n], q_layout=layout,
+                    v_layout=layout, out_layout=layout, kernel=True,
+                )
+            )  # fmt: skip
+    if not calls:
+        return None
+    for a, b in zip(calls, calls[1:]):
+        a.alt = b
+    return calls[0]
 
 
 def _linear_call(out: OpNode, order: dict[int, int]) -> AttentionCall | None:
@@ -282,6 +320,7 @@ class FoundAttention:
     skipped: SkippedSite | None
     linear_nodes: list[OpNode]
     tables: list[TableUse] = field(default_factory=list)  # per-head tensors to find (tables.py)
+    kernel_macs: int = 0  # QK^T + AV of another library's kernel, which the graph cannot count
 
 
 def build_site(
@@ -304,6 +343,12 @@ def build_site(
     try:
         return _build(call, model, reuse, order, from_linear)
     except ChainError as e:
+        if call.alt is not None:  # a kernel read in its other layout
+            found = build_site(call.alt, model, reuse, order, from_linear)
+            if found.site is not None:
+                return found
+            why = f"`{call.cost_nodes[0].op}` as (B, H, N, d): {e.reason}; as (B, N, H, d): {found.skipped.reason}"
+            return FoundAttention(None, SkippedSite(where, "attention", why), [])
         # A fold read the wrong way round (heads-major, H x B) shows up as a layout problem.
         why = f"heads folded into the batch, read as batch x heads: {e.reason}" if call.folded else e.reason
         return FoundAttention(None, SkippedSite(where, "attention", why), [])
@@ -329,19 +374,20 @@ def _build(
     order: dict[int, int],
     from_linear: set[int],
 ) -> FoundAttention:
-    q_shape = call.q.shape  # (B, H, N, d)
+    q_shape = call.q.shape  # (B, H, N, d); (B, N, H, d) for a kernel taking that layout
     if q_shape is None or len(q_shape) != 4:
         raise ChainError("attention operands are not (batch, heads, tokens, dim) tensors")
-    heads, head_dim = q_shape[1], q_shape[3] if call.q_layout == "bhnd" else q_shape[2]
+    h_axis = 2 if call.q_layout == "bnhd" else 1
+    heads, head_dim = q_shape[h_axis], q_shape[2] if call.q_layout == "bhdn" else q_shape[3]
     k_shape = call.k.shape
-    k_heads = k_shape[1] if k_shape is not None and len(k_shape) == 4 else -1
+    k_heads = k_shape[h_axis] if k_shape is not None and len(k_shape) == 4 else -1
     if k_heads < 1 or heads % k_heads:
         raise ChainError(f"{k_heads} key heads for {heads} query heads")
     if heads < 2:
         raise ChainError("a single head: nothing to route")
     linear = call.q_layout == "bhdn"  # linear (kernel) attention: checked once at convert
     out_shape = call.output.shape or ()
-    v_head_dim = out_shape[-1] if call.out_layout == "bhnd" else out_shape[2]  # channels a head returns
+    v_head_dim = out_shape[2] if call.out_layout == "bhdn" else out_shape[-1]  # channels a head returns
 
     # Input side: the ops from the projections to q, k and v replayed on row codes give the
     # rows of every (head, channel) per source Linear, and are checked for head-locality
@@ -471,11 +517,18 @@ def _build(
             else (
                 ""
                 if known and layout.trivial and not per_head_mask and not linear and not call.scores_extra
+                and not call.kernel
                 else "unverified"
             )
         ),
     )
-    return FoundAttention(site, None, [*in_nodes.values(), *out_nodes], layout.tables)
+    kernel_macs = 0
+    if call.kernel:  # (B, H, N, d) q, (B, H, M, d) k, (B, H, M, dv) v, whatever the layout
+        to_bhnd = (lambda t: t) if call.q_layout == "bhnd" else (lambda t: (t[0], t[2], t[1], t[3]))
+        b, h, n, d = to_bhnd(q_shape)
+        m = to_bhnd(call.k.shape)[2]
+        kernel_macs = b * h * n * m * (d + v_head_dim)
+    return FoundAttention(site, None, [*in_nodes.values(), *out_nodes], layout.tables, kernel_macs)
 
 
 def _grouped_layout(

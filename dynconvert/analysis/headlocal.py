@@ -192,6 +192,8 @@ def derive_inputs(
         layout = {"q": q_layout, "k": key_layout, "v": v_layout}[role]
         if layout == "bhdn":
             value = value.transpose(-1, -2)
+        elif layout == "bnhd":  # (B, N, H, d), as flash-attn takes it
+            value = value.transpose(1, 2)
         by_role[role] = _split_sources(value, sources, offsets)
     # 1. Norms across all heads (and depthwise convolutions) first, on the codes as they reach
     #    the attention: each must be followed by a module to cut at, or the site is refused.

@@ -59,14 +59,17 @@ def derive_outputs(
     """
     if layout == "bhdn":  # channels first (linear attention): (B, H, dv, N)
         b, h, dv, n = output.shape
+    elif layout == "bnhd":  # tokens before heads (flash-attn's layout): (B, N, H, dv)
+        b, n, h, dv = output.shape
     else:
         b, h, n, dv = output.shape
     code = torch.arange(h)[:, None] * dv + torch.arange(dv)[None, :]  # (H, dv)
     values = {id(output): code[None, :, None, :].expand(b, h, n, dv).contiguous()}
     tokens = {id(output): torch.arange(n)[None, None, :, None].expand(b, h, n, dv).contiguous()}
-    if layout == "bhdn":
-        values = {k: t.transpose(-1, -2).contiguous() for k, t in values.items()}
-        tokens = {k: t.transpose(-1, -2).contiguous() for k, t in tokens.items()}
+    if layout in ("bhdn", "bnhd"):
+        dims = (-1, -2) if layout == "bhdn" else (1, 2)
+        values = {k: t.transpose(*dims).contiguous() for k, t in values.items()}
+        tokens = {k: t.transpose(*dims).contiguous() for k, t in tokens.items()}
     # Everything reachable from the output up to the Linears, then replayed in graph order so
     # that a concatenation sees all of its parts.
     reach: dict[int, OpNode] = {}

@@ -241,6 +241,58 @@ def context_kv_dit(seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
     return randomize_weights(ContextKVDiT().eval(), seed), inputs
 
 
+_KERNEL: Any = None
+
+
+def kernel_attention_op() -> Any:
+    """A ``torch.library`` custom op standing in for another library's attention kernel
+    (flash-attn's layout: q, k, v and the output as (B, N, H, d)), registered once, with a FLOP
+    formula so that PyTorch's counter sees its matmuls as it would sdpa's."""
+    global _KERNEL
+    if _KERNEL is None:
+        from torch.utils.flop_counter import register_flop_formula
+
+        @torch.library.custom_op("dynconvert_patterns::flash_like_attention", mutates_args=())
+        def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return o.transpose(1, 2).contiguous()
+
+        @op.register_fake
+        def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return q.new_empty(*q.shape[:3], v.shape[3])
+
+        @register_flop_formula(torch.ops.dynconvert_patterns.flash_like_attention)
+        def _flops(q_shape: Any, k_shape: Any, v_shape: Any, *_: Any, **__: Any) -> int:
+            b, n, h, d = q_shape
+            return 2 * b * h * n * k_shape[1] * (d + v_shape[3])  # QK^T + AV, 2 FLOPs a MAC
+
+        _KERNEL = op
+    return _KERNEL
+
+
+class KernelAttention(nn.Module):
+    """Attention through another library's kernel (see :func:`kernel_attention_op`), with
+    q, k and v laid out (B, N, H, d) as flash-attn takes them."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_qkv, self.to_out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        q, k, v = self.to_qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)  # (B, N, H, d) each
+        return self.to_out(kernel_attention_op()(q, k, v).flatten(2))
+
+
+def kernel_dit(seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+    """A DiT whose attentions call another library's kernel (:class:`KernelAttention`)."""
+    torch.manual_seed(seed)
+    model = RotaryDiT()
+    for layer in model.layers:
+        layer.attn = KernelAttention(32, 4)
+    return randomize_weights(model.eval(), seed), sequence_inputs(2, 16, 4, seed)
+
+
 FORMS = {
     "kv-conv-norm": lambda: compressed_kv_dit("conv", fused=False),
     "kv-uniform": lambda: compressed_kv_dit("uniform"),
@@ -252,5 +304,6 @@ FORMS = {
     "folded-heads": folded_heads_dit,
     "folded-heads-key-first": lambda: folded_heads_dit(key_first=True),
     "context-kv": context_kv_dit,
+    "kernel": kernel_dit,
 }
 """Builders of this module's pattern models by name, each returning ``(model, example_inputs)``."""
