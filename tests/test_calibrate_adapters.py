@@ -69,6 +69,7 @@ def test_generic_adapter_guesses_and_maps_names():
     assert torch.equal(odd(Odd(), x, t, {"x": x}), x)
 
 
+@pytest.mark.slow  # 4-5 s; the short calibrations of both classes run in the default set
 def test_diffusers_dit_and_pixart_calls_return_learned_sigma():
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     dit = tiny_diffusers_dit()

@@ -70,6 +70,7 @@ def test_flops_ratio_moves_toward_target():
     assert eval_ratio < 0.85
 
 
+@pytest.mark.slow  # 3 s; test_reliability's stopped-run and torn-write resumes run by default
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     opts = dict(
         steps=8,

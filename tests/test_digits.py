@@ -60,6 +60,7 @@ def test_build_digits_options():
     assert fresh.preset == "digits" and not fresh.final_layer.linear.weight.any()  # DiT's zero init
 
 
+@pytest.mark.slow  # 4 s; the digits recipe and evaluation tests sample in the default set
 def test_ddim_samples_are_recognisable_digits(digits_model):
     labels = torch.arange(10).repeat_interleave(3)
     images = sample(digits_model, labels=labels, seed=0, **DIGITS_SAMPLING)

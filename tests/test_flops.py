@@ -65,6 +65,7 @@ def test_count_flops_at_another_resolution():
     assert report.static_macs == pytest.approx(measure_macs(model, big), rel=0.01)
 
 
+@pytest.mark.slow  # 4 s (DiT-XL/2); the formula is checked on the small models by default
 def test_dit_xl_256_matches_published_macs():
     with torch.device("meta"):
         model = build_model("DiT-XL/2")

@@ -49,7 +49,10 @@ def _rel(a, b):
 
 # Variants whose path another default test already walks (same finder, same runtime): their
 # invariant runs are slow tests, to keep the default suite under three minutes.
-SLOW_VARIANTS = {"kv-nearest", "kv-pool", "rotary-wide-table-norm-all", "folded-heads-key-first", "gqa-enable-gqa"}
+SLOW_VARIANTS = {
+    "kv-nearest", "kv-pool", "rotary-wide-table-norm-all", "folded-heads-key-first", "gqa-enable-gqa",
+    "gated-gqa", "mmdit-shared-mlp",
+}  # fmt: skip
 
 
 @pytest.mark.parametrize(
