@@ -19,6 +19,7 @@ from dynconvert.analysis import attention as attn_finder
 from dynconvert.analysis import convmlp as conv_finder
 from dynconvert.analysis import mlp as mlp_finder
 from dynconvert.analysis import tables
+from dynconvert.analysis.calls import find_calls
 from dynconvert.analysis.costs import eager_macs, node_macs
 from dynconvert.analysis.graph import (
     OpGraph,
@@ -163,7 +164,7 @@ def plan_from_graph(
     pending: list[tuple[Any, list]] = []  # sites with per-head tables handed in (tables.py)
     claims: dict[int, set[str]] = {}  # site -> its Linears
     kernel_macs: dict[int, int] = {}  # site -> MACs of another library's kernel (not in the graph)
-    for call in attn_finder.find_calls(graph):
+    for call in find_calls(graph):
         if call.q.shape is not None and len(call.q.shape) == 4:
             block_heads.setdefault(block_of(call.output.module), call.q.shape[1])
         found = attn_finder.build_site(call, model, reuse, order, from_linear)
