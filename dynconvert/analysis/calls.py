@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dynconvert.analysis.graph import OpGraph, OpNode
-from dynconvert.analysis.replay import substitute
+from dynconvert.analysis.replay import replay_chain
 
 
 @dataclass
@@ -220,10 +220,7 @@ def _unfold_heads(
 def _fold_chain(start: OpNode, end: OpNode, chain: list[OpNode], expected: torch.Tensor) -> bool:
     """Whether the shape ops ``chain`` (from ``start`` to ``end``) move the index tensor of
     ``start`` into ``expected``."""
-    values = {id(start): torch.arange(math.prod(start.shape)).reshape(start.shape)}
-    for n in chain:
-        values[id(n)] = n.replay(*substitute(n.args, values), **{a: substitute(b, values) for a, b in n.kwargs.items()})
-    got = values[id(end)]
+    got = replay_chain(start, torch.arange(math.prod(start.shape)).reshape(start.shape), chain)
     return isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.equal(got, expected)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from dynconvert.analysis.graph import OpNode
 from dynconvert.analysis.layout import ChainError, describe
-from dynconvert.analysis.replay import substitute
+from dynconvert.analysis.replay import rerun
 
 
 @dataclass
@@ -121,8 +121,8 @@ def derive_outputs(
                     "along the tokens"
                 )
         if u.kind in ("shape", "cat"):
-            values[id(u)] = u.replay(*substitute(u.args, values), **{k: substitute(v, values) for k, v in u.kwargs.items()})
-            tokens[id(u)] = u.replay(*substitute(u.args, tokens), **{k: substitute(v, tokens) for k, v in u.kwargs.items()})
+            values[id(u)] = rerun(u, values)
+            tokens[id(u)] = rerun(u, tokens)
         else:
             src = next(i for i in u.inputs if id(i) in values)
             values[id(u)], tokens[id(u)] = values[id(src)], tokens[id(src)]
@@ -168,8 +168,8 @@ def _gate(
     gtok = {id(lin): torch.arange(n_tok).reshape(1, *shape[1:-1], 1).expand(*shape).contiguous()}
     for u in chain[1:]:
         if u.kind == "shape":
-            gval[id(u)] = u.replay(*substitute(u.args, gval), **{k: substitute(v, gval) for k, v in u.kwargs.items()})
-            gtok[id(u)] = u.replay(*substitute(u.args, gtok), **{k: substitute(v, gtok) for k, v in u.kwargs.items()})
+            gval[id(u)] = rerun(u, gval)
+            gtok[id(u)] = rerun(u, gtok)
         else:
             src = next(i for i in u.inputs if id(i) in gval)
             gval[id(u)], gtok[id(u)] = gval[id(src)], gtok[id(src)]

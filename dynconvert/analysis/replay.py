@@ -44,6 +44,27 @@ def substitute(a: Any, values: dict[int, torch.Tensor]) -> Any:
     return a
 
 
+def rerun(n: OpNode, values: dict[int, torch.Tensor]) -> Any:
+    """Rerun the (shape) op ``n`` with the values of ``values`` for its graph arguments."""
+    return n.replay(*substitute(n.args, values), **{k: substitute(v, values) for k, v in n.kwargs.items()})
+
+
+def replay_chain(start: OpNode, value: torch.Tensor, chain: list[OpNode]) -> Any:
+    """The value at the end of ``chain`` (ops in execution order, each reading the previous
+    ones or ``start``) when ``start`` holds ``value``: shape ops rerun, casts the identity.
+    None when an op does not rerun on an index tensor."""
+    values = {id(start): value}
+    for n in chain:
+        if n.kind == "cast":
+            values[id(n)] = values[id(n.inputs[0])]
+            continue
+        try:
+            values[id(n)] = rerun(n, values)
+        except Exception:  # noqa: BLE001 - not replayable on indices: the caller refuses
+            return None
+    return values[id(chain[-1])] if chain else value
+
+
 def _dims(n: OpNode, rank: int) -> list[int]:
     """The reduced dims of a reduction node, non-negative (all dims when none are given)."""
     pos = 2 if n.op == "linalg_vector_norm" else 1
@@ -82,9 +103,7 @@ class Replay:
         ins = [i for i in n.inputs if id(i) in tracked]
         vals = [self.values[id(i)] for i in ins]
         if n.kind in ("shape", "cat"):
-            args = substitute(n.args, self.values)
-            kwargs = {k: substitute(v, self.values) for k, v in n.kwargs.items()}
-            return n.replay(*args, **kwargs)  # a slice of a fresh tensor stays a view of it
+            return rerun(n, self.values)  # a slice of a fresh tensor stays a view of it
         if n.kind == "fresh":
             self.trivial = False
             return torch.full(n.shape, -1, dtype=torch.long)  # nothing written yet

@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 
 from dynconvert.analysis.graph import OpGraph, OpNode
 from dynconvert.analysis.layout import describe
-from dynconvert.analysis.replay import TableUse, substitute
+from dynconvert.analysis.replay import TableUse, replay_chain
 from dynconvert.inputs import eval_mode
 from dynconvert.plan import AttentionSite, TableArg, UnitMap
 
@@ -75,18 +75,7 @@ def _keeps_positions(src: OpNode, chain: list[OpNode], dim: int) -> bool:
     if len(src.shape) < -dim:
         return False
     index = torch.arange(src.shape[dim]).reshape(-1, *[1] * (-dim - 1)).expand(*src.shape)
-    values = {id(src): index}
-    for n in chain:
-        if n.kind == "cast":
-            values[id(n)] = values[id(n.inputs[0])]
-            continue
-        try:
-            args = substitute(n.args, values)
-            kwargs = {k: substitute(v, values) for k, v in n.kwargs.items()}
-            values[id(n)] = n.replay(*args, **kwargs)
-        except Exception:  # noqa: BLE001 - an op that does not replay on indices moves them
-            return False
-    out = values[id(chain[-1])]
+    out = replay_chain(src, index, chain)  # None: an op that does not replay on indices
     if not isinstance(out, torch.Tensor) or out.dim() < -dim or out.shape[dim] != src.shape[dim]:
         return False
     want = torch.arange(out.shape[dim]).reshape(-1, *[1] * (-dim - 1))
