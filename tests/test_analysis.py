@@ -164,7 +164,7 @@ def test_timm_scale_norm_before_out_projection_is_refused():
     assert plan.attention == [] and "norm over all heads" in plan.skipped[0].reason
 
 
-@pytest.mark.parametrize("name", ["dit", "uvit"])
+@pytest.mark.parametrize("name", [pytest.param("dit", marks=pytest.mark.slow), "uvit"])
 def test_fx_fallback_finds_the_same_plan(name):
     model = TINY_BUILDERS[name]()
     by_export = dynconvert.analyze(model)

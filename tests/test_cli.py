@@ -378,6 +378,7 @@ def test_out_folder_with_another_run_is_refused(tiny_run, tmp_path):
     )
 
 
+@pytest.mark.slow  # 2 s; test_reliability resumes stopped and torn runs by default
 def test_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
     from dynconvert.cli import render
 

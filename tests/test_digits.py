@@ -128,6 +128,7 @@ def test_evaluate_digits_and_grid(digits_model, tmp_path):
         write_demo_grid({}, tmp_path / "bad.png")
 
 
+@pytest.mark.slow  # 1 s; test_evaluate_digits_and_grid runs the evaluation by default
 def test_evaluate_digits_with_a_separate_original(digits_model):
     from dynconvert.demo import evaluate_digits
     from dynconvert.testing import randomize_routing

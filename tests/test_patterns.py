@@ -51,7 +51,8 @@ def _rel(a, b):
 # invariant runs are slow tests, to keep the default suite under three minutes.
 SLOW_VARIANTS = {
     "kv-nearest", "kv-pool", "rotary-wide-table-norm-all", "folded-heads-key-first", "gqa-enable-gqa",
-    "gated-gqa", "mmdit-shared-mlp",
+    "gated-gqa", "mmdit-shared-mlp", "video-own-projections", "kv-reduce-input", "conv-mlp",
+    "rotary-table-manual",
 }  # fmt: skip
 
 

@@ -152,8 +152,9 @@ LIGHT = [
 ]  # fmt: skip
 FAMILIES = [
     ("dit-xl-imagenet256", "dit-tiny"),
-    ("dit-s", "dit-tiny"),
-    ("dit-b", "dit-tiny"),
+    # dit-s and dit-b run the same tiny DiT as dit-xl with other settings: slow set.
+    pytest.param("dit-s", "dit-tiny", marks=pytest.mark.slow),
+    pytest.param("dit-b", "dit-tiny", marks=pytest.mark.slow),
     ("uvit-imagenet256", "uvit-tiny"),
     ("pixart-alpha", "pixart-tiny"),
 ]
