@@ -37,7 +37,9 @@ def main() -> None:
     adapter = select_adapter(plain)
     objective = build_objective(cfg, adapter)
     batch = {"x": x0, "y": y}
-    opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0) for m in (plain, dynamic)}
+    opts = {
+        id(m): torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0) for m in (plain, dynamic)
+    }
 
     def step(model: torch.nn.Module, with_flops: bool) -> float:
         torch.manual_seed(1)
@@ -61,9 +63,14 @@ def main() -> None:
         tp.append(step(plain, False))
         td.append(step(dynamic, True))
     result = {
-        "model": args.model, "batch": args.batch, "threads": torch.get_num_threads(),
-        "plain_step_s": statistics.median(tp), "calibration_step_s": statistics.median(td),
-        "overhead": statistics.median(td) / statistics.median(tp), "plain_steps_s": tp, "calibration_steps_s": td,
+        "model": args.model,
+        "batch": args.batch,
+        "threads": torch.get_num_threads(),
+        "plain_step_s": statistics.median(tp),
+        "calibration_step_s": statistics.median(td),
+        "overhead": statistics.median(td) / statistics.median(tp),
+        "plain_steps_s": tp,
+        "calibration_steps_s": td,
     }
     print(json.dumps(result, indent=1))
 

@@ -31,7 +31,9 @@ def main() -> None:
     model = build_model(args.model).eval()
     x, _, y = model.example_inputs(batch_size=args.batch)
     dynconvert.convert(model, 0.5, example_inputs=(x, torch.full((args.batch,), 500.0), y))
-    randomize_routing(model, keep=0.6, tokens=0.7, example_inputs=(x, torch.full((args.batch,), 500.0), y))
+    randomize_routing(
+        model, keep=0.6, tokens=0.7, example_inputs=(x, torch.full((args.batch,), 500.0), y)
+    )
     compiled = torch.compile(model)
     timesteps = torch.linspace(999, 0, args.steps).round().tolist()
     rows = []
@@ -47,15 +49,33 @@ def main() -> None:
                 t0 = time.perf_counter()
                 model(x, tt, y)
                 te = time.perf_counter() - t0
-            rows.append({"pass": rep, "t": t, "compiled_s": tc, "eager_s": te,
-                         "graphs_so_far": int(counters["stats"]["unique_graphs"])})
+            rows.append(
+                {
+                    "pass": rep,
+                    "t": t,
+                    "compiled_s": tc,
+                    "eager_s": te,
+                    "graphs_so_far": int(counters["stats"]["unique_graphs"]),
+                }
+            )
     first = sum(r["compiled_s"] for r in rows if r["pass"] == 0)
     second = sum(r["compiled_s"] for r in rows if r["pass"] == 1)
     eager = sum(r["eager_s"] for r in rows if r["pass"] == 1)
-    print(json.dumps({"model": args.model, "batch": args.batch, "steps": args.steps,
-                      "first_pass_compiled_s": first, "second_pass_compiled_s": second,
-                      "second_pass_eager_s": eager, "unique_graphs": int(counters["stats"]["unique_graphs"]),
-                      "calls": rows}, indent=1))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "batch": args.batch,
+                "steps": args.steps,
+                "first_pass_compiled_s": first,
+                "second_pass_compiled_s": second,
+                "second_pass_eager_s": eager,
+                "unique_graphs": int(counters["stats"]["unique_graphs"]),
+                "calls": rows,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

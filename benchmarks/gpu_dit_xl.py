@@ -38,10 +38,10 @@ import torch
 
 import dynconvert
 from dynconvert.flops import last_flops_ratio
-from dynconvert.graphs import disable_cuda_graphs, enable_cuda_graphs, graph_stats
 from dynconvert.models import build_model
-from dynconvert.planned import planned_stats, token_overflow
-from dynconvert.synthetic import randomize_routing, synthetic_routing
+from dynconvert.runtime.planned.controls import planned_stats, token_overflow
+from dynconvert.runtime.planned.graphs import disable_cuda_graphs, enable_cuda_graphs, graph_stats
+from dynconvert.runtime.synthetic import randomize_routing, synthetic_routing
 
 
 def log(results: list, path: str, item: dict) -> None:

@@ -12,7 +12,7 @@ digits (``dynconvert.demo.metrics``). Methods:
 - ``fewer-steps``: the original with ``round(target * steps)`` sampling steps.
 - ``dynamic``: dynconvert, width + tokens (the digits recipe); ``width-only``; ``tokens-only``.
 - ``static-pruning``: the same heads and MLP channel groups removed at every timestep, ranked by
-  the importance score convert uses (``dynconvert.importance.magnitude``), the same fraction in
+  the importance score convert uses (``dynconvert.analysis.importance.magnitude``), the same fraction in
   every site, then fine-tuned for the same steps.
 - ``cache``: training-free, first-block-cache style: on a "cached" sampling step only the first
   block runs, and the residual of the other blocks from the last full step is reused; the cached
@@ -44,10 +44,10 @@ import torch
 from torch import nn
 
 import dynconvert
+from dynconvert.analysis.importance import magnitude
 from dynconvert.demo import metrics
 from dynconvert.demo.digits import DIGITS_SAMPLING
 from dynconvert.flops import routed_ratio
-from dynconvert.importance import magnitude
 from dynconvert.models import build_model
 from dynconvert.recipes import load_recipe
 from dynconvert.sampling import sample

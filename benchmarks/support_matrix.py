@@ -2,7 +2,7 @@
 
 Run: python benchmarks/support_matrix.py [--only NAME ...] [--jobs N] [--out benchmarks/results]
 
-For each entry of ``dynconvert.models.zoo.ZOO`` (every image and video transformer class of the
+For each entry of ``dynconvert.testing.zoo.ZOO`` (every image and video transformer class of the
 installed diffusers, the built-in DiT and U-ViT, a timm DiT): sites found and skipped (with
 reasons), static MACs, the lowest reachable budget, the executed FLOPs ratio under
 ``randomize_routing(keep=0.5)`` (FlopCounterMode, math attention), whether a fresh conversion
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from dynconvert.models.zoo import ZOO, ZOO_EXCLUDED
-from dynconvert.support import reason_groups, summary, support_row
+from dynconvert.measure.support import reason_groups, summary, support_row
+from dynconvert.testing.zoo import ZOO, ZOO_EXCLUDED
 
 
 def _fmt(x: object, spec: str = ".3f") -> str:
@@ -50,7 +50,14 @@ def _first_problem(row: dict) -> str:
     if row.get("flops_error"):
         return row["flops_error"].replace("|", "\\|")[:160]
     texts = [f"{s['name']}: {s['reason']}" for s in row["skipped"]] + row["site_notes"]
-    return (texts[0].replace("|", "\\|")[:160] + (f" (+{len(texts) - 1} more)" if len(texts) > 1 else "")) if texts else ""
+    return (
+        (
+            texts[0].replace("|", "\\|")[:160]
+            + (f" (+{len(texts) - 1} more)" if len(texts) > 1 else "")
+        )
+        if texts
+        else ""
+    )
 
 
 def markdown(rows: list[dict], command: str, seconds: float, note: str = "") -> str:
@@ -93,8 +100,13 @@ def markdown(rows: list[dict], command: str, seconds: float, note: str = "") -> 
             f"| {_fmt(r['static_gap'], '+.3f')} | {_fmt(r['fresh_ok'])} "
             f"| {_fmt(r['fast_masked_ok'])} | {_fmt(r['convert_s'], '.2f')} | {_first_problem(r)} |"
         )
-    lines += ["", "## Reasons and errors, by how many models each affects", "",
-              "| models | reason (names and numbers blanked) | which |", "|---|---|---|"]
+    lines += [
+        "",
+        "## Reasons and errors, by how many models each affects",
+        "",
+        "| models | reason (names and numbers blanked) | which |",
+        "|---|---|---|",
+    ]
     for reason, n, names in reason_groups(rows):
         text = reason.replace("|", "\\|")
         lines.append(f"| {n} | {text} | {', '.join(names)} |")
@@ -120,10 +132,16 @@ def _row(name: str) -> dict:
 def main() -> None:
     """Run the matrix and write the JSON and markdown files."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", metavar="NAME", help="zoo entries to run (default: all)")
-    parser.add_argument("--jobs", type=int, default=1, help="worker processes (1 thread each when > 1)")
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help="zoo entries to run (default: all)"
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="worker processes (1 thread each when > 1)"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--note", default="", help="a line for the markdown header (e.g. the commit measured)")
+    parser.add_argument(
+        "--note", default="", help="a line for the markdown header (e.g. the commit measured)"
+    )
     args = parser.parse_args()
     names = args.only or list(ZOO)
     unknown = [n for n in names if n not in ZOO]
@@ -135,7 +153,9 @@ def main() -> None:
         with ProcessPoolExecutor(args.jobs) as pool:
             for row in pool.map(_row, names):
                 rows.append(row)
-                print(f"{row['name']:24s} {row['status']:10s} {row['error'] or ''}"[:200], flush=True)
+                print(
+                    f"{row['name']:24s} {row['status']:10s} {row['error'] or ''}"[:200], flush=True
+                )
     else:
         for name in names:
             row = support_row(name)
@@ -145,13 +165,27 @@ def main() -> None:
     command = "python benchmarks/support_matrix.py " + shlex.join(sys.argv[1:])
     stem = "support_matrix" if not args.only else "support_matrix_partial"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(
-        {"command": command.strip(), "note": args.note, "seconds": round(seconds, 1), "summary": summary(rows), "rows": rows,
-         "excluded": ZOO_EXCLUDED}, indent=1, default=str) + "\n")
+    (args.out / f"{stem}.json").write_text(
+        json.dumps(
+            {
+                "command": command.strip(),
+                "note": args.note,
+                "seconds": round(seconds, 1),
+                "summary": summary(rows),
+                "rows": rows,
+                "excluded": ZOO_EXCLUDED,
+            },
+            indent=1,
+            default=str,
+        )
+        + "\n"
+    )
     (args.out / f"{stem}.md").write_text(markdown(rows, command.strip(), seconds, args.note))
     s = summary(rows)
-    print(f"{s['image_video_within']}/{s['image_video']} image/video models with executed ratio <= 0.75; "
-          f"{s['converted']}/{s['rows']} converted; {s['errors']} errors; wrote {args.out / stem}.{{json,md}}")
+    print(
+        f"{s['image_video_within']}/{s['image_video']} image/video models with executed ratio <= 0.75; "
+        f"{s['converted']}/{s['rows']} converted; {s['errors']} errors; wrote {args.out / stem}.{{json,md}}"
+    )
 
 
 if __name__ == "__main__":

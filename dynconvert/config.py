@@ -63,7 +63,7 @@ class ConvertConfig:
         importance: How the always-on unit of each width router is chosen: "magnitude" (the
             unit whose weights have the largest L2 norm; default), "first" (unit 0, as the
             original code without re-ranking), or a callable ``fn(site, linears) -> scores``
-            with one score per unit (see ``dynconvert.importance``).
+            with one score per unit (see ``dynconvert.analysis.importance``).
         timestep_arg: Name of the forward argument that carries t. None (default): the first
             of ``TIMESTEP_NAMES`` in the forward's signature.
         timestep_scale: The routers read ``t * timestep_scale``, which should be on the DDPM
@@ -123,7 +123,7 @@ class ConvertConfig:
         if self.capture not in ("auto", "export", "fx"):
             raise ConfigError(f"capture must be one of auto, export, fx; got {self.capture!r}")
         if isinstance(self.importance, str):
-            from dynconvert.importance import IMPORTANCE
+            from dynconvert.analysis.importance import IMPORTANCE
 
             if self.importance not in IMPORTANCE:
                 raise ConfigError(

@@ -9,37 +9,49 @@ import torch
 from torch import nn
 
 from dynconvert.analysis import FilterFn, analyze
-from dynconvert.attention_runtime import AttentionRuntime
-from dynconvert.bank import RouterBank
+from dynconvert.analysis.importance import always_on_unit
 from dynconvert.config import ConvertConfig
-from dynconvert.conv_runtime import ConvMlpRuntime
-from dynconvert.dynamic import (
+from dynconvert.errors import AlreadyConvertedError, BudgetError, NoSitesError
+from dynconvert.fields import SEED_MAX, Range, check_value
+from dynconvert.flops import min_ratio
+from dynconvert.inputs import default_inputs, split_inputs
+from dynconvert.plan import AttentionSite, Plan
+from dynconvert.runtime.attention import AttentionRuntime
+from dynconvert.runtime.bank import RouterBank
+from dynconvert.runtime.conv import ConvMlpRuntime
+from dynconvert.runtime.dynamic import (
     DynamicConv,
     DynamicLinear,
     MlpRuntime,
     make_dynamic,
     make_static,
 )
-from dynconvert.errors import AlreadyConvertedError, BudgetError, NoSitesError
-from dynconvert.fields import SEED_MAX, Range, check_value
-from dynconvert.flops import min_ratio
-from dynconvert.importance import always_on_unit
-from dynconvert.inputs import default_inputs, split_inputs
-from dynconvert.plan import AttentionSite, Plan
-from dynconvert.shared_out import SharedOutRuntime
-from dynconvert.state import ATTR, attach, detach, get_state, is_converted
+from dynconvert.runtime.shared_out import SharedOutRuntime
+from dynconvert.runtime.state import ATTR, attach, detach, get_state, is_converted
 from dynconvert.verify import verify_fast_path
 
-__all__ = ["apply_plan", "check_budget", "check_plan", "convert", "get_state", "is_converted", "revert"]
+__all__ = [
+    "apply_plan",
+    "check_budget",
+    "check_plan",
+    "convert",
+    "get_state",
+    "is_converted",
+    "revert",
+]
 
 
 def check_budget(budget: Any) -> float:
     """Validate a FLOPs budget: a number in (0, 1]."""
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-        raise BudgetError(f"budget must be a number in (0, 1], e.g. 0.5 for half the FLOPs; got {budget!r}")
+        raise BudgetError(
+            f"budget must be a number in (0, 1], e.g. 0.5 for half the FLOPs; got {budget!r}"
+        )
     b = float(budget)
     if not 0.0 < b <= 1.0:
-        raise BudgetError(f"budget must be in (0, 1] (a fraction of the original FLOPs, e.g. 0.5); got {b}")
+        raise BudgetError(
+            f"budget must be in (0, 1] (a fraction of the original FLOPs, e.g. 0.5); got {b}"
+        )
     return b
 
 
@@ -89,9 +101,13 @@ def convert(
         )
     # The converted state lives under this attribute: never overwrite one of the model's own.
     if hasattr(model, ATTR):
-        raise AlreadyConvertedError(f"the model already has an attribute {ATTR!r}; rename it before converting")
+        raise AlreadyConvertedError(
+            f"the model already has an attribute {ATTR!r}; rename it before converting"
+        )
     # Resolved once: analysis captures the graph with them, the fast-path check reruns them.
-    args, kwargs = split_inputs(example_inputs) if example_inputs is not None else default_inputs(model)
+    args, kwargs = (
+        split_inputs(example_inputs) if example_inputs is not None else default_inputs(model)
+    )
     plan = analyze(model, (args, kwargs), config, filter_fn)
     check_plan(plan, b, config)  # before any change: a refused plan leaves the model untouched
     with torch.random.fork_rng(devices=[]):  # router init from the seed, global RNG untouched
@@ -128,7 +144,10 @@ def convert(
 def check_plan(plan: Plan, budget: float, config: ConvertConfig) -> None:
     """Refuse a plan with no sites, or a budget below what its always-on parts cost."""
     if not plan.sites:
-        reasons = "; ".join(f"{s.name}: {s.reason}" for s in plan.skipped[:5]) or "no attention call found"
+        reasons = (
+            "; ".join(f"{s.name}: {s.reason}" for s in plan.skipped[:5])
+            or "no attention call found"
+        )
         raise NoSitesError(
             f"found no convertible attention or MLP site in {plan.model_class} ({reasons}). "
             "dynconvert converts transformer blocks made of attention and MLP Linears; see "
@@ -179,7 +198,9 @@ def apply_plan(
             # The pre-hook lowers the module's head-count attributes for a sliced call and the
             # post-hook restores them, also when the forward raises (always_call).
             hooks.append(module.register_forward_pre_hook(rt.pre_hook, with_kwargs=True))
-            hooks.append(module.register_forward_hook(rt.post_hook, with_kwargs=True, always_call=True))
+            hooks.append(
+                module.register_forward_hook(rt.post_hook, with_kwargs=True, always_call=True)
+            )
         else:
             rt = ConvMlpRuntime(site, bank) if site.conv else MlpRuntime(site, bank)
             for name in site.fc1:

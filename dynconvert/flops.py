@@ -34,11 +34,11 @@ from torch import nn
 
 from dynconvert.analysis import analyze, capture
 from dynconvert.analysis.costs import eager_macs, node_macs
-from dynconvert.bank import RouterBank
 from dynconvert.inputs import batch_of, default_inputs, shapes_of, split_inputs
 from dynconvert.plan import AttentionSite, Plan, Site
-from dynconvert.routing import routing
-from dynconvert.state import get_state, is_converted
+from dynconvert.runtime.bank import RouterBank
+from dynconvert.runtime.routing import routing
+from dynconvert.runtime.state import get_state, is_converted
 
 Fraction = Any
 """A fraction in [0, 1]: a number, or a tensor (per sample (B,), or per timestep (T,))."""
@@ -96,7 +96,9 @@ class FlopsReport:
     @property
     def blocks_ratio(self) -> float:
         """Dynamic / static of the converted attention and MLP sites only (the paper's figure)."""
-        return self.blocks_dynamic_macs / self.blocks_static_macs if self.blocks_static_macs else 1.0
+        return (
+            self.blocks_dynamic_macs / self.blocks_static_macs if self.blocks_static_macs else 1.0
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The fields (sites as dicts) plus the derived per-sample MACs, ratio and blocks_ratio."""
@@ -219,7 +221,9 @@ def min_ratio(plan: Plan, token_reduction: int) -> float:
     return float(routed_ratio(plan, token_reduction, width, tokens=0.0))
 
 
-def solve_keep(plan: Plan, token_reduction: int, ratio: float, tokens: float) -> tuple[float, float]:
+def solve_keep(
+    plan: Plan, token_reduction: int, ratio: float, tokens: float
+) -> tuple[float, float]:
     """Width and token keep fractions, the same at every site, whose ratio is about ``ratio``.
 
     The ratio is linear in each fraction, so both are solved exactly from two evaluations of
@@ -259,7 +263,9 @@ def call_costs(bank: RouterBank) -> list[tuple[Site, SiteCost]]:
         seen = rec.get("seen")
         if "executed_tokens" in rec:  # planned path: the MLP ran on its capacity (or all tokens)
             kept = rec["executed_tokens"]
-        out.append((s, site_cost(s, width, kept, bank.config.token_reduction, rec.get("n"), seen, fold)))
+        out.append(
+            (s, site_cost(s, width, kept, bank.config.token_reduction, rec.get("n"), seen, fold))
+        )
     return out
 
 
@@ -301,16 +307,27 @@ def count_flops(model: nn.Module, example_inputs: Any = None) -> FlopsReport:
         >>> r.ratio
         1.0
     """
-    args, kwargs = split_inputs(example_inputs) if example_inputs is not None else default_inputs(model)
+    args, kwargs = (
+        split_inputs(example_inputs) if example_inputs is not None else default_inputs(model)
+    )
     batch = batch_of(args, kwargs)
     if not is_converted(model):
         plan = analyze(model, (args, kwargs))
-        sites = [SiteFlops(s.name, _kind(s), s.block, float(s.macs()), float(s.macs())) for s in plan.sites]
+        sites = [
+            SiteFlops(s.name, _kind(s), s.block, float(s.macs()), float(s.macs()))
+            for s in plan.sites
+        ]
         blocks = sum(s.static_macs for s in sites) * batch
         return FlopsReport(
-            batch=batch, static_macs=float(plan.static_macs), dynamic_macs=float(plan.static_macs),
-            blocks_static_macs=blocks, blocks_dynamic_macs=blocks, other_macs=float(plan.other_macs),
-            router_macs=0.0, per_sample_ratio=[1.0] * batch, sites=sites,
+            batch=batch,
+            static_macs=float(plan.static_macs),
+            dynamic_macs=float(plan.static_macs),
+            blocks_static_macs=blocks,
+            blocks_dynamic_macs=blocks,
+            other_macs=float(plan.other_macs),
+            router_macs=0.0,
+            per_sample_ratio=[1.0] * batch,
+            sites=sites,
         )
     bank = get_state(model)
     with torch.no_grad():
@@ -331,10 +348,15 @@ def count_flops(model: nn.Module, example_inputs: Any = None) -> FlopsReport:
     static = other + blocks_static
     per_sample = torch.as_tensor(dyn_per_sample, dtype=torch.float64).reshape(-1).expand(batch)
     return FlopsReport(
-        batch=batch, static_macs=static, dynamic_macs=float(per_sample.sum()),
-        blocks_static_macs=blocks_static, blocks_dynamic_macs=blocks_dynamic, other_macs=other,
+        batch=batch,
+        static_macs=static,
+        dynamic_macs=float(per_sample.sum()),
+        blocks_static_macs=blocks_static,
+        blocks_dynamic_macs=blocks_dynamic,
+        other_macs=other,
         router_macs=sum(s.router_macs for s in sites) * batch,
-        per_sample_ratio=(per_sample / (static / batch)).tolist(), sites=sites,
+        per_sample_ratio=(per_sample / (static / batch)).tolist(),
+        sites=sites,
     )
 
 
@@ -348,7 +370,9 @@ def _other_macs(model: nn.Module, plan: Plan, args: tuple, kwargs: dict, costs: 
     same = shapes_of(args, kwargs) == plan.input_shapes
     if same:
         return float(plan.other_macs)
-    if batch != plan.batch and _same_but_batch(shapes_of(args, kwargs), plan.input_shapes, plan.batch, batch):
+    if batch != plan.batch and _same_but_batch(
+        shapes_of(args, kwargs), plan.input_shapes, plan.batch, batch
+    ):
         return float(plan.other_macs) * batch / plan.batch
     with routing(model, "full"):
         graph = capture(model, args, kwargs, "export", any_linear=True)
@@ -379,5 +403,7 @@ def measure_macs(model: nn.Module, example_inputs: Any = None) -> float:
         >>> measure_macs(tiny_dit()) > 0
         True
     """
-    args, kwargs = split_inputs(example_inputs) if example_inputs is not None else default_inputs(model)
+    args, kwargs = (
+        split_inputs(example_inputs) if example_inputs is not None else default_inputs(model)
+    )
     return eager_macs(model, args, kwargs)

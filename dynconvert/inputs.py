@@ -19,8 +19,12 @@ def split_inputs(example_inputs: Any) -> Inputs:
     """Turn a tuple of positional args or a dict of keyword args into ``(args, kwargs)``."""
     if isinstance(example_inputs, dict):
         return (), dict(example_inputs)
-    if isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[1], dict) \
-            and isinstance(example_inputs[0], tuple):
+    if (
+        isinstance(example_inputs, tuple)
+        and len(example_inputs) == 2
+        and isinstance(example_inputs[1], dict)
+        and isinstance(example_inputs[0], tuple)
+    ):
         return tuple(example_inputs[0]), dict(example_inputs[1])
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs), {}
@@ -98,7 +102,11 @@ def _default_inputs(model: torch.nn.Module, batch_size: int) -> Inputs:
             "timestep": torch.linspace(999, 0, batch_size).round().long(),
             "class_labels": torch.arange(batch_size) % classes,
         }
-    if name in ("PixArtTransformer2DModel", "Transformer2DModel") and cfg is not None and cfg.sample_size:
+    if (
+        name in ("PixArtTransformer2DModel", "Transformer2DModel")
+        and cfg is not None
+        and cfg.sample_size
+    ):
         s, c = cfg.sample_size, cfg.in_channels
         text_dim = cfg.caption_channels or cfg.cross_attention_dim
         kwargs: dict[str, Any] = {
@@ -110,9 +118,12 @@ def _default_inputs(model: torch.nn.Module, batch_size: int) -> Inputs:
         if name == "PixArtTransformer2DModel":
             extra = getattr(model, "use_additional_conditions", False)
             kwargs["added_cond_kwargs"] = (
-                {"resolution": torch.tensor([[s * 8.0, s * 8.0]] * batch_size),
-                 "aspect_ratio": torch.ones(batch_size, 1)}
-                if extra else {"resolution": None, "aspect_ratio": None}
+                {
+                    "resolution": torch.tensor([[s * 8.0, s * 8.0]] * batch_size),
+                    "aspect_ratio": torch.ones(batch_size, 1),
+                }
+                if extra
+                else {"resolution": None, "aspect_ratio": None}
             )
         return (), kwargs
     raise ExampleInputsError(
@@ -179,7 +190,9 @@ def timestep_slot(model: torch.nn.Module, name: str) -> tuple[int | None, Any]:
     return position, default
 
 
-def with_timestep(model: torch.nn.Module, inputs: Any, value: Any, name: str | None = None) -> Inputs:
+def with_timestep(
+    model: torch.nn.Module, inputs: Any, value: Any, name: str | None = None
+) -> Inputs:
     """The inputs with the timestep replaced: ``value`` is one number for every sample, or one
     value per sample.
 
@@ -189,9 +202,17 @@ def with_timestep(model: torch.nn.Module, inputs: Any, value: Any, name: str | N
     args, kwargs = split_inputs(inputs)
     name = name or find_timestep_arg(model)
     position, _ = timestep_slot(model, name)
-    old = kwargs[name] if name in kwargs or position is None or position >= len(args) else args[position]
+    old = (
+        kwargs[name]
+        if name in kwargs or position is None or position >= len(args)
+        else args[position]
+    )
     old = torch.as_tensor(old)
-    new = torch.full_like(old, value) if isinstance(value, (int, float)) else torch.as_tensor(value, dtype=old.dtype)
+    new = (
+        torch.full_like(old, value)
+        if isinstance(value, (int, float))
+        else torch.as_tensor(value, dtype=old.dtype)
+    )
     if name in kwargs or position is None or position >= len(args):
         return tuple(args), {**kwargs, name: new}
     args = list(args)

@@ -274,7 +274,9 @@ class MlpSite:
         mid = sum(self.mid_channels) * self.mid_taps  # depthwise convolutions, per token
         return n * self.in_features * self.fc1_out + n * mid + n * self.hidden * self.out_features
 
-    def router_macs(self, tokens: int | None = None, reduction: int = 16, fold: int | None = None) -> int:
+    def router_macs(
+        self, tokens: int | None = None, reduction: int = 16, fold: int | None = None
+    ) -> int:
         """MACs of this site's token router (D -> D/r -> 1) for one sample."""
         if not self.token:
             return 0
@@ -396,17 +398,22 @@ class Plan:
                     "streams": [AttentionStream(**s) for s in a.get("streams", [])],
                     "cut_maps": maps(a.get("cut_maps", [])),
                     "table_args": [
-                        TableArg(t["path"], t["dim"], _unit_map(t["map"])) for t in a.get("table_args", [])
+                        TableArg(t["path"], t["dim"], _unit_map(t["map"]))
+                        for t in a.get("table_args", [])
                     ],
                 }
             )
             for a in d["attention"]
         ]
         d["mlp"] = [
-            MlpSite(**{
-                **m, "in_maps": maps(m["in_maps"]), "out_map": _unit_map(m["out_map"]),
-                "mid_maps": maps(m.get("mid_maps", [])),
-            })  # fmt: skip
+            MlpSite(
+                **{
+                    **m,
+                    "in_maps": maps(m["in_maps"]),
+                    "out_map": _unit_map(m["out_map"]),
+                    "mid_maps": maps(m.get("mid_maps", [])),
+                }
+            )  # fmt: skip
             for m in d["mlp"]
         ]
         d["skipped"] = [SkippedSite(**s) for s in d["skipped"]]

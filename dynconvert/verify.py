@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dynconvert.routing import routing
-from dynconvert.state import get_state
+from dynconvert.runtime.routing import routing
+from dynconvert.runtime.state import get_state
 
 
 def _out(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:

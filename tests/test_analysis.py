@@ -37,7 +37,10 @@ class ToyAttention(nn.Module):
         k = self.wk(x).view(b, n, -1, self.hd).transpose(1, 2)
         v = self.wv(x).view(b, n, -1, self.hd).transpose(1, 2)
         if self.trap == "rope_per_head":  # a rotary table that differs per head
-            ang = torch.arange(n, dtype=x.dtype)[None, :, None] * torch.arange(1.0, self.n_heads + 1)[:, None, None]
+            ang = (
+                torch.arange(n, dtype=x.dtype)[None, :, None]
+                * torch.arange(1.0, self.n_heads + 1)[:, None, None]
+            )
             q = q * torch.cos(ang / 10.0) + q.flip(-1) * torch.sin(ang / 10.0)
         o = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.trap == "gqa")
         if self.trap == "reshape_with_c":
@@ -50,7 +53,11 @@ class ToyBlock(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = ToyAttention(dim, heads, trap)
-        self.w1, self.w3, self.w2 = nn.Linear(dim, 2 * dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.w1, self.w3, self.w2 = (
+            nn.Linear(dim, 2 * dim),
+            nn.Linear(dim, 2 * dim),
+            nn.Linear(2 * dim, dim),
+        )
         self.post = nn.LayerNorm(dim) if trap == "norm_after_mlp" else None
 
     def forward(self, x):
@@ -172,8 +179,17 @@ def test_fx_fallback_finds_the_same_plan(name):
     assert by_export.capture == "torch.export" and by_fx.capture == "torch.fx"
 
     def key(p):
-        return [(s.name, type(s).__name__, s.units, [m.parts for m in s.in_maps], s.out_map.parts,
-                 getattr(s, "token", None)) for s in p.sites]
+        return [
+            (
+                s.name,
+                type(s).__name__,
+                s.units,
+                [m.parts for m in s.in_maps],
+                s.out_map.parts,
+                getattr(s, "token", None),
+            )
+            for s in p.sites
+        ]
 
     assert key(by_fx) == key(by_export)
     assert by_fx.static_macs == by_export.static_macs
@@ -209,7 +225,7 @@ def test_mlp_groups_configurable_and_always_on_by_importance():
 
 
 def test_importance_is_pluggable_and_magnitude_is_the_weight_norm():
-    from dynconvert.importance import magnitude, unit_weights
+    from dynconvert.analysis.importance import magnitude, unit_weights
 
     model = TINY_BUILDERS["dit"]()
     modules = dict(model.named_modules())

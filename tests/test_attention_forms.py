@@ -13,15 +13,15 @@ import dynconvert
 from dynconvert.config import ConvertConfig
 from dynconvert.flops import measure_macs, site_cost
 from dynconvert.inputs import default_inputs, with_timestep
-from dynconvert.models.attention_forms import (
+from dynconvert.plan import Plan
+from dynconvert.testing import PATTERN_MODELS, randomize_routing, tiny_pixart
+from dynconvert.testing.attention_forms import (
     ContextKVAttention,
     KVCompressAttention,
     WideRotaryAttention,
     compressed_kv_dit,
 )
-from dynconvert.models.patterns import rope_tables
-from dynconvert.plan import Plan
-from dynconvert.testing import PATTERN_MODELS, randomize_routing, tiny_pixart
+from dynconvert.testing.patterns import rope_tables
 
 
 @pytest.mark.parametrize("name", ["kv-uniform", "kv-nearest", "kv-pool"])
@@ -156,9 +156,16 @@ class _PooledEverything(torch.nn.Module):  # q, k and v pooled 2x2, the output u
         def pool(t):
             return F.avg_pool2d(t.transpose(1, 2).reshape(b, c, 4, 4), 2).flatten(2).transpose(1, 2)
 
-        q, k, v = (pool(p(x)).unflatten(-1, (4, -1)).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v))
+        q, k, v = (
+            pool(p(x)).unflatten(-1, (4, -1)).transpose(1, 2)
+            for p in (self.to_q, self.to_k, self.to_v)
+        )
         o = self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
-        return F.interpolate(o.transpose(1, 2).reshape(b, c, 2, 2), scale_factor=2.0).flatten(2).transpose(1, 2)
+        return (
+            F.interpolate(o.transpose(1, 2).reshape(b, c, 2, 2), scale_factor=2.0)
+            .flatten(2)
+            .transpose(1, 2)
+        )
 
 
 class _AdaptivePool(KVCompressAttention):  # PVT-v2's pooling to a fixed grid
@@ -171,8 +178,16 @@ class _AdaptivePool(KVCompressAttention):  # PVT-v2's pooling to a fixed grid
 @pytest.mark.parametrize(
     ("base", "make", "reason"),
     [
-        ("rotary-wide-table", lambda: _FlippedTable(32, 4, None), "reordered inside the attention (`flip`"),
-        ("kv-pool", _PooledEverything, "the queries are resampled between their projection and the attention"),
+        (
+            "rotary-wide-table",
+            lambda: _FlippedTable(32, 4, None),
+            "reordered inside the attention (`flip`",
+        ),
+        (
+            "kv-pool",
+            _PooledEverything,
+            "the queries are resampled between their projection and the attention",
+        ),
         ("kv-pool", lambda: _AdaptivePool(32, 4, "pool", fused=False), "`adaptive_avg_pool2d`"),
     ],
 )
@@ -209,8 +224,19 @@ def test_a_context_of_keys_and_values_only_is_a_stream_without_queries():
     model, inputs = PATTERN_MODELS["context-kv"]()
     site = dynconvert.analyze(model, inputs).attention[0]
     text = site.streams[0]
-    assert (site.q, site.out, site.tokens_q, site.tokens_kv) == ("layers.0.attn.to_q", "layers.0.attn.to_out", 16, 16)
-    assert (text.q, text.k, text.v, text.out, text.tokens_kv) == ("", "layers.0.attn.add_k_proj", "layers.0.attn.add_v_proj", "", 6)
+    assert (site.q, site.out, site.tokens_q, site.tokens_kv) == (
+        "layers.0.attn.to_q",
+        "layers.0.attn.to_out",
+        16,
+        16,
+    )
+    assert (text.q, text.k, text.v, text.out, text.tokens_kv) == (
+        "",
+        "layers.0.attn.add_k_proj",
+        "layers.0.attn.add_v_proj",
+        "",
+        6,
+    )
     # Projections, then 16 queries over 6 + 16 keys.
     proj = 16 * 32 * 32 * 3 + 6 * 12 * 32 * 2 + 16 * 32 * 32
     assert site.macs() == proj + 16 * 22 * 4 * (8 + 8)

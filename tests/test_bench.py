@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import dynconvert
-from dynconvert.bench import BenchResult, benchmark
-from dynconvert.synthetic import synthetic_routing
+from dynconvert.measure.bench import BenchResult, benchmark
+from dynconvert.runtime.synthetic import synthetic_routing
 from dynconvert.testing import tiny_dit
 
 KEYS = {

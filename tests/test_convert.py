@@ -7,7 +7,7 @@ import copy
 import torch
 
 import dynconvert
-from dynconvert.dynamic import DynamicLinear
+from dynconvert.runtime.dynamic import DynamicLinear
 from dynconvert.testing import call, randomize_routing
 
 

@@ -24,7 +24,10 @@ T = 700  # one timestep for the whole batch
 def _inputs(model, t=T, batch=2, dtype=torch.float32):
     args, kwargs = default_inputs(model, batch)
     kwargs["timestep"] = torch.full((batch,), t) if isinstance(t, int) else torch.tensor(t)
-    cast = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+    cast = {
+        k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+        for k, v in kwargs.items()
+    }
     return args, cast
 
 
@@ -45,7 +48,11 @@ def family(request, converted):
     inputs = _inputs(model)
     with torch.no_grad():
         call(model, inputs)
-    widths = [r["width"] for r in dynconvert.get_state(model).records.values() if r.get("width") is not None]
+    widths = [
+        r["width"]
+        for r in dynconvert.get_state(model).records.values()
+        if r.get("width") is not None
+    ]
     assert widths and all(not bool(w.all()) for w in widths)
     return request.param, model, inputs
 
@@ -53,7 +60,9 @@ def family(request, converted):
 def _static(name, model):
     """The original model with the same weights (routers off)."""
     static = BUILDERS[name]()
-    static.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("dynconvert.")})
+    static.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith("dynconvert.")}
+    )
     return static
 
 
@@ -110,16 +119,23 @@ def test_dynconvert_save_opens_with_from_pretrained(converted, tmp_path):
     dynconvert.save(model, tmp_path)
     static = type(model).from_pretrained(tmp_path)
     assert not dynconvert.is_converted(static)
-    assert "from_pretrained gives back the static" in json.loads((tmp_path / "config.json").read_text())["_dynconvert"]
+    assert (
+        "from_pretrained gives back the static"
+        in json.loads((tmp_path / "config.json").read_text())["_dynconvert"]
+    )
     with torch.no_grad(), dynconvert.routing(model, "full"):
         torch.testing.assert_close(call(static, inputs), call(model, inputs), atol=0, rtol=0)
     with torch.no_grad():
-        torch.testing.assert_close(call(dynconvert.load(tmp_path), inputs), call(model, inputs), atol=0, rtol=0)
+        torch.testing.assert_close(
+            call(dynconvert.load(tmp_path), inputs), call(model, inputs), atol=0, rtol=0
+        )
 
 
 def test_revert_takes_the_diffusers_integration_off(converted):
     model = copy.deepcopy(converted["pixart"])
-    assert "save_pretrained" in model.__dict__ and "_skip_layerwise_casting_patterns" in model.__dict__
+    assert (
+        "save_pretrained" in model.__dict__ and "_skip_layerwise_casting_patterns" in model.__dict__
+    )
     dynconvert.revert(model)
     assert "save_pretrained" not in model.__dict__
     assert "_skip_layerwise_casting_patterns" not in model.__dict__
@@ -133,7 +149,10 @@ def _grads(model, inputs, checkpointing, twice=False):
     loss = call(model, inputs).square().mean()
     if twice:  # a second call before backward: the recomputation must route as the first call
         args, kwargs = inputs
-        loss = loss + call(model, (args, {**kwargs, "timestep": torch.full((2,), 100)})).square().mean()
+        loss = (
+            loss
+            + call(model, (args, {**kwargs, "timestep": torch.full((2,), 100)})).square().mean()
+        )
     loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -164,7 +183,9 @@ def test_layerwise_casting(converted, name, compute):
     assert model.transformer_blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
     with torch.no_grad():
         fast = call(model, inputs)
-        after = {i: r["width"] for i, r in dynconvert.get_state(model).records.items() if "width" in r}
+        after = {
+            i: r["width"] for i, r in dynconvert.get_state(model).records.items() if "width" in r
+        }
         with dynconvert.routing(model, "eval", "masked"):
             masked = call(model, inputs)
         with dynconvert.routing(model, "full"):
@@ -220,7 +241,9 @@ def test_fused_qkv_equals_unfused(family, timesteps, tmp_path):
         for execution in ("masked", "planned"):  # the reference, and static shapes per pattern
             with dynconvert.routing(model, "eval", execution):
                 torch.testing.assert_close(call(model, inputs), unfused, atol=1e-5, rtol=1e-5)
-        model.unfuse_qkv_projections() if hasattr(model, "unfuse_qkv_projections") else _fuse(model, False)
+        model.unfuse_qkv_projections() if hasattr(model, "unfuse_qkv_projections") else _fuse(
+            model, False
+        )
         torch.testing.assert_close(call(model, inputs), unfused, atol=0, rtol=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -275,7 +298,9 @@ def test_deepcopy_is_independent(converted, tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             twin.save_pretrained(tmp_path)  # the copy's own save_pretrained saves the copy
-        torch.testing.assert_close(call(dynconvert.load(tmp_path), inputs), call(twin, inputs), atol=0, rtol=0)
+        torch.testing.assert_close(
+            call(dynconvert.load(tmp_path), inputs), call(twin, inputs), atol=0, rtol=0
+        )
 
 
 def test_batch_equals_single_samples(family):
@@ -295,7 +320,12 @@ def test_batch_equals_single_samples(family):
 def _lora_config():
     from peft import LoraConfig
 
-    return LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    return LoraConfig(
+        r=2,
+        lora_alpha=2,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        init_lora_weights=False,
+    )
 
 
 def test_lora_on_a_converted_model_is_refused_before_anything_changes(family):
@@ -322,7 +352,13 @@ def test_lora_merged_before_converting_is_routed():
         if isinstance(m, peft.tuners.lora.LoraLayer):
             m.merge()  # the LoRA's update into the base weight
     static = tiny_pixart()
-    static.load_state_dict({k.replace(".base_layer", ""): v for k, v in merged.state_dict().items() if "lora_" not in k})
+    static.load_state_dict(
+        {
+            k.replace(".base_layer", ""): v
+            for k, v in merged.state_dict().items()
+            if "lora_" not in k
+        }
+    )
     inputs = _inputs(static)
     with torch.no_grad():
         expected = call(original, inputs)  # LoRA applied on the fly

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import dynconvert
-from dynconvert.dynamic import DynamicLinear
 from dynconvert.inputs import find_timestep_arg
+from dynconvert.runtime.dynamic import DynamicLinear
 from dynconvert.testing import tiny_dit
 
 
@@ -110,7 +110,10 @@ def test_a_prefixed_timestep_name_is_taken_only_when_it_is_one_and_not_x_t():
         m.forward = forward
         return m
 
-    assert find_timestep_arg(model_with(lambda tokens, decoder_noise_time: None)) == "decoder_noise_time"
+    assert (
+        find_timestep_arg(model_with(lambda tokens, decoder_noise_time: None))
+        == "decoder_noise_time"
+    )
     for forward in (lambda x_t, noise_level: None, lambda x, a_time, b_time: None):
         with pytest.raises(dynconvert.TimestepError, match="timestep_arg"):
             find_timestep_arg(model_with(forward))

@@ -22,7 +22,11 @@ def test_fast_path_equals_masked_path(family):
             with dynconvert.routing(model, "eval", "masked"):
                 masked = call(model, x)
         torch.testing.assert_close(fast, masked, atol=2e-5, rtol=1e-4)
-        widths = [m for m in (bank.records[s.index].get("width") for s in bank.plan.sites) if m is not None]
+        widths = [
+            m
+            for m in (bank.records[s.index].get("width") for s in bank.plan.sites)
+            if m is not None
+        ]
         assert any(not bool(m.all()) for m in widths), "routing should switch some units off"
 
 

@@ -57,7 +57,11 @@ SLOW_VARIANTS = {
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_VARIANTS else n for n in sorted(EXPECTED)]
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.slow) if n in SLOW_VARIANTS else n
+        for n in sorted(EXPECTED)
+    ],
 )
 def test_pattern_model_converts_and_keeps_the_invariants(name):
     model, inputs = PATTERN_MODELS[name]()
@@ -88,7 +92,10 @@ def test_qk_norm_across_all_heads_gives_an_exact_partial_site():
     site = plan.attention[0]
     # q and k (and their norms) run in full; the norms' outputs are cut to the active heads.
     assert site.unsliced == ["layers.0.attn.to_k", "layers.0.attn.to_q"]
-    assert sorted(m.linear for m in site.cut_maps) == ["layers.0.attn.k_norm", "layers.0.attn.q_norm"]
+    assert sorted(m.linear for m in site.cut_maps) == [
+        "layers.0.attn.k_norm",
+        "layers.0.attn.q_norm",
+    ]
     assert [m.linear for m in site.in_maps] == ["layers.0.attn.to_v"]
     # Only the unsliced projections are counted as fixed: the rest scales with the heads.
     full = dynconvert.flops.site_cost(site, width=1.0)
@@ -111,15 +118,23 @@ def test_joint_and_parallel_sites_route_every_stream_and_keep_the_mlp_columns():
     # ... and its MLP owns those: channel groups of mlp_in's rows and of out's columns 32..95,
     # no token routing (the projection also carries the attention's update).
     mlp = next(m for m in plan.mlp if m.name == "single.0")
-    assert (mlp.fc1, mlp.fc2, mlp.fc2_offset, mlp.width, mlp.token) == (["single.0.mlp_in"], "single.0.out", 32, True, False)
-    assert mlp.out_map.indices(0) == list(range(32, 32 + 64 // mlp.groups)) and mlp.out_map.keep == list(range(32))
+    assert (mlp.fc1, mlp.fc2, mlp.fc2_offset, mlp.width, mlp.token) == (
+        ["single.0.mlp_in"],
+        "single.0.out",
+        32,
+        True,
+        False,
+    )
+    assert mlp.out_map.indices(0) == list(
+        range(32, 32 + 64 // mlp.groups)
+    ) and mlp.out_map.keep == list(range(32))
     assert sum(s.macs() for s in plan.sites) + plan.other_macs / plan.batch == pytest.approx(
         plan.static_macs / plan.batch
     )
 
 
 def test_video_rows_map_to_their_sample_and_linear_subclasses_stay_themselves():
-    from dynconvert.models.patterns import CustomLinear
+    from dynconvert.testing.patterns import CustomLinear
 
     model, inputs = PATTERN_MODELS["video"]()
     plan = dynconvert.analyze(model, inputs)
@@ -132,7 +147,7 @@ def test_video_rows_map_to_their_sample_and_linear_subclasses_stay_themselves():
 
 
 def test_timestep_convention_is_inferred_stated_and_a_wrong_guess_is_visible():
-    from dynconvert.models.zoo import ZOO
+    from dynconvert.testing.zoo import ZOO
 
     # DDPM scale by default, said so in the plan.
     model, inputs = PATTERN_MODELS["rotary-rotate-half"]()
@@ -192,7 +207,10 @@ class Stack(torch.nn.Module):
 
 
 def test_einsum_attention_converts_and_nothing_found_says_why_per_block():
-    inputs = (torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500.0, 500.0]))
+    inputs = (
+        torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0)),
+        torch.tensor([500.0, 500.0]),
+    )
     torch.manual_seed(0)
     model = Stack(EinsumAttention).eval()
     reference = model(*inputs)
@@ -264,7 +282,7 @@ def test_an_output_gate_is_sliced_with_its_heads(name, per_unit):
 
 
 def test_hand_written_projections_are_routed_saved_and_restored(tmp_path):
-    from dynconvert.models.patterns import Dense, ScaledDense, video_dit
+    from dynconvert.testing.patterns import Dense, ScaledDense, video_dit
 
     model, inputs = video_dit(linear=Dense)
     reference = model(**inputs)
@@ -308,7 +326,9 @@ class _MaskedBlock(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.attn = _MaskedAttention()
-        self.ff = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+        self.ff = torch.nn.Sequential(
+            torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32)
+        )
 
     def forward(self, h, keep, mask):
         h = h + self.attn(h, keep, mask)
@@ -337,7 +357,11 @@ def test_a_mask_given_per_head_is_checked_at_convert(outside):
     model = _MaskedDiT(outside).eval()
     keep = torch.ones(2, 8, dtype=torch.bool)
     keep[0, 6:] = False
-    inputs = {"hidden_states": torch.randn(2, 8, 32), "timestep": torch.tensor([100.0, 700.0]), "keep": keep}
+    inputs = {
+        "hidden_states": torch.randn(2, 8, 32),
+        "timestep": torch.tensor([100.0, 700.0]),
+        "keep": keep,
+    }
     reference = model(**inputs)
     dynconvert.convert(model, 0.9, example_inputs=inputs)
     plan = dynconvert.get_state(model).plan
@@ -387,7 +411,7 @@ def test_linear_attention_is_a_site_counted_linearly_in_tokens():
 
 
 def test_halves_sliced_at_a_fixed_width_are_checked_and_dropped():
-    from dynconvert.models.patterns import SlicedSwiGLU
+    from dynconvert.testing.patterns import SlicedSwiGLU
 
     class FixedHalves(SlicedSwiGLU):  # h[..., :self.hidden]: a sliced fc1 would not halve
         def forward(self, x):
@@ -411,15 +435,20 @@ def test_halves_sliced_at_a_fixed_width_are_checked_and_dropped():
 
 
 def test_a_gate_read_outside_the_attention_is_not_sliced():
-    from dynconvert.models.patterns import GroupedQueryAttention
+    from dynconvert.testing.patterns import GroupedQueryAttention
 
     class LeakyGate(GroupedQueryAttention):  # the gate's logits also feed the residual
         def forward(self, x, pos):
             b, n, _ = x.shape
             q, k, v = (
-                w(x).view(b, n, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv)
+                w(x).view(b, n, -1, self.head_dim).transpose(1, 2)
+                for w in (self.wq, self.wk, self.wv)
             )
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+            o = (
+                torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                .transpose(1, 2)
+                .reshape(b, n, -1)
+            )
             logits = self.to_gate(x)
             return self.wo(o * torch.sigmoid(logits)) + 0.1 * logits
 
@@ -430,19 +459,26 @@ def test_a_gate_read_outside_the_attention_is_not_sliced():
         layer.attn.__class__ = LeakyGate
     plan = dynconvert.analyze(model, inputs)
     assert not plan.attention
-    assert all("lies between the attention" in s.reason for s in plan.skipped if s.kind == "attention")
+    assert all(
+        "lies between the attention" in s.reason for s in plan.skipped if s.kind == "attention"
+    )
 
 
 def test_a_gate_computed_on_a_token_grid_is_found():
-    from dynconvert.models.patterns import GroupedQueryAttention
+    from dynconvert.testing.patterns import GroupedQueryAttention
 
     class GridGate(GroupedQueryAttention):  # the gate Linear runs on (B, 4, 4, D)
         def forward(self, x, pos):
             b, n, _ = x.shape
             q, k, v = (
-                w(x).view(b, n, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv)
+                w(x).view(b, n, -1, self.head_dim).transpose(1, 2)
+                for w in (self.wq, self.wk, self.wv)
             )
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+            o = (
+                torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                .transpose(1, 2)
+                .reshape(b, n, -1)
+            )
             gate = self.to_gate(x.view(b, 4, n // 4, -1)).reshape(b, n, -1)
             return self.wo(o * torch.sigmoid(gate))
 
@@ -455,7 +491,7 @@ def test_a_gate_computed_on_a_token_grid_is_found():
 
 
 def test_a_weight_only_projection_without_a_bias_attribute_is_refused_not_crashed():
-    from dynconvert.models.patterns import video_dit
+    from dynconvert.testing.patterns import video_dit
 
     class WeightOnly(torch.nn.Module):
         def __init__(self, i, o, bias=True):

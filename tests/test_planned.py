@@ -18,10 +18,9 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dynconvert
-from dynconvert.graphs import disable_cuda_graphs, enable_cuda_graphs, graph_stats
 from dynconvert.inputs import default_inputs, split_inputs, with_timestep
 from dynconvert.plan import MlpSite
-from dynconvert.planned import (
+from dynconvert.runtime.planned.controls import (
     CAPACITY_STEPS,
     configure_planned,
     planned_stats,
@@ -29,6 +28,7 @@ from dynconvert.planned import (
     set_token_capacity,
     token_overflow,
 )
+from dynconvert.runtime.planned.graphs import disable_cuda_graphs, enable_cuda_graphs, graph_stats
 from dynconvert.testing import call, randomize_routing, tiny_dit
 
 # Ops whose result is read on the host or whose output shape depends on tensor values.
@@ -365,7 +365,7 @@ def test_a_loaded_model_runs_planned_and_graphed_on_cuda(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bench_graphs_both_models_on_cuda():
-    from dynconvert.bench import benchmark
+    from dynconvert.measure.bench import benchmark
 
     r = benchmark(
         tiny_dit(),
@@ -410,7 +410,10 @@ def test_calibrate_measures_token_capacities_on_its_data():
     set_token_capacity(model, None)
     g = torch.Generator().manual_seed(0)
     # Identical rows: the batch calibrate draws is this one whatever order it samples in.
-    data = {"x": torch.randn(1, 4, 8, 8, generator=g).repeat(16, 1, 1, 1), "y": torch.full((16,), 3)}
+    data = {
+        "x": torch.randn(1, 4, 8, 8, generator=g).repeat(16, 1, 1, 1),
+        "y": torch.full((16,), 3),
+    }
     # lr 0 and a label dropout of 0: the routers and the batch the capacities see are known.
     cfg = dynconvert.CalibrationConfig(
         target=0.5, steps=1, batch_size=16, lr=0.0, ema_decay=0.0, label_dropout=0.0,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dynconvert
-from dynconvert.save import decode_masks, encode_masks, load, save
+from dynconvert.io.save import decode_masks, encode_masks, load, save
 from dynconvert.testing import call, randomize_routing, tiny_diffusers_dit, tiny_dit, tiny_uvit
 
 

@@ -11,7 +11,7 @@ import dynconvert
 from dynconvert.flops import count_flops, measure_macs
 from dynconvert.inputs import default_inputs
 from dynconvert.models import build_model
-from dynconvert.synthetic import synthetic_routing
+from dynconvert.runtime.synthetic import synthetic_routing
 from dynconvert.testing import TINY_BUILDERS, call, randomize_routing
 
 

@@ -84,13 +84,17 @@ def test_smoke_study_runs_and_writes_rows(study, tmp_path):
     # set (below).
     out = tmp_path / "q.json"
     methods = ["original", "dynamic", "static-pruning", "cache"]
-    data = study.main(["--smoke", "--out", str(out), "--quiet", "--no-plots", "--methods", *methods])
+    data = study.main(
+        ["--smoke", "--out", str(out), "--quiet", "--no-plots", "--methods", *methods]
+    )
     rows = json.loads(out.read_text())["rows"]
     assert {r["method"] for r in rows} == set(methods)
     for r in rows:
         assert set(study.ROW_KEYS) <= set(r), r
     assert data["summary"]
-    again = study.main(["--smoke", "--out", str(out), "--quiet", "--no-plots", "--methods", *methods])
+    again = study.main(
+        ["--smoke", "--out", str(out), "--quiet", "--no-plots", "--methods", *methods]
+    )
     assert len(again["rows"]) == len(rows)  # resumed: nothing ran twice
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynconvert.models.zoo import ZOO, ZOO_EXCLUDED
-from dynconvert.support import TOLERANCE, reason_group, reason_groups, summary, support_row
+from dynconvert.measure.support import TOLERANCE, reason_group, reason_groups, summary, support_row
+from dynconvert.testing.zoo import ZOO, ZOO_EXCLUDED
 
 QUICK = ["dit", "diffusers-dit", "pixart", "sana"]  # built-in, 2022-era diffusers, linear attention
 
@@ -58,7 +58,11 @@ def test_reason_groups_blank_names_and_numbers():
 def test_zoo_covers_every_image_and_video_class_of_diffusers():
     import diffusers.models.transformers as transformers
 
-    classes = {n for n in dir(transformers) if n[0].isupper() and isinstance(getattr(transformers, n), type)}
+    classes = {
+        n
+        for n in dir(transformers)
+        if n[0].isupper() and isinstance(getattr(transformers, n), type)
+    }
     covered = {e.class_name for e in ZOO.values()} | set(ZOO_EXCLUDED)
     assert classes - covered == set()
 
@@ -79,7 +83,9 @@ KNOWN_GAPS: set[str] = set()  # none since T5FilmDecoder converts (2026-12-02)
 
 
 def _zoo_params():
-    gap = pytest.mark.xfail(reason="issue 9: not supported yet (see support_matrix.md)", strict=False)
+    gap = pytest.mark.xfail(
+        reason="issue 9: not supported yet (see support_matrix.md)", strict=False
+    )
     return [pytest.param(n, marks=gap) if n in KNOWN_GAPS else n for n in ZOO]
 
 

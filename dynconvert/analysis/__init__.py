@@ -270,7 +270,9 @@ def plan_from_graph(
     site_macs = sum(s.macs() for s in [*kept_attn, *kept_mlp])
     batch = batch_of(args, kwargs)
     position, _ = timestep_slot(model, timestep_arg)
-    example_t = kwargs.get(timestep_arg, args[position] if position is not None and position < len(args) else None)
+    example_t = kwargs.get(
+        timestep_arg, args[position] if position is not None and position < len(args) else None
+    )
     scale, reverse, convention = timestep_convention(
         model, example_t, config.timestep_scale, config.timestep_reverse
     )
@@ -303,12 +305,18 @@ def _why_nothing(model: torch.nn.Module, graph: OpGraph) -> list[SkippedSite]:
 def _why_no_attention(block: str, graph: OpGraph) -> str:
     """Why no attention call was found in ``block`` ("" for the whole model): what was captured
     there, and the ops analysis could not see into (a flex attention, an opaque leaf)."""
-    ops = [n for n in graph.nodes if block == "" or n.module == block or n.module.startswith(block + ".")]
+    ops = [
+        n
+        for n in graph.nodes
+        if block == "" or n.module == block or n.module.startswith(block + ".")
+    ]
     if not ops:
         return f"none of its ops were captured ({graph.coverage})"
     linears = sum(n.kind == "linear" for n in ops)
     # Attention-like names first (flex_attention, a kernel of another library), then the rest.
-    opaque = sorted({n.op for n in ops if n.kind == "other"}, key=lambda op: ("attention" not in op.lower(), op))[:3]
+    opaque = sorted(
+        {n.op for n in ops if n.kind == "other"}, key=lambda op: ("attention" not in op.lower(), op)
+    )[:3]
     return (
         f"no attention call (scaled_dot_product_attention, or softmax(q k^T) v written out) "
         f"among its {len(ops)} captured ops ({linears} Linears"

@@ -63,7 +63,11 @@ def build_site(
             why = f"`{call.cost_nodes[0].op}` as (B, H, N, d): {e.reason}; as (B, N, H, d): {found.skipped.reason}"
             return FoundAttention(None, SkippedSite(where, "attention", why), [])
         # A fold read the wrong way round (heads-major, H x B) shows up as a layout problem.
-        why = f"heads folded into the batch, read as batch x heads: {e.reason}" if call.folded else e.reason
+        why = (
+            f"heads folded into the batch, read as batch x heads: {e.reason}"
+            if call.folded
+            else e.reason
+        )
         return FoundAttention(None, SkippedSite(where, "attention", why), [])
 
 
@@ -100,7 +104,9 @@ def _build(
         raise ChainError("a single head: nothing to route")
     linear = call.q_layout == "bhdn"  # linear (kernel) attention: checked once at convert
     out_shape = call.output.shape or ()
-    v_head_dim = out_shape[2] if call.out_layout == "bhdn" else out_shape[-1]  # channels a head returns
+    v_head_dim = (
+        out_shape[2] if call.out_layout == "bhdn" else out_shape[-1]
+    )  # channels a head returns
 
     # Input side: the ops from the projections to q, k and v replayed on row codes give the
     # rows of every (head, channel) per source Linear, and are checked for head-locality
@@ -138,7 +144,9 @@ def _build(
     out_nodes = [t.node for t in targets]
     for ln in [*in_nodes.values(), *out_nodes]:
         if ln.linear is None:
-            raise ChainError(f"a projection of this attention ({describe(ln)}) is not an nn.Linear module")
+            raise ChainError(
+                f"a projection of this attention ({describe(ln)}) is not an nn.Linear module"
+            )
         if len(reuse.get(ln.linear, [])) > 1:
             raise ChainError(f"{ln.linear} is called more than once per forward (shared module)")
     if {n.linear for n in out_nodes} & {n.linear for n in in_nodes.values()}:
@@ -155,21 +163,38 @@ def _build(
             raise ChainError(f"the gate {g.node.linear} is also a q, k or v projection")
         per_linear[g.node.linear] = [_per_unit(g.table, units)]
     cut_of = {lin: mod for mod, cut in layout.cuts.items() for lin in cut.linears}  # partial site
-    in_maps = [_unit_map(name, "rows", units, ts) for name, ts in per_linear.items() if name not in cut_of]
+    in_maps = [
+        _unit_map(name, "rows", units, ts) for name, ts in per_linear.items() if name not in cut_of
+    ]
     # A projection that also computes other channels (one Linear for q, k, v and the MLP
     # hidden, split by sizes the model computes from its attributes) cannot return fewer rows:
     # the model's split would fail. Such a site is not converted (it could not run sliced).
     widths = {n.linear: n.shape[-1] for n in in_nodes.values()}
-    mixed = [m.linear for m in in_maps if sum(len(m.indices(u)) for u in range(units)) < widths[m.linear]]
+    mixed = [
+        m.linear for m in in_maps if sum(len(m.indices(u)) for u in range(units)) < widths[m.linear]
+    ]
     # A mask given per head fits a sliced call only if the model builds it with the lowered
     # head count (inside the attention module); one built outside keeps every head. Convert
     # tells the two apart by running the fast path once (verify.py).
     mask = call.output.arg(3, "attn_mask") if call.output.kind == "attention" else None
-    per_head_mask = isinstance(mask, OpNode) and bool(mask.shape) and len(mask.shape) == 4 and mask.shape[1] == heads
-    cut_maps = [_unit_map(mod, "rows", units, [_per_unit(cut.table, units)]) for mod, cut in layout.cuts.items()]
-    out_maps = [_unit_map(t.node.linear, "cols", units, [_per_unit(t.table, units)], t.keep) for t in targets]
+    per_head_mask = (
+        isinstance(mask, OpNode)
+        and bool(mask.shape)
+        and len(mask.shape) == 4
+        and mask.shape[1] == heads
+    )
+    cut_maps = [
+        _unit_map(mod, "rows", units, [_per_unit(cut.table, units)])
+        for mod, cut in layout.cuts.items()
+    ]
+    out_maps = [
+        _unit_map(t.node.linear, "cols", units, [_per_unit(t.table, units)], t.keep)
+        for t in targets
+    ]
     stride = _kv_stride(layout, q_shape[0])
-    streams = sorted(_streams(layout, targets, stride), key=lambda s: not s.out)  # one with an out first
+    streams = sorted(
+        _streams(layout, targets, stride), key=lambda s: not s.out
+    )  # one with an out first
     first, more = streams[0], streams[1:]
     out_lin = next((t.node for t in targets if t.node.linear == first.out), targets[0].node)
     out_maps.sort(key=lambda m: m.linear != out_lin.linear)  # the first stream's map first
@@ -182,7 +207,11 @@ def _build(
     name = name or module_lca(call.output.module, *(n.linear for n in ops[1:]))
     module = model.get_submodule(name) if name else model
     where = call.output.module
-    inner = where[len(name) + 1 :] if name and where.startswith(name + ".") else (where if not name else "")
+    inner = (
+        where[len(name) + 1 :]
+        if name and where.startswith(name + ".")
+        else (where if not name else "")
+    )
     attrs, known = attention_attrs(module, heads, head_dim, inner, kv_heads=units)
     # Self-attention: one fused projection, or q and k computed from the same tensor.
     self_attn = q_lin is k_lin or q_lin.args[0] is k_lin.args[0] or len(streams) > 1
@@ -229,7 +258,11 @@ def _build(
             if mixed
             else (
                 ""
-                if known and layout.trivial and not per_head_mask and not linear and not call.scores_extra
+                if known
+                and layout.trivial
+                and not per_head_mask
+                and not linear
+                and not call.scores_extra
                 and not call.kernel
                 else "unverified"
             )
@@ -252,7 +285,15 @@ def _grouped_layout(
 
     def derive(units: int | None) -> InputLayout:
         return derive_inputs(
-            call.q, call.k, call.v, call.key_layout, order, from_linear, units, call.q_layout, call.v_layout
+            call.q,
+            call.k,
+            call.v,
+            call.key_layout,
+            order,
+            from_linear,
+            units,
+            call.q_layout,
+            call.v_layout,
         )
 
     if k_heads != heads:  # the kernel takes fewer key/value heads (enable_gqa)
@@ -323,7 +364,9 @@ def _kv_stride(layout: InputLayout, batch: int) -> int:
     return int(stride)
 
 
-def _streams(layout: InputLayout, targets: list[OutTarget], stride: int = 1) -> list[AttentionStream]:
+def _streams(
+    layout: InputLayout, targets: list[OutTarget], stride: int = 1
+) -> list[AttentionStream]:
     """Group the projections into streams: those filling the same sequence positions
     (``stride``: projection tokens per attention key, see :func:`_kv_stride`).
 
@@ -381,7 +424,9 @@ def _streams(layout: InputLayout, targets: list[OutTarget], stride: int = 1) -> 
                 out_features=o.node.shape[-1] if o is not None else 0,
                 tokens_q=len(q.tokens) if q is not None else 0,
                 tokens_kv=len(k.tokens) * stride,
-                v_in=v.node.args[0].shape[-1] if v.node.args[0].shape[-1] != k.node.args[0].shape[-1] else 0,
+                v_in=v.node.args[0].shape[-1]
+                if v.node.args[0].shape[-1] != k.node.args[0].shape[-1]
+                else 0,
             )
         )
     if not any(s.out for s in out):

@@ -81,10 +81,20 @@ def _kernel_call(n: OpNode) -> AttentionCall | None:
     q, k, v = (n.args + (None, None, None))[:3]
     if not all(isinstance(a, OpNode) and a.shape and len(a.shape) == 4 for a in (q, k, v)):
         return None
-    out = n if n.shape is not None else next(
-        (u for u in n.real_users if u.op == "getitem" and len(u.args) > 1 and u.args[1] == 0), None
+    out = (
+        n
+        if n.shape is not None
+        else next(
+            (u for u in n.real_users if u.op == "getitem" and len(u.args) > 1 and u.args[1] == 0),
+            None,
+        )
     )
-    if out is None or out.shape is None or tuple(out.shape[:3]) != tuple(q.shape[:3]) or out.shape[3] != v.shape[3]:
+    if (
+        out is None
+        or out.shape is None
+        or tuple(out.shape[:3]) != tuple(q.shape[:3])
+        or out.shape[3] != v.shape[3]
+    ):
         return None
     calls = []
     for layout, h, t in (("bhnd", 1, 2), ("bnhd", 2, 1)):  # the heads' axis, the tokens' axis
@@ -108,7 +118,11 @@ def _linear_call(out: OpNode, order: dict[int, int]) -> AttentionCall | None:
     gives (B, H, d', N); then per-head elementwise work (dividing by the normaliser row). Every
     product runs per (batch, head), so heads stay independent as in softmax attention."""
     first = out.args[0] if len(out.args) > 1 else None
-    if out.op not in ("matmul", "__matmul__") or not isinstance(first, OpNode) or first.kind != "matmul":
+    if (
+        out.op not in ("matmul", "__matmul__")
+        or not isinstance(first, OpNode)
+        or first.kind != "matmul"
+    ):
         return None
     if first.op not in ("matmul", "__matmul__") or len(first.real_users) != 1:
         return None
@@ -125,8 +139,11 @@ def _linear_call(out: OpNode, order: dict[int, int]) -> AttentionCall | None:
     # where it leaves that shape (flattening the heads for the out-projection).
     end, inside, kept = out, {id(out)}, [out]
     for n in sorted(_per_head_users(out), key=lambda x: order[id(x)]):
-        if n.shape and len(n.shape) == 4 and n.shape[:2] == out.shape[:2] and all(
-            id(i) in inside or i.kind in ("param", "const") for i in n.inputs
+        if (
+            n.shape
+            and len(n.shape) == 4
+            and n.shape[:2] == out.shape[:2]
+            and all(id(i) in inside or i.kind in ("param", "const") for i in n.inputs)
         ):
             inside.add(id(n))
             kept.append(n)
@@ -163,14 +180,22 @@ def _manual_call(softmax: OpNode) -> AttentionCall | None:
         cur = next((i for i in cur.inputs if i.kind not in ("param",)), None)
     if cur is not None and cur.op == "einsum":
         return _einsum_call(cur, softmax)
-    if cur is None or cur.kind != "matmul" or cur.op not in ("matmul", "bmm", "__matmul__", "baddbmm"):
+    if (
+        cur is None
+        or cur.kind != "matmul"
+        or cur.op not in ("matmul", "bmm", "__matmul__", "baddbmm")
+    ):
         return None
     scores = cur  # q @ k^T: (B, H, N, M), or (B * H, N, M) with the heads folded into the batch
     nxt = _value_product(softmax, lambda n: n.kind == "matmul" and n.args[0] is not None)
     if nxt is None or nxt.op not in ("matmul", "bmm", "__matmul__"):
         return None
     # baddbmm(mask, q, k^T, beta, alpha): diffusers' classic AttnProcessor adds the mask there.
-    q, k = (scores.args[1], scores.args[2]) if scores.op == "baddbmm" else (scores.args[0], scores.args[1])
+    q, k = (
+        (scores.args[1], scores.args[2])
+        if scores.op == "baddbmm"
+        else (scores.args[0], scores.args[1])
+    )
     v = nxt.args[1]
     if not all(isinstance(a, OpNode) for a in (q, k, v)):
         return None
@@ -213,7 +238,14 @@ def _unfold_heads(
     if q4 is None or k4 is None or v4 is None or out4 is None:
         return None
     return AttentionCall(
-        output=out4, q=q4, k=k4, v=v4, key_layout=layout, cost_nodes=cost, scores_extra=extra, folded=True
+        output=out4,
+        q=q4,
+        k=k4,
+        v=v4,
+        key_layout=layout,
+        cost_nodes=cost,
+        scores_extra=extra,
+        folded=True,
     )
 
 
@@ -221,7 +253,9 @@ def _fold_chain(start: OpNode, end: OpNode, chain: list[OpNode], expected: torch
     """Whether the shape ops ``chain`` (from ``start`` to ``end``) move the index tensor of
     ``start`` into ``expected``."""
     got = replay_chain(start, torch.arange(math.prod(start.shape)).reshape(start.shape), chain)
-    return isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.equal(got, expected)
+    return (
+        isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.equal(got, expected)
+    )
 
 
 def _folded_from(x: OpNode, transposed: bool = False) -> OpNode | None:
@@ -234,7 +268,11 @@ def _folded_from(x: OpNode, transposed: bool = False) -> OpNode | None:
             return None
         chain.insert(0, cur)
         cur = cur.inputs[0]
-        if cur.shape is not None and len(cur.shape) == 4 and cur.shape[0] * cur.shape[1] == x.shape[0]:
+        if (
+            cur.shape is not None
+            and len(cur.shape) == 4
+            and cur.shape[0] * cur.shape[1] == x.shape[0]
+        ):
             b, h, n, d = cur.shape
             expected = torch.arange(b * h * n * d).reshape(b * h, n, d)
             if _fold_chain(cur, x, chain, expected.transpose(1, 2) if transposed else expected):
@@ -251,7 +289,11 @@ def _unfolded_into(out: OpNode) -> OpNode | None:
             return None
         cur = users[0]
         chain.append(cur)
-        if cur.shape is not None and len(cur.shape) == 4 and cur.shape[0] * cur.shape[1] == out.shape[0]:
+        if (
+            cur.shape is not None
+            and len(cur.shape) == 4
+            and cur.shape[0] * cur.shape[1] == out.shape[0]
+        ):
             expected = torch.arange(math.prod(out.shape)).reshape(cur.shape)
             return cur if _fold_chain(out, cur, chain, expected) else None
     return None
@@ -274,7 +316,11 @@ def _value_product(softmax: OpNode, is_product: Any) -> OpNode | None:
 def _einsum_operands(node: OpNode) -> tuple[str, list[str], list[Any]] | None:
     """(output subscripts, input subscripts, operands) of a two-operand 4-D einsum, else None."""
     eq = node.args[0] if node.args else None
-    ops = list(node.args[1]) if len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) else list(node.args[1:])
+    ops = (
+        list(node.args[1])
+        if len(node.args) > 1 and isinstance(node.args[1], (list, tuple))
+        else list(node.args[1:])
+    )
     if not isinstance(eq, str) or "->" not in eq or "..." in eq or len(ops) != 2:
         return None
     lhs, out = eq.replace(" ", "").split("->")
@@ -293,7 +339,13 @@ def _einsum_call(scores: OpNode, softmax: OpNode) -> AttentionCall | None:
     out, (qs, ks), (q, k) = parsed
     c = qs[3]  # the contracted channel letter: q's last axis
     extra = set(ks) - set(qs)  # the key-token letter
-    if c in out or c not in ks or len(extra) != 1 or qs[:2] != ks[:2] or out != qs[:3] + extra.pop():
+    if (
+        c in out
+        or c not in ks
+        or len(extra) != 1
+        or qs[:2] != ks[:2]
+        or out != qs[:3] + extra.pop()
+    ):
         return None
     layout = "bhnd" if ks[3] == c else ("bhdn" if ks[2] == c else "")
     nxt = _value_product(softmax, lambda n: n.op == "einsum")

@@ -201,14 +201,20 @@ def build_site(
     region_ids = {id(n) for n in region.nodes} | {id(fc2)}
     for n in [*sources, *region.nodes]:
         if any(id(u) not in region_ids for u in n.real_users):
-            return _refuse(module_name, "an intermediate value of the convolutional MLP is used outside it")
+            return _refuse(
+                module_name, "an intermediate value of the convolutional MLP is used outside it"
+            )
     hidden = fc2_mod.in_channels
     fc1_out = sum(model.get_submodule(n).out_channels for n in fc1)
     gated = len(sources) == 2 or region.split is not None
     reason = ""
-    if region.split is not None and not (region.split.op == "chunk" and region.split.arg(1, "chunks") == 2):
+    if region.split is not None and not (
+        region.split.op == "chunk" and region.split.arg(1, "chunks") == 2
+    ):
         # chunk(2) halves whatever width it gets; a split by sizes keeps the full-width sizes
-        reason = "the fused value/gate convolution is split by fixed sizes (it could not run sliced)"
+        reason = (
+            "the fused value/gate convolution is split by fixed sizes (it could not run sliced)"
+        )
     if fc1_out != (2 * hidden if gated else hidden) or len(sources) == 2 and region.mids:
         reason = reason or "the input convolutions do not match the hidden width"
     if reason:
@@ -271,4 +277,3 @@ def set_conv_groups(site: MlpSite) -> None:
             parts = [(0, rows, rows)]
         maps.append(UnitMap(linear=m.linear, axis="rows", units=g, parts=parts))
     site.mid_maps = maps
-

@@ -197,7 +197,11 @@ def export_module(module: nn.Module, prefix: str, args: tuple, kwargs: dict) -> 
     # Parameters and inputs of the block are placeholders: renamed through the args they feed.
     for n in graph.nodes:
         for i in n.inputs:
-            if i.kind in ("param", "input") and not i.name.startswith(prefix + ".") and i.name != prefix:
+            if (
+                i.kind in ("param", "input")
+                and not i.name.startswith(prefix + ".")
+                and i.name != prefix
+            ):
                 i.name = _join(prefix, i.name)
     return out
 

@@ -323,14 +323,24 @@ def linear_like(m: torch.nn.Module) -> bool:
         >>> linear_like(Proj()), linear_like(torch.nn.Linear(2, 3)), linear_like(torch.nn.LayerNorm(2))
         (True, False, False)
     """
-    if isinstance(m, torch.nn.Linear) or next(m.children(), None) is not None or next(m.buffers(), None) is not None:
+    if (
+        isinstance(m, torch.nn.Linear)
+        or next(m.children(), None) is not None
+        or next(m.buffers(), None) is not None
+    ):
         return False
     w = m._parameters.get("weight")
     b = m._parameters.get("bias", None)
     names = set(m._parameters) - {"weight", "bias"}
     # A bias attribute (None when unused), as nn.Linear has: the routed forward reads it.
     has_bias = "bias" in m._parameters or getattr(m, "bias", 0) is None
-    return isinstance(w, torch.nn.Parameter) and w.dim() == 2 and not names and has_bias and (b is None or b.dim() == 1)
+    return (
+        isinstance(w, torch.nn.Parameter)
+        and w.dim() == 2
+        and not names
+        and has_bias
+        and (b is None or b.dim() == 1)
+    )
 
 
 def untie_impure_linears(graph: OpGraph, model: torch.nn.Module) -> None:
@@ -340,7 +350,7 @@ def untie_impure_linears(graph: OpGraph, model: torch.nn.Module) -> None:
 
     Example:
         >>> from dynconvert.analysis import analyze
-        >>> from dynconvert.models.patterns import ScaledDense, video_dit
+        >>> from dynconvert.testing.patterns import ScaledDense, video_dit
         >>> model, inputs = video_dit(linear=ScaledDense)  # F.linear(...) * 0.5: not plain
         >>> analyze(model, inputs).attention  # its projections were untied: no site
         []
@@ -357,7 +367,9 @@ def untie_impure_linears(graph: OpGraph, model: torch.nn.Module) -> None:
         ops = [x for x in by_module.get(n.linear, []) if x.kind not in ("param", "const", "input")]
         bias = n.arg(2, "bias")
         bias_ok = (m.bias is None and bias is None) or (
-            m._parameters.get("bias") is not None and isinstance(bias, OpNode) and bias.kind == "param"
+            m._parameters.get("bias") is not None
+            and isinstance(bias, OpNode)
+            and bias.kind == "param"
         )
         if ops != [n] or not bias_ok:
             n.linear = None

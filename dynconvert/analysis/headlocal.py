@@ -213,7 +213,9 @@ def derive_inputs(
             shadow = _shadowed(nodes, operands, set(calls), order)
     for m in list(calls):  # a cut before another cut: only the later one is cut
         others = set(calls) - {m}
-        if others and all(id(x) in _shadowed(nodes, operands, others, order) for x in _exits(m, nodes, replay)):
+        if others and all(
+            id(x) in _shadowed(nodes, operands, others, order) for x in _exits(m, nodes, replay)
+        ):
             del calls[m]
             shadow = _shadowed(nodes, operands, set(calls), order)
     # 2. Values combined elementwise stand for each other: rotary's x1 * cos - x2 * sin reaches
@@ -255,8 +257,14 @@ def _cut_point(
     ids = {id(x) for x in inside}
     out = []
     for call in _connected(inside, ids):
-        entries = {id(i): i for x in call for i in x.inputs if id(i) not in ids and id(i) in replay.values}
-        exits = [x for x in call if any(id(u) not in ids and id(u) in replay.values for u in x.real_users)]
+        entries = {
+            id(i): i for x in call for i in x.inputs if id(i) not in ids and id(i) in replay.values
+        }
+        exits = [
+            x
+            for x in call
+            if any(id(u) not in ids and id(u) in replay.values for u in x.real_users)
+        ]
         if len(entries) != 1 or len(exits) != 1:
             return None
         (entry,) = entries.values()
@@ -267,7 +275,11 @@ def _cut_point(
         if not torch.equal(rows, rows[:1].expand_as(rows)):
             return None  # channels are not along the last axis
         codes = rows[0]
-        owner = [s for s in sources if offsets[id(s)][0] <= int(codes.min()) and int(codes.max()) < sum(offsets[id(s)])]
+        owner = [
+            s
+            for s in sources
+            if offsets[id(s)][0] <= int(codes.min()) and int(codes.max()) < sum(offsets[id(s)])
+        ]
         if int(codes.min()) < 0 or len(owner) != 1:
             return None
         out.append((owner[0], codes))
@@ -297,10 +309,17 @@ def _connected(inside: list[OpNode], ids: set[int]) -> list[list[OpNode]]:
 def _exits(m: str, nodes: list[OpNode], replay: Replay) -> list[OpNode]:
     """The ops of module ``m`` whose values leave it on the way to the attention."""
     inside = {id(x) for x in nodes if in_modules(x, {m})}
-    return [x for x in nodes if id(x) in inside and any(id(u) not in inside and id(u) in replay.values for u in x.real_users)]
+    return [
+        x
+        for x in nodes
+        if id(x) in inside
+        and any(id(u) not in inside and id(u) in replay.values for u in x.real_users)
+    ]
 
 
-def _shadowed(nodes: list[OpNode], operands: tuple[OpNode, ...], cuts: set[str], order: dict[int, int]) -> set[int]:
+def _shadowed(
+    nodes: list[OpNode], operands: tuple[OpNode, ...], cuts: set[str], order: dict[int, int]
+) -> set[int]:
     """Ids of the ops whose every path to the attention passes a cut module (and the modules'
     own ops): they run in full before the cut, so removing heads does not touch them."""
     tracked = {id(x) for x in nodes}
@@ -309,7 +328,11 @@ def _shadowed(nodes: list[OpNode], operands: tuple[OpNode, ...], cuts: set[str],
         if id(x) in live:
             continue
         for u in x.real_users:
-            if id(u) in tracked and not in_modules(u, cuts) and (id(u) in live or u.kind == "mutate"):
+            if (
+                id(u) in tracked
+                and not in_modules(u, cuts)
+                and (id(u) in live or u.kind == "mutate")
+            ):
                 live.add(id(x))
                 break
     return {id(x) for x in nodes if id(x) not in live or in_modules(x, cuts)}
@@ -373,7 +396,9 @@ def _head_map(
     return head_of
 
 
-def _lend_heads(head_of: torch.Tensor, same: list[tuple[OpNode, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def _lend_heads(
+    head_of: torch.Tensor, same: list[tuple[OpNode, torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
     """The code -> head map with codes that reach no head given the head of a value they were
     combined with (the second channel of a rotary pair summed into the first), so that a
     per-head norm before them is not mistaken for one across heads. Two codes that both have

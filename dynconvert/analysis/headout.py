@@ -30,7 +30,6 @@ class OutTarget:
     tokens: tuple[int, ...]  # attention sequence positions it reads
 
 
-
 @dataclass
 class OutGate:
     """A gate projection scaling the attention output before the out-projection (gated
@@ -95,7 +94,9 @@ def derive_outputs(
                 targets.append(u)
                 continue
             if u.kind == "norm":
-                raise ChainError(f"a norm over all heads ({describe(u)}) runs before the out-projection")
+                raise ChainError(
+                    f"a norm over all heads ({describe(u)}) runs before the out-projection"
+                )
             movable = u.kind in ("shape", "cast", "cat") or (
                 u.kind == "unary" and u.op.startswith(("dropout", "identity", "native_dropout"))
             )
@@ -153,7 +154,13 @@ def _gate_chain(n: OpNode) -> list[OpNode] | None:
 
 
 def _gate(
-    mul: OpNode, operand: OpNode, chain: list[OpNode], codes: torch.Tensor, toks: torch.Tensor, heads: int, dv: int
+    mul: OpNode,
+    operand: OpNode,
+    chain: list[OpNode],
+    codes: torch.Tensor,
+    toks: torch.Tensor,
+    heads: int,
+    dv: int,
 ) -> OutGate:
     """The gate rows of each head, replaying the gate's chain on row and token codes and
     pairing them with the attention output's codes at the multiply."""
@@ -174,9 +181,13 @@ def _gate(
             src = next(i for i in u.inputs if id(i) in gval)
             gval[id(u)], gtok[id(u)] = gval[id(src)], gtok[id(src)]
     try:
-        c, r, t_out, t_gate = torch.broadcast_tensors(codes, gval[id(operand)], toks, gtok[id(operand)])
+        c, r, t_out, t_gate = torch.broadcast_tensors(
+            codes, gval[id(operand)], toks, gtok[id(operand)]
+        )
     except RuntimeError:
-        raise ChainError(f"{describe(mul)} scales the attention output by a tensor of another shape") from None
+        raise ChainError(
+            f"{describe(mul)} scales the attention output by a tensor of another shape"
+        ) from None
     if not torch.equal(t_out, t_gate):
         raise ChainError(f"{describe(mul)} gates the attention output with another token's values")
     head = (c // dv).reshape(-1)
@@ -204,7 +215,9 @@ def _target(lin: OpNode, cols: Any, toks: Any, heads: int, dv: int) -> OutTarget
     col_code = flat[0]
     owned = (col_code >= 0).nonzero().squeeze(1)
     codes = col_code[owned]
-    if codes.numel() != heads * dv or not torch.equal(codes.sort().values, torch.arange(heads * dv)):
+    if codes.numel() != heads * dv or not torch.equal(
+        codes.sort().values, torch.arange(heads * dv)
+    ):
         raise ChainError("the out-projection does not read every head channel exactly once")
     table = torch.empty(heads * dv, dtype=torch.long)
     table[codes] = owned

@@ -144,7 +144,10 @@ def _channel_half(n: OpNode, shape: tuple[int, ...] | None) -> int | None:
         step = n.arg(4, "step", 1)
     elif n.op == "narrow":
         dim, start, length = n.arg(1, "dim", 0), n.arg(2, "start", 0), n.arg(3, "length", 0)
-        end, step = (start + length if isinstance(start, int) and isinstance(length, int) else None), 1
+        end, step = (
+            (start + length if isinstance(start, int) and isinstance(length, int) else None),
+            1,
+        )
     else:  # getitem
         index = n.arg(1)
         index = index if isinstance(index, tuple) else (index,)
@@ -328,7 +331,8 @@ def build_site(
             r = _region(c)
             if r is None or sorted(n.linear or "" for n in r.sources) != sorted(names):
                 return _refuse(
-                    module_name, f"{twice} is called more than once per forward, not always as this MLP"
+                    module_name,
+                    f"{twice} is called more than once per forward, not always as this MLP",
                 )
             calls.append((c, r, sorted(r.sources, key=lambda n: (order or {}).get(id(n), 0))))
     # Slicing changes every value inside the MLP: none of them may be read from outside.
@@ -365,7 +369,8 @@ def build_site(
         gated = True
         if sorted(region.halves) != [0, 1] or outs[0] != 2 * hidden:
             width_reason = (
-                width_reason or "the input projection is sliced in a way other than two equal halves"
+                width_reason
+                or "the input projection is sliced in a way other than two equal halves"
             )
     elif outs[0] != hidden:
         width_reason = width_reason or "the input projection width differs from the hidden width"
@@ -411,9 +416,9 @@ def build_site(
             else ""
         ),
         fc2_offset=part[1] if part else 0,
-        fc2_keep=[] if not part else [
-            c for c in range(fc2.args[0].shape[-1]) if not part[1] <= c < part[1] + hidden
-        ],
+        fc2_keep=[]
+        if not part
+        else [c for c in range(fc2.args[0].shape[-1]) if not part[1] <= c < part[1] + hidden],
     )
     return FoundMlp(site, None, [*sources, fc2])
 
@@ -456,7 +461,11 @@ def set_groups(site: MlpSite, groups: int) -> None:
         rows = site.fc1_out // g
         site.in_maps = [UnitMap(linear=site.fc1[0], axis="rows", units=g, parts=[(0, rows, rows)])]
     site.out_map = UnitMap(
-        linear=site.fc2, axis="cols", units=g, parts=[(site.fc2_offset, size, size)], keep=site.fc2_keep
+        linear=site.fc2,
+        axis="cols",
+        units=g,
+        parts=[(site.fc2_offset, size, size)],
+        keep=site.fc2_keep,
     )
 
 

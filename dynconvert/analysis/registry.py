@@ -28,7 +28,9 @@ _ATTENTION: dict[str, dict[str, AttrKind]] = {
     "timm.models.vision_transformer.Attention": {"num_heads": "heads", "attn_dim": "inner"},
     # Processors reshape with heads, and some derive head_dim = inner_dim // heads (QwenImage).
     "diffusers.models.attention_processor.Attention": {
-        "heads": "heads", "inner_dim": "inner", "inner_kv_dim": "inner",
+        "heads": "heads",
+        "inner_dim": "inner",
+        "inner_kv_dim": "inner",
     },
     "dynconvert.models.uvit.Attention": {"num_heads": "heads"},
 }
@@ -41,14 +43,32 @@ TIMESTEP_CONVENTIONS: dict[str, tuple[float, bool, str]] = {
     "FluxTransformer2DModel": (1000.0, False, "sigma in [0, 1] (Flux pipelines pass t / 1000)"),
     "Flux2Transformer2DModel": (1000.0, False, "sigma in [0, 1] (Flux 2 pipelines pass t / 1000)"),
     "ChromaTransformer2DModel": (1000.0, False, "sigma in [0, 1] (Chroma pipelines pass t / 1000)"),
-    "QwenImageTransformer2DModel": (1000.0, False, "sigma in [0, 1] (QwenImage pipelines pass t / 1000)"),
-    "Lumina2Transformer2DModel": (1000.0, True, "t in [0, 1] from noise (0) to data (1) (Lumina 2 pipelines)"),
-    "LuminaNextDiT2DModel": (1000.0, True, "t in [0, 1] from noise (0) to data (1) (Lumina-Next pipelines)"),
-    "ZImageTransformer2DModel": (1000.0, True, "t in [0, 1] from noise (0) to data (1) (Z-Image pipelines)"),
+    "QwenImageTransformer2DModel": (
+        1000.0,
+        False,
+        "sigma in [0, 1] (QwenImage pipelines pass t / 1000)",
+    ),
+    "Lumina2Transformer2DModel": (
+        1000.0,
+        True,
+        "t in [0, 1] from noise (0) to data (1) (Lumina 2 pipelines)",
+    ),
+    "LuminaNextDiT2DModel": (
+        1000.0,
+        True,
+        "t in [0, 1] from noise (0) to data (1) (Lumina-Next pipelines)",
+    ),
+    "ZImageTransformer2DModel": (
+        1000.0,
+        True,
+        "t in [0, 1] from noise (0) to data (1) (Z-Image pipelines)",
+    ),
 }
 
 
-def timestep_convention(model: torch.nn.Module, example_t: Any, scale: float | None, reverse: bool | None) -> tuple[float, bool, str]:
+def timestep_convention(
+    model: torch.nn.Module, example_t: Any, scale: float | None, reverse: bool | None
+) -> tuple[float, bool, str]:
     """The scale onto DDPM's 0..1000, whether time runs reversed, and a sentence for the plan.
 
     User settings win; then the class table :data:`TIMESTEP_CONVENTIONS`; then the example
@@ -71,7 +91,11 @@ def timestep_convention(model: torch.nn.Module, example_t: Any, scale: float | N
     if t_known and example_t.numel() and example_t.is_floating_point():
         t = example_t.detach().float().cpu()
         if float(t.min()) >= 0 and float(t.max()) <= 1 and not torch.equal(t, t.round()):
-            return 1000.0, rev, "t in [0, 1] (inferred from the example timesteps): routers read t x 1000"
+            return (
+                1000.0,
+                rev,
+                "t in [0, 1] (inferred from the example timesteps): routers read t x 1000",
+            )
     return 1.0, rev, "t in [0, 1000] (DDPM scale, the default)"
 
 

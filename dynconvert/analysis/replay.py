@@ -46,7 +46,9 @@ def substitute(a: Any, values: dict[int, torch.Tensor]) -> Any:
 
 def rerun(n: OpNode, values: dict[int, torch.Tensor]) -> Any:
     """Rerun the (shape) op ``n`` with the values of ``values`` for its graph arguments."""
-    return n.replay(*substitute(n.args, values), **{k: substitute(v, values) for k, v in n.kwargs.items()})
+    return n.replay(
+        *substitute(n.args, values), **{k: substitute(v, values) for k, v in n.kwargs.items()}
+    )
 
 
 def replay_chain(start: OpNode, value: torch.Tensor, chain: list[OpNode]) -> Any:
@@ -130,7 +132,11 @@ class Replay:
             # a rotary written as (rotation * pairs).sum(-1) (Kandinsky 5) reaches the attention
             # with one code of each pair, and the other must still be counted in its head.
             self.same.append((n, first.expand_as(v), v))
-            return first if keep else first.reshape([x for i, x in enumerate(v.shape) if i not in dims])
+            return (
+                first
+                if keep
+                else first.reshape([x for i, x in enumerate(v.shape) if i not in dims])
+            )
         if n.kind in ("spatial", "conv"):
             self.trivial = False
             return self._grid_op(n, vals[0])
@@ -161,7 +167,11 @@ class Replay:
         if out_shape is None or v.dim() < 3 or len(out_shape) != v.dim():
             raise ChainError(f"{describe(n)} lies between the projection and the attention")
         size = n.kwargs.get("size") if n.op == "interpolate" else n.arg(1, "output_size")
-        if n.kind == "spatial" and ("upsample" in n.op or n.op == "interpolate") and size is not None:
+        if (
+            n.kind == "spatial"
+            and ("upsample" in n.op or n.op == "interpolate")
+            and size is not None
+        ):
             raise ChainError(
                 f"{describe(n)} resizes keys or values to a fixed size: the factor, and so the "
                 "attention's cost, would change with the resolution"

@@ -24,7 +24,9 @@ from dynconvert.inputs import eval_mode
 from dynconvert.plan import AttentionSite, TableArg, UnitMap
 
 
-def node_values(ep: torch.export.ExportedProgram, args: tuple, kwargs: dict, names: set[str]) -> dict[str, Any]:
+def node_values(
+    ep: torch.export.ExportedProgram, args: tuple, kwargs: dict, names: set[str]
+) -> dict[str, Any]:
     """The values of the nodes ``names`` of an exported graph at ``(args, kwargs)`` (one run).
 
     Example:
@@ -82,7 +84,9 @@ def _keeps_positions(src: OpNode, chain: list[OpNode], dim: int) -> bool:
     return torch.equal(out, want.expand_as(out))
 
 
-def module_inputs(model: torch.nn.Module, args: tuple, kwargs: dict, names: set[str]) -> dict[str, list]:
+def module_inputs(
+    model: torch.nn.Module, args: tuple, kwargs: dict, names: set[str]
+) -> dict[str, list]:
     """Module fqn -> ``[(pytree path, leaf), ...]`` of its first call's ``(args, kwargs)``."""
     seen: dict[str, list] = {}
     hooks = []
@@ -138,8 +142,10 @@ def resolve(
             paths = [
                 p
                 for p, leaf in inputs.get(site.name, [])
-                if isinstance(leaf, torch.Tensor) and isinstance(value, torch.Tensor)
-                and leaf.shape == value.shape and torch.equal(leaf, value)
+                if isinstance(leaf, torch.Tensor)
+                and isinstance(value, torch.Tensor)
+                and leaf.shape == value.shape
+                and torch.equal(leaf, value)
             ]
             if not paths:
                 failed[id(site)] = (
@@ -152,7 +158,14 @@ def resolve(
             # the one multiplied.
             args = [_table_arg(p, use, site.units) for p in paths]
             bad = next((a for a in args if isinstance(a, str)), None)
-            bad = bad or next((f"{a.path} is cut differently by its uses" for a in args if a.path in tables and tables[a.path] != a), None)  # type: ignore[union-attr]
+            bad = bad or next(
+                (
+                    f"{a.path} is cut differently by its uses"
+                    for a in args
+                    if a.path in tables and tables[a.path] != a
+                ),
+                None,
+            )  # type: ignore[union-attr]
             if bad:
                 failed[id(site)] = bad
                 break

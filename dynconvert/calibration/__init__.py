@@ -71,4 +71,3 @@ __all__ = [
     "write_latent_shards",
     "write_latents",
 ]
-

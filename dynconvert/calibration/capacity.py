@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from dynconvert.plan import AttentionSite
-from dynconvert.planned import capacity_from_keep
-from dynconvert.routing import routing
-from dynconvert.state import get_state
+from dynconvert.runtime.planned.controls import capacity_from_keep
+from dynconvert.runtime.routing import routing
+from dynconvert.runtime.state import get_state
 
 BUSY_QUANTILE = 0.9
 """Capacities cover this quantile of the per-sample keep rates (a busy sample, not the mean)."""
@@ -79,16 +79,14 @@ def token_sites(model: nn.Module) -> list[int]:
 
     Example:
         >>> from dynconvert.models import build_model
-        >>> from dynconvert.synthetic import randomize_routing
+        >>> from dynconvert.runtime.synthetic import randomize_routing
         >>> import dynconvert
         >>> m = dynconvert.convert(build_model("dit-tiny"), budget=0.5)  # doctest: +SKIP
         >>> token_sites(m)  # doctest: +SKIP
         [1, 3]
     """
     return [
-        s.index
-        for s in get_state(model).plan.sites
-        if not isinstance(s, AttentionSite) and s.token
+        s.index for s in get_state(model).plan.sites if not isinstance(s, AttentionSite) and s.token
     ]
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from dynconvert.errors import CheckpointError, OutputExistsError
-from dynconvert.state import get_state
+from dynconvert.runtime.state import get_state
 
 CHECKPOINT_FORMAT = "dynconvert-calibration"
 CHECKPOINT_VERSION = 1

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from dynconvert.errors import DataError
+from dynconvert.plugins import Registry
 
 BATCH_KEYS = ("x", "y", "cond", "cond_mask")
 
@@ -306,7 +307,7 @@ class IterableSource:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-NAMED_SOURCES: dict[str, Callable[[], Source]] = {}
+NAMED_SOURCES: dict[str, Callable[[], Source]] = Registry()
 """Data sets known by name (``as_source("digits")``); packages add theirs with
 :func:`register_source` (the digits demo adds ``digits``)."""
 

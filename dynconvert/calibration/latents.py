@@ -50,11 +50,11 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
-
 def _fsync(path: Path) -> None:
     """Flush a written file to disk (before it is renamed into place)."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
 
 class ShardWriter:
     """Appends rows and writes full shards as it goes; ``close()`` writes ``index.json``.

@@ -58,8 +58,8 @@ from dynconvert.errors import (
     NotConvertedError,
 )
 from dynconvert.flops import last_flops_ratio, min_ratio
-from dynconvert.routing import routing, set_routing
-from dynconvert.state import get_state, is_converted
+from dynconvert.runtime.routing import routing, set_routing
+from dynconvert.runtime.state import get_state, is_converted
 
 _TERMS = ("loss", "diffusion", "flops", "flops_ratio", "mse", "vb", "distill", "complete")
 

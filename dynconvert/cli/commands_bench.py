@@ -10,7 +10,7 @@ from dynconvert.cli import render
 from dynconvert.cli.options import DeviceOpt, JsonOpt, ModelOpt, RunOpt, unset_option
 from dynconvert.errors import ConfigError
 
-SCHEMA = """The --json object (dynconvert.bench.BenchResult): time_static_s, time_dynamic_s
+SCHEMA = """The --json object (dynconvert.measure.bench.BenchResult): time_static_s, time_dynamic_s
 (median seconds per denoising call), speedup, flops_ratio (analytic), executed_flops_ratio
 (counted), efficiency (speedup x flops_ratio), peak_mem_static_bytes, peak_mem_dynamic_bytes,
 device, dtype, batch, timestep, repeats, times_static_s, times_dynamic_s, slice_cache_bytes,
@@ -98,7 +98,7 @@ def bench(
     """
     import torch
 
-    from dynconvert.bench import DTYPES, benchmark
+    from dynconvert.measure.bench import DTYPES, benchmark
     from dynconvert.runs import load_run, resolve_device, resolve_source
 
     if (model is None) == (run is None):
@@ -139,7 +139,7 @@ def bench(
 
 def show(r: dict[str, Any]) -> None:
     """Print a benchmark result as a table on stdout."""
-    from dynconvert.bench import format_bytes
+    from dynconvert.measure.bench import format_bytes
 
     rows = [
         ("model", f"{r['model']} ({r['routing']})"),

@@ -97,11 +97,11 @@ def plan_summary(plan: Any, config: Any = None) -> dict[str, Any]:
 
 
 def _run_summary(folder: str) -> dict[str, Any]:
+    from dynconvert.analysis.importance import IMPORTANCE
     from dynconvert.config import ConvertConfig
-    from dynconvert.importance import IMPORTANCE
+    from dynconvert.io.save import decode_masks, read_record
     from dynconvert.plan import Plan
     from dynconvert.runs import read_run
-    from dynconvert.save import decode_masks, read_record
 
     record = read_record(folder)
     plan = Plan.from_dict(record["plan"])

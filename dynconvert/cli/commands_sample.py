@@ -81,7 +81,6 @@ def sample(
     """
     from types import SimpleNamespace
 
-    from dynconvert.planned import token_overflow
     from dynconvert.runs import (
         check_writable,
         load_run,
@@ -89,6 +88,7 @@ def sample(
         resolve_device,
         write_samples,
     )
+    from dynconvert.runtime.planned.controls import token_overflow
     from dynconvert.sampling import SCHEDULERS
 
     if scheduler not in SCHEDULERS:

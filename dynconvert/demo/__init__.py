@@ -32,7 +32,7 @@ from dynconvert.calibration.data import register_source
 from dynconvert.demo import data as _data
 from dynconvert.demo import digits as _digits
 from dynconvert.demo.evaluate import DIGITS_EVALUATION
-from dynconvert.evaluations import register_evaluation
+from dynconvert.measure.evaluations import register_evaluation
 
 _LAZY = {
     "DIGITS_CONFIG": "digits",

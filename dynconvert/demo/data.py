@@ -29,7 +29,9 @@ def digits(image_size: int = 16) -> TensorSource:
     from sklearn.datasets import load_digits  # only the demo needs scikit-learn
 
     data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32).reshape(-1, 1, 8, 8)  # (1797, 1, 8, 8) in 0..16
+    x = torch.tensor(data.data, dtype=torch.float32).reshape(
+        -1, 1, 8, 8
+    )  # (1797, 1, 8, 8) in 0..16
     x = x / 16.0 * 2.0 - 1.0  # [-1, 1], the range the DiT was trained on
     if image_size != 8:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)

@@ -31,10 +31,10 @@ import torch
 import torch.nn as nn
 
 from dynconvert.errors import CheckpointError, ConfigError
+from dynconvert.io.save import atomic_save_tensors
 from dynconvert.models import PRESETS, register_preset
 from dynconvert.models.dit import DiT, dit_factory
 from dynconvert.models.loading import load_checkpoint
-from dynconvert.save import atomic_save_tensors
 
 DIGITS_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "digits_dit.safetensors"
 """The shipped base weights of the digits DiT (fp16 safetensors)."""
@@ -130,7 +130,9 @@ def save_digits_weights(model: nn.Module, path: str | os.PathLike = DIGITS_WEIGH
         True
     """
     state = {k: v.detach().cpu().half().contiguous() for k, v in model.state_dict().items()}
-    return atomic_save_tensors(state, path, metadata={"format": "pt", "config": repr(DIGITS_CONFIG)})
+    return atomic_save_tensors(
+        state, path, metadata={"format": "pt", "config": repr(DIGITS_CONFIG)}
+    )
 
 
 def digits_model_info() -> dict:

@@ -26,11 +26,11 @@ import torch.nn as nn
 
 from dynconvert.demo.digits import DIGITS_SAMPLING
 from dynconvert.errors import ConfigError
-from dynconvert.evaluations import Evaluation
 from dynconvert.flops import last_flops_ratio
-from dynconvert.routing import routing
+from dynconvert.measure.evaluations import Evaluation
+from dynconvert.runtime.routing import routing
+from dynconvert.runtime.state import get_state, is_converted
 from dynconvert.sampling import compare_grid, sample
-from dynconvert.state import get_state, is_converted
 
 _CHUNK = 50
 """Samples per model call (100 rows with guidance): measured fastest on a 2-core CPU."""
@@ -265,7 +265,9 @@ def check_digits_model(model: nn.Module) -> str:
     return ""
 
 
-def digits_report(original: nn.Module, dynamic: nn.Module, recipe: Any, out: Path) -> dict[str, Any]:
+def digits_report(
+    original: nn.Module, dynamic: nn.Module, recipe: Any, out: Path
+) -> dict[str, Any]:
     """The report fields of a digits run: classifier accuracy and Frechet distance of the
     original and the dynamic model (same seeds), the other figures under ``evaluation``, and
     the sample grid when the recipe asks for one."""
@@ -273,10 +275,14 @@ def digits_report(original: nn.Module, dynamic: nn.Module, recipe: Any, out: Pat
     res = evaluate_digits(original, dynamic, per_class=ev.per_class, steps=ev.steps, seed=ev.seed,
                           cfg_scale=samples.cfg_scale, scheduler=samples.scheduler)  # fmt: skip
     keep = ("classifier_accuracy", "frechet_distance")
-    fields: dict[str, Any] = {k: {m: float(res[k][m]) for m in ("original", "dynamic")} for k in keep}
+    fields: dict[str, Any] = {
+        k: {m: float(res[k][m]) for m in ("original", "dynamic")} for k in keep
+    }
     extra = {k: v for k, v in res.items() if k not in (*keep, "tensors") and _jsonable(v)}
     for k in keep:  # the other figures (real held-out accuracy, distance between the two models)
-        extra.update({f"{k}_{m}": float(v) for m, v in res[k].items() if m not in ("original", "dynamic")})
+        extra.update(
+            {f"{k}_{m}": float(v) for m, v in res[k].items() if m not in ("original", "dynamic")}
+        )
     fields["evaluation"] = extra
     if samples.grid:
         write_demo_grid(res, Path(out) / SAMPLES_FILE, columns=min(10, ev.per_class), upscale=2)

@@ -169,7 +169,7 @@ def save_classifier(model: DigitsClassifier, path: str | os.PathLike = CLASSIFIE
         >>> save_classifier(DigitsClassifier(), tempfile.mkdtemp() + "/clf.safetensors").suffix
         '.safetensors'
     """
-    from dynconvert.save import atomic_save_tensors
+    from dynconvert.io.save import atomic_save_tensors
 
     state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
     return atomic_save_tensors(state, path)

@@ -21,6 +21,7 @@ from dynconvert.errors import ConfigError, ModelNotFoundError
 from dynconvert.models.dit import DIT_PRESETS, DiT
 from dynconvert.models.loading import load_checkpoint
 from dynconvert.models.uvit import UVIT_PRESETS, UViT
+from dynconvert.plugins import Registry
 
 __all__ = [
     "ALIASES",
@@ -35,7 +36,7 @@ __all__ = [
     "resolve_name",
 ]
 
-PRESETS: dict[str, Callable[..., nn.Module]] = {**DIT_PRESETS, **UVIT_PRESETS}
+PRESETS: dict[str, Callable[..., nn.Module]] = Registry({**DIT_PRESETS, **UVIT_PRESETS})
 """Canonical preset name -> factory taking keyword overrides and returning a fresh model.
 
 Other packages add theirs with :func:`register_preset` (the digits demo adds ``digits``)."""

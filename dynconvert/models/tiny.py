@@ -42,8 +42,15 @@ def tiny_diffusers_dit(seed: int = 0, layers: int = 2) -> nn.Module:
 
     torch.manual_seed(seed)
     m = DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-        num_layers=layers, sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero",
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=layers,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_type="ada_norm_zero",
     )
     return randomize_weights(m.eval(), seed)
 
@@ -54,8 +61,16 @@ def tiny_pixart(seed: int = 0, layers: int = 2) -> nn.Module:
 
     torch.manual_seed(seed)
     m = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=layers,
-        sample_size=8, patch_size=2, cross_attention_dim=16, caption_channels=12, norm_num_groups=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=layers,
+        sample_size=8,
+        patch_size=2,
+        cross_attention_dim=16,
+        caption_channels=12,
+        norm_num_groups=1,
     )
     return randomize_weights(m.eval(), seed)
 

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,19 @@ import yaml
 
 from dynconvert.errors import ConfigError
 
-RECIPE_DIR = Path(__file__).parent
-"""The folder of the shipped ``*.yaml`` recipes (package data of ``dynconvert.recipes``)."""
+
+def _recipe_dir() -> Path:
+    # A source checkout (editable install, a git worktree) reads its own top-level recipes/;
+    # an installed wheel carries them as the package dynconvert.recipes.shipped.
+    checkout = Path(__file__).resolve().parents[2] / "recipes"
+    if (checkout / "__init__.py").is_file():
+        return checkout
+    return Path(str(importlib.resources.files("dynconvert.recipes.shipped")))
+
+
+RECIPE_DIR = _recipe_dir()
+"""The folder of the shipped ``*.yaml`` recipes: the repository's top-level ``recipes/``,
+installed with the package as ``dynconvert.recipes.shipped``."""
 
 
 class _Loader(yaml.SafeLoader):

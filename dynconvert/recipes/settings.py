@@ -18,8 +18,8 @@ from typing import Any
 from dynconvert.calibration.config import CalibrationConfig
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import ConfigError
-from dynconvert.evaluations import evaluation_names
 from dynconvert.fields import INT_MAX, SEED_MAX, Range, check_fields, check_value
+from dynconvert.measure.evaluations import evaluation_names
 from dynconvert.sampling import SCHEDULERS
 
 RECIPE_VERSION = 1
@@ -134,7 +134,7 @@ class EvaluateSettings:
     """Quality metrics of the original and the dynamic model, for ``report.json``.
 
     Attributes:
-        kind: "none", or a registered evaluation (``dynconvert.evaluations``; the demo adds
+        kind: "none", or a registered evaluation (``dynconvert.measure.evaluations``; the demo adds
             "digits": classifier accuracy and Frechet distance of samples of the digits model,
             original vs dynamic, same seeds).
         per_class: Samples per class.

@@ -19,10 +19,10 @@ from torch import nn
 from dynconvert.calibration.checkpoint import checkpoint_dir, list_checkpoints
 from dynconvert.calibration.config import RESUME_FREE_FIELDS
 from dynconvert.errors import OutputExistsError, RecordError
+from dynconvert.io.save import RECORD, atomic_write_bytes, load, read_record
 from dynconvert.recipes import Recipe
 from dynconvert.runs.lock import LOCK_FILE
 from dynconvert.runs.sources import ModelSource
-from dynconvert.save import RECORD, atomic_write_bytes, load, read_record
 from dynconvert.version import __version__
 
 if TYPE_CHECKING:

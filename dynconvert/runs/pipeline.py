@@ -21,6 +21,7 @@ from dynconvert.calibration.loop import calibrate
 from dynconvert.convert import check_budget, convert
 from dynconvert.errors import BudgetError, ConfigError, DataError
 from dynconvert.fields import Range, check_value
+from dynconvert.io.save import atomic_write_bytes
 from dynconvert.recipes import load_recipe, recipe_for_model
 from dynconvert.runs.folder import (
     REPORT_FILE,
@@ -45,8 +46,7 @@ from dynconvert.runs.sources import (
     resolve_source,
     synthetic_data,
 )
-from dynconvert.save import atomic_write_bytes
-from dynconvert.state import get_state
+from dynconvert.runtime.state import get_state
 
 
 def parse_target(value: Any) -> float:

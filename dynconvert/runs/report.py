@@ -3,6 +3,7 @@ benchmark, the digits evaluation and sample grids, assembled into ``report.json`
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,20 +13,20 @@ import torch
 from torch import nn
 
 from dynconvert.analysis.costs import call_macs
-from dynconvert.bench import benchmark
 from dynconvert.calibration.adapters import resolve_labels, select_adapter
 from dynconvert.calibration.capacity import busy_keep, noised_at, token_sites
 from dynconvert.calibration.objectives import build_objective
 from dynconvert.errors import CheckpointError, ConfigError
-from dynconvert.evaluations import EVALUATIONS, NONE, evaluation_names
 from dynconvert.flops import last_flops_ratio, routed_ratio
-from dynconvert.planned import capacity_from_keep
-from dynconvert.routing import routing
+from dynconvert.io.save import save
+from dynconvert.measure.bench import benchmark
+from dynconvert.measure.evaluations import EVALUATIONS, NONE, evaluation_names
 from dynconvert.runs.folder import REPORT_FILE, SAMPLES_FILE
 from dynconvert.runs.sources import first_line, original_model
+from dynconvert.runtime.planned.controls import capacity_from_keep
+from dynconvert.runtime.routing import routing
+from dynconvert.runtime.state import get_state, is_converted
 from dynconvert.sampling import compare_grid, model_spec, sample, save_grid
-from dynconvert.save import save
-from dynconvert.state import get_state, is_converted
 from dynconvert.version import __version__
 
 if TYPE_CHECKING:
@@ -89,14 +90,15 @@ def flops_profile(
     try:
         for k, t in enumerate(ts.tolist()):
             x_t, t_in = noised_at(objective, x0, t, seed=k)
+            step = functools.partial(adapter, model, x_t, t_in, batch)
             if k in counted and full is None:  # the full model's cost does not depend on t
                 with routing(model, "full"):
-                    full = call_macs(lambda: adapter(model, x_t, t_in, batch), model.parameters())  # noqa: B023
+                    full = call_macs(step, model.parameters())
             with routing(model, "eval"):
                 if k in counted:
-                    executed.append(call_macs(lambda: adapter(model, x_t, t_in, batch), model.parameters()) / full)  # noqa: B023
+                    executed.append(call_macs(step, model.parameters()) / full)
                 else:
-                    adapter(model, x_t, t_in, batch)
+                    step()
                 measured.append(float(last_flops_ratio(bank).mean()))
                 for i in routed:
                     tk = bank.records.get(i, {}).get("tokens")
@@ -113,7 +115,9 @@ def flops_profile(
     }
     reduction = bank.config.token_reduction
     per_t = routed_ratio(bank.plan, reduction, width, tokens) * torch.ones_like(grid)
-    blocks_per_t = routed_ratio(bank.plan, reduction, width, tokens, blocks_only=True) * torch.ones_like(grid)
+    blocks_per_t = routed_ratio(
+        bank.plan, reduction, width, tokens, blocks_only=True
+    ) * torch.ones_like(grid)
     static = bank.plan.static_macs / max(bank.plan.batch, 1)
     blocks = float(bank.plan.blocks_macs_per_sample)
     keep_mean = [
@@ -161,10 +165,14 @@ def check_report(recipe: Any, model: nn.Module) -> None:
     if kind == NONE:
         return
     if kind not in EVALUATIONS:
-        raise ConfigError(f"evaluate.kind {kind!r} is not registered; use one of {', '.join(evaluation_names())}")
+        raise ConfigError(
+            f"evaluate.kind {kind!r} is not registered; use one of {', '.join(evaluation_names())}"
+        )
     reason = EVALUATIONS[kind].check(model)
     if reason:
-        raise ConfigError(f"evaluate.kind {kind!r} cannot evaluate model {recipe.model!r}: {reason}. Set evaluate.kind to 'none'")
+        raise ConfigError(
+            f"evaluate.kind {kind!r} cannot evaluate model {recipe.model!r}: {reason}. Set evaluate.kind to 'none'"
+        )
 
 
 def build_report(

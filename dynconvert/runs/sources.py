@@ -359,9 +359,7 @@ def data_source(data: str) -> Any:
     path = Path(data).expanduser()
     if not path.exists():
         names = "".join(f", {n!r}" for n in sorted(NAMED_SOURCES))
-        raise DataError(
-            f"`data` {data}: no such folder; pass a latents folder, 'synthetic'{names}"
-        )
+        raise DataError(f"`data` {data}: no such folder; pass a latents folder, 'synthetic'{names}")
     return as_source(path)
 
 

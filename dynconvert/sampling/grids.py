@@ -67,7 +67,7 @@ def _write_png(array: np.ndarray, path: str | os.PathLike) -> Path:
     """Write a uint8 (H, W, 1 or 3) array as a PNG, atomically (temp file, then rename)."""
     from PIL import Image
 
-    from dynconvert.save import atomic_write_bytes
+    from dynconvert.io.save import atomic_write_bytes
 
     path = Path(path)
     image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)

@@ -1,0 +1,192 @@
+"""The attention runtime: one attention site's head masks (masked path) or sliced heads (fast
+path), the head-count attributes lowered for a sliced call, the cuts of a partial site and the
+per-head tables among the module's arguments (see dynamic.py for the Linears it drives).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from dynconvert.plan import AttentionSite
+from dynconvert.runtime.dynamic import (
+    Decision,
+    DynamicLinear,
+    SiteRuntime,
+    column_multiplier,
+    make_dynamic,
+    unit_table,
+)
+
+
+class AttentionRuntime(SiteRuntime):
+    """Routes one attention site: head masks (masked path) or sliced heads (fast path)."""
+
+    def __init__(self, site: AttentionSite, bank: Any, module: nn.Module):
+        super().__init__(site, bank, site.v_head_dim * site.group)  # out columns per unit
+        # A partial site's cut modules slice their output like a projection's rows, and a
+        # table handed in per head (keyed by its argument path) along its axis.
+        self.tables.update({m.linear: unit_table(m) for m in site.cut_maps})
+        self.tables.update({t.path: unit_table(t.map) for t in site.table_args})
+        self.fast: Decision | None = None  # this call's fast-path decision (None: full/masked)
+        self.saved: dict[str, int] = {}  # head-count attributes lowered for this call
+        self.fused: dict[str, tuple[str, ...]] = {}  # fused projection fqn -> the fqns it fuses
+
+    # diffusers `fuse_qkv_projections()` adds a Linear whose rows are those of to_q, to_k, to_v
+    # (self-attention) or to_k, to_v (cross-attention) one after another; its processor splits
+    # the output into equal parts and reshapes each with the module's head count.
+    FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v")}
+
+    def adopt_fused(self, module: nn.Module) -> None:
+        """Route the projections fused after convert: their head layout is derived from the
+        Linears they concatenate (checked against the weights), so a sliced call computes the
+        active heads of every part, part-major, as the processor's split expects."""
+        for attr, parts in self.FUSED.items():
+            lin = module._modules.get(attr)
+            if type(lin) is not nn.Linear:  # absent, or already routed
+                continue
+            prefix = self.site.name + "." if self.site.name else ""
+            names = [prefix + p for p in parts]
+            if any(n not in self.tables for n in names):
+                raise RuntimeError(
+                    f"{prefix}{attr} fuses {', '.join(parts)}, which this site does not route "
+                    "together; call unfuse_qkv_projections() before running the converted model"
+                )
+            tables, offset = [], 0
+            for p, n in zip(parts, names):
+                src = module._modules[p]
+                rows = lin.weight[offset : offset + src.out_features]
+                if rows.shape != src.weight.shape or not torch.equal(rows, src.weight):
+                    raise RuntimeError(
+                        f"{prefix}{attr} does not hold the rows of {', '.join(parts)} one after "
+                        "another, so its heads cannot be derived; call unfuse_qkv_projections()"
+                    )
+                tables.append(self.tables[n] + offset)
+                offset += src.out_features
+            fqn = prefix + attr
+            self.tables[fqn] = torch.cat(tables)  # (parts, units, size): part-major when sliced
+            self.fused[fqn] = tuple(names)
+            self._decisions.clear()
+            self.bank.clear_cache()
+            make_dynamic(lin, self, "in", fqn)
+
+    def pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> tuple[tuple, dict] | None:
+        """Forward pre-hook of the attention module: decide the call, lower its head count
+        (and cut the per-head tables among its arguments)."""
+        self.fast = None
+        bank, site = self.bank, self.site
+        if getattr(module, "fused_projections", False):
+            self.adopt_fused(module)
+        if not bank.fast_for(site):
+            return
+        bank.width_mask(site.index)  # recorded for FLOPs accounting
+        if bank.planned_now:  # decided once per pattern, before the call (planner.py)
+            d = bank.planner.decision(site.index)
+        else:
+            d = self.decide(bank.width_mask_cpu(site.index), bank.always_on.device)
+        if d is None:
+            return
+        self.fast = d
+        # The module reshapes the q/k/v outputs with its own head count (timm: num_heads and
+        # attn_dim; diffusers: heads). The sliced Linears return only the active heads' rows,
+        # so for this call the count must match them: left as is, the reshape either fails or,
+        # when the sizes happen to divide, silently splits the channels into wrong heads.
+        for attr, per in site.head_attrs.items():  # "heads", or "attn.heads" on a submodule
+            owner, name = _owner(module, attr)
+            self.saved[attr] = getattr(owner, name)
+            setattr(owner, name, len(d.key) * per)
+        if site.table_args:
+            return self.cut_tables(args, kwargs, d)
+        return None
+
+    def cut_tables(self, args: tuple, kwargs: dict, d: Decision) -> tuple[tuple, dict]:
+        """The module's arguments with every per-head table (a rotary table over the whole
+        width, (B, N, H * d)) cut to the active heads' positions along its axis."""
+        leaves, spec = pytree.tree_flatten_with_path((args, kwargs))
+        cut = {t.path: t for t in self.site.table_args}
+        out = []
+        for path, leaf in leaves:
+            t = cut.pop(pytree.keystr(path), None)
+            out.append(leaf if t is None else leaf.index_select(t.dim, d.rows[t.path]))
+        if cut:
+            raise RuntimeError(
+                f"{self.site.name or 'the model'} was called without the per-head table that "
+                f"analysis found at {next(iter(cut))} of its arguments; call it as in the example "
+                "inputs, or convert again with inputs that call it this way"
+            )
+        return pytree.tree_unflatten(out, spec)
+
+    def cut_hook(self, name: str) -> Any:
+        """Forward hook of a partial site's cut module (a norm across all heads): its output
+        (..., H * d), computed in full, keeps only the active heads' channels on the fast path."""
+
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+            d = self.fast
+            if d is None:
+                return None
+            return output.index_select(-1, d.rows[name])  # (..., H' * d)
+
+        return hook
+
+    def out_state(self) -> tuple[Decision | None, bool, torch.Tensor | None]:
+        """For a shared out-projection: (this call's decision, sliced?, head mask if masked)."""
+        if self.fast is not None:
+            return self.fast, True, None
+        if self.bank.fast_for(self.site):
+            return None, True, None  # every head on
+        return None, False, self.bank.width_mask(self.site.index)
+
+    def post_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        """Forward hook (also called when the forward raises): restore the head count."""
+        for attr, value in self.saved.items():
+            owner, name = _owner(module, attr)
+            setattr(owner, name, value)
+        self.saved.clear()
+        self.fast = None
+
+    def linear_forward(self, lin: DynamicLinear, x: torch.Tensor) -> torch.Tensor:
+        """Forward of one of the site's Linears: x (B, N, C_in) -> (B, N, C_out)."""
+        site, bank = self.site, self.bank
+        d = self.fast
+        if lin._dc_role == "in":
+            name = lin._dc_name
+            # Token counts of this call, for the FLOPs of QK^T and AV: n queries, m keys
+            # (m differs from n in cross-attention).
+            rec = bank.record(site.index)
+            tokens = math.prod(x.shape[1:-1]) if x.dim() > 2 else x.shape[0]
+            seen = rec.setdefault("seen", {})
+            for src in self.fused.get(name, (name,)):  # a fused projection counts as its parts
+                seen[src] = tokens
+            rec["rows"] = x.shape[0]
+            if d is None:  # the masked path zeroes heads at the out-projection only
+                return F.linear(x, lin.weight, lin.bias)
+            rows = d.rows.get(name)
+            if rows is None:  # a projection fused after this decision was made (adopt_fused)
+                rows = d.rows[name] = self.tables[name][:, d.units].reshape(-1).to(x.device)
+            w, b = bank.sliced(lin, "rows", d.key, rows)  # active heads' rows
+            return F.linear(x, w, b)  # (B, N, parts * H' * d)
+        name = lin._dc_name
+        if d is not None:  # out-projection, fast path: x (B, N, H' * dv [+ kept columns])
+            if d.sub is not None:  # several timesteps: zero each sample's extra heads
+                x = x * column_multiplier(d.sub[name], x)
+            w, b = bank.sliced(lin, "cols", d.key, d.cols[name])  # active heads' columns, full bias
+            return F.linear(x, w, b)  # (B, N, D)
+        # Masked path: zero the switched-off heads' outputs before the out-projection, which is
+        # what removing them computes (the bias is added either way).
+        mask = bank.width_mask(site.index)  # (Bt, H) or None
+        if mask is not None:
+            x = self.masked_out(name, mask, x)
+        return F.linear(x, lin.weight, lin.bias)
+
+
+def _owner(module: nn.Module, path: str) -> tuple[Any, str]:
+    """The object holding attribute ``path`` ("heads" or "attn.heads") and its last name."""
+    if "." not in path:
+        return module, path
+    sub, name = path.rsplit(".", 1)
+    return module.get_submodule(sub), name

@@ -1,0 +1,368 @@
+"""RouterBank: every router of a converted model, and the routing state of the current call.
+
+The bank is attached to the converted model as the submodule ``dynconvert``, so its parameters
+are saved, moved, wrapped by DDP and copied by EMA like any others. Width masks are a function
+of the timestep alone: in evaluation they come from a per-timestep table computed once per t.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynconvert.config import ConvertConfig
+from dynconvert.errors import TimestepError
+from dynconvert.inputs import batch_of, timestep_slot
+from dynconvert.plan import MlpSite, Plan, Site
+from dynconvert.runtime.checkpointing import wrap_checkpointing
+from dynconvert.runtime.planned.planner import Planner
+from dynconvert.runtime.routers import TimestepEncoder, TokenRouter, gumbel_sigmoid, width_router
+from dynconvert.runtime.slices import SliceCache
+
+MODES = ("train", "eval", "full")
+
+
+class RouterBank(nn.Module):
+    """The routers of all sites plus the per-call routing state.
+
+    Life of one forward call: the model's pre-hook (:meth:`root_pre_hook`) reads t and calls
+    :meth:`begin`; each site's runtime (dynamic.py) then asks for its masks
+    (:meth:`width_mask`, :meth:`token_mask`) the first time one of its Linears runs, and what
+    it used is left in ``records`` (masks and token counts per site), which the FLOPs
+    accountant (flops.py) reads after the call.
+    """
+
+    def __init__(self, plan: Plan, config: ConvertConfig, budget: float):
+        super().__init__()
+        self.plan = plan
+        self.config = config
+        self.budget = budget
+        # Width routers see only an embedding of t (method.md, TDW): one shared sinusoidal
+        # encoder, then one Linear per site to its units' logits.
+        self.t_embed = TimestepEncoder(config.router_embed_dim)
+        self.width = nn.ModuleDict()  # str(site index) -> Linear(embed, units)
+        self.token = nn.ModuleDict()  # str(site index) -> TokenRouter (D -> D/r -> 1), MLPs only
+        for s in plan.sites:
+            if s.units > 1:  # a single unit is always on: nothing to route
+                self.width[str(s.index)] = width_router(
+                    config.router_embed_dim, s.units, config.width_bias_init
+                )
+            if isinstance(s, MlpSite) and s.token:
+                self.token[str(s.index)] = TokenRouter(
+                    s.in_features, config.token_reduction, config.token_bias_init
+                )
+        # The unit of each site that is never switched off (chosen by importance at convert
+        # time); a buffer so it is saved, moved and loaded with the routers.
+        self.register_buffer("always_on", torch.zeros(len(plan.sites), dtype=torch.long))
+        self.mode: str | None = None  # routing.MODES, or None: follow model.training
+        # Evaluation path: "fast" (sliced, tokens gathered by nonzero), "masked" (reference),
+        # "planned" (static shapes per timestep pattern, planner.py) or "auto" (planned on
+        # CUDA, fast elsewhere: what a loaded model runs).
+        self.execution = "fast"
+        self.runtimes: list[Any] = []  # one per site, in plan order (set by convert)
+        self.replay: Any = None  # checkpointing.NoiseReplay of the checkpointed block running
+        self._reset_call()
+        # Evaluation width masks per t value: {t: (cpu masks, device masks)}, valid while
+        # _table_key (router parameter versions) is unchanged.
+        self._table: dict[float, tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
+        self._table_key: tuple | None = None
+        self.slices = SliceCache(self.cache_limit)
+        self.planner = Planner(self)  # patterns, pre-sliced weights and capacities (planned path)
+        self.model_params = 0  # parameter count of the whole model: sizes the slice cache
+
+    # -- per call --------------------------------------------------------------------------
+    def set_timestep_spec(self, model: nn.Module) -> None:
+        """Remember where the timestep sits in the model's forward signature."""
+        self.t_spec = (self.plan.timestep_arg, *timestep_slot(model, self.plan.timestep_arg))
+
+    # Under torch.compile this hook runs eagerly: reading t on the host is the one graph break
+    # of a forward (and the planned path keeps it the only one, see planner.py).
+    @torch.compiler.disable
+    def root_pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the converted model: read t and start the call."""
+        name, pos, default = self.t_spec
+        if name in kwargs:
+            t = kwargs[name]
+        elif pos is not None and pos < len(args):
+            t = args[pos]
+        else:
+            t = default
+        # The model's batch: blocks that fold frames or tokens into the batch see more rows,
+        # which the FLOPs accountant maps back to samples; per-frame timesteps are reduced to it.
+        self.call_batch = batch_of(args, kwargs)
+        self.begin(t, model.training, model)
+        if torch.is_grad_enabled():  # a checkpointed block must recompute with this call's routing
+            wrap_checkpointing(model, self)
+
+    def _reset_call(self) -> None:
+        """Forget everything about the previous call (masks, records, embedding)."""
+        self._t: torch.Tensor | None = None
+        self._emb: torch.Tensor | None = None
+        self._train_masks: dict[int, torch.Tensor] | None = None
+        self._mode_now = "full"
+        self.records: dict[int, dict[str, Any]] = {}
+        self._eval_masks: dict[int, torch.Tensor] = {}
+        self._eval_cpu: dict[int, torch.Tensor] = {}
+        self._exec_now = "fast"
+
+    def begin(self, t: Any, training: bool, model: nn.Module | None = None) -> None:
+        """Start one forward call of the model at timestep(s) ``t`` (``model``: the converted
+        model, which the planned path needs to see its weights)."""
+        self._reset_call()
+        self._mode_now = self.mode or ("train" if training else "eval")
+        if self._mode_now == "full":
+            return
+        if t is None:
+            raise TimestepError(
+                f"the model was called without its timestep argument {self.plan.timestep_arg!r}; "
+                "dynconvert routers need it"
+            )
+        device = self.always_on.device
+        t = torch.as_tensor(t, device=device).detach().float().reshape(-1)  # (Bt,): 1 or B values
+        batch = getattr(self, "call_batch", 0)
+        if batch and t.numel() > batch and t.numel() % batch == 0:
+            # Per-frame or per-token timesteps (diffusion forcing): heads are chosen per sample,
+            # so the width routers read each sample's mean t.
+            t = t.reshape(batch, -1).mean(1)
+        # Onto the DDPM 0..1000 scale the routers read: the config's setting, else what analysis
+        # assumed for this model (Plan.timestep_convention; records before it: DDPM).
+        scale = self.config.timestep_scale
+        reverse = self.config.timestep_reverse
+        t = t * (self.plan.timestep_scale if scale is None else scale)
+        if self.plan.timestep_reverse if reverse is None else reverse:
+            t = 1000.0 - t
+        self._t = t
+        # Training masks are drawn here, before any block: a checkpointed block's recomputation
+        # must not be the one that draws them, and the draw order then does not depend on it.
+        self.ensure_train_masks()
+        if self._mode_now == "eval":
+            self._eval_cpu, self._eval_masks, values = self._lookup(t)
+            self._exec_now = self.execution
+            if self._exec_now == "auto":
+                self._exec_now = "planned" if device.type == "cuda" else "fast"
+            if self.planned_now:
+                self.planner.begin(values, self._table_key, model)
+
+    @property
+    def mode_now(self) -> str:
+        """The routing mode of the current call ("train", "eval" or "full")."""
+        return self._mode_now
+
+    def fast_for(self, site: Site) -> bool:
+        """Whether this site runs sliced (fast or planned path) in the current call."""
+        return (
+            self._mode_now == "eval"
+            and self._exec_now in ("fast", "planned")
+            and self.config.fast_path
+            and site.fast
+        )
+
+    @property
+    def planned_now(self) -> bool:
+        """Whether the current call runs the planned path (static shapes, planner.py)."""
+        return self._mode_now == "eval" and self._exec_now == "planned" and self.config.fast_path
+
+    def record(self, index: int) -> dict[str, Any]:
+        """What site ``index`` used in this call: "width" (Bt, U), "tokens" (B, N), "n"/"m"
+        (query / key-value token counts), read by the FLOPs accountant."""
+        return self.records.setdefault(index, {})
+
+    # -- masks ------------------------------------------------------------------------------
+    def width_mask(self, index: int) -> torch.Tensor | None:
+        """(Bt, units) mask of one site for this call; None when every unit is on."""
+        rec = self.record(index)
+        if "width" in rec:
+            return rec["width"]
+        key = str(index)
+        if self._mode_now == "full" or key not in self.width:
+            mask = None
+        elif self._mode_now == "train":
+            if self._train_masks is None:
+                self._train_masks = self._all_train_masks()
+            mask = self._train_masks[index]
+        else:
+            mask = self._eval_masks.get(index)
+        rec["width"] = mask
+        return mask
+
+    def _all_train_masks(self) -> dict[int, torch.Tensor]:
+        """Training masks of every site at once: one matmul and one Gumbel draw for all routers
+        (the same as running each router alone, with far fewer kernel launches)."""
+        keys = list(self.width.keys())
+        self._emb = self.t_embed(self._t)
+        weight = torch.cat([self.width[k].weight for k in keys])
+        bias = torch.cat([self.width[k].bias for k in keys])
+        sizes = [self.width[k].out_features for k in keys]
+        # Cast: stored in float8 under layerwise casting, the routers compute in emb's dtype.
+        weight, bias = weight.to(self._emb.dtype), bias.to(self._emb.dtype)
+        logits = torch.nn.functional.linear(self._emb, weight, bias)  # (B, sum of units)
+        on = self._always_on_positions(keys, sizes, logits.device)
+        masks = gumbel_sigmoid(logits, self.config.tau)
+        masks = torch.where(on, torch.ones_like(masks), masks)
+        return {int(k): m for k, m in zip(keys, masks.split(sizes, dim=-1))}
+
+    def _always_on_positions(
+        self, keys: list[str], sizes: list[int], device: torch.device
+    ) -> torch.Tensor:
+        """(sum of units,) bool: the always-on unit of each router in the concatenated logits
+        (cached: rebuilding it every training step would sync the device)."""
+        stamp = (self.always_on._version, device, tuple(keys))
+        cached = getattr(self, "_on_cache", None)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        pos, offset = [], 0
+        for k, n in zip(keys, sizes):
+            pos.append(offset + int(self.always_on[int(k)]))
+            offset += n
+        on = torch.zeros(offset, dtype=torch.bool)
+        on[pos] = True
+        on = on.to(device)
+        self._on_cache = (stamp, on)
+        return on
+
+    def width_mask_cpu(self, index: int) -> torch.Tensor | None:
+        """The evaluation width mask of a site on the CPU (decisions without a device sync)."""
+        return self._eval_cpu.get(index)
+
+    def token_mask(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Mask over the leading dims of ``x`` (batch, tokens); None when tokens are not routed."""
+        key = str(index)
+        if self._mode_now == "full" or key not in self.token:
+            return None
+        logits = self.token[key](x)  # (B, N): one logit per token
+        if self._mode_now == "train":
+            # Inside a checkpointed block the noise is kept and replayed by its recomputation.
+            noise = self.replay.noise(index, logits) if self.replay is not None else None
+            return gumbel_sigmoid(logits, self.config.tau, noise=noise)
+        return logits > 0
+
+    # -- gradient checkpointing (checkpointing.py) --------------------------------------------
+    _CALL_STATE = ("_t", "_emb", "_train_masks", "_mode_now", "records", "_eval_masks", "_eval_cpu",
+                   "_exec_now", "call_batch")  # fmt: skip
+
+    def call_state(self) -> dict[str, Any]:
+        """The routing state of the current call (masks, records), to restore it later."""
+        return {k: self.__dict__[k] for k in self._CALL_STATE if k in self.__dict__}
+
+    def set_call_state(self, state: dict[str, Any]) -> None:
+        """Put back a state from :meth:`call_state` (a checkpointed block's recomputation)."""
+        self.__dict__.update(state)
+
+    def ensure_train_masks(self) -> None:
+        """Draw this training call's width masks now, if not yet drawn."""
+        if self._mode_now == "train" and len(self.width) and self._train_masks is None:
+            self._train_masks = self._all_train_masks()
+
+    # -- evaluation table -------------------------------------------------------------------
+    def _params_key(self) -> tuple:
+        """Changes whenever anything the width masks depend on changes (training, loading)."""
+        params = [*self.t_embed.parameters(), *self.width.parameters()]
+        return (
+            sum(p._version for p in params),
+            tuple(p.data_ptr() for p in params[:2]),
+            self.always_on._version,
+            self.always_on.device,
+        )
+
+    def _lookup(
+        self, t: torch.Tensor
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], list[float]]:
+        """Width masks of every site for the timesteps of this call, on CPU and on the device,
+        and the timestep values (rounded, one per sample or one for all)."""
+        key = self._params_key()
+        if key != self._table_key:
+            self._table, self._table_key = {}, key
+        values = [round(v, 4) for v in t.tolist()]  # the one host sync of an evaluation call
+        self._check_convention(values)
+        uniq = list(dict.fromkeys(values))
+        missing = [v for v in uniq if v not in self._table]
+        if missing:
+            self._fill(missing)
+        if len(uniq) == 1:
+            return (*self._table[uniq[0]], uniq)
+        cpu = {
+            i: torch.stack([self._table[v][0][i][0] for v in values])
+            for i in self._table[uniq[0]][0]
+        }
+        dev = {i: m.to(self.always_on.device, non_blocking=True) for i, m in cpu.items()}
+        return cpu, dev, values
+
+    def _check_convention(self, values: list[float]) -> None:
+        """Warn once when the timesteps contradict the assumed convention (a wrong guess must be
+        visible): outside 0..1000 after scaling, or fractions in [0, 1] read on DDPM's scale."""
+        if getattr(self, "_warned_convention", False) or not values:
+            return
+        lo, hi = min(values), max(values)
+        odd = lo < -1.0 or hi > 1001.0
+        odd = odd or (hi <= 1.0 and any(v != round(v) for v in values))  # sigma read as DDPM t
+        if odd:
+            self._warned_convention = True
+            warnings.warn(
+                f"dynconvert routers read timesteps {lo:g}..{hi:g} after the assumed convention "
+                f"({self.plan.timestep_convention or 'DDPM scale'}), outside what they expect "
+                "(0..1000); set ConvertConfig(timestep_scale=..., timestep_reverse=...) for "
+                "this model and convert again",
+                stacklevel=4,
+            )
+
+    def eval_masks_cpu(self, value: float) -> dict[int, torch.Tensor]:
+        """``{site: (1, units) bool}`` CPU width masks at one timestep value already looked up
+        in this evaluation call (the planned path's patterns are built from them)."""
+        return self._table[value][0]
+
+    def _fill(self, values: list[float]) -> None:
+        """Add the masks of new t values to the table (one router pass for all of them)."""
+        ons = self.width_table(torch.tensor(values))
+        cpu = {i: on.cpu() for i, on in ons.items()}
+        for j, v in enumerate(values):
+            self._table[v] = (
+                {i: m[j : j + 1] for i, m in cpu.items()},
+                {i: m[j : j + 1] for i, m in ons.items()},
+            )
+
+    def width_table(self, timesteps: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """Evaluation width masks for each site at the given timesteps (default 0..999).
+
+        Returns ``{site index: (T, units) bool}`` for every site with a width router.
+        """
+        t = torch.arange(1000, dtype=torch.float32) if timesteps is None else timesteps.float()
+        t = t.to(self.always_on.device)
+        with torch.no_grad():
+            emb = self.t_embed(t)
+            out = {}
+            for key, router in self.width.items():
+                on = router(emb) > 0
+                on[:, int(self.always_on[int(key)])] = True
+                out[int(key)] = on
+        return out
+
+    # -- weight slices ------------------------------------------------------------------------
+    def sliced(
+        self, lin: nn.Linear, axis: str, units: tuple[int, ...], index: torch.Tensor
+    ) -> tuple:
+        """Weight (and bias) of ``lin`` restricted to ``index`` rows/cols (see :class:`SliceCache`;
+        on the planned path the planner's per-pattern slices)."""
+        if self.planned_now:
+            return self.planner.sliced(lin, axis, units, index)
+        return self.slices.get(lin, axis, units, index)
+
+    @property
+    def slice_bytes(self) -> int:
+        """Bytes the weight-slice cache and the planned path's pre-sliced weights hold now."""
+        return self.slices.nbytes + self.planner.store_bytes
+
+    def cache_limit(self, element_size: int = 4) -> float:
+        """Bytes the weight-slice cache may hold: ``slice_cache_mb``, or by default 20% of the
+        model's parameter bytes (so a converted model stays within 1.25x the original's memory)."""
+        if self.config.slice_cache_mb is not None:
+            return self.config.slice_cache_mb * 2**20
+        return 0.2 * self.model_params * element_size
+
+    def clear_cache(self) -> None:
+        """Drop cached weight slices, timestep tables and planned patterns (frees their memory)."""
+        self.slices.clear()
+        self._table, self._table_key = {}, None
+        self.planner.clear()

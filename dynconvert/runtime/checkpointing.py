@@ -1,0 +1,110 @@
+"""Gradient checkpointing of a converted model: a recomputed block routes as it did the first time.
+
+diffusers checkpoints a block by calling ``module._gradient_checkpointing_func(block, *args)``
+(set by ``enable_gradient_checkpointing()``); backward then runs the block a second time to
+rebuild its activations, and that recomputation must save exactly the tensors the first run
+saved, with the same values. Routing breaks both unless the second run sees the first run's
+routing state:
+
+- the training width masks of a call are drawn once, lazily, by the first block that asks:
+  drawn inside a checkpointed block, the recomputation (which finds them drawn) saves fewer
+  tensors. They are drawn before the first checkpointed block instead;
+- the token routers draw Gumbel noise in every block: the recomputation must add the same
+  noise, so each checkpointed block call keeps its draws (:class:`NoiseReplay`) and replays them;
+- backward may run after later forward calls of the model (two calls, one loss): the
+  recomputation restores the routing state of its own call (masks, records) and puts the
+  current one back afterwards.
+
+:func:`wrap_checkpointing` wraps the checkpointing function of every module that has one, once;
+the RouterBank calls it at the start of every forward call with autograd on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynconvert.runtime.routers import logistic_noise
+
+_BANK = "_dynconvert_bank"  # attribute of our wrapper: the bank it routes for
+FUNC = "_gradient_checkpointing_func"
+"""The attribute diffusers' ``enable_gradient_checkpointing`` sets on the modules it checkpoints."""
+
+
+class NoiseReplay:
+    """The token-router noise of one checkpointed block call: drawn on the first run, replayed on
+    the recomputation (keyed by site and by how often the site ran in this block call)."""
+
+    def __init__(self):
+        self.draws: dict[tuple[int, int], torch.Tensor] = {}
+        self.seen: dict[int, int] = {}
+
+    def start(self) -> NoiseReplay:
+        """Begin a run of the block (the first or the recomputation)."""
+        self.seen = {}
+        return self
+
+    def noise(self, index: int, logits: torch.Tensor) -> torch.Tensor:
+        """Logistic noise for site ``index``'s logits: the stored draw, or a new one stored."""
+        n = self.seen.get(index, 0)
+        self.seen[index] = n + 1
+        key = (index, n)
+        draw = self.draws.get(key)
+        if draw is None or draw.shape != logits.shape:
+            draw = self.draws[key] = logistic_noise(logits)
+        return draw
+
+
+def wrap_checkpointing(model: nn.Module, bank: Any) -> None:
+    """Wrap the checkpointing function of every module of ``model`` that has one (idempotent).
+
+    Cheap when nothing changed: the modules that can hold one are found once, and a function
+    already wrapped for this bank is left alone.
+
+    Example:
+        >>> model.enable_gradient_checkpointing()   # doctest: +SKIP
+        >>> wrap_checkpointing(model, get_state(model))  # the bank does this on every call
+    """
+    owners = bank.__dict__.get("_ckpt_owners")
+    if owners is None:
+        # diffusers sets the function on the modules that have a `gradient_checkpointing` flag
+        owners = [
+            m
+            for m in model.modules()
+            if "gradient_checkpointing" in m.__dict__ or FUNC in m.__dict__
+        ]
+        bank.__dict__["_ckpt_owners"] = owners
+    for m in owners:
+        func = m.__dict__.get(FUNC)
+        if func is None or getattr(func, _BANK, None) is bank:
+            continue
+        while getattr(func, _BANK, None) is not None:  # wrapped for another bank (a deepcopy)
+            func = func.__wrapped__
+        m.__dict__[FUNC] = _wrap(func, bank)
+
+
+def _wrap(func: Any, bank: Any) -> Any:
+    """``func(block, *args)`` -> the same, with the block run under its own call's routing."""
+
+    def checkpointed(block: Any, *args: Any, **kwargs: Any) -> Any:
+        bank.ensure_train_masks()  # drawn outside the checkpointed region (see the module doc)
+        state = bank.call_state()
+        replay = NoiseReplay()
+
+        def run(*a: Any, **k: Any) -> Any:
+            outer, outer_replay = bank.call_state(), bank.replay
+            bank.set_call_state(state)
+            bank.replay = replay.start()
+            try:
+                return block(*a, **k)
+            finally:
+                bank.set_call_state(outer)
+                bank.replay = outer_replay
+
+        return func(run, *args, **kwargs)
+
+    checkpointed.__wrapped__ = func
+    setattr(checkpointed, _BANK, bank)
+    return checkpointed

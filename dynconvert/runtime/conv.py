@@ -1,0 +1,80 @@
+"""The runtime of a convolutional MLP site (Sana's GLUMBConv, Mix-FFN), channels first.
+
+Its pointwise and depthwise convolutions are DynamicConvs (dynamic.py) that call
+:meth:`ConvMlpRuntime.conv_forward`; the unit tables, decisions and weight slices are those of
+every site (``dynamic.SiteRuntime``, ``slices.py``), with channels on dim 1 instead of last.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynconvert.plan import MlpSite
+from dynconvert.runtime.dynamic import SiteRuntime, column_multiplier, record_mlp_call, unit_table
+
+CONV_FNS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+"""Weight dims -> the functional convolution (a depthwise conv runs with its groups lowered)."""
+
+
+class ConvMlpRuntime(SiteRuntime):
+    """Routes a convolutional MLP site (channels first): channel groups are fc1's output
+    channels, each depthwise convolution's channels and fc2's input channels. Width only: the
+    masked path zeroes the switched-off groups' channels before fc2, the fast path (and the
+    planned one, which decides per pattern) runs every convolution on the active channels."""
+
+    def __init__(self, site: MlpSite, bank: Any):
+        super().__init__(site, bank, site.hidden // site.groups)
+        self.tables.update({m.linear: unit_table(m) for m in site.mid_maps})  # depthwise channels
+        self.call: dict[str, Any] | None = None  # this MLP call: "x", "fast", "d"
+
+    def _begin(self, x: torch.Tensor) -> dict[str, Any]:
+        site, bank = self.site, self.bank
+        record_mlp_call(site, bank.record(site.index), torch.Size([x.shape[0], *x.shape[2:]]))
+        bank.width_mask(site.index)  # recorded for the FLOPs accountant
+        fast, d = bank.fast_for(site), None
+        if fast:
+            if bank.planned_now:
+                d = bank.planner.decision(site.index)
+            else:
+                d = self.decide(bank.width_mask_cpu(site.index), x.device)
+        self.call = {"x": x, "fast": fast, "d": d}
+        return self.call
+
+    def conv_forward(self, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Forward of fc1 (B, D, ...) -> (B, F1', ...), a depthwise convolution, or fc2."""
+        role, name = conv._dc_role, conv._dc_name
+        if role == "mlp_in":
+            call = self.call
+            if call is None or call["x"] is not x:  # a second input conv reads the same x
+                call = self._begin(x)
+            d = call["d"]
+            if d is None:
+                return conv._conv_forward(x, conv.weight, conv.bias)
+            w, b = self.bank.sliced(conv, "rows", d.key, d.rows[name])
+            return conv._conv_forward(x, w, b)
+        if role == "mlp_mid":
+            d = self.call["d"] if self.call is not None else None
+            if d is None:
+                return conv._conv_forward(x, conv.weight, conv.bias)
+            rows = d.rows[name]
+            w, b = self.bank.sliced(conv, "rows", d.key, rows)  # one filter per active channel
+            fn = CONV_FNS[w.dim()]
+            return fn(x, w, b, conv.stride, conv.padding, conv.dilation, rows.numel())
+        call, self.call = self.call, None  # fc2 ends the call
+        d = call["d"] if call is not None else None
+        if d is not None:
+            if d.sub is not None:  # several timesteps: zero each sample's extra groups
+                x = x * column_multiplier(d.sub[name], x, channels_first=True)
+            w, b = self.bank.sliced(conv, "cols", d.key, d.cols[name])
+            return conv._conv_forward(x, w, b)
+        mask = (
+            self.bank.width_mask(self.site.index) if call is not None and not call["fast"] else None
+        )
+        if mask is not None:  # masked path: the switched-off groups' channels are zero
+            owner = self.owner(name, mask.device)
+            x = x * column_multiplier(mask.index_select(1, owner), x, channels_first=True)
+        return conv._conv_forward(x, conv.weight, conv.bias)

@@ -1,0 +1,456 @@
+"""The dynamic modules: Linears that route through their site, and the per-site runtimes.
+
+Converting a site changes the class of its Linears from ``nn.Linear`` to :class:`DynamicLinear`
+in place: the same object, the same ``weight`` and ``bias`` Parameters under the same names.
+Its forward asks the site's runtime what to do in the current call:
+
+- masked path (training, and the reference in evaluation): full-width compute; a switched-off
+  head's output is zeroed before the out-projection, a switched-off channel group before fc2,
+  and a skipped token's MLP output (fc2 bias included) is zeroed;
+- fast path (evaluation): q/k/v and fc1 compute only the active rows, the out-projection and fc2
+  only the active columns, and the MLP runs only the selected tokens, gathered over
+  batch x tokens and scattered back into zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynconvert.plan import AttentionSite, MlpSite, UnitMap
+
+
+class DynamicLinear(nn.Linear):
+    """An nn.Linear routed by its site (same parameters, same names as the original)."""
+
+    # Only the class changes, never the Parameters: state-dict keys stay the original's, so an
+    # original checkpoint loads, and optimisers or hooks that hold the Parameters stay valid.
+    _dc_rt: Any  # the site's runtime (AttentionRuntime or MlpRuntime)
+    _dc_role: str  # "in" (q/k/v), "out", "mlp_in" (fc1 or value/gate) or "mlp_out" (fc2)
+    _dc_name: str  # fqn in the model: the key of this Linear's rows in the site's unit tables
+    _dc_base: type = nn.Linear  # the class it had before (make_static restores it)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) -> this Linear's output, as the site's runtime routes this call.
+
+        Masked path: full width; switched-off units (and skipped tokens) are zeroed around the
+        out-projection / fc2. Fast path: q/k/v and fc1 use only the active rows of the weight
+        (fc1 only the selected tokens, gathered), the out-projection and fc2 only the active
+        columns, giving (..., out_features) again. See the runtimes' ``linear_forward``.
+        """
+        return self._dc_rt.linear_forward(self, x)
+
+    def extra_repr(self) -> str:
+        """From the weight: a routed module that only holds a weight and a bias (a model's own
+        projection class calling F.linear) has no ``in_features`` of its own."""
+        out_f, in_f = self.weight.shape
+        return f"in_features={in_f}, out_features={out_f}, bias={self.bias is not None}"
+
+
+class DynamicConv(nn.Module):
+    """A pointwise or depthwise convolution of a convolutional MLP, routed by its site (same
+    parameters, same names as the original)."""
+
+    _dc_rt: Any  # the site's ConvMlpRuntime
+    _dc_role: str  # "mlp_in" (pointwise fc1), "mlp_mid" (depthwise) or "mlp_out" (pointwise fc2)
+    _dc_name: str
+    _dc_base: type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, *spatial) -> this convolution's output, as the site's runtime routes it."""
+        return self._dc_rt.conv_forward(self, x)
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_DYNAMIC_CLASSES: dict[type, type] = {nn.Linear: DynamicLinear}
+
+
+def make_dynamic(lin: nn.Linear, runtime: Any, role: str, name: str) -> None:
+    """Turn an nn.Linear into a DynamicLinear in place (``name`` is its fqn in the model).
+
+    A subclass of nn.Linear that keeps its forward (analysis only routes those), or a module
+    of the model's own that holds only a weight and a bias and runs F.linear on them
+    (``graph.linear_like``), becomes a class deriving from both, so ``isinstance(lin,
+    TheirClass)`` still holds.
+    """
+    cls = type(lin)
+    routed = issubclass(cls, (DynamicLinear, DynamicConv))
+    dyn = cls if routed else _DYNAMIC_CLASSES.get(cls)  # re-routed
+    if dyn is None:
+        base = DynamicConv if isinstance(lin, _CONVS) else DynamicLinear
+        dyn = _DYNAMIC_CLASSES[cls] = type(f"Dynamic{cls.__name__}", (base, cls), {"_dc_base": cls})
+    lin.__class__ = dyn
+    lin._dc_rt = runtime
+    lin._dc_role = role
+    lin._dc_name = name
+
+
+def make_static(lin: nn.Linear) -> None:
+    """Undo :func:`make_dynamic`: the original class again."""
+    lin.__class__ = type(lin)._dc_base
+    for attr in ("_dc_rt", "_dc_role", "_dc_name"):
+        lin.__dict__.pop(attr, None)
+
+
+def unit_table(m: UnitMap) -> torch.Tensor:
+    """(parts, units, size) table of indices; ``table[:, units].reshape(-1)`` slices a unit set.
+
+    Parts come first so that a slice is part-major: for a fused qkv (parts q, k, v) and heads
+    {0, 2} it lists q0 q2 k0 k2 v0 v2, the layout ``reshape(B, N, 3, heads, d)`` expects of a
+    qkv with two heads. The model's own reshaping code then works on the sliced output as is,
+    once its head-count attribute is lowered.
+
+    Example:
+        >>> from dynconvert.plan import UnitMap
+        >>> qkv = UnitMap("qkv", "rows", units=2, parts=[(0, 2, 2), (4, 2, 2), (8, 2, 2)])
+        >>> unit_table(qkv)[:, [1]].reshape(-1).tolist()  # every row of head 1
+        [2, 3, 6, 7, 10, 11]
+    """
+    if m.explicit is not None:
+        return torch.tensor(m.explicit, dtype=torch.long)  # explicit[part][unit] = indices
+    rows = []
+    for base, stride, size in m.parts:
+        u = torch.arange(m.units)[:, None] * stride + torch.arange(size)[None, :]  # (units, size)
+        rows.append(base + u)
+    return torch.stack(rows)  # (parts, units, size)
+
+
+def unit_of_index(m: UnitMap, width: int) -> torch.Tensor:
+    """For each of ``width`` indices, the unit that owns it (the masked path's lookup).
+
+    Indices the map keeps outside every unit (``m.keep``) get ``m.units``: the masked path
+    appends an always-on column to the mask for them (see :func:`pad_mask`).
+
+    Example:
+        >>> from dynconvert.plan import UnitMap
+        >>> unit_of_index(UnitMap("proj", "cols", units=2, parts=[(0, 2, 2)]), 4).tolist()
+        [0, 0, 1, 1]
+    """
+    owner = torch.full((width,), -1, dtype=torch.long)  # (width,)
+    table = unit_table(m)
+    for u in range(m.units):
+        owner[table[:, u].reshape(-1)] = u
+    if m.keep:
+        owner[torch.tensor(m.keep, dtype=torch.long)] = m.units
+    if (owner < 0).any():
+        raise ValueError(f"{m.linear}: some {m.axis} belong to no unit")
+    return owner
+
+
+def pad_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(Bt, U) unit mask -> (Bt, U + 1) with an always-on last column (for kept indices)."""
+    return torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+
+
+def per_row(values: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per-sample values (Bt, ...) for ``rows`` rows of a call: as they are when they match, else
+    each sample's values repeated for its rows.
+
+    Video and spatio-temporal models fold frames (or tokens) into the batch: a spatial block sees
+    (batch x frames) rows, a temporal one (batch x tokens). Every such model folds sample-major
+    ("b f n d -> (b f) n d"), so row r belongs to sample r // (rows / Bt).
+    """
+    bt = values.shape[0]
+    if rows == bt or bt == 1:
+        return values
+    if rows % bt:
+        raise RuntimeError(
+            f"this call has {rows} rows for {bt} timesteps, not a multiple; pass one timestep "
+            "per sample (or one for the whole batch)"
+        )
+    return values.repeat_interleave(rows // bt, 0)
+
+
+def column_multiplier(
+    cols: torch.Tensor, x: torch.Tensor, channels_first: bool = False
+) -> torch.Tensor:
+    """Per-sample column values (Bt, C) -> a multiplier broadcastable against x: (B, ..., C), or
+    (B, C, ...) for channels-first convolution inputs.
+
+    Bt is the number of timesteps of the call: 1 when the whole batch shares one t (it
+    broadcasts over the batch), else one per sample (repeated for the rows a sample folds into).
+
+    Example:
+        >>> column_multiplier(torch.ones(1, 3), torch.zeros(2, 5, 3)).shape
+        torch.Size([1, 1, 3])
+        >>> column_multiplier(torch.ones(2, 3), torch.zeros(2, 3, 4, 4), channels_first=True).shape
+        torch.Size([2, 3, 1, 1])
+    """
+    cols = per_row(cols.to(x.dtype), x.shape[0])  # (B, C) or (1, C)
+    spatial = [1] * max(0, x.dim() - 2)
+    if channels_first:
+        return cols.reshape(cols.shape[0], -1, *spatial)
+    return cols.reshape(cols.shape[0], *spatial, -1)
+
+
+def _active(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Fast-path choice from a (Bt, U) bool CPU mask: (units to compute, per-sample sub-mask).
+
+    Returns (None, None) when every unit is on for every sample (plain full-width compute).
+    """
+    if mask is None:
+        return None, None
+    # Compute every unit some sample needs; samples whose timestep switches off part of that
+    # union (a batch spanning several timesteps) zero their extra units with the sub-mask.
+    union = mask.any(0)  # (U,)
+    same = bool((mask == union).all())  # every sample has the union
+    if same and bool(union.all()):
+        return None, None
+    units = union.nonzero().squeeze(1)
+    return units, None if same else mask[:, units]  # (U',), (Bt, U') or None
+
+
+class Decision:
+    """What the fast path computes for one mask pattern on one device (computed once, reused)."""
+
+    __slots__ = ("units", "key", "rows", "cols", "sub")
+
+    def __init__(
+        self,
+        units: torch.Tensor,
+        rows: dict[str, torch.Tensor],
+        cols: dict[str, torch.Tensor],
+        sub: dict[str, torch.Tensor] | None,
+    ):
+        self.units = units  # (U',) the units computed, ascending
+        self.key = tuple(units.tolist())  # names the unit set in the weight-slice cache
+        self.rows = rows  # input Linear fqn -> its rows of these units, on the device
+        self.cols = cols  # per out-projection (or fc2): its columns of these units, kept ones too
+        self.sub = (
+            sub  # per out-projection: (Bt, C') column mask inside the computed units, or None
+        )
+
+
+class SiteRuntime:
+    """Shared by attention and MLP runtimes: unit tables, owners per device, decision cache."""
+
+    def __init__(self, site: AttentionSite | MlpSite, bank: Any, per_unit_out: int):
+        self.site = site
+        self.bank = bank  # the RouterBank: masks of the current call, slice cache, records
+        self.tables = {m.linear: unit_table(m) for m in site.in_maps}  # (parts, units, size)
+        # Per out-projection (several for a joint attention): its (1, units, per_unit_out)
+        # table, the columns kept outside every unit, and the column -> unit owner table.
+        self.out_tables = {m.linear: unit_table(m) for m in site.out_maps}
+        self.out_keep = {m.linear: torch.tensor(m.keep, dtype=torch.long) for m in site.out_maps}
+        self.out_owners = {
+            m.linear: unit_of_index(m, site.units * per_unit_out + len(m.keep))
+            for m in site.out_maps
+        }
+        self.per_unit_out = per_unit_out  # out-projection input columns a unit owns
+        self._owners: dict[torch.device, torch.Tensor] = {}
+        self._decisions: dict[tuple, Decision | None] = {}
+
+    def owner(self, name: str, device: torch.device) -> torch.Tensor:
+        """The column -> unit table of out-projection ``name`` on ``device`` (copied once)."""
+        o = self._owners.get((name, device))
+        if o is None:
+            o = self._owners[(name, device)] = self.out_owners[name].to(device)
+        return o
+
+    def masked_out(self, name: str, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Masked path: x (B, ..., C) with the switched-off units' columns of ``name`` zeroed."""
+        if self.out_keep[name].numel():
+            mask = pad_mask(mask)  # kept columns (a parallel block's MLP part) stay on
+        return x * column_multiplier(mask.index_select(1, self.owner(name, mask.device)), x)
+
+    def decide(self, mask_cpu: torch.Tensor | None, device: torch.device) -> Decision | None:
+        """The fast-path decision for this call's CPU mask (None: compute every unit).
+
+        Keyed by the mask's bytes: the few mask patterns of a sampling run repeat at many
+        timesteps, so their index tensors are built and moved to the device once.
+        """
+        if mask_cpu is None:
+            return None
+        key = (tuple(mask_cpu.shape), mask_cpu.numpy().tobytes(), device)
+        if key in self._decisions:
+            return self._decisions[key]
+        units, sub = _active(mask_cpu)
+        d = None
+        if units is not None:
+            rows = {name: t[:, units].reshape(-1).to(device) for name, t in self.tables.items()}
+            cols, sub_cols = {}, None if sub is None else {}
+            for name, t in self.out_tables.items():
+                keep = self.out_keep[name]
+                # The units' columns, unit-major, then the kept ones: analysis only keeps
+                # columns where the unit columns are ascending and come before them.
+                cols[name] = torch.cat([t[:, units].reshape(-1), keep]).to(device)
+                if sub is not None:
+                    # Column c of the slice belongs to computed unit c // per_unit_out; kept
+                    # columns to no unit (always on).
+                    owner = torch.arange(units.numel()).repeat_interleave(self.per_unit_out)
+                    on = sub.index_select(1, owner)
+                    sub_cols[name] = torch.cat([on, on.new_ones(on.shape[0], keep.numel())], 1).to(
+                        device
+                    )
+            d = Decision(units, rows, cols, sub_cols)
+        if len(self._decisions) > 4096:  # bound the memory of a run with many mask patterns
+            self._decisions.clear()
+        self._decisions[key] = d
+        return d
+
+
+def record_mlp_call(site: MlpSite, rec: dict[str, Any], lead: torch.Size) -> None:
+    """Note an MLP call's size in its site's record for the FLOPs accountant: "n" tokens per
+    row (summed over the calls of a forward when the MLP is shared by several streams,
+    ``site.calls`` > 1) and "rows" (more than the batch when a block folds frames into it).
+
+    Example:
+        >>> rec = {}
+        >>> record_mlp_call(type("S", (), {"calls": 2})(), rec, torch.Size([2, 16]))
+        >>> record_mlp_call(type("S", (), {"calls": 2})(), rec, torch.Size([2, 4]))
+        >>> rec["n"], rec["rows"]
+        (20, 2)
+    """
+    n = math.prod(lead[1:]) if len(lead) > 1 else 1  # tokens per row
+    rec["n"] = rec.get("n", 0) + n if site.calls > 1 else n
+    rec["n_call"] = n
+    rec["rows"] = lead[0]
+
+
+def record_mlp_tokens(
+    site: MlpSite, rec: dict[str, Any], tokens: torch.Tensor | None, computed: float | None = None
+) -> None:
+    """Note an MLP call's token mask (and on the planned path the fraction of its rows it
+    computed) for the FLOPs accountant. The calls of a shared MLP (``site.calls`` > 1) join:
+    masks side by side along the tokens, computed fractions weighted by the calls' rows.
+
+    Example:
+        >>> site, rec = type("S", (), {"calls": 2})(), {}
+        >>> record_mlp_call(site, rec, torch.Size([2, 16]))
+        >>> record_mlp_tokens(site, rec, torch.ones(2, 16))
+        >>> record_mlp_call(site, rec, torch.Size([2, 4]))
+        >>> record_mlp_tokens(site, rec, torch.zeros(2, 4))
+        >>> tuple(rec["tokens"].shape), round(float(rec["tokens"].mean()), 3)
+        ((2, 20), 0.8)
+    """
+    if tokens is not None and site.calls > 1 and rec.get("tokens") is not None:
+        tokens = torch.cat([rec["tokens"].flatten(1), tokens.flatten(1)], 1)  # (B, N1 + N2)
+    rec["tokens"] = tokens
+    if computed is not None:
+        rows = rec.get("n", 1)  # tokens per row so far, this call's included (record_mlp_call)
+        if site.calls > 1 and "executed_tokens" in rec:
+            before = rec["n"] - rec["n_call"]
+            computed = (rec["executed_tokens"] * before + computed * rec["n_call"]) / rows
+        rec["executed_tokens"] = computed
+
+
+class MlpRuntime(SiteRuntime):
+    """Routes one MLP site: channel groups and tokens, masked or sliced and gathered."""
+
+    def __init__(self, site: MlpSite, bank: Any):
+        super().__init__(site, bank, site.hidden // site.groups)
+        # State of the MLP call in progress, handed from fc1 to fc2: "x" the MLP input, "lead"
+        # its leading dims (B, N), "width" the (Bt, G) group mask, "tokens" the (B, N) token
+        # mask, "fast"; on the fast path also "d" the decision, "idx" the selected rows of the
+        # flattened B * N tokens (None: all) and "x_sel" the input rows fc1 computes.
+        self.call: dict[str, Any] | None = None
+
+    def _begin(self, x: torch.Tensor) -> dict[str, Any]:
+        """Start an MLP call at its input x (B, N, D): masks, and on the fast path the gather."""
+        site, bank = self.site, self.bank
+        if bank.planned_now and bank.fast_for(site):  # static shapes: capacity, not nonzero
+            self.call = bank.planner.begin_mlp(self, x)
+            return self.call
+        rec = bank.record(site.index)
+        lead = x.shape[:-1]  # (B, N) or (B, H, W)
+        record_mlp_call(site, rec, lead)
+        width = bank.width_mask(site.index) if site.width else None  # (Bt, G)
+        tokens = bank.token_mask(site.index, x) if site.token else None  # (B, N), router on x
+        record_mlp_tokens(site, rec, tokens)
+        call: dict[str, Any] = {
+            "x": x,
+            "lead": lead,
+            "width": width,
+            "tokens": tokens,
+            "fast": bank.fast_for(site),
+        }
+        if call["fast"]:
+            call["d"] = self.decide(
+                bank.width_mask_cpu(site.index) if site.width else None, x.device
+            )
+            idx = None
+            call["x_sel"] = x
+            if tokens is not None:
+                # Gather the selected tokens over batch x tokens: no padding, and the two
+                # classifier-free-guidance halves may select different tokens.
+                idx = tokens.reshape(-1).nonzero().squeeze(1)  # the one host sync of this site
+                if idx.numel() == tokens.numel():
+                    idx = None  # every token selected: no gather, no scatter
+                else:
+                    call["x_sel"] = x.reshape(-1, x.shape[-1]).index_select(0, idx)  # (K, D)
+            call["idx"] = idx
+        self.call = call
+        return call
+
+    def linear_forward(self, lin: DynamicLinear, x: torch.Tensor) -> torch.Tensor:
+        """Forward of fc1 (or the value / gate Linear) and of fc2."""
+        if lin._dc_role == "mlp_in":
+            call = self.call
+            # A gated MLP's second input Linear reads the same x: it joins the call begun by
+            # the first instead of drawing new masks.
+            if call is None or call["x"] is not x:
+                call = self._begin(x)
+            if not call["fast"]:
+                return F.linear(x, lin.weight, lin.bias)
+            d = call["d"]
+            if d is None:
+                return F.linear(call["x_sel"], lin.weight, lin.bias)
+            w, b = self.bank.sliced(lin, "rows", d.key, d.rows[lin._dc_name])
+            return F.linear(call["x_sel"], w, b)  # (K, F') or (B, N, F')
+        call, self.call = self.call, None  # fc2 ends the call
+        if call is None:  # fc2 without fc1 in this call: nothing to route
+            return F.linear(x, lin.weight, lin.bias)
+        if call["fast"]:
+            return self._fast_out(lin, x, call)
+        # Masked path: zero the switched-off groups' channels before fc2.
+        width, tokens = call["width"], call["tokens"]
+        if width is not None:
+            x = self.masked_out(lin._dc_name, width, x)  # (B, N, F)
+        y = F.linear(x, lin.weight, lin.bias)  # (B, N, D)
+        if tokens is not None:
+            # The mask multiplies fc2's output, bias included: a skipped token's MLP update is
+            # exactly zero, so the residual x + g * 0 passes it on unchanged, as the fast path
+            # (which never computes it) does. In training the mask is the straight-through
+            # Gumbel value, so this product also carries the token router's gradient.
+            y = y * tokens.unsqueeze(-1).to(y.dtype)
+        return y
+
+    def out_state(self) -> tuple[Decision | None, bool, torch.Tensor | None]:
+        """For a shared fc2 (parallel block): (decision, sliced?, group mask if masked); ends
+        the MLP call begun at fc1."""
+        call, self.call = self.call, None
+        if call is None:
+            return None, False, None
+        if call["fast"]:
+            return call["d"], True, None
+        return None, False, call["width"]
+
+    def _fast_out(self, lin: nn.Linear, h: torch.Tensor, call: dict[str, Any]) -> torch.Tensor:
+        """fc2 on the fast path: h (K, F') or (B, N, F') -> (B, N, D), scattered into zeros."""
+        d, idx, lead = call["d"], call["idx"], call["lead"]
+        if d is not None and d.sub is not None:  # several timesteps in the batch: mask per sample
+            n = math.prod(lead[1:]) if len(lead) > 1 else 1  # tokens per row
+            rows = idx if idx is not None else torch.arange(math.prod(lead), device=h.device)
+            # Token r of the flattened B * N belongs to row r // n, which belongs to its sample.
+            sub = per_row(d.sub[lin._dc_name], lead[0]).to(h.dtype)  # (B, C')
+            h = h.reshape(-1, h.shape[-1]) * sub.index_select(0, rows // n)
+        if d is None:
+            w, b = lin.weight, lin.bias
+        else:
+            w, b = self.bank.sliced(
+                lin, "cols", d.key, d.cols[lin._dc_name]
+            )  # active groups' columns
+        y = F.linear(h, w, b)  # (K, D) or (B, N, D)
+        if call.get("keep") is not None:  # planned path: rows under the threshold give zero
+            y = y * call["keep"].reshape(*y.shape[:-1], 1)  # bool: promotes to y's dtype
+        if idx is None:
+            return y.reshape(*lead, -1)
+        # Skipped tokens get exactly zero (no bias), as on the masked path; an empty selection
+        # gives all zeros.
+        out = y.new_zeros(math.prod(lead), y.shape[-1])  # (B * N, D)
+        out.index_copy_(0, idx, y.reshape(-1, y.shape[-1]))
+        return out.reshape(*lead, -1)  # (B, N, D)

@@ -1,0 +1,367 @@
+"""Planned execution: a static-shape inference plan per timestep, for GPUs (and any device).
+
+(The runtime; the user-facing functions are in planned.py.)
+
+The fast path decides per call and per site (Python work on the host) and gathers the selected
+tokens with ``nonzero`` (a host sync per site): shapes depend on data, so it can be neither
+captured in a CUDA graph nor compiled without a graph break per site. The planned path fixes
+every shape on the host before the call:
+
+- **Width patterns.** Width routers read only t, so the heads and channel groups of every site
+  are a function of t. At the start of a call (the one host read: the timestep values) the
+  timesteps are mapped to a *pattern*, shared by every t with the same width masks and the
+  same token capacities. Per pattern each site's decision (units, rows, columns) is built once,
+  and the weights are sliced once into contiguous copies per (Linear, unit set), shared by the
+  patterns that reuse a unit set, within a byte cap (default: the model's own parameter bytes).
+  Beyond the cap a pattern's weights are gathered inside the forward (``index_select``: the
+  same static shapes, slower, never a crash).
+- **Fixed-capacity token routing.** Each token-routed MLP site has a capacity per t: a fraction
+  of the tokens of the call, measured on real data (calibration's FLOPs profile, stored in the
+  saved record) or by ``randomize_routing`` on its example inputs. With ``k`` rows of capacity
+  the site takes the top-k token logits over batch x tokens, gathers them, runs the MLP, keeps
+  only the rows whose logit passes the threshold (> 0) and scatters back into zeros. Whenever
+  the number of tokens over the threshold fits ``k`` this equals the threshold rule exactly;
+  tokens beyond it (the lowest logits) are dropped and counted on the device
+  (:func:`token_overflow` reads the count once, e.g. after a sampling call).
+- **Where gathering cannot pay** (no capacity known, fewer rows than ``min_gather_rows``, or a
+  capacity above ``max_gather_fraction`` of the rows) the site runs the MLP on every token and
+  zeroes the skipped ones (exactly the threshold rule); the FLOPs accountant counts what ran
+  (``executed_tokens`` in the site's record: the capacity, or all tokens).
+
+Nothing after the timestep read depends on data: no ``nonzero``, no ``.item()``, no shape
+that varies with the input values. That is what CUDA graphs (graphs.py) and torch.compile need.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynconvert.plan import MlpSite
+from dynconvert.runtime.dynamic import (
+    DynamicConv,
+    DynamicLinear,
+    record_mlp_call,
+    record_mlp_tokens,
+)
+
+CAPACITY_STEPS = 32
+"""Capacities are rounded up to multiples of 1/32 of the tokens, so nearby timesteps share a
+pattern (and a CUDA graph)."""
+
+
+@dataclass
+class PlannedOptions:
+    """Settings of the planned path (change them with :func:`configure_planned`).
+
+    Attributes:
+        cache_mb: MiB of pre-sliced weights the planned path may keep (None: the model's own
+            parameter bytes, so a converted model stays within about 2x the original's memory).
+        min_gather_rows: below this many rows (batch x tokens) a site runs its MLP on every
+            token (masked) instead of gathering: gather and scatter do not pay on so few.
+        max_gather_fraction: a capacity above this fraction of the rows runs masked too.
+        capacity_margin: added to measured keep rates when capacities are set from data.
+    """
+
+    cache_mb: float | None = None
+    min_gather_rows: int = 256
+    max_gather_fraction: float = 0.85
+    capacity_margin: float = 0.05
+
+
+@dataclass
+class SitePlan:
+    """What one site computes under one pattern."""
+
+    decision: Any  # the runtime's decision (units, rows, cols, sub) or None: every unit
+    capacity: float | None  # fraction of the call's rows the MLP may compute (token sites)
+
+
+@dataclass
+class Pattern:
+    """One routing of a whole call: every site's decision and capacity."""
+
+    key: tuple[int, ...]  # the pattern id of each sample's t (one id when all share it)
+    sites: dict[int, SitePlan]
+    sliced: bool = False  # its weights were cut into the store before a call
+
+
+@dataclass
+class TokenOverflow:
+    """Tokens the fixed capacities dropped since the last read (summed over sites and calls).
+
+    Attributes:
+        dropped: tokens over the threshold that did not fit their site's capacity.
+        wanted: tokens over the threshold at gathered sites (the denominator of ``rate``).
+        calls: planned forward calls counted.
+    """
+
+    dropped: int
+    wanted: int
+    calls: int
+
+    @property
+    def rate(self) -> float:
+        """dropped / wanted (0.0 when nothing was wanted)."""
+        return self.dropped / self.wanted if self.wanted else 0.0
+
+
+class Planner:
+    """The planned path's state on one RouterBank: patterns, pre-sliced weights, overflow.
+
+    The bank calls :meth:`begin` at the start of every planned call with the call's timestep
+    values; the site runtimes then ask for their decision (:meth:`decision`), their weights
+    (:meth:`sliced`) and, for MLPs, the token gather (:meth:`begin_mlp`).
+    """
+
+    def __init__(self, bank: Any):
+        self.bank = bank
+        self.options = PlannedOptions()
+        self.capacity: dict[int, torch.Tensor] = {}  # site index -> (1000,) fraction per t
+        self.capacity_version = 0
+        self.epoch = 0  # bumps whenever patterns and slices are rebuilt (graphs drop with it)
+        self.current: Pattern | None = None
+        self.calls = 0
+        self._reset_state()
+        self._linears: tuple[int, list[nn.Linear]] | None = None
+        self._named: tuple[int, dict[str, nn.Module]] | None = None
+        self._stamp: tuple | None = None
+        self._counter: torch.Tensor | None = None  # (2,) long: dropped, wanted (on the device)
+
+    def _reset_state(self) -> None:
+        self.patterns: dict[tuple[int, ...], Pattern] = {}
+        self._ids: dict[tuple, int] = {}  # signature of a t -> pattern id
+        self._id_of_t: dict[float, int] = {}
+        self._rep: dict[int, float] = {}  # pattern id -> one t that has it
+        self.store: dict[tuple[str, str, tuple[int, ...]], tuple[torch.Tensor, Any]] = {}
+        self.store_bytes = 0
+        self.uncached_slices = 0  # slices beyond the cap, gathered in the forward
+
+    def clear(self) -> None:
+        """Drop every pattern and pre-sliced weight (rebuilt on the next planned call)."""
+        self._reset_state()
+        self._stamp = None
+        self.epoch += 1
+
+    # -- per call -------------------------------------------------------------------------------
+    def begin(self, values: list[float], table_key: Any, model: nn.Module) -> None:
+        """Pick the pattern of a call whose samples have DDPM timesteps ``values`` (host floats).
+
+        ``table_key`` identifies the router parameters (the bank's width table key); patterns
+        and slices are rebuilt whenever it, the weights, the device or the capacities change.
+        """
+        stamp = (table_key, self._weights_stamp(model), self.capacity_version)
+        if stamp != self._stamp:
+            self._reset_state()
+            self._stamp = stamp
+            self.epoch += 1
+        ids = tuple(self._pattern_id(v) for v in values)
+        key = ids[:1] if all(i == ids[0] for i in ids) else ids
+        pattern = self.patterns.get(key)
+        if pattern is None:
+            if len(self.patterns) > 4096:  # many mixed-t batches: bound the bookkeeping
+                self.patterns.clear()
+            pattern = self.patterns[key] = self._build(key)
+        if not pattern.sliced and not torch.is_grad_enabled():
+            self._preslice(pattern, model)  # now: not inside a compiled or captured call
+            pattern.sliced = True
+        self.current = pattern
+        self.calls += 1
+        device = self.bank.always_on.device
+        if self._counter is None or self._counter.device != device:  # made here, not in a
+            self._counter = torch.zeros(2, dtype=torch.long, device=device)  # compiled region
+
+    def _weights_stamp(self, model: nn.Module) -> tuple:
+        """Changes when any converted Linear's weight is changed, replaced or moved."""
+        if self._linears is None or self._linears[0] != id(model):
+            self._linears = (
+                id(model),
+                [m for m in model.modules() if isinstance(m, (DynamicLinear, DynamicConv))],
+            )
+        lins = self._linears[1]
+        if not lins:
+            return ()
+        w0 = lins[0].weight
+        return (
+            sum(m.weight._version for m in lins),
+            sum(m.weight.data_ptr() for m in lins),
+            w0.dtype,
+            w0.device,
+        )
+
+    def _pattern_id(self, t: float) -> int:
+        """The id of the pattern at one timestep value (masks from the bank's eval table)."""
+        pid = self._id_of_t.get(t)
+        if pid is not None:
+            return pid
+        masks = self.bank.eval_masks_cpu(t)  # {site: (1, U) bool}
+        sig = (
+            tuple((i, m.numpy().tobytes()) for i, m in sorted(masks.items())),
+            tuple((i, self._capacity_at(i, t)) for i in sorted(self.capacity)),
+        )
+        pid = self._ids.get(sig)
+        if pid is None:
+            pid = self._ids[sig] = len(self._ids)
+            self._rep[pid] = t
+        self._id_of_t[t] = pid
+        return pid
+
+    def _capacity_at(self, index: int, t: float) -> float | None:
+        table = self.capacity.get(index)
+        if table is None:
+            return None
+        return float(table[min(999, max(0, int(round(t))))])
+
+    def _build(self, key: tuple[int, ...]) -> Pattern:
+        """Every site's decision and capacity for the samples' pattern ids ``key``."""
+        bank = self.bank
+        device = bank.always_on.device
+        reps = [self._rep[i] for i in key]
+        tables = [bank.eval_masks_cpu(t) for t in reps]
+        sites: dict[int, SitePlan] = {}
+        for rt in bank.runtimes:
+            site = rt.site
+            d = None
+            if site.index in tables[0]:
+                mask = (
+                    torch.cat([tb[site.index] for tb in tables])
+                    if len(reps) > 1
+                    else tables[0][site.index]
+                )
+                d = rt.decide(mask, device)
+            cap = None
+            if isinstance(site, MlpSite) and site.token:
+                caps = [self._capacity_at(site.index, t) for t in reps]
+                cap = None if any(c is None for c in caps) else sum(caps) / len(caps)
+            sites[site.index] = SitePlan(d, cap)
+        return Pattern(key, sites)
+
+    def _preslice(self, pattern: Pattern, model: nn.Module) -> None:
+        """Cut the pattern's weight slices into the store (within the cap) before the call."""
+        modules = self._named[1] if self._named and self._named[0] == id(model) else None
+        if modules is None:
+            modules = dict(model.named_modules())
+            self._named = (id(model), modules)
+        for rt in self.bank.runtimes:
+            d = pattern.sites[rt.site.index].decision
+            if d is None:
+                continue
+            site = rt.site
+            cols = (
+                d.cols
+                if isinstance(d.cols, dict)
+                else {getattr(site, "out", None) or site.fc2: d.cols}
+            )
+            for axis, items in (("rows", d.rows), ("cols", cols)):
+                for name, index in items.items():
+                    if name in modules:
+                        self.sliced(modules[name], axis, d.key, index)
+
+    def decision(self, index: int) -> Any:
+        """The current pattern's decision for site ``index`` (None: compute every unit)."""
+        return self.current.sites[index].decision
+
+    # -- weights --------------------------------------------------------------------------------
+    def sliced(
+        self, lin: nn.Linear, axis: str, units: tuple[int, ...], index: torch.Tensor
+    ) -> tuple:
+        """Contiguous rows/cols of ``lin`` for a unit set: kept per (Linear, units) within the
+        cap, else gathered in this forward (same shapes, no host read either way)."""
+        key = (lin._dc_name, axis, units)
+        hit = self.store.get(key)
+        if hit is not None:
+            return hit
+        w = lin.weight
+        if axis == "rows":
+            ws = w.index_select(0, index)  # (rows on, in)
+            bs = lin.bias.index_select(0, index) if lin.bias is not None else None
+        else:
+            ws = w.index_select(1, index)  # (out, cols on)
+            bs = lin.bias
+        if torch.is_grad_enabled() and w.requires_grad:
+            return ws, bs
+        nbytes = ws.numel() * ws.element_size() + (
+            bs.numel() * bs.element_size() if axis == "rows" and bs is not None else 0
+        )
+        if self.store_bytes + nbytes <= self._limit(ws.element_size()):
+            self.store[key] = (ws, bs)
+            self.store_bytes += nbytes
+        else:
+            self.uncached_slices += 1
+        return ws, bs
+
+    def _limit(self, element_size: int) -> float:
+        if self.options.cache_mb is not None:
+            return self.options.cache_mb * 2**20
+        return float(self.bank.model_params * element_size)
+
+    # -- tokens ---------------------------------------------------------------------------------
+    def capacity_rows(self, capacity: float | None, rows: int) -> int | None:
+        """Rows the MLP computes at a site, or None: run it on every row (masked)."""
+        if capacity is None or rows < self.options.min_gather_rows:
+            return None
+        k = min(rows, max(1, math.ceil(capacity * rows - 1e-6)))
+        if k >= rows or k > self.options.max_gather_fraction * rows:
+            return None
+        return k
+
+    def begin_mlp(self, rt: Any, x: torch.Tensor) -> dict[str, Any]:
+        """Start a planned MLP call at its input x (B, N, D): the runtime's call dict.
+
+        Keys as on the fast path ("x", "lead", "width", "tokens", "fast", "d", "idx",
+        "x_sel") plus "keep": a (K, 1) or (B, N, 1) multiplier that zeroes the computed rows
+        whose token is under the threshold (None: tokens are not routed here).
+        """
+        site, bank = rt.site, self.bank
+        rec = bank.record(site.index)
+        lead = x.shape[:-1]  # (B, N) or (B, H, W)
+        rows = math.prod(lead)
+        record_mlp_call(site, rec, lead)
+        plan = self.current.sites[site.index]
+        call: dict[str, Any] = {
+            "x": x, "lead": lead, "width": bank.width_mask(site.index) if site.width else None,
+            "tokens": None, "fast": True, "d": plan.decision, "idx": None, "x_sel": x, "keep": None,
+        }  # fmt: skip
+        if site.token and str(site.index) in bank.token:
+            logits = bank.token[str(site.index)](x)  # (B, N): one logit per token
+            on = logits > 0
+            call["tokens"] = on
+            k = self.capacity_rows(plan.capacity, rows)
+            if k is None:  # every row computed, skipped tokens zeroed: the threshold rule
+                call["keep"] = on.unsqueeze(-1)
+                record_mlp_tokens(site, rec, on, 1.0)
+            else:
+                top, idx = torch.topk(logits.reshape(-1), k, sorted=False)  # (K,), (K,)
+                keep = top > 0
+                call["idx"] = idx
+                call["x_sel"] = x.reshape(-1, x.shape[-1]).index_select(0, idx)  # (K, D)
+                call["keep"] = keep.unsqueeze(-1)
+                record_mlp_tokens(site, rec, on, k / rows)
+                wanted = on.sum()  # (): tokens over the threshold
+                self._count(torch.stack([wanted - keep.sum(), wanted]))
+        return call
+
+    @property
+    def distinct_t_patterns(self) -> int:
+        """Distinct per-timestep patterns seen (a mixed-t call combines several)."""
+        return len(self._ids)
+
+    def _count(self, delta: torch.Tensor) -> None:
+        """Add (dropped, wanted) to the device counter (no host read)."""
+        self._counter.add_(delta.to(self._counter.device))
+
+    def read_overflow(self, reset: bool = True) -> TokenOverflow:
+        """The overflow counted since the last reset (one host read)."""
+        dropped = wanted = 0
+        if self._counter is not None:
+            dropped, wanted = (int(v) for v in self._counter.tolist())
+            if reset:
+                self._counter.zero_()
+        out = TokenOverflow(dropped, wanted, self.calls)
+        if reset:
+            self.calls = 0
+        return out

@@ -1,0 +1,124 @@
+"""The learned routers: timestep-wise width routers and spatial token routers (method.md)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""Dtypes routers compute in; any other (float8 storage under layerwise casting) is storage only."""
+
+
+def logistic_noise(like: torch.Tensor) -> torch.Tensor:
+    """Logistic noise (the difference of two Gumbel samples) of the shape of ``like``, in float32.
+
+    Example:
+        >>> logistic_noise(torch.zeros(3)).shape
+        torch.Size([3])
+    """
+    u = torch.rand(like.shape, dtype=torch.float32, device=like.device).clamp_(1e-6, 1 - 1e-6)
+    return torch.log(u) - torch.log1p(-u)
+
+
+def gumbel_sigmoid(
+    logits: torch.Tensor, tau: float = 5.0, hard: bool = True, noise: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Gumbel-sigmoid with a straight-through estimator.
+
+    Logistic noise (the difference of two Gumbel samples) is added to the logits, divided by the
+    temperature and squashed; the forward value is the hard threshold at 0.5 and the gradient is
+    that of the soft value. ``noise`` (from :func:`logistic_noise`) replays an earlier draw, as
+    the recomputation of a checkpointed block must.
+
+    Example:
+        >>> import torch
+        >>> m = gumbel_sigmoid(torch.full((4,), 15.0))
+        >>> bool((m == 1).all())
+        True
+    """
+    noise = logistic_noise(logits) if noise is None else noise
+    soft = torch.sigmoid((logits + noise.to(logits.dtype)) / tau)
+    if not hard:
+        return soft
+    return _StraightThrough.apply(soft)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: exactly 0 or 1 (threshold at 0.5). Backward: the gradient of the soft value."""
+
+    @staticmethod
+    def forward(ctx, soft: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return (soft > 0.5).to(soft.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return grad
+
+
+def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (normalised, 0..1000) timesteps, as in DiT's TimestepEmbedder."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+
+class RouterLinear(nn.Linear):
+    """An nn.Linear that computes in its weight's dtype, or the input's when that is storage only.
+
+    Under diffusers layerwise casting the weight is stored in float8 and cast to the compute
+    dtype by a hook just before this forward runs, so the weight's dtype here is the compute
+    dtype; stored float8 with no such hook, it computes in the input's dtype (float32 if that is
+    not a compute dtype either). Never in a storage dtype.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features) in the compute dtype described above."""
+        w, b = self.weight, self.bias
+        dtype = w.dtype if w.dtype in COMPUTE_DTYPES else x.dtype
+        dtype = dtype if dtype in COMPUTE_DTYPES else torch.float32
+        return F.linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
+
+
+class TimestepEncoder(nn.Module):
+    """A timestep-only embedding shared by all width routers: sinusoid -> MLP."""
+
+    def __init__(self, dim: int = 256):
+        super().__init__()
+        self.dim = dim
+        self.mlp = nn.Sequential(RouterLinear(dim, dim), nn.SiLU(), RouterLinear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) timesteps -> (B, dim) embedding, in the MLP's compute dtype (see RouterLinear)."""
+        return self.mlp(sinusoidal(t, self.dim))  # (B, dim)
+
+
+class TokenRouter(nn.Module):
+    """Per-token MLP D -> D/r -> ReLU -> 1 whose logit says whether the token runs the MLP."""
+
+    def __init__(self, dim: int, reduction: int = 16, bias_init: float = 35.0):
+        super().__init__()
+        hidden = max(1, dim // reduction)
+        self.net = nn.Sequential(RouterLinear(dim, hidden), nn.ReLU(), RouterLinear(hidden, 1))
+        nn.init.constant_(self.net[2].bias, bias_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (..., N, D) -> one logit per token (..., N); evaluation runs the MLP iff > 0."""
+        return self.net(x).squeeze(-1)  # (..., N), in the router's compute dtype
+
+
+def width_router(embed_dim: int, units: int, bias_init: float = 15.0) -> RouterLinear:
+    """One Linear from the timestep embedding to one logit per head or channel group.
+
+    Weights start at zero and the bias at ``bias_init`` so every unit starts on (the
+    converted model begins as the original).
+    """
+    lin = RouterLinear(embed_dim, units)
+    nn.init.zeros_(lin.weight)
+    nn.init.constant_(lin.bias, bias_init)
+    return lin
