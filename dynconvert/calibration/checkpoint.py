@@ -32,6 +32,7 @@ from dynconvert.calibration.checkpoint_files import (
     remove_stale_temps,
     save_checkpoint,
 )
+from dynconvert.calibration.config import RESUME_FREE_FIELDS
 from dynconvert.calibration.seeding import capture_rng, restore_rng, seed_step
 from dynconvert.errors import CheckpointError, OutputExistsError
 from dynconvert.runtime.state import get_state
@@ -144,8 +145,8 @@ def _check_resumable(cfg: Any, payload: dict[str, Any], path: Path) -> None:
     if mismatch:
         raise CheckpointError(
             f"cannot resume from {path}: these settings differ from the run that wrote it: "
-            f"{', '.join(mismatch)}; use the same values (only steps, checkpoint_every, "
-            "keep_checkpoints, output_dir, num_workers and cpu may change)"
+            f"{', '.join(mismatch)}; use the same values (only "
+            f"{', '.join(sorted(RESUME_FREE_FIELDS))} may change)"
         )
 
 

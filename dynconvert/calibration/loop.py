@@ -6,47 +6,42 @@ DDP with ``find_unused_parameters=True`` because routed-off units leave paramete
 Every step: seed from (seed, rank, step), read this process's rows, noise them at stratified
 timesteps, run the dynamic model, add the FLOPs term (and the complete-model and distillation
 terms when enabled), skip the step on a non-finite loss or an absurd gradient norm, else clip,
-take one AdamW step and update the EMA. Progress goes to ``on_step``; nothing is printed.
+take one AdamW step and update the EMA. Progress goes to ``on_step`` and, as the config's
+``progress`` says, to a bar on stderr or to log lines (``progress.py``); nothing is printed.
 
 ``calibrate`` reads top to bottom as setup, the loop (one step, a checkpoint when due, the
-progress report) and the result; the pieces it calls are below it, in that order, and the loss
-terms of a step are ``step.py``.
+progress report) and the result; the pieces of one step are below it, the setup is ``setup.py``
+and the loss terms of a step are ``step.py``.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from dynconvert.calibration.adapters import (
-    ModelAdapter,
-    label_embedders,
-    resolve_labels,
-    select_adapter,
-)
+from dynconvert.calibration.adapters import ModelAdapter, resolve_labels, select_adapter
 from dynconvert.calibration.capacity import measure_token_capacity
-from dynconvert.calibration.checkpoint import (
-    load_training_state,
-    restore_rng,
-    save_training_state,
-    seed_step,
-)
+from dynconvert.calibration.checkpoint import save_training_state, seed_step
 from dynconvert.calibration.config import CalibrationConfig, as_config
 from dynconvert.calibration.data import as_source, check_batch
-from dynconvert.calibration.distributed import MISSING, make_accelerator, restore_forward
-from dynconvert.calibration.ema import EMA
+from dynconvert.calibration.distributed import make_accelerator
 from dynconvert.calibration.objectives import build_objective
+from dynconvert.calibration.progress import CalibrationProgress
 from dynconvert.calibration.result import CalibrationResult, StepInfo
 from dynconvert.calibration.schedule import LambdaSchedule
+from dynconvert.calibration.setup import (
+    TrainingRun,
+    converted_state,
+    frozen_teacher,
+    setup_run,
+    training_mode,
+)
 from dynconvert.calibration.step import (
     TERMS,
     StepTerms,
@@ -55,10 +50,8 @@ from dynconvert.calibration.step import (
     nonfinite_message,
 )
 from dynconvert.calibration.stream import batch_stream
-from dynconvert.errors import BudgetError, CalibrationError, ConfigError, NotConvertedError
-from dynconvert.flops import min_ratio
+from dynconvert.errors import CalibrationError, ConfigError
 from dynconvert.runtime.routing import set_routing
-from dynconvert.runtime.state import get_state, is_converted
 
 __all__ = ["calibrate", "make_accelerator"]
 
@@ -80,7 +73,9 @@ def calibrate(
         data: Latents folder, "digits", dict of tensors, ``Source``, dataset or iterable of
             batch dicts (see ``data.as_source``).
         config: A ``CalibrationConfig`` or a dict of its fields.
-        on_step: Called on the main process after every step with a ``StepInfo``.
+        on_step: Called on the main process after every step with a ``StepInfo``. Beside it,
+            ``config.progress`` shows a bar on a terminal or logs a line every few steps
+            (``progress="off"``: nothing).
         teacher: Frozen model to distil from (default: a copy of ``model`` at the start, run
             full width); only used with ``distill_weight`` > 0.
         adapter: How to call the model (default: chosen from its class and ``config.adapter``).
@@ -103,7 +98,7 @@ def calibrate(
         >>> result = dynconvert.calibrate(model, "digits", cfg)  # doctest: +SKIP
     """
     cfg = as_config(config)
-    state = _converted_state(model, cfg.target)
+    state = converted_state(model, cfg.target)
     adapter = adapter or select_adapter(model, cfg.adapter, cfg.adapter_args)
     objective = build_objective(cfg, adapter)
     labels = resolve_labels(model, adapter, cfg)
@@ -114,9 +109,12 @@ def calibrate(
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
-    teacher = _frozen_teacher(model, teacher, cfg, device)
-    with _training_mode(model, state):
-        run = _setup(model, state, cfg, accelerator)
+    teacher = frozen_teacher(model, teacher, cfg, device)
+    shown = cfg.progress if accelerator.is_main_process else "off"
+    progress = CalibrationProgress(shown, cfg.steps, cfg.log_every)  # a bar, log lines or none
+    with training_mode(model, state), progress:
+        run = setup_run(model, state, cfg, accelerator)
+        progress.start(run.start, cfg.target, run.resumed_from)
         lambdas = LambdaSchedule(cfg.target, cfg.lambda_hold_steps, cfg.warmup_steps)
         model.train()
         set_routing(model, "train")
@@ -133,149 +131,40 @@ def calibrate(
         # Training loop: one optimiser step per iteration.
         for step in range(run.start, cfg.steps):
             seed_step(cfg.seed, rank, step)
-            batch = check_batch(source.prepare(next(stream), device))
+            batch = run.last_batch = _draw(stream, source, device, labels, adapter, cfg)
             x0 = batch["x"].float()
-            batch = run.last_batch = labels_for_step(batch, labels, adapter, cfg)
             noisy = objective.noise(x0)
             lam = lambdas(step)
             terms = step_terms(batch, x0, noisy, lam=lam, step=step)
             values, skipped, grad_norm = _optimise(run, terms, lam, step)
             # Checkpoint (never while non-finite losses are in a row: keep the last good one).
             wrote = _checkpoint_if_due(run, step + 1)
-            if on_step is not None and accelerator.is_main_process:
+            if accelerator.is_main_process:
                 rate = (step + 1 - run.start) / max(time.perf_counter() - t0, 1e-9)
-                on_step(_step_info(run, step + 1, values, lam, grad_norm, skipped, wrote, rate))
+                info = _step_info(run, step + 1, values, lam, grad_norm, skipped, wrote, rate)
+                if on_step is not None:
+                    on_step(info)
+                progress(info)
 
     # Result: the EMA weights in the model, the raw weights beside them.
     if run.last_batch is None and cfg.capacity_points:
         # Resumed at the last step: no batch was drawn in this call; the capacities need one.
         first = batch_stream(source, cfg.batch_size, seed=cfg.seed, rank=rank, world=world,
                              start=0, stop=1)  # fmt: skip
-        batch = check_batch(source.prepare(next(first), device))
-        run.last_batch = labels_for_step(batch, labels, adapter, cfg)
+        run.last_batch = _draw(first, source, device, labels, adapter, cfg)
     return _finish(run, adapter, objective)
 
 
-@dataclass
-class _Run:
-    """One run's training objects, and what its loop carries from step to step (DiT's
-    ``train.py`` locals, named). The fields after ``ema`` are what a checkpoint saves."""
-
-    cfg: CalibrationConfig
-    accelerator: Any  # accelerate.Accelerator
-    model: nn.Module  # the model, unwrapped
-    ddp_model: nn.Module  # the model as accelerate prepared it (DDP-wrapped on several processes)
-    state: Any  # the converted model's RouterBank
-    params: list[nn.Parameter]  # the trainable parameters, in the optimiser's order
-    optimizer: Any  # torch.optim.AdamW, as accelerate prepared it
-    ema: EMA
-    start: int = 0  # the first step of this call (a resumed run's checkpoint step)
-    history: dict[str, list[float]] = field(default_factory=lambda: {"loss": [], "flops_ratio": []})
-    counters: dict[str, int] = field(
-        default_factory=lambda: {"skipped_nonfinite": 0, "skipped_grad_norm": 0}
-    )
-    last_ckpt: Path | None = None  # the newest checkpoint written or resumed from
-    resumed_from: Path | None = None
-    in_a_row: int = 0  # non-finite losses in a row
-    last: dict[str, float] = field(default_factory=dict)  # the last step's logged values
-    last_batch: dict[str, torch.Tensor] | None = None  # for the token capacities at the end
-
-
-def _converted_state(model: nn.Module, target: float) -> Any:
-    """The RouterBank of a converted model whose lowest reachable FLOPs ratio is <= target."""
-    if not is_converted(model):
-        raise NotConvertedError(
-            "calibrate needs a converted model; call dynconvert.convert(model, budget) first"
-        )
-    state = get_state(model)
-    minimum = min_ratio(state.plan, state.config.token_reduction)
-    if target < minimum - 1e-9:
-        raise BudgetError(
-            f"target {target} is below the minimum FLOPs ratio this converted model can reach "
-            f"({minimum:.4f}: only the always-on units and unroutable parts running); choose "
-            f"target >= {minimum:.4f}, or convert with more routable sites"
-        )
-    return state
-
-
-def _frozen_teacher(
-    model: nn.Module, teacher: nn.Module | None, cfg: CalibrationConfig, device: Any
-) -> nn.Module | None:
-    """The model to distil from, frozen and full width: the given one, or (distillation on) a
-    copy of ``model`` as it is now."""
-    if cfg.distill_weight > 0 and teacher is None:
-        teacher = copy.deepcopy(model)
-    if teacher is not None:
-        teacher.requires_grad_(False).eval().to(device)
-        if is_converted(teacher):
-            set_routing(teacher, "full")
-    return teacher
-
-
-@contextmanager
-def _training_mode(model: nn.Module, state: Any) -> Iterator[None]:
-    """Put back, however the run ends, what calibration changes on the model: requires_grad
-    flags, the routing mode, the forward accelerate's mixed precision wraps, and the label
-    dropout of its embedders (zeroed: the loop drops labels itself, so a teacher sees the same
-    labels)."""
-    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    saved_forward = model.__dict__.get("forward", MISSING)  # mixed precision wraps it
-    saved_mode = getattr(state, "mode", None)
-    dropouts = [(m, m.dropout_prob) for m in label_embedders(model)]
-    try:
-        for m, _ in dropouts:
-            m.dropout_prob = 0.0
-        yield
-    finally:
-        for m, p in dropouts:
-            m.dropout_prob = p
-        for n, p in model.named_parameters():
-            p.requires_grad_(grad_flags[n])
-        set_routing(model, saved_mode)
-        restore_forward(model, saved_forward)
-
-
-def _router_parameters(state: Any) -> list[nn.Parameter]:
-    """The router parameters of a converted model's state."""
-    if hasattr(state, "router_parameters"):
-        return list(state.router_parameters())
-    return list(state.parameters())
-
-
-def _setup(model: nn.Module, state: Any, cfg: CalibrationConfig, accelerator: Any) -> _Run:
-    """Trainable parameters, optimiser and EMA, a resumed run's state loaded, all prepared."""
-    if cfg.trainable == "routers":
-        router_ids = {id(p) for p in _router_parameters(state)}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in router_ids)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError("no parameter is trainable; check trainable= and requires_grad flags")
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
-    )
-    ema = EMA(model, cfg.ema_decay, names=names, warmup=cfg.ema_warmup)
-    resumed = load_training_state(cfg, model, ema)
-    accelerator.wait_for_everyone()  # all processes looked for checkpoints before any write
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    ema.to(accelerator.device)
-    run = _Run(cfg, accelerator, model, ddp_model, state, params, optimizer, ema)
-    if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
-        if accelerator.scaler is not None and resumed.get("scaler") is not None:
-            accelerator.scaler.load_state_dict(resumed["scaler"])
-        rng = resumed.get("rng") or []
-        if len(rng) == accelerator.num_processes:
-            restore_rng(rng[accelerator.process_index])
-        run.start, run.history = resumed["step"], resumed["history"]
-        run.counters = resumed["counters"]
-        run.last_ckpt = run.resumed_from = resumed["path"]
-    return run
+def _draw(
+    stream: Iterator[Any], source: Any, device: Any, labels: Any, adapter: ModelAdapter, cfg: Any
+) -> dict[str, torch.Tensor]:
+    """This process's next rows from ``stream``, on its device, checked, with the labels the
+    model sees this step (drawn and dropped with the step's seed)."""
+    return labels_for_step(check_batch(source.prepare(next(stream), device)), labels, adapter, cfg)
 
 
 def _optimise(
-    run: _Run, terms: dict[str, torch.Tensor], lam: float, step: int
+    run: TrainingRun, terms: dict[str, torch.Tensor], lam: float, step: int
 ) -> tuple[dict[str, float], str | None, float | None]:
     """Back-propagate and take the optimiser step unless the loss or the gradient is bad.
 
@@ -323,7 +212,7 @@ def _optimise(
     return values, skipped, grad_norm
 
 
-def _checkpoint_if_due(run: _Run, done: int) -> Path | None:
+def _checkpoint_if_due(run: TrainingRun, done: int) -> Path | None:
     """Write the checkpoint after ``done`` steps when one is due (every ``checkpoint_every``
     steps and at the end) and no non-finite loss is pending; returns its path, else None."""
     cfg = run.cfg
@@ -337,7 +226,7 @@ def _checkpoint_if_due(run: _Run, done: int) -> Path | None:
 
 
 def _step_info(
-    run: _Run,
+    run: TrainingRun,
     done: int,
     values: dict[str, float],
     lam: float,
@@ -366,7 +255,7 @@ def _step_info(
     )
 
 
-def _finish(run: _Run, adapter: ModelAdapter, objective: Any) -> CalibrationResult:
+def _finish(run: TrainingRun, adapter: ModelAdapter, objective: Any) -> CalibrationResult:
     """The EMA weights into the model (eval mode), the raw ones kept beside them, and the token
     capacities of the planned path measured on the last batch (``calibration/capacity.py``)."""
     cfg, model = run.cfg, run.model

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -252,7 +253,9 @@ def _calibrate_and_report(
         f"calibrating toward {prepared.target:g} for {prepared.calibration.steps} steps",
     )
     t0 = time.perf_counter()
-    result = calibrate(prepared.model, prepared.data, prepared.calibration, on_step=on_step)
+    # A caller with on_step (the CLI) draws its own progress: calibrate's own is off then.
+    cal = replace(prepared.calibration, progress="off") if on_step else prepared.calibration
+    result = calibrate(prepared.model, prepared.data, cal, on_step=on_step)
     calibrate_s = time.perf_counter() - t0
     if not main:
         return None
