@@ -1,4 +1,5 @@
-"""Calibration: fine-tune a converted model toward its FLOPs budget (method.md, "training objective").
+"""Calibration: fine-tune a converted model toward its FLOPs budget (method.md, "training
+objective").
 
 The entry point is ``calibrate(model, data, config, on_step=None)``, which the package exposes
 as ``dynconvert.calibrate``; this package holds its parts (config, data, objectives, schedule,

@@ -45,7 +45,8 @@ def noised_at(
         >>> from dynconvert.calibration.objectives import build_objective
         >>> from dynconvert.calibration.adapters import select_adapter
         >>> from dynconvert.models import build_model
-        >>> obj = build_objective(CalibrationConfig(target=0.5), select_adapter(build_model("dit-tiny")))
+        >>> adapter = select_adapter(build_model("dit-tiny"))
+        >>> obj = build_objective(CalibrationConfig(target=0.5), adapter)
         >>> x_t, t_in = noised_at(obj, torch.zeros(2, 4, 8, 8), 500, seed=0)
         >>> tuple(x_t.shape), t_in.tolist()
         ((2, 4, 8, 8), [500, 500])
