@@ -85,25 +85,22 @@ def ensure_log_handler() -> logging.Handler | None:
     return handler
 
 
-def duration(seconds: float) -> str:
-    """A short duration for an ETA: "42s", "4m05s", "2h07m", "?" when unknown.
+def duration(seconds: float | None) -> str:
+    """An ETA as ``m:ss`` or ``h:mm:ss`` (the CLI's format); ``-`` when unknown.
 
     Example:
         >>> duration(42.3), duration(245), duration(7620), duration(float("inf"))
-        ('42s', '4m05s', '2h07m', '?')
+        ('0:42', '4:05', '2:07:00', '-')
     """
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    h, rest = divmod(int(round(seconds)), 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def describe(info: StepInfo) -> str:
-    """The loss and the FLOPs ratio -> its target of one step, for the bar and the log lines.
+    """The loss and the FLOPs ratio -> its target of one step, and why it was skipped if it was.
 
     Example:
         >>> describe(StepInfo(step=3, total_steps=10, loss=0.25, terms={}, flops_ratio=0.9,
@@ -112,10 +109,23 @@ def describe(info: StepInfo) -> str:
         'loss 0.2500 flops 0.900->0.800'
     """
     text = f"loss {info.loss:.4f} flops {info.flops_ratio:.3f}->{info.lambda_target:.3f}"
-    skipped = info.skipped_nonfinite + info.skipped_grad_norm
-    if skipped:
-        text += f" skipped {skipped}"
-    return text
+    return text + (f" skipped: {info.skipped}" if info.skipped else "")
+
+
+def log_line(info: StepInfo) -> str:
+    """One log line of a step: the words of the CLI's line, and the checkpoint written if any.
+
+    Example:
+        >>> log_line(StepInfo(step=3, total_steps=10, loss=0.25, terms={}, flops_ratio=0.9,
+        ...                   lambda_target=0.8, lr=1e-4, grad_norm=1.0, steps_per_sec=2.0,
+        ...                   eta_seconds=3.5))
+        'step 3/10  loss 0.2500 flops 0.900->0.800 2.00 it/s ETA 0:04'
+    """
+    line = (
+        f"step {info.step}/{info.total_steps}  {describe(info)} "
+        f"{info.steps_per_sec:.2f} it/s ETA {duration(info.eta_seconds)}"
+    )
+    return line + (f" checkpoint {info.checkpoint}" if info.checkpoint else "")
 
 
 class CalibrationProgress:
@@ -183,13 +193,7 @@ class CalibrationProgress:
         elif self.mode == "log" and (
             info.step % self.every == 0 or info.step in (1, info.total_steps) or info.checkpoint
         ):
-            line = (
-                f"step {info.step}/{info.total_steps} {describe(info)} "
-                f"{info.steps_per_sec:.2f} steps/s ETA {duration(info.eta_seconds)}"
-            )
-            if info.checkpoint:
-                line += f" checkpoint {info.checkpoint}"
-            logger.info("%s", line)
+            logger.info("%s", log_line(info))
 
     def close(self) -> None:
         """Close the bar (idempotent): what follows prints below it."""
