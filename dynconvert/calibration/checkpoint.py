@@ -53,6 +53,7 @@ __all__ = [
     "prune_checkpoints",
     "remove_stale_temps",
     "restore_rng",
+    "router_parameters",
     "save_checkpoint",
     "save_training_state",
     "seed_step",
@@ -150,6 +151,18 @@ def _check_resumable(cfg: Any, payload: dict[str, Any], path: Path) -> None:
         )
 
 
+def router_parameters(state: Any) -> list[nn.Parameter]:
+    """The router parameters of a converted model's state (what ``trainable="routers"`` trains,
+    and what a checkpoint's optimizer state then holds).
+
+    Example:
+        >>> params = router_parameters(get_state(model))  # doctest: +SKIP
+    """
+    if hasattr(state, "router_parameters"):
+        return list(state.router_parameters())
+    return list(state.parameters())
+
+
 def check_resume(cfg: Any, model: nn.Module) -> int | None:
     """Check, before any work, the checkpoint a resumed run would continue from.
 
@@ -184,11 +197,7 @@ def check_resume(cfg: Any, model: nn.Module) -> int | None:
             "from another model or conversion"
         )
     if cfg.trainable == "routers":
-        bank = get_state(model)
-        routers = (
-            bank.router_parameters() if hasattr(bank, "router_parameters") else bank.parameters()
-        )
-        ids = {id(p) for p in routers}
+        ids = {id(p) for p in router_parameters(get_state(model))}
         trainable = [p for p in model.parameters() if id(p) in ids]
     else:
         trainable = [p for p in model.parameters() if p.requires_grad]

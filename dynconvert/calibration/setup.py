@@ -16,7 +16,11 @@ import torch
 import torch.nn as nn
 
 from dynconvert.calibration.adapters import label_embedders
-from dynconvert.calibration.checkpoint import load_training_state, restore_rng
+from dynconvert.calibration.checkpoint import (
+    load_training_state,
+    restore_rng,
+    router_parameters,
+)
 from dynconvert.calibration.config import CalibrationConfig
 from dynconvert.calibration.distributed import MISSING, restore_forward
 from dynconvert.calibration.ema import EMA
@@ -125,17 +129,6 @@ def training_mode(model: nn.Module, state: Any) -> Iterator[None]:
             p.requires_grad_(grad_flags[n])
         set_routing(model, saved_mode)
         restore_forward(model, saved_forward)
-
-
-def router_parameters(state: Any) -> list[nn.Parameter]:
-    """The router parameters of a converted model's state (what ``trainable="routers"`` trains).
-
-    Example:
-        >>> params = router_parameters(get_state(model))  # doctest: +SKIP
-    """
-    if hasattr(state, "router_parameters"):
-        return list(state.router_parameters())
-    return list(state.parameters())
 
 
 def setup_run(
