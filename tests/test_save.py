@@ -142,7 +142,7 @@ def test_load_follows_a_moved_class(tmp_path, monkeypatch):
     torch.testing.assert_close(call(load(tmp_path), inputs), call(model, inputs), atol=0, rtol=0)
 
 
-@pytest.mark.slow  # a fresh interpreter: 5-10 s
+@pytest.mark.slow  # a fresh interpreter that imports torch and diffusers
 def test_a_submodule_import_still_registers_the_diffusers_integration():
     # `from dynconvert.io.save import ...` sets dynconvert.convert without the package's
     # first-use hook: the io package itself registers save_pretrained's record.
