@@ -7,12 +7,19 @@ without tracing the model again.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-PLAN_VERSION = 2
-"""Format version of ``Plan.to_dict``, stored in the saved record (1: before joint attention
-streams and kept columns; its plans load unchanged, the new fields take their defaults)."""
+from dynconvert import forms
+from dynconvert.errors import RecordError
+from dynconvert.forms import AttentionPart
+
+PLAN_VERSION = 3
+"""Format version of ``Plan.to_dict``, stored in the saved record. 3: an attention site's forms
+are optional parts (``AttentionSite.parts``); 2: they were flat fields of the site (a version-2
+plan is migrated on load, see :func:`migrate`); 1: before joint attention streams and kept
+columns (the newer fields take their defaults)."""
 
 
 @dataclass
@@ -39,6 +46,23 @@ class UnitMap:
     # Indices that belong to no unit and are always computed: the MLP columns of a parallel
     # block's fused out-projection, which reads concat(attention output, MLP hidden).
     keep: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UnitMap:
+        """A UnitMap from its dict (JSON turned the parts' tuples into lists: back to tuples).
+
+        Example:
+            >>> UnitMap.from_dict({"linear": "fc1", "axis": "rows", "units": 2, "parts": [[0, 4, 4]]})
+            UnitMap(linear='fc1', axis='rows', units=2, parts=[(0, 4, 4)], explicit=None, keep=[])
+        """
+        return cls(
+            linear=d["linear"],
+            axis=d["axis"],
+            units=d["units"],
+            parts=[tuple(p) for p in d.get("parts", [])],
+            explicit=d.get("explicit"),
+            keep=list(d.get("keep", [])),
+        )
 
     def indices(self, unit: int) -> list[int]:
         """Indices of one unit, in increasing order of part then offset."""
@@ -85,7 +109,13 @@ class TableArg:
 
 @dataclass
 class AttentionSite:
-    """One attention call: its projections, heads and cost."""
+    """One attention call: the core every attention has (projections, heads, unit maps, token
+    counts, the streams of a joint attention) and the optional parts of the forms it takes
+    (``parts``: form name -> its part, see ``dynconvert/forms``).
+
+    The fields parts took over in plan version 3 (``site.gate``, ``site.kv_stride``...) still
+    read, from the part or as "not this form"; they are set through ``site.parts``.
+    """
 
     name: str  # fqn of the attention module ("" for the root)
     block: str  # the transformer block it belongs to (e.g. "blocks.3")
@@ -134,6 +164,25 @@ class AttentionSite:
     kv_stride: int = 1
     table_args: list[TableArg] = field(default_factory=list)  # per-head tables handed in
     v_in: int = 0  # input features of the v projection when they differ from k's (0: kv_in)
+    parts: dict[str, AttentionPart] = field(default_factory=dict)  # form name -> its part
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names that are not fields: a field a part took over reads from it.
+        owner = _v2_owner(name)
+        if owner is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        field_name, absent = owner.V2[name]
+        part = self.__dict__.get("parts", {}).get(owner.kind)
+        return copy.copy(absent) if part is None else getattr(part, field_name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        owner = _v2_owner(name)
+        if owner is not None:
+            raise AttributeError(
+                f"{name} belongs to the {owner.kind!r} part of an attention site since plan "
+                f"version 3: set site.parts[{owner.kind!r}]"
+            )
+        object.__setattr__(self, name, value)
 
     @property
     def units(self) -> int:
@@ -147,26 +196,46 @@ class AttentionSite:
 
     def fixed_macs(self, seen: dict[str, int] | None = None, fold: int | None = None) -> int:
         """The part of :meth:`macs` no routing saves: projections computed in full (partial site)."""
-        if not self.unsliced:
-            return 0
         seen = seen or {}
-        h, hk, dq = self.heads, self.units, self.head_dim
-        total = 0
-        for s in [self._first_stream(), *self.streams]:
-            if s.q in self.unsliced:
-                total += seen.get(s.q, s.tokens_q) * s.q_in * h * dq
-            m = seen.get(s.k, s.tokens_kv)
-            if s.k in self.unsliced:  # a fused key/value projection holds the value rows too
-                total += m * s.kv_in * hk * (dq + (self.v_head_dim if s.v == s.k else 0))
-            if s.v in self.unsliced and s.v != s.k:  # cut after key/value compression
-                total += seen.get(s.v, m) * (s.v_in or s.kv_in) * hk * self.v_head_dim
+        total = sum(p.fixed_macs(self, seen) for p in self.parts.values())
+        if self.unsliced:
+            h, hk, dq = self.heads, self.units, self.head_dim
+            for s in self.every_stream():
+                if s.q in self.unsliced:
+                    total += seen.get(s.q, s.tokens_q) * s.q_in * h * dq
+                m = seen.get(s.k, s.tokens_kv)
+                if s.k in self.unsliced:  # a fused key/value projection holds the value rows too
+                    total += m * s.kv_in * hk * (dq + (self.v_head_dim if s.v == s.k else 0))
+                if s.v in self.unsliced and s.v != s.k:  # cut after key/value compression
+                    total += seen.get(s.v, m) * (s.v_in or s.kv_in) * hk * self.v_head_dim
         return total * (self.fold if fold is None else fold)
 
-    def _first_stream(self) -> AttentionStream:
-        return AttentionStream(
+    def every_stream(self) -> list[AttentionStream]:
+        """The site's own projections as the first stream, then the other streams."""
+        first = AttentionStream(
             self.q, self.k, self.v, self.out, self.q_in, self.kv_in, self.out_features,
             self.tokens_q, self.tokens_kv, self.v_in,
         )  # fmt: skip
+        return [first, *self.streams]
+
+    def query_tokens(self, seen: dict[str, int]) -> int:
+        """Query tokens per row of the first stream in a call (``seen``) or at the example."""
+        return seen.get(self.q, self.tokens_q) if self.q else 0
+
+    def keys_seen(self, keys: int) -> int:
+        """Keys the attention sees from a stream whose key projection ran on ``keys`` tokens."""
+        for p in self.parts.values():
+            keys = p.keys_seen(keys)
+        return keys
+
+    def attention_macs(self, queries: int, keys: int) -> int:
+        """MACs per row of the attention over all streams: QK^T is N*M*H*d_qk and AV is
+        N*M*H*d_v (N queries and M keys summed over the streams), unless a part counts it."""
+        for p in self.parts.values():
+            macs = p.attention_macs(self, queries, keys)
+            if macs is not None:
+                return macs
+        return queries * keys * self.heads * (self.head_dim + self.v_head_dim)
 
     @property
     def out_maps(self) -> list[UnitMap]:
@@ -178,33 +247,32 @@ class AttentionSite:
         return [*self.in_maps, *self.out_maps]
 
     def macs(self, seen: dict[str, int] | None = None, fold: int | None = None) -> int:
-        """Multiply-accumulates of this site for one sample (projections + QK^T + AV).
+        """Multiply-accumulates of this site for one sample (projections + QK^T + AV + parts).
 
         ``seen`` maps a Linear of the site to the tokens per row it ran on in a call (the
-        plan's token counts otherwise), ``fold`` the rows per sample (see ``fold``). Source: the standard transformer count (Kaplan et al.
-        2020, table 1), with the attention matmuls made explicit: QK^T is N*M*H*d_qk and AV is
-        N*M*H*d_v, N and M summed over the streams of a joint attention (M: the keys the attention
-        sees, the k projection's tokens / ``kv_stride``). The k and v
-        projections have ``units`` heads (fewer with grouped-query attention).
+        plan's token counts otherwise), ``fold`` the rows per sample (see ``fold``). Source: the
+        standard transformer count (Kaplan et al. 2020, table 1), with the attention matmuls
+        made explicit (:meth:`attention_macs`); the k and v projections have ``units`` heads
+        (fewer with grouped-query attention); each part adds its own terms (dynconvert/forms).
         """
         seen = seen or {}
         h, hk, dq, dv = self.heads, self.units, self.head_dim, self.v_head_dim
         total, n_all, m_all = 0, 0, 0
-        first = self._first_stream()
-        for s in [first, *self.streams]:
+        for i, s in enumerate(self.every_stream()):
             n = seen.get(s.q, s.tokens_q) if s.q else 0
             m = seen.get(s.k, s.tokens_kv) if s.k else 0
             total += n * s.q_in * h * dq + m * hk * (s.kv_in * dq + (s.v_in or s.kv_in) * dv)
             if s.out:
                 total += seen.get(s.out, n) * h * dv * s.out_features
-            if s is first and self.gate:  # the gate reads the query stream's tokens
+            if i == 0 and self.gate:  # the gate reads the query stream's tokens
                 total += seen.get(self.gate, n) * self.gate_in * self.gate_rows
-            n_all, m_all = n_all + n, m_all + m // self.kv_stride
+            n_all, m_all = n_all + n, m_all + self.keys_seen(m) // self.kv_stride
+        total += sum(p.added_macs(self, seen) for p in self.parts.values())
         if self.linear_macs:  # (v @ k) @ q per head: proportional to N + M
-            seen_all = sum(s.tokens_q + s.tokens_kv for s in [first, *self.streams])
+            seen_all = sum(s.tokens_q + s.tokens_kv for s in self.every_stream())
             total += self.linear_macs * (n_all + m_all) // max(1, seen_all)
         else:
-            total += n_all * m_all * h * (dq + dv)
+            total += self.attention_macs(n_all, m_all)
         return total * (self.fold if fold is None else fold)
 
 
@@ -383,35 +451,16 @@ class Plan:
             >>> Plan.from_dict(plan.to_dict()) == plan
             True
         """
-        d = dict(data)
-
-        def maps(items: list[dict]) -> list[UnitMap]:
-            return [_unit_map(m) for m in items]
-
-        d["attention"] = [
-            AttentionSite(
-                **{
-                    **a,
-                    "in_maps": maps(a["in_maps"]),
-                    "out_map": _unit_map(a["out_map"]),
-                    "more_out_maps": maps(a.get("more_out_maps", [])),
-                    "streams": [AttentionStream(**s) for s in a.get("streams", [])],
-                    "cut_maps": maps(a.get("cut_maps", [])),
-                    "table_args": [
-                        TableArg(t["path"], t["dim"], _unit_map(t["map"]))
-                        for t in a.get("table_args", [])
-                    ],
-                }
-            )
-            for a in d["attention"]
-        ]
+        d = migrate(data)
+        maps = UnitMap.from_dict
+        d["attention"] = [_attention_site(a) for a in d["attention"]]
         d["mlp"] = [
             MlpSite(
                 **{
                     **m,
-                    "in_maps": maps(m["in_maps"]),
-                    "out_map": _unit_map(m["out_map"]),
-                    "mid_maps": maps(m.get("mid_maps", [])),
+                    "in_maps": [maps(x) for x in m["in_maps"]],
+                    "out_map": maps(m["out_map"]),
+                    "mid_maps": [maps(x) for x in m.get("mid_maps", [])],
                 }
             )  # fmt: skip
             for m in d["mlp"]
@@ -420,13 +469,63 @@ class Plan:
         return cls(**d)
 
 
-def _unit_map(d: dict[str, Any]) -> UnitMap:
-    """A UnitMap from its dict (parts as tuples again)."""
-    return UnitMap(
-        linear=d["linear"],
-        axis=d["axis"],
-        units=d["units"],
-        parts=[tuple(p) for p in d.get("parts", [])],
-        explicit=d.get("explicit"),
-        keep=list(d.get("keep", [])),
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """A plan dict of any earlier version as a dict of this version.
+
+    Version 2 kept each attention form in flat fields of the site; each registered part names
+    the fields it replaces (``V2``) and takes them over when any differs from "not this form".
+
+    Example:
+        >>> old = {"version": 2, "attention": [{"name": "attn", "gate": "", "gate_in": 0}]}
+        >>> migrate(old)["attention"][0]
+        {'name': 'attn', 'parts': {}}
+    """
+    d = dict(data)
+    version = d.get("version", 1)
+    if version < 3:
+        d["attention"] = [_v2_parts(a) for a in d.get("attention", [])]
+    d["version"] = PLAN_VERSION
+    return d
+
+
+def _v2_parts(site: dict[str, Any]) -> dict[str, Any]:
+    """A version-2 attention site dict with its flat form fields gathered into parts."""
+    site, found = dict(site), {}
+    for kind, part in forms.parts().items():
+        old = {name: site.pop(name) for name in part.V2 if name in site}
+        if any(value != part.V2[name][1] for name, value in old.items()):
+            found[kind] = {part.V2[name][0]: value for name, value in old.items()}
+    return {**site, "parts": found}
+
+
+def _attention_site(a: dict[str, Any]) -> AttentionSite:
+    """An AttentionSite from its dict: maps, streams and parts as objects again."""
+    maps = UnitMap.from_dict
+    unknown = sorted(set(a.get("parts", {})) - set(forms.parts()))
+    if unknown:
+        raise RecordError(
+            f"the attention site {a.get('name')!r} takes the form {unknown[0]!r}, which this "
+            f"dynconvert does not know (it knows {', '.join(sorted(forms.parts()))}); upgrade "
+            "dynconvert (pip install -U dynconvert)"
+        )
+    return AttentionSite(
+        **{
+            **a,
+            "in_maps": [maps(m) for m in a["in_maps"]],
+            "out_map": maps(a["out_map"]),
+            "more_out_maps": [maps(m) for m in a.get("more_out_maps", [])],
+            "streams": [AttentionStream(**s) for s in a.get("streams", [])],
+            "cut_maps": [maps(m) for m in a.get("cut_maps", [])],
+            "table_args": [
+                TableArg(t["path"], t["dim"], maps(t["map"])) for t in a.get("table_args", [])
+            ],
+            "parts": {k: forms.parts()[k].from_dict(p) for k, p in a.get("parts", {}).items()},
+        }
     )
+
+
+def _v2_owner(name: str) -> type[AttentionPart] | None:
+    """The part class that took over the version-2 site field ``name``, if any."""
+    if name.startswith("_"):
+        return None
+    return next((p for p in forms.parts().values() if name in p.V2), None)

@@ -1,6 +1,7 @@
 """The attention runtime: one attention site's head masks (masked path) or sliced heads (fast
-path), the head-count attributes lowered for a sliced call, the cuts of a partial site and the
-per-head tables among the module's arguments (see dynamic.py for the Linears it drives).
+path) and the head-count attributes lowered for a sliced call (see dynamic.py for the Linears it
+drives). What a form adds at run time (the cuts of a partial site, the per-head tables among the
+module's arguments) is that form's hooks (``dynconvert/forms/<form>_run.py``), called from here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from dynconvert import forms
 from dynconvert.plan import AttentionSite
 from dynconvert.runtime.dynamic import (
     Decision,
@@ -33,6 +35,10 @@ class AttentionRuntime(SiteRuntime):
         # table handed in per head (keyed by its argument path) along its axis.
         self.tables.update({m.linear: unit_table(m) for m in site.cut_maps})
         self.tables.update({t.path: unit_table(t.map) for t in site.table_args})
+        for part in site.parts.values():  # what a form cuts with the heads (forms/<form>.py)
+            self.tables.update({m.linear: unit_table(m) for m in part.head_maps()})
+        forms.load("run")
+        self.hooks = [(p, forms.RUNTIMES[k]) for k, p in site.parts.items() if k in forms.RUNTIMES]
         self.fast: Decision | None = None  # this call's fast-path decision (None: full/masked)
         self.saved: dict[str, int] = {}  # head-count attributes lowered for this call
         self.fused: dict[str, tuple[str, ...]] = {}  # fused projection fqn -> the fqns it fuses
@@ -102,7 +108,17 @@ class AttentionRuntime(SiteRuntime):
             setattr(owner, name, len(d.key) * per)
         if site.table_args:
             return self.cut_tables(args, kwargs, d)
-        return None
+        changed = False
+        for part, hooks in self.hooks:  # a form's change to the arguments of a sliced call
+            new = hooks.arguments(self, part, args, kwargs, d)
+            if new is not None:
+                (args, kwargs), changed = new, True
+        return (args, kwargs) if changed else None
+
+    def attach_parts(self, modules: dict[str, nn.Module]) -> list[Any]:
+        """The module hooks the site's forms add at convert (``modules``: the model's, by fqn);
+        returns their handles."""
+        return [h for part, hooks in self.hooks for h in hooks.attach(self, part, modules)]
 
     def cut_tables(self, args: tuple, kwargs: dict, d: Decision) -> tuple[tuple, dict]:
         """The module's arguments with every per-head table (a rotary table over the whole
