@@ -150,11 +150,6 @@ class AttentionSite:
     cut_maps: list[UnitMap] = field(default_factory=list)
     unsliced: list[str] = field(default_factory=list)
     kv_heads: int = 0  # key/value heads when fewer (grouped-query attention; 0: as many as heads)
-    # Gated attention: a Linear of gate_in -> gate_rows whose output (through elementwise ops)
-    # scales the attention output per channel or per head; its rows are sliced with their head.
-    gate: str = ""
-    gate_in: int = 0
-    gate_rows: int = 0
     # Linear (kernel) attention: its two per-head products cost linear_macs per row at the
     # example tokens, in proportion to query + key tokens (not N x M as softmax attention).
     linear_macs: int = 0
@@ -258,14 +253,12 @@ class AttentionSite:
         seen = seen or {}
         h, hk, dq, dv = self.heads, self.units, self.head_dim, self.v_head_dim
         total, n_all, m_all = 0, 0, 0
-        for i, s in enumerate(self.every_stream()):
+        for s in self.every_stream():
             n = seen.get(s.q, s.tokens_q) if s.q else 0
             m = seen.get(s.k, s.tokens_kv) if s.k else 0
             total += n * s.q_in * h * dq + m * hk * (s.kv_in * dq + (s.v_in or s.kv_in) * dv)
             if s.out:
                 total += seen.get(s.out, n) * h * dv * s.out_features
-            if i == 0 and self.gate:  # the gate reads the query stream's tokens
-                total += seen.get(self.gate, n) * self.gate_in * self.gate_rows
             n_all, m_all = n_all + n, m_all + self.keys_seen(m) // self.kv_stride
         total += sum(p.added_macs(self, seen) for p in self.parts.values())
         if self.linear_macs:  # (v @ k) @ q per head: proportional to N + M

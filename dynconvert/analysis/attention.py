@@ -144,8 +144,6 @@ def _build(
     # Output side: every out-projection reading the attention output (one per stream), with
     # the input column of every (head, channel) and the columns that are not heads.
     targets, gates = derive_outputs(call.output, heads, v_head_dim, order, call.out_layout)
-    if len(gates) > 1:
-        raise ChainError("several gates scale the attention output")
     for t in targets:
         if t.keep and not _ascending(t.table):
             raise ChainError(
@@ -153,7 +151,6 @@ def _build(
             )
     # Slicing rewrites each Linear for this site alone: a shared Linear would be cut for two.
     in_nodes = {id(s.node): s.node for role in "qkv" for s in layout.sources[role]}
-    in_nodes.update({id(g.node): g.node for g in gates})
     out_nodes = [t.node for t in targets]
     _check_linears(list(in_nodes.values()), out_nodes, reuse)
     stride = kv_stride(layout, call.q.shape[0])
@@ -162,7 +159,7 @@ def _build(
     extra = {id(n): n for f in findings for n, _ in f.inputs}
     _check_linears(list(extra.values()), out_nodes, reuse)
     in_nodes.update(extra)
-    in_maps, mixed = _in_maps(layout, units, gates, findings, in_nodes)
+    in_maps, mixed = _in_maps(layout, units, findings, in_nodes)
     out_maps = [
         unit_map(t.node.linear, "cols", units, [per_unit(t.table, units)], t.keep) for t in targets
     ]
@@ -205,9 +202,6 @@ def _build(
             for mod, cut in layout.cuts.items()
         ],
         unsliced=sorted(cut_of),
-        gate=gates[0].node.linear if gates else "",
-        gate_in=gates[0].node.args[0].shape[-1] if gates else 0,
-        gate_rows=gates[0].node.shape[-1] if gates else 0,
         linear_macs=sum(node_macs(c) for c in call.cost_nodes) // call.q.shape[0] if linear else 0,
         kv_stride=stride,
         between=sorted({n.op for n in layout.ops if n.kind not in ("shape", "cast")}),
@@ -297,7 +291,6 @@ def _find_forms(ev: Evidence) -> list[Finding]:
 def _in_maps(
     layout: InputLayout,
     units: int,
-    gates: list[OutGate],
     findings: list[Finding],
     in_nodes: dict[int, OpNode],
 ) -> tuple[list[UnitMap], list[str]]:
@@ -308,11 +301,7 @@ def _in_maps(
     for role in "qkv":
         for s in layout.sources[role]:
             per_linear.setdefault(s.node.linear, []).append(per_unit(s.table, units))
-    for g in gates:  # a gate's rows go with their head, as the value rows do
-        if g.node.linear in per_linear:
-            raise ChainError(f"the gate {g.node.linear} is also a q, k or v projection")
-        per_linear[g.node.linear] = [per_unit(g.table, units)]
-    for f in findings:
+    for f in findings:  # more projections whose rows go with their head (a gate's)
         for node, table in f.inputs:
             per_linear[node.linear] = [table]
     cut_of = {lin for cut in layout.cuts.values() for lin in cut.linears}  # partial site
