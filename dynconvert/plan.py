@@ -153,10 +153,6 @@ class AttentionSite:
     # Linear (kernel) attention: its two per-head products cost linear_macs per row at the
     # example tokens, in proportion to query + key tokens (not N x M as softmax attention).
     linear_macs: int = 0
-    # Key/value compression (PixArt-Sigma): keys and values are downsampled between their
-    # projections and the attention, which sees 1 / kv_stride of the tokens the k and v
-    # projections ran on (``tokens_kv`` counts the projections' tokens).
-    kv_stride: int = 1
     table_args: list[TableArg] = field(default_factory=list)  # per-head tables handed in
     v_in: int = 0  # input features of the v projection when they differ from k's (0: kv_in)
     parts: dict[str, AttentionPart] = field(default_factory=dict)  # form name -> its part
@@ -259,7 +255,7 @@ class AttentionSite:
             total += n * s.q_in * h * dq + m * hk * (s.kv_in * dq + (s.v_in or s.kv_in) * dv)
             if s.out:
                 total += seen.get(s.out, n) * h * dv * s.out_features
-            n_all, m_all = n_all + n, m_all + self.keys_seen(m) // self.kv_stride
+            n_all, m_all = n_all + n, m_all + self.keys_seen(m)
         total += sum(p.added_macs(self, seen) for p in self.parts.values())
         if self.linear_macs:  # (v @ k) @ q per head: proportional to N + M
             seen_all = sum(s.tokens_q + s.tokens_kv for s in self.every_stream())

@@ -203,7 +203,6 @@ def _build(
         ],
         unsliced=sorted(cut_of),
         linear_macs=sum(node_macs(c) for c in call.cost_nodes) // call.q.shape[0] if linear else 0,
-        kv_stride=stride,
         between=sorted({n.op for n in layout.ops if n.kind not in ("shape", "cast")}),
         head_attrs=attrs,
         fast=not mixed,
