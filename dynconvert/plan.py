@@ -143,12 +143,6 @@ class AttentionSite:
     more_out_maps: list[UnitMap] = field(default_factory=list)  # their out-projections' columns
     between: list[str] = field(default_factory=list)  # head-local ops before the attention
     fold: int = 1  # rows per sample (frames folded into the batch by a video block), example inputs
-    # A partial site: a norm across all heads (qk-norm over the whole width) stops the Linears
-    # of ``unsliced`` from being sliced: they and the norm run in full, then the norm module's
-    # output is cut to the active heads (``cut_maps``, keyed by the module's fqn). Saved: the
-    # attention matmuls, the other projections and the out-projection of the inactive heads.
-    cut_maps: list[UnitMap] = field(default_factory=list)
-    unsliced: list[str] = field(default_factory=list)
     kv_heads: int = 0  # key/value heads when fewer (grouped-query attention; 0: as many as heads)
     # Linear (kernel) attention: its two per-head products cost linear_macs per row at the
     # example tokens, in proportion to query + key tokens (not N x M as softmax attention).
@@ -189,16 +183,6 @@ class AttentionSite:
         """The part of :meth:`macs` no routing saves: projections computed in full (partial site)."""
         seen = seen or {}
         total = sum(p.fixed_macs(self, seen) for p in self.parts.values())
-        if self.unsliced:
-            h, hk, dq = self.heads, self.units, self.head_dim
-            for s in self.every_stream():
-                if s.q in self.unsliced:
-                    total += seen.get(s.q, s.tokens_q) * s.q_in * h * dq
-                m = seen.get(s.k, s.tokens_kv)
-                if s.k in self.unsliced:  # a fused key/value projection holds the value rows too
-                    total += m * s.kv_in * hk * (dq + (self.v_head_dim if s.v == s.k else 0))
-                if s.v in self.unsliced and s.v != s.k:  # cut after key/value compression
-                    total += seen.get(s.v, m) * (s.v_in or s.kv_in) * hk * self.v_head_dim
         return total * (self.fold if fold is None else fold)
 
     def every_stream(self) -> list[AttentionStream]:
@@ -504,7 +488,6 @@ def _attention_site(a: dict[str, Any]) -> AttentionSite:
             "out_map": maps(a["out_map"]),
             "more_out_maps": [maps(m) for m in a.get("more_out_maps", [])],
             "streams": [AttentionStream(**s) for s in a.get("streams", [])],
-            "cut_maps": [maps(m) for m in a.get("cut_maps", [])],
             "table_args": [
                 TableArg(t["path"], t["dim"], maps(t["map"])) for t in a.get("table_args", [])
             ],

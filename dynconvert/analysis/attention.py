@@ -173,7 +173,6 @@ def _build(
     # Self-attention: one fused projection, or q and k computed from the same tensor.
     self_attn = q_lin is k_lin or q_lin.args[0] is k_lin.args[0] or len(streams) > 1
     linear = call.q_layout == "bhdn"  # linear (kernel) attention: checked once at convert
-    cut_of = {lin: mod for mod, cut in layout.cuts.items() for lin in cut.linears}
     site = AttentionSite(
         name=name,
         block=block_of(name),
@@ -197,11 +196,6 @@ def _build(
         out_map=out_maps[0],
         more_out_maps=out_maps[1:],
         streams=streams[1:],
-        cut_maps=[
-            unit_map(mod, "rows", units, [per_unit(cut.table, units)])
-            for mod, cut in layout.cuts.items()
-        ],
-        unsliced=sorted(cut_of),
         linear_macs=sum(node_macs(c) for c in call.cost_nodes) // call.q.shape[0] if linear else 0,
         between=sorted({n.op for n in layout.ops if n.kind not in ("shape", "cast")}),
         head_attrs=attrs,
@@ -303,8 +297,7 @@ def _in_maps(
     for f in findings:  # more projections whose rows go with their head (a gate's)
         for node, table in f.inputs:
             per_linear[node.linear] = [table]
-    cut_of = {lin for cut in layout.cuts.values() for lin in cut.linears}  # partial site
-    full = cut_of | {name for f in findings for name in f.full_width}
+    full = {name for f in findings for name in f.full_width}  # a partial site's
     maps = [unit_map(n, "rows", units, ts) for n, ts in per_linear.items() if n not in full]
     # A projection that also computes other channels (one Linear for q, k, v and the MLP
     # hidden, split by sizes the model computes from its attributes) cannot return fewer rows:

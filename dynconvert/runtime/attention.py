@@ -31,9 +31,7 @@ class AttentionRuntime(SiteRuntime):
 
     def __init__(self, site: AttentionSite, bank: Any, module: nn.Module):
         super().__init__(site, bank, site.v_head_dim * site.group)  # out columns per unit
-        # A partial site's cut modules slice their output like a projection's rows, and a
-        # table handed in per head (keyed by its argument path) along its axis.
-        self.tables.update({m.linear: unit_table(m) for m in site.cut_maps})
+        # A table handed in per head (keyed by its argument path) is cut along its axis.
         self.tables.update({t.path: unit_table(t.map) for t in site.table_args})
         for part in site.parts.values():  # what a form cuts with the heads (forms/<form>.py)
             self.tables.update({m.linear: unit_table(m) for m in part.head_maps()})
@@ -136,18 +134,6 @@ class AttentionRuntime(SiteRuntime):
                 "inputs, or convert again with inputs that call it this way"
             )
         return pytree.tree_unflatten(out, spec)
-
-    def cut_hook(self, name: str) -> Any:
-        """Forward hook of a partial site's cut module (a norm across all heads): its output
-        (..., H * d), computed in full, keeps only the active heads' channels on the fast path."""
-
-        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
-            d = self.fast
-            if d is None:
-                return None
-            return output.index_select(-1, d.rows[name])  # (..., H' * d)
-
-        return hook
 
     def out_state(self) -> tuple[Decision | None, bool, torch.Tensor | None]:
         """For a shared out-projection: (this call's decision, sliced?, head mask if masked)."""
