@@ -98,16 +98,6 @@ class AttentionStream:
 
 
 @dataclass
-class TableArg:
-    """A tensor argument of the attention module that differs per head (a rotary table over
-    the whole width): the fast path cuts it along ``dim`` to the active heads' positions."""
-
-    path: str  # where it is in the module's (args, kwargs), e.g. "[1]['image_rotary_emb'][0]"
-    dim: int  # the axis cut (negative: counted from the end)
-    map: UnitMap  # positions along ``dim`` of every unit (``map.linear`` is the path)
-
-
-@dataclass
 class AttentionSite:
     """One attention call: the core every attention has (projections, heads, unit maps, token
     counts, the streams of a joint attention) and the optional parts of the forms it takes
@@ -147,7 +137,6 @@ class AttentionSite:
     # Linear (kernel) attention: its two per-head products cost linear_macs per row at the
     # example tokens, in proportion to query + key tokens (not N x M as softmax attention).
     linear_macs: int = 0
-    table_args: list[TableArg] = field(default_factory=list)  # per-head tables handed in
     v_in: int = 0  # input features of the v projection when they differ from k's (0: kv_in)
     parts: dict[str, AttentionPart] = field(default_factory=dict)  # form name -> its part
 
@@ -488,9 +477,6 @@ def _attention_site(a: dict[str, Any]) -> AttentionSite:
             "out_map": maps(a["out_map"]),
             "more_out_maps": [maps(m) for m in a.get("more_out_maps", [])],
             "streams": [AttentionStream(**s) for s in a.get("streams", [])],
-            "table_args": [
-                TableArg(t["path"], t["dim"], maps(t["map"])) for t in a.get("table_args", [])
-            ],
             "parts": {k: forms.parts()[k].from_dict(p) for k, p in a.get("parts", {}).items()},
         }
     )

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from dynconvert import forms
 from dynconvert.plan import AttentionSite
@@ -31,8 +30,6 @@ class AttentionRuntime(SiteRuntime):
 
     def __init__(self, site: AttentionSite, bank: Any, module: nn.Module):
         super().__init__(site, bank, site.v_head_dim * site.group)  # out columns per unit
-        # A table handed in per head (keyed by its argument path) is cut along its axis.
-        self.tables.update({t.path: unit_table(t.map) for t in site.table_args})
         for part in site.parts.values():  # what a form cuts with the heads (forms/<form>.py)
             self.tables.update({m.linear: unit_table(m) for m in part.head_maps()})
         forms.load("run")
@@ -81,7 +78,7 @@ class AttentionRuntime(SiteRuntime):
 
     def pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> tuple[tuple, dict] | None:
         """Forward pre-hook of the attention module: decide the call, lower its head count
-        (and cut the per-head tables among its arguments)."""
+        (and let its forms change its arguments: per-head tables cut)."""
         self.fast = None
         bank, site = self.bank, self.site
         if getattr(module, "fused_projections", False):
@@ -104,8 +101,6 @@ class AttentionRuntime(SiteRuntime):
             owner, name = _owner(module, attr)
             self.saved[attr] = getattr(owner, name)
             setattr(owner, name, len(d.key) * per)
-        if site.table_args:
-            return self.cut_tables(args, kwargs, d)
         changed = False
         for part, hooks in self.hooks:  # a form's change to the arguments of a sliced call
             new = hooks.arguments(self, part, args, kwargs, d)
@@ -117,23 +112,6 @@ class AttentionRuntime(SiteRuntime):
         """The module hooks the site's forms add at convert (``modules``: the model's, by fqn);
         returns their handles."""
         return [h for part, hooks in self.hooks for h in hooks.attach(self, part, modules)]
-
-    def cut_tables(self, args: tuple, kwargs: dict, d: Decision) -> tuple[tuple, dict]:
-        """The module's arguments with every per-head table (a rotary table over the whole
-        width, (B, N, H * d)) cut to the active heads' positions along its axis."""
-        leaves, spec = pytree.tree_flatten_with_path((args, kwargs))
-        cut = {t.path: t for t in self.site.table_args}
-        out = []
-        for path, leaf in leaves:
-            t = cut.pop(pytree.keystr(path), None)
-            out.append(leaf if t is None else leaf.index_select(t.dim, d.rows[t.path]))
-        if cut:
-            raise RuntimeError(
-                f"{self.site.name or 'the model'} was called without the per-head table that "
-                f"analysis found at {next(iter(cut))} of its arguments; call it as in the example "
-                "inputs, or convert again with inputs that call it this way"
-            )
-        return pytree.tree_unflatten(out, spec)
 
     def out_state(self) -> tuple[Decision | None, bool, torch.Tensor | None]:
         """For a shared out-projection: (this call's decision, sliced?, head mask if masked)."""
