@@ -134,9 +134,6 @@ class AttentionSite:
     between: list[str] = field(default_factory=list)  # head-local ops before the attention
     fold: int = 1  # rows per sample (frames folded into the batch by a video block), example inputs
     kv_heads: int = 0  # key/value heads when fewer (grouped-query attention; 0: as many as heads)
-    # Linear (kernel) attention: its two per-head products cost linear_macs per row at the
-    # example tokens, in proportion to query + key tokens (not N x M as softmax attention).
-    linear_macs: int = 0
     v_in: int = 0  # input features of the v projection when they differ from k's (0: kv_in)
     parts: dict[str, AttentionPart] = field(default_factory=dict)  # form name -> its part
 
@@ -230,11 +227,7 @@ class AttentionSite:
                 total += seen.get(s.out, n) * h * dv * s.out_features
             n_all, m_all = n_all + n, m_all + self.keys_seen(m)
         total += sum(p.added_macs(self, seen) for p in self.parts.values())
-        if self.linear_macs:  # (v @ k) @ q per head: proportional to N + M
-            seen_all = sum(s.tokens_q + s.tokens_kv for s in self.every_stream())
-            total += self.linear_macs * (n_all + m_all) // max(1, seen_all)
-        else:
-            total += self.attention_macs(n_all, m_all)
+        total += self.attention_macs(n_all, m_all)
         return total * (self.fold if fold is None else fold)
 
 

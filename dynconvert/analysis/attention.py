@@ -19,7 +19,6 @@ import torch
 
 from dynconvert import forms
 from dynconvert.analysis.calls import AttentionCall
-from dynconvert.analysis.costs import node_macs
 from dynconvert.analysis.graph import OpNode, block_of, call_lca, module_lca
 from dynconvert.analysis.headlocal import InputLayout, derive_inputs
 from dynconvert.analysis.headout import OutGate, derive_outputs
@@ -172,7 +171,6 @@ def _build(
     q_lin, k_lin = layout.sources["q"][0].node, layout.sources["k"][0].node
     # Self-attention: one fused projection, or q and k computed from the same tensor.
     self_attn = q_lin is k_lin or q_lin.args[0] is k_lin.args[0] or len(streams) > 1
-    linear = call.q_layout == "bhdn"  # linear (kernel) attention: checked once at convert
     site = AttentionSite(
         name=name,
         block=block_of(name),
@@ -196,12 +194,11 @@ def _build(
         out_map=out_maps[0],
         more_out_maps=out_maps[1:],
         streams=streams[1:],
-        linear_macs=sum(node_macs(c) for c in call.cost_nodes) // call.q.shape[0] if linear else 0,
         between=sorted({n.op for n in layout.ops if n.kind not in ("shape", "cast")}),
         head_attrs=attrs,
         fast=not mixed,
         fast_reason=_fast_reason(
-            call, layout, heads, mixed, known, linear or any(f.unverified for f in findings)
+            call, layout, heads, mixed, known, any(f.unverified for f in findings)
         ),
         parts={f.part.kind: f.part for f in findings},
     )
