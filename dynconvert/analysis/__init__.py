@@ -32,7 +32,6 @@ from dynconvert.analysis.headlocal import linear_ancestry
 from dynconvert.analysis.registry import timestep_convention
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import AlreadyConvertedError, ExampleInputsError
-from dynconvert.forms import table_find
 from dynconvert.inputs import (
     batch_of,
     check_inputs_run,
@@ -44,6 +43,7 @@ from dynconvert.inputs import (
     timestep_slot,
 )
 from dynconvert.plan import AttentionSite, MlpSite, Plan, SkippedSite
+from dynconvert.sites import table_find
 
 FilterFn = Callable[[torch.nn.Module, str], bool]
 """``filter_fn(module, name) -> bool``: False leaves the site at ``name`` unconverted."""

@@ -7,8 +7,8 @@ wherever removing a head would not be the same as zeroing it (design.md, "Traps"
 
 This module is the core every attention takes; the forms a call may take beyond it (a gate, key
 and value compression, linear attention, a partial cut, per-head tables) are found by their own
-rules in ``dynconvert/forms/`` (``<form>_find.py``), which read the :class:`Evidence` gathered
-here and return a :class:`Finding`.
+rules in ``dynconvert/sites/`` (``<form>_find.py``), which read the ``Evidence`` gathered here
+and return a ``Finding`` (evidence.py).
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dynconvert import forms
 from dynconvert.analysis.calls import AttentionCall
+from dynconvert.analysis.evidence import Evidence, Finding, per_unit, unit_map
 from dynconvert.analysis.graph import OpNode, block_of, call_lca, module_lca
 from dynconvert.analysis.headlocal import InputLayout, derive_inputs
-from dynconvert.analysis.headout import OutGate, derive_outputs
-from dynconvert.analysis.layout import ChainError, as_parts, describe
+from dynconvert.analysis.headout import derive_outputs
+from dynconvert.analysis.layout import ChainError, describe
 from dynconvert.analysis.registry import attention_attrs
 from dynconvert.analysis.replay import TableUse
 from dynconvert.analysis.streams import group_streams, kv_stride
-from dynconvert.forms import AttentionPart
 from dynconvert.plan import AttentionSite, SkippedSite, UnitMap
+from dynconvert.sites import FINDERS, load
 
 
 @dataclass
@@ -37,45 +37,8 @@ class FoundAttention:
     site: AttentionSite | None
     skipped: SkippedSite | None
     linear_nodes: list[OpNode]
-    tables: list[TableUse] = field(default_factory=list)  # per-head tensors to find (tables.py)
+    tables: list[TableUse] = field(default_factory=list)  # per-head tensors (sites/table_find.py)
     kernel_macs: int = 0  # QK^T + AV of another library's kernel, which the graph cannot count
-
-
-@dataclass
-class Evidence:
-    """What the core found about one attention call: what the forms' rules read.
-
-    Example:
-        >>> ev = Evidence(None, None, [], units=2, stride=1, projections={"qkv"})
-        >>> ev.per_unit(torch.arange(8).reshape(4, 2)).tolist()  # 4 heads in 2 units
-        [[0, 1, 2, 3], [4, 5, 6, 7]]
-    """
-
-    call: AttentionCall
-    layout: InputLayout  # the q/k/v sources and what stands between them and the attention
-    gates: list[OutGate]  # Linears multiplied into the attention output (headout.py)
-    units: int  # routed units: heads, or key/value heads with their query heads
-    stride: int  # projection rows per attention key (streams.kv_stride)
-    projections: set[str]  # fqns of the q, k and v Linears
-
-    def per_unit(self, table: torch.Tensor) -> torch.Tensor:
-        """A (rows, d) index table of a head-ordered source as (units, size)."""
-        return per_unit(table, self.units)
-
-    def unit_map(self, linear: str, tables: list[torch.Tensor]) -> UnitMap:
-        """The row map of ``linear`` from one (units, size) table per part."""
-        return unit_map(linear, "rows", self.units, tables)
-
-
-@dataclass
-class Finding:
-    """One form found in an attention call: its part, and what the core does for it."""
-
-    part: AttentionPart
-    # More input projections sliced with the heads: (the Linear call, its rows per unit).
-    inputs: list[tuple[OpNode, torch.Tensor]] = field(default_factory=list)
-    full_width: list[str] = field(default_factory=list)  # projections left unsliced
-    unverified: bool = False  # its sliced call is checked once at convert (verify.py)
 
 
 def build_site(
@@ -113,24 +76,6 @@ def build_site(
         return FoundAttention(None, SkippedSite(where, "attention", why), [])
 
 
-def unit_map(
-    linear: str, axis: str, units: int, tables: list[torch.Tensor], keep: list[int] | None = None
-) -> UnitMap:
-    """A UnitMap from one (units, size) index table per part: regular parts where every table
-    is ``base + u * stride + j``, else the explicit indices.
-
-    Example:
-        >>> unit_map("qkv", "rows", 2, [torch.tensor([[0, 1], [2, 3]])]).parts
-        [(0, 2, 2)]
-    """
-    parts = [as_parts(t) for t in tables]
-    keep = list(keep or [])
-    if any(p is None for p in parts):
-        explicit = [t.tolist() for t in tables]
-        return UnitMap(linear=linear, axis=axis, units=units, explicit=explicit, keep=keep)
-    return UnitMap(linear=linear, axis=axis, units=units, parts=parts, keep=keep)
-
-
 def _build(
     call: AttentionCall,
     model: torch.nn.Module,
@@ -138,6 +83,8 @@ def _build(
     order: dict[int, int],
     from_linear: set[int],
 ) -> FoundAttention:
+    """The site of one call: its input and output sides, the checks every site passes, the
+    forms' rules on what they found (dynconvert/sites), then the maps, streams and module."""
     heads, head_dim, v_head_dim, k_heads = _operand_sizes(call)
     layout, units = _input_layout(call, heads, head_dim, v_head_dim, k_heads, order, from_linear)
     # Output side: every out-projection reading the attention output (one per stream), with
@@ -272,9 +219,9 @@ def _check_linears(
 
 
 def _find_forms(ev: Evidence) -> list[Finding]:
-    """Every registered form's rule on this call (dynconvert/forms), in name order."""
-    forms.load("find")
-    found = [find(ev) for _, find in sorted(forms.FINDERS.items())]
+    """Every registered form's rule on this call (dynconvert/sites), in name order."""
+    load("find")
+    found = [find(ev) for _, find in sorted(FINDERS.items())]
     return [f for f in found if f is not None]
 
 
@@ -398,24 +345,6 @@ def _grouped_layout(
                 continue
             return layout, heads // g
         raise
-
-
-def per_unit(table: torch.Tensor, units: int) -> torch.Tensor:
-    """A source's (rows, d) index table as (units, size): a query or output table of H rows
-    joins the g heads of each unit; a key/value table repeated to H rows keeps one copy (the
-    replay checked that the copies hold the same rows).
-
-    Example:
-        >>> per_unit(torch.tensor([[0, 1], [0, 1], [2, 3], [2, 3]]), 2).tolist()  # repeated k/v
-        [[0, 1], [2, 3]]
-    """
-    rows = table.shape[0]
-    if rows == units:
-        return table
-    grouped = table.reshape(units, rows // units, -1)  # (units, g, d)
-    if bool((grouped == grouped[:, :1]).all()):  # a repeated key/value head
-        return grouped[:, 0]
-    return grouped.reshape(units, -1)
 
 
 def _ascending(table: torch.Tensor) -> bool:

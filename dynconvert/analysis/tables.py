@@ -1,6 +1,6 @@
 """Values of an exported graph's nodes at given inputs: what ``OpGraph.evaluate`` runs (the
 table form matches per-head tables with the attention module's arguments by value this way,
-forms/table_find.py)."""
+sites/table_find.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The attention runtime: one attention site's head masks (masked path) or sliced heads (fast
 path) and the head-count attributes lowered for a sliced call (see dynamic.py for the Linears it
 drives). What a form adds at run time (the cuts of a partial site, the per-head tables among the
-module's arguments) is that form's hooks (``dynconvert/forms/<form>_run.py``), called from here.
+module's arguments) is that form's hooks (``dynconvert/sites/<form>_run.py``), called from here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynconvert import forms
 from dynconvert.plan import AttentionSite
 from dynconvert.runtime.dynamic import (
     Decision,
@@ -23,6 +22,7 @@ from dynconvert.runtime.dynamic import (
     make_dynamic,
     unit_table,
 )
+from dynconvert.sites import RUNTIMES, load
 
 
 class AttentionRuntime(SiteRuntime):
@@ -30,10 +30,10 @@ class AttentionRuntime(SiteRuntime):
 
     def __init__(self, site: AttentionSite, bank: Any, module: nn.Module):
         super().__init__(site, bank, site.v_head_dim * site.group)  # out columns per unit
-        for part in site.parts.values():  # what a form cuts with the heads (forms/<form>.py)
+        for part in site.parts.values():  # what a form cuts with the heads (sites/<form>.py)
             self.tables.update({m.linear: unit_table(m) for m in part.head_maps()})
-        forms.load("run")
-        self.hooks = [(p, forms.RUNTIMES[k]) for k, p in site.parts.items() if k in forms.RUNTIMES]
+        load("run")  # the forms' runtime hooks (dynconvert/sites/<form>_run.py)
+        self.hooks = [(p, RUNTIMES[k]) for k, p in site.parts.items() if k in RUNTIMES]
         self.fast: Decision | None = None  # this call's fast-path decision (None: full/masked)
         self.saved: dict[str, int] = {}  # head-count attributes lowered for this call
         self.fused: dict[str, tuple[str, ...]] = {}  # fused projection fqn -> the fqns it fuses

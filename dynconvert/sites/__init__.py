@@ -1,10 +1,12 @@
-"""Attention forms: the optional parts of an attention site, one module per form, registered once.
+"""Site data, and the seam for attention forms: one module per form, registered once.
 
-An :class:`~dynconvert.plan.AttentionSite` is a common core (projections, heads, unit maps, token
-counts, the streams of a joint attention) plus a dict of optional parts, one per form the call
-takes: a gate on the output, keys and values compressed before the attention, linear (kernel)
-attention, a norm across all heads that is cut after it (a partial site), tables per head handed
-in as arguments. Each form lives in this folder, in modules named after it, one per stage:
+``units.py`` holds the unit maps every site is written in, ``attention.py`` the attention
+site's core (projections, heads, unit maps, token counts, the streams of a joint attention; the
+MLP site is still in ``plan.py``). An attention site also carries a dict of optional parts, one
+per form the call takes: a gate on the output, keys and values compressed before the attention,
+linear (kernel) attention, a norm across all heads cut after it (a partial site), tables per
+head handed in as arguments. Each form lives in this folder, in modules named after it, one per
+stage (``tests/test_imports.py`` places them in those layers):
 
 - ``<form>.py`` (plan data): its part, a small dataclass registered with :func:`register_part`,
   with its MACs terms (the methods of :class:`AttentionPart`), the maps the fast path cuts with
@@ -17,13 +19,14 @@ in as arguments. Each form lives in this folder, in modules named after it, one 
   :func:`register_runtime` (more module hooks when convert attaches the site, a change to the
   attention module's arguments on a sliced call).
 
-The core calls the registered terms and hooks instead of branching on fields; adding a form adds
-its modules (and tests), nothing else. ``docs/site-kinds.md`` walks through one.
+The core calls the registered terms and hooks instead of branching on fields; the modules of a
+stage are imported (and so registered) by :func:`load`, so adding a form adds its modules and
+its tests, nothing else. ``docs/site-kinds.md`` walks through one.
 
 Example:
-    >>> from dynconvert.forms import parts
-    >>> sorted(parts())[:2]
-    ['gate', 'kv_compression']
+    >>> from dynconvert.sites import part_classes
+    >>> sorted(part_classes())
+    ['gate', 'kv_compression', 'linear', 'partial', 'table']
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from typing import Any, ClassVar, TypeVar
 
 STAGES = {"part": "", "find": "_find", "run": "_run"}
 """Stage -> the suffix of its modules' names (``gate.py``, ``gate_find.py``, ``gate_run.py``)."""
+CORE = ("attention", "units")
+"""Modules of this folder that are not forms."""
 
 PARTS: dict[str, type[AttentionPart]] = {}
 """Form name -> its part class (filled as the ``<form>.py`` modules are imported)."""
@@ -157,6 +162,8 @@ def load(stage: str) -> None:
         return
     suffix = STAGES[stage]
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name in CORE:
+            continue
         form = info.name[: -len(suffix)] if suffix else info.name
         if suffix and not info.name.endswith(suffix):
             continue
@@ -165,16 +172,16 @@ def load(stage: str) -> None:
         if stage != "part":
             load("part")
             if form not in PARTS:
-                raise ValueError(f"forms/{info.name}.py has no part: add forms/{form}.py")
+                raise ValueError(f"sites/{info.name}.py has no part: add sites/{form}.py")
         importlib.import_module(f"{__name__}.{info.name}")
     _LOADED.add(stage)
 
 
-def parts() -> dict[str, type[AttentionPart]]:
+def part_classes() -> dict[str, type[AttentionPart]]:
     """Every registered part class by form name.
 
     Example:
-        >>> "gate" in parts()
+        >>> "gate" in part_classes()
         True
     """
     load("part")

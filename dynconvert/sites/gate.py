@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dynconvert.forms import AttentionPart, register_part
+from dynconvert.sites import AttentionPart, register_part
 
 
 @register_part("gate")

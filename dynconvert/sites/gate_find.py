@@ -11,10 +11,10 @@ Example:
 
 from __future__ import annotations
 
-from dynconvert.analysis.attention import Evidence, Finding
+from dynconvert.analysis.evidence import Evidence, Finding
 from dynconvert.analysis.layout import ChainError
-from dynconvert.forms import register_finder
-from dynconvert.forms.gate import Gate
+from dynconvert.sites import register_finder
+from dynconvert.sites.gate import Gate
 
 
 @register_finder("gate")

@@ -3,7 +3,7 @@ downsampled between their projections and the attention, which sees 1 / ``stride
 tokens the k and v projections ran on (the site's ``tokens_kv`` counts the projections' tokens).
 
 The model's own code downsamples whatever heads it is given: no runtime hook. A norm across all
-heads after the downsampling makes the site partial too (forms/partial.py).
+heads after the downsampling makes the site partial too (sites/partial.py).
 
 Example:
     >>> KvCompression(stride=4).keys_seen(16)  # 2 x 2 tokens per key
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dynconvert.forms import AttentionPart, register_part
+from dynconvert.sites import AttentionPart, register_part
 
 
 @register_part("kv_compression")

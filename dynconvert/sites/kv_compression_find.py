@@ -13,9 +13,9 @@ Example:
 
 from __future__ import annotations
 
-from dynconvert.analysis.attention import Evidence, Finding
-from dynconvert.forms import register_finder
-from dynconvert.forms.kv_compression import KvCompression
+from dynconvert.analysis.evidence import Evidence, Finding
+from dynconvert.sites import register_finder
+from dynconvert.sites.kv_compression import KvCompression
 
 
 @register_finder("kv_compression")

@@ -11,10 +11,10 @@ Example:
 
 from __future__ import annotations
 
-from dynconvert.analysis.attention import Evidence, Finding
 from dynconvert.analysis.costs import node_macs
-from dynconvert.forms import register_finder
-from dynconvert.forms.linear import LinearAttention
+from dynconvert.analysis.evidence import Evidence, Finding
+from dynconvert.sites import register_finder
+from dynconvert.sites.linear import LinearAttention
 
 
 @register_finder("linear")

@@ -5,7 +5,7 @@ module's fqn: ``partial_run.py`` hooks it). Saved: the attention matmuls, the ot
 and the out-projection of the inactive heads.
 
 Example:
-    >>> from dynconvert.plan import UnitMap
+    >>> from dynconvert.sites.units import UnitMap
     >>> cut = PartialCut([UnitMap("attn.q_norm", "rows", 2, [(0, 8, 8)])], ["attn.to_q"])
     >>> [m.linear for m in cut.head_maps()]
     ['attn.q_norm']
@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dynconvert.forms import AttentionPart, register_part
-from dynconvert.plan import UnitMap
+from dynconvert.sites import AttentionPart, register_part
+from dynconvert.sites.units import UnitMap
 
 
 @register_part("partial")

@@ -10,9 +10,9 @@ Example:
 
 from __future__ import annotations
 
-from dynconvert.analysis.attention import Evidence, Finding
-from dynconvert.forms import register_finder
-from dynconvert.forms.partial import PartialCut
+from dynconvert.analysis.evidence import Evidence, Finding
+from dynconvert.sites import register_finder
+from dynconvert.sites.partial import PartialCut
 
 
 @register_finder("partial")

@@ -2,7 +2,7 @@
 whose output, computed in full, keeps only the active heads' channels on the fast path.
 
 Example:
-    >>> from dynconvert.forms import RUNTIMES, load
+    >>> from dynconvert.sites import RUNTIMES, load
     >>> load("run")
     >>> type(RUNTIMES["partial"]).__name__
     'PartialRun'
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynconvert.forms import PartRuntime, register_runtime
-from dynconvert.forms.partial import PartialCut
+from dynconvert.sites import PartRuntime, register_runtime
+from dynconvert.sites.partial import PartialCut
 
 
 @register_runtime("partial")

@@ -3,7 +3,7 @@
 removes its positions of the table too: ``table_run.py`` cuts the argument on a sliced call.
 
 Example:
-    >>> from dynconvert.plan import UnitMap
+    >>> from dynconvert.sites.units import UnitMap
     >>> rope = TableArg("[1]['rope'][0]", -1, UnitMap("[1]['rope'][0]", "rows", 2, [(0, 4, 4)]))
     >>> [m.linear for m in TableCut([rope]).head_maps()]
     ["[1]['rope'][0]"]
@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dynconvert.forms import AttentionPart, register_part
-from dynconvert.plan import UnitMap
+from dynconvert.sites import AttentionPart, register_part
+from dynconvert.sites.units import UnitMap
 
 
 @dataclass

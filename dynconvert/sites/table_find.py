@@ -25,9 +25,9 @@ from torch.utils import _pytree as pytree
 from dynconvert.analysis.graph import OpGraph, OpNode
 from dynconvert.analysis.layout import describe
 from dynconvert.analysis.replay import TableUse, replay_chain
-from dynconvert.forms.table import TableArg, TableCut
 from dynconvert.inputs import eval_mode
 from dynconvert.plan import AttentionSite, UnitMap
+from dynconvert.sites.table import TableArg, TableCut
 
 
 def entering(use: TableUse, module: str) -> OpNode | str:

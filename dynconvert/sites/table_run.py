@@ -2,7 +2,7 @@
 module's arguments is cut to the active heads' positions along its axis.
 
 Example:
-    >>> from dynconvert.forms import RUNTIMES, load
+    >>> from dynconvert.sites import RUNTIMES, load
     >>> load("run")
     >>> type(RUNTIMES["table"]).__name__
     'TableRun'
@@ -14,8 +14,8 @@ from typing import Any
 
 from torch.utils import _pytree as pytree
 
-from dynconvert.forms import PartRuntime, register_runtime
-from dynconvert.forms.table import TableCut
+from dynconvert.sites import PartRuntime, register_runtime
+from dynconvert.sites.table import TableCut
 
 
 @register_runtime("table")
