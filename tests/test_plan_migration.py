@@ -41,6 +41,16 @@ def _dit() -> tuple[nn.Module, dict[str, Any]]:
     return model, {"x": x, "t": t, "y": y}
 
 
+# fixture folder -> the forms its attention sites take once migrated (all sites alike)
+FORMS = {
+    "dit": [],
+    "gate-gqa": ["gate"],
+    "kv-partial": ["kv_compression", "partial"],
+    "table-partial": ["partial", "table"],
+    "linear": ["linear"],
+    "streams": [],
+}
+
 # fixture folder -> a freshly built original model and its example inputs
 BUILDERS = {
     "dit": _dit,
@@ -85,3 +95,10 @@ def test_a_record_saved_at_plan_version_2_loads_and_computes_what_it_did(name):
     assert plan.version == PLAN_VERSION
     assert Plan.from_dict(record["plan"]) == plan
     assert Plan.from_dict(plan.to_dict()) == plan
+    assert all(sorted(s.parts) == FORMS[name] for s in plan.attention), plan.attention
+    # The costs the accountant reads are those the saved plan described.
+    old = record["plan"]
+    assert plan.other_macs == old["other_macs"] and plan.static_macs == old["static_macs"]
+    for site, saved in zip(plan.attention, old["attention"]):
+        for name in ("gate", "gate_in", "gate_rows", "kv_stride", "linear_macs", "unsliced"):
+            assert getattr(site, name) == saved[name]  # the version-2 names still read
