@@ -193,8 +193,7 @@ def apply_plan(
                 make_dynamic(modules[m.linear], rt, "in", m.linear)
             for m in site.out_maps:  # every stream's out-projection
                 make_dynamic(modules[m.linear], rt, "out", m.linear)
-            for m in site.cut_maps:  # partial site: norms across all heads, cut after them
-                hooks.append(modules[m.linear].register_forward_hook(rt.cut_hook(m.linear)))
+            hooks.extend(rt.attach_parts(modules))  # what the site's forms hook (dynconvert/sites)
             # The pre-hook lowers the module's head-count attributes for a sliced call and the
             # post-hook restores them, also when the forward raises (always_call).
             hooks.append(module.register_forward_pre_hook(rt.pre_hook, with_kwargs=True))

@@ -43,6 +43,7 @@ from dynconvert.inputs import (
     timestep_slot,
 )
 from dynconvert.plan import AttentionSite, MlpSite, Plan, SkippedSite
+from dynconvert.sites import table_find
 
 FilterFn = Callable[[torch.nn.Module, str], bool]
 """``filter_fn(module, name) -> bool``: False leaves the site at ``name`` unconverted."""
@@ -161,7 +162,7 @@ def plan_from_graph(
     # Heads of every block's first attention call, converted or not: a block whose attention is
     # refused (qk-norm across all heads) is still a transformer block, and its MLP a site.
     block_heads: dict[str, int] = {}
-    pending: list[tuple[Any, list]] = []  # sites with per-head tables handed in (tables.py)
+    pending: list[tuple[Any, list]] = []  # sites with per-head tables handed in (table_find.py)
     claims: dict[int, set[str]] = {}  # site -> its Linears
     kernel_macs: dict[int, int] = {}  # site -> MACs of another library's kernel (not in the graph)
     for call in find_calls(graph):
@@ -178,7 +179,7 @@ def plan_from_graph(
         claims[id(found.site)] = {n.linear for n in found.linear_nodes}
         kernel_macs[id(found.site)] = found.kernel_macs
     if pending:  # which argument each table is: one forward pass for all of them
-        failed = tables.resolve(model, graph, args, kwargs, pending)
+        failed = table_find.resolve(model, graph, args, kwargs, pending)
         for _, site in [p for p in attention if id(p[1]) in failed]:
             skipped.append(SkippedSite(site.name, "attention", failed[id(site)]))
         attention = [p for p in attention if id(p[1]) not in failed]
