@@ -16,7 +16,7 @@ from torch import nn
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import TimestepError
 from dynconvert.inputs import batch_of, timestep_slot
-from dynconvert.plan import MlpSite, Plan, Site
+from dynconvert.plan import ROUTER_TIMESTEPS, MlpSite, Plan, Site
 from dynconvert.runtime.checkpointing import NoiseReplay, wrap_checkpointing
 from dynconvert.runtime.dynamic import SiteRuntime
 from dynconvert.runtime.interfaces import Decision, MlpCall
@@ -135,7 +135,7 @@ class RouterBank(nn.Module):
         reverse = self.config.timestep_reverse
         t = t * (self.plan.timestep_scale if scale is None else scale)
         if self.plan.timestep_reverse if reverse is None else reverse:
-            t = 1000.0 - t
+            t = ROUTER_TIMESTEPS - t
         self._t = t
         # Training masks are drawn here, before any block: a checkpointed block's recomputation
         # must not be the one that draws them, and the draw order then does not depend on it.
@@ -314,7 +314,7 @@ class RouterBank(nn.Module):
         if getattr(self, "_warned_convention", False) or not values:
             return
         lo, hi = min(values), max(values)
-        odd = lo < -1.0 or hi > 1001.0
+        odd = lo < -1.0 or hi > ROUTER_TIMESTEPS + 1.0
         odd = odd or (hi <= 1.0 and any(v != round(v) for v in values))  # sigma read as DDPM t
         if odd:
             self._warned_convention = True
@@ -351,7 +351,8 @@ class RouterBank(nn.Module):
 
         Returns ``{site index: (T, units) bool}`` for every site with a width router.
         """
-        t = torch.arange(1000, dtype=torch.float32) if timesteps is None else timesteps.float()
+        grid = torch.arange(ROUTER_TIMESTEPS, dtype=torch.float32)
+        t = grid if timesteps is None else timesteps.float()
         t = t.to(self.always_on.device)
         with torch.no_grad():
             emb = self.t_embed(t)

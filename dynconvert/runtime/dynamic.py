@@ -21,7 +21,13 @@ import torch
 from torch import nn
 
 from dynconvert.plan import AttentionSite, MlpSite, UnitMap
-from dynconvert.runtime.interfaces import CallRouting, ConvRoute, Decision, LinearRoute
+from dynconvert.runtime.interfaces import (
+    PATTERN_CACHE_LIMIT,
+    CallRouting,
+    ConvRoute,
+    Decision,
+    LinearRoute,
+)
 
 
 class DynamicLinear(nn.Linear):
@@ -266,7 +272,7 @@ class SiteRuntime:
                         device
                     )
             d = Decision(units, rows, cols, sub_cols)
-        if len(self._decisions) > 4096:  # bound the memory of a run with many mask patterns
+        if len(self._decisions) > PATTERN_CACHE_LIMIT:  # many mask patterns: bound the memory
             self._decisions.clear()
         self._decisions[key] = d
         return d

@@ -24,6 +24,11 @@ from torch import nn
 from dynconvert.plan import Site
 from dynconvert.runtime.slices import SliceCache
 
+PATTERN_CACHE_LIMIT = 4096
+"""Entries a per-pattern cache holds before it is emptied (decisions, planned patterns, shared
+out-projection indices): a sampling run repeats a few patterns, a run with many mixed-t batches
+must not grow without bound."""
+
 
 class Decision:
     """What the fast path computes for one mask pattern on one device (computed once, reused)."""

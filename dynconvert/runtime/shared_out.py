@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dynconvert.runtime.dynamic import DynamicLinear, per_row
-from dynconvert.runtime.interfaces import OutColumnsOwner
+from dynconvert.runtime.interfaces import PATTERN_CACHE_LIMIT, OutColumnsOwner
 
 
 class SharedOutRuntime:
@@ -71,7 +71,7 @@ class SharedOutRuntime:
         ikey = (tuple(keys), x.device)
         index = self._index.get(ikey)
         if index is None:
-            if len(self._index) > 4096:  # bound the memory of a run with many unit sets
+            if len(self._index) > PATTERN_CACHE_LIMIT:  # many unit sets: bound the memory
                 self._index.clear()
             index = self._index[ikey] = torch.cat(cols).to(x.device)
         w, b = self.bank.sliced(lin, "cols", tuple(keys), index)

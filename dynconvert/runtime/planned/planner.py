@@ -42,9 +42,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from dynconvert.plan import MlpSite
+from dynconvert.plan import ROUTER_TIMESTEPS, MlpSite
 from dynconvert.runtime.dynamic import DynamicConv, DynamicLinear, SiteRuntime
-from dynconvert.runtime.interfaces import CallRouting, Decision, MlpCall
+from dynconvert.runtime.interfaces import PATTERN_CACHE_LIMIT, CallRouting, Decision, MlpCall
 from dynconvert.runtime.mlp import MlpRuntime, record_mlp_call, record_mlp_tokens
 
 CAPACITY_STEPS = 32
@@ -175,7 +175,7 @@ class Planner:
         key = ids[:1] if all(i == ids[0] for i in ids) else ids
         pattern = self.patterns.get(key)
         if pattern is None:
-            if len(self.patterns) > 4096:  # many mixed-t batches: bound the bookkeeping
+            if len(self.patterns) > PATTERN_CACHE_LIMIT:  # many mixed-t batches: bound it
                 self.patterns.clear()
             pattern = self.patterns[key] = self._build(key)
         if not pattern.sliced and not torch.is_grad_enabled():
@@ -226,7 +226,7 @@ class Planner:
         table = self.capacity.get(index)
         if table is None:
             return None
-        return float(table[min(999, max(0, int(round(t))))])
+        return float(table[min(ROUTER_TIMESTEPS - 1, max(0, int(round(t))))])
 
     def _build(self, key: tuple[int, ...]) -> Pattern:
         """Every site's decision and capacity for the samples' pattern ids ``key``."""
