@@ -6,6 +6,7 @@ modules cannot import the bank back: the Protocols here name what they use of it
 - :class:`Decision`: the units a sliced site computes for one mask pattern (built by
   ``SiteRuntime.decide``, or per pattern by the planned path).
 - :class:`MlpCall`: one MLP call in progress, handed from fc1 to fc2.
+- :class:`RoutedSite`: a site runtime as the bank and the execution modes see it.
 - :class:`CallRouting`: what a site runtime asks of its bank during a call (masks, records, the
   execution mode's decisions and weights); :class:`ModeBank`: what an execution mode
   (modes.py) asks of it, and :class:`PatternPlanner` of the planned path's planner.
@@ -73,6 +74,16 @@ class MlpCall:
     keep: torch.Tensor | None = None
 
 
+class RoutedSite(Protocol):
+    """A site runtime as the bank, the execution modes and the planner see it (SiteRuntime)."""
+
+    site: Site
+
+    def decide(self, mask_cpu: torch.Tensor | None, device: torch.device) -> Decision | None:
+        """The sliced-path decision for a (Bt, units) CPU mask (None: every unit)."""
+        ...
+
+
 class CallRouting(Protocol):
     """What a site runtime asks of its RouterBank during one forward call (bank.py)."""
 
@@ -98,11 +109,11 @@ class CallRouting(Protocol):
         """Whether this site runs sliced in the current call."""
         ...
 
-    def decision(self, runtime: Any, device: torch.device) -> Decision | None:
+    def decision(self, runtime: RoutedSite, device: torch.device) -> Decision | None:
         """The units a sliced site computes in this call, from the call's execution mode."""
         ...
 
-    def begin_mlp(self, runtime: Any, x: torch.Tensor) -> MlpCall | None:
+    def begin_mlp(self, runtime: RoutedSite, x: torch.Tensor) -> MlpCall | None:
         """A sliced MLP call begun by the execution mode, or None: the runtime begins it."""
         ...
 
@@ -120,7 +131,7 @@ class CallRouting(Protocol):
 class PatternPlanner(Protocol):
     """The planned path's planner (planned/planner.py), as the planned execution mode uses it."""
 
-    def begin(self, values: list[float], table_key: Any, model: nn.Module | None) -> None:
+    def begin(self, values: list[float], table_key: tuple | None, model: nn.Module | None) -> None:
         """Pick the pattern of a call whose samples have timesteps ``values``."""
         ...
 
@@ -134,7 +145,7 @@ class PatternPlanner(Protocol):
         """Pre-sliced rows or columns of ``lin`` for a unit set."""
         ...
 
-    def begin_mlp(self, rt: Any, x: torch.Tensor) -> MlpCall:
+    def begin_mlp(self, rt: RoutedSite, x: torch.Tensor) -> MlpCall:
         """Start a planned MLP call at its input x (fixed token capacity)."""
         ...
 
@@ -146,7 +157,7 @@ class ModeBank(CallRouting, Protocol):
     planner: PatternPlanner  # the planned path's patterns and pre-sliced weights
 
     @property
-    def table_key(self) -> Any:
+    def table_key(self) -> tuple | None:
         """Identifies the router parameters the call's width masks come from."""
         ...
 

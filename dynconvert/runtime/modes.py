@@ -25,7 +25,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from dynconvert.errors import ConfigError
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # annotations only: importing this module stays free of torch
     import torch
     from torch import nn
 
-    from dynconvert.runtime.interfaces import Decision, MlpCall, ModeBank
+    from dynconvert.runtime.interfaces import Decision, MlpCall, ModeBank, RoutedSite
 
 M = TypeVar("M", bound="type[ExecutionMode]")
 
@@ -63,17 +63,19 @@ class ExecutionMode:
     def begin(self, bank: ModeBank, values: list[float], model: nn.Module | None) -> None:
         """Start an evaluation call of ``model`` at timesteps ``values`` (host floats)."""
 
-    def decision(self, bank: ModeBank, runtime: Any, device: torch.device) -> Decision | None:
+    def decision(
+        self, bank: ModeBank, runtime: RoutedSite, device: torch.device
+    ) -> Decision | None:
         """The units a sliced site computes in this call (None: every unit)."""
         return runtime.decide(bank.width_mask_cpu(runtime.site.index), device)
 
     def weights(
-        self, bank: ModeBank, lin: nn.Module, axis: str, units: tuple[int, ...], index: Any
-    ) -> tuple:
+        self, bank: ModeBank, lin: nn.Module, axis: str, units: tuple[int, ...], index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weight (and bias) of ``lin`` cut to ``index`` rows or columns (``units`` names them)."""
         return bank.slices.get(lin, axis, units, index)
 
-    def begin_mlp(self, bank: ModeBank, runtime: Any, x: torch.Tensor) -> MlpCall | None:
+    def begin_mlp(self, bank: ModeBank, runtime: RoutedSite, x: torch.Tensor) -> MlpCall | None:
         """A sliced MLP call begun by the mode, or None: the runtime begins it (its token
         routers' selection gathered with ``nonzero``)."""
         return None
@@ -161,17 +163,19 @@ class PlannedExecution(ExecutionMode):
         """Pick the call's pattern (built, and its weights pre-sliced, on first use)."""
         bank.planner.begin(values, bank.table_key, model)
 
-    def decision(self, bank: ModeBank, runtime: Any, device: torch.device) -> Decision | None:
+    def decision(
+        self, bank: ModeBank, runtime: RoutedSite, device: torch.device
+    ) -> Decision | None:
         """Decided once per pattern, before the call (planner.py)."""
         return bank.planner.decision(runtime.site.index)
 
     def weights(
-        self, bank: ModeBank, lin: nn.Module, axis: str, units: tuple[int, ...], index: Any
-    ) -> tuple:
+        self, bank: ModeBank, lin: nn.Module, axis: str, units: tuple[int, ...], index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The planner's pre-sliced copy (or a gather in the forward beyond its byte cap)."""
         return bank.planner.sliced(lin, axis, units, index)
 
-    def begin_mlp(self, bank: ModeBank, runtime: Any, x: torch.Tensor) -> MlpCall | None:
+    def begin_mlp(self, bank: ModeBank, runtime: RoutedSite, x: torch.Tensor) -> MlpCall | None:
         """Fixed-capacity token routing: top-k logits instead of ``nonzero``."""
         return bank.planner.begin_mlp(runtime, x)
 

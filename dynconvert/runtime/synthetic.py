@@ -21,6 +21,7 @@ from torch import nn
 from dynconvert.flops import solve_keep
 from dynconvert.inputs import default_inputs, split_inputs
 from dynconvert.plan import ROUTER_TIMESTEPS, MlpSite
+from dynconvert.runtime.bank import RouterBank
 from dynconvert.runtime.planned.controls import planner_of, set_token_capacity
 from dynconvert.runtime.routing import routing
 from dynconvert.runtime.state import get_state
@@ -87,7 +88,7 @@ def _threshold(raw: torch.Tensor, keep: float, dim: int | None = None) -> torch.
 
 
 def _randomize_tokens(
-    model: nn.Module, bank: Any, keep: float, g: torch.Generator, example_inputs: Any
+    model: nn.Module, bank: RouterBank, keep: float, g: torch.Generator, example_inputs: Any
 ) -> None:
     """Random token routers whose thresholds keep ``keep`` of the tokens each site really sees.
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -160,7 +160,7 @@ class Planner:
         self.epoch += 1
 
     # -- per call -------------------------------------------------------------------------------
-    def begin(self, values: list[float], table_key: Any, model: nn.Module | None) -> None:
+    def begin(self, values: list[float], table_key: tuple | None, model: nn.Module | None) -> None:
         """Pick the pattern of a call whose samples have DDPM timesteps ``values`` (host floats).
 
         ``table_key`` identifies the router parameters (the bank's width table key); patterns
