@@ -43,7 +43,6 @@ _EXPORTS = {
     "MlpSite": "dynconvert.plan",
     "Plan": "dynconvert.plan",
     "SkippedSite": "dynconvert.plan",
-    "LoraNotRoutedError": "dynconvert.io.pretrained",
     "routing": "dynconvert.runtime.routing",
     "set_routing": "dynconvert.runtime.routing",
     "load": "dynconvert.io.save",
@@ -51,8 +50,9 @@ _EXPORTS = {
 }
 _ERRORS = (
     "AlreadyConvertedError", "BudgetError", "CalibrationError", "CheckpointError", "ConfigError",
-    "DataError", "DynconvertError", "ExampleInputsError", "ModelNotFoundError", "NoSitesError",
-    "NotConvertedError", "OutputExistsError", "RecordError", "TimestepError",
+    "DataError", "DynconvertError", "ExampleInputsError", "LoraNotRoutedError",
+    "ModelNotFoundError", "NoSitesError", "NotConvertedError", "OutputExistsError", "RecordError",
+    "TimestepError",
 )  # fmt: skip
 _EXPORTS.update(dict.fromkeys(_ERRORS, "dynconvert.errors"))
 

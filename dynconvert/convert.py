@@ -11,7 +11,7 @@ from torch import nn
 from dynconvert.analysis import FilterFn, analyze
 from dynconvert.analysis.importance import always_on_unit
 from dynconvert.config import ConvertConfig
-from dynconvert.errors import AlreadyConvertedError, BudgetError, NoSitesError
+from dynconvert.errors import AlreadyConvertedError, BudgetError, LoraNotRoutedError, NoSitesError
 from dynconvert.fields import SEED_MAX, Range, check_value
 from dynconvert.flops import min_ratio
 from dynconvert.inputs import default_inputs, split_inputs
@@ -26,6 +26,7 @@ from dynconvert.runtime.dynamic import (
     make_dynamic,
     make_static,
 )
+from dynconvert.runtime.lora import adopt_all, check_adoptable, install_hook, lifted, release_all
 from dynconvert.runtime.mlp import MlpRuntime
 from dynconvert.runtime.shared_out import SharedOutRuntime
 from dynconvert.runtime.state import ATTR, attach, detach, get_state, is_converted
@@ -105,6 +106,28 @@ def convert(
         raise AlreadyConvertedError(
             f"the model already has an attribute {ATTR!r}; rename it before converting"
         )
+    # LoRA layers already on the model are lifted off while it is converted (analysis sees the
+    # plain model) and adopted after, routed with the Linears they wrap (runtime/lora.py).
+    with lifted(model) as taken:
+        _convert(model, b, example_inputs, config, filter_fn, seed)
+        try:
+            check_adoptable([layer for _, _, layer in taken])
+        except LoraNotRoutedError:  # an adapter kind that is not routed: the model as it was
+            revert(model)
+            raise
+    adopt_all(model)
+    return model
+
+
+def _convert(
+    model: nn.Module,
+    b: float,
+    example_inputs: Any,
+    config: ConvertConfig,
+    filter_fn: FilterFn | None,
+    seed: int,
+) -> None:
+    """Analyse, check, apply the plan; re-apply without the sites the fast-path check fails."""
     # Resolved once: analysis captures the graph with them, the fast-path check reruns them.
     args, kwargs = (
         split_inputs(example_inputs) if example_inputs is not None else default_inputs(model)
@@ -139,7 +162,6 @@ def convert(
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 apply_plan(model, plan, config, b)
-    return model
 
 
 def check_plan(plan: Plan, budget: float, config: ConvertConfig) -> None:
@@ -171,6 +193,7 @@ def apply_plan(
     always_on: list[int] | None = None,
 ) -> RouterBank:
     """Swap the plan's Linears for DynamicLinears and attach the RouterBank (no checks)."""
+    install_hook()  # from now on a LoRA layer put around a routed Linear is routed with it
     modules = dict(model.named_modules())
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -229,10 +252,13 @@ def apply_plan(
 def revert(model: nn.Module) -> nn.Module:
     """Take the routers off: every DynamicLinear becomes an nn.Linear again (same parameters).
 
+    LoRA layers stay, as the peft layers they were (their adapters unchanged).
+
     Example:
         >>> model = revert(model)                # doctest: +SKIP
     """
     bank = get_state(model)
+    release_all(model)
     for m in model.modules():
         if isinstance(m, (DynamicLinear, DynamicConv)):
             make_static(m)  # the class only: the Parameters (and state-dict keys) never changed

@@ -57,3 +57,8 @@ class DataError(DynconvertError):
 
 class OutputExistsError(DynconvertError):
     """The output folder already holds another run."""
+
+
+class LoraNotRoutedError(DynconvertError):
+    """An adapter of a kind dynconvert does not route would wrap a routed Linear (named in the
+    message with the reason), or a routed adapter was used in a way routing cannot follow."""

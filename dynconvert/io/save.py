@@ -27,6 +27,13 @@ from torch import nn
 from dynconvert.convert import apply_plan, revert
 from dynconvert.errors import RecordError
 from dynconvert.io.files import atomic_save_tensors, atomic_write_bytes, fingerprint
+from dynconvert.io.lora import (
+    base_state_dict,
+    load_adapters,
+    pop_gates,
+    restore_gates,
+    save_adapters,
+)
 from dynconvert.io.record import (
     DIFFUSERS_WEIGHTS,
     FORMAT,
@@ -104,8 +111,11 @@ def save(
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     record = build_record(model, flops_ratio_per_t, extra)
-    tensors, aliases = _dedupe(model.state_dict())
+    tensors, aliases = _dedupe(base_state_dict(model))  # LoRA layers: their own files (lora.py)
     record["aliases"] = aliases
+    lora = save_adapters(model, out)
+    if lora is not None:
+        record["lora"] = lora
     # A diffusers model's folder is also a from_pretrained folder (its static weights).
     weights = DIFFUSERS_WEIGHTS if is_diffusers_model(model) else WEIGHTS
     atomic_save_tensors(tensors, out / weights, metadata={"format": "pt", "producer": "dynconvert"})
@@ -217,6 +227,7 @@ def load(
     check_record_units(record, plan, directory)
     check_plan_matches(plan, base_model)
     state = read_weights(Path(directory), record)
+    gates = pop_gates(state, record, directory)  # TD-LoRA gates: checked against the record
     check_weights_fit(state, base_model, plan, config, directory)
     if built:  # a model rebuilt here takes the dtype the weights were saved in
         dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
@@ -226,10 +237,16 @@ def load(
         base_model, plan, config, float(record["budget"]), always_on=list(record["always_on"])
     )
     try:
-        base_model.load_state_dict(state, strict=True)
+        restore_gates(base_model, record)  # TD-LoRA gates, before their weights
+        base_model.load_state_dict({**state, **gates}, strict=True)
     except Exception as e:
         revert(base_model)
         raise RecordError(f"could not load the weights of {directory}: {e}") from e
+    try:
+        load_adapters(base_model, Path(directory), record)  # unmerged LoRA adapters (peft)
+    except RecordError:
+        revert(base_model)
+        raise
     # Inference as deployed: on CUDA the planned path (static shapes) under CUDA graphs, on
     # other devices the fast path; the user does nothing for either (planner.py, graphs.py).
     load_capacity_record(base_model, record.get("token_capacity"))

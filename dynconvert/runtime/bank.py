@@ -57,6 +57,9 @@ class RouterBank(nn.Module):
                 self.token[str(s.index)] = TokenRouter(
                     s.in_features, config.token_reduction, config.token_bias_init
                 )
+        # TD-LoRA gates (lora_run.py): gate_key(routed Linear) -> Linear(embed, rank); empty
+        # unless calibration trains them (td_lora) or a saved model had them.
+        self.lora_gates = nn.ModuleDict()
         # The unit of each site that is never switched off (chosen by importance at convert
         # time); a buffer so it is saved, moved and loaded with the routers.
         self.register_buffer("always_on", torch.zeros(len(plan.sites), dtype=torch.long))
@@ -115,7 +118,7 @@ class RouterBank(nn.Module):
         model, which the planned path needs to see its weights)."""
         self._reset_call()
         self._mode_now = self.mode or ("train" if training else "eval")
-        if self._mode_now == "full":
+        if self._mode_now == "full" and not len(self.lora_gates):  # TD-LoRA gates read t
             return
         if t is None:
             raise TimestepError(
@@ -137,6 +140,8 @@ class RouterBank(nn.Module):
         if self.plan.timestep_reverse if reverse is None else reverse:
             t = ROUTER_TIMESTEPS - t
         self._t = t
+        if self._mode_now == "full":
+            return
         # Training masks are drawn here, before any block: a checkpointed block's recomputation
         # must not be the one that draws them, and the draw order then does not depend on it.
         self.ensure_train_masks()

@@ -8,10 +8,10 @@ site. :class:`SharedOutRuntime` slices (or masks) both sets of columns in one ca
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dynconvert.runtime.dynamic import DynamicLinear, per_row
 from dynconvert.runtime.interfaces import PATTERN_CACHE_LIMIT, OutColumnsOwner
+from dynconvert.runtime.lora_run import routed_linear
 
 
 class SharedOutRuntime:
@@ -67,12 +67,12 @@ class SharedOutRuntime:
             mult = per_row(mult, x.shape[0]) if bt > 1 else mult
             x = x * mult.reshape(mult.shape[0], *([1] * (x.dim() - 2)), -1)
         if not sliced:
-            return F.linear(x, lin.weight, lin.bias)
+            return routed_linear(self.bank, lin, x)
         ikey = (tuple(keys), x.device)
         index = self._index.get(ikey)
         if index is None:
             if len(self._index) > PATTERN_CACHE_LIMIT:  # many unit sets: bound the memory
                 self._index.clear()
             index = self._index[ikey] = torch.cat(cols).to(x.device)
-        w, b = self.bank.sliced(lin, "cols", tuple(keys), index)
-        return F.linear(x, w, b)
+        # The active units' columns (of the weight and each LoRA's A), the whole bias.
+        return routed_linear(self.bank, lin, x, "cols", tuple(keys), index)
