@@ -346,7 +346,9 @@ def test_a_lora_on_a_converted_model_is_routed_and_other_adapters_are_refused(fa
     # An adapter that is not a LoRA wraps a routed Linear: refused before it is put in place.
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loha = peft.LoHaConfig(r=2, target_modules=["to_q"])
-    with pytest.raises(dynconvert.LoraNotRoutedError, match="peft loha adapter.*Nothing was replaced"):
+    with pytest.raises(
+        dynconvert.LoraNotRoutedError, match="peft loha adapter.*Nothing was replaced"
+    ):
         peft.inject_adapter_in_model(loha, model, adapter_name="loha")
     assert model.state_dict().keys() == before.keys()
 

@@ -167,7 +167,9 @@ def adopt(wrapper: Any) -> None:
         routed = _ROUTED_CLASSES.get(cls)
         if routed is None:
             routed = _ROUTED_CLASSES[cls] = type(
-                f"Routed{cls.__name__}", (RoutedLora, cls), {"_dc_peft": cls, "__module__": __name__}
+                f"Routed{cls.__name__}",
+                (RoutedLora, cls),
+                {"_dc_peft": cls, "__module__": __name__},
             )
         wrapper.__class__ = routed
     object.__setattr__(base, "_dc_lora", wrapper)  # not a submodule: no cycle in modules()
