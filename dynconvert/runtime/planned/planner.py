@@ -274,6 +274,8 @@ class Planner:
                 for name, index in items.items():
                     if name in modules:
                         lin = base_of(modules[name])  # under a LoRA layer: the routed Linear
+                        if not isinstance(lin, (DynamicLinear, DynamicConv)):
+                            continue  # a partial site's cut module: its output is cut, no weight
                         for mod in (lin, *adapter_cuts(lin, axis)):  # a LoRA's B rows, A cols
                             self.sliced(mod, axis, d.key, index)
 
