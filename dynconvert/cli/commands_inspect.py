@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from dynconvert.cli import render
 from dynconvert.cli.options import JsonOpt, ModelOpt, RunOpt
 from dynconvert.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA = """The --json object (MACs per sample; 1 MAC = 2 hardware FLOPs):
 model, model_class, unit ("MACs"), timestep_arg, capture, coverage, input_shapes,
@@ -22,6 +23,8 @@ site's mean_units_on (fraction of heads/groups on, mean over the 1000 timesteps)
 
 def _build_for_inspect(name: str) -> Any:
     """The model's architecture without weights (meta device) where possible."""
+    import torch
+
     from dynconvert.runs import DIFFUSERS_MODELS, TEST_MODELS, resolve_source
 
     key = name.strip().lower()
@@ -43,6 +46,8 @@ def _build_for_inspect(name: str) -> Any:
 
 def _to(value: Any, device: torch.device) -> Any:
     """Example inputs on the model's device (meta for weightless models)."""
+    import torch
+
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, (list, tuple)):
