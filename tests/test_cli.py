@@ -90,36 +90,6 @@ def test_version_and_python_m():
     assert proc.returncode == 0 and proc.stdout.strip() == f"dynconvert {dynconvert.__version__}"
 
 
-# Runs the command line's help and version in a fresh interpreter and names every heavy module
-# they imported: the first minute of a new user must not wait for torch (issue 19).
-NO_TORCH = """
-import sys
-from dynconvert.cli import main
-for argv in ([], ["inspect"], ["convert"], ["sample"], ["bench"], ["recipes"], ["recipes", "show"]):
-    sys.argv = ["dynconvert", *argv, "--help"]
-    try:
-        main()
-    except SystemExit:
-        pass
-heavy = ("torch", "diffusers", "numpy", "dynconvert.analysis", "dynconvert.runs")
-print("HEAVY", sorted(m for m in sys.modules if m.split(".")[0] in heavy or m.startswith(heavy)))
-"""
-
-
-def test_help_and_version_do_not_import_torch():
-    """``python -m dynconvert --help`` / ``--version`` and every command's help skip torch."""
-    for args in (["--help"], ["--version"]):
-        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "dynconvert", *args],
-                              capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
-        assert "dynconvert.cli.app" in imported  # the check reads the real import list
-        assert not {"torch", "diffusers", "numpy"} & imported, args
-    proc = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)  # fmt: skip
-    assert "HEAVY []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
-
-
 def test_convert_end_to_end(tiny_run):
     out, report = tiny_run
     assert REPORT_KEYS <= set(report)

@@ -31,9 +31,9 @@ ModelOpt = Annotated[
         "model (pixart-alpha).",
     ),
 ]  # fmt: skip
-_RUN = unset_option("--run", "-r", help="A run folder written by 'dynconvert convert'.")
-RunOpt = Annotated[str | None, _RUN]
-RequiredRunOpt = Annotated[str, _RUN]
+RunOpt = Annotated[
+    str | None, unset_option("--run", "-r", help="A run folder written by 'dynconvert convert'.")
+]
 CheckpointOpt = Annotated[
     str | None,
     unset_option(
