@@ -160,17 +160,25 @@ def show(r: dict[str, Any]) -> None:
     """Print a benchmark result as a table on stdout."""
     from dynconvert.measure.bench import format_bytes
 
+    execution = r["execution"] + (
+        f", CUDA graphs {r['graphs_static']} original / {r['graphs_dynamic']} dynamic"
+        if r.get("graphs")
+        else ", eager"
+    )
+    if r.get("token_overflow_rate") is not None:
+        execution += f", token overflow {100 * r['token_overflow_rate']:.2f}%"
     rows = [
         ("model", f"{r['model']} ({r['routing']})"),
-        ("device / dtype / batch", f"{r['device']} / {r['dtype']} / {r['batch']} at t={r['timestep']:g}"),
-        ("time per call", f"{1000 * r['time_static_s']:.2f} ms original, {1000 * r['time_dynamic_s']:.2f} ms dynamic "
-         f"(median of {r['repeats']})"),
+        ("device / dtype / batch",
+         f"{r['device']} / {r['dtype']} / {r['batch']} at t={r['timestep']:g}"),
+        ("time per call", f"{1000 * r['time_static_s']:.2f} ms original, "
+         f"{1000 * r['time_dynamic_s']:.2f} ms dynamic (median of {r['repeats']})"),
         ("speed-up", f"{r['speedup']:.2f}x"),
-        ("FLOPs ratio", f"{render.ratio(r['flops_ratio'])} analytic, {render.ratio(r['executed_flops_ratio'])} executed"),
-        ("efficiency", f"{r['efficiency']:.2f} (speed-up x FLOPs ratio; 1.0 = speed follows FLOPs)"),
-        ("execution", f"{r['execution']}" + (f", CUDA graphs {r['graphs_static']} original / "
-         f"{r['graphs_dynamic']} dynamic" if r.get("graphs") else ", eager")
-         + (f", token overflow {100 * r['token_overflow_rate']:.2f}%" if r.get("token_overflow_rate") is not None else "")),
+        ("FLOPs ratio", f"{render.ratio(r['flops_ratio'])} analytic, "
+         f"{render.ratio(r['executed_flops_ratio'])} executed"),
+        ("efficiency",
+         f"{r['efficiency']:.2f} (speed-up x FLOPs ratio; 1.0 = speed follows FLOPs)"),
+        ("execution", execution),
         ("peak memory", f"{format_bytes(r['peak_mem_static_bytes'])} original, "
          f"{format_bytes(r['peak_mem_dynamic_bytes'])} dynamic"),
     ]  # fmt: skip

@@ -107,9 +107,11 @@ def convert(
       dynconvert convert --model dit-xl --checkpoint DiT-XL-2-256x256.pt \\
         --data latents/ --target-flops 0.5
 
-      dynconvert convert --recipe dit-s --checkpoint DiT-S-2.pt --data latents/ --set calibration.lr=2e-5
+      dynconvert convert --recipe dit-s --checkpoint DiT-S-2.pt --data latents/ \\
+        --set calibration.lr=2e-5
 
-      dynconvert convert --model digits --target-flops 0.5 --out runs/digits-0.5 --resume --steps 1200
+      dynconvert convert --model digits --target-flops 0.5 --out runs/digits-0.5 \\
+        --resume --steps 1200
     """
     from dynconvert.runs import RunRequest, execute_run, prepare_run
 
@@ -183,18 +185,28 @@ def terminate_as_exit() -> Iterator[None]:
 
 def show(report: dict[str, Any]) -> None:
     """Print a run report as a table on stdout."""
+    model_class = report["model_class"].rsplit(".", 1)[-1]
+    macs = (
+        f"{render.macs(report['dynamic_macs'])}MACs of "
+        f"{render.macs(report['static_macs'])}MACs per sample"
+    )
+    bench = report.get("bench") or {}
+    speedup = (
+        "-"
+        if report.get("speedup") is None
+        else f"{report['speedup']:.2f}x (batch {bench['batch']}, t={bench['timestep']:g}, "
+        f"{bench['device']})"
+    )
     rows: list[tuple[str, Any]] = [
         ("run folder", report["run_dir"]),
-        ("model", f"{report['model']} ({report['model_class'].rsplit('.', 1)[-1]}), recipe {report['recipe']}"),
+        ("model", f"{report['model']} ({model_class}), recipe {report['recipe']}"),
         ("steps", report["steps"]),
         ("target FLOPs", report["target_flops"]),
-        ("FLOPs ratio (mean over t)", f"{render.ratio(report['flops_ratio'])}  "
-         f"({render.macs(report['dynamic_macs'])}MACs of {render.macs(report['static_macs'])}MACs per sample)"),
+        ("FLOPs ratio (mean over t)", f"{render.ratio(report['flops_ratio'])}  ({macs})"),
         ("blocks-only ratio", render.ratio(report["flops_ratio_blocks"])),
         ("executed FLOPs ratio", render.ratio(report["executed_flops_ratio"])),
-        ("speed-up", "-" if report.get("speedup") is None else f"{report['speedup']:.2f}x "
-         f"(batch {report['bench']['batch']}, t={report['bench']['timestep']:g}, {report['bench']['device']})"),
-    ]  # fmt: skip
+        ("speed-up", speedup),
+    ]
     for key, label in (
         ("classifier_accuracy", "classifier accuracy"),
         ("frechet_distance", "Frechet distance"),

@@ -179,8 +179,9 @@ def show(s: dict[str, Any]) -> None:
     cols = ["#>", "site", "kind", "units", "tokens", "MACs>", "share>"]
     if has_run:
         cols.append("on>")
-    t = render.table(f"{s['model']} ({s['model_class'].rsplit('.', 1)[-1]}): {len(s['sites'])} sites "
-                     f"in {s['blocks']} blocks (MACs per sample)", *cols)  # fmt: skip
+    model_class = s["model_class"].rsplit(".", 1)[-1]
+    title = f"{s['model']} ({model_class}): {len(s['sites'])} sites in {s['blocks']} blocks"
+    t = render.table(f"{title} (MACs per sample)", *cols)
     for site in s["sites"]:
         if site["kind"] == "attention":
             units, tokens = f"{site['heads']} heads x {site['head_dim']}", "all"
@@ -193,8 +194,9 @@ def show(s: dict[str, Any]) -> None:
             )
             tokens = "routed" if site["token_routing"] else f"all: {site['token_reason']}"
         kind = {"cross": "xattn", "self": "attn"}.get(site.get("attention", ""), "mlp")
-        row = [str(site["index"]), site["name"], kind, units,
-               tokens, render.macs(site["macs"], compact=True), f"{100 * site['share']:.1f}%"]  # fmt: skip
+        macs = render.macs(site["macs"], compact=True)
+        row = [str(site["index"]), site["name"], kind, units, tokens, macs,
+               f"{100 * site['share']:.1f}%"]  # fmt: skip
         if has_run:
             row.append(f"{100 * site['mean_units_on']:.0f}%")
         t.add_row(*row)

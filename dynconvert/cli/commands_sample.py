@@ -87,9 +87,11 @@ def sample(
 
       dynconvert sample --run runs/digits-0.5 --out grid.png --compare
 
-      dynconvert sample --run runs/digits-0.5 --labels 3,3,7,7 --steps 25 --scheduler dpm --out sevens.png
+      dynconvert sample --run runs/digits-0.5 --labels 3,3,7,7 --steps 25 --scheduler dpm \\
+        --out sevens.png
 
-      dynconvert sample --run runs/dit-xl-0.5 --vae sd-vae-ft-ema/ --steps 250 --scheduler ddpm --out dit.png
+      dynconvert sample --run runs/dit-xl-0.5 --vae sd-vae-ft-ema/ --steps 250 \\
+        --scheduler ddpm --out dit.png
     """
     from types import SimpleNamespace
 

@@ -27,8 +27,8 @@ ModelOpt = Annotated[
     str | None,
     unset_option(
         "--model", "-m",
-        help="Model: a preset or alias (digits, dit-xl, dit-s, dit-b, U-ViT-H/2, ...) or a diffusers "
-        "model (pixart-alpha).",
+        help="Model: a preset or alias (digits, dit-xl, dit-s, dit-b, U-ViT-H/2, ...) or a "
+        "diffusers model (pixart-alpha).",
     ),
 ]  # fmt: skip
 RunOpt = Annotated[

@@ -91,6 +91,6 @@ def check_data_shape(model: nn.Module, data: Any) -> None:
     x = get([0]).get("x")
     if isinstance(x, torch.Tensor) and want is not None and tuple(x.shape[1:]) != tuple(want):
         raise DataError(
-            f"the data's samples have shape {tuple(x.shape[1:])} but the model takes {tuple(want)}; "
-            "pass data made for this model (same channels and size)"
+            f"the data's samples have shape {tuple(x.shape[1:])} but the model takes "
+            f"{tuple(want)}; pass data made for this model (same channels and size)"
         )

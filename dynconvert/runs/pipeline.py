@@ -333,6 +333,7 @@ def convert_run(
     """:func:`prepare_run` then :func:`execute_run`: one whole ``dynconvert convert``.
 
     Example:
-        >>> report = convert_run(RunRequest(model="digits", target_flops=0.5, out="runs/x"))  # doctest: +SKIP
+        >>> request = RunRequest(model="digits", target_flops=0.5, out="runs/x")
+        >>> report = convert_run(request)  # doctest: +SKIP
     """
     return execute_run(prepare_run(request, on_event), on_step=on_step, on_event=on_event)

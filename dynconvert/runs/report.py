@@ -195,7 +195,8 @@ def check_report(recipe: Any, model: nn.Module) -> None:
     reason = EVALUATIONS[kind].check(model)
     if reason:
         raise ConfigError(
-            f"evaluate.kind {kind!r} cannot evaluate model {recipe.model!r}: {reason}. Set evaluate.kind to 'none'"
+            f"evaluate.kind {kind!r} cannot evaluate model {recipe.model!r}: {reason}. Set "
+            "evaluate.kind to 'none'"
         )
 
 
@@ -219,9 +220,10 @@ def build_report(
         prof, keep = _profile(prepared, model, device, event)
     summary = _calibration_summary(result)
     with _timed(timings, "save_s"):
+        source = prepared.source.to_dict(with_config=False)
+        run = {"recipe": recipe.name, "source": source, "target_flops": prepared.target}
         save(model, out, flops_ratio_per_t=prof["per_t"],
-             extra={"run": {"recipe": recipe.name, "source": prepared.source.to_dict(with_config=False),
-                            "target_flops": prepared.target}, "calibration": summary})  # fmt: skip
+             extra={"run": run, "calibration": summary})  # fmt: skip
     event("save", f"saved the model to {out}")
     bench = None
     if recipe.report.bench:
@@ -278,11 +280,13 @@ def _profile(
 def _calibration_summary(result: Any) -> dict[str, Any]:
     """What calibration did, for the record and the report."""
     return {
-        "steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
+        "steps": result.steps,
+        "final_loss": result.losses[-1] if result.losses else None,
         "last_flops_ratio_train": result.flops_ratios[-1] if result.flops_ratios else None,
-        "skipped_nonfinite": result.skipped_nonfinite, "skipped_grad_norm": result.skipped_grad_norm,
+        "skipped_nonfinite": result.skipped_nonfinite,
+        "skipped_grad_norm": result.skipped_grad_norm,
         "resumed_from": str(result.resumed_from) if result.resumed_from else None,
-    }  # fmt: skip
+    }
 
 
 def _bench(model: nn.Module, settings: Any, device: torch.device, event: EventFn) -> dict:

@@ -19,7 +19,8 @@ from dynconvert.sampling import compare_grid, comparison_titles, model_spec, sam
 
 
 def class_labels(model: nn.Module, labels: list[int] | None = None) -> list[int] | None:
-    """The labels to sample (given, or the first classes up to 10); None for unconditional models."""
+    """The labels to sample (given, or the first classes up to 10); None for unconditional
+    models."""
 
     spec = model_spec(model)
     if not spec.uses_labels or spec.num_classes is None:
@@ -39,8 +40,9 @@ def draw(model: nn.Module, settings: Any, labels: list[int] | None, full: bool =
     """Samples of ``model`` (routing "full" when ``full``) with the settings' sampler and seed."""
 
     spec = model_spec(model)
-    kwargs = dict(labels=labels, steps=settings.steps, cfg_scale=settings.cfg_scale, seed=settings.seed,
-                  scheduler=settings.scheduler, clip_sample=spec.channels in (1, 3), on_step=on_step,
+    kwargs = dict(labels=labels, steps=settings.steps, cfg_scale=settings.cfg_scale,
+                  seed=settings.seed, scheduler=settings.scheduler,
+                  clip_sample=spec.channels in (1, 3), on_step=on_step,
                   num_samples=None if labels else 8)  # fmt: skip
     if spec.adapter.needs_cond:
         raise ConfigError(
@@ -116,5 +118,6 @@ def to_images(x: torch.Tensor, vae: str | None = None, raw: bool = False) -> tor
         return (x[:, :3] / 3.0).clamp(-1, 1)
     raise ConfigError(
         f"the samples are {x.shape[1]}-channel latents: pass `vae` (a local diffusers "
-        "AutoencoderKL folder) to decode them, or `raw=True` to write their first 3 channels as colours"
+        "AutoencoderKL folder) to decode them, or `raw=True` to write their first 3 channels "
+        "as colours"
     )

@@ -26,10 +26,11 @@ HUB_WEIGHTS = {"DiT-XL/2": "facebook/DiT-XL-2-256", "DiT-XL/2-512": "facebook/Di
 """Presets with published diffusers weights on the Hugging Face hub (loaded as diffusers models)."""
 
 PIXART_ALPHA_512 = dict(
-    activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=72, caption_channels=4096,
-    cross_attention_dim=1152, in_channels=4, norm_elementwise_affine=False, norm_eps=1e-6,
-    norm_num_groups=32, norm_type="ada_norm_single", num_attention_heads=16, num_embeds_ada_norm=1000,
-    num_layers=28, out_channels=8, patch_size=2, sample_size=64, use_additional_conditions=False,
+    activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=72,
+    caption_channels=4096, cross_attention_dim=1152, in_channels=4, norm_elementwise_affine=False,
+    norm_eps=1e-6, norm_num_groups=32, norm_type="ada_norm_single", num_attention_heads=16,
+    num_embeds_ada_norm=1000, num_layers=28, out_channels=8, patch_size=2, sample_size=64,
+    use_additional_conditions=False,
 )  # fmt: skip
 """The published config of PixArt-XL-2-512x512's transformer (for inspect and random weights)."""
 
@@ -341,8 +342,8 @@ def original_model(info: dict[str, Any], checkpoint: str | None = None) -> nn.Mo
         )
     source = ModelSource.from_dict(info["source"])
     if checkpoint is not None:
-        source = resolve_source(source.name, checkpoint=checkpoint, model_kwargs=source.model_kwargs,
-                                seed=source.seed)  # fmt: skip
+        source = resolve_source(source.name, checkpoint=checkpoint,
+                                model_kwargs=source.model_kwargs, seed=source.seed)  # fmt: skip
     elif source.checkpoint and not Path(source.checkpoint).exists():
         raise CheckpointError(
             f"the run's original weights {source.checkpoint} are gone; pass `checkpoint` to compare"

@@ -159,7 +159,8 @@ def save_grid(
 
     Example:
         >>> import tempfile, torch
-        >>> p = save_grid(torch.rand(10, 1, 16, 16) * 2 - 1, tempfile.mkdtemp() + "/grid.png", nrow=5)
+        >>> images = torch.rand(10, 1, 16, 16) * 2 - 1
+        >>> p = save_grid(images, tempfile.mkdtemp() + "/grid.png", nrow=5)
         >>> p.suffix
         '.png'
     """

@@ -320,7 +320,8 @@ def _batch(
                 )
             if neg.shape[1:] != part.shape[1:]:
                 raise ConfigError(
-                    f"null_cond {tuple(neg.shape[1:])} must match cond {tuple(part.shape[1:])} (L, D)"
+                    f"null_cond {tuple(neg.shape[1:])} must match cond "
+                    f"{tuple(part.shape[1:])} (L, D)"
                 )
             part = torch.cat([part, neg.to(part.dtype)])  # (2n, L, D)
             mask = torch.cat([mask.to(device), neg_mask.to(device, mask.dtype)])
