@@ -85,11 +85,13 @@ def test_every_missing_requirement_of_convert_is_named_in_one_line(tmp_path):
     out = tmp_path / "run"
     env = {"HF_HUB_OFFLINE": "1"}
     line = one_line_error(invoke("convert", "--model", "dit-xl", "--out", out, env=env))
-    assert "misses 2 things" in line and "--data" in line and "--data synthetic" in line
-    assert "no network: pass --checkpoint" in line and "--random-init" in line
-    assert "HF_HUB_OFFLINE" in line and "DiT-XL-2-256x256.pt" in line and "`" not in line
+    assert "2 things are missing to convert dit-xl: (1) " in line and "; (2) " in line
+    assert "--data synthetic" in line and "no network: pass --checkpoint" in line
+    assert "--random-init" in line and "HF_HUB_OFFLINE" in line and "`" not in line
+    assert "DiT-XL-2-256x256.pt" in line
     line = one_line_error(invoke("convert", "--model", "dit-s", "--out", out))
-    assert "misses 2 things" in line and "no weights to start from" in line and "--data" in line
+    assert "2 things are missing to convert dit-s" in line and "--data" in line
+    assert "no weights to start from" in line
     assert not out.exists()
 
 

@@ -224,7 +224,7 @@ def check_requirements(recipe: Recipe, random_init: bool = False) -> ModelSource
         raise missing[0]
     if missing:
         listed = "; ".join(f"({n}) {e}" for n, e in enumerate(missing, 1))
-        raise ConfigError(f"{recipe.model} misses {len(missing)} things: {listed}")
+        raise ConfigError(f"{len(missing)} things are missing to convert {recipe.model}: {listed}")
     assert source is not None
     return source
 
