@@ -119,11 +119,19 @@ SITE_KINDS = {
 }
 # video-own-projections: its projections are the model's own classes, which peft cannot wrap.
 SLOW_KINDS = sorted(set(PATTERN_MODELS) - set(SITE_KINDS) - {"video-own-projections"})
+DEFAULT_KINDS = ["dit"]  # 3 s of CPU; each other kind takes 4 to 8 s, so they run in the slow set
 
 
 @pytest.mark.parametrize(
     "name",
-    [*SITE_KINDS, *(pytest.param(n, marks=pytest.mark.slow) for n in SLOW_KINDS)],
+    [
+        *DEFAULT_KINDS,
+        *(
+            pytest.param(n, marks=pytest.mark.slow)
+            for n in [*SITE_KINDS, *SLOW_KINDS]
+            if n not in DEFAULT_KINDS
+        ),
+    ],
 )
 def test_a_routed_lora_keeps_the_invariants(name):
     check_routed_lora(SITE_KINDS.get(name) or PATTERN_MODELS[name])
@@ -139,6 +147,7 @@ def dit():
     return model, inputs, lora_targets(model)
 
 
+@pytest.mark.slow  # 2 s of CPU
 def test_adapters_attached_before_convert_route_as_after_and_revert_keeps_them(dit):
     routed, inputs, targets = dit
     routed = with_lora(copy.deepcopy(routed), targets)
@@ -190,6 +199,7 @@ def test_two_adapters_with_weights_scale_and_switch_without_stale_slices(dit):
         _close(run(model, inputs, e), results[("a",)])
 
 
+@pytest.mark.slow  # 2 s of CPU
 def test_dora_is_routed_on_linears(dit):
     model, inputs, targets = dit
     model = copy.deepcopy(model)
@@ -223,6 +233,7 @@ def test_adapter_kinds_that_are_not_routed_are_refused_by_name(dit):
         model.blocks[0].attn.qkv(torch.zeros(1, 3, 64), adapter_names=["default"])
 
 
+@pytest.mark.slow  # 2 s of CPU
 def test_lora_on_a_depthwise_convolution_is_refused_before_convert_changes_anything():
     model, inputs = PATTERN_MODELS["conv-mlp"]()
     depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
@@ -235,6 +246,7 @@ def test_lora_on_a_depthwise_convolution_is_refused_before_convert_changes_anyth
     assert not any(type(m).__name__.startswith("Dynamic") for m in model.modules())
 
 
+@pytest.mark.slow  # 7 to 9 s of CPU each
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_diffusers_adapter_api_on_a_converted_transformer_keeps_the_invariants(family, tmp_path):
     from dynconvert.testing.zoo import ZOO

@@ -50,6 +50,7 @@ from dynconvert.calibration.step import (
     nonfinite_message,
 )
 from dynconvert.calibration.stream import batch_stream
+from dynconvert.calibration.trainable import merge_lora
 from dynconvert.errors import CalibrationError, ConfigError
 from dynconvert.runtime.routing import set_routing
 
@@ -256,11 +257,12 @@ def _step_info(
 
 
 def _finish(run: TrainingRun, adapter: ModelAdapter, objective: Any) -> CalibrationResult:
-    """The EMA weights into the model (eval mode), the raw ones kept beside them, and the token
-    capacities of the planned path measured on the last batch (``calibration/capacity.py``)."""
+    """The EMA weights into the model (eval mode; a trained LoRA merged unless kept), the raw
+    ones kept beside them, and the token capacities of the planned path measured on the last batch (``calibration/capacity.py``)."""
     cfg, model = run.cfg, run.model
     train_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     run.ema.copy_to(model)
+    merge_lora(model, cfg)  # trainable="lora", lora_save="merge": no peft layer is left
     model.eval()
     if cfg.capacity_points:
         measure_token_capacity(model, adapter, objective, run.last_batch, cfg.capacity_points)
@@ -277,4 +279,6 @@ def _finish(run: TrainingRun, adapter: ModelAdapter, objective: Any) -> Calibrat
         last_checkpoint=run.last_ckpt,
         resumed_from=run.resumed_from,
         train_state_dict=train_state,
+        trainable_params=run.counts["trainable_params"],
+        total_params=run.counts["total_params"],
     )

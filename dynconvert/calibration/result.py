@@ -72,6 +72,8 @@ class CalibrationResult:
         last_checkpoint: The newest checkpoint written (None without ``output_dir``).
         resumed_from: The checkpoint this run resumed from, if any.
         train_state_dict: The raw (non-EMA) weights at the end, on CPU.
+        trainable_params: Values trained (and tracked by the EMA and AdamW).
+        total_params: Values of the model as it was trained (a LoRA adapter included).
 
     Example:
         >>> r = CalibrationResult(model=nn.Identity(), config=None, steps=0)
@@ -90,3 +92,5 @@ class CalibrationResult:
     last_checkpoint: Path | None = None
     resumed_from: Path | None = None
     train_state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+    trainable_params: int = 0
+    total_params: int = 0
