@@ -57,3 +57,8 @@ class DataError(DynconvertError):
 
 class OutputExistsError(DynconvertError):
     """The output folder already holds another run."""
+
+
+class FileError(DynconvertError, OSError):
+    """A file could not be read or written safely: a link, not a regular file, too large, no
+    space left, or a read-only folder (nothing was half written)."""
