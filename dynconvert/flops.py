@@ -33,7 +33,7 @@ from torch import nn
 from dynconvert.analysis import analyze, capture
 from dynconvert.analysis.costs import eager_macs, node_macs
 from dynconvert.inputs import batch_of, default_inputs, shapes_of, split_inputs
-from dynconvert.plan import AttentionSite, Plan, Site
+from dynconvert.plan import TOKEN_REDUCTION, AttentionSite, Plan, Site, site_kind
 from dynconvert.runtime.bank import RouterBank
 from dynconvert.runtime.routing import routing
 from dynconvert.runtime.state import get_state, is_converted
@@ -117,7 +117,7 @@ def site_cost(
     site: Site,
     width: Fraction | None = None,
     tokens: Fraction | None = None,
-    token_reduction: int = 16,
+    token_reduction: int = TOKEN_REDUCTION,
     n: int | None = None,
     seen: Mapping[str, int] | None = None,
     fold: int | None = None,
@@ -303,7 +303,7 @@ def count_flops(model: nn.Module, example_inputs: Any = None) -> FlopsReport:
     if not is_converted(model):
         plan = analyze(model, (args, kwargs))
         sites = [
-            SiteFlops(s.name, _kind(s), s.block, float(s.macs()), float(s.macs()))
+            SiteFlops(s.name, site_kind(s), s.block, float(s.macs()), float(s.macs()))
             for s in plan.sites
         ]
         blocks = sum(s.static_macs for s in sites) * batch
@@ -329,7 +329,9 @@ def count_flops(model: nn.Module, example_inputs: Any = None) -> FlopsReport:
         dyn_t = torch.as_tensor(c.dynamic, dtype=torch.float64).reshape(-1)  # (B,) or (1,)
         if dyn_t.numel() == 1:
             dyn_t = dyn_t.expand(batch)
-        sites.append(SiteFlops(s.name, _kind(s), s.block, c.static, float(dyn_t.mean()), c.router))
+        sites.append(
+            SiteFlops(s.name, site_kind(s), s.block, c.static, float(dyn_t.mean()), c.router)
+        )
         dyn_per_sample = dyn_per_sample + dyn_t + c.router
     blocks_static = sum(s.static_macs for s in sites) * batch
     blocks_dynamic = sum(s.dynamic_macs + s.router_macs for s in sites) * batch
@@ -346,10 +348,6 @@ def count_flops(model: nn.Module, example_inputs: Any = None) -> FlopsReport:
         per_sample_ratio=(per_sample / (static / batch)).tolist(),
         sites=sites,
     )
-
-
-def _kind(site: Any) -> str:
-    return "attention" if isinstance(site, AttentionSite) else "mlp"
 
 
 def _other_macs(model: nn.Module, plan: Plan, args: tuple, kwargs: dict, costs: list) -> float:

@@ -28,6 +28,25 @@ plan is migrated on load, see :func:`migrate`); 1: before joint attention stream
 columns (the newer fields take their defaults)."""
 
 
+ROUTER_TIMESTEPS = 1000
+"""The routers read timesteps on DDPM's 0..1000 scale (``Plan.timestep_scale`` maps a model's
+own convention onto it): width tables, token capacities and FLOPs profiles hold one value per
+step 0..999, and ``1000 - t`` reverses time."""
+
+TOKEN_REDUCTION = 16
+"""Default bottleneck ratio r of the token router D -> D/r -> 1 (the paper's; ConvertConfig)."""
+
+
+def token_router_width(dim: int, reduction: int = TOKEN_REDUCTION) -> int:
+    """Hidden width of the token router of a D-wide MLP input: D // r, at least 1.
+
+    Example:
+        >>> token_router_width(1152), token_router_width(8)
+        (72, 1)
+    """
+    return max(1, dim // reduction)
+
+
 @dataclass
 class MlpSite:
     """One MLP: input projection(s), output projection, channel groups and cost."""
@@ -95,13 +114,13 @@ class MlpSite:
         return n * self.in_features * self.fc1_out + n * mid + n * self.hidden * self.out_features
 
     def router_macs(
-        self, tokens: int | None = None, reduction: int = 16, fold: int | None = None
+        self, tokens: int | None = None, reduction: int = TOKEN_REDUCTION, fold: int | None = None
     ) -> int:
         """MACs of this site's token router (D -> D/r -> 1) for one sample."""
         if not self.token:
             return 0
         n = (self.tokens if tokens is None else tokens) * (self.fold if fold is None else fold)
-        r = max(1, self.in_features // reduction)  # hidden width of the router
+        r = token_router_width(self.in_features, reduction)  # hidden width of the router
         return n * (self.in_features * r + r)  # D -> r, then r -> 1, per token
 
 
@@ -116,6 +135,21 @@ class SkippedSite:
 
 Site = AttentionSite | MlpSite
 """A converted site of either kind."""
+
+ATTENTION, MLP = "attention", "mlp"
+"""The two site kinds as named in ``SkippedSite.kind``, inspect's JSON and the FLOPs report."""
+
+
+def site_kind(site: Site) -> str:
+    """``ATTENTION`` or ``MLP``: the kind of a converted site.
+
+    Example:
+        >>> from dynconvert.analysis import analyze
+        >>> from dynconvert.testing import tiny_dit
+        >>> [site_kind(s) for s in analyze(tiny_dit()).sites]
+        ['attention', 'mlp', 'attention', 'mlp']
+    """
+    return ATTENTION if isinstance(site, AttentionSite) else MLP
 
 
 @dataclass
@@ -179,8 +213,7 @@ class Plan:
         """
         for s in self.sites:
             if s.index in reasons:
-                kind = "attention" if isinstance(s, AttentionSite) else "mlp"
-                self.skipped.append(SkippedSite(s.name, kind, reasons[s.index]))
+                self.skipped.append(SkippedSite(s.name, site_kind(s), reasons[s.index]))
                 self.other_macs += s.macs() * self.batch
         self.attention = [s for s in self.attention if s.index not in reasons]
         self.mlp = [s for s in self.mlp if s.index not in reasons]

@@ -28,7 +28,7 @@ from dynconvert.fields import shown
 from dynconvert.flops import routed_ratio
 from dynconvert.io.files import FileError, open_file
 from dynconvert.io.limits import read_json
-from dynconvert.plan import PLAN_VERSION, Plan
+from dynconvert.plan import PLAN_VERSION, ROUTER_TIMESTEPS, Plan
 from dynconvert.runtime.bank import RouterBank
 from dynconvert.runtime.planned.controls import capacity_record
 from dynconvert.runtime.state import get_state
@@ -65,7 +65,7 @@ def encode_masks(table: torch.Tensor) -> list[list[Any]]:
     return out
 
 
-def decode_masks(segments: list[list[Any]], steps: int = 1000) -> torch.Tensor:
+def decode_masks(segments: list[list[Any]], steps: int = ROUTER_TIMESTEPS) -> torch.Tensor:
     """Inverse of :func:`encode_masks`.
 
     Example:
@@ -91,7 +91,7 @@ def width_ratio_per_t(
     width = {i: t.double().mean(1) for i, t in tables.items()}  # {site: (T,) fraction on}
     per_t = routed_ratio(bank.plan, bank.config.token_reduction, width, token_keep)
     if not isinstance(per_t, torch.Tensor):  # no width router and no token keep: constant
-        per_t = torch.full((1000,), float(per_t), dtype=torch.float64)
+        per_t = torch.full((ROUTER_TIMESTEPS,), float(per_t), dtype=torch.float64)
     return per_t.tolist()
 
 
@@ -356,7 +356,7 @@ def _masks_fit(segments: Any) -> bool:
         if not (isinstance(seg, list) and len(seg) == 3 and isinstance(seg[2], str)):
             return False
         first, last, bits = seg
-        if not (_is_int(first) and _is_int(last) and 0 <= first <= last < 1000):
+        if not (_is_int(first) and _is_int(last) and 0 <= first <= last < ROUTER_TIMESTEPS):
             return False
         if (width is not None and len(bits) != width) or bits.strip("01"):
             return False

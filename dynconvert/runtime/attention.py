@@ -15,20 +15,20 @@ from torch import nn
 
 from dynconvert.plan import AttentionSite
 from dynconvert.runtime.dynamic import (
-    Decision,
     DynamicLinear,
     SiteRuntime,
     column_multiplier,
     make_dynamic,
     unit_table,
 )
+from dynconvert.runtime.interfaces import CallRouting, Decision
 from dynconvert.sites import RUNTIMES, load
 
 
 class AttentionRuntime(SiteRuntime):
     """Routes one attention site: head masks (masked path) or sliced heads (fast path)."""
 
-    def __init__(self, site: AttentionSite, bank: Any, module: nn.Module):
+    def __init__(self, site: AttentionSite, bank: CallRouting, module: nn.Module):
         super().__init__(site, bank, site.v_head_dim * site.group)  # out columns per unit
         for part in site.parts.values():  # what a form cuts with the heads (sites/<form>.py)
             self.tables.update({m.linear: unit_table(m) for m in part.head_maps()})
@@ -86,10 +86,7 @@ class AttentionRuntime(SiteRuntime):
         if not bank.fast_for(site):
             return
         bank.width_mask(site.index)  # recorded for FLOPs accounting
-        if bank.planned_now:  # decided once per pattern, before the call (planner.py)
-            d = bank.planner.decision(site.index)
-        else:
-            d = self.decide(bank.width_mask_cpu(site.index), bank.always_on.device)
+        d = bank.decision(self, bank.always_on.device)  # per call, or per pattern when planned
         if d is None:
             return
         self.fast = d
