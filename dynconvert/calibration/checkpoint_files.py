@@ -100,7 +100,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """
     path = Path(path)
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
-    return atomic_write(path, lambda f, name: torch.save(payload, f), _root(path))
+    return atomic_write(path, lambda f: torch.save(payload, f), _root(path))
 
 
 def load_checkpoint(

@@ -42,8 +42,8 @@ from dynconvert.io.files import (
 )
 from dynconvert.io.record import RECORD
 
-Writer = Callable[[BinaryIO, str], Any]
-"""Fills a new file: ``write(file, name)`` (``name`` opens the same file, for libraries)."""
+Writer = Callable[[BinaryIO], Any]
+"""Fills a new file: ``write(file)``."""
 
 _STAGED = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.next$")
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
@@ -91,8 +91,10 @@ def _dumps(record: dict[str, Any]) -> bytes:
 
 
 def remove_leftovers(out: Path, names: list[str]) -> list[str]:
-    """Remove the staged copies and the temporary files of writers that are gone, for the
-    files ``names`` of ``out`` (call it once the record names no staged file).
+    """Remove what saves stopped on the way left for the files ``names`` of ``out``: staged
+    copies, their temporary files, and temporary files of writers that are gone (or of this
+    process: call it once the record names no staged file, with no other save into this
+    folder running).
 
     Example:
         >>> remove_leftovers(Path("/no/such/folder"), ["model.safetensors"])
@@ -100,12 +102,11 @@ def remove_leftovers(out: Path, names: list[str]) -> list[str]:
     """
     removed = []
     for entry in entries(out, out):
-        staged, temp = _STAGED.match(entry), _TEMP.match(entry)
-        if (
-            staged
-            and staged["name"] in names
-            or (temp and temp["name"] in names and not pid_alive(int(temp["pid"])))
-        ):
+        temp = _TEMP.match(entry)
+        staged = _STAGED.match(temp["name"] if temp else entry)
+        pid = int(temp["pid"]) if temp else 0
+        gone = temp is not None and (pid == os.getpid() or not pid_alive(pid))
+        if (staged and staged["name"] in names) or (gone and temp["name"] in names):
             remove_file(out / entry, out)
             removed.append(entry)
     return removed

@@ -219,10 +219,11 @@ def read_bytes(
         raise (e if error is FileError else error(str(e))) from None
     try:
         with os.fdopen(fd, "rb") as f:
-            data = f.read(limit + 1)
+            size = os.fstat(f.fileno()).st_size  # refused before reading when too large
+            data = f.read(limit + 1) if size <= limit else b""
     except OSError as e:
         raise error(str(file_error(e, path, "read"))) from None
-    if len(data) > limit:
+    if size > limit or len(data) > limit:
         raise error(
             f"{path} is larger than {limit} bytes, more than such a file may be; it is not one "
             "dynconvert wrote, or it is corrupt"
@@ -276,29 +277,32 @@ def pid_alive(pid: int) -> bool:
 
 def atomic_write(
     path: str | os.PathLike,
-    write: Callable[[BinaryIO, str], None],
+    write: Callable[[BinaryIO], object],
     root: str | os.PathLike | None = None,
 ) -> Path:
-    """Write ``path`` whole or not at all (the module's rules); ``write(file, name)`` fills the
-    new file (``name`` opens it too, for libraries that take a file name).
+    """Write ``path`` whole or not at all (the module's rules); ``write(file)`` fills the new
+    file.
 
     Raises:
-        FileError: The folder is a file, a link below ``root``, read-only, or the disk is full;
-            the old file (if any) is unchanged and no temporary file is left.
+        FileError: The folder is a file, a link below ``root``, read-only, or the disk is full
+            (also when ``write`` turned the failed write into another error, as torch.save
+            does); the old file (if any) is unchanged and no temporary file is left.
 
     Example:
         >>> import tempfile
-        >>> p = atomic_write(Path(tempfile.mkdtemp()) / "a.bin", lambda f, name: f.write(b"1"))
+        >>> p = atomic_write(Path(tempfile.mkdtemp()) / "a.bin", lambda f: f.write(b"1"))
     """
     path = Path(path)
     tmp = f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     with folder_fd(path.parent, None if root is None else Path(root), create=True) as dfd:
+        watched = None
         try:
             fault_point("create", path)
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666, dir_fd=dfd)
             with os.fdopen(fd, "wb") as f:
                 fault_point("write", path)
-                write(f, fd_path(fd, path.parent / tmp))
+                watched = _Watched(f)
+                write(watched)  # type: ignore[arg-type]
                 f.flush()
                 fault_point("fsync", path)
                 os.fsync(f.fileno())
@@ -307,10 +311,30 @@ def atomic_write(
             os.fsync(dfd)  # the rename itself on disk
         except BaseException as e:
             _remove_quietly(tmp, dfd, path.parent)
-            if isinstance(e, OSError) and not isinstance(e, DynconvertError):
-                raise file_error(e, path) from None
+            cause = e if isinstance(e, OSError) else getattr(watched, "error", None)
+            if isinstance(cause, OSError) and not isinstance(cause, DynconvertError):
+                raise file_error(cause, path) from None
             raise
     return path
+
+
+class _Watched:
+    """A file whose first failed write is kept: a writer (torch.save) may turn it into
+    another error, and the cause (no space, read-only) is what the user must see."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._f, name)
 
 
 def _remove_quietly(name: str, dfd: int, folder: Path) -> None:
@@ -329,7 +353,7 @@ def atomic_write_bytes(
     Example:
         >>> atomic_write_bytes(Path("/tmp/note.txt"), b"hello")  # doctest: +SKIP
     """
-    atomic_write(path, lambda f, name: f.write(data), root)
+    atomic_write(path, lambda f: f.write(data), root)
 
 
 def remove_file(path: str | os.PathLike, root: str | os.PathLike | None = None) -> bool:

@@ -115,10 +115,10 @@ def save(
     # A diffusers model's folder is also a from_pretrained folder (its static weights).
     weights = DIFFUSERS_WEIGHTS if is_diffusers_model(model) else WEIGHTS
     meta = {"format": "pt", "producer": "dynconvert"}
-    files: dict[str, Writer] = {weights: lambda f, name: write_safetensors(f, tensors, meta)}
+    files: dict[str, Writer] = {weights: lambda f: write_safetensors(f, tensors, meta)}
     if is_diffusers_model(model):
         config = diffusers_config(model)
-        files["config.json"] = lambda f, name: f.write(config)
+        files["config.json"] = lambda f: f.write(config)
     commit_save(out, record, files, weights)
     return out
 

@@ -94,7 +94,7 @@ def atomic_save_tensors(
     Example:
         >>> atomic_save_tensors({"w": torch.zeros(2)}, "/tmp/w.safetensors")  # doctest: +SKIP
     """
-    return atomic_write(path, lambda f, name: write_safetensors(f, tensors, metadata), root)
+    return atomic_write(path, lambda f: write_safetensors(f, tensors, metadata), root)
 
 
 def _check_file(fd: int, path: Path, name: str, info: dict[str, Any], version: int) -> None:
@@ -111,14 +111,20 @@ def _check_file(fd: int, path: Path, name: str, info: dict[str, Any], version: i
         )
 
 
-def _load_file(fd: int, path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of one open weights file (safetensors, or a torch pickle of tensors only)."""
-    if path.name.endswith(".safetensors"):
+def _load_file(fd: int, path: Path, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of one open weights file recorded as ``name`` (safetensors, or a torch
+    pickle of tensors only); ``path`` may be its staged copy."""
+    if name.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         return load_file(fd_path(fd, path))
     with os.fdopen(os.dup(fd), "rb") as f:  # save_pretrained(safe_serialization=False)
-        state = torch.load(f, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a file it cannot unpickle
+            raise ValueError(
+                f"{path} is not a weights-only torch file ({type(e).__name__})"
+            ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} holds no mapping of tensors")
     return state
@@ -150,7 +156,7 @@ def read_weights(directory: Path, record: dict[str, Any]) -> dict[str, torch.Ten
             if name == info["file"] and info.get("shards"):
                 read_json(path, RecordError, root=directory)  # the shard index: checked, unused
                 continue
-            state.update(_load_file(fd, path))
+            state.update(_load_file(fd, path, name))
         except (SafetensorError, OSError, ValueError, RuntimeError, EOFError) as e:
             raise RecordError(
                 f"cannot read the weights in {directory}: {str(e)[:200]}; save the model again"
