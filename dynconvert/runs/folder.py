@@ -150,6 +150,10 @@ def check_writable(path: Path, what: str = "`out`") -> None:
         >>> check_writable(Path(tempfile.mkdtemp()) / "runs" / "x")
     """
     path = Path(path).expanduser()
+    try:
+        path.exists()
+    except OSError as e:  # a name too long for the file system
+        raise OutputExistsError(f"{what} cannot be written ({e.strerror}); choose a path") from None
     if is_link(path) and not path.exists():
         raise OutputExistsError(f"{what} {path} is a link to a missing folder; pass a folder")
     parent = path if path.is_dir() else path.parent
