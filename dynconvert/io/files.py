@@ -85,7 +85,8 @@ def link_error(path: Path) -> FileError:
     )
 
 
-def _is_link(path: Path) -> bool:
+def is_link(path: str | os.PathLike) -> bool:
+    """Whether ``path`` itself is a symbolic link (it is not followed), e.g. ``is_link(".")``."""
     try:
         return stat.S_ISLNK(os.lstat(path).st_mode)
     except OSError:
@@ -117,7 +118,7 @@ def _walk(folder: Path, root: Path | None, create: bool = False) -> int:
                     pass
             new = os.open(part, _DIR | os.O_NOFOLLOW, dir_fd=fd)
         except OSError as e:
-            raise (link_error(here) if _is_link(here) else file_error(e, here, "open")) from None
+            raise (link_error(here) if is_link(here) else file_error(e, here, "open")) from None
         finally:
             os.close(fd)
         fd = new
@@ -129,7 +130,7 @@ def _mkdir(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        what = "a link to a missing folder" if _is_link(folder) else "a file, not a folder"
+        what = "a link to a missing folder" if is_link(folder) else "a file, not a folder"
         raise FileError(errno.EEXIST, f"{folder} is {what}; pass a folder") from None
     except OSError as e:
         raise file_error(e, folder, "create") from None
@@ -179,7 +180,7 @@ def open_file(
         except FileNotFoundError:
             raise FileError(errno.ENOENT, f"{path} does not exist") from None
         except OSError as e:
-            raise (link_error(path) if _is_link(path) else file_error(e, path, "read")) from None
+            raise (link_error(path) if is_link(path) else file_error(e, path, "read")) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise FileError(errno.EINVAL, f"{path} is not a regular file (a folder, pipe or device)")
@@ -260,12 +261,7 @@ def file_digest(path: str | os.PathLike, root: str | os.PathLike | None = None) 
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` runs (this process counts as running).
-
-    Example:
-        >>> pid_alive(os.getpid())
-        True
-    """
+    """Whether a process ``pid`` runs (this one counts), e.g. ``pid_alive(os.getpid())``."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -392,13 +388,3 @@ def entries(folder: str | os.PathLike, root: str | os.PathLike | None = None) ->
         return []
     with folder_fd(folder, None if root is None else Path(root)) as dfd:
         return sorted(os.listdir(dfd))
-
-
-def is_link(path: str | os.PathLike) -> bool:
-    """Whether ``path`` itself is a symbolic link (it is not followed).
-
-    Example:
-        >>> is_link(__file__)
-        False
-    """
-    return _is_link(Path(path))
