@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from dynconvert.analysis.convmlp import routable_conv
 from dynconvert.analysis.graph import linear_like, routable_linear
@@ -71,12 +75,14 @@ def rebuild_base(record: dict[str, Any], directory: Path) -> nn.Module:
     if record.get("preset"):
         from dynconvert.models import build_model
 
+        kwargs = record.get("preset_kwargs", {})
         try:
-            return build_model(record["preset"], **record.get("preset_kwargs", {}))
-        except (TypeError, ValueError) as e:  # preset_kwargs the preset does not take
+            return build_within(lambda: build_model(record["preset"], **kwargs), directory, record)
+        except (TypeError, ValueError, RuntimeError) as e:  # kwargs the preset does not take
             raise RecordError(
-                f"the record in {directory} cannot rebuild its model ({e}); save the model again"
-            ) from e
+                f"the record in {directory} cannot rebuild its model ({shown(str(e), 200)[1:-1]}"
+                "); save the model again"
+            ) from None
     if os.path.lexists(directory / current_file(directory, record["weights"], "config.json")):
         return _base_from_config(directory, record)
     raise RecordError(
@@ -100,12 +106,77 @@ def _base_from_config(directory: Path, record: dict[str, Any]) -> nn.Module:
     if not isinstance(config, dict):
         raise RecordError(f"{directory / name} is not a mapping; save the model again")
     try:
-        return cls.from_config(config)
+        return build_within(lambda: cls.from_config(config), directory, record)
+    except RecordError:
+        raise
     except Exception as e:  # diffusers checks a config in many ways
         raise RecordError(
             f"cannot build {cls.__name__} from {directory / name} ({shown(str(e), 120)}); pass "
             "base_model= a freshly built original (e.g. from_pretrained)"
         ) from None
+
+
+class _TooLarge(Exception):
+    """A model being built has more parameters than its weights files can hold."""
+
+
+def build_within(build: Callable[[], nn.Module], directory: Path, record: dict) -> nn.Module:
+    """``build()``, refused before it allocates more than the folder's weights could fill.
+
+    A record's preset arguments or a config.json can ask for any size (``hidden_size=2**20``
+    asks for terabytes, ``depth=10**6`` for minutes of building). Every weight the model has
+    is in its weights files, so the parameters a file-described model may have are bounded
+    by those files' sizes: bytes (in the record's dtype) and tensors (each has a header entry
+    of more than 32 bytes). The model is first built on the meta device (nothing allocated),
+    stopped at the first parameter past either bound, then built for real.
+
+    Raises:
+        RecordError: The model would be larger than its weights files.
+
+    Example:
+        >>> model = build_within(tiny_dit, Path("runs/digits"), record)  # doctest: +SKIP
+    """
+    info = record["weights"]
+    limit = 0
+    for name in [info["file"], *info.get("shards", [])]:
+        try:  # lstat: a link counts its own few bytes (it is refused when read)
+            limit += os.lstat(directory / current_file(directory, info, name)).st_size
+        except OSError:
+            pass
+    dtype = getattr(torch, str(record.get("dtypes", {}).get("model")), None)
+    itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else 1  # "mixed": the least
+    owner, seen = threading.get_ident(), set()
+    size = [0, 0]  # bytes, tensors of the parameters registered so far
+
+    def count(module: nn.Module, name: str, param: Any) -> None:
+        if param is None or threading.get_ident() != owner or id(param) in seen:
+            return  # the hook is global: another thread's models are not counted
+        seen.add(id(param))
+        size[0] += param.numel() * itemsize
+        size[1] += 1
+        if size[0] > limit or size[1] * 32 > limit:
+            raise _TooLarge
+
+    handle = register_module_parameter_registration_hook(count)
+    try:
+        try:
+            with torch.device("meta"):
+                build()
+        except _TooLarge:
+            raise
+        except Exception:  # noqa: S110 (a model that cannot be built on meta: counted for real)
+            pass
+        seen.clear()
+        size[:] = [0, 0]
+        return build()
+    except _TooLarge:
+        raise RecordError(
+            f"the model the record in {directory} describes has more parameters than its "
+            f"weights files hold ({limit} bytes); it is not a folder dynconvert wrote, or it is "
+            "corrupt: save the model again"
+        ) from None
+    finally:
+        handle.remove()
 
 
 def diffusers_class(path: str) -> type | None:
@@ -209,28 +280,81 @@ def plan_and_config(record: dict[str, Any], directory: Path) -> tuple[Plan, Conv
 
 
 def check_plan_matches(plan: Plan, model: nn.Module) -> None:
-    """Refuse a plan whose sites name Linears (or modules) this model lacks or has smaller.
+    """Refuse a plan whose sites name Linears (or modules) this model lacks or has smaller,
+    name one module twice, give a unit indices outside its Linear, or lower head-count
+    attributes the module does not hold with the value the plan implies.
 
     Example:
         >>> check_plan_matches(plan, base_model)  # doctest: +SKIP
     """
     modules = dict(model.named_modules())
+    other = "the record is from another model, or it is corrupt"
+    names = [s.name for s in plan.sites if s.name]
+    if len(set(names)) != len(names):
+        raise RecordError(f"the record names a module in two sites; {other}")
     for s in plan.sites:
+        if s.name and s.name not in modules:
+            raise RecordError(
+                f"the record refers to module {shown(s.name, 100)}, missing here; {other}"
+            )
         for m in s.maps():
             lin = modules.get(m.linear)
             if lin is None or not (routable_linear(lin) or linear_like(lin) or routable_conv(lin)):
                 raise RecordError(
-                    f"the record refers to {m.linear}, which this model does not have as an "
-                    "nn.Linear; the record is from another model"
+                    f"the record refers to {shown(m.linear, 100)}, which this model does not "
+                    f"have as an nn.Linear; {other}"
                 )
-            idx = max(max(m.indices(u)) for u in range(m.units))
-            size = lin.weight.shape[0 if m.axis == "rows" else 1]
-            if idx >= size:
+            if not _map_fits(m, lin.weight.shape[0 if m.axis == "rows" else 1]):
+                raise RecordError(f"the record's units of {m.linear} do not fit it; {other}")
+        for attr, per in getattr(s, "head_attrs", {}).items():
+            if not _head_attr_fits(modules.get(s.name), attr, per, s.units):
                 raise RecordError(
-                    f"{m.linear} is smaller than in the record; the record is from another model"
+                    f"the record lowers {shown(attr, 60)} of {s.name}, which does not hold "
+                    f"{s.units} units of {shown(per, 20)}; {other}"
                 )
-        if s.name and s.name not in modules:
-            raise RecordError(
-                f"the record refers to module {s.name}, missing here; the record is from "
-                "another model"
+
+
+def _is_index(v: Any, size: int, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v < size
+
+
+def _map_fits(m: Any, size: int) -> bool:
+    """Whether every index a unit map gives lies in ``[0, size)``, checked by arithmetic (a
+    crafted map of 10**9 indices is never listed)."""
+    if m.axis not in ("rows", "cols") or not _is_index(m.units, size + 1, 1):
+        return False
+    if not isinstance(m.keep, list) or not all(_is_index(i, size) for i in m.keep):
+        return False
+    if m.explicit is not None:
+        parts = m.explicit if isinstance(m.explicit, list) else None
+        return parts is not None and all(
+            isinstance(p, list) and len(p) == m.units and all(
+                isinstance(u, list) and all(_is_index(i, size) for i in u) for u in p
             )
+            for p in parts
+        )  # fmt: skip
+    for part in m.parts:
+        if len(part) != 3 or not all(_is_index(v, size + 1) for v in part):
+            return False
+        base, stride, width = part
+        if base + (m.units - 1) * stride + width > size:
+            return False
+    return True
+
+
+def _head_attr_fits(module: nn.Module | None, attr: Any, per: Any, units: int) -> bool:
+    """Whether ``attr`` (``"heads"`` or ``"attn.heads"``) is an integer attribute of
+    ``module`` equal to ``units * per``: the runtime sets it to (active units) x ``per`` per
+    call, so a name the analysis would not give (``forward``, ``__class__``) is refused."""
+    if module is None or not isinstance(attr, str) or not _is_index(per, 2**31, 1):
+        return False
+    owner: Any = module
+    *path, name = attr.split(".")
+    for part in path:
+        owner = owner._modules.get(part) if part.isidentifier() else None
+        if owner is None:
+            return False
+    if not name.isidentifier() or name.startswith("_"):
+        return False
+    value = getattr(owner, name, None)
+    return isinstance(value, int) and not isinstance(value, bool) and value == units * per

@@ -19,8 +19,10 @@ from torch import nn
 from dynconvert.calibration.checkpoint import checkpoint_dir, list_checkpoints
 from dynconvert.calibration.config import RESUME_FREE_FIELDS
 from dynconvert.errors import OutputExistsError, RecordError
+from dynconvert.fields import shown
 from dynconvert.io.files import entries, is_link, remove_file
 from dynconvert.io.limits import read_json
+from dynconvert.io.restore import build_within
 from dynconvert.io.save import RECORD, atomic_write_bytes, load, read_record
 from dynconvert.recipes import Recipe
 from dynconvert.runs.guard import refuse_links
@@ -380,5 +382,14 @@ def load_run(
     record = read_record(path)
     base = None
     if not record.get("preset") and run.get("source"):
-        base = ModelSource.from_dict(run["source"]).skeleton()
+        source = ModelSource.from_dict(run["source"])
+        try:
+            base = build_within(source.skeleton, path, record)
+        except RecordError:
+            raise
+        except Exception as e:  # diffusers checks a config in many ways
+            raise RecordError(
+                f"cannot build the model run.json in {path} names ({shown(str(e), 120)[1:-1]}); "
+                "load the folder with dynconvert.load(folder, base_model)"
+            ) from None
     return load(path, base, device=device), run
