@@ -53,6 +53,7 @@ from dynconvert.io.restore import (
 )
 from dynconvert.io.weights import (
     atomic_save_tensors,
+    check_record_tables,
     check_weights_fit,
     read_weights,
     write_safetensors,
@@ -233,6 +234,11 @@ def load(
     except Exception as e:
         revert(base_model)
         raise RecordError(f"could not load the weights of {directory}: {e}") from e
+    try:
+        check_record_tables(base_model, record, directory)
+    except RecordError:
+        revert(base_model)
+        raise
     # Inference as deployed: on CUDA the planned path (static shapes) under CUDA graphs, on
     # other devices the fast path; the user does nothing for either (planner.py, graphs.py).
     load_capacity_record(base_model, record.get("token_capacity"))

@@ -246,3 +246,55 @@ def _check_routers(state: dict[str, torch.Tensor], record: dict[str, Any], direc
             f"the always-on units in the weights of {directory} differ from its record's; "
             "the folder is corrupt, save the model again"
         )
+
+
+def check_record_tables(model: nn.Module, record: dict[str, Any], directory: Path) -> None:
+    """Refuse a record whose width masks are not those the loaded routers give, or whose FLOPs
+    ratios are not finite numbers that agree with each other (a record edited, or weights
+    swapped with their sha256 updated: what ``inspect`` shows would not be what runs).
+
+    A mask bit may differ only where its router's logit is within rounding of 0 (a model
+    saved on another device or in another dtype).
+
+    Raises:
+        RecordError: The first site or field that disagrees.
+
+    Example:
+        >>> check_record_tables(model, record, Path("runs/digits"))  # doctest: +SKIP
+    """
+    from dynconvert.io.record import decode_masks
+    from dynconvert.plan import ROUTER_TIMESTEPS
+    from dynconvert.runtime.state import get_state
+
+    def bad(what: str) -> RecordError:
+        return RecordError(
+            f"the record in {directory} {what}; the record or the weights were changed after "
+            "the save: save the model again"
+        )
+
+    bank = get_state(model)
+    masks = record.get("width_masks", {})
+    if set(masks) != {str(key) for key in bank.width}:
+        raise bad("has width masks for other sites than its routers")
+    with torch.no_grad():
+        grid = torch.arange(ROUTER_TIMESTEPS, dtype=torch.float32)
+        emb = bank.t_embed(grid.to(bank.always_on.device))
+        for key, router in bank.width.items():
+            logits = router(emb).float().cpu()  # (T, units)
+            on = logits > 0
+            on[:, int(bank.always_on[int(key)])] = True
+            tol = max(1e-3, 8 * torch.finfo(logits.dtype).eps) * float(logits.abs().amax())
+            differ = decode_masks(masks[str(key)]) != on
+            if bool((differ & (logits.abs() > tol)).any()):
+                raise bad(f"has width masks for site {key} that its routers do not give")
+    ratio, mean = record.get("flops_ratio_per_t"), record.get("mean_flops_ratio")
+    if ratio is None and mean is None:
+        return
+
+    def number(v: Any) -> bool:  # NaN fails both comparisons
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 2
+
+    if not (isinstance(ratio, list) and len(ratio) == ROUTER_TIMESTEPS and all(map(number, ratio))):
+        raise bad(f"has flops_ratio_per_t that is not {ROUTER_TIMESTEPS} ratios in [0, 2]")
+    if not number(mean) or abs(mean - sum(ratio) / len(ratio)) > 1e-5:
+        raise bad("has a mean_flops_ratio that is not the mean of its flops_ratio_per_t")
