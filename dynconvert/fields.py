@@ -54,10 +54,11 @@ class ParseLimits:
 RECORD_LIMITS = ParseLimits(bytes=64 << 20)
 """A record (``dynconvert.json``, ``run.json``, ``report.json``, config.json): 64 MiB."""
 
-RECIPE_LIMITS = ParseLimits(bytes=64 << 10, nodes=10_000, string=64 << 10)
-"""A recipe file or a ``--set`` item: 64 KiB and 10,000 values, YAML aliases counted at each
-use (the shipped recipes are under 6 KiB). YAML is parsed in Python (a 200 KB list of 100,000
-numbers took 7 s on a busy 2-core machine), so the limits stop a crafted file early."""
+RECIPE_LIMITS = ParseLimits(bytes=16 << 10, nodes=2_000, string=16 << 10)
+"""A recipe file or a ``--set`` item: 16 KiB and 2,000 values, YAML aliases counted at each
+use (the shipped recipes are under 6 KiB and 200 values). YAML is parsed in Python (a 20 KB
+list of 10,000 numbers took 5 s on a 2-core machine at load 21), so the limits keep the
+slowest refusal short."""
 
 
 @dataclass(frozen=True)
