@@ -16,7 +16,8 @@ A kill before step 2 leaves the old save loading as it was; a kill at any point 
 the new one loading. Tests stop a save at each of its file operations (``files.fault_hook``).
 
 Example:
-    >>> commit_save(Path("out"), record, {"model.safetensors": write}, "model.safetensors")  # doctest: +SKIP
+    >>> writers = {"model.safetensors": write}  # doctest: +SKIP
+    >>> commit_save(Path("out"), record, writers, "model.safetensors")  # doctest: +SKIP
 """
 
 from __future__ import annotations
