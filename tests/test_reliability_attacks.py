@@ -28,6 +28,7 @@ from test_reliability_records import (
 
 from dynconvert.calibration.checkpoint import check_training_payload
 from dynconvert.errors import CheckpointError, ConfigError, RecordError
+from dynconvert.io.limits import parse_json
 from dynconvert.recipes import load_recipe
 from dynconvert.runs import load_run
 
@@ -180,6 +181,23 @@ def test_a_checkpoint_with_non_finite_state_is_refused(name):
     with pytest.raises(CheckpointError, match="delete it to resume from the previous one") as err:
         check_training_payload(payload, "step-0000002.pt")
     assert len(str(err.value)) < 300
+
+
+# --- JSON and YAML shapes the first rounds did not try ---------------------------------------
+
+JSON = {  # 64 MB of "[0,0,..." took 19 s and 1.2 GB to refuse after parsing; now 0.3 s
+    "600,000 zeros": lambda: b"[" + b"0," * 600_000 + b"0]",
+    "600,000 empty lists": lambda: b"[" + b"[]," * 600_000 + b"[]]",
+    "600,000 repeated keys": lambda: b"{" + b'"a":0,' * 600_000 + b'"a":0}',  # one key parsed
+}
+
+
+@pytest.mark.parametrize("name", list(JSON))
+def test_a_flat_json_bomb_is_refused_before_it_is_parsed(name):
+    start = time.perf_counter()
+    with pytest.raises(RecordError, match="more than 500000 values"):
+        parse_json(JSON[name](), "dynconvert.json", RecordError)
+    assert time.perf_counter() - start < 5  # counted in C before parsing
 
 
 # --- YAML shapes the first rounds did not try ------------------------------------------------
