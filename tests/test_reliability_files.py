@@ -287,7 +287,8 @@ def test_a_file_size_limit_is_one_line_in_a_real_process(tmp_path):
     out = tmp_path / "run"
     sets = [a for k, v in SETS.items() for a in ("--set", f"{k}={v}")]
     args = ["convert", "--model", "dit-tiny", "--random-init", "--data", "synthetic",
-            "--device", "cpu", "--target-flops", "0.5", "--steps", "4", *sets, "--out", str(out)]  # fmt: skip
+            "--device", "cpu", "--target-flops", "0.5", "--steps", "4", *sets,
+            "--out", str(out)]  # fmt: skip
     cmd = f"ulimit -f 400; exec {sys.executable} -c '{ULIMIT}' " + " ".join(args)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env)

@@ -191,7 +191,8 @@ def test_crafted_recipe_files_are_refused_in_one_short_line(name, tmp_path):
     data, expect = RECIPES[name]
     (tmp_path / "mine.yaml").write_bytes(data)
     before = files(tmp_path)
-    line = refused(invoke("convert", *TINY, "--recipe", tmp_path / "mine.yaml", "--out", tmp_path / "r"))  # fmt: skip
+    result = invoke("convert", *TINY, "--recipe", tmp_path / "mine.yaml", "--out", tmp_path / "r")
+    line = refused(result)
     assert expect in line and len(line) < 400
     assert files(tmp_path) == before
 
@@ -237,7 +238,9 @@ def _set(key: str, value_of):
 ROUTER = "dynconvert.width.0.weight"
 WEIGHTS = {
     "NaN router": (_set(ROUTER, lambda v: v.index_fill(1, torch.tensor([0]), float("nan"))), "NaN"),
-    "infinite router": (_set(ROUTER, lambda v: v.index_fill(0, torch.tensor([1]), float("inf"))), "NaN"),
+    "infinite router": (
+        _set(ROUTER, lambda v: v.index_fill(0, torch.tensor([1]), float("inf"))), "NaN"
+    ),
     "int32 router": (_set(ROUTER, lambda v: v.to(torch.int32)), "torch.int32"),
     "fp16 router, record fp32": (_set(ROUTER, lambda v: v.half()), "record says float32"),
     "int32 model weight": (_set("x_embedder.proj.weight", lambda v: v.to(torch.int32)), "int32"),
