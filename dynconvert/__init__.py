@@ -51,8 +51,8 @@ _EXPORTS = {
 }
 _ERRORS = (
     "AlreadyConvertedError", "BudgetError", "CalibrationError", "CheckpointError", "ConfigError",
-    "DataError", "DynconvertError", "ExampleInputsError", "ModelNotFoundError", "NoSitesError",
-    "NotConvertedError", "OutputExistsError", "RecordError", "TimestepError",
+    "DataError", "DynconvertError", "ExampleInputsError", "FileError", "ModelNotFoundError",
+    "NoSitesError", "NotConvertedError", "OutputExistsError", "RecordError", "TimestepError",
 )  # fmt: skip
 _EXPORTS.update(dict.fromkeys(_ERRORS, "dynconvert.errors"))
 
