@@ -269,8 +269,17 @@ def _why_nothing(model: torch.nn.Module, graph: OpGraph) -> list[SkippedSite]:
 
 
 def _why_no_attention(block: str, graph: OpGraph) -> str:
-    """Why no attention call was found in ``block`` ("" for the whole model): what was captured
-    there, and the ops analysis could not see into (a flex attention, an opaque leaf)."""
+    """Why no attention call was found in ``block`` ("" for the whole model): where torch.export
+    stopped inside it, else what was captured there, and the ops analysis could not see into
+    (a flex attention, an opaque leaf)."""
+    for module, why in graph.export_stops:
+        if block == "" or module == block or module.startswith(block + "."):
+            # Mochi: its attention loops over the samples, each with the prompt tokens
+            # `nonzero` picks out of the mask; the torch.fx fallback cannot trace it either.
+            return (
+                f"no attention call captured: {why}, and the torch.fx fallback sees no attention "
+                "call there; not converted"
+            )
     ops = [
         n
         for n in graph.nodes
