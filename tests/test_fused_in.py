@@ -136,3 +136,57 @@ def test_rows_of_no_head_between_the_heads_rows_are_refused_with_the_reason():
     plan = dynconvert.analyze(model, inputs)
     reasons = [s.reason for s in plan.skipped if s.name.startswith("single")]
     assert any("not heads between the heads' rows" in r for r in reasons), reasons
+
+
+class _PromptLoopBlock(nn.Module):
+    """Mochi 1's attention, written by hand: each sample attends over its image tokens and the
+    prompt tokens its mask keeps (``nonzero``), one sample at a time, padded back."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.qkv_txt = nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim)
+        self.proj, self.mlp = nn.Linear(dim, dim), nn.Sequential(nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, txt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        outs = []
+        for i in range(x.shape[0]):
+            keep = mask[i].nonzero().squeeze(-1)  # the sample's prompt tokens: a size from values
+            seq = torch.cat([self.qkv(x[i]), self.qkv_txt(txt[i, keep])], 0)  # (N + L, 3D)
+            q, k, v = seq.view(seq.shape[0], 3, self.heads, -1).permute(1, 2, 0, 3)
+            o = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).flatten(1)
+            outs.append(o[:n])
+        x = x + self.proj(torch.stack(outs))
+        return x + self.mlp(x).chunk(2, -1)[0]
+
+
+class _PromptLoopModel(nn.Module):
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.embed, self.t_embed = nn.Linear(4, dim), nn.Linear(1, dim)
+        self.blocks = nn.ModuleList([_PromptLoopBlock(dim, heads)])
+        self.out = nn.Linear(dim, 4)
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, encoder_attention_mask):
+        x = self.embed(hidden_states) + self.t_embed(timestep[:, None, None].float())
+        for blk in self.blocks:
+            x = blk(x, encoder_hidden_states, encoder_attention_mask)
+        return self.out(x)
+
+
+def test_an_attention_over_each_samples_prompt_tokens_is_refused_naming_the_op():
+    torch.manual_seed(0)
+    model = _PromptLoopModel().eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "hidden_states": torch.randn(2, 6, 4, generator=g),
+        "encoder_hidden_states": torch.randn(2, 5, 16, generator=g),
+        "timestep": torch.tensor([10.0, 500.0]),
+        "encoder_attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool(),
+    }
+    plan = dynconvert.analyze(model, inputs)
+    assert not plan.attention
+    reasons = [s.reason for s in plan.skipped if s.name == "blocks.0"]
+    assert reasons and "`nonzero` in blocks.0 (_PromptLoopBlock)" in reasons[0], plan.skipped
+    assert "depends on the input's values" in reasons[0]

@@ -17,6 +17,7 @@ modules cannot import the bank back: the Protocols here name what they use of it
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -30,6 +31,23 @@ PATTERN_CACHE_LIMIT = 4096
 """Entries a per-pattern cache holds before it is emptied (decisions, planned patterns, shared
 out-projection indices): a sampling run repeats a few patterns, a run with many mixed-t batches
 must not grow without bound."""
+
+
+def cached(cache: dict, key: Any, build: Callable[[], Any]) -> Any:
+    """``cache[key]``, built by ``build()`` on a miss; a cache holding more than
+    :data:`PATTERN_CACHE_LIMIT` entries is emptied first (many unit sets: bound the memory).
+
+    Example:
+        >>> cache = {}
+        >>> cached(cache, ("a",), lambda: 3), cached(cache, ("a",), lambda: 4)
+        (3, 3)
+    """
+    hit = cache.get(key)
+    if hit is None:
+        if len(cache) > PATTERN_CACHE_LIMIT:
+            cache.clear()
+        hit = cache[key] = build()
+    return hit
 
 
 class Decision:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dynconvert.runtime.dynamic import DynamicLinear
-from dynconvert.runtime.interfaces import PATTERN_CACHE_LIMIT, InRowsOwner, MlpCall
+from dynconvert.runtime.interfaces import InRowsOwner, MlpCall, cached
 
 
 class SharedInRuntime:
@@ -87,23 +87,20 @@ class SharedInRuntime:
         self, keys: tuple, rows: list[torch.Tensor], device: torch.device
     ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """The sliced weight's rows in the Linear's order, and each owner's [start, stop) in it."""
-        ikey = (keys, device)
-        hit = self._index.get(ikey)
-        if hit is not None:
-            return hit
-        if len(self._index) > PATTERN_CACHE_LIMIT:  # many unit sets: bound the memory
-            self._index.clear()
-        # Sorted: the original rows' order with the switched-off units' rows removed.
-        index = torch.cat([*rows, self.rest]).sort().values
-        spans = []
-        for r in rows:
-            pos = torch.searchsorted(index, r)
-            lo, hi = int(pos.min()), int(pos.max()) + 1
-            # A gathered owner's rows must be one block: analysis gives an MLP the contiguous
-            # rows a fused projection's heads leave (sites/fused_in_find.py).
-            spans.append((lo, hi) if hi - lo == r.numel() else (-1, -1))
-        hit = self._index[ikey] = (index.to(device), spans)
-        return hit
+
+        def build() -> tuple[torch.Tensor, list[tuple[int, int]]]:
+            # Sorted: the original rows' order with the switched-off units' rows removed.
+            index = torch.cat([*rows, self.rest]).sort().values
+            spans = []
+            for r in rows:
+                pos = torch.searchsorted(index, r)
+                lo, hi = int(pos.min()), int(pos.max()) + 1
+                # A gathered owner's rows must be one block: analysis gives an MLP the
+                # contiguous rows a fused projection's heads leave (sites/fused_in_find.py).
+                spans.append((lo, hi) if hi - lo == r.numel() else (-1, -1))
+            return index.to(device), spans
+
+        return cached(self._index, (keys, device), build)
 
 
 def _gathers(call: MlpCall) -> bool:

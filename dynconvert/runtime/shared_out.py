@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dynconvert.runtime.dynamic import DynamicLinear, per_row
-from dynconvert.runtime.interfaces import PATTERN_CACHE_LIMIT, MlpCall, OutColumnsOwner
+from dynconvert.runtime.interfaces import MlpCall, OutColumnsOwner, cached
 
 
 class SharedOutRuntime:
@@ -94,24 +94,20 @@ class SharedOutRuntime:
     ) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, int]]]:
         """The sliced weight's columns in the input's order, the permutation from the owners'
         concatenation to it (None: the same), and each owner's [start, stop) in it."""
-        ikey = (keys, device)
-        hit = self._index.get(ikey)
-        if hit is not None:
-            return hit
-        if len(self._index) > PATTERN_CACHE_LIMIT:  # many unit sets: bound the memory
-            self._index.clear()
-        flat = torch.cat([*cols, self.rest])
-        order = flat.argsort()  # the input's order: the original columns' with units removed
-        where = order.argsort()  # position of each concatenated column in that order
-        spans, start = [], 0
-        for c in cols:
-            pos = where[start : start + c.numel()]
-            spans.append((int(pos.min()), int(pos.max()) + 1) if c.numel() else (0, 0))
-            start += c.numel()
-        same = bool((order == torch.arange(order.numel())).all())
-        hit = (flat[order].to(device), None if same else order.to(device), spans)
-        self._index[ikey] = hit
-        return hit
+
+        def build() -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, int]]]:
+            flat = torch.cat([*cols, self.rest])
+            order = flat.argsort()  # the input's order: the original columns' with units removed
+            where = order.argsort()  # position of each concatenated column in that order
+            spans, start = [], 0
+            for c in cols:
+                pos = where[start : start + c.numel()]
+                spans.append((int(pos.min()), int(pos.max()) + 1) if c.numel() else (0, 0))
+                start += c.numel()
+            same = bool((order == torch.arange(order.numel())).all())
+            return flat[order].to(device), None if same else order.to(device), spans
+
+        return cached(self._index, (keys, device), build)
 
     def _masked(
         self,
