@@ -41,7 +41,8 @@ def _fused_pair(plan):
 
 def test_the_fused_rows_belong_to_the_heads_and_the_groups():
     model, inputs = PATTERN_MODELS["fused-parallel"]()
-    attn, mlp = _fused_pair(dynconvert.analyze(model, inputs))
+    plan = dynconvert.analyze(model, inputs)
+    attn, mlp = _fused_pair(plan)
     part = attn.parts["fused_in"]
     # 4 heads of 8 (q, k, v: 96 rows), then the MLP's gate and value halves (2 x 64 rows).
     assert (part.linear, part.rows, part.others) == ("single.0.linear1", 224, [96, 224])
@@ -57,10 +58,10 @@ def test_the_fused_rows_belong_to_the_heads_and_the_groups():
     assert mlp.token and mlp.token_reason == ""  # x + g * linear2(cat(attn, mlp)): exact
     assert attn.head_attrs == {"num_heads": 1, "hidden_size": 8}
     # The plan round-trips through its JSON form (the saved record).
-    plan = dynconvert.analyze(model, inputs)
     assert dynconvert.plan.Plan.from_dict(plan.to_dict()) == plan
 
 
+@pytest.mark.slow  # the pattern model walks the same path in the default suite (test_patterns)
 def test_diffusers_flux2_keeps_the_three_invariants():
     entry = ZOO["flux2"]
     model = entry.build(0)
@@ -79,15 +80,20 @@ def test_diffusers_flux2_keeps_the_three_invariants():
     assert report.ratio < 0.9 and abs(executed - report.ratio) <= 0.02 * report.ratio
 
 
+MLP_ONLY = ConvertConfig(attention_width=False)  # the MLP alone: q, k, v rows in full
+ATTENTION_ONLY = ConvertConfig(mlp_width=False, token_routing=False)  # the heads alone
+
+
 @pytest.mark.parametrize(
-    "config",
+    ("config", "fused"),
     [
-        ConvertConfig(attention_width=False),  # the MLP alone: q, k, v rows in full
-        ConvertConfig(mlp_width=False, token_routing=False),  # the heads alone
+        pytest.param(MLP_ONLY, True, id="flux2-mlp-only"),
+        pytest.param(ATTENTION_ONLY, True, id="flux2-attention-only", marks=pytest.mark.slow),
+        # Flux 1: the MLP's columns of the out-projection kept in the input's order.
+        pytest.param(MLP_ONLY, False, id="flux1-mlp-only"),
+        pytest.param(ATTENTION_ONLY, False, id="flux1-attention-only", marks=pytest.mark.slow),
     ],
-    ids=["mlp-only", "attention-only"],
 )
-@pytest.mark.parametrize("fused", [True, False], ids=["flux2", "flux1"])
 def test_one_site_of_a_parallel_block_runs_sliced_alone(config, fused):
     model, inputs = mmdit(joint=1, single=1, fused=fused)
     dynconvert.convert(model, 0.9, example_inputs=inputs, config=config)
@@ -97,6 +103,7 @@ def test_one_site_of_a_parallel_block_runs_sliced_alone(config, fused):
     assert _rel(fast, masked) < 1e-5 and _rel(planned, masked) < 1e-5
 
 
+@pytest.mark.slow
 def test_the_token_router_of_a_fused_mlp_learns_through_the_shared_out_projection():
     model, inputs = PATTERN_MODELS["fused-parallel"]()
     dynconvert.convert(model, 0.5, example_inputs=inputs)
