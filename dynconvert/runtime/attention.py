@@ -34,6 +34,9 @@ class AttentionRuntime(SiteRuntime):
         self.tables.update({m.linear: unit_table(m) for m in site.cut_maps})
         self.tables.update({t.path: unit_table(t.map) for t in site.table_args})
         self.fast: Decision | None = None  # this call's fast-path decision (None: full/masked)
+        # The decision of the last call whose projections ran: the heads the attention output
+        # holds. A cache hook (diffusers' PAB, TaylorSeer) may hand back an older output.
+        self.ran: Decision | None = None
         self.saved: dict[str, int] = {}  # head-count attributes lowered for this call
         self.fused: dict[str, tuple[str, ...]] = {}  # fused projection fqn -> the fqns it fuses
 
@@ -135,8 +138,8 @@ class AttentionRuntime(SiteRuntime):
 
     def out_state(self) -> tuple[Decision | None, bool, torch.Tensor | None]:
         """For a shared out-projection: (this call's decision, sliced?, head mask if masked)."""
-        if self.fast is not None:
-            return self.fast, True, None
+        if self.ran is not None:
+            return self.ran, True, None
         if self.bank.fast_for(self.site):
             return None, True, None  # every head on
         return None, False, self.bank.width_mask(self.site.index)
@@ -154,6 +157,7 @@ class AttentionRuntime(SiteRuntime):
         site, bank = self.site, self.bank
         d = self.fast
         if lin._dc_role == "in":
+            self.ran = d
             name = lin._dc_name
             # Token counts of this call, for the FLOPs of QK^T and AV: n queries, m keys
             # (m differs from n in cross-attention).
@@ -170,7 +174,7 @@ class AttentionRuntime(SiteRuntime):
                 rows = d.rows[name] = self.tables[name][:, d.units].reshape(-1).to(x.device)
             w, b = bank.sliced(lin, "rows", d.key, rows)  # active heads' rows
             return F.linear(x, w, b)  # (B, N, parts * H' * d)
-        name = lin._dc_name
+        name, d = lin._dc_name, self.ran
         if d is not None:  # out-projection, fast path: x (B, N, H' * dv [+ kept columns])
             if d.sub is not None:  # several timesteps: zero each sample's extra heads
                 x = x * column_multiplier(d.sub[name], x)
