@@ -11,6 +11,8 @@ a recipe's ``data: translated``); scikit-learn is needed only here:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +29,16 @@ BACKGROUND = -1.0
 """Pixel value of the empty canvas (the digits' own background in [-1, 1])."""
 
 
+@functools.cache
+def _load() -> tuple:
+    """scikit-learn's digits as (pixels (1797, 64) in 0..16, labels), read once per process."""
+    from sklearn.datasets import load_digits  # only the demos need scikit-learn
+
+    data = load_digits()
+    data.data.setflags(write=False)  # shared by every caller
+    return data.data, data.target
+
+
 def digits(image_size: int = 16) -> TensorSource:
     """scikit-learn's 8x8 digits (1797 images, labels 0..9) scaled to [-1, 1] and resized.
 
@@ -41,16 +53,12 @@ def digits(image_size: int = 16) -> TensorSource:
         >>> len(src), tuple(src.get_batch([0])["x"].shape)
         (1797, (1, 1, 16, 16))
     """
-    from sklearn.datasets import load_digits  # only the demo needs scikit-learn
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32).reshape(
-        -1, 1, 8, 8
-    )  # (1797, 1, 8, 8) in 0..16
+    pixels, labels = _load()
+    x = torch.tensor(pixels, dtype=torch.float32).reshape(-1, 1, 8, 8)  # (1797, 1, 8, 8), 0..16
     x = x / 16.0 * 2.0 - 1.0  # [-1, 1], the range the DiT was trained on
     if image_size != 8:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    return TensorSource(x.clamp(-1.0, 1.0), torch.tensor(data.target, dtype=torch.long))
+    return TensorSource(x.clamp(-1.0, 1.0), torch.tensor(labels, dtype=torch.long))
 
 
 def place(
