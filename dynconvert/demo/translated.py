@@ -10,6 +10,11 @@ dropout 0.1 for guidance). Its weights ship as ``dynconvert/assets/translated_di
 and its classifier as ``translated_classifier.safetensors``; ``examples/train_translated.py``
 retrains both with a fixed seed.
 
+The shipped DiT is under-trained: after its 2000 steps it denoises a lightly noised digit but
+does not yet generate one (200 DDIM-50 samples, guidance 1.5: classifier accuracy 0.120, Frechet
+distance 277.75 against 13.08 for 200 real images; docs/quality.md). The classifier is fine
+(0.972 on held-out digits). Retraining longer is open (issue 25).
+
 Importing ``dynconvert.demo`` registers the preset ``translated`` (alias ``dit-translated``),
 the calibration data ``translated`` and the run evaluation ``evaluate.kind: translated``.
 
@@ -41,7 +46,7 @@ TRANSLATED = DemoModel(
     dict(steps=50, cfg_scale=1.5, scheduler="ddim", clip_sample=True),
     data=partial(data.translated, 1, 0),  # the reference set: every digit once, seed 0
     train_data=partial(data.translated, 8, 1),  # eight other placements of every digit
-    training=dict(steps=4000, batch_size=64, lr=2e-3, classifier_epochs=6),
+    training=dict(steps=2000, batch_size=64, lr=2e-3, classifier_epochs=6),  # shipped
     aliases=("dit-translated",),
     script="examples/train_translated.py",
 )
