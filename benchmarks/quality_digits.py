@@ -16,8 +16,8 @@ digits (``dynconvert.demo.metrics``). Methods:
   sampler so that it spends the target (``dynconvert.sampling.budget``; ``--no-match-budget``
   turns it off, as the studies before it ran).
 - ``static-pruning``: the same heads and MLP channel groups removed at every timestep, ranked by
-  the importance score convert uses (``dynconvert.analysis.importance.magnitude``), the same fraction in
-  every site, then fine-tuned for the same steps.
+  the importance score convert uses (``dynconvert.analysis.importance.magnitude``), the same
+  fraction in every site, then fine-tuned for the same steps.
 - ``cache``: training-free, first-block-cache style: on a "cached" sampling step only the first
   block runs, and the residual of the other blocks from the last full step is reused; the cached
   steps are spread evenly so the mean cost matches the target.
@@ -26,7 +26,8 @@ Rows go to ``--out`` (one per evaluated model, written as each finishes; rows al
 skipped, so an interrupted study resumes). Plots are written next to it.
 
 Run (the committed results): see docs/quality.md.
-Smoke (under a minute; in the default tests): ``python benchmarks/quality_digits.py --smoke --out /tmp/q.json``
+Smoke (under a minute; in the default tests):
+``python benchmarks/quality_digits.py --smoke --out /tmp/q.json``
 """
 
 from __future__ import annotations
@@ -474,13 +475,14 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The summary as a Markdown table."""
-    lines = ["| method | target | FLOPs ratio | seeds | FD (mean, min..max) | accuracy (mean, min..max) |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| method | target | FLOPs ratio | seeds | FD (mean, min..max) "
+             "| accuracy (mean, min..max) |", "|---|---|---|---|---|---|"]  # fmt: skip
     for s in summary(rows):
         spread = f" ({s['fd_min']:.2f}..{s['fd_max']:.2f})" if s["seeds"] > 1 else ""
         aspread = f" ({s['acc_min']:.3f}..{s['acc_max']:.3f})" if s["seeds"] > 1 else ""
-        lines.append(f"| {s['method']} | {s['target_flops']:g} | {s['flops_ratio']:.3f} | {s['seeds']} "
-                     f"| {s['fd_mean']:.2f}{spread} | {s['acc_mean']:.3f}{aspread} |")  # fmt: skip
+        lines.append(f"| {s['method']} | {s['target_flops']:g} | {s['flops_ratio']:.3f} "
+                     f"| {s['seeds']} | {s['fd_mean']:.2f}{spread} "
+                     f"| {s['acc_mean']:.3f}{aspread} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """Train the digits DiT from scratch on a CPU and write the weights dynconvert ships.
 
-    python examples/train_digits.py                      # reproduces dynconvert/assets/digits_dit.safetensors
+    python examples/train_digits.py   # reproduces dynconvert/assets/digits_dit.safetensors
     python examples/train_digits.py --out /tmp/digits.safetensors --steps 500
     python examples/train_digits.py --classifier         # also retrain the metrics classifier
 
@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None, benchmark: str = "digits", doc: str = __
     )
     path = save_demo_weights(result.model, benchmark, args.out)
     print(
-        f"trained {result.steps} steps in {result.seconds:.0f}s; final loss {result.final_loss:.4f} "
-        f"(mse {result.final_mse:.4f}, mean of the last 100 steps)",
+        f"trained {result.steps} steps in {result.seconds:.0f}s; final loss "
+        f"{result.final_loss:.4f} (mse {result.final_mse:.4f}, mean of the last 100 steps)",
         flush=True,
     )
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)", flush=True)

@@ -1,6 +1,6 @@
 """Train the translated-digits DiT from scratch on a CPU and write the weights dynconvert ships.
 
-    python examples/train_translated.py                  # reproduces dynconvert/assets/translated_dit.safetensors
+    python examples/train_translated.py   # reproduces dynconvert/assets/translated_dit.safetensors
     python examples/train_translated.py --classifier     # also retrain its metrics classifier
     python examples/train_translated.py --out /tmp/translated.safetensors --steps 500
 

@@ -75,9 +75,12 @@ def _converted(**flags: bool) -> nn.Module:
 
 def _sampler_ratio(model: nn.Module, seed: int, n: int = 8) -> float:
     bank, ratios = dynconvert.get_state(model), []
+
+    def probe(done: int, total: int) -> None:
+        ratios.append(float(last_flops_ratio(bank).mean()))
+
     with dynconvert.routing(model, "eval"):
-        sample(model, labels=torch.arange(n) % 4, steps=5, seed=seed, cfg_scale=1.0,
-               on_step=lambda d, t: ratios.append(float(last_flops_ratio(bank).mean())))  # fmt: skip
+        sample(model, labels=torch.arange(n) % 4, steps=5, seed=seed, cfg_scale=1.0, on_step=probe)
     return sum(ratios) / len(ratios)
 
 

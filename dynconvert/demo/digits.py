@@ -86,7 +86,8 @@ def save_digits_weights(model: nn.Module, path: str | os.PathLike = DIGITS_WEIGH
 
     Example:
         >>> import tempfile
-        >>> p = save_digits_weights(build_digits(pretrained=False), tempfile.mkdtemp() + "/w.safetensors")
+        >>> path = tempfile.mkdtemp() + "/w.safetensors"
+        >>> p = save_digits_weights(build_digits(pretrained=False), path)
         >>> p.stat().st_size < 5_000_000
         True
     """

@@ -38,7 +38,8 @@ _CHUNK = 50
 
 
 def _flops_probe(model: nn.Module) -> tuple[list[float], Callable[[int, int], None] | None]:
-    """A per-step callback recording the whole-model FLOPs ratio of a converted model's last call."""
+    """A per-step callback recording the whole-model FLOPs ratio of a converted model's last
+    call."""
     ratios: list[float] = []
     if not is_converted(model):
         return ratios, None
@@ -335,7 +336,8 @@ def demo_evaluation(benchmark: str) -> Evaluation:
         benchmark,
         run=partial(digits_report, benchmark=benchmark),
         check=partial(check_digits_model, benchmark=benchmark),
-        description=f"sampling both models for classifier accuracy and Frechet distance ({benchmark})",
+        description="sampling both models for classifier accuracy and Frechet distance "
+        f"({benchmark})",
         summary=lambda r: "accuracy {original:.3f} -> {dynamic:.3f}".format(
             **r["classifier_accuracy"]
         ),

@@ -1,4 +1,4 @@
-"""Train a demo DiT from scratch (what ``examples/train_digits.py`` and ``train_translated.py`` run).
+"""Train a demo DiT from scratch (``examples/train_digits.py`` and ``train_translated.py`` run it).
 
 DiT's objective (``GaussianDiffusion.hybrid_loss``: eps MSE plus the variational-bound term that
 trains the learned sigma) on uniformly drawn timesteps of the linear 1000-step schedule, with the
