@@ -48,10 +48,11 @@ _EXPORTS = {
     "set_routing": "dynconvert.runtime.routing",
     "load": "dynconvert.io.save",
     "save": "dynconvert.io.save",
+    "export": "dynconvert.deploy",
 }
 _ERRORS = (
     "AlreadyConvertedError", "BudgetError", "CalibrationError", "CheckpointError", "ConfigError",
-    "DataError", "DynconvertError", "ExampleInputsError", "ModelNotFoundError", "NoSitesError",
+    "DataError", "DynconvertError", "ExampleInputsError", "ExportError", "ModelNotFoundError", "NoSitesError",
     "NotConvertedError", "OutputExistsError", "RecordError", "TimestepError",
 )  # fmt: skip
 _EXPORTS.update(dict.fromkeys(_ERRORS, "dynconvert.errors"))

@@ -57,3 +57,7 @@ class DataError(DynconvertError):
 
 class OutputExistsError(DynconvertError):
     """The output folder already holds another run."""
+
+
+class ExportError(DynconvertError):
+    """A converted model cannot be exported (an op, an input, or the output folder)."""
