@@ -69,6 +69,7 @@ def write_program(
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "pt2":
+        ep.example_inputs = None  # they hold the weights: a copy of them in every program
         torch.export.save(ep, str(path))
     elif fmt == "aoti":
         try:

@@ -221,7 +221,6 @@ def trace(
         tap.mode = "record"
         tap.feed, tap.deltas = {}, []
         get_state(model).records = {}  # the trace's records hold fake tensors
-    ep.example_inputs = None  # they would hold the weights: a copy of them in every program
     return ep
 
 
