@@ -1,7 +1,7 @@
 """Sample from a ``dynconvert export`` folder with torch alone: DDIM with classifier-free guidance.
 
     dynconvert export runs/digits-0.5 --out export/
-    python examples/sample_exported.py export/ [OUT.pt] [--block-dynconvert]
+    python examples/sample_exported.py export/ [--out samples.pt] [--steps 50] [--block-dynconvert]
 
 No dynconvert, no diffusers: the export's ``run_exported.py`` runs the programs and the DDIM
 loop below is the one ``dynconvert sample`` runs (diffusers' DDIMScheduler as dynconvert sets it
@@ -13,6 +13,7 @@ fail first, to show that nothing here needs it. The samples are saved as a tenso
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -56,16 +57,21 @@ def ddim(
     return x
 
 
-def main(folder: str, out: str) -> None:
+def main(folder: str, out: str, steps: int) -> None:
     model = load_exported(folder)
-    samples = ddim(model, labels=list(range(10)))
+    samples = ddim(model, labels=list(range(10)), steps=steps)
     dropped, wanted = model.overflow()
     torch.save(samples, out)
     print(f"wrote {out}: {tuple(samples.shape)} samples; tokens over capacity {dropped}/{wanted}")
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    if "--block-dynconvert" in sys.argv:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="an export folder (dynconvert export)")
+    parser.add_argument("--out", default="samples.pt", help="where to save the samples")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (those exported)")
+    parser.add_argument("--block-dynconvert", action="store_true", help="make it unimportable")
+    args = parser.parse_args()
+    if args.block_dynconvert:
         sys.modules["dynconvert"] = None  # import dynconvert now raises ImportError
-    main(args[0], args[1] if len(args) > 1 else "samples.pt")
+    main(args.folder, args.out, args.steps)

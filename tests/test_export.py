@@ -129,3 +129,113 @@ def test_bad_requests_are_refused_before_any_work(tmp_path):
     with pytest.raises(dynconvert.ExportError, match="batch 2, not 3"):
         dynconvert.export(model, tmp_path / "a", batch=3, example_inputs=model.example_inputs(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+# -- slow: AOTInductor, ONNX, every model kind, the run folder through the CLI, a pipeline ------
+
+
+def zoo_model(name):
+    """(converted model with random routing, example inputs as a function of the batch, the
+    timesteps to export in the model's convention)."""
+    from dynconvert.models import build_model
+    from dynconvert.testing import tiny_pixart
+    from dynconvert.testing.zoo import ZOO
+
+    ddpm = (999.0, 998.0, 500.0, 499.0)
+    if name == "digits":
+        model, inputs, ts = build_model("digits").eval(), None, ddpm
+    elif name == "pixart":
+        model, inputs, ts = tiny_pixart(), None, ddpm
+    else:  # SD3 takes t in 0..1000 as its pipeline passes it, Flux sigma in [0, 1]
+        entry = ZOO[name]
+        model = entry.build(0)
+        ts = ddpm if name == "sd3" else (0.999, 0.998, 0.5, 0.499)
+
+        def inputs(b, model=model, entry=entry):
+            return entry.inputs(model, batch=b)
+
+    model = dynconvert.convert(model, 0.5, example_inputs=inputs(2) if inputs else None)
+    randomize_routing(model, 0.5, example_inputs=inputs(2) if inputs else None)
+    configure_planned(model, min_gather_rows=0)
+    return model.eval(), inputs, ts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, fmt",
+    [("digits", "pt2"), ("digits", "aoti"), ("digits", "onnx"), ("pixart", "pt2"),
+     ("pixart", "aoti"), ("sd3", "pt2"), ("sd3", "aoti"), ("flux", "pt2"), ("flux", "aoti")],
+)  # fmt: skip
+def test_every_model_kind_reproduces_the_planned_path(tmp_path, name, fmt):
+    model, inputs, ts = zoo_model(name)
+    ts = ts if fmt == "pt2" else ts[:2]  # a compile per program: two timesteps are enough
+    result, _ = check_export(model, tmp_path, fmt, timesteps=ts, example_inputs=inputs)
+    assert result.max_abs_diff <= TOL[fmt] and result.programs >= 1
+    assert result.folder_bytes <= 1.1 * (result.weights_bytes + result.graph_bytes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["aoti", "onnx"])
+def test_tiny_dit_token_gather_in_aoti_and_onnx(tmp_path, fmt):
+    model = tiny_routed(vary_with_t=False)
+    set_token_capacity(model, 0.25)  # gathered, with overflow counted as an output
+    _, standalone = check_export(model, tmp_path, fmt, timesteps=(999.0, 500.0), batch=[2, 3])
+    assert standalone["overflow"][0] > 0
+
+
+@pytest.mark.slow
+def test_digits_run_exports_and_samples_the_same_images_without_dynconvert(tmp_path):
+    from typer.testing import CliRunner
+
+    from dynconvert.cli.app import make_app
+    from dynconvert.runs import load_run
+    from dynconvert.sampling import sample
+
+    run, out = tmp_path / "run", tmp_path / "export"
+    sets = ["calibration.steps=12", "calibration.lambda_hold_steps=0", "calibration.warmup_steps=6",
+            "report.bench=false", "evaluate.kind=none", "samples.grid=false"]  # fmt: skip
+    app = make_app()
+    done = CliRunner().invoke(app, ["convert", "--model", "digits", "--target-flops", "0.5",
+                                    "--out", str(run), *[a for s in sets for a in ("--set", s)]])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    done = CliRunner().invoke(
+        app, ["export", str(run), "--out", str(out), "--steps", "10", "--json"]
+    )
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout[done.stdout.index("{") :])
+    assert report["batches"] == [20] and report["load_s"] > 0 and report["export_s"] > 0
+    assert report["folder_bytes"] <= 1.1 * (report["weights_bytes"] + report["graph_bytes"])
+    script = Path(__file__).parents[1] / "examples" / "sample_exported.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out), "--out", str(tmp_path / "s.pt"), "--steps", "10",
+         "--block-dynconvert"], capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model, _ = load_run(run)
+    kwargs = dict(labels=list(range(10)), steps=10, cfg_scale=1.5, seed=0, clip_sample=True)
+    with routing(model, None, execution="planned"):
+        planned = sample(model, **kwargs)
+    exported = torch.load(tmp_path / "s.pt")
+    assert (exported - planned).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_export_is_the_transformer_of_a_diffusers_pipeline(tmp_path):
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    from dynconvert.deploy import DiffusersTransformer, load_exported
+    from dynconvert.testing import tiny_diffusers_dit
+
+    from test_pipelines import _sample, _tiny_vae
+
+    model = dynconvert.convert(tiny_diffusers_dit(), 0.5)
+    randomize_routing(model, keep=0.5)
+    sched = DDIMScheduler()
+    sched.set_timesteps(3)
+    dynconvert.export(model, tmp_path / "export", timesteps=sched.timesteps.tolist(), batch=2)
+    dynconvert.set_routing(model, None, execution="planned")
+    vae = _tiny_vae()
+    reference = _sample(DiTPipeline(transformer=model, vae=vae, scheduler=DDIMScheduler()))
+    wrapped = DiffusersTransformer(load_exported(tmp_path / "export"))
+    got = _sample(DiTPipeline(transformer=wrapped, vae=vae, scheduler=DDIMScheduler()))
+    assert abs(got - reference).max() <= 1e-5
