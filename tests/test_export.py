@@ -87,31 +87,34 @@ def tiny_routed(capacity=None, vary_with_t=True):
 
 
 def test_pt2_reproduces_the_planned_path_without_dynconvert(tmp_path):
-    # One width pattern at every t; capacities of 0.25 (below the keep rate: tokens overflow)
-    # from t = 750 on and 0.5 below: two patterns, two programs, each for two timesteps.
-    model = tiny_routed(vary_with_t=False)
-    set_token_capacity(model, torch.where(torch.arange(1000) >= 750, 0.25, 0.5))
+    # One width pattern at every t and a capacity of 0.25 of the rows, below the keep rate:
+    # one program for both timesteps, its token gather drops tokens as the planned path does.
+    model = tiny_routed(capacity=0.25, vary_with_t=False)
     # check=False: the subprocess below is the check (the default suite pays for one)
-    result, standalone = check_export(model, tmp_path, check=False)
+    result, standalone = check_export(model, tmp_path, timesteps=(999.0, 500.0), check=False)
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
-    assert result.programs == 2 and result.files == 2
-    assert sorted(manifest["schedule"]) == [
-        [499.0, "p1"],
-        [500.0, "p1"],
-        [998.0, "p0"],
-        [999.0, "p0"],
-    ]
-    assert standalone["overflow"][0] > 0  # the capacity dropped tokens, as the planned path does
-    caps = [set(p["capacities"].values()) for p in manifest["programs"].values()]
-    assert caps == [{0.25}, {0.5}]
-    assert (
-        manifest["programs"]["p0"]["flops_ratio"]["2"]
-        < manifest["programs"]["p1"]["flops_ratio"]["2"]
-        < 1
-    )
+    assert result.programs == 1 and manifest["schedule"] == [[999.0, "p0"], [500.0, "p0"]]
+    assert standalone["overflow"][0] > 0  # dropped by the capacity, counted as an output
+    assert set(manifest["programs"]["p0"]["capacities"].values()) == {0.25}
+    assert 0 < manifest["programs"]["p0"]["flops_ratio"]["2"] < 1
+    assert manifest["inputs"]["timestep"] == ["t"] and manifest["shapes"] == {
+        "2": [[2, 4, 8, 8], [2], [2]]
+    }
     # the weights once: the folder is the weights file plus the graphs and small files
     assert result.folder_bytes <= 1.1 * (result.weights_bytes + result.graph_bytes)
     assert not list(tmp_path.glob(".export.*"))  # no temporary folder left behind
+
+
+def test_timesteps_are_grouped_by_the_planners_patterns():
+    from dynconvert.deploy.schedule import group_patterns
+    from dynconvert.deploy.signature import bind
+
+    model = tiny_routed(vary_with_t=False)  # one width pattern; capacities change at t = 750
+    set_token_capacity(model, torch.where(torch.arange(1000) >= 750, 0.25, 0.5))
+    with routing(model, "eval", "planned"):
+        groups = group_patterns(model, bind(model, model.example_inputs(2), {}), "t",
+                                [999.0, 500.0, 998.0, 499.0])  # fmt: skip
+    assert groups == [[999.0, 998.0], [500.0, 499.0]]
 
 
 def test_bad_requests_are_refused_before_any_work(tmp_path):
@@ -222,11 +225,10 @@ def test_digits_run_exports_and_samples_the_same_images_without_dynconvert(tmp_p
 @pytest.mark.slow
 def test_export_is_the_transformer_of_a_diffusers_pipeline(tmp_path):
     from diffusers import DDIMScheduler, DiTPipeline
+    from test_pipelines import _sample, _tiny_vae
 
     from dynconvert.deploy import DiffusersTransformer, load_exported
     from dynconvert.testing import tiny_diffusers_dit
-
-    from test_pipelines import _sample, _tiny_vae
 
     model = dynconvert.convert(tiny_diffusers_dit(), 0.5)
     randomize_routing(model, keep=0.5)

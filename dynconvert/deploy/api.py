@@ -264,7 +264,7 @@ def _write_support(model: nn.Module, tap: PlannerTap, manifest: dict[str, Any], 
                    fmt: str, values: list[float]) -> None:  # fmt: skip
     """The weights (once), the slice index tensors and the loader, beside the programs."""
     weights = state_of(model)
-    torch.save(weights, tmp / "weights.pt")
+    torch.save({k: v.cpu() for k, v in weights.items()}, tmp / "weights.pt")
     used = {k for p in manifest["programs"].values() for k in p["slices"]}
     specs = {k: {"weight": s.weight, "bias": s.bias, "dim": s.dim, "index": s.index}
              for k, s in tap.specs.items() if k in used}  # fmt: skip

@@ -77,8 +77,11 @@ class ExportedModel(torch.nn.Module):
         self.cache_slices = cache_slices
         self.inputs = m["inputs"]
         weights = torch.load(self._file(m["weights"]), weights_only=True, mmap=True)
-        self.weights = {k: weights[k] for k in m["weight_names"]}  # the programs' input order
+        device = torch.device(m["device"])  # saved on the CPU, run where they were exported
+        self.weights = {k: weights[k].to(device) for k in m["weight_names"]}  # the programs' order
         self.slice_specs = torch.load(self._file(m["slices"]), weights_only=True)
+        for spec in self.slice_specs.values():
+            spec["index"] = spec["index"].to(device)
         self.schedule = sorted((float(t), p) for t, p in m["schedule"])
         self._times = [t for t, _ in self.schedule]
         self.programs = {
@@ -125,14 +128,17 @@ class ExportedModel(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The model's prediction for a call made as to the original model."""
         named = self._bind(args, kwargs)
-        leaves = [self._tensor(named, spec) for spec in self.inputs["tensors"]]
         k = self._t_leaf
+        name = self.program_for(self._tensor(named, self.inputs["tensors"][k], cast=False))
+        leaves = [self._tensor(named, spec) for spec in self.inputs["tensors"]]
         batch = self._batch(leaves)
-        name = self.program_for(leaves[k])
         want = self.manifest["shapes"][str(batch)][k]
         if leaves[k].numel() == 1 and list(leaves[k].shape) != want:
             leaves[k] = leaves[k].reshape(-1).expand(want)  # one timestep for the whole batch
-        out, overflow = self.programs[(name, batch)](self.weights, self._slices_of(name), leaves)
+        with torch.no_grad():  # programs are inference graphs
+            out, overflow = self.programs[(name, batch)](
+                self.weights, self._slices_of(name), leaves
+            )
         self._overflow += overflow.cpu()
         return out
 
@@ -164,7 +170,9 @@ class ExportedModel(torch.nn.Module):
                 )
         return named
 
-    def _tensor(self, named: dict[str, Any], spec: dict[str, Any]) -> torch.Tensor:
+    def _tensor(
+        self, named: dict[str, Any], spec: dict[str, Any], cast: bool = True
+    ) -> torch.Tensor:
         path = ".".join(str(p) for p in spec["path"])
         try:
             value = _at(named, spec["path"])
@@ -172,6 +180,8 @@ class ExportedModel(torch.nn.Module):
             raise ExportedModelError(f"missing input {path} (a tensor in the export)") from None
         if not isinstance(value, torch.Tensor):
             value = torch.as_tensor(value)
+        if not cast:  # the timestep picks its program before a cast could round it
+            return value
         dtype = getattr(torch, spec["dtype"])
         return value.to(dtype) if value.dtype != dtype else value
 
