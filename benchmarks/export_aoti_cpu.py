@@ -86,7 +86,9 @@ def main() -> None:
     originals, compile_s = {}, {}
     for b, (a, _) in calls.items():
         print(f"compiling the original, batch {b}", file=sys.stderr, flush=True)
-        originals[b], compile_s[b] = compile_original(model, weights, a, work / f"original-b{b}.pt2")
+        originals[b], compile_s[b] = compile_original(
+            model, weights, a, work / f"original-b{b}.pt2"
+        )
     first = calls[args.batch[0]]
     dynconvert.convert(model, args.keep, example_inputs=first)
     fractions = synthetic_routing(model, args.keep, args.tokens, first)
