@@ -134,6 +134,23 @@ def test_bad_requests_are_refused_before_any_work(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
+def test_the_command_refuses_with_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from dynconvert.cli.app import make_app
+
+    app, out = make_app(), str(tmp_path / "out")
+    for args, message in [
+        (["export", str(tmp_path), "--out", out, "--format", "tflite"], "--format must be one of"),
+        (["export", str(tmp_path / "nope"), "--out", out], "no such run folder"),
+        (["export", str(tmp_path), "--out", out, "--batch", "2,x"], "--batch takes"),
+    ]:
+        done = CliRunner().invoke(app, args)
+        assert done.exit_code == 1 and message in done.output, done.output
+        assert len(done.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 # -- slow: AOTInductor, ONNX, every model kind, the run folder through the CLI, a pipeline ------
 
 

@@ -105,10 +105,12 @@ def export(
     """
     from dynconvert.deploy import export as export_model
     from dynconvert.deploy import load_exported
+    from dynconvert.deploy.formats import check_format
     from dynconvert.runs import load_run, read_run
 
-    values = _numbers(timesteps, "--timesteps", float)
-    batches = _numbers(batch, "--batch", int)
+    check_format(format)  # before the model loads
+    values = _numbers(timesteps, "--timesteps", float, "999,500,0")
+    batches = _numbers(batch, "--batch", int, "2,8")
     if values is not None and steps != 50:
         raise ConfigError("pass either --steps or --timesteps, not both")
     with render.status(f"loading {run}"):
