@@ -11,6 +11,12 @@ FLOPs ratio ``--keep`` (the same at every t, tokens kept ``--tokens``), and expo
 ``dynconvert.export(format="aoti", timesteps=[t])``: one program per batch. Both run in this
 process, alternating call by call; the result is the median time per call of each, and their
 ratio. ``--eager`` also times the original and the planned path eagerly.
+
+Threads: inductor writes the thread count of the compiling process into the compiled code, and
+on a CPU shared with other jobs OpenMP threads that wait at barriers for a descheduled partner
+slow every call down many times over (measured: DiT-S/2 batch 2 eager 9.3 s with 2 threads,
+1.65 s with 1, on the 2-core machine under a load of about 15). Run it with OMP_NUM_THREADS=1
+there; the command line with it is kept in the result.
 """
 
 from __future__ import annotations
@@ -122,7 +128,10 @@ def main() -> None:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "times_s"}), file=sys.stderr)
     out = {
-        "command": "python " + " ".join(sys.argv),
+        "command": " ".join(
+            [f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] * ("OMP_NUM_THREADS" in os.environ)
+            + ["python", *sys.argv]
+        ),
         "model": args.model, "keep": args.keep, "routing": fractions, "timestep": args.timestep,
         "flops_ratio": result.flops_ratio, "flops_unit": "MACs", "export": result.to_dict(),
         "load_s": load_s, "rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(),

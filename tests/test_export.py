@@ -123,6 +123,8 @@ def test_bad_requests_are_refused_before_any_work(tmp_path):
         dynconvert.export(model, tmp_path / "a", format="tflite")
     with pytest.raises(dynconvert.ExportError, match="batch"):
         dynconvert.export(model, tmp_path / "a", batch=0)
+    with pytest.raises(dynconvert.ExportError, match="timesteps"):
+        dynconvert.export(model, tmp_path / "a", timesteps=[])
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     with pytest.raises(dynconvert.OutputExistsError, match="another"):

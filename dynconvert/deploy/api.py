@@ -11,6 +11,7 @@ into place: a failed export leaves nothing behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -141,24 +142,19 @@ def export(
     with eval_mode(model), routing(model, "eval", "planned"), tap.installed(), torch.no_grad():
         bank.planner.clear()
         calls = {b: inputs_at(model, b, example_inputs, height, width) for b in batches}
-        values = (
-            [float(v) for v in timesteps]
-            if timesteps is not None
-            else schedule_timesteps(model, steps, scheduler)
-        )
-        if not values:
-            raise ExportError("`timesteps` is empty; pass the values the sampler uses")
+        values = _timesteps(timesteps) if timesteps is not None else None
+        values = values or schedule_timesteps(model, steps, scheduler)
         calls = {b: with_t(c, name, values[0]) for b, c in calls.items()}
         sig = signature_of(model, calls[batches[0]], name)
+        shapes = _shapes(model, sig, calls, name)
         groups = group_patterns(model, calls[batches[0]], name, values)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         try:
             manifest, refs = _write_programs(
                 model, tap, sig, groups, calls, tmp, format, on_progress
             )
-            manifest["shapes"] = {str(b): [s["shape"] for s in signature_of(model, c, name).tensors]
-                                  for b, c in calls.items()}  # fmt: skip
-            _write_support(model, tap, manifest, tmp, format, values)
+            manifest["shapes"] = shapes
+            _write_support(model, tap, manifest, tmp)
             _write_json(tmp / MANIFEST, manifest)
             diff = _check(tmp, refs, format, on_progress) if check else None
             result = _result(out, tmp, manifest, values, batches, diff, t0)
@@ -171,6 +167,19 @@ def export(
         finally:
             bank.planner.clear()  # the export's patterns hold no pre-sliced weights
     return result
+
+
+def _timesteps(timesteps: Sequence[float]) -> list[float]:
+    try:
+        values = [float(v) for v in timesteps]
+    except (TypeError, ValueError):
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ExportError(
+            f"`timesteps` must be a non-empty list of numbers (the values the sampler passes to "
+            f"the model); got {timesteps!r}"
+        )
+    return values
 
 
 def _batches(batch: int | Sequence[int]) -> list[int]:
@@ -260,8 +269,21 @@ def _pattern_facts(model: nn.Module) -> dict[str, Any]:
     return {"width": width, "capacities": capacity}
 
 
-def _write_support(model: nn.Module, tap: PlannerTap, manifest: dict[str, Any], tmp: Path,
-                   fmt: str, values: list[float]) -> None:  # fmt: skip
+def _shapes(model: nn.Module, sig: Any, calls: dict[int, dict[str, Any]], name: str) -> dict:
+    """Per batch, the shape of every tensor input (the same inputs at every batch, or an error)."""
+    out = {}
+    for b, call in calls.items():
+        tensors = signature_of(model, call, name).tensors
+        if [t["path"] for t in tensors] != [t["path"] for t in sig.tensors]:
+            raise ExportError(
+                f"the example inputs at batch {b} are not the same inputs as at batch "
+                f"{next(iter(calls))}; `example_inputs` must give the same call at every batch"
+            )
+        out[str(b)] = [t["shape"] for t in tensors]
+    return out
+
+
+def _write_support(model: nn.Module, tap: PlannerTap, manifest: dict[str, Any], tmp: Path) -> None:
     """The weights (once), the slice index tensors and the loader, beside the programs."""
     weights = state_of(model)
     torch.save({k: v.cpu() for k, v in weights.items()}, tmp / "weights.pt")
