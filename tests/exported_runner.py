@@ -49,9 +49,9 @@ def main(folder: str, cases_path: str, result_path: str) -> None:
         refused = ""
     except run_exported.ExportedModelError as e:
         refused = str(e)
-    model.nearest = True  # as load(folder, nearest=True)
+    nearest = run_exported.load(folder, nearest=True, lazy=True)  # reads one program only
     with torch.no_grad():
-        near = model(**kwargs)
+        near = nearest(**kwargs)
     result = {
         "dynconvert_blocked": blocked,
         "max_diff": max(diffs),

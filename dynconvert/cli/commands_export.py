@@ -18,17 +18,17 @@ path), flops_ratio (MACs ratio, mean over the schedule), load_s (run_exported.lo
 folder)."""
 
 
-def _numbers(text: str | None, option: str, cast: type) -> list[Any] | None:
+def _numbers(text: str | None, option: str, cast: type, example: str) -> list[Any] | None:
     if text is None:
         return None
     try:
         values = [cast(v) for v in text.replace(" ", "").split(",") if v != ""]
     except ValueError:
         raise ConfigError(
-            f"{option} takes comma-separated numbers, e.g. 999,500,0; got {text!r}"
+            f"{option} takes comma-separated numbers, e.g. {example}; got {text!r}"
         ) from None
     if not values:
-        raise ConfigError(f"{option} is empty; pass numbers, e.g. 999,500,0")
+        raise ConfigError(f"{option} is empty; pass numbers, e.g. {example}")
     return values
 
 

@@ -38,7 +38,8 @@ class ExportedModelError(ValueError):
     """A call the exported programs cannot take, or a folder they cannot be loaded from."""
 
 
-def load(directory: str | os.PathLike, *, nearest: bool = False, cache_slices: bool = True):
+def load(directory: str | os.PathLike, *, nearest: bool = False, cache_slices: bool = True,
+         lazy: bool = False):  # fmt: skip
     """Load an export folder: an ``nn.Module`` whose forward takes the original model's inputs.
 
     Args:
@@ -47,18 +48,20 @@ def load(directory: str | os.PathLike, *, nearest: bool = False, cache_slices: b
             timestep (default: refuse it, since its width pattern was never computed).
         cache_slices: cut the pre-sliced weights once per pattern and keep them (as the
             planned path does); False cuts them at every call (less memory, slower).
+        lazy: read each program on its first call instead of now (a fast start; the first
+            call of each pattern then pays for reading it).
 
     Example:
         >>> model = load("export/")                                  # doctest: +SKIP
     """
-    return ExportedModel(directory, nearest=nearest, cache_slices=cache_slices)
+    return ExportedModel(directory, nearest=nearest, cache_slices=cache_slices, lazy=lazy)
 
 
 class ExportedModel(torch.nn.Module):
     """The exported programs of a converted model behind the model's own call."""
 
     def __init__(self, directory: str | os.PathLike, *, nearest: bool = False,
-                 cache_slices: bool = True):  # fmt: skip
+                 cache_slices: bool = True, lazy: bool = False):  # fmt: skip
         super().__init__()
         self.directory = os.fspath(directory)
         path = os.path.join(self.directory, "manifest.json")
@@ -85,14 +88,25 @@ class ExportedModel(torch.nn.Module):
         self.schedule = sorted((float(t), p) for t, p in m["schedule"])
         self._times = [t for t, _ in self.schedule]
         self.programs = {
-            (name, int(b)): _Runner(self._file(f), m["program_format"], p.get("onnx_inputs"))
+            (name, int(b)): (self._file(f), p.get("onnx_inputs"))
             for name, p in m["programs"].items()
             for b, f in p["files"].items()
-        }
+        }  # (program, batch) -> its file, then its runner once read
+        if not lazy:
+            for key in self.programs:
+                self._runner(key)
         self._t_leaf = [s["path"] for s in self.inputs["tensors"]].index(self.inputs["timestep"])
         self._known = {s["path"][0] for s in self.inputs["tensors"] + self.inputs["constants"]}
         self._slices: dict[str, dict[str, torch.Tensor]] = {}
         self._overflow = torch.zeros(2, dtype=torch.long)
+
+    def _runner(self, key: tuple[str, int]) -> _Runner:
+        entry = self.programs[key]
+        if isinstance(entry, tuple):
+            entry = self.programs[key] = _Runner(
+                entry[0], self.manifest["program_format"], entry[1]
+            )
+        return entry
 
     def _file(self, name: str) -> str:
         return os.path.join(self.directory, name)
@@ -136,9 +150,7 @@ class ExportedModel(torch.nn.Module):
         if leaves[k].numel() == 1 and list(leaves[k].shape) != want:
             leaves[k] = leaves[k].reshape(-1).expand(want)  # one timestep for the whole batch
         with torch.no_grad():  # programs are inference graphs
-            out, overflow = self.programs[(name, batch)](
-                self.weights, self._slices_of(name), leaves
-            )
+            out, overflow = self._runner((name, batch))(self.weights, self._slices_of(name), leaves)
         self._overflow += overflow.cpu()
         return out
 
