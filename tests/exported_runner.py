@@ -2,10 +2,12 @@
 
     python tests/exported_runner.py EXPORT_DIR CASES.pt RESULT.json
 
-``import dynconvert`` is made to fail before anything else, so the check proves the folder needs
-only torch (and onnxruntime for ONNX programs). CASES.pt holds ``[(kwargs, reference), ...]``
-(torch.save); RESULT.json gets the largest difference, the load time, the overflow count and
-how the loader answered a timestep outside the schedule (refused, then run with nearest=True).
+Run as a script, ``import dynconvert`` is made to fail before anything else, so the check proves
+the folder needs only torch (and onnxruntime for ONNX programs). CASES.pt holds
+``[(kwargs, reference), ...]`` (torch.save); RESULT.json gets the largest difference, the load
+time, the overflow count and how the loader answered a timestep outside the schedule (refused,
+then run with nearest=True). ``check`` is the same comparison in the calling process (the
+default suite's pt2 test: a fresh interpreter costs more than the export itself).
 """
 
 from __future__ import annotations
@@ -16,25 +18,20 @@ import sys
 import time
 from pathlib import Path
 
-sys.modules["dynconvert"] = None  # import dynconvert now raises ImportError
+if __name__ == "__main__":
+    sys.modules["dynconvert"] = None  # import dynconvert now raises ImportError
 
 import torch  # noqa: E402
 
 
-def main(folder: str, cases_path: str, result_path: str) -> None:
-    try:
-        import dynconvert  # noqa: F401
-
-        blocked = False
-    except ImportError:
-        blocked = True
+def check(folder, cases) -> dict:
+    """Load the folder's own run_exported.py, run every case; the result dict (see above)."""
     spec = importlib.util.spec_from_file_location("run_exported", Path(folder) / "run_exported.py")
     run_exported = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_exported)
     t0 = time.perf_counter()
     model = run_exported.load(folder)
     load_s = time.perf_counter() - t0
-    cases = torch.load(cases_path, weights_only=True)
     diffs = []
     with torch.no_grad():
         for kwargs, ref in cases:
@@ -52,18 +49,28 @@ def main(folder: str, cases_path: str, result_path: str) -> None:
     nearest = run_exported.load(folder, nearest=True, lazy=True)  # reads one program only
     with torch.no_grad():
         near = nearest(**kwargs)
-    result = {
-        "dynconvert_blocked": blocked,
+    return {
         "max_diff": max(diffs),
         "diffs": diffs,
         "load_s": load_s,
         "overflow": overflow,
         "refused": refused,
         "nearest_shape": list(near.shape),
-        "modules": sorted(
-            m for m in sys.modules if m.split(".")[0] == "dynconvert" and sys.modules[m]
-        ),
     }
+
+
+def main(folder: str, cases_path: str, result_path: str) -> None:
+    try:
+        import dynconvert  # noqa: F401
+
+        blocked = False
+    except ImportError:
+        blocked = True
+    result = check(folder, torch.load(cases_path, weights_only=True))
+    result["dynconvert_blocked"] = blocked
+    result["modules"] = sorted(
+        m for m in sys.modules if m.split(".")[0] == "dynconvert" and sys.modules[m]
+    )
     Path(result_path).write_text(json.dumps(result))
 
 

@@ -1,14 +1,19 @@
 """dynconvert.export: programs per width pattern that reproduce the planned path with torch alone.
 
-Every check of an export runs the folder in a subprocess where ``import dynconvert`` fails
-(tests/exported_runner.py) over the whole schedule, against the planned path run eagerly here.
+Every check of an export runs the folder's own loader (tests/exported_runner.py) over the whole
+schedule against the planned path run eagerly here; the slow ones in a subprocess where
+``import dynconvert`` fails.
 The default suite exports the tiny DiT to pt2 (one program per pattern, token gather at a
-capacity that overflows); the slow set adds AOTInductor, ONNX, the digits run folder through the
-CLI (and a DDIM run from the export), and tiny PixArt, SD3 and Flux.
+capacity that overflows) and runs the folder's own loader in this process (a fresh interpreter
+importing torch costs more than the export) and holds run_exported.py to the standard library and
+torch by reading its imports; the slow set runs the same tiny DiT export in the subprocess, adds
+AOTInductor, ONNX, the digits run folder through the CLI (and a DDIM run from the export), and
+tiny PixArt, SD3 and Flux.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -16,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from exported_runner import check as check_in_process
 
 import dynconvert
 from dynconvert.deploy.program import main_output
@@ -64,13 +70,17 @@ def run_standalone(folder, cases, tmp_path):
 
 
 def check_export(model, tmp_path, fmt="pt2", timesteps=(999.0, 998.0, 500.0, 499.0), batch=2,
-                 example_inputs=None, check=True):  # fmt: skip
-    """Export, then compare the standalone folder with the planned path over the schedule."""
+                 example_inputs=None, check=True, isolated=True):  # fmt: skip
+    """Export, then compare the standalone folder with the planned path over the schedule
+    (in a subprocess where dynconvert cannot be imported, unless ``isolated=False``)."""
     batches = [batch] if isinstance(batch, int) else list(batch)
     cases, overflow = references(model, list(timesteps), batches, example_inputs)
     result = dynconvert.export(model, tmp_path / "export", format=fmt, timesteps=list(timesteps),
                                batch=batch, example_inputs=example_inputs, check=check)  # fmt: skip
-    standalone = run_standalone(tmp_path / "export", cases, tmp_path)
+    if isolated:
+        standalone = run_standalone(tmp_path / "export", cases, tmp_path)
+    else:
+        standalone = check_in_process(tmp_path / "export", cases)
     assert standalone["max_diff"] <= TOL[fmt], standalone["diffs"]
     assert standalone["overflow"] == list(overflow)
     assert "not in the exported schedule" in standalone["refused"]
@@ -86,12 +96,14 @@ def tiny_routed(capacity=None, vary_with_t=True):
     return model.eval()
 
 
-def test_pt2_reproduces_the_planned_path_without_dynconvert(tmp_path):
+def test_pt2_reproduces_the_planned_path(tmp_path):
     # One width pattern at every t and a capacity of 0.25 of the rows, below the keep rate:
     # one program for both timesteps, its token gather drops tokens as the planned path does.
     model = tiny_routed(capacity=0.25, vary_with_t=False)
-    # check=False: the subprocess below is the check (the default suite pays for one)
-    result, standalone = check_export(model, tmp_path, timesteps=(999.0, 500.0), check=False)
+    # check=False: the folder's loader below is the check (the default suite pays for one);
+    # the same export without dynconvert importable: test_tiny_dit_token_gather_standalone
+    result, standalone = check_export(model, tmp_path, timesteps=(999.0, 500.0), check=False,
+                                      isolated=False)  # fmt: skip
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert result.programs == 1 and manifest["schedule"] == [[999.0, "p0"], [500.0, "p0"]]
     assert standalone["overflow"][0] > 0  # dropped by the capacity, counted as an output
@@ -103,6 +115,25 @@ def test_pt2_reproduces_the_planned_path_without_dynconvert(tmp_path):
     # the weights once: the folder is the weights file plus the graphs and small files
     assert result.folder_bytes <= 1.1 * (result.weights_bytes + result.graph_bytes)
     assert not list(tmp_path.glob(".export.*"))  # no temporary folder left behind
+
+
+def test_the_loader_imports_only_the_standard_library_and_torch():
+    # what makes the subprocess checks of the slow set pass, read here without running them
+    from dynconvert.deploy import run_exported
+
+    def roots(nodes):
+        names = set()
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.add(node.module.split(".")[0])
+        return names - sys.stdlib_module_names
+
+    tree = ast.parse(Path(run_exported.__file__).read_text())
+    assert roots(tree.body) == {"torch"}  # at import: torch alone
+    # onnxruntime (ONNX programs) and diffusers (the pipeline wrapper) when they are used
+    assert roots(ast.walk(tree)) == {"torch", "onnxruntime", "diffusers"}
 
 
 def test_timesteps_are_grouped_by_the_planners_patterns():
@@ -197,8 +228,8 @@ def test_every_model_kind_reproduces_the_planned_path(tmp_path, name, fmt):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["aoti", "onnx"])
-def test_tiny_dit_token_gather_in_aoti_and_onnx(tmp_path, fmt):
+@pytest.mark.parametrize("fmt", ["pt2", "aoti", "onnx"])
+def test_tiny_dit_token_gather_standalone(tmp_path, fmt):
     model = tiny_routed(vary_with_t=False)
     set_token_capacity(model, 0.25)  # gathered, with overflow counted as an output
     _, standalone = check_export(model, tmp_path, fmt, timesteps=(999.0, 500.0), batch=[2, 3])
