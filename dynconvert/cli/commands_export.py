@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from dynconvert.cli import render
-from dynconvert.cli.options import JsonOpt, unset_option
+from dynconvert.cli.options import JsonOpt, comma_list, unset_option
 from dynconvert.errors import ConfigError, DynconvertError
 
 SCHEMA = """The --json object (dynconvert.deploy.ExportResult, plus load_s): out, format, programs
@@ -16,20 +16,6 @@ SCHEMA = """The --json object (dynconvert.deploy.ExportResult, plus load_s): out
 export_s, folder_bytes, weights_bytes, graph_bytes, max_abs_diff (programs against the planned
 path), flops_ratio (MACs ratio, mean over the schedule), load_s (run_exported.load of the
 folder)."""
-
-
-def _numbers(text: str | None, option: str, cast: type, example: str) -> list[Any] | None:
-    if text is None:
-        return None
-    try:
-        values = [cast(v) for v in text.replace(" ", "").split(",") if v != ""]
-    except ValueError:
-        raise ConfigError(
-            f"{option} takes comma-separated numbers, e.g. {example}; got {text!r}"
-        ) from None
-    if not values:
-        raise ConfigError(f"{option} is empty; pass numbers, e.g. {example}")
-    return values
 
 
 def default_batch(model: Any) -> int:
@@ -109,8 +95,8 @@ def export(
     from dynconvert.runs import load_run, read_run
 
     check_format(format)  # before the model loads
-    values = _numbers(timesteps, "--timesteps", float, "999,500,0")
-    batches = _numbers(batch, "--batch", int, "2,8")
+    values = comma_list(timesteps, "--timesteps", float, "999,500,0")
+    batches = comma_list(batch, "--batch", int, "2,8")
     if values is not None and steps != 50:
         raise ConfigError("pass either --steps or --timesteps, not both")
     with render.status(f"loading {run}"):
