@@ -167,6 +167,14 @@ def test_bad_requests_are_refused_before_any_work(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
+def test_the_commands_default_batch_is_the_one_sample_calls_with():
+    # the slow digits test walks it end to end; its import broke once when runs/ moved it
+    from dynconvert.cli.commands_export import default_batch
+    from dynconvert.models import build_model
+
+    assert default_batch(build_model("digits")) == 20  # 10 classes, with guidance
+
+
 def test_the_command_refuses_with_one_line(tmp_path):
     from typer.testing import CliRunner
 
@@ -270,6 +278,9 @@ def test_digits_run_exports_and_samples_the_same_images_without_dynconvert(tmp_p
         planned = sample(model, **kwargs)
     exported = torch.load(tmp_path / "s.pt")
     assert (exported - planned).abs().max() <= 1e-5
+    # and what `dynconvert sample` draws (the fast path on the CPU): no token over capacity
+    assert "tokens over capacity 0/" in proc.stdout, proc.stdout
+    assert (exported - sample(model, **kwargs)).abs().max() <= 1e-5
 
 
 @pytest.mark.slow

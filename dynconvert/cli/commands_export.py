@@ -21,7 +21,7 @@ folder)."""
 def default_batch(model: Any) -> int:
     """The batch ``dynconvert sample`` calls the model with by default: the first classes (up
     to 10, or DiT's 8) twice with guidance; 8 samples for an unconditional model; else 2."""
-    from dynconvert.runs.report import class_labels
+    from dynconvert.runs.samples import class_labels
     from dynconvert.sampling import model_spec
 
     try:
