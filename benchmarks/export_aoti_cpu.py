@@ -134,7 +134,8 @@ def main() -> None:
         ),
         "model": args.model, "keep": args.keep, "routing": fractions, "timestep": args.timestep,
         "flops_ratio": result.flops_ratio, "flops_unit": "MACs", "export": result.to_dict(),
-        "load_s": load_s, "rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "load_s": load_s, "rows": rows, "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
         "note": "2 CPU cores shared with other jobs; times are medians of alternating calls",
     }  # fmt: skip

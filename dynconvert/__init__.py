@@ -52,7 +52,8 @@ _EXPORTS = {
 }
 _ERRORS = (
     "AlreadyConvertedError", "BudgetError", "CalibrationError", "CheckpointError", "ConfigError",
-    "DataError", "DynconvertError", "ExampleInputsError", "ExportError", "ModelNotFoundError", "NoSitesError",
+    "DataError", "DynconvertError", "ExampleInputsError", "ExportError", "ModelNotFoundError",
+    "NoSitesError",
     "NotConvertedError", "OutputExistsError", "RecordError", "TimestepError",
 )  # fmt: skip
 _EXPORTS.update(dict.fromkeys(_ERRORS, "dynconvert.errors"))

@@ -256,8 +256,9 @@ def test_digits_run_exports_and_samples_the_same_images_without_dynconvert(tmp_p
     sets = ["calibration.steps=12", "calibration.lambda_hold_steps=0", "calibration.warmup_steps=6",
             "report.bench=false", "evaluate.kind=none", "samples.grid=false"]  # fmt: skip
     app = make_app()
+    sets = [a for s in sets for a in ("--set", s)]
     done = CliRunner().invoke(app, ["convert", "--model", "digits", "--target-flops", "0.5",
-                                    "--out", str(run), *[a for s in sets for a in ("--set", s)]])  # fmt: skip
+                                    "--out", str(run), *sets])  # fmt: skip
     assert done.exit_code == 0, done.output
     done = CliRunner().invoke(
         app, ["export", str(run), "--out", str(out), "--steps", "10", "--json"]

@@ -33,7 +33,7 @@ def _version(value: bool) -> None:
 
 
 def make_app() -> typer.Typer:
-    """Build the ``dynconvert`` Typer app (commands: inspect, convert, sample, bench, export, recipes).
+    """Build the ``dynconvert`` Typer app (inspect, convert, sample, bench, export, recipes).
 
     Example:
         >>> from typer.testing import CliRunner

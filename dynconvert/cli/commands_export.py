@@ -138,7 +138,8 @@ def show(r: dict[str, Any]) -> None:
         ("checked", "not checked" if r["max_abs_diff"] is None
          else f"max difference to the planned path {r['max_abs_diff']:.2g}"),
         ("export time", render.duration(r["export_s"])),
-        ("folder size", f"{format_bytes(r['folder_bytes'])} (weights {format_bytes(r['weights_bytes'])}, "
+        ("folder size", f"{format_bytes(r['folder_bytes'])} "
+         f"(weights {format_bytes(r['weights_bytes'])}, "
          f"programs {format_bytes(r['graph_bytes'])})"),
         ("load time", f"{r['load_s']:.2f} s (run_exported.load)"),
     ]  # fmt: skip
