@@ -35,6 +35,7 @@ from dynconvert.analysis.costs import eager_macs, node_macs
 from dynconvert.inputs import batch_of, default_inputs, shapes_of, split_inputs
 from dynconvert.plan import TOKEN_REDUCTION, AttentionSite, Plan, Site, site_kind
 from dynconvert.runtime.bank import RouterBank
+from dynconvert.runtime.deferred import weights_pending
 from dynconvert.runtime.routing import routing
 from dynconvert.runtime.state import get_state, is_converted
 
@@ -258,6 +259,14 @@ def call_costs(bank: RouterBank) -> list[tuple[Site, SiteCost]]:
     return out
 
 
+def fresh_costs(bank: RouterBank) -> list[tuple[Site, SiteCost]]:
+    """Per site, its cost in a call of a fresh conversion (every unit and token on, the token
+    routers running): what a model converted on the meta device costs until it is trained."""
+    r = bank.config.token_reduction
+    kept = {s.index: None if isinstance(s, AttentionSite) else 1.0 for s in bank.plan.sites}
+    return [(s, site_cost(s, None, kept[s.index], r)) for s in bank.plan.sites]
+
+
 def last_flops_ratio(model: nn.Module | RouterBank, blocks_only: bool = False) -> torch.Tensor:
     """F_dyn / F_static of each sample of the model's last forward call, shape (B,).
 
@@ -319,9 +328,12 @@ def count_flops(model: nn.Module, example_inputs: Any = None) -> FlopsReport:
             sites=sites,
         )
     bank = get_state(model)
-    with torch.no_grad():
-        model(*args, **kwargs)
-    costs = call_costs(bank)
+    if bank.deferred is not None and weights_pending(model, bank):
+        costs = fresh_costs(bank)  # converted on meta, no weights yet: every unit on
+    else:
+        with torch.no_grad():
+            model(*args, **kwargs)
+        costs = call_costs(bank)
     other = _other_macs(model, bank.plan, args, kwargs, costs)
     sites: list[SiteFlops] = []
     dyn_per_sample: Any = other / batch

@@ -1,0 +1,159 @@
+"""Real models at real size (issue 20): analysis on a reduced problem, planning without weights.
+
+- The plan analysis makes with a probe (the model at a few tokens) and twin blocks (each group
+  of structurally identical blocks analysed once) equals the slow path's plan: every call's
+  own ops replayed at the example's size.
+- A model converted on the meta device, then given its weights (``load_state_dict(...,
+  assign=True)`` or diffusers' loading), equals the same model converted with its weights:
+  the same plan, routers, always-on units and outputs under random routing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dynconvert
+from dynconvert.analysis import analyze, capture
+from dynconvert.analysis.planning import plan_from_graph
+from dynconvert.analysis.reduced import Deriver
+from dynconvert.config import ConvertConfig
+from dynconvert.inputs import find_timestep_arg
+from dynconvert.testing import randomize_routing
+from dynconvert.testing.configs import Size
+from dynconvert.testing.configs.inputs import MAKERS
+from dynconvert.testing.zoo import ZOO
+
+# zoo entry -> (the example's size, the probe's size), in latent cells
+SIZES = {
+    "flux": (Size(4, 6, 1, 7), Size(2, 3, 1, 5)),
+    "sd35": (Size(8, 12, 1, 7), Size(4, 6, 1, 5)),
+    "pixart": (Size(8, 12, 1, 7), Size(4, 6, 1, 5)),
+    "wan": (Size(6, 8, 3, 7), Size(4, 6, 2, 5)),
+    "ltx": (Size(3, 4, 3, 7), Size(2, 3, 2, 5)),
+}
+
+
+def _model_and_inputs(name: str, size: Size):
+    entry = ZOO[name]
+    model = entry.build(0)
+    return model, MAKERS[entry.class_name](model, size, 2)
+
+
+def _slow_plan(model, inputs):
+    """Every attention call's head-locality replayed on its own ops, at the example's size."""
+    graph = capture(model, (), inputs)
+    return plan_from_graph(model, graph, (), inputs, find_timestep_arg(model), ConvertConfig())
+
+
+def _without_coverage(plan):
+    d = plan.to_dict()
+    d.pop("coverage")  # says how head-locality was decided: the only field allowed to differ
+    return d
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_reduced_problem_plan_equals_the_slow_path(name):
+    size, probe = SIZES[name]
+    model, inputs = _model_and_inputs(name, size)
+    _, small = _model_and_inputs(name, probe)
+    fast = analyze(model, inputs, probe_inputs=small)
+    assert "decided on the probe's shapes" in fast.coverage
+    assert "did not carry" not in fast.coverage  # every answer carried to the real shapes
+    assert _without_coverage(fast) == _without_coverage(_slow_plan(model, inputs))
+
+
+def test_twin_blocks_are_analysed_once():
+    entry = ZOO["flux"]
+    import diffusers
+
+    config = {**dict(entry.build(0).config), "num_layers": 4, "num_single_layers": 4}
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(**config).eval()
+    inputs = MAKERS["FluxTransformer2DModel"](model, Size(2, 3, 1, 5), 1)
+    graph = capture(model, (), inputs)
+    derive = Deriver(graph)
+    plan = plan_from_graph(model, graph, (), inputs, "timestep", ConvertConfig(), derive=derive)
+    assert len(plan.attention) == 8
+    # The first block (fed by the embedding, not by a block), the middle ones (one
+    # analysis for all), the last of each kind (read by another kind of block): 5 groups.
+    reps = {t.rep for name, t in derive._twins.items() if "blocks." in name}
+    assert len(reps) == 5
+    assert _without_coverage(plan) == _without_coverage(_slow_plan(model, inputs))
+
+
+def test_a_probe_with_another_graph_is_not_used():
+    model, inputs = _model_and_inputs("flux", Size(4, 6, 1, 7))
+    other = dynconvert.testing.tiny_dit()
+    graph, probe = capture(model, (), inputs), capture(other, other.example_inputs(1), {})
+    derive = Deriver(graph, probe, ((), {}))
+    assert derive.graph is graph and "the probe was not used" in derive.coverage()
+
+
+def _meta_twin(name: str):
+    """The zoo model with weights, and the same architecture built without them (accelerate's
+    ``init_empty_weights``: parameters on the meta device, buffers made as usual)."""
+    from accelerate import init_empty_weights
+
+    entry = ZOO[name]
+    model = entry.build(0)
+    with init_empty_weights():
+        if hasattr(model, "config"):
+            meta = type(model).from_config(model.config).eval()
+        else:
+            from dynconvert.models import build_model
+
+            meta = build_model("dit-tiny").eval()
+    return model, meta, entry.inputs(model, batch=2)
+
+
+def _out(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs)
+    return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+
+
+# One per family kind: self-attention DiT, cross-attention (PixArt), joint attention with
+# parallel blocks (Flux), video with qk-norm across heads (Wan: partial sites), per-head rotary
+# tables handed in (LTX), linear attention and convolutional MLPs (Sana), grouped-query
+# attention with data-dependent caption lengths (Lumina 2).
+@pytest.mark.parametrize("name", ["dit", "pixart", "flux", "wan", "ltx", "sana", "lumina2"])
+def test_convert_on_meta_then_load_equals_convert_with_weights(name):
+    model, meta, inputs = _meta_twin(name)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    dynconvert.convert(model, 0.9, example_inputs=inputs, seed=3)
+    dynconvert.convert(meta, 0.9, example_inputs=inputs, seed=3)
+    assert all(p.is_meta for p in meta.parameters())  # nothing materialised yet
+    # Planning needs no weights: the plan and the fresh cost are already those of the model.
+    assert dynconvert.count_flops(meta, inputs).ratio == dynconvert.count_flops(model, inputs).ratio
+    meta.load_state_dict(state, assign=True)  # strict: the routers are made, not missing
+    a, b = model.state_dict(), meta.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert dynconvert.get_state(meta).plan == dynconvert.get_state(model).plan
+    for m in (model, meta):
+        randomize_routing(m, keep=0.5, seed=0, example_inputs=inputs)
+    assert torch.equal(_out(model, inputs), _out(meta, inputs))
+
+
+def test_diffusers_loading_into_a_model_converted_on_meta():
+    from diffusers.models.model_loading_utils import load_model_dict_into_meta
+
+    model, meta, inputs = _meta_twin("flux")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    dynconvert.convert(model, 0.9, example_inputs=inputs)
+    dynconvert.convert(meta, 0.9, example_inputs=inputs)
+    load_model_dict_into_meta(meta, state)  # sets each parameter: no hook of ours runs
+    out = _out(meta, inputs)  # the first call makes the routers
+    assert torch.equal(out, _out(model, inputs))
+    a, b = model.state_dict(), meta.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_model_converted_on_meta_says_to_load_its_weights():
+    _, meta, inputs = _meta_twin("flux")
+    dynconvert.convert(meta, 0.9, example_inputs=inputs)
+    with pytest.raises(dynconvert.errors.CheckpointError, match="load_state_dict"):
+        _out(meta, inputs)
+    dynconvert.revert(meta)  # and it can be taken off again
+    assert not dynconvert.is_converted(meta)
