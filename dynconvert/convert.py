@@ -282,7 +282,8 @@ def _always_on(
     bank: RouterBank, modules: dict[str, nn.Module], always_on: list[int] | None
 ) -> None:
     """The unit each width router can never switch off: the recorded one when load replays a
-    record, else the most important unit (method.md: chosen by importance, not by index)."""
+    record, else the most important unit (docs/method.md, "The always-on unit": chosen by
+    importance, not by index)."""
     for site in bank.plan.sites:
         linears = {m.linear: modules[m.linear] for m in site.maps()}
         if always_on is not None:
