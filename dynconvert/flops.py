@@ -259,14 +259,6 @@ def call_costs(bank: RouterBank) -> list[tuple[Site, SiteCost]]:
     return out
 
 
-def fresh_costs(bank: RouterBank) -> list[tuple[Site, SiteCost]]:
-    """Per site, its cost in a call of a fresh conversion (every unit and token on, the token
-    routers running): what a model converted on the meta device costs until it is trained."""
-    r = bank.config.token_reduction
-    kept = {s.index: None if isinstance(s, AttentionSite) else 1.0 for s in bank.plan.sites}
-    return [(s, site_cost(s, None, kept[s.index], r)) for s in bank.plan.sites]
-
-
 def last_flops_ratio(model: nn.Module | RouterBank, blocks_only: bool = False) -> torch.Tensor:
     """F_dyn / F_static of each sample of the model's last forward call, shape (B,).
 
@@ -311,10 +303,8 @@ def count_flops(model: nn.Module, example_inputs: Any = None) -> FlopsReport:
     batch = batch_of(args, kwargs)
     if not is_converted(model):
         plan = analyze(model, (args, kwargs))
-        sites = [
-            SiteFlops(s.name, site_kind(s), s.block, float(s.macs()), float(s.macs()))
-            for s in plan.sites
-        ]
+        macs = [float(s.macs()) for s in plan.sites]
+        sites = [SiteFlops(s.name, site_kind(s), s.block, m, m) for s, m in zip(plan.sites, macs)]
         blocks = sum(s.static_macs for s in sites) * batch
         return FlopsReport(
             batch=batch,
@@ -328,8 +318,11 @@ def count_flops(model: nn.Module, example_inputs: Any = None) -> FlopsReport:
             sites=sites,
         )
     bank = get_state(model)
-    if bank.deferred is not None and weights_pending(model, bank):
-        costs = fresh_costs(bank)  # converted on meta, no weights yet: every unit on
+    if bank.deferred is not None and weights_pending(model, bank):  # converted on meta, no
+        # weights yet: a fresh conversion's cost (every unit and token on, token routers run)
+        kept = {s.index: None if isinstance(s, AttentionSite) else 1.0 for s in bank.plan.sites}
+        r = bank.config.token_reduction
+        costs = [(s, site_cost(s, None, kept[s.index], r)) for s in bank.plan.sites]
     else:
         with torch.no_grad():
             model(*args, **kwargs)

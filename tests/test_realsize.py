@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import dynconvert
 from dynconvert.analysis import analyze, capture
@@ -23,6 +25,88 @@ from dynconvert.testing import randomize_routing
 from dynconvert.testing.configs import Size
 from dynconvert.testing.configs.inputs import MAKERS
 from dynconvert.testing.zoo import ZOO
+
+
+class Mixer(nn.Module):
+    """A pre-norm block as small repositories write it: fused qkv, rotary by halves, a
+    hand-written softmax attention, a GELU MLP, adaLN-style scale from the timestep."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.mod = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x, c, cos, sin):
+        b, n, d = x.shape
+        g1, g2 = self.mod(c)[:, None].chunk(2, dim=-1)
+        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (b, heads, n, head_dim)
+        q, k = (t * cos + torch.cat([-t[..., 1::2], t[..., ::2]], -1) * sin for t in (q, k))
+        att = (q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5).softmax(-1)
+        x = x + g1 * self.proj((att @ v).transpose(1, 2).reshape(b, n, d))
+        return x + g2 * self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class Tower(nn.Module):
+    """Patches in, three twin blocks, patches out: any number of tokens."""
+
+    def __init__(self, dim: int = 32, depth: int = 3):
+        super().__init__()
+        self.embed, self.time = nn.Linear(8, dim), nn.Linear(1, dim)
+        self.blocks = nn.ModuleList(Mixer(dim) for _ in range(depth))
+        self.out = nn.Linear(dim, 8)
+
+    def forward(self, x, t):
+        n, hd = x.shape[1], self.blocks[0].qkv.in_features // self.blocks[0].heads
+        angle = torch.arange(n)[:, None] / 10 ** (torch.arange(hd) / hd)  # (n, head_dim)
+        cos, sin = angle.cos(), angle.sin()
+        c = F.silu(self.time(t[:, None].float()))
+        x = self.embed(x)
+        for blk in self.blocks:
+            x = blk(x, c, cos, sin)
+        return self.out(x)
+
+
+def _tower_inputs(tokens: int, batch: int = 2) -> dict:
+    g = torch.Generator().manual_seed(tokens)
+    return {"x": torch.randn(batch, tokens, 8, generator=g), "t": torch.tensor([10, 700][:batch])}
+
+
+def test_reduced_problem_plan_equals_the_slow_path_on_a_hand_written_model():
+    torch.manual_seed(0)
+    model = Tower().eval()
+    inputs = _tower_inputs(24)
+    fast = analyze(model, inputs, probe_inputs=_tower_inputs(4))
+    assert "decided on the probe's shapes" in fast.coverage
+    assert "did not carry" not in fast.coverage
+    assert len(fast.attention) == 3 and all(s.tokens_q == 24 for s in fast.attention)
+    assert _without_coverage(fast) == _without_coverage(_slow_plan(model, inputs))
+
+
+def test_tower_converted_on_meta_then_loaded_equals_converted_with_weights():
+    torch.manual_seed(0)
+    model = Tower().eval()
+    with torch.device("meta"):
+        meta = Tower().eval()
+    inputs = _tower_inputs(6)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    dynconvert.convert(model, 0.6, example_inputs=inputs, seed=5)
+    dynconvert.convert(meta, 0.6, example_inputs=inputs, seed=5)
+    assert all(p.is_meta for p in meta.parameters())
+    assert dynconvert.count_flops(meta, inputs).ratio == dynconvert.count_flops(model, inputs).ratio
+    with pytest.raises(dynconvert.errors.CheckpointError, match="load_state_dict"):
+        _out(meta, inputs)  # no weights yet: says what to do
+    meta.load_state_dict(state, assign=True)
+    a, b = model.state_dict(), meta.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert dynconvert.get_state(meta).plan == dynconvert.get_state(model).plan
+    for m in (model, meta):
+        randomize_routing(m, keep=0.5, seed=0, example_inputs=inputs)
+    assert torch.equal(_out(model, inputs), _out(meta, inputs))
+
 
 # zoo entry -> (the example's size, the probe's size), in latent cells
 SIZES = {
@@ -52,6 +136,7 @@ def _without_coverage(plan):
     return d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SIZES))
 def test_reduced_problem_plan_equals_the_slow_path(name):
     size, probe = SIZES[name]
@@ -63,6 +148,7 @@ def test_reduced_problem_plan_equals_the_slow_path(name):
     assert _without_coverage(fast) == _without_coverage(_slow_plan(model, inputs))
 
 
+@pytest.mark.slow
 def test_twin_blocks_are_analysed_once():
     entry = ZOO["flux"]
     import diffusers
@@ -83,6 +169,7 @@ def test_twin_blocks_are_analysed_once():
     assert _without_coverage(plan) == _without_coverage(_slow_plan(model, inputs))
 
 
+@pytest.mark.slow
 def test_a_probe_with_another_graph_is_not_used():
     model, inputs = _model_and_inputs("flux", Size(4, 6, 1, 7))
     other = dynconvert.testing.tiny_dit()
@@ -118,7 +205,10 @@ def _out(model, inputs):
 # parallel blocks (Flux), video with qk-norm across heads (Wan: partial sites), per-head rotary
 # tables handed in (LTX), linear attention and convolutional MLPs (Sana), grouped-query
 # attention with data-dependent caption lengths (Lumina 2).
-@pytest.mark.parametrize("name", ["dit", "pixart", "flux", "wan", "ltx", "sana", "lumina2"])
+# LTX's per-head rotary tables are matched with its attention's arguments by value, which a
+# model on meta does not have: its sites are refused with that reason (issue 20, item 3).
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dit", "pixart", "flux", "wan", "sana", "lumina2"])
 def test_convert_on_meta_then_load_equals_convert_with_weights(name):
     model, meta, inputs = _meta_twin(name)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -136,6 +226,7 @@ def test_convert_on_meta_then_load_equals_convert_with_weights(name):
     assert torch.equal(_out(model, inputs), _out(meta, inputs))
 
 
+@pytest.mark.slow
 def test_diffusers_loading_into_a_model_converted_on_meta():
     from diffusers.models.model_loading_utils import load_model_dict_into_meta
 
@@ -150,6 +241,7 @@ def test_diffusers_loading_into_a_model_converted_on_meta():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_model_converted_on_meta_says_to_load_its_weights():
     _, meta, inputs = _meta_twin("flux")
     dynconvert.convert(meta, 0.9, example_inputs=inputs)

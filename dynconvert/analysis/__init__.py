@@ -19,7 +19,7 @@ import torch
 from dynconvert.analysis import tables
 from dynconvert.analysis.export_graph import from_export
 from dynconvert.analysis.graph import OpGraph, quiet_torch
-from dynconvert.analysis.meta import buffers_on_meta, is_meta, meta_eager, meta_evaluate, to_meta
+from dynconvert.analysis.meta import buffers_on_meta, is_meta, meta_eager, to_meta
 from dynconvert.analysis.planning import FilterFn, plan_from_graph
 from dynconvert.analysis.reduced import Deriver
 from dynconvert.config import ConvertConfig
@@ -118,14 +118,16 @@ def capture(
         # Weights on the meta device: export traces shapes only, with the inputs there too.
         exported = to_meta((tuple(args), dict(kwargs))) if is_meta(model) else (args, kwargs)
         try:
-            with torch.no_grad(), eval_mode(model), quiet_torch(), buffers_on_meta(model):
+            with (
+                torch.no_grad(),
+                eval_mode(model),
+                quiet_torch(),
+                buffers_on_meta(model),
+                meta_eager(model),
+            ):
                 ep = torch.export.export(model, *exported, strict=False)
             graph = from_export(ep, model, any_linear)
-            # Values at the inputs as given: on a meta model, what only the inputs make (a
-            # rotary table) keeps its values (meta.py), for table_find to compare by value.
-            graph.evaluate = meta_evaluate(
-                model, functools.partial(tables.node_values, ep, tuple(args), dict(kwargs))
-            )
+            graph.evaluate = functools.partial(tables.node_values, ep, *exported)
             return graph
         except Exception as e:  # noqa: BLE001 - fall back to the tracer below
             if how == "export":

@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -48,16 +48,16 @@ def to_meta(value: Any) -> Any:
 
 class MetaMix(TorchFunctionMode):
     """A call that mixes meta and CPU tensors runs on the meta device (the CPU ones are moved);
-    a call on CPU tensors only runs as usual. Export traces inside it untouched."""
+    a call on CPU tensors only runs as usual. Under export (a meta model's capture), a table
+    the forward makes on the CPU (``torch.arange(n)``) is moved where it meets the weights."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):
         kwargs = kwargs or {}
-        if not torch.compiler.is_exporting():
-            flat, spec = pytree.tree_flatten((args, kwargs))
-            tensors = [t for t in flat if isinstance(t, torch.Tensor)]
-            if any(t.is_meta for t in tensors) and not all(t.is_meta for t in tensors):
-                flat = [t.to("meta") if isinstance(t, torch.Tensor) else t for t in flat]
-                args, kwargs = pytree.tree_unflatten(flat, spec)
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+        if any(t.is_meta for t in tensors) and not all(t.is_meta for t in tensors):
+            flat = [t.to("meta") if isinstance(t, torch.Tensor) else t for t in flat]
+            args, kwargs = pytree.tree_unflatten(flat, spec)
         return func(*args, **kwargs)
 
 
@@ -99,20 +99,3 @@ def meta_eager(model: torch.nn.Module) -> Iterator[None]:
         return
     with MetaMix():
         yield
-
-
-def meta_evaluate(model: torch.nn.Module, evaluate: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """``evaluate`` run under :class:`MetaMix` when ``model`` is on the meta device.
-
-    Example:
-        >>> meta_evaluate(torch.nn.Linear(2, 2), len)([1, 2])
-        2
-    """
-    if not is_meta(model):
-        return evaluate
-
-    def run(names: Any) -> Any:
-        with MetaMix():
-            return evaluate(names)
-
-    return run

@@ -134,6 +134,13 @@ def resolve(
                 and leaf.shape == value.shape
                 and torch.equal(leaf, value)
             ]
+            if not paths and isinstance(value, torch.Tensor) and value.is_meta:
+                failed[id(site)] = (
+                    f"a table that differs per head ({describe(use.op)}) is matched with the "
+                    "attention module's arguments by value, and the model is on the meta "
+                    "device: convert it with its weights to route this site"
+                )
+                break
             if not paths:
                 failed[id(site)] = (
                     f"a table that differs per head ({describe(use.op)}) matches none of the "
