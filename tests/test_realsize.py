@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -249,3 +251,26 @@ def test_a_model_converted_on_meta_says_to_load_its_weights():
         _out(meta, inputs)
     dynconvert.revert(meta)  # and it can be taken off again
     assert not dynconvert.is_converted(meta)
+
+
+def test_inspect_a_diffusers_config_without_weights(tmp_path):
+    from typer.testing import CliRunner
+
+    from dynconvert.cli import app
+
+    config = tmp_path / "config.json"
+    config.write_text(
+        '{"_class_name": "DiTTransformer2DModel", "num_attention_heads": 2, '
+        '"attention_head_dim": 8, "in_channels": 4, "out_channels": 8, "num_layers": 2, '
+        '"sample_size": 8, "patch_size": 2, "norm_type": "ada_norm_zero"}'
+    )
+    run = CliRunner().invoke(
+        app, ["inspect", "--diffusers", "DiTTransformer2DModel", "--config", str(config),
+              "--height", "64", "--width", "64", "--json"],
+    )  # fmt: skip
+    assert run.exit_code == 0, run.output
+    s = json.loads(run.stdout)
+    assert s["params"] > 0 and len(s["sites"]) == 4 and s["min_budget"] < 0.5
+    assert s["input_shapes"]["hidden_states"] == [1, 4, 8, 8]  # 64 px / 8 px per latent cell
+    bad = CliRunner().invoke(app, ["inspect", "--diffusers", "DiTTransformer2DModel"])
+    assert bad.exit_code == 1 and "--config" in bad.output
