@@ -56,13 +56,15 @@ def markdown(rows: list[dict], command: str, seconds: float, note: str) -> str:
         "Each published configuration built on the meta device (no weights) and converted at its "
         "pipeline's usual resolution; head-locality decided on a probe of a few tokens. params "
         "in billions; tokens = the most queries of one attention; s = build + analyse + convert "
-        "seconds; GB = peak resident memory of the process (imports included); sites = "
+        "seconds (wall clock); cpu = their CPU seconds (user + system, 2 threads): on an idle "
+        "machine the wall time lies between cpu / 2 and cpu; GB = peak resident memory of the "
+        "process (imports included); sites = "
         "attention/MLP sites found in that many blocks; routable = converted sites' share of "
         "the MACs; min = lowest reachable budget (whole model); MACs per sample.",
         "",
-        "| family | class | pixels (h x w x frames) | params | tokens | s | GB | sites | skipped "
+        "| family | class | pixels (h x w x frames) | params | tokens | s | cpu | GB | sites | skipped "
         "| TMACs | routable | min | why not (one line) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         h, w, f = r["pixels"]
@@ -70,7 +72,7 @@ def markdown(rows: list[dict], command: str, seconds: float, note: str) -> str:
         why = _reason(r).replace("|", "\\|")[:160]
         lines.append(
             f"| {r['name']} | {r['class_name']} | {h} x {w} x {f} "
-            f"| {_num(r.get('params'), 1e9, '.2f')} | {r.get('tokens', '-')} | {r['seconds']} "
+            f"| {_num(r.get('params'), 1e9, '.2f')} | {r.get('tokens', '-')} | {r['seconds']} | {r.get('cpu_s', '-')} "
             f"| {r['peak_rss_gb']} | {sites} | {r.get('skipped', '-')} "
             f"| {_num(r.get('static_macs'), 1e12, '.1f')} | {_num(r.get('routable'), 0.01, '.1f')}% "
             f"| {_num(r.get('min_ratio'), 1, '.3f')} | {why} |"
@@ -79,11 +81,14 @@ def markdown(rows: list[dict], command: str, seconds: float, note: str) -> str:
 
 
 def main(only: list[str] | None, out: Path, note: str) -> None:
-    """Run the table (one process per family, one at a time) and write its files."""
+    """Run the table (one process per family, one at a time), writing its files after each."""
     names = only or list(REAL_CONFIGS)
     t0 = time.perf_counter()
     rows = []
     ctx = multiprocessing.get_context("spawn")  # a fresh process: its own peak memory
+    command = "python benchmarks/support_matrix.py " + shlex.join(sys.argv[1:])
+    stem = "support_matrix_real_size" + ("_partial" if only else "")
+    out.mkdir(parents=True, exist_ok=True)
     for name in names:
         with ProcessPoolExecutor(1, mp_context=ctx) as pool:
             row = pool.submit(_row, name).result()
@@ -93,11 +98,8 @@ def main(only: list[str] | None, out: Path, note: str) -> None:
             f"{row.get('routable', 0):.3f} {row.get('min_ratio', 0) or 0:.3f} {_reason(row)}"[:200],
             flush=True,
         )
-    seconds = time.perf_counter() - t0
-    command = "python benchmarks/support_matrix.py " + shlex.join(sys.argv[1:])
-    stem = "support_matrix_real_size" + ("_partial" if only else "")
-    out.mkdir(parents=True, exist_ok=True)
-    data = {"command": command, "note": note, "seconds": round(seconds, 1), "rows": rows}
-    (out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
-    (out / f"{stem}.md").write_text(markdown(rows, command, seconds, note))
+        seconds = time.perf_counter() - t0  # written after every family: a long run keeps rows
+        data = {"command": command, "note": note, "seconds": round(seconds, 1), "rows": rows}
+        (out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+        (out / f"{stem}.md").write_text(markdown(rows, command, seconds, note))
     print(f"wrote {out / stem}.{{json,md}}")

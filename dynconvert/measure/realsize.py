@@ -41,6 +41,18 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process so far (user + system), in seconds: on a shared machine, what
+    the wall time would be with the cores to itself (at most, for one thread).
+
+    Example:
+        >>> cpu_seconds() > 0
+        True
+    """
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def real_size_row(name: str, size: Size | None = None, probe: bool = True) -> dict[str, Any]:
     """Build a shipped configuration on meta, convert it and describe it; never raises.
 
@@ -52,8 +64,8 @@ def real_size_row(name: str, size: Size | None = None, probe: bool = True) -> di
     Returns:
         A JSON-ready dict: ``name``, ``class_name``, ``pixels`` (height, width, frames),
         ``params``, ``tokens`` (the most queries of one attention), ``seconds`` (build, analyse
-        and convert), ``peak_rss_gb`` (the whole process, imports included), ``attention_sites``,
-        ``mlp_sites``, ``blocks``, ``skipped`` (count) and ``first_skip`` (one reason),
+        and convert; ``cpu_s``: its CPU time, user and system), ``peak_rss_gb`` (the whole
+        process, imports included), ``attention_sites``, ``mlp_sites``, ``blocks``, ``skipped`` (count) and ``first_skip`` (one reason),
         ``routable`` (converted sites' share of the MACs), ``min_ratio``, ``coverage`` and
         ``error`` (one line, or None).
     """
@@ -61,7 +73,7 @@ def real_size_row(name: str, size: Size | None = None, probe: bool = True) -> di
     size = size or entry.size
     row: dict[str, Any] = {"name": entry.name, "class_name": entry.class_name,
                            "pixels": entry.pixels(size), "error": None}  # fmt: skip
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     try:
         model = build(entry.class_name, entry.config())
         row["params"] = sum(p.numel() for p in model.parameters())
@@ -70,6 +82,7 @@ def real_size_row(name: str, size: Size | None = None, probe: bool = True) -> di
         convert(model, 1.0, example_inputs=inputs, probe_inputs=small)
         plan = get_state(model).plan
         row["seconds"] = round(time.perf_counter() - t0, 1)
+        row["cpu_s"] = round(cpu_seconds() - c0, 1)
         attention = [s for s in plan.sites if isinstance(s, AttentionSite)]
         static = plan.static_macs_per_sample
         row.update(

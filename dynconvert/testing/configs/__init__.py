@@ -2,7 +2,7 @@
 
 One JSON file per family, ``<name>.json``: the model's ``config.json`` as published on the
 Hugging Face Hub (``_class_name`` and the keys that configure the architecture; the source
-repositories and their licenses are listed in ``README.md`` beside them). The table
+repositories and their licenses are listed in ``SOURCES.txt`` beside them). The table
 :data:`REAL_CONFIGS` gives each its usual size (the resolution its pipeline runs at), a probe
 size (a few tokens, the same graph: analysis decides head-locality there) and how latent cells
 relate to pixels, so that ``dynconvert inspect --model flux-dev`` and
