@@ -93,15 +93,21 @@ def test_tower_converted_on_meta_then_loaded_equals_converted_with_weights():
     model = Tower().eval()
     with torch.device("meta"):
         meta = Tower().eval()
-    inputs = _tower_inputs(6)
+    _check_meta_then_load(model, meta, _tower_inputs(6), budget=0.6, seed=5, run_early=True)
+
+
+def _check_meta_then_load(model, meta, inputs, budget, seed, run_early=False):
+    """Convert both alike, load the weights into the meta one: the same model in every way."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    dynconvert.convert(model, 0.6, example_inputs=inputs, seed=5)
-    dynconvert.convert(meta, 0.6, example_inputs=inputs, seed=5)
-    assert all(p.is_meta for p in meta.parameters())
+    dynconvert.convert(model, budget, example_inputs=inputs, seed=seed)
+    dynconvert.convert(meta, budget, example_inputs=inputs, seed=seed)
+    assert all(p.is_meta for p in meta.parameters())  # nothing materialised yet
+    # Planning needs no weights: the plan and the fresh cost are already those of the model.
     assert dynconvert.count_flops(meta, inputs).ratio == dynconvert.count_flops(model, inputs).ratio
-    with pytest.raises(dynconvert.errors.CheckpointError, match="load_state_dict"):
-        _out(meta, inputs)  # no weights yet: says what to do
-    meta.load_state_dict(state, assign=True)
+    if run_early:
+        with pytest.raises(dynconvert.errors.CheckpointError, match="load_state_dict"):
+            _out(meta, inputs)  # no weights yet: says what to do
+    meta.load_state_dict(state, assign=True)  # strict: the routers are made, not missing
     a, b = model.state_dict(), meta.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert dynconvert.get_state(meta).plan == dynconvert.get_state(model).plan
@@ -212,20 +218,7 @@ def _out(model, inputs):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dit", "pixart", "flux", "wan", "sana", "lumina2"])
 def test_convert_on_meta_then_load_equals_convert_with_weights(name):
-    model, meta, inputs = _meta_twin(name)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    dynconvert.convert(model, 0.9, example_inputs=inputs, seed=3)
-    dynconvert.convert(meta, 0.9, example_inputs=inputs, seed=3)
-    assert all(p.is_meta for p in meta.parameters())  # nothing materialised yet
-    # Planning needs no weights: the plan and the fresh cost are already those of the model.
-    assert dynconvert.count_flops(meta, inputs).ratio == dynconvert.count_flops(model, inputs).ratio
-    meta.load_state_dict(state, assign=True)  # strict: the routers are made, not missing
-    a, b = model.state_dict(), meta.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert dynconvert.get_state(meta).plan == dynconvert.get_state(model).plan
-    for m in (model, meta):
-        randomize_routing(m, keep=0.5, seed=0, example_inputs=inputs)
-    assert torch.equal(_out(model, inputs), _out(meta, inputs))
+    _check_meta_then_load(*_meta_twin(name), budget=0.9, seed=3)
 
 
 @pytest.mark.slow
