@@ -141,6 +141,10 @@ def _names() -> dict[str, str]:
 def real_config(name: str) -> RealConfig:
     """The shipped configuration called ``name`` (or one of its aliases, any letter case).
 
+    Example:
+        >>> real_config("Flux-Dev").source
+        'black-forest-labs/FLUX.1-dev'
+
     Raises:
         ModelNotFoundError: unknown name; the message lists close matches.
     """
@@ -156,13 +160,23 @@ def real_config(name: str) -> RealConfig:
 
 
 def is_real_config(name: str) -> bool:
-    """Whether ``name`` is a shipped configuration or one of its aliases."""
+    """Whether ``name`` is a shipped configuration or one of its aliases.
+
+    Example:
+        >>> is_real_config("wan-14b"), is_real_config("dit-s")
+        (True, False)
+    """
     return name.strip().lower() in _names()
 
 
 def for_class(class_name: str) -> RealConfig:
     """The first shipped configuration of a diffusers class: its input maker and pixel
-    factors serve any config of that class (``inspect --diffusers CLASS --config FILE``)."""
+    factors serve any config of that class (``inspect --diffusers CLASS --config FILE``).
+
+    Example:
+        >>> for_class("WanTransformer3DModel").name
+        'wan2.1-t2v-1.3b'
+    """
     found = [c for c in REAL_CONFIGS.values() if c.class_name == class_name]
     if not found:
         known = sorted({c.class_name for c in REAL_CONFIGS.values()})
