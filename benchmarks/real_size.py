@@ -45,6 +45,11 @@ def _num(x: float, unit: float, spec: str) -> str:
     return "-" if x is None else format(x / unit, spec)
 
 
+def _calib(r: dict) -> str:
+    gb = r.get("calibration_gb")
+    return f"{gb['all']:.0f} / {gb['routers']:.0f}" if gb else "-"
+
+
 def markdown(rows: list[dict], command: str, seconds: float, note: str) -> str:
     """The table as markdown, with the command and the machine."""
     lines = [
@@ -60,11 +65,13 @@ def markdown(rows: list[dict], command: str, seconds: float, note: str) -> str:
         "machine the wall time lies between cpu / 2 and cpu; GB = peak resident memory of the "
         "process (imports included); sites = "
         "attention/MLP sites found in that many blocks; routable = converted sites' share of "
-        "the MACs; min = lowest reachable budget (whole model); MACs per sample.",
+        "the MACs; min = lowest reachable budget (whole model); MACs per sample; calib GB = what "
+        "a calibration run holds besides activations with bf16 weights, training every "
+        "parameter / the routers only (dynconvert/calibration/memory.py).",
         "",
         "| family | class | pixels (h x w x frames) | params | tokens | s | cpu | GB | sites | skipped "
-        "| TMACs | routable | min | why not (one line) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| TMACs | routable | min | calib GB | why not (one line) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         h, w, f = r["pixels"]
@@ -75,7 +82,7 @@ def markdown(rows: list[dict], command: str, seconds: float, note: str) -> str:
             f"| {_num(r.get('params'), 1e9, '.2f')} | {r.get('tokens', '-')} | {r['seconds']} | {r.get('cpu_s', '-')} "
             f"| {r['peak_rss_gb']} | {sites} | {r.get('skipped', '-')} "
             f"| {_num(r.get('static_macs'), 1e12, '.1f')} | {_num(r.get('routable'), 0.01, '.1f')}% "
-            f"| {_num(r.get('min_ratio'), 1, '.3f')} | {why} |"
+            f"| {_num(r.get('min_ratio'), 1, '.3f')} | {_calib(r)} | {why} |"
         )
     return "\n".join(lines) + "\n"
 

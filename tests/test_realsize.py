@@ -264,6 +264,7 @@ def test_inspect_a_diffusers_config_without_weights(tmp_path):
     assert run.exit_code == 0, run.output
     s = json.loads(run.stdout)
     assert s["params"] > 0 and len(s["sites"]) == 4 and s["min_budget"] < 0.5
+    assert 0 < s["calibration_gib"]["routers"] < s["calibration_gib"]["all"]
     assert s["input_shapes"]["hidden_states"] == [1, 4, 8, 8]  # 64 px / 8 px per latent cell
     bad = CliRunner().invoke(app, ["inspect", "--diffusers", "DiTTransformer2DModel"])
     assert bad.exit_code == 1 and "--config" in bad.output

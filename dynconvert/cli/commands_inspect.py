@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     import torch
 
 SCHEMA = """The --json object (MACs per sample; 1 MAC = 2 hardware FLOPs):
-model, params (not with --run), model_class, unit ("MACs"), timestep_arg, capture, coverage, input_shapes,
+model, params, router_params, calibration_gib {all, routers} (GiB; not with --run),
+model_class, unit ("MACs"), timestep_arg, capture, coverage, input_shapes,
 static_macs (whole model), blocks_macs (converted attention + MLP sites), other_macs,
 blocks (count), min_budget (lowest reachable whole-model ratio), max_budget (1.0),
 sites: [{index, name, block, kind ("attention"|"mlp"), module_class, heads|groups, head_dim,
@@ -247,8 +248,22 @@ def _analyse(model: str | None, cls: str | None, config: Path | None, pixels: tu
         else:
             net, inputs, probe = real
             plan = analyze(net, inputs, probe_inputs=probe)
+    return {"model": model or cls, **_memory(net, plan), **plan_summary(plan)}
+
+
+def _memory(net: Any, plan: Any) -> dict[str, Any]:
+    """Parameters, and what calibration holds besides activations (bf16 weights)."""
+    import torch
+
+    from dynconvert.calibration.memory import memory_plan
+    from dynconvert.config import ConvertConfig
+    from dynconvert.runtime.bank import RouterBank
+
     params = sum(p.numel() for p in net.parameters())
-    return {"model": model or cls, "params": params, **plan_summary(plan)}
+    with torch.device("meta"):  # the routers' shapes only
+        routers = sum(p.numel() for p in RouterBank(plan, ConvertConfig(), 1.0).parameters())
+    gb = {k: v / 2**30 for k, v in memory_plan(params + routers, routers).items()}
+    return {"params": params, "router_params": routers, "calibration_gib": gb}
 
 
 def show(s: dict[str, Any]) -> None:
@@ -296,13 +311,15 @@ def show(s: dict[str, Any]) -> None:
         ("timestep argument", s["timestep_arg"]),
     ]
     if s.get("params"):
-        rows.insert(
-            0,
+        gb, weights = s["calibration_gib"], s["params"] * 2 / 2**30
+        rows[:0] = [
+            ("parameters", f"{s['params'] / 1e9:.3f} B ({weights:.1f} GiB in bf16)"),
             (
-                "parameters",
-                f"{s['params'] / 1e9:.3f} B ({s['params'] * 2 / 2**30:.1f} GiB in bf16)",
+                "calibration memory",
+                f"{gb['all']:.1f} GiB training all, {gb['routers']:.1f} GiB the routers only "
+                "(bf16 weights, gradients, AdamW, EMA; activations not counted)",
             ),
-        )
+        ]
     if has_run:
         r = s["run"]
         rows += [

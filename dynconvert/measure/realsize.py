@@ -22,6 +22,7 @@ import time
 import traceback
 from typing import Any
 
+from dynconvert.calibration.memory import memory_plan
 from dynconvert.config import ConvertConfig
 from dynconvert.convert import convert
 from dynconvert.flops import min_ratio
@@ -66,7 +67,8 @@ def real_size_row(name: str, size: Size | None = None, probe: bool = True) -> di
         ``params``, ``tokens`` (the most queries of one attention), ``seconds`` (build, analyse
         and convert; ``cpu_s``: its CPU time, user and system), ``peak_rss_gb`` (the whole
         process, imports included), ``attention_sites``, ``mlp_sites``, ``blocks``, ``skipped`` (count) and ``first_skip`` (one reason),
-        ``routable`` (converted sites' share of the MACs), ``min_ratio``, ``coverage`` and
+        ``routable`` (converted sites' share of the MACs), ``min_ratio``, ``calibration_gb``
+        (calibration/memory.py, bf16 weights, per ``trainable`` setting), ``coverage`` and
         ``error`` (one line, or None).
     """
     entry = real_config(name)
@@ -97,6 +99,9 @@ def real_size_row(name: str, size: Size | None = None, probe: bool = True) -> di
             min_ratio=min_ratio(plan, ConvertConfig().token_reduction),
             coverage=plan.coverage,
         )
+        routers = sum(p.numel() for p in get_state(model).parameters())
+        plan_bytes = memory_plan(row["params"] + routers, routers, weight_bytes=2)
+        row["calibration_gb"] = {k: round(v / 2**30, 1) for k, v in plan_bytes.items()}
     except Exception as e:  # noqa: BLE001 - the table reports every failure, it never stops
         row["seconds"] = round(time.perf_counter() - t0, 1)
         last = traceback.extract_tb(e.__traceback__)[-1]
