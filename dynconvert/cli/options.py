@@ -51,10 +51,31 @@ ModelOpt = Annotated[
     str | None,
     unset_option(
         "--model", "-m",
-        help="Model: a preset or alias (digits, dit-xl, dit-s, dit-b, U-ViT-H/2, ...) or a "
-        "diffusers model (pixart-alpha).",
+        help="Model: a preset or alias (digits, dit-xl, dit-s, dit-b, U-ViT-H/2, ...), a "
+        "diffusers model (pixart-alpha) or, for inspect, a published configuration (flux-dev, "
+        "qwen-image, wan2.1-t2v-14b...).",
     ),
 ]  # fmt: skip
+DiffusersOpt = Annotated[
+    str | None,
+    unset_option(
+        "--diffusers",
+        help="A diffusers transformer class (FluxTransformer2DModel...), with --config: its "
+        "published config.json, analysed on the meta device (no weights).",
+    ),
+]
+ConfigFileOpt = Annotated[
+    str | None, unset_option("--config", help="The config.json of the --diffusers class.")
+]
+HeightOpt = Annotated[
+    int | None, unset_option("--height", help="Image height in pixels (published configs).")
+]
+WidthOpt = Annotated[
+    int | None, unset_option("--width", help="Image width in pixels (published configs).")
+]
+FramesOpt = Annotated[
+    int | None, unset_option("--frames", help="Video frames (published video configs).")
+]
 RunOpt = Annotated[
     str | None, unset_option("--run", "-r", help="A run folder written by 'dynconvert convert'.")
 ]
