@@ -47,10 +47,12 @@ _EXPORTS = {
     "set_routing": "dynconvert.runtime.routing",
     "load": "dynconvert.io.save",
     "save": "dynconvert.io.save",
+    "export": "dynconvert.deploy",
 }
 _ERRORS = (
     "AlreadyConvertedError", "BudgetError", "CalibrationError", "CheckpointError", "ConfigError",
-    "DataError", "DynconvertError", "ExampleInputsError", "LoraNotRoutedError",
+    "DataError", "DynconvertError", "ExampleInputsError", "ExportError", "FileError",
+    "LoraNotRoutedError",
     "ModelNotFoundError", "NoSitesError", "NotConvertedError", "OutputExistsError", "RecordError",
     "TimestepError",
 )  # fmt: skip

@@ -59,6 +59,19 @@ class OutputExistsError(DynconvertError):
     """The output folder already holds another run."""
 
 
+class FileError(DynconvertError, OSError):
+    """A file could not be read or written safely: a link, not a regular file, too large, no
+    space left, or a read-only folder (nothing was half written)."""
+
+    def __str__(self) -> str:
+        """The message alone (an OSError would put ``[Errno N]`` before it)."""
+        return self.strerror if self.strerror is not None else super().__str__()
+
+
+class ExportError(DynconvertError):
+    """A converted model cannot be exported (an op, an input, or the output folder)."""
+
+
 class LoraNotRoutedError(DynconvertError):
     """An adapter of a kind dynconvert does not route would wrap a routed Linear (named in the
     message with the reason), or a routed adapter was used in a way routing cannot follow."""

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from dynconvert.errors import RecordError
-from dynconvert.io.files import atomic_save_tensors, atomic_write_bytes, fingerprint
+from dynconvert.io.files import atomic_write, atomic_write_bytes, file_digest
+from dynconvert.io.weights import write_safetensors
 from dynconvert.runtime.lora import is_lora, lifted
 from dynconvert.runtime.lora_run import add_gates
 from dynconvert.runtime.state import get_state
@@ -77,13 +78,16 @@ def save_adapters(model: nn.Module, out: Path) -> dict[str, Any] | None:
         config = configs[name].to_dict()
         text = json.dumps(config, indent=2, sort_keys=True, default=_jsonable)
         meta = {"format": "pt", "producer": "dynconvert", METADATA_KEY: text}
-        atomic_save_tensors(tensors, folder / ADAPTER_WEIGHTS, metadata=meta)
-        atomic_write_bytes(folder / ADAPTER_CONFIG, (text + "\n").encode())
-        entry["adapters"][name] = {
-            "folder": sub,
-            "fingerprint": fingerprint(folder / ADAPTER_WEIGHTS),
-        }
+        path = folder / ADAPTER_WEIGHTS
+        atomic_write(path, lambda f, t=tensors, m=meta: write_safetensors(f, t, m), root=out)
+        atomic_write_bytes(folder / ADAPTER_CONFIG, (text + "\n").encode(), root=out)
+        entry["adapters"][name] = {"folder": sub, "fingerprint": _digest(path, out)}
     return entry
+
+
+def _digest(path: Path, root: Path) -> list:
+    """[size, sha256] of an adapter file (as the record keeps it)."""
+    return list(file_digest(path, root=root))
 
 
 def _jsonable(value: Any) -> Any:
@@ -164,7 +168,7 @@ def load_adapters(model: nn.Module, directory: Path, record: dict[str, Any]) -> 
     for name, info in adapters.items():
         folder = directory / info["folder"]
         path = folder / ADAPTER_WEIGHTS
-        if not path.is_file() or fingerprint(path) != info["fingerprint"]:
+        if not path.is_file() or _digest(path, directory) != info["fingerprint"]:
             raise RecordError(
                 f"the LoRA adapter {name!r} of {directory} ({path}) is missing or not the one "
                 "saved; save the model again"

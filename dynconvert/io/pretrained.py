@@ -20,7 +20,6 @@ is converted or loaded, and :func:`detach_diffusers` undoes it on revert. On the
 from __future__ import annotations
 
 import inspect
-import json
 import types
 import warnings
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 from torch import nn
 
 from dynconvert.errors import DynconvertError, LoraNotRoutedError
+from dynconvert.io.limits import read_json
 from dynconvert.io.save import (
     RECORD,
     is_diffusers_model,
@@ -116,7 +116,8 @@ def _written_weights(out: Path, safe: bool, variant: str | None) -> list[str]:
         out / f"{stem}{ext}.index.{variant}.json" if variant else out / f"{stem}{ext}.index.json"
     )
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index, DynconvertError, root=out).get("weight_map", {})
+        shards = sorted(set(weight_map.values()))
         return [index.name, *shards]
     if not (out / name).is_file():
         raise DynconvertError(
