@@ -6,6 +6,8 @@ from typing import Annotated, Any
 
 import typer
 
+from dynconvert.errors import ConfigError
+
 
 def unset_option(*names: str, help: str, **kwargs: Any) -> Any:
     """A ``typer.Option`` for a value that is unset unless given: the help shows no default.
@@ -14,6 +16,28 @@ def unset_option(*names: str, help: str, **kwargs: Any) -> Any:
         >>> Out = Annotated[str | None, unset_option("--out", "-o", help="Run folder.")]
     """
     return typer.Option(*names, help=help, show_default=False, **kwargs)
+
+
+def comma_list(
+    text: str | None, option: str, cast: type, example: str, what: str = "numbers"
+) -> list[Any] | None:
+    """The values of a comma-separated option (None when it is unset), or one clear error.
+
+    Example:
+        >>> comma_list("2, 8", "--batch", int, "2,8")
+        [2, 8]
+    """
+    if text is None:
+        return None
+    try:
+        values = [cast(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise ConfigError(
+            f"{option} takes comma-separated {what}, e.g. {example}; got {text!r}"
+        ) from None
+    if not values:
+        raise ConfigError(f"{option} is empty; pass {what}, e.g. {option} {example}")
+    return values
 
 
 JsonOpt = Annotated[
