@@ -10,6 +10,10 @@ A checkpoint is one ``torch.save`` file ``<output_dir>/checkpoints/step-0001000.
 It is written to a temporary file in the same folder, flushed to disk, then ``os.replace``d over
 the final name, so a killed run never leaves a half-written checkpoint under a real name. It loads
 with ``torch.load(weights_only=True)``: everything in it is tensors and plain Python values.
+
+An FSDP run with sharded checkpoints writes a folder ``step-0000100/`` instead (its shards and a
+``meta.pt`` holding the rest, ``kind`` "fsdp-sharded"; see ``sharded_checkpoint.py``): it is
+listed, pruned and checked here like a file, and its tensors are loaded after sharding.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +34,8 @@ from dynconvert.runtime.state import get_state
 
 CHECKPOINT_FORMAT = "dynconvert-calibration"
 CHECKPOINT_VERSION = 1
-_NAME = re.compile(r"^step-(\d{7,})\.pt$")
+_NAME = re.compile(r"^step-(\d{7,})(\.pt)?$")  # a file, or a sharded checkpoint's folder
+SHARDED_META = "meta.pt"  # what a sharded checkpoint folder holds besides its shards
 _TEMP = re.compile(r"^\.step-\d{7,}\.pt\.(\d+)\.tmp$")
 
 
@@ -56,7 +62,7 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     found = []
     for p in folder.iterdir():
         m = _NAME.match(p.name)
-        if m:
+        if m and (m.group(2) or (p / SHARDED_META).is_file()):  # a folder once complete
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -113,6 +119,8 @@ def load_checkpoint(
         CheckpointError: Missing, unreadable, another format, or a newer version.
     """
     path = Path(path)
+    if path.is_dir():  # a sharded checkpoint: its meta.pt (the shards load after sharding)
+        path = path / SHARDED_META
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -248,7 +256,10 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
     found = list_checkpoints(output_dir)
     doomed = [p for _, p in found[: max(0, len(found) - keep)]]
     for p in doomed:
-        p.unlink(missing_ok=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return doomed
 
 
@@ -359,6 +370,8 @@ def check_resume(cfg: Any, model: nn.Module) -> int | None:
     _check_resumable(cfg, payload, path)
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in payload["model"].items() if isinstance(v, torch.Tensor)}
+    if payload.get("kind") == "fsdp-sharded":  # shapes recorded beside the shards
+        theirs = {k: tuple(v) for k, v in payload.get("shapes", {}).items()}
     if mine != theirs:
         diff = sorted(set(mine) ^ set(theirs)) or [k for k in mine if mine[k] != theirs[k]]
         raise CheckpointError(
@@ -407,6 +420,9 @@ def load_training_state(cfg: Any, model: nn.Module, ema: Any) -> dict[str, Any] 
         )
     payload = load_checkpoint(path)
     _check_resumable(cfg, payload, path)
+    payload["path"] = path
+    if payload.get("kind") == "fsdp-sharded":  # loaded once the model is sharded
+        return payload
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as err:
@@ -415,12 +431,12 @@ def load_training_state(cfg: Any, model: nn.Module, ema: Any) -> dict[str, Any] 
         payload["optimizer"], [p for p in model.parameters() if p.requires_grad], path
     )
     try:
-        ema.load_state_dict(payload["ema"])
+        if ema is not None:  # None under FSDP: the EMA is made after sharding and loaded then
+            ema.load_state_dict(payload["ema"])
     except (KeyError, RuntimeError, TypeError, ValueError) as err:
         raise CheckpointError(
             f"checkpoint {path}: its EMA does not match this model ({err})"
         ) from err
-    payload["path"] = path
     return payload
 
 

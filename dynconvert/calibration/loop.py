@@ -11,6 +11,7 @@ take one AdamW step and update the EMA. Progress goes to ``on_step``; nothing is
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from dynconvert.calibration.accumulate import forward_backward
 from dynconvert.calibration.adapters import (
     ModelAdapter,
     drop_labels,
@@ -37,8 +39,14 @@ from dynconvert.calibration.checkpoint import (
 )
 from dynconvert.calibration.config import CalibrationConfig, as_config
 from dynconvert.calibration.data import as_source, check_batch
-from dynconvert.calibration.distributed import MISSING, make_accelerator, restore_forward
+from dynconvert.calibration.distributed import (
+    MISSING,
+    make_accelerator,
+    restore_forward,
+    sharding_of,
+)
 from dynconvert.calibration.ema import EMA
+from dynconvert.calibration.fit import check_before_start
 from dynconvert.calibration.objectives import (
     build_objective,
     distill_loss,
@@ -47,8 +55,14 @@ from dynconvert.calibration.objectives import (
     token_keep_loss,
     token_keep_target,
 )
+from dynconvert.calibration.recompute import gradient_checkpointing
 from dynconvert.calibration.result import CalibrationResult, StepInfo
 from dynconvert.calibration.schedule import LambdaSchedule, token_bias_step
+from dynconvert.calibration.sharded import finish_unsharded, gather_result, prepare_sharding
+from dynconvert.calibration.sharded_checkpoint import (
+    resume_after_sharding,
+    save_sharded_training_state,
+)
 from dynconvert.calibration.stream import batch_stream
 from dynconvert.errors import (
     BudgetError,
@@ -135,8 +149,12 @@ def calibrate(
     # Setup: accelerator, teacher, trainable parameters, optimiser, EMA, resume.
     accelerator = accelerator or make_accelerator(cfg)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    if cfg.batch_size % (world * cfg.grad_accum_steps):
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} must be divisible by the {world} processes x "
+            f"grad_accum_steps {cfg.grad_accum_steps}"
+        )
+    check_before_start(model, cfg, accelerator)  # the memory plan against the device's memory
     if cfg.distill_weight > 0 and teacher is None:
         teacher = copy.deepcopy(model)
     if teacher is not None:
@@ -147,6 +165,7 @@ def calibrate(
     saved_forward = model.__dict__.get("forward", MISSING)  # mixed precision wraps it
     saved_mode = getattr(state, "mode", None)
     dropouts: list[tuple[nn.Module, float]] = []
+    recompute = contextlib.ExitStack()  # gradient checkpointing, undone with the rest
     try:
         if cfg.trainable == "routers":
             router_ids = {id(p) for p in _router_parameters(state)}
@@ -159,16 +178,26 @@ def calibrate(
         optimizer = torch.optim.AdamW(
             params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
         )
-        ema = EMA(model, cfg.ema_decay, names=names, warmup=cfg.ema_warmup)
+        # FSDP (sharded.py): the EMA is made from the shards, a resumed state loaded into them.
+        sharded = sharding_of(accelerator) == "fsdp"
+        ema = None if sharded else EMA(model, cfg.ema_decay, names=names, warmup=cfg.ema_warmup)
         resumed = load_training_state(cfg, model, ema)
         accelerator.wait_for_everyone()  # all processes looked for checkpoints before any write
+        skeleton = prepare_sharding(accelerator, model, resumed, sharded)
         ddp_model, optimizer = accelerator.prepare(model, optimizer)
-        ema.to(device)
+        if sharded:
+            params = [p for p in model.parameters() if p.requires_grad]  # fully_shard's DTensors
+            ema = EMA(model, cfg.ema_decay, names=names, warmup=cfg.ema_warmup)
+            resume_after_sharding(resumed, model, ema, optimizer, names)
+        else:
+            ema.to(device)
+        recompute.enter_context(gradient_checkpointing(model, cfg.gradient_checkpointing))
         start, history = 0, {"loss": [], "flops_ratio": []}
         counters = {"skipped_nonfinite": 0, "skipped_grad_norm": 0}
         last_ckpt = None
         if resumed is not None:
-            optimizer.load_state_dict(resumed["optimizer"])
+            if not sharded:
+                optimizer.load_state_dict(resumed["optimizer"])
             if accelerator.scaler is not None and resumed.get("scaler") is not None:
                 accelerator.scaler.load_state_dict(resumed["scaler"])
             rng = resumed.get("rng") or []
@@ -209,12 +238,14 @@ def calibrate(
             last_batch = batch
             noisy = objective.noise(x0)
             lam = lambdas(step)
-            terms = step_terms(batch, x0, noisy, lam=lam, step=step)
-            total = terms["loss"]
-
-            # All processes agree on the values to log and on whether the loss is finite.
+            # Forward and backward, micro-batch by micro-batch (accumulate.py); every process
+            # agrees before each backward whether the loss is finite, and on the values to log.
+            terms, nonfinite = forward_backward(
+                step_terms, accelerator, ddp_model, batch, x0, noisy, cfg.grad_accum_steps,
+                lam=lam, step=step,
+            )  # fmt: skip
             logged = torch.stack(
-                [terms[k].detach().float() for k in _TERMS] + [(~torch.isfinite(total)).float()]
+                [terms[k].float() for k in _TERMS] + [terms["loss"].new_tensor(float(nonfinite))]
             )
             if world > 1:
                 logged = accelerator.reduce(logged, reduction="mean")
@@ -227,7 +258,6 @@ def calibrate(
                     raise CalibrationError(_nonfinite_message(in_a_row, step, last_ckpt))
             else:
                 in_a_row = 0
-                accelerator.backward(total)
                 grad_norm = float(accelerator.clip_grad_norm_(params, cfg.grad_clip or math.inf))
                 too_big = cfg.skip_grad_norm is not None and grad_norm > cfg.skip_grad_norm
                 if not math.isfinite(grad_norm) or too_big:
@@ -248,8 +278,10 @@ def calibrate(
             done, wrote = step + 1, None
             due = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
             if cfg.output_dir and (due or done == cfg.steps) and in_a_row == 0:
-                wrote = save_training_state(
-                    accelerator, cfg, model, ema, optimizer, done, history, counters
+                save = save_sharded_training_state if sharded else save_training_state
+                extra = (names,) if sharded else ()
+                wrote = save(
+                    accelerator, cfg, model, ema, optimizer, *extra, done, history, counters
                 )
                 last_ckpt = wrote
 
@@ -274,6 +306,7 @@ def calibrate(
                     )
                 )
     finally:
+        recompute.close()
         for m, p in dropouts:
             m.dropout_prob = p
         for n, p in model.named_parameters():
@@ -281,11 +314,17 @@ def calibrate(
         set_routing(model, saved_mode)
         restore_forward(model, saved_forward)
 
-    # Result: the EMA weights in the model, the raw weights beside them.
-    train_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    ema.copy_to(model)
-    model.eval()
-    if cfg.capacity_points:
+    # Result: the EMA weights in the model, the raw weights beside them (under FSDP both gathered
+    # into an unsharded copy on the main process; the other processes get None).
+    if sharded:
+        result, train_state = gather_result(model, ema, skeleton, accelerator.is_main_process)
+        model = finish_unsharded(result, model, device)
+    else:
+        train_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        ema.copy_to(model)
+    if model is not None:
+        model.eval()
+    if cfg.capacity_points and model is not None:
         # Token capacities of the planned path, measured on real data (calibration/capacity.py).
         if last_batch is None:  # resumed at the last step: no batch was drawn in this call
             first = batch_stream(source, cfg.batch_size, seed=cfg.seed, rank=rank, world=world,

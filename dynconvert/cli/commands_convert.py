@@ -82,6 +82,13 @@ def convert(
     ] = False,
     set_: SetOpt = None,
     json: JsonOpt = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Start even when the memory plan says calibration will not fit this machine.",
+        ),
+    ] = False,
 ) -> None:
     """Convert a model, calibrate it toward a FLOPs budget, and save the run.
 
@@ -89,7 +96,8 @@ def convert(
     ETA), then measures the result and writes the run folder: model.safetensors and
     dynconvert.json (load with dynconvert.load), report.json, samples.png (digits), and
     checkpoints that --resume continues from. Everything that can be wrong with the options is
-    checked before the folder is created.
+    checked before the folder is created, the memory too: a calibration that will not fit is
+    refused with the estimate and settings that fit (dynconvert inspect --calibration).
 
     [bold]Examples[/bold]
 
@@ -106,7 +114,7 @@ def convert(
     request = RunRequest(
         model=model, target_flops=target_flops, recipe=recipe, checkpoint=checkpoint, data=data,
         steps=steps, out=out, device=device, resume=resume, random_init=random_init,
-        overrides=list(set_ or []),
+        overrides=list(set_ or []), force=force,
     )  # fmt: skip
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch / torchrun
     on_event = render.event_printer() if main_process else None

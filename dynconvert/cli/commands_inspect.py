@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+import typer
 
 from dynconvert.cli import render
-from dynconvert.cli.options import JsonOpt, ModelOpt, RunOpt
+from dynconvert.cli.options import JsonOpt, ModelOpt, RunOpt, SetOpt
 from dynconvert.errors import ConfigError
 
 SCHEMA = """The --json object (MACs per sample; 1 MAC = 2 hardware FLOPs):
@@ -129,7 +130,40 @@ def _run_summary(folder: str) -> dict[str, Any]:
     return summary
 
 
-def inspect(model: ModelOpt = None, run: RunOpt = None, json: JsonOpt = False) -> None:
+CalibrationOpt = Annotated[
+    bool,
+    typer.Option(
+        "--calibration",
+        help="Show the calibration's memory plan per process instead (weights, gradients, AdamW, "
+        "EMA, activations), for each trainable mode.",
+    ),
+]
+BatchOpt = Annotated[
+    int | None, typer.Option("--batch", help="Global batch (default: the recipe's).", min=1)
+]
+ProcessesOpt = Annotated[
+    int, typer.Option("--processes", help="Processes (GPUs) sharing the batch.", min=1)
+]
+ShardingOpt = Annotated[
+    str, typer.Option("--sharding", help="none (one process or DDP) or fsdp (FSDP2).")
+]
+PlanDeviceOpt = Annotated[
+    str,
+    typer.Option("--device", help="cpu or cuda: what the plan is for (nothing runs; auto: here)."),
+]
+
+
+def inspect(
+    model: ModelOpt = None,
+    run: RunOpt = None,
+    json: JsonOpt = False,
+    calibration: CalibrationOpt = False,
+    batch: BatchOpt = None,
+    processes: ProcessesOpt = 1,
+    sharding: ShardingOpt = "none",
+    device: PlanDeviceOpt = "auto",
+    set_: SetOpt = None,
+) -> None:
     """Show what convert finds in a model: blocks, sites, heads, groups, costs, budget range.
 
     Prints one row per attention or MLP site (heads or channel groups, whether tokens can be
@@ -144,7 +178,13 @@ def inspect(model: ModelOpt = None, run: RunOpt = None, json: JsonOpt = False) -
       dynconvert inspect --model digits --json
 
       dynconvert inspect --run runs/digits-0.5
+
+      dynconvert inspect --model dit-xl --calibration --batch 256 --processes 8 --sharding fsdp
     """
+    if calibration and model is None:
+        raise ConfigError(
+            "--calibration needs --model NAME (e.g. inspect --model dit-xl --calibration)"
+        )
     if (model is None) == (run is None):
         raise ConfigError(
             "pass exactly one of --model NAME or --run DIR (e.g. inspect --model dit-xl)"
@@ -157,14 +197,38 @@ def inspect(model: ModelOpt = None, run: RunOpt = None, json: JsonOpt = False) -
 
         with render.status(f"analysing {model}"):
             net = _build_for_inspect(model)
+            if calibration:
+                _calibration(net, model, json, list(set_ or []), batch, processes, sharding, device)
+                return
             args, kwargs = default_inputs(net)
-            device = next(net.parameters()).device
-            plan = analyze(net, (_to(args, device), _to(kwargs, device)))
+            where = next(net.parameters()).device
+            plan = analyze(net, (_to(args, where), _to(kwargs, where)))
         summary = {"model": model, **plan_summary(plan)}
     if json:
         render.print_json(summary)
         return
     show(summary)
+
+
+def _calibration(net: Any, model: str, json: bool, overrides: list[str], batch: int | None,
+                 processes: int, sharding: str, device: str) -> None:  # fmt: skip
+    """The memory plan of calibrating ``net`` (a meta-device skeleton)."""
+    import torch
+
+    from dynconvert.calibration.memory_facts import skeleton_facts
+    from dynconvert.cli.memory_table import memory_summary, show_memory
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda; got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    plan, facts = skeleton_facts(net)
+    summary = {"model": model, **memory_summary(net, plan, facts, overrides, batch, processes,
+                                                sharding, device)}  # fmt: skip
+    if json:
+        render.print_json(summary)
+    else:
+        show_memory(summary, model)
 
 
 def show(s: dict[str, Any]) -> None:
