@@ -204,6 +204,13 @@ def test_gradient_checkpointing_keeps_less_and_changes_nothing():
     full = saved_bytes(model, 4)
     with gradient_checkpointing(model, True) as kind:
         assert kind == "blocks" and saved_bytes(model, 4) < full / 2
+        x, t, y = model.example_inputs(batch_size=4)
+        out = model(x, t, y)
+        records = get_state(model).records
+        masks = {i: r["tokens"] for i, r in records.items() if r.get("tokens") is not None}
+        out.float().pow(2).mean().backward()
+        # the recomputation recorded into copies: its graph (the activations) is not kept
+        assert masks and all(records[i]["tokens"] is m for i, m in masks.items())
     assert saved_bytes(model, 4) == full  # put back
     a = calibrate(dynconvert.convert(tiny_dit(seed=0), budget=0.5), latents(), quick())
     b = calibrate(
