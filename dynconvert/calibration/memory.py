@@ -18,7 +18,8 @@ Per process, in bytes (W: parameters, T: trainable parameters, P: processes):
   autocast keeps a half-size copy of every weight for the step; with gradient checkpointing
   only each block's input is kept, plus one block's activations while it is recomputed;
 - activations and gradients do not peak together (backward frees one as it fills the other),
-  so a step needs ``max(gradients, activations)`` above the rest;
+  so a step needs ``max(gradients, activations)`` above the rest; with gradient accumulation
+  the gradients of the first micro-batches are kept while the next one runs (both count);
 - on CPU: the raw weights are copied beside the EMA at the end of ``calibrate`` (one more W),
   and the interpreter with torch and dynconvert imported (``CPU_RUNTIME_BYTES``).
 
@@ -39,9 +40,11 @@ from typing import Any
 
 from dynconvert.errors import ConfigError
 
-CPU_RUNTIME_BYTES = 512 * 2**20
-"""Resident memory of a process that imported torch and dynconvert, before any model (509 MiB
-measured on the 2-core CPU machine with torch 2.14; see docs/large-models.md)."""
+CPU_RUNTIME_BYTES = 750 * 2**20
+"""Resident memory of a calibrating process before its model: torch, diffusers (imported by the
+run pipeline and the adapters) and accelerate. Measured on the 2-core CPU machine with torch
+2.14: 509 MiB after ``import torch``, 709 MiB with dynconvert's run pipeline and accelerate
+imported, 753 MiB once a tiny model is converted (benchmarks/memory_plan.py)."""
 
 SHARDING = ("none", "fsdp")
 GIB = 2**30
@@ -206,7 +209,10 @@ def estimate(facts: ModelFacts, settings: MemorySettings) -> MemoryEstimate:
         activations += facts.weight_numel * 2  # autocast's 16-bit copies of the weights
     terms["activations"] = activations
     step = sum(terms.values()) - terms["gradients"] - activations
-    step += max(terms["gradients"], activations)
+    if s.grad_accum_steps > 1:  # the gradients of the first micro-batches wait for the others
+        step += terms["gradients"] + activations
+    else:
+        step += max(terms["gradients"], activations)
     peak = step
     if s.device == "cpu":
         terms["runtime"] = CPU_RUNTIME_BYTES
