@@ -58,17 +58,12 @@ _EXPORTS.update(dict.fromkeys(_ERRORS, "dynconvert.errors"))
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 
-# Importing the diffusers integration registers the converted model with diffusers' loading and
-# the demo registers its preset; both happen on the first use of the API, not at import.
-_ON_FIRST_USE = ("dynconvert.io.pretrained", "dynconvert.plugins")
-
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'dynconvert' has no attribute {name!r}")
-    for side in _ON_FIRST_USE:
-        importlib.import_module(side)
+    # the demo's preset and the diffusers integration register on the first use of the API
     importlib.import_module("dynconvert.plugins").load_plugins()
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value

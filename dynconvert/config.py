@@ -9,6 +9,7 @@ from typing import Any
 
 from dynconvert.errors import ConfigError
 from dynconvert.fields import Range, check_fields
+from dynconvert.plan import TOKEN_REDUCTION
 
 CONFIG_VERSION = 1
 """Format version of ``ConvertConfig.to_dict``; a newer one is refused."""
@@ -101,7 +102,7 @@ class ConvertConfig:
     tau: float = 5.0
     width_bias_init: float = 15.0
     token_bias_init: float = 35.0
-    token_reduction: int = 16
+    token_reduction: int = TOKEN_REDUCTION
     router_embed_dim: int = 256
     importance: str | Callable[..., Any] = "magnitude"
     timestep_arg: str | None = None

@@ -22,10 +22,11 @@ from dynconvert.runtime.conv import ConvMlpRuntime
 from dynconvert.runtime.dynamic import (
     DynamicConv,
     DynamicLinear,
-    MlpRuntime,
+    SiteRuntime,
     make_dynamic,
     make_static,
 )
+from dynconvert.runtime.mlp import MlpRuntime
 from dynconvert.runtime.shared_out import SharedOutRuntime
 from dynconvert.runtime.state import ATTR, attach, detach, get_state, is_converted
 from dynconvert.verify import verify_fast_path
@@ -183,18 +184,17 @@ def apply_plan(
             bank.always_on[site.index] = always_on[site.index]
         elif site.units > 1:
             bank.always_on[site.index] = always_on_unit(site, linears, config.importance)
-    runtimes: list[Any] = []
+    runtimes: list[SiteRuntime] = []
     hooks: list[Any] = []
     for site in plan.sites:
         if isinstance(site, AttentionSite):
             module = modules[site.name] if site.name else model
-            rt: Any = AttentionRuntime(site, bank, module)
+            rt: SiteRuntime = AttentionRuntime(site, bank, module)
             for m in site.in_maps:  # every stream's q/k/v Linears (a fused qkv once)
                 make_dynamic(modules[m.linear], rt, "in", m.linear)
             for m in site.out_maps:  # every stream's out-projection
                 make_dynamic(modules[m.linear], rt, "out", m.linear)
-            for m in site.cut_maps:  # partial site: norms across all heads, cut after them
-                hooks.append(modules[m.linear].register_forward_hook(rt.cut_hook(m.linear)))
+            hooks.extend(rt.attach_parts(modules))  # what the site's forms hook (dynconvert/sites)
             # The pre-hook lowers the module's head-count attributes for a sliced call and the
             # post-hook restores them, also when the forward raises (always_call).
             hooks.append(module.register_forward_pre_hook(rt.pre_hook, with_kwargs=True))

@@ -7,20 +7,18 @@ Convention: **MACs** (one multiply-accumulate = 1), the unit DiT and DyDiT call 
 
 Sources of the formulas:
 
-- a site's full cost is :meth:`AttentionSite.macs` / :meth:`MlpSite.macs` (plan.py):
-  ``tokens x in x out`` per Linear; attention adds QK^T (``N x M x H x d``) and AV
-  (``N x M x H x d_v``), which fvcore and PyTorch's CPU counter miss unless attention is
-  decomposed (``sdpa_kernel(SDPBackend.MATH)``);
+- a site's full cost is :meth:`AttentionSite.macs` (sites/attention.py: ``tokens x in x out``
+  per Linear, QK^T ``N x M x H x d`` and AV ``N x M x H x d_v``, which fvcore and PyTorch's CPU
+  counter miss unless attention is decomposed) plus the terms of its forms' parts
+  (sites/<form>.py), or :meth:`MlpSite.macs` (plan.py);
 - under routing (DyDiT, method.md "training objective"): attention scales with the fraction of
-  heads on; the MLP with the fraction of channel groups on times the fraction of tokens kept;
-  a token router (D -> D/r -> 1) runs on every token whenever tokens are routed;
+  heads on (but for what a part computes at full width, ``fixed_macs``); the MLP with the
+  fraction of channel groups on times the fraction of tokens kept; a token router
+  (D -> D/r -> 1) runs on every token whenever tokens are routed;
 - the rest of the model (patch embedding, conditioning, final layer) is summed op by op over the
   captured graph at analysis time (``Plan.other_macs``) and never changes.
 
-Everything that reports or trains toward a FLOPs figure goes through :func:`site_cost`: the
-differentiable ratio of a training call (:func:`last_flops_ratio`), the per-timestep profile
-(:func:`routed_ratio` with (T,) tensors), the lowest reachable budget (:func:`min_ratio`),
-synthetic routing at a target (:func:`solve_keep`) and :func:`count_flops`.
+Everything that reports or trains toward a FLOPs figure goes through :func:`site_cost`.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ from torch import nn
 from dynconvert.analysis import analyze, capture
 from dynconvert.analysis.costs import eager_macs, node_macs
 from dynconvert.inputs import batch_of, default_inputs, shapes_of, split_inputs
-from dynconvert.plan import AttentionSite, Plan, Site
+from dynconvert.plan import TOKEN_REDUCTION, AttentionSite, Plan, Site, site_kind
 from dynconvert.runtime.bank import RouterBank
 from dynconvert.runtime.routing import routing
 from dynconvert.runtime.state import get_state, is_converted
@@ -102,14 +100,8 @@ class FlopsReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields (sites as dicts) plus the derived per-sample MACs, ratio and blocks_ratio."""
-        d = asdict(self)
-        d.update(
-            static_macs_per_sample=self.static_macs_per_sample,
-            dynamic_macs_per_sample=self.dynamic_macs_per_sample,
-            ratio=self.ratio,
-            blocks_ratio=self.blocks_ratio,
-        )
-        return d
+        derived = ("static_macs_per_sample", "dynamic_macs_per_sample", "ratio", "blocks_ratio")
+        return {**asdict(self), **{k: getattr(self, k) for k in derived}}
 
 
 # -- the accountant ------------------------------------------------------------------------
@@ -125,7 +117,7 @@ def site_cost(
     site: Site,
     width: Fraction | None = None,
     tokens: Fraction | None = None,
-    token_reduction: int = 16,
+    token_reduction: int = TOKEN_REDUCTION,
     n: int | None = None,
     seen: Mapping[str, int] | None = None,
     fold: int | None = None,
@@ -229,10 +221,7 @@ def solve_keep(
     The ratio is linear in each fraction, so both are solved exactly from two evaluations of
     :func:`routed_ratio`: first the width for ``tokens`` of the tokens kept, then (after the
     width is rounded to whole heads and groups per site) the token keep rate. Both are clamped
-    to [0, 1].
-
-    Returns:
-        ``(width, tokens)``.
+    to [0, 1]; returns ``(width, tokens)``.
     """
 
     def solve(f: Any, lo_at: Any, hi_at: Any) -> float:  # f linear in x: f(x) = ratio
@@ -314,7 +303,7 @@ def count_flops(model: nn.Module, example_inputs: Any = None) -> FlopsReport:
     if not is_converted(model):
         plan = analyze(model, (args, kwargs))
         sites = [
-            SiteFlops(s.name, _kind(s), s.block, float(s.macs()), float(s.macs()))
+            SiteFlops(s.name, site_kind(s), s.block, float(s.macs()), float(s.macs()))
             for s in plan.sites
         ]
         blocks = sum(s.static_macs for s in sites) * batch
@@ -331,8 +320,7 @@ def count_flops(model: nn.Module, example_inputs: Any = None) -> FlopsReport:
         )
     bank = get_state(model)
     with torch.no_grad():
-        out = model(*args, **kwargs)
-    del out
+        model(*args, **kwargs)
     costs = call_costs(bank)
     other = _other_macs(model, bank.plan, args, kwargs, costs)
     sites: list[SiteFlops] = []
@@ -341,7 +329,9 @@ def count_flops(model: nn.Module, example_inputs: Any = None) -> FlopsReport:
         dyn_t = torch.as_tensor(c.dynamic, dtype=torch.float64).reshape(-1)  # (B,) or (1,)
         if dyn_t.numel() == 1:
             dyn_t = dyn_t.expand(batch)
-        sites.append(SiteFlops(s.name, _kind(s), s.block, c.static, float(dyn_t.mean()), c.router))
+        sites.append(
+            SiteFlops(s.name, site_kind(s), s.block, c.static, float(dyn_t.mean()), c.router)
+        )
         dyn_per_sample = dyn_per_sample + dyn_t + c.router
     blocks_static = sum(s.static_macs for s in sites) * batch
     blocks_dynamic = sum(s.dynamic_macs + s.router_macs for s in sites) * batch
@@ -360,15 +350,10 @@ def count_flops(model: nn.Module, example_inputs: Any = None) -> FlopsReport:
     )
 
 
-def _kind(site: Any) -> str:
-    return "attention" if isinstance(site, AttentionSite) else "mlp"
-
-
 def _other_macs(model: nn.Module, plan: Plan, args: tuple, kwargs: dict, costs: list) -> float:
     """MACs outside the converted sites for this batch (re-captured when the shapes changed)."""
     batch = batch_of(args, kwargs)
-    same = shapes_of(args, kwargs) == plan.input_shapes
-    if same:
+    if shapes_of(args, kwargs) == plan.input_shapes:
         return float(plan.other_macs)
     if batch != plan.batch and _same_but_batch(
         shapes_of(args, kwargs), plan.input_shapes, plan.batch, batch

@@ -1,7 +1,8 @@
 """Plugins: packages that add presets, calibration data and evaluations to the registries.
 
 The registries (model presets, named calibration data, run evaluations) are :class:`Registry`
-tables that load the plugins on their first read, so ``import dynconvert`` stays light (the
+tables that load the plugins on their first read (and ``runtime.state.attach`` loads them before
+it runs the attach hooks of a converted model), so ``import dynconvert`` stays light (the
 command line's ``--help`` imports no torch) and a preset registered by a plugin is found wherever
 it is looked up. The digits demo (``dynconvert.demo``) is the built-in plugin; an installed
 package adds its own through the ``dynconvert.plugins`` entry-point group, whose value is the
@@ -24,8 +25,10 @@ from collections.abc import Iterator
 from importlib.metadata import entry_points
 from typing import Any
 
-BUILTIN = ("dynconvert.demo",)
-"""Modules imported before any registry is read."""
+BUILTIN = ("dynconvert.demo", "dynconvert.io.pretrained")
+"""Modules imported before any registry is read or any model is converted or loaded: the digits
+demo (its preset, data and evaluation) and the diffusers integration (the hooks that make a
+converted diffusers model save its record with ``save_pretrained``)."""
 
 GROUP = "dynconvert.plugins"
 """Entry-point group of third-party plugins."""

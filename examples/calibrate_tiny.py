@@ -26,12 +26,9 @@ def main(out: str) -> None:
         ema_decay=0.0, checkpoint_every=0,
     )  # fmt: skip
 
-    def on_step(info: dynconvert.StepInfo) -> None:
-        if info.step % 10 == 0:
-            print(f"step {info.step:3d}/{info.total_steps}  loss {info.loss:.4f}  "
-                  f"flops {info.flops_ratio:.3f} -> {info.lambda_target:.3f}")  # fmt: skip
-
-    result = dynconvert.calibrate(model, data, config, on_step=on_step)
+    # Progress shows on stderr: a bar on a terminal, else a log line every few steps (the
+    # config's progress="off" silences it; on_step=callback receives every step's StepInfo).
+    result = dynconvert.calibrate(model, data, config)
     dynconvert.save(result.model, out)
     loaded = dynconvert.load(out)  # a built-in preset: the record rebuilds the base model
     x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([0.0, 300.0, 600.0, 999.0]), torch.arange(4)

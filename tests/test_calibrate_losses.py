@@ -70,7 +70,8 @@ def _vb_reference(x0, xt, t, eps, v, betas):
     logvar_p = frac * math.log(b) + (1 - frac) * math.log(post_var_clipped[t])
     var_q, var_p = post_var_clipped[t], np.exp(logvar_p)
     if t > 0:
-        # KL(N(mu_q, var_q) || N(mu_p, var_p)) = log(s_p/s_q) + (var_q + (mu_q-mu_p)^2)/(2 var_p) - 1/2
+        # KL(N(mu_q, var_q) || N(mu_p, var_p))
+        #   = log(s_p/s_q) + (var_q + (mu_q-mu_p)^2)/(2 var_p) - 1/2
         kl = 0.5 * np.log(var_p / var_q) + (var_q + (mu_q - mu_p) ** 2) / (2 * var_p) - 0.5
         return float(np.mean(kl) / math.log(2))
 

@@ -98,7 +98,7 @@ def test_no_import_cycles():
 # above (the data flow analyze -> convert -> calibrate -> save/export -> run, then the product).
 LAYERS = [
     ["dynconvert.errors", "dynconvert.version", "dynconvert.fields", "dynconvert.plugins"],
-    ["dynconvert.config", "dynconvert.inputs", "dynconvert.plan"],
+    ["dynconvert.config", "dynconvert.inputs", "dynconvert.plan", "dynconvert.sites"],
     ["dynconvert.analysis", "dynconvert.models"],
     ["dynconvert.runtime"],
     ["dynconvert.flops", "dynconvert.verify"],
@@ -119,9 +119,19 @@ PLACED = {
 }
 
 
+# An attention form's modules sit at their stage (dynconvert/sites/__init__.py): ``<form>`` is
+# plan data (the sites package's own layer), ``<form>_find`` an analysis rule, ``<form>_run`` a
+# runtime hook.
+FORM_STAGES = {"_find": 2, "_run": 3}
+
+
 def _layer(name: str) -> int:
     if name in PLACED:
         return PLACED[name]
+    if name.startswith("dynconvert.sites."):
+        suffix = next((s for s in FORM_STAGES if name.endswith(s)), None)
+        if suffix is not None:
+            return FORM_STAGES[suffix]
     for rank, packages in enumerate(LAYERS):
         if any(name == p or name.startswith(p + ".") for p in packages if p != "dynconvert"):
             return rank
@@ -131,6 +141,20 @@ def _layer(name: str) -> int:
 
 def test_every_module_has_a_layer():
     assert all(_layer(m) >= 0 for m in MODULES)
+
+
+def test_the_form_stages_are_the_layers_they_name():
+    assert LAYERS[FORM_STAGES["_find"]] == ["dynconvert.analysis", "dynconvert.models"]
+    assert LAYERS[FORM_STAGES["_run"]] == ["dynconvert.runtime"]
+    assert _layer("dynconvert.sites.gate") == _layer("dynconvert.plan")
+
+
+def test_every_form_module_is_a_part_or_a_stage_of_one():
+    """sites/<form>.py holds the part; sites/<form>_find.py and <form>_run.py need it."""
+    names = {m.rsplit(".", 1)[1] for m in MODULES if m.startswith("dynconvert.sites.")}
+    stages = {n for n in names if n.endswith(tuple(FORM_STAGES))}
+    orphans = sorted(n for n in stages if n.rsplit("_", 1)[0] not in names)
+    assert orphans == []
 
 
 def test_layers():

@@ -50,9 +50,9 @@ def _rel(a, b):
 # Variants whose path another default test already walks (same finder, same runtime): their
 # invariant runs are slow tests, to keep the default suite under three minutes.
 SLOW_VARIANTS = {
-    "kv-nearest", "kv-pool", "rotary-wide-table-norm-all", "folded-heads-key-first", "gqa-enable-gqa",
-    "gated-gqa", "mmdit-shared-mlp", "video-own-projections", "kv-reduce-input", "conv-mlp",
-    "rotary-table-manual",
+    "kv-nearest", "kv-pool", "rotary-wide-table-norm-all", "folded-heads-key-first",
+    "gqa-enable-gqa", "gated-gqa", "mmdit-shared-mlp", "video-own-projections", "kv-reduce-input",
+    "conv-mlp", "rotary-table-manual",
 }  # fmt: skip
 
 

@@ -227,6 +227,10 @@ def _checkpoint_with_other_optimizer(path: Path) -> None:
     save_checkpoint(path, payload)
 
 
+def _step_4(path: Path) -> Path:
+    return path / "checkpoints" / "step-0000004.pt"
+
+
 def _run_version(path: Path) -> None:
     edit_json(path / "run.json", version=99)
 
@@ -236,8 +240,12 @@ def _run_status(path: Path) -> None:
 
 
 FOLDER_CASES = {
-    "checkpoint without config": (lambda p: _checkpoint_without_config(p / "checkpoints" / "step-0000004.pt"), "lacks 'config'"),
-    "another model's optimizer": (lambda p: _checkpoint_with_other_optimizer(p / "checkpoints" / "step-0000004.pt"), "optimizer state"),
+    "checkpoint without config": (
+        lambda p: _checkpoint_without_config(_step_4(p)), "lacks 'config'"
+    ),
+    "another model's optimizer": (
+        lambda p: _checkpoint_with_other_optimizer(_step_4(p)), "optimizer state"
+    ),
     "newer run-folder version": (_run_version, "version 99"),
     "unknown run status": (_run_status, "status"),
     "run.json source not a mapping": (lambda p: edit_json(p / "run.json", source="x"), "source"),

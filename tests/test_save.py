@@ -107,3 +107,53 @@ def test_save_leaves_no_temporary_files(tmp_path):
     save(_converted(tiny_dit), tmp_path)
     save(_converted(tiny_dit), tmp_path)  # overwrite in place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dynconvert.json", "model.safetensors"]
+
+
+def test_a_record_may_name_its_class_by_an_older_path(tmp_path):
+    # Modules move (dynconvert.models.patterns -> dynconvert.testing.patterns, then split by
+    # family): a record written under an older path still names the same class.
+    from dynconvert.io.restore import check_base
+    from dynconvert.testing.patterns import rotary_dit
+
+    model, _ = rotary_dit()
+    here = f"{type(model).__module__}.RotaryDiT"
+    for path in ("dynconvert.models.patterns.RotaryDiT", "dynconvert.testing.patterns.RotaryDiT"):
+        check_base(model, {"model_class": path}, tmp_path)
+    for path in ("dynconvert.testing.patterns.MMDiT", "other.patterns.RotaryDiT", "dynconvert.x.Y"):
+        with pytest.raises(
+            dynconvert.RecordError, match=f"is for {path}, but base_model is {here}"
+        ):
+            check_base(model, {"model_class": path}, tmp_path)
+
+
+def test_load_follows_a_moved_class(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    model = _converted(tiny_dit)
+    save(model, tmp_path)
+    path = tmp_path / "dynconvert.json"
+    record = json.loads(path.read_text())
+    old = types.ModuleType("dynconvert.models.old_dit")  # where DiT lived in an older release
+    old.DiT = type(model)
+    monkeypatch.setitem(sys.modules, old.__name__, old)
+    path.write_text(json.dumps({**record, "model_class": "dynconvert.models.old_dit.DiT"}))
+    inputs = model.example_inputs(batch_size=2)
+    torch.testing.assert_close(call(load(tmp_path), inputs), call(model, inputs), atol=0, rtol=0)
+
+
+@pytest.mark.slow  # a fresh interpreter that imports torch and diffusers
+def test_a_submodule_import_still_registers_the_diffusers_integration():
+    # `from dynconvert.io.save import ...` sets dynconvert.convert without the package's
+    # first-use hook: the io package itself registers save_pretrained's record.
+    import subprocess
+    import sys
+
+    code = (
+        "import dynconvert.io.save, dynconvert\n"
+        "from dynconvert.testing import tiny_pixart\n"
+        "m = dynconvert.convert(tiny_pixart(), 0.5)\n"
+        "assert 'save_pretrained' in m.__dict__, 'no diffusers integration'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

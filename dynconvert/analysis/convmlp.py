@@ -18,8 +18,9 @@ from math import prod
 from torch import nn
 
 from dynconvert.analysis.graph import OpGraph, OpNode, block_of, call_lca, module_lca
-from dynconvert.analysis.mlp import SPLIT_OPS, FoundMlp
-from dynconvert.plan import MlpSite, SkippedSite, UnitMap
+from dynconvert.analysis.mlp import FoundMlp
+from dynconvert.analysis.mlp_region import SPLIT_OPS
+from dynconvert.plan import MLP, MlpSite, SkippedSite, UnitMap
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MAX_REGION_OPS = 32
@@ -252,7 +253,7 @@ def build_site(
 
 
 def _refuse(name: str, reason: str) -> FoundMlp:
-    return FoundMlp(None, SkippedSite(name, "mlp", reason), [])
+    return FoundMlp(None, SkippedSite(name, MLP, reason), [])
 
 
 def set_conv_groups(site: MlpSite) -> None:

@@ -1,16 +1,16 @@
 """A small, uniform view of a captured torch.fx graph.
 
-Both capture paths (``torch.export`` non-strict, and the per-block robust tracer) produce an
-:class:`OpGraph`: one :class:`OpNode` per operation, with a canonical ``kind``, the module that
-ran it (from ``nn_module_stack`` or the tracer), the Linear it belongs to, its output shape,
-and a way to replay it on concrete tensors (used to derive row layouts exactly).
+Both capture paths (``torch.export`` non-strict, export_graph.py, and the per-block robust
+tracer, fx_capture.py) produce an :class:`OpGraph`: one :class:`OpNode` per operation, with a
+canonical ``kind``, the module that ran it (from ``nn_module_stack`` or the tracer), the Linear
+it belongs to, its output shape, and a way to replay it on concrete tensors (used to derive row
+layouts exactly).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import operator
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -145,7 +145,7 @@ class OpNode:
     def inputs(self) -> list[OpNode]:
         """Graph nodes among the args (flattening lists), in order."""
         out: list[OpNode] = []
-        for a in _flatten(self.args) + _flatten(tuple(self.kwargs.values())):
+        for a in flat_args(self.args) + flat_args(tuple(self.kwargs.values())):
             if isinstance(a, OpNode):
                 out.append(a)
         return out
@@ -164,12 +164,16 @@ class OpNode:
         return default
 
 
+EXPORT_CAPTURE, FX_CAPTURE = "torch.export", "torch.fx"
+"""``OpGraph.capture`` (and ``Plan.capture``): the whole model exported, or traced in pieces."""
+
+
 @dataclass
 class OpGraph:
     """The nodes of one captured forward pass, in execution order."""
 
     nodes: list[OpNode]
-    capture: str  # "torch.export" or "torch.fx"
+    capture: str  # EXPORT_CAPTURE or FX_CAPTURE
     coverage: str = ""  # what was captured, for the plan ("whole model", leaves, failures)
     # Node name -> its value at the example inputs, for the names asked (export captures only:
     # reruns the exported graph; analysis asks only when it needs values, see tables.py).
@@ -187,125 +191,20 @@ class OpGraph:
         return out
 
 
-def _flatten(args: Any) -> list[Any]:
-    """Nested lists and tuples (torch.cat's tensor list, for one) as one flat list."""
+def flat_args(args: Any) -> list[Any]:
+    """Nested lists and tuples (torch.cat's tensor list, for one) as one flat list.
+
+    Example:
+        >>> flat_args((1, [2, (3,)], "a"))
+        [1, 2, 3, 'a']
+    """
     out: list[Any] = []
     for a in args:
         if isinstance(a, (list, tuple)):
-            out.extend(_flatten(a))
+            out.extend(flat_args(a))
         else:
             out.append(a)
     return out
-
-
-def _shape_of(val: Any) -> tuple[tuple[int, ...] | None, tuple[tuple[int, ...], ...] | None]:
-    """(shape, None) of a tensor, (None, shapes) of a list of tensors, else (None, None)."""
-    if isinstance(val, torch.Tensor):
-        return tuple(int(s) for s in val.shape), None
-    if isinstance(val, (list, tuple)) and val and all(isinstance(v, torch.Tensor) for v in val):
-        return None, tuple(tuple(int(s) for s in v.shape) for v in val)
-    return None, None
-
-
-def from_export(
-    ep: torch.export.ExportedProgram, model: torch.nn.Module, any_linear: bool = False
-) -> OpGraph:
-    """Build an OpGraph from an ExportedProgram (non-strict export of the whole model).
-
-    Linear ops are tied to their module when it is an ``nn.Linear`` with nn.Linear's forward
-    (any subclass with ``any_linear``, used to count the costs of an already converted model).
-    """
-    # Export lifts parameters and buffers to graph inputs: map them back to their fqns.
-    sig = ep.graph_signature
-    param_of = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
-    lifted = getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {}
-    mapping: dict[str, OpNode] = {}  # fx node name -> OpNode
-    nodes: list[OpNode] = []
-    linear_types = _linear_fqns(model, any_linear)
-
-    def conv(a: Any) -> Any:
-        """fx arguments -> OpNode arguments (nodes replaced by their OpNodes)."""
-        if isinstance(a, torch.fx.Node):
-            return mapping.get(a.name, a.name)
-        if isinstance(a, (list, tuple)):
-            return type(a)(conv(x) for x in a)
-        return a
-
-    for node in ep.graph.nodes:
-        if node.op == "placeholder":
-            shape, _ = _shape_of(node.meta.get("val"))
-            target = param_of.get(node.name) or lifted.get(node.name)
-            on = OpNode(
-                name=target or node.name,
-                op="param" if target else "input",
-                kind="param" if target else "input",
-                shape=shape,
-                is_input=not target,
-            )
-            mapping[node.name] = on
-            continue
-        if node.op != "call_function":
-            continue
-        target = node.target
-        if target is operator.getitem:
-            op_name = "getitem"
-        elif isinstance(target, torch._ops.OpOverload):
-            op_name = target.overloadpacket.__name__
-        else:
-            op_name = getattr(target, "__name__", str(target))
-        # nn_module_stack: {key: (fqn, class)} of the modules running the op, outermost first.
-        stack = node.meta.get("nn_module_stack") or {}
-        module, module_class = "", ""
-        paths: tuple[str, ...] = ()
-        if stack:
-            path, cls = list(stack.values())[-1]
-            module = _clean_path(path)
-            module_class = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
-            paths = tuple(_clean_path(p) for p, _ in stack.values())
-        shape, shapes = _shape_of(node.meta.get("val"))
-        on = OpNode(
-            name=node.name,
-            op=op_name,
-            kind=canonical_kind(op_name),
-            args=conv(node.args),
-            kwargs={k: conv(v) for k, v in node.kwargs.items()},
-            module=module,
-            module_class=module_class,
-            stack=paths,
-            shape=shape,
-            shapes=shapes,
-            replay=target,
-        )
-        if on.kind == "linear":  # tie it to its module through the weight's fqn
-            w = node.args[1]
-            wname = param_of.get(w.name) if isinstance(w, torch.fx.Node) else None
-            if wname and wname.endswith(".weight") and wname[: -len(".weight")] in linear_types:
-                on.linear = wname[: -len(".weight")]
-        mapping[node.name] = on
-        nodes.append(on)
-    for node in ep.graph.nodes:  # what the model returns: a dead end that is not dead code
-        if node.op == "output":
-            for a in _flatten(tuple(node.args)):
-                if isinstance(a, torch.fx.Node) and isinstance(mapping.get(a.name), OpNode):
-                    mapping[a.name].is_output = True
-    link_users(nodes)
-    return OpGraph(nodes=nodes, capture="torch.export", coverage="whole model")
-
-
-def _clean_path(path: str) -> str:
-    # Older torch versions prefix paths with "L['self']." or "L__self__."; newer give plain fqns.
-    for prefix in ("L['self'].", "L__self__.", "L__self___"):
-        if path.startswith(prefix):
-            path = path[len(prefix) :]
-    return path
-
-
-def _linear_fqns(model: torch.nn.Module, any_linear: bool = False) -> set[str]:
-    """Fqns of the model's routable projections: nn.Linear modules (subclasses only with
-    ``any_linear``) and modules that hold only a weight and a bias (:func:`linear_like`)."""
-    if any_linear:
-        return {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    return {name for name, m in model.named_modules() if routable_linear(m) or linear_like(m)}
 
 
 def linear_like(m: torch.nn.Module) -> bool:

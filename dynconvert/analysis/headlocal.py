@@ -24,8 +24,8 @@ pooling of keys and values, and joint attention over several projection sets con
 the sequence all pass these checks; key/value heads shared by groups of query heads pass as
 units of a key/value head and its query heads (the caller gives ``units``). A norm over all
 heads, or a depthwise convolution, passes only with a module after it whose output can be cut
-to the active heads (a partial site: everything before the cut runs in full); otherwise the
-site is refused with the reason.
+to the active heads (a partial site: everything before the cut runs in full, headcuts.py);
+otherwise the site is refused with the reason.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dynconvert.analysis.graph import OpNode
+from dynconvert.analysis.headcuts import Cut, cut_point, cut_table, exits, shadowed
 from dynconvert.analysis.layout import ChainError, describe
 from dynconvert.analysis.replay import AcrossHeads, Replay, TableUse, in_modules
 
@@ -63,14 +64,6 @@ class InputLayout:
     # the module run in full.
     cuts: dict[str, Cut] = field(default_factory=dict)
     tables: list[TableUse] = field(default_factory=list)  # per-head tensors to cut with the heads
-
-
-@dataclass
-class Cut:
-    """A module whose output, computed in full, keeps only the active heads' channels."""
-
-    linears: tuple[str, ...]  # the projections whose every path to the attention passes it
-    table: torch.Tensor  # (H, d): the output column (last axis) of channel j of head h
 
 
 def linear_ancestry(nodes: list[OpNode]) -> set[int]:
@@ -206,18 +199,18 @@ def derive_inputs(
             replay.check(head_of, set(calls), shadow, only_norms=True)
             break
         except AcrossHeads as e:
-            cut = _cut_point(e.node, nodes, sources, replay, offsets)
+            cut = cut_point(e.node, nodes, sources, replay, offsets)
             if cut is None or cut[0] in calls:
                 raise ChainError(e.reason) from None
             calls[cut[0]] = cut[1]
-            shadow = _shadowed(nodes, operands, set(calls), order)
+            shadow = shadowed(nodes, operands, set(calls), order)
     for m in list(calls):  # a cut before another cut: only the later one is cut
         others = set(calls) - {m}
         if others and all(
-            id(x) in _shadowed(nodes, operands, others, order) for x in _exits(m, nodes, replay)
+            id(x) in shadowed(nodes, operands, others, order) for x in exits(m, nodes, replay)
         ):
             del calls[m]
-            shadow = _shadowed(nodes, operands, set(calls), order)
+            shadow = shadowed(nodes, operands, set(calls), order)
     # 2. Values combined elementwise stand for each other: rotary's x1 * cos - x2 * sin reaches
     #    the attention with x1's code only. Every head's rows are completed with their partners
     #    (ops inside a cut module, which mixes every head, do not count).
@@ -232,142 +225,10 @@ def derive_inputs(
     #    (rotary tables over the whole width) are kept for the caller to cut with the heads.
     tables: list[TableUse] = []
     replay.check(_head_map(by_role, offsets, off, units), set(calls), shadow, tables=tables)
-    cuts = {m: _cut_table(m, found, by_role, offsets, shadow) for m, found in calls.items()}
+    roles = [(s.node, s.table) for found in by_role.values() for s in found]
+    cuts = {m: cut_table(m, found, roles, offsets, shadow) for m, found in calls.items()}
     chain = [n for n in nodes if n.kind != "linear"]
     return InputLayout(by_role, replay.trivial, chain, cuts, tables)
-
-
-def _cut_point(
-    n: OpNode,
-    nodes: list[OpNode],
-    sources: list[OpNode],
-    replay: Replay,
-    offsets: dict[int, tuple[int, int]],
-) -> tuple[str, list[tuple[OpNode, torch.Tensor]]] | None:
-    """Where heads can be dropped exactly after an op that needs every head (a norm across
-    all heads, a depthwise convolution): the module running it, when each of its calls reads
-    one tensor and returns it with the same channels in the same places, channels last
-    (``norm_q(to_q(x))``; PixArt-Sigma's ``norm(sr(k))``, called for k and then v), and those
-    channels come from one projection. Returns the module and, per call, that projection and
-    the codes along the output's last axis; None when there is no such module."""
-    m = n.module
-    if not m:
-        return None
-    inside = [x for x in nodes if in_modules(x, {m})]
-    ids = {id(x) for x in inside}
-    out = []
-    for call in _connected(inside, ids):
-        entries = {
-            id(i): i for x in call for i in x.inputs if id(i) not in ids and id(i) in replay.values
-        }
-        exits = [
-            x
-            for x in call
-            if any(id(u) not in ids and id(u) in replay.values for u in x.real_users)
-        ]
-        if len(entries) != 1 or len(exits) != 1:
-            return None
-        (entry,) = entries.values()
-        before, after = replay.values[id(entry)], replay.values[id(exits[0])]
-        if before.shape != after.shape or not torch.equal(before, after):
-            return None  # the module moves channels (or tokens)
-        rows = after.reshape(-1, after.shape[-1])
-        if not torch.equal(rows, rows[:1].expand_as(rows)):
-            return None  # channels are not along the last axis
-        codes = rows[0]
-        owner = [
-            s
-            for s in sources
-            if offsets[id(s)][0] <= int(codes.min()) and int(codes.max()) < sum(offsets[id(s)])
-        ]
-        if int(codes.min()) < 0 or len(owner) != 1:
-            return None
-        out.append((owner[0], codes))
-    return (m, out) if out else None
-
-
-def _connected(inside: list[OpNode], ids: set[int]) -> list[list[OpNode]]:
-    """The ops of a module split by call: groups connected through each other's values."""
-    seen: set[int] = set()
-    groups = []
-    for start in inside:
-        if id(start) in seen:
-            continue
-        group, stack = [], [start]
-        seen.add(id(start))
-        while stack:
-            x = stack.pop()
-            group.append(x)
-            for y in [*x.inputs, *x.real_users]:
-                if id(y) in ids and id(y) not in seen:
-                    seen.add(id(y))
-                    stack.append(y)
-        groups.append(group)
-    return groups
-
-
-def _exits(m: str, nodes: list[OpNode], replay: Replay) -> list[OpNode]:
-    """The ops of module ``m`` whose values leave it on the way to the attention."""
-    inside = {id(x) for x in nodes if in_modules(x, {m})}
-    return [
-        x
-        for x in nodes
-        if id(x) in inside
-        and any(id(u) not in inside and id(u) in replay.values for u in x.real_users)
-    ]
-
-
-def _shadowed(
-    nodes: list[OpNode], operands: tuple[OpNode, ...], cuts: set[str], order: dict[int, int]
-) -> set[int]:
-    """Ids of the ops whose every path to the attention passes a cut module (and the modules'
-    own ops): they run in full before the cut, so removing heads does not touch them."""
-    tracked = {id(x) for x in nodes}
-    live = {id(o) for o in operands}
-    for x in sorted(nodes, key=lambda n: order[id(n)], reverse=True):
-        if id(x) in live:
-            continue
-        for u in x.real_users:
-            if (
-                id(u) in tracked
-                and not in_modules(u, cuts)
-                and (id(u) in live or u.kind == "mutate")
-            ):
-                live.add(id(x))
-                break
-    return {id(x) for x in nodes if id(x) not in live or in_modules(x, cuts)}
-
-
-def _cut_table(
-    m: str,
-    calls: list[tuple[OpNode, torch.Tensor]],
-    by_role: dict[str, list[Source]],
-    offsets: dict[int, tuple[int, int]],
-    shadow: set[int],
-) -> Cut:
-    """The cut of module ``m``: its projections (which must reach the attention through cuts
-    only) and the output column of every head's channels, the same in every call."""
-    table = None
-    for lin, codes in calls:
-        if id(lin) not in shadow:
-            raise ChainError(
-                f"{lin.linear} reaches the attention both through {m}, which mixes heads, and "
-                "without it (a fused projection): its rows cannot be cut after the module"
-            )
-        column = torch.full((int(codes.max()) + 1,), -1, dtype=torch.long)
-        column[codes] = torch.arange(codes.numel())
-        base = offsets[id(lin)][0]
-        for s in (s for found in by_role.values() for s in found if s.node is lin):
-            absolute = s.table + base
-            if int(absolute.max()) >= column.numel() or bool((column[absolute] < 0).any()):
-                continue  # another role of the same projection, cut in another call
-            t = column[absolute]
-            if table is not None and not torch.equal(t, table):
-                raise ChainError(f"the calls of {m} keep different columns per head")
-            table = t
-    if table is None:
-        raise ChainError(f"no head's channels leave {m}")
-    return Cut(tuple(sorted({lin.linear for lin, _ in calls})), table)
 
 
 def _head_map(

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import torch
 
+from dynconvert.plan import ROUTER_TIMESTEPS
+
 AttrKind = Literal["heads", "inner"]
 
 # Attention class "package.module.Class" -> {attribute: kind}. timm reshapes with both
@@ -36,30 +38,32 @@ _ATTENTION: dict[str, dict[str, AttrKind]] = {
 }
 
 
+_UNIT = float(ROUTER_TIMESTEPS)  # the scale of a time in [0, 1] onto the routers' 0..1000
+
 # Diffusion transformers whose pipelines pass the timestep on another scale than DDPM's
 # 0..1000: class name -> (scale onto 0..1000, reversed, what they take). The graph cannot
 # tell this; a wrong guess is warned about at run time (bank.py).
 TIMESTEP_CONVENTIONS: dict[str, tuple[float, bool, str]] = {
-    "FluxTransformer2DModel": (1000.0, False, "sigma in [0, 1] (Flux pipelines pass t / 1000)"),
-    "Flux2Transformer2DModel": (1000.0, False, "sigma in [0, 1] (Flux 2 pipelines pass t / 1000)"),
-    "ChromaTransformer2DModel": (1000.0, False, "sigma in [0, 1] (Chroma pipelines pass t / 1000)"),
+    "FluxTransformer2DModel": (_UNIT, False, "sigma in [0, 1] (Flux pipelines pass t / 1000)"),
+    "Flux2Transformer2DModel": (_UNIT, False, "sigma in [0, 1] (Flux 2 pipelines pass t / 1000)"),
+    "ChromaTransformer2DModel": (_UNIT, False, "sigma in [0, 1] (Chroma pipelines pass t / 1000)"),
     "QwenImageTransformer2DModel": (
-        1000.0,
+        _UNIT,
         False,
         "sigma in [0, 1] (QwenImage pipelines pass t / 1000)",
     ),
     "Lumina2Transformer2DModel": (
-        1000.0,
+        _UNIT,
         True,
         "t in [0, 1] from noise (0) to data (1) (Lumina 2 pipelines)",
     ),
     "LuminaNextDiT2DModel": (
-        1000.0,
+        _UNIT,
         True,
         "t in [0, 1] from noise (0) to data (1) (Lumina-Next pipelines)",
     ),
     "ZImageTransformer2DModel": (
-        1000.0,
+        _UNIT,
         True,
         "t in [0, 1] from noise (0) to data (1) (Z-Image pipelines)",
     ),
@@ -92,9 +96,9 @@ def timestep_convention(
         t = example_t.detach().float().cpu()
         if float(t.min()) >= 0 and float(t.max()) <= 1 and not torch.equal(t, t.round()):
             return (
-                1000.0,
+                _UNIT,
                 rev,
-                "t in [0, 1] (inferred from the example timesteps): routers read t x 1000",
+                f"t in [0, 1] (inferred from the example timesteps): routers read t x {_UNIT:g}",
             )
     return 1.0, rev, "t in [0, 1000] (DDPM scale, the default)"
 

@@ -1,8 +1,9 @@
-"""Calibration: fine-tune a converted model toward its FLOPs budget (method.md, "training objective").
+"""Calibration: fine-tune a converted model toward its FLOPs budget (method.md, "training
+objective").
 
 The entry point is ``calibrate(model, data, config, on_step=None)``, which the package exposes
 as ``dynconvert.calibrate``; this package holds its parts (config, data, objectives, schedule,
-EMA, checkpoints, the loop).
+EMA, checkpoints, the loop with its setup and steps, and the progress it shows by itself).
 
 Example:
     >>> from dynconvert.calibration import CalibrationConfig, lambda_at

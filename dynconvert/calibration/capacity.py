@@ -17,13 +17,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from dynconvert.plan import AttentionSite
+from dynconvert.plan import ROUTER_TIMESTEPS, AttentionSite
 from dynconvert.runtime.planned.controls import capacity_from_keep
 from dynconvert.runtime.routing import routing
 from dynconvert.runtime.state import get_state
 
 BUSY_QUANTILE = 0.9
 """Capacities cover this quantile of the per-sample keep rates (a busy sample, not the mean)."""
+
+
+def spread_timesteps(points: int) -> np.ndarray:
+    """About ``points`` (at least 2) distinct whole timesteps spread evenly over the routers'
+    grid 0..999, ascending: where token keep rates and FLOPs profiles are measured.
+
+    Example:
+        >>> spread_timesteps(3).tolist()
+        [0, 500, 999]
+    """
+    last = ROUTER_TIMESTEPS - 1
+    return np.unique(np.linspace(0, last, max(2, points)).round().astype(int))
 
 
 def noised_at(
@@ -45,7 +57,8 @@ def noised_at(
         >>> from dynconvert.calibration.objectives import build_objective
         >>> from dynconvert.calibration.adapters import select_adapter
         >>> from dynconvert.models import build_model
-        >>> obj = build_objective(CalibrationConfig(target=0.5), select_adapter(build_model("dit-tiny")))
+        >>> adapter = select_adapter(build_model("dit-tiny"))
+        >>> obj = build_objective(CalibrationConfig(target=0.5), adapter)
         >>> x_t, t_in = noised_at(obj, torch.zeros(2, 4, 8, 8), 500, seed=0)
         >>> tuple(x_t.shape), t_in.tolist()
         ((2, 4, 8, 8), [500, 500])
@@ -54,7 +67,7 @@ def noised_at(
     index = torch.full((x0.shape[0],), int(t), dtype=torch.long, device=x0.device)
     if hasattr(objective, "diffusion"):
         return objective.diffusion.q_sample(x0, index, noise), index + objective.timestep_offset
-    s = (index.float() + 0.5) / 1000.0
+    s = (index.float() + 0.5) / ROUTER_TIMESTEPS
     return objective.flow.interpolate(x0, noise, s), s * objective.timestep_scale
 
 
@@ -123,7 +136,7 @@ def measure_token_capacity(
     if not sites:
         return {}
     bank = get_state(model)
-    ts = np.unique(np.linspace(0, 999, max(2, points)).round().astype(int)).tolist()
+    ts = spread_timesteps(points).tolist()
     busy: dict[int, list[float]] = {i: [] for i in sites}
     x0 = batch["x"].float()
     was = model.training

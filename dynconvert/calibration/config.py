@@ -17,6 +17,7 @@ ADAPTERS = ("auto", "dit", "uvit", "diffusers_dit", "pixart", "generic")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 TRAINABLE = ("all", "routers")
 FLOW_T_DISTS = ("logit_normal", "uniform")
+PROGRESS = ("auto", "bar", "log", "off")
 
 RESUME_FREE_FIELDS = frozenset(
     {
@@ -30,6 +31,8 @@ RESUME_FREE_FIELDS = frozenset(
         "num_workers",
         "cpu",
         "capacity_points",
+        "progress",
+        "log_every",
     }
 )
 """Fields a resumed run may change; every other field must equal the checkpoint's."""
@@ -73,6 +76,7 @@ _RANGES = {
     "max_nonfinite_in_a_row": Range(1),
     "num_workers": Range(0, 1024),
     "capacity_points": Range(0, 1000),
+    "log_every": Range(1),
     "version": Range(1),
 }
 """Valid ranges of the number fields (the types come from the annotations)."""
@@ -139,6 +143,11 @@ class CalibrationConfig:
             measured, at the end, to set the planned path's token capacities (saved with the
             model; ``calibration.capacity``). 0: leave capacities unset (the planned path then
             runs token-routed MLPs on every token).
+        progress: What ``calibrate`` shows by itself (beside ``on_step``), on the main
+            process: "auto" (a bar on stderr when it is a terminal, else log lines through the
+            "dynconvert" logger), "bar", "log" or "off" (``calibration.progress``).
+        log_every: Steps between two log lines (None: about 20 lines per run, at least one
+            every 100 steps).
         version: Config format version.
 
     Example:
@@ -191,6 +200,8 @@ class CalibrationConfig:
     num_workers: int = 0
     cpu: bool = False
     capacity_points: int = 11
+    progress: str = "auto"
+    log_every: int | None = None
     version: int = CALIBRATION_CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -215,6 +226,7 @@ class CalibrationConfig:
         _one_of("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _one_of("flow_t_dist", self.flow_t_dist, FLOW_T_DISTS)
         _one_of("adapter", self.adapter, ADAPTERS)
+        _one_of("progress", self.progress, PROGRESS)
         if self.version > CALIBRATION_CONFIG_VERSION:
             raise ConfigError(
                 f"calibration config version {self.version} is newer than this dynconvert "

@@ -4,7 +4,8 @@ A source yields batch dicts ``{"x": (B, C, H, W), "y": (B,), "cond": (B, L, D), 
 (B, L)}`` (only "x" is required). Sources: precomputed latent shards (``LatentShards``), an image
 folder encoded on the fly through a VAE (``ImageFolderSource``), tensors in memory
 (``TensorSource``), a map-style dataset, or any iterable of batch dicts
-(``IterableSource``). ``as_source`` picks one for whatever the user passed; ``stream.batch_stream`` orders the rows.
+(``IterableSource``). ``as_source`` picks one for whatever the user passed;
+``stream.batch_stream`` orders the rows.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def check_batch(batch: Any) -> dict[str, torch.Tensor]:
     """
     if not isinstance(batch, dict):
         raise DataError(
-            f"a batch must be a dict with key 'x' (and 'y', 'cond', 'cond_mask'); got {type(batch).__name__}"
+            "a batch must be a dict with key 'x' (and 'y', 'cond', 'cond_mask'); "
+            f"got {type(batch).__name__}"
         )
     x = batch.get("x")
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
@@ -121,7 +123,8 @@ class LatentShards(Source):
         >>> import tempfile
         >>> from dynconvert.calibration.latents import write_latent_shards
         >>> d = tempfile.mkdtemp()
-        >>> _ = write_latent_shards(d, torch.arange(6.).reshape(6, 1, 1, 1), torch.arange(6), shard_size=4)
+        >>> x = torch.arange(6.).reshape(6, 1, 1, 1)
+        >>> _ = write_latent_shards(d, x, torch.arange(6), shard_size=4)
         >>> LatentShards(d).get_batch([5, 0])["x"].flatten().tolist()
         [5.0, 0.0]
     """
@@ -147,12 +150,14 @@ class LatentShards(Source):
                 if "latents" not in keys or bad:
                     raise DataError(
                         f"shard {path} has keys {sorted(keys)}; a shard holds 'latents' and "
-                        f"optionally {', '.join(SHARD_KEYS[1:])}; write the folder with write_latents()"
+                        f"optionally {', '.join(SHARD_KEYS[1:])}; write the folder with "
+                        "write_latents()"
                     )
                 rows = f.get_slice("latents").get_shape()[0]
             if rows != shard["count"]:
                 raise DataError(
-                    f"shard {path} has {rows} rows, index.json says {shard['count']}; write it again"
+                    f"shard {path} has {rows} rows, index.json says {shard['count']}; "
+                    "write it again"
                 )
             self.starts.append(total)
             total += rows

@@ -150,7 +150,7 @@ class GaussianDiffusion:
         return self._np[name]
 
     def _extract(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
-        """Values of table ``name`` at timesteps t (B,), shaped (B, 1, ..., 1) with ``ndim`` dims."""
+        """Values of table ``name`` at timesteps t (B,), shaped (B, 1, ..., 1), ``ndim`` dims."""
         key = (name, t.device)
         if key not in self._on_device:
             self._on_device[key] = self._tables[name].to(t.device)
@@ -192,7 +192,8 @@ class GaussianDiffusion:
         return mean, log_var.expand_as(x_t)
 
     def learned_log_variance(self, var_values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Log variance from learned-range outputs v in [-1, 1]: ``frac log(beta) + (1-frac) min``."""
+        """Log variance from learned-range outputs v in [-1, 1]:
+        ``frac log(beta) + (1-frac) min``."""
         min_log = self._extract("posterior_log_variance_clipped", t, var_values.ndim)
         max_log = self._extract("log_betas", t, var_values.ndim)
         frac = (var_values + 1.0) / 2.0
@@ -253,7 +254,8 @@ class GaussianDiffusion:
             >>> diff = GaussianDiffusion("linear")
             >>> x0, noise = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
             >>> t = torch.tensor([10])
-            >>> terms = diff.hybrid_loss(torch.zeros(1, 1, 2, 2), x0, diff.q_sample(x0, t, noise), t, noise)
+            >>> x_t = diff.q_sample(x0, t, noise)
+            >>> terms = diff.hybrid_loss(torch.zeros(1, 1, 2, 2), x0, x_t, t, noise)
             >>> terms["loss"].tolist()
             [1.0]
         """

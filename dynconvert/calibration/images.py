@@ -38,7 +38,8 @@ def list_image_folder(folder: str | Path) -> tuple[list[Path], list[int], list[s
     root = Path(folder)
     if not root.is_dir():
         raise DataError(
-            f"image folder {root} does not exist; pass a folder with one subfolder of images per class"
+            f"image folder {root} does not exist; pass a folder with one subfolder of images "
+            "per class"
         )
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:

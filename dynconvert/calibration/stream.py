@@ -26,7 +26,8 @@ def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 class StepIndices:
-    """Per-step index lists of one process: step k reads global positions [k B + r b, k B + (r+1) b).
+    """Per-step index lists of one process: step k reads the global positions
+    [k B + r b, k B + (r+1) b).
 
     Example:
         >>> plan = StepIndices(n=10, global_batch=4, seed=0, rank=1, world=2, start=0, stop=3)
@@ -94,7 +95,8 @@ def batch_stream(
         >>> from dynconvert.calibration.data import TensorSource
         >>> src = TensorSource(torch.arange(8.).reshape(8, 1, 1, 1))
         >>> full = [b["x"].flatten().tolist() for b in batch_stream(src, 4, seed=0, stop=3)]
-        >>> tail = [b["x"].flatten().tolist() for b in batch_stream(src, 4, seed=0, start=1, stop=3)]
+        >>> later = batch_stream(src, 4, seed=0, start=1, stop=3)
+        >>> tail = [b["x"].flatten().tolist() for b in later]
         >>> full[1:] == tail
         True
     """

@@ -9,6 +9,7 @@ import typer
 from dynconvert.cli import render
 from dynconvert.cli.options import DeviceOpt, JsonOpt, ModelOpt, RunOpt, unset_option
 from dynconvert.errors import ConfigError
+from dynconvert.runtime.modes import execution_names
 
 SCHEMA = """The --json object (dynconvert.measure.bench.BenchResult): time_static_s, time_dynamic_s
 (median seconds per denoising call), speedup, flops_ratio (analytic), executed_flops_ratio
@@ -65,7 +66,7 @@ def bench(
         str | None,
         typer.Option(
             "--execution",
-            help="Evaluation path of the dynamic model: fast, planned, masked or auto "
+            help=f"Execution mode of the dynamic model: {', '.join(execution_names())} "
             "(default: the model's own; planned with --graphs).",
         ),
     ] = None,

@@ -10,6 +10,7 @@ import typer
 from dynconvert.cli import render
 from dynconvert.cli.options import JsonOpt, ModelOpt, RunOpt, SetOpt
 from dynconvert.errors import ConfigError
+from dynconvert.plan import ATTENTION
 
 SCHEMA = """The --json object (MACs per sample; 1 MAC = 2 hardware FLOPs):
 model, model_class, unit ("MACs"), timestep_arg, capture, coverage, input_shapes,
@@ -57,7 +58,7 @@ def plan_summary(plan: Any, config: Any = None) -> dict[str, Any]:
     """The inspect JSON object of a plan (see SCHEMA)."""
     from dynconvert.config import ConvertConfig
     from dynconvert.flops import min_ratio, other_macs_per_sample
-    from dynconvert.plan import AttentionSite
+    from dynconvert.plan import AttentionSite, site_kind
 
     config = config or ConvertConfig()
     static = plan.static_macs_per_sample
@@ -70,11 +71,11 @@ def plan_summary(plan: Any, config: Any = None) -> dict[str, Any]:
                              "share": cost / static if static else 0.0, "fast": s.fast,
                              "fast_reason": s.fast_reason}  # fmt: skip
         if isinstance(s, AttentionSite):
-            d.update(kind="attention", attention=s.kind, heads=s.heads, head_dim=s.head_dim,
+            d.update(kind=site_kind(s), attention=s.kind, heads=s.heads, head_dim=s.head_dim,
                      tokens=s.tokens_q, width=True, width_reason="", token_routing=False,
                      token_reason="attention always sees every token")  # fmt: skip
         else:
-            d.update(kind="mlp", groups=s.groups, hidden=s.hidden, gated=s.gated, tokens=s.tokens,
+            d.update(kind=site_kind(s), groups=s.groups, hidden=s.hidden, gated=s.gated, tokens=s.tokens,
                      width=s.width, width_reason=s.width_reason, token_routing=s.token,
                      token_reason=s.token_reason)  # fmt: skip
         sites.append(d)
@@ -241,7 +242,7 @@ def show(s: dict[str, Any]) -> None:
     t = render.table(f"{s['model']} ({s['model_class'].rsplit('.', 1)[-1]}): {len(s['sites'])} sites "
                      f"in {s['blocks']} blocks (MACs per sample)", *cols)  # fmt: skip
     for site in s["sites"]:
-        if site["kind"] == "attention":
+        if site["kind"] == ATTENTION:
             units, tokens = f"{site['heads']} heads x {site['head_dim']}", "all"
         else:
             per = site["hidden"] // max(site["groups"], 1)

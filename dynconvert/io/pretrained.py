@@ -41,7 +41,7 @@ from dynconvert.runtime.dynamic import DynamicLinear
 from dynconvert.runtime.state import ATTACH_HOOKS, DETACH_HOOKS
 
 ROUTER_PATTERN = r"^dynconvert(\.|$)"
-"""The layerwise-casting skip pattern of the RouterBank (module names are matched with re.search)."""
+"""The layerwise-casting skip pattern of the RouterBank (module names are matched by re.search)."""
 LORA_FIX = (
     "merge the LoRA into the base weights before converting (peft: merge_and_unload(); diffusers "
     "pipelines: fuse_lora() then unload_lora_weights()), or revert the model, apply the adapter "
@@ -114,9 +114,9 @@ def save_pretrained(self: nn.Module, save_directory: Any, *args: Any, **kwargs: 
     )
     if options.get("push_to_hub"):
         warnings.warn(
-            f"push_to_hub uploaded {out} before {RECORD} was written: the copy on the hub loads only "
-            f"as the static model; upload the folder again (huggingface_hub upload_folder) so it "
-            f"holds {RECORD}",
+            f"push_to_hub uploaded {out} before {RECORD} was written: the copy on the hub loads "
+            f"only as the static model; upload the folder again (huggingface_hub upload_folder) "
+            f"so it holds {RECORD}",
             UserWarning,
             stacklevel=2,
         )

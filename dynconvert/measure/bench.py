@@ -25,9 +25,9 @@ from dynconvert.convert import convert, get_state, is_converted, revert
 from dynconvert.errors import ConfigError
 from dynconvert.flops import last_flops_ratio, measure_macs
 from dynconvert.inputs import batch_of, default_inputs, split_inputs, with_timestep
+from dynconvert.runtime.modes import execution_mode
 from dynconvert.runtime.planned.controls import token_overflow
 from dynconvert.runtime.planned.graphs import disable_cuda_graphs, enable_cuda_graphs, graph_stats
-from dynconvert.runtime.routing import EXECUTIONS
 from dynconvert.runtime.synthetic import synthetic_routing
 
 DTYPES = {
@@ -157,8 +157,8 @@ def benchmark(
         count: also count executed FLOPs (one extra call of each model).
         memory: also measure peak memory (one extra call of each model).
         compile: wrap both models in torch.compile.
-        execution: the converted model's evaluation path ("fast", "planned", "masked", "auto";
-            default: the model's own, "planned" with ``graphs``).
+        execution: the converted model's execution mode (runtime/modes.py: "fast", "planned",
+            "masked", "auto"; default: the model's own, "planned" with ``graphs``).
         graphs: run both models through CUDA graphs (on CUDA; eager elsewhere).
 
     Both models are moved to ``device`` and ``dtype`` (a plain ``model`` is the original itself).
@@ -171,8 +171,8 @@ def benchmark(
     """
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    if execution is not None and execution not in EXECUTIONS:
-        raise ConfigError(f"execution must be one of {', '.join(EXECUTIONS)}; got {execution!r}")
+    if execution is not None:
+        execution_mode(execution)  # an unknown name fails here, before any model is built
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError('device cuda requested but CUDA is not available; use `device="cpu"`')

@@ -12,6 +12,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -260,9 +261,11 @@ def _calibrate_and_report(
         f"calibrating toward {prepared.target:g} for {prepared.calibration.steps} steps",
     )
     t0 = time.perf_counter()
+    # A caller with on_step (the CLI) draws its own progress: calibrate's own is off then.
+    cal = replace(prepared.calibration, progress="off") if on_step else prepared.calibration
     with Heartbeat(out / RUN_FILE) if main else _nothing() as beat:  # run.json says how it went
         step = beat.wrap(on_step) if main else on_step
-        result = calibrate(prepared.model, prepared.data, prepared.calibration, on_step=step)
+        result = calibrate(prepared.model, prepared.data, cal, on_step=step)
     calibrate_s = time.perf_counter() - t0
     if not main:
         return None

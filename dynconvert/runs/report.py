@@ -14,13 +14,14 @@ from torch import nn
 
 from dynconvert.analysis.costs import call_macs
 from dynconvert.calibration.adapters import resolve_labels, select_adapter
-from dynconvert.calibration.capacity import busy_keep, noised_at, token_sites
+from dynconvert.calibration.capacity import busy_keep, noised_at, spread_timesteps, token_sites
 from dynconvert.calibration.objectives import build_objective
 from dynconvert.errors import CheckpointError, ConfigError
 from dynconvert.flops import last_flops_ratio, routed_ratio
 from dynconvert.io.save import save
 from dynconvert.measure.bench import benchmark
 from dynconvert.measure.evaluations import EVALUATIONS, NONE, evaluation_names
+from dynconvert.plan import ROUTER_TIMESTEPS
 from dynconvert.runs.folder import REPORT_FILE, SAMPLES_FILE
 from dynconvert.runs.sources import first_line, original_model
 from dynconvert.runtime.planned.controls import capacity_from_keep
@@ -76,7 +77,7 @@ def flops_profile(
     if not resolve_labels(model, adapter, config).uses_labels:
         batch = {k: v for k, v in batch.items() if k != "y"}
     x0 = batch["x"].float()
-    ts = np.unique(np.linspace(0, 999, max(2, points)).round().astype(int))
+    ts = spread_timesteps(points)
     counted = set(
         np.linspace(0, len(ts) - 1, min(executed_points, len(ts))).round().astype(int).tolist()
     )
@@ -108,7 +109,7 @@ def flops_profile(
         model.train(was)
     # Token capacities of the planned path (GPU): saved in the record with the model.
     capacity_from_keep(model, [int(t) for t in ts], busy)
-    grid = torch.arange(1000, dtype=torch.float64)
+    grid = torch.arange(ROUTER_TIMESTEPS, dtype=torch.float64)
     width = {i: m.double().mean(1).cpu() for i, m in bank.width_table().items()}  # {site: (1000,)}
     tokens = {  # {site: (1000,)}: keep rates measured at ts, interpolated in between
         i: torch.from_numpy(np.interp(grid.numpy(), ts, np.asarray(k))) for i, k in keep.items()

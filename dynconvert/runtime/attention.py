@@ -1,6 +1,7 @@
 """The attention runtime: one attention site's head masks (masked path) or sliced heads (fast
-path), the head-count attributes lowered for a sliced call, the cuts of a partial site and the
-per-head tables among the module's arguments (see dynamic.py for the Linears it drives).
+path) and the head-count attributes lowered for a sliced call (see dynamic.py for the Linears it
+drives). What a form adds at run time (the cuts of a partial site, the per-head tables among the
+module's arguments) is that form's hooks (``dynconvert/sites/<form>_run.py``), called from here.
 """
 
 from __future__ import annotations
@@ -11,28 +12,28 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from dynconvert.plan import AttentionSite
 from dynconvert.runtime.dynamic import (
-    Decision,
     DynamicLinear,
     SiteRuntime,
     column_multiplier,
     make_dynamic,
     unit_table,
 )
+from dynconvert.runtime.interfaces import CallRouting, Decision
+from dynconvert.sites import RUNTIMES, load
 
 
 class AttentionRuntime(SiteRuntime):
     """Routes one attention site: head masks (masked path) or sliced heads (fast path)."""
 
-    def __init__(self, site: AttentionSite, bank: Any, module: nn.Module):
+    def __init__(self, site: AttentionSite, bank: CallRouting, module: nn.Module):
         super().__init__(site, bank, site.v_head_dim * site.group)  # out columns per unit
-        # A partial site's cut modules slice their output like a projection's rows, and a
-        # table handed in per head (keyed by its argument path) along its axis.
-        self.tables.update({m.linear: unit_table(m) for m in site.cut_maps})
-        self.tables.update({t.path: unit_table(t.map) for t in site.table_args})
+        for part in site.parts.values():  # what a form cuts with the heads (sites/<form>.py)
+            self.tables.update({m.linear: unit_table(m) for m in part.head_maps()})
+        load("run")  # the forms' runtime hooks (dynconvert/sites/<form>_run.py)
+        self.hooks = [(p, RUNTIMES[k]) for k, p in site.parts.items() if k in RUNTIMES]
         self.fast: Decision | None = None  # this call's fast-path decision (None: full/masked)
         self.saved: dict[str, int] = {}  # head-count attributes lowered for this call
         self.fused: dict[str, tuple[str, ...]] = {}  # fused projection fqn -> the fqns it fuses
@@ -77,7 +78,7 @@ class AttentionRuntime(SiteRuntime):
 
     def pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> tuple[tuple, dict] | None:
         """Forward pre-hook of the attention module: decide the call, lower its head count
-        (and cut the per-head tables among its arguments)."""
+        (and let its forms change its arguments: per-head tables cut)."""
         self.fast = None
         bank, site = self.bank, self.site
         if getattr(module, "fused_projections", False):
@@ -85,10 +86,7 @@ class AttentionRuntime(SiteRuntime):
         if not bank.fast_for(site):
             return
         bank.width_mask(site.index)  # recorded for FLOPs accounting
-        if bank.planned_now:  # decided once per pattern, before the call (planner.py)
-            d = bank.planner.decision(site.index)
-        else:
-            d = self.decide(bank.width_mask_cpu(site.index), bank.always_on.device)
+        d = bank.decision(self, bank.always_on.device)  # per call, or per pattern when planned
         if d is None:
             return
         self.fast = d
@@ -100,38 +98,17 @@ class AttentionRuntime(SiteRuntime):
             owner, name = _owner(module, attr)
             self.saved[attr] = getattr(owner, name)
             setattr(owner, name, len(d.key) * per)
-        if site.table_args:
-            return self.cut_tables(args, kwargs, d)
-        return None
+        changed = False
+        for part, hooks in self.hooks:  # a form's change to the arguments of a sliced call
+            new = hooks.arguments(self, part, args, kwargs, d)
+            if new is not None:
+                (args, kwargs), changed = new, True
+        return (args, kwargs) if changed else None
 
-    def cut_tables(self, args: tuple, kwargs: dict, d: Decision) -> tuple[tuple, dict]:
-        """The module's arguments with every per-head table (a rotary table over the whole
-        width, (B, N, H * d)) cut to the active heads' positions along its axis."""
-        leaves, spec = pytree.tree_flatten_with_path((args, kwargs))
-        cut = {t.path: t for t in self.site.table_args}
-        out = []
-        for path, leaf in leaves:
-            t = cut.pop(pytree.keystr(path), None)
-            out.append(leaf if t is None else leaf.index_select(t.dim, d.rows[t.path]))
-        if cut:
-            raise RuntimeError(
-                f"{self.site.name or 'the model'} was called without the per-head table that "
-                f"analysis found at {next(iter(cut))} of its arguments; call it as in the example "
-                "inputs, or convert again with inputs that call it this way"
-            )
-        return pytree.tree_unflatten(out, spec)
-
-    def cut_hook(self, name: str) -> Any:
-        """Forward hook of a partial site's cut module (a norm across all heads): its output
-        (..., H * d), computed in full, keeps only the active heads' channels on the fast path."""
-
-        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
-            d = self.fast
-            if d is None:
-                return None
-            return output.index_select(-1, d.rows[name])  # (..., H' * d)
-
-        return hook
+    def attach_parts(self, modules: dict[str, nn.Module]) -> list[Any]:
+        """The module hooks the site's forms add at convert (``modules``: the model's, by fqn);
+        returns their handles."""
+        return [h for part, hooks in self.hooks for h in hooks.attach(self, part, modules)]
 
     def out_state(self) -> tuple[Decision | None, bool, torch.Tensor | None]:
         """For a shared out-projection: (this call's decision, sliced?, head mask if masked)."""

@@ -16,8 +16,11 @@ from torch import nn
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import TimestepError
 from dynconvert.inputs import batch_of, timestep_slot
-from dynconvert.plan import MlpSite, Plan, Site
-from dynconvert.runtime.checkpointing import wrap_checkpointing
+from dynconvert.plan import ROUTER_TIMESTEPS, MlpSite, Plan, Site
+from dynconvert.runtime.checkpointing import NoiseReplay, wrap_checkpointing
+from dynconvert.runtime.dynamic import SiteRuntime
+from dynconvert.runtime.interfaces import Decision, MlpCall
+from dynconvert.runtime.modes import ExecutionMode, execution_mode
 from dynconvert.runtime.planned.planner import Planner
 from dynconvert.runtime.routers import TimestepEncoder, TokenRouter, gumbel_sigmoid, width_router
 from dynconvert.runtime.slices import SliceCache
@@ -58,12 +61,10 @@ class RouterBank(nn.Module):
         # time); a buffer so it is saved, moved and loaded with the routers.
         self.register_buffer("always_on", torch.zeros(len(plan.sites), dtype=torch.long))
         self.mode: str | None = None  # routing.MODES, or None: follow model.training
-        # Evaluation path: "fast" (sliced, tokens gathered by nonzero), "masked" (reference),
-        # "planned" (static shapes per timestep pattern, planner.py) or "auto" (planned on
-        # CUDA, fast elsewhere: what a loaded model runs).
-        self.execution = "fast"
-        self.runtimes: list[Any] = []  # one per site, in plan order (set by convert)
-        self.replay: Any = None  # checkpointing.NoiseReplay of the checkpointed block running
+        # The evaluation execution mode (modes.py), by name in ``execution``.
+        self._execution: ExecutionMode = execution_mode("fast")
+        self.runtimes: list[SiteRuntime] = []  # one per site, in plan order (set by convert)
+        self.replay: NoiseReplay | None = None  # of the checkpointed block running, if any
         self._reset_call()
         # Evaluation width masks per t value: {t: (cpu masks, device masks)}, valid while
         # _table_key (router parameter versions) is unchanged.
@@ -106,7 +107,8 @@ class RouterBank(nn.Module):
         self.records: dict[int, dict[str, Any]] = {}
         self._eval_masks: dict[int, torch.Tensor] = {}
         self._eval_cpu: dict[int, torch.Tensor] = {}
-        self._exec_now = "fast"
+        # This call's execution: the resolved mode in evaluation, full width (masked) otherwise.
+        self._exec_now = execution_mode("masked")
 
     def begin(self, t: Any, training: bool, model: nn.Module | None = None) -> None:
         """Start one forward call of the model at timestep(s) ``t`` (``model``: the converted
@@ -133,37 +135,53 @@ class RouterBank(nn.Module):
         reverse = self.config.timestep_reverse
         t = t * (self.plan.timestep_scale if scale is None else scale)
         if self.plan.timestep_reverse if reverse is None else reverse:
-            t = 1000.0 - t
+            t = ROUTER_TIMESTEPS - t
         self._t = t
         # Training masks are drawn here, before any block: a checkpointed block's recomputation
         # must not be the one that draws them, and the draw order then does not depend on it.
         self.ensure_train_masks()
         if self._mode_now == "eval":
             self._eval_cpu, self._eval_masks, values = self._lookup(t)
-            self._exec_now = self.execution
-            if self._exec_now == "auto":
-                self._exec_now = "planned" if device.type == "cuda" else "fast"
-            if self.planned_now:
-                self.planner.begin(values, self._table_key, model)
+            if self.config.fast_path:  # off: evaluation stays masked (the debugging reference)
+                self._exec_now = self._execution.resolve(device.type)
+            self._exec_now.begin(self, values, model)
+
+    @property
+    def execution(self) -> str:
+        """The name of the evaluation execution mode ("fast", "masked", "planned", "auto" or
+        one registered since; modes.py). Setting an unknown name raises ConfigError."""
+        return self._execution.name
+
+    @execution.setter
+    def execution(self, mode: str | ExecutionMode) -> None:
+        self._execution = execution_mode(mode)
 
     @property
     def mode_now(self) -> str:
         """The routing mode of the current call ("train", "eval" or "full")."""
         return self._mode_now
 
+    @property
+    def execution_now(self) -> ExecutionMode:
+        """How the current call computes: its resolved execution mode (masked unless eval)."""
+        return self._exec_now
+
     def fast_for(self, site: Site) -> bool:
         """Whether this site runs sliced (fast or planned path) in the current call."""
-        return (
-            self._mode_now == "eval"
-            and self._exec_now in ("fast", "planned")
-            and self.config.fast_path
-            and site.fast
-        )
+        return self._exec_now.sliced and site.fast
 
     @property
     def planned_now(self) -> bool:
-        """Whether the current call runs the planned path (static shapes, planner.py)."""
-        return self._mode_now == "eval" and self._exec_now == "planned" and self.config.fast_path
+        """Whether the current call has static shapes (the planned path, planner.py)."""
+        return self._exec_now.static_shapes
+
+    def decision(self, runtime: SiteRuntime, device: torch.device) -> Decision | None:
+        """The units a sliced site computes in this call, from the call's execution mode."""
+        return self._exec_now.decision(self, runtime, device)
+
+    def begin_mlp(self, runtime: SiteRuntime, x: torch.Tensor) -> MlpCall | None:
+        """A sliced MLP call begun by the execution mode, or None: the runtime begins it."""
+        return self._exec_now.begin_mlp(self, runtime, x)
 
     def record(self, index: int) -> dict[str, Any]:
         """What site ``index`` used in this call: "width" (Bt, U), "tokens" (B, N), "n"/"m"
@@ -296,7 +314,7 @@ class RouterBank(nn.Module):
         if getattr(self, "_warned_convention", False) or not values:
             return
         lo, hi = min(values), max(values)
-        odd = lo < -1.0 or hi > 1001.0
+        odd = lo < -1.0 or hi > ROUTER_TIMESTEPS + 1.0
         odd = odd or (hi <= 1.0 and any(v != round(v) for v in values))  # sigma read as DDPM t
         if odd:
             self._warned_convention = True
@@ -307,6 +325,11 @@ class RouterBank(nn.Module):
                 "this model and convert again",
                 stacklevel=4,
             )
+
+    @property
+    def table_key(self) -> tuple | None:
+        """Identifies the router parameters the evaluation width table was built from."""
+        return self._table_key
 
     def eval_masks_cpu(self, value: float) -> dict[int, torch.Tensor]:
         """``{site: (1, units) bool}`` CPU width masks at one timestep value already looked up
@@ -328,7 +351,8 @@ class RouterBank(nn.Module):
 
         Returns ``{site index: (T, units) bool}`` for every site with a width router.
         """
-        t = torch.arange(1000, dtype=torch.float32) if timesteps is None else timesteps.float()
+        grid = torch.arange(ROUTER_TIMESTEPS, dtype=torch.float32)
+        t = grid if timesteps is None else timesteps.float()
         t = t.to(self.always_on.device)
         with torch.no_grad():
             emb = self.t_embed(t)
@@ -343,11 +367,9 @@ class RouterBank(nn.Module):
     def sliced(
         self, lin: nn.Linear, axis: str, units: tuple[int, ...], index: torch.Tensor
     ) -> tuple:
-        """Weight (and bias) of ``lin`` restricted to ``index`` rows/cols (see :class:`SliceCache`;
-        on the planned path the planner's per-pattern slices)."""
-        if self.planned_now:
-            return self.planner.sliced(lin, axis, units, index)
-        return self.slices.get(lin, axis, units, index)
+        """Weight (and bias) of ``lin`` restricted to ``index`` rows/cols, from the call's
+        execution mode (:class:`SliceCache`; on the planned path the planner's slices)."""
+        return self._exec_now.weights(self, lin, axis, units, index)
 
     @property
     def slice_bytes(self) -> int:

@@ -24,7 +24,7 @@ the RouterBank calls it at the start of every forward call with autograd on.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -60,7 +60,25 @@ class NoiseReplay:
         return draw
 
 
-def wrap_checkpointing(model: nn.Module, bank: Any) -> None:
+class CheckpointedBank(Protocol):
+    """What checkpointing asks of the RouterBank (bank.py, which imports this module)."""
+
+    replay: NoiseReplay | None  # the noise of the checkpointed block running, if any
+
+    def ensure_train_masks(self) -> None:
+        """Draw this training call's width masks now, if not yet drawn."""
+        ...
+
+    def call_state(self) -> dict[str, Any]:
+        """The routing state of the current call."""
+        ...
+
+    def set_call_state(self, state: dict[str, Any]) -> None:
+        """Put back a state from :meth:`call_state`."""
+        ...
+
+
+def wrap_checkpointing(model: nn.Module, bank: CheckpointedBank) -> None:
     """Wrap the checkpointing function of every module of ``model`` that has one (idempotent).
 
     Cheap when nothing changed: the modules that can hold one are found once, and a function
@@ -88,15 +106,14 @@ def wrap_checkpointing(model: nn.Module, bank: Any) -> None:
         m.__dict__[FUNC] = _wrap(func, bank)
 
 
-def _wrap(func: Any, bank: Any) -> Any:
+def _wrap(func: Any, bank: CheckpointedBank) -> Any:
     """``func(block, *args)`` -> the same, with the block run under its own call's routing."""
 
     def checkpointed(block: Any, *args: Any, **kwargs: Any) -> Any:
         bank.ensure_train_masks()  # drawn outside the checkpointed region (see the module doc)
         state = bank.call_state()
         replay = NoiseReplay()
-
-        runs = []
+        runs = []  # one entry per run of the block: the first, then the recomputation
 
         def run(*a: Any, **k: Any) -> Any:
             outer, outer_replay = bank.call_state(), bank.replay

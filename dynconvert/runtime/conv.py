@@ -7,14 +7,14 @@ every site (``dynamic.SiteRuntime``, ``slices.py``), with channels on dim 1 inst
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dynconvert.plan import MlpSite
-from dynconvert.runtime.dynamic import SiteRuntime, column_multiplier, record_mlp_call, unit_table
+from dynconvert.runtime.dynamic import SiteRuntime, column_multiplier, unit_table
+from dynconvert.runtime.interfaces import CallRouting, MlpCall
+from dynconvert.runtime.mlp import record_mlp_call
 
 CONV_FNS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 """Weight dims -> the functional convolution (a depthwise conv runs with its groups lowered)."""
@@ -26,22 +26,20 @@ class ConvMlpRuntime(SiteRuntime):
     masked path zeroes the switched-off groups' channels before fc2, the fast path (and the
     planned one, which decides per pattern) runs every convolution on the active channels."""
 
-    def __init__(self, site: MlpSite, bank: Any):
+    site: MlpSite
+
+    def __init__(self, site: MlpSite, bank: CallRouting):
         super().__init__(site, bank, site.hidden // site.groups)
         self.tables.update({m.linear: unit_table(m) for m in site.mid_maps})  # depthwise channels
-        self.call: dict[str, Any] | None = None  # this MLP call: "x", "fast", "d"
+        self.call: MlpCall | None = None  # this MLP call: its input, sliced?, decision
 
-    def _begin(self, x: torch.Tensor) -> dict[str, Any]:
+    def _begin(self, x: torch.Tensor) -> MlpCall:
         site, bank = self.site, self.bank
         record_mlp_call(site, bank.record(site.index), torch.Size([x.shape[0], *x.shape[2:]]))
         bank.width_mask(site.index)  # recorded for the FLOPs accountant
-        fast, d = bank.fast_for(site), None
-        if fast:
-            if bank.planned_now:
-                d = bank.planner.decision(site.index)
-            else:
-                d = self.decide(bank.width_mask_cpu(site.index), x.device)
-        self.call = {"x": x, "fast": fast, "d": d}
+        sliced = bank.fast_for(site)
+        d = bank.decision(self, x.device) if sliced else None  # the execution mode decides
+        self.call = MlpCall(x=x, sliced=sliced, decision=d)
         return self.call
 
     def conv_forward(self, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -49,15 +47,15 @@ class ConvMlpRuntime(SiteRuntime):
         role, name = conv._dc_role, conv._dc_name
         if role == "mlp_in":
             call = self.call
-            if call is None or call["x"] is not x:  # a second input conv reads the same x
+            if call is None or call.x is not x:  # a second input conv reads the same x
                 call = self._begin(x)
-            d = call["d"]
+            d = call.decision
             if d is None:
                 return conv._conv_forward(x, conv.weight, conv.bias)
             w, b = self.bank.sliced(conv, "rows", d.key, d.rows[name])
             return conv._conv_forward(x, w, b)
         if role == "mlp_mid":
-            d = self.call["d"] if self.call is not None else None
+            d = self.call.decision if self.call is not None else None
             if d is None:
                 return conv._conv_forward(x, conv.weight, conv.bias)
             rows = d.rows[name]
@@ -65,14 +63,14 @@ class ConvMlpRuntime(SiteRuntime):
             fn = CONV_FNS[w.dim()]
             return fn(x, w, b, conv.stride, conv.padding, conv.dilation, rows.numel())
         call, self.call = self.call, None  # fc2 ends the call
-        d = call["d"] if call is not None else None
+        d = call.decision if call is not None else None
         if d is not None:
             if d.sub is not None:  # several timesteps: zero each sample's extra groups
                 x = x * column_multiplier(d.sub[name], x, channels_first=True)
             w, b = self.bank.sliced(conv, "cols", d.key, d.cols[name])
             return conv._conv_forward(x, w, b)
         mask = (
-            self.bank.width_mask(self.site.index) if call is not None and not call["fast"] else None
+            self.bank.width_mask(self.site.index) if call is not None and not call.sliced else None
         )
         if mask is not None:  # masked path: the switched-off groups' channels are zero
             owner = self.owner(name, mask.device)

@@ -1,4 +1,4 @@
-"""The dynamic modules: Linears that route through their site, and the per-site runtimes.
+"""The dynamic modules: Linears that route through their site, and what every site runtime shares.
 
 Converting a site changes the class of its Linears from ``nn.Linear`` to :class:`DynamicLinear`
 in place: the same object, the same ``weight`` and ``bias`` Parameters under the same names.
@@ -10,18 +10,24 @@ Its forward asks the site's runtime what to do in the current call:
 - fast path (evaluation): q/k/v and fc1 compute only the active rows, the out-projection and fc2
   only the active columns, and the MLP runs only the selected tokens, gathered over
   batch x tokens and scattered back into zeros.
+
+Which of the two a call takes is the execution mode's to say (modes.py). The site runtimes are
+in attention.py, mlp.py, conv.py and shared_out.py; :class:`SiteRuntime` here is what they share.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dynconvert.plan import AttentionSite, MlpSite, UnitMap
+from dynconvert.runtime.interfaces import (
+    PATTERN_CACHE_LIMIT,
+    CallRouting,
+    ConvRoute,
+    Decision,
+    LinearRoute,
+)
 
 
 class DynamicLinear(nn.Linear):
@@ -29,7 +35,7 @@ class DynamicLinear(nn.Linear):
 
     # Only the class changes, never the Parameters: state-dict keys stay the original's, so an
     # original checkpoint loads, and optimisers or hooks that hold the Parameters stay valid.
-    _dc_rt: Any  # the site's runtime (AttentionRuntime or MlpRuntime)
+    _dc_rt: LinearRoute  # the site's runtime (AttentionRuntime, MlpRuntime or SharedOutRuntime)
     _dc_role: str  # "in" (q/k/v), "out", "mlp_in" (fc1 or value/gate) or "mlp_out" (fc2)
     _dc_name: str  # fqn in the model: the key of this Linear's rows in the site's unit tables
     _dc_base: type = nn.Linear  # the class it had before (make_static restores it)
@@ -55,7 +61,7 @@ class DynamicConv(nn.Module):
     """A pointwise or depthwise convolution of a convolutional MLP, routed by its site (same
     parameters, same names as the original)."""
 
-    _dc_rt: Any  # the site's ConvMlpRuntime
+    _dc_rt: ConvRoute  # the site's ConvMlpRuntime
     _dc_role: str  # "mlp_in" (pointwise fc1), "mlp_mid" (depthwise) or "mlp_out" (pointwise fc2)
     _dc_name: str
     _dc_base: type
@@ -69,7 +75,7 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _DYNAMIC_CLASSES: dict[type, type] = {nn.Linear: DynamicLinear}
 
 
-def make_dynamic(lin: nn.Linear, runtime: Any, role: str, name: str) -> None:
+def make_dynamic(lin: nn.Module, runtime: LinearRoute | ConvRoute, role: str, name: str) -> None:
     """Turn an nn.Linear into a DynamicLinear in place (``name`` is its fqn in the model).
 
     A subclass of nn.Linear that keeps its forward (analysis only routes those), or a module
@@ -204,31 +210,10 @@ def _active(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tenso
     return units, None if same else mask[:, units]  # (U',), (Bt, U') or None
 
 
-class Decision:
-    """What the fast path computes for one mask pattern on one device (computed once, reused)."""
-
-    __slots__ = ("units", "key", "rows", "cols", "sub")
-
-    def __init__(
-        self,
-        units: torch.Tensor,
-        rows: dict[str, torch.Tensor],
-        cols: dict[str, torch.Tensor],
-        sub: dict[str, torch.Tensor] | None,
-    ):
-        self.units = units  # (U',) the units computed, ascending
-        self.key = tuple(units.tolist())  # names the unit set in the weight-slice cache
-        self.rows = rows  # input Linear fqn -> its rows of these units, on the device
-        self.cols = cols  # per out-projection (or fc2): its columns of these units, kept ones too
-        self.sub = (
-            sub  # per out-projection: (Bt, C') column mask inside the computed units, or None
-        )
-
-
 class SiteRuntime:
     """Shared by attention and MLP runtimes: unit tables, owners per device, decision cache."""
 
-    def __init__(self, site: AttentionSite | MlpSite, bank: Any, per_unit_out: int):
+    def __init__(self, site: AttentionSite | MlpSite, bank: CallRouting, per_unit_out: int):
         self.site = site
         self.bank = bank  # the RouterBank: masks of the current call, slice cache, records
         self.tables = {m.linear: unit_table(m) for m in site.in_maps}  # (parts, units, size)
@@ -287,170 +272,7 @@ class SiteRuntime:
                         device
                     )
             d = Decision(units, rows, cols, sub_cols)
-        if len(self._decisions) > 4096:  # bound the memory of a run with many mask patterns
+        if len(self._decisions) > PATTERN_CACHE_LIMIT:  # many mask patterns: bound the memory
             self._decisions.clear()
         self._decisions[key] = d
         return d
-
-
-def record_mlp_call(site: MlpSite, rec: dict[str, Any], lead: torch.Size) -> None:
-    """Note an MLP call's size in its site's record for the FLOPs accountant: "n" tokens per
-    row (summed over the calls of a forward when the MLP is shared by several streams,
-    ``site.calls`` > 1) and "rows" (more than the batch when a block folds frames into it).
-
-    Example:
-        >>> rec = {}
-        >>> record_mlp_call(type("S", (), {"calls": 2})(), rec, torch.Size([2, 16]))
-        >>> record_mlp_call(type("S", (), {"calls": 2})(), rec, torch.Size([2, 4]))
-        >>> rec["n"], rec["rows"]
-        (20, 2)
-    """
-    n = math.prod(lead[1:]) if len(lead) > 1 else 1  # tokens per row
-    rec["n"] = rec.get("n", 0) + n if site.calls > 1 else n
-    rec["n_call"] = n
-    rec["rows"] = lead[0]
-
-
-def record_mlp_tokens(
-    site: MlpSite, rec: dict[str, Any], tokens: torch.Tensor | None, computed: float | None = None
-) -> None:
-    """Note an MLP call's token mask (and on the planned path the fraction of its rows it
-    computed) for the FLOPs accountant. The calls of a shared MLP (``site.calls`` > 1) join:
-    masks side by side along the tokens, computed fractions weighted by the calls' rows.
-
-    Example:
-        >>> site, rec = type("S", (), {"calls": 2})(), {}
-        >>> record_mlp_call(site, rec, torch.Size([2, 16]))
-        >>> record_mlp_tokens(site, rec, torch.ones(2, 16))
-        >>> record_mlp_call(site, rec, torch.Size([2, 4]))
-        >>> record_mlp_tokens(site, rec, torch.zeros(2, 4))
-        >>> tuple(rec["tokens"].shape), round(float(rec["tokens"].mean()), 3)
-        ((2, 20), 0.8)
-    """
-    if tokens is not None and site.calls > 1 and rec.get("tokens") is not None:
-        tokens = torch.cat([rec["tokens"].flatten(1), tokens.flatten(1)], 1)  # (B, N1 + N2)
-    rec["tokens"] = tokens
-    if computed is not None:
-        rows = rec.get("n", 1)  # tokens per row so far, this call's included (record_mlp_call)
-        if site.calls > 1 and "executed_tokens" in rec:
-            before = rec["n"] - rec["n_call"]
-            computed = (rec["executed_tokens"] * before + computed * rec["n_call"]) / rows
-        rec["executed_tokens"] = computed
-
-
-class MlpRuntime(SiteRuntime):
-    """Routes one MLP site: channel groups and tokens, masked or sliced and gathered."""
-
-    def __init__(self, site: MlpSite, bank: Any):
-        super().__init__(site, bank, site.hidden // site.groups)
-        # State of the MLP call in progress, handed from fc1 to fc2: "x" the MLP input, "lead"
-        # its leading dims (B, N), "width" the (Bt, G) group mask, "tokens" the (B, N) token
-        # mask, "fast"; on the fast path also "d" the decision, "idx" the selected rows of the
-        # flattened B * N tokens (None: all) and "x_sel" the input rows fc1 computes.
-        self.call: dict[str, Any] | None = None
-
-    def _begin(self, x: torch.Tensor) -> dict[str, Any]:
-        """Start an MLP call at its input x (B, N, D): masks, and on the fast path the gather."""
-        site, bank = self.site, self.bank
-        if bank.planned_now and bank.fast_for(site):  # static shapes: capacity, not nonzero
-            self.call = bank.planner.begin_mlp(self, x)
-            return self.call
-        rec = bank.record(site.index)
-        lead = x.shape[:-1]  # (B, N) or (B, H, W)
-        record_mlp_call(site, rec, lead)
-        width = bank.width_mask(site.index) if site.width else None  # (Bt, G)
-        tokens = bank.token_mask(site.index, x) if site.token else None  # (B, N), router on x
-        record_mlp_tokens(site, rec, tokens)
-        call: dict[str, Any] = {
-            "x": x,
-            "lead": lead,
-            "width": width,
-            "tokens": tokens,
-            "fast": bank.fast_for(site),
-        }
-        if call["fast"]:
-            call["d"] = self.decide(
-                bank.width_mask_cpu(site.index) if site.width else None, x.device
-            )
-            idx = None
-            call["x_sel"] = x
-            if tokens is not None:
-                # Gather the selected tokens over batch x tokens: no padding, and the two
-                # classifier-free-guidance halves may select different tokens.
-                idx = tokens.reshape(-1).nonzero().squeeze(1)  # the one host sync of this site
-                if idx.numel() == tokens.numel():
-                    idx = None  # every token selected: no gather, no scatter
-                else:
-                    call["x_sel"] = x.reshape(-1, x.shape[-1]).index_select(0, idx)  # (K, D)
-            call["idx"] = idx
-        self.call = call
-        return call
-
-    def linear_forward(self, lin: DynamicLinear, x: torch.Tensor) -> torch.Tensor:
-        """Forward of fc1 (or the value / gate Linear) and of fc2."""
-        if lin._dc_role == "mlp_in":
-            call = self.call
-            # A gated MLP's second input Linear reads the same x: it joins the call begun by
-            # the first instead of drawing new masks.
-            if call is None or call["x"] is not x:
-                call = self._begin(x)
-            if not call["fast"]:
-                return F.linear(x, lin.weight, lin.bias)
-            d = call["d"]
-            if d is None:
-                return F.linear(call["x_sel"], lin.weight, lin.bias)
-            w, b = self.bank.sliced(lin, "rows", d.key, d.rows[lin._dc_name])
-            return F.linear(call["x_sel"], w, b)  # (K, F') or (B, N, F')
-        call, self.call = self.call, None  # fc2 ends the call
-        if call is None:  # fc2 without fc1 in this call: nothing to route
-            return F.linear(x, lin.weight, lin.bias)
-        if call["fast"]:
-            return self._fast_out(lin, x, call)
-        # Masked path: zero the switched-off groups' channels before fc2.
-        width, tokens = call["width"], call["tokens"]
-        if width is not None:
-            x = self.masked_out(lin._dc_name, width, x)  # (B, N, F)
-        y = F.linear(x, lin.weight, lin.bias)  # (B, N, D)
-        if tokens is not None:
-            # The mask multiplies fc2's output, bias included: a skipped token's MLP update is
-            # exactly zero, so the residual x + g * 0 passes it on unchanged, as the fast path
-            # (which never computes it) does. In training the mask is the straight-through
-            # Gumbel value, so this product also carries the token router's gradient.
-            y = y * tokens.unsqueeze(-1).to(y.dtype)
-        return y
-
-    def out_state(self) -> tuple[Decision | None, bool, torch.Tensor | None]:
-        """For a shared fc2 (parallel block): (decision, sliced?, group mask if masked); ends
-        the MLP call begun at fc1."""
-        call, self.call = self.call, None
-        if call is None:
-            return None, False, None
-        if call["fast"]:
-            return call["d"], True, None
-        return None, False, call["width"]
-
-    def _fast_out(self, lin: nn.Linear, h: torch.Tensor, call: dict[str, Any]) -> torch.Tensor:
-        """fc2 on the fast path: h (K, F') or (B, N, F') -> (B, N, D), scattered into zeros."""
-        d, idx, lead = call["d"], call["idx"], call["lead"]
-        if d is not None and d.sub is not None:  # several timesteps in the batch: mask per sample
-            n = math.prod(lead[1:]) if len(lead) > 1 else 1  # tokens per row
-            rows = idx if idx is not None else torch.arange(math.prod(lead), device=h.device)
-            # Token r of the flattened B * N belongs to row r // n, which belongs to its sample.
-            sub = per_row(d.sub[lin._dc_name], lead[0]).to(h.dtype)  # (B, C')
-            h = h.reshape(-1, h.shape[-1]) * sub.index_select(0, rows // n)
-        if d is None:
-            w, b = lin.weight, lin.bias
-        else:
-            w, b = self.bank.sliced(
-                lin, "cols", d.key, d.cols[lin._dc_name]
-            )  # active groups' columns
-        y = F.linear(h, w, b)  # (K, D) or (B, N, D)
-        if call.get("keep") is not None:  # planned path: rows under the threshold give zero
-            y = y * call["keep"].reshape(*y.shape[:-1], 1)  # bool: promotes to y's dtype
-        if idx is None:
-            return y.reshape(*lead, -1)
-        # Skipped tokens get exactly zero (no bias), as on the masked path; an empty selection
-        # gives all zeros.
-        out = y.new_zeros(math.prod(lead), y.shape[-1])  # (B * N, D)
-        out.index_copy_(0, idx, y.reshape(-1, y.shape[-1]))
-        return out.reshape(*lead, -1)  # (B, N, D)

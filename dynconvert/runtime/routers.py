@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynconvert.plan import token_router_width
+
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 """Dtypes routers compute in; any other (float8 storage under layerwise casting) is storage only."""
 
@@ -24,18 +26,18 @@ def logistic_noise(like: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_sigmoid(
-    logits: torch.Tensor, tau: float = 5.0, hard: bool = True, noise: torch.Tensor | None = None
+    logits: torch.Tensor, tau: float, hard: bool = True, noise: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Gumbel-sigmoid with a straight-through estimator.
 
     Logistic noise (the difference of two Gumbel samples) is added to the logits, divided by the
     temperature and squashed; the forward value is the hard threshold at 0.5 and the gradient is
     that of the soft value. ``noise`` (from :func:`logistic_noise`) replays an earlier draw, as
-    the recomputation of a checkpointed block must.
+    the recomputation of a checkpointed block must. ``tau``: ``ConvertConfig.tau``.
 
     Example:
         >>> import torch
-        >>> m = gumbel_sigmoid(torch.full((4,), 15.0))
+        >>> m = gumbel_sigmoid(torch.full((4,), 15.0), tau=5.0)
         >>> bool((m == 1).all())
         True
     """
@@ -86,9 +88,12 @@ class RouterLinear(nn.Linear):
 
 
 class TimestepEncoder(nn.Module):
-    """A timestep-only embedding shared by all width routers: sinusoid -> MLP."""
+    """A timestep-only embedding shared by all width routers: sinusoid -> MLP.
 
-    def __init__(self, dim: int = 256):
+    ``dim``: ``ConvertConfig.router_embed_dim`` (the config holds every router default).
+    """
+
+    def __init__(self, dim: int):
         super().__init__()
         self.dim = dim
         self.mlp = nn.Sequential(RouterLinear(dim, dim), nn.SiLU(), RouterLinear(dim, dim))
@@ -99,11 +104,14 @@ class TimestepEncoder(nn.Module):
 
 
 class TokenRouter(nn.Module):
-    """Per-token MLP D -> D/r -> ReLU -> 1 whose logit says whether the token runs the MLP."""
+    """Per-token MLP D -> D/r -> ReLU -> 1 whose logit says whether the token runs the MLP.
 
-    def __init__(self, dim: int, reduction: int = 16, bias_init: float = 35.0):
+    ``reduction`` (r) and ``bias_init``: ``ConvertConfig.token_reduction`` and ``token_bias_init``.
+    """
+
+    def __init__(self, dim: int, reduction: int, bias_init: float):
         super().__init__()
-        hidden = max(1, dim // reduction)
+        hidden = token_router_width(dim, reduction)  # plan.py counts its MACs with the same width
         self.net = nn.Sequential(RouterLinear(dim, hidden), nn.ReLU(), RouterLinear(hidden, 1))
         nn.init.constant_(self.net[2].bias, bias_init)
 
@@ -112,11 +120,11 @@ class TokenRouter(nn.Module):
         return self.net(x).squeeze(-1)  # (..., N), in the router's compute dtype
 
 
-def width_router(embed_dim: int, units: int, bias_init: float = 15.0) -> RouterLinear:
+def width_router(embed_dim: int, units: int, bias_init: float) -> RouterLinear:
     """One Linear from the timestep embedding to one logit per head or channel group.
 
-    Weights start at zero and the bias at ``bias_init`` so every unit starts on (the
-    converted model begins as the original).
+    Weights start at zero and the bias at ``bias_init`` (``ConvertConfig.width_bias_init``)
+    so every unit starts on (the converted model begins as the original).
     """
     lin = RouterLinear(embed_dim, units)
     nn.init.zeros_(lin.weight)

@@ -3,11 +3,11 @@
 - ``"train"``: Gumbel-sigmoid straight-through masks (tau from the config), applied at full width
   by multiplication so gradients reach the routers.
 - ``"eval"``: deterministic masks (a unit is on iff its logit > 0; width masks from a table
-  keyed by t), run on the fast path (sliced weights, gathered tokens).
-  Execution paths in evaluation: ``"fast"`` (sliced weights, tokens gathered by ``nonzero``),
-  ``"masked"`` (the full-width reference), ``"planned"`` (static shapes: per-timestep patterns,
-  fixed token capacities, one host read per call; see planner.py) and ``"auto"`` (planned on
-  CUDA, fast elsewhere: what ``dynconvert.load`` selects).
+  keyed by t), computed as the model's execution mode says (modes.py): ``"fast"`` (sliced
+  weights, tokens gathered by ``nonzero``; the default), ``"masked"`` (the full-width
+  reference), ``"planned"`` (static shapes: per-timestep patterns, fixed token capacities, one
+  host read per call; see planner.py) and ``"auto"`` (planned on CUDA, fast elsewhere: what
+  ``dynconvert.load`` selects), or a mode registered since.
 - ``"full"``: every unit and token on: the original model.
 - ``None``: follow ``model.training`` (train -> "train", eval -> "eval").
 """
@@ -21,12 +21,13 @@ from torch import nn
 
 from dynconvert.errors import ConfigError
 from dynconvert.runtime.bank import MODES
+from dynconvert.runtime.modes import ExecutionMode, execution_mode
 from dynconvert.runtime.state import get_state
 
-EXECUTIONS = ("fast", "masked", "planned", "auto")
 
-
-def set_routing(model: nn.Module, mode: str | None, execution: str | None = None) -> None:
+def set_routing(
+    model: nn.Module, mode: str | None, execution: str | ExecutionMode | None = None
+) -> None:
     """Set the routing mode (and optionally the evaluation execution path) of a converted model.
 
     Example:
@@ -36,16 +37,15 @@ def set_routing(model: nn.Module, mode: str | None, execution: str | None = None
     bank = get_state(model)
     if mode is not None and mode not in MODES:
         raise ConfigError(f"routing mode must be one of {', '.join(MODES)} or None; got {mode!r}")
-    if execution is not None and execution not in EXECUTIONS:
-        raise ConfigError(f"execution must be one of {', '.join(EXECUTIONS)}; got {execution!r}")
+    exec_mode = execution_mode(execution) if execution is not None else None  # checked first
     bank.mode = mode
-    if execution is not None:
-        bank.execution = execution
+    if exec_mode is not None:
+        bank.execution = exec_mode
 
 
 @contextlib.contextmanager
 def routing(
-    model: nn.Module, mode: str | None, execution: str | None = None
+    model: nn.Module, mode: str | None, execution: str | ExecutionMode | None = None
 ) -> Iterator[nn.Module]:
     """Context manager form of :func:`set_routing`; restores the previous settings on exit.
 

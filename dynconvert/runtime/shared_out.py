@@ -7,12 +7,11 @@ site. :class:`SharedOutRuntime` slices (or masks) both sets of columns in one ca
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
 from dynconvert.runtime.dynamic import DynamicLinear, per_row
+from dynconvert.runtime.interfaces import PATTERN_CACHE_LIMIT, OutColumnsOwner
 
 
 class SharedOutRuntime:
@@ -24,7 +23,7 @@ class SharedOutRuntime:
     (the input arrives sliced the same way), on the masked path all of them times its mask.
     """
 
-    def __init__(self, owners: list[Any], name: str):
+    def __init__(self, owners: list[OutColumnsOwner], name: str):
         # Owners in the order their columns come in the input (the concatenation's order).
         self.owners = sorted(owners, key=lambda rt: int(rt.out_tables[name].min()))
         self.bank = self.owners[0].bank
@@ -72,7 +71,7 @@ class SharedOutRuntime:
         ikey = (tuple(keys), x.device)
         index = self._index.get(ikey)
         if index is None:
-            if len(self._index) > 4096:  # bound the memory of a run with many unit sets
+            if len(self._index) > PATTERN_CACHE_LIMIT:  # many unit sets: bound the memory
                 self._index.clear()
             index = self._index[ikey] = torch.cat(cols).to(x.device)
         w, b = self.bank.sliced(lin, "cols", tuple(keys), index)

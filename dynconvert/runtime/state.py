@@ -13,6 +13,7 @@ from collections.abc import Callable
 from torch import nn
 
 from dynconvert.errors import NotConvertedError
+from dynconvert.plugins import load_plugins
 from dynconvert.runtime.bank import RouterBank
 
 ATTR = "dynconvert"
@@ -58,6 +59,7 @@ def attach(model: nn.Module, bank: RouterBank) -> None:
     """Attach ``bank`` as the model's state (the last step of convert and load)."""
     model.add_module(ATTR, bank)
     setattr(model, FLAG, True)
+    load_plugins()  # the built-in integrations register their hooks (diffusers' save_pretrained)
     for hook in ATTACH_HOOKS:
         hook(model)
 

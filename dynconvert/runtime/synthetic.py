@@ -20,7 +20,8 @@ from torch import nn
 
 from dynconvert.flops import solve_keep
 from dynconvert.inputs import default_inputs, split_inputs
-from dynconvert.plan import MlpSite
+from dynconvert.plan import ROUTER_TIMESTEPS, MlpSite
+from dynconvert.runtime.bank import RouterBank
 from dynconvert.runtime.planned.controls import planner_of, set_token_capacity
 from dynconvert.runtime.routing import routing
 from dynconvert.runtime.state import get_state
@@ -49,7 +50,8 @@ def randomize_routing(
     tokens = keep if tokens is None else tokens
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        emb = bank.t_embed(torch.arange(1000, dtype=torch.float32, device=bank.always_on.device))
+        grid = torch.arange(ROUTER_TIMESTEPS, dtype=torch.float32, device=bank.always_on.device)
+        emb = bank.t_embed(grid)
         for key, router in bank.width.items():
             units = router.out_features
             on = int(bank.always_on[int(key)])
@@ -86,7 +88,7 @@ def _threshold(raw: torch.Tensor, keep: float, dim: int | None = None) -> torch.
 
 
 def _randomize_tokens(
-    model: nn.Module, bank: Any, keep: float, g: torch.Generator, example_inputs: Any
+    model: nn.Module, bank: RouterBank, keep: float, g: torch.Generator, example_inputs: Any
 ) -> None:
     """Random token routers whose thresholds keep ``keep`` of the tokens each site really sees.
 

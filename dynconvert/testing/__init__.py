@@ -29,7 +29,7 @@ __all__ = [
 ]  # fmt: skip
 
 PATTERN_MODELS = {**PATTERNS, **FORMS}
-"""Every pattern model by name (models/patterns.py and models/attention_forms.py): small
+"""Every pattern model by name (testing/patterns/ and testing/attention_forms.py): small
 models written as other codebases write them, each returning ``(model, example_inputs)``."""
 
 

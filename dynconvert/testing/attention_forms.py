@@ -1,5 +1,5 @@
 """Attention modules whose q, k or v reach the attention through more than head-local ops, as
-pattern models (see patterns.py): key/value compression (PixArt-Sigma, PVT), rotary tables
+pattern models (see patterns/): key/value compression (PixArt-Sigma, PVT), rotary tables
 over the whole width handed in by the model (LTX-Video), heads folded into the batch
 (diffusers' classic AttnProcessor), and a context given as keys and values only (PRX).
 

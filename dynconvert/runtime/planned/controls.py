@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dynconvert.errors import ConfigError
-from dynconvert.plan import MlpSite
+from dynconvert.plan import ROUTER_TIMESTEPS, MlpSite
 from dynconvert.runtime.planned.planner import (
     CAPACITY_STEPS,
     PlannedOptions,
@@ -80,7 +80,12 @@ def set_token_capacity(model: nn.Module, capacity: float | dict[int, Any] | None
             value = capacity.get(s.index) if isinstance(capacity, dict) else capacity
             if value is None:
                 continue
-            table = torch.as_tensor(value, dtype=torch.float64).reshape(-1).expand(1000).clone()
+            table = (
+                torch.as_tensor(value, dtype=torch.float64)
+                .reshape(-1)
+                .expand(ROUTER_TIMESTEPS)
+                .clone()
+            )
             table = torch.ceil(table.clamp(0, 1) * CAPACITY_STEPS - 1e-9) / CAPACITY_STEPS
             planner.capacity[s.index] = table.float()
     planner.capacity_version += 1
@@ -104,7 +109,7 @@ def capacity_from_keep(
     """
     planner = planner_of(model)
     ts = torch.as_tensor(timesteps, dtype=torch.float64)
-    grid = torch.arange(1000, dtype=torch.float64)
+    grid = torch.arange(ROUTER_TIMESTEPS, dtype=torch.float64)
     right = torch.searchsorted(ts, grid).clamp(max=len(ts) - 1)
     left = (right - 1).clamp(min=0)
     out = {}
@@ -140,7 +145,7 @@ def load_capacity_record(model: nn.Module, data: dict[str, list[list[Any]]] | No
         return
     tables = {}
     for i, segs in data.items():
-        table = torch.ones(1000, dtype=torch.float64)
+        table = torch.ones(ROUTER_TIMESTEPS, dtype=torch.float64)
         for first, last, v in segs:
             table[int(first) : int(last) + 1] = float(v)
         tables[int(i)] = table

@@ -1,6 +1,7 @@
 """Planned execution: a static-shape inference plan per timestep, for GPUs (and any device).
 
-(The runtime; the user-facing functions are in planned.py.)
+(The runtime of the "planned" execution mode, modes.py; the user-facing functions are in
+controls.py.)
 
 The fast path decides per call and per site (Python work on the host) and gathers the selected
 tokens with ``nonzero`` (a host sync per site): shapes depend on data, so it can be neither
@@ -36,18 +37,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from dynconvert.plan import MlpSite
-from dynconvert.runtime.dynamic import (
-    DynamicConv,
-    DynamicLinear,
-    record_mlp_call,
-    record_mlp_tokens,
-)
+from dynconvert.plan import ROUTER_TIMESTEPS, MlpSite
+from dynconvert.runtime.dynamic import DynamicConv, DynamicLinear, SiteRuntime
+from dynconvert.runtime.interfaces import PATTERN_CACHE_LIMIT, CallRouting, Decision, MlpCall
+from dynconvert.runtime.mlp import MlpRuntime, record_mlp_call, record_mlp_tokens
 
 CAPACITY_STEPS = 32
 """Capacities are rounded up to multiples of 1/32 of the tokens, so nearby timesteps share a
@@ -73,11 +71,23 @@ class PlannedOptions:
     capacity_margin: float = 0.05
 
 
+class PlannerBank(CallRouting, Protocol):
+    """What the planner reads of its RouterBank (bank.py) besides a call's masks."""
+
+    runtimes: list[SiteRuntime]  # one per site, in plan order
+    token: nn.ModuleDict  # str(site index) -> TokenRouter
+    model_params: int  # parameter count of the whole model: sizes the store of slices
+
+    def eval_masks_cpu(self, value: float) -> dict[int, torch.Tensor]:
+        """``{site: (1, units) bool}`` CPU width masks at one looked-up timestep value."""
+        ...
+
+
 @dataclass
 class SitePlan:
     """What one site computes under one pattern."""
 
-    decision: Any  # the runtime's decision (units, rows, cols, sub) or None: every unit
+    decision: Decision | None  # the runtime's decision (units, rows, cols, sub); None: all units
     capacity: float | None  # fraction of the call's rows the MLP may compute (token sites)
 
 
@@ -118,7 +128,7 @@ class Planner:
     (:meth:`sliced`) and, for MLPs, the token gather (:meth:`begin_mlp`).
     """
 
-    def __init__(self, bank: Any):
+    def __init__(self, bank: PlannerBank):
         self.bank = bank
         self.options = PlannedOptions()
         self.capacity: dict[int, torch.Tensor] = {}  # site index -> (1000,) fraction per t
@@ -137,7 +147,9 @@ class Planner:
         self._ids: dict[tuple, int] = {}  # signature of a t -> pattern id
         self._id_of_t: dict[float, int] = {}
         self._rep: dict[int, float] = {}  # pattern id -> one t that has it
-        self.store: dict[tuple[str, str, tuple[int, ...]], tuple[torch.Tensor, Any]] = {}
+        self.store: dict[
+            tuple[str, str, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor | None]
+        ] = {}
         self.store_bytes = 0
         self.uncached_slices = 0  # slices beyond the cap, gathered in the forward
 
@@ -148,7 +160,7 @@ class Planner:
         self.epoch += 1
 
     # -- per call -------------------------------------------------------------------------------
-    def begin(self, values: list[float], table_key: Any, model: nn.Module) -> None:
+    def begin(self, values: list[float], table_key: tuple | None, model: nn.Module | None) -> None:
         """Pick the pattern of a call whose samples have DDPM timesteps ``values`` (host floats).
 
         ``table_key`` identifies the router parameters (the bank's width table key); patterns
@@ -163,7 +175,7 @@ class Planner:
         key = ids[:1] if all(i == ids[0] for i in ids) else ids
         pattern = self.patterns.get(key)
         if pattern is None:
-            if len(self.patterns) > 4096:  # many mixed-t batches: bound the bookkeeping
+            if len(self.patterns) > PATTERN_CACHE_LIMIT:  # many mixed-t batches: bound it
                 self.patterns.clear()
             pattern = self.patterns[key] = self._build(key)
         if not pattern.sliced and not torch.is_grad_enabled():
@@ -214,7 +226,7 @@ class Planner:
         table = self.capacity.get(index)
         if table is None:
             return None
-        return float(table[min(999, max(0, int(round(t))))])
+        return float(table[min(ROUTER_TIMESTEPS - 1, max(0, int(round(t))))])
 
     def _build(self, key: tuple[int, ...]) -> Pattern:
         """Every site's decision and capacity for the samples' pattern ids ``key``."""
@@ -261,7 +273,7 @@ class Planner:
                     if name in modules:
                         self.sliced(modules[name], axis, d.key, index)
 
-    def decision(self, index: int) -> Any:
+    def decision(self, index: int) -> Decision | None:
         """The current pattern's decision for site ``index`` (None: compute every unit)."""
         return self.current.sites[index].decision
 
@@ -309,12 +321,11 @@ class Planner:
             return None
         return k
 
-    def begin_mlp(self, rt: Any, x: torch.Tensor) -> dict[str, Any]:
-        """Start a planned MLP call at its input x (B, N, D): the runtime's call dict.
+    def begin_mlp(self, rt: MlpRuntime, x: torch.Tensor) -> MlpCall:
+        """Start a planned MLP call at its input x (B, N, D), sliced as the pattern says.
 
-        Keys as on the fast path ("x", "lead", "width", "tokens", "fast", "d", "idx",
-        "x_sel") plus "keep": a (K, 1) or (B, N, 1) multiplier that zeroes the computed rows
-        whose token is under the threshold (None: tokens are not routed here).
+        As on the fast path, plus ``keep``: a (K, 1) or (B, N, 1) multiplier that zeroes the
+        computed rows whose token is under the threshold (None: tokens are not routed here).
         """
         site, bank = rt.site, self.bank
         rec = bank.record(site.index)
@@ -322,24 +333,22 @@ class Planner:
         rows = math.prod(lead)
         record_mlp_call(site, rec, lead)
         plan = self.current.sites[site.index]
-        call: dict[str, Any] = {
-            "x": x, "lead": lead, "width": bank.width_mask(site.index) if site.width else None,
-            "tokens": None, "fast": True, "d": plan.decision, "idx": None, "x_sel": x, "keep": None,
-        }  # fmt: skip
+        width = bank.width_mask(site.index) if site.width else None
+        call = MlpCall(x=x, sliced=True, lead=lead, width=width, decision=plan.decision, x_sel=x)
         if site.token and str(site.index) in bank.token:
             logits = bank.token[str(site.index)](x)  # (B, N): one logit per token
             on = logits > 0
-            call["tokens"] = on
+            call.tokens = on
             k = self.capacity_rows(plan.capacity, rows)
             if k is None:  # every row computed, skipped tokens zeroed: the threshold rule
-                call["keep"] = on.unsqueeze(-1)
+                call.keep = on.unsqueeze(-1)
                 record_mlp_tokens(site, rec, on, 1.0)
             else:
                 top, idx = torch.topk(logits.reshape(-1), k, sorted=False)  # (K,), (K,)
                 keep = top > 0
-                call["idx"] = idx
-                call["x_sel"] = x.reshape(-1, x.shape[-1]).index_select(0, idx)  # (K, D)
-                call["keep"] = keep.unsqueeze(-1)
+                call.idx = idx
+                call.x_sel = x.reshape(-1, x.shape[-1]).index_select(0, idx)  # (K, D)
+                call.keep = keep.unsqueeze(-1)
                 record_mlp_tokens(site, rec, on, k / rows)
                 wanted = on.sum()  # (): tokens over the threshold
                 self._count(torch.stack([wanted - keep.sum(), wanted]))
