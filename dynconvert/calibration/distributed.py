@@ -94,11 +94,11 @@ def _use_fsdp2(accelerator: Any) -> None:
         state.fsdp_plugin = plugin
         state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    if plugin.fsdp_version != 2:
+    if getattr(plugin, "fsdp_version", 1) != 2:
         raise ConfigError(
-            f"the accelerate config asks for FSDP version {plugin.fsdp_version}; dynconvert "
-            "shards with FSDP2 (fully_shard): set fsdp_version: 2 (see "
-            "examples/accelerate/fsdp.yaml)"
+            f"the accelerate config asks for FSDP version {getattr(plugin, 'fsdp_version', 1)}; "
+            "dynconvert shards with FSDP2 (fully_shard): set fsdp_version: 2 (see "
+            "examples/accelerate/fsdp.yaml), with an accelerate that has it (upgrade accelerate)"
         )
 
 
