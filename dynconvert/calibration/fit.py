@@ -36,6 +36,10 @@ from dynconvert.errors import MemoryPlanError
 FSDP_SIZES = (2, 4, 8, 16, 32, 64)
 """GPU counts tried for an FSDP suggestion."""
 
+HEADROOM = 1.25
+"""A suggestion's estimate times this must fit: the plan has been measured within 25% of the
+peak (docs/large-models.md), mostly under it, so a suggestion is not sized to the last byte."""
+
 
 def device_free(device: torch.device | str) -> tuple[int, str]:
     """Bytes free for this process on ``device``, and what they are.
@@ -91,7 +95,8 @@ def _divisors(n: int) -> list[int]:
 def suggestions(
     facts: ModelFacts, settings: MemorySettings, free: int, resident: int = 0
 ) -> list[tuple[MemorySettings, MemoryEstimate]]:
-    """Settings that fit in ``free`` bytes (plus ``resident`` already held), cheapest change first.
+    """Settings that fit in ``free`` bytes (plus ``resident`` already held) with ``HEADROOM``,
+    cheapest change first.
 
     Tried in order, each with the fewest accumulation steps that fit: accumulation alone, with
     gradient checkpointing, then every other trainable mode likewise. At most one suggestion per
@@ -110,7 +115,7 @@ def suggestions(
                 if s == settings:
                     continue
                 est = estimate(facts, s)
-                if est.total - resident <= free:
+                if (est.total - resident) * HEADROOM <= free:
                     found.append((s, est))
                     break
             if found and found[-1][0].trainable == mode:
@@ -124,7 +129,7 @@ def fsdp_size(facts: ModelFacts, settings: MemorySettings, free: int) -> tuple[i
         if settings.batch_size % (n * settings.grad_accum_steps):
             continue
         est = estimate(facts, replace(settings, processes=n, sharding="fsdp", device="cuda"))
-        if est.total <= free:
+        if est.total * HEADROOM <= free:
             return n, est.total
     return None
 
