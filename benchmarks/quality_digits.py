@@ -21,7 +21,7 @@ digits (``dynconvert.demo.metrics``). Methods:
 Rows go to ``--out`` (one per evaluated model, written as each finishes; rows already there are
 skipped, so an interrupted study resumes). Plots are written next to it.
 
-Run (the committed results): see README, "Quality study".
+Run (the committed results): see docs/quality.md.
 Smoke (under a minute; in the default tests): ``python benchmarks/quality_digits.py --smoke --out /tmp/q.json``
 """
 
@@ -86,7 +86,7 @@ EVAL_SEED = 1234  # the initial noise of every evaluation (the same for every me
 
 # -- settings ------------------------------------------------------------------------------
 def study_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The sizes of the study (what README states), from the command line."""
+    """The sizes of the study (what docs/quality.md states), from the command line."""
     if args.smoke:
         return dict(targets=[0.5], seeds={0.5: [0]}, calibration_steps=6, batch_size=16,
                     samples=50, sample_steps=5, profile_points=5)  # fmt: skip

@@ -35,7 +35,7 @@ _RANGES = {
 
 @dataclass
 class ConvertConfig:
-    """How convert builds the routers. Defaults follow the paper (method.md).
+    """How convert builds the routers. Defaults follow the paper (docs/method.md, "Hyperparameters").
 
     Attributes:
         attention_width: Route attention heads. Off: no attention site is converted (heads are

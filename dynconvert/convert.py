@@ -177,7 +177,7 @@ def apply_plan(
     bank = RouterBank(plan, config, budget).to(device)  # routers where the weights are
     bank.model_params = sum(p.numel() for p in model.parameters())  # sizes the slice cache
     # The unit each width router can never switch off: the recorded one when load replays a
-    # record, else the most important unit (method.md: chosen by importance, not by index).
+    # record, else the most important unit (docs/method.md, "The always-on unit": chosen by importance, not by index).
     for site in plan.sites:
         linears = {m.linear: modules[m.linear] for m in site.maps()}
         if always_on is not None:

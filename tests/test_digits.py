@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -123,7 +124,10 @@ def test_evaluate_digits_and_grid(digits_model, tmp_path):
     path = write_demo_grid(result, tmp_path / "samples.png", columns=2, upscale=2)
     with Image.open(path) as im:
         cell = 16 * 2 + 1
-        assert im.size == (2 * (2 * cell + 1) + 3, 10 * cell + 1)
+        width, height = im.size
+        assert width == 2 * (2 * cell + 1) + 3 and 10 * cell + 1 < height <= 10 * cell + 41
+        titles = np.asarray(im.convert("L"))[: height - (10 * cell + 1)]  # above the grids
+        assert titles.min() < 100 and titles.max() == 255  # dark text on white
     with pytest.raises(ConfigError, match="evaluate_digits"):
         write_demo_grid({}, tmp_path / "bad.png")
 

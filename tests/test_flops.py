@@ -80,7 +80,7 @@ def test_dit_xl_256_matches_published_macs():
 
 
 def test_static_total_matches_fvcore_plus_attention_matmuls():
-    """design.md: fvcore counts projections and MLPs but not the attention matmuls."""
+    """docs/architecture.md: fvcore counts projections and MLPs but not the attention matmuls."""
     from fvcore.nn import FlopCountAnalysis
 
     from dynconvert.testing import tiny_dit

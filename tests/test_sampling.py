@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import dynconvert
 from dynconvert.errors import ConfigError
-from dynconvert.sampling import compare_grid, make_scheduler, model_spec, sample, save_grid
+from dynconvert.sampling import (
+    compare_grid,
+    comparison_titles,
+    make_scheduler,
+    model_spec,
+    sample,
+    save_grid,
+)
 from dynconvert.testing import (
     randomize_routing,
     tiny_diffusers_dit,
@@ -232,6 +240,24 @@ def test_compare_grid_side_by_side(tmp_path):
         assert im.getpixel((20, 5)) == 255  # the separator
     with pytest.raises(ConfigError, match="same shape"):
         compare_grid(a, b[:2], tmp_path / "bad.png")
+
+
+def test_compare_grid_titles_say_which_side_is_which(tmp_path):
+    """The titles sit on a white strip above each grid; the grids below are unchanged."""
+    a, b = -torch.ones(4, 1, 8, 8), torch.ones(4, 1, 8, 8)
+    assert comparison_titles(0.514) == ("original", "dynamic, 0.51x FLOPs")
+    assert comparison_titles(None) == ("original", "dynamic")
+    plain = np.asarray(Image.open(compare_grid(a, b, tmp_path / "plain.png", nrow=2, upscale=4)))
+    path = compare_grid(a, b, tmp_path / "titled.png", nrow=2, upscale=4,
+                        titles=comparison_titles(0.514))  # fmt: skip
+    titled = np.asarray(Image.open(path))
+    strip = titled.shape[0] - plain.shape[0]
+    assert titled.shape[1] == plain.shape[1] and 14 <= strip <= 40
+    assert np.array_equal(titled[strip:], plain)
+    half = plain.shape[1] // 2
+    left, right = titled[:strip, : half - 2], titled[:strip, half + 2 :]
+    assert (left < 100).any() and (right < 100).any()  # text on both sides
+    assert (right < 100).sum() > (left < 100).sum()  # "dynamic, 0.51x FLOPs" is the longer
 
 
 class _PointMassOracle(torch.nn.Module):

@@ -3,7 +3,7 @@
 Row layouts are read, not guessed: the ops between each projection and the attention call are
 replayed on a tensor of row numbers (layout.py), so a fused qkv, separate q/k/v Linears or any
 reshaping code give the exact rows of every (head, channel). A site is refused, with the reason,
-wherever removing a head would not be the same as zeroing it (design.md, "Traps").
+wherever removing a head would not be the same as zeroing it (docs/architecture.md, "Traps").
 
 This module is the core every attention takes; the forms a call may take beyond it (a gate, key
 and value compression, linear attention, a partial cut, per-head tables) are found by their own

@@ -5,7 +5,7 @@ Linears (fc1, or the value and gate projections of a gated MLP) through ops that
 hidden channel on its own; only then is cutting the hidden width into channel groups the same
 as zeroing those groups. Walking forward from fc2 must reach the residual add as
 ``x + g * mlp(...)`` with ``g`` constant per token; only then does a token whose MLP update is
-zero pass on unchanged (method.md, "Spatial-wise Dynamic Token"). The walk back is
+zero pass on unchanged (docs/method.md, "Spatial-wise dynamic tokens"). The walk back is
 mlp_region.py, the walk forward residual.py; here the site is assembled and checked.
 """
 

@@ -3,7 +3,7 @@
 The graph tells where q, k, v and the out-projection are and how their rows are laid out.
 It cannot tell which attributes of the attention module hold the head count that its Python
 code reshapes with: after heads are physically removed those must be lowered too, or some
-modules silently compute wrong heads (design.md, "Traps"). One entry per attention class.
+modules silently compute wrong heads (docs/architecture.md, "Traps"). One entry per attention class.
 
 Adding a model family: if its attention class reshapes with attributes other than those below,
 add ``register_attention("package.module.ClassName", {"attr": "heads" | "inner"})``, where

@@ -2,7 +2,7 @@
 
 A skipped token gets a zero MLP update; that leaves the token unchanged only if nothing but a
 per-token-constant scale ``g`` (DiT's adaLN gate, (B, 1, D)), casts, dropout and slices along the
-tokens stand between fc2 and the residual add (method.md, "Spatial-wise Dynamic Token").
+tokens stand between fc2 and the residual add (docs/method.md, "Spatial-wise dynamic tokens").
 """
 
 from __future__ import annotations

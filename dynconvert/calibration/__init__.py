@@ -1,4 +1,4 @@
-"""Calibration: fine-tune a converted model toward its FLOPs budget (method.md, "training
+"""Calibration: fine-tune a converted model toward its FLOPs budget (docs/method.md, "Training
 objective").
 
 The entry point is ``calibrate(model, data, config, on_step=None)``, which the package exposes

@@ -1,4 +1,4 @@
-"""CalibrationConfig: every setting of the calibration run, defaults from the paper (method.md)."""
+"""CalibrationConfig: every setting of the calibration run, defaults from the paper (docs/method.md, "Hyperparameters")."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ _RANGES = {
 
 @dataclass
 class CalibrationConfig:
-    """Settings of ``calibrate``. Defaults are the DyDiT paper's (method.md, "training objective").
+    """Settings of ``calibrate``. Defaults are the DyDiT paper's (docs/method.md, "Hyperparameters").
 
     Attributes:
         target: The final FLOPs ratio lambda (F_dyn / F_static), in (0, 1]. Required.

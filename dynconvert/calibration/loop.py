@@ -1,4 +1,4 @@
-"""The calibration loop: fine-tune a converted model toward its FLOPs budget (method.md).
+"""The calibration loop: fine-tune a converted model toward its FLOPs budget (docs/method.md, "Training objective").
 
 One readable function in the spirit of DiT's ``train.py``, run through Hugging Face accelerate so
 the same code serves one CPU, one GPU, or many processes (``accelerate launch`` / ``torchrun``,
@@ -72,7 +72,7 @@ def calibrate(
     adapter: ModelAdapter | None = None,
     accelerator: Any = None,
 ) -> CalibrationResult:
-    """Fine-tune a converted model toward ``config.target`` (method.md, "training objective").
+    """Fine-tune a converted model toward ``config.target`` (docs/method.md, "Training objective").
 
     Args:
         model: A model returned by ``dynconvert.convert`` (trained in place).

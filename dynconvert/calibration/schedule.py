@@ -1,6 +1,6 @@
 """The FLOPs target schedule (lambda over steps) and the stratified timestep samplers.
 
-method.md, "The training objective": lambda is held at 1.0 for the first 100 steps, then falls
+docs/method.md, "Schedule": lambda is held at 1.0 for the first 100 steps, then falls
 linearly to the final target over a warm-up, then stays. Timesteps are stratified so every batch
 spans all quarters of the schedule, because the FLOPs target is a batch mean: a batch of only easy
 timesteps would let the routers meet lambda cheaply there and overspend elsewhere.

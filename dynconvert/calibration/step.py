@@ -1,6 +1,6 @@
 """One calibration step's pieces: its loss terms, the token-bias step, the labels it trains on.
 
-``loop.calibrate`` runs them in order every step (method.md, "training objective"); they are
+``loop.calibrate`` runs them in order every step (docs/method.md, "Training objective"); they are
 here so that the loop itself reads as setup, steps, checkpoints and the result.
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -20,64 +21,70 @@ capture_s_static, capture_s_dynamic (CUDA graphs held and seconds spent capturin
 token_overflow_rate (tokens over a planned capacity / tokens over the threshold)."""
 
 
+KeepOpt = Annotated[
+    float | None,
+    unset_option(
+        "--keep",
+        help="FLOPs ratio of synthetic routing (required with --model; with --run it "
+        "replaces the learned routing).",
+        min=0.0,
+        max=1.0,
+    ),
+]
+TokensOpt = Annotated[
+    float, typer.Option("--tokens", help="Token keep rate of synthetic routing.", min=0.0, max=1.0)
+]
+BatchOpt = Annotated[
+    int, typer.Option("--batch", "-b", help="Samples per call (2 = one CFG pair).", min=1)
+]
+TimestepOpt = Annotated[
+    float, typer.Option("--timestep", help="Timestep of every sample.", min=0, max=999)
+]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")]
+RepeatsOpt = Annotated[int, typer.Option("--repeats", help="Timed calls per model.", min=1)]
+WarmupOpt = Annotated[int, typer.Option("--warmup", help="Untimed calls per model first.", min=0)]
+CountOpt = Annotated[bool, typer.Option("--count/--no-count", help="Also count executed FLOPs.")]
+MemoryOpt = Annotated[
+    bool,
+    typer.Option(
+        "--memory/--no-memory",
+        help="Also measure peak memory (weights + cached slices + the call's peak; "
+        "on CPU through the torch profiler's allocation events).",
+    ),
+]
+ExecutionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--execution",
+        help=f"Execution mode of the dynamic model: {', '.join(execution_names())} "
+        "(default: the model's own; planned with --graphs).",
+    ),
+]
+GraphsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--graphs/--no-graphs",
+        help="Run both models through CUDA graphs (one per routing pattern and shape; CUDA only).",
+    ),
+]
+HALF = ("bfloat16", "bf16", "float16", "fp16")
+
+
 def bench(
     model: ModelOpt = None,
     run: RunOpt = None,
-    keep: Annotated[
-        float | None,
-        unset_option(
-            "--keep",
-            help="FLOPs ratio of synthetic routing (required with --model; with --run it "
-            "replaces the learned routing).",
-            min=0.0,
-            max=1.0,
-        ),
-    ] = None,
-    tokens: Annotated[
-        float,
-        typer.Option("--tokens", help="Token keep rate of synthetic routing.", min=0.0, max=1.0),
-    ] = 0.7,
-    batch: Annotated[
-        int, typer.Option("--batch", "-b", help="Samples per call (2 = one CFG pair).", min=1)
-    ] = 8,
-    timestep: Annotated[
-        float, typer.Option("--timestep", help="Timestep of every sample.", min=0, max=999)
-    ] = 500,
+    keep: KeepOpt = None,
+    tokens: TokensOpt = 0.7,
+    batch: BatchOpt = 8,
+    timestep: TimestepOpt = 500,
     device: DeviceOpt = "auto",
-    dtype: Annotated[
-        str, typer.Option("--dtype", help="float32, bfloat16 or float16.")
-    ] = "float32",
-    repeats: Annotated[int, typer.Option("--repeats", help="Timed calls per model.", min=1)] = 5,
-    warmup: Annotated[
-        int, typer.Option("--warmup", help="Untimed calls per model first.", min=0)
-    ] = 1,
-    count: Annotated[
-        bool, typer.Option("--count/--no-count", help="Also count executed FLOPs.")
-    ] = True,
-    memory: Annotated[
-        bool,
-        typer.Option(
-            "--memory/--no-memory",
-            help="Also measure peak memory (weights + cached slices + the call's peak; "
-            "on CPU through the torch profiler's allocation events).",
-        ),
-    ] = True,
-    execution: Annotated[
-        str | None,
-        typer.Option(
-            "--execution",
-            help=f"Execution mode of the dynamic model: {', '.join(execution_names())} "
-            "(default: the model's own; planned with --graphs).",
-        ),
-    ] = None,
-    graphs: Annotated[
-        bool,
-        typer.Option(
-            "--graphs/--no-graphs",
-            help="Run both models through CUDA graphs (one per routing pattern and shape; "
-            "CUDA only).",
-        ),
-    ] = False,
+    dtype: DtypeOpt = "float32",
+    repeats: RepeatsOpt = 5,
+    warmup: WarmupOpt = 1,
+    count: CountOpt = True,
+    memory: MemoryOpt = True,
+    execution: ExecutionOpt = None,
+    graphs: GraphsOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Time the original and the dynamic model per denoising call (same process, alternating).
@@ -100,59 +107,79 @@ def bench(
     import torch
 
     from dynconvert.measure.bench import DTYPES, benchmark
-    from dynconvert.runs import load_run, resolve_device, resolve_source
+    from dynconvert.runs import resolve_device
 
     if (model is None) == (run is None):
         raise ConfigError("pass exactly one of --model NAME (with --keep) or --run DIR")
+    if run is None and keep is None:
+        raise ConfigError(
+            "bench --model needs --keep (the FLOPs ratio of synthetic routing, e.g. 0.5)"
+        )
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     dev = resolve_device(device)
     with render.status(f"building {model or run}"):
-        if run is not None:
-            net, _ = load_run(run)
-        else:
-            if keep is None:
-                raise ConfigError(
-                    "bench --model needs --keep (the FLOPs ratio of synthetic routing, e.g. 0.5)"
-                )
-            net = resolve_source(model, random_init=True).build()
-            if dev == "cpu" and dtype in ("bfloat16", "bf16", "float16", "fp16"):
-                render.note("note: half precision on CPU is often slower than float32")
-        net = net.eval()
-    console = render.err()
-    stages: dict[str, Any] = {}
-
-    def on_progress(stage: str, i: int, n: int) -> None:
-        if stages.get("last") != stage:
-            stages["last"] = stage
-            console.print(f"[dim]    bench[/dim]  {stage}", highlight=False)
-
+        net = _build(model, run)
+    if model is not None and dev == "cpu" and dtype in HALF:
+        render.note("note: half precision on CPU is often slower than float32")
     with torch.no_grad(), render.native_stderr_silenced():  # the profiler's C++ start/stop lines
-        result = benchmark(net, keep=keep, tokens=tokens, batch=batch, timestep=timestep, device=dev,
-                           dtype=dtype, repeats=repeats, warmup=warmup, count=count,
+        result = benchmark(net, keep=keep, tokens=tokens, batch=batch, timestep=timestep,
+                           device=dev, dtype=dtype, repeats=repeats, warmup=warmup, count=count,
                            memory=memory, execution=execution, graphs=graphs,
-                           on_progress=on_progress).to_dict()  # fmt: skip
+                           on_progress=_stage_printer()).to_dict()  # fmt: skip
     if json:
         render.print_json(result)
         return
     show(result)
 
 
+def _build(model: str | None, run: str | None) -> Any:
+    """The model to time, in eval mode: a run's, or a preset with random weights."""
+    from dynconvert.runs import load_run, resolve_source
+
+    if run is not None:
+        net, _ = load_run(run)
+    else:
+        net = resolve_source(str(model), random_init=True).build()
+    return net.eval()
+
+
+def _stage_printer() -> Callable[[str, int, int], None]:
+    """An ``on_progress(stage, i, n)`` callback printing each new stage once on stderr."""
+    console = render.err()
+    last: list[str] = []
+
+    def on_progress(stage: str, i: int, n: int) -> None:
+        if last[-1:] != [stage]:
+            last.append(stage)
+            console.print(f"[dim]    bench[/dim]  {stage}", highlight=False)
+
+    return on_progress
+
+
 def show(r: dict[str, Any]) -> None:
     """Print a benchmark result as a table on stdout."""
     from dynconvert.measure.bench import format_bytes
 
+    execution = r["execution"] + (
+        f", CUDA graphs {r['graphs_static']} original / {r['graphs_dynamic']} dynamic"
+        if r.get("graphs")
+        else ", eager"
+    )
+    if r.get("token_overflow_rate") is not None:
+        execution += f", token overflow {100 * r['token_overflow_rate']:.2f}%"
     rows = [
         ("model", f"{r['model']} ({r['routing']})"),
-        ("device / dtype / batch", f"{r['device']} / {r['dtype']} / {r['batch']} at t={r['timestep']:g}"),
-        ("time per call", f"{1000 * r['time_static_s']:.2f} ms original, {1000 * r['time_dynamic_s']:.2f} ms dynamic "
-         f"(median of {r['repeats']})"),
+        ("device / dtype / batch",
+         f"{r['device']} / {r['dtype']} / {r['batch']} at t={r['timestep']:g}"),
+        ("time per call", f"{1000 * r['time_static_s']:.2f} ms original, "
+         f"{1000 * r['time_dynamic_s']:.2f} ms dynamic (median of {r['repeats']})"),
         ("speed-up", f"{r['speedup']:.2f}x"),
-        ("FLOPs ratio", f"{render.ratio(r['flops_ratio'])} analytic, {render.ratio(r['executed_flops_ratio'])} executed"),
-        ("efficiency", f"{r['efficiency']:.2f} (speed-up x FLOPs ratio; 1.0 = speed follows FLOPs)"),
-        ("execution", f"{r['execution']}" + (f", CUDA graphs {r['graphs_static']} original / "
-         f"{r['graphs_dynamic']} dynamic" if r.get("graphs") else ", eager")
-         + (f", token overflow {100 * r['token_overflow_rate']:.2f}%" if r.get("token_overflow_rate") is not None else "")),
+        ("FLOPs ratio", f"{render.ratio(r['flops_ratio'])} analytic, "
+         f"{render.ratio(r['executed_flops_ratio'])} executed"),
+        ("efficiency",
+         f"{r['efficiency']:.2f} (speed-up x FLOPs ratio; 1.0 = speed follows FLOPs)"),
+        ("execution", execution),
         ("peak memory", f"{format_bytes(r['peak_mem_static_bytes'])} original, "
          f"{format_bytes(r['peak_mem_dynamic_bytes'])} dynamic"),
     ]  # fmt: skip

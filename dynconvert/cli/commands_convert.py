@@ -34,61 +34,70 @@ for the digits demo classifier_accuracy and frechet_distance, each {"original": 
 evaluation, and samples ("samples.png")."""
 
 
+TargetOpt = Annotated[
+    str | None,
+    unset_option(
+        "--target-flops",
+        "-t",
+        help="FLOPs budget: a fraction of the original model's, in (0, 1] (default: the recipe's).",
+    ),
+]
+RecipeOpt = Annotated[
+    str | None,
+    unset_option(
+        "--recipe",
+        help="A shipped recipe (see 'dynconvert recipes list') or a YAML file "
+        "(default: the recipe for --model).",
+    ),
+]
+DataOpt = Annotated[
+    str | None,
+    unset_option(
+        "--data",
+        "-d",
+        help="Calibration data: a latents folder, 'digits', or 'synthetic' "
+        "(random latents, to try the pipeline).",
+    ),
+]
+StepsOpt = Annotated[
+    int | None,
+    unset_option("--steps", help="Calibration steps (overrides the recipe's).", min=1),
+]
+OutOpt = Annotated[
+    str | None, unset_option("--out", "-o", help="Run folder (default: runs/<model>-<target>).")
+]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
+]
+RandomInitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--random-init", help="Start from random weights (to try the pipeline, not for use)."
+    ),
+]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Start even when the memory plan says calibration will not fit this machine.",
+    ),
+]
+
+
 def convert(
     model: ModelOpt = None,
-    target_flops: Annotated[
-        str | None,
-        unset_option(
-            "--target-flops",
-            "-t",
-            help="FLOPs budget: a fraction of the original model's, in (0, 1] "
-            "(default: the recipe's).",
-        ),
-    ] = None,
-    recipe: Annotated[
-        str | None,
-        unset_option(
-            "--recipe",
-            help="A shipped recipe (see 'dynconvert recipes list') or a YAML file "
-            "(default: the recipe for --model).",
-        ),
-    ] = None,
+    target_flops: TargetOpt = None,
+    recipe: RecipeOpt = None,
     checkpoint: CheckpointOpt = None,
-    data: Annotated[
-        str | None,
-        unset_option(
-            "--data",
-            "-d",
-            help="Calibration data: a latents folder, 'digits', or 'synthetic' "
-            "(random latents, to try the pipeline).",
-        ),
-    ] = None,
-    steps: Annotated[
-        int | None,
-        unset_option("--steps", help="Calibration steps (overrides the recipe's).", min=1),
-    ] = None,
-    out: Annotated[
-        str | None, unset_option("--out", "-o", help="Run folder (default: runs/<model>-<target>).")
-    ] = None,
+    data: DataOpt = None,
+    steps: StepsOpt = None,
+    out: OutOpt = None,
     device: DeviceOpt = "auto",
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
-    ] = False,
-    random_init: Annotated[
-        bool,
-        typer.Option(
-            "--random-init", help="Start from random weights (to try the pipeline, not for use)."
-        ),
-    ] = False,
+    resume: ResumeOpt = False,
+    random_init: RandomInitOpt = False,
     set_: SetOpt = None,
     json: JsonOpt = False,
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force",
-            help="Start even when the memory plan says calibration will not fit this machine.",
-        ),
-    ] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Convert a model, calibrate it toward a FLOPs budget, and save the run.
 
@@ -96,18 +105,22 @@ def convert(
     ETA), then measures the result and writes the run folder: model.safetensors and
     dynconvert.json (load with dynconvert.load), report.json, samples.png (digits), and
     checkpoints that --resume continues from. Everything that can be wrong with the options is
-    checked before the folder is created, the memory too: a calibration that will not fit is
-    refused with the estimate and settings that fit (dynconvert inspect --calibration).
+    checked before the folder is created, every missing requirement (data, weights) is named in
+    one message, and a calibration that will not fit in memory is refused with the estimate and
+    settings that fit (dynconvert inspect --calibration).
 
     [bold]Examples[/bold]
 
       dynconvert convert --model digits --target-flops 0.5
 
-      dynconvert convert --model dit-xl --checkpoint DiT-XL-2-256x256.pt --data latents/ --target-flops 0.5
+      dynconvert convert --model dit-xl --checkpoint DiT-XL-2-256x256.pt \\
+        --data latents/ --target-flops 0.5
 
-      dynconvert convert --recipe dit-s --checkpoint DiT-S-2.pt --data latents/ --set calibration.lr=2e-5
+      dynconvert convert --recipe dit-s --checkpoint DiT-S-2.pt --data latents/ \\
+        --set calibration.lr=2e-5
 
-      dynconvert convert --model digits --target-flops 0.5 --out runs/digits-0.5 --resume --steps 1200
+      dynconvert convert --model digits --target-flops 0.5 --out runs/digits-0.5 \\
+        --resume --steps 1200
     """
     from dynconvert.runs import RunRequest, execute_run, prepare_run
 
@@ -126,10 +139,21 @@ def convert(
     if not prepared.main_process:
         execute_run(prepared)
         return
+    report = _execute_with_progress(prepared, on_event)
+    if json:
+        render.print_json(report)
+    else:
+        show(report)
+
+
+def _execute_with_progress(prepared: Any, on_event: Any) -> dict[str, Any]:
+    """Run a prepared run with a progress bar; Ctrl-C says which checkpoint was kept."""
+    from dynconvert.runs import execute_run
+
     progress = render.StepProgress(prepared.calibration.steps)
     try:
         with progress, terminate_as_exit():
-            report = execute_run(prepared, on_step=progress, on_event=on_event)
+            return execute_run(prepared, on_step=progress, on_event=on_event)
     except KeyboardInterrupt:
         from dynconvert.calibration.checkpoint import latest_checkpoint
 
@@ -141,10 +165,6 @@ def convert(
         )
         render.err().print(f"Interrupted; {where}.", markup=False)
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    if json:
-        render.print_json(report)
-    else:
-        show(report)
 
 
 EXIT_TERMINATED = 128 + signal.SIGTERM
@@ -174,18 +194,28 @@ def terminate_as_exit() -> Iterator[None]:
 
 def show(report: dict[str, Any]) -> None:
     """Print a run report as a table on stdout."""
+    model_class = report["model_class"].rsplit(".", 1)[-1]
+    macs = (
+        f"{render.macs(report['dynamic_macs'])}MACs of "
+        f"{render.macs(report['static_macs'])}MACs per sample"
+    )
+    bench = report.get("bench") or {}
+    speedup = (
+        "-"
+        if report.get("speedup") is None
+        else f"{report['speedup']:.2f}x (batch {bench['batch']}, t={bench['timestep']:g}, "
+        f"{bench['device']})"
+    )
     rows: list[tuple[str, Any]] = [
         ("run folder", report["run_dir"]),
-        ("model", f"{report['model']} ({report['model_class'].rsplit('.', 1)[-1]}), recipe {report['recipe']}"),
+        ("model", f"{report['model']} ({model_class}), recipe {report['recipe']}"),
         ("steps", report["steps"]),
         ("target FLOPs", report["target_flops"]),
-        ("FLOPs ratio (mean over t)", f"{render.ratio(report['flops_ratio'])}  "
-         f"({render.macs(report['dynamic_macs'])}MACs of {render.macs(report['static_macs'])}MACs per sample)"),
+        ("FLOPs ratio (mean over t)", f"{render.ratio(report['flops_ratio'])}  ({macs})"),
         ("blocks-only ratio", render.ratio(report["flops_ratio_blocks"])),
         ("executed FLOPs ratio", render.ratio(report["executed_flops_ratio"])),
-        ("speed-up", "-" if report.get("speedup") is None else f"{report['speedup']:.2f}x "
-         f"(batch {report['bench']['batch']}, t={report['bench']['timestep']:g}, {report['bench']['device']})"),
-    ]  # fmt: skip
+        ("speed-up", speedup),
+    ]
     for key, label in (
         ("classifier_accuracy", "classifier accuracy"),
         ("frechet_distance", "Frechet distance"),

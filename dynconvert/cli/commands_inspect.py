@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 
 from dynconvert.cli import render
 from dynconvert.cli.options import JsonOpt, ModelOpt, RunOpt, SetOpt
 from dynconvert.errors import ConfigError
 from dynconvert.plan import ATTENTION
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA = """The --json object (MACs per sample; 1 MAC = 2 hardware FLOPs):
 model, model_class, unit ("MACs"), timestep_arg, capture, coverage, input_shapes,
@@ -24,6 +26,8 @@ site's mean_units_on (fraction of heads/groups on, mean over the 1000 timesteps)
 
 def _build_for_inspect(name: str) -> Any:
     """The model's architecture without weights (meta device) where possible."""
+    import torch
+
     from dynconvert.runs import DIFFUSERS_MODELS, TEST_MODELS, resolve_source
 
     key = name.strip().lower()
@@ -45,6 +49,8 @@ def _build_for_inspect(name: str) -> Any:
 
 def _to(value: Any, device: torch.device) -> Any:
     """Example inputs on the model's device (meta for weightless models)."""
+    import torch
+
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, (list, tuple)):
@@ -239,8 +245,9 @@ def show(s: dict[str, Any]) -> None:
     cols = ["#>", "site", "kind", "units", "tokens", "MACs>", "share>"]
     if has_run:
         cols.append("on>")
-    t = render.table(f"{s['model']} ({s['model_class'].rsplit('.', 1)[-1]}): {len(s['sites'])} sites "
-                     f"in {s['blocks']} blocks (MACs per sample)", *cols)  # fmt: skip
+    model_class = s["model_class"].rsplit(".", 1)[-1]
+    title = f"{s['model']} ({model_class}): {len(s['sites'])} sites in {s['blocks']} blocks"
+    t = render.table(f"{title} (MACs per sample)", *cols)
     for site in s["sites"]:
         if site["kind"] == ATTENTION:
             units, tokens = f"{site['heads']} heads x {site['head_dim']}", "all"
@@ -253,8 +260,9 @@ def show(s: dict[str, Any]) -> None:
             )
             tokens = "routed" if site["token_routing"] else f"all: {site['token_reason']}"
         kind = {"cross": "xattn", "self": "attn"}.get(site.get("attention", ""), "mlp")
-        row = [str(site["index"]), site["name"], kind, units,
-               tokens, render.macs(site["macs"], compact=True), f"{100 * site['share']:.1f}%"]  # fmt: skip
+        macs = render.macs(site["macs"], compact=True)
+        row = [str(site["index"]), site["name"], kind, units, tokens, macs,
+               f"{100 * site['share']:.1f}%"]  # fmt: skip
         if has_run:
             row.append(f"{100 * site['mean_units_on']:.0f}%")
         t.add_row(*row)

@@ -26,11 +26,11 @@ def recipes_list(json: JsonOpt = False) -> None:
     if json:
         render.print_json(rows)
         return
-    t = render.table("Recipes (dynconvert recipes show NAME)", "name", "model", "target>", "steps>", "batch>",
-                     "description")  # fmt: skip
+    t = render.table("Recipes (dynconvert recipes show NAME)", "name", "model", "target>",
+                     "steps>", "batch>", "description")  # fmt: skip
     for r in rows:
-        t.add_row(r["name"], str(r["model"]), f"{r['target_flops']:g}", f"{r['steps']:,}", str(r["batch_size"]),
-                  r["description"])  # fmt: skip
+        t.add_row(r["name"], str(r["model"]), f"{r['target_flops']:g}", f"{r['steps']:,}",
+                  str(r["batch_size"]), r["description"])  # fmt: skip
     render.out().print(t)
 
 

@@ -12,7 +12,7 @@ from dynconvert.cli.options import (
     CheckpointOpt,
     DeviceOpt,
     JsonOpt,
-    RequiredRunOpt,
+    RunOpt,
     SeedOpt,
     unset_option,
 )
@@ -33,51 +33,65 @@ def _labels(text: str | None) -> list[int] | None:
     return labels
 
 
+LabelsOpt = Annotated[
+    str | None,
+    unset_option(
+        "--labels", help="Class labels, comma-separated (default: the first classes, up to 10)."
+    ),
+]
+StepsOpt = Annotated[int, typer.Option("--steps", help="Sampler steps.", min=1)]
+CfgOpt = Annotated[
+    float, typer.Option("--cfg", help="Classifier-free guidance scale (1.0: off).", min=1.0)
+]
+SchedulerOpt = Annotated[str, typer.Option("--scheduler", help="ddim, dpm or ddpm.")]
+CompareOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compare",
+        help="Put the original model's samples (same seeds) on the left; the grids are titled "
+        "'original' and 'dynamic' with its FLOPs ratio.",
+    ),
+]
+VaeOpt = Annotated[
+    str | None,
+    unset_option("--vae", help="A local diffusers AutoencoderKL folder to decode latents."),
+]
+RawOpt = Annotated[
+    bool, typer.Option("--raw", help="Write latents' first 3 channels as colours (no VAE).")
+]
+OutOpt = Annotated[str | None, unset_option("--out", "-o", help="The PNG to write (required).")]
+
+
 def sample(
-    run: RequiredRunOpt,
-    out: Annotated[str, unset_option("--out", "-o", help="The PNG to write.")],
-    labels: Annotated[
-        str | None,
-        unset_option(
-            "--labels", help="Class labels, comma-separated (default: the first classes, up to 10)."
-        ),
-    ] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Sampler steps.", min=1)] = 50,
-    cfg: Annotated[
-        float, typer.Option("--cfg", help="Classifier-free guidance scale (1.0: off).", min=1.0)
-    ] = 1.5,
+    run: RunOpt = None,
+    out: OutOpt = None,
+    labels: LabelsOpt = None,
+    steps: StepsOpt = 50,
+    cfg: CfgOpt = 1.5,
     seed: SeedOpt = 0,
-    scheduler: Annotated[str, typer.Option("--scheduler", help="ddim, dpm or ddpm.")] = "ddim",
-    compare: Annotated[
-        bool,
-        typer.Option(
-            "--compare", help="Put the original model's samples (same seeds) on the left."
-        ),
-    ] = False,
+    scheduler: SchedulerOpt = "ddim",
+    compare: CompareOpt = False,
     checkpoint: CheckpointOpt = None,
-    vae: Annotated[
-        str | None,
-        unset_option("--vae", help="A local diffusers AutoencoderKL folder to decode latents."),
-    ] = None,
-    raw: Annotated[
-        bool, typer.Option("--raw", help="Write latents' first 3 channels as colours (no VAE).")
-    ] = False,
+    vae: VaeOpt = None,
+    raw: RawOpt = False,
     device: DeviceOpt = "auto",
     json: JsonOpt = False,
 ) -> None:
     """Sample a grid from a run's calibrated model, optionally beside the original's.
 
-    The original model (--compare) is rebuilt from where the run found it (shipped weights, its
-    checkpoint, or --checkpoint); both draw the same initial noise, image by image. Latent
-    models need --vae to decode (or --raw for a quick look).
+    Needs --run and --out. The original model (--compare) is rebuilt from where the run found
+    it (shipped weights, its checkpoint, or --checkpoint); both draw the same initial noise,
+    image by image. Latent models need --vae to decode (or --raw for a quick look).
 
     [bold]Examples[/bold]
 
       dynconvert sample --run runs/digits-0.5 --out grid.png --compare
 
-      dynconvert sample --run runs/digits-0.5 --labels 3,3,7,7 --steps 25 --scheduler dpm --out sevens.png
+      dynconvert sample --run runs/digits-0.5 --labels 3,3,7,7 --steps 25 --scheduler dpm \\
+        --out sevens.png
 
-      dynconvert sample --run runs/dit-xl-0.5 --vae sd-vae-ft-ema/ --steps 250 --scheduler ddpm --out dit.png
+      dynconvert sample --run runs/dit-xl-0.5 --vae sd-vae-ft-ema/ --steps 250 \\
+        --scheduler ddpm --out dit.png
     """
     from types import SimpleNamespace
 
@@ -89,12 +103,9 @@ def sample(
         write_samples,
     )
     from dynconvert.runtime.planned.controls import token_overflow
-    from dynconvert.sampling import SCHEDULERS
 
-    if scheduler not in SCHEDULERS:
-        raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}; got {scheduler!r}")
-    if not out.lower().endswith(".png"):
-        raise ConfigError(f"--out must be a .png file; got {out!r}")
+    check_options(run, out, scheduler)
+    assert run is not None and out is not None
     check_writable(Path(out))  # before the model loads and samples
     settings = SimpleNamespace(
         labels=_labels(labels), steps=steps, cfg_scale=cfg, seed=seed, scheduler=scheduler
@@ -108,14 +119,37 @@ def sample(
         path = write_samples(model, original, Path(out), settings, vae=vae, raw=raw)
     # Planned path (CUDA): tokens over a site's fixed capacity, read once for the whole call.
     overflow = token_overflow(model)
-    result = {"path": str(path), "run": run, "compare": compare, "labels": settings.labels, "steps": steps,
-              "cfg_scale": cfg, "seed": seed, "scheduler": scheduler,
+    result = {"path": str(path), "run": run, "compare": compare, "labels": settings.labels,
+              "steps": steps, "cfg_scale": cfg, "seed": seed, "scheduler": scheduler,
               "token_overflow": {"dropped": overflow.dropped, "rate": overflow.rate}}  # fmt: skip
     if overflow.dropped:
-        render.note(f"note: {overflow.dropped} tokens ({100 * overflow.rate:.2f}%) exceeded their site's "
-                    "token capacity and skipped their MLP")  # fmt: skip
+        render.note(f"note: {overflow.dropped} tokens ({100 * overflow.rate:.2f}%) exceeded "
+                    "their site's token capacity and skipped their MLP")  # fmt: skip
     if json:
         render.print_json(result)
     else:
         side = " (original left, dynamic right)" if compare else ""
         render.out().print(f"{path}{side}", markup=False, highlight=False)
+
+
+def check_options(run: str | None, out: str | None, scheduler: str) -> None:
+    """Every missing or bad option of ``sample`` named in one error, before anything loads.
+
+    Example:
+        >>> try:
+        ...     check_options(None, None, "ddim")
+        ... except ConfigError as e:
+        ...     print(str(e)[:32])
+        sample needs --run DIR (a run fo
+    """
+    from dynconvert.sampling import SCHEDULERS
+
+    wanted = {"--run DIR (a run folder written by 'dynconvert convert')": run,
+              "--out FILE.png (the grid to write)": out}  # fmt: skip
+    missing = [flag for flag, value in wanted.items() if not value]
+    if missing:
+        raise ConfigError(f"sample needs {' and '.join(missing)}")
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}; got {scheduler!r}")
+    if not str(out).lower().endswith(".png"):
+        raise ConfigError(f"--out must be a .png file; got {out!r}")

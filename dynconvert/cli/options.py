@@ -27,13 +27,13 @@ ModelOpt = Annotated[
     str | None,
     unset_option(
         "--model", "-m",
-        help="Model: a preset or alias (digits, dit-xl, dit-s, dit-b, U-ViT-H/2, ...) or a diffusers "
-        "model (pixart-alpha).",
+        help="Model: a preset or alias (digits, dit-xl, dit-s, dit-b, U-ViT-H/2, ...) or a "
+        "diffusers model (pixart-alpha).",
     ),
 ]  # fmt: skip
-_RUN = unset_option("--run", "-r", help="A run folder written by 'dynconvert convert'.")
-RunOpt = Annotated[str | None, _RUN]
-RequiredRunOpt = Annotated[str, _RUN]
+RunOpt = Annotated[
+    str | None, unset_option("--run", "-r", help="A run folder written by 'dynconvert convert'.")
+]
 CheckpointOpt = Annotated[
     str | None,
     unset_option(

@@ -105,8 +105,9 @@ class StepProgress:
     def __enter__(self) -> StepProgress:
         if self.live:
             self.progress = Progress(
-                TextColumn("[bold]calibrating[/bold]"), BarColumn(bar_width=16), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), console=self.console, transient=False,
+                TextColumn("[bold]calibrating[/bold]"), BarColumn(bar_width=16),
+                MofNCompleteColumn(), TextColumn("{task.fields[info]}"), console=self.console,
+                transient=False,
             )  # fmt: skip
             self.progress.start()
             self.task = self.progress.add_task("calibrate", total=self.total, info="")

@@ -30,7 +30,7 @@ from dynconvert.flops import last_flops_ratio
 from dynconvert.measure.evaluations import Evaluation
 from dynconvert.runtime.routing import routing
 from dynconvert.runtime.state import get_state, is_converted
-from dynconvert.sampling import compare_grid, sample
+from dynconvert.sampling import compare_grid, comparison_titles, sample
 
 _CHUNK = 50
 """Samples per model call (100 rows with guidance): measured fastest on a 2-core CPU."""
@@ -221,7 +221,8 @@ def write_demo_grid(
     columns: int | None = 10,
     upscale: int = 2,
 ) -> Path:
-    """Write the original (left) and dynamic (right) samples of ``evaluate_digits`` as one PNG.
+    """Write the original (left) and dynamic (right) samples of ``evaluate_digits`` as one PNG,
+    titled "original" and "dynamic" with its FLOPs ratio.
 
     Each grid has one row per class (0 at the top) and ``columns`` samples per row, the same
     noise in the same cell of both grids.
@@ -247,8 +248,14 @@ def write_demo_grid(
     per_class = int(evaluation.get("per_class") or len(tensors["labels"]) // 10)
     show = per_class if columns is None else max(1, min(int(columns), per_class))
     keep = torch.cat([torch.arange(show) + c * per_class for c in range(10)])
+    ratio = (evaluation.get("flops_ratio") or {}).get("dynamic")  # over the sampler's calls
     return compare_grid(
-        tensors["original"][keep], tensors["dynamic"][keep], path, nrow=show, upscale=upscale
+        tensors["original"][keep],
+        tensors["dynamic"][keep],
+        path,
+        nrow=show,
+        upscale=upscale,
+        titles=comparison_titles(ratio),
     )
 
 

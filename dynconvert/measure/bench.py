@@ -157,8 +157,8 @@ def benchmark(
         count: also count executed FLOPs (one extra call of each model).
         memory: also measure peak memory (one extra call of each model).
         compile: wrap both models in torch.compile.
-        execution: the converted model's execution mode (runtime/modes.py: "fast", "planned",
-            "masked", "auto"; default: the model's own, "planned" with ``graphs``).
+        execution: the converted model's evaluation path ("fast", "planned", "masked", "auto";
+            default: the model's own, "planned" with ``graphs``).
         graphs: run both models through CUDA graphs (on CUDA; eager elsewhere).
 
     Both models are moved to ``device`` and ``dtype`` (a plain ``model`` is the original itself).
@@ -169,14 +169,7 @@ def benchmark(
         >>> r.speedup > 0
         True
     """
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    if execution is not None:
-        execution_mode(execution)  # an unknown name fails here, before any model is built
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError('device cuda requested but CUDA is not available; use `device="cpu"`')
-    dt = DTYPES[dtype]
+    dev, dt = _check(dtype, execution, device)
     progress = on_progress or (lambda stage, i, n: None)
     name = getattr(model, "preset", None) or type(model).__name__
     if example_inputs is None:
@@ -184,32 +177,8 @@ def benchmark(
     else:
         args, kwargs = split_inputs(example_inputs)
     args, kwargs = with_timestep(model, (args, kwargs), float(timestep))
-
-    if is_converted(model):
-        dynamic = model
-        static = revert(copy.deepcopy(model))
-    else:
-        if keep is None:
-            raise ConfigError(
-                "benchmarking an unconverted model needs keep= (the FLOPs ratio of synthetic routing)"
-            )
-        static = model
-        dynamic = convert(copy.deepcopy(model), keep, example_inputs=(args, kwargs))
-    routing = "learned"
-    if keep is not None:
-        fr = synthetic_routing(dynamic, keep, tokens, (args, kwargs), seed)
-        routing = f"synthetic: {fr['width']:.3f} of heads and groups, {fr['tokens']:.3f} of tokens"
-    static.eval().to(device=dev, dtype=dt)
-    dynamic.eval().to(device=dev, dtype=dt)
-    bank = get_state(dynamic)
-    bank.clear_cache()
-    if execution is not None or graphs:
-        bank.execution = execution or "planned"
-    for m in (static, dynamic):  # graphed or eager as asked (a loaded model comes graphed)
-        if graphs:
-            enable_cuda_graphs(m)
-        else:
-            disable_cuda_graphs(m)
+    static, dynamic, routing = _pair(model, keep, tokens, (args, kwargs), seed)
+    bank = _place(static, dynamic, dev, dt, execution, graphs)
     args, kwargs = _to(args, dev, dt), _to(kwargs, dev, dt)
     run_static = torch.compile(static) if compile else static
     run_dynamic = torch.compile(dynamic) if compile else dynamic
@@ -224,62 +193,136 @@ def benchmark(
         call(run_dynamic)
     ratio = float(last_flops_ratio(bank).mean())
     token_overflow(dynamic)  # count the timed calls only
-    ts, td = [], []
+    ts, td = _alternate(run_static, run_dynamic, call, repeats, dev, progress)
+    overflow = token_overflow(dynamic)
+    g_static, g_dynamic = graph_stats(static) or {}, graph_stats(dynamic) or {}
+    t_static, t_dynamic = statistics.median(ts), statistics.median(td)
+    speedup = t_static / t_dynamic
+    executed, peak_s, peak_d = _flops_and_memory(
+        static, dynamic, call, (args, kwargs), dev, count, memory, progress
+    )
+    return BenchResult(
+        time_static_s=t_static, time_dynamic_s=t_dynamic, speedup=speedup, flops_ratio=ratio,
+        executed_flops_ratio=executed, efficiency=speedup * ratio, peak_mem_static_bytes=peak_s,
+        peak_mem_dynamic_bytes=peak_d, device=str(dev), dtype=str(dt).replace("torch.", ""),
+        batch=batch_of(args, kwargs), timestep=timestep, repeats=repeats, times_static_s=ts,
+        times_dynamic_s=td, slice_cache_bytes=int(bank.slice_bytes), model=name, routing=routing,
+        execution=bank.execution, graphs=graphs, graphs_static=g_static.get("graphs"),
+        graphs_dynamic=g_dynamic.get("graphs"), capture_s_static=g_static.get("capture_s"),
+        capture_s_dynamic=g_dynamic.get("capture_s"),
+        token_overflow_rate=overflow.rate if overflow.calls else None,
+    )  # fmt: skip
+
+
+def _check(dtype: str, execution: str | None, device: str) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype to run on, once the options are known to be valid."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if execution is not None:
+        execution_mode(execution)  # an unknown name fails here, before any model is built
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError('device cuda requested but CUDA is not available; use `device="cpu"`')
+    return dev, DTYPES[dtype]
+
+
+def _pair(
+    model: nn.Module, keep: float | None, tokens: float, inputs: Any, seed: int
+) -> tuple[nn.Module, nn.Module, str]:
+    """(original, converted, how it is routed): a converted model and its reverted copy, or a
+    plain model and a converted copy; ``keep`` gives either synthetic routing."""
+    if is_converted(model):
+        dynamic = model
+        static = revert(copy.deepcopy(model))
+    else:
+        if keep is None:
+            raise ConfigError(
+                "benchmarking an unconverted model needs keep= (the FLOPs ratio of synthetic "
+                "routing)"
+            )
+        static = model
+        dynamic = convert(copy.deepcopy(model), keep, example_inputs=inputs)
+    routing = "learned"
+    if keep is not None:
+        fr = synthetic_routing(dynamic, keep, tokens, inputs, seed)
+        routing = f"synthetic: {fr['width']:.3f} of heads and groups, {fr['tokens']:.3f} of tokens"
+    return static, dynamic, routing
+
+
+def _place(
+    static: nn.Module,
+    dynamic: nn.Module,
+    dev: torch.device,
+    dt: torch.dtype,
+    execution: str | None,
+    graphs: bool,
+) -> Any:
+    """Both models in eval mode on ``dev`` in ``dt``, on the asked execution path and graphed
+    or eager as asked; returns the converted model's state."""
+    static.eval().to(device=dev, dtype=dt)
+    dynamic.eval().to(device=dev, dtype=dt)
+    bank = get_state(dynamic)
+    bank.clear_cache()
+    if execution is not None or graphs:
+        bank.execution = execution or "planned"
+    for m in (static, dynamic):  # graphed or eager as asked (a loaded model comes graphed)
+        if graphs:
+            enable_cuda_graphs(m)
+        else:
+            disable_cuda_graphs(m)
+    return bank
+
+
+def _alternate(
+    static: Any,
+    dynamic: Any,
+    call: Callable[[Any], Any],
+    repeats: int,
+    dev: torch.device,
+    progress: Callable[[str, int, int], None],
+) -> tuple[list[float], list[float]]:
+    """Seconds of each of ``repeats`` calls of each model, alternating (original first)."""
+    ts: list[float] = []
+    td: list[float] = []
     for i in range(repeats):
         progress("timing", i + 1, repeats)
-        for m, out in ((run_static, ts), (run_dynamic, td)):
+        for m, out in ((static, ts), (dynamic, td)):
             _sync(dev)
             t0 = time.perf_counter()
             call(m)
             _sync(dev)
             out.append(time.perf_counter() - t0)
-    overflow = token_overflow(dynamic)
-    g_static, g_dynamic = graph_stats(static) or {}, graph_stats(dynamic) or {}
-    t_static, t_dynamic = statistics.median(ts), statistics.median(td)
-    speedup = t_static / t_dynamic
+    return ts, td
 
-    # FLOPs and memory are measured on the same paths run eagerly: a graph replay dispatches no
-    # op to count and allocates from its pool, captured during the warm-up.
+
+def _flops_and_memory(
+    static: nn.Module,
+    dynamic: nn.Module,
+    call: Callable[[nn.Module], Any],
+    inputs: Any,
+    dev: torch.device,
+    count: bool,
+    memory: bool,
+    progress: Callable[[str, int, int], None],
+) -> tuple[float | None, int | None, int | None]:
+    """(executed FLOPs ratio, peak bytes of the original, of the converted model), as asked.
+
+    Measured on the same paths run eagerly: a graph replay dispatches no op to count and
+    allocates from its pool, captured during the warm-up.
+    """
     for m in (static, dynamic):
         disable_cuda_graphs(m)
     executed = None
     if count:
         progress("counting FLOPs", 1, 1)
-        executed = measure_macs(dynamic, (args, kwargs)) / measure_macs(static, (args, kwargs))
+        executed = measure_macs(dynamic, inputs) / measure_macs(static, inputs)
     peak_s = peak_d = None
     if memory:
         progress("measuring memory", 1, 1)
+        slices = get_state(dynamic).slice_bytes
         peak_s = _model_bytes(static) + _peak_call_bytes(lambda: call(static), dev)
-        peak_d = (
-            _model_bytes(dynamic) + bank.slice_bytes + _peak_call_bytes(lambda: call(dynamic), dev)
-        )
-    return BenchResult(
-        time_static_s=t_static,
-        time_dynamic_s=t_dynamic,
-        speedup=speedup,
-        flops_ratio=ratio,
-        executed_flops_ratio=executed,
-        efficiency=speedup * ratio,
-        peak_mem_static_bytes=peak_s,
-        peak_mem_dynamic_bytes=peak_d,
-        device=str(dev),
-        dtype=str(dt).replace("torch.", ""),
-        batch=batch_of(args, kwargs),
-        timestep=timestep,
-        repeats=repeats,
-        times_static_s=ts,
-        times_dynamic_s=td,
-        slice_cache_bytes=int(bank.slice_bytes),
-        model=name,
-        routing=routing,
-        execution=bank.execution,
-        graphs=graphs,
-        graphs_static=g_static.get("graphs"),
-        graphs_dynamic=g_dynamic.get("graphs"),
-        capture_s_static=g_static.get("capture_s"),
-        capture_s_dynamic=g_dynamic.get("capture_s"),
-        token_overflow_rate=overflow.rate if overflow.calls else None,
-    )
+        peak_d = _model_bytes(dynamic) + slices + _peak_call_bytes(lambda: call(dynamic), dev)
+    return executed, peak_s, peak_d
 
 
 def format_bytes(n: int | None) -> str:

@@ -171,126 +171,27 @@ def support_row(
         and ``forward_s``. ``fast_masked_rel_err`` is the larger of two routings: per-timestep masks
         and one mask for every sample.
     """
-    entry = ZOO[name]
-    row: dict[str, Any] = {
-        "name": name,
-        "class_name": entry.class_name,
-        "family": entry.family,
-        "note": entry.note,
-        "status": "error",
-        "error": None,
-        "stage": "build",
-        "attention": None,
-        "mlp": None,
-        "skipped": [],
-        "site_notes": [],
-        "capture": None,
-        "coverage": None,
-        "plan_extras": {},
-        "static_macs": None,
-        "min_ratio": None,
-        "budget": None,
-        "fresh_rel_err": None,
-        "fresh_ok": None,
-        "fast_masked_rel_err": None,
-        "fast_masked_ok": None,
-        "measured_static_macs": None,
-        "executed_ratio": None,
-        "executed_ratio_per_t": None,
-        "analytic_ratio": None,
-        "analytic_gap": None,
-        "static_gap": None,
-        "fixed_gap": None,
-        "flops_error": None,
-        "analyze_s": None,
-        "convert_s": None,
-        "forward_s": None,
-    }
+    row = _new_row(name)
     try:
-        model = entry.build(seed)
-        inputs = entry.inputs(model, batch=batch)
-        row["stage"] = "forward"
-        t0 = time.perf_counter()
-        reference = _run(model, inputs)
-        row["forward_s"] = round(time.perf_counter() - t0, 4)
-        measured_static = None
-        if flops:
-            try:
-                measured_static = measure_macs(model, inputs)
-                row["measured_static_macs"] = int(measured_static / batch)
-            except Exception as e:  # noqa: BLE001 - a counter that cannot run is a note, not a crash
-                row["flops_error"] = "counting the original: " + _one_line(e)
-        row["stage"] = "analyze"
+        model = ZOO[name].build(seed)
+        inputs = ZOO[name].inputs(model, batch=batch)
+        reference, measured_static = _forward(model, inputs, row, batch, flops)
         config = ConvertConfig()
+        row["stage"] = "analyze"
         t0 = time.perf_counter()
         plan = analyze(model, split_inputs(inputs), config)
         row["analyze_s"] = round(time.perf_counter() - t0, 3)
-        row.update(
-            attention=len(plan.attention),
-            mlp=len(plan.mlp),
-            capture=plan.capture,
-            coverage=plan.coverage,
-            skipped=[{"name": s.name, "kind": s.kind, "reason": s.reason} for s in plan.skipped],
-            site_notes=_site_notes(plan),
-            plan_extras=_plan_extras(plan),
-            static_macs=int(plan.static_macs_per_sample),
-        )
+        row.update(_plan_fields(plan))
         if not plan.sites:
             row.update(status="no sites", stage="done")
             return row
-        row["stage"] = "budget"
-        low = min_ratio(plan, config.token_reduction)
-        row["min_ratio"] = round(low, 4)
-        budget = max(0.5, min(1.0, round(low + 0.02, 2)))
-        row["budget"] = budget
-        if low > 1.0:
-            row.update(
-                status="refused", stage="done", error=f"minimum reachable ratio {low:.3f} > 1"
-            )
+        if not _convert(model, inputs, plan, config, row):
             return row
-        row["stage"] = "convert"
-        t0 = time.perf_counter()
-        try:
-            convert(model, budget, example_inputs=inputs, config=config)
-        except BudgetError:
-            # Sites whose fast path failed convert's check were dropped, which raised the floor:
-            # the budget only sets the routers' target here, so convert at the full budget.
-            row["budget"] = budget = 1.0
-            convert(model, budget, example_inputs=inputs, config=config)
-        row["convert_s"] = round(time.perf_counter() - t0, 3)
         row["stage"] = "fresh"
         fresh = _run(model, inputs)
         row["fresh_rel_err"] = _rel(fresh, reference)
         row["fresh_ok"] = row["fresh_rel_err"] <= TOLERANCE
-        # Two routings: per-timestep masks (each sample of the batch its own), then one mask for every
-        # sample (so the fast path really slices: exactly half the units on).
-        errors = []
-        for vary in (True, False):
-            row["stage"] = "routing" if vary else "fixed routing"
-            randomize_routing(model, keep=keep, seed=seed, vary_with_t=vary, example_inputs=inputs)
-            set_routing(model, "eval", execution="masked")
-            masked = _run(model, inputs)
-            set_routing(model, "eval", execution="fast")
-            fast = _run(model, inputs)
-            errors.append(_rel(fast, masked))
-            if flops and measured_static is not None:
-                try:
-                    executed = measure_macs(model, inputs)
-                    report = count_flops(model, inputs)
-                except Exception as e:  # noqa: BLE001 - a counter that cannot run is a note, not a crash
-                    row["flops_error"] = (
-                        f"counting the converted model ({row['stage']}): " + _one_line(e)
-                    )
-                    continue
-                if vary:  # each sample its own masks: the batch computes their union
-                    row["executed_ratio_per_t"] = round(executed / measured_static, 4)
-                    row["analytic_gap"] = round(executed / report.dynamic_macs - 1.0, 4)
-                else:  # one mask for every sample (a pipeline's call): executed must equal analytic
-                    row["executed_ratio"] = round(executed / measured_static, 4)
-                    row["analytic_ratio"] = round(report.ratio, 4)
-                    row["fixed_gap"] = round(executed / report.dynamic_macs - 1.0, 4)
-                    row["static_gap"] = round(report.static_macs / measured_static - 1.0, 4)
-        row["fast_masked_rel_err"] = max(errors)
+        row["fast_masked_rel_err"] = _routings(model, inputs, row, keep, seed, measured_static)
         row["fast_masked_ok"] = row["fast_masked_rel_err"] <= TOLERANCE
         row.update(status="converted", stage="done")
     except Exception as e:  # noqa: BLE001 - the matrix reports every failure, it never stops
@@ -298,6 +199,130 @@ def support_row(
         if row["stage"] == "convert" and type(e).__name__ in ("BudgetError", "NoSitesError"):
             row["status"] = "refused"
     return row
+
+
+_MEASURED = (
+    "static_macs", "min_ratio", "budget", "fresh_rel_err", "fresh_ok", "fast_masked_rel_err",
+    "fast_masked_ok", "measured_static_macs", "executed_ratio", "executed_ratio_per_t",
+    "analytic_ratio", "analytic_gap", "static_gap", "fixed_gap", "flops_error", "analyze_s",
+    "convert_s", "forward_s",
+)  # fmt: skip
+"""The measured fields of a row, None until measured."""
+
+
+def _new_row(name: str) -> dict[str, Any]:
+    """A row before anything ran: status "error" at stage "build" until a stage passes."""
+    entry = ZOO[name]
+    return {
+        "name": name, "class_name": entry.class_name, "family": entry.family, "note": entry.note,
+        "status": "error", "error": None, "stage": "build", "attention": None, "mlp": None,
+        "skipped": [], "site_notes": [], "capture": None, "coverage": None, "plan_extras": {},
+        **dict.fromkeys(_MEASURED),
+    }  # fmt: skip
+
+
+def _forward(
+    model: nn.Module, inputs: Any, row: dict[str, Any], batch: int, flops: bool
+) -> tuple[torch.Tensor, float | None]:
+    """The original's output and, with ``flops``, its counted MACs (None if it cannot count)."""
+    row["stage"] = "forward"
+    t0 = time.perf_counter()
+    reference = _run(model, inputs)
+    row["forward_s"] = round(time.perf_counter() - t0, 4)
+    measured_static = None
+    if flops:
+        try:
+            measured_static = measure_macs(model, inputs)
+            row["measured_static_macs"] = int(measured_static / batch)
+        except Exception as e:  # noqa: BLE001 - a counter that cannot run is a note, not a crash
+            row["flops_error"] = "counting the original: " + _one_line(e)
+    return reference, measured_static
+
+
+def _plan_fields(plan: Plan) -> dict[str, Any]:
+    """What the analysis found, as row fields."""
+    return dict(
+        attention=len(plan.attention),
+        mlp=len(plan.mlp),
+        capture=plan.capture,
+        coverage=plan.coverage,
+        skipped=[{"name": s.name, "kind": s.kind, "reason": s.reason} for s in plan.skipped],
+        site_notes=_site_notes(plan),
+        plan_extras=_plan_extras(plan),
+        static_macs=int(plan.static_macs_per_sample),
+    )
+
+
+def _convert(
+    model: nn.Module, inputs: Any, plan: Plan, config: ConvertConfig, row: dict[str, Any]
+) -> bool:
+    """Convert at a budget the plan can reach; False (the row refused) when it reaches none."""
+    row["stage"] = "budget"
+    low = min_ratio(plan, config.token_reduction)
+    row["min_ratio"] = round(low, 4)
+    budget = max(0.5, min(1.0, round(low + 0.02, 2)))
+    row["budget"] = budget
+    if low > 1.0:
+        row.update(status="refused", stage="done", error=f"minimum reachable ratio {low:.3f} > 1")
+        return False
+    row["stage"] = "convert"
+    t0 = time.perf_counter()
+    try:
+        convert(model, budget, example_inputs=inputs, config=config)
+    except BudgetError:
+        # Sites whose fast path failed convert's check were dropped, which raised the floor:
+        # the budget only sets the routers' target here, so convert at the full budget.
+        row["budget"] = budget = 1.0
+        convert(model, budget, example_inputs=inputs, config=config)
+    row["convert_s"] = round(time.perf_counter() - t0, 3)
+    return True
+
+
+def _routings(
+    model: nn.Module,
+    inputs: Any,
+    row: dict[str, Any],
+    keep: float,
+    seed: int,
+    measured_static: float | None,
+) -> float:
+    """The larger fast-vs-masked error of two randomized routings, counting FLOPs of each.
+
+    Two routings: per-timestep masks (each sample of the batch its own), then one mask for
+    every sample (so the fast path really slices: exactly half the units on).
+    """
+    errors = []
+    for vary in (True, False):
+        row["stage"] = "routing" if vary else "fixed routing"
+        randomize_routing(model, keep=keep, seed=seed, vary_with_t=vary, example_inputs=inputs)
+        set_routing(model, "eval", execution="masked")
+        masked = _run(model, inputs)
+        set_routing(model, "eval", execution="fast")
+        fast = _run(model, inputs)
+        errors.append(_rel(fast, masked))
+        if measured_static is not None:
+            _count(model, inputs, row, vary, measured_static)
+    return max(errors)
+
+
+def _count(
+    model: nn.Module, inputs: Any, row: dict[str, Any], vary: bool, measured_static: float
+) -> None:
+    """The executed and analytic FLOPs of the routing in force, as row fields."""
+    try:
+        executed = measure_macs(model, inputs)
+        report = count_flops(model, inputs)
+    except Exception as e:  # noqa: BLE001 - a counter that cannot run is a note, not a crash
+        row["flops_error"] = f"counting the converted model ({row['stage']}): " + _one_line(e)
+        return
+    if vary:  # each sample its own masks: the batch computes their union
+        row["executed_ratio_per_t"] = round(executed / measured_static, 4)
+        row["analytic_gap"] = round(executed / report.dynamic_macs - 1.0, 4)
+    else:  # one mask for every sample (a pipeline's call): executed must equal analytic
+        row["executed_ratio"] = round(executed / measured_static, 4)
+        row["analytic_ratio"] = round(report.ratio, 4)
+        row["fixed_gap"] = round(executed / report.dynamic_macs - 1.0, 4)
+        row["static_gap"] = round(report.static_macs / measured_static - 1.0, 4)
 
 
 def support_rows(

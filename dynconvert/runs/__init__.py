@@ -19,9 +19,10 @@ its first checkpoint removes only what it wrote (the folder too when it created 
 the checkpoints stay and ``resume=True`` continues. A resume that fails leaves ``run.json`` as
 it was.
 
-The code lives in five modules: ``sources`` (the base model and the data), ``folder`` (the run
-folder and its files), ``lock`` (one writer per folder), ``report`` (the measurements) and
-``pipeline`` (the run itself).
+The code lives in these modules: ``sources`` (the base model), ``hub`` (whether the Hugging
+Face hub can be reached), ``data`` (the calibration data), ``folder`` (the run folder and its
+files), ``lock`` (one writer per folder), ``report`` (the measurements) and ``pipeline`` (the
+run itself).
 
 Example:
     >>> from dynconvert.runs import RunRequest, convert_run
@@ -29,6 +30,7 @@ Example:
     >>> report["flops_ratio"], report["run_dir"]                            # doctest: +SKIP
 """
 
+from dynconvert.runs.data import synthetic_data
 from dynconvert.runs.folder import (
     check_out,
     check_writable,
@@ -39,21 +41,23 @@ from dynconvert.runs.folder import (
 )
 from dynconvert.runs.lock import LOCK_FILE, RunLock, holder
 from dynconvert.runs.pipeline import (
+    check_requirements,
     convert_run,
     execute_run,
     parse_target,
     prepare_run,
     resolve_device,
 )
-from dynconvert.runs.report import build_report, flops_profile, write_samples
+from dynconvert.runs.report import build_report, flops_profile
 from dynconvert.runs.request import EventFn, PreparedRun, RunRequest
+from dynconvert.runs.samples import write_samples
 from dynconvert.runs.sources import (
     DIFFUSERS_MODELS,
     TEST_MODELS,
     ModelSource,
     original_model,
     resolve_source,
-    synthetic_data,
+    weights_problem,
 )
 
 __all__ = [
@@ -67,6 +71,7 @@ __all__ = [
     "RunRequest",
     "build_report",
     "check_out",
+    "check_requirements",
     "check_writable",
     "convert_run",
     "default_out",
@@ -82,5 +87,6 @@ __all__ = [
     "resolve_device",
     "resolve_source",
     "synthetic_data",
+    "weights_problem",
     "write_samples",
 ]

@@ -197,7 +197,10 @@ def check_out(
             f"{out} is not empty and holds no dynconvert run; choose another `out`"
         )
     was = previous.get("identity", {})
-    desc = f"{was.get('model', {}).get('name')} at target {was.get('target_flops')}, recipe {was.get('recipe')}"
+    desc = (
+        f"{was.get('model', {}).get('name')} at target {was.get('target_flops')}, "
+        f"recipe {was.get('recipe')}"
+    )
     diff = _differences(identity, was)
     if diff:
         more = f" and {len(diff) - 2} more" if len(diff) > 2 else ""
@@ -215,8 +218,8 @@ def check_out(
             )
         if steps <= last:
             raise OutputExistsError(
-                f"the run in {out} already finished {last} steps; `resume=True` needs `steps` above {last}, "
-                "or choose another `out`"
+                f"the run in {out} already finished {last} steps; `resume=True` needs `steps` "
+                f"above {last}, or choose another `out`"
             )
     elif not resume:
         raise OutputExistsError(

@@ -17,14 +17,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from dynconvert.calibration.checkpoint import check_resume, list_checkpoints
 from dynconvert.calibration.loop import calibrate
 from dynconvert.convert import check_budget, convert
-from dynconvert.errors import BudgetError, ConfigError, DataError
+from dynconvert.errors import (
+    BudgetError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DynconvertError,
+)
 from dynconvert.fields import Range, check_value
 from dynconvert.io.save import atomic_write_bytes
-from dynconvert.recipes import load_recipe, recipe_for_model
+from dynconvert.recipes import Recipe, load_recipe, recipe_for_model
+from dynconvert.runs.data import (
+    check_data_shape,
+    data_source,
+    model_input_shape,
+    synthetic_data,
+)
 from dynconvert.runs.folder import (
     REPORT_FILE,
     RUN_FILE,
@@ -42,13 +55,7 @@ from dynconvert.runs.lock import RunLock, refuse_if_locked
 from dynconvert.runs.memory import Heartbeat, check_run_memory
 from dynconvert.runs.report import build_report, check_report
 from dynconvert.runs.request import EventFn, PreparedRun, RunRequest
-from dynconvert.runs.sources import (
-    check_data_shape,
-    data_source,
-    model_input_shape,
-    resolve_source,
-    synthetic_data,
-)
+from dynconvert.runs.sources import ModelSource, resolve_source, weights_problem
 from dynconvert.runtime.state import get_state
 
 
@@ -104,12 +111,65 @@ def check_samples(recipe: Any, model: Any) -> None:
 def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> PreparedRun:
     """Check everything and build the converted model; writes nothing.
 
+    The checks that need no model come first, and every missing requirement (data, weights)
+    is named in one error; then the model is built, its data checked and it is converted.
+
     Raises:
         DynconvertError: A bad recipe, model name, budget, checkpoint, data set, device or
             output folder (each message names the fix).
-    """
 
+    Example:
+        >>> prepared = prepare_run(RunRequest(model="digits", target_flops=0.5))  # doctest: +SKIP
+        >>> prepared.out.as_posix()                                             # doctest: +SKIP
+        'runs/digits-0.5'
+    """
     event = on_event or (lambda stage, msg: None)
+    recipe = _checked_recipe(request)
+    target = recipe.target_flops
+    device = resolve_device(request.device)
+    source = check_requirements(recipe, request.random_init)
+    out = Path(request.out) if request.out else default_out(recipe.model, target)
+    run_fields = {"output_dir": str(out), "resume": bool(request.resume), "cpu": device == "cpu"}
+    if request.force:
+        run_fields["check_memory"] = False
+    calibration = recipe.calibration_config(target, **run_fields)
+    identity = run_identity(recipe, source, target)
+    main = int(os.environ.get("RANK", "0")) == 0
+    previous = None
+    if main:
+        check_writable(out)
+        refuse_if_locked(out)  # another process is writing there: refused before any work
+        previous = check_out(out, identity, request.resume, calibration.steps)
+    data = data_source(recipe.data)
+
+    t0 = time.perf_counter()
+    plan = check_run_memory(source, recipe, calibration, device)  # before any weight exists
+    if plan is not None:
+        event("memory", f"memory plan: about {plan.total / 2**30:.1f} GiB per process "
+              f"(micro-batch {plan.settings.micro_batch}) in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    model = _build(source, recipe, event)
+    if data is None:
+        data = synthetic_data(model, rows=max(64, calibration.batch_size), seed=calibration.seed)
+    check_data_shape(model, data)
+    check_report(recipe, model)
+    check_samples(recipe, model)
+
+    t0 = time.perf_counter()
+    model = convert(model, target, config=recipe.convert_config(), seed=calibration.seed)
+    plan = get_state(model).plan
+    if main:
+        check_resume(calibration, model)  # the checkpoint to continue from, before any work
+    event("convert", f"converted {len(plan.sites)} sites in {len(plan.blocks)} blocks "
+          f"({plan.coverage}) in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    return PreparedRun(
+        request=request, recipe=recipe, source=source, target=target, out=out, device=device,
+        calibration=calibration, model=model, data=data, identity=identity, previous=previous,
+        main_process=main,
+    )  # fmt: skip
+
+
+def _checked_recipe(request: RunRequest) -> Recipe:
+    """The request's values checked and its recipe loaded, the request's values applied."""
     target = parse_target(request.target_flops) if request.target_flops is not None else None
     steps = request.steps
     if steps is not None:
@@ -132,36 +192,54 @@ def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> Prepare
         raise ConfigError(
             'no model: pass `model` (e.g. `model="digits"`) or a `recipe` that names one'
         )
-    target = recipe.target_flops
-    device = resolve_device(request.device)
-    source = resolve_source(
-        recipe.model, checkpoint=recipe.checkpoint, random_init=request.random_init,
-        model_kwargs=recipe.model_kwargs, seed=int(recipe.calibration.get("seed", 0)),
-    )  # fmt: skip
+    return recipe
+
+
+def check_requirements(recipe: Recipe, random_init: bool = False) -> ModelSource:
+    """The source of a recipe's model, once its weights and its data can both be had.
+
+    Every missing requirement is named in one error, before anything is built or downloaded:
+    the data (a recipe without ``data``) and the weights (no checkpoint, or weights from the
+    Hugging Face hub when it cannot be reached; see :func:`dynconvert.runs.hub.hub_problem`).
+
+    Raises:
+        DataError: Only the data is missing.
+        CheckpointError: Only the weights are missing (or a checkpoint is not there).
+        ConfigError: Both are missing; the message names each with its fix.
+
+    Example:
+        >>> recipe = load_recipe("digits")
+        >>> check_requirements(recipe).describe()
+        'digits (shipped weights)'
+    """
+    missing: list[DynconvertError] = []
+    source = None
+    try:
+        source = resolve_source(
+            recipe.model, checkpoint=recipe.checkpoint, random_init=random_init,
+            model_kwargs=recipe.model_kwargs, seed=int(recipe.calibration.get("seed", 0)),
+        )  # fmt: skip
+    except CheckpointError as e:
+        missing.append(e)
+    problem = weights_problem(source) if source is not None else None
+    if problem is not None:
+        missing.append(CheckpointError(problem))
     if recipe.data is None:
-        raise DataError(
+        missing.append(DataError(
             f"recipe {recipe.name} needs calibration data: set `data` to a latents folder (see "
             'dynconvert.write_latents), or `data="synthetic"` to try the pipeline on random latents'
-        )
-    out = Path(request.out) if request.out else default_out(recipe.model, target)
-    run_fields = {"output_dir": str(out), "resume": bool(request.resume), "cpu": device == "cpu"}
-    if request.force:
-        run_fields["check_memory"] = False
-    calibration = recipe.calibration_config(target, **run_fields)
-    identity = run_identity(recipe, source, target)
-    main = int(os.environ.get("RANK", "0")) == 0
-    previous = None
-    if main:
-        check_writable(out)
-        refuse_if_locked(out)  # another process is writing there: refused before any work
-        previous = check_out(out, identity, request.resume, calibration.steps)
-    data = data_source(recipe.data)
+        ))  # fmt: skip
+    if len(missing) == 1:
+        raise missing[0]
+    if missing:
+        listed = "; ".join(f"({n}) {e}" for n, e in enumerate(missing, 1))
+        raise ConfigError(f"{len(missing)} things are missing to convert {recipe.model}: {listed}")
+    assert source is not None
+    return source
 
-    t0 = time.perf_counter()
-    plan = check_run_memory(source, recipe, calibration, device)  # before any weight exists
-    if plan is not None:
-        event("memory", f"memory plan: about {plan.total / 2**30:.1f} GiB per process "
-              f"(micro-batch {plan.settings.micro_batch}) in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+
+def _build(source: ModelSource, recipe: Recipe, event: EventFn) -> nn.Module:
+    """The base model, built (a ``model_kwargs`` value its constructor refuses is named)."""
     t0 = time.perf_counter()
     try:
         model = source.build()
@@ -172,24 +250,7 @@ def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> Prepare
             f"{source.describe()} cannot be built with model_kwargs {recipe.model_kwargs}: {e}"
         ) from e
     event("build", f"built {source.describe()} in {time.perf_counter() - t0:.1f} s")
-    if data is None:
-        data = synthetic_data(model, rows=max(64, calibration.batch_size), seed=calibration.seed)
-    check_data_shape(model, data)
-    check_report(recipe, model)
-    check_samples(recipe, model)
-
-    t0 = time.perf_counter()
-    model = convert(model, target, config=recipe.convert_config(), seed=calibration.seed)
-    plan = get_state(model).plan
-    if main:
-        check_resume(calibration, model)  # the checkpoint to continue from, before any work
-    event("convert", f"converted {len(plan.sites)} sites in {len(plan.blocks)} blocks "
-          f"({plan.coverage}) in {time.perf_counter() - t0:.1f} s")  # fmt: skip
-    return PreparedRun(
-        request=request, recipe=recipe, source=source, target=target, out=out, device=device,
-        calibration=calibration, model=model, data=data, identity=identity, previous=previous,
-        main_process=main,
-    )  # fmt: skip
+    return model
 
 
 def execute_run(
@@ -290,6 +351,7 @@ def convert_run(
     """:func:`prepare_run` then :func:`execute_run`: one whole ``dynconvert convert``.
 
     Example:
-        >>> report = convert_run(RunRequest(model="digits", target_flops=0.5, out="runs/x"))  # doctest: +SKIP
+        >>> request = RunRequest(model="digits", target_flops=0.5, out="runs/x")
+        >>> report = convert_run(request)  # doctest: +SKIP
     """
     return execute_run(prepare_run(request, on_event), on_step=on_step, on_event=on_event)

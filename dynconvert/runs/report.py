@@ -1,12 +1,13 @@
 """What a run measures once calibrated: the FLOPs profile over t, the executed FLOPs, the
-benchmark, the digits evaluation and sample grids, assembled into ``report.json``."""
+benchmark, the recipe's evaluation and the sample grid (:mod:`dynconvert.runs.samples`),
+assembled into ``report.json``."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,18 +17,18 @@ from dynconvert.analysis.costs import call_macs
 from dynconvert.calibration.adapters import resolve_labels, select_adapter
 from dynconvert.calibration.capacity import busy_keep, noised_at, spread_timesteps, token_sites
 from dynconvert.calibration.objectives import build_objective
-from dynconvert.errors import CheckpointError, ConfigError
+from dynconvert.errors import ConfigError
 from dynconvert.flops import last_flops_ratio, routed_ratio
 from dynconvert.io.save import save
 from dynconvert.measure.bench import benchmark
 from dynconvert.measure.evaluations import EVALUATIONS, NONE, evaluation_names
 from dynconvert.plan import ROUTER_TIMESTEPS
 from dynconvert.runs.folder import REPORT_FILE, SAMPLES_FILE
-from dynconvert.runs.sources import first_line, original_model
+from dynconvert.runs.samples import write_samples
+from dynconvert.runs.sources import original_model
 from dynconvert.runtime.planned.controls import capacity_from_keep
 from dynconvert.runtime.routing import routing
-from dynconvert.runtime.state import get_state, is_converted
-from dynconvert.sampling import compare_grid, model_spec, sample, save_grid
+from dynconvert.runtime.state import get_state
 from dynconvert.version import __version__
 
 if TYPE_CHECKING:
@@ -68,28 +69,82 @@ def flops_profile(
         ``flops_ratio_blocks``, ``executed_flops_ratio``, ``timesteps`` and ``token_keep``
         (mean over token-routed sites at each measured t), ``measured`` (the batch-mean ratio of
         the eval forward at each measured t).
+
+    Example:
+        >>> prof = flops_profile(model, batch, calibration_config, points=5)  # doctest: +SKIP
+        >>> len(prof["per_t"])                                                # doctest: +SKIP
+        1000
     """
     import numpy as np
 
+    bank = get_state(model)
+    ts = spread_timesteps(points)
+    counted = set(
+        np.linspace(0, len(ts) - 1, min(executed_points, len(ts))).round().astype(int).tolist()
+    )
+    m = _measure(model, batch, config, ts.tolist(), counted)
+    # Token capacities of the planned path (GPU): saved in the record with the model.
+    capacity_from_keep(model, [int(t) for t in ts], m["busy"])
+    grid = torch.arange(ROUTER_TIMESTEPS, dtype=torch.float64)
+    width = {i: w.double().mean(1).cpu() for i, w in bank.width_table().items()}  # {site: (1000,)}
+    tokens = {  # {site: (1000,)}: keep rates measured at ts, interpolated in between
+        i: torch.from_numpy(np.interp(grid.numpy(), ts, np.asarray(k)))
+        for i, k in m["keep"].items()
+    }
+    reduction = bank.config.token_reduction
+    per_t = routed_ratio(bank.plan, reduction, width, tokens) * torch.ones_like(grid)
+    blocks_per_t = routed_ratio(
+        bank.plan, reduction, width, tokens, blocks_only=True
+    ) * torch.ones_like(grid)
+    static = bank.plan.static_macs / max(bank.plan.batch, 1)
+    keep = m["keep"]
+    keep_mean = [
+        float(np.mean([keep[i][k] for i in keep])) if keep else 1.0 for k in range(len(ts))
+    ]
+    executed = m["executed"]
+    return {
+        "per_t": [round(float(v), 6) for v in per_t],
+        "blocks_per_t": [round(float(v), 6) for v in blocks_per_t],
+        "flops_ratio": float(per_t.mean()),
+        "flops_ratio_blocks": float(blocks_per_t.mean()),
+        "executed_flops_ratio": float(np.mean(executed)) if executed else None,
+        "executed_timesteps": [int(ts[k]) for k in sorted(counted)],
+        "timesteps": [int(t) for t in ts],
+        "token_keep": [round(v, 4) for v in keep_mean],
+        "token_sites": len(keep),
+        "measured": [round(v, 4) for v in m["measured"]],
+        "static_macs": static,
+        "dynamic_macs": float(per_t.mean()) * static,
+        "blocks_macs": float(bank.plan.blocks_macs_per_sample),
+    }
+
+
+def _measure(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    config: Any,
+    ts: list[int],
+    counted: set[int],
+) -> dict[str, Any]:
+    """Eval forwards of ``model`` on ``batch`` noised to each of ``ts``: the batch-mean FLOPs
+    ratio (``measured``), the executed MACs ratio at the indices in ``counted``
+    (``executed``), and per token-routed site its keep rate (``keep``) and busy per-sample
+    keep (``busy``, see calibration/capacity.py) at each t."""
     bank = get_state(model)
     adapter = select_adapter(model, config.adapter, config.adapter_args)
     objective = build_objective(config, adapter)
     if not resolve_labels(model, adapter, config).uses_labels:
         batch = {k: v for k, v in batch.items() if k != "y"}
     x0 = batch["x"].float()
-    ts = spread_timesteps(points)
-    counted = set(
-        np.linspace(0, len(ts) - 1, min(executed_points, len(ts))).round().astype(int).tolist()
-    )
     routed = token_sites(model)
     keep: dict[int, list[float]] = {i: [] for i in routed}
-    busy: dict[int, list[float]] = {i: [] for i in routed}  # busy per-sample keep (capacity.py)
+    busy: dict[int, list[float]] = {i: [] for i in routed}
     measured, executed = [], []
     full = None
     was = model.training
     model.eval()
     try:
-        for k, t in enumerate(ts.tolist()):
+        for k, t in enumerate(ts):
             x_t, t_in = noised_at(objective, x0, t, seed=k)
             step = functools.partial(adapter, model, x_t, t_in, batch)
             if k in counted and full is None:  # the full model's cost does not depend on t
@@ -107,38 +162,7 @@ def flops_profile(
                     busy[i].append(busy_keep(tk))
     finally:
         model.train(was)
-    # Token capacities of the planned path (GPU): saved in the record with the model.
-    capacity_from_keep(model, [int(t) for t in ts], busy)
-    grid = torch.arange(ROUTER_TIMESTEPS, dtype=torch.float64)
-    width = {i: m.double().mean(1).cpu() for i, m in bank.width_table().items()}  # {site: (1000,)}
-    tokens = {  # {site: (1000,)}: keep rates measured at ts, interpolated in between
-        i: torch.from_numpy(np.interp(grid.numpy(), ts, np.asarray(k))) for i, k in keep.items()
-    }
-    reduction = bank.config.token_reduction
-    per_t = routed_ratio(bank.plan, reduction, width, tokens) * torch.ones_like(grid)
-    blocks_per_t = routed_ratio(
-        bank.plan, reduction, width, tokens, blocks_only=True
-    ) * torch.ones_like(grid)
-    static = bank.plan.static_macs / max(bank.plan.batch, 1)
-    blocks = float(bank.plan.blocks_macs_per_sample)
-    keep_mean = [
-        float(np.mean([keep[i][k] for i in keep])) if keep else 1.0 for k in range(len(ts))
-    ]
-    return {
-        "per_t": [round(float(v), 6) for v in per_t],
-        "blocks_per_t": [round(float(v), 6) for v in blocks_per_t],
-        "flops_ratio": float(per_t.mean()),
-        "flops_ratio_blocks": float(blocks_per_t.mean()),
-        "executed_flops_ratio": float(np.mean(executed)) if executed else None,
-        "executed_timesteps": [int(ts[k]) for k in sorted(counted)],
-        "timesteps": [int(t) for t in ts],
-        "token_keep": [round(v, 4) for v in keep_mean],
-        "token_sites": len(routed),
-        "measured": [round(v, 4) for v in measured],
-        "static_macs": static,
-        "dynamic_macs": float(per_t.mean()) * static,
-        "blocks_macs": blocks,
-    }
+    return {"measured": measured, "executed": executed, "keep": keep, "busy": busy}
 
 
 def token_keep_summary(prof: dict[str, Any]) -> dict[str, float] | None:
@@ -172,64 +196,125 @@ def check_report(recipe: Any, model: nn.Module) -> None:
     reason = EVALUATIONS[kind].check(model)
     if reason:
         raise ConfigError(
-            f"evaluate.kind {kind!r} cannot evaluate model {recipe.model!r}: {reason}. Set evaluate.kind to 'none'"
+            f"evaluate.kind {kind!r} cannot evaluate model {recipe.model!r}: {reason}. Set "
+            "evaluate.kind to 'none'"
         )
 
 
 def build_report(
     prepared: PreparedRun, result: Any, on_event: EventFn | None = None
 ) -> dict[str, Any]:
-    """Measure the calibrated model, save it with its FLOPs profile, and assemble the report."""
+    """Measure the calibrated model, save it with its FLOPs profile, and assemble the report.
 
+    The stages, each timed in ``timings``: the FLOPs profile on real data, saving the model,
+    the benchmark, the recipe's evaluation and the sample grid (the last three when the recipe
+    asks for them).
+
+    Example:
+        >>> report = build_report(prepared, calibrate(prepared.model, ...))  # doctest: +SKIP
+    """
     event = on_event or (lambda stage, msg: None)
     recipe, out, model = prepared.recipe, prepared.out, result.model
-    settings = recipe.report
     device = next(model.parameters()).device
     timings: dict[str, float] = {}
+    with _timed(timings, "profile_s"):
+        prof, keep = _profile(prepared, model, device, event)
+    summary = _calibration_summary(result)
+    with _timed(timings, "save_s"):
+        source = prepared.source.to_dict(with_config=False)
+        run = {"recipe": recipe.name, "source": source, "target_flops": prepared.target}
+        save(model, out, flops_ratio_per_t=prof["per_t"],
+             extra={"run": run, "calibration": summary})  # fmt: skip
+    event("save", f"saved the model to {out}")
+    bench = None
+    if recipe.report.bench:
+        with _timed(timings, "bench_s"):
+            bench = _bench(model, recipe.report, device, event)
+    report = _report_fields(prepared, result, prof, keep, summary, bench)
+    if recipe.evaluate.kind != NONE:
+        evaluation = EVALUATIONS[recipe.evaluate.kind]
+        with _timed(timings, "evaluate_s"):
+            event("evaluate", f"{evaluation.name}: {evaluation.description}")
+            original = original_model({"source": prepared.source.to_dict()}).to(device)
+            report.update(evaluation.run(original, model, recipe, out))
+        event("evaluate", evaluation.summary(report))
+    if recipe.samples.grid and "samples" not in report:
+        with _timed(timings, "samples_s"):
+            event("samples", f"writing {SAMPLES_FILE} (original left, dynamic right)")
+            write_samples(model, original_model({"source": prepared.source.to_dict()}).to(device),
+                          out / SAMPLES_FILE, recipe.samples)  # fmt: skip
+        report["samples"] = SAMPLES_FILE
+    files = {p.name for p in out.iterdir() if not p.name.startswith(".")} | {REPORT_FILE}
+    report["files"] = sorted(files)
+    report["device"] = str(device)
+    report["cpu_threads"] = torch.get_num_threads() if device.type == "cpu" else None
+    report["timings"] = timings
+    report["dynconvert_version"] = __version__
+    return report
 
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Record the seconds the block took as ``timings[key]`` (rounded to 0.01 s)."""
     t0 = time.perf_counter()
+    yield
+    timings[key] = round(time.perf_counter() - t0, 2)
+
+
+def _profile(
+    prepared: PreparedRun, model: nn.Module, device: torch.device, event: EventFn
+) -> tuple[dict[str, Any], dict[str, float] | None]:
+    """The FLOPs profile on a fixed batch of real rows, and its token keep summary."""
+    settings = prepared.recipe.report
     event("profile", "measuring the FLOPs profile on real data")
     batch = _real_batch(prepared.data, settings.profile_batch, prepared.calibration.seed, device)
     prof = flops_profile(model, batch, prepared.calibration, settings.profile_timesteps,
                          settings.executed_timesteps)  # fmt: skip
-    timings["profile_s"] = round(time.perf_counter() - t0, 2)
     keep = token_keep_summary(prof)
     kept = "" if keep is None else (f", token keep {keep['mean']:.3f} (t >= 500: "
                                     f"{keep['t_ge_500']:.3f})")  # fmt: skip
     event("profile", f"FLOPs ratio {prof['flops_ratio']:.3f} (mean over t), executed "
           f"{_fmt(prof['executed_flops_ratio'])}{kept}")  # fmt: skip
+    return prof, keep
 
-    summary = {
-        "steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
+
+def _calibration_summary(result: Any) -> dict[str, Any]:
+    """What calibration did, for the record and the report."""
+    return {
+        "steps": result.steps,
+        "final_loss": result.losses[-1] if result.losses else None,
         "last_flops_ratio_train": result.flops_ratios[-1] if result.flops_ratios else None,
-        "skipped_nonfinite": result.skipped_nonfinite, "skipped_grad_norm": result.skipped_grad_norm,
+        "skipped_nonfinite": result.skipped_nonfinite,
+        "skipped_grad_norm": result.skipped_grad_norm,
         "resumed_from": str(result.resumed_from) if result.resumed_from else None,
-    }  # fmt: skip
-    t0 = time.perf_counter()
-    save(model, out, flops_ratio_per_t=prof["per_t"],
-                    extra={"run": {"recipe": recipe.name, "source": prepared.source.to_dict(with_config=False),
-                                   "target_flops": prepared.target}, "calibration": summary})  # fmt: skip
-    timings["save_s"] = round(time.perf_counter() - t0, 2)
-    event("save", f"saved the model to {out}")
+    }
 
-    bench = None
-    if settings.bench:
-        t0 = time.perf_counter()
-        event(
-            "bench",
-            f"timing original vs dynamic (batch {settings.bench_batch}, t={settings.bench_timestep})",
-        )
 
-        bench = benchmark(model, batch=settings.bench_batch, timestep=float(settings.bench_timestep),
-                          device=str(device), repeats=settings.bench_repeats, memory=False).to_dict()  # fmt: skip
-        model.eval()
-        timings["bench_s"] = round(time.perf_counter() - t0, 2)
-        event("bench", f"speed-up {bench['speedup']:.2f}x at t={settings.bench_timestep}")
+def _bench(model: nn.Module, settings: Any, device: torch.device, event: EventFn) -> dict:
+    """The original and the dynamic model timed at the report's timestep."""
+    t = settings.bench_timestep
+    event("bench", f"timing original vs dynamic (batch {settings.bench_batch}, t={t})")
+    bench = benchmark(model, batch=settings.bench_batch, timestep=float(t), device=str(device),
+                      repeats=settings.bench_repeats, memory=False).to_dict()  # fmt: skip
+    model.eval()
+    event("bench", f"speed-up {bench['speedup']:.2f}x at t={t}")
+    return bench
 
-    report: dict[str, Any] = {
-        "run_dir": str(out),
+
+def _report_fields(
+    prepared: PreparedRun,
+    result: Any,
+    prof: dict[str, Any],
+    keep: dict[str, float] | None,
+    summary: dict[str, Any],
+    bench: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The report's measured figures (see ``dynconvert convert --help`` for each key)."""
+    recipe = prepared.recipe
+    return {
+        "run_dir": str(prepared.out),
         "model": recipe.model,
-        "model_class": get_state(model).plan.model_class,
+        "model_class": get_state(result.model).plan.model_class,
         "recipe": recipe.name,
         "target_flops": prepared.target,
         "steps": result.steps,
@@ -254,110 +339,7 @@ def build_report(
         "calibration": summary,
         "bench": bench,
     }
-    if recipe.evaluate.kind != NONE:
-        evaluation = EVALUATIONS[recipe.evaluate.kind]
-        t0 = time.perf_counter()
-        event("evaluate", f"{evaluation.name}: {evaluation.description}")
-        original = original_model({"source": prepared.source.to_dict()}).to(device)
-        report.update(evaluation.run(original, model, recipe, out))
-        timings["evaluate_s"] = round(time.perf_counter() - t0, 2)
-        event("evaluate", evaluation.summary(report))
-    if recipe.samples.grid and "samples" not in report:
-        t0 = time.perf_counter()
-        event("samples", f"writing {SAMPLES_FILE} (original left, dynamic right)")
-        write_samples(model, original_model({"source": prepared.source.to_dict()}).to(device),
-                      out / SAMPLES_FILE, recipe.samples)  # fmt: skip
-        report["samples"] = SAMPLES_FILE
-        timings["samples_s"] = round(time.perf_counter() - t0, 2)
-    files = {p.name for p in out.iterdir() if not p.name.startswith(".")} | {REPORT_FILE}
-    report["files"] = sorted(files)
-    report["device"] = str(device)
-    report["cpu_threads"] = torch.get_num_threads() if device.type == "cpu" else None
-    report["timings"] = timings
-    report["dynconvert_version"] = __version__
-    return report
 
 
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
-
-
-def class_labels(model: nn.Module, labels: list[int] | None = None) -> list[int] | None:
-    """The labels to sample (given, or the first classes up to 10); None for unconditional models."""
-
-    spec = model_spec(model)
-    if not spec.uses_labels or spec.num_classes is None:
-        return None
-    if labels is not None:
-        bad = [v for v in labels if not 0 <= v < spec.num_classes]
-        if bad:
-            raise ConfigError(f"labels {bad} are outside 0..{spec.num_classes - 1} of this model")
-        return list(labels)
-    if spec.num_classes >= 1000:
-        return [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
-    return list(range(min(spec.num_classes, 10)))
-
-
-def draw(model: nn.Module, settings: Any, labels: list[int] | None, full: bool = False,
-         on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:  # fmt: skip
-    """Samples of ``model`` (routing "full" when ``full``) with the settings' sampler and seed."""
-
-    spec = model_spec(model)
-    kwargs = dict(labels=labels, steps=settings.steps, cfg_scale=settings.cfg_scale, seed=settings.seed,
-                  scheduler=settings.scheduler, clip_sample=spec.channels in (1, 3), on_step=on_step,
-                  num_samples=None if labels else 8)  # fmt: skip
-    if spec.adapter.needs_cond:
-        raise ConfigError(
-            "sampling a text-conditional model needs caption embeddings: use "
-            "dynconvert.sampling.sample(model, cond=...) from Python"
-        )
-    if full and is_converted(model):
-        with routing(model, "full"):
-            return sample(model, **kwargs)
-    return sample(model, **kwargs)
-
-
-def write_samples(dynamic: nn.Module, original: nn.Module | None, path: Path, settings: Any,
-                  vae: str | None = None, raw: bool = False) -> Path:  # fmt: skip
-    """``path``: a grid of the dynamic model's samples, beside the original's when given."""
-
-    labels = class_labels(dynamic, getattr(settings, "labels", None))
-    images = to_images(draw(dynamic, settings, labels), vae, raw)
-    nrow = min(len(images), 10) if len(images) <= 10 else None
-    if original is None:
-        return save_grid(images, path, nrow=nrow, upscale=_upscale(images))
-    base = to_images(draw(original, settings, labels), vae, raw)
-    return compare_grid(base, images, path, nrow=nrow, upscale=_upscale(images))
-
-
-def _upscale(images: torch.Tensor) -> int:
-    return max(1, 64 // int(images.shape[-1]))
-
-
-def to_images(x: torch.Tensor, vae: str | None = None, raw: bool = False) -> torch.Tensor:
-    """Samples as images in [-1, 1]: decoded through a local VAE folder when given."""
-    if vae is not None:
-        from diffusers import AutoencoderKL
-
-        path = Path(vae).expanduser()
-        if not path.is_dir():
-            raise CheckpointError(
-                f"`vae` {vae}: no such folder; pass a local diffusers AutoencoderKL folder"
-            )
-        try:
-            model = AutoencoderKL.from_pretrained(
-                str(path), subfolder="vae" if (path / "vae").is_dir() else None
-            )
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"cannot load a VAE from {path}: {first_line(e)}") from e
-        model = model.to(x.device).eval()
-        with torch.no_grad():
-            return model.decode(x / float(model.config.scaling_factor)).sample.clamp(-1, 1)
-    if x.shape[1] in (1, 3):
-        return x.clamp(-1, 1)
-    if raw:
-        return (x[:, :3] / 3.0).clamp(-1, 1)
-    raise ConfigError(
-        f"the samples are {x.shape[1]}-channel latents: pass `vae` (a local diffusers "
-        "AutoencoderKL folder) to decode them, or `raw=True` to write their first 3 channels as colours"
-    )

@@ -1,15 +1,15 @@
-"""Where a run's base model and calibration data come from: names, checkpoints, folders, the hub.
+"""Where a run's base model comes from: names, checkpoints, folders, the hub.
 
 :func:`resolve_source` checks a model name and where its weights come from without building
 anything; the :class:`ModelSource` it returns is recorded in ``run.json`` and rebuilds the model
-(or its bare architecture, for ``dynconvert.load``). The data helpers turn a recipe's ``data``
-into a source and refuse samples that do not fit the model.
+(or its bare architecture, for ``dynconvert.load``). :func:`weights_problem` tells, before any
+download, that weights from the hub cannot come (no network). The calibration data is in
+:mod:`dynconvert.runs.data`.
 """
 
 from __future__ import annotations
 
 import inspect
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,23 +18,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynconvert.errors import (
-    CheckpointError,
-    ConfigError,
-    DataError,
-    ExampleInputsError,
-    ModelNotFoundError,
-)
+from dynconvert.errors import CheckpointError, ConfigError, ModelNotFoundError
 from dynconvert.models.tiny import TINY_DIFFUSERS
+from dynconvert.runs.hub import hub_problem, hub_reachable
 
 HUB_WEIGHTS = {"DiT-XL/2": "facebook/DiT-XL-2-256", "DiT-XL/2-512": "facebook/DiT-XL-2-512"}
 """Presets with published diffusers weights on the Hugging Face hub (loaded as diffusers models)."""
 
 PIXART_ALPHA_512 = dict(
-    activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=72, caption_channels=4096,
-    cross_attention_dim=1152, in_channels=4, norm_elementwise_affine=False, norm_eps=1e-6,
-    norm_num_groups=32, norm_type="ada_norm_single", num_attention_heads=16, num_embeds_ada_norm=1000,
-    num_layers=28, out_channels=8, patch_size=2, sample_size=64, use_additional_conditions=False,
+    activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=72,
+    caption_channels=4096, cross_attention_dim=1152, in_channels=4, norm_elementwise_affine=False,
+    norm_eps=1e-6, norm_num_groups=32, norm_type="ada_norm_single", num_attention_heads=16,
+    num_embeds_ada_norm=1000, num_layers=28, out_channels=8, patch_size=2, sample_size=64,
+    use_additional_conditions=False,
 )  # fmt: skip
 """The published config of PixArt-XL-2-512x512's transformer (for inspect and random weights)."""
 
@@ -57,9 +53,8 @@ ORIGINAL_CHECKPOINTS = {
     "U-ViT-L/2": "imagenet256_uvit_large.pth",
 }
 
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+HUB_CONFIG = "transformer/config.json"
+"""The file of a hub repository that tells whether its weights are cached or can be fetched."""
 
 
 @dataclass
@@ -146,6 +141,9 @@ class ModelSource:
         return ModelSource(**{**self.to_dict(), "weights": "random"}).build()
 
     def _build_diffusers(self) -> nn.Module:
+        problem = weights_problem(self)  # before diffusers is even imported
+        if problem is not None:
+            raise CheckpointError(problem)
         import diffusers
 
         cls = getattr(diffusers, self.target)
@@ -165,16 +163,42 @@ class ModelSource:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return cls.from_pretrained(
-                    self.repo, subfolder="transformer", local_files_only=_offline()
+                return cls.from_pretrained(  # from the cache when the hub cannot be reached
+                    self.repo, subfolder="transformer", local_files_only=not hub_reachable()
                 )
-        except Exception as e:  # hub access fails in many ways (offline, DNS, HTTP, cache)
-            hint = ORIGINAL_CHECKPOINTS.get(_canonical(self.name), "")
+        except Exception as e:  # hub access fails in many ways (HTTP, cache, disk)
             raise CheckpointError(
-                f"no weights for {self.name}: pass `checkpoint` (the official file{' ' + hint if hint else ''}, "
-                f"or a diffusers folder), or `random_init=True` to try the pipeline; loading {self.repo} "
-                f"from the Hugging Face hub failed ({first_line(e)})"
+                f"no weights for {self.name}: pass `checkpoint` ({_official(self.name)}a "
+                f"diffusers folder), or `random_init=True` to try the pipeline; loading "
+                f"{self.repo} from the Hugging Face hub failed ({first_line(e)})"
             ) from e
+
+
+def weights_problem(source: ModelSource) -> str | None:
+    """Why the weights of ``source`` cannot be loaded now (None when they can), found without
+    a download: only weights from the hub can be missing, when it cannot be reached and they
+    are not in the local cache.
+
+    Example:
+        >>> weights_problem(resolve_source("dit-xl", random_init=True)) is None
+        True
+    """
+    if source.weights != "hub" or source.repo is None:
+        return None
+    problem = hub_problem(source.repo, HUB_CONFIG)
+    if problem is None:
+        return None
+    return (
+        f"no network: pass `checkpoint` ({_official(source.name)}a diffusers folder) or "
+        f"`random_init=True`; the weights of {source.name} come from {source.repo} on the "
+        f"Hugging Face hub, and {problem}"
+    )
+
+
+def _official(name: str) -> str:
+    """``"the official file X, or "`` for a model whose original checkpoint has a name."""
+    hint = ORIGINAL_CHECKPOINTS.get(_canonical(name))
+    return f"the official file {hint}, or " if hint else ""
 
 
 def _takes_pretrained(preset: str) -> bool:
@@ -231,8 +255,6 @@ def resolve_source(
         >>> resolve_source("digits").weights
         'shipped'
     """
-    from dynconvert.models import resolve_name
-
     kwargs = dict(model_kwargs or {})
     if checkpoint and random_init:
         raise ConfigError(
@@ -245,46 +267,12 @@ def resolve_source(
                 f"{name} is a test model with random weights only; add `random_init=True`"
             )
         return ModelSource(name, "testing", key, "random", seed=seed)
-    if key in DIFFUSERS_MODELS:
-        cls, repo, _ = DIFFUSERS_MODELS[key]
-        kind, target = "diffusers", cls
-    else:
-        try:
-            target = resolve_name(name)
-        except ModelNotFoundError as e:
-            raise ModelNotFoundError(f"{e} Diffusers models: {', '.join(DIFFUSERS_MODELS)}.") from e
-        kind, repo = "preset", HUB_WEIGHTS.get(target)
+    kind, target, repo = _model_kind(name)
     if random_init:
         return ModelSource(name, kind, target, "random", model_kwargs=kwargs, seed=seed, repo=repo)
     if checkpoint:
-        path = Path(checkpoint).expanduser()
-        if not path.exists():
-            raise CheckpointError(
-                f"`checkpoint` {checkpoint}: no such file or folder; check the path"
-            )
-        if path.is_dir():
-            if kind == "preset" and not target.startswith("DiT-"):
-                raise CheckpointError(
-                    f"{checkpoint} is a folder; {target} loads from a checkpoint file (.pt, .pth, "
-                    ".safetensors): pass the file"
-                )
-            if (
-                not (path / "config.json").is_file()
-                and not (path / "transformer" / "config.json").is_file()
-            ):
-                raise CheckpointError(
-                    f"{checkpoint} is a folder without a diffusers config.json (or transformer/"
-                    "config.json); pass a diffusers model folder or a checkpoint file"
-                )
-            cls = "DiTTransformer2DModel" if kind == "preset" else target
-            return ModelSource(
-                name, "diffusers", cls, "folder", str(path.resolve()), seed=seed, repo=repo
-            )
-        if kind == "diffusers":
-            raise CheckpointError(
-                f"{name} loads from a diffusers folder; pass the folder, not {path.name}"
-            )
-        return ModelSource(name, kind, target, "checkpoint", str(path.resolve()), kwargs, seed)
+        base = ModelSource(name, kind, target, "checkpoint", None, kwargs, seed, repo)
+        return _checkpoint_source(base, checkpoint)
     if kind == "preset" and _takes_pretrained(target):
         return ModelSource(name, kind, target, "shipped", model_kwargs=kwargs, seed=seed)
     if repo is not None:
@@ -293,91 +281,52 @@ def resolve_source(
     hint = ORIGINAL_CHECKPOINTS.get(target)
     raise CheckpointError(
         f"{name} has no weights to start from: pass `checkpoint` (a .pt, .pth or .safetensors "
-        f"file{', e.g. ' + hint if hint else ''}), or `random_init=True` to try the pipeline with random weights"
+        f"file{', e.g. ' + hint if hint else ''}), or `random_init=True` to try the pipeline "
+        "with random weights"
     )
 
 
-def _named_inputs(model: nn.Module, batch_size: int) -> dict[str, Any]:
-    """The model's example inputs by forward-argument name."""
-    from dynconvert.inputs import default_inputs
+def _model_kind(name: str) -> tuple[str, str, str | None]:
+    """(kind, target, hub repository) of a preset or diffusers model name."""
+    from dynconvert.models import resolve_name
 
-    args, kwargs = default_inputs(model, batch_size=batch_size)
-    names = [p for p in inspect.signature(model.forward).parameters]
-    named = dict(zip(names, args))
-    named.update(kwargs)
-    return named
-
-
-def _pick(named: dict[str, Any], names: tuple[str, ...]) -> Any:
-    return next((named[n] for n in names if isinstance(named.get(n), torch.Tensor)), None)
-
-
-def model_input_shape(model: nn.Module) -> tuple[int, ...] | None:
-    """(C, H, W) of one sample the model takes (None when it cannot tell)."""
-    from dynconvert.calibration.adapters import X_NAMES
-
-    x = _pick(_named_inputs(model, 1), X_NAMES)
-    return tuple(x.shape[1:]) if x is not None else None
-
-
-def synthetic_data(model: nn.Module, rows: int = 64, seed: int = 0) -> Any:
-    """Random latents (and labels / caption embeddings) shaped for ``model``: to try the pipeline.
-
-    Example:
-        >>> from dynconvert.testing import tiny_dit
-        >>> len(synthetic_data(tiny_dit(), rows=8))
-        8
-    """
-    from dynconvert.calibration import TensorSource
-    from dynconvert.calibration.adapters import X_NAMES, Y_NAMES
-
-    with torch.random.fork_rng(devices=[]):  # labels from the seed, not the global RNG
-        torch.manual_seed(seed)
-        named = _named_inputs(model, rows)
-    x = _pick(named, X_NAMES)
-    if x is None:
-        raise DataError(
-            f"cannot tell the input shape of {type(model).__name__}; set `data` to a latents folder"
-        )
-    g = torch.Generator().manual_seed(seed)
-    y = _pick(named, Y_NAMES)
-    cond = named.get("encoder_hidden_states")
-    cond = torch.randn(cond.shape, generator=g) if isinstance(cond, torch.Tensor) else None
-    mask = torch.ones(cond.shape[:2], dtype=torch.long) if cond is not None else None
-    y = y.long().cpu() if y is not None and not y.is_floating_point() else None
-    return TensorSource(torch.randn(x.shape, generator=g), y, cond, mask)
-
-
-def data_source(data: str) -> Any:
-    """The calibration data a recipe names (None for ``synthetic``: made once the model exists)."""
-    from dynconvert.calibration.data import NAMED_SOURCES, as_source
-
-    if data == "synthetic":
-        return None
-    if data in NAMED_SOURCES:  # a named data set (the demo registers "digits")
-        return as_source(data)
-    path = Path(data).expanduser()
-    if not path.exists():
-        names = "".join(f", {n!r}" for n in sorted(NAMED_SOURCES))
-        raise DataError(f"`data` {data}: no such folder; pass a latents folder, 'synthetic'{names}")
-    return as_source(path)
-
-
-def check_data_shape(model: nn.Module, data: Any) -> None:
-    """Refuse data whose samples do not fit the model's input (before anything is written)."""
-    get = getattr(data, "get_batch", None)
-    if get is None or not len(data):
-        return
+    key = name.strip().lower()
+    if key in DIFFUSERS_MODELS:
+        cls, repo, _ = DIFFUSERS_MODELS[key]
+        return "diffusers", cls, repo
     try:
-        want = model_input_shape(model)
-    except ExampleInputsError:
-        return
-    x = get([0]).get("x")
-    if isinstance(x, torch.Tensor) and want is not None and tuple(x.shape[1:]) != tuple(want):
-        raise DataError(
-            f"the data's samples have shape {tuple(x.shape[1:])} but the model takes {tuple(want)}; "
-            "pass data made for this model (same channels and size)"
+        target = resolve_name(name)
+    except ModelNotFoundError as e:
+        raise ModelNotFoundError(f"{e} Diffusers models: {', '.join(DIFFUSERS_MODELS)}.") from e
+    return "preset", target, HUB_WEIGHTS.get(target)
+
+
+def _checkpoint_source(base: ModelSource, checkpoint: str) -> ModelSource:
+    """The source of ``base`` with weights from a checkpoint file or a diffusers folder."""
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"`checkpoint` {checkpoint}: no such file or folder; check the path")
+    kind, target = base.kind, base.target
+    if not path.is_dir():
+        if kind == "diffusers":
+            raise CheckpointError(
+                f"{base.name} loads from a diffusers folder; pass the folder, not {path.name}"
+            )
+        return ModelSource(**{**base.to_dict(), "checkpoint": str(path.resolve()), "repo": None})
+    if kind == "preset" and not target.startswith("DiT-"):
+        raise CheckpointError(
+            f"{checkpoint} is a folder; {target} loads from a checkpoint file (.pt, .pth, "
+            ".safetensors): pass the file"
         )
+    if not any((path / sub / "config.json").is_file() for sub in (".", "transformer")):
+        raise CheckpointError(
+            f"{checkpoint} is a folder without a diffusers config.json (or transformer/"
+            "config.json); pass a diffusers model folder or a checkpoint file"
+        )
+    cls = "DiTTransformer2DModel" if kind == "preset" else target
+    return ModelSource(
+        base.name, "diffusers", cls, "folder", str(path.resolve()), seed=base.seed, repo=base.repo
+    )
 
 
 def original_model(info: dict[str, Any], checkpoint: str | None = None) -> nn.Module:
@@ -393,8 +342,8 @@ def original_model(info: dict[str, Any], checkpoint: str | None = None) -> nn.Mo
         )
     source = ModelSource.from_dict(info["source"])
     if checkpoint is not None:
-        source = resolve_source(source.name, checkpoint=checkpoint, model_kwargs=source.model_kwargs,
-                                seed=source.seed)  # fmt: skip
+        source = resolve_source(source.name, checkpoint=checkpoint,
+                                model_kwargs=source.model_kwargs, seed=source.seed)  # fmt: skip
     elif source.checkpoint and not Path(source.checkpoint).exists():
         raise CheckpointError(
             f"the run's original weights {source.checkpoint} are gone; pass `checkpoint` to compare"

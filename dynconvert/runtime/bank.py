@@ -43,7 +43,7 @@ class RouterBank(nn.Module):
         self.plan = plan
         self.config = config
         self.budget = budget
-        # Width routers see only an embedding of t (method.md, TDW): one shared sinusoidal
+        # Width routers see only an embedding of t (docs/method.md, "Timestep-wise dynamic width"): one shared sinusoidal
         # encoder, then one Linear per site to its units' logits.
         self.t_embed = TimestepEncoder(config.router_embed_dim)
         self.width = nn.ModuleDict()  # str(site index) -> Linear(embed, units)

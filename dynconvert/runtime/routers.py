@@ -1,4 +1,4 @@
-"""The learned routers: timestep-wise width routers and spatial token routers (method.md)."""
+"""The learned routers: timestep-wise width routers and spatial token routers (docs/method.md, "Routers")."""
 
 from __future__ import annotations
 

@@ -26,7 +26,13 @@ Example:
     (4, 4, 8, 8)
 """
 
-from dynconvert.sampling.grids import compare_grid, grid_array, save_grid
+from dynconvert.sampling.grids import (
+    compare_grid,
+    comparison_titles,
+    grid_array,
+    save_grid,
+    titled,
+)
 from dynconvert.sampling.sampler import sample
 from dynconvert.sampling.schedulers import SCHEDULERS, make_scheduler
 from dynconvert.sampling.spec import ModelSpec, model_spec
@@ -35,9 +41,11 @@ __all__ = [
     "SCHEDULERS",
     "ModelSpec",
     "compare_grid",
+    "comparison_titles",
     "grid_array",
     "make_scheduler",
     "model_spec",
     "sample",
     "save_grid",
+    "titled",
 ]

@@ -1,11 +1,14 @@
-"""Image grids of samples: one PNG, or original and dynamic side by side, written atomically."""
+"""Image grids of samples: one PNG, or original and dynamic side by side under their titles,
+written atomically."""
 
 from __future__ import annotations
 
 import io
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,6 +66,62 @@ def grid_array(
     return grid.permute(1, 2, 0).numpy()
 
 
+def comparison_titles(flops_ratio: float | None = None) -> tuple[str, str]:
+    """The titles of a side-by-side grid: ``original`` and ``dynamic`` with its FLOPs ratio.
+
+    Args:
+        flops_ratio: The dynamic model's whole-model FLOPs ratio over the calls that drew its
+            samples (None: not known, the title says ``dynamic`` alone).
+
+    Example:
+        >>> comparison_titles(0.514)
+        ('original', 'dynamic, 0.51x FLOPs')
+    """
+    if flops_ratio is None:
+        return "original", "dynamic"
+    return "original", f"dynamic, {flops_ratio:.2f}x FLOPs"
+
+
+def titled(arrays: list[np.ndarray], titles: Sequence[str], size: int = 14) -> list[np.ndarray]:
+    """Each array (H, W, C) under a white strip holding its title in black, centred.
+
+    The strips have one height. The text is drawn with Pillow's default font at ``size``
+    pixels; a title too wide for its grid breaks after its commas, then gets smaller (down to
+    8 pixels, then is cut).
+
+    Example:
+        >>> [a.shape for a in titled([np.zeros((19, 80, 1), np.uint8)], ["original"])]
+        [(37, 80, 1)]
+    """
+    from PIL import Image, ImageDraw
+
+    layouts = [_fit(title, array.shape[1], size) for array, title in zip(arrays, titles)]
+    height = max([size + 4] + [box[3] - box[1] + 6 for _, _, box in layouts])
+    out = []
+    for array, (text, font, box) in zip(arrays, layouts):
+        strip = Image.new("L", (array.shape[1], height), 255)
+        xy = ((strip.width - box[2] - box[0]) // 2, (height - box[3] - box[1]) // 2)
+        ImageDraw.Draw(strip).multiline_text(xy, text, fill=0, font=font, align="center")
+        head = np.repeat(np.asarray(strip, dtype=np.uint8)[:, :, None], array.shape[2], axis=2)
+        out.append(np.concatenate([head, array], axis=0))
+    return out
+
+
+def _fit(title: str, width: int, size: int) -> tuple[str, Any, tuple[int, int, int, int]]:
+    """(text, font, bounding box) of the largest layout of ``title`` that fits ``width``."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    draw = ImageDraw.Draw(Image.new("L", (1, 1)))
+    tries = [(title, px) for px in range(size, 9, -1)]
+    tries += [(title.replace(", ", "\n"), px) for px in range(size, 7, -1)]
+    for text, px in tries:
+        font = ImageFont.load_default(size=px)
+        box = draw.multiline_textbbox((0, 0), text, font=font, align="center")
+        if box[2] - box[0] <= width - 4:
+            break
+    return text, font, box
+
+
 def _write_png(array: np.ndarray, path: str | os.PathLike) -> Path:
     """Write a uint8 (H, W, 1 or 3) array as a PNG, atomically (temp file, then rename)."""
     from PIL import Image
@@ -100,7 +159,8 @@ def save_grid(
 
     Example:
         >>> import tempfile, torch
-        >>> p = save_grid(torch.rand(10, 1, 16, 16) * 2 - 1, tempfile.mkdtemp() + "/grid.png", nrow=5)
+        >>> images = torch.rand(10, 1, 16, 16) * 2 - 1
+        >>> p = save_grid(images, tempfile.mkdtemp() + "/grid.png", nrow=5)
         >>> p.suffix
         '.png'
     """
@@ -116,6 +176,7 @@ def compare_grid(
     value_range: tuple[float, float] = (-1.0, 1.0),
     upscale: int = 1,
     separator: int = 3,
+    titles: tuple[str, str] | None = None,
 ) -> Path:
     """Save two grids side by side (original left, dynamic right) with a thin white separator.
 
@@ -127,6 +188,7 @@ def compare_grid(
         value_range: The values mapped to black and white.
         upscale: Integer magnification of each image.
         separator: Width in pixels of the white bar between the grids.
+        titles: Text drawn above each grid, e.g. :func:`comparison_titles` (default: none).
 
     Returns:
         The path written.
@@ -134,7 +196,8 @@ def compare_grid(
     Example:
         >>> import tempfile, torch
         >>> x = torch.rand(4, 1, 8, 8)
-        >>> compare_grid(x, x, tempfile.mkdtemp() + "/cmp.png", value_range=(0, 1)).name
+        >>> path = tempfile.mkdtemp() + "/cmp.png"
+        >>> compare_grid(x, x, path, value_range=(0, 1), titles=comparison_titles(0.5)).name
         'cmp.png'
     """
     if tuple(original.shape) != tuple(dynamic.shape):
@@ -144,5 +207,7 @@ def compare_grid(
         )
     left = grid_array(original, nrow, value_range=value_range, upscale=upscale)
     right = grid_array(dynamic, nrow, value_range=value_range, upscale=upscale)
+    if titles is not None:
+        left, right = titled([left, right], titles)
     bar = np.full((left.shape[0], max(0, int(separator)), left.shape[2]), 255, dtype=np.uint8)
     return _write_png(np.concatenate([left, bar, right], axis=1), path)

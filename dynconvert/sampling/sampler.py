@@ -7,7 +7,8 @@ guidance, runs conditional and unconditional rows in one batch at the same times
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -89,6 +90,97 @@ def sample(
         ...     original = sample(model, labels=[1, 2], steps=4, seed=3)
     """
     spec = model_spec(model, null_label)
+    _check_steps_and_scale(steps, cfg_scale)
+    run_device, dtype = _placement(model, device)
+    y, n = _labels(spec, labels, cond, num_samples)
+    guided = float(cfg_scale) != 1.0 and (y is not None or cond is not None)
+    _check_guidance(spec, guided, y, cond, null_cond)
+    c, size = _sample_shape(model, spec, channels, image_size)
+    gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+    # All the noise up front, on the CPU in float32: a seed gives the same (N, C, H, W) noise
+    # on every device and dtype, and for any chunking.
+    noise = torch.randn((n, c, size, size), generator=gen, dtype=torch.float32)
+    conditioning = _Conditioning(y, cond, cond_mask, null_cond, null_cond_mask, guided)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            chunk = n if batch_size is None else max(1, int(batch_size))
+            return torch.cat(list(_chunks(
+                model, spec, noise, conditioning, chunk, steps, scheduler, clip_sample,
+                float(cfg_scale), gen, dtype, run_device, on_step,
+            )))  # fmt: skip
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class _Conditioning:
+    """The labels or captions of all N samples, and the unconditional rows of guidance."""
+
+    y: torch.Tensor | None
+    cond: torch.Tensor | None
+    cond_mask: torch.Tensor | None
+    null_cond: torch.Tensor | None
+    null_cond_mask: torch.Tensor | None
+    guided: bool
+
+    def rows(self, rows: slice, spec: ModelSpec, device: torch.device) -> dict[str, torch.Tensor]:
+        """The conditioning of one chunk of rows (see :func:`_batch`)."""
+        return _batch(self.y, self.cond, self.cond_mask, rows, self.guided, spec, self.null_cond,
+                      self.null_cond_mask, device)  # fmt: skip
+
+
+def _chunks(
+    model: nn.Module,
+    spec: ModelSpec,
+    noise: torch.Tensor,
+    conditioning: _Conditioning,
+    chunk: int,
+    steps: int,
+    scheduler: str | Any,
+    clip_sample: bool,
+    cfg_scale: float,
+    gen: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device,
+    on_step: Callable[[int, int], None] | None,
+) -> Iterator[torch.Tensor]:
+    """The samples of each chunk of ``chunk`` rows, each denoised with a fresh scheduler."""
+    starts = list(range(0, noise.shape[0], chunk))
+    total = steps * len(starts)
+    for k, start in enumerate(starts):
+        rows = slice(start, start + chunk)
+        batch = conditioning.rows(rows, spec, device)
+        sched = fresh_scheduler(scheduler, spec, clip_sample)
+        sched.set_timesteps(steps, device=device)
+
+        def progress(i: int, k: int = k) -> None:
+            if on_step is not None:
+                on_step(k * steps + i, total)
+
+        x = noise[rows].to(device) * float(sched.init_noise_sigma)  # (n_k, C, H, W)
+        yield _denoise(
+            model, spec, sched, x, batch, conditioning.guided, cfg_scale, gen, dtype, progress
+        )
+
+
+def _sample_shape(
+    model: nn.Module, spec: ModelSpec, channels: int | None, image_size: int | None
+) -> tuple[int, int]:
+    """(channels, side) of one sample: as given, else from the model."""
+    c = channels or spec.channels
+    size = image_size or spec.image_size
+    if not c or not size:
+        raise ConfigError(
+            f"cannot tell the sample shape of {type(model).__name__}; pass image_size= and "
+            "channels="
+        )
+    return c, size
+
+
+def _check_steps_and_scale(steps: Any, cfg_scale: Any) -> None:
+    """Refuse a step count outside 1..1000 and a guidance scale that is not a finite number."""
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
         raise ConfigError(
             f"steps must be an integer in 1..1000 (the training steps); got {steps!r}"
@@ -97,6 +189,13 @@ def sample(
         raise ConfigError(
             f"cfg_scale must be a finite number (1.0: no guidance); got {cfg_scale!r}"
         )
+
+
+def _placement(
+    model: nn.Module, device: torch.device | str | None
+) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) to sample on: ``device`` (default the model's), which must be the
+    model's, and the model's floating dtype (float32 for a model without parameters)."""
     param = next(model.parameters(), None)
     run_device = (
         torch.device(device)
@@ -109,9 +208,17 @@ def sample(
             f"model.to({str(run_device)!r})"
         )
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return run_device, dtype
 
-    y, n = _labels(spec, labels, cond, num_samples)
-    guided = float(cfg_scale) != 1.0 and (y is not None or cond is not None)
+
+def _check_guidance(
+    spec: ModelSpec,
+    guided: bool,
+    y: torch.Tensor | None,
+    cond: torch.Tensor | None,
+    null_cond: torch.Tensor | None,
+) -> None:
+    """Refuse guidance without its unconditional input (a null label or the empty prompt)."""
     if guided and y is not None and spec.null_label is None:
         raise ConfigError(
             "classifier-free guidance needs a null label and this model has none known: pass "
@@ -122,46 +229,6 @@ def sample(
             "classifier-free guidance of a text-conditional model needs the empty prompt's "
             "embeddings: pass null_cond=... (and null_cond_mask), or cfg_scale=1.0"
         )
-    c = channels or spec.channels
-    size = image_size or spec.image_size
-    if not c or not size:
-        raise ConfigError(
-            f"cannot tell the sample shape of {type(model).__name__}; pass image_size= and channels="
-        )
-
-    gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
-    # All the noise up front, on the CPU in float32: a seed gives the same (N, C, H, W) noise
-    # on every device and dtype, and for any chunking.
-    noise = torch.randn((n, c, size, size), generator=gen, dtype=torch.float32)
-    chunk = n if batch_size is None else max(1, int(batch_size))
-    starts = list(range(0, n, chunk))
-    total = steps * len(starts)
-    outputs = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for k, start in enumerate(starts):
-                rows = slice(start, start + chunk)
-                batch = _batch(
-                    y, cond, cond_mask, rows, guided, spec, null_cond, null_cond_mask, run_device
-                )
-                sched = fresh_scheduler(scheduler, spec, clip_sample)
-                sched.set_timesteps(steps, device=run_device)
-
-                def progress(i: int, k: int = k) -> None:
-                    if on_step is not None:
-                        on_step(k * steps + i, total)
-
-                x = noise[rows].to(run_device) * float(sched.init_noise_sigma)  # (n_k, C, H, W)
-                outputs.append(
-                    _denoise(
-                        model, spec, sched, x, batch, guided, float(cfg_scale), gen, dtype, progress
-                    )
-                )
-    finally:
-        model.train(was_training)
-    return torch.cat(outputs)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -253,7 +320,8 @@ def _batch(
                 )
             if neg.shape[1:] != part.shape[1:]:
                 raise ConfigError(
-                    f"null_cond {tuple(neg.shape[1:])} must match cond {tuple(part.shape[1:])} (L, D)"
+                    f"null_cond {tuple(neg.shape[1:])} must match cond "
+                    f"{tuple(part.shape[1:])} (L, D)"
                 )
             part = torch.cat([part, neg.to(part.dtype)])  # (2n, L, D)
             mask = torch.cat([mask.to(device), neg_mask.to(device, mask.dtype)])
