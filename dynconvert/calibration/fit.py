@@ -181,7 +181,8 @@ def refusal(
         where = "such GPUs" if settings.device == "cuda" else "80 GiB GPUs"
         parts.append(
             f"Or shard over {n[0]} {where} (about {gib(n[1])} each): accelerate launch "
-            f"--config_file examples/accelerate/fsdp.yaml --num_processes {n[0]} -m dynconvert ..."
+            f"--config_file examples/accelerate/fsdp.yaml --num_processes {n[0]} -m dynconvert "
+            "convert (these options)."
         )
     parts.append(
         "`force=True` (calibration.check_memory=false) skips this check; `dynconvert inspect "

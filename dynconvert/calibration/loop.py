@@ -283,7 +283,14 @@ def _finish(run: TrainingRun, adapter: ModelAdapter, objective: Any) -> Calibrat
         result, train_state = gather_result(model, run.ema, run.skeleton, main)
         model = finish_unsharded(result, model, run.accelerator.device)
     else:
-        train_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        # Only what the EMA overwrites is copied: frozen weights (trainable=routers) are the
+        # same raw or averaged, so the raw state shares them (a second copy of a 12B model's
+        # frozen weights would double the end-of-run peak for nothing).
+        averaged = set(run.ema.shadow)
+        train_state = {
+            k: v.detach().cpu().clone() if k in averaged else v.detach().cpu()
+            for k, v in model.state_dict().items()
+        }
         run.ema.copy_to(model)
     if model is not None:
         model.eval()

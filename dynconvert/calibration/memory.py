@@ -20,7 +20,8 @@ Per process, in bytes (W: parameters, T: trainable parameters, P: processes):
 - activations and gradients do not peak together (backward frees one as it fills the other),
   so a step needs ``max(gradients, activations)`` above the rest; with gradient accumulation
   the gradients of the first micro-batches are kept while the next one runs (both count);
-- on CPU: the raw weights are copied beside the EMA at the end of ``calibrate`` (one more W),
+- on CPU: the raw trained weights are copied beside the EMA at the end of ``calibrate`` (one
+  more T; frozen weights are shared),
   and the interpreter with torch and dynconvert imported (``CPU_RUNTIME_BYTES``).
 
 Trainable modes are entries of ``TRAINABLE_MODES`` (how many parameters train, and whether the
@@ -216,9 +217,10 @@ def estimate(facts: ModelFacts, settings: MemorySettings) -> MemoryEstimate:
     peak = step
     if s.device == "cpu":
         terms["runtime"] = CPU_RUNTIME_BYTES
-        finish = terms["weights"] + terms["optimizer"] + terms["ema"] + facts.param_bytes
+        raw = math.ceil(t * facts.param_size / shard)  # the raw trained weights, copied
+        finish = terms["weights"] + terms["optimizer"] + terms["ema"] + raw
         peak = max(step, finish - terms.get("fsdp_unsharded", 0)) + CPU_RUNTIME_BYTES
-        terms["result_copy"] = facts.param_bytes if finish > step else 0
+        terms["result_copy"] = raw if finish > step else 0
     return MemoryEstimate(settings=s, terms=terms, total=int(peak))
 
 
