@@ -31,7 +31,7 @@ from dynconvert.calibration.fit import settings_for
 from dynconvert.calibration.memory import estimate
 from dynconvert.calibration.memory_facts import model_facts
 from dynconvert.models import build_model
-from dynconvert.runs.sources import synthetic_data
+from dynconvert.runs.data import synthetic_data
 from dynconvert.runtime.state import get_state
 
 

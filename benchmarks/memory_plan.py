@@ -56,7 +56,7 @@ def one(row: dict) -> dict:
     from dynconvert.calibration.memory import MemorySettings, estimate
     from dynconvert.calibration.memory_facts import model_facts
     from dynconvert.models import build_model
-    from dynconvert.runs.sources import synthetic_data
+    from dynconvert.runs.data import synthetic_data
     from dynconvert.runtime.state import get_state
 
     before_model = _rss()
