@@ -136,6 +136,9 @@ def test_the_refusal_gives_the_estimate_and_settings_that_fit():
         assert s.batch_size == 256 and s.micro_batch * s.grad_accum_steps == 256
     assert "shard over" in message and "force=True" in message
     assert fit.refusal(facts(), settings, 10**15, "free") is None
+    starved = fit.refusal(facts(), settings, GIB // 4, "free on the GPU")
+    assert "Nothing fits on this device: the smallest setting" in starved
+    assert "calibration.grad_accum_steps=256" in starved  # one row at a time
 
 
 def test_calibrate_refuses_an_impossible_batch_before_writing_anything(tmp_path, monkeypatch):

@@ -134,6 +134,23 @@ def fsdp_size(facts: ModelFacts, settings: MemorySettings, free: int) -> tuple[i
     return None
 
 
+def _nothing_fits(facts: ModelFacts, settings: MemorySettings, free: int, resident: int) -> str:
+    """Why no setting fits: the smallest one tried (one row at a time, checkpointed, the
+    cheapest trainable mode) and what it needs."""
+    per_process = settings.batch_size // settings.processes
+    floor = min(
+        (replace(settings, trainable=m, grad_accum_steps=per_process, gradient_checkpointing=True)
+         for m in TRAINABLE_MODES),
+        key=lambda s: estimate(facts, s).total,
+    )  # fmt: skip
+    need = (estimate(facts, floor).total - resident) * HEADROOM + resident
+    flags = describe(floor, settings).replace(" ", " --set ")
+    return (
+        f"Nothing fits on this device: the smallest setting, --set {flags}, needs about "
+        f"{gib(need)} with headroom; free memory (other processes hold it) or use a GPU."
+    )
+
+
 def refusal(
     facts: ModelFacts, settings: MemorySettings, free: int, what: str, resident: int = 0
 ) -> str | None:
@@ -172,9 +189,7 @@ def refusal(
             f"What fits here, global batch {settings.batch_size} kept: {'; or '.join(fits)}."
         )
     else:
-        parts.append(
-            "Nothing fits on this device at this batch size: lower calibration.batch_size."
-        )
+        parts.append(_nothing_fits(facts, settings, free, resident))
     gpu_free = free if settings.device == "cuda" else 80 * GIB
     n = fsdp_size(facts, settings, gpu_free)
     if n is not None:
