@@ -27,6 +27,10 @@ Per process, in bytes (W: parameters, T: trainable parameters, P: processes):
 Trainable modes are entries of ``TRAINABLE_MODES`` (how many parameters train, and whether the
 projections' weights need their inputs saved); a new mode is one entry.
 
+:func:`memory_plan` is the floor without activations from the parameter counts alone (weights, a
+distillation teacher, gradients, AdamW, EMA), for ``inspect``'s summary and the real-size table;
+:func:`estimate` is the peak of a run with its settings.
+
 Example:
     >>> from dynconvert.calibration.memory import MemorySettings
     >>> MemorySettings(batch_size=256, processes=8, grad_accum_steps=4).micro_batch
@@ -234,3 +238,32 @@ def calibration_memory(facts: ModelFacts, settings: MemorySettings) -> dict[str,
         ['all', 'routers']
     """
     return {m: estimate(facts, replace(settings, trainable=m)) for m in TRAINABLE_MODES}
+
+
+EMA_BYTES = 4  # the EMA shadow is float32 whatever the weights are (ema.py)
+
+
+def memory_plan(
+    params: int, router_params: int, weight_bytes: int = 2, teacher: bool = False
+) -> dict[str, int]:
+    """Bytes a calibration run holds for weights, teacher, gradients, AdamW and EMA.
+
+    Args:
+        params: parameters of the converted model (routers included).
+        router_params: parameters of its routers.
+        weight_bytes: bytes per parameter (2: bf16 or fp16 weights, 4: float32).
+        teacher: a frozen copy of the weights to distil from (``distill_weight`` > 0).
+
+    Returns:
+        ``{"all": bytes, "routers": bytes}``, one per setting of ``trainable``.
+
+    Example:
+        >>> memory_plan(100, 10, weight_bytes=4)["routers"]  # 400 + 10 x (4 + 8 + 4)
+        560
+    """
+    held = params * weight_bytes * (2 if teacher else 1)
+
+    def train(n: int) -> int:  # gradient + AdamW's two moments, and the EMA shadow
+        return n * 3 * weight_bytes + n * EMA_BYTES
+
+    return {"all": held + train(params), "routers": held + train(router_params)}

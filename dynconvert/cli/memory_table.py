@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from dynconvert.cli import render
+
+CalibrationOpt = Annotated[
+    bool,
+    typer.Option(
+        "--calibration",
+        help="Show the calibration's memory plan per process instead (weights, gradients, AdamW, "
+        "EMA, activations), for each trainable mode.",
+    ),
+]
+BatchOpt = Annotated[
+    int | None, typer.Option("--batch", help="Global batch (default: the recipe's).", min=1)
+]
+ProcessesOpt = Annotated[
+    int, typer.Option("--processes", help="Processes (GPUs) sharing the batch.", min=1)
+]
+ShardingOpt = Annotated[
+    str, typer.Option("--sharding", help="none (one process or DDP) or fsdp (FSDP2).")
+]
+PlanDeviceOpt = Annotated[
+    str,
+    typer.Option("--device", help="cpu or cuda: what the plan is for (nothing runs; auto: here)."),
+]
 
 TERMS = {
     "weights": "weights",
