@@ -66,3 +66,7 @@ class FileError(DynconvertError, OSError):
     def __str__(self) -> str:
         """The message alone (an OSError would put ``[Errno N]`` before it)."""
         return self.strerror if self.strerror is not None else super().__str__()
+
+
+class ExportError(DynconvertError):
+    """A converted model cannot be exported (an op, an input, or the output folder)."""

@@ -62,6 +62,11 @@ FLAGS: dict[str, str] = {
     "random_init": "--random-init",
     "overrides": "--set",
     "device": "--device",
+    # dynconvert export (dynconvert.export's arguments)
+    "format": "--format",
+    "timesteps": "--timesteps",
+    "batch": "--batch",
+    "overwrite": "--overwrite",
     # dynconvert sample and bench
     "vae": "--vae",
     "raw": "--raw",

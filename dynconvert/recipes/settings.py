@@ -40,6 +40,7 @@ _REPORT_RANGES = {
     "bench_timestep": Range(0, 999),
     "bench_batch": Range(1, 65536),
     "bench_repeats": Range(1, 10_000),
+    "sampling_budget": Range(0, 65536),
 }
 _SAMPLE_RANGES = {
     "labels": Range(0),
@@ -84,6 +85,9 @@ class ReportSettings:
         bench_timestep: The timestep of the benchmark (a representative one).
         bench_batch: Samples per benchmarked call.
         bench_repeats: Timed calls of each model.
+        sampling_budget: Held-out samples on which, after calibration, the router thresholds
+            are shifted so that the ``samples`` sampler spends the target on average (0: off;
+            ``dynconvert.sampling.budget``).
     """
 
     profile_timesteps: int = 20
@@ -93,6 +97,7 @@ class ReportSettings:
     bench_timestep: int = 500
     bench_batch: int = 8
     bench_repeats: int = 5
+    sampling_budget: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self, _REPORT_RANGES, "report.")
