@@ -52,9 +52,9 @@ _EXPORTS = {
 }
 _ERRORS = (
     "AlreadyConvertedError", "BudgetError", "CalibrationError", "CheckpointError", "ConfigError",
-    "DataError", "DynconvertError", "ExampleInputsError", "ExportError", "ModelNotFoundError",
-    "NoSitesError",
-    "NotConvertedError", "OutputExistsError", "RecordError", "TimestepError",
+    "DataError", "DynconvertError", "ExampleInputsError", "ExportError", "FileError",
+    "ModelNotFoundError", "NoSitesError", "NotConvertedError", "OutputExistsError", "RecordError",
+    "TimestepError",
 )  # fmt: skip
 _EXPORTS.update(dict.fromkeys(_ERRORS, "dynconvert.errors"))
 

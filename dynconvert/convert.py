@@ -27,6 +27,7 @@ from dynconvert.runtime.dynamic import (
     make_static,
 )
 from dynconvert.runtime.mlp import MlpRuntime
+from dynconvert.runtime.shared_in import SharedInRuntime
 from dynconvert.runtime.shared_out import SharedOutRuntime
 from dynconvert.runtime.state import ATTR, attach, detach, get_state, is_converted
 from dynconvert.verify import verify_fast_path
@@ -208,15 +209,29 @@ def apply_plan(
             for m in site.mid_maps:  # depthwise convolutions of a convolutional MLP
                 make_dynamic(modules[m.linear], rt, "mlp_mid", m.linear)
             make_dynamic(modules[site.fc2], rt, "mlp_out", site.fc2)
+            if site.width_attrs:  # a fused projection split by the hidden width (Flux 2)
+                hooks.extend(rt.attach(modules[site.name] if site.name else model))
         runtimes.append(rt)
-    # A parallel block's out-projection belongs to its attention and its MLP at once.
+    # A parallel block's out-projection belongs to its attention and its MLP at once (or to
+    # one of them, the other's columns computed in full when it is not converted).
     owners: dict[str, list[Any]] = {}
     for rt in runtimes:
         for m in rt.site.out_maps:
             owners.setdefault(m.linear, []).append(rt)
     for name, rts in owners.items():
-        if len(rts) > 1:
-            make_dynamic(modules[name], SharedOutRuntime(rts, name), "out", name)
+        if len(rts) > 1 or any(m.keep for rt in rts for m in rt.site.out_maps if m.linear == name):
+            cols = modules[name].weight.shape[1]
+            make_dynamic(modules[name], SharedOutRuntime(rts, name, cols), "out", name)
+    # An input projection whose rows are the units of two sites, or partly of none (Flux 2's
+    # fused q, k, v and MLP projection): each owner's active rows, and the others in full.
+    in_owners: dict[str, list[Any]] = {}
+    for rt in runtimes:
+        for m in rt.site.in_maps:
+            in_owners.setdefault(m.linear, []).append(rt)
+    for name, rts in in_owners.items():
+        rows = modules[name].weight.shape[0]
+        if len(rts) > 1 or sum(rt.tables[name].numel() for rt in rts) < rows:
+            make_dynamic(modules[name], SharedInRuntime(rts, name, rows), "in", name)
     bank.runtimes = runtimes
     bank.set_timestep_spec(model)
     # Every forward of the model starts here: read t from its arguments, set the call's masks.

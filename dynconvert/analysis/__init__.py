@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from dynconvert.analysis import tables
-from dynconvert.analysis.export_graph import from_export
+from dynconvert.analysis.export_graph import DataDependentSize, from_export
 from dynconvert.analysis.graph import OpGraph, quiet_torch
 from dynconvert.analysis.planning import FilterFn, plan_from_graph
 from dynconvert.config import ConvertConfig
@@ -120,4 +120,6 @@ def capture(
         graph = capture_fx(model, args, kwargs)
     if error is not None:
         graph.coverage = f"{graph.coverage}; torch.export failed: {type(error).__name__}"
+    if isinstance(error, DataDependentSize):
+        graph.export_stops = error.stops
     return graph

@@ -243,12 +243,16 @@ def _in_maps(
             per_linear[node.linear] = [table]
     full = {name for f in findings for name in f.full_width}  # a partial site's
     maps = [unit_map(n, "rows", units, ts) for n, ts in per_linear.items() if n not in full]
-    # A projection that also computes other channels (one Linear for q, k, v and the MLP
-    # hidden, split by sizes the model computes from its attributes) cannot return fewer rows:
-    # the model's split would fail. Such a site is not converted (it could not run sliced).
+    # A projection that also computes other channels cannot return only the heads' rows: the
+    # model's split would fail. Unless a form computes those rows beside the heads' (a fused
+    # input projection, sites/fused_in_find.py), such a site is not converted.
     widths = {n.linear: n.shape[-1] for n in in_nodes.values()}
+    shared = {name for f in findings for name in f.shared}
     mixed = [
-        m.linear for m in maps if sum(len(m.indices(u)) for u in range(units)) < widths[m.linear]
+        m.linear
+        for m in maps
+        if sum(len(m.indices(u)) for u in range(units)) < widths[m.linear]
+        and m.linear not in shared
     ]
     return maps, mixed
 

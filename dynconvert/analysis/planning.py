@@ -175,6 +175,7 @@ def _find_mlps(
     """Every Linear MLP, then every convolutional one, inside a block that holds attention."""
     # Out-projections of parallel blocks: the columns their attention leaves to the MLP.
     shared = {m.linear: m.keep for _, s in found.attention for m in s.out_maps if m.keep}
+    shared_in = _rows_left(found, reuse)
     conv_fc2 = conv_finder.find_fc2_candidates(graph, model)
     conv_reuse: dict[str, list[Any]] = {}
     for n in graph.nodes:
@@ -185,7 +186,7 @@ def _find_mlps(
         if fc2.kind == "conv":
             got = conv_finder.build_site(fc2, model, conv_reuse, found.taken)
         else:
-            got = mlp_finder.build_site(fc2, model, reuse, found.taken, order, shared)
+            got = mlp_finder.build_site(fc2, model, reuse, found.taken, order, shared, shared_in)
         if got is None:  # this Linear does not end an MLP
             continue
         if got.site is None:
@@ -208,6 +209,20 @@ def _find_mlps(
         site.fold = _fold(got.linear_nodes[0], batch)
         found.mlp.append((order[id(fc2)], site))
         found.taken.update(m.linear for m in site.maps())
+
+
+def _rows_left(found: _Found, reuse: dict[str, list[OpNode]]) -> dict[str, tuple[int, int]]:
+    """Input projections of attention sites that compute rows of no head (a fused input
+    projection, Flux 2), and [start, stop) of those rows: an MLP may claim them."""
+    out = {}
+    for _, site in found.attention:
+        for m in site.in_maps:
+            width = (reuse[m.linear][0].shape or (0,))[-1] if reuse.get(m.linear) else 0
+            heads = {i for u in range(m.units) for i in m.indices(u)}
+            rest = sorted(set(range(width)) - heads)
+            if rest and rest == list(range(rest[0], rest[-1] + 1)):
+                out[m.linear] = (rest[0], rest[-1] + 1)
+    return out
 
 
 def _configure_mlp(site: MlpSite, config: ConvertConfig, heads: int) -> None:
@@ -254,8 +269,17 @@ def _why_nothing(model: torch.nn.Module, graph: OpGraph) -> list[SkippedSite]:
 
 
 def _why_no_attention(block: str, graph: OpGraph) -> str:
-    """Why no attention call was found in ``block`` ("" for the whole model): what was captured
-    there, and the ops analysis could not see into (a flex attention, an opaque leaf)."""
+    """Why no attention call was found in ``block`` ("" for the whole model): where torch.export
+    stopped inside it, else what was captured there, and the ops analysis could not see into
+    (a flex attention, an opaque leaf)."""
+    for module, why in graph.export_stops:
+        if block == "" or module == block or module.startswith(block + "."):
+            # Mochi: its attention loops over the samples, each with the prompt tokens
+            # `nonzero` picks out of the mask; the torch.fx fallback cannot trace it either.
+            return (
+                f"no attention call captured: {why}, and the torch.fx fallback sees no attention "
+                "call there; not converted"
+            )
     ops = [
         n
         for n in graph.nodes

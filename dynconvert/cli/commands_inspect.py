@@ -18,8 +18,10 @@ static_macs (whole model), blocks_macs (converted attention + MLP sites), other_
 blocks (count), min_budget (lowest reachable whole-model ratio), max_budget (1.0),
 sites: [{index, name, block, kind ("attention"|"mlp"), module_class, heads|groups, head_dim,
 hidden, width, width_reason, token_routing, token_reason, fast, fast_reason, macs, share}],
-skipped: [{name, kind, reason}], and for --run: run {budget, flops_ratio, recipe, ...} and each
-site's mean_units_on (fraction of heads/groups on, mean over the 1000 timesteps)."""
+skipped: [{name, kind, reason}], and for --run: run {budget, flops_ratio (the record's),
+executed_flops_ratio (counted on the loaded model; null when it makes no example inputs),
+recipe, ...} and each site's mean_units_on (fraction of heads/groups on, mean over the 1000
+timesteps)."""
 
 
 def _build_for_inspect(name: str) -> Any:
@@ -106,9 +108,11 @@ def _run_summary(folder: str) -> dict[str, Any]:
     from dynconvert.analysis.importance import IMPORTANCE
     from dynconvert.config import ConvertConfig
     from dynconvert.io.save import decode_masks, read_record
+    from dynconvert.measure.executed import executed_ratio
     from dynconvert.plan import Plan
-    from dynconvert.runs import read_run
+    from dynconvert.runs import load_run, read_run
 
+    loaded, _ = load_run(folder)  # every check of load: a folder it refuses is refused here
     record = read_record(folder)
     plan = Plan.from_dict(record["plan"])
     cfg = dict(record["config"])
@@ -128,6 +132,7 @@ def _run_summary(folder: str) -> dict[str, Any]:
         "budget": record["budget"],
         "flops_ratio": record.get("mean_flops_ratio"),
         "flops_ratio_note": record.get("flops_ratio_note"),
+        "executed_flops_ratio": executed_ratio(loaded),  # None: the model makes no inputs
         "recipe": (run.get("recipe") or {}).get("name"),
         "status": run.get("status"),
         "steps": run.get("steps"),
@@ -171,6 +176,12 @@ def inspect(model: ModelOpt = None, run: RunOpt = None, json: JsonOpt = False) -
         render.print_json(summary)
         return
     show(summary)
+
+
+def _executed(ratio: float | None) -> str:
+    if ratio is None:
+        return "cannot measure: the model makes no example inputs (use dynconvert bench)"
+    return f"{render.ratio(ratio)} (5 timesteps, example inputs, token routing included)"
 
 
 def show(s: dict[str, Any]) -> None:
@@ -223,6 +234,7 @@ def show(s: dict[str, Any]) -> None:
             ("run", r["dir"]),
             ("budget", r["budget"]),
             ("flops ratio (mean over t)", render.ratio(r["flops_ratio"])),
+            ("executed (loaded model)", _executed(r["executed_flops_ratio"])),
         ]
     console.print(render.key_values("Totals (1 MAC = 2 FLOPs)", rows))
     if s["skipped"]:

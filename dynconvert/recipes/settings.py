@@ -18,7 +18,7 @@ from typing import Any
 from dynconvert.calibration.config import CalibrationConfig
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import ConfigError
-from dynconvert.fields import INT_MAX, SEED_MAX, Range, check_fields, check_value
+from dynconvert.fields import INT_MAX, SEED_MAX, Range, check_fields, check_value, shown
 from dynconvert.measure.evaluations import evaluation_names
 from dynconvert.sampling import SCHEDULERS
 
@@ -30,7 +30,7 @@ run's output folder and ``resume``)."""
 
 def _check(section: str, value: Any, ok: bool, what: str) -> None:
     if not ok:
-        raise ConfigError(f"{section} must be {what}; got {value!r}")
+        raise ConfigError(f"{section} must be {what}; got {shown(value)}")
 
 
 _REPORT_RANGES = {
@@ -225,13 +225,13 @@ class Recipe:
             if isinstance(v, dict):
                 setattr(self, sec, _build(cls, v, sec))
             elif not isinstance(v, cls):
-                raise ConfigError(f"section {sec} must be a mapping; got {v!r}")
+                raise ConfigError(f"section {sec} must be a mapping; got {shown(v)}")
         for sec in ("convert", "calibration"):
             v = getattr(self, sec)
             if v is None:
                 setattr(self, sec, {})
             elif not isinstance(v, dict):
-                raise ConfigError(f"section {sec} must be a mapping; got {v!r}")
+                raise ConfigError(f"section {sec} must be a mapping; got {shown(v)}")
         taken = sorted(set(self.calibration) & set(RUN_FIELDS))
         if taken:
             raise ConfigError(
@@ -285,7 +285,7 @@ class Recipe:
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     """Build a settings dataclass from a dict, rejecting unknown keys with the valid ones."""
     if not isinstance(data, dict):
-        raise ConfigError(f"section {where} must be a mapping; got {data!r}")
+        raise ConfigError(f"section {where} must be a mapping; got {shown(data)}")
     valid = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
     unknown = sorted(set(data) - set(valid))
     if unknown:

@@ -21,7 +21,7 @@ from dynconvert.runtime.dynamic import (
     make_dynamic,
     unit_table,
 )
-from dynconvert.runtime.interfaces import CallRouting, Decision
+from dynconvert.runtime.interfaces import CallRouting, Decision, OutState
 from dynconvert.sites import RUNTIMES, load
 
 
@@ -110,13 +110,13 @@ class AttentionRuntime(SiteRuntime):
         returns their handles."""
         return [h for part, hooks in self.hooks for h in hooks.attach(self, part, modules)]
 
-    def out_state(self) -> tuple[Decision | None, bool, torch.Tensor | None]:
-        """For a shared out-projection: (this call's decision, sliced?, head mask if masked)."""
+    def out_state(self) -> OutState:
+        """For a shared out-projection: this call's decision, sliced?, head mask if masked."""
         if self.fast is not None:
-            return self.fast, True, None
+            return OutState(self.fast, True, None)
         if self.bank.fast_for(self.site):
-            return None, True, None  # every head on
-        return None, False, self.bank.width_mask(self.site.index)
+            return OutState(None, True, None)  # every head on
+        return OutState(None, False, self.bank.width_mask(self.site.index))
 
     def post_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         """Forward hook (also called when the forward raises): restore the head count."""
@@ -126,20 +126,30 @@ class AttentionRuntime(SiteRuntime):
         self.saved.clear()
         self.fast = None
 
+    def record_in(self, name: str, x: torch.Tensor) -> None:
+        """Note the tokens input Linear ``name`` runs on in this call, x (B, N, C_in), for the
+        FLOPs of its rows and of QK^T and AV: n queries, m keys (m differs from n in
+        cross-attention)."""
+        rec = self.bank.record(self.site.index)
+        tokens = math.prod(x.shape[1:-1]) if x.dim() > 2 else x.shape[0]
+        seen = rec.setdefault("seen", {})
+        for src in self.fused.get(name, (name,)):  # a fused projection counts as its parts
+            seen[src] = tokens
+        rec["rows"] = x.shape[0]
+
+    def in_call(self, name: str, x: torch.Tensor) -> tuple[Decision | None, None]:
+        """For an input projection shared with another site (shared_in.py): note the call, and
+        return its decision (None: every head's rows); an attention has no MLP call."""
+        self.record_in(name, x)
+        return self.fast, None
+
     def linear_forward(self, lin: DynamicLinear, x: torch.Tensor) -> torch.Tensor:
         """Forward of one of the site's Linears: x (B, N, C_in) -> (B, N, C_out)."""
         site, bank = self.site, self.bank
         d = self.fast
         if lin._dc_role == "in":
             name = lin._dc_name
-            # Token counts of this call, for the FLOPs of QK^T and AV: n queries, m keys
-            # (m differs from n in cross-attention).
-            rec = bank.record(site.index)
-            tokens = math.prod(x.shape[1:-1]) if x.dim() > 2 else x.shape[0]
-            seen = rec.setdefault("seen", {})
-            for src in self.fused.get(name, (name,)):  # a fused projection counts as its parts
-                seen[src] = tokens
-            rec["rows"] = x.shape[0]
+            self.record_in(name, x)
             if d is None:  # the masked path zeroes heads at the out-projection only
                 return F.linear(x, lin.weight, lin.bias)
             rows = d.rows.get(name)

@@ -115,6 +115,8 @@ class RouterBank(nn.Module):
         model, which the planned path needs to see its weights)."""
         self._reset_call()
         self._mode_now = self.mode or ("train" if training else "eval")
+        if getattr(self, "call_batch", 1) == 0:  # an empty batch: nothing to route, run it whole
+            self._mode_now = "full"
         if self._mode_now == "full":
             return
         if t is None:
