@@ -13,7 +13,10 @@ routing state:
   noise, so each checkpointed block call keeps its draws (:class:`NoiseReplay`) and replays them;
 - backward may run after later forward calls of the model (two calls, one loss): the
   recomputation restores the routing state of its own call (masks, records) and puts the
-  current one back afterwards.
+  current one back afterwards;
+- what the recomputation records (token masks, with the recomputed graph behind them) goes
+  into copies of the call's records, dropped with it: kept in the call's own records they
+  would hold every recomputed block's activations until the next forward.
 
 :func:`wrap_checkpointing` wraps the checkpointing function of every module that has one, once;
 the RouterBank calls it at the start of every forward call with autograd on.
@@ -110,10 +113,15 @@ def _wrap(func: Any, bank: CheckpointedBank) -> Any:
         bank.ensure_train_masks()  # drawn outside the checkpointed region (see the module doc)
         state = bank.call_state()
         replay = NoiseReplay()
+        runs = []  # one entry per run of the block: the first, then the recomputation
 
         def run(*a: Any, **k: Any) -> Any:
             outer, outer_replay = bank.call_state(), bank.replay
-            bank.set_call_state(state)
+            # The recomputation records into copies: what it records (token masks) holds its
+            # own graph, which would keep the recomputed activations alive until the next call.
+            mine = state if not runs else {**state, "records": _copies(state.get("records", {}))}
+            runs.append(1)
+            bank.set_call_state(mine)
             bank.replay = replay.start()
             try:
                 return block(*a, **k)
@@ -126,3 +134,8 @@ def _wrap(func: Any, bank: CheckpointedBank) -> Any:
     checkpointed.__wrapped__ = func
     setattr(checkpointed, _BANK, bank)
     return checkpointed
+
+
+def _copies(records: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """A copy of a call's records, one level deep (the recomputation's writes stay in it)."""
+    return {i: dict(r) for i, r in records.items()}
