@@ -72,9 +72,11 @@ class MlpRuntime(SiteRuntime):
 
     site: MlpSite
 
+    # The MLP call in progress in this thread's call, handed from fc1 to fc2 (MlpCall or None).
+    call = SiteRuntime.in_progress
+
     def __init__(self, site: MlpSite, bank: CallRouting):
         super().__init__(site, bank, site.hidden // site.groups)
-        self.call: MlpCall | None = None  # the MLP call in progress, handed from fc1 to fc2
 
     def _begin(self, x: torch.Tensor) -> MlpCall:
         """Start an MLP call at its input x (B, N, D): masks, and on a sliced path the gather."""
