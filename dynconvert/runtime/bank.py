@@ -126,7 +126,7 @@ class RouterBank(nn.Module):
         the converted model, which the planned path needs to see its weights; ``batch``: its
         batch size, 0 if unknown). Returns the call, now the thread's current one."""
         settings = self.settings_now()
-        self.set_call(call := RoutingCall(settings))
+        self.set_call(call := RoutingCall(settings, len(self.runtimes)))
         call.batch = batch
         call.mode = settings.mode or ("train" if training else "eval")
         if call.mode == "full":

@@ -16,6 +16,8 @@ Example:
     >>> call = RoutingCall()
     >>> call.mode, call.execution.name, call.records
     ('full', 'masked', {})
+    >>> RoutingCall(sites=2).records
+    {0: {}, 1: {}}
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ class RoutingCall:
         "records", "batch", "replay", "pattern", "counter", "progress",
     )  # fmt: skip
 
-    def __init__(self, settings: RoutingSettings | None = None):
+    def __init__(self, settings: RoutingSettings | None = None, sites: int = 0):
+        """``sites``: the model's number of sites; their records and progress entries are made
+        now, so these dicts keep one size through the call (torch.compile guards on a dict's
+        size: growing site by site, it recompiled each site's code for every size)."""
         self.settings = settings or RoutingSettings()
         self.mode = "full"  # "train", "eval" or "full": how this call routes
         # How it computes: the resolved execution mode in evaluation, full width (masked) else.
@@ -48,14 +53,14 @@ class RoutingCall:
         self.eval_masks: dict[int, torch.Tensor] = {}  # site -> (Bt, units) bool, device
         self.eval_cpu: dict[int, torch.Tensor] = {}  # the same on the CPU (host decisions)
         # What each site used: "width", "tokens", "n", "rows", ... (read by flops.py).
-        self.records: dict[int, dict[str, Any]] = {}
+        self.records: dict[int, dict[str, Any]] = {i: {} for i in range(sites)}
         self.batch = 0  # the model's batch (blocks that fold frames into it see more rows)
         self.replay: Any = None  # NoiseReplay of the checkpointed block running, if any
         self.pattern: Any = None  # the planned path's Pattern of this call
         self.counter: torch.Tensor | None = None  # planned: this thread's (dropped, wanted)
         # Site index -> what it has in progress: an MlpCall from fc1 to fc2, or an attention
         # call's sliced Decision between its pre- and post-hook.
-        self.progress: dict[int, Any] = {}
+        self.progress: dict[int, Any] = dict.fromkeys(range(sites))
 
 
 class CallStore(threading.local):

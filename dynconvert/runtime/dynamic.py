@@ -258,6 +258,7 @@ class SiteRuntime:
             mask = pad_mask(mask)  # kept columns (a parallel block's MLP part) stay on
         return x * column_multiplier(mask.index_select(1, self.owner(name, mask.device)), x)
 
+    @torch.compiler.disable  # host work on a CPU mask; compiled, its cache misses recompile
     def decide(self, mask_cpu: torch.Tensor | None, device: torch.device) -> Decision | None:
         """The fast-path decision for this call's CPU mask (None: compute every unit).
 

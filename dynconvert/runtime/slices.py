@@ -6,6 +6,12 @@ on every call would cost as much memory traffic as the matmul saves, so slices a
 (Linear, axis) for the unit set they were cut for, and dropped when the weight changes (training
 step, load, dtype or device move) or the unit set does.
 
+Under ``torch.compile`` a lookup runs eagerly (:meth:`SliceCache.get` is excluded from
+compilation): the slices it returns enter the graph as inputs, so nothing the graph guards on
+changes when the cache fills, evicts or refreshes, and a routing pattern compiled once is not
+compiled again (dynamo would otherwise guard on the cache's entries, one recompile per Linear and
+axis, until its recompile limit, and then run the whole frame eagerly).
+
 The cache is bounded: by ``ConvertConfig.slice_cache_mb``, or by default 20% of the model's
 parameter bytes (so a converted model stays within about 1.25x the original's memory). Column
 slices are strided gathers, the costly kind, so they may push cached row slices out; row
@@ -51,6 +57,7 @@ class SliceCache:
         self.nbytes = 0
         self._lock = SharedLock()  # held while entries and nbytes change (threads share them)
 
+    @torch.compiler.disable
     def get(self, lin: nn.Linear, axis: str, units: tuple[int, ...], index: torch.Tensor) -> tuple:
         """Weight (and bias) of ``lin`` restricted to ``index`` rows or cols.
 
