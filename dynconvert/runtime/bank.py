@@ -25,7 +25,13 @@ from dynconvert.runtime.dynamic import SiteRuntime
 from dynconvert.runtime.interfaces import Decision, MlpCall
 from dynconvert.runtime.modes import ExecutionMode, execution_mode
 from dynconvert.runtime.planned.planner import Planner
-from dynconvert.runtime.routers import TimestepEncoder, TokenRouter, gumbel_sigmoid, width_router
+from dynconvert.runtime.routers import (
+    TimestepEncoder,
+    TokenRouter,
+    gumbel_sigmoid,
+    no_autocast,
+    width_router,
+)
 from dynconvert.runtime.settings import RoutingSettings, settings_of
 from dynconvert.runtime.slices import SliceCache
 from dynconvert.runtime.timesteps import convention_warning, router_timesteps
@@ -234,7 +240,8 @@ class RouterBank(nn.Module):
         sizes = [self.width[k].out_features for k in keys]
         # Cast: stored in float8 under layerwise casting, the routers compute in emb's dtype.
         weight, bias = weight.to(call.emb.dtype), bias.to(call.emb.dtype)
-        logits = torch.nn.functional.linear(call.emb, weight, bias)  # (B, sum of units)
+        with no_autocast(call.emb.device):  # in the routers' dtype under autocast too
+            logits = torch.nn.functional.linear(call.emb, weight, bias)  # (B, sum of units)
         on = self._always_on_positions(keys, sizes, logits.device)
         masks = gumbel_sigmoid(logits, self.config.tau)
         masks = torch.where(on, torch.ones_like(masks), masks)
