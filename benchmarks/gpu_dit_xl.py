@@ -107,7 +107,8 @@ def main() -> None:
     results: list = []
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     log(results, args.out, {"device": name, "torch": torch.__version__, "model": args.model,
-                            "dtype": str(dtype), "steps": args.steps, "ratio": args.ratio})  # fmt: skip
+                            "dtype": str(dtype), "steps": args.steps,
+                            "ratio": args.ratio})  # fmt: skip
 
     torch.manual_seed(0)
     with torch.device(dev):
@@ -146,7 +147,8 @@ def main() -> None:
             sync(dev)
             times.append(time.perf_counter() - s0)
         d = {"variant": label, "schedule_s": statistics.median(times), "times_s": times,
-             "per_call_ms": 1000 * statistics.median(times) / len(ts), "warmup_s": round(warm_s, 3)}  # fmt: skip
+             "per_call_ms": 1000 * statistics.median(times) / len(ts),
+             "warmup_s": round(warm_s, 3)}  # fmt: skip
         if dev == "cuda":
             extra = model_bytes(model) + (
                 dynconvert.get_state(model).slice_bytes if dynconvert.is_converted(model) else 0
@@ -204,9 +206,11 @@ def main() -> None:
                 "routing": kind,
                 "synthetic": routing,
             }
-            variants = [("original_eager", original, None, False), ("dynamic_fast", dynamic, "fast", False),
+            variants = [("original_eager", original, None, False),
+                        ("dynamic_fast", dynamic, "fast", False),
                         ("dynamic_planned", dynamic, "planned", False),
-                        ("original_graphed", original, None, True), ("dynamic_graphed", dynamic, "planned", True)]  # fmt: skip
+                        ("original_graphed", original, None, True),
+                        ("dynamic_graphed", dynamic, "planned", True)]  # fmt: skip
             if kind == "varying":
                 variants = [
                     v
@@ -234,7 +238,8 @@ def main() -> None:
             out["elapsed_s"] = round(time.time() - t_start, 1)
             log(results, args.out, out)
         except Exception as e:  # noqa: BLE001 - keep going, report the failure
-            log(results, args.out, {"what": "schedule", "batch": batch, "routing": kind, "error": repr(e),
+            log(results, args.out, {"what": "schedule", "batch": batch, "routing": kind,
+                                    "error": repr(e),
                                     "trace": traceback.format_exc()[-3000:]})  # fmt: skip
         if dev == "cuda":
             torch.cuda.empty_cache()

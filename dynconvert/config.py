@@ -35,7 +35,7 @@ _RANGES = {
 
 @dataclass
 class ConvertConfig:
-    """How convert builds the routers. Defaults follow the paper (docs/method.md, "Hyperparameters").
+    """How convert builds the routers; defaults follow docs/method.md, "Hyperparameters".
 
     Attributes:
         attention_width: Route attention heads. Off: no attention site is converted (heads are
@@ -119,7 +119,8 @@ class ConvertConfig:
         check_fields(self, _RANGES)
         if self.router_embed_dim % 2:
             raise ConfigError(
-                f"router_embed_dim must be an even integer in [2, 65536]; got {self.router_embed_dim}"
+                "router_embed_dim must be an even integer in [2, 65536]; "
+                f"got {self.router_embed_dim}"
             )
         if self.capture not in ("auto", "export", "fx"):
             raise ConfigError(f"capture must be one of auto, export, fx; got {self.capture!r}")

@@ -161,7 +161,8 @@ def find_timestep_arg(model: torch.nn.Module, name: str | None = None) -> str:
     if name is not None:
         if name not in params:
             raise TimestepError(
-                f"{type(model).__name__}.forward has no argument {name!r}; its arguments are {params}"
+                f"{type(model).__name__}.forward has no argument {name!r}; "
+                f"its arguments are {params}"
             )
         return name
     for cand in TIMESTEP_NAMES:
@@ -173,7 +174,8 @@ def find_timestep_arg(model: torch.nn.Module, name: str | None = None) -> str:
     if len(prefixed) == 1:
         return prefixed[0]
     raise TimestepError(
-        f"cannot find the timestep argument of {type(model).__name__}.forward (arguments: {params}); "
+        f"cannot find the timestep argument of {type(model).__name__}.forward "
+        f"(arguments: {params}); "
         "set ConvertConfig(timestep_arg=...) to the name of the argument that carries t"
     )
 

@@ -36,11 +36,13 @@ def main() -> None:
     print(f"{'site':<38} {'kind':<9} {'static':>10} {'dynamic':>10} {'ratio':>6}")
     for s in report.sites:
         print(
-            f"{s.name:<38} {s.kind:<9} {s.static_macs:>10,.0f} {s.dynamic_macs:>10,.0f} {s.ratio:>6.2f}"
+            f"{s.name:<38} {s.kind:<9} {s.static_macs:>10,.0f} "
+            f"{s.dynamic_macs:>10,.0f} {s.ratio:>6.2f}"
         )
     per = report.static_macs_per_sample
     print(
-        f"\nwhole model: {per:,.0f} MACs per sample static, {report.dynamic_macs_per_sample:,.0f} dynamic "
+        f"\nwhole model: {per:,.0f} MACs per sample static, "
+        f"{report.dynamic_macs_per_sample:,.0f} dynamic "
         f"(ratio {report.ratio:.3f}; blocks only {report.blocks_ratio:.3f})"
     )
     print(f"unit: {report.unit}")

@@ -41,7 +41,8 @@ def main(run_dir: str | None, out_png: str) -> None:
     path = compare_grid(full, dynamic, out_png, nrow=10, upscale=4)
     ratio = dynconvert.count_flops(model).ratio
     print(
-        f"loaded {run_dir}; wrote {path} (full width left, dynamic right); FLOPs ratio on example inputs: {ratio:.3f}"
+        f"loaded {run_dir}; wrote {path} (full width left, dynamic right); "
+        f"FLOPs ratio on example inputs: {ratio:.3f}"
     )
 
 

@@ -1,4 +1,4 @@
-"""Analysis on models that are not in the registry, the traps of docs/architecture.md, and the fx fallback."""
+"""Analysis of models not in the registry, the traps of docs/architecture.md, the fx fallback."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dynconvert.testing import TINY_BUILDERS, randomize_routing
 
 
 class ToyAttention(nn.Module):
-    """Self-attention written by hand, with options that reproduce the traps of docs/architecture.md."""
+    """Self-attention written by hand, with options for the traps of docs/architecture.md."""
 
     def __init__(self, dim, heads, trap=None):
         super().__init__()

@@ -1,4 +1,4 @@
-"""A converted diffusers transformer works inside its pipeline, unchanged, and under torch.compile."""
+"""A converted diffusers transformer works in its pipeline, unchanged, and under torch.compile."""
 
 from __future__ import annotations
 

@@ -146,7 +146,8 @@ LIGHT = [
     "--steps", "2", "--data", "synthetic", "--random-init",
     "--set", "calibration.batch_size=4", "--set", "calibration.num_workers=0",
     "--set", "report.profile_timesteps=2", "--set", "report.profile_batch=2",
-    "--set", "report.executed_timesteps=1", "--set", "report.bench_batch=2", "--set", "report.bench_repeats=1",
+    "--set", "report.executed_timesteps=1", "--set", "report.bench_batch=2",
+    "--set", "report.bench_repeats=1",
 ]  # fmt: skip
 FAMILIES = [
     ("dit-xl-imagenet256", "dit-tiny"),
@@ -175,7 +176,8 @@ def test_digits_recipe_runs_with_its_metrics(tmp_path):
     out = tmp_path / "digits"
     light = [a for a in LIGHT if a != "--random-init"]  # the shipped weights
     args = ["convert", "--recipe", "digits", "--out", str(out), "--json", *light,
-            "--set", "evaluate.per_class=2", "--set", "evaluate.steps=2", "--set", "samples.steps=2"]  # fmt: skip
+            "--set", "evaluate.per_class=2", "--set", "evaluate.steps=2",
+            "--set", "samples.steps=2"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)

@@ -1,4 +1,4 @@
-"""Shared pieces of layout derivation: the refusal error, how ops are named in it, and regular parts.
+"""Shared pieces of layout derivation: the refusal error, how ops are named in it, regular parts.
 
 The derivation itself (replaying the ops between projections and attention on index tensors)
 lives in headlocal.py.

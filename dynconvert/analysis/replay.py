@@ -323,11 +323,17 @@ def table_use(n: OpNode, h: torch.Tensor, a: OpNode) -> TableUse | str | None:
     if not varying:
         return None
     if len(varying) != 1:
-        return f"{describe(n)} combines the projection with a tensor that differs per head along several axes"
+        return (
+            f"{describe(n)} combines the projection with a tensor that differs per head "
+            "along several axes"
+        )
     axis = varying[0]
     per = h.movedim(axis, 0).reshape(h.shape[axis], -1)  # (positions, everything else)
     if not torch.equal(per, per[:, :1].expand_as(per)) or int(per.min()) < 0:
-        return f"{describe(n)} combines the projection with a tensor whose positions do not each belong to one head"
+        return (
+            f"{describe(n)} combines the projection with a tensor whose positions do not "
+            "each belong to one head"
+        )
     return TableUse(a, n, axis - h.dim(), per[:, 0].clone())
 
 

@@ -56,7 +56,10 @@ def residual_reason(fc2: OpNode, token_dims: int) -> str:
             other = [i for i in u.inputs if i is not cur and isinstance(i, OpNode)]
             if len(other) == 1 and other[0].shape == u.shape:
                 return ""
-            return f"the MLP output is added to something that is not the residual stream ({describe(u)})"
+            return (
+                "the MLP output is added to something that is not the residual stream "
+                f"({describe(u)})"
+            )
         return f"{describe(u)} follows the MLP output before the residual add"
 
 

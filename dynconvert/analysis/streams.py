@@ -46,7 +46,8 @@ def kv_stride(layout: InputLayout, batch: int) -> int:
     stride = found.pop()
     if stride.denominator != 1:
         raise ChainError(
-            f"keys and values are repeated or broadcast between their projections and the attention "
+            "keys and values are repeated or broadcast between their projections and the "
+            "attention "
             f"({stride} projection rows per key): their cost could not be counted"
         )
     return int(stride)

@@ -1,6 +1,7 @@
 """The training objectives: noising a batch, the diffusion loss, the FLOPs term, distillation.
 
-docs/method.md ("Training objective"): total = diffusion loss of the dynamic model + w * (mean_b F_dyn/F_static - lambda)^2.
+docs/method.md ("Training objective"):
+total = diffusion loss of the dynamic model + w * (mean_b F_dyn/F_static - lambda)^2.
 The diffusion loss follows the model's own objective: eps MSE (plus the VB term with learned
 sigma), v MSE, or flow-matching velocity MSE. Every loss here is per sample (B,) unless it is a
 batch-level term (the FLOPs term); the loop takes the means.

@@ -234,7 +234,8 @@ def build_from_checkpoint(
 
     Example:
         >>> from dynconvert.models import build_from_checkpoint
-        >>> model = build_from_checkpoint("U-ViT-H/2", "imagenet256_uvit_huge.pth")  # doctest: +SKIP
+        >>> path = "imagenet256_uvit_huge.pth"
+        >>> model = build_from_checkpoint("U-ViT-H/2", path)  # doctest: +SKIP
     """
     model = build_model(name, **overrides)
     return load_checkpoint(model, path, strict=strict, key=key)

@@ -43,7 +43,8 @@ def read_state_dict(path: str | os.PathLike, *, key: str | None = None) -> dict[
         Parameter name -> tensor.
 
     Raises:
-        CheckpointError: The file is missing, of an unknown type, unreadable, or holds no state dict.
+        CheckpointError: The file is missing, of an unknown type, unreadable, or holds no
+            state dict.
 
     Example:
         >>> from dynconvert.models.loading import read_state_dict
@@ -313,7 +314,10 @@ def _shape_hint(model: nn.Module, name: str) -> str:
             "checkpoint needs 'U-ViT-H/4-512')."
         )
     elif leaf == "proj" and name.startswith(("x_embedder", "patch_embed")):
-        cause = "The patch size or input channels differ: pick the preset with the checkpoint's patch size (/2, /4, /8)."
+        cause = (
+            "The patch size or input channels differ: pick the preset with the checkpoint's "
+            "patch size (/2, /4, /8)."
+        )
     elif name.startswith(("y_embedder", "label_emb")):
         cause = "The number of classes differs: pass num_classes=... to build_model."
     elif name.startswith(("final_layer", "decoder_pred")):

@@ -79,4 +79,4 @@ TINY_DIFFUSERS: dict[str, Callable[..., nn.Module]] = {
     "diffusers-dit-tiny": tiny_diffusers_dit,
     "pixart-tiny": tiny_pixart,
 }
-"""Run-level model names of the tiny diffusers models (``dynconvert convert --model pixart-tiny``)."""
+"""Run-level model names of the tiny diffusers models (``convert --model pixart-tiny``)."""

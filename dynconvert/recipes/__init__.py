@@ -8,7 +8,8 @@ them (``calibration:``, the fields of :class:`~dynconvert.CalibrationConfig` exc
 the YAML files as comments. Loading is strict: an unknown key anywhere is an error that lists
 the valid keys. Overrides are ``key=value`` items with dotted keys (``calibration.lr=2e-5``).
 
-The shipped recipes are the ``*.yaml`` files of the repository's top-level ``recipes/`` folder (:data:`RECIPE_DIR`).
+The shipped recipes are the ``*.yaml`` files of the repository's top-level ``recipes/`` folder
+(:data:`RECIPE_DIR`).
 
 Modules:
     settings: :class:`Recipe` and its checked sections, :func:`recipe_from_dict`.

@@ -11,7 +11,8 @@ resolved mode what it means instead of comparing names:
 - ``gathers_tokens``: token-routed MLPs compute only the selected tokens;
 - ``static_shapes``: every shape is fixed on the host before the call (CUDA graphs, compile);
 
-and, for a sliced site, where its decision and its weights come from (:meth:`ExecutionMode.decision`,
+and, for a sliced site, where its decision and its weights come from
+(:meth:`ExecutionMode.decision`,
 :meth:`ExecutionMode.weights`, :meth:`ExecutionMode.begin_mlp`). Training and routing "full"
 always compute at full width (masked); so does every mode when ``ConvertConfig.fast_path`` is
 off. ``docs/execution-modes.md`` describes each mode and how to add one.
@@ -114,7 +115,7 @@ def execution_mode(mode: str | ExecutionMode) -> ExecutionMode:
         >>> execution_mode("quick")
         Traceback (most recent call last):
         ...
-        dynconvert.errors.ConfigError: execution must be one of fast, masked, planned, auto; got 'quick'
+        dynconvert.errors.ConfigError: execution must be one of fast, masked, planned, auto; ...
     """
     if isinstance(mode, ExecutionMode):
         return mode

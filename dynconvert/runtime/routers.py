@@ -1,4 +1,7 @@
-"""The learned routers: timestep-wise width routers and spatial token routers (docs/method.md, "Routers")."""
+"""The learned routers: timestep-wise width routers and spatial token routers.
+
+docs/method.md, "Routers".
+"""
 
 from __future__ import annotations
 

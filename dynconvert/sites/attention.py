@@ -114,7 +114,7 @@ class AttentionSite:
         return self.heads // self.units
 
     def fixed_macs(self, seen: dict[str, int] | None = None, fold: int | None = None) -> int:
-        """The part of :meth:`macs` no routing saves: projections computed in full (partial site)."""
+        """The part of :meth:`macs` no routing saves: projections computed in full (partial)."""
         seen = seen or {}
         total = sum(p.fixed_macs(self, seen) for p in self.parts.values())
         return total * (self.fold if fold is None else fold)
@@ -162,7 +162,8 @@ class AttentionSite:
         plan's token counts otherwise), ``fold`` the rows per sample (see ``fold``). Source: the
         standard transformer count (Kaplan et al. 2020, table 1), with the attention matmuls
         made explicit (:meth:`attention_macs`); the k and v projections have ``units`` heads
-        (fewer with grouped-query attention); each part adds its own terms (``dynconvert/sites/<form>.py``).
+        (fewer with grouped-query attention); each part adds its own terms
+        (``dynconvert/sites/<form>.py``).
         """
         seen = seen or {}
         h, hk, dq, dv = self.heads, self.units, self.head_dim, self.v_head_dim

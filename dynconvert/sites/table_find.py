@@ -47,7 +47,10 @@ def entering(use: TableUse, module: str) -> OpNode | str:
         chain.insert(0, n)
         n = src
     if chain and not _keeps_positions(n, chain, use.dim):
-        return f"a table that differs per head is reordered inside the attention ({describe(chain[-1])})"
+        return (
+            "a table that differs per head is reordered inside the attention "
+            f"({describe(chain[-1])})"
+        )
     return n
 
 

@@ -42,7 +42,8 @@ class UnitMap:
         """A UnitMap from its dict (JSON turned the parts' tuples into lists: back to tuples).
 
         Example:
-            >>> UnitMap.from_dict({"linear": "fc1", "axis": "rows", "units": 2, "parts": [[0, 4, 4]]})
+            >>> data = {"linear": "fc1", "axis": "rows", "units": 2, "parts": [[0, 4, 4]]}
+            >>> UnitMap.from_dict(data)
             UnitMap(linear='fc1', axis='rows', units=2, parts=[(0, 4, 4)], explicit=None, keep=[])
         """
         return cls(

@@ -24,7 +24,8 @@ from dynconvert.testing.attention_forms import FORMS
 from dynconvert.testing.patterns import PATTERNS, mmdit, rotary_dit, video_dit
 
 __all__ = [
-    "PATTERN_MODELS", "TINY_BUILDERS", "call", "mmdit", "randomize_routing", "rotary_dit", "video_dit", "randomize_weights", "synthetic_routing",
+    "PATTERN_MODELS", "TINY_BUILDERS", "call", "mmdit", "randomize_routing", "rotary_dit",
+    "video_dit", "randomize_weights", "synthetic_routing",
     "tiny_diffusers_dit", "tiny_dit", "tiny_pixart", "tiny_uvit",
 ]  # fmt: skip
 

@@ -1,6 +1,7 @@
 """Planned execution: the user-facing functions (capacities, options, overflow, stats).
 
-The runtime itself is :class:`dynconvert.runtime.planned.planner.Planner`; its module docstring says what the
+The runtime itself is :class:`dynconvert.runtime.planned.planner.Planner`; its module docstring
+says what the
 planned path computes. Select it with ``dynconvert.set_routing(model, "eval", execution="planned")``
 (a loaded model on CUDA runs it by default).
 """
