@@ -78,6 +78,12 @@ class MlpSite:
     # fc2_offset of fc2's input, and the other columns (the attention's) are kept.
     fc2_offset: int = 0
     fc2_keep: list[int] = field(default_factory=list)
+    # Flux 2's single blocks: fc1 is one piece of a fused input projection whose other rows are
+    # the attention's q, k and v; the MLP's rows start at fc1_offset. The model splits the
+    # fused output by the attributes in width_attrs (holding the hidden width F): a sliced call
+    # lowers them to the active groups' channels.
+    fc1_offset: int = 0
+    width_attrs: list[str] = field(default_factory=list)
     # A convolutional MLP (Sana's GLUMBConv, Mix-FFN): fc1 and fc2 are pointwise convolutions
     # over channels-first inputs (B, C, H, W), and ``mid`` per-channel (depthwise) convolutions
     # of ``mid_taps`` kernel taps run between them on ``mid_channels`` channels each (fc1's

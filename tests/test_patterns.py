@@ -27,6 +27,7 @@ EXPECTED = {  # name -> (attention sites, MLP sites, streams of the first attent
     "sana-like": (2, 2, 1),
     "mmdit": (3, 5, 2),
     "mmdit-shared-mlp": (3, 3, 2),
+    "fused-parallel": (3, 4, 2),
     "video": (2, 2, 1),
     "video-own-projections": (2, 2, 1),
     "kv-conv-norm": (2, 2, 1),

@@ -25,12 +25,25 @@ def _site(**parts) -> AttentionSite:
 
 
 def test_every_shipped_form_is_registered_with_its_stages():
-    assert sorted(part_classes()) == ["gate", "kv_compression", "linear", "partial", "table"]
+    assert sorted(part_classes()) == [
+        "fused_in",
+        "gate",
+        "kv_compression",
+        "linear",
+        "partial",
+        "table",
+    ]
     load("find")
     load("run")
     from dynconvert.sites import FINDERS, RUNTIMES
 
-    assert sorted(FINDERS) == ["gate", "kv_compression", "linear", "partial"]  # table: resolve
+    assert sorted(FINDERS) == [
+        "fused_in",
+        "gate",
+        "kv_compression",
+        "linear",
+        "partial",
+    ]  # table: resolve
     assert sorted(RUNTIMES) == ["partial", "table"]
 
 

@@ -56,6 +56,9 @@ class Finding:
     # More input projections sliced with the heads: (the Linear call, its rows per unit).
     inputs: list[tuple[OpNode, torch.Tensor]] = field(default_factory=list)
     full_width: list[str] = field(default_factory=list)  # projections left unsliced
+    # Projections that also compute rows of no head (a fused input projection): those rows run
+    # in full beside the active heads' (runtime/shared_in.py), so the site can run sliced.
+    shared: list[str] = field(default_factory=list)
     unverified: bool = False  # its sliced call is checked once at convert (verify.py)
 
 

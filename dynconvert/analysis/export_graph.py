@@ -12,6 +12,7 @@ import operator
 from typing import Any
 
 import torch
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from dynconvert.analysis.graph import (
     EXPORT_CAPTURE,
@@ -23,6 +24,37 @@ from dynconvert.analysis.graph import (
     link_users,
     routable_linear,
 )
+
+
+class DataDependentSize(Exception):
+    """Ops of the exported graph return sizes that depend on the input's values (a
+    ``nonzero``): their shapes at the example inputs are not known, so the graph is not used.
+    ``stops`` lists (module fqn, why) for each such op."""
+
+    def __init__(self, stops: list[tuple[str, str]]):
+        self.stops = stops
+        super().__init__(stops[0][1])
+
+
+def _stop(node: torch.fx.Node, op: str) -> tuple[str, str]:
+    """(module fqn, why) of an op that returns a data-dependent size."""
+    stack = node.meta.get("nn_module_stack") or {}
+    module, cls = list(stack.values())[-1] if stack else ("", "")
+    module = _clean_path(module)
+    where = (cls if isinstance(cls, str) else cls.__qualname__).rsplit(".", 1)[-1] or "model"
+    why = (
+        f"`{op}` in {module or '<root>'} ({where}) returns a size that depends on the input's "
+        "values, which torch.export cannot capture"
+    )
+    return module, why
+
+
+def _data_dependent(val: Any) -> bool:
+    """Whether a node's example value has a size that depends on the input's values."""
+    vals = val if isinstance(val, (list, tuple)) else [val]
+    return any(
+        isinstance(v, torch.Tensor) and any(free_unbacked_symbols(s) for s in v.shape) for v in vals
+    )
 
 
 def _shape_of(val: Any) -> tuple[tuple[int, ...] | None, tuple[tuple[int, ...], ...] | None]:
@@ -49,6 +81,7 @@ def from_export(
     mapping: dict[str, OpNode] = {}  # fx node name -> OpNode
     nodes: list[OpNode] = []
     linear_types = _linear_fqns(model, any_linear)
+    stops: list[tuple[str, str]] = []  # ops whose sizes depend on the input's values
 
     def conv(a: Any) -> Any:
         """fx arguments -> OpNode arguments (nodes replaced by their OpNodes)."""
@@ -89,6 +122,9 @@ def from_export(
             module = _clean_path(path)
             module_class = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
             paths = tuple(_clean_path(p) for p, _ in stack.values())
+        if _data_dependent(node.meta.get("val")):
+            stops.append(_stop(node, op_name))
+            continue
         shape, shapes = _shape_of(node.meta.get("val"))
         on = OpNode(
             name=node.name,
@@ -110,6 +146,8 @@ def from_export(
                 on.linear = wname[: -len(".weight")]
         mapping[node.name] = on
         nodes.append(on)
+    if stops:
+        raise DataDependentSize(stops)
     for node in ep.graph.nodes:  # what the model returns: a dead end that is not dead code
         if node.op == "output":
             for a in flat_args(tuple(node.args)):

@@ -175,6 +175,8 @@ class OpGraph:
     nodes: list[OpNode]
     capture: str  # EXPORT_CAPTURE or FX_CAPTURE
     coverage: str = ""  # what was captured, for the plan ("whole model", leaves, failures)
+    # Where torch.export met sizes that depend on the input's values: (module, why) each.
+    export_stops: list[tuple[str, str]] = field(default_factory=list)
     # Node name -> its value at the example inputs, for the names asked (export captures only:
     # reruns the exported graph; analysis asks only when it needs values, see tables.py).
     evaluate: Callable[[set[str]], dict[str, Any]] | None = None

@@ -20,6 +20,7 @@ from dynconvert.analysis.layout import describe
 from dynconvert.analysis.mlp_region import Region, hidden_region
 from dynconvert.analysis.residual import residual_reason
 from dynconvert.plan import MLP, MlpSite, SkippedSite, UnitMap
+from dynconvert.sites.fused_in_find import FusedPiece, fused_piece, width_attrs
 
 
 @dataclass
@@ -61,6 +62,7 @@ def build_site(
     taken: set[str],
     order: dict[int, int] | None = None,
     shared: dict[str, list[int]] | None = None,
+    shared_in: dict[str, tuple[int, int]] | None = None,
 ) -> FoundMlp | None:
     """An MlpSite ending at ``fc2``, a SkippedSite with the reason, or None when not an MLP.
 
@@ -72,6 +74,8 @@ def build_site(
         order: Node id -> position in the graph, to list a gated pair in execution order.
         shared: out-projections of parallel blocks -> the columns their attention left (the
             MLP may claim exactly those).
+        shared_in: fused input projections -> [start, stop) of the rows their attention left
+            (the MLP's fc1 may be a piece of those, sites/fused_in_find.py).
     """
     part = None
     if fc2.linear is not None and fc2.linear in (shared or {}):
@@ -83,19 +87,23 @@ def build_site(
     region = hidden_region(fc2, part[0] if part else None)
     if region is None:
         return None
-    sources = _in_order(region.sources, order)
-    x = sources[0].args[0]  # the MLP input: (B, N, D), or (B, H, W, D)
+    # Flux 2: fc1 is the MLP's piece of a fused input projection whose other rows are heads.
+    fused = fused_piece(fc2, part[0] if part else None, region, shared_in or {})
+    region = fused.region if fused else region
+    sources = _in_order(region.sources, order)  # fc1 (or the piece of it), or a gated pair
+    fc1 = [fused.linear] if fused else sources  # the Linear nodes
+    x = fc1[0].args[0]  # the MLP input: (B, N, D), or (B, H, W, D)
     if not isinstance(x, OpNode) or not x.shape or len(x.shape) < 3:
         return None  # no token dimension: an embedding MLP, not a transformer MLP
-    if any(s.args[0] is not x for s in sources):
+    if any(s.args[0] is not x for s in fc1):
         return None  # the two projections of a gated MLP read the same input
-    names = [s.linear for s in sources]
+    names = [s.linear for s in fc1]
     module_name = call_lca(*sources, fc2) if all(n.stack for n in [*sources, fc2]) else ""
     module_name = module_name or module_lca(*(n or "" for n in names), fc2.linear)
     if any(n is None for n in names):
         return _refuse(module_name, "an input projection is not an nn.Linear")
-    for ln in [*sources, fc2]:
-        if ln.linear in taken and ln is not fc2:
+    for ln in [*fc1, fc2]:
+        if ln.linear in taken and ln is not fc2 and not fused:
             return None
     calls = _calls(fc2, region, sources, reuse, order, part is not None)
     if isinstance(calls, str):
@@ -103,8 +111,8 @@ def build_site(
     reason = _sealed(calls, part is not None, x)
     if reason:
         return _refuse(module_name, reason)
-    site = _site(model, module_name, calls, part)
-    return FoundMlp(site, None, [*sources, fc2])
+    site = _site(model, module_name, calls, part, fused)
+    return FoundMlp(site, None, [*fc1, fc2])
 
 
 _Call = tuple[OpNode, Region, list[OpNode]]  # one call of an MLP: fc2, its region, its sources
@@ -156,7 +164,7 @@ def _sealed(calls: list[_Call], parallel: bool, x: OpNode) -> str:
         for n in [*c_sources, *c_region.nodes]:
             if any(id(u) not in region_ids for u in n.real_users):
                 return f"an intermediate value ({describe(n)}) is used outside the MLP"
-    inputs = [c_sources[0].args[0] for _, _, c_sources in calls]  # each call's (B, N, D)
+    inputs = [c_sources[0].args[0] for _, _, c_sources in calls[1:]]  # more calls' (B, N, D)
     if any(not isinstance(i, OpNode) or not i.shape or i.shape[0] != x.shape[0] for i in inputs):
         return "the calls of this shared MLP see different batches"
     return ""
@@ -192,11 +200,16 @@ def _gating(region: Region, sources: list[OpNode], hidden: int) -> tuple[bool, s
 
 
 def _site(
-    model: torch.nn.Module, name: str, calls: list[_Call], part: tuple[OpNode, int] | None
+    model: torch.nn.Module,
+    name: str,
+    calls: list[_Call],
+    part: tuple[OpNode, int] | None,
+    fused: FusedPiece | None = None,
 ) -> MlpSite:
     """The MlpSite of checked ``calls`` (fc2's own first), its groups still to set."""
     fc2, region, sources = calls[0]
-    x = sources[0].args[0]
+    fc1 = [fused.linear] if fused else sources
+    x = fc1[0].args[0]
     hidden = (part[0] if part else fc2.args[0]).shape[-1]
     gated, width_reason = _gating(region, sources, hidden)
     # chunk(2) halves whatever width it gets; split by sizes keeps the full-width sizes, so a
@@ -206,14 +219,16 @@ def _site(
     # Tokens are routed per call (each call's router decides on its own tokens), so every
     # call must leave a skipped token unchanged.
     token_reason = next((r for c, _, _ in calls if (r := residual_reason(c, token_dims))), "")
-    if part:
+    if part and not fused:
+        # Flux 1's single blocks: fc1 is a Linear of its own; its sliced call returns the
+        # selected tokens only, which the concatenation with the attention cannot take.
         token_reason = "the MLP shares its out-projection with the attention (parallel block)"
-    inputs = [c_sources[0].args[0] for _, _, c_sources in calls]  # each call's (B, N, D)
+    inputs = [x, *(c_sources[0].args[0] for _, _, c_sources in calls[1:])]  # each call's
     return MlpSite(
         name=name,
         block=block_of(name),
         module_class=_class_of(model, name),
-        fc1=[s.linear for s in sources],
+        fc1=[s.linear for s in fc1],
         fc2=fc2.linear,
         in_features=x.shape[-1],
         hidden=hidden,
@@ -237,13 +252,15 @@ def _site(
             f"the fused value/gate projection is split by fixed sizes ({describe(region.split)})"
             if fixed_split
             else "unverified"
-            if region.halves
+            if region.halves or fused
             else ""
         ),
         fc2_offset=part[1] if part else 0,
         fc2_keep=[]
         if not part
         else [c for c in range(fc2.args[0].shape[-1]) if not part[1] <= c < part[1] + hidden],
+        fc1_offset=fused.offset if fused else 0,
+        width_attrs=width_attrs(model.get_submodule(name), hidden) if fused else [],
     )
 
 
@@ -277,13 +294,16 @@ def set_groups(site: MlpSite, groups: int) -> None:
         ]
     elif site.gated and site.width:
         # One fused Linear: group u owns size rows of the value half and the same of the gate
-        # half, which starts at row ``hidden`` (the two halves are dropped together).
-        parts = [(0, size, size), (site.hidden, size, size)]
+        # half, which starts at row ``hidden`` (the two halves are dropped together), both
+        # after fc1_offset rows of the heads when fc1 is a fused input projection (Flux 2).
+        first = site.fc1_offset
+        parts = [(first, size, size), (first + site.hidden, size, size)]
         site.in_maps = [UnitMap(linear=site.fc1[0], axis="rows", units=g, parts=parts)]
     else:
         # A plain fc1, or a single group that spans every fc1 row (both halves when gated).
         rows = site.fc1_out // g
-        site.in_maps = [UnitMap(linear=site.fc1[0], axis="rows", units=g, parts=[(0, rows, rows)])]
+        parts = [(site.fc1_offset, rows, rows)]
+        site.in_maps = [UnitMap(linear=site.fc1[0], axis="rows", units=g, parts=parts)]
     site.out_map = UnitMap(
         linear=site.fc2,
         axis="cols",

@@ -28,13 +28,16 @@ class Region:
     width_reason: str = ""  # why the hidden width cannot be routed ("" when it can)
 
 
-def hidden_region(fc2: OpNode, start: OpNode | None = None) -> Region | None:
+def hidden_region(
+    fc2: OpNode, start: OpNode | None = None, stops: set[int] | None = None
+) -> Region | None:
     """Walk back from fc2's input to the Linear(s) feeding it, or None when it is not an MLP.
 
     A depth-first walk over the tensor inputs of each op (parameters and constants are not
     followed). It stops at Linears, the sources, and gives up on an op that cannot lie inside
     an MLP (see :func:`_region_inputs`) or on a value whose width is not the hidden width.
-    ``start`` is the MLP part of fc2's input when fc2 reads concat(attention, MLP hidden).
+    ``start`` is the MLP part of fc2's input when fc2 reads concat(attention, MLP hidden);
+    ``stops`` are ids of nodes that are sources too (the MLP's piece of a fused projection).
     """
     start = start if start is not None else fc2.args[0]  # fc2's input: (B, N, hidden)
     if not isinstance(start, OpNode):
@@ -47,7 +50,7 @@ def hidden_region(fc2: OpNode, start: OpNode | None = None) -> Region | None:
         if id(n) in seen:  # reached twice: x * x, or the two halves of one split
             continue
         seen.add(id(n))
-        if n.kind == "linear":
+        if n.kind == "linear" or id(n) in (stops or ()):
             region.sources.append(n)
             continue
         region.nodes.append(n)

@@ -35,6 +35,12 @@ _ATTENTION: dict[str, dict[str, AttrKind]] = {
         "inner_kv_dim": "inner",
     },
     "dynconvert.models.uvit.Attention": {"num_heads": "heads"},
+    # Flux 2's single blocks split their fused projection by 3 * inner_dim; its other integers
+    # (mlp_mult_factor 2, query_dim) may equal the head count or width without being them.
+    "diffusers.models.transformers.transformer_flux2.Flux2ParallelSelfAttention": {
+        "heads": "heads",
+        "inner_dim": "inner",
+    },
 }
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynconvert.plan import AttentionSite
+from dynconvert.runtime.call import PerThread
 from dynconvert.runtime.dynamic import (
     DynamicLinear,
     SiteRuntime,
@@ -23,7 +24,7 @@ from dynconvert.runtime.dynamic import (
     unit_table,
 )
 from dynconvert.runtime.heads import route_head_count
-from dynconvert.runtime.interfaces import CallRouting, Decision
+from dynconvert.runtime.interfaces import CallRouting, Decision, OutState
 from dynconvert.sites import RUNTIMES, load
 
 
@@ -40,6 +41,10 @@ class AttentionRuntime(SiteRuntime):
             self.tables.update({m.linear: unit_table(m) for m in part.head_maps()})
         load("run")  # the forms' runtime hooks (dynconvert/sites/<form>_run.py)
         self.hooks = [(p, RUNTIMES[k]) for k, p in site.parts.items() if k in RUNTIMES]
+        # The decision of this thread's last call whose projections ran: the heads the
+        # attention output holds. A cache hook (diffusers' PAB, TaylorSeer) may hand back an
+        # older output, so it outlives the call (per thread: another thread's calls differ).
+        self._ran = PerThread()
         self.fused: dict[str, tuple[str, ...]] = {}  # fused projection fqn -> the fqns it fuses
         # The module reshapes q/k/v with its own head count (timm: num_heads and attn_dim;
         # diffusers: heads); on a sliced call it must read the active count, in that call only.
@@ -112,33 +117,53 @@ class AttentionRuntime(SiteRuntime):
         returns their handles."""
         return [h for part, hooks in self.hooks for h in hooks.attach(self, part, modules)]
 
-    def out_state(self) -> tuple[Decision | None, bool, torch.Tensor | None]:
-        """For a shared out-projection: (this call's decision, sliced?, head mask if masked)."""
-        if self.fast is not None:
-            return self.fast, True, None
+    def out_state(self) -> OutState:
+        """For a shared out-projection: this call's decision, sliced?, head mask if masked."""
+        if self.ran is not None:
+            return OutState(self.ran, True, None)
         if self.bank.fast_for(self.site):
-            return None, True, None  # every head on
-        return None, False, self.bank.width_mask(self.site.index)
+            return OutState(None, True, None)  # every head on
+        return OutState(None, False, self.bank.width_mask(self.site.index))
+
+    @property
+    def ran(self) -> Decision | None:
+        """The decision of this thread's last call whose projections ran (None: every head)."""
+        return self._ran.value
+
+    @ran.setter
+    def ran(self, d: Decision | None) -> None:
+        self._ran.value = d
 
     def post_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         """Forward hook (also called when the forward raises): the head counts read the held
         values again."""
         self.fast = None
 
+    def record_in(self, name: str, x: torch.Tensor) -> None:
+        """Note the tokens input Linear ``name`` runs on in this call, x (B, N, C_in), for the
+        FLOPs of its rows and of QK^T and AV: n queries, m keys (m differs from n in
+        cross-attention)."""
+        rec = self.bank.record(self.site.index)
+        tokens = math.prod(x.shape[1:-1]) if x.dim() > 2 else x.shape[0]
+        seen = rec.setdefault("seen", {})
+        for src in self.fused.get(name, (name,)):  # a fused projection counts as its parts
+            seen[src] = tokens
+        rec["rows"] = x.shape[0]
+
+    def in_call(self, name: str, x: torch.Tensor) -> tuple[Decision | None, None]:
+        """For an input projection shared with another site (shared_in.py): note the call, and
+        return its decision (None: every head's rows); an attention has no MLP call."""
+        self.record_in(name, x)
+        return self.fast, None
+
     def linear_forward(self, lin: DynamicLinear, x: torch.Tensor) -> torch.Tensor:
         """Forward of one of the site's Linears: x (B, N, C_in) -> (B, N, C_out)."""
         site, bank = self.site, self.bank
         d = self.fast
         if lin._dc_role == "in":
+            self.ran = d
             name = lin._dc_name
-            # Token counts of this call, for the FLOPs of QK^T and AV: n queries, m keys
-            # (m differs from n in cross-attention).
-            rec = bank.record(site.index)
-            tokens = math.prod(x.shape[1:-1]) if x.dim() > 2 else x.shape[0]
-            seen = rec.setdefault("seen", {})
-            for src in self.fused.get(name, (name,)):  # a fused projection counts as its parts
-                seen[src] = tokens
-            rec["rows"] = x.shape[0]
+            self.record_in(name, x)
             if d is None:  # the masked path zeroes heads at the out-projection only
                 return F.linear(x, lin.weight, lin.bias)
             rows = d.rows.get(name)
@@ -146,7 +171,7 @@ class AttentionRuntime(SiteRuntime):
                 rows = d.rows[name] = self.tables[name][:, d.units].reshape(-1).to(x.device)
             w, b = bank.sliced(lin, "rows", d.key, rows)  # active heads' rows
             return F.linear(x, w, b)  # (B, N, parts * H' * d)
-        name = lin._dc_name
+        name, d = lin._dc_name, self.ran
         if d is not None:  # out-projection, fast path: x (B, N, H' * dv [+ kept columns])
             if d.sub is not None:  # several timesteps: zero each sample's extra heads
                 x = x * column_multiplier(d.sub[name], x)

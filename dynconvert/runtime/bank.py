@@ -21,6 +21,7 @@ from dynconvert.inputs import batch_of, timestep_slot
 from dynconvert.plan import ROUTER_TIMESTEPS, MlpSite, Plan, Site
 from dynconvert.runtime.call import CallStore, RoutingCall, SharedLock
 from dynconvert.runtime.checkpointing import wrap_checkpointing
+from dynconvert.runtime.deferred import Deferred
 from dynconvert.runtime.dynamic import SiteRuntime
 from dynconvert.runtime.interfaces import Decision, MlpCall
 from dynconvert.runtime.modes import ExecutionMode, execution_mode
@@ -86,6 +87,9 @@ class RouterBank(nn.Module):
         self.slices = SliceCache(self.cache_limit)
         self.planner = Planner(self)  # patterns, pre-sliced weights and capacities (planned path)
         self.model_params = 0  # parameter count of the whole model: sizes the slice cache
+        # Converted on the meta device: what convert does once the weights arrive (routers
+        # seeded, always-on units, the fast-path check); None once done (state.py).
+        self.deferred: Deferred | None = None
 
     # -- per call --------------------------------------------------------------------------
     def set_timestep_spec(self, model: nn.Module) -> None:
@@ -97,6 +101,10 @@ class RouterBank(nn.Module):
     @torch.compiler.disable
     def root_pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the converted model: read t and start the call."""
+        if self.deferred is not None:  # converted on meta: the weights may have arrived since
+            bank = self.deferred.finish(model)  # convert may have redone it: its bank then
+            if bank is not self:
+                return bank.root_pre_hook(model, args, kwargs)
         name, pos, default = self.t_spec
         if name in kwargs:
             t = kwargs[name]
@@ -104,8 +112,7 @@ class RouterBank(nn.Module):
             t = args[pos]
         else:
             t = default
-        # The model's batch: blocks that fold frames or tokens into the batch see more rows,
-        # which the FLOPs accountant maps back to samples; per-frame timesteps are reduced to it.
+        # The batch: the FLOPs accountant maps folded rows back to it; per-frame t reduce to it.
         self.begin(t, model.training, model, batch_of(args, kwargs))
         if torch.is_grad_enabled():  # a checkpointed block must recompute with this call's routing
             wrap_checkpointing(model, self)
@@ -126,15 +133,17 @@ class RouterBank(nn.Module):
         return settings_of(self, RoutingSettings(self.mode, self._execution))
 
     def begin(
-        self, t: Any, training: bool, model: nn.Module | None = None, batch: int = 0
+        self, t: Any, training: bool, model: nn.Module | None = None, batch: int | None = None
     ) -> RoutingCall:
         """Start one forward call of the model at timestep(s) ``t`` in this thread (``model``:
         the converted model, which the planned path needs to see its weights; ``batch``: its
-        batch size, 0 if unknown). Returns the call, now the thread's current one."""
+        batch size, None if unknown). Returns the call, now the thread's current one."""
         settings = self.settings_now()
         self.set_call(call := RoutingCall(settings, len(self.runtimes)))
-        call.batch = batch
+        call.batch = batch or 0
         call.mode = settings.mode or ("train" if training else "eval")
+        if batch == 0:  # an empty batch: nothing to route, run it whole
+            call.mode = "full"
         if call.mode == "full":
             return call
         if t is None:
@@ -143,7 +152,7 @@ class RouterBank(nn.Module):
                 "dynconvert routers need it"
             )
         device = self.always_on.device
-        call.t = t = router_timesteps(t, batch, self.plan, self.config, device)  # (Bt,) 0..1000
+        call.t = t = router_timesteps(t, call.batch, self.plan, self.config, device)  # (Bt,)
         # Training masks are drawn here, before any block: a checkpointed block's recomputation
         # must not be the one that draws them, and the draw order then does not depend on it.
         self.ensure_train_masks()
@@ -183,11 +192,6 @@ class RouterBank(nn.Module):
     @records.setter
     def records(self, value: dict[int, dict[str, Any]]) -> None:
         self._calls.call.records = value  # a replayed CUDA graph's records (graphs.py)
-
-    @property
-    def call_batch(self) -> int:
-        """The model's batch in the current call (0 if unknown)."""
-        return self._calls.call.batch
 
     def fast_for(self, site: Site) -> bool:
         """Whether this site runs sliced (fast or planned path) in the current call."""

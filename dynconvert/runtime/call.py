@@ -77,6 +77,25 @@ class CallStore(threading.local):
         return (CallStore, ())
 
 
+class PerThread(threading.local):
+    """Values a shared runtime keeps per thread across calls (each attribute None until set in
+    that thread); a copy or a pickle starts empty.
+
+    Example:
+        >>> import copy
+        >>> slot = PerThread()
+        >>> slot.value = 3
+        >>> slot.value, copy.deepcopy(slot).value
+        (3, None)
+    """
+
+    value: Any = None
+    fast: Any = None
+
+    def __reduce__(self) -> tuple:
+        return (type(self), ())
+
+
 class SharedLock:
     """A re-entrant lock for state every thread shares (caches filled on a miss); a copy or a
     pickle of its owner gets a new, free lock."""

@@ -11,13 +11,15 @@ modules cannot import the bank back: the Protocols here name what they use of it
   execution mode's decisions and weights); :class:`ModeBank`: what an execution mode
   (modes.py) asks of it, and :class:`PatternPlanner` of the planned path's planner.
 - :class:`LinearRoute`, :class:`ConvRoute`: the runtime a routed Linear / convolution calls.
-- :class:`OutColumnsOwner`: a site that owns columns of a shared out-projection.
+- :class:`OutColumnsOwner`: a site that owns columns of a shared out-projection, and
+  :class:`InRowsOwner` one that owns rows of a shared input projection.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -29,6 +31,23 @@ PATTERN_CACHE_LIMIT = 4096
 """Entries a per-pattern cache holds before it is emptied (decisions, planned patterns, shared
 out-projection indices): a sampling run repeats a few patterns, a run with many mixed-t batches
 must not grow without bound."""
+
+
+def cached(cache: dict, key: Any, build: Callable[[], Any]) -> Any:
+    """``cache[key]``, built by ``build()`` on a miss; a cache holding more than
+    :data:`PATTERN_CACHE_LIMIT` entries is emptied first (many unit sets: bound the memory).
+
+    Example:
+        >>> cache = {}
+        >>> cached(cache, ("a",), lambda: 3), cached(cache, ("a",), lambda: 4)
+        (3, 3)
+    """
+    hit = cache.get(key)
+    if hit is None:
+        if len(cache) > PATTERN_CACHE_LIMIT:
+            cache.clear()
+        hit = cache[key] = build()
+    return hit
 
 
 class Decision:
@@ -183,12 +202,32 @@ class ConvRoute(Protocol):
         ...
 
 
+class OutState(NamedTuple):
+    """What one owner of a shared out-projection computes in the current call."""
+
+    decision: Decision | None  # the units computed on a sliced path (None: every unit)
+    sliced: bool  # the owner runs sliced (fast or planned)
+    mask: torch.Tensor | None  # masked path: (Bt, units) unit mask (None: every unit on)
+    call: MlpCall | None = None  # an MLP owner's call: its token mask, or its gathered rows
+
+
 class OutColumnsOwner(Protocol):
     """A site owning columns of an out-projection shared with another site (shared_out.py)."""
 
     bank: CallRouting
     out_tables: dict[str, torch.Tensor]  # out-projection fqn -> (1, units, size) column table
 
-    def out_state(self) -> tuple[Decision | None, bool, torch.Tensor | None]:
-        """(this call's decision, sliced?, unit mask if masked)."""
+    def out_state(self) -> OutState:
+        """What the owner computes in this call (an MLP's call ends here)."""
+        ...
+
+
+class InRowsOwner(Protocol):
+    """A site owning rows of an input projection shared with another site (shared_in.py)."""
+
+    bank: CallRouting
+    tables: dict[str, torch.Tensor]  # input Linear fqn -> (parts, units, size) row table
+
+    def in_call(self, name: str, x: torch.Tensor) -> tuple[Decision | None, MlpCall | None]:
+        """This call's decision (None: every unit's rows) and, for an MLP, its call."""
         ...

@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynconvert.plan import MlpSite
+from dynconvert.runtime.call import PerThread
 from dynconvert.runtime.dynamic import DynamicLinear, SiteRuntime, per_row
-from dynconvert.runtime.interfaces import CallRouting, Decision, MlpCall
+from dynconvert.runtime.heads import route_head_count
+from dynconvert.runtime.interfaces import CallRouting, Decision, MlpCall, OutState
 
 
 def record_mlp_call(site: MlpSite, rec: dict[str, Any], lead: torch.Size) -> None:
@@ -77,6 +79,41 @@ class MlpRuntime(SiteRuntime):
 
     def __init__(self, site: MlpSite, bank: CallRouting):
         super().__init__(site, bank, site.hidden // site.groups)
+        # This thread's sliced decision while the module runs: its hidden-width attributes
+        # read it (heads.py), as an attention's head counts do.
+        self._width = PerThread()
+
+    def attach(self, module: nn.Module) -> list[Any]:
+        """Hooks on the site's module that lower its hidden-width attributes on a sliced call
+        (``site.width_attrs``: a fused projection split by them, Flux 2), for the calling
+        thread only; returns the handles. The post-hook ends it, also when the forward raises."""
+        if not self.site.width_attrs:
+            return []
+        for attr in self.site.width_attrs:  # F reads F' = active groups x group size
+            route_head_count(module, attr, self._width, self.per_unit_out)
+        return [
+            module.register_forward_pre_hook(self._lower),
+            module.register_forward_hook(self._restore, always_call=True),
+        ]
+
+    def _lower(self, module: nn.Module, args: Any) -> None:
+        """Forward pre-hook: the decision fc1 will use in this call, if sliced."""
+        site, bank = self.site, self.bank
+        self._width.fast = None
+        if bank.fast_for(site):
+            self._width.fast = bank.decision(self, bank.always_on.device)
+
+    def _restore(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._width.fast = None
+
+    def in_call(self, name: str, x: torch.Tensor) -> tuple[Decision | None, MlpCall | None]:
+        """For an input projection shared with another site (shared_in.py): begin (or join)
+        the MLP call at x (B, N, D); its decision on a sliced path (None: every group), and
+        the call."""
+        call = self.call
+        if call is None or call.x is not x:
+            call = self._begin(x)
+        return (call.decision if call.sliced else None), call
 
     def _begin(self, x: torch.Tensor) -> MlpCall:
         """Start an MLP call at its input x (B, N, D): masks, and on a sliced path the gather."""
@@ -139,15 +176,15 @@ class MlpRuntime(SiteRuntime):
             y = y * tokens.unsqueeze(-1).to(y.dtype)
         return y
 
-    def out_state(self) -> tuple[Decision | None, bool, torch.Tensor | None]:
-        """For a shared fc2 (parallel block): (decision, sliced?, group mask if masked); ends
-        the MLP call begun at fc1."""
+    def out_state(self) -> OutState:
+        """For a shared fc2 (parallel block): decision, sliced?, group mask if masked, and the
+        call (its tokens); ends the MLP call begun at fc1."""
         call, self.call = self.call, None
         if call is None:
-            return None, False, None
+            return OutState(None, False, None)
         if call.sliced:
-            return call.decision, True, None
-        return None, False, call.width
+            return OutState(call.decision, True, None, call)
+        return OutState(None, False, call.width, call)
 
     def _fast_out(self, lin: nn.Linear, h: torch.Tensor, call: MlpCall) -> torch.Tensor:
         """fc2 on a sliced path: h (K, F') or (B, N, F') -> (B, N, D), scattered into zeros."""

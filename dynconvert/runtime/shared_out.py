@@ -2,77 +2,158 @@
 
 Flux's single blocks feed one Linear with concat(attention output, activated MLP hidden): its
 input columns are the attention's heads and the MLP's channel groups, each routed by its own
-site. :class:`SharedOutRuntime` slices (or masks) both sets of columns in one call.
+site. :class:`SharedOutRuntime` slices (or masks) both sets of columns in one call; columns of a
+site that is not converted are computed in full. When the MLP's tokens are routed (Flux 2's
+fused projection, shared_in.py), a skipped token's MLP columns are zero: the masked path
+multiplies them by the token mask, the sliced path computes them on the selected tokens only.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 from dynconvert.runtime.dynamic import DynamicLinear, per_row
-from dynconvert.runtime.interfaces import PATTERN_CACHE_LIMIT, OutColumnsOwner
+from dynconvert.runtime.interfaces import MlpCall, OutColumnsOwner, cached
 
 
 class SharedOutRuntime:
     """The out-projection of a parallel block, read by two sites: it consumes
     concat(attention output, activated MLP hidden), so its columns are the attention's heads
-    and the MLP's channel groups (Flux's single-stream blocks).
+    and the MLP's channel groups (Flux's single-stream blocks), or one site's and others
+    computed in full (``rest``: the other site is not converted).
 
     Each owner contributes its columns of this call: on the fast path only its active units'
     (the input arrives sliced the same way), on the masked path all of them times its mask.
     """
 
-    def __init__(self, owners: list[OutColumnsOwner], name: str):
+    def __init__(self, owners: list[OutColumnsOwner], name: str, cols: int = 0):
         # Owners in the order their columns come in the input (the concatenation's order).
         self.owners = sorted(owners, key=lambda rt: int(rt.out_tables[name].min()))
         self.bank = self.owners[0].bank
-        # Built once per unit-set combination / device: the column index of the sliced weight,
-        # and each owner's column -> unit table (the calls of a sampling run repeat a few).
-        self._index: dict[tuple, torch.Tensor] = {}
+        width = cols or sum(int(rt.out_tables[name].numel()) for rt in self.owners)
+        free = torch.ones(width, dtype=torch.bool)
+        for rt in self.owners:
+            free[rt.out_tables[name].reshape(-1)] = False
+        self.rest = free.nonzero().squeeze(1)  # (C0,) columns of no site: computed in full
+        # Built once per unit-set combination / device: the column index of the sliced weight
+        # and its order, and each owner's column -> unit table (a sampling run repeats a few).
+        self._index: dict[tuple, tuple[torch.Tensor, torch.Tensor | None, list[int]]] = {}
         self._owner: dict[tuple, torch.Tensor] = {}
 
     def linear_forward(self, lin: DynamicLinear, x: torch.Tensor) -> torch.Tensor:
         """x (B, N, C') -> (B, N, D): every owner's columns of this call, weight sliced to them."""
         name = lin._dc_name
-        cols, mults, keys, sliced = [], [], [], False
+        cols, mults, keys, calls, sliced = [], [], [], [], False
         for rt in self.owners:
-            d, fast, mask = rt.out_state()
+            st = rt.out_state()
             table = rt.out_tables[name]  # (1, units, size)
-            size = table.shape[-1]
-            if fast and d is not None:
-                sliced = True
+            calls.append(st.call)
+            if st.sliced and st.decision is not None:
+                d, sliced = st.decision, True
                 cols.append(table[:, d.units.cpu()].reshape(-1))
                 keys.append(d.key)
-                n = cols[-1].numel()
-                mults.append(d.sub[name][:, :n] if d.sub is not None else None)
-            else:
-                cols.append(table.reshape(-1))
-                keys.append(None)
-                if mask is not None and not fast:
-                    okey = (id(rt), x.device)
-                    if okey not in self._owner:
-                        self._owner[okey] = (
-                            torch.arange(table.shape[1]).repeat_interleave(size).to(x.device)
-                        )
-                    mults.append(mask.index_select(1, self._owner[okey]))
-                else:
-                    mults.append(None)
+                mults.append(d.sub[name][:, : cols[-1].numel()] if d.sub is not None else None)
+                continue
+            cols.append(table.reshape(-1))
+            keys.append(None)
+            mults.append(None if st.sliced else self._unit_mult(rt, name, st.mask, x))
+        index, order, spans = self._columns(tuple(keys), cols, x.device)
+        x = self._masked(x, mults, cols, order, calls, spans)
+        # An MLP that ran on its selected tokens only (its hidden gathered at the input).
+        gathered = next(
+            (i for i, c in enumerate(calls) if c is not None and c.sliced and c.idx is not None),
+            None,
+        )
+        if not sliced:
+            if gathered is None:
+                return F.linear(x, lin.weight, lin.bias)
+            return _gathered_out(x, lin.weight, lin.bias, spans[gathered], calls[gathered])
+        w, b = self.bank.sliced(lin, "cols", tuple(keys), index)
+        if gathered is None:
+            return F.linear(x, w, b)  # (B, N, D)
+        return _gathered_out(x, w, b, spans[gathered], calls[gathered])
+
+    def _unit_mult(
+        self, rt: OutColumnsOwner, name: str, mask: torch.Tensor | None, x: torch.Tensor
+    ) -> torch.Tensor | None:
+        """(Bt, C_o) multiplier of an owner's columns on the masked path (None: all on)."""
+        if mask is None:
+            return None
+        table = self._owner.get((id(rt), x.device))
+        if table is None:
+            t = rt.out_tables[name]  # (1, units, size)
+            table = torch.arange(t.shape[1]).repeat_interleave(t.shape[-1]).to(x.device)
+            self._owner[(id(rt), x.device)] = table
+        return mask.index_select(1, table)
+
+    def _columns(
+        self, keys: tuple, cols: list[torch.Tensor], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, int]]]:
+        """The sliced weight's columns in the input's order, the permutation from the owners'
+        concatenation to it (None: the same), and each owner's [start, stop) in it."""
+
+        def build() -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, int]]]:
+            flat = torch.cat([*cols, self.rest])
+            order = flat.argsort()  # the input's order: the original columns' with units removed
+            where = order.argsort()  # position of each concatenated column in that order
+            spans, start = [], 0
+            for c in cols:
+                pos = where[start : start + c.numel()]
+                spans.append((int(pos.min()), int(pos.max()) + 1) if c.numel() else (0, 0))
+                start += c.numel()
+            same = bool((order == torch.arange(order.numel())).all())
+            return flat[order].to(device), None if same else order.to(device), spans
+
+        return cached(self._index, (keys, device), build)
+
+    def _masked(
+        self,
+        x: torch.Tensor,
+        mults: list[torch.Tensor | None],
+        cols: list[torch.Tensor],
+        order: torch.Tensor | None,
+        calls: list[MlpCall | None],
+        spans: list[tuple[int, int]],
+    ) -> torch.Tensor:
+        """x (B, N, C') times the owners' unit multipliers and, on the masked path, the MLP's
+        token mask on its columns (a skipped token's MLP columns are zero)."""
         if any(m is not None for m in mults):
             parts = []
             for c, m in zip(cols, mults):
                 parts.append(m.to(x.dtype) if m is not None else x.new_ones(1, c.numel()))
+            parts.append(x.new_ones(1, self.rest.numel()))
             bt = max(p.shape[0] for p in parts)
             mult = torch.cat([p.expand(bt, -1) for p in parts], 1)  # (Bt, C')
+            mult = mult if order is None else mult.index_select(1, order)
             mult = per_row(mult, x.shape[0]) if bt > 1 else mult
             x = x * mult.reshape(mult.shape[0], *([1] * (x.dim() - 2)), -1)
-        if not sliced:
-            return F.linear(x, lin.weight, lin.bias)
-        ikey = (tuple(keys), x.device)
-        index = self._index.get(ikey)
-        if index is None:
-            if len(self._index) > PATTERN_CACHE_LIMIT:  # many unit sets: bound the memory
-                self._index.clear()
-            index = self._index[ikey] = torch.cat(cols).to(x.device)
-        w, b = self.bank.sliced(lin, "cols", tuple(keys), index)
-        return F.linear(x, w, b)
+        for call, (a, b) in zip(calls, spans):
+            if call is None or call.sliced or call.tokens is None:
+                continue
+            on = torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device)
+            on[a:b] = 1  # (C',) the MLP's columns
+            tok = call.tokens.reshape(*x.shape[:-1], 1).to(x.dtype)  # (B, N, 1)
+            x = x * (1 + on * (tok - 1))  # its columns times the token mask, the others as is
+        return x
+
+
+def _gathered_out(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    span: tuple[int, int],
+    call: MlpCall,
+) -> torch.Tensor:
+    """x (B, N, C') -> (B, N, D) when the MLP ran on the selected tokens only: the other
+    columns on every token, the MLP's columns [a, b) on the selected rows, added back."""
+    lo, hi = span
+    lead = x.shape[:-1]
+    y = F.linear(x[..., :lo], w[:, :lo], b)  # (B, N, D): the attention's columns and bias
+    if hi < x.shape[-1]:
+        y = y + F.linear(x[..., hi:], w[:, hi:])
+    rows = x[..., lo:hi].reshape(math.prod(lead), -1).index_select(0, call.idx)  # (K, F')
+    out = y.reshape(math.prod(lead), -1).index_add(0, call.idx, F.linear(rows, w[:, lo:hi]))
+    return out.reshape(*lead, -1)  # (B, N, D)

@@ -26,7 +26,7 @@ its tests, nothing else. ``docs/site-kinds.md`` walks through one.
 Example:
     >>> from dynconvert.sites import part_classes
     >>> sorted(part_classes())
-    ['gate', 'kv_compression', 'linear', 'partial', 'table']
+    ['fused_in', 'gate', 'kv_compression', 'linear', 'partial', 'table']
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 from dynconvert.testing.patterns.joint import (
+    FusedParallelBlock,
     JointAttention,
     JointBlock,
     MMDiT,
@@ -57,7 +58,7 @@ from dynconvert.testing.patterns.video import (
 
 __all__ = [
     "PATTERNS", "QK_NORMS", "ROPE_FORMS", "ConvFeedForward", "CustomLinear", "Dense",
-    "FeedForward", "GroupedQueryAttention", "HandRMSNorm", "JointAttention", "JointBlock", "MMDiT",
+    "FeedForward", "FusedParallelBlock", "GroupedQueryAttention", "HandRMSNorm", "JointAttention", "JointBlock", "MMDiT",
     "ParallelBlock", "ReLULinearAttention", "RotaryBlock", "RotaryDiT", "RotarySelfAttention",
     "ScaleShift", "ScaledDense", "SharedMlpBlock", "SlicedSwiGLU", "SpaceTimeAttention",
     "VideoBlock", "VideoDiT", "apply_rope", "mmdit", "rope_tables", "rotary_dit",
@@ -79,6 +80,7 @@ PATTERNS = {
     "sana-like": lambda: rotary_dit("linear", conv_mlp=True),
     "mmdit": mmdit,
     "mmdit-shared-mlp": lambda: mmdit(shared_mlp=True),
+    "fused-parallel": lambda: mmdit(joint=1, single=2, fused=True),
     "video": video_dit,
     "video-own-projections": lambda: video_dit(linear=Dense),
 }

@@ -127,18 +127,48 @@ class ParallelBlock(nn.Module):
         return x + gate * self.out(torch.cat([o, mlp], dim=2))
 
 
+class FusedParallelBlock(nn.Module):
+    """Single-stream block as Black Forest Labs' reference code writes Flux 2's: one Linear for
+    q, k, v and the SwiGLU MLP's two halves, split by the block's attributes; one Linear out of
+    concat(attention output, MLP hidden)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 2):
+        super().__init__()
+        self.num_heads, self.hidden_size = heads, dim
+        self.mlp_hidden_dim = mlp_ratio * dim
+        self.modulation = nn.Linear(dim, 3 * dim)
+        self.pre_norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.linear1 = nn.Linear(dim, 3 * dim + 2 * self.mlp_hidden_dim)
+        self.q_norm, self.k_norm = HandRMSNorm(dim // heads), HandRMSNorm(dim // heads)
+        self.linear2 = nn.Linear(dim + self.mlp_hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        shift, scale, gate = self.modulation(F.silu(c))[:, None].chunk(3, -1)
+        x_mod = (1 + scale) * self.pre_norm(x) + shift  # (B, N, D)
+        qkv, mlp = torch.split(
+            self.linear1(x_mod), [3 * self.hidden_size, 2 * self.mlp_hidden_dim], dim=-1
+        )
+        b, n, _ = qkv.shape
+        q, k, v = qkv.view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, N, d)
+        q, k = apply_rope(self.q_norm(q), "interleaved"), apply_rope(self.k_norm(k), "interleaved")
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        x1, x2 = mlp.chunk(2, dim=-1)  # (B, N, F) each
+        return x + gate * self.linear2(torch.cat([attn, F.silu(x1) * x2], 2))
+
+
 class MMDiT(nn.Module):
     """Image + text model: joint two-stream blocks, then parallel single-stream blocks."""
 
     def __init__(
-        self, dim=32, heads=4, joint=2, single=1, channels=4, text_dim=12, shared_mlp=False
-    ):
+        self, dim=32, heads=4, joint=2, single=1, channels=4, text_dim=12, shared_mlp=False,
+        single_block: type[nn.Module] = ParallelBlock,
+    ):  # fmt: skip
         super().__init__()
         self.embed, self.text_embed = nn.Linear(channels, dim), nn.Linear(text_dim, dim)
         self.t_mlp = nn.Sequential(nn.Linear(64, dim), nn.SiLU(), nn.Linear(dim, dim))
         block = SharedMlpBlock if shared_mlp else JointBlock
         self.joint = nn.ModuleList([block(dim, heads) for _ in range(joint)])
-        self.single = nn.ModuleList([ParallelBlock(dim, heads) for _ in range(single)])
+        self.single = nn.ModuleList([single_block(dim, heads) for _ in range(single)])
         self.head = nn.Linear(dim, channels)
 
     def forward(
@@ -158,11 +188,13 @@ class MMDiT(nn.Module):
 
 
 def mmdit(
-    joint: int = 2, single: int = 1, seed: int = 0, shared_mlp: bool = False
+    joint: int = 2, single: int = 1, seed: int = 0, shared_mlp: bool = False, fused: bool = False
 ) -> tuple[nn.Module, dict[str, Any]]:
     """An MM-DiT (SD3 / Flux shape): joint attention blocks and parallel single-stream blocks;
-    ``shared_mlp``: the joint blocks apply one sliced-SwiGLU MLP to both streams (CogView4)."""
+    ``shared_mlp``: the joint blocks apply one sliced-SwiGLU MLP to both streams (CogView4);
+    ``fused``: the single blocks compute q, k, v and the MLP in one Linear (Flux 2)."""
     torch.manual_seed(seed)
-    model = MMDiT(joint=joint, single=single, shared_mlp=shared_mlp)
+    single_block = FusedParallelBlock if fused else ParallelBlock
+    model = MMDiT(joint=joint, single=single, shared_mlp=shared_mlp, single_block=single_block)
     inputs = sequence_inputs(2, 16, 4, seed, encoder_hidden_states=(6, 12))
     return randomize_weights(model.eval(), seed), inputs
