@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynconvert.plan import AttentionSite
-from dynconvert.runtime.call import PerThread
 from dynconvert.runtime.dynamic import (
     DynamicLinear,
     SiteRuntime,
@@ -25,6 +24,7 @@ from dynconvert.runtime.dynamic import (
 )
 from dynconvert.runtime.heads import route_head_count
 from dynconvert.runtime.interfaces import CallRouting, Decision, OutState
+from dynconvert.runtime.shared import PerThread
 from dynconvert.sites import RUNTIMES, load
 
 

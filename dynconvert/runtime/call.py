@@ -29,6 +29,9 @@ import torch
 
 from dynconvert.runtime.modes import ExecutionMode, execution_mode
 from dynconvert.runtime.settings import RoutingSettings
+from dynconvert.runtime.shared import PerThread, SharedLock
+
+__all__ = ["CallStore", "PerThread", "RoutingCall", "SharedLock"]
 
 
 class RoutingCall:
@@ -75,39 +78,3 @@ class CallStore(threading.local):
 
     def __reduce__(self) -> tuple:
         return (CallStore, ())
-
-
-class PerThread(threading.local):
-    """Values a shared runtime keeps per thread across calls (each attribute None until set in
-    that thread); a copy or a pickle starts empty.
-
-    Example:
-        >>> import copy
-        >>> slot = PerThread()
-        >>> slot.value = 3
-        >>> slot.value, copy.deepcopy(slot).value
-        (3, None)
-    """
-
-    value: Any = None
-    fast: Any = None
-
-    def __reduce__(self) -> tuple:
-        return (type(self), ())
-
-
-class SharedLock:
-    """A re-entrant lock for state every thread shares (caches filled on a miss); a copy or a
-    pickle of its owner gets a new, free lock."""
-
-    def __init__(self):
-        self._lock = threading.RLock()
-
-    def __enter__(self) -> bool:
-        return self._lock.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self._lock.__exit__(*exc)
-
-    def __reduce__(self) -> tuple:
-        return (SharedLock, ())

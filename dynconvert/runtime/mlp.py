@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynconvert.plan import MlpSite
-from dynconvert.runtime.call import PerThread
 from dynconvert.runtime.dynamic import DynamicLinear, SiteRuntime, per_row
 from dynconvert.runtime.heads import route_head_count
 from dynconvert.runtime.interfaces import CallRouting, Decision, MlpCall, OutState
+from dynconvert.runtime.shared import PerThread
 
 
 def record_mlp_call(site: MlpSite, rec: dict[str, Any], lead: torch.Size) -> None:

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from dynconvert.runtime.call import SharedLock
+from dynconvert.runtime.shared import SharedLock
 
 
 class _Entry(NamedTuple):

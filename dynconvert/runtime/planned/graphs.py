@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from dynconvert.runtime.call import SharedLock
+from dynconvert.runtime.shared import SharedLock
 from dynconvert.runtime.state import get_state, is_converted
 
 ATTR = "_dynconvert_graphs"
