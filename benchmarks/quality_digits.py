@@ -1,6 +1,7 @@
-"""Quality at equal FLOPs on the digits benchmark: dynconvert against the alternatives.
+"""Quality at equal FLOPs on a demo benchmark: dynconvert against the alternatives.
 
-Every method starts from the shipped digits DiT, trains (where it trains) on the same data with
+``--benchmark digits`` (default) or ``translated`` (the digits on an empty 32x32 canvas). Every
+method starts from the benchmark's shipped DiT, trains (where it trains) on the same data with
 the digits recipe's optimiser, batch, schedule and number of steps, and is evaluated the same
 way: ``--samples`` class-balanced samples from the same initial noise (DDIM, guidance 1.5), scored
 by the digits classifier (accuracy) and the Frechet distance of its features to all 1797 real
@@ -11,9 +12,12 @@ digits (``dynconvert.demo.metrics``). Methods:
   control: calibration trains the weights too).
 - ``fewer-steps``: the original with ``round(target * steps)`` sampling steps.
 - ``dynamic``: dynconvert, width + tokens (the digits recipe); ``width-only``; ``tokens-only``.
+  After calibration their router thresholds are shifted on held-out samples of the evaluation's
+  sampler so that it spends the target (``dynconvert.sampling.budget``; ``--no-match-budget``
+  turns it off, as the studies before it ran).
 - ``static-pruning``: the same heads and MLP channel groups removed at every timestep, ranked by
-  the importance score convert uses (``dynconvert.analysis.importance.magnitude``), the same fraction in
-  every site, then fine-tuned for the same steps.
+  the importance score convert uses (``dynconvert.analysis.importance.magnitude``), the same
+  fraction in every site, then fine-tuned for the same steps.
 - ``cache``: training-free, first-block-cache style: on a "cached" sampling step only the first
   block runs, and the residual of the other blocks from the last full step is reused; the cached
   steps are spread evenly so the mean cost matches the target.
@@ -22,7 +26,8 @@ Rows go to ``--out`` (one per evaluated model, written as each finishes; rows al
 skipped, so an interrupted study resumes). Plots are written next to it.
 
 Run (the committed results): see docs/quality.md.
-Smoke (under a minute; in the default tests): ``python benchmarks/quality_digits.py --smoke --out /tmp/q.json``
+Smoke (under a minute; in the default tests):
+``python benchmarks/quality_digits.py --smoke --out /tmp/q.json``
 """
 
 from __future__ import annotations
@@ -46,11 +51,12 @@ from torch import nn
 import dynconvert
 from dynconvert.analysis.importance import magnitude
 from dynconvert.demo import metrics
-from dynconvert.demo.digits import DIGITS_SAMPLING
+from dynconvert.demo.models import demo_spec
 from dynconvert.flops import routed_ratio
 from dynconvert.models import build_model
 from dynconvert.recipes import load_recipe
 from dynconvert.sampling import sample
+from dynconvert.sampling.budget import match_sampling_budget
 
 METHODS = (
     "original",
@@ -87,15 +93,17 @@ EVAL_SEED = 1234  # the initial noise of every evaluation (the same for every me
 # -- settings ------------------------------------------------------------------------------
 def study_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The sizes of the study (what docs/quality.md states), from the command line."""
+    common = dict(benchmark=getattr(args, "benchmark", "digits"),
+                  match_budget=getattr(args, "match_budget", True))  # fmt: skip
     if args.smoke:
         return dict(targets=[0.5], seeds={0.5: [0]}, calibration_steps=6, batch_size=16,
-                    samples=50, sample_steps=5, profile_points=5)  # fmt: skip
+                    samples=50, sample_steps=5, profile_points=5, **common)  # fmt: skip
     seeds = {t: list(args.seeds) if args.seeds else [0] for t in args.targets}
     if 0.5 in seeds and not args.seeds:
         seeds[0.5] = list(range(args.seeds_at_half))
     return dict(targets=list(args.targets), seeds=seeds, calibration_steps=args.calibration_steps,
                 batch_size=args.batch_size, samples=args.samples, sample_steps=args.sample_steps,
-                profile_points=20)  # fmt: skip
+                profile_points=20, **common)  # fmt: skip
 
 
 def plan_rows(settings: dict[str, Any], methods: list[str]) -> list[tuple[str, float, int]]:
@@ -123,8 +131,11 @@ def plan_rows(settings: dict[str, Any], methods: list[str]) -> list[tuple[str, f
 
 
 # -- models -----------------------------------------------------------------------------------
+_BENCH = {"name": "digits"}  # the benchmark of this process (set by run_row from its settings)
+
+
 def _recipe():
-    return load_recipe("digits")
+    return load_recipe(_BENCH["name"])
 
 
 def _calibration(
@@ -143,7 +154,7 @@ def _calibration(
 def _convert(target: float, **flags: bool) -> nn.Module:
     cfg = _recipe().convert_config()
     cfg = dynconvert.ConvertConfig(**{**cfg.__dict__, **flags})
-    return dynconvert.convert(build_model("digits"), target, config=cfg)
+    return dynconvert.convert(build_model(_BENCH["name"]), target, config=cfg)
 
 
 def _freeze_width(
@@ -221,8 +232,21 @@ def build_trained(
             }
             _freeze_width(model, keep, token_routers_train=True)
     t0 = time.perf_counter()
-    dynconvert.calibrate(model, "digits", _calibration(cal_target, seed, settings))
+    dynconvert.calibrate(model, _BENCH["name"], _calibration(cal_target, seed, settings))
     return model.eval(), time.perf_counter() - t0
+
+
+def match_budget(model: nn.Module, target: float, settings: dict[str, Any]) -> dict[str, Any]:
+    """Shift the router thresholds so the evaluation's sampler spends ``target`` (held-out noise:
+    seed EVAL_SEED + 1, a tenth of the evaluation's samples, at least 20)."""
+    sampling = demo_spec(_BENCH["name"]).sampling
+    n = max(20, settings["samples"] // 10)
+    match = match_sampling_budget(
+        model, target, labels=torch.arange(10).repeat_interleave(n // 10),
+        steps=settings["sample_steps"], cfg_scale=sampling["cfg_scale"],
+        scheduler=sampling["scheduler"], seed=EVAL_SEED + 1, clip_sample=sampling["clip_sample"],
+    )  # fmt: skip
+    return match.to_dict()
 
 
 # -- the cache ------------------------------------------------------------------------------
@@ -276,7 +300,8 @@ def cache_schedule(steps: int, target: float, cached_cost: float) -> list[bool]:
 def cached_step_cost(model: nn.Module) -> float:
     """MACs of a cached step (first block, embeddings, final layer) over a full step's, counted
     by ``dynconvert.measure_macs``."""
-    inputs = (torch.zeros(1, 1, 16, 16), torch.tensor([500]), torch.tensor([0]))
+    size = demo_spec(_BENCH["name"]).image_size
+    inputs = (torch.zeros(1, 1, size, size), torch.tensor([500]), torch.tensor([0]))
     full = dynconvert.measure_macs(model, inputs)
     with first_block_cache(model, [False, True]) as rest:
         model(*inputs)  # fills the residual
@@ -296,6 +321,7 @@ def evaluate(
     """
     per_class = settings["samples"] // 10
     labels = torch.arange(10).repeat_interleave(per_class)
+    sampling = demo_spec(_BENCH["name"]).sampling
     ratios: list[float] = []
     probe = None
     if routed:
@@ -307,15 +333,15 @@ def evaluate(
     context = dynconvert.routing(model, "eval") if routed else contextlib.nullcontext()
     t0 = time.perf_counter()
     with context:
-        images = sample(model, labels=labels, steps=steps, cfg_scale=DIGITS_SAMPLING["cfg_scale"],
-                        seed=EVAL_SEED, scheduler=DIGITS_SAMPLING["scheduler"],
-                        clip_sample=DIGITS_SAMPLING["clip_sample"], on_step=probe,
+        images = sample(model, labels=labels, steps=steps, cfg_scale=sampling["cfg_scale"],
+                        seed=EVAL_SEED, scheduler=sampling["scheduler"],
+                        clip_sample=sampling["clip_sample"], on_step=probe,
                         batch_size=50).cpu()  # fmt: skip
     seconds = time.perf_counter() - t0
-    real_x, _ = metrics.real_digits()
-    fd = metrics.frechet_from_features(metrics.features(images), _real_features())
+    bench = _BENCH["name"]
+    fd = metrics.frechet_from_features(metrics.features(images, benchmark=bench), _real_features())
     return {
-        "accuracy": float(metrics.classifier_accuracy(images, labels)),
+        "accuracy": float(metrics.classifier_accuracy(images, labels, bench)),
         "frechet_distance": float(fd),
         "flops_ratio": (sum(ratios) / len(ratios)) if ratios else None,
         "sample_seconds": round(seconds, 1),
@@ -323,9 +349,10 @@ def evaluate(
 
 
 def _real_features() -> torch.Tensor:
-    if "f" not in _REAL:
-        _REAL["f"] = metrics.features(metrics.real_digits()[0])
-    return _REAL["f"]
+    bench = _BENCH["name"]
+    if bench not in _REAL:
+        _REAL[bench] = metrics.features(metrics.real_digits(bench)[0], benchmark=bench)
+    return _REAL[bench]
 
 
 _REAL: dict[str, torch.Tensor] = {}
@@ -337,7 +364,7 @@ def token_profile(model: nn.Module, points: int) -> dict[str, list[float]]:
     model, measured like ``report.json``'s profile."""
     from dynconvert.runs.report import flops_profile
 
-    x, y = metrics.real_digits()
+    x, y = metrics.real_digits(_BENCH["name"])
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(x), generator=g)[:64]
     batch = {"x": x[idx], "y": y[idx]}
@@ -364,18 +391,19 @@ def high_t_keep(profile: dict[str, list[float]]) -> float:
 def run_row(method: str, target: float, seed: int, settings: dict[str, Any],
             shared: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """Build, train (if the method trains) and evaluate one model; one JSON row."""
+    _BENCH["name"] = settings.get("benchmark", "digits")
     steps = settings["sample_steps"]
     row: dict[str, Any] = {"method": method, "target_flops": target, "seed": seed}
     extra: dict[str, Any] = {}
     if method == "original":
-        res = evaluate(build_model("digits").eval(), settings, steps=steps, routed=False)
+        res = evaluate(build_model(_BENCH["name"]).eval(), settings, steps=steps, routed=False)
         res["flops_ratio"] = 1.0
     elif method == "fewer-steps":
         steps = max(1, round(target * settings["sample_steps"]))
-        res = evaluate(build_model("digits").eval(), settings, steps=steps, routed=False)
+        res = evaluate(build_model(_BENCH["name"]).eval(), settings, steps=steps, routed=False)
         res["flops_ratio"] = steps / settings["sample_steps"]
     elif method == "cache":
-        model = build_model("digits").eval()
+        model = build_model(_BENCH["name"]).eval()
         cost = shared.setdefault("cached_cost", cached_step_cost(model))
         reuse = cache_schedule(steps, target, cost)
         with first_block_cache(model, reuse):
@@ -384,9 +412,11 @@ def run_row(method: str, target: float, seed: int, settings: dict[str, Any],
         extra = {"cached_steps": reuse.count(True), "cached_step_cost": round(cost, 4)}
     else:
         model, seconds = build_trained(method, target, seed, settings)
-        res = evaluate(model, settings, steps=steps, routed=True)
         extra = {"calibration_steps": settings["calibration_steps"],
                  "calibration_seconds": round(seconds, 1)}  # fmt: skip
+        if settings.get("match_budget") and method in ROUTED:  # static pruning: fixed units
+            extra["sampling_budget"] = match_budget(model, target, settings)
+        res = evaluate(model, settings, steps=steps, routed=True)
         if method in ("dynamic", "tokens-only", "width-only"):
             prof = token_profile(model, settings["profile_points"])
             extra["token_keep_t_ge_500"] = round(high_t_keep(prof), 4)
@@ -445,13 +475,14 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The summary as a Markdown table."""
-    lines = ["| method | target | FLOPs ratio | seeds | FD (mean, min..max) | accuracy (mean, min..max) |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| method | target | FLOPs ratio | seeds | FD (mean, min..max) "
+             "| accuracy (mean, min..max) |", "|---|---|---|---|---|---|"]  # fmt: skip
     for s in summary(rows):
         spread = f" ({s['fd_min']:.2f}..{s['fd_max']:.2f})" if s["seeds"] > 1 else ""
         aspread = f" ({s['acc_min']:.3f}..{s['acc_max']:.3f})" if s["seeds"] > 1 else ""
-        lines.append(f"| {s['method']} | {s['target_flops']:g} | {s['flops_ratio']:.3f} | {s['seeds']} "
-                     f"| {s['fd_mean']:.2f}{spread} | {s['acc_mean']:.3f}{aspread} |")  # fmt: skip
+        lines.append(f"| {s['method']} | {s['target_flops']:g} | {s['flops_ratio']:.3f} "
+                     f"| {s['seeds']} | {s['fd_mean']:.2f}{spread} "
+                     f"| {s['acc_mean']:.3f}{aspread} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -480,7 +511,8 @@ def plot(data: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     ax.set_xlabel("FLOPs ratio (MACs of the sampler's calls / original's)")
     ax.set_ylabel("Frechet distance to real digits (lower is better)")
     ax.set_yscale("log")
-    ax.set_title("digits: quality against compute (bars: min..max over seeds)")
+    bench = (data.get("settings") or {}).get("benchmark", "digits")
+    ax.set_title(f"{bench}: quality against compute (bars: min..max over seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = out_dir / f"{stem}_fd.png"
@@ -550,7 +582,14 @@ def row_job(method: str, target: float, seed: int, settings: dict[str, Any], thr
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the study (or the rows of it not yet in ``--out``); returns the study file's dict."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="benchmarks/results/quality_digits.json")
+    parser.add_argument("--benchmark", default="digits", choices=["digits", "translated"])
+    parser.add_argument(
+        "--out", default=None, help="default: benchmarks/results/quality_<benchmark>.json"
+    )
+    parser.add_argument(
+        "--no-match-budget", dest="match_budget", action="store_false",
+        help="keep the calibrated thresholds (the sampler may spend more or less than the target)",
+    )  # fmt: skip
     parser.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     parser.add_argument("--seeds-at-half", type=int, default=3)
     parser.add_argument(
@@ -577,15 +616,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="run nothing: merge the rows of these study files (parts run in parallel) into --out",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    out = Path(args.out or f"benchmarks/results/quality_{args.benchmark}.json")
     if args.merge:
-        return merge(args.merge, Path(args.out), plots=not args.no_plots, quiet=args.quiet)
+        return merge(args.merge, out, plots=not args.no_plots, quiet=args.quiet)
     torch.set_num_threads(args.threads)
     settings = study_settings(args)
-    out = Path(args.out)
     data = load_rows(out)
     data["settings"] = {**{k: v for k, v in settings.items() if k != "seeds"},
                         "seeds": {str(k): v for k, v in settings["seeds"].items()},
-                        "evaluation_seed": EVAL_SEED, "sampler": "ddim", "cfg_scale": DIGITS_SAMPLING["cfg_scale"]}  # fmt: skip
+                        "evaluation_seed": EVAL_SEED, "sampler": "ddim",
+                        "cfg_scale": demo_spec(args.benchmark).sampling["cfg_scale"]}  # fmt: skip
     data["command"] = "python benchmarks/quality_digits.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )

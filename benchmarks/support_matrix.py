@@ -1,6 +1,7 @@
 """The support matrix: convert every tiny model of the zoo and write what happened.
 
 Run: python benchmarks/support_matrix.py [--only NAME ...] [--jobs N] [--out benchmarks/results]
+(``--real-size``: the published configurations on meta instead, benchmarks/real_size.py)
 
 For each entry of ``dynconvert.testing.zoo.ZOO`` (every image and video transformer class of the
 installed diffusers, the built-in DiT and U-ViT, a timm DiT): sites found and skipped (with
@@ -142,7 +143,17 @@ def main() -> None:
     parser.add_argument(
         "--note", default="", help="a line for the markdown header (e.g. the commit measured)"
     )
+    parser.add_argument(
+        "--real-size",
+        action="store_true",
+        help="the published configurations on meta at their usual resolution (real_size.py)",
+    )
     args = parser.parse_args()
+    if args.real_size:
+        from real_size import main as real_size_main  # benchmarks/ is the script's folder
+
+        real_size_main(args.only, args.out, args.note)
+        return
     names = args.only or list(ZOO)
     unknown = [n for n in names if n not in ZOO]
     if unknown:

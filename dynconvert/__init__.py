@@ -48,11 +48,13 @@ _EXPORTS = {
     "set_routing": "dynconvert.runtime.routing",
     "load": "dynconvert.io.save",
     "save": "dynconvert.io.save",
+    "export": "dynconvert.deploy",
 }
 _ERRORS = (
     "AlreadyConvertedError", "BudgetError", "CalibrationError", "CheckpointError", "ConfigError",
-    "DataError", "DynconvertError", "ExampleInputsError", "ModelNotFoundError", "NoSitesError",
-    "NotConvertedError", "OutputExistsError", "RecordError", "TimestepError",
+    "DataError", "DynconvertError", "ExampleInputsError", "ExportError", "FileError",
+    "ModelNotFoundError", "NoSitesError", "NotConvertedError", "OutputExistsError", "RecordError",
+    "TimestepError",
 )  # fmt: skip
 _EXPORTS.update(dict.fromkeys(_ERRORS, "dynconvert.errors"))
 

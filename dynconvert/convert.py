@@ -10,6 +10,7 @@ from torch import nn
 
 from dynconvert.analysis import FilterFn, analyze
 from dynconvert.analysis.importance import always_on_unit
+from dynconvert.analysis.meta import is_meta
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import AlreadyConvertedError, BudgetError, NoSitesError
 from dynconvert.fields import SEED_MAX, Range, check_value
@@ -19,6 +20,7 @@ from dynconvert.plan import AttentionSite, Plan
 from dynconvert.runtime.attention import AttentionRuntime
 from dynconvert.runtime.bank import RouterBank
 from dynconvert.runtime.conv import ConvMlpRuntime
+from dynconvert.runtime.deferred import Deferred, check_weights, weights_pending
 from dynconvert.runtime.dynamic import (
     DynamicConv,
     DynamicLinear,
@@ -65,11 +67,19 @@ def convert(
     config: ConvertConfig | None = None,
     filter_fn: FilterFn | None = None,
     seed: int = 0,
+    probe_inputs: Any = None,
 ) -> nn.Module:
     """Make ``model`` dynamic, in place: routers on every attention and MLP site found.
 
     Right after convert the model computes what it computed before (every router starts with
     every unit on); calibration then teaches the routers to meet ``budget``.
+
+    A model built on the meta device (``with torch.device("meta")``, accelerate's
+    ``init_empty_weights``) is converted without its weights: it stays on meta, and when the
+    weights arrive (``load_state_dict(state, assign=True)``, or at its first forward call after
+    diffusers' or accelerate's loading) the routers are made from ``seed`` and the always-on
+    units chosen, so it then runs exactly as if it had been converted with its weights. Pass
+    its example inputs on the CPU: the fast path is checked with them then.
 
     Args:
         model: a diffusion transformer (built-in DiT/U-ViT, diffusers DiT/PixArt, or any model
@@ -82,6 +92,8 @@ def convert(
         seed: Seed of the routers' initial weights, in [0, 2**32 - 1]: the same model, budget,
             config and seed give bit-identical routers (a run passes its own seed). Drawn from
             a generator of its own: the global torch RNG is left as it was.
+        probe_inputs: the same call at a few tokens, for a big model at its real size: analysis
+            decides head-locality there (:func:`dynconvert.analyze`).
 
     Returns:
         The same model object, converted.
@@ -110,16 +122,32 @@ def convert(
     args, kwargs = (
         split_inputs(example_inputs) if example_inputs is not None else default_inputs(model)
     )
-    plan = analyze(model, (args, kwargs), config, filter_fn)
+    plan = analyze(model, (args, kwargs), config, filter_fn, probe_inputs)
     check_plan(plan, b, config)  # before any change: a refused plan leaves the model untouched
+    if is_meta(model):  # no weights yet: the rest waits for them (runtime/deferred.py)
+        bank = apply_plan(model, plan, config, b)
+        bank.deferred = Deferred(seed, (args, kwargs), _finish)
+        bank.deferred.handle = model.register_load_state_dict_post_hook(_loaded)
+        return model
+    _seeded_apply(model, plan, config, b, seed)
+    _check_fast_path(model, plan, config, b, seed, (args, kwargs))
+    return model
+
+
+def _seeded_apply(model: nn.Module, plan: Plan, config: ConvertConfig, b: float, seed: int) -> None:
     with torch.random.fork_rng(devices=[]):  # router init from the seed, global RNG untouched
         torch.manual_seed(seed)
         apply_plan(model, plan, config, b)
-    # Head-count attributes found by a scan, or ops beyond reshapes before the attention:
-    # compare fast and masked paths once (verify.py). A site whose sliced path differs is not
-    # converted (routing it would cost accuracy and save nothing): convert again without it.
+
+
+def _check_fast_path(
+    model: nn.Module, plan: Plan, config: ConvertConfig, b: float, seed: int, inputs: tuple
+) -> None:
+    """Head-count attributes found by a scan, or ops beyond reshapes before the attention:
+    compare fast and masked paths once (verify.py). A site whose sliced path differs is not
+    converted (routing it would cost accuracy and save nothing): convert again without it."""
     if any(s.fast_reason == "unverified" for s in plan.sites):
-        failed = verify_fast_path(model, args, kwargs)
+        failed = verify_fast_path(model, *inputs)
         if failed:
             revert(model)
             attention = (
@@ -137,10 +165,37 @@ def convert(
                 for s in plan.sites if s.index in failed
             })  # fmt: skip
             check_plan(plan, b, config)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                apply_plan(model, plan, config, b)
-    return model
+            _seeded_apply(model, plan, config, b, seed)
+
+
+def _finish(model: nn.Module) -> RouterBank:
+    """Convert's work that needed the weights, once they have arrived (a model converted on
+    the meta device): the routers from the seed, the always-on units, the fast-path check.
+    Returns the model's bank (a new one when the check dropped sites)."""
+    bank = get_state(model)
+    deferred = bank.deferred
+    check_weights(model, bank)
+    bank.deferred = None
+    deferred.handle.remove()
+    device = next(p.device for p in model.parameters() if not p.is_meta)
+    with torch.random.fork_rng(devices=[]):  # the same draws as apply_plan with weights
+        torch.manual_seed(deferred.seed)
+        fresh = RouterBank(bank.plan, bank.config, bank.budget)
+    bank.load_state_dict(fresh.state_dict(), assign=True)
+    bank.to(device)
+    _always_on(bank, dict(model.named_modules()), None)
+    _check_fast_path(model, bank.plan, bank.config, bank.budget, deferred.seed, deferred.inputs)
+    return get_state(model)
+
+
+def _loaded(model: nn.Module, keys: Any) -> None:
+    """load_state_dict post hook of a model converted on meta: finish once no weight is
+    missing (an original checkpoint has no router keys: they are made here, not missing)."""
+    bank = get_state(model)
+    if bank.deferred is None or weights_pending(model, bank):
+        return
+    _finish(model)
+    keys.missing_keys[:] = [k for k in keys.missing_keys if not k.startswith(ATTR + ".")]
 
 
 def check_plan(plan: Plan, budget: float, config: ConvertConfig) -> None:
@@ -175,16 +230,13 @@ def apply_plan(
     modules = dict(model.named_modules())
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    bank = RouterBank(plan, config, budget).to(device)  # routers where the weights are
+    if is_meta(model):  # shapes only: values are made when the weights arrive (_finish)
+        with torch.device("meta"):
+            bank = RouterBank(plan, config, budget)
+    else:
+        bank = RouterBank(plan, config, budget).to(device)  # routers where the weights are
+        _always_on(bank, modules, always_on)
     bank.model_params = sum(p.numel() for p in model.parameters())  # sizes the slice cache
-    # The unit each width router can never switch off: the recorded one when load replays a
-    # record, else the most important unit (docs/method.md, "The always-on unit": chosen by importance, not by index).
-    for site in plan.sites:
-        linears = {m.linear: modules[m.linear] for m in site.maps()}
-        if always_on is not None:
-            bank.always_on[site.index] = always_on[site.index]
-        elif site.units > 1:
-            bank.always_on[site.index] = always_on_unit(site, linears, config.importance)
     runtimes: list[SiteRuntime] = []
     hooks: list[Any] = []
     for site in plan.sites:
@@ -241,6 +293,20 @@ def apply_plan(
     return bank
 
 
+def _always_on(
+    bank: RouterBank, modules: dict[str, nn.Module], always_on: list[int] | None
+) -> None:
+    """The unit each width router can never switch off: the recorded one when load replays a
+    record, else the most important unit (docs/method.md, "The always-on unit": chosen by
+    importance, not by index)."""
+    for site in bank.plan.sites:
+        linears = {m.linear: modules[m.linear] for m in site.maps()}
+        if always_on is not None:
+            bank.always_on[site.index] = always_on[site.index]
+        elif site.units > 1:
+            bank.always_on[site.index] = always_on_unit(site, linears, bank.config.importance)
+
+
 def revert(model: nn.Module) -> nn.Module:
     """Take the routers off: every DynamicLinear becomes an nn.Linear again (same parameters).
 
@@ -248,6 +314,8 @@ def revert(model: nn.Module) -> nn.Module:
         >>> model = revert(model)                # doctest: +SKIP
     """
     bank = get_state(model)
+    if bank.deferred is not None:  # converted on meta, never finished
+        bank.deferred.handle.remove()
     for m in model.modules():
         if isinstance(m, (DynamicLinear, DynamicConv)):
             make_static(m)  # the class only: the Parameters (and state-dict keys) never changed

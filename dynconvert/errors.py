@@ -57,3 +57,16 @@ class DataError(DynconvertError):
 
 class OutputExistsError(DynconvertError):
     """The output folder already holds another run."""
+
+
+class FileError(DynconvertError, OSError):
+    """A file could not be read or written safely: a link, not a regular file, too large, no
+    space left, or a read-only folder (nothing was half written)."""
+
+    def __str__(self) -> str:
+        """The message alone (an OSError would put ``[Errno N]`` before it)."""
+        return self.strerror if self.strerror is not None else super().__str__()
+
+
+class ExportError(DynconvertError):
+    """A converted model cannot be exported (an op, an input, or the output folder)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -31,6 +32,35 @@ INT_MAX = 2**31 - 1
 
 SEED_MAX = 2**32 - 1
 """Upper bound of a seed (numpy takes seeds below 2**32)."""
+
+
+@dataclass(frozen=True)
+class ParseLimits:
+    """What a parsed file (a record, a recipe, ``run.json``) or a ``--set`` value may hold:
+    checked by the readers before anything is built from it.
+
+    Example:
+        >>> ParseLimits().depth
+        32
+    """
+
+    bytes: int = 1 << 20
+    depth: int = 32
+    nodes: int = 1_000_000
+    string: int = 1 << 20
+    int_digits: int = 40
+
+
+RECORD_LIMITS = ParseLimits(bytes=64 << 20, nodes=500_000)
+"""A record (``dynconvert.json``, ``run.json``, ``report.json``, config.json): 64 MiB and
+500,000 values (a record's width masks hold at most 4 values per site and timestep change; a
+million floats took 1.3 s of CPU to parse)."""
+
+RECIPE_LIMITS = ParseLimits(bytes=16 << 10, nodes=2_000, string=16 << 10)
+"""A recipe file or a ``--set`` item: 16 KiB and 2,000 values, YAML aliases counted at each
+use (the shipped recipes are under 6 KiB and 200 values). YAML is parsed in Python (a 20 KB
+list of 10,000 numbers took 5 s on a 2-core machine at load 21), so the limits keep the
+slowest refusal short."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +193,40 @@ def _fits(value: Any, kind: Any, bounds: Range | None) -> bool:
     return isinstance(value, kind) if isinstance(kind, type) else True
 
 
+class _Short(reprlib.Repr):
+    """A repr cut while it is built: a few items, levels and characters of each part."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 3, 60, 60, 40
+        self.maxdict = self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = 4
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 128:  # repr itself would cost (or refuse) thousands of digits
+            return f"<an integer of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+    def repr_bytes(self, x: bytes, level: int) -> str:
+        return repr(x[: self.maxstring]) + ("..." if len(x) > self.maxstring else "")
+
+    repr_bytearray = repr_bytes
+
+
+_SHORT = _Short()
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` for a message, at most ``limit`` characters, cut before it is built (a
+    100 MB string, a 5000-digit integer or a deeply shared YAML structure cost nothing).
+
+    Example:
+        >>> len(shown("x" * 10**8)), shown(10**5000)
+        (60, '<an integer of 16610 bits>')
+    """
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_value(name: str, value: Any, kind: Any, bounds: Range | None = None) -> None:
     """Refuse ``value`` unless it is of type ``kind`` (an annotation) and within ``bounds``.
 
@@ -180,9 +244,7 @@ def check_value(name: str, value: Any, kind: Any, bounds: Range | None = None) -
         >>> check_value("tau", 2, float, Range(0, low_open=True))
     """
     if not _fits(value, kind, bounds):
-        shown = repr(value)
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise ConfigError(f"{name} must be {_describe(kind, bounds)}; got {shown}")
+        raise ConfigError(f"{name} must be {_describe(kind, bounds)}; got {shown(value)}")
 
 
 def check_fields(obj: Any, ranges: Mapping[str, Range] | None = None, prefix: str = "") -> None:

@@ -35,6 +35,7 @@ from dynconvert.analysis.costs import eager_macs, node_macs
 from dynconvert.inputs import batch_of, default_inputs, shapes_of, split_inputs
 from dynconvert.plan import TOKEN_REDUCTION, AttentionSite, Plan, Site, site_kind
 from dynconvert.runtime.bank import RouterBank
+from dynconvert.runtime.deferred import weights_pending
 from dynconvert.runtime.routing import routing
 from dynconvert.runtime.state import get_state, is_converted
 
@@ -302,10 +303,8 @@ def count_flops(model: nn.Module, example_inputs: Any = None) -> FlopsReport:
     batch = batch_of(args, kwargs)
     if not is_converted(model):
         plan = analyze(model, (args, kwargs))
-        sites = [
-            SiteFlops(s.name, site_kind(s), s.block, float(s.macs()), float(s.macs()))
-            for s in plan.sites
-        ]
+        macs = [float(s.macs()) for s in plan.sites]
+        sites = [SiteFlops(s.name, site_kind(s), s.block, m, m) for s, m in zip(plan.sites, macs)]
         blocks = sum(s.static_macs for s in sites) * batch
         return FlopsReport(
             batch=batch,
@@ -319,9 +318,15 @@ def count_flops(model: nn.Module, example_inputs: Any = None) -> FlopsReport:
             sites=sites,
         )
     bank = get_state(model)
-    with torch.no_grad():
-        model(*args, **kwargs)
-    costs = call_costs(bank)
+    if bank.deferred is not None and weights_pending(model, bank):  # converted on meta, no
+        # weights yet: a fresh conversion's cost (every unit and token on, token routers run)
+        kept = {s.index: None if isinstance(s, AttentionSite) else 1.0 for s in bank.plan.sites}
+        r = bank.config.token_reduction
+        costs = [(s, site_cost(s, None, kept[s.index], r)) for s in bank.plan.sites]
+    else:
+        with torch.no_grad():
+            model(*args, **kwargs)
+        costs = call_costs(bank)
     other = _other_macs(model, bank.plan, args, kwargs, costs)
     sites: list[SiteFlops] = []
     dyn_per_sample: Any = other / batch

@@ -276,7 +276,7 @@ def test_library_messages_name_settings_and_the_cli_names_flags(tmp_path):
     assert "--" not in str(info.value)
     assert cli_message(str(info.value)).endswith("choose another --out")
 
-    helps = "".join(invoke(c, "--help").stdout for c in ("convert", "sample", "bench"))
+    helps = "".join(invoke(c, "--help").stdout for c in ("convert", "sample", "bench", "export"))
     assert all(flag in helps for flag in FLAGS.values())
     assert cli_message("see `dynconvert.write_latents`") == "see `dynconvert.write_latents`"
 

@@ -105,7 +105,7 @@ LAYERS = [
     ["dynconvert.convert", "dynconvert.testing"],
     ["dynconvert.calibration", "dynconvert.io"],
     ["dynconvert.sampling"],
-    ["dynconvert.measure"],
+    ["dynconvert.measure", "dynconvert.deploy"],
     ["dynconvert.recipes", "dynconvert.demo"],
     ["dynconvert.runs"],
     ["dynconvert.cli", "dynconvert.__main__", "dynconvert"],

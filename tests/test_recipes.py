@@ -177,7 +177,7 @@ def test_digits_recipe_runs_with_its_metrics(tmp_path):
     light = [a for a in LIGHT if a != "--random-init"]  # the shipped weights
     args = ["convert", "--recipe", "digits", "--out", str(out), "--json", *light,
             "--set", "evaluate.per_class=2", "--set", "evaluate.steps=2",
-            "--set", "samples.steps=2"]  # fmt: skip
+            "--set", "samples.steps=2", "--set", "report.sampling_budget=10"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -185,3 +185,10 @@ def test_digits_recipe_runs_with_its_metrics(tmp_path):
         assert set(report[key]) == {"original", "dynamic"}
     assert report["samples"] == "samples.png" and (out / "samples.png").is_file()
     assert report["classifier_accuracy"]["original"] > 0.5  # the shipped weights, not random ones
+    # Budget hit at sampling: thresholds shifted on held-out samples of the recipe's sampler,
+    # training and sampling ratios side by side, the step stored in the record.
+    budget = report["calibration"]["sampling_budget"]
+    assert budget["sampler"]["samples"] == 10 and budget["after"] < budget["before"]
+    assert report["flops_ratio_sampling"] == budget["after"] and report["flops_ratio_train"] > 0
+    record = json.loads((out / "dynconvert.json").read_text())
+    assert record["calibration"]["sampling_budget"] == budget

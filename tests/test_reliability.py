@@ -366,15 +366,23 @@ def test_sigterm_runs_the_cleanup(tmp_path, monkeypatch):
 
 
 def test_weights_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    """The weights are staged beside the old save and fsynced, the record that names them is
+    the commit point, then they are renamed into place (io/commit.py)."""
+    from dynconvert.io import files as iofiles
+
     model = dynconvert.convert(tiny_dit(), 0.5)
     calls = []
-    real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
-    monkeypatch.setattr(
-        os, "replace", lambda a, b: (calls.append(Path(b).name), real_replace(a, b))[1]
-    )
+    monkeypatch.setattr(iofiles, "fault_hook", lambda op, path: calls.append((op, path.name)))
     dynconvert.save(model, tmp_path)
-    assert calls == ["fsync", "model.safetensors", "fsync", "dynconvert.json"]
+    staged = calls[0][1]
+    assert staged.startswith(".model.safetensors.") and staged.endswith(".next")
+    write = ["create", "write", "fsync", "rename"]
+    assert calls == [
+        *[(op, staged) for op in write],
+        *[(op, "dynconvert.json") for op in write],  # the commit
+        ("rename", "model.safetensors"),
+        *[(op, "dynconvert.json") for op in write],  # the record without its staged names
+    ]
 
 
 # --- faults: kills, two writers, the same command twice ----------------------------------------

@@ -216,7 +216,7 @@ def test_save_grid_is_atomic(tmp_path, monkeypatch):
     path = save_grid(torch.zeros(1, 1, 4, 4), tmp_path / "grid.png")
     before = path.read_bytes()
 
-    def broken_replace(src, dst):
+    def broken_replace(src, dst, **dir_fds):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", broken_replace)

@@ -25,7 +25,7 @@ def test_round_trip_builtin_preset(tmp_path):
     expected = call(model, inputs)
     save(model, tmp_path / "run")
     record = json.loads((tmp_path / "run" / "dynconvert.json").read_text())
-    assert record["preset"] == "dit-tiny" and record["format_version"] == 1
+    assert record["preset"] == "dit-tiny" and record["format_version"] == 2
     assert len(record["flops_ratio_per_t"]) == 1000 and 0 < record["mean_flops_ratio"] < 1
     loaded = load(tmp_path / "run")  # base rebuilt from the preset
     torch.testing.assert_close(call(loaded, inputs), expected, atol=0, rtol=0)

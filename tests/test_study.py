@@ -92,6 +92,9 @@ def test_smoke_study_runs_and_writes_rows(study, tmp_path):
     for r in rows:
         assert set(study.ROW_KEYS) <= set(r), r
     assert data["summary"]
+    (dyn,) = [r for r in rows if r["method"] == "dynamic"]  # thresholds fitted to the sampler
+    assert dyn["sampling_budget"]["target"] == 0.5 and dyn["sampling_budget"]["kind"] == "token"
+    assert "sampling_budget" not in next(r for r in rows if r["method"] == "static-pruning")
     again = study.main(
         ["--smoke", "--out", str(out), "--quiet", "--no-plots", "--methods", *methods]
     )
@@ -118,3 +121,12 @@ def test_smoke_study_in_parallel_gives_the_same_rows_and_plots(study, tmp_path):
         return sorted((r["method"], r["seed"], r["accuracy"], r["frechet_distance"]) for r in rows)
 
     assert key(parallel["rows"]) == key(serial["rows"])  # rows do not depend on the process
+
+
+@pytest.mark.slow
+def test_smoke_study_runs_on_translated_digits(study, tmp_path):
+    out = tmp_path / "t.json"
+    data = study.main(["--smoke", "--benchmark", "translated", "--out", str(out), "--quiet",
+                       "--no-plots", "--methods", "original", "dynamic", "cache"])  # fmt: skip
+    assert data["settings"]["benchmark"] == "translated"
+    assert {r["method"] for r in data["rows"]} == {"original", "dynamic", "cache"}

@@ -19,7 +19,9 @@ import torch
 from dynconvert.analysis import tables
 from dynconvert.analysis.export_graph import DataDependentSize, from_export
 from dynconvert.analysis.graph import OpGraph, quiet_torch
+from dynconvert.analysis.meta import buffers_on_meta, is_meta, meta_eager, to_meta
 from dynconvert.analysis.planning import FilterFn, plan_from_graph
+from dynconvert.analysis.reduced import Deriver
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import AlreadyConvertedError, ExampleInputsError
 from dynconvert.inputs import (
@@ -39,8 +41,13 @@ def analyze(
     example_inputs: Any = None,
     config: ConvertConfig | None = None,
     filter_fn: FilterFn | None = None,
+    probe_inputs: Any = None,
 ) -> Plan:
     """Find every attention and MLP site of ``model`` and what each costs.
+
+    Head-locality (what may stand between a projection and its attention) is decided once per
+    group of structurally identical blocks, and, with ``probe_inputs``, on the model captured
+    at those few tokens: the plan is the same, in seconds instead of hours at real sizes.
 
     Args:
         model: any nn.Module (a DiT, U-ViT, a diffusers transformer...).
@@ -50,6 +57,9 @@ def analyze(
         config: convert settings (which capture to use, MLP groups, timestep argument).
         filter_fn: ``filter_fn(module, name) -> bool``; sites for which it returns False are
             listed as skipped.
+        probe_inputs: the same call at a small size (a few tokens: a smaller latent, fewer
+            text tokens, fewer frames), in the form of ``example_inputs``. Token counts and
+            MACs always come from ``example_inputs``.
 
     Returns:
         The Plan (sites in execution order, skipped sites with reasons, MACs).
@@ -73,7 +83,12 @@ def analyze(
     )
     timestep_arg = find_timestep_arg(model, config.timestep_arg)  # fails early, naming the fix
     graph = capture(model, args, kwargs, config.capture)
-    return plan_from_graph(model, graph, args, kwargs, timestep_arg, config, filter_fn)
+    probe, small = None, None
+    if probe_inputs is not None:
+        small = split_inputs(probe_inputs)
+        probe = capture(model, *small, config.capture)
+    derive = Deriver(graph, probe, small)
+    return plan_from_graph(model, graph, args, kwargs, timestep_arg, config, filter_fn, derive)
 
 
 def capture(
@@ -100,11 +115,19 @@ def capture(
     """
     error: Exception | None = None
     if how in ("auto", "export"):
+        # Weights on the meta device: export traces shapes only, with the inputs there too.
+        exported = to_meta((tuple(args), dict(kwargs))) if is_meta(model) else (args, kwargs)
         try:
-            with torch.no_grad(), eval_mode(model), quiet_torch():
-                ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+            with (
+                torch.no_grad(),
+                eval_mode(model),
+                quiet_torch(),
+                buffers_on_meta(model),
+                meta_eager(model),
+            ):
+                ep = torch.export.export(model, *exported, strict=False)
             graph = from_export(ep, model, any_linear)
-            graph.evaluate = functools.partial(tables.node_values, ep, tuple(args), dict(kwargs))
+            graph.evaluate = functools.partial(tables.node_values, ep, *exported)
             return graph
         except Exception as e:  # noqa: BLE001 - fall back to the tracer below
             if how == "export":
@@ -116,7 +139,7 @@ def capture(
             error = e  # reported in the coverage note of the fx graph
     from dynconvert.analysis.fx_capture import capture_fx  # its eager run checks the inputs
 
-    with eval_mode(model), quiet_torch():
+    with eval_mode(model), quiet_torch(), meta_eager(model):
         graph = capture_fx(model, args, kwargs)
     if error is not None:
         graph.coverage = f"{graph.coverage}; torch.export failed: {type(error).__name__}"

@@ -20,9 +20,9 @@ import torch
 from dynconvert.analysis.calls import AttentionCall
 from dynconvert.analysis.evidence import Evidence, Finding, per_unit, unit_map
 from dynconvert.analysis.graph import OpNode, block_of, call_lca, module_lca
-from dynconvert.analysis.headlocal import InputLayout, derive_inputs
-from dynconvert.analysis.headout import derive_outputs
+from dynconvert.analysis.headlocal import InputLayout
 from dynconvert.analysis.layout import ChainError, describe
+from dynconvert.analysis.reduced import Deriver
 from dynconvert.analysis.registry import attention_attrs
 from dynconvert.analysis.replay import TableUse
 from dynconvert.analysis.streams import group_streams, kv_stride
@@ -47,6 +47,7 @@ def build_site(
     reuse: dict[str, list[OpNode]],
     order: dict[int, int],
     from_linear: set[int],
+    derive: Deriver | None = None,
 ) -> FoundAttention:
     """Derive one AttentionSite from an attention call, or the reason it cannot be converted.
 
@@ -56,13 +57,16 @@ def build_site(
         reuse: Linear fqn -> the nodes that call it (a Linear called twice cannot be sliced).
         order: node id -> position in the graph.
         from_linear: ids of the nodes computed from some Linear (headlocal.linear_ancestry).
+        derive: where head-locality is decided (reduced.py: on a probe, once per twin
+            blocks); None: on this call's own ops.
     """
     where = call.output.module or "<root>"
+    derive = derive or Deriver(None)
     try:
-        return _build(call, model, reuse, order, from_linear)
+        return _build(call, model, reuse, order, from_linear, derive)
     except ChainError as e:
         if call.alt is not None:  # a kernel read in its other layout
-            found = build_site(call.alt, model, reuse, order, from_linear)
+            found = build_site(call.alt, model, reuse, order, from_linear, derive)
             if found.site is not None:
                 return found
             why = f"`{call.cost_nodes[0].op}` as (B, H, N, d): {e.reason}; as (B, N, H, d): {found.skipped.reason}"
@@ -82,14 +86,17 @@ def _build(
     reuse: dict[str, list[OpNode]],
     order: dict[int, int],
     from_linear: set[int],
+    derive: Deriver,
 ) -> FoundAttention:
     """The site of one call: its input and output sides, the checks every site passes, the
     forms' rules on what they found (dynconvert/sites), then the maps, streams and module."""
     heads, head_dim, v_head_dim, k_heads = _operand_sizes(call)
-    layout, units = _input_layout(call, heads, head_dim, v_head_dim, k_heads, order, from_linear)
+    layout, units = _input_layout(
+        call, heads, head_dim, v_head_dim, k_heads, order, from_linear, derive
+    )
     # Output side: every out-projection reading the attention output (one per stream), with
     # the input column of every (head, channel) and the columns that are not heads.
-    targets, gates = derive_outputs(call.output, heads, v_head_dim, order, call.out_layout)
+    targets, gates = derive.outputs(call, heads, v_head_dim, order)
     for t in targets:
         if t.keep and not _ascending(t.table):
             raise ChainError(
@@ -179,6 +186,7 @@ def _input_layout(
     k_heads: int,
     order: dict[int, int],
     from_linear: set[int],
+    derive: Deriver,
 ) -> tuple[InputLayout, int]:
     """The input side and the routed units: the ops from the projections to q, k and v replayed
     on row codes give the rows of every (head, channel) per source Linear, and are checked for
@@ -186,7 +194,7 @@ def _input_layout(
     norm over all heads does not. Grouped-query attention (a key/value head serves g query
     heads, given to the kernel with fewer heads or repeated to H): the units are the key/value
     heads, each with its g query heads; the smallest g that passes is the grouping."""
-    layout, units = _grouped_layout(call, heads, k_heads, order, from_linear)
+    layout, units = _grouped_layout(call, heads, k_heads, order, from_linear, derive)
     for role, width in (("q", head_dim), ("k", head_dim), ("v", v_head_dim)):
         for src in layout.sources[role]:
             if src.table.shape[-1] > width:  # rows that never reach the attention, run with it
@@ -315,23 +323,18 @@ def _kernel_macs(call: AttentionCall, v_head_dim: int) -> int:
 
 
 def _grouped_layout(
-    call: AttentionCall, heads: int, k_heads: int, order: dict[int, int], from_linear: set[int]
+    call: AttentionCall,
+    heads: int,
+    k_heads: int,
+    order: dict[int, int],
+    from_linear: set[int],
+    deriver: Deriver,
 ) -> tuple[InputLayout, int]:
     """The input layout and the number of routed units: one per head, or one per key/value
     head when key/value heads are shared (fewer key heads, or each repeated to g query heads)."""
 
     def derive(units: int | None) -> InputLayout:
-        return derive_inputs(
-            call.q,
-            call.k,
-            call.v,
-            call.key_layout,
-            order,
-            from_linear,
-            units,
-            call.q_layout,
-            call.v_layout,
-        )
+        return deriver.inputs(call, units, order, from_linear)
 
     if k_heads != heads:  # the kernel takes fewer key/value heads (enable_gqa)
         return derive(k_heads), k_heads

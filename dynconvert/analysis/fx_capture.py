@@ -19,6 +19,7 @@ from torch import nn
 from dynconvert.analysis.export_graph import from_export
 from dynconvert.analysis.fx_nodes import LEAF_MODULES, join_fqn, leaf_node, to_opnodes
 from dynconvert.analysis.graph import FX_CAPTURE, OpGraph, OpNode, link_users, quiet_torch
+from dynconvert.analysis.meta import is_meta, to_meta
 from dynconvert.inputs import check_inputs_run
 
 
@@ -161,6 +162,8 @@ def export_module(module: nn.Module, prefix: str, args: tuple, kwargs: dict) -> 
     Used per block when the whole model cannot be exported (data-dependent shapes in the
     conditioning path, ``.tolist()`` of caption lengths): the blocks themselves usually can.
     """
+    if is_meta(module):  # export traces shapes: every input on the meta device with the weights
+        args, kwargs = to_meta((tuple(args), dict(kwargs)))
     try:
         with torch.no_grad(), quiet_torch():
             ep = torch.export.export(module, tuple(args), dict(kwargs), strict=False)

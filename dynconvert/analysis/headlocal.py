@@ -39,7 +39,19 @@ from dynconvert.analysis.headcuts import Cut, cut_point, cut_table, exits, shado
 from dynconvert.analysis.layout import ChainError, describe
 from dynconvert.analysis.replay import AcrossHeads, Replay, TableUse, in_modules
 
-_PASS = ("shape", "cast", "unary", "binary", "norm", "reduce", "cat", "complex", "spatial", "conv")
+REPLAYED = (
+    "shape",
+    "cast",
+    "unary",
+    "binary",
+    "norm",
+    "reduce",
+    "cat",
+    "complex",
+    "spatial",
+    "conv",
+)
+"""Kinds of ops the replay follows from an attention operand back to its projections."""
 _MAX_OPS = 400  # ops between the projections and one attention call; more: we left the block
 
 
@@ -120,7 +132,7 @@ def _tracked_set(operands: list[OpNode], from_linear: set[int]) -> tuple[set[int
                     tracked[id(view)] = tracked[id(c)] = True
             tracked[id(n)] = hit
             return hit
-        if n.kind not in _PASS:
+        if n.kind not in REPLAYED:
             if id(n) in from_linear:
                 raise ChainError(f"{describe(n)} lies between the projection and the attention")
             tracked[id(n)] = False

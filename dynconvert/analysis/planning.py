@@ -28,6 +28,8 @@ from dynconvert.analysis.graph import (
     untie_impure_linears,
 )
 from dynconvert.analysis.headlocal import linear_ancestry
+from dynconvert.analysis.meta import meta_eager
+from dynconvert.analysis.reduced import Deriver
 from dynconvert.analysis.registry import timestep_convention
 from dynconvert.config import ConvertConfig
 from dynconvert.inputs import batch_of, eval_mode, shapes_of, timestep_slot
@@ -61,8 +63,12 @@ def plan_from_graph(
     timestep_arg: str,
     config: ConvertConfig,
     filter_fn: FilterFn | None = None,
+    derive: Deriver | None = None,
 ) -> Plan:
     """Turn a captured graph into a Plan (sites, skipped sites, costs).
+
+    ``derive`` decides head-locality (reduced.py: on a probe at a few tokens, once per group
+    of twin blocks); None: on every call's own ops.
 
     Example:
         >>> from dynconvert.analysis import capture
@@ -78,7 +84,8 @@ def plan_from_graph(
     order = {id(n): i for i, n in enumerate(graph.nodes)}  # node -> position in execution order
     batch = batch_of(args, kwargs)
     found = _Found()
-    _find_attention(found, model, graph, args, kwargs, reuse, order)
+    derive = derive or Deriver(None)
+    _find_attention(found, model, graph, (args, kwargs), reuse, order, derive)
     _find_mlps(found, model, graph, config, reuse, order, batch)
     kept_attn, kept_mlp = _number_sites(found, model, config, filter_fn)
     skipped = found.skipped
@@ -93,7 +100,7 @@ def plan_from_graph(
     static += sum(found.kernel_macs[id(a)] for _, a in found.attention)
     if graph.capture != EXPORT_CAPTURE:
         # A capture in pieces misses the ops of opaque leaves: count one eager forward instead.
-        with torch.no_grad(), eval_mode(model):
+        with torch.no_grad(), eval_mode(model), meta_eager(model):
             static = int(round(eager_macs(model, args, kwargs)))
     site_macs = sum(s.macs() for s in [*kept_attn, *kept_mlp])
     position, _ = timestep_slot(model, timestep_arg)
@@ -107,7 +114,7 @@ def plan_from_graph(
         model_class=f"{type(model).__module__}.{type(model).__qualname__}",
         timestep_arg=timestep_arg,
         capture=graph.capture,
-        coverage=graph.coverage,
+        coverage="; ".join(c for c in (graph.coverage, derive.coverage()) if c),
         batch=batch,
         input_shapes=shapes_of(args, kwargs),
         attention=kept_attn,
@@ -125,10 +132,10 @@ def _find_attention(
     found: _Found,
     model: torch.nn.Module,
     graph: OpGraph,
-    args: tuple,
-    kwargs: dict,
+    inputs: tuple[tuple, dict],
     reuse: dict[str, list[OpNode]],
     order: dict[int, int],
+    derive: Deriver,
 ) -> None:
     """Every attention call of the graph: a site (its Linears then taken), or a refusal."""
     from_linear = linear_ancestry(graph.nodes)  # what a rotary table is not: computed from a Linear
@@ -139,18 +146,20 @@ def _find_attention(
     for call in find_calls(graph):
         if call.q.shape is not None and len(call.q.shape) == 4:
             found.block_heads.setdefault(block_of(call.output.module), call.q.shape[1])
-        got = attn_finder.build_site(call, model, reuse, order, from_linear)
+        got = attn_finder.build_site(call, model, reuse, order, from_linear, derive)
         if got.site is None:
             found.skipped.append(got.skipped)
             continue
-        got.site.fold = _fold(got.linear_nodes[0], batch_of(args, kwargs))
+        got.site.fold = _fold(got.linear_nodes[0], batch_of(*inputs))
         if got.tables:
             pending.append((got.site, got.tables))
         found.attention.append((order[id(call.output)], got.site))
         claims[id(got.site)] = {n.linear for n in got.linear_nodes}
         found.kernel_macs[id(got.site)] = got.kernel_macs
     if pending:  # which argument each table is: one forward pass for all of them
-        failed = table_find.resolve(model, graph, args, kwargs, pending)
+        # The tables are in the terms of the graph head-locality was decided on (the probe's).
+        on, (a, kw) = (derive.graph, derive.inputs_of_graph) if derive.to_real else (graph, inputs)
+        failed = table_find.resolve(model, on, a, kw, pending)
         for _, site in [p for p in found.attention if id(p[1]) in failed]:
             found.skipped.append(SkippedSite(site.name, ATTENTION, failed[id(site)]))
         found.attention = [p for p in found.attention if id(p[1]) not in failed]

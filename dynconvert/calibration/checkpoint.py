@@ -103,6 +103,34 @@ def check_training_payload(payload: dict[str, Any], path: str | Path) -> None:
     groups = payload["optimizer"].get("param_groups")
     if not isinstance(groups, list) or not isinstance(payload["optimizer"].get("state"), dict):
         raise CheckpointError(f"checkpoint {path} is corrupt: its optimizer state is incomplete")
+    _check_finite(payload, path)
+
+
+def _check_finite(payload: dict[str, Any], path: str | Path) -> None:
+    """Refuse NaN or infinite weights, EMA shadows or optimizer moments, and EMA counters out
+    of range: resumed, they would end in a model whose routers are NaN, written as a finished
+    run that ``load`` then refuses."""
+    ema = payload["ema"]
+    decay, updates = ema.get("decay"), ema.get("num_updates")
+    fix = "delete it to resume from the previous one, or start the run again"
+    if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0 <= decay <= 1:
+        raise CheckpointError(f"checkpoint {path}: EMA decay {decay!r:.40} not in [0, 1]; {fix}")
+    if not isinstance(updates, int) or isinstance(updates, bool) or updates < 0:
+        raise CheckpointError(f"checkpoint {path}: EMA num_updates {updates!r:.40}; {fix}")
+    moments = [v for s in payload["optimizer"]["state"].values() if isinstance(s, dict)
+               for v in s.values()]  # fmt: skip
+    shadow = ema.get("shadow") if isinstance(ema.get("shadow"), dict) else {}
+    groups = {"model": payload["model"].items(), "EMA": shadow.items(),
+              "optimizer": enumerate(moments)}  # fmt: skip
+    for where, items in groups.items():
+        for name, value in items:
+            if not isinstance(value, torch.Tensor):
+                continue
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(
+                    f"checkpoint {path} holds NaN or infinite values ({where} {str(name)[:80]}); "
+                    + fix
+                )
 
 
 def check_optimizer_fits(

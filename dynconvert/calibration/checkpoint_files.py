@@ -5,6 +5,10 @@ holds: ``checkpoint.py``). It is written to a temporary file in the same folder,
 then ``os.replace``d over the final name, so a killed run never leaves a half-written checkpoint
 under a real name. It loads with ``torch.load(weights_only=True)``: everything in it is tensors
 and plain Python values.
+
+Every file operation goes through ``dynconvert.io.files``: below the run folder no link is
+followed (a ``checkpoints`` link or a checkpoint linked out of the folder is refused, never
+read, written or pruned through), and nothing is removed outside the folder.
 """
 
 from __future__ import annotations
@@ -16,12 +20,20 @@ from typing import Any
 
 import torch
 
-from dynconvert.errors import CheckpointError
+from dynconvert.errors import CheckpointError, FileError
+from dynconvert.io.files import (
+    atomic_write,
+    entries,
+    fd_path,
+    open_file,
+    pid_alive,
+    remove_file,
+)
 
 CHECKPOINT_FORMAT = "dynconvert-calibration"
 CHECKPOINT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{7,})\.pt$")
-_TEMP = re.compile(r"^\.step-\d{7,}\.pt\.(\d+)\.tmp$")
+_TEMP = re.compile(r"^\.step-\d{7,}\.pt\.(\d+)(?:\.[0-9a-f]{8})?\.tmp$")
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -39,16 +51,23 @@ def checkpoint_path(output_dir: str | Path, step: int) -> Path:
     return checkpoint_dir(output_dir) / f"step-{step:07d}.pt"
 
 
+def _root(path: Path) -> Path:
+    """The run folder of a checkpoint path: no link is followed below it."""
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint, oldest first."""
+    """(step, path) of every complete checkpoint, oldest first.
+
+    Raises:
+        FileError: ``checkpoints`` is a link (or not a folder).
+    """
     folder = checkpoint_dir(output_dir)
-    if not folder.is_dir():
-        return []
     found = []
-    for p in folder.iterdir():
-        m = _NAME.match(p.name)
+    for name in entries(folder, output_dir):
+        m = _NAME.match(name)
         if m:
-            found.append((int(m.group(1)), p))
+            found.append((int(m.group(1)), folder / name))
     return sorted(found)
 
 
@@ -80,19 +99,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
         1
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f), _root(path))
 
 
 def load_checkpoint(
@@ -104,15 +112,22 @@ def load_checkpoint(
         CheckpointError: Missing, unreadable, another format, or a newer version.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        fd = open_file(path, _root(path))
+    except FileError as e:
+        missing = f"checkpoint {path} does not exist"
+        raise CheckpointError(missing if not os.path.lexists(path) else str(e)) from None
+    try:
+        payload = torch.load(
+            fd_path(fd, path), map_location=map_location, weights_only=True, mmap=mmap
+        )
     except Exception as err:  # torch raises many types for a corrupt file
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or unreadable ({type(err).__name__}: {err}); delete it "
-            "to resume from the previous one"
-        ) from err
+            f"checkpoint {path} is corrupt or unreadable ({type(err).__name__}: "
+            f"{str(err)[:200]}); delete it to resume from the previous one"
+        ) from None
+    finally:
+        os.close(fd)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a dynconvert calibration checkpoint")
     version = payload.get("version")
@@ -138,26 +153,13 @@ def remove_stale_temps(output_dir: str | Path) -> list[Path]:
     """
     folder = checkpoint_dir(output_dir)
     removed = []
-    if not folder.is_dir():
-        return removed
-    for p in folder.iterdir():
-        m = _TEMP.match(p.name)
-        if m and not _alive(int(m.group(1))):
-            p.unlink(missing_ok=True)
-            removed.append(p)
+    for name in entries(folder, output_dir):
+        m = _TEMP.match(name)
+        pid = int(m.group(1)) if m else 0
+        if m and (pid == os.getpid() or not pid_alive(pid)):  # none of ours is being written
+            remove_file(folder / name, output_dir)
+            removed.append(folder / name)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # this process writes no checkpoint while it looks for stale ones
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
@@ -165,5 +167,5 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
     found = list_checkpoints(output_dir)
     doomed = [p for _, p in found[: max(0, len(found) - keep)]]
     for p in doomed:
-        p.unlink(missing_ok=True)
+        remove_file(p, output_dir)  # the entry itself, inside the folder
     return doomed

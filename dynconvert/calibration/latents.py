@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from dynconvert.errors import DataError
+from dynconvert.io.limits import read_json
 
 FORMAT_NAME = "dynconvert-latents"
 FORMAT_VERSION = 1
@@ -230,11 +231,8 @@ def read_index(folder: str | Path) -> dict[str, Any]:
         shards = sorted(root.glob("shard-*.safetensors"))
         hint = " (shards are there: the writer was interrupted; write it again)" if shards else ""
         raise DataError(f"{root} has no {INDEX_FILE}{hint}; write the folder with write_latents()")
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot read {path}: {err}; write the folder again") from err
-    if index.get("format") != FORMAT_NAME:
+    index = read_json(path, DataError, root=root)  # bounded, no link followed
+    if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
         raise DataError(
             f"{path} is not a {FORMAT_NAME} index; write the folder with write_latents()"
         )

@@ -33,7 +33,7 @@ def _version(value: bool) -> None:
 
 
 def make_app() -> typer.Typer:
-    """Build the ``dynconvert`` Typer app (commands: inspect, convert, sample, bench, recipes).
+    """Build the ``dynconvert`` Typer app (inspect, convert, sample, bench, export, recipes).
 
     Example:
         >>> from typer.testing import CliRunner
@@ -43,6 +43,7 @@ def make_app() -> typer.Typer:
     from dynconvert.cli import (
         commands_bench,
         commands_convert,
+        commands_export,
         commands_inspect,
         commands_recipes,
         commands_sample,
@@ -75,6 +76,7 @@ def make_app() -> typer.Typer:
     )
     app.command("sample")(known_errors(commands_sample.sample))
     app.command("bench", epilog=commands_bench.SCHEMA)(known_errors(commands_bench.bench))
+    app.command("export", epilog=commands_export.SCHEMA)(known_errors(commands_export.export))
     app.add_typer(commands_recipes.make_recipes_app(), name="recipes")
     return app
 

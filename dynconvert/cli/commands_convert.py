@@ -25,7 +25,9 @@ from dynconvert.cli.options import (
 REPORT_KEYS = """report.json (also printed with --json; MACs per sample, 1 MAC = 2 FLOPs): run_dir,
 model, model_class, recipe, target_flops, steps, flops_ratio (whole-model ratio, mean over the
 1000 timesteps; width masks exact per t, token keep rates measured on real batches),
-flops_ratio_blocks, executed_flops_ratio (counted by torch.utils.flop_counter), speedup (benchmark
+flops_ratio_blocks, executed_flops_ratio (counted by torch.utils.flop_counter), flops_ratio_train
+(calibration batches, last 20 steps) and flops_ratio_sampling (the recipe's sampler on held-out
+noise after report.sampling_budget's threshold shift; null when off), speedup (benchmark
 at a representative timestep), unit ("MACs"), static_macs, dynamic_macs, blocks_macs,
 flops_ratio_note, profile {timesteps, token_keep, measured, executed_timesteps},
 flops_ratio_per_t (1000 values, also in dynconvert.json), calibration {steps, final_loss, ...},
@@ -207,6 +209,10 @@ def show(report: dict[str, Any]) -> None:
         ("executed FLOPs ratio", render.ratio(report["executed_flops_ratio"])),
         ("speed-up", speedup),
     ]
+    if report.get("flops_ratio_sampling") is not None:  # the budget at training and at sampling
+        train, at_sampling = report["flops_ratio_train"], report["flops_ratio_sampling"]
+        rows.insert(-1, ("FLOPs ratio training / sampling",
+                         f"{render.ratio(train)} / {render.ratio(at_sampling)}"))  # fmt: skip
     for key, label in (
         ("classifier_accuracy", "classifier accuracy"),
         ("frechet_distance", "Frechet distance"),

@@ -2,24 +2,38 @@
 
 from __future__ import annotations
 
+import json as json_lib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dynconvert.cli import render
-from dynconvert.cli.options import JsonOpt, ModelOpt, RunOpt
-from dynconvert.errors import ConfigError
+from dynconvert.cli.options import (
+    ConfigFileOpt,
+    DiffusersOpt,
+    FramesOpt,
+    HeightOpt,
+    JsonOpt,
+    ModelOpt,
+    RunOpt,
+    WidthOpt,
+)
+from dynconvert.errors import ConfigError, ModelNotFoundError
 from dynconvert.plan import ATTENTION
 
 if TYPE_CHECKING:
     import torch
 
 SCHEMA = """The --json object (MACs per sample; 1 MAC = 2 hardware FLOPs):
-model, model_class, unit ("MACs"), timestep_arg, capture, coverage, input_shapes,
+model, params, router_params, calibration_gib {all, routers} (GiB; not with --run),
+model_class, unit ("MACs"), timestep_arg, capture, coverage, input_shapes,
 static_macs (whole model), blocks_macs (converted attention + MLP sites), other_macs,
 blocks (count), min_budget (lowest reachable whole-model ratio), max_budget (1.0),
 sites: [{index, name, block, kind ("attention"|"mlp"), module_class, heads|groups, head_dim,
 hidden, width, width_reason, token_routing, token_reason, fast, fast_reason, macs, share}],
-skipped: [{name, kind, reason}], and for --run: run {budget, flops_ratio, recipe, ...} and each
-site's mean_units_on (fraction of heads/groups on, mean over the 1000 timesteps)."""
+skipped: [{name, kind, reason}], and for --run: run {budget, flops_ratio (the record's),
+executed_flops_ratio (counted on the loaded model; null when it makes no example inputs),
+recipe, ...} and each site's mean_units_on (fraction of heads/groups on, mean over the 1000
+timesteps)."""
 
 
 def _build_for_inspect(name: str) -> Any:
@@ -43,6 +57,43 @@ def _build_for_inspect(name: str) -> Any:
     kwargs = {"pretrained": False} if canonical == "digits" else {}
     with torch.device("meta"):
         return build_model(canonical, **kwargs)
+
+
+def _real_size(
+    name: str | None, cls: str | None, config: Path | None, pixels: tuple
+) -> tuple[Any, dict, dict] | None:
+    """A published configuration on meta and its inputs at its size and at its probe's: for
+    ``--model`` naming a shipped one (flux-dev, wan2.1-t2v-14b...) or for ``--diffusers CLASS
+    --config FILE``; None when ``--model`` names something else (a preset)."""
+    from dynconvert.testing.configs import build, for_class, is_real_config, real_config
+
+    if cls is None:
+        from dynconvert.models import resolve_name
+        from dynconvert.runs import DIFFUSERS_MODELS, TEST_MODELS
+
+        key = name.strip().lower()
+        if key in TEST_MODELS or key in DIFFUSERS_MODELS or not is_real_config(name):
+            return None
+        try:
+            resolve_name(name)
+            return None  # a built-in preset keeps its name
+        except ModelNotFoundError:
+            pass
+        entry = real_config(name)
+        settings = entry.config()
+    else:
+        if config is None:
+            raise ConfigError(
+                "--diffusers CLASS needs --config FILE (the model's config.json, no weights)"
+            )
+        entry = for_class(cls)
+        try:
+            settings = json_lib.loads(Path(config).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--config {config}: not a readable JSON file ({e})") from e
+    net = build(entry.class_name, settings)
+    size = entry.size_at(*pixels)
+    return net, entry.inputs(net, size), entry.inputs(net, entry.probe)
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -106,9 +157,11 @@ def _run_summary(folder: str) -> dict[str, Any]:
     from dynconvert.analysis.importance import IMPORTANCE
     from dynconvert.config import ConvertConfig
     from dynconvert.io.save import decode_masks, read_record
+    from dynconvert.measure.executed import executed_ratio
     from dynconvert.plan import Plan
-    from dynconvert.runs import read_run
+    from dynconvert.runs import load_run, read_run
 
+    loaded, _ = load_run(folder)  # every check of load: a folder it refuses is refused here
     record = read_record(folder)
     plan = Plan.from_dict(record["plan"])
     cfg = dict(record["config"])
@@ -128,6 +181,7 @@ def _run_summary(folder: str) -> dict[str, Any]:
         "budget": record["budget"],
         "flops_ratio": record.get("mean_flops_ratio"),
         "flops_ratio_note": record.get("flops_ratio_note"),
+        "executed_flops_ratio": executed_ratio(loaded),  # None: the model makes no inputs
         "recipe": (run.get("recipe") or {}).get("name"),
         "status": run.get("status"),
         "steps": run.get("steps"),
@@ -135,7 +189,16 @@ def _run_summary(folder: str) -> dict[str, Any]:
     return summary
 
 
-def inspect(model: ModelOpt = None, run: RunOpt = None, json: JsonOpt = False) -> None:
+def inspect(
+    model: ModelOpt = None,
+    run: RunOpt = None,
+    diffusers: DiffusersOpt = None,
+    config: ConfigFileOpt = None,
+    height: HeightOpt = None,
+    width: WidthOpt = None,
+    frames: FramesOpt = None,
+    json: JsonOpt = False,
+) -> None:
     """Show what convert finds in a model: blocks, sites, heads, groups, costs, budget range.
 
     Prints one row per attention or MLP site (heads or channel groups, whether tokens can be
@@ -150,27 +213,68 @@ def inspect(model: ModelOpt = None, run: RunOpt = None, json: JsonOpt = False) -
       dynconvert inspect --model digits --json
 
       dynconvert inspect --run runs/digits-0.5
+
+      dynconvert inspect --model flux-dev --height 768 --width 1360
+
+      dynconvert inspect --diffusers WanTransformer3DModel --config config.json --frames 81
     """
-    if (model is None) == (run is None):
+    if sum(x is not None for x in (model, run, diffusers)) != 1:
         raise ConfigError(
-            "pass exactly one of --model NAME or --run DIR (e.g. inspect --model dit-xl)"
+            "pass exactly one of --model NAME, --run DIR or --diffusers CLASS --config FILE "
+            "(e.g. inspect --model dit-xl)"
         )
     if run is not None:
         summary = _run_summary(run)
     else:
-        from dynconvert.analysis import analyze
-        from dynconvert.inputs import default_inputs
-
-        with render.status(f"analysing {model}"):
-            net = _build_for_inspect(model)
-            args, kwargs = default_inputs(net)
-            device = next(net.parameters()).device
-            plan = analyze(net, (_to(args, device), _to(kwargs, device)))
-        summary = {"model": model, **plan_summary(plan)}
+        summary = _analyse(model, diffusers, config, (height, width, frames))
     if json:
         render.print_json(summary)
         return
     show(summary)
+
+
+def _executed(ratio: float | None) -> str:
+    if ratio is None:
+        return "cannot measure: the model makes no example inputs (use dynconvert bench)"
+    return f"{render.ratio(ratio)} (5 timesteps, example inputs, token routing included)"
+
+
+def _analyse(model: str | None, cls: str | None, config: Path | None, pixels: tuple) -> dict:
+    """The inspect summary of a preset, a shipped real configuration or a diffusers config."""
+    from dynconvert.analysis import analyze
+    from dynconvert.inputs import default_inputs
+
+    with render.status(f"analysing {model or cls}"):
+        real = _real_size(model, cls, config, pixels)
+        if real is None:
+            if any(p is not None for p in pixels):
+                raise ConfigError(
+                    "--height, --width and --frames apply to a published configuration "
+                    "(inspect --model flux-dev, or --diffusers CLASS --config FILE)"
+                )
+            net = _build_for_inspect(model)
+            args, kwargs = default_inputs(net)
+            device = next(net.parameters()).device
+            plan = analyze(net, (_to(args, device), _to(kwargs, device)))
+        else:
+            net, inputs, probe = real
+            plan = analyze(net, inputs, probe_inputs=probe)
+    return {"model": model or cls, **_memory(net, plan), **plan_summary(plan)}
+
+
+def _memory(net: Any, plan: Any) -> dict[str, Any]:
+    """Parameters, and what calibration holds besides activations (bf16 weights)."""
+    import torch
+
+    from dynconvert.calibration.memory import memory_plan
+    from dynconvert.config import ConvertConfig
+    from dynconvert.runtime.bank import RouterBank
+
+    params = sum(p.numel() for p in net.parameters())
+    with torch.device("meta"):  # the routers' shapes only
+        routers = sum(p.numel() for p in RouterBank(plan, ConvertConfig(), 1.0).parameters())
+    gb = {k: v / 2**30 for k, v in memory_plan(params + routers, routers).items()}
+    return {"params": params, "router_params": routers, "calibration_gib": gb}
 
 
 def show(s: dict[str, Any]) -> None:
@@ -217,12 +321,23 @@ def show(s: dict[str, Any]) -> None:
         ("capture", f"{s['capture']}, {s['coverage']}"),
         ("timestep argument", s["timestep_arg"]),
     ]
+    if s.get("params"):
+        gb, weights = s["calibration_gib"], s["params"] * 2 / 2**30
+        rows[:0] = [
+            ("parameters", f"{s['params'] / 1e9:.3f} B ({weights:.1f} GiB in bf16)"),
+            (
+                "calibration memory",
+                f"{gb['all']:.1f} GiB training all, {gb['routers']:.1f} GiB the routers only "
+                "(bf16 weights, gradients, AdamW, EMA; activations not counted)",
+            ),
+        ]
     if has_run:
         r = s["run"]
         rows += [
             ("run", r["dir"]),
             ("budget", r["budget"]),
             ("flops ratio (mean over t)", render.ratio(r["flops_ratio"])),
+            ("executed (loaded model)", _executed(r["executed_flops_ratio"])),
         ]
     console.print(render.key_values("Totals (1 MAC = 2 FLOPs)", rows))
     if s["skipped"]:

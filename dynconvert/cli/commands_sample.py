@@ -14,23 +14,14 @@ from dynconvert.cli.options import (
     JsonOpt,
     RunOpt,
     SeedOpt,
+    comma_list,
     unset_option,
 )
 from dynconvert.errors import ConfigError
 
 
 def _labels(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        labels = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
-    except ValueError:
-        raise ConfigError(
-            f"--labels takes comma-separated class numbers, e.g. 1,2,3; got {text!r}"
-        ) from None
-    if not labels:
-        raise ConfigError("--labels is empty; pass class numbers, e.g. --labels 1,2,3")
-    return labels
+    return comma_list(text, "--labels", int, "1,2,3", what="class numbers")
 
 
 LabelsOpt = Annotated[

@@ -44,6 +44,8 @@ from dynconvert.errors import DynconvertError
 DEBUG_VAR = "DYNCONVERT_DEBUG"
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
+_MAX_MESSAGE = 2000
+"""A last guard: messages are cut where they are built, and never print past this."""
 
 FLAGS: dict[str, str] = {
     # dynconvert convert (dynconvert.runs.RunRequest and recipe fields)
@@ -60,6 +62,11 @@ FLAGS: dict[str, str] = {
     "random_init": "--random-init",
     "overrides": "--set",
     "device": "--device",
+    # dynconvert export (dynconvert.export's arguments)
+    "format": "--format",
+    "timesteps": "--timesteps",
+    "batch": "--batch",
+    "overwrite": "--overwrite",
     # dynconvert sample and bench
     "vae": "--vae",
     "raw": "--raw",
@@ -126,7 +133,10 @@ def fail(message: str, exc: BaseException | None = None) -> typer.Exit:
     """
     if exc is not None and debug():
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-    sys.stderr.write(f"Error: {one_line(cli_message(message))}\n")
+    text = one_line(cli_message(message[:_MAX_MESSAGE]))
+    line = f"Error: {text}{'...' if len(message) > _MAX_MESSAGE else ''}\n"
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"  # bytes a file held print escaped
+    sys.stderr.write(line.encode(encoding, "backslashreplace").decode(encoding))
     sys.stderr.flush()
     return typer.Exit(EXIT_ERROR)
 

@@ -6,6 +6,8 @@ from typing import Annotated, Any
 
 import typer
 
+from dynconvert.errors import ConfigError
+
 
 def unset_option(*names: str, help: str, **kwargs: Any) -> Any:
     """A ``typer.Option`` for a value that is unset unless given: the help shows no default.
@@ -14,6 +16,28 @@ def unset_option(*names: str, help: str, **kwargs: Any) -> Any:
         >>> Out = Annotated[str | None, unset_option("--out", "-o", help="Run folder.")]
     """
     return typer.Option(*names, help=help, show_default=False, **kwargs)
+
+
+def comma_list(
+    text: str | None, option: str, cast: type, example: str, what: str = "numbers"
+) -> list[Any] | None:
+    """The values of a comma-separated option (None when it is unset), or one clear error.
+
+    Example:
+        >>> comma_list("2, 8", "--batch", int, "2,8")
+        [2, 8]
+    """
+    if text is None:
+        return None
+    try:
+        values = [cast(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise ConfigError(
+            f"{option} takes comma-separated {what}, e.g. {example}; got {text!r}"
+        ) from None
+    if not values:
+        raise ConfigError(f"{option} is empty; pass {what}, e.g. {option} {example}")
+    return values
 
 
 JsonOpt = Annotated[
@@ -27,10 +51,31 @@ ModelOpt = Annotated[
     str | None,
     unset_option(
         "--model", "-m",
-        help="Model: a preset or alias (digits, dit-xl, dit-s, dit-b, U-ViT-H/2, ...) or a "
-        "diffusers model (pixart-alpha).",
+        help="Model: a preset or alias (digits, dit-xl, dit-s, dit-b, U-ViT-H/2, ...), a "
+        "diffusers model (pixart-alpha) or, for inspect, a published configuration (flux-dev, "
+        "qwen-image, wan2.1-t2v-14b...).",
     ),
 ]  # fmt: skip
+DiffusersOpt = Annotated[
+    str | None,
+    unset_option(
+        "--diffusers",
+        help="A diffusers transformer class (FluxTransformer2DModel...), with --config: its "
+        "published config.json, analysed on the meta device (no weights).",
+    ),
+]
+ConfigFileOpt = Annotated[
+    str | None, unset_option("--config", help="The config.json of the --diffusers class.")
+]
+HeightOpt = Annotated[
+    int | None, unset_option("--height", help="Image height in pixels (published configs).")
+]
+WidthOpt = Annotated[
+    int | None, unset_option("--width", help="Image width in pixels (published configs).")
+]
+FramesOpt = Annotated[
+    int | None, unset_option("--frames", help="Video frames (published video configs).")
+]
 RunOpt = Annotated[
     str | None, unset_option("--run", "-r", help="A run folder written by 'dynconvert convert'.")
 ]

@@ -18,13 +18,14 @@ import json
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from dynconvert.demo.digits import DIGITS_SAMPLING
+from dynconvert.demo.models import demo_spec
 from dynconvert.errors import ConfigError
 from dynconvert.flops import last_flops_ratio
 from dynconvert.measure.evaluations import Evaluation
@@ -37,7 +38,8 @@ _CHUNK = 50
 
 
 def _flops_probe(model: nn.Module) -> tuple[list[float], Callable[[int, int], None] | None]:
-    """A per-step callback recording the whole-model FLOPs ratio of a converted model's last call."""
+    """A per-step callback recording the whole-model FLOPs ratio of a converted model's last
+    call."""
     ratios: list[float] = []
     if not is_converted(model):
         return ratios, None
@@ -60,6 +62,7 @@ def _sample_digits(
     scheduler: str,
     stage: str,
     on_progress: Callable[[str, int, int], None] | None,
+    clip_sample: bool = True,
 ) -> tuple[torch.Tensor, float, float | None]:
     """Samples of one model (routing ``mode`` when converted), seconds, mean FLOPs ratio."""
 
@@ -81,12 +84,65 @@ def _sample_digits(
             cfg_scale=cfg_scale,
             seed=seed,
             scheduler=scheduler,
-            clip_sample=DIGITS_SAMPLING["clip_sample"],
+            clip_sample=clip_sample,
             on_step=step,
             batch_size=_CHUNK,
         ).cpu()
     seconds = time.perf_counter() - start
     return images, seconds, (sum(ratios) / len(ratios) if ratios else None)
+
+
+def _check(original: nn.Module | None, dynamic: nn.Module, per_class: Any, benchmark: str) -> None:
+    """Refuse a bad sample count, an unconverted model without an original, or a model of
+    another class count."""
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ConfigError(f"per_class must be an integer >= 1; got {per_class!r}")
+    if not is_converted(dynamic) and original is None:
+        raise ConfigError(
+            "dynamic is not a converted model; pass the model from dynconvert.convert (or load), "
+            "or give original= explicitly"
+        )
+    for model in (original, dynamic):
+        if model is not None and getattr(model, "num_classes", 10) != 10:
+            raise ConfigError(
+                f"evaluate_digits needs a 10-class {benchmark} model; got "
+                f"num_classes={model.num_classes}"
+            )
+
+
+def _score(
+    orig_images: torch.Tensor,
+    dyn_images: torch.Tensor,
+    labels: torch.Tensor,
+    seed: int,
+    benchmark: str,
+) -> dict[str, Any]:
+    """Classifier accuracy and Frechet distances of both sample sets (see evaluate_digits)."""
+    from dynconvert.demo import metrics
+
+    real_x, real_y = metrics.real_digits(benchmark)
+    f_real = metrics.features(real_x, benchmark=benchmark)
+    f_orig = metrics.features(orig_images, benchmark=benchmark)
+    f_dyn = metrics.features(dyn_images, benchmark=benchmark)
+    g = torch.Generator().manual_seed(seed)
+    subset = torch.randperm(len(real_x), generator=g)[: len(labels)]
+    _, heldout = metrics.digits_split(benchmark=benchmark)
+    fd = metrics.frechet_from_features
+    return {
+        "classifier_accuracy": {
+            "original": metrics.classifier_accuracy(orig_images, labels, benchmark),
+            "dynamic": metrics.classifier_accuracy(dyn_images, labels, benchmark),
+            "real_heldout": metrics.classifier_accuracy(
+                real_x[heldout], real_y[heldout], benchmark
+            ),
+        },
+        "frechet_distance": {
+            "original": fd(f_orig, f_real),
+            "dynamic": fd(f_dyn, f_real),
+            "dynamic_vs_original": fd(f_dyn, f_orig),
+            "real_subset": fd(f_real[subset], f_real),
+        },
+    }
 
 
 def evaluate_digits(
@@ -99,6 +155,7 @@ def evaluate_digits(
     seed: int = 0,
     scheduler: str = "ddim",
     on_progress: Callable[[str, int, int], None] | None = None,
+    benchmark: str = "digits",
 ) -> dict[str, Any]:
     """Sample ``per_class`` digits of every class from both models (same seeds) and score them.
 
@@ -108,8 +165,8 @@ def evaluate_digits(
     converted object (or ``None``).
 
     Args:
-        original: The original digits model, or ``None`` to run ``dynamic`` with every router on.
-        dynamic: The converted (and calibrated) digits model.
+        original: The original demo model, or ``None`` to run ``dynamic`` with every router on.
+        dynamic: The converted (and calibrated) demo model.
         per_class: Samples per class (10 classes).
         steps: Sampler steps.
         cfg_scale: Classifier-free guidance scale.
@@ -117,6 +174,8 @@ def evaluate_digits(
         scheduler: "ddim", "dpm" or "ddpm" (see ``dynconvert.sampling.sample``).
         on_progress: Called as ``on_progress(stage, done, total)`` after each sampler step,
             ``stage`` being "original" or "dynamic".
+        benchmark: The demo the models belong to (``digits``, ``translated``): its classifier
+            and real images score the samples.
 
     Returns:
         A dict, JSON-ready except for ``"tensors"``::
@@ -127,82 +186,43 @@ def evaluate_digits(
                                   "real_subset": fd(n real digits, all real digits)},
              "flops_ratio": {"dynamic": mean whole-model F_dyn/F_static over the sampler's calls},
              "samples": n, "per_class": k, "steps": s, "cfg_scale": g, "seed": seed,
-             "scheduler": name, "seconds": {"original", "dynamic", "metrics", "total"},
-             "tensors": {"original": (n, 1, 16, 16), "dynamic": (n, 1, 16, 16), "labels": (n,)}}
+             "scheduler": name, "benchmark": name,
+             "seconds": {"original", "dynamic", "metrics", "total"},
+             "tensors": {"original": (n, 1, S, S), "dynamic": (n, 1, S, S), "labels": (n,)}}
 
-        Frechet distances are to all 1797 real digits, in the classifier's feature space;
-        ``real_subset`` (n real digits against all) is the floor a perfect model would reach.
-        Drop ``"tensors"`` before ``json.dumps``.
+        Frechet distances are to all 1797 real images of the demo, in its classifier's feature
+        space; ``real_subset`` (n real images against all) is the floor a perfect model would
+        reach. Drop ``"tensors"`` before ``json.dumps``.
 
     Raises:
-        ConfigError: ``per_class`` or ``steps`` below 1, or a model that is not a 10-class
-            16x16 one-channel model.
+        ConfigError: ``per_class`` or ``steps`` below 1, an unknown demo, or a model that is not
+            a 10-class one.
 
     Example:
         >>> r = evaluate_digits(None, model, per_class=1, steps=2)  # doctest: +SKIP
         >>> r["classifier_accuracy"]["dynamic"]  # doctest: +SKIP
         0.9
     """
-    from dynconvert.demo import metrics
-
-    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
-        raise ConfigError(f"per_class must be an integer >= 1; got {per_class!r}")
-    if not is_converted(dynamic) and original is None:
-        raise ConfigError(
-            "dynamic is not a converted model; pass the model from dynconvert.convert (or load), "
-            "or give original= explicitly"
-        )
-    for model in (original, dynamic):
-        if model is not None and getattr(model, "num_classes", 10) != 10:
-            raise ConfigError(
-                f"evaluate_digits needs the 10-class digits model; got num_classes={model.num_classes}"
-            )
+    benchmark = demo_spec(benchmark).name
+    _check(original, dynamic, per_class, benchmark)
     labels = torch.arange(10).repeat_interleave(per_class)
-    common = dict(
-        steps=steps, cfg_scale=cfg_scale, seed=seed, scheduler=scheduler, on_progress=on_progress
-    )
+    clip = demo_spec(benchmark).sampling["clip_sample"]
+    common = dict(steps=steps, cfg_scale=cfg_scale, seed=seed, scheduler=scheduler,
+                  on_progress=on_progress, clip_sample=clip)  # fmt: skip
     start = time.perf_counter()
-    if original is None or original is dynamic:
-        orig_images, orig_s, _ = _sample_digits(
-            dynamic, labels, mode="full", stage="original", **common
-        )
-    else:
-        orig_images, orig_s, _ = _sample_digits(
-            original, labels, mode="full", stage="original", **common
-        )
+    first = dynamic if original is None else original
+    orig_images, orig_s, _ = _sample_digits(first, labels, mode="full", stage="original", **common)
     dyn_mode = "eval" if is_converted(dynamic) else None
     dyn_images, dyn_s, ratio = _sample_digits(
         dynamic, labels, mode=dyn_mode, stage="dynamic", **common
     )
-
     metrics_start = time.perf_counter()
-    real_x, real_y = metrics.real_digits()
-    f_real = metrics.features(real_x)
-    f_orig, f_dyn = metrics.features(orig_images), metrics.features(dyn_images)
-    subset = torch.randperm(len(real_x), generator=torch.Generator().manual_seed(seed))[
-        : len(labels)
-    ]
-    _, heldout = metrics.digits_split()
-    result: dict[str, Any] = {
-        "classifier_accuracy": {
-            "original": metrics.classifier_accuracy(orig_images, labels),
-            "dynamic": metrics.classifier_accuracy(dyn_images, labels),
-            "real_heldout": metrics.classifier_accuracy(real_x[heldout], real_y[heldout]),
-        },
-        "frechet_distance": {
-            "original": metrics.frechet_from_features(f_orig, f_real),
-            "dynamic": metrics.frechet_from_features(f_dyn, f_real),
-            "dynamic_vs_original": metrics.frechet_from_features(f_dyn, f_orig),
-            "real_subset": metrics.frechet_from_features(f_real[subset], f_real),
-        },
-        "flops_ratio": {"dynamic": ratio},
-        "samples": int(len(labels)),
-        "per_class": per_class,
-        "steps": steps,
-        "cfg_scale": float(cfg_scale),
-        "seed": seed,
-        "scheduler": scheduler,
-    }
+    result = _score(orig_images, dyn_images, labels, seed, benchmark)
+    result.update(
+        flops_ratio={"dynamic": ratio}, samples=int(len(labels)), per_class=per_class,
+        steps=steps, cfg_scale=float(cfg_scale), seed=seed, scheduler=scheduler,
+        benchmark=benchmark,
+    )  # fmt: skip
     end = time.perf_counter()
     result["seconds"] = {
         "original": orig_s,
@@ -264,23 +284,24 @@ SAMPLES_FILE = "samples.png"
 """The grid a run writes (original left, dynamic right), as named in ``report.json``."""
 
 
-def check_digits_model(model: nn.Module) -> str:
-    """Why ``model`` cannot take the digits evaluation ("" when it can): its classifier only
-    knows the digits model's 16x16 one-channel images in 10 classes."""
-    if getattr(model, "preset", None) != "digits":
-        return "it scores samples of the digits demo model only"
+def check_digits_model(model: nn.Module, benchmark: str = "digits") -> str:
+    """Why ``model`` cannot take a demo's evaluation ("" when it can): the demo's classifier
+    only knows that demo model's images (16x16 digits, or the 32x32 translated canvas)."""
+    if getattr(model, "preset", None) != benchmark:
+        return f"it scores samples of the {benchmark} demo model only"
     return ""
 
 
 def digits_report(
-    original: nn.Module, dynamic: nn.Module, recipe: Any, out: Path
+    original: nn.Module, dynamic: nn.Module, recipe: Any, out: Path, benchmark: str = "digits"
 ) -> dict[str, Any]:
-    """The report fields of a digits run: classifier accuracy and Frechet distance of the
+    """The report fields of a demo run: classifier accuracy and Frechet distance of the
     original and the dynamic model (same seeds), the other figures under ``evaluation``, and
     the sample grid when the recipe asks for one."""
     ev, samples = recipe.evaluate, recipe.samples
     res = evaluate_digits(original, dynamic, per_class=ev.per_class, steps=ev.steps, seed=ev.seed,
-                          cfg_scale=samples.cfg_scale, scheduler=samples.scheduler)  # fmt: skip
+                          cfg_scale=samples.cfg_scale, scheduler=samples.scheduler,
+                          benchmark=benchmark)  # fmt: skip
     keep = ("classifier_accuracy", "frechet_distance")
     fields: dict[str, Any] = {
         k: {m: float(res[k][m]) for m in ("original", "dynamic")} for k in keep
@@ -304,10 +325,27 @@ def _jsonable(v: Any) -> bool:
     )
 
 
-DIGITS_EVALUATION = Evaluation(
-    "digits",
-    run=digits_report,
-    check=check_digits_model,
-    description="sampling both models for classifier accuracy and Frechet distance",
-    summary=lambda r: "accuracy {original:.3f} -> {dynamic:.3f}".format(**r["classifier_accuracy"]),
-)
+def demo_evaluation(benchmark: str) -> Evaluation:
+    """The run evaluation ``evaluate.kind: <benchmark>`` of a demo (``digits``, ``translated``).
+
+    Example:
+        >>> demo_evaluation("translated").check(object())
+        'it scores samples of the translated demo model only'
+    """
+    return Evaluation(
+        benchmark,
+        run=partial(digits_report, benchmark=benchmark),
+        check=partial(check_digits_model, benchmark=benchmark),
+        description="sampling both models for classifier accuracy and Frechet distance "
+        f"({benchmark})",
+        summary=lambda r: "accuracy {original:.3f} -> {dynamic:.3f}".format(
+            **r["classifier_accuracy"]
+        ),
+    )
+
+
+DIGITS_EVALUATION = demo_evaluation("digits")
+"""``evaluate.kind: digits``."""
+
+TRANSLATED_EVALUATION = demo_evaluation("translated")
+"""``evaluate.kind: translated``."""

@@ -21,7 +21,6 @@ is converted or loaded, and :func:`detach_diffusers` undoes it on revert. On the
 from __future__ import annotations
 
 import inspect
-import json
 import types
 import warnings
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
 from dynconvert.errors import DynconvertError
+from dynconvert.io.limits import read_json
 from dynconvert.io.save import (
     RECORD,
     is_diffusers_model,
@@ -130,7 +130,8 @@ def _written_weights(out: Path, safe: bool, variant: str | None) -> list[str]:
         out / f"{stem}{ext}.index.{variant}.json" if variant else out / f"{stem}{ext}.index.json"
     )
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index, DynconvertError, root=out).get("weight_map", {})
+        shards = sorted(set(weight_map.values()))
         return [index.name, *shards]
     if not (out / name).is_file():
         raise DynconvertError(

@@ -1,18 +1,20 @@
 """save / load: weights as safetensors plus a small JSON record of what convert did.
 
-A saved folder holds two files, each written to a temporary name and renamed into place
-(``files.py``):
+A saved folder holds two files (three for a diffusers model, with its config.json):
 
 - ``model.safetensors``: every weight of the converted model (original names, plus routers
   under ``dynconvert.``);
 - ``dynconvert.json``: the record (``record.py``: the plan, router settings, budget, always-on
-  units, per-timestep width masks and FLOPs ratio, and for built-in models the preset that
-  rebuilds the base).
+  units, per-timestep width masks and FLOPs ratio, dtypes, the sha256 of the weights, and for
+  built-in models the preset that rebuilds the base).
+
+Each file is written whole or not at all, no link followed (``files.py``), and a save over an
+earlier one is all or nothing, with the record as its commit point (``commit.py``).
 
 ``load`` replays the record onto a freshly built original model (modelopt's save/restore
 pattern): analysis does not run again, so loading needs no example inputs. Its steps and checks
-are ``restore.py``. The names of ``files.py`` and ``record.py`` are re-exported here, where the
-rest of the package imports them from.
+are ``restore.py`` and ``weights.py``. The names of ``files.py`` and ``record.py`` are
+re-exported here, where the rest of the package imports them from.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from torch import nn
 
 from dynconvert.convert import apply_plan, revert
 from dynconvert.errors import RecordError
-from dynconvert.io.files import atomic_save_tensors, atomic_write_bytes, fingerprint
+from dynconvert.io.commit import Writer, commit_save
+from dynconvert.io.files import atomic_write_bytes, file_digest
 from dynconvert.io.record import (
     DIFFUSERS_WEIGHTS,
     FORMAT,
@@ -44,11 +47,16 @@ from dynconvert.io.record import (
 from dynconvert.io.restore import (
     check_base,
     check_plan_matches,
-    check_weights_fit,
     plan_and_config,
-    read_weights,
     rebuild_base,
     record_folder,
+)
+from dynconvert.io.weights import (
+    atomic_save_tensors,
+    check_record_tables,
+    check_weights_fit,
+    read_weights,
+    write_safetensors,
 )
 from dynconvert.runtime.planned.controls import load_capacity_record
 from dynconvert.runtime.planned.graphs import enable_cuda_graphs
@@ -102,21 +110,17 @@ def save(
         >>> model = dynconvert.load("out/")              # doctest: +SKIP
     """
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     record = build_record(model, flops_ratio_per_t, extra)
     tensors, aliases = _dedupe(model.state_dict())
     record["aliases"] = aliases
     # A diffusers model's folder is also a from_pretrained folder (its static weights).
     weights = DIFFUSERS_WEIGHTS if is_diffusers_model(model) else WEIGHTS
-    atomic_save_tensors(tensors, out / weights, metadata={"format": "pt", "producer": "dynconvert"})
-    record["weights"] = {
-        "file": weights,
-        "fingerprint": fingerprint(out / weights),
-        "bytes": (out / weights).stat().st_size,
-    }
+    meta = {"format": "pt", "producer": "dynconvert"}
+    files: dict[str, Writer] = {weights: lambda f: write_safetensors(f, tensors, meta)}
     if is_diffusers_model(model):
-        write_diffusers_config(model, out)
-    atomic_write_bytes(out / RECORD, json.dumps(record, indent=1).encode())
+        config = diffusers_config(model)
+        files["config.json"] = lambda f: f.write(config)
+    commit_save(out, record, files, weights)
     return out
 
 
@@ -141,14 +145,16 @@ def config_note() -> str:
     )
 
 
-def write_diffusers_config(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write the model's diffusers config.json, with :func:`config_note` under ``_dynconvert``."""
+def diffusers_config(model: nn.Module) -> bytes:
+    """The model's diffusers config.json, with :func:`config_note` under ``_dynconvert``."""
     config = json.loads(model.to_json_string())  # what save_config writes
     config[CONFIG_NOTE_KEY] = config_note()
-    atomic_write_bytes(
-        Path(directory) / "config.json",
-        (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
-    )
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
+def write_diffusers_config(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write the model's diffusers config.json (:func:`diffusers_config`), atomically."""
+    atomic_write_bytes(Path(directory) / "config.json", diffusers_config(model), root=directory)
 
 
 def write_pretrained_record(
@@ -168,14 +174,14 @@ def write_pretrained_record(
     out = Path(directory)
     record = build_record(model, extra={"saved_by": "save_pretrained"})
     record["aliases"] = {}
-    first = out / files[0]
+    digests = {name: file_digest(out / name, root=out) for name in files}
     record["weights"] = {
         "file": files[0],
-        "fingerprint": fingerprint(first),
-        "bytes": first.stat().st_size,
+        "bytes": digests[files[0]][0],
+        "sha256": {name: digest for name, (_, digest) in digests.items()},
         "shards": list(files[1:]),
     }
-    atomic_write_bytes(out / RECORD, json.dumps(record, indent=1).encode())
+    atomic_write_bytes(out / RECORD, json.dumps(record, indent=1).encode(), root=out)
     return out
 
 
@@ -217,11 +223,9 @@ def load(
     check_record_units(record, plan, directory)
     check_plan_matches(plan, base_model)
     state = read_weights(Path(directory), record)
-    check_weights_fit(state, base_model, plan, config, directory)
-    if built:  # a model rebuilt here takes the dtype the weights were saved in
-        dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
-        if len(dtypes) == 1:
-            base_model.to(dtypes.pop())
+    if built:  # a model rebuilt here takes the dtype it was saved in
+        _to_saved_dtype(base_model, record, state)
+    check_weights_fit(state, base_model, plan, config, directory, record)
     apply_plan(
         base_model, plan, config, float(record["budget"]), always_on=list(record["always_on"])
     )
@@ -230,6 +234,11 @@ def load(
     except Exception as e:
         revert(base_model)
         raise RecordError(f"could not load the weights of {directory}: {e}") from e
+    try:
+        check_record_tables(base_model, record, directory)
+    except RecordError:
+        revert(base_model)
+        raise
     # Inference as deployed: on CUDA the planned path (static shapes) under CUDA graphs, on
     # other devices the fast path; the user does nothing for either (planner.py, graphs.py).
     load_capacity_record(base_model, record.get("token_capacity"))
@@ -238,6 +247,23 @@ def load(
     if device is not None:
         base_model.to(device)
     return base_model.eval()
+
+
+def _to_saved_dtype(model: nn.Module, record: dict, state: dict[str, torch.Tensor]) -> None:
+    """Cast a rebuilt base model to the dtype of the saved model's weights (a format 1 record:
+    the one floating dtype of the weights outside the routers, if there is one)."""
+    name = record.get("dtypes", {}).get("model")
+    if name is None:
+        found = {
+            v.dtype
+            for k, v in state.items()
+            if v.is_floating_point() and not k.startswith("dynconvert.")
+        }
+        dtype = found.pop() if len(found) == 1 else None
+    else:
+        dtype = getattr(torch, name) if name != "mixed" else None
+    if dtype is not None:
+        model.to(dtype)
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

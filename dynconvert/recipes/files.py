@@ -1,7 +1,10 @@
 """Recipe files: the shipped YAML recipes next to this module, finding one, and reading it.
 
 YAML is read with a safe loader that takes ``1e-4`` as a float (YAML 1.2), as override values
-are (:func:`parse_value`).
+are (:func:`parse_value`), within :data:`dynconvert.fields.RECIPE_LIMITS`: the size before
+parsing, then depth, number of values (each use of an alias counts its whole value again, so
+a few hundred bytes of aliases cannot stand for millions of values), length of each string
+and digits of each integer while the document is composed, before any value is built.
 
 Example:
     >>> from dynconvert.recipes import read_recipe_data
@@ -18,8 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from yaml.nodes import ScalarNode
 
-from dynconvert.errors import ConfigError
+from dynconvert.errors import ConfigError, FileError
+from dynconvert.fields import RECIPE_LIMITS, shown
+from dynconvert.io.files import read_bytes
 
 
 def _recipe_dir() -> Path:
@@ -36,8 +42,56 @@ RECIPE_DIR = _recipe_dir()
 installed with the package as ``dynconvert.recipes.shipped``."""
 
 
+class LimitError(ConfigError):
+    """A YAML document past :data:`~dynconvert.fields.RECIPE_LIMITS` (raised while composing)."""
+
+
 class _Loader(yaml.SafeLoader):
-    """Safe YAML loader that reads ``1e-4`` as a float (YAML 1.2), not as a string."""
+    """Safe YAML loader that reads ``1e-4`` as a float (YAML 1.2), not as a string, within
+    :data:`~dynconvert.fields.RECIPE_LIMITS` (the module says which)."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._count = 0  # values so far, each alias counted as its whole value
+        self._weight: dict[int, int] = {}  # id(node) -> values in it, aliases expanded
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        """One node, counted and checked against the limits before the next is read."""
+        limits = RECIPE_LIMITS
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            if id(node) not in self._weight:  # still being composed: it would hold itself
+                raise LimitError("has an alias inside the value it names")
+            self._add(self._weight[id(node)])
+            return node
+        self._depth += 1
+        if self._depth > limits.depth:
+            raise LimitError(f"is nested more than {limits.depth} deep")
+        start = self._count
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        self._add(1)
+        self._weight[id(node)] = self._count - start
+        if isinstance(node, ScalarNode) and len(node.value) > limits.string:
+            raise LimitError(f"holds a string of {len(node.value)} characters")
+        return node
+
+    def _add(self, values: int) -> None:
+        self._count += values
+        if self._count > RECIPE_LIMITS.nodes:
+            raise LimitError(
+                f"holds more than {RECIPE_LIMITS.nodes} values (YAML aliases count at each use)"
+            )
+
+    def construct_yaml_int(self, node: Any) -> int:
+        """An integer of at most 40 digits (a longer one is refused before it is built)."""
+        if len(node.value) > RECIPE_LIMITS.int_digits + 2:
+            raise LimitError(f"holds an integer of {len(node.value)} digits")
+        return super().construct_yaml_int(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 _Loader.add_implicit_resolver(
@@ -55,15 +109,21 @@ _Loader.add_implicit_resolver(
 
 
 def parse_value(text: str) -> Any:
-    """An override's value as YAML (``2e-5`` -> float, ``true`` -> bool, ``[1, 2]`` -> list).
+    """An override's value as YAML (``2e-5`` -> float, ``true`` -> bool, ``[1, 2]`` -> list);
+    text that is not YAML stays text.
+
+    Raises:
+        LimitError: The value is past :data:`~dynconvert.fields.RECIPE_LIMITS`.
 
     Example:
         >>> parse_value("2e-5"), parse_value("null"), parse_value("ddim")
         (2e-05, None, 'ddim')
     """
+    if len(text) > RECIPE_LIMITS.bytes:
+        raise LimitError(f"is {len(text)} characters long (at most {RECIPE_LIMITS.bytes})")
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return text
 
 
@@ -92,14 +152,17 @@ def recipe_path(name_or_path: str | Path) -> Path:
     if key in shipped:
         return shipped[key]
     path = Path(key).expanduser()
-    if path.is_file():
-        return path
+    try:
+        if path.is_file():
+            return path
+    except OSError:  # a name too long for the file system
+        raise ConfigError(f"recipe {shown(key)} is not a recipe name or a readable file") from None
     if path.suffix in (".yaml", ".yml") or "/" in key:
         raise ConfigError(
             f"recipe file {path} does not exist; check the path, or use one of: {', '.join(shipped)}"
         )
     raise ConfigError(
-        f"unknown recipe {key!r}; shipped recipes: {', '.join(shipped)} (or pass a .yaml file)"
+        f"unknown recipe {shown(key)}; shipped recipes: {', '.join(shipped)} (or pass a .yaml file)"
     )
 
 
@@ -115,15 +178,18 @@ def read_recipe_data(name_or_path: str | Path) -> tuple[dict[str, Any], Path]:
     """
     path = recipe_path(name_or_path)
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        text = read_bytes(path, RECIPE_LIMITS.bytes, follow=True).decode("utf-8")
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
         raise ConfigError(
-            f"recipe {path} is not valid YAML{line}: {getattr(e, 'problem', e)}"
-        ) from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read recipe {path}: {e}") from e
+            f"recipe {path} is not valid YAML{line}: {str(getattr(e, 'problem', e))[:120]}"
+        ) from None
+    except LimitError as e:
+        raise ConfigError(f"recipe {path} {e}; a recipe is a short file of settings") from None
+    except (FileError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read recipe {path}: {str(e)[:200]}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

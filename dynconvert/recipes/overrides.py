@@ -16,7 +16,9 @@ from typing import Any
 from dynconvert.calibration.config import CalibrationConfig
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import ConfigError
-from dynconvert.recipes.files import parse_value
+from dynconvert.fields import RECIPE_LIMITS, shown
+from dynconvert.io.limits import check_shape
+from dynconvert.recipes.files import LimitError, parse_value
 from dynconvert.recipes.settings import (
     RUN_FIELDS,
     EvaluateSettings,
@@ -40,20 +42,29 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
         >>> apply_overrides({"name": "x"}, ["calibration.lr=2e-5"])["calibration"]
         {'lr': 2e-05}
     """
+    if len(overrides) > _MAX_ITEMS:
+        raise ConfigError(f"`overrides` has {len(overrides)} items; at most {_MAX_ITEMS}")
     out = copy.deepcopy(data)
     items: list[tuple[str, Any]] = []
     if isinstance(overrides, dict):
         items = list(overrides.items())
+        for key, value in items:
+            check_shape(value, f"the value of {shown(key)}", ConfigError, RECIPE_LIMITS)
     else:
         for item in overrides:
-            key, sep, text = str(item).partition("=")
+            key, sep, text = item.partition("=") if isinstance(item, str) else ("", "", "")
             if not sep or not key.strip():
                 raise ConfigError(
                     f"each item of `overrides` must be key=value (e.g. calibration.lr=2e-5); "
-                    f"got {item!r}"
+                    f"got {shown(item)}"
                 )
-            items.append((key.strip(), parse_value(text.strip())))
+            try:
+                items.append((key.strip(), parse_value(text.strip())))
+            except LimitError as e:
+                raise ConfigError(f"the value of {shown(key.strip())} {e}") from None
     for key, value in items:
+        if not isinstance(key, str) or len(key) > 200 or key.count(".") >= RECIPE_LIMITS.depth:
+            raise ConfigError(f"recipe key {shown(key)} is not a dotted name of a recipe field")
         parts = key.split(".")
         _check_key(parts, key)
         node = out
@@ -69,6 +80,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
 
 
 _FREE_SECTIONS = ("model_kwargs",)
+_MAX_ITEMS = 1000
+"""At most this many overrides in one call (a command line holds far fewer)."""
 
 
 def _section_fields(section: str) -> list[str] | None:
@@ -99,7 +112,9 @@ def _check_key(parts: list[str], key: str) -> None:
         }
         raise ConfigError(f"{key} is set by the run: {use[parts[1]]}")
     if parts[0] not in top:
-        raise ConfigError(f"unknown recipe key {key!r}; valid top-level keys: {', '.join(top)}")
+        raise ConfigError(
+            f"unknown recipe key {shown(key)}; valid top-level keys: {', '.join(top)}"
+        )
     if len(parts) == 1:
         return
     valid = _section_fields(parts[0])
@@ -109,5 +124,5 @@ def _check_key(parts: list[str], key: str) -> None:
         raise ConfigError(f"recipe key {parts[0]!r} is not a section; set it as {parts[0]}=value")
     if len(parts) > 2 or parts[1] not in valid:
         raise ConfigError(
-            f"unknown recipe key {key!r}; valid keys of {parts[0]}: {', '.join(valid)}"
+            f"unknown recipe key {shown(key)}; valid keys of {parts[0]}: {', '.join(valid)}"
         )

@@ -18,7 +18,7 @@ from typing import Any
 from dynconvert.calibration.config import CalibrationConfig
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import ConfigError
-from dynconvert.fields import INT_MAX, SEED_MAX, Range, check_fields, check_value
+from dynconvert.fields import INT_MAX, SEED_MAX, Range, check_fields, check_value, shown
 from dynconvert.measure.evaluations import evaluation_names
 from dynconvert.sampling import SCHEDULERS
 
@@ -30,7 +30,7 @@ run's output folder and ``resume``)."""
 
 def _check(section: str, value: Any, ok: bool, what: str) -> None:
     if not ok:
-        raise ConfigError(f"{section} must be {what}; got {value!r}")
+        raise ConfigError(f"{section} must be {what}; got {shown(value)}")
 
 
 _REPORT_RANGES = {
@@ -40,6 +40,7 @@ _REPORT_RANGES = {
     "bench_timestep": Range(0, 999),
     "bench_batch": Range(1, 65536),
     "bench_repeats": Range(1, 10_000),
+    "sampling_budget": Range(0, 65536),
 }
 _SAMPLE_RANGES = {
     "labels": Range(0),
@@ -84,6 +85,9 @@ class ReportSettings:
         bench_timestep: The timestep of the benchmark (a representative one).
         bench_batch: Samples per benchmarked call.
         bench_repeats: Timed calls of each model.
+        sampling_budget: Held-out samples on which, after calibration, the router thresholds
+            are shifted so that the ``samples`` sampler spends the target on average (0: off;
+            ``dynconvert.sampling.budget``).
     """
 
     profile_timesteps: int = 20
@@ -93,6 +97,7 @@ class ReportSettings:
     bench_timestep: int = 500
     bench_batch: int = 8
     bench_repeats: int = 5
+    sampling_budget: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self, _REPORT_RANGES, "report.")
@@ -225,13 +230,13 @@ class Recipe:
             if isinstance(v, dict):
                 setattr(self, sec, _build(cls, v, sec))
             elif not isinstance(v, cls):
-                raise ConfigError(f"section {sec} must be a mapping; got {v!r}")
+                raise ConfigError(f"section {sec} must be a mapping; got {shown(v)}")
         for sec in ("convert", "calibration"):
             v = getattr(self, sec)
             if v is None:
                 setattr(self, sec, {})
             elif not isinstance(v, dict):
-                raise ConfigError(f"section {sec} must be a mapping; got {v!r}")
+                raise ConfigError(f"section {sec} must be a mapping; got {shown(v)}")
         taken = sorted(set(self.calibration) & set(RUN_FIELDS))
         if taken:
             raise ConfigError(
@@ -285,7 +290,7 @@ class Recipe:
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     """Build a settings dataclass from a dict, rejecting unknown keys with the valid ones."""
     if not isinstance(data, dict):
-        raise ConfigError(f"section {where} must be a mapping; got {data!r}")
+        raise ConfigError(f"section {where} must be a mapping; got {shown(data)}")
     valid = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
     unknown = sorted(set(data) - set(valid))
     if unknown:

@@ -19,8 +19,13 @@ from torch import nn
 from dynconvert.calibration.checkpoint import checkpoint_dir, list_checkpoints
 from dynconvert.calibration.config import RESUME_FREE_FIELDS
 from dynconvert.errors import OutputExistsError, RecordError
+from dynconvert.fields import shown
+from dynconvert.io.files import entries, is_link, remove_file
+from dynconvert.io.limits import read_json
+from dynconvert.io.restore import build_within
 from dynconvert.io.save import RECORD, atomic_write_bytes, load, read_record
 from dynconvert.recipes import Recipe
+from dynconvert.runs.guard import refuse_links
 from dynconvert.runs.lock import LOCK_FILE
 from dynconvert.runs.sources import ModelSource
 from dynconvert.version import __version__
@@ -81,12 +86,9 @@ def _differences(now: dict[str, Any], was: dict[str, Any], prefix: str = "") -> 
 def read_run(folder: str | os.PathLike) -> dict[str, Any] | None:
     """The ``run.json`` of a run folder, or None when there is none."""
     path = Path(folder) / RUN_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise OutputExistsError(f"{path} is unreadable ({e}); choose another `out`") from e
+    data = read_json(path, OutputExistsError, root=folder)  # bounded, no link followed
     if not isinstance(data, dict) or data.get("format") != RUN_FORMAT:
         raise OutputExistsError(f"{path} is not a dynconvert run file; choose another `out`")
     version = data.get("version")
@@ -130,12 +132,10 @@ def remove_stale_temps(out: Path) -> list[Path]:
     """
     removed = []
     for folder in (out, checkpoint_dir(out)):
-        if not folder.is_dir():
-            continue
-        for p in folder.iterdir():
-            if p.name != LOCK_FILE and is_scratch(p.name) and p.is_file():
-                p.unlink(missing_ok=True)
-                removed.append(p)
+        for name in entries(folder, out):  # a link below `out` is refused, never followed
+            if name != LOCK_FILE and is_scratch(name) and not (folder / name).is_dir():
+                remove_file(folder / name, out)
+                removed.append(folder / name)
     return removed
 
 
@@ -152,6 +152,12 @@ def check_writable(path: Path, what: str = "`out`") -> None:
         >>> check_writable(Path(tempfile.mkdtemp()) / "runs" / "x")
     """
     path = Path(path).expanduser()
+    try:
+        path.exists()
+    except OSError as e:  # a name too long for the file system
+        raise OutputExistsError(f"{what} cannot be written ({e.strerror}); choose a path") from None
+    if is_link(path) and not path.exists():
+        raise OutputExistsError(f"{what} {path} is a link to a missing folder; pass a folder")
     parent = path if path.is_dir() else path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -184,6 +190,7 @@ def check_out(
 
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"`out` {out} is a file; choose a folder")
+    refuse_links(out)
     if not out.exists() or all(is_scratch(p.name) for p in out.iterdir()):
         if resume:
             raise OutputExistsError(
@@ -254,17 +261,20 @@ def remove_created(out: Path, before: set[str], created_folder: bool) -> None:
     """
     for rel in sorted(snapshot(out) - before - {LOCK_FILE}, key=lambda r: -r.count("/")):
         p = out / rel
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+        try:  # best effort (a folder made read-only keeps them), never through a link
+            if p.is_dir() and not any(is_link(q) for q in (p, *p.parents) if out in q.parents):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                remove_file(p, out)
+        except OSError:
+            pass
     if created_folder and out.is_dir():
         if all(p.name == LOCK_FILE for p in out.iterdir()):
-            (out / LOCK_FILE).unlink(missing_ok=True)
             try:
+                remove_file(out / LOCK_FILE, out)
                 out.rmdir()
             except OSError:
-                pass  # someone put a file there meanwhile: leave it
+                pass  # someone put a file there meanwhile, or it is read-only: leave it
 
 
 _NUMBERS = re.compile(r"\[\s*((?:-?[\d.eE+-]+|null)(?:,\s*(?:-?[\d.eE+-]+|null))*)\s*\]")
@@ -372,5 +382,14 @@ def load_run(
     record = read_record(path)
     base = None
     if not record.get("preset") and run.get("source"):
-        base = ModelSource.from_dict(run["source"]).skeleton()
+        source = ModelSource.from_dict(run["source"])
+        try:
+            base = build_within(source.skeleton, path, record)
+        except RecordError:
+            raise
+        except Exception as e:  # diffusers checks a config in many ways
+            raise RecordError(
+                f"cannot build the model run.json in {path} names ({shown(str(e), 120)[1:-1]}); "
+                "load the folder with dynconvert.load(folder, base_model)"
+            ) from None
     return load(path, base, device=device), run

@@ -5,6 +5,9 @@ holder's PID. The OS drops the lock when the process ends in any way (``kill -9`
 a lock is never stale; a second writer is refused at once and told the holder's PID. The file
 is removed on release, while still locked, and a taker checks that the file it locked is still
 the one at that path (else it tries again), so a lock removed in between is never held twice.
+The lock file is created with ``O_EXCL`` and opened with ``O_NOFOLLOW``: a link (or a hard link
+to another file, or anything but a plain file) planted under its name is refused, never
+truncated or written through.
 
 Example:
     >>> import tempfile
@@ -21,10 +24,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 from types import TracebackType
 
-from dynconvert.errors import OutputExistsError
+from dynconvert.errors import FileError, OutputExistsError
+from dynconvert.io.files import file_error, link_error
 
 LOCK_FILE = ".dynconvert.lock"
 
@@ -44,7 +49,7 @@ def holder(folder: str | os.PathLike) -> int | None:
     """
     path = Path(folder) / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = _open(path, os.O_RDONLY)
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
@@ -56,6 +61,29 @@ def holder(folder: str | os.PathLike) -> int | None:
     finally:
         os.close(fd)  # closing drops a lock taken here
     return None
+
+
+def _open(path: Path, flags: int) -> int:
+    """Open the lock file without following a link; refuse anything but a plain file of one
+    name (a hard link's other name would be truncated with it)."""
+    flags |= os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EEXIST):
+            raise
+        raise (
+            link_error(path) if e.errno == errno.ELOOP else file_error(e, path, "lock")
+        ) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        raise FileError(
+            errno.EINVAL,
+            f"{path} is not a plain file of its own (a folder, a device, or a hard link to "
+            "another file); remove it, it is only dynconvert's lock",
+        )
+    return fd
 
 
 def refuse_if_locked(folder: str | os.PathLike) -> None:
@@ -93,7 +121,13 @@ class RunLock:
     def acquire(self) -> RunLock:
         """Take the lock, or raise at once when another process holds it."""
         for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = _open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:  # left by a run that ended, or held: lock it as it is
+                try:
+                    fd = _open(self.path, os.O_RDWR)
+                except FileNotFoundError:
+                    continue  # removed in between: create it again
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -103,14 +137,19 @@ class RunLock:
                     raise
                 raise OutputExistsError(_busy(self.folder, pid or 0)) from None
             try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
             if not same:  # the holder removed the file as we opened it: take the new one
                 os.close(fd)
                 continue
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError as e:  # a full disk: the lock is held all the same, without a PID
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    os.close(fd)
+                    raise file_error(e, self.path, "lock") from None
             self.fd = fd
             return self
         raise OutputExistsError(_busy(self.folder, 0))
@@ -121,8 +160,8 @@ class RunLock:
             return
         try:
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass  # gone, or the folder became read-only: the OS drops the lock all the same
         os.close(self.fd)
         self.fd = None
 

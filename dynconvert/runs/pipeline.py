@@ -28,7 +28,8 @@ from dynconvert.errors import (
     DataError,
     DynconvertError,
 )
-from dynconvert.fields import Range, check_value
+from dynconvert.fields import RECORD_LIMITS, Range, check_value
+from dynconvert.io.files import read_bytes
 from dynconvert.io.save import atomic_write_bytes
 from dynconvert.recipes import Recipe, load_recipe, recipe_for_model
 from dynconvert.runs.data import (
@@ -287,17 +288,20 @@ def _locked_run(
         remove_stale_temps(out)  # what a killed writer left; nobody else is writing now
         before = snapshot(out)
         run_file = out / RUN_FILE
-        run_before = run_file.read_bytes() if run_file.is_file() else None
+        run_before = read_bytes(run_file, RECORD_LIMITS.bytes, out) if run_file.is_file() else None
         checkpoints_before = list_checkpoints(out)
-        write_run_state(prepared, "running")
         try:
+            write_run_state(prepared, "running")
             return _calibrate_and_report(prepared, on_step, event, t_start)
         except BaseException:
-            if list_checkpoints(out) == checkpoints_before:  # no progress: undo what we wrote
-                if prepared.previous is None:
-                    remove_created(out, before, created)
-                elif run_before is not None:
-                    atomic_write_bytes(run_file, run_before)
+            try:  # best effort: the error that stopped the run is the one to report
+                if list_checkpoints(out) == checkpoints_before:  # no progress: undo our writes
+                    if prepared.previous is None:
+                        remove_created(out, before, created)
+                    elif run_before is not None:
+                        atomic_write_bytes(run_file, run_before)
+            except DynconvertError:
+                pass
             raise
 
 

@@ -24,7 +24,7 @@ from dynconvert.measure.bench import benchmark
 from dynconvert.measure.evaluations import EVALUATIONS, NONE, evaluation_names
 from dynconvert.plan import ROUTER_TIMESTEPS
 from dynconvert.runs.folder import REPORT_FILE, SAMPLES_FILE
-from dynconvert.runs.samples import write_samples
+from dynconvert.runs.samples import match_run_budget, write_samples
 from dynconvert.runs.sources import original_model
 from dynconvert.runtime.planned.controls import capacity_from_keep
 from dynconvert.runtime.routing import routing
@@ -217,9 +217,15 @@ def build_report(
     recipe, out, model = prepared.recipe, prepared.out, result.model
     device = next(model.parameters()).device
     timings: dict[str, float] = {}
+    summary = _calibration_summary(result)
+    if recipe.report.sampling_budget:  # before the profile and the save: they see the shift
+        with _timed(timings, "sampling_budget_s"):
+            summary["sampling_budget"] = match_run_budget(
+                model, recipe.samples, recipe.report, prepared.target
+            )
+        event("budget", f"sampler's FLOPs ratio {_fmt(summary['sampling_budget'].get('after'))}")
     with _timed(timings, "profile_s"):
         prof, keep = _profile(prepared, model, device, event)
-    summary = _calibration_summary(result)
     with _timed(timings, "save_s"):
         source = prepared.source.to_dict(with_config=False)
         run = {"recipe": recipe.name, "source": source, "target_flops": prepared.target}
@@ -284,10 +290,16 @@ def _calibration_summary(result: Any) -> dict[str, Any]:
         "steps": result.steps,
         "final_loss": result.losses[-1] if result.losses else None,
         "last_flops_ratio_train": result.flops_ratios[-1] if result.flops_ratios else None,
+        "flops_ratio_train": _tail_mean(result.flops_ratios),
         "skipped_nonfinite": result.skipped_nonfinite,
         "skipped_grad_norm": result.skipped_grad_norm,
         "resumed_from": str(result.resumed_from) if result.resumed_from else None,
     }
+
+
+def _tail_mean(values: list[float], n: int = 20) -> float | None:
+    """Mean of the last ``n`` values (the training ratio at the end, less one batch's noise)."""
+    return sum(values[-n:]) / len(values[-n:]) if values else None
 
 
 def _bench(model: nn.Module, settings: Any, device: torch.device, event: EventFn) -> dict:
@@ -337,6 +349,9 @@ def _report_fields(
         "token_keep": keep,
         "flops_ratio_per_t": prof["per_t"],
         "calibration": summary,
+        # the budget at training (batch ratio, last 20 steps) and at sampling, side by side
+        "flops_ratio_train": summary["flops_ratio_train"],
+        "flops_ratio_sampling": summary.get("sampling_budget", {}).get("after"),
         "bench": bench,
     }
 

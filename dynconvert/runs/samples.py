@@ -121,3 +121,27 @@ def to_images(x: torch.Tensor, vae: str | None = None, raw: bool = False) -> tor
         "AutoencoderKL folder) to decode them, or `raw=True` to write their first 3 channels "
         "as colours"
     )
+
+
+def match_run_budget(model: nn.Module, settings: Any, report: Any, target: float) -> dict:
+    """The run's sampling-budget step (``report.sampling_budget`` held-out samples): shift the
+    router thresholds so that the recipe's sampler (``samples``: steps, guidance, scheduler) spends
+    ``target`` on held-out noise (seed ``samples.seed + 1``); what it did, for the record.
+
+    Example:
+        >>> match_run_budget(model, recipe.samples, recipe.report, 0.5)["after"]  # doctest: +SKIP
+        0.5
+    """
+    from dynconvert.sampling.budget import match_sampling_budget
+
+    spec = model_spec(model)
+    labels = class_labels(model, getattr(settings, "labels", None))
+    if spec.adapter.needs_cond or labels is None:
+        return {"skipped": "the sampler needs class labels (not captions) to draw held-out samples"}
+    n = int(report.sampling_budget)
+    match = match_sampling_budget(
+        model, target, labels=torch.tensor(labels).repeat(n // len(labels) + 1)[:n],
+        steps=settings.steps, cfg_scale=settings.cfg_scale, scheduler=settings.scheduler,
+        seed=settings.seed + 1, clip_sample=spec.channels in (1, 3),
+    )  # fmt: skip
+    return match.to_dict()

@@ -97,8 +97,11 @@ class ModelSource:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSource:
-        """Rebuild a source from :meth:`to_dict`'s output."""
-        return cls(**data)
+        """Rebuild a source from :meth:`to_dict`'s output, checked (``guard.check_source``: a
+        preset, a hidden test model or a diffusers class, nothing a file names is imported)."""
+        from dynconvert.runs.guard import check_source
+
+        return cls(**check_source(data))
 
     def describe(self) -> str:
         """The model and where its weights come from, e.g. ``digits (shipped weights)``."""

@@ -35,6 +35,9 @@ class AttentionRuntime(SiteRuntime):
         load("run")  # the forms' runtime hooks (dynconvert/sites/<form>_run.py)
         self.hooks = [(p, RUNTIMES[k]) for k, p in site.parts.items() if k in RUNTIMES]
         self.fast: Decision | None = None  # this call's fast-path decision (None: full/masked)
+        # The decision of the last call whose projections ran: the heads the attention output
+        # holds. A cache hook (diffusers' PAB, TaylorSeer) may hand back an older output.
+        self.ran: Decision | None = None
         self.saved: dict[str, int] = {}  # head-count attributes lowered for this call
         self.fused: dict[str, tuple[str, ...]] = {}  # fused projection fqn -> the fqns it fuses
 
@@ -112,8 +115,8 @@ class AttentionRuntime(SiteRuntime):
 
     def out_state(self) -> OutState:
         """For a shared out-projection: this call's decision, sliced?, head mask if masked."""
-        if self.fast is not None:
-            return OutState(self.fast, True, None)
+        if self.ran is not None:
+            return OutState(self.ran, True, None)
         if self.bank.fast_for(self.site):
             return OutState(None, True, None)  # every head on
         return OutState(None, False, self.bank.width_mask(self.site.index))
@@ -148,6 +151,7 @@ class AttentionRuntime(SiteRuntime):
         site, bank = self.site, self.bank
         d = self.fast
         if lin._dc_role == "in":
+            self.ran = d
             name = lin._dc_name
             self.record_in(name, x)
             if d is None:  # the masked path zeroes heads at the out-projection only
@@ -157,7 +161,7 @@ class AttentionRuntime(SiteRuntime):
                 rows = d.rows[name] = self.tables[name][:, d.units].reshape(-1).to(x.device)
             w, b = bank.sliced(lin, "rows", d.key, rows)  # active heads' rows
             return F.linear(x, w, b)  # (B, N, parts * H' * d)
-        name = lin._dc_name
+        name, d = lin._dc_name, self.ran
         if d is not None:  # out-projection, fast path: x (B, N, H' * dv [+ kept columns])
             if d.sub is not None:  # several timesteps: zero each sample's extra heads
                 x = x * column_multiplier(d.sub[name], x)

@@ -18,6 +18,7 @@ from dynconvert.errors import TimestepError
 from dynconvert.inputs import batch_of, timestep_slot
 from dynconvert.plan import ROUTER_TIMESTEPS, MlpSite, Plan, Site
 from dynconvert.runtime.checkpointing import NoiseReplay, wrap_checkpointing
+from dynconvert.runtime.deferred import Deferred
 from dynconvert.runtime.dynamic import SiteRuntime
 from dynconvert.runtime.interfaces import Decision, MlpCall
 from dynconvert.runtime.modes import ExecutionMode, execution_mode
@@ -73,6 +74,9 @@ class RouterBank(nn.Module):
         self.slices = SliceCache(self.cache_limit)
         self.planner = Planner(self)  # patterns, pre-sliced weights and capacities (planned path)
         self.model_params = 0  # parameter count of the whole model: sizes the slice cache
+        # Converted on the meta device: what convert does once the weights arrive (routers
+        # seeded, always-on units, the fast-path check); None once done (state.py).
+        self.deferred: Deferred | None = None
 
     # -- per call --------------------------------------------------------------------------
     def set_timestep_spec(self, model: nn.Module) -> None:
@@ -84,6 +88,10 @@ class RouterBank(nn.Module):
     @torch.compiler.disable
     def root_pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the converted model: read t and start the call."""
+        if self.deferred is not None:  # converted on meta: the weights may have arrived since
+            bank = self.deferred.finish(model)  # convert may have redone it: its bank then
+            if bank is not self:
+                return bank.root_pre_hook(model, args, kwargs)
         name, pos, default = self.t_spec
         if name in kwargs:
             t = kwargs[name]
@@ -115,6 +123,8 @@ class RouterBank(nn.Module):
         model, which the planned path needs to see its weights)."""
         self._reset_call()
         self._mode_now = self.mode or ("train" if training else "eval")
+        if getattr(self, "call_batch", 1) == 0:  # an empty batch: nothing to route, run it whole
+            self._mode_now = "full"
         if self._mode_now == "full":
             return
         if t is None:

@@ -13,9 +13,10 @@ guide the eps half; with DDPM the conditional half's variance channels set the s
 The same ``seed`` draws the same initial noise for any model of the same sample shape, so the
 original and the converted model can be compared image by image.
 
-The code lives in four modules: ``spec`` (what a model needs: family, sample shape, schedule,
+The code lives in five modules: ``spec`` (what a model needs: family, sample shape, schedule,
 labels), ``schedulers`` (the diffusers schedulers on that schedule), ``sampler`` (``sample``
-and its denoising loop) and ``grids`` (PNG grids of the samples).
+and its denoising loop), ``grids`` (PNG grids of the samples) and ``budget`` (router thresholds
+shifted so the sampler spends the target).
 
 Example:
     >>> import torch
@@ -26,6 +27,7 @@ Example:
     (4, 4, 8, 8)
 """
 
+from dynconvert.sampling.budget import BudgetMatch, match_sampling_budget
 from dynconvert.sampling.grids import (
     compare_grid,
     comparison_titles,
@@ -39,11 +41,13 @@ from dynconvert.sampling.spec import ModelSpec, model_spec
 
 __all__ = [
     "SCHEDULERS",
+    "BudgetMatch",
     "ModelSpec",
     "compare_grid",
     "comparison_titles",
     "grid_array",
     "make_scheduler",
+    "match_sampling_budget",
     "model_spec",
     "sample",
     "save_grid",

@@ -24,6 +24,7 @@ from torch.utils import _pytree as pytree
 
 from dynconvert.analysis.graph import OpGraph, OpNode
 from dynconvert.analysis.layout import describe
+from dynconvert.analysis.meta import meta_eager
 from dynconvert.analysis.replay import TableUse, replay_chain
 from dynconvert.inputs import eval_mode
 from dynconvert.plan import AttentionSite, UnitMap
@@ -82,7 +83,9 @@ def module_inputs(
 
         hooks.append(model.get_submodule(name).register_forward_pre_hook(record, with_kwargs=True))
     try:
-        with torch.no_grad(), eval_mode(model):  # as the graph was captured (no dropout)
+        # as the graph was captured (no dropout); a meta model: tables made from the inputs
+        # alone keep their values (meta.py), those the weights touch have shapes only
+        with torch.no_grad(), eval_mode(model), meta_eager(model):
             model(*args, **kwargs)
     finally:
         for h in hooks:
@@ -127,9 +130,17 @@ def resolve(
                 for p, leaf in inputs.get(site.name, [])
                 if isinstance(leaf, torch.Tensor)
                 and isinstance(value, torch.Tensor)
+                and not (leaf.is_meta or value.is_meta)  # no values to compare
                 and leaf.shape == value.shape
                 and torch.equal(leaf, value)
             ]
+            if not paths and isinstance(value, torch.Tensor) and value.is_meta:
+                failed[id(site)] = (
+                    f"a table that differs per head ({describe(use.op)}) is matched with the "
+                    "attention module's arguments by value, and the model is on the meta "
+                    "device: convert it with its weights to route this site"
+                )
+                break
             if not paths:
                 failed[id(site)] = (
                     f"a table that differs per head ({describe(use.op)}) matches none of the "
