@@ -239,7 +239,7 @@ def call_costs(bank: RouterBank) -> list[tuple[Site, SiteCost]]:
     """Per site, its cost in the model's last forward call, from the masks that call recorded
     (per sample, differentiable in training mode)."""
     out = []
-    batch = getattr(bank, "call_batch", 0)
+    batch = bank.current_call().batch  # the model's batch in that call (0 if unknown)
     for s in bank.plan.sites:
         rec = bank.records.get(s.index, {})
         w, tk = rec.get("width"), rec.get("tokens")
