@@ -237,6 +237,7 @@ def settings_for(cfg: Any, processes: int, sharding: str, device: Any) -> Memory
         mixed_precision=cfg.mixed_precision, grad_accum_steps=cfg.grad_accum_steps,
         gradient_checkpointing=cfg.gradient_checkpointing, trainable=cfg.trainable,
         device="cuda" if torch.device(device).type == "cuda" else "cpu",
+        teacher=cfg.distill_weight > 0,
     )  # fmt: skip
 
 

@@ -53,6 +53,7 @@ imported, 753 MiB once a tiny model is converted (benchmarks/memory_plan.py)."""
 
 SHARDING = ("none", "fsdp")
 GIB = 2**30
+EMA_BYTES = 4  # the EMA shadow is float32 whatever the weights are (ema.py)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class MemorySettings:
         gradient_checkpointing: Recompute each block in backward.
         trainable: A key of ``TRAINABLE_MODES``.
         device: "cpu" or "cuda" (CPU adds the interpreter and the result's copy).
+        teacher: A frozen copy of the weights to distil from (``distill_weight`` > 0).
     """
 
     batch_size: int
@@ -99,6 +101,7 @@ class MemorySettings:
     gradient_checkpointing: bool = False
     trainable: str = "all"
     device: str = "cpu"
+    teacher: bool = False
 
     def __post_init__(self) -> None:
         if self.sharding not in SHARDING:
@@ -193,12 +196,7 @@ def estimate(facts: ModelFacts, settings: MemorySettings) -> MemoryEstimate:
     compute = 2 if s.half else facts.param_size
     half_size = 2 if s.half else facts.param_size
     full_size = max(4, facts.param_size) if s.half else facts.param_size
-    terms: dict[str, int] = {
-        "weights": math.ceil(facts.param_bytes / shard),
-        "gradients": math.ceil(t * facts.param_size / shard),
-        "optimizer": math.ceil(2 * t * facts.param_size / shard),
-        "ema": math.ceil(4 * t / shard),
-    }
+    terms = state_terms(facts.param_bytes, t, facts.param_size, shard, s.teacher)
     if s.sharding == "fsdp" and p > 1:
         unsharded = facts.root_numel + 2 * facts.block_numel
         grads = facts.block_numel if mode.weights_train else 0
@@ -240,13 +238,30 @@ def calibration_memory(facts: ModelFacts, settings: MemorySettings) -> dict[str,
     return {m: estimate(facts, replace(settings, trainable=m)) for m in TRAINABLE_MODES}
 
 
-EMA_BYTES = 4  # the EMA shadow is float32 whatever the weights are (ema.py)
+def state_terms(
+    param_bytes: int, trained: int, param_size: int, shard: int = 1, teacher: bool = False
+) -> dict[str, int]:
+    """Bytes of the run's state per process: the one formula for weights, a frozen teacher,
+    gradients, AdamW's two moments (in the parameters' dtype) and the float32 EMA shadow.
+
+    Example:
+        >>> state_terms(400, 10, 4)  # 100 float32 parameters, 10 of them trained
+        {'weights': 400, 'gradients': 40, 'optimizer': 80, 'ema': 40}
+    """
+    terms = {"weights": math.ceil(param_bytes / shard)}
+    if teacher:
+        terms["teacher"] = terms["weights"]
+    terms["gradients"] = math.ceil(trained * param_size / shard)
+    terms["optimizer"] = math.ceil(2 * trained * param_size / shard)
+    terms["ema"] = math.ceil(EMA_BYTES * trained / shard)
+    return terms
 
 
 def memory_plan(
     params: int, router_params: int, weight_bytes: int = 2, teacher: bool = False
 ) -> dict[str, int]:
-    """Bytes a calibration run holds for weights, teacher, gradients, AdamW and EMA.
+    """The state a calibration run holds without activations, from parameter counts alone
+    (a model on the meta device, ``inspect``'s quick table): :func:`state_terms` summed.
 
     Args:
         params: parameters of the converted model (routers included).
@@ -261,9 +276,9 @@ def memory_plan(
         >>> memory_plan(100, 10, weight_bytes=4)["routers"]  # 400 + 10 x (4 + 8 + 4)
         560
     """
-    held = params * weight_bytes * (2 if teacher else 1)
-
-    def train(n: int) -> int:  # gradient + AdamW's two moments, and the EMA shadow
-        return n * 3 * weight_bytes + n * EMA_BYTES
-
-    return {"all": held + train(params), "routers": held + train(router_params)}
+    held = params * weight_bytes
+    counts = {"all": params, "routers": router_params}
+    return {
+        mode: sum(state_terms(held, n, weight_bytes, teacher=teacher).values())
+        for mode, n in counts.items()
+    }
