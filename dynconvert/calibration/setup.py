@@ -22,8 +22,10 @@ from dynconvert.calibration.checkpoint import (
     router_parameters,
 )
 from dynconvert.calibration.config import CalibrationConfig
-from dynconvert.calibration.distributed import MISSING, restore_forward
+from dynconvert.calibration.distributed import MISSING, restore_forward, sharding_of
 from dynconvert.calibration.ema import EMA
+from dynconvert.calibration.sharded import prepare_sharding
+from dynconvert.calibration.sharded_checkpoint import resume_after_sharding
 from dynconvert.errors import BudgetError, ConfigError, NotConvertedError
 from dynconvert.flops import min_ratio
 from dynconvert.runtime.routing import set_routing
@@ -53,6 +55,8 @@ class TrainingRun:
     in_a_row: int = 0  # non-finite losses in a row
     last: dict[str, float] = field(default_factory=dict)  # the last step's logged values
     last_batch: dict[str, torch.Tensor] | None = None  # for the token capacities at the end
+    names: list[str] = field(default_factory=list)  # the trainable parameters' names, in order
+    skeleton: nn.Module | None = None  # FSDP: the unsharded copy the result is gathered into
 
 
 def converted_state(model: nn.Module, target: float) -> Any:
@@ -166,14 +170,24 @@ def setup_run(
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
     )
-    ema = EMA(model, cfg.ema_decay, names=names, warmup=cfg.ema_warmup)
+    # Under FSDP (sharded.py) the EMA is made from the shards and a resumed state loaded into them.
+    sharded = sharding_of(accelerator) == "fsdp"
+    ema = None if sharded else EMA(model, cfg.ema_decay, names=names, warmup=cfg.ema_warmup)
     resumed = load_training_state(cfg, model, ema)
     accelerator.wait_for_everyone()  # all processes looked for checkpoints before any write
+    skeleton = prepare_sharding(accelerator, model, resumed, sharded)
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    ema.to(accelerator.device)
+    if sharded:
+        params = [p for p in model.parameters() if p.requires_grad]  # fully_shard's DTensors
+        ema = EMA(model, cfg.ema_decay, names=names, warmup=cfg.ema_warmup)
+        resume_after_sharding(resumed, model, ema, optimizer, names)
+    else:
+        ema.to(accelerator.device)
     run = TrainingRun(cfg, accelerator, model, ddp_model, state, params, optimizer, ema)
+    run.names, run.skeleton = names, skeleton
     if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
+        if not sharded:
+            optimizer.load_state_dict(resumed["optimizer"])
         if accelerator.scaler is not None and resumed.get("scaler") is not None:
             accelerator.scaler.load_state_dict(resumed["scaler"])
         rng = resumed.get("rng") or []

@@ -7,6 +7,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dynconvert.cli import render
+from dynconvert.cli.memory_table import (
+    BatchOpt,
+    CalibrationOpt,
+    PlanDeviceOpt,
+    ProcessesOpt,
+    ShardingOpt,
+)
 from dynconvert.cli.options import (
     ConfigFileOpt,
     DiffusersOpt,
@@ -15,6 +22,7 @@ from dynconvert.cli.options import (
     JsonOpt,
     ModelOpt,
     RunOpt,
+    SetOpt,
     WidthOpt,
 )
 from dynconvert.errors import ConfigError, ModelNotFoundError
@@ -198,6 +206,12 @@ def inspect(
     width: WidthOpt = None,
     frames: FramesOpt = None,
     json: JsonOpt = False,
+    calibration: CalibrationOpt = False,
+    batch: BatchOpt = None,
+    processes: ProcessesOpt = 1,
+    sharding: ShardingOpt = "none",
+    device: PlanDeviceOpt = "auto",
+    set_: SetOpt = None,
 ) -> None:
     """Show what convert finds in a model: blocks, sites, heads, groups, costs, budget range.
 
@@ -217,7 +231,13 @@ def inspect(
       dynconvert inspect --model flux-dev --height 768 --width 1360
 
       dynconvert inspect --diffusers WanTransformer3DModel --config config.json --frames 81
+
+      dynconvert inspect --model dit-xl --calibration --batch 256 --processes 8 --sharding fsdp
     """
+    if calibration and model is None:
+        raise ConfigError(
+            "--calibration needs --model NAME (e.g. inspect --model dit-xl --calibration)"
+        )
     if sum(x is not None for x in (model, run, diffusers)) != 1:
         raise ConfigError(
             "pass exactly one of --model NAME, --run DIR or --diffusers CLASS --config FILE "
@@ -225,12 +245,38 @@ def inspect(
         )
     if run is not None:
         summary = _run_summary(run)
+    elif calibration:
+        with render.status(f"analysing {model}"):
+            net = _build_for_inspect(model)
+            _calibration(net, model, json, list(set_ or []), batch, processes, sharding, device)
+        return
     else:
         summary = _analyse(model, diffusers, config, (height, width, frames))
     if json:
         render.print_json(summary)
         return
     show(summary)
+
+
+def _calibration(net: Any, model: str, json: bool, overrides: list[str], batch: int | None,
+                 processes: int, sharding: str, device: str) -> None:  # fmt: skip
+    """The memory plan of calibrating ``net`` (a meta-device skeleton)."""
+    import torch
+
+    from dynconvert.calibration.memory_facts import skeleton_facts
+    from dynconvert.cli.memory_table import memory_summary, show_memory
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda; got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    plan, facts = skeleton_facts(net)
+    summary = {"model": model, **memory_summary(net, plan, facts, overrides, batch, processes,
+                                                sharding, device)}  # fmt: skip
+    if json:
+        render.print_json(summary)
+    else:
+        show_memory(summary, model)
 
 
 def _executed(ratio: float | None) -> str:

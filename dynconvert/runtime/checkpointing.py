@@ -11,9 +11,18 @@ routing state:
   tensors. They are drawn before the first checkpointed block instead;
 - the token routers draw Gumbel noise in every block: the recomputation must add the same
   noise, so each checkpointed block call keeps its draws (:class:`NoiseReplay`) and replays them;
+<<<<<<< HEAD
+- backward may run after later forward calls of the model (two calls, one loss): the
+  recomputation restores the routing state of its own call (masks, records) and puts the
+  current one back afterwards;
+- what the recomputation records (token masks, with the recomputed graph behind them) goes
+  into copies of the call's records, dropped with it: kept in the call's own records they
+  would hold every recomputed block's activations until the next forward.
+=======
 - backward may run after later forward calls of the model (two calls, one loss), and in
   another thread (the autograd engine's, on a GPU): the recomputation makes its own call (masks,
   records) the running thread's current one and puts that thread's back afterwards.
+>>>>>>> threads
 
 :func:`wrap_checkpointing` wraps the checkpointing function of every module that has one, once;
 the RouterBank calls it at the start of every forward call with autograd on.
@@ -21,6 +30,7 @@ the RouterBank calls it at the start of every forward call with autograd on.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Protocol
 
 import torch
@@ -109,14 +119,19 @@ def _wrap(func: Any, bank: CheckpointedBank) -> Any:
         bank.ensure_train_masks()  # drawn outside the checkpointed region (see the module doc)
         call = bank.current_call()  # this forward call's routing, for the recomputation too
         replay = NoiseReplay()
+        runs = []  # one entry per run of the block: the first, then the recomputation
 
         def run(*a: Any, **k: Any) -> Any:
-            outer = bank.set_call(call)
-            outer_replay, call.replay = call.replay, replay.start()
+            # The recomputation records into copies: what it records (token masks) holds its
+            # own graph, which would keep the recomputed activations alive until the next call.
+            mine = call if not runs else _recomputing(call)
+            runs.append(1)
+            outer = bank.set_call(mine)
+            outer_replay, mine.replay = mine.replay, replay.start()
             try:
                 return block(*a, **k)
             finally:
-                call.replay = outer_replay
+                mine.replay = outer_replay
                 bank.set_call(outer)
 
         return func(run, *args, **kwargs)
@@ -124,3 +139,15 @@ def _wrap(func: Any, bank: CheckpointedBank) -> Any:
     checkpointed.__wrapped__ = func
     setattr(checkpointed, _BANK, bank)
     return checkpointed
+
+
+def _recomputing(call: Any) -> Any:
+    """A copy of ``call`` for a block's recomputation: its records are copies, one level deep."""
+    mine = copy.copy(call)
+    mine.records = _copies(call.records)
+    return mine
+
+
+def _copies(records: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """A copy of a call's records, one level deep (the recomputation's writes stay in it)."""
+    return {i: dict(r) for i, r in records.items()}
