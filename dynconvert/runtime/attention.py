@@ -24,7 +24,6 @@ from dynconvert.runtime.dynamic import (
 )
 from dynconvert.runtime.heads import route_head_count
 from dynconvert.runtime.interfaces import CallRouting, Decision, OutState
-from dynconvert.runtime.shared import PerThread
 from dynconvert.sites import RUNTIMES, load
 
 
@@ -41,10 +40,6 @@ class AttentionRuntime(SiteRuntime):
             self.tables.update({m.linear: unit_table(m) for m in part.head_maps()})
         load("run")  # the forms' runtime hooks (dynconvert/sites/<form>_run.py)
         self.hooks = [(p, RUNTIMES[k]) for k, p in site.parts.items() if k in RUNTIMES]
-        # The decision of this thread's last call whose projections ran: the heads the
-        # attention output holds. A cache hook (diffusers' PAB, TaylorSeer) may hand back an
-        # older output, so it outlives the call (per thread: another thread's calls differ).
-        self._ran = PerThread()
         self.fused: dict[str, tuple[str, ...]] = {}  # fused projection fqn -> the fqns it fuses
         # The module reshapes q/k/v with its own head count (timm: num_heads and attn_dim;
         # diffusers: heads); on a sliced call it must read the active count, in that call only.
@@ -127,12 +122,14 @@ class AttentionRuntime(SiteRuntime):
 
     @property
     def ran(self) -> Decision | None:
-        """The decision of this thread's last call whose projections ran (None: every head)."""
-        return self._ran.value
+        """The decision of this thread's last call whose projections ran (None: every head):
+        the heads the attention output holds. A cache hook (diffusers' PAB, TaylorSeer) may hand
+        back an older output, so it outlives the call (call.py)."""
+        return self.bank.current_call().ran.get(self.site.index)
 
     @ran.setter
     def ran(self, d: Decision | None) -> None:
-        self._ran.value = d
+        self.bank.current_call().ran[self.site.index] = d
 
     def post_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         """Forward hook (also called when the forward raises): the head counts read the held

@@ -139,7 +139,7 @@ class RouterBank(nn.Module):
         the converted model, which the planned path needs to see its weights; ``batch``: its
         batch size, None if unknown). Returns the call, now the thread's current one."""
         settings = self.settings_now()
-        self.set_call(call := RoutingCall(settings, len(self.runtimes)))
+        self.set_call(call := RoutingCall(settings, len(self.runtimes), self._calls.call))
         call.batch = batch or 0
         call.mode = settings.mode or ("train" if training else "eval")
         if batch == 0:  # an empty batch: nothing to route, run it whole

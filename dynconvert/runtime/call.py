@@ -39,10 +39,10 @@ class RoutingCall:
 
     __slots__ = (
         "settings", "mode", "execution", "t", "emb", "train_masks", "eval_masks", "eval_cpu",
-        "records", "batch", "replay", "pattern", "counter", "progress",
+        "records", "batch", "replay", "pattern", "counter", "progress", "ran",
     )  # fmt: skip
 
-    def __init__(self, settings: RoutingSettings | None = None, sites: int = 0):
+    def __init__(self, settings: RoutingSettings | None = None, sites: int = 0, last: Any = None):
         """``sites``: the model's number of sites; their records and progress entries are made
         now, so these dicts keep one size through the call (torch.compile guards on a dict's
         size: growing site by site, it recompiled each site's code for every size)."""
@@ -64,6 +64,12 @@ class RoutingCall:
         # Site index -> what it has in progress: an MlpCall from fc1 to fc2, or an attention
         # call's sliced Decision between its pre- and post-hook.
         self.progress: dict[int, Any] = dict.fromkeys(range(sites))
+        # Site index -> the decision of this thread's last call whose attention projections ran
+        # (a cache hook may hand back an older output): carried over from ``last``, the
+        # thread's previous call.
+        self.ran: dict[int, Any] = (
+            last.ran if last is not None and len(last.ran) == sites else dict.fromkeys(range(sites))
+        )
 
 
 class CallStore(threading.local):
