@@ -57,24 +57,10 @@ SLOW_VARIANTS = {
 }  # fmt: skip
 
 
-# Since main's bd1c05c (analysis once per block twin, meta planning) was merged into flux2, the
-# fused single block's sliced attention fails its check at convert (single.0 skipped: "the
-# sliced fast path did not reproduce the masked path"); it passed at flux2's 7c712fc.
-BROKEN = {
-    "fused-parallel": pytest.mark.xfail(
-        reason="fused input projection: sliced check fails after the realsize merge", strict=False
-    )
-}
-
-
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(n, marks=pytest.mark.slow)
-        if n in SLOW_VARIANTS
-        else pytest.param(n, marks=BROKEN[n])
-        if n in BROKEN
-        else n
+        pytest.param(n, marks=pytest.mark.slow) if n in SLOW_VARIANTS else n
         for n in sorted(EXPECTED)
     ],
 )

@@ -149,7 +149,10 @@ class AttentionRuntime(SiteRuntime):
 
     def in_call(self, name: str, x: torch.Tensor) -> tuple[Decision | None, None]:
         """For an input projection shared with another site (shared_in.py): note the call, and
-        return its decision (None: every head's rows); an attention has no MLP call."""
+        return its decision (None: every head's rows); an attention has no MLP call. Like an
+        input projection of its own, it notes the decision as the one the heads ran with (what
+        a shared out-projection reads through :meth:`out_state`)."""
+        self.ran = self.fast
         self.record_in(name, x)
         return self.fast, None
 
