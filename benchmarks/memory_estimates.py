@@ -68,14 +68,26 @@ def rows(name: str, facts: object, batch: int) -> list[dict]:
         for sharding in ("none", "fsdp") if gpus > 1 else ("none",):
             for ckpt in (False, True):
                 s = MemorySettings(
-                    batch_size=per_gpu * gpus, processes=gpus, sharding=sharding,
-                    mixed_precision="bf16", grad_accum_steps=accum, gradient_checkpointing=ckpt,
+                    batch_size=per_gpu * gpus,
+                    processes=gpus,
+                    sharding=sharding,
+                    mixed_precision="bf16",
+                    grad_accum_steps=accum,
+                    gradient_checkpointing=ckpt,
                     device="cuda",
-                )  # fmt: skip
+                )
                 plans = calibration_memory(facts, s)
-                out.append({"model": name, "gpus": gpus, "sharding": sharding, "checkpointing": ckpt,
-                            "global_batch": s.batch_size, "micro_batch": s.micro_batch,
-                            **{f"{m}_gib": round(e.total / GIB, 1) for m, e in plans.items()}})  # fmt: skip
+                out.append(
+                    {
+                        "model": name,
+                        "gpus": gpus,
+                        "sharding": sharding,
+                        "checkpointing": ckpt,
+                        "global_batch": s.batch_size,
+                        "micro_batch": s.micro_batch,
+                        **{f"{m}_gib": round(e.total / GIB, 1) for m, e in plans.items()},
+                    }
+                )
     return out
 
 
@@ -89,11 +101,16 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         print(f"{name}: {params / 1e9:.2f}B parameters, routers {facts.router_numel / 1e6:.1f}M")
         results += rows(name, facts, batch)
-    print("| model | GPUs | sharding | checkpointing | global batch | micro-batch | all (GiB/GPU) "
-          "| routers (GiB/GPU) |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+    print(
+        "| model | GPUs | sharding | checkpointing | global batch | micro-batch | all (GiB/GPU) "
+        "| routers (GiB/GPU) |\n|---|---|---|---|---|---|---|---|"
+    )
     for r in results:
-        print(f"| {r['model']} | {r['gpus']} | {r['sharding']} | {'on' if r['checkpointing'] else 'off'} "
-              f"| {r['global_batch']} | {r['micro_batch']} | {r['all_gib']} | {r['routers_gib']} |")  # fmt: skip
+        print(
+            f"| {r['model']} | {r['gpus']} | {r['sharding']} | "
+            f"{'on' if r['checkpointing'] else 'off'} "
+            f"| {r['global_batch']} | {r['micro_batch']} | {r['all_gib']} | {r['routers_gib']} |"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 

@@ -1,6 +1,7 @@
-"""The memory plan against measured CPU peaks: one calibration per row, each in a process of its own.
+"""The memory plan against measured CPU peaks: one calibration per row, each in its own process.
 
-Run: python benchmarks/memory_plan.py [--rows tiny,dit-s,...] [--out benchmarks/results/memory_plan.json]
+Run: python benchmarks/memory_plan.py [--rows tiny,dit-s,...]
+        [--out benchmarks/results/memory_plan.json]
 
 Each row builds its model (random weights), converts it, then resets the process's peak resident
 memory (``/proc/self/clear_refs`` 5, Linux) and calibrates a few steps with a checkpoint at the
@@ -65,10 +66,13 @@ def one(row: dict) -> dict:
     batch, steps = row["batch"], row.get("steps", 4)
     data = synthetic_data(model, rows=max(64, batch), seed=0)
     settings = MemorySettings(
-        batch_size=batch, mixed_precision=row.get("mixed_precision", "no"),
-        grad_accum_steps=row.get("accum", 1), gradient_checkpointing=row.get("checkpointing", False),
-        trainable=row.get("trainable", "all"), device="cpu",
-    )  # fmt: skip
+        batch_size=batch,
+        mixed_precision=row.get("mixed_precision", "no"),
+        grad_accum_steps=row.get("accum", 1),
+        gradient_checkpointing=row.get("checkpointing", False),
+        trainable=row.get("trainable", "all"),
+        device="cpu",
+    )
     plan = estimate(model_facts(model, get_state(model).plan), settings)
     extra = {}
     if settings.grad_accum_steps > 1:
@@ -77,19 +81,35 @@ def one(row: dict) -> dict:
         extra["gradient_checkpointing"] = True
     with tempfile.TemporaryDirectory() as out:
         cfg = dynconvert.CalibrationConfig(
-            target=0.5, steps=steps, batch_size=batch, trainable=settings.trainable,
-            mixed_precision=settings.mixed_precision, output_dir=out, checkpoint_every=0,
-            lambda_hold_steps=0, warmup_steps=2, cpu=True, check_memory=False, **extra,
-        )  # fmt: skip
+            target=0.5,
+            steps=steps,
+            batch_size=batch,
+            trainable=settings.trainable,
+            mixed_precision=settings.mixed_precision,
+            output_dir=out,
+            checkpoint_every=0,
+            lambda_hold_steps=0,
+            warmup_steps=2,
+            cpu=True,
+            check_memory=False,
+            **extra,
+        )
         at_start = _rss()
         Path("/proc/self/clear_refs").write_text("5")
         t0 = time.perf_counter()
         dynconvert.calibrate(model, data, cfg)
         seconds = time.perf_counter() - t0
         peak = _hwm()
-    return {**row, "estimate": plan.total, "terms": plan.terms, "measured": peak,
-            "rss_before_model": before_model, "rss_at_start": at_start, "seconds": round(seconds, 1),
-            "error": round(plan.total / peak - 1, 3)}  # fmt: skip
+    return {
+        **row,
+        "estimate": plan.total,
+        "terms": plan.terms,
+        "measured": peak,
+        "rss_before_model": before_model,
+        "rss_at_start": at_start,
+        "seconds": round(seconds, 1),
+        "error": round(plan.total / peak - 1, 3),
+    }
 
 
 def _available() -> int:
@@ -109,17 +129,23 @@ def _planned(row: dict) -> int:
     with torch.device("meta"):
         skeleton = build_model(row["model"])
     settings = MemorySettings(
-        batch_size=row["batch"], mixed_precision=row.get("mixed_precision", "no"),
-        grad_accum_steps=row.get("accum", 1), gradient_checkpointing=row.get("checkpointing", False),
-        trainable=row.get("trainable", "all"), device="cpu",
-    )  # fmt: skip
+        batch_size=row["batch"],
+        mixed_precision=row.get("mixed_precision", "no"),
+        grad_accum_steps=row.get("accum", 1),
+        gradient_checkpointing=row.get("checkpointing", False),
+        trainable=row.get("trainable", "all"),
+        device="cpu",
+    )
     return estimate(skeleton_facts(skeleton)[1], settings).total
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", default="tiny,tiny-routers,dit-s,dit-s-routers,dit-s-bf16,"
-                        "dit-s-accum,dit-s-ckpt,dit-b,dit-b-ckpt-routers")  # fmt: skip
+    parser.add_argument(
+        "--rows",
+        default="tiny,tiny-routers,dit-s,dit-s-routers,dit-s-bf16,"
+        "dit-s-accum,dit-s-ckpt,dit-b,dit-b-ckpt-routers",
+    )
     parser.add_argument("--out", default=None, help="Write the rows as JSON here.")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,8 +168,11 @@ def main() -> None:
         row["row"] = name
         results.append(row)
         gib = 2**30
-        print(f"{name:22s} estimate {row['estimate'] / gib:7.3f} GiB  measured "
-              f"{row['measured'] / gib:7.3f} GiB  error {100 * row['error']:+5.1f}%", flush=True)  # fmt: skip
+        print(
+            f"{name:22s} estimate {row['estimate'] / gib:7.3f} GiB  measured "
+            f"{row['measured'] / gib:7.3f} GiB  error {100 * row['error']:+5.1f}%",
+            flush=True,
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 

@@ -34,11 +34,14 @@ SCRIPT = textwrap.dedent(
     from dynconvert.calibration import CalibrationConfig, calibrate
     from dynconvert.testing import tiny_dit
 
-    out, steps, resume, kill_at = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
+    out, steps = sys.argv[1], int(sys.argv[2])
+    resume, kill_at = sys.argv[3] == "1", int(sys.argv[4])
     model = dynconvert.convert(tiny_dit(seed=0), budget=0.5)
     g = torch.Generator().manual_seed(0)
-    batches = [{"x": torch.randn(8, 4, 8, 8, generator=g), "y": torch.randint(0, 10, (8,), generator=g)}
-               for _ in range(8)]
+    batches = [
+        {"x": torch.randn(8, 4, 8, 8, generator=g), "y": torch.randint(0, 10, (8,), generator=g)}
+        for _ in range(8)
+    ]
 
     def on_step(info):
         if info.step == kill_at:  # the kernel's SIGKILL: no cleanup, no last checkpoint
@@ -73,11 +76,27 @@ def launch(config: Path, out: Path, steps: int, resume: bool = False, kill_at: i
     out.mkdir(parents=True, exist_ok=True)
     script = out.parent / "run_calibration.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-           "--num_processes", "2", "--main_process_port", str(_free_port()), str(script),
-           str(out), str(steps), "1" if resume else "0", str(kill_at)]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        str(script),
+        str(out),
+        str(steps),
+        "1" if resume else "0",
+        str(kill_at),
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 

@@ -154,8 +154,22 @@ def test_calibrate_refuses_an_impossible_batch_before_writing_anything(tmp_path,
 def test_the_cli_refuses_before_building_and_leaves_no_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(fit, "device_free", lambda device: (64 * 2**20, "available RAM"))
     out = tmp_path / "r"
-    args = ["convert", "--model", "dit-tiny", "--random-init", "--target-flops", "0.5", "--data",
-            "synthetic", "--steps", "1", "--out", str(out), "--set", "calibration.batch_size=4096"]  # fmt: skip
+    args = [
+        "convert",
+        "--model",
+        "dit-tiny",
+        "--random-init",
+        "--target-flops",
+        "0.5",
+        "--data",
+        "synthetic",
+        "--steps",
+        "1",
+        "--out",
+        str(out),
+        "--set",
+        "calibration.batch_size=4096",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]

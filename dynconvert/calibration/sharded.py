@@ -52,7 +52,8 @@ def wrap_blocks(accelerator: Any, model: nn.Module, blocks: list[str]) -> list[s
     plugin = accelerator.state.fsdp_plugin
     if plugin.activation_checkpointing:
         raise ConfigError(
-            "the accelerate config sets fsdp_activation_checkpointing: its recomputation would draw "
+            "the accelerate config sets fsdp_activation_checkpointing: its recomputation would "
+            "draw "
             "new router noise; set it to false and use calibration.gradient_checkpointing=true"
         )
     policy = plugin.auto_wrap_policy

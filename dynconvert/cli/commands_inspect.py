@@ -129,18 +129,40 @@ def plan_summary(plan: Any, config: Any = None) -> dict[str, Any]:
     sites = []
     for s in plan.sites:
         cost = s.macs()
-        d: dict[str, Any] = {"index": s.index, "name": s.name or "(model)", "block": s.block,
-                             "module_class": s.module_class, "macs": cost,
-                             "share": cost / static if static else 0.0, "fast": s.fast,
-                             "fast_reason": s.fast_reason}  # fmt: skip
+        d: dict[str, Any] = {
+            "index": s.index,
+            "name": s.name or "(model)",
+            "block": s.block,
+            "module_class": s.module_class,
+            "macs": cost,
+            "share": cost / static if static else 0.0,
+            "fast": s.fast,
+            "fast_reason": s.fast_reason,
+        }
         if isinstance(s, AttentionSite):
-            d.update(kind=site_kind(s), attention=s.kind, heads=s.heads, head_dim=s.head_dim,
-                     tokens=s.tokens_q, width=True, width_reason="", token_routing=False,
-                     token_reason="attention always sees every token")  # fmt: skip
+            d.update(
+                kind=site_kind(s),
+                attention=s.kind,
+                heads=s.heads,
+                head_dim=s.head_dim,
+                tokens=s.tokens_q,
+                width=True,
+                width_reason="",
+                token_routing=False,
+                token_reason="attention always sees every token",
+            )
         else:
-            d.update(kind=site_kind(s), groups=s.groups, hidden=s.hidden, gated=s.gated, tokens=s.tokens,
-                     width=s.width, width_reason=s.width_reason, token_routing=s.token,
-                     token_reason=s.token_reason)  # fmt: skip
+            d.update(
+                kind=site_kind(s),
+                groups=s.groups,
+                hidden=s.hidden,
+                gated=s.gated,
+                tokens=s.tokens,
+                width=s.width,
+                width_reason=s.width_reason,
+                token_routing=s.token,
+                token_reason=s.token_reason,
+            )
         sites.append(d)
     return {
         "model_class": plan.model_class,
@@ -258,8 +280,16 @@ def inspect(
     show(summary)
 
 
-def _calibration(net: Any, model: str, json: bool, overrides: list[str], batch: int | None,
-                 processes: int, sharding: str, device: str) -> None:  # fmt: skip
+def _calibration(
+    net: Any,
+    model: str,
+    json: bool,
+    overrides: list[str],
+    batch: int | None,
+    processes: int,
+    sharding: str,
+    device: str,
+) -> None:
     """The memory plan of calibrating ``net`` (a meta-device skeleton)."""
     import torch
 
@@ -271,8 +301,10 @@ def _calibration(net: Any, model: str, json: bool, overrides: list[str], batch: 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     plan, facts = skeleton_facts(net)
-    summary = {"model": model, **memory_summary(net, plan, facts, overrides, batch, processes,
-                                                sharding, device)}  # fmt: skip
+    summary = {
+        "model": model,
+        **memory_summary(net, plan, facts, overrides, batch, processes, sharding, device),
+    }
     if json:
         render.print_json(summary)
     else:
@@ -346,8 +378,15 @@ def show(s: dict[str, Any]) -> None:
             tokens = "routed" if site["token_routing"] else f"all: {site['token_reason']}"
         kind = {"cross": "xattn", "self": "attn"}.get(site.get("attention", ""), "mlp")
         macs = render.macs(site["macs"], compact=True)
-        row = [str(site["index"]), site["name"], kind, units, tokens, macs,
-               f"{100 * site['share']:.1f}%"]  # fmt: skip
+        row = [
+            str(site["index"]),
+            site["name"],
+            kind,
+            units,
+            tokens,
+            macs,
+            f"{100 * site['share']:.1f}%",
+        ]
         if has_run:
             row.append(f"{100 * site['mean_units_on']:.0f}%")
         t.add_row(*row)

@@ -146,8 +146,11 @@ def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> Prepare
     t0 = time.perf_counter()
     plan = check_run_memory(source, recipe, calibration, device)  # before any weight exists
     if plan is not None:
-        event("memory", f"memory plan: about {plan.total / 2**30:.1f} GiB per process "
-              f"(micro-batch {plan.settings.micro_batch}) in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+        event(
+            "memory",
+            f"memory plan: about {plan.total / 2**30:.1f} GiB per process "
+            f"(micro-batch {plan.settings.micro_batch}) in {time.perf_counter() - t0:.1f} s",
+        )
     model = _build(source, recipe, event)
     if data is None:
         data = synthetic_data(model, rows=max(64, calibration.batch_size), seed=calibration.seed)
