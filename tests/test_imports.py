@@ -174,7 +174,7 @@ def test_no_library_module_imports_the_test_helpers():
     allowed = {
         "dynconvert.measure.support",
         "dynconvert.measure.realsize",
-        "dynconvert.cli.commands_inspect",
+        "dynconvert.cli.inspect_models",
     }
     bad = sorted(
         f"{m} -> {d}"

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import json as json_lib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dynconvert.cli import render
+from dynconvert.cli.inspect_models import (
+    build_for_inspect,
+    memory_columns,
+    real_size_model,
+    to_device,
+)
 from dynconvert.cli.memory_table import (
     BatchOpt,
     CalibrationOpt,
@@ -25,11 +30,11 @@ from dynconvert.cli.options import (
     SetOpt,
     WidthOpt,
 )
-from dynconvert.errors import ConfigError, ModelNotFoundError
+from dynconvert.errors import ConfigError
 from dynconvert.plan import ATTENTION
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 SCHEMA = """The --json object (MACs per sample; 1 MAC = 2 hardware FLOPs):
 model, params, router_params, calibration_gib {all, routers} (GiB; not with --run),
@@ -42,79 +47,6 @@ skipped: [{name, kind, reason}], and for --run: run {budget, flops_ratio (the re
 executed_flops_ratio (counted on the loaded model; null when it makes no example inputs),
 recipe, ...} and each site's mean_units_on (fraction of heads/groups on, mean over the 1000
 timesteps)."""
-
-
-def _build_for_inspect(name: str) -> Any:
-    """The model's architecture without weights (meta device) where possible."""
-    import torch
-
-    from dynconvert.runs import DIFFUSERS_MODELS, TEST_MODELS, resolve_source
-
-    key = name.strip().lower()
-    if key in TEST_MODELS:
-        return resolve_source(name, random_init=True).build()
-    if key in DIFFUSERS_MODELS:
-        import diffusers
-
-        cls, _, config = DIFFUSERS_MODELS[key]
-        with torch.device("meta"):
-            return getattr(diffusers, cls).from_config(config)
-    from dynconvert.models import build_model, resolve_name
-
-    canonical = resolve_name(name)
-    kwargs = {"pretrained": False} if canonical == "digits" else {}
-    with torch.device("meta"):
-        return build_model(canonical, **kwargs)
-
-
-def _real_size(
-    name: str | None, cls: str | None, config: Path | None, pixels: tuple
-) -> tuple[Any, dict, dict] | None:
-    """A published configuration on meta and its inputs at its size and at its probe's: for
-    ``--model`` naming a shipped one (flux-dev, wan2.1-t2v-14b...) or for ``--diffusers CLASS
-    --config FILE``; None when ``--model`` names something else (a preset)."""
-    from dynconvert.testing.configs import build, for_class, is_real_config, real_config
-
-    if cls is None:
-        from dynconvert.models import resolve_name
-        from dynconvert.runs import DIFFUSERS_MODELS, TEST_MODELS
-
-        key = name.strip().lower()
-        if key in TEST_MODELS or key in DIFFUSERS_MODELS or not is_real_config(name):
-            return None
-        try:
-            resolve_name(name)
-            return None  # a built-in preset keeps its name
-        except ModelNotFoundError:
-            pass
-        entry = real_config(name)
-        settings = entry.config()
-    else:
-        if config is None:
-            raise ConfigError(
-                "--diffusers CLASS needs --config FILE (the model's config.json, no weights)"
-            )
-        entry = for_class(cls)
-        try:
-            settings = json_lib.loads(Path(config).read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--config {config}: not a readable JSON file ({e})") from e
-    net = build(entry.class_name, settings)
-    size = entry.size_at(*pixels)
-    return net, entry.inputs(net, size), entry.inputs(net, entry.probe)
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    """Example inputs on the model's device (meta for weightless models)."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
 
 
 def plan_summary(plan: Any, config: Any = None) -> dict[str, Any]:
@@ -269,7 +201,7 @@ def inspect(
         summary = _run_summary(run)
     elif calibration:
         with render.status(f"analysing {model}"):
-            net = _build_for_inspect(model)
+            net = build_for_inspect(model)
             _calibration(net, model, json, list(set_ or []), batch, processes, sharding, device)
         return
     else:
@@ -323,36 +255,21 @@ def _analyse(model: str | None, cls: str | None, config: Path | None, pixels: tu
     from dynconvert.inputs import default_inputs
 
     with render.status(f"analysing {model or cls}"):
-        real = _real_size(model, cls, config, pixels)
+        real = real_size_model(model, cls, config, pixels)
         if real is None:
             if any(p is not None for p in pixels):
                 raise ConfigError(
                     "--height, --width and --frames apply to a published configuration "
                     "(inspect --model flux-dev, or --diffusers CLASS --config FILE)"
                 )
-            net = _build_for_inspect(model)
+            net = build_for_inspect(model)
             args, kwargs = default_inputs(net)
             device = next(net.parameters()).device
-            plan = analyze(net, (_to(args, device), _to(kwargs, device)))
+            plan = analyze(net, (to_device(args, device), to_device(kwargs, device)))
         else:
             net, inputs, probe = real
             plan = analyze(net, inputs, probe_inputs=probe)
-    return {"model": model or cls, **_memory(net, plan), **plan_summary(plan)}
-
-
-def _memory(net: Any, plan: Any) -> dict[str, Any]:
-    """Parameters, and what calibration holds besides activations (bf16 weights)."""
-    import torch
-
-    from dynconvert.calibration.memory import memory_plan
-    from dynconvert.config import ConvertConfig
-    from dynconvert.runtime.bank import RouterBank
-
-    params = sum(p.numel() for p in net.parameters())
-    with torch.device("meta"):  # the routers' shapes only
-        routers = sum(p.numel() for p in RouterBank(plan, ConvertConfig(), 1.0).parameters())
-    gb = {k: v / 2**30 for k, v in memory_plan(params + routers, routers).items()}
-    return {"params": params, "router_params": routers, "calibration_gib": gb}
+    return {"model": model or cls, **memory_columns(net, plan), **plan_summary(plan)}
 
 
 def show(s: dict[str, Any]) -> None:
