@@ -58,18 +58,19 @@ def markdown(rows: list[dict], command: str, seconds: float, note: str) -> str:
         f"Command: `{command}`  ",
         f"torch {torch.__version__}, {platform.machine()}, {seconds:.0f} s in all.",
         *([note, ""] if note else [""]),
-        "Each published configuration built on the meta device (no weights) and converted at its "
-        "pipeline's usual resolution; head-locality decided on a probe of a few tokens. params "
-        "in billions; tokens = the most queries of one attention; s = build + analyse + convert "
-        "seconds (wall clock); cpu = their CPU seconds (user + system, 2 threads): on an idle "
-        "machine the wall time lies between cpu / 2 and cpu; GB = peak resident memory of the "
-        "process (imports included); sites = "
-        "attention/MLP sites found in that many blocks; routable = converted sites' share of "
-        "the MACs; min = lowest reachable budget (whole model); MACs per sample; calib GB = what "
-        "a calibration run holds besides activations with bf16 weights, training every "
-        "parameter / the routers only (dynconvert/calibration/memory.py).",
+        "Each published configuration built on the meta device (no weights) and converted at "
+        "its pipeline's usual resolution; head-locality decided on a probe of a few tokens. "
+        "params in billions; tokens = the most queries of one attention (all its streams); s = "
+        "build + analyse + convert seconds (wall clock); cpu = their CPU seconds (user + "
+        "system, 2 threads): on an idle machine the wall time lies between cpu / 2 and cpu; GB "
+        "= peak resident memory of the process (imports included); sites = attention/MLP sites "
+        "found in that many blocks; routable = converted sites' share of the MACs; min = lowest"
+        " reachable budget (whole model); MACs per sample; calib GB = what a calibration run "
+        "holds besides activations with bf16 weights, training every parameter / the routers "
+        "only (dynconvert/calibration/memory.py).",
         "",
-        "| family | class | pixels (h x w x frames) | params | tokens | s | cpu | GB | sites | skipped "
+        "| family | class | pixels (h x w x frames) | params | tokens | s | cpu | GB | sites "
+        "| skipped "
         "| TMACs | routable | min | calib GB | why not (one line) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -79,9 +80,11 @@ def markdown(rows: list[dict], command: str, seconds: float, note: str) -> str:
         why = _reason(r).replace("|", "\\|")[:160]
         lines.append(
             f"| {r['name']} | {r['class_name']} | {h} x {w} x {f} "
-            f"| {_num(r.get('params'), 1e9, '.2f')} | {r.get('tokens', '-')} | {r['seconds']} | {r.get('cpu_s', '-')} "
+            f"| {_num(r.get('params'), 1e9, '.2f')} | {r.get('tokens', '-')} | {r['seconds']} "
+            f"| {r.get('cpu_s', '-')} "
             f"| {r['peak_rss_gb']} | {sites} | {r.get('skipped', '-')} "
-            f"| {_num(r.get('static_macs'), 1e12, '.1f')} | {_num(r.get('routable'), 0.01, '.1f')}% "
+            f"| {_num(r.get('static_macs'), 1e12, '.1f')} "
+            f"| {_num(r.get('routable'), 0.01, '.1f')}% "
             f"| {_num(r.get('min_ratio'), 1, '.3f')} | {_calib(r)} | {why} |"
         )
     return "\n".join(lines) + "\n"

@@ -71,32 +71,44 @@ def markdown(rows: list[dict], command: str, seconds: float, note: str = "") -> 
         f"torch {torch.__version__}, diffusers {_version('diffusers')}, timm {_version('timm')}, "
         f"{platform.machine()}, {torch.get_num_threads()} threads, {seconds:.0f} s in all.",
         *([note, ""] if note else [""]),
-        f"**{s['image_video_within']} of {s['image_video']} image/video models have an executed FLOPs ratio "
-        f"<= {s['threshold']} under randomize_routing(keep=0.5)**; {s['converted']} of {s['rows']} converted, "
+        f"**{s['image_video_within']} of {s['image_video']} image/video models have an executed "
+        "FLOPs ratio "
+        f"<= {s['threshold']} under randomize_routing(keep=0.5)**; {s['converted']} of {s['rows']} "
+        "converted, "
         f"{s['errors']} errors, {s['flops_errors']} where PyTorch's FLOP counter could not run, "
         f"{s['fresh_failures']} fresh-conversion mismatches, "
         f"{s['fast_masked_failures']} fast != masked.",
         "",
-        "Columns: sites = attention/MLP sites found, skipped = candidate sites left out; MACs per sample of the "
-        "original model (analytic); min = lowest reachable budget; exec = executed / original MACs under "
-        "randomize_routing(keep=0.5) with the whole batch at one timestep, as pipelines call the model (both "
-        "counted by FlopCounterMode, math attention); gap = executed / analytic - 1 there (should be 0); "
-        "per-t exec and per-t gap = the same with 2 samples at 2 timesteps (a batched call computes the union "
-        "of the samples' units, so it exceeds the per-sample analytic mean); static gap = analytic / counted "
+        "Columns: sites = attention/MLP sites found, skipped = candidate sites left out; MACs per "
+        "sample of the "
+        "original model (analytic); min = lowest reachable budget; exec = executed / original MACs "
+        "under "
+        "randomize_routing(keep=0.5) with the whole batch at one timestep, as pipelines call the "
+        "model (both "
+        "counted by FlopCounterMode, math attention); gap = executed / analytic - 1 there (should "
+        "be 0); "
+        "per-t exec and per-t gap = the same with 2 samples at 2 timesteps (a batched call "
+        "computes the union "
+        "of the samples' units, so it exceeds the per-sample analytic mean); static gap = analytic "
+        "/ counted "
         "MACs of the original - 1; fresh = fresh conversion "
-        "equals the original (rel. err <= 1e-5); fast = fast path equals masked path; a+c s = analyze + "
+        "equals the original (rel. err <= 1e-5); fast = fast path equals masked path; a+c s = "
+        "analyze + "
         "convert seconds.",
         "",
-        "| name | class | family | status | sites | skipped | MACs | min | budget | exec | gap | per-t exec "
+        "| name | class | family | status | sites | skipped | MACs | min | budget | exec | gap | "
+        "per-t exec "
         "| per-t gap | static gap | fresh | fast | a+c s | first problem |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         sites = "-" if r["attention"] is None else f"{r['attention']}/{r['mlp']}"
         lines.append(
-            f"| {r['name']} | {r['class_name']} | {r['family']} | {r['status']} | {sites} | {len(r['skipped'])} "
+            f"| {r['name']} | {r['class_name']} | {r['family']} | {r['status']} | {sites} | "
+            f"{len(r['skipped'])} "
             f"| {_macs(r['static_macs'])} | {_fmt(r['min_ratio'])} | {_fmt(r['budget'], '.2f')} "
-            f"| {_fmt(r['executed_ratio'])} | {_fmt(r['fixed_gap'], '+.3f')} | {_fmt(r.get('executed_ratio_per_t'))} "
+            f"| {_fmt(r['executed_ratio'])} | {_fmt(r['fixed_gap'], '+.3f')} | "
+            f"{_fmt(r.get('executed_ratio_per_t'))} "
             f"| {_fmt(r['analytic_gap'], '+.3f')} "
             f"| {_fmt(r['static_gap'], '+.3f')} | {_fmt(r['fresh_ok'])} "
             f"| {_fmt(r['fast_masked_ok'])} | {_fmt(r['convert_s'], '.2f')} | {_first_problem(r)} |"
@@ -194,8 +206,10 @@ def main() -> None:
     (args.out / f"{stem}.md").write_text(markdown(rows, command.strip(), seconds, args.note))
     s = summary(rows)
     print(
-        f"{s['image_video_within']}/{s['image_video']} image/video models with executed ratio <= 0.75; "
-        f"{s['converted']}/{s['rows']} converted; {s['errors']} errors; wrote {args.out / stem}.{{json,md}}"
+        f"{s['image_video_within']}/{s['image_video']} image/video models with executed ratio <= "
+        "0.75; "
+        f"{s['converted']}/{s['rows']} converted; {s['errors']} errors; wrote "
+        f"{args.out / stem}.{{json,md}}"
     )
 
 

@@ -28,6 +28,7 @@ from dynconvert.runtime.dynamic import (
     make_dynamic,
     make_static,
 )
+from dynconvert.runtime.heads import restore_head_counts
 from dynconvert.runtime.lora import adopt_all, check_adoptable, install_hook, lifted, release_all
 from dynconvert.runtime.mlp import MlpRuntime
 from dynconvert.runtime.shared_in import SharedInRuntime
@@ -273,8 +274,8 @@ def apply_plan(
             for m in site.out_maps:  # every stream's out-projection
                 make_dynamic(modules[m.linear], rt, "out", m.linear)
             hooks.extend(rt.attach_parts(modules))  # what the site's forms hook (dynconvert/sites)
-            # The pre-hook lowers the module's head-count attributes for a sliced call and the
-            # post-hook restores them, also when the forward raises (always_call).
+            # The pre-hook decides a sliced call (the module's head counts read it, for this
+            # thread: runtime/heads.py) and the post-hook ends it, also when the forward raises.
             hooks.append(module.register_forward_pre_hook(rt.pre_hook, with_kwargs=True))
             hooks.append(
                 module.register_forward_hook(rt.post_hook, with_kwargs=True, always_call=True)
@@ -347,6 +348,7 @@ def revert(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, (DynamicLinear, DynamicConv)):
             make_static(m)  # the class only: the Parameters (and state-dict keys) never changed
+        restore_head_counts(m)  # an attention module's own class again (runtime/heads.py)
         # Our hooks by id, from every dict PyTorch files a hook in (kwargs, always-called).
         for hooks in (m._forward_pre_hooks, m._forward_hooks):
             for hid in [h for h in hooks if h in bank.hook_ids]:

@@ -51,6 +51,10 @@ class CalibrationError(DynconvertError):
     """Calibration cannot start or had to stop (for example repeated non-finite losses)."""
 
 
+class MemoryPlanError(CalibrationError):
+    """The calibration's memory plan exceeds the device's free memory (checked before starting)."""
+
+
 class DataError(DynconvertError):
     """A data set is missing, empty, or in the wrong format."""
 

@@ -11,8 +11,8 @@ Sources of the formulas:
   per Linear, QK^T ``N x M x H x d`` and AV ``N x M x H x d_v``, which fvcore and PyTorch's CPU
   counter miss unless attention is decomposed) plus the terms of its forms' parts
   (sites/<form>.py), or :meth:`MlpSite.macs` (plan.py);
-- under routing (DyDiT, docs/method.md "What the FLOPs term counts"): attention scales with the fraction of
-  heads on (but for what a part computes at full width, ``fixed_macs``); the MLP with the
+- under routing (DyDiT, docs/method.md "What the FLOPs term counts"): attention scales with the
+  fraction of heads on (but for what a part computes at full width, ``fixed_macs``); the MLP with the
   fraction of channel groups on times the fraction of tokens kept; a token router
   (D -> D/r -> 1) runs on every token whenever tokens are routed;
 - the rest of the model (patch embedding, conditioning, final layer) is summed op by op over the
@@ -239,7 +239,7 @@ def call_costs(bank: RouterBank) -> list[tuple[Site, SiteCost]]:
     """Per site, its cost in the model's last forward call, from the masks that call recorded
     (per sample, differentiable in training mode)."""
     out = []
-    batch = getattr(bank, "call_batch", 0)
+    batch = bank.current_call().batch  # the model's batch in that call (0 if unknown)
     for s in bank.plan.sites:
         rec = bank.records.get(s.index, {})
         w, tk = rec.get("width"), rec.get("tokens")

@@ -240,3 +240,57 @@ def test_importance_is_pluggable_and_magnitude_is_the_weight_norm():
     dynconvert.convert(model, 0.5, config=ConvertConfig(importance=last_unit))
     bank = dynconvert.get_state(model)
     assert bank.always_on.tolist() == [s.units - 1 for s in bank.plan.sites]
+
+
+class _ViewedAttention(nn.Module):
+    """Attention whose output is ``view``ed after the transpose: legal because the kernel returns
+    (B, H, N, d) laid out as (B, N, H, d) when q, k, v come from one permuted qkv."""
+
+    def __init__(self, width: int, n_heads: int):
+        super().__init__()
+        self.n_heads, self.head_width = n_heads, width // n_heads
+        self.to_qkv, self.proj_out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.to_qkv(x).reshape(b, n, 3, self.n_heads, self.head_width)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj_out(out.transpose(1, 2).view(b, n, -1))
+
+
+class _ViewedNet(nn.Module):
+    def __init__(self, width: int = 32, n_heads: int = 4):
+        super().__init__()
+        self.width = width
+        self.t_proj = nn.Linear(width, width)
+        self.norms = nn.ModuleList([nn.LayerNorm(width), nn.LayerNorm(width)])
+        self.attn = _ViewedAttention(width, n_heads)
+        self.ff = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        half = self.width // 2
+        freqs = torch.exp(-math.log(1e4) * torch.arange(half, dtype=torch.float32) / half)
+        ang = timestep.float()[:, None] * freqs
+        c = self.t_proj(torch.cat([ang.cos(), ang.sin()], -1))[:, None]
+        x = hidden_states + self.attn(self.norms[0](hidden_states) + c)
+        return x + self.ff(self.norms[1](x))
+
+
+def test_an_output_viewed_after_its_transpose_converts():
+    # The replay on index tensors laid them out plainly, and view refused (issue 23, item 7).
+    model = _ViewedNet().eval()
+    inputs = {"hidden_states": torch.randn(2, 16, 32), "timestep": torch.tensor([100.0, 800.0])}
+    with torch.no_grad():
+        reference = model(**inputs)
+    dynconvert.convert(model, 0.6, example_inputs=inputs)
+    assert [a.name for a in dynconvert.get_state(model).plan.attention if a.fast] == ["attn"]
+    randomize_routing(model, keep=0.5, example_inputs=inputs)
+    with torch.no_grad():
+        with dynconvert.routing(model, "full"):
+            torch.testing.assert_close(model(**inputs), reference, atol=0, rtol=0)
+        with dynconvert.routing(model, "eval", "masked"):
+            masked = model(**inputs)
+        with dynconvert.routing(model, "eval", "fast"):
+            torch.testing.assert_close(model(**inputs), masked, atol=1e-5, rtol=1e-5)
+        assert float(dynconvert.last_flops_ratio(model).min()) < 1.0  # heads really sliced

@@ -183,6 +183,10 @@ def test_routers_only_keeps_base_weights():
     assert all(torch.equal(after[n], v) for n, v in base_before.items())
     routers = [n for n in before if n.startswith("dynconvert.")]
     assert any(not torch.equal(result.train_state_dict[n], before[n]) for n in routers)
+    # The raw state copies only what the EMA overwrites: frozen weights are shared, not doubled.
+    raw = result.train_state_dict
+    assert all(raw[n].data_ptr() == after[n].data_ptr() for n in base_before)
+    assert all(raw[n].data_ptr() != after[n].data_ptr() for n in routers)
     assert {n: p.requires_grad for n, p in result.model.named_parameters()} == flags  # restored
 
 

@@ -138,3 +138,23 @@ def test_lora_settings_are_checked():
         calibrate(converted(), latents(), quick(lora_targets=["no_such_module"]))
     recipe = load_recipe("digits", ["calibration.trainable=lora"])
     assert recipe.calibration_config(0.5).trainable == "lora"
+
+
+@pytest.mark.parametrize("td_lora", [False, True])
+def test_the_memory_plan_counts_the_adapter_attach_lora_adds(td_lora):
+    from dynconvert.calibration.memory import TRAINABLE_MODES, MemorySettings, estimate
+    from dynconvert.calibration.memory_facts import model_facts
+    from dynconvert.calibration.trainable import adapter_numel, attach_lora
+    from dynconvert.runtime.state import get_state
+
+    model = converted()
+    cfg = quick(td_lora=td_lora, lora_save="adapter" if td_lora else "merge")
+    counted = adapter_numel(model, cfg)
+    before = sum(p.numel() for p in model.parameters())
+    attach_lora(model, cfg)
+    assert sum(p.numel() for p in model.parameters()) - before == counted
+    facts = model_facts(model, get_state(model).plan, adapter_numel=counted)
+    lora = TRAINABLE_MODES["lora"]
+    assert not lora.weights_train and lora.trainable(facts) == facts.router_numel + counted
+    est = estimate(facts, MemorySettings(8, device="cuda", trainable="lora"))
+    assert est.terms["gradients"] == (facts.router_numel + counted) * facts.param_size

@@ -20,19 +20,63 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "--model", "dit-tiny", "--random-init", "--target-flops", "0.5", "--data", "synthetic", "--steps", "2",
-    "--set", "calibration.batch_size=4", "--set", "report.profile_timesteps=3", "--set", "report.profile_batch=4",
-    "--set", "report.executed_timesteps=1", "--set", "report.bench_batch=2", "--set", "report.bench_repeats=1",
-]  # fmt: skip
+    "--model",
+    "dit-tiny",
+    "--random-init",
+    "--target-flops",
+    "0.5",
+    "--data",
+    "synthetic",
+    "--steps",
+    "2",
+    "--set",
+    "calibration.batch_size=4",
+    "--set",
+    "report.profile_timesteps=3",
+    "--set",
+    "report.profile_batch=4",
+    "--set",
+    "report.executed_timesteps=1",
+    "--set",
+    "report.bench_batch=2",
+    "--set",
+    "report.bench_repeats=1",
+]
 REPORT_KEYS = {
-    "run_dir", "model", "model_class", "recipe", "target_flops", "steps", "flops_ratio", "flops_ratio_blocks",
-    "executed_flops_ratio", "speedup", "unit", "static_macs", "dynamic_macs", "blocks_macs",
-    "flops_ratio_per_t", "profile", "calibration", "bench", "timings", "files",
-}  # fmt: skip
+    "run_dir",
+    "model",
+    "model_class",
+    "recipe",
+    "target_flops",
+    "steps",
+    "flops_ratio",
+    "flops_ratio_blocks",
+    "executed_flops_ratio",
+    "speedup",
+    "unit",
+    "static_macs",
+    "dynamic_macs",
+    "blocks_macs",
+    "flops_ratio_per_t",
+    "profile",
+    "calibration",
+    "bench",
+    "timings",
+    "files",
+}
 BENCH_KEYS = {
-    "time_static_s", "time_dynamic_s", "speedup", "flops_ratio", "executed_flops_ratio", "efficiency",
-    "peak_mem_static_bytes", "peak_mem_dynamic_bytes", "device", "dtype", "batch",
-}  # fmt: skip
+    "time_static_s",
+    "time_dynamic_s",
+    "speedup",
+    "flops_ratio",
+    "executed_flops_ratio",
+    "efficiency",
+    "peak_mem_static_bytes",
+    "peak_mem_dynamic_bytes",
+    "device",
+    "dtype",
+    "batch",
+}
 
 
 def invoke(*args: str, env: dict | None = None):
@@ -85,8 +129,13 @@ def test_every_help_exits_0_and_shows_an_example(command):
 def test_version_and_python_m():
     result = invoke("--version")
     assert result.exit_code == 0 and result.stdout.strip() == f"dynconvert {dynconvert.__version__}"
-    proc = subprocess.run([sys.executable, "-m", "dynconvert", "--version"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynconvert", "--version"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == f"dynconvert {dynconvert.__version__}"
 
 
@@ -157,8 +206,20 @@ def test_inspect_table_and_run(tiny_run):
 def test_sample_writes_a_grid(tiny_run, tmp_path):
     out, _ = tiny_run
     png = tmp_path / "grid.png"
-    result = invoke("sample", "--run", out, "--out", png, "--labels", "1,2", "--steps", "2", "--compare",
-                    "--raw", "--json")  # fmt: skip
+    result = invoke(
+        "sample",
+        "--run",
+        out,
+        "--out",
+        png,
+        "--labels",
+        "1,2",
+        "--steps",
+        "2",
+        "--compare",
+        "--raw",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert png.is_file() and json.loads(result.stdout)["path"] == str(png)
     line = one_line_error(invoke("sample", "--run", out, "--out", png, "--steps", "2"))
@@ -269,8 +330,9 @@ def test_library_messages_name_settings_and_the_cli_names_flags(tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
-    request = RunRequest(model="dit-tiny", target_flops=0.5, data="synthetic", random_init=True,
-                         out=str(busy))  # fmt: skip
+    request = RunRequest(
+        model="dit-tiny", target_flops=0.5, data="synthetic", random_init=True, out=str(busy)
+    )
     with pytest.raises(OutputExistsError, match="choose another `out`") as info:
         prepare_run(request)
     assert "--" not in str(info.value)
@@ -328,8 +390,22 @@ def test_recipe_file_with_an_unknown_key(tmp_path):
 def test_no_weights_without_hub_access_says_so(tmp_path):
     out = tmp_path / "run"
     env = {"HF_HUB_OFFLINE": "1"}
-    line = one_line_error(invoke("convert", "--model", "dit-xl", "--target-flops", "0.5", "--data", "synthetic",
-                                 "--out", out, env=env))  # fmt: skip
+    # --force: the memory plan of DiT-XL/2 at the recipe's batch would be refused first
+    line = one_line_error(
+        invoke(
+            "convert",
+            "--model",
+            "dit-xl",
+            "--target-flops",
+            "0.5",
+            "--data",
+            "synthetic",
+            "--out",
+            out,
+            "--force",
+            env=env,
+        )
+    )
     assert "--checkpoint" in line and "hub" in line and "--random-init" in line
     assert not out.exists()
     line = one_line_error(
@@ -348,8 +424,17 @@ def test_convert_from_a_diffusers_folder(tmp_path):
     args = [a for a in TINY if a != "--random-init"]
     args[args.index("dit-tiny")] = "dit-xl"  # a DiT from a diffusers folder (tiny here)
     out = tmp_path / "run"
-    result = invoke("convert", *args, "--checkpoint", folder, "--set", "calibration.num_workers=0",
-                    "--out", out, "--json")  # fmt: skip
+    result = invoke(
+        "convert",
+        *args,
+        "--checkpoint",
+        folder,
+        "--set",
+        "calibration.num_workers=0",
+        "--out",
+        out,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["recipe"] == "dit-xl-imagenet256"
     model, info = load_run(out)  # not a preset: rebuilt from the config kept in run.json
@@ -383,8 +468,17 @@ def test_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
     from dynconvert.cli import render
 
     out = tmp_path / "run"
-    args = [*TINY, "--steps", "4", "--set", "calibration.checkpoint_every=1", "--set", "report.bench=false",
-            "--out", out]  # fmt: skip
+    args = [
+        *TINY,
+        "--steps",
+        "4",
+        "--set",
+        "calibration.checkpoint_every=1",
+        "--set",
+        "report.bench=false",
+        "--out",
+        out,
+    ]
     real = render.StepProgress.__call__
 
     def crash_at_3(self, info):
@@ -461,8 +555,14 @@ def test_examples_run(tmp_path):
     cases[2] += ["", str(tmp_path / "grid.png")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     code = f"CASES = {cases!r}" + DRIVER
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                          env=env, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-3000:]
     assert "EXIT CODES" in proc.stdout and (tmp_path / "grid.png").is_file()
     assert (tmp_path / "tiny" / "model.safetensors").is_file()

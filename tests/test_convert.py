@@ -62,7 +62,7 @@ def test_routers_read_the_timestep_and_deepcopy_keeps_working(family):
     ema = copy.deepcopy(model)  # EMA copies must route with their own bank
     torch.testing.assert_close(call(ema, inputs), call(model, inputs))
     bank = dynconvert.get_state(model)
-    assert bank._t is not None and bank._t.numel() == 3
+    assert bank.current_call().t is not None and bank.current_call().t.numel() == 3
     assert dynconvert.get_state(ema) is not bank
 
 

@@ -7,6 +7,7 @@ off, and the whole batch at one timestep, as pipelines call the model.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import warnings
 
@@ -111,6 +112,27 @@ def test_pipeline_save_pretrained_comes_back_converted(converted, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(call(loaded, inputs), call(model, inputs), atol=0, rtol=0)
     assert dynconvert.is_converted(dynconvert.load(tmp_path / "transformer"))
+
+
+def test_pipeline_save_pretrained_passes_its_options_to_a_converted_model(converted, tmp_path):
+    # diffusers passes these only to a save method whose signature names them (issue 23).
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+
+    model = copy.deepcopy(converted["dit"])
+    assert {"safe_serialization", "variant", "max_shard_size"} <= set(
+        inspect.signature(model.save_pretrained).parameters
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4)
+    pipe = DiTPipeline(transformer=model, vae=vae, scheduler=DDIMScheduler())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe.save_pretrained(tmp_path, variant="v1", safe_serialization=False)
+    assert (tmp_path / "transformer" / "diffusion_pytorch_model.v1.bin").is_file()
+    inputs = _inputs(model)
+    with torch.no_grad():
+        loaded = dynconvert.load(tmp_path / "transformer")
+        torch.testing.assert_close(call(loaded, inputs), call(model, inputs), atol=0, rtol=0)
 
 
 def test_dynconvert_save_opens_with_from_pretrained(converted, tmp_path):

@@ -122,3 +122,25 @@ def test_training_masks_are_straight_through():
     grads = [p.grad for p in bank.parameters() if p.grad is not None]
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
     assert ratio.shape == (4,) and bool(((ratio > 0) & (ratio < 1.01)).all())
+
+
+def test_routers_decide_in_float32_under_a_bf16_autocast():
+    # Rounded to bf16, logits near the threshold flip decisions (issue 23, item 7).
+    model = tiny_dit()
+    inputs = default_inputs(model, batch_size=3)
+    dynconvert.convert(model, 0.5, example_inputs=inputs)
+    randomize_routing(model, keep=0.5, example_inputs=inputs)
+    bank = dynconvert.get_state(model)
+    t = torch.arange(0.0, 1000.0, 3.0)
+    tokens = torch.randn(2, 5, bank.token["1"].net[0].in_features)
+    expected, token_logits = bank.width_table(t), bank.token["1"](tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = bank.width_table(t)
+        assert bank.t_embed(t).dtype == bank.token["1"](tokens).dtype == torch.float32
+        assert torch.equal(
+            bank.token["1"](tokens.bfloat16()), bank.token["1"](tokens.bfloat16().float())
+        )
+        bank.begin(torch.tensor([10.0, 990.0]), training=True)  # the Gumbel masks' logits too
+        assert bank.current_call().train_masks[0].dtype == torch.float32
+    assert all(torch.equal(got[i], expected[i]) for i in expected)
+    assert torch.equal(bank.token["1"](tokens), token_logits)

@@ -291,14 +291,13 @@ def test_graph_runner_keys_replays_and_falls_back_on_cpu():
     assert graph_stats(model) is None and "forward" not in model.__dict__
 
 
-@pytest.mark.slow
-def test_compile_breaks_once_and_does_not_recompile_within_a_pattern():
-    from torch._dynamo.utils import counters
-
+def _compiled(execution: str) -> tuple:
+    """A routed tiny DiT in ``execution``, its inputs, and it compiled by a backend that keeps
+    each graph dynamo hands it (the list returned)."""
     model = tiny_dit()
     inputs = default_inputs(model, batch_size=2)
     _routed(model, inputs)
-    dynconvert.set_routing(model, "eval", "planned")
+    dynconvert.set_routing(model, "eval", execution)
     graphs = []
 
     def backend(gm, example):
@@ -306,7 +305,14 @@ def test_compile_breaks_once_and_does_not_recompile_within_a_pattern():
         return gm.forward
 
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend)
+    return model, inputs, torch.compile(model, backend=backend), graphs
+
+
+@pytest.mark.slow
+def test_compile_breaks_once_and_does_not_recompile_within_a_pattern():
+    from torch._dynamo.utils import counters
+
+    model, inputs, compiled, graphs = _compiled("planned")
     new_graphs = []
     with torch.no_grad():
         for ts in ([500, 500], [500, 500], [500, 500]):
@@ -319,6 +325,26 @@ def test_compile_breaks_once_and_does_not_recompile_within_a_pattern():
             assert sum(counters["graph_break"].values()) <= 1
     # One graph for the forward after the timestep read, compiled once for the pattern.
     assert new_graphs == [1, 0, 0]
+
+
+@pytest.mark.slow
+def test_compiled_fast_path_does_not_recompile_within_a_pattern():
+    # The slice cache's lookup and the host decisions run eagerly, and a call's records keep one
+    # size: dynamo guarded on the cache's entries and on the records' size and recompiled as
+    # they filled, up to its recompile limit (issue 23, item 7).
+    model, inputs, compiled, graphs = _compiled("fast")
+    new_graphs = []
+    with torch.no_grad():
+        for ts in ([500, 500], [500, 500], [500, 500], [10, 10], [10, 10], [500, 500]):
+            before = len(graphs)
+            args, kwargs = split_inputs(with_timestep(model, inputs, ts))
+            out = compiled(*args, **kwargs)
+            torch.testing.assert_close(out, model(*args, **kwargs), atol=1e-5, rtol=1e-5)
+            new_graphs.append(len(graphs) - before)
+    # Before: [25, 14, 1, 8, 3, 0] (and the recompile limit on larger models); now
+    # [25, 3, 0, 7, 1, 1] measured: the first pattern settles by its third call, the second
+    # pattern's second call and a return to the first still recompile one frame each.
+    assert new_graphs[2] == 0, new_graphs
 
 
 @pytest.mark.gpu

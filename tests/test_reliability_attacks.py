@@ -88,7 +88,6 @@ PLANS = {
     "10**7 units": (_map0(units=10**7), "do not fit"),
     "explicit not lists": (_map0(explicit=[[-1, 0], [1, 2]]), "do not fit"),
     "keep -1": (_map0(keep=[-1]), "do not fit"),
-    "a module in two sites": (_site0(lambda s: s.update(name="blocks.1.attn")), "two sites"),
     "head_attrs forward": (_site0(lambda s: s["head_attrs"].update(forward=1)), "lowers"),
     "head_attrs __class__": (_site0(lambda s: s["head_attrs"].update(__class__=1)), "lowers"),
     "head_attrs training": (_site0(lambda s: s["head_attrs"].update(training=1)), "lowers"),

@@ -261,7 +261,10 @@ def test_compare_grid_titles_say_which_side_is_which(tmp_path):
 
 
 class _PointMassOracle(torch.nn.Module):
-    """The exact eps predictor for data that is always ``mu``: (x_t - sqrt(abar) mu) / sqrt(1 - abar)."""
+    """The exact eps predictor for data that is always ``mu``.
+
+    eps = (x_t - sqrt(abar) mu) / sqrt(1 - abar).
+    """
 
     def __init__(self, mu: torch.Tensor, schedule: str = "linear"):
         super().__init__()

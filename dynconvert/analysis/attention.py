@@ -69,7 +69,8 @@ def build_site(
             found = build_site(call.alt, model, reuse, order, from_linear, derive)
             if found.site is not None:
                 return found
-            why = f"`{call.cost_nodes[0].op}` as (B, H, N, d): {e.reason}; as (B, N, H, d): {found.skipped.reason}"
+            op = call.cost_nodes[0].op
+            why = f"`{op}` as (B, H, N, d): {e.reason}; as (B, N, H, d): {found.skipped.reason}"
             return FoundAttention(None, SkippedSite(where, "attention", why), [])
         # A fold read the wrong way round (heads-major, H x B) shows up as a layout problem.
         why = (

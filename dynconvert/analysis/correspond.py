@@ -198,6 +198,10 @@ def align(probe: OpGraph, real: OpGraph) -> dict[int, OpNode] | str:
     for i, (a, b) in enumerate(zip(probe.nodes, real.nodes)):
         same = (a.op, a.kind, a.module, a.linear) == (b.op, b.kind, b.module, b.linear)
         if not same or _skeleton((a.args, a.kwargs), pi) != _skeleton((b.args, b.kwargs), ri):
-            return f"op {i} differs: `{a.op}` in {a.module or '<root>'} at the probe's shapes, `{b.op}` in {b.module or '<root>'} at the real ones"
+            where_a, where_b = a.module or "<root>", b.module or "<root>"
+            return (
+                f"op {i} differs: `{a.op}` in {where_a} at the probe's shapes, "
+                f"`{b.op}` in {where_b} at the real ones"
+            )
         out[id(a)] = b
     return out

@@ -221,7 +221,8 @@ def linear_like(m: torch.nn.Module) -> bool:
         ...         super().__init__()
         ...         self.weight = torch.nn.Parameter(torch.zeros(3, 2))
         ...         self.bias = None
-        >>> linear_like(Proj()), linear_like(torch.nn.Linear(2, 3)), linear_like(torch.nn.LayerNorm(2))
+        >>> nn = torch.nn
+        >>> linear_like(Proj()), linear_like(nn.Linear(2, 3)), linear_like(nn.LayerNorm(2))
         (True, False, False)
     """
     if (

@@ -1,4 +1,4 @@
-"""Head-locality: which ops may stand between the projections and the attention, read from the graph.
+"""Head-locality: which ops may stand between the projections and the attention (from the graph).
 
 Removing a head is the same as zeroing it only if every op between the q/k/v projections and the
 attention (and between the attention and its out-projections, headout.py) treats every head
@@ -88,7 +88,10 @@ def linear_ancestry(nodes: list[OpNode]) -> set[int]:
 
 
 def _writes(fresh: OpNode) -> list[tuple[OpNode, OpNode]]:
-    """(view, copy_) pairs writing into a fresh tensor: ``out = empty_like(x); out[..., ::2] = a``."""
+    """(view, copy_) pairs writing into a fresh tensor.
+
+    As in ``out = empty_like(x); out[..., ::2] = a``.
+    """
     out = []
     for view in fresh.real_users:
         if view.kind != "shape":

@@ -46,9 +46,30 @@ def substitute(a: Any, values: dict[int, torch.Tensor]) -> Any:
 
 def rerun(n: OpNode, values: dict[int, torch.Tensor]) -> Any:
     """Rerun the (shape) op ``n`` with the values of ``values`` for its graph arguments."""
-    return n.replay(
-        *substitute(n.args, values), **{k: substitute(v, values) for k, v in n.kwargs.items()}
-    )
+    args = substitute(n.args, values)
+    kwargs = {k: substitute(v, values) for k, v in n.kwargs.items()}
+    try:
+        return n.replay(*args, **kwargs)
+    except RuntimeError:
+        sizes = _view_sizes(n, args, kwargs)
+        if sizes is None:
+            raise
+        # A view after a transpose is legal in the real run when a kernel returned its output
+        # in the transposed layout (an attention's (B, H, N, d) result stored as (B, N, H, d));
+        # the index tensors here are laid out plainly, and a reshape reads the same values.
+        return args[0].reshape(sizes)
+
+
+def _view_sizes(n: OpNode, args: tuple, kwargs: dict) -> list[int] | None:
+    """The sizes of a ``view`` to sizes (None for any other op, or a view to a dtype)."""
+    if n.op.split(".")[0] not in ("view", "_unsafe_view") or not args:
+        return None
+    if not isinstance(args[0], torch.Tensor):
+        return None
+    sizes = list(args[1:]) or [kwargs.get("size")]
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple, torch.Size)):
+        sizes = list(sizes[0])
+    return sizes if sizes and all(isinstance(x, int) for x in sizes) else None
 
 
 def replay_chain(start: OpNode, value: torch.Tensor, chain: list[OpNode]) -> Any:

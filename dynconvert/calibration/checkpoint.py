@@ -7,6 +7,10 @@ A checkpoint is one ``torch.save`` file ``<output_dir>/checkpoints/step-0001000.
      "scheduler": None, "rng": [per-process RNG states], "data": {"position": rows read},
      "counters": {...}, "history": {"loss": [...], "flops_ratio": [...]}, "config": {...}}
 
+An FSDP run with sharded checkpoints writes a folder instead (``sharded_checkpoint.py``): its
+``meta.pt`` says ``"kind": "fsdp-sharded"`` and records the weights' shapes, which the checks
+here read; its tensors load once the model is sharded.
+
 The files themselves (atomic writes, the latest, pruning) are ``checkpoint_files.py``; the RNG
 states and per-step seeds are ``seeding.py``. Both are re-exported here, the module the rest of
 the package imports checkpoints from.
@@ -23,6 +27,7 @@ import torch.nn as nn
 from dynconvert.calibration.checkpoint_files import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
+    SHARDED_META,
     checkpoint_dir,
     checkpoint_path,
     latest_checkpoint,
@@ -40,6 +45,7 @@ from dynconvert.errors import CheckpointError, OutputExistsError
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
+    "SHARDED_META",
     "capture_rng",
     "check_optimizer_fits",
     "check_resume",
@@ -207,6 +213,8 @@ def check_resume(cfg: Any, model: nn.Module) -> int | None:
     attach_lora(model, cfg)  # trainable="lora": the adapter the checkpoint holds (added once)
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in payload["model"].items() if isinstance(v, torch.Tensor)}
+    if payload.get("kind") == "fsdp-sharded":  # shapes recorded beside the shards
+        theirs = {k: tuple(v) for k, v in payload.get("shapes", {}).items()}
     if mine != theirs:
         diff = sorted(set(mine) ^ set(theirs)) or [k for k in mine if mine[k] != theirs[k]]
         raise CheckpointError(
@@ -223,7 +231,7 @@ def load_training_state(cfg: Any, model: nn.Module, ema: Any) -> dict[str, Any] 
     Args:
         cfg: The run's ``CalibrationConfig``.
         model: The (unwrapped) model; its state dict is loaded.
-        ema: The ``EMA``; its shadow is loaded.
+        ema: The ``EMA``; its shadow is loaded (None: left in the returned dict).
 
     Returns:
         The checkpoint dict plus "path" (the optimiser state is for the caller to load), or None
@@ -246,18 +254,21 @@ def load_training_state(cfg: Any, model: nn.Module, ema: Any) -> dict[str, Any] 
         )
     payload = load_checkpoint(path)
     _check_resumable(cfg, payload, path)
+    payload["path"] = path
+    if payload.get("kind") == "fsdp-sharded":  # loaded once the model is sharded
+        return payload
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint {path} does not match this model: {err}") from err
     check_optimizer_fits(payload["optimizer"], trainable_parameters(model, cfg), path)
     try:
-        ema.load_state_dict(payload["ema"])
+        if ema is not None:  # None under FSDP: the EMA is made after sharding, loaded then
+            ema.load_state_dict(payload["ema"])
     except (KeyError, RuntimeError, TypeError, ValueError) as err:
         raise CheckpointError(
             f"checkpoint {path}: its EMA does not match this model ({err})"
         ) from err
-    payload["path"] = path
     return payload
 
 

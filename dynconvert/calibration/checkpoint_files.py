@@ -6,6 +6,10 @@ then ``os.replace``d over the final name, so a killed run never leaves a half-wr
 under a real name. It loads with ``torch.load(weights_only=True)``: everything in it is tensors
 and plain Python values.
 
+An FSDP run with sharded checkpoints writes a folder ``step-0001000/`` instead (its shards and a
+``meta.pt`` holding the rest; ``sharded_checkpoint.py``): it is listed, pruned and loaded (its
+``meta.pt``) here like a file, complete once ``meta.pt`` is in it.
+
 Every file operation goes through ``dynconvert.io.files``: below the run folder no link is
 followed (a ``checkpoints`` link or a checkpoint linked out of the folder is refused, never
 read, written or pruned through), and nothing is removed outside the folder.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +37,9 @@ from dynconvert.io.files import (
 
 CHECKPOINT_FORMAT = "dynconvert-calibration"
 CHECKPOINT_VERSION = 1
-_NAME = re.compile(r"^step-(\d{7,})\.pt$")
+_NAME = re.compile(r"^step-(\d{7,})(\.pt)?$")  # a file, or a sharded checkpoint's folder
+SHARDED_META = "meta.pt"
+"""What a sharded checkpoint folder holds besides its shards (written last)."""
 _TEMP = re.compile(r"^\.step-\d{7,}\.pt\.(\d+)(?:\.[0-9a-f]{8})?\.tmp$")
 
 
@@ -66,8 +73,8 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     found = []
     for name in entries(folder, output_dir):
         m = _NAME.match(name)
-        if m:
-            found.append((int(m.group(1)), folder / name))
+        if m and (m.group(2) or SHARDED_META in entries(folder / name, output_dir)):
+            found.append((int(m.group(1)), folder / name))  # a folder once its meta.pt is in
     return sorted(found)
 
 
@@ -112,6 +119,8 @@ def load_checkpoint(
         CheckpointError: Missing, unreadable, another format, or a newer version.
     """
     path = Path(path)
+    if path.is_dir() and not path.is_symlink():  # sharded: its meta.pt (shards load later)
+        path = path / SHARDED_META
     try:
         fd = open_file(path, _root(path))
     except FileError as e:
@@ -167,5 +176,8 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
     found = list_checkpoints(output_dir)
     doomed = [p for _, p in found[: max(0, len(found) - keep)]]
     for p in doomed:
-        remove_file(p, output_dir)  # the entry itself, inside the folder
+        if p.is_dir() and not p.is_symlink():  # a sharded checkpoint (rmtree follows no link)
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            remove_file(p, output_dir)  # the entry itself, inside the folder
     return doomed

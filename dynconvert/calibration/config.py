@@ -27,6 +27,8 @@ RESUME_FREE_FIELDS = frozenset(
         "keep_checkpoints",
         "output_dir",
         "resume",
+        "check_memory",
+        "gradient_checkpointing",
         "num_workers",
         "cpu",
         "capacity_points",
@@ -60,6 +62,7 @@ _RANGES = {
     "ema_decay": Range(0, 1, high_open=True),
     "grad_clip": _POSITIVE,
     "skip_grad_norm": _POSITIVE,
+    "grad_accum_steps": Range(1, 65536),
     "seed": Range(0, SEED_MAX),
     "checkpoint_every": _NON_NEGATIVE,
     "keep_checkpoints": Range(1),
@@ -106,6 +109,13 @@ class CalibrationConfig:
         grad_clip: Max total gradient norm (None: no clipping).
         skip_grad_norm: Skip the optimiser step when the total norm exceeds this (None: only
             non-finite norms skip).
+        grad_accum_steps: Micro-batches per optimiser step: each process runs its share of
+            ``batch_size`` in this many forward/backward passes (same global batch, less
+            activation memory).
+        gradient_checkpointing: Recompute each transformer block in backward instead of keeping
+            its activations (routing replays the same masks and noise; the result is the same).
+        check_memory: Refuse to start when the memory plan (``calibration.memory``) exceeds the
+            device's free memory; False skips the check (``--force``).
         trainable: "all" (routers and model, the paper), "routers" (base weights frozen) or
             "lora" (base weights frozen; a LoRA adapter on the routed Linears and the routers
             trained: ``calibration/trainable.py``).
@@ -177,6 +187,9 @@ class CalibrationConfig:
     ema_warmup: bool = False
     grad_clip: float | None = 1.0
     skip_grad_norm: float | None = 100.0
+    grad_accum_steps: int = 1
+    gradient_checkpointing: bool = False
+    check_memory: bool = True
     trainable: str = "all"
     lora_rank: int = 16
     lora_alpha: float | None = None
@@ -222,6 +235,11 @@ class CalibrationConfig:
             )
         _one_of("trainable", self.trainable, TRAINABLE)
         self._check_lora()
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"batch_size {self.batch_size} must be divisible by grad_accum_steps "
+                f"{self.grad_accum_steps} (each step runs that many equal micro-batches)"
+            )
         _one_of("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         if self.resume and not self.output_dir:
             raise ConfigError("resume=True needs output_dir (the folder holding the checkpoints)")

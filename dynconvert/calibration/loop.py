@@ -16,6 +16,7 @@ and the loss terms of a step are ``step.py``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -25,14 +26,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from dynconvert.calibration.accumulate import forward_backward
 from dynconvert.calibration.adapters import ModelAdapter, resolve_labels, select_adapter
 from dynconvert.calibration.capacity import measure_token_capacity
 from dynconvert.calibration.checkpoint import save_training_state, seed_step
 from dynconvert.calibration.config import CalibrationConfig, as_config
 from dynconvert.calibration.data import as_source, check_batch
 from dynconvert.calibration.distributed import make_accelerator
+from dynconvert.calibration.fit import check_before_start
 from dynconvert.calibration.objectives import build_objective
 from dynconvert.calibration.progress import CalibrationProgress
+from dynconvert.calibration.recompute import gradient_checkpointing
 from dynconvert.calibration.result import CalibrationResult, StepInfo
 from dynconvert.calibration.schedule import LambdaSchedule
 from dynconvert.calibration.setup import (
@@ -42,6 +46,8 @@ from dynconvert.calibration.setup import (
     setup_run,
     training_mode,
 )
+from dynconvert.calibration.sharded import finish_unsharded, gather_result
+from dynconvert.calibration.sharded_checkpoint import save_sharded_training_state
 from dynconvert.calibration.step import (
     TERMS,
     StepTerms,
@@ -108,13 +114,18 @@ def calibrate(
     # Setup: accelerator, teacher, trainable parameters, optimiser, EMA, resume.
     accelerator = accelerator or make_accelerator(cfg)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    if cfg.batch_size % (world * cfg.grad_accum_steps):
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} must be divisible by the {world} processes x "
+            f"grad_accum_steps {cfg.grad_accum_steps}"
+        )
+    check_before_start(model, cfg, accelerator)  # the memory plan against the device (fit.py)
     teacher = frozen_teacher(model, teacher, cfg, device)
     shown = cfg.progress if accelerator.is_main_process else "off"
     progress = CalibrationProgress(shown, cfg.steps, cfg.log_every)  # a bar, log lines or none
-    with training_mode(model, state), progress:
+    with training_mode(model, state), progress, contextlib.ExitStack() as after_setup:
         run = setup_run(model, state, cfg, accelerator)
+        after_setup.enter_context(gradient_checkpointing(model, cfg.gradient_checkpointing))
         progress.start(run.start, cfg.target, run.resumed_from)
         lambdas = LambdaSchedule(cfg.target, cfg.lambda_hold_steps, cfg.warmup_steps)
         model.train()
@@ -136,8 +147,12 @@ def calibrate(
             x0 = batch["x"].float()
             noisy = objective.noise(x0)
             lam = lambdas(step)
-            terms = step_terms(batch, x0, noisy, lam=lam, step=step)
-            values, skipped, grad_norm = _optimise(run, terms, lam, step)
+            # Forward and backward, micro-batch by micro-batch (accumulate.py).
+            terms, nonfinite = forward_backward(
+                step_terms, accelerator, run.ddp_model, batch, x0, noisy, cfg.grad_accum_steps,
+                lam=lam, step=step,
+            )  # fmt: skip
+            values, skipped, grad_norm = _optimise(run, terms, nonfinite, lam, step)
             # Checkpoint (never while non-finite losses are in a row: keep the last good one).
             wrote = _checkpoint_if_due(run, step + 1)
             if accelerator.is_main_process:
@@ -165,9 +180,10 @@ def _draw(
 
 
 def _optimise(
-    run: TrainingRun, terms: dict[str, torch.Tensor], lam: float, step: int
+    run: TrainingRun, terms: dict[str, torch.Tensor], nonfinite: bool, lam: float, step: int
 ) -> tuple[dict[str, float], str | None, float | None]:
-    """Back-propagate and take the optimiser step unless the loss or the gradient is bad.
+    """Take the optimiser step on the gradients back-propagated by ``forward_backward`` unless
+    the loss (``nonfinite``: on some process) or the gradient is bad.
 
     Returns:
         The logged values (means over processes), why the step was skipped (None,
@@ -178,11 +194,9 @@ def _optimise(
         CalibrationError: ``max_nonfinite_in_a_row`` non-finite losses in a row.
     """
     cfg, accelerator, counters = run.cfg, run.accelerator, run.counters
-    total = terms["loss"]
-    # All processes agree on the values to log and on whether the loss is finite.
-    logged = torch.stack(
-        [terms[k].detach().float() for k in TERMS] + [(~torch.isfinite(total)).float()]
-    )
+    # All processes agree on the values to log (and already did on whether a loss was finite).
+    flag = terms["loss"].new_tensor(float(nonfinite))
+    logged = torch.stack([terms[k].detach().float() for k in TERMS] + [flag])
     if accelerator.num_processes > 1:
         logged = accelerator.reduce(logged, reduction="mean")
     values = dict(zip(TERMS, logged[:-1].tolist(), strict=True))
@@ -194,7 +208,6 @@ def _optimise(
             raise CalibrationError(nonfinite_message(run.in_a_row, step, run.last_ckpt))
     else:
         run.in_a_row = 0
-        accelerator.backward(total)
         grad_norm = float(accelerator.clip_grad_norm_(run.params, cfg.grad_clip or math.inf))
         too_big = cfg.skip_grad_norm is not None and grad_norm > cfg.skip_grad_norm
         if not math.isfinite(grad_norm) or too_big:
@@ -220,6 +233,12 @@ def _checkpoint_if_due(run: TrainingRun, done: int) -> Path | None:
     due = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
     if not cfg.output_dir or not (due or done == cfg.steps) or run.in_a_row != 0:
         return None
+    if run.skeleton is not None:  # FSDP: sharded or full, as the accelerate config says
+        run.last_ckpt = save_sharded_training_state(
+            run.accelerator, cfg, run.model, run.ema, run.optimizer, run.names, done,
+            run.history, run.counters,
+        )  # fmt: skip
+        return run.last_ckpt
     run.last_ckpt = save_training_state(
         run.accelerator, cfg, run.model, run.ema, run.optimizer, done, run.history, run.counters
     )
@@ -258,13 +277,31 @@ def _step_info(
 
 def _finish(run: TrainingRun, adapter: ModelAdapter, objective: Any) -> CalibrationResult:
     """The EMA weights into the model (eval mode; a trained LoRA merged unless kept), the raw
-    ones kept beside them, and the token capacities of the planned path measured on the last batch (``calibration/capacity.py``)."""
+    ones kept beside them, and the token capacities of the planned path measured on the last
+    batch (``calibration/capacity.py``)."""
     cfg, model = run.cfg, run.model
-    train_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    run.ema.copy_to(model)
-    merge_lora(model, cfg)  # trainable="lora", lora_save="merge": no peft layer is left
-    model.eval()
-    if cfg.capacity_points:
+    if run.skeleton is not None:  # FSDP: gathered into an unsharded copy on the main process
+        main = run.accelerator.is_main_process
+        result, train_state = gather_result(model, run.ema, run.skeleton, main)
+        model = finish_unsharded(result, model, run.accelerator.device)
+    else:
+        # Only what the EMA overwrites is copied: frozen weights (trainable=routers) are the
+        # same raw or averaged, so the raw state shares them (a second copy of a 12B model's
+        # frozen weights would double the end-of-run peak for nothing). A LoRA merge writes
+        # into the frozen base weights it wraps: those are copied too.
+        averaged = set(run.ema.shadow)
+        merging = cfg.trainable == "lora" and cfg.lora_save == "merge"
+        train_state = {
+            k: v.detach().cpu().clone()
+            if k in averaged or (merging and ".base_layer." in k)
+            else v.detach().cpu()
+            for k, v in model.state_dict().items()
+        }
+        run.ema.copy_to(model)
+    if model is not None:
+        merge_lora(model, cfg)  # trainable="lora", lora_save="merge": no peft layer is left
+        model.eval()
+    if cfg.capacity_points and model is not None:
         measure_token_capacity(model, adapter, objective, run.last_batch, cfg.capacity_points)
     run.accelerator.wait_for_everyone()
     return CalibrationResult(

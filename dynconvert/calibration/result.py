@@ -71,7 +71,8 @@ class CalibrationResult:
         skipped_grad_norm: Steps skipped for a non-finite or too large gradient norm.
         last_checkpoint: The newest checkpoint written (None without ``output_dir``).
         resumed_from: The checkpoint this run resumed from, if any.
-        train_state_dict: The raw (non-EMA) weights at the end, on CPU.
+        train_state_dict: The raw (non-EMA) weights at the end, on CPU (frozen ones share the
+            model's storage on a CPU model: the EMA leaves them as they are).
         trainable_params: Values trained (and tracked by the EMA and AdamW).
         total_params: Values of the model as it was trained (a LoRA adapter included).
 

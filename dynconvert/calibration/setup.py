@@ -18,8 +18,10 @@ import torch.nn as nn
 from dynconvert.calibration.adapters import label_embedders
 from dynconvert.calibration.checkpoint import load_training_state, restore_rng
 from dynconvert.calibration.config import CalibrationConfig
-from dynconvert.calibration.distributed import MISSING, restore_forward
+from dynconvert.calibration.distributed import MISSING, restore_forward, sharding_of
 from dynconvert.calibration.ema import EMA
+from dynconvert.calibration.sharded import prepare_sharding
+from dynconvert.calibration.sharded_checkpoint import resume_after_sharding
 from dynconvert.calibration.trainable import attach_lora, select_trainable
 from dynconvert.errors import BudgetError, ConfigError, NotConvertedError
 from dynconvert.flops import min_ratio
@@ -51,6 +53,8 @@ class TrainingRun:
     last: dict[str, float] = field(default_factory=dict)  # the last step's logged values
     last_batch: dict[str, torch.Tensor] | None = None  # for the token capacities at the end
     counts: dict[str, int] = field(default_factory=dict)  # trainable_params, total_params
+    names: list[str] = field(default_factory=list)  # the trainable parameters' names, in order
+    skeleton: nn.Module | None = None  # FSDP: the unsharded copy the result is gathered into
 
 
 def converted_state(model: nn.Module, target: float) -> Any:
@@ -161,18 +165,28 @@ def setup_run(
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
     )
-    ema = EMA(model, cfg.ema_decay, names=names, warmup=cfg.ema_warmup)
+    # Under FSDP (sharded.py) the EMA is made from the shards and a resumed state loaded into them.
+    sharded = sharding_of(accelerator) == "fsdp"
+    ema = None if sharded else EMA(model, cfg.ema_decay, names=names, warmup=cfg.ema_warmup)
     resumed = load_training_state(cfg, model, ema)
     accelerator.wait_for_everyone()  # all processes looked for checkpoints before any write
+    skeleton = prepare_sharding(accelerator, model, resumed, sharded)
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    ema.to(accelerator.device)
+    if sharded:
+        params = [p for p in model.parameters() if p.requires_grad]  # fully_shard's DTensors
+        ema = EMA(model, cfg.ema_decay, names=names, warmup=cfg.ema_warmup)
+        resume_after_sharding(resumed, model, ema, optimizer, names)
+    else:
+        ema.to(accelerator.device)
     run = TrainingRun(cfg, accelerator, model, ddp_model, state, params, optimizer, ema)
-    run.counts = {
+    run.counts = {  # a DTensor's numel is its full tensor's: the same counts under FSDP
         "trainable_params": sum(p.numel() for p in params),
         "total_params": sum(p.numel() for p in model.parameters()),
     }
+    run.names, run.skeleton = names, skeleton
     if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
+        if not sharded:
+            optimizer.load_state_dict(resumed["optimizer"])
         if accelerator.scaler is not None and resumed.get("scaler") is not None:
             accelerator.scaler.load_state_dict(resumed["scaler"])
         rng = resumed.get("rng") or []

@@ -44,6 +44,32 @@ def routed_targets(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def adapter_numel(model: nn.Module, cfg: Any) -> int:
+    """Parameters of the adapter ``attach_lora`` would add with ``cfg``'s rank and targets (an
+    A and a B per wrapped Linear, a TD-LoRA gate each with ``td_lora``), for the memory plan.
+
+    Example:
+        >>> import dynconvert
+        >>> from dynconvert.calibration.config import CalibrationConfig
+        >>> from dynconvert.testing import tiny_dit
+        >>> m = dynconvert.convert(tiny_dit(), 0.5)
+        >>> adapter_numel(m, CalibrationConfig(target=0.5, trainable="lora", lora_rank=4)) > 0
+        True
+    """
+    from dynconvert.runtime.state import get_state
+
+    targets = cfg.lora_targets
+    names = routed_targets(model)
+    if targets:
+        names = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+    embed = get_state(model).config.router_embed_dim if cfg.td_lora else 0
+    total = 0
+    for name in names:
+        shape = model.get_submodule(name).weight.shape  # (out, in, ...)
+        total += cfg.lora_rank * (shape[0] + shape[1] + (embed + 1 if embed else 0))
+    return total
+
+
 def attach_lora(model: nn.Module, cfg: Any) -> None:
     """Put the ``dynconvert`` LoRA adapter of a ``trainable="lora"`` run on ``model`` (once: a
     model that has it already is left as it is). Its A is drawn with ``cfg.seed``, its B is

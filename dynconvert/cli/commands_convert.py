@@ -77,6 +77,13 @@ RandomInitOpt = Annotated[
         "--random-init", help="Start from random weights (to try the pipeline, not for use)."
     ),
 ]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Start even when the memory plan says calibration will not fit this machine.",
+    ),
+]
 
 
 def convert(
@@ -92,6 +99,7 @@ def convert(
     random_init: RandomInitOpt = False,
     set_: SetOpt = None,
     json: JsonOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Convert a model, calibrate it toward a FLOPs budget, and save the run.
 
@@ -99,8 +107,9 @@ def convert(
     ETA), then measures the result and writes the run folder: model.safetensors and
     dynconvert.json (load with dynconvert.load), report.json, samples.png (digits), and
     checkpoints that --resume continues from. Everything that can be wrong with the options is
-    checked before the folder is created, and every missing requirement (data, weights) is
-    named in one message.
+    checked before the folder is created, every missing requirement (data, weights) is named in
+    one message, and a calibration that will not fit in memory is refused with the estimate and
+    settings that fit (dynconvert inspect --calibration).
 
     [bold]Examples[/bold]
 
@@ -120,7 +129,7 @@ def convert(
     request = RunRequest(
         model=model, target_flops=target_flops, recipe=recipe, checkpoint=checkpoint, data=data,
         steps=steps, out=out, device=device, resume=resume, random_init=random_init,
-        overrides=list(set_ or []),
+        overrides=list(set_ or []), force=force,
     )  # fmt: skip
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch / torchrun
     on_event = render.event_printer() if main_process else None

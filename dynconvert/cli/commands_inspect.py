@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-import json as json_lib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dynconvert.cli import render
+from dynconvert.cli.inspect_models import (
+    build_for_inspect,
+    memory_columns,
+    real_size_model,
+    to_device,
+)
+from dynconvert.cli.memory_table import (
+    BatchOpt,
+    CalibrationOpt,
+    PlanDeviceOpt,
+    ProcessesOpt,
+    ShardingOpt,
+)
 from dynconvert.cli.options import (
     ConfigFileOpt,
     DiffusersOpt,
@@ -15,13 +27,14 @@ from dynconvert.cli.options import (
     JsonOpt,
     ModelOpt,
     RunOpt,
+    SetOpt,
     WidthOpt,
 )
-from dynconvert.errors import ConfigError, ModelNotFoundError
+from dynconvert.errors import ConfigError
 from dynconvert.plan import ATTENTION
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 SCHEMA = """The --json object (MACs per sample; 1 MAC = 2 hardware FLOPs):
 model, params, router_params, calibration_gib {all, routers} (GiB; not with --run),
@@ -36,79 +49,6 @@ recipe, ...} and each site's mean_units_on (fraction of heads/groups on, mean ov
 timesteps)."""
 
 
-def _build_for_inspect(name: str) -> Any:
-    """The model's architecture without weights (meta device) where possible."""
-    import torch
-
-    from dynconvert.runs import DIFFUSERS_MODELS, TEST_MODELS, resolve_source
-
-    key = name.strip().lower()
-    if key in TEST_MODELS:
-        return resolve_source(name, random_init=True).build()
-    if key in DIFFUSERS_MODELS:
-        import diffusers
-
-        cls, _, config = DIFFUSERS_MODELS[key]
-        with torch.device("meta"):
-            return getattr(diffusers, cls).from_config(config)
-    from dynconvert.models import build_model, resolve_name
-
-    canonical = resolve_name(name)
-    kwargs = {"pretrained": False} if canonical == "digits" else {}
-    with torch.device("meta"):
-        return build_model(canonical, **kwargs)
-
-
-def _real_size(
-    name: str | None, cls: str | None, config: Path | None, pixels: tuple
-) -> tuple[Any, dict, dict] | None:
-    """A published configuration on meta and its inputs at its size and at its probe's: for
-    ``--model`` naming a shipped one (flux-dev, wan2.1-t2v-14b...) or for ``--diffusers CLASS
-    --config FILE``; None when ``--model`` names something else (a preset)."""
-    from dynconvert.testing.configs import build, for_class, is_real_config, real_config
-
-    if cls is None:
-        from dynconvert.models import resolve_name
-        from dynconvert.runs import DIFFUSERS_MODELS, TEST_MODELS
-
-        key = name.strip().lower()
-        if key in TEST_MODELS or key in DIFFUSERS_MODELS or not is_real_config(name):
-            return None
-        try:
-            resolve_name(name)
-            return None  # a built-in preset keeps its name
-        except ModelNotFoundError:
-            pass
-        entry = real_config(name)
-        settings = entry.config()
-    else:
-        if config is None:
-            raise ConfigError(
-                "--diffusers CLASS needs --config FILE (the model's config.json, no weights)"
-            )
-        entry = for_class(cls)
-        try:
-            settings = json_lib.loads(Path(config).read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--config {config}: not a readable JSON file ({e})") from e
-    net = build(entry.class_name, settings)
-    size = entry.size_at(*pixels)
-    return net, entry.inputs(net, size), entry.inputs(net, entry.probe)
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    """Example inputs on the model's device (meta for weightless models)."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
 def plan_summary(plan: Any, config: Any = None) -> dict[str, Any]:
     """The inspect JSON object of a plan (see SCHEMA)."""
     from dynconvert.config import ConvertConfig
@@ -121,18 +61,40 @@ def plan_summary(plan: Any, config: Any = None) -> dict[str, Any]:
     sites = []
     for s in plan.sites:
         cost = s.macs()
-        d: dict[str, Any] = {"index": s.index, "name": s.name or "(model)", "block": s.block,
-                             "module_class": s.module_class, "macs": cost,
-                             "share": cost / static if static else 0.0, "fast": s.fast,
-                             "fast_reason": s.fast_reason}  # fmt: skip
+        d: dict[str, Any] = {
+            "index": s.index,
+            "name": s.name or "(model)",
+            "block": s.block,
+            "module_class": s.module_class,
+            "macs": cost,
+            "share": cost / static if static else 0.0,
+            "fast": s.fast,
+            "fast_reason": s.fast_reason,
+        }
         if isinstance(s, AttentionSite):
-            d.update(kind=site_kind(s), attention=s.kind, heads=s.heads, head_dim=s.head_dim,
-                     tokens=s.tokens_q, width=True, width_reason="", token_routing=False,
-                     token_reason="attention always sees every token")  # fmt: skip
+            d.update(
+                kind=site_kind(s),
+                attention=s.kind,
+                heads=s.heads,
+                head_dim=s.head_dim,
+                tokens=s.tokens_q,
+                width=True,
+                width_reason="",
+                token_routing=False,
+                token_reason="attention always sees every token",
+            )
         else:
-            d.update(kind=site_kind(s), groups=s.groups, hidden=s.hidden, gated=s.gated, tokens=s.tokens,
-                     width=s.width, width_reason=s.width_reason, token_routing=s.token,
-                     token_reason=s.token_reason)  # fmt: skip
+            d.update(
+                kind=site_kind(s),
+                groups=s.groups,
+                hidden=s.hidden,
+                gated=s.gated,
+                tokens=s.tokens,
+                width=s.width,
+                width_reason=s.width_reason,
+                token_routing=s.token,
+                token_reason=s.token_reason,
+            )
         sites.append(d)
     return {
         "model_class": plan.model_class,
@@ -198,6 +160,12 @@ def inspect(
     width: WidthOpt = None,
     frames: FramesOpt = None,
     json: JsonOpt = False,
+    calibration: CalibrationOpt = False,
+    batch: BatchOpt = None,
+    processes: ProcessesOpt = 1,
+    sharding: ShardingOpt = "none",
+    device: PlanDeviceOpt = "auto",
+    set_: SetOpt = None,
 ) -> None:
     """Show what convert finds in a model: blocks, sites, heads, groups, costs, budget range.
 
@@ -217,7 +185,13 @@ def inspect(
       dynconvert inspect --model flux-dev --height 768 --width 1360
 
       dynconvert inspect --diffusers WanTransformer3DModel --config config.json --frames 81
+
+      dynconvert inspect --model dit-xl --calibration --batch 256 --processes 8 --sharding fsdp
     """
+    if calibration and model is None:
+        raise ConfigError(
+            "--calibration needs --model NAME (e.g. inspect --model dit-xl --calibration)"
+        )
     if sum(x is not None for x in (model, run, diffusers)) != 1:
         raise ConfigError(
             "pass exactly one of --model NAME, --run DIR or --diffusers CLASS --config FILE "
@@ -225,12 +199,48 @@ def inspect(
         )
     if run is not None:
         summary = _run_summary(run)
+    elif calibration:
+        with render.status(f"analysing {model}"):
+            net = build_for_inspect(model)
+            _calibration(net, model, json, list(set_ or []), batch, processes, sharding, device)
+        return
     else:
         summary = _analyse(model, diffusers, config, (height, width, frames))
     if json:
         render.print_json(summary)
         return
     show(summary)
+
+
+def _calibration(
+    net: Any,
+    model: str,
+    json: bool,
+    overrides: list[str],
+    batch: int | None,
+    processes: int,
+    sharding: str,
+    device: str,
+) -> None:
+    """The memory plan of calibrating ``net`` (a meta-device skeleton)."""
+    import torch
+
+    from dynconvert.calibration.memory_facts import skeleton_facts
+    from dynconvert.cli.memory_table import memory_summary, show_memory
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda; got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    plan, facts = skeleton_facts(net)
+    summary = {
+        "model": model,
+        **memory_summary(net, plan, facts, overrides, batch, processes, sharding, device),
+    }
+    if json:
+        render.print_json(summary)
+    else:
+        show_memory(summary, model)
 
 
 def _executed(ratio: float | None) -> str:
@@ -245,36 +255,21 @@ def _analyse(model: str | None, cls: str | None, config: Path | None, pixels: tu
     from dynconvert.inputs import default_inputs
 
     with render.status(f"analysing {model or cls}"):
-        real = _real_size(model, cls, config, pixels)
+        real = real_size_model(model, cls, config, pixels)
         if real is None:
             if any(p is not None for p in pixels):
                 raise ConfigError(
                     "--height, --width and --frames apply to a published configuration "
                     "(inspect --model flux-dev, or --diffusers CLASS --config FILE)"
                 )
-            net = _build_for_inspect(model)
+            net = build_for_inspect(model)
             args, kwargs = default_inputs(net)
             device = next(net.parameters()).device
-            plan = analyze(net, (_to(args, device), _to(kwargs, device)))
+            plan = analyze(net, (to_device(args, device), to_device(kwargs, device)))
         else:
             net, inputs, probe = real
             plan = analyze(net, inputs, probe_inputs=probe)
-    return {"model": model or cls, **_memory(net, plan), **plan_summary(plan)}
-
-
-def _memory(net: Any, plan: Any) -> dict[str, Any]:
-    """Parameters, and what calibration holds besides activations (bf16 weights)."""
-    import torch
-
-    from dynconvert.calibration.memory import memory_plan
-    from dynconvert.config import ConvertConfig
-    from dynconvert.runtime.bank import RouterBank
-
-    params = sum(p.numel() for p in net.parameters())
-    with torch.device("meta"):  # the routers' shapes only
-        routers = sum(p.numel() for p in RouterBank(plan, ConvertConfig(), 1.0).parameters())
-    gb = {k: v / 2**30 for k, v in memory_plan(params + routers, routers).items()}
-    return {"params": params, "router_params": routers, "calibration_gib": gb}
+    return {"model": model or cls, **memory_columns(net, plan), **plan_summary(plan)}
 
 
 def show(s: dict[str, Any]) -> None:
@@ -300,8 +295,15 @@ def show(s: dict[str, Any]) -> None:
             tokens = "routed" if site["token_routing"] else f"all: {site['token_reason']}"
         kind = {"cross": "xattn", "self": "attn"}.get(site.get("attention", ""), "mlp")
         macs = render.macs(site["macs"], compact=True)
-        row = [str(site["index"]), site["name"], kind, units, tokens, macs,
-               f"{100 * site['share']:.1f}%"]  # fmt: skip
+        row = [
+            str(site["index"]),
+            site["name"],
+            kind,
+            units,
+            tokens,
+            macs,
+            f"{100 * site['share']:.1f}%",
+        ]
         if has_run:
             row.append(f"{100 * site['mean_units_on']:.0f}%")
         t.add_row(*row)

@@ -59,6 +59,7 @@ FLAGS: dict[str, str] = {
     "out": "--out",
     "output_dir": "--out",
     "resume": "--resume",
+    "force": "--force",
     "random_init": "--random-init",
     "overrides": "--set",
     "device": "--device",

@@ -19,6 +19,7 @@ is converted or loaded, and :func:`detach_diffusers` undoes it on revert. On the
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 import warnings
@@ -54,7 +55,7 @@ def attach_diffusers(model: nn.Module) -> None:
     """
     if not is_diffusers_model(model):
         return
-    model.save_pretrained = types.MethodType(save_pretrained, model)
+    model.save_pretrained = _bound_save_pretrained(model)
     skip = getattr(type(model), "_skip_layerwise_casting_patterns", None) or []
     model._skip_layerwise_casting_patterns = [*skip, ROUTER_PATTERN]
 
@@ -106,6 +107,19 @@ def save_pretrained(self: nn.Module, save_directory: Any, *args: Any, **kwargs: 
             UserWarning,
             stacklevel=2,
         )
+
+
+def _bound_save_pretrained(model: nn.Module) -> types.MethodType:
+    """:func:`save_pretrained` bound to ``model``, with the signature of its class's own: a
+    diffusers pipeline hands ``safe_serialization``, ``variant`` and ``max_shard_size`` only to
+    a save method whose signature names them (``*args, **kwargs`` silently lost them)."""
+
+    def method(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+        save_pretrained(self, *args, **kwargs)
+
+    functools.update_wrapper(method, save_pretrained)
+    method.__signature__ = inspect.signature(type(model).save_pretrained)
+    return types.MethodType(method, model)
 
 
 def _written_weights(out: Path, safe: bool, variant: str | None) -> list[str]:

@@ -281,17 +281,14 @@ def plan_and_config(record: dict[str, Any], directory: Path) -> tuple[Plan, Conv
 
 def check_plan_matches(plan: Plan, model: nn.Module) -> None:
     """Refuse a plan whose sites name Linears (or modules) this model lacks or has smaller,
-    name one module twice, give a unit indices outside its Linear, or lower head-count
-    attributes the module does not hold with the value the plan implies.
+    give a unit indices outside its Linear, or lower head-count attributes the module does
+    not hold with the value the plan implies.
 
     Example:
         >>> check_plan_matches(plan, base_model)  # doctest: +SKIP
     """
     modules = dict(model.named_modules())
     other = "the record is from another model, or it is corrupt"
-    names = [s.name for s in plan.sites if s.name]
-    if len(set(names)) != len(names):
-        raise RecordError(f"the record names a module in two sites; {other}")
     for s in plan.sites:
         if s.name and s.name not in modules:
             raise RecordError(

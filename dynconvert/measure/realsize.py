@@ -64,9 +64,10 @@ def real_size_row(name: str, size: Size | None = None, probe: bool = True) -> di
 
     Returns:
         A JSON-ready dict: ``name``, ``class_name``, ``pixels`` (height, width, frames),
-        ``params``, ``tokens`` (the most queries of one attention), ``seconds`` (build, analyse
-        and convert; ``cpu_s``: its CPU time, user and system), ``peak_rss_gb`` (the whole
-        process, imports included), ``attention_sites``, ``mlp_sites``, ``blocks``, ``skipped`` (count) and ``first_skip`` (one reason),
+        ``params``, ``tokens`` (the most queries of one attention, over all its streams),
+        ``seconds`` (build, analyse and convert; ``cpu_s``: its CPU time, user and system),
+        ``peak_rss_gb`` (the whole process, imports included), ``attention_sites``,
+        ``mlp_sites``, ``blocks``, ``skipped`` (count) and ``first_skip`` (one reason),
         ``routable`` (converted sites' share of the MACs), ``min_ratio``, ``calibration_gb``
         (calibration/memory.py, bf16 weights, per ``trainable`` setting), ``coverage`` and
         ``error`` (one line, or None).
@@ -88,7 +89,7 @@ def real_size_row(name: str, size: Size | None = None, probe: bool = True) -> di
         attention = [s for s in plan.sites if isinstance(s, AttentionSite)]
         static = plan.static_macs_per_sample
         row.update(
-            tokens=max((s.tokens_q for s in attention), default=0),
+            tokens=max((sum(st.tokens_q for st in s.every_stream()) for s in attention), default=0),
             attention_sites=len(attention),
             mlp_sites=len(plan.sites) - len(attention),
             blocks=len(plan.blocks),

@@ -159,7 +159,8 @@ def recipe_path(name_or_path: str | Path) -> Path:
         raise ConfigError(f"recipe {shown(key)} is not a recipe name or a readable file") from None
     if path.suffix in (".yaml", ".yml") or "/" in key:
         raise ConfigError(
-            f"recipe file {path} does not exist; check the path, or use one of: {', '.join(shipped)}"
+            f"recipe file {path} does not exist; check the path, or use one of: "
+            f"{', '.join(shipped)}"
         )
     raise ConfigError(
         f"unknown recipe {shown(key)}; shipped recipes: {', '.join(shipped)} (or pass a .yaml file)"

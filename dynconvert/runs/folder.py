@@ -27,6 +27,7 @@ from dynconvert.io.save import RECORD, atomic_write_bytes, load, read_record
 from dynconvert.recipes import Recipe
 from dynconvert.runs.guard import refuse_links
 from dynconvert.runs.lock import LOCK_FILE
+from dynconvert.runs.memory import stop_note
 from dynconvert.runs.sources import ModelSource
 from dynconvert.version import __version__
 
@@ -229,8 +230,8 @@ def check_out(
             )
     elif not resume:
         raise OutputExistsError(
-            f"{out} holds an unfinished run of these settings ({last} steps checkpointed); add "
-            "`resume=True` to continue it, or choose another `out`"
+            f"{out} holds an unfinished run of these settings ({last} steps checkpointed"
+            f"{stop_note(previous)}); add `resume=True` to continue it, or choose another `out`"
         )
     elif steps < last:
         raise OutputExistsError(

@@ -8,6 +8,7 @@ Failure rules: a fresh run that fails before its first checkpoint removes only w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -52,6 +53,7 @@ from dynconvert.runs.folder import (
     write_run_state,
 )
 from dynconvert.runs.lock import RunLock, refuse_if_locked
+from dynconvert.runs.memory import Heartbeat, check_run_memory
 from dynconvert.runs.report import build_report, check_report
 from dynconvert.runs.request import EventFn, PreparedRun, RunRequest
 from dynconvert.runs.sources import ModelSource, resolve_source, weights_problem
@@ -128,9 +130,10 @@ def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> Prepare
     device = resolve_device(request.device)
     source = check_requirements(recipe, request.random_init)
     out = Path(request.out) if request.out else default_out(recipe.model, target)
-    calibration = recipe.calibration_config(
-        target, output_dir=str(out), resume=bool(request.resume), cpu=device == "cpu"
-    )
+    run_fields = {"output_dir": str(out), "resume": bool(request.resume), "cpu": device == "cpu"}
+    if request.force:
+        run_fields["check_memory"] = False
+    calibration = recipe.calibration_config(target, **run_fields)
     identity = run_identity(recipe, source, target)
     main = int(os.environ.get("RANK", "0")) == 0
     previous = None
@@ -140,6 +143,14 @@ def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> Prepare
         previous = check_out(out, identity, request.resume, calibration.steps)
     data = data_source(recipe.data)
 
+    t0 = time.perf_counter()
+    plan = check_run_memory(source, recipe, calibration, device)  # before any weight exists
+    if plan is not None:
+        event(
+            "memory",
+            f"memory plan: about {plan.total / 2**30:.1f} GiB per process "
+            f"(micro-batch {plan.settings.micro_batch}) in {time.perf_counter() - t0:.1f} s",
+        )
     model = _build(source, recipe, event)
     if data is None:
         data = synthetic_data(model, rows=max(64, calibration.batch_size), seed=calibration.seed)
@@ -320,7 +331,9 @@ def _calibrate_and_report(
     t0 = time.perf_counter()
     # A caller with on_step (the CLI) draws its own progress: calibrate's own is off then.
     cal = replace(prepared.calibration, progress="off") if on_step else prepared.calibration
-    result = calibrate(prepared.model, prepared.data, cal, on_step=on_step)
+    with Heartbeat(out / RUN_FILE) if main else _nothing() as beat:  # run.json says how it went
+        step = beat.wrap(on_step) if main else on_step
+        result = calibrate(prepared.model, prepared.data, cal, on_step=step)
     calibrate_s = time.perf_counter() - t0
     if not main:
         return None
@@ -330,6 +343,11 @@ def _calibrate_and_report(
     write_json(out / REPORT_FILE, report)
     write_run_state(prepared, "finished", steps=result.steps)
     return report
+
+
+@contextlib.contextmanager
+def _nothing() -> Any:
+    yield None
 
 
 def convert_run(

@@ -34,6 +34,7 @@ class RunRequest:
         resume: Continue the run in ``out``.
         random_init: Start from random weights (to try the pipeline).
         overrides: ``key=value`` recipe overrides (``calibration.lr=2e-5``).
+        force: Start even when the memory plan says calibration will not fit the device.
     """
 
     model: str | None = None
@@ -47,6 +48,7 @@ class RunRequest:
     resume: bool = False
     random_init: bool = False
     overrides: list[str] = field(default_factory=list)
+    force: bool = False
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The attention runtime: one attention site's head masks (masked path) or sliced heads (fast
-path) and the head-count attributes lowered for a sliced call (see dynamic.py for the Linears it
-drives). What a form adds at run time (the cuts of a partial site, the per-head tables among the
-module's arguments) is that form's hooks (``dynconvert/sites/<form>_run.py``), called from here.
+path) and the head-count attributes lowered for a sliced call (heads.py; see dynamic.py for the
+Linears it drives). What a form adds at run time (the cuts of a partial site, the per-head
+tables among the module's arguments) is that form's hooks (``dynconvert/sites/<form>_run.py``),
+called from here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dynconvert.runtime.dynamic import (
     make_dynamic,
     unit_table,
 )
+from dynconvert.runtime.heads import route_head_count
 from dynconvert.runtime.interfaces import CallRouting, Decision, OutState
 from dynconvert.runtime.lora_run import routed_linear
 from dynconvert.sites import RUNTIMES, load
@@ -28,18 +30,22 @@ from dynconvert.sites import RUNTIMES, load
 class AttentionRuntime(SiteRuntime):
     """Routes one attention site: head masks (masked path) or sliced heads (fast path)."""
 
+    # This thread's sliced decision while the module runs (None: full or masked, or not
+    # running); the module's head-count attributes read it (heads.py).
+    fast = SiteRuntime.in_progress
+
     def __init__(self, site: AttentionSite, bank: CallRouting, module: nn.Module):
         super().__init__(site, bank, site.v_head_dim * site.group)  # out columns per unit
         for part in site.parts.values():  # what a form cuts with the heads (sites/<form>.py)
             self.tables.update({m.linear: unit_table(m) for m in part.head_maps()})
         load("run")  # the forms' runtime hooks (dynconvert/sites/<form>_run.py)
         self.hooks = [(p, RUNTIMES[k]) for k, p in site.parts.items() if k in RUNTIMES]
-        self.fast: Decision | None = None  # this call's fast-path decision (None: full/masked)
-        # The decision of the last call whose projections ran: the heads the attention output
-        # holds. A cache hook (diffusers' PAB, TaylorSeer) may hand back an older output.
-        self.ran: Decision | None = None
-        self.saved: dict[str, int] = {}  # head-count attributes lowered for this call
         self.fused: dict[str, tuple[str, ...]] = {}  # fused projection fqn -> the fqns it fuses
+        # The module reshapes q/k/v with its own head count (timm: num_heads and attn_dim;
+        # diffusers: heads); on a sliced call it must read the active count, in that call only.
+        for attr, per in site.head_attrs.items():  # "heads", or "attn.heads" on a submodule
+            owner, name = _owner(module, attr)
+            route_head_count(owner, name, self, per)
 
     # diffusers `fuse_qkv_projections()` adds a Linear whose rows are those of to_q, to_k, to_v
     # (self-attention) or to_k, to_v (cross-attention) one after another; its processor splits
@@ -80,8 +86,9 @@ class AttentionRuntime(SiteRuntime):
             make_dynamic(lin, self, "in", fqn)
 
     def pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> tuple[tuple, dict] | None:
-        """Forward pre-hook of the attention module: decide the call, lower its head count
-        (and let its forms change its arguments: per-head tables cut)."""
+        """Forward pre-hook of the attention module: decide the call, which lowers its head
+        count for this thread (heads.py), and let its forms change its arguments (per-head
+        tables cut)."""
         self.fast = None
         bank, site = self.bank, self.site
         if getattr(module, "fused_projections", False):
@@ -92,15 +99,7 @@ class AttentionRuntime(SiteRuntime):
         d = bank.decision(self, bank.always_on.device)  # per call, or per pattern when planned
         if d is None:
             return
-        self.fast = d
-        # The module reshapes the q/k/v outputs with its own head count (timm: num_heads and
-        # attn_dim; diffusers: heads). The sliced Linears return only the active heads' rows,
-        # so for this call the count must match them: left as is, the reshape either fails or,
-        # when the sizes happen to divide, silently splits the channels into wrong heads.
-        for attr, per in site.head_attrs.items():  # "heads", or "attn.heads" on a submodule
-            owner, name = _owner(module, attr)
-            self.saved[attr] = getattr(owner, name)
-            setattr(owner, name, len(d.key) * per)
+        self.fast = d  # the head counts read it until the post-hook
         changed = False
         for part, hooks in self.hooks:  # a form's change to the arguments of a sliced call
             new = hooks.arguments(self, part, args, kwargs, d)
@@ -121,12 +120,20 @@ class AttentionRuntime(SiteRuntime):
             return OutState(None, True, None)  # every head on
         return OutState(None, False, self.bank.width_mask(self.site.index))
 
+    @property
+    def ran(self) -> Decision | None:
+        """The decision of this thread's last call whose projections ran (None: every head):
+        the heads the attention output holds. A cache hook (diffusers' PAB, TaylorSeer) may hand
+        back an older output, so it outlives the call (call.py)."""
+        return self.bank.current_call().ran.get(self.site.index)
+
+    @ran.setter
+    def ran(self, d: Decision | None) -> None:
+        self.bank.current_call().ran[self.site.index] = d
+
     def post_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        """Forward hook (also called when the forward raises): restore the head count."""
-        for attr, value in self.saved.items():
-            owner, name = _owner(module, attr)
-            setattr(owner, name, value)
-        self.saved.clear()
+        """Forward hook (also called when the forward raises): the head counts read the held
+        values again."""
         self.fast = None
 
     def record_in(self, name: str, x: torch.Tensor) -> None:
@@ -142,7 +149,10 @@ class AttentionRuntime(SiteRuntime):
 
     def in_call(self, name: str, x: torch.Tensor) -> tuple[Decision | None, None]:
         """For an input projection shared with another site (shared_in.py): note the call, and
-        return its decision (None: every head's rows); an attention has no MLP call."""
+        return its decision (None: every head's rows); an attention has no MLP call. Like an
+        input projection of its own, it notes the decision as the one the heads ran with (what
+        a shared out-projection reads through :meth:`out_state`)."""
+        self.ran = self.fast
         self.record_in(name, x)
         return self.fast, None
 

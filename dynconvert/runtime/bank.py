@@ -1,8 +1,10 @@
-"""RouterBank: every router of a converted model, and the routing state of the current call.
+"""RouterBank: every router of a converted model, and the routing state of each thread's call.
 
 The bank is attached to the converted model as the submodule ``dynconvert``, so its parameters
 are saved, moved, wrapped by DDP and copied by EMA like any others. Width masks are a function
 of the timestep alone: in evaluation they come from a per-timestep table computed once per t.
+What one call decides lives in its :class:`~dynconvert.runtime.call.RoutingCall`, one per
+thread (call.py), so threads calling one model at once never see each other's routing.
 """
 
 from __future__ import annotations
@@ -17,26 +19,36 @@ from dynconvert.config import ConvertConfig
 from dynconvert.errors import TimestepError
 from dynconvert.inputs import batch_of, timestep_slot
 from dynconvert.plan import ROUTER_TIMESTEPS, MlpSite, Plan, Site
-from dynconvert.runtime.checkpointing import NoiseReplay, wrap_checkpointing
+from dynconvert.runtime.call import CallStore, RoutingCall, SharedLock
+from dynconvert.runtime.checkpointing import wrap_checkpointing
 from dynconvert.runtime.deferred import Deferred
 from dynconvert.runtime.dynamic import SiteRuntime
 from dynconvert.runtime.interfaces import Decision, MlpCall
 from dynconvert.runtime.modes import ExecutionMode, execution_mode
 from dynconvert.runtime.planned.planner import Planner
-from dynconvert.runtime.routers import TimestepEncoder, TokenRouter, gumbel_sigmoid, width_router
+from dynconvert.runtime.routers import (
+    TimestepEncoder,
+    TokenRouter,
+    gumbel_sigmoid,
+    no_autocast,
+    width_router,
+)
+from dynconvert.runtime.settings import RoutingSettings, settings_of
 from dynconvert.runtime.slices import SliceCache
+from dynconvert.runtime.timesteps import convention_warning, router_timesteps
 
 MODES = ("train", "eval", "full")
 
 
 class RouterBank(nn.Module):
-    """The routers of all sites plus the per-call routing state.
+    """The routers of all sites, the caches they share, and each thread's current call.
 
     Life of one forward call: the model's pre-hook (:meth:`root_pre_hook`) reads t and calls
-    :meth:`begin`; each site's runtime (dynamic.py) then asks for its masks
-    (:meth:`width_mask`, :meth:`token_mask`) the first time one of its Linears runs, and what
-    it used is left in ``records`` (masks and token counts per site), which the FLOPs
-    accountant (flops.py) reads after the call.
+    :meth:`begin`, which makes the thread's new :class:`RoutingCall`; each site's runtime
+    (dynamic.py) then asks for its masks (:meth:`width_mask`, :meth:`token_mask`) the first
+    time one of its Linears runs, and what it used is left in the call's ``records`` (masks and
+    token counts per site), which the FLOPs accountant (flops.py) reads after the call, in the
+    same thread. The per-call methods here answer for the calling thread's current call.
     """
 
     def __init__(self, plan: Plan, config: ConvertConfig, budget: float):
@@ -58,18 +70,17 @@ class RouterBank(nn.Module):
                 self.token[str(s.index)] = TokenRouter(
                     s.in_features, config.token_reduction, config.token_bias_init
                 )
-        # TD-LoRA gates (lora_run.py): gate_key(routed Linear) -> Linear(embed, rank); empty
-        # unless calibration trains them (td_lora) or a saved model had them.
-        self.lora_gates = nn.ModuleDict()
+        self.lora_gates = nn.ModuleDict()  # TD-LoRA gates (lora_run.py); empty unless trained
         # The unit of each site that is never switched off (chosen by importance at convert
         # time); a buffer so it is saved, moved and loaded with the routers.
         self.register_buffer("always_on", torch.zeros(len(plan.sites), dtype=torch.long))
+        # The model's defaults (set_routing); a thread's `with routing(...)` overrides them.
         self.mode: str | None = None  # routing.MODES, or None: follow model.training
         # The evaluation execution mode (modes.py), by name in ``execution``.
         self._execution: ExecutionMode = execution_mode("fast")
         self.runtimes: list[SiteRuntime] = []  # one per site, in plan order (set by convert)
-        self.replay: NoiseReplay | None = None  # of the checkpointed block running, if any
-        self._reset_call()
+        self._calls = CallStore()  # each thread's current RoutingCall
+        self.lock = SharedLock()  # guards what every thread's calls fill: table, planner
         # Evaluation width masks per t value: {t: (cpu masks, device masks)}, valid while
         # _table_key (router parameter versions) is unchanged.
         self._table: dict[float, tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
@@ -96,70 +107,60 @@ class RouterBank(nn.Module):
             if bank is not self:
                 return bank.root_pre_hook(model, args, kwargs)
         name, pos, default = self.t_spec
-        if name in kwargs:
-            t = kwargs[name]
-        elif pos is not None and pos < len(args):
-            t = args[pos]
-        else:
-            t = default
-        # The model's batch: blocks that fold frames or tokens into the batch see more rows,
-        # which the FLOPs accountant maps back to samples; per-frame timesteps are reduced to it.
-        self.call_batch = batch_of(args, kwargs)
-        self.begin(t, model.training, model)
+        in_args = pos is not None and pos < len(args)
+        t = kwargs[name] if name in kwargs else (args[pos] if in_args else default)
+        # The batch: the FLOPs accountant maps folded rows back to it; per-frame t reduce to it.
+        self.begin(t, model.training, model, batch_of(args, kwargs))
         if torch.is_grad_enabled():  # a checkpointed block must recompute with this call's routing
             wrap_checkpointing(model, self)
 
-    def _reset_call(self) -> None:
-        """Forget everything about the previous call (masks, records, embedding)."""
-        self._t: torch.Tensor | None = None
-        self._emb: torch.Tensor | None = None
-        self._train_masks: dict[int, torch.Tensor] | None = None
-        self._mode_now = "full"
-        self.records: dict[int, dict[str, Any]] = {}
-        self._eval_masks: dict[int, torch.Tensor] = {}
-        self._eval_cpu: dict[int, torch.Tensor] = {}
-        # This call's execution: the resolved mode in evaluation, full width (masked) otherwise.
-        self._exec_now = execution_mode("masked")
+    def current_call(self) -> RoutingCall:
+        """This thread's call: the one running, else its last (before its first: a full one)."""
+        return self._calls.call
 
-    def begin(self, t: Any, training: bool, model: nn.Module | None = None) -> None:
-        """Start one forward call of the model at timestep(s) ``t`` (``model``: the converted
-        model, which the planned path needs to see its weights)."""
-        self._reset_call()
-        self._mode_now = self.mode or ("train" if training else "eval")
-        if getattr(self, "call_batch", 1) == 0:  # an empty batch: nothing to route, run it whole
-            self._mode_now = "full"
-        if self._mode_now == "full" and not len(self.lora_gates):  # TD-LoRA gates read t
-            return
+    def set_call(self, call: RoutingCall) -> RoutingCall:
+        """Make ``call`` the calling thread's current call; returns the one it replaces (a
+        checkpointed block's recomputation runs under its own call, checkpointing.py)."""
+        outer, self._calls.call = self._calls.call, call
+        return outer
+
+    def settings_now(self) -> RoutingSettings:
+        """What a call begun now in this thread runs with (settings.py): the thread's
+        ``with routing(...)`` override, else the model's defaults (``set_routing``)."""
+        return settings_of(self, RoutingSettings(self.mode, self._execution))
+
+    def begin(
+        self, t: Any, training: bool, model: nn.Module | None = None, batch: int | None = None
+    ) -> RoutingCall:
+        """Start one forward call of the model at timestep(s) ``t`` in this thread (``model``:
+        the converted model, which the planned path needs to see its weights; ``batch``: its
+        batch size, None if unknown). Returns the call, now the thread's current one."""
+        settings = self.settings_now()
+        self.set_call(call := RoutingCall(settings, len(self.runtimes), self._calls.call))
+        call.batch = batch or 0
+        call.mode = settings.mode or ("train" if training else "eval")
+        if batch == 0:  # an empty batch: nothing to route, run it whole
+            call.mode = "full"
+        if call.mode == "full" and not len(self.lora_gates):  # TD-LoRA gates read t
+            return call
         if t is None:
             raise TimestepError(
                 f"the model was called without its timestep argument {self.plan.timestep_arg!r}; "
                 "dynconvert routers need it"
             )
         device = self.always_on.device
-        t = torch.as_tensor(t, device=device).detach().float().reshape(-1)  # (Bt,): 1 or B values
-        batch = getattr(self, "call_batch", 0)
-        if batch and t.numel() > batch and t.numel() % batch == 0:
-            # Per-frame or per-token timesteps (diffusion forcing): heads are chosen per sample,
-            # so the width routers read each sample's mean t.
-            t = t.reshape(batch, -1).mean(1)
-        # Onto the DDPM 0..1000 scale the routers read: the config's setting, else what analysis
-        # assumed for this model (Plan.timestep_convention; records before it: DDPM).
-        scale = self.config.timestep_scale
-        reverse = self.config.timestep_reverse
-        t = t * (self.plan.timestep_scale if scale is None else scale)
-        if self.plan.timestep_reverse if reverse is None else reverse:
-            t = ROUTER_TIMESTEPS - t
-        self._t = t
-        if self._mode_now == "full":
-            return
+        call.t = t = router_timesteps(t, call.batch, self.plan, self.config, device)  # (Bt,)
+        if call.mode == "full":
+            return call
         # Training masks are drawn here, before any block: a checkpointed block's recomputation
         # must not be the one that draws them, and the draw order then does not depend on it.
         self.ensure_train_masks()
-        if self._mode_now == "eval":
-            self._eval_cpu, self._eval_masks, values = self._lookup(t)
+        if call.mode == "eval":
+            call.eval_cpu, call.eval_masks, values = self._lookup(t)
             if self.config.fast_path:  # off: evaluation stays masked (the debugging reference)
-                self._exec_now = self._execution.resolve(device.type)
-            self._exec_now.begin(self, values, model)
+                call.execution = settings.execution.resolve(device.type)
+            call.execution.begin(self, values, model)
+        return call
 
     @property
     def execution(self) -> str:
@@ -171,67 +172,79 @@ class RouterBank(nn.Module):
     def execution(self, mode: str | ExecutionMode) -> None:
         self._execution = execution_mode(mode)
 
+    # -- the calling thread's current call ------------------------------------------------------
     @property
     def mode_now(self) -> str:
         """The routing mode of the current call ("train", "eval" or "full")."""
-        return self._mode_now
+        return self._calls.call.mode
 
     @property
     def execution_now(self) -> ExecutionMode:
         """How the current call computes: its resolved execution mode (masked unless eval)."""
-        return self._exec_now
+        return self._calls.call.execution
+
+    @property
+    def records(self) -> dict[int, dict[str, Any]]:
+        """What each site used in the current call (read by the FLOPs accountant)."""
+        return self._calls.call.records
+
+    @records.setter
+    def records(self, value: dict[int, dict[str, Any]]) -> None:
+        self._calls.call.records = value  # a replayed CUDA graph's records (graphs.py)
 
     def fast_for(self, site: Site) -> bool:
         """Whether this site runs sliced (fast or planned path) in the current call."""
-        return self._exec_now.sliced and site.fast
+        return self._calls.call.execution.sliced and site.fast
 
     @property
     def planned_now(self) -> bool:
         """Whether the current call has static shapes (the planned path, planner.py)."""
-        return self._exec_now.static_shapes
+        return self._calls.call.execution.static_shapes
 
     def decision(self, runtime: SiteRuntime, device: torch.device) -> Decision | None:
         """The units a sliced site computes in this call, from the call's execution mode."""
-        return self._exec_now.decision(self, runtime, device)
+        return self._calls.call.execution.decision(self, runtime, device)
 
     def begin_mlp(self, runtime: SiteRuntime, x: torch.Tensor) -> MlpCall | None:
         """A sliced MLP call begun by the execution mode, or None: the runtime begins it."""
-        return self._exec_now.begin_mlp(self, runtime, x)
+        return self._calls.call.execution.begin_mlp(self, runtime, x)
 
     def record(self, index: int) -> dict[str, Any]:
         """What site ``index`` used in this call: "width" (Bt, U), "tokens" (B, N), "n"/"m"
         (query / key-value token counts), read by the FLOPs accountant."""
-        return self.records.setdefault(index, {})
+        return self._calls.call.records.setdefault(index, {})
 
     # -- masks ------------------------------------------------------------------------------
     def width_mask(self, index: int) -> torch.Tensor | None:
         """(Bt, units) mask of one site for this call; None when every unit is on."""
-        rec = self.record(index)
+        call = self._calls.call
+        rec = call.records.setdefault(index, {})
         if "width" in rec:
             return rec["width"]
         key = str(index)
-        if self._mode_now == "full" or key not in self.width:
+        if call.mode == "full" or key not in self.width:
             mask = None
-        elif self._mode_now == "train":
-            if self._train_masks is None:
-                self._train_masks = self._all_train_masks()
-            mask = self._train_masks[index]
+        elif call.mode == "train":
+            if call.train_masks is None:
+                call.train_masks = self._all_train_masks(call)
+            mask = call.train_masks[index]
         else:
-            mask = self._eval_masks.get(index)
+            mask = call.eval_masks.get(index)
         rec["width"] = mask
         return mask
 
-    def _all_train_masks(self) -> dict[int, torch.Tensor]:
+    def _all_train_masks(self, call: RoutingCall) -> dict[int, torch.Tensor]:
         """Training masks of every site at once: one matmul and one Gumbel draw for all routers
         (the same as running each router alone, with far fewer kernel launches)."""
         keys = list(self.width.keys())
-        self._emb = self.t_embed(self._t)
+        call.emb = self.t_embed(call.t)
         weight = torch.cat([self.width[k].weight for k in keys])
         bias = torch.cat([self.width[k].bias for k in keys])
         sizes = [self.width[k].out_features for k in keys]
         # Cast: stored in float8 under layerwise casting, the routers compute in emb's dtype.
-        weight, bias = weight.to(self._emb.dtype), bias.to(self._emb.dtype)
-        logits = torch.nn.functional.linear(self._emb, weight, bias)  # (B, sum of units)
+        weight, bias = weight.to(call.emb.dtype), bias.to(call.emb.dtype)
+        with no_autocast(call.emb.device):  # in the routers' dtype under autocast too
+            logits = torch.nn.functional.linear(call.emb, weight, bias)  # (B, sum of units)
         on = self._always_on_positions(keys, sizes, logits.device)
         masks = gumbel_sigmoid(logits, self.config.tau)
         masks = torch.where(on, torch.ones_like(masks), masks)
@@ -258,36 +271,26 @@ class RouterBank(nn.Module):
 
     def width_mask_cpu(self, index: int) -> torch.Tensor | None:
         """The evaluation width mask of a site on the CPU (decisions without a device sync)."""
-        return self._eval_cpu.get(index)
+        return self._calls.call.eval_cpu.get(index)
 
     def token_mask(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         """Mask over the leading dims of ``x`` (batch, tokens); None when tokens are not routed."""
         key = str(index)
-        if self._mode_now == "full" or key not in self.token:
+        call = self._calls.call
+        if call.mode == "full" or key not in self.token:
             return None
         logits = self.token[key](x)  # (B, N): one logit per token
-        if self._mode_now == "train":
+        if call.mode == "train":
             # Inside a checkpointed block the noise is kept and replayed by its recomputation.
-            noise = self.replay.noise(index, logits) if self.replay is not None else None
+            noise = call.replay.noise(index, logits) if call.replay is not None else None
             return gumbel_sigmoid(logits, self.config.tau, noise=noise)
         return logits > 0
 
-    # -- gradient checkpointing (checkpointing.py) --------------------------------------------
-    _CALL_STATE = ("_t", "_emb", "_train_masks", "_mode_now", "records", "_eval_masks", "_eval_cpu",
-                   "_exec_now", "call_batch")  # fmt: skip
-
-    def call_state(self) -> dict[str, Any]:
-        """The routing state of the current call (masks, records), to restore it later."""
-        return {k: self.__dict__[k] for k in self._CALL_STATE if k in self.__dict__}
-
-    def set_call_state(self, state: dict[str, Any]) -> None:
-        """Put back a state from :meth:`call_state` (a checkpointed block's recomputation)."""
-        self.__dict__.update(state)
-
     def ensure_train_masks(self) -> None:
-        """Draw this training call's width masks now, if not yet drawn."""
-        if self._mode_now == "train" and len(self.width) and self._train_masks is None:
-            self._train_masks = self._all_train_masks()
+        """Draw this training call's width masks now, if not yet drawn (checkpointing.py)."""
+        call = self._calls.call
+        if call.mode == "train" and len(self.width) and call.train_masks is None:
+            call.train_masks = self._all_train_masks(call)
 
     # -- evaluation table -------------------------------------------------------------------
     def _params_key(self) -> tuple:
@@ -305,41 +308,31 @@ class RouterBank(nn.Module):
     ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], list[float]]:
         """Width masks of every site for the timesteps of this call, on CPU and on the device,
         and the timestep values (rounded, one per sample or one for all)."""
-        key = self._params_key()
-        if key != self._table_key:
-            self._table, self._table_key = {}, key
         values = [round(v, 4) for v in t.tolist()]  # the one host sync of an evaluation call
         self._check_convention(values)
         uniq = list(dict.fromkeys(values))
-        missing = [v for v in uniq if v not in self._table]
-        if missing:
-            self._fill(missing)
+        with self.lock:  # threads share the table: one resets or fills it at a time
+            key = self._params_key()
+            if key != self._table_key:
+                self._table, self._table_key = {}, key
+            missing = [v for v in uniq if v not in self._table]
+            if missing:
+                self._fill(missing)
+            rows = {v: self._table[v] for v in uniq}
         if len(uniq) == 1:
-            return (*self._table[uniq[0]], uniq)
-        cpu = {
-            i: torch.stack([self._table[v][0][i][0] for v in values])
-            for i in self._table[uniq[0]][0]
-        }
+            return (*rows[uniq[0]], uniq)
+        cpu = {i: torch.stack([rows[v][0][i][0] for v in values]) for i in rows[uniq[0]][0]}
         dev = {i: m.to(self.always_on.device, non_blocking=True) for i, m in cpu.items()}
         return cpu, dev, values
 
     def _check_convention(self, values: list[float]) -> None:
-        """Warn once when the timesteps contradict the assumed convention (a wrong guess must be
-        visible): outside 0..1000 after scaling, or fractions in [0, 1] read on DDPM's scale."""
-        if getattr(self, "_warned_convention", False) or not values:
+        """Warn once when the timesteps contradict the assumed convention (timesteps.py)."""
+        if getattr(self, "_warned_convention", False):
             return
-        lo, hi = min(values), max(values)
-        odd = lo < -1.0 or hi > ROUTER_TIMESTEPS + 1.0
-        odd = odd or (hi <= 1.0 and any(v != round(v) for v in values))  # sigma read as DDPM t
-        if odd:
+        message = convention_warning(values, self.plan)
+        if message is not None:
             self._warned_convention = True
-            warnings.warn(
-                f"dynconvert routers read timesteps {lo:g}..{hi:g} after the assumed convention "
-                f"({self.plan.timestep_convention or 'DDPM scale'}), outside what they expect "
-                "(0..1000); set ConvertConfig(timestep_scale=..., timestep_reverse=...) for "
-                "this model and convert again",
-                stacklevel=4,
-            )
+            warnings.warn(message, stacklevel=4)
 
     @property
     def table_key(self) -> tuple | None:
@@ -367,8 +360,7 @@ class RouterBank(nn.Module):
         Returns ``{site index: (T, units) bool}`` for every site with a width router.
         """
         grid = torch.arange(ROUTER_TIMESTEPS, dtype=torch.float32)
-        t = grid if timesteps is None else timesteps.float()
-        t = t.to(self.always_on.device)
+        t = (grid if timesteps is None else timesteps.float()).to(self.always_on.device)
         with torch.no_grad():
             emb = self.t_embed(t)
             out = {}
@@ -384,7 +376,7 @@ class RouterBank(nn.Module):
     ) -> tuple:
         """Weight (and bias) of ``lin`` restricted to ``index`` rows/cols, from the call's
         execution mode (:class:`SliceCache`; on the planned path the planner's slices)."""
-        return self._exec_now.weights(self, lin, axis, units, index)
+        return self._calls.call.execution.weights(self, lin, axis, units, index)
 
     @property
     def slice_bytes(self) -> int:
@@ -400,6 +392,7 @@ class RouterBank(nn.Module):
 
     def clear_cache(self) -> None:
         """Drop cached weight slices, timestep tables and planned patterns (frees their memory)."""
-        self.slices.clear()
-        self._table, self._table_key = {}, None
-        self.planner.clear()
+        with self.lock:
+            self.slices.clear()
+            self._table, self._table_key = {}, None
+            self.planner.clear()

@@ -11,9 +11,12 @@ routing state:
   tensors. They are drawn before the first checkpointed block instead;
 - the token routers draw Gumbel noise in every block: the recomputation must add the same
   noise, so each checkpointed block call keeps its draws (:class:`NoiseReplay`) and replays them;
-- backward may run after later forward calls of the model (two calls, one loss): the
-  recomputation restores the routing state of its own call (masks, records) and puts the
-  current one back afterwards.
+- backward may run after later forward calls of the model (two calls, one loss), and in
+  another thread (the autograd engine's, on a GPU): the recomputation makes its own call (masks,
+  records) the running thread's current one and puts that thread's back afterwards;
+- what the recomputation records (token masks, with the recomputed graph behind them) goes
+  into copies of the call's records, dropped with it: kept in the call's own records they
+  would hold every recomputed block's activations until the next forward.
 
 :func:`wrap_checkpointing` wraps the checkpointing function of every module that has one, once;
 the RouterBank calls it at the start of every forward call with autograd on.
@@ -21,6 +24,7 @@ the RouterBank calls it at the start of every forward call with autograd on.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Protocol
 
 import torch
@@ -60,18 +64,17 @@ class NoiseReplay:
 class CheckpointedBank(Protocol):
     """What checkpointing asks of the RouterBank (bank.py, which imports this module)."""
 
-    replay: NoiseReplay | None  # the noise of the checkpointed block running, if any
-
     def ensure_train_masks(self) -> None:
         """Draw this training call's width masks now, if not yet drawn."""
         ...
 
-    def call_state(self) -> dict[str, Any]:
-        """The routing state of the current call."""
+    def current_call(self) -> Any:
+        """The calling thread's current RoutingCall (call.py); its ``replay`` is the noise of
+        the checkpointed block running, if any."""
         ...
 
-    def set_call_state(self, state: dict[str, Any]) -> None:
-        """Put back a state from :meth:`call_state`."""
+    def set_call(self, call: Any) -> Any:
+        """Make ``call`` the calling thread's current call; returns the one it replaces."""
         ...
 
 
@@ -108,21 +111,37 @@ def _wrap(func: Any, bank: CheckpointedBank) -> Any:
 
     def checkpointed(block: Any, *args: Any, **kwargs: Any) -> Any:
         bank.ensure_train_masks()  # drawn outside the checkpointed region (see the module doc)
-        state = bank.call_state()
+        call = bank.current_call()  # this forward call's routing, for the recomputation too
         replay = NoiseReplay()
+        runs = []  # one entry per run of the block: the first, then the recomputation
 
         def run(*a: Any, **k: Any) -> Any:
-            outer, outer_replay = bank.call_state(), bank.replay
-            bank.set_call_state(state)
-            bank.replay = replay.start()
+            # The recomputation records into copies: what it records (token masks) holds its
+            # own graph, which would keep the recomputed activations alive until the next call.
+            mine = call if not runs else _recomputing(call)
+            runs.append(1)
+            outer = bank.set_call(mine)
+            outer_replay, mine.replay = mine.replay, replay.start()
             try:
                 return block(*a, **k)
             finally:
-                bank.set_call_state(outer)
-                bank.replay = outer_replay
+                mine.replay = outer_replay
+                bank.set_call(outer)
 
         return func(run, *args, **kwargs)
 
     checkpointed.__wrapped__ = func
     setattr(checkpointed, _BANK, bank)
     return checkpointed
+
+
+def _recomputing(call: Any) -> Any:
+    """A copy of ``call`` for a block's recomputation: its records are copies, one level deep."""
+    mine = copy.copy(call)
+    mine.records = _copies(call.records)
+    return mine
+
+
+def _copies(records: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """A copy of a call's records, one level deep (the recomputation's writes stay in it)."""
+    return {i: dict(r) for i, r in records.items()}

@@ -29,10 +29,12 @@ class ConvMlpRuntime(SiteRuntime):
 
     site: MlpSite
 
+    # This thread's MLP call in progress (its input, sliced?, decision), or None.
+    call = SiteRuntime.in_progress
+
     def __init__(self, site: MlpSite, bank: CallRouting):
         super().__init__(site, bank, site.hidden // site.groups)
         self.tables.update({m.linear: unit_table(m) for m in site.mid_maps})  # depthwise channels
-        self.call: MlpCall | None = None  # this MLP call: its input, sliced?, decision
 
     def _begin(self, x: torch.Tensor) -> MlpCall:
         site, bank = self.site, self.bank

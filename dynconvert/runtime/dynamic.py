@@ -17,6 +17,8 @@ in attention.py, mlp.py, conv.py and shared_out.py; :class:`SiteRuntime` here is
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -211,11 +213,15 @@ def _active(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tenso
 
 
 class SiteRuntime:
-    """Shared by attention and MLP runtimes: unit tables, owners per device, decision cache."""
+    """Shared by attention and MLP runtimes: unit tables, owners per device, decision cache.
+
+    A runtime is shared by every thread that calls the model: what one call has in progress at
+    this site lives in that call (:attr:`in_progress`), never in the runtime.
+    """
 
     def __init__(self, site: AttentionSite | MlpSite, bank: CallRouting, per_unit_out: int):
         self.site = site
-        self.bank = bank  # the RouterBank: masks of the current call, slice cache, records
+        self.bank = bank  # the RouterBank: each thread's current call, slice cache
         self.tables = {m.linear: unit_table(m) for m in site.in_maps}  # (parts, units, size)
         # Per out-projection (several for a joint attention): its (1, units, per_unit_out)
         # table, the columns kept outside every unit, and the column -> unit owner table.
@@ -228,6 +234,16 @@ class SiteRuntime:
         self.per_unit_out = per_unit_out  # out-projection input columns a unit owns
         self._owners: dict[torch.device, torch.Tensor] = {}
         self._decisions: dict[tuple, Decision | None] = {}
+
+    @property
+    def in_progress(self) -> Any:
+        """What this site has in progress in the calling thread's current call (an MLP call
+        from fc1 to fc2, an attention call's sliced decision), or None."""
+        return self.bank.current_call().progress.get(self.site.index)
+
+    @in_progress.setter
+    def in_progress(self, value: Any) -> None:
+        self.bank.current_call().progress[self.site.index] = value
 
     def owner(self, name: str, device: torch.device) -> torch.Tensor:
         """The column -> unit table of out-projection ``name`` on ``device`` (copied once)."""
@@ -242,6 +258,7 @@ class SiteRuntime:
             mask = pad_mask(mask)  # kept columns (a parallel block's MLP part) stay on
         return x * column_multiplier(mask.index_select(1, self.owner(name, mask.device)), x)
 
+    @torch.compiler.disable  # host work on a CPU mask; compiled, its cache misses recompile
     def decide(self, mask_cpu: torch.Tensor | None, device: torch.device) -> Decision | None:
         """The fast-path decision for this call's CPU mask (None: compute every unit).
 

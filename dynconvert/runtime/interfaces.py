@@ -109,9 +109,14 @@ class RoutedSite(Protocol):
 
 
 class CallRouting(Protocol):
-    """What a site runtime asks of its RouterBank during one forward call (bank.py)."""
+    """What a site runtime asks of its RouterBank during one forward call (bank.py): every
+    method answers for the calling thread's current call."""
 
     always_on: torch.Tensor  # (sites,): its device is the routers' device
+
+    def current_call(self) -> Any:
+        """The calling thread's current RoutingCall (call.py)."""
+        ...
 
     def record(self, index: int) -> dict[str, Any]:
         """What site ``index`` used in this call, for the FLOPs accountant."""

@@ -214,11 +214,12 @@ def _gate(
     """h (..., r) times its TD-LoRA gate ``1 + g(e(t))`` per sample (h itself without a gate)."""
     gates = bank.lora_gates
     key = gate_key(lin._dc_name)
-    if key not in gates or bank._t is None:
+    call = bank.current_call()  # this thread's forward call (call.py)
+    if key not in gates or call.t is None:
         return h
-    if bank._emb is None:  # the width routers' timestep embedding of this call, made once
-        bank._emb = bank.t_embed(bank._t)
-    g = 1 + gates[key](bank._emb).to(h.dtype)  # (Bt, r)
+    if call.emb is None:  # the width routers' timestep embedding of this call, made once
+        call.emb = bank.t_embed(call.t)
+    g = 1 + gates[key](call.emb).to(h.dtype)  # (Bt, r)
     if gather is not None and g.shape[0] > 1:  # gathered tokens: each row's own sample
         idx, lead = gather
         n = math.prod(lead[1:]) if len(lead) > 1 else 1

@@ -18,8 +18,10 @@ from torch import nn
 
 from dynconvert.plan import MlpSite
 from dynconvert.runtime.dynamic import DynamicLinear, SiteRuntime, per_row
+from dynconvert.runtime.heads import route_head_count
 from dynconvert.runtime.interfaces import CallRouting, Decision, MlpCall, OutState
 from dynconvert.runtime.lora_run import routed_linear
+from dynconvert.runtime.shared import PerThread
 
 
 def record_mlp_call(site: MlpSite, rec: dict[str, Any], lead: torch.Size) -> None:
@@ -72,38 +74,37 @@ class MlpRuntime(SiteRuntime):
 
     site: MlpSite
 
+    # The MLP call in progress in this thread's call, handed from fc1 to fc2 (MlpCall or None).
+    call = SiteRuntime.in_progress
+
     def __init__(self, site: MlpSite, bank: CallRouting):
         super().__init__(site, bank, site.hidden // site.groups)
-        self.call: MlpCall | None = None  # the MLP call in progress, handed from fc1 to fc2
-        self.saved: dict[str, int] = {}  # hidden-width attributes lowered for this call
+        # This thread's sliced decision while the module runs: its hidden-width attributes
+        # read it (heads.py), as an attention's head counts do.
+        self._width = PerThread()
 
     def attach(self, module: nn.Module) -> list[Any]:
         """Hooks on the site's module that lower its hidden-width attributes on a sliced call
-        (``site.width_attrs``: a fused projection split by them, Flux 2); returns the handles.
-        The post-hook restores them, also when the forward raises (always_call)."""
+        (``site.width_attrs``: a fused projection split by them, Flux 2), for the calling
+        thread only; returns the handles. The post-hook ends it, also when the forward raises."""
         if not self.site.width_attrs:
             return []
+        for attr in self.site.width_attrs:  # F reads F' = active groups x group size
+            route_head_count(module, attr, self._width, self.per_unit_out)
         return [
             module.register_forward_pre_hook(self._lower),
             module.register_forward_hook(self._restore, always_call=True),
         ]
 
     def _lower(self, module: nn.Module, args: Any) -> None:
-        """Forward pre-hook: each attribute holding F becomes F' = active groups x group size."""
+        """Forward pre-hook: the decision fc1 will use in this call, if sliced."""
         site, bank = self.site, self.bank
-        if not bank.fast_for(site):
-            return
-        d = bank.decision(self, bank.always_on.device)  # the one fc1 will use in this call
-        if d is None:
-            return
-        for attr in site.width_attrs:
-            self.saved[attr] = getattr(module, attr)
-            setattr(module, attr, len(d.key) * self.per_unit_out)
+        self._width.fast = None
+        if bank.fast_for(site):
+            self._width.fast = bank.decision(self, bank.always_on.device)
 
     def _restore(self, module: nn.Module, args: Any, output: Any) -> None:
-        for attr, value in self.saved.items():
-            setattr(module, attr, value)
-        self.saved.clear()
+        self._width.fast = None
 
     def in_call(self, name: str, x: torch.Tensor) -> tuple[Decision | None, MlpCall | None]:
         """For an input projection shared with another site (shared_in.py): begin (or join)

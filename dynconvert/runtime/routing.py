@@ -10,6 +10,12 @@
   ``dynconvert.load`` selects), or a mode registered since.
 - ``"full"``: every unit and token on: the original model.
 - ``None``: follow ``model.training`` (train -> "train", eval -> "eval").
+
+Threads: :func:`set_routing` sets the model's defaults, which every thread's calls use;
+``with routing(...)`` overrides them for the calls made in the thread (or asyncio task) that
+entered it, until it exits, and never for another thread's calls (settings.py). A call reads
+its settings once, when it begins, so threads calling one model at once, each in its own
+``with routing(...)``, get exactly what each would get alone.
 """
 
 from __future__ import annotations
@@ -22,41 +28,50 @@ from torch import nn
 from dynconvert.errors import ConfigError
 from dynconvert.runtime.bank import MODES
 from dynconvert.runtime.modes import ExecutionMode, execution_mode
+from dynconvert.runtime.settings import RoutingSettings, pop_override, push_override
 from dynconvert.runtime.state import get_state
 
 
 def set_routing(
     model: nn.Module, mode: str | None, execution: str | ExecutionMode | None = None
 ) -> None:
-    """Set the routing mode (and optionally the evaluation execution path) of a converted model.
+    """Set the routing mode (and optionally the evaluation execution path) of a converted model:
+    its defaults, for the calls of every thread (a thread's ``with routing(...)`` still wins
+    inside its block).
 
     Example:
         >>> set_routing(model, "full")          # doctest: +SKIP
         >>> set_routing(model, "eval", execution="planned")  # doctest: +SKIP
     """
     bank = get_state(model)
-    if mode is not None and mode not in MODES:
-        raise ConfigError(f"routing mode must be one of {', '.join(MODES)} or None; got {mode!r}")
-    exec_mode = execution_mode(execution) if execution is not None else None  # checked first
-    bank.mode = mode
-    if exec_mode is not None:
-        bank.execution = exec_mode
+    settings = _checked(mode, execution)  # checked before anything changes
+    bank.mode = settings.mode
+    if settings.execution is not None:
+        bank.execution = settings.execution
 
 
 @contextlib.contextmanager
 def routing(
     model: nn.Module, mode: str | None, execution: str | ExecutionMode | None = None
 ) -> Iterator[nn.Module]:
-    """Context manager form of :func:`set_routing`; restores the previous settings on exit.
+    """Run the calls of this thread inside the block with these settings (the model's defaults,
+    and other threads' calls, are left alone); ``execution`` None keeps the enclosing one's.
 
     Example:
         >>> with routing(model, "full"):        # doctest: +SKIP
         ...     reference = model(x, t, y)
     """
     bank = get_state(model)
-    old = (bank.mode, bank.execution)
-    set_routing(model, mode, execution)
+    settings = _checked(mode, execution)
+    token = push_override(bank, settings)
     try:
         yield model
     finally:
-        bank.mode, bank.execution = old
+        pop_override(token)
+
+
+def _checked(mode: str | None, execution: str | ExecutionMode | None) -> RoutingSettings:
+    """The settings named by a routing mode and an execution (ConfigError naming the valid)."""
+    if mode is not None and mode not in MODES:
+        raise ConfigError(f"routing mode must be one of {', '.join(MODES)} or None; got {mode!r}")
+    return RoutingSettings(mode, execution_mode(execution) if execution is not None else None)

@@ -13,10 +13,19 @@ changes when the cache fills, evicts or refreshes, and a routing pattern compile
 compiled again (dynamo would otherwise guard on the cache's byte count and entries and recompile
 until its recompile limit, then run eagerly).
 
+Under ``torch.compile`` a lookup runs eagerly (:meth:`SliceCache.get` is excluded from
+compilation): the slices it returns enter the graph as inputs, so nothing the graph guards on
+changes when the cache fills, evicts or refreshes, and a routing pattern compiled once is not
+compiled again (dynamo would otherwise guard on the cache's entries, one recompile per Linear and
+axis, until its recompile limit, and then run the whole frame eagerly).
+
 The cache is bounded: by ``ConvertConfig.slice_cache_mb``, or by default 20% of the model's
 parameter bytes (so a converted model stays within about 1.25x the original's memory). Column
 slices are strided gathers, the costly kind, so they may push cached row slices out; row
 slices are plain contiguous copies and only fill what the budget leaves.
+
+Threads calling one model share its cache: a hit is one dict read; a miss updates the entries
+and the byte count under a lock.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from dynconvert.runtime.shared import SharedLock
 
 
 class _Entry(NamedTuple):
@@ -51,6 +62,7 @@ class SliceCache:
         self.limit = limit  # bytes allowed, given the element size (asked only on a miss)
         self._entries: dict[tuple[int, str], _Entry] = {}
         self.nbytes = 0
+        self._lock = SharedLock()  # held while entries and nbytes change (threads share them)
 
     @torch.compiler.disable
     def get(self, lin: nn.Linear, axis: str, units: tuple[int, ...], index: torch.Tensor) -> tuple:
@@ -82,22 +94,23 @@ class SliceCache:
         else:  # out-projection/fc2: input features of the active units; the bias is whole
             ws = w.index_select(1, index)  # (out, cols on)
             bs = lin.bias
-        if hit is not None:  # stale: the weight or the unit set changed
-            self._drop(key)
-        if torch.is_grad_enabled() and w.requires_grad:
-            return ws, bs
-        nbytes = ws.numel() * ws.element_size()
-        if axis == "rows" and bs is not None:
-            nbytes += bs.numel() * bs.element_size()
-        limit = self.limit(ws.element_size())
-        if axis == "cols":  # column gathers are the costly ones: they may push out cached rows
-            for k in [k for k in self._entries if k[1] == "rows"]:
-                if self.nbytes + nbytes <= limit:
-                    break
-                self._drop(k)
-        if self.nbytes + nbytes <= limit:
-            self._entries[key] = _Entry(stamp, ws, bs, nbytes)
-            self.nbytes += nbytes
+        with self._lock:  # another thread may have refreshed or dropped it since the read above
+            if key in self._entries and self._entries[key].stamp != stamp:  # stale
+                self._drop(key)
+            if torch.is_grad_enabled() and w.requires_grad:
+                return ws, bs
+            nbytes = ws.numel() * ws.element_size()
+            if axis == "rows" and bs is not None:
+                nbytes += bs.numel() * bs.element_size()
+            limit = self.limit(ws.element_size())
+            if axis == "cols":  # column gathers are the costly ones: they may push out rows
+                for k in [k for k in self._entries if k[1] == "rows"]:
+                    if self.nbytes + nbytes <= limit:
+                        break
+                    self._drop(k)
+            if key not in self._entries and self.nbytes + nbytes <= limit:
+                self._entries[key] = _Entry(stamp, ws, bs, nbytes)
+                self.nbytes += nbytes
         return ws, bs
 
     def _drop(self, key: tuple[int, str]) -> None:
@@ -105,8 +118,9 @@ class SliceCache:
 
     def clear(self) -> None:
         """Drop every slice (frees their memory)."""
-        self._entries.clear()
-        self.nbytes = 0
+        with self._lock:
+            self._entries.clear()
+            self.nbytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)

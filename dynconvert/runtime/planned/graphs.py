@@ -19,8 +19,10 @@ each call it picks the graph of (pattern, input signature):
   than ``max_graphs`` keys, or a capture that failed (the reason is kept in ``stats``).
 
 Works the same for an unconverted model (the key is then the input signature alone), so
-benchmarks compare graphed with graphed. ``dynconvert.load`` enables it: a loaded model in
-evaluation on CUDA runs planned and graphed with nothing for the user to do.
+benchmarks compare graphed with graphed. Threads may call a graphed model at once: a graph's
+static inputs and outputs are shared, so captures and replays take turns (eager calls do not).
+``dynconvert.load`` enables it: a loaded model in evaluation on CUDA runs planned and graphed
+with nothing for the user to do.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from dynconvert.runtime.shared import SharedLock
 from dynconvert.runtime.state import get_state, is_converted
 
 ATTR = "_dynconvert_graphs"
@@ -78,6 +81,7 @@ class GraphedForward:
             "failures": {},
         }
         self._capture = capture or _capture_cuda  # tests on CPU pass a stand-in
+        self._lock = SharedLock()  # one capture or replay at a time (shared static buffers)
         functools.update_wrapper(self, self.forward)  # type: ignore[arg-type]
         self.__signature__ = inspect.signature(self.forward)
 
@@ -92,15 +96,19 @@ class GraphedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The model's forward: replayed, captured, or eager (see the module docstring)."""
-        key = self._key(args, kwargs)
-        if key is None or key in self.eager_keys:
+        with self._lock:
+            key = self._key(args, kwargs)
+            eager = key is None or key in self.eager_keys
+            eager = eager or (key not in self.graphs and len(self.graphs) >= self.max_graphs)
+            if not eager:
+                return self._graphed(key, args, kwargs)
             self.stats["eager_calls"] += 1
-            return self.forward(*args, **kwargs)
+        return self.forward(*args, **kwargs)
+
+    def _graphed(self, key: tuple, args: tuple, kwargs: dict) -> Any:
+        """Replay the graph of ``key``, or capture it on its first call (under the lock)."""
         entry = self.graphs.get(key)
         if entry is None:
-            if len(self.graphs) >= self.max_graphs:
-                self.stats["eager_calls"] += 1
-                return self.forward(*args, **kwargs)
             return self._first_call(key, args, kwargs)
         leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
         for dst, src in zip(entry.inputs, leaves):

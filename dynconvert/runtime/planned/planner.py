@@ -31,13 +31,17 @@ every shape on the host before the call:
 
 Nothing after the timestep read depends on data: no ``nonzero``, no ``.item()``, no shape
 that varies with the input values. That is what CUDA graphs (graphs.py) and torch.compile need.
+
+Threads: patterns and pre-sliced weights are shared by every thread calling the model, and
+built under the bank's lock; the pattern a call runs is kept in its RoutingCall (call.py), and
+each thread counts its overflow on a counter of its own.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -47,6 +51,7 @@ from dynconvert.runtime.dynamic import DynamicConv, DynamicLinear, SiteRuntime
 from dynconvert.runtime.interfaces import PATTERN_CACHE_LIMIT, CallRouting, Decision, MlpCall
 from dynconvert.runtime.lora_run import adapter_cuts, adapters_stamp, base_of
 from dynconvert.runtime.mlp import MlpRuntime, record_mlp_call, record_mlp_tokens
+from dynconvert.runtime.planned.overflow import OverflowCounters, TokenOverflow
 
 CAPACITY_STEPS = 32
 """Capacities are rounded up to multiples of 1/32 of the tokens, so nearby timesteps share a
@@ -78,6 +83,7 @@ class PlannerBank(CallRouting, Protocol):
     runtimes: list[SiteRuntime]  # one per site, in plan order
     token: nn.ModuleDict  # str(site index) -> TokenRouter
     model_params: int  # parameter count of the whole model: sizes the store of slices
+    lock: Any  # held while the patterns and the store of slices change (threads share them)
 
     def eval_masks_cpu(self, value: float) -> dict[int, torch.Tensor]:
         """``{site: (1, units) bool}`` CPU width masks at one looked-up timestep value."""
@@ -101,32 +107,13 @@ class Pattern:
     sliced: bool = False  # its weights were cut into the store before a call
 
 
-@dataclass
-class TokenOverflow:
-    """Tokens the fixed capacities dropped since the last read (summed over sites and calls).
-
-    Attributes:
-        dropped: tokens over the threshold that did not fit their site's capacity.
-        wanted: tokens over the threshold at gathered sites (the denominator of ``rate``).
-        calls: planned forward calls counted.
-    """
-
-    dropped: int
-    wanted: int
-    calls: int
-
-    @property
-    def rate(self) -> float:
-        """dropped / wanted (0.0 when nothing was wanted)."""
-        return self.dropped / self.wanted if self.wanted else 0.0
-
-
 class Planner:
     """The planned path's state on one RouterBank: patterns, pre-sliced weights, overflow.
 
     The bank calls :meth:`begin` at the start of every planned call with the call's timestep
     values; the site runtimes then ask for their decision (:meth:`decision`), their weights
-    (:meth:`sliced`) and, for MLPs, the token gather (:meth:`begin_mlp`).
+    (:meth:`sliced`) and, for MLPs, the token gather (:meth:`begin_mlp`), each for the calling
+    thread's call.
     """
 
     def __init__(self, bank: PlannerBank):
@@ -135,13 +122,12 @@ class Planner:
         self.capacity: dict[int, torch.Tensor] = {}  # site index -> (1000,) fraction per t
         self.capacity_version = 0
         self.epoch = 0  # bumps whenever patterns and slices are rebuilt (graphs drop with it)
-        self.current: Pattern | None = None
         self.calls = 0
         self._reset_state()
         self._linears: tuple[int, list[nn.Linear]] | None = None
         self._named: tuple[int, dict[str, nn.Module]] | None = None
         self._stamp: tuple | None = None
-        self._counter: torch.Tensor | None = None  # (2,) long: dropped, wanted (on the device)
+        self.overflow = OverflowCounters()  # (dropped, wanted) per thread, on the device
 
     def _reset_state(self) -> None:
         self.patterns: dict[tuple[int, ...], Pattern] = {}
@@ -166,27 +152,34 @@ class Planner:
 
         ``table_key`` identifies the router parameters (the bank's width table key); patterns
         and slices are rebuilt whenever it, the weights, the device or the capacities change.
+        The pattern becomes the calling thread's call's (:attr:`current`).
         """
-        stamp = (table_key, self._weights_stamp(model), self.capacity_version)
-        if stamp != self._stamp:
-            self._reset_state()
-            self._stamp = stamp
-            self.epoch += 1
-        ids = tuple(self._pattern_id(v) for v in values)
-        key = ids[:1] if all(i == ids[0] for i in ids) else ids
-        pattern = self.patterns.get(key)
-        if pattern is None:
-            if len(self.patterns) > PATTERN_CACHE_LIMIT:  # many mixed-t batches: bound it
-                self.patterns.clear()
-            pattern = self.patterns[key] = self._build(key)
-        if not pattern.sliced and not torch.is_grad_enabled():
-            self._preslice(pattern, model)  # now: not inside a compiled or captured call
-            pattern.sliced = True
-        self.current = pattern
-        self.calls += 1
+        call = self.bank.current_call()
         device = self.bank.always_on.device
-        if self._counter is None or self._counter.device != device:  # made here, not in a
-            self._counter = torch.zeros(2, dtype=torch.long, device=device)  # compiled region
+        with self.bank.lock:  # threads share the patterns and the store
+            stamp = (table_key, self._weights_stamp(model), self.capacity_version)
+            if stamp != self._stamp:
+                self._reset_state()
+                self._stamp = stamp
+                self.epoch += 1
+            ids = tuple(self._pattern_id(v) for v in values)
+            key = ids[:1] if all(i == ids[0] for i in ids) else ids
+            pattern = self.patterns.get(key)
+            if pattern is None:
+                if len(self.patterns) > PATTERN_CACHE_LIMIT:  # many mixed-t batches: bound it
+                    self.patterns.clear()
+                pattern = self.patterns[key] = self._build(key)
+            if not pattern.sliced and not torch.is_grad_enabled():
+                self._preslice(pattern, model)  # now: not inside a compiled or captured call
+                pattern.sliced = True
+            self.calls += 1
+            counter = self.overflow.counter(device)  # made here, not in a compiled region
+        call.pattern, call.counter = pattern, counter
+
+    @property
+    def current(self) -> Pattern | None:
+        """The pattern of the calling thread's current call (None before a planned call)."""
+        return self.bank.current_call().pattern
 
     def _weights_stamp(self, model: nn.Module) -> tuple:
         """Changes when any converted Linear's weight is changed, replaced or moved."""
@@ -305,11 +298,14 @@ class Planner:
         nbytes = ws.numel() * ws.element_size() + (
             bs.numel() * bs.element_size() if axis == "rows" and bs is not None else 0
         )
-        if self.store_bytes + nbytes <= self._limit(ws.element_size()):
-            self.store[key] = (ws, bs)
-            self.store_bytes += nbytes
-        else:
-            self.uncached_slices += 1
+        with self.bank.lock:  # outside pre-slicing (autograd on), threads may fill it at once
+            if key not in self.store and self.store_bytes + nbytes <= self._limit(
+                ws.element_size()
+            ):
+                self.store[key] = (ws, bs)
+                self.store_bytes += nbytes
+            elif key not in self.store:
+                self.uncached_slices += 1
         return ws, bs
 
     def _limit(self, element_size: int) -> float:
@@ -366,17 +362,14 @@ class Planner:
         return len(self._ids)
 
     def _count(self, delta: torch.Tensor) -> None:
-        """Add (dropped, wanted) to the device counter (no host read)."""
-        self._counter.add_(delta.to(self._counter.device))
+        """Add (dropped, wanted) to this thread's device counter (no host read)."""
+        counter = self.bank.current_call().counter
+        counter.add_(delta.to(counter.device))
 
     def read_overflow(self, reset: bool = True) -> TokenOverflow:
-        """The overflow counted since the last reset (one host read)."""
-        dropped = wanted = 0
-        if self._counter is not None:
-            dropped, wanted = (int(v) for v in self._counter.tolist())
-            if reset:
-                self._counter.zero_()
-        out = TokenOverflow(dropped, wanted, self.calls)
+        """The overflow counted since the last reset, by every thread (overflow.py)."""
+        with self.bank.lock:
+            out = self.overflow.read(self.calls, reset)
         if reset:
             self.calls = 0
         return out

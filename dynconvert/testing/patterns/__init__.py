@@ -58,7 +58,8 @@ from dynconvert.testing.patterns.video import (
 
 __all__ = [
     "PATTERNS", "QK_NORMS", "ROPE_FORMS", "ConvFeedForward", "CustomLinear", "Dense",
-    "FeedForward", "FusedParallelBlock", "GroupedQueryAttention", "HandRMSNorm", "JointAttention", "JointBlock", "MMDiT",
+    "FeedForward", "FusedParallelBlock", "GroupedQueryAttention", "HandRMSNorm", "JointAttention",
+    "JointBlock", "MMDiT",
     "ParallelBlock", "ReLULinearAttention", "RotaryBlock", "RotaryDiT", "RotarySelfAttention",
     "ScaleShift", "ScaledDense", "SharedMlpBlock", "SlicedSwiGLU", "SpaceTimeAttention",
     "VideoBlock", "VideoDiT", "apply_rope", "mmdit", "rope_tables", "rotary_dit",

@@ -1,0 +1,263 @@
+"""The memory plan (calibration/memory.py), the refusal up front (fit.py), gradient accumulation
+and gradient checkpointing in calibration, the heartbeat, and ``inspect --calibration``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import dynconvert
+from dynconvert.calibration import CalibrationConfig, calibrate, fit
+from dynconvert.calibration.memory import MemorySettings, ModelFacts, estimate
+from dynconvert.calibration.memory_facts import model_facts, skeleton_facts
+from dynconvert.calibration.recompute import gradient_checkpointing
+from dynconvert.cli import app
+from dynconvert.errors import MemoryPlanError
+from dynconvert.models import build_model
+from dynconvert.runs.memory import Heartbeat, stop_note
+from dynconvert.runtime.routing import set_routing
+from dynconvert.runtime.state import get_state
+from dynconvert.testing import tiny_dit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+GIB = 2**30
+
+
+def latents(n: int = 32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"x": torch.randn(n, 4, 8, 8, generator=g), "y": torch.randint(0, 10, (n,), generator=g)}
+
+
+def quick(**overrides) -> CalibrationConfig:
+    base = dict(target=0.5, steps=4, batch_size=8, lambda_hold_steps=0, warmup_steps=0, lr=1e-3,
+                ema_decay=0.9, seed=0)  # fmt: skip
+    return CalibrationConfig(**{**base, **overrides})
+
+
+def saved_bytes(model: torch.nn.Module, batch: int) -> int:
+    """Bytes autograd saves in one training forward (storages counted once, weights excluded)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in weights:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    x, t, y = model.example_inputs(batch_size=batch)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, t, y)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("mode", ["all", "routers"])
+def test_site_formulas_match_what_autograd_saves(mode):
+    model = dynconvert.convert(build_model("dit-tiny"), budget=0.5)
+    bank = get_state(model)
+    if mode == "routers":
+        ids = {id(p) for p in bank.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in ids)
+    model.train()
+    set_routing(model, "train")
+    per_sample = saved_bytes(model, 4) - saved_bytes(model, 2)  # the part that grows with batch
+    half, full = model_facts(model, bank.plan).saved[mode]
+    assert 4 * (half + full) == pytest.approx(per_sample / 2, rel=0.12)
+
+
+def test_a_meta_skeleton_gives_the_converted_models_facts():
+    with torch.device("meta"):
+        skeleton = build_model("dit-tiny")
+    _, before = skeleton_facts(skeleton)
+    model = dynconvert.convert(build_model("dit-tiny"), budget=0.5)
+    after = model_facts(model, get_state(model).plan)
+    assert before.router_numel == after.router_numel > 0
+    assert before.trainable_numel == after.trainable_numel
+    assert before.saved == after.saved and before.boundary == after.boundary
+    assert before.param_bytes == pytest.approx(after.param_bytes, abs=64)  # the bank's buffers
+
+
+def facts() -> ModelFacts:
+    """A 1 GiB model (float32) whose activations are 64 MiB per sample."""
+    n = GIB // 4
+    return ModelFacts(
+        param_bytes=GIB, param_size=4, trainable_numel=n, router_numel=n // 1000,
+        weight_numel=n, block_numel=n // 20, root_numel=n // 10,
+        saved={"all": (2**24, 0), "routers": (2**23, 0)},
+        block_saved={"all": (2**20, 0), "routers": (2**19, 0)}, boundary=2**18,
+    )  # fmt: skip
+
+
+def test_the_estimate_term_by_term():
+    one = estimate(facts(), MemorySettings(batch_size=8, device="cuda"))
+    assert one.terms["gradients"] == GIB and one.terms["optimizer"] == 2 * GIB
+    assert one.terms["ema"] == GIB and one.terms["activations"] == 8 * 2**26
+    assert one.total == GIB + 2 * GIB + GIB + max(GIB, 8 * 2**26)
+    fsdp = estimate(
+        facts(), MemorySettings(batch_size=64, processes=8, sharding="fsdp", device="cuda")
+    )
+    assert fsdp.terms["weights"] == GIB // 8 and fsdp.terms["optimizer"] == 2 * GIB // 8
+    assert (
+        fsdp.terms["fsdp_unsharded"] > 0 and fsdp.terms["activations"] == one.terms["activations"]
+    )
+    ddp = estimate(facts(), MemorySettings(batch_size=64, processes=8, device="cuda"))
+    assert ddp.terms["ddp_buckets"] == GIB and ddp.total > fsdp.total
+    accum = estimate(facts(), MemorySettings(batch_size=8, grad_accum_steps=4, device="cuda"))
+    assert accum.terms["activations"] == one.terms["activations"] // 4
+    ckpt = estimate(
+        facts(), MemorySettings(batch_size=8, gradient_checkpointing=True, device="cuda")
+    )
+    assert ckpt.terms["activations"] < one.terms["activations"] // 10
+    half = estimate(facts(), MemorySettings(batch_size=8, mixed_precision="bf16", device="cuda"))
+    assert half.terms["activations"] == 8 * 2**25 + 2 * facts().weight_numel  # + autocast copies
+    routers = estimate(facts(), MemorySettings(batch_size=8, trainable="routers", device="cuda"))
+    assert routers.terms["optimizer"] < GIB // 100
+    cpu = estimate(facts(), MemorySettings(batch_size=8))
+    assert cpu.total > one.total and cpu.terms["runtime"] > 0  # the interpreter, on CPU
+
+
+def test_the_refusal_gives_the_estimate_and_settings_that_fit():
+    settings = MemorySettings(batch_size=256, device="cuda")
+    free = 6 * GIB
+    message = fit.refusal(facts(), settings, free, "free on the GPU")
+    assert (
+        message.startswith("calibration needs about")
+        and "but 6.0 GiB is free on the GPU" in message
+    )
+    found = fit.suggestions(facts(), settings, free)
+    assert found and all(est.total * fit.HEADROOM <= free for _, est in found)
+    assert f"--set {fit.describe(found[0][0], settings).split()[0]}" in message
+    for s, _ in found:  # the global batch is kept
+        assert s.batch_size == 256 and s.micro_batch * s.grad_accum_steps == 256
+    assert "shard over" in message and "force=True" in message
+    assert fit.refusal(facts(), settings, 10**15, "free") is None
+    starved = fit.refusal(facts(), settings, GIB // 4, "free on the GPU")
+    assert "Nothing fits on this device: the smallest setting" in starved
+    assert "calibration.grad_accum_steps=256" in starved  # one row at a time
+
+
+def test_calibrate_refuses_an_impossible_batch_before_writing_anything(tmp_path, monkeypatch):
+    monkeypatch.setattr(fit, "device_free", lambda device: (64 * 2**20, "available RAM"))
+    model = dynconvert.convert(tiny_dit(seed=0), budget=0.5)
+    out = tmp_path / "run"
+    with pytest.raises(MemoryPlanError, match="calibration needs about .* available RAM"):
+        calibrate(model, latents(), quick(batch_size=8192, output_dir=str(out)))
+    assert not out.exists()
+    calibrate(model, latents(), quick(steps=1, check_memory=False))  # check_memory=False: runs
+
+
+def test_the_cli_refuses_before_building_and_leaves_no_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(fit, "device_free", lambda device: (64 * 2**20, "available RAM"))
+    out = tmp_path / "r"
+    args = [
+        "convert",
+        "--model",
+        "dit-tiny",
+        "--random-init",
+        "--target-flops",
+        "0.5",
+        "--data",
+        "synthetic",
+        "--steps",
+        "1",
+        "--out",
+        str(out),
+        "--set",
+        "calibration.batch_size=4096",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "calibration needs about" in errors[0] and "--force" in errors[0]
+    assert "--set calibration.grad_accum_steps=" in errors[0]
+    assert not out.exists()  # refused before the first step: the run removed what it wrote
+
+
+def test_inspect_calibration_json_is_keyed_by_trainable_mode():
+    args = ["inspect", "--model", "dit-tiny", "--calibration", "--batch", "16", "--processes", "2",
+            "--sharding", "fsdp", "--device", "cuda", "--json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.stdout)
+    bytes_ = s["calibration_memory_bytes"]
+    assert set(bytes_) == {"all", "routers", "lora"}
+    assert bytes_["all"] > bytes_["lora"] > bytes_["routers"] > 0
+    assert s["settings"]["processes"] == 2 and s["micro_batch"] == 8
+    assert "fsdp_unsharded" in s["calibration_memory"]["all"]
+    table = CliRunner().invoke(app, args[:-1])
+    assert table.exit_code == 0 and "peak per process" in table.stdout
+
+
+def test_gradient_accumulation_resumes_exactly(tmp_path):
+    def run(steps: int, resume: bool = False) -> dict[str, torch.Tensor]:
+        model = dynconvert.convert(tiny_dit(seed=0), budget=0.5)
+        cfg = quick(steps=steps, grad_accum_steps=2, output_dir=str(tmp_path / "run"),
+                    checkpoint_every=2, resume=resume)  # fmt: skip
+        return calibrate(model, latents(), cfg).train_state_dict
+
+    straight = calibrate(
+        dynconvert.convert(tiny_dit(seed=0), budget=0.5), latents(), quick(grad_accum_steps=2)
+    )
+    run(2)
+    resumed = run(4, resume=True)
+    assert all(torch.equal(straight.train_state_dict[k], resumed[k]) for k in resumed)
+    plain = calibrate(dynconvert.convert(tiny_dit(seed=0), budget=0.5), latents(), quick(steps=1))
+    once = calibrate(
+        dynconvert.convert(tiny_dit(seed=0), budget=0.5),
+        latents(),
+        quick(steps=1, grad_accum_steps=4),
+    )
+    assert once.losses[0] == pytest.approx(plain.losses[0], rel=1e-4)  # same rows, same noise
+
+
+def test_gradient_checkpointing_keeps_less_and_changes_nothing():
+    model = dynconvert.convert(tiny_dit(seed=0), budget=0.5)
+    model.train()
+    set_routing(model, "train")
+    full = saved_bytes(model, 4)
+    with gradient_checkpointing(model, True) as kind:
+        assert kind == "blocks" and saved_bytes(model, 4) < full / 2
+        x, t, y = model.example_inputs(batch_size=4)
+        out = model(x, t, y)
+        records = get_state(model).records
+        masks = {i: r["tokens"] for i, r in records.items() if r.get("tokens") is not None}
+        out.float().pow(2).mean().backward()
+        # the recomputation recorded into copies: its graph (the activations) is not kept
+        assert masks and all(records[i]["tokens"] is m for i, m in masks.items())
+    assert saved_bytes(model, 4) == full  # put back
+    a = calibrate(dynconvert.convert(tiny_dit(seed=0), budget=0.5), latents(), quick())
+    b = calibrate(
+        dynconvert.convert(tiny_dit(seed=0), budget=0.5),
+        latents(),
+        quick(gradient_checkpointing=True),
+    )
+    assert a.losses == b.losses
+    assert all(
+        torch.equal(a.train_state_dict[k], b.train_state_dict[k]) for k in a.train_state_dict
+    )
+
+
+def test_a_heartbeat_says_how_a_killed_run_stopped(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"status": "running"}))
+    with Heartbeat(path, every=0.05) as beat:
+        beat.wrap(None)(type("Info", (), {"step": 7})())
+        beat.beat()
+    data = json.loads(path.read_text())
+    assert data["heartbeat"]["step"] == 7 and data["heartbeat"]["rss_bytes"] > 0
+    starved = {**data["heartbeat"], "available_bytes": 2**20}
+    assert "lack of memory" in stop_note({"status": "running", "heartbeat": starved})
+    assert stop_note({**data, "status": "finished"}) == ""
+
+
+def test_settings_must_divide_the_batch():
+    with pytest.raises(dynconvert.errors.ConfigError, match="divisible"):
+        MemorySettings(batch_size=10, processes=4)
+    with pytest.raises(dynconvert.errors.ConfigError, match="grad_accum_steps"):
+        quick(batch_size=8, grad_accum_steps=3)
+    assert replace(MemorySettings(batch_size=8), grad_accum_steps=2).micro_batch == 4
