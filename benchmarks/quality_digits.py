@@ -67,6 +67,7 @@ METHODS = (
     "tokens-only",
     "static-pruning",
     "cache",
+    "lora",
 )
 ROW_KEYS = (
     "method",
@@ -78,13 +79,15 @@ ROW_KEYS = (
     "accuracy",
     "frechet_distance",
 )
-TRAINED = ("fine-tuned", "dynamic", "width-only", "tokens-only", "static-pruning")
+TRAINED = ("fine-tuned", "dynamic", "width-only", "tokens-only", "static-pruning", "lora")
 ROUTED = {
     "dynamic": dict(attention_width=True, mlp_width=True, token_routing=True),
     "width-only": dict(attention_width=True, mlp_width=True, token_routing=False),
     # tokens-only: width routers fixed at every unit on (convert with mlp_width=False fails on
     # the digits DiT at this commit: IndexError in dynamic.unit_of_index), same cost.
     "tokens-only": dict(attention_width=True, mlp_width=True, token_routing=True),
+    # lora: routed as dynamic; calibration trains a LoRA adapter and the routers, not the weights
+    "lora": dict(attention_width=True, mlp_width=True, token_routing=True),
 }
 _FROZEN_LOGIT = 1e4  # a router logit no Gumbel noise can flip, with exactly zero gradient
 EVAL_SEED = 1234  # the initial noise of every evaluation (the same for every method)
@@ -232,7 +235,10 @@ def build_trained(
             }
             _freeze_width(model, keep, token_routers_train=True)
     t0 = time.perf_counter()
-    dynconvert.calibrate(model, _BENCH["name"], _calibration(cal_target, seed, settings))
+    cfg = _calibration(cal_target, seed, settings)
+    if method == "lora":  # the recipe's settings, trainable="lora" (rank 16, merged at the end)
+        cfg = dynconvert.CalibrationConfig(**{**cfg.__dict__, "trainable": "lora"})
+    dynconvert.calibrate(model, _BENCH["name"], cfg)
     return model.eval(), time.perf_counter() - t0
 
 

@@ -43,7 +43,6 @@ _EXPORTS = {
     "MlpSite": "dynconvert.plan",
     "Plan": "dynconvert.plan",
     "SkippedSite": "dynconvert.plan",
-    "LoraNotRoutedError": "dynconvert.io.pretrained",
     "routing": "dynconvert.runtime.routing",
     "set_routing": "dynconvert.runtime.routing",
     "load": "dynconvert.io.save",
@@ -53,6 +52,7 @@ _EXPORTS = {
 _ERRORS = (
     "AlreadyConvertedError", "BudgetError", "CalibrationError", "CheckpointError", "ConfigError",
     "DataError", "DynconvertError", "ExampleInputsError", "ExportError", "FileError",
+    "LoraNotRoutedError",
     "ModelNotFoundError", "NoSitesError", "NotConvertedError", "OutputExistsError", "RecordError",
     "TimestepError",
 )  # fmt: skip

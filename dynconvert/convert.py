@@ -12,7 +12,7 @@ from dynconvert.analysis import FilterFn, analyze
 from dynconvert.analysis.importance import always_on_unit
 from dynconvert.analysis.meta import is_meta
 from dynconvert.config import ConvertConfig
-from dynconvert.errors import AlreadyConvertedError, BudgetError, NoSitesError
+from dynconvert.errors import AlreadyConvertedError, BudgetError, LoraNotRoutedError, NoSitesError
 from dynconvert.fields import SEED_MAX, Range, check_value
 from dynconvert.flops import min_ratio
 from dynconvert.inputs import default_inputs, split_inputs
@@ -29,6 +29,7 @@ from dynconvert.runtime.dynamic import (
     make_static,
 )
 from dynconvert.runtime.heads import restore_head_counts
+from dynconvert.runtime.lora import adopt_all, check_adoptable, install_hook, lifted, release_all
 from dynconvert.runtime.mlp import MlpRuntime
 from dynconvert.runtime.shared_in import SharedInRuntime
 from dynconvert.runtime.shared_out import SharedOutRuntime
@@ -119,6 +120,30 @@ def convert(
         raise AlreadyConvertedError(
             f"the model already has an attribute {ATTR!r}; rename it before converting"
         )
+    # LoRA layers already on the model are lifted off while it is converted (analysis sees the
+    # plain model) and adopted after, routed with the Linears they wrap (runtime/lora.py).
+    with lifted(model) as taken:
+        _convert(model, b, example_inputs, config, filter_fn, seed, probe_inputs)
+        try:
+            check_adoptable([layer for _, _, layer in taken])
+        except LoraNotRoutedError:  # an adapter kind that is not routed: the model as it was
+            revert(model)
+            raise
+    adopt_all(model)
+    return model
+
+
+def _convert(
+    model: nn.Module,
+    b: float,
+    example_inputs: Any,
+    config: ConvertConfig,
+    filter_fn: FilterFn | None,
+    seed: int,
+    probe_inputs: Any,
+) -> None:
+    """Analyse, check, apply the plan; re-apply without the sites the fast-path check fails
+    (a model on the meta device: the rest when its weights arrive)."""
     # Resolved once: analysis captures the graph with them, the fast-path check reruns them.
     args, kwargs = (
         split_inputs(example_inputs) if example_inputs is not None else default_inputs(model)
@@ -129,10 +154,9 @@ def convert(
         bank = apply_plan(model, plan, config, b)
         bank.deferred = Deferred(seed, (args, kwargs), _finish)
         bank.deferred.handle = model.register_load_state_dict_post_hook(_loaded)
-        return model
+        return
     _seeded_apply(model, plan, config, b, seed)
     _check_fast_path(model, plan, config, b, seed, (args, kwargs))
-    return model
 
 
 def _seeded_apply(model: nn.Module, plan: Plan, config: ConvertConfig, b: float, seed: int) -> None:
@@ -228,6 +252,7 @@ def apply_plan(
     always_on: list[int] | None = None,
 ) -> RouterBank:
     """Swap the plan's Linears for DynamicLinears and attach the RouterBank (no checks)."""
+    install_hook()  # from now on a LoRA layer put around a routed Linear is routed with it
     modules = dict(model.named_modules())
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -311,10 +336,13 @@ def _always_on(
 def revert(model: nn.Module) -> nn.Module:
     """Take the routers off: every DynamicLinear becomes an nn.Linear again (same parameters).
 
+    LoRA layers stay, as the peft layers they were (their adapters unchanged).
+
     Example:
         >>> model = revert(model)                # doctest: +SKIP
     """
     bank = get_state(model)
+    release_all(model)
     if bank.deferred is not None:  # converted on meta, never finished
         bank.deferred.handle.remove()
     for m in model.modules():

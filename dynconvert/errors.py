@@ -74,3 +74,8 @@ class FileError(DynconvertError, OSError):
 
 class ExportError(DynconvertError):
     """A converted model cannot be exported (an op, an input, or the output folder)."""
+
+
+class LoraNotRoutedError(DynconvertError):
+    """An adapter of a kind dynconvert does not route would wrap a routed Linear (named in the
+    message with the reason), or a routed adapter was used in a way routing cannot follow."""

@@ -184,8 +184,9 @@ def test_inspect_calibration_json_is_keyed_by_trainable_mode():
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     s = json.loads(result.stdout)
-    assert set(s["calibration_memory_bytes"]) == {"all", "routers"}
-    assert s["calibration_memory_bytes"]["all"] > s["calibration_memory_bytes"]["routers"] > 0
+    bytes_ = s["calibration_memory_bytes"]
+    assert set(bytes_) == {"all", "routers", "lora"}
+    assert bytes_["all"] > bytes_["lora"] > bytes_["routers"] > 0
     assert s["settings"]["processes"] == 2 and s["micro_batch"] == 8
     assert "fsdp_unsharded" in s["calibration_memory"]["all"]
     table = CliRunner().invoke(app, args[:-1])

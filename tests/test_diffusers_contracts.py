@@ -350,19 +350,29 @@ def _lora_config():
     )
 
 
-def test_lora_on_a_converted_model_is_refused_before_anything_changes(family):
+def test_a_lora_on_a_converted_model_is_routed_and_other_adapters_are_refused(family):
     peft = pytest.importorskip("peft")
     name, model, inputs = family
+    static = _static(name, model)
+    torch.manual_seed(0)
+    peft.inject_adapter_in_model(_lora_config(), static)
+    torch.manual_seed(0)
+    peft.inject_adapter_in_model(_lora_config(), model)  # the same adapter, routed
+    assert type(model.transformer_blocks[0].attn1.to_q).__name__ == "RoutedLinear"
+    with torch.no_grad():
+        with dynconvert.routing(model, "full"):
+            torch.testing.assert_close(call(model, inputs), call(static, inputs), atol=1e-5, rtol=0)
+        with dynconvert.routing(model, "eval", "masked"):
+            masked = call(model, inputs)
+        torch.testing.assert_close(call(model, inputs), masked, atol=1e-5, rtol=0)  # fast
+    # An adapter that is not a LoRA wraps a routed Linear: refused before it is put in place.
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        expected = call(model, inputs)
-    with pytest.raises(dynconvert.LoraNotRoutedError, match="merge_and_unload"):
-        peft.inject_adapter_in_model(_lora_config(), model)
+    loha = peft.LoHaConfig(r=2, target_modules=["to_q"])
+    with pytest.raises(
+        dynconvert.LoraNotRoutedError, match="peft loha adapter.*Nothing was replaced"
+    ):
+        peft.inject_adapter_in_model(loha, model, adapter_name="loha")
     assert model.state_dict().keys() == before.keys()
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert type(model.transformer_blocks[0].attn1.to_q).__name__ == "DynamicLinear"
-    with torch.no_grad():
-        torch.testing.assert_close(call(model, inputs), expected, atol=0, rtol=0)
 
 
 def test_lora_merged_before_converting_is_routed():
@@ -388,7 +398,7 @@ def test_lora_merged_before_converting_is_routed():
         torch.testing.assert_close(call(model, inputs), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_add_adapter_of_a_converted_model_is_refused():
+def test_add_adapter_of_a_converted_model_is_routed():
     from diffusers import DiTTransformer2DModel
     from diffusers.loaders import PeftAdapterMixin
 
@@ -399,10 +409,11 @@ def test_add_adapter_of_a_converted_model_is_refused():
     lora_dit = LoraDiT.from_config(model.config)
     lora_dit.load_state_dict(model.state_dict())
     dynconvert.convert(lora_dit, 0.5, example_inputs=_inputs(model))
-    with pytest.raises(dynconvert.LoraNotRoutedError, match="Nothing was changed"):
-        lora_dit.add_adapter(None)
-    dynconvert.revert(lora_dit)
-    assert "add_adapter" not in lora_dit.__dict__
+    lora_dit.add_adapter(_lora_config())
+    assert type(lora_dit.transformer_blocks[0].attn1.to_q).__name__ == "RoutedLinear"
+    dynconvert.revert(lora_dit)  # the adapter stays, as peft's layer
+    assert type(lora_dit.transformer_blocks[0].attn1.to_q).__name__ == "Linear"
+    assert "lora_A" in dict(lora_dit.transformer_blocks[0].attn1.to_q.named_children())
 
 
 # -- torch.compile -------------------------------------------------------------------------------

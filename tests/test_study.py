@@ -31,10 +31,10 @@ def test_plan_covers_every_method_seed_zero_first(study):
     rows = study.plan_rows(settings, list(study.METHODS))
     assert len(rows) == len(set(rows))
     assert {m for m, _, _ in rows} == set(study.METHODS)
-    assert rows[:8] == [("original", 1.0, 0), ("fine-tuned", 1.0, 0)] + [
+    assert rows[:9] == [("original", 1.0, 0), ("fine-tuned", 1.0, 0)] + [
         (m, 0.5, 0) for m in study.METHODS[2:]
     ]
-    assert [r[1] for r in rows[8:16]] == [1.0] + [0.5] * 4 + [1.0] + [0.5] * 2  # seeds 1, 2 at 0.5
+    assert [r[1] for r in rows[9:17]] == [1.0] + [0.5] * 5 + [1.0] + [0.5]  # seeds 1, 2 at 0.5
     assert ("dynamic", 0.5, 2) in rows and ("dynamic", 0.3, 1) not in rows
     assert ("cache", 0.5, 1) not in rows  # training-free methods are deterministic: one seed
 

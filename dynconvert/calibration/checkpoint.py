@@ -39,8 +39,8 @@ from dynconvert.calibration.checkpoint_files import (
 )
 from dynconvert.calibration.config import RESUME_FREE_FIELDS
 from dynconvert.calibration.seeding import capture_rng, restore_rng, seed_step
+from dynconvert.calibration.trainable import attach_lora, router_parameters, trainable_parameters
 from dynconvert.errors import CheckpointError, OutputExistsError
-from dynconvert.runtime.state import get_state
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -185,18 +185,6 @@ def _check_resumable(cfg: Any, payload: dict[str, Any], path: Path) -> None:
         )
 
 
-def router_parameters(state: Any) -> list[nn.Parameter]:
-    """The router parameters of a converted model's state (what ``trainable="routers"`` trains,
-    and what a checkpoint's optimizer state then holds).
-
-    Example:
-        >>> params = router_parameters(get_state(model))  # doctest: +SKIP
-    """
-    if hasattr(state, "router_parameters"):
-        return list(state.router_parameters())
-    return list(state.parameters())
-
-
 def check_resume(cfg: Any, model: nn.Module) -> int | None:
     """Check, before any work, the checkpoint a resumed run would continue from.
 
@@ -222,6 +210,7 @@ def check_resume(cfg: Any, model: nn.Module) -> int | None:
         return None
     payload = load_checkpoint(path, mmap=True)
     _check_resumable(cfg, payload, path)
+    attach_lora(model, cfg)  # trainable="lora": the adapter the checkpoint holds (added once)
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in payload["model"].items() if isinstance(v, torch.Tensor)}
     if payload.get("kind") == "fsdp-sharded":  # shapes recorded beside the shards
@@ -232,12 +221,7 @@ def check_resume(cfg: Any, model: nn.Module) -> int | None:
             f"checkpoint {path} does not match this model (e.g. {', '.join(diff[:3])}): it is "
             "from another model or conversion"
         )
-    if cfg.trainable == "routers":
-        ids = {id(p) for p in router_parameters(get_state(model))}
-        trainable = [p for p in model.parameters() if id(p) in ids]
-    else:
-        trainable = [p for p in model.parameters() if p.requires_grad]
-    check_optimizer_fits(payload["optimizer"], trainable, path)
+    check_optimizer_fits(payload["optimizer"], trainable_parameters(model, cfg), path)
     return payload["step"]
 
 
@@ -277,9 +261,7 @@ def load_training_state(cfg: Any, model: nn.Module, ema: Any) -> dict[str, Any] 
         model.load_state_dict(payload["model"])
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint {path} does not match this model: {err}") from err
-    check_optimizer_fits(
-        payload["optimizer"], [p for p in model.parameters() if p.requires_grad], path
-    )
+    check_optimizer_fits(payload["optimizer"], trainable_parameters(model, cfg), path)
     try:
         if ema is not None:  # None under FSDP: the EMA is made after sharding, loaded then
             ema.load_state_dict(payload["ema"])

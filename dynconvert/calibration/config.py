@@ -15,7 +15,8 @@ OBJECTIVES = ("auto", "eps", "v", "flow")
 BETA_SCHEDULES = ("auto", "linear", "scaled_linear")
 ADAPTERS = ("auto", "dit", "uvit", "diffusers_dit", "pixart", "generic")
 MIXED_PRECISION = ("no", "bf16", "fp16")
-TRAINABLE = ("all", "routers")
+TRAINABLE = ("all", "routers", "lora")
+LORA_SAVE = ("merge", "adapter")
 FLOW_T_DISTS = ("logit_normal", "uniform")
 PROGRESS = ("auto", "bar", "log", "off")
 
@@ -77,6 +78,8 @@ _RANGES = {
     "num_workers": Range(0, 1024),
     "capacity_points": Range(0, 1000),
     "log_every": Range(1),
+    "lora_rank": Range(1, 65536),
+    "lora_alpha": Range(0, 1e6, low_open=True),
     "version": Range(1),
 }
 """Valid ranges of the number fields (the types come from the annotations)."""
@@ -113,7 +116,19 @@ class CalibrationConfig:
             its activations (routing replays the same masks and noise; the result is the same).
         check_memory: Refuse to start when the memory plan (``calibration.memory``) exceeds the
             device's free memory; False skips the check (``--force``).
-        trainable: "all" (routers and model, the paper) or "routers" (base weights frozen).
+        trainable: "all" (routers and model, the paper), "routers" (base weights frozen) or
+            "lora" (base weights frozen; a LoRA adapter on the routed Linears and the routers
+            trained: ``calibration/trainable.py``).
+        lora_rank: Rank of the adapter ``trainable="lora"`` trains.
+        lora_alpha: Its peft ``lora_alpha`` (scale ``alpha / rank``; None: the rank, scale 1).
+        lora_targets: Module names (or name suffixes, as peft's ``target_modules``) it wraps;
+            None: every routed Linear and pointwise convolution.
+        td_lora: Scale the adapter's rank components by a gate read from the timestep
+            embedding the width routers read (TD-LoRA; needs ``lora_save="adapter"``: a
+            timestep-dependent update has no merged weight).
+        lora_save: "merge" (the adapter merged into the base weights at the end: the result
+            runs and loads without peft) or "adapter" (kept; saved as a peft/diffusers LoRA
+            file beside the model).
         mixed_precision: "no", "bf16" or "fp16" (passed to accelerate).
         seed: Seed of all randomness (data order, timesteps, noise, router Gumbel noise).
         checkpoint_every: Write a checkpoint every N steps (0: only at the end).
@@ -176,6 +191,11 @@ class CalibrationConfig:
     gradient_checkpointing: bool = False
     check_memory: bool = True
     trainable: str = "all"
+    lora_rank: int = 16
+    lora_alpha: float | None = None
+    lora_targets: list[str] | None = None
+    td_lora: bool = False
+    lora_save: str = "merge"
     mixed_precision: str = "no"
     seed: int = 0
     checkpoint_every: int = 1000
@@ -214,6 +234,7 @@ class CalibrationConfig:
                 "(distill_weight=1, diffusion_weight=0 trains by distillation alone)"
             )
         _one_of("trainable", self.trainable, TRAINABLE)
+        self._check_lora()
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(
                 f"batch_size {self.batch_size} must be divisible by grad_accum_steps "
@@ -232,6 +253,22 @@ class CalibrationConfig:
                 f"calibration config version {self.version} is newer than this dynconvert "
                 f"({CALIBRATION_CONFIG_VERSION}); upgrade dynconvert"
             )
+
+    def _check_lora(self) -> None:
+        """The LoRA settings fit together (rank, alpha and targets are read only for "lora")."""
+        _one_of("lora_save", self.lora_save, LORA_SAVE)
+        if self.trainable != "lora" and (self.td_lora or self.lora_save != "merge"):
+            raise ConfigError(
+                f"td_lora and lora_save apply to trainable='lora'; got trainable="
+                f"{self.trainable!r}: set trainable='lora' or leave them at their defaults"
+            )
+        if self.td_lora and self.lora_save == "merge":
+            raise ConfigError(
+                "td_lora=True scales the adapter per timestep, which no merged weight can hold; "
+                "set lora_save='adapter' (the adapter and its gates are saved beside the model)"
+            )
+        if self.lora_targets is not None and not self.lora_targets:
+            raise ConfigError("lora_targets is empty; name modules, or None for every routed one")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CalibrationConfig:

@@ -260,9 +260,10 @@ def check_before_start(model: Any, cfg: Any, accelerator: Any) -> MemoryEstimate
         return None
     from dynconvert.calibration.distributed import sharding_of
     from dynconvert.calibration.memory_facts import model_facts
+    from dynconvert.calibration.trainable import adapter_numel
     from dynconvert.runtime.state import get_state
 
-    facts = model_facts(model, get_state(model).plan)
+    facts = model_facts(model, get_state(model).plan, adapter_numel=adapter_numel(model, cfg))
     device = accelerator.device
     settings = settings_for(cfg, accelerator.num_processes, sharding_of(accelerator), device)
     first = next(model.parameters(), None)

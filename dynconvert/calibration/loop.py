@@ -56,6 +56,7 @@ from dynconvert.calibration.step import (
     nonfinite_message,
 )
 from dynconvert.calibration.stream import batch_stream
+from dynconvert.calibration.trainable import merge_lora
 from dynconvert.errors import CalibrationError, ConfigError
 from dynconvert.runtime.routing import set_routing
 
@@ -275,8 +276,9 @@ def _step_info(
 
 
 def _finish(run: TrainingRun, adapter: ModelAdapter, objective: Any) -> CalibrationResult:
-    """The EMA weights into the model (eval mode), the raw ones kept beside them, and the token
-    capacities of the planned path measured on the last batch (``calibration/capacity.py``)."""
+    """The EMA weights into the model (eval mode; a trained LoRA merged unless kept), the raw
+    ones kept beside them, and the token capacities of the planned path measured on the last
+    batch (``calibration/capacity.py``)."""
     cfg, model = run.cfg, run.model
     if run.skeleton is not None:  # FSDP: gathered into an unsharded copy on the main process
         main = run.accelerator.is_main_process
@@ -285,14 +287,19 @@ def _finish(run: TrainingRun, adapter: ModelAdapter, objective: Any) -> Calibrat
     else:
         # Only what the EMA overwrites is copied: frozen weights (trainable=routers) are the
         # same raw or averaged, so the raw state shares them (a second copy of a 12B model's
-        # frozen weights would double the end-of-run peak for nothing).
+        # frozen weights would double the end-of-run peak for nothing). A LoRA merge writes
+        # into the frozen base weights it wraps: those are copied too.
         averaged = set(run.ema.shadow)
+        merging = cfg.trainable == "lora" and cfg.lora_save == "merge"
         train_state = {
-            k: v.detach().cpu().clone() if k in averaged else v.detach().cpu()
+            k: v.detach().cpu().clone()
+            if k in averaged or (merging and ".base_layer." in k)
+            else v.detach().cpu()
             for k, v in model.state_dict().items()
         }
         run.ema.copy_to(model)
     if model is not None:
+        merge_lora(model, cfg)  # trainable="lora", lora_save="merge": no peft layer is left
         model.eval()
     if cfg.capacity_points and model is not None:
         measure_token_capacity(model, adapter, objective, run.last_batch, cfg.capacity_points)
@@ -309,4 +316,6 @@ def _finish(run: TrainingRun, adapter: ModelAdapter, objective: Any) -> Calibrat
         last_checkpoint=run.last_ckpt,
         resumed_from=run.resumed_from,
         train_state_dict=train_state,
+        trainable_params=run.counts["trainable_params"],
+        total_params=run.counts["total_params"],
     )

@@ -58,23 +58,34 @@ EMA_BYTES = 4  # the EMA shadow is float32 whatever the weights are (ema.py)
 
 @dataclass(frozen=True)
 class TrainableMode:
-    """How a value of ``calibration.trainable`` trains: which parameters, and whether the
-    projections' weights train (then every Linear keeps its input for the weight gradient)."""
+    """How a value of ``calibration.trainable`` trains: which parameters, whether the
+    projections' weights train (then every Linear keeps its input for the weight gradient), and
+    whether a LoRA adapter trains beside the routers (its A needs the same inputs kept)."""
 
     name: str
     description: str
     weights_train: bool
+    adapters: bool = False
 
     def trainable(self, facts: ModelFacts) -> int:
         """Parameters this mode trains."""
-        return facts.trainable_numel if self.weights_train else facts.router_numel
+        if self.weights_train:
+            return facts.trainable_numel
+        return facts.router_numel + (facts.adapter_numel if self.adapters else 0)
+
+    @property
+    def saves_like(self) -> str:
+        """The mode whose saved activations this one has: an adapter's A needs the Linear's
+        input, as a trained weight does."""
+        return "all" if self.weights_train or self.adapters else self.name
 
 
 TRAINABLE_MODES: dict[str, TrainableMode] = {
     "all": TrainableMode("all", "routers and every weight (the paper)", True),
     "routers": TrainableMode("routers", "routers only, base weights frozen", False),
+    "lora": TrainableMode("lora", "LoRA adapters and routers, base weights frozen", False, True),
 }
-"""Trainable modes by name; ``lora`` joins when ``CalibrationConfig.trainable`` accepts it."""
+"""Trainable modes by name (``CalibrationConfig.trainable``'s values)."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +158,8 @@ class ModelFacts:
             "half" tensors are 16-bit under mixed precision and "full" ones stay float32.
         block_saved: The same for the largest block alone (what a checkpointed block recomputes).
         boundary: Elements per sample of the blocks' inputs (what checkpointing keeps).
+        adapter_numel: Parameters of the LoRA adapter ``trainable="lora"`` trains (its TD-LoRA
+            gates included; 0 when unknown).
     """
 
     param_bytes: int
@@ -159,6 +172,7 @@ class ModelFacts:
     saved: dict[str, tuple[int, int]]
     block_saved: dict[str, tuple[int, int]]
     boundary: int
+    adapter_numel: int = 0
 
 
 @dataclass(frozen=True)
@@ -203,7 +217,8 @@ def estimate(facts: ModelFacts, settings: MemorySettings) -> MemoryEstimate:
         terms["fsdp_unsharded"] = (unsharded + grads) * compute
     if s.sharding == "none" and p > 1:
         terms["ddp_buckets"] = t * facts.param_size
-    saved = facts.block_saved[mode.name] if s.gradient_checkpointing else facts.saved[mode.name]
+    kind = mode.saves_like
+    saved = facts.block_saved[kind] if s.gradient_checkpointing else facts.saved[kind]
     per_sample = saved[0] * half_size + saved[1] * full_size
     if s.gradient_checkpointing:
         per_sample += facts.boundary * full_size
@@ -233,7 +248,7 @@ def calibration_memory(facts: ModelFacts, settings: MemorySettings) -> dict[str,
         >>> f = ModelFacts(400, 4, 100, 10, 80, 30, 10, {"all": (0, 0), "routers": (0, 0)},
         ...                {"all": (0, 0), "routers": (0, 0)}, 0)
         >>> sorted(calibration_memory(f, MemorySettings(8, device="cuda")))
-        ['all', 'routers']
+        ['all', 'lora', 'routers']
     """
     return {m: estimate(facts, replace(settings, trainable=m)) for m in TRAINABLE_MODES}
 

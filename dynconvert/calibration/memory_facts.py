@@ -10,7 +10,7 @@ Example:
     >>> from dynconvert.testing import tiny_dit
     >>> m = dynconvert.convert(tiny_dit(), 0.5)
     >>> sorted(model_facts(m, get_state(m).plan).saved)
-    ['all', 'routers']
+    ['all', 'lora', 'routers']
 """
 
 from __future__ import annotations
@@ -80,13 +80,17 @@ def _sum(pairs: list[tuple[int, int]]) -> tuple[int, int]:
     return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
 
 
-def model_facts(model: nn.Module, plan: Plan, router_numel: int | None = None) -> ModelFacts:
+def model_facts(
+    model: nn.Module, plan: Plan, router_numel: int | None = None, adapter_numel: int = 0
+) -> ModelFacts:
     """Collect the facts of ``model`` (real or on the meta device) and its plan.
 
     Args:
         model: The model, converted or not (then ``router_numel`` counts the routers to come).
         plan: Its plan (``get_state(model).plan``, or ``analyze`` of a meta-device model).
         router_numel: Router parameters; None: read from the converted model.
+        adapter_numel: Parameters of the LoRA adapter ``trainable="lora"`` would train
+            (``trainable.adapter_numel``).
 
     Example:
         >>> import dynconvert
@@ -125,7 +129,7 @@ def model_facts(model: nn.Module, plan: Plan, router_numel: int | None = None) -
         by_block.setdefault(s.block, []).append(s)
     for name, mode in TRAINABLE_MODES.items():
         per_block = [
-            _sum([site_saved(s, mode.weights_train) for s in ss]) for ss in by_block.values()
+            _sum([site_saved(s, mode.saves_like == "all") for s in ss]) for ss in by_block.values()
         ]
         half, full = _sum(per_block)
         outside = _outside(plan)  # the final norm's input and output
@@ -136,6 +140,7 @@ def model_facts(model: nn.Module, plan: Plan, router_numel: int | None = None) -
         param_bytes=param_bytes, param_size=size, trainable_numel=trainable,
         router_numel=router_numel, weight_numel=weight_numel, block_numel=block_numel,
         root_numel=root_numel, saved=saved, block_saved=block_saved, boundary=boundary,
+        adapter_numel=adapter_numel,
     )  # fmt: skip
 
 
@@ -173,6 +178,15 @@ def count_routers(plan: Plan, convert_config: Any = None) -> int:
     return sum(p.numel() for p in bank.parameters())
 
 
+def block_adapter_numel(model: nn.Module, plan: Plan, rank: int = 16) -> int:
+    """A rank-``rank`` LoRA adapter's parameters on every Linear of the plan's blocks (the
+    default ``lora_rank`` and targets, near enough before convert routes them): what
+    ``trainable="lora"`` adds to the routers in a skeleton's memory plan."""
+    blocks = [model.get_submodule(b) for b in plan.blocks if b]
+    lins = [m for b in blocks for m in b.modules() if isinstance(m, nn.Linear)]
+    return sum(rank * (m.in_features + m.out_features) for m in lins)
+
+
 def _on(value: Any, device: torch.device) -> Any:
     """Example inputs moved onto the skeleton's device (meta)."""
     if isinstance(value, torch.Tensor):
@@ -206,4 +220,5 @@ def skeleton_facts(model: nn.Module, convert_config: Any = None) -> tuple[Plan, 
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     plan = analyze(model, (_on(args, device), _on(kwargs, device)), config=convert_config)
-    return plan, model_facts(model, plan, count_routers(plan, convert_config))
+    routers, adapters = count_routers(plan, convert_config), block_adapter_numel(model, plan)
+    return plan, model_facts(model, plan, routers, adapters)

@@ -73,6 +73,8 @@ class CalibrationResult:
         resumed_from: The checkpoint this run resumed from, if any.
         train_state_dict: The raw (non-EMA) weights at the end, on CPU (frozen ones share the
             model's storage on a CPU model: the EMA leaves them as they are).
+        trainable_params: Values trained (and tracked by the EMA and AdamW).
+        total_params: Values of the model as it was trained (a LoRA adapter included).
 
     Example:
         >>> r = CalibrationResult(model=nn.Identity(), config=None, steps=0)
@@ -91,3 +93,5 @@ class CalibrationResult:
     last_checkpoint: Path | None = None
     resumed_from: Path | None = None
     train_state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+    trainable_params: int = 0
+    total_params: int = 0

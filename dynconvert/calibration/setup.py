@@ -16,16 +16,13 @@ import torch
 import torch.nn as nn
 
 from dynconvert.calibration.adapters import label_embedders
-from dynconvert.calibration.checkpoint import (
-    load_training_state,
-    restore_rng,
-    router_parameters,
-)
+from dynconvert.calibration.checkpoint import load_training_state, restore_rng
 from dynconvert.calibration.config import CalibrationConfig
 from dynconvert.calibration.distributed import MISSING, restore_forward, sharding_of
 from dynconvert.calibration.ema import EMA
 from dynconvert.calibration.sharded import prepare_sharding
 from dynconvert.calibration.sharded_checkpoint import resume_after_sharding
+from dynconvert.calibration.trainable import attach_lora, select_trainable
 from dynconvert.errors import BudgetError, ConfigError, NotConvertedError
 from dynconvert.flops import min_ratio
 from dynconvert.runtime.routing import set_routing
@@ -55,6 +52,7 @@ class TrainingRun:
     in_a_row: int = 0  # non-finite losses in a row
     last: dict[str, float] = field(default_factory=dict)  # the last step's logged values
     last_batch: dict[str, torch.Tensor] | None = None  # for the token capacities at the end
+    counts: dict[str, int] = field(default_factory=dict)  # trainable_params, total_params
     names: list[str] = field(default_factory=list)  # the trainable parameters' names, in order
     skeleton: nn.Module | None = None  # FSDP: the unsharded copy the result is gathered into
 
@@ -130,7 +128,7 @@ def training_mode(model: nn.Module, state: Any) -> Iterator[None]:
         for m, p in dropouts:
             m.dropout_prob = p
         for n, p in model.named_parameters():
-            p.requires_grad_(grad_flags[n])
+            p.requires_grad_(grad_flags.get(n, p.requires_grad))  # a kept adapter: as peft has it
         set_routing(model, saved_mode)
         restore_forward(model, saved_forward)
 
@@ -159,12 +157,9 @@ def setup_run(
     Example:
         >>> run = setup_run(model, get_state(model), cfg, make_accelerator(cfg))  # doctest: +SKIP
     """
-    if cfg.trainable == "routers":
-        router_ids = {id(p) for p in router_parameters(state)}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in router_ids)
+    attach_lora(model, cfg)  # trainable="lora": the adapter it trains (B zero: same outputs)
+    params = select_trainable(model, cfg)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("no parameter is trainable; check trainable= and requires_grad flags")
     optimizer = torch.optim.AdamW(
@@ -184,6 +179,10 @@ def setup_run(
     else:
         ema.to(accelerator.device)
     run = TrainingRun(cfg, accelerator, model, ddp_model, state, params, optimizer, ema)
+    run.counts = {  # a DTensor's numel is its full tensor's: the same counts under FSDP
+        "trainable_params": sum(p.numel() for p in params),
+        "total_params": sum(p.numel() for p in model.parameters()),
+    }
     run.names, run.skeleton = names, skeleton
     if resumed is not None:
         if not sharded:

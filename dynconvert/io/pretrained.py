@@ -11,11 +11,10 @@ is converted or loaded, and :func:`detach_diffusers` undoes it on revert. On the
 - ``_skip_layerwise_casting_patterns``: the routers (a few thousand parameters) keep their
   dtype under ``enable_layerwise_casting``, as diffusers keeps LoRA layers: stored in float8
   their decisions would drift from the calibrated ones;
-- LoRA: the adapters peft injects would wrap routed Linears and add full-width updates that the
-  routing does not slice (a switched-off head or a skipped token would still get its LoRA
-  update). Until adapters are routed, ``add_adapter`` / ``load_lora_adapter`` refuse, and a
-  module-registration hook refuses any module that replaces a routed Linear, before it is put
-  in place. Merging the LoRA into the base weights first works (see :data:`LORA_FIX`).
+- LoRA: nothing. peft's LoRA layers (``add_adapter``, ``load_lora_adapter``, a pipeline's
+  ``load_lora_weights``) are routed with the Linears they wrap, whatever the model class
+  (``runtime/lora.py``); this module only re-exports :class:`LoraNotRoutedError`, which that
+  module raises for the adapter kinds it does not route.
 """
 
 from __future__ import annotations
@@ -28,9 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from torch.nn.modules.module import register_module_module_registration_hook
 
-from dynconvert.errors import DynconvertError
+from dynconvert.errors import DynconvertError, LoraNotRoutedError
 from dynconvert.io.limits import read_json
 from dynconvert.io.save import (
     RECORD,
@@ -38,23 +36,15 @@ from dynconvert.io.save import (
     write_diffusers_config,
     write_pretrained_record,
 )
-from dynconvert.runtime.dynamic import DynamicLinear
 from dynconvert.runtime.state import ATTACH_HOOKS, DETACH_HOOKS
 
 ROUTER_PATTERN = r"^dynconvert(\.|$)"
 """The layerwise-casting skip pattern of the RouterBank (module names are matched by re.search)."""
-LORA_FIX = (
-    "merge the LoRA into the base weights before converting (peft: merge_and_unload(); diffusers "
-    "pipelines: fuse_lora() then unload_lora_weights()), or revert the model, apply the adapter "
-    "and convert again"
-)
-"""How to use a LoRA with a converted model today (the error messages end with it)."""
-_SET = ("save_pretrained", "add_adapter", "load_lora_adapter", "_skip_layerwise_casting_patterns")
-_hook_handle: Any = None
-
-
-class LoraNotRoutedError(DynconvertError):
-    """A LoRA adapter would be applied to routed Linears, whose routing does not slice it."""
+_SET = ("save_pretrained", "_skip_layerwise_casting_patterns")
+__all__ = [
+    "LoraNotRoutedError", "ROUTER_PATTERN", "attach_diffusers", "detach_diffusers",
+    "save_pretrained",
+]  # fmt: skip
 
 
 def attach_diffusers(model: nn.Module) -> None:
@@ -63,15 +53,11 @@ def attach_diffusers(model: nn.Module) -> None:
     Example:
         >>> attach_diffusers(model)   # doctest: +SKIP  (convert and load call it)
     """
-    _install_registration_hook()
     if not is_diffusers_model(model):
         return
     model.save_pretrained = _bound_save_pretrained(model)
     skip = getattr(type(model), "_skip_layerwise_casting_patterns", None) or []
     model._skip_layerwise_casting_patterns = [*skip, ROUTER_PATTERN]
-    for name in ("add_adapter", "load_lora_adapter"):
-        if hasattr(type(model), name):
-            setattr(model, name, types.MethodType(refuse_lora, model))
 
 
 def detach_diffusers(model: nn.Module) -> None:
@@ -152,37 +138,6 @@ def _written_weights(out: Path, safe: bool, variant: str | None) -> list[str]:
             f"save_pretrained wrote no {name} in {out}; save with dynconvert.save(model, folder)"
         )
     return [name]
-
-
-def refuse_lora(self: nn.Module, *args: Any, **kwargs: Any) -> None:
-    """``add_adapter`` / ``load_lora_adapter`` of a converted model: refused, nothing changed.
-
-    Raises:
-        LoraNotRoutedError: always, with the fix.
-    """
-    raise LoraNotRoutedError(
-        f"this {type(self).__name__} is converted: its routers switch heads, channel groups and "
-        f"tokens of the Linears a LoRA adapts, and would not switch off the adapter's update. "
-        f"Nothing was changed; {LORA_FIX}"
-    )
-
-
-def _install_registration_hook() -> None:
-    """Install (once per process) the hook that refuses to replace a routed Linear."""
-    global _hook_handle
-    if _hook_handle is None:
-        _hook_handle = register_module_module_registration_hook(_refuse_replacing_routed)
-
-
-def _refuse_replacing_routed(parent: nn.Module, name: str, module: Any) -> None:
-    """Global module-registration hook: raises before a routed Linear is replaced by a wrapper."""
-    old = parent._modules.get(name)
-    if type(old) is DynamicLinear and module is not old and module is not None:
-        raise LoraNotRoutedError(
-            f"{old._dc_name} is a routed Linear of a converted model, and replacing it with "
-            f"{type(module).__name__} (a LoRA or other adapter layer) would bypass its routing. "
-            f"Nothing was replaced; {LORA_FIX}"
-        )
 
 
 ATTACH_HOOKS.append(attach_diffusers)

@@ -30,6 +30,13 @@ from dynconvert.convert import apply_plan, revert
 from dynconvert.errors import RecordError
 from dynconvert.io.commit import Writer, commit_save
 from dynconvert.io.files import atomic_write_bytes, file_digest
+from dynconvert.io.lora import (
+    base_state_dict,
+    load_adapters,
+    pop_gates,
+    restore_gates,
+    save_adapters,
+)
 from dynconvert.io.record import (
     DIFFUSERS_WEIGHTS,
     FORMAT,
@@ -111,8 +118,11 @@ def save(
     """
     out = Path(directory)
     record = build_record(model, flops_ratio_per_t, extra)
-    tensors, aliases = _dedupe(model.state_dict())
+    tensors, aliases = _dedupe(base_state_dict(model))  # LoRA layers: their own files (lora.py)
     record["aliases"] = aliases
+    lora = save_adapters(model, out)
+    if lora is not None:
+        record["lora"] = lora
     # A diffusers model's folder is also a from_pretrained folder (its static weights).
     weights = DIFFUSERS_WEIGHTS if is_diffusers_model(model) else WEIGHTS
     meta = {"format": "pt", "producer": "dynconvert"}
@@ -223,6 +233,7 @@ def load(
     check_record_units(record, plan, directory)
     check_plan_matches(plan, base_model)
     state = read_weights(Path(directory), record)
+    gates = pop_gates(state, record, directory)  # TD-LoRA gates: checked against the record
     if built:  # a model rebuilt here takes the dtype it was saved in
         _to_saved_dtype(base_model, record, state)
     check_weights_fit(state, base_model, plan, config, directory, record)
@@ -230,12 +241,14 @@ def load(
         base_model, plan, config, float(record["budget"]), always_on=list(record["always_on"])
     )
     try:
-        base_model.load_state_dict(state, strict=True)
+        restore_gates(base_model, record)  # TD-LoRA gates, before their weights
+        base_model.load_state_dict({**state, **gates}, strict=True)
     except Exception as e:
         revert(base_model)
         raise RecordError(f"could not load the weights of {directory}: {e}") from e
     try:
         check_record_tables(base_model, record, directory)
+        load_adapters(base_model, Path(directory), record)  # unmerged LoRA adapters (peft)
     except RecordError:
         revert(base_model)
         raise

@@ -294,6 +294,9 @@ def _calibration_summary(result: Any) -> dict[str, Any]:
         "skipped_nonfinite": result.skipped_nonfinite,
         "skipped_grad_norm": result.skipped_grad_norm,
         "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+        "trainable": result.config.trainable,
+        "trainable_params": result.trainable_params,
+        "total_params": result.total_params,
     }
 
 

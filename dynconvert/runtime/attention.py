@@ -11,7 +11,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dynconvert.plan import AttentionSite
@@ -24,6 +23,7 @@ from dynconvert.runtime.dynamic import (
 )
 from dynconvert.runtime.heads import route_head_count
 from dynconvert.runtime.interfaces import CallRouting, Decision, OutState
+from dynconvert.runtime.lora_run import routed_linear
 from dynconvert.sites import RUNTIMES, load
 
 
@@ -165,24 +165,24 @@ class AttentionRuntime(SiteRuntime):
             name = lin._dc_name
             self.record_in(name, x)
             if d is None:  # the masked path zeroes heads at the out-projection only
-                return F.linear(x, lin.weight, lin.bias)
+                return routed_linear(bank, lin, x)
             rows = d.rows.get(name)
             if rows is None:  # a projection fused after this decision was made (adopt_fused)
                 rows = d.rows[name] = self.tables[name][:, d.units].reshape(-1).to(x.device)
-            w, b = bank.sliced(lin, "rows", d.key, rows)  # active heads' rows
-            return F.linear(x, w, b)  # (B, N, parts * H' * d)
+            # Active heads' rows (of the weight, the bias and each LoRA's B).
+            return routed_linear(bank, lin, x, "rows", d.key, rows)  # (B, N, parts * H' * d)
         name, d = lin._dc_name, self.ran
         if d is not None:  # out-projection, fast path: x (B, N, H' * dv [+ kept columns])
             if d.sub is not None:  # several timesteps: zero each sample's extra heads
                 x = x * column_multiplier(d.sub[name], x)
-            w, b = bank.sliced(lin, "cols", d.key, d.cols[name])  # active heads' columns, full bias
-            return F.linear(x, w, b)  # (B, N, D)
+            # Active heads' columns (of the weight and each LoRA's A), the whole bias.
+            return routed_linear(bank, lin, x, "cols", d.key, d.cols[name])  # (B, N, D)
         # Masked path: zero the switched-off heads' outputs before the out-projection, which is
         # what removing them computes (the bias is added either way).
         mask = bank.width_mask(site.index)  # (Bt, H) or None
         if mask is not None:
             x = self.masked_out(name, mask, x)
-        return F.linear(x, lin.weight, lin.bias)
+        return routed_linear(bank, lin, x)
 
 
 def _owner(module: nn.Module, path: str) -> tuple[Any, str]:

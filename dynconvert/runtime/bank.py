@@ -70,6 +70,7 @@ class RouterBank(nn.Module):
                 self.token[str(s.index)] = TokenRouter(
                     s.in_features, config.token_reduction, config.token_bias_init
                 )
+        self.lora_gates = nn.ModuleDict()  # TD-LoRA gates (lora_run.py); empty unless trained
         # The unit of each site that is never switched off (chosen by importance at convert
         # time); a buffer so it is saved, moved and loaded with the routers.
         self.register_buffer("always_on", torch.zeros(len(plan.sites), dtype=torch.long))
@@ -106,12 +107,8 @@ class RouterBank(nn.Module):
             if bank is not self:
                 return bank.root_pre_hook(model, args, kwargs)
         name, pos, default = self.t_spec
-        if name in kwargs:
-            t = kwargs[name]
-        elif pos is not None and pos < len(args):
-            t = args[pos]
-        else:
-            t = default
+        in_args = pos is not None and pos < len(args)
+        t = kwargs[name] if name in kwargs else (args[pos] if in_args else default)
         # The batch: the FLOPs accountant maps folded rows back to it; per-frame t reduce to it.
         self.begin(t, model.training, model, batch_of(args, kwargs))
         if torch.is_grad_enabled():  # a checkpointed block must recompute with this call's routing
@@ -144,7 +141,7 @@ class RouterBank(nn.Module):
         call.mode = settings.mode or ("train" if training else "eval")
         if batch == 0:  # an empty batch: nothing to route, run it whole
             call.mode = "full"
-        if call.mode == "full":
+        if call.mode == "full" and not len(self.lora_gates):  # TD-LoRA gates read t
             return call
         if t is None:
             raise TimestepError(
@@ -153,6 +150,8 @@ class RouterBank(nn.Module):
             )
         device = self.always_on.device
         call.t = t = router_timesteps(t, call.batch, self.plan, self.config, device)  # (Bt,)
+        if call.mode == "full":
+            return call
         # Training masks are drawn here, before any block: a checkpointed block's recomputation
         # must not be the one that draws them, and the draw order then does not depend on it.
         self.ensure_train_masks()
@@ -361,8 +360,7 @@ class RouterBank(nn.Module):
         Returns ``{site index: (T, units) bool}`` for every site with a width router.
         """
         grid = torch.arange(ROUTER_TIMESTEPS, dtype=torch.float32)
-        t = grid if timesteps is None else timesteps.float()
-        t = t.to(self.always_on.device)
+        t = (grid if timesteps is None else timesteps.float()).to(self.always_on.device)
         with torch.no_grad():
             emb = self.t_embed(t)
             out = {}

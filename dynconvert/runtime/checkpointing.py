@@ -11,18 +11,12 @@ routing state:
   tensors. They are drawn before the first checkpointed block instead;
 - the token routers draw Gumbel noise in every block: the recomputation must add the same
   noise, so each checkpointed block call keeps its draws (:class:`NoiseReplay`) and replays them;
-<<<<<<< HEAD
-- backward may run after later forward calls of the model (two calls, one loss): the
-  recomputation restores the routing state of its own call (masks, records) and puts the
-  current one back afterwards;
+- backward may run after later forward calls of the model (two calls, one loss), and in
+  another thread (the autograd engine's, on a GPU): the recomputation makes its own call (masks,
+  records) the running thread's current one and puts that thread's back afterwards;
 - what the recomputation records (token masks, with the recomputed graph behind them) goes
   into copies of the call's records, dropped with it: kept in the call's own records they
   would hold every recomputed block's activations until the next forward.
-=======
-- backward may run after later forward calls of the model (two calls, one loss), and in
-  another thread (the autograd engine's, on a GPU): the recomputation makes its own call (masks,
-  records) the running thread's current one and puts that thread's back afterwards.
->>>>>>> threads
 
 :func:`wrap_checkpointing` wraps the checkpointing function of every module that has one, once;
 the RouterBank calls it at the start of every forward call with autograd on.

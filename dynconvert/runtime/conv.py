@@ -14,6 +14,7 @@ from torch import nn
 from dynconvert.plan import MlpSite
 from dynconvert.runtime.dynamic import SiteRuntime, column_multiplier, unit_table
 from dynconvert.runtime.interfaces import CallRouting, MlpCall
+from dynconvert.runtime.lora_run import routed_linear
 from dynconvert.runtime.mlp import record_mlp_call
 
 CONV_FNS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
@@ -53,9 +54,8 @@ class ConvMlpRuntime(SiteRuntime):
                 call = self._begin(x)
             d = call.decision
             if d is None:
-                return conv._conv_forward(x, conv.weight, conv.bias)
-            w, b = self.bank.sliced(conv, "rows", d.key, d.rows[name])
-            return conv._conv_forward(x, w, b)
+                return routed_linear(self.bank, conv, x)
+            return routed_linear(self.bank, conv, x, "rows", d.key, d.rows[name])
         if role == "mlp_mid":
             d = self.call.decision if self.call is not None else None
             if d is None:
@@ -69,12 +69,11 @@ class ConvMlpRuntime(SiteRuntime):
         if d is not None:
             if d.sub is not None:  # several timesteps: zero each sample's extra groups
                 x = x * column_multiplier(d.sub[name], x, channels_first=True)
-            w, b = self.bank.sliced(conv, "cols", d.key, d.cols[name])
-            return conv._conv_forward(x, w, b)
+            return routed_linear(self.bank, conv, x, "cols", d.key, d.cols[name])
         mask = (
             self.bank.width_mask(self.site.index) if call is not None and not call.sliced else None
         )
         if mask is not None:  # masked path: the switched-off groups' channels are zero
             owner = self.owner(name, mask.device)
             x = x * column_multiplier(mask.index_select(1, owner), x, channels_first=True)
-        return conv._conv_forward(x, conv.weight, conv.bias)
+        return routed_linear(self.bank, conv, x)

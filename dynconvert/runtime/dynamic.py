@@ -100,7 +100,7 @@ def make_dynamic(lin: nn.Module, runtime: LinearRoute | ConvRoute, role: str, na
 def make_static(lin: nn.Linear) -> None:
     """Undo :func:`make_dynamic`: the original class again."""
     lin.__class__ = type(lin)._dc_base
-    for attr in ("_dc_rt", "_dc_role", "_dc_name"):
+    for attr in ("_dc_rt", "_dc_role", "_dc_name", "_dc_lora"):
         lin.__dict__.pop(attr, None)
 
 

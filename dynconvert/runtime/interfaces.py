@@ -92,6 +92,11 @@ class MlpCall:
     # the threshold (None: tokens not routed here, or the fast path's exact gather).
     keep: torch.Tensor | None = None
 
+    def gathered(self) -> tuple[torch.Tensor, torch.Size] | None:
+        """(rows of the flattened B * N computed, (B, N)) when tokens were gathered, else None
+        (what maps a computed row to its sample, e.g. for per-sample TD-LoRA gates)."""
+        return None if self.idx is None else (self.idx, self.lead)
+
 
 class RoutedSite(Protocol):
     """A site runtime as the bank, the execution modes and the planner see it (SiteRuntime)."""

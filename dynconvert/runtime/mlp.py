@@ -14,13 +14,13 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dynconvert.plan import MlpSite
 from dynconvert.runtime.dynamic import DynamicLinear, SiteRuntime, per_row
 from dynconvert.runtime.heads import route_head_count
 from dynconvert.runtime.interfaces import CallRouting, Decision, MlpCall, OutState
+from dynconvert.runtime.lora_run import routed_linear
 from dynconvert.runtime.shared import PerThread
 
 
@@ -152,22 +152,22 @@ class MlpRuntime(SiteRuntime):
             if call is None or call.x is not x:
                 call = self._begin(x)
             if not call.sliced:
-                return F.linear(x, lin.weight, lin.bias)
-            d = call.decision
+                return routed_linear(self.bank, lin, x)
+            d, gather = call.decision, call.gathered()
             if d is None:
-                return F.linear(call.x_sel, lin.weight, lin.bias)
-            w, b = self.bank.sliced(lin, "rows", d.key, d.rows[lin._dc_name])
-            return F.linear(call.x_sel, w, b)  # (K, F') or (B, N, F')
+                return routed_linear(self.bank, lin, call.x_sel, gather=gather)
+            rows = d.rows[lin._dc_name]  # the active groups' rows (of each LoRA's B too)
+            return routed_linear(self.bank, lin, call.x_sel, "rows", d.key, rows, gather)
         call, self.call = self.call, None  # fc2 ends the call
         if call is None:  # fc2 without fc1 in this call: nothing to route
-            return F.linear(x, lin.weight, lin.bias)
+            return routed_linear(self.bank, lin, x)
         if call.sliced:
             return self._fast_out(lin, x, call)
         # Masked path: zero the switched-off groups' channels before fc2.
         width, tokens = call.width, call.tokens
         if width is not None:
             x = self.masked_out(lin._dc_name, width, x)  # (B, N, F)
-        y = F.linear(x, lin.weight, lin.bias)  # (B, N, D)
+        y = routed_linear(self.bank, lin, x)  # (B, N, D), LoRA updates included
         if tokens is not None:
             # The mask multiplies fc2's output, bias included: a skipped token's MLP update is
             # exactly zero, so the residual x + g * 0 passes it on unchanged, as the fast path
@@ -195,13 +195,12 @@ class MlpRuntime(SiteRuntime):
             # Token r of the flattened B * N belongs to row r // n, which belongs to its sample.
             sub = per_row(d.sub[lin._dc_name], lead[0]).to(h.dtype)  # (B, C')
             h = h.reshape(-1, h.shape[-1]) * sub.index_select(0, rows // n)
+        gather = call.gathered()
         if d is None:
-            w, b = lin.weight, lin.bias
-        else:
-            w, b = self.bank.sliced(
-                lin, "cols", d.key, d.cols[lin._dc_name]
-            )  # active groups' columns
-        y = F.linear(h, w, b)  # (K, D) or (B, N, D)
+            y = routed_linear(self.bank, lin, h, gather=gather)
+        else:  # the active groups' columns (of each LoRA's A too)
+            y = routed_linear(self.bank, lin, h, "cols", d.key, d.cols[lin._dc_name], gather)
+        # y: (K, D) or (B, N, D), a LoRA's update included: a skipped token gets none
         if call.keep is not None:  # planned path: rows under the threshold give zero
             y = y * call.keep.reshape(*y.shape[:-1], 1)  # bool: promotes to y's dtype
         if idx is None:

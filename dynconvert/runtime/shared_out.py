@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from dynconvert.runtime.dynamic import DynamicLinear, per_row
 from dynconvert.runtime.interfaces import MlpCall, OutColumnsOwner, cached
+from dynconvert.runtime.lora_run import lora_of, routed_linear
 
 
 class SharedOutRuntime:
@@ -67,13 +68,15 @@ class SharedOutRuntime:
             (i for i, c in enumerate(calls) if c is not None and c.sliced and c.idx is not None),
             None,
         )
+        if gathered is not None and _adapted(lin):  # a LoRA: every token, the skipped ones zero
+            x, gathered = _skipped_zero(x, spans[gathered], calls[gathered]), None
         if not sliced:
             if gathered is None:
-                return F.linear(x, lin.weight, lin.bias)
+                return routed_linear(self.bank, lin, x)
             return _gathered_out(x, lin.weight, lin.bias, spans[gathered], calls[gathered])
+        if gathered is None:  # the active units' columns (of the weight and each LoRA's A)
+            return routed_linear(self.bank, lin, x, "cols", tuple(keys), index)  # (B, N, D)
         w, b = self.bank.sliced(lin, "cols", tuple(keys), index)
-        if gathered is None:
-            return F.linear(x, w, b)  # (B, N, D)
         return _gathered_out(x, w, b, spans[gathered], calls[gathered])
 
     def _unit_mult(
@@ -157,3 +160,20 @@ def _gathered_out(
     rows = x[..., lo:hi].reshape(math.prod(lead), -1).index_select(0, call.idx)  # (K, F')
     out = y.reshape(math.prod(lead), -1).index_add(0, call.idx, F.linear(rows, w[:, lo:hi]))
     return out.reshape(*lead, -1)  # (B, N, D)
+
+
+def _adapted(lin: DynamicLinear) -> bool:
+    """True when an unmerged, enabled LoRA adapter wraps ``lin`` (its update needs every row)."""
+    wrapper = lora_of(lin)
+    return wrapper is not None and not wrapper.merged and not wrapper.disable_adapters
+
+
+def _skipped_zero(x: torch.Tensor, span: tuple[int, int], call: MlpCall) -> torch.Tensor:
+    """x (B, N, C') with the MLP's columns [a, b) zero on the tokens it skipped (what the masked
+    path multiplies by the token mask), so the dense out-projection and its LoRA see them so."""
+    lo, hi = span
+    lead = x.shape[:-1]
+    keep = x.new_zeros(math.prod(lead), 1).index_fill_(0, call.idx, 1).reshape(*lead, 1)
+    on = x.new_zeros(x.shape[-1])
+    on[lo:hi] = 1  # (C',) the MLP's columns
+    return x * (1 - on * (1 - keep))

@@ -4,7 +4,14 @@ On the fast path a Linear computes only its active heads or channel groups, whic
 weight restricted to their rows (q, k, v, fc1) or columns (out-projection, fc2). Gathering them
 on every call would cost as much memory traffic as the matmul saves, so slices are cached per
 (Linear, axis) for the unit set they were cut for, and dropped when the weight changes (training
-step, load, dtype or device move) or the unit set does.
+step, load, dtype or device move, a LoRA merged: ``runtime/lora.py`` bumps the version peft's
+``.data`` writes leave as it was) or the unit set does. A LoRA's A and B are cut the same way.
+
+Under ``torch.compile`` a lookup runs eagerly (:meth:`SliceCache.get` is excluded from
+compilation): the slices it returns enter the graph as inputs, so nothing the graph guards on
+changes when the cache fills, evicts or refreshes, and a routing pattern compiled once is not
+compiled again (dynamo would otherwise guard on the cache's byte count and entries and recompile
+until its recompile limit, then run eagerly).
 
 Under ``torch.compile`` a lookup runs eagerly (:meth:`SliceCache.get` is excluded from
 compilation): the slices it returns enter the graph as inputs, so nothing the graph guards on

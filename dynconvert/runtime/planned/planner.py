@@ -49,6 +49,7 @@ from torch import nn
 from dynconvert.plan import ROUTER_TIMESTEPS, MlpSite
 from dynconvert.runtime.dynamic import DynamicConv, DynamicLinear, SiteRuntime
 from dynconvert.runtime.interfaces import PATTERN_CACHE_LIMIT, CallRouting, Decision, MlpCall
+from dynconvert.runtime.lora_run import adapter_cuts, adapters_stamp, base_of
 from dynconvert.runtime.mlp import MlpRuntime, record_mlp_call, record_mlp_tokens
 from dynconvert.runtime.planned.overflow import OverflowCounters, TokenOverflow
 
@@ -196,6 +197,7 @@ class Planner:
             sum(m.weight.data_ptr() for m in lins),
             w0.dtype,
             w0.device,
+            adapters_stamp(lins),  # LoRA layers added, edited, merged, switched or rescaled
         )
 
     def _pattern_id(self, t: float) -> int:
@@ -264,7 +266,11 @@ class Planner:
             for axis, items in (("rows", d.rows), ("cols", cols)):
                 for name, index in items.items():
                     if name in modules:
-                        self.sliced(modules[name], axis, d.key, index)
+                        lin = base_of(modules[name])  # under a LoRA layer: the routed Linear
+                        if not isinstance(lin, (DynamicLinear, DynamicConv)):
+                            continue  # a partial site's cut module: its output is cut, no weight
+                        for mod in (lin, *adapter_cuts(lin, axis)):  # a LoRA's B rows, A cols
+                            self.sliced(mod, axis, d.key, index)
 
     def decision(self, index: int) -> Decision | None:
         """The current pattern's decision for site ``index`` (None: compute every unit)."""
@@ -276,7 +282,7 @@ class Planner:
     ) -> tuple:
         """Contiguous rows/cols of ``lin`` for a unit set: kept per (Linear, units) within the
         cap, else gathered in this forward (same shapes, no host read either way)."""
-        key = (lin._dc_name, axis, units)
+        key = (getattr(lin, "_dc_name", None) or id(lin), axis, units)  # a LoRA's A, B: by id
         hit = self.store.get(key)
         if hit is not None:
             return hit

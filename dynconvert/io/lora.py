@@ -1,0 +1,198 @@
+"""LoRA adapters in a saved folder: written beside the model as standard peft/diffusers files,
+read back (with peft) on load.
+
+A converted model saved with unmerged LoRA layers (``calibration.lora_save=adapter``, or any
+routed adapter left unmerged) keeps the base model's weights in its weights file, under their
+usual names (the adapters lifted off while the state dict is read, ``runtime/lora.py``), and
+each adapter as peft writes one: ``adapter_model.safetensors`` (keys ``<module>.lora_A.weight``,
+...) with ``adapter_config.json`` beside it and the config also in the file's metadata under
+``lora_adapter_metadata`` (what diffusers' ``load_lora_adapter`` reads). One adapter goes in the
+folder itself, several each in a subfolder named after it. The record's ``lora`` entry lists
+them (with fingerprints) and the TD-LoRA gates, if any; :func:`load_adapters` puts them back.
+
+A model whose adapters were merged (the calibration default) has no ``lora`` entry and loads
+without peft.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynconvert.errors import RecordError
+from dynconvert.io.files import atomic_write, atomic_write_bytes, file_digest
+from dynconvert.io.weights import write_safetensors
+from dynconvert.runtime.lora import is_lora, lifted
+from dynconvert.runtime.lora_run import add_gates
+from dynconvert.runtime.state import get_state
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+METADATA_KEY = "lora_adapter_metadata"
+"""safetensors metadata key holding the LoRA config (diffusers reads the config from it)."""
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the LoRA adapters on ``model`` (in the order they were added).
+
+    Example:
+        >>> adapter_names(model)  # doctest: +SKIP
+        ['dynconvert']
+    """
+    names: dict[str, None] = {}
+    for m in model.modules():
+        if is_lora(m):
+            names.update(dict.fromkeys(m.lora_A.keys()))
+    return list(names)
+
+
+def save_adapters(model: nn.Module, out: Path) -> dict[str, Any] | None:
+    """Write every LoRA adapter of ``model`` into ``out``; returns the record's ``lora`` entry
+    (None when the model has no adapter and no TD-LoRA gate).
+
+    Example:
+        >>> record["lora"] = save_adapters(model, Path("out/"))  # doctest: +SKIP
+    """
+    names = adapter_names(model)
+    gates = _gates_record(model)
+    if not names:
+        return {"adapters": {}, **gates} if gates else None
+    from peft import get_peft_model_state_dict
+
+    configs = getattr(model, "peft_config", {})
+    entry: dict[str, Any] = {"adapters": {}, "active": _active(model), **gates}
+    for name in names:
+        if name not in configs:
+            raise RecordError(
+                f"the LoRA adapter {name!r} has no config in model.peft_config, so it cannot be "
+                "saved as a peft adapter; add adapters with peft or diffusers, or merge them first"
+            )
+        sub = "." if len(names) == 1 else name
+        folder = out / sub
+        state = get_peft_model_state_dict(model, adapter_name=name)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        config = configs[name].to_dict()
+        text = json.dumps(config, indent=2, sort_keys=True, default=_jsonable)
+        meta = {"format": "pt", "producer": "dynconvert", METADATA_KEY: text}
+        path = folder / ADAPTER_WEIGHTS
+        atomic_write(path, lambda f, t=tensors, m=meta: write_safetensors(f, t, m), root=out)
+        atomic_write_bytes(folder / ADAPTER_CONFIG, (text + "\n").encode(), root=out)
+        entry["adapters"][name] = {"folder": sub, "fingerprint": _digest(path, out)}
+    return entry
+
+
+def _digest(path: Path, root: Path) -> list:
+    """[size, sha256] of an adapter file (as the record keeps it)."""
+    return list(file_digest(path, root=root))
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON form of config values json does not know (sets of target modules, enums)."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return str(value)
+
+
+def _active(model: nn.Module) -> list[str]:
+    for m in model.modules():
+        if is_lora(m):
+            return list(m.active_adapters)
+    return []
+
+
+def _gates_record(model: nn.Module) -> dict[str, Any]:
+    """The TD-LoRA gates of a converted model as the record keeps them ({} without any)."""
+    gates = get_state(model).lora_gates
+    if not len(gates):
+        return {}
+    first = next(iter(gates.values()))
+    return {"gates": {"names": [k.replace(":", ".") for k in gates], "rank": first.out_features}}
+
+
+GATES_PREFIX = "dynconvert.lora_gates."
+
+
+def pop_gates(
+    state: dict[str, torch.Tensor], record: dict[str, Any], directory: Path
+) -> dict[str, torch.Tensor]:
+    """Take the TD-LoRA gates' weights out of a saved ``state`` (the rest is checked against
+    the converted model as usual), checked against the gates the record lists.
+
+    Raises:
+        RecordError: the weights hold other gates than the record lists.
+    """
+    gates = {k: state.pop(k) for k in [k for k in state if k.startswith(GATES_PREFIX)]}
+    listed = ((record.get("lora") or {}).get("gates") or {}).get("names", [])
+    expected = {
+        f"{GATES_PREFIX}{n.replace('.', ':')}.{p}" for n in listed for p in ("weight", "bias")
+    }
+    if set(gates) != expected:
+        raise RecordError(
+            f"the TD-LoRA gates in the weights of {directory} differ from those its record lists; "
+            "save the model again"
+        )
+    return gates
+
+
+def restore_gates(model: nn.Module, record: dict[str, Any]) -> None:
+    """Create the TD-LoRA gates a record lists (before its weights are loaded into them)."""
+    gates = (record.get("lora") or {}).get("gates")
+    if gates:
+        add_gates(get_state(model), list(gates["names"]), int(gates["rank"]))
+
+
+def load_adapters(model: nn.Module, directory: Path, record: dict[str, Any]) -> None:
+    """Put back the LoRA adapters a record lists (needs peft).
+
+    Raises:
+        RecordError: peft is not installed, or an adapter file is missing, changed or does
+            not fit the model.
+    """
+    adapters = (record.get("lora") or {}).get("adapters") or {}
+    if not adapters:
+        return
+    try:
+        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    except ImportError:
+        raise RecordError(
+            f"{directory} keeps LoRA adapters as peft files ({', '.join(adapters)}): install peft "
+            "(pip install peft) to load it, or save it again with the adapters merged "
+            "(calibration.lora_save=merge, or fuse_lora / merge_and_unload before saving)"
+        ) from None
+    from safetensors.torch import load_file
+
+    for name, info in adapters.items():
+        folder = directory / info["folder"]
+        path = folder / ADAPTER_WEIGHTS
+        if not path.is_file() or _digest(path, directory) != info["fingerprint"]:
+            raise RecordError(
+                f"the LoRA adapter {name!r} of {directory} ({path}) is missing or not the one "
+                "saved; save the model again"
+            )
+        try:
+            config = LoraConfig.from_pretrained(str(folder))
+            inject_adapter_in_model(config, model, adapter_name=name)
+            result = set_peft_model_state_dict(model, load_file(str(path)), adapter_name=name)
+        except (ValueError, KeyError, RuntimeError, OSError) as e:
+            raise RecordError(
+                f"could not load the LoRA adapter {name!r} of {directory}: {e}"
+            ) from e
+        if getattr(result, "unexpected_keys", None):
+            raise RecordError(
+                f"the LoRA adapter {name!r} of {directory} holds weights this model lacks "
+                f"({', '.join(result.unexpected_keys[:3])}); it is from another model"
+            )
+    active = [a for a in record["lora"].get("active", []) if a in adapters]
+    for m in model.modules():
+        if is_lora(m) and active:
+            m.set_adapter(active)
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with the LoRA layers lifted off: the base model's keys only."""
+    with lifted(model):
+        return model.state_dict()
