@@ -170,7 +170,7 @@ def refusal(
         ...                {"all": (2**22, 0), "routers": (2**21, 0)},
         ...                {"all": (2**18, 0), "routers": (2**17, 0)}, 2**10)
         >>> refusal(f, MemorySettings(256, device="cuda"), 8 * 2**30, "free")[:44]
-        'calibration needs about 2070.0 GiB per process'
+        'calibration needs about 20.0 GiB per process'
     """
     est = estimate(facts, settings)
     if est.total - resident <= free:

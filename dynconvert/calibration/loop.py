@@ -114,11 +114,7 @@ def calibrate(
     # Setup: accelerator, teacher, trainable parameters, optimiser, EMA, resume.
     accelerator = accelerator or make_accelerator(cfg)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    if cfg.batch_size % (world * cfg.grad_accum_steps):
-        raise ConfigError(
-            f"batch_size {cfg.batch_size} must be divisible by the {world} processes x "
-            f"grad_accum_steps {cfg.grad_accum_steps}"
-        )
+    _check_divisible(cfg, world)
     check_before_start(model, cfg, accelerator)  # the memory plan against the device (fit.py)
     teacher = frozen_teacher(model, teacher, cfg, device)
     shown = cfg.progress if accelerator.is_main_process else "off"
@@ -139,7 +135,6 @@ def calibrate(
             ddp_model=run.ddp_model, model=model, teacher=teacher,
         )  # fmt: skip
         t0 = time.perf_counter()
-
         # Training loop: one optimiser step per iteration.
         for step in range(run.start, cfg.steps):
             seed_step(cfg.seed, rank, step)
@@ -165,10 +160,18 @@ def calibrate(
     # Result: the EMA weights in the model, the raw weights beside them.
     if run.last_batch is None and cfg.capacity_points:
         # Resumed at the last step: no batch was drawn in this call; the capacities need one.
-        first = batch_stream(source, cfg.batch_size, seed=cfg.seed, rank=rank, world=world,
-                             start=0, stop=1)  # fmt: skip
+        first = batch_stream(source, cfg.batch_size, seed=cfg.seed, rank=rank, world=world, stop=1)
         run.last_batch = _draw(first, source, device, labels, adapter, cfg)
     return _finish(run, adapter, objective)
+
+
+def _check_divisible(cfg: Any, world: int) -> None:
+    """The global batch splits evenly over the processes and the accumulation steps."""
+    if cfg.batch_size % (world * cfg.grad_accum_steps):
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} must be divisible by the {world} processes x "
+            f"grad_accum_steps {cfg.grad_accum_steps}"
+        )
 
 
 def _draw(
