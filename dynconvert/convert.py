@@ -238,8 +238,9 @@ def check_plan(plan: Plan, budget: float, config: ConvertConfig) -> None:
     low = min_ratio(plan, config.token_reduction)
     if budget < low:
         raise BudgetError(
-            f"budget {budget} is below the minimum this model can reach ({low:.3f}): the parts that "
-            f"are not converted plus one head per attention and the routers already cost that much. "
+            f"budget {budget} is below the minimum this model can reach ({low:.3f}): the parts "
+            "that are not converted plus one head per attention and the routers already cost "
+            "that much. "
             f"Use a budget of at least {low:.3f}"
         )
 

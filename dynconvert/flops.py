@@ -12,8 +12,8 @@ Sources of the formulas:
   counter miss unless attention is decomposed) plus the terms of its forms' parts
   (sites/<form>.py), or :meth:`MlpSite.macs` (plan.py);
 - under routing (DyDiT, docs/method.md "What the FLOPs term counts"): attention scales with the
-  fraction of heads on (but for what a part computes at full width, ``fixed_macs``); the MLP with the
-  fraction of channel groups on times the fraction of tokens kept; a token router
+  fraction of heads on (but for what a part computes at full width, ``fixed_macs``); the MLP
+  with the fraction of channel groups on times the fraction of tokens kept; a token router
   (D -> D/r -> 1) runs on every token whenever tokens are routed;
 - the rest of the model (patch embedding, conditioning, final layer) is summed op by op over the
   captured graph at analysis time (``Plan.other_macs``) and never changes.

@@ -163,10 +163,13 @@ def test_revert_takes_the_diffusers_integration_off(converted):
     assert "_skip_layerwise_casting_patterns" not in model.__dict__
 
 
-# -- 2. gradient checkpointing ----------------------------------------------------------------------
+# -- 2. gradient checkpointing ---------------------------------------------------------------------
 def _grads(model, inputs, checkpointing, twice=False):
     model.zero_grad(set_to_none=True)
-    model.enable_gradient_checkpointing() if checkpointing else model.disable_gradient_checkpointing()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    else:
+        model.disable_gradient_checkpointing()
     torch.manual_seed(0)
     loss = call(model, inputs).square().mean()
     if twice:  # a second call before backward: the recomputation must route as the first call
@@ -237,7 +240,7 @@ def test_routers_stored_in_float8_compute_in_a_compute_dtype(converted):
 
 # -- 4. fused qkv ------------------------------------------------------------------------------
 def _fuse(model, fuse=True):
-    """What PixArt's fuse_qkv_projections does (DiT's class lacks the method, its Attention has it)."""
+    """What PixArt's fuse_qkv_projections does (DiT's class lacks it, its Attention has it)."""
     from diffusers.models.attention_processor import (
         Attention,
         AttnProcessor2_0,

@@ -1,4 +1,7 @@
-"""CalibrationConfig: every setting of the calibration run, defaults from the paper (docs/method.md, "Hyperparameters")."""
+"""CalibrationConfig: every setting of the calibration run.
+
+Defaults from the paper (docs/method.md, "Hyperparameters").
+"""
 
 from __future__ import annotations
 
@@ -87,7 +90,7 @@ _RANGES = {
 
 @dataclass
 class CalibrationConfig:
-    """Settings of ``calibrate``. Defaults are the DyDiT paper's (docs/method.md, "Hyperparameters").
+    """Settings of ``calibrate``; defaults are the paper's (docs/method.md, "Hyperparameters").
 
     Attributes:
         target: The final FLOPs ratio lambda (F_dyn / F_static), in (0, 1]. Required.

@@ -1,4 +1,6 @@
-"""The calibration loop: fine-tune a converted model toward its FLOPs budget (docs/method.md, "Training objective").
+"""The calibration loop: fine-tune a converted model toward its FLOPs budget.
+
+docs/method.md, "Training objective".
 
 One readable function in the spirit of DiT's ``train.py``, run through Hugging Face accelerate so
 the same code serves one CPU, one GPU, or many processes (``accelerate launch`` / ``torchrun``,

@@ -56,8 +56,8 @@ class RouterBank(nn.Module):
         self.plan = plan
         self.config = config
         self.budget = budget
-        # Width routers see only an embedding of t (docs/method.md, "Timestep-wise dynamic width"): one shared sinusoidal
-        # encoder, then one Linear per site to its units' logits.
+        # Width routers see only an embedding of t (docs/method.md, "Timestep-wise dynamic
+        # width"): one shared sinusoidal encoder, then one Linear per site to its units' logits.
         self.t_embed = TimestepEncoder(config.router_embed_dim)
         self.width = nn.ModuleDict()  # str(site index) -> Linear(embed, units)
         self.token = nn.ModuleDict()  # str(site index) -> TokenRouter (D -> D/r -> 1), MLPs only
