@@ -117,7 +117,9 @@ def _check_finite(payload: dict[str, Any], path: str | Path) -> None:
     of range: resumed, they would end in a model whose routers are NaN, written as a finished
     run that ``load`` then refuses."""
     ema = payload["ema"]
-    decay, updates = ema.get("decay"), ema.get("num_updates")
+    # a sharded FSDP checkpoint's meta.pt keeps the EMA counters apart from its shards
+    counters = payload.get("ema_counters") or ema
+    decay, updates = counters.get("decay"), counters.get("num_updates")
     fix = "delete it to resume from the previous one, or start the run again"
     if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0 <= decay <= 1:
         raise CheckpointError(f"checkpoint {path}: EMA decay {decay!r:.40} not in [0, 1]; {fix}")
