@@ -30,3 +30,21 @@ def family(request):
     """(name, fresh tiny model, example inputs with 3 samples at 3 different timesteps)."""
     model = TINY_BUILDERS[request.param]()
     return request.param, model, default_inputs(model, batch_size=3)
+
+
+@pytest.fixture(scope="session")
+def bench_keys():
+    """The fields every benchmark result holds (``dynconvert bench --json``, ``benchmark``)."""
+    return {
+        "time_static_s",
+        "time_dynamic_s",
+        "speedup",
+        "flops_ratio",
+        "executed_flops_ratio",
+        "efficiency",
+        "peak_mem_static_bytes",
+        "peak_mem_dynamic_bytes",
+        "device",
+        "dtype",
+        "batch",
+    }
