@@ -72,7 +72,7 @@ CONVENTIONS = {
     "reversed": (_plan(timestep_reverse=True), "reversed"),
     "the config's scale": (_config(timestep_scale=0.5), "t x 0.5"),
     "the config's direction": (_config(timestep_reverse=True), "reversed"),
-    "the config's argument": (_config(timestep_arg="y"), "argument 't'"),
+    "the config's argument": (_config(timestep_arg="y"), "argument 'y' in its settings"),
 }
 
 
@@ -118,16 +118,115 @@ class NoiseNet(torch.nn.Module):
         return h + self.down(torch.relu(self.up(h)))
 
 
-@pytest.mark.parametrize("scale, loads", [(1.0, True), (1000.0, True), (7.0, False)])
-def test_a_class_without_a_known_convention_loads_only_an_inferred_one(scale, loads, tmp_path):
+def test_a_class_without_a_known_convention_loads_only_an_inferred_one(tmp_path):
     torch.manual_seed(0)
     inputs = (torch.randn(2, 6, 32), torch.tensor([0.25, 0.5]))
     model = dynconvert.convert(NoiseNet(), 0.5, example_inputs=inputs, seed=0)
     assert dynconvert.get_state(model).plan.timestep_scale == 1000.0  # sigma, inferred
     dynconvert.save(model, tmp_path / "m")
-    edit_record(tmp_path / "m", _plan(timestep_scale=scale))
-    if loads:
+    for scale in (1.0, 1000.0):  # the two conventions analysis infers by itself
+        edit_record(tmp_path / "m", _plan(timestep_scale=scale))
         dynconvert.load(tmp_path / "m", NoiseNet())
-    else:
-        with pytest.raises(RecordError, match="t x 7, but NoiseNet takes DDPM"):
-            dynconvert.load(tmp_path / "m", NoiseNet())
+    edit_record(tmp_path / "m", _plan(timestep_scale=7.0))
+    with pytest.raises(RecordError, match="t x 7, but NoiseNet takes DDPM"):
+        dynconvert.load(tmp_path / "m", NoiseNet())
+
+
+# --- crafted folders, one per line: values, links and odd files, weights headers, code --------
+
+
+def _record(**values):
+    return lambda run: edit_record(run, lambda record: record.update(values))
+
+
+def _raw_record(text: str):
+    return lambda run: (run / "dynconvert.json").write_text(
+        (run / "dynconvert.json").read_text().replace('"budget": 0.5', text)
+    )
+
+
+def _weights_header(header: bytes, declared: int | None = None):
+    def write(run: Path) -> None:
+        n = len(header) if declared is None else declared
+        (run / "model.safetensors").write_bytes(struct.pack("<Q", n) + header)
+
+    return write
+
+
+def _truncate_weights(run: Path) -> None:
+    path = run / "model.safetensors"
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def _record_elsewhere(run: Path) -> None:
+    outside = run.parent / "elsewhere.json"
+    os.replace(run / "dynconvert.json", outside)
+    os.symlink(outside, run / "dynconvert.json")
+
+
+def _record_is_a_folder(run: Path) -> None:
+    (run / "dynconvert.json").unlink()
+    (run / "dynconvert.json").mkdir()
+
+
+FOLDERS = {
+    "budget NaN": _raw_record('"budget": NaN'),
+    "budget Infinity": _raw_record('"budget": Infinity'),
+    "budget negative": _record(budget=-0.5),
+    "budget a string": _record(budget="0.5"),
+    "always_on a string": _record(always_on="0"),
+    "always_on booleans": _record(always_on=[True, False]),
+    "format_version a float": _record(format_version=2.5),
+    "format_version true": _record(format_version=True),
+    "plan not a dict": _record(plan=[1, 2]),
+    "a preset it does not know": _record(preset="../../dit-tiny"),
+    "preset kwargs for a huge model": _record(preset_kwargs={"depth": 10**7}),
+    "preset kwargs it does not take": _record(preset_kwargs={"__class__": "os.system"}),
+    "model_class builtins.eval": _record(model_class="builtins.eval", preset=None),
+    "model_class os.system": _record(model_class="os.system", preset=None),
+    "weights named outside": lambda run: edit_record(
+        run, lambda record: record["weights"].update(file="../saved/model.safetensors")
+    ),
+    "an empty record": lambda run: (run / "dynconvert.json").write_bytes(b""),
+    "a record that is a folder": _record_is_a_folder,
+    "a record linked out of the folder": _record_elsewhere,
+    "a weights header of 2**62 bytes": _weights_header(b"{}", declared=2**62),
+    "a weights header past its tensors": _weights_header(
+        b'{"a": {"dtype": "F32", "shape": [1000000], "data_offsets": [0, 4000000]}}'
+    ),
+    "weights cut in half": _truncate_weights,
+    "weights empty": lambda run: (run / "model.safetensors").write_bytes(b""),
+}
+
+
+@pytest.mark.parametrize("name", list(FOLDERS))
+def test_crafted_folders_are_refused_in_one_line_in_under_a_cpu_second(name, saved, tmp_path):  # noqa: F811
+    run = copy(saved, tmp_path)
+    FOLDERS[name](run)
+    refused_fast(run, tmp_path, EXPECT[name])
+
+
+EXPECT = {
+    "budget NaN": "budget nan",
+    "budget Infinity": "budget inf",
+    "budget negative": "budget -0.5",
+    "budget a string": "budget is '0.5'",
+    "always_on a string": "always_on is '0'",
+    "always_on booleans": "always_on must be",
+    "format_version a float": "format_version (2.5)",
+    "format_version true": "format_version (True)",
+    "plan not a dict": "plan is [1, 2]",
+    "a preset it does not know": "Unknown model preset",
+    "preset kwargs for a huge model": "more parameters",
+    "preset kwargs it does not take": "cannot rebuild",
+    "model_class builtins.eval": "is for builtins.eval",
+    "model_class os.system": "is for os.system",
+    "weights named outside": "inside the folder",
+    "an empty record": "not valid JSON",
+    "a record that is a folder": "holds no saved model",
+    "a record linked out of the folder": "symbolic link",
+    "a weights header of 2**62 bytes": "does not match",
+    "a weights header past its tensors": "does not match",
+    "weights cut in half": "does not match",
+    "weights empty": "does not match",
+}

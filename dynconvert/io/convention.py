@@ -77,11 +77,12 @@ def check_timestep_convention(
         derived = find_timestep_arg(model)
     except TimestepError:
         derived = None  # no usual name: the record's choice, if the signature has it
-    if (
-        name not in params
-        or (derived is not None and name != derived)
-        or (config.timestep_arg not in (None, name))
-    ):
+    if config.timestep_arg not in (None, name):
+        raise RecordError(
+            f"{where} names timestep argument {str(config.timestep_arg)[:60]!r} in its settings "
+            f"and {str(name)[:60]!r} in its plan; {fix}"
+        )
+    if name not in params or (derived is not None and name != derived):
         raise RecordError(
             f"{where} reads the timestep from argument {str(name)[:60]!r}, but "
             f"{type(model).__name__}.forward takes it as {derived!r}; {fix}"
