@@ -230,3 +230,29 @@ EXPECT = {
     "weights cut in half": "does not match",
     "weights empty": "does not match",
 }
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="fast path recompiles per site under torch.compile")
+def test_compiled_fast_path_with_more_sites_than_the_recompile_limit_does_not_recompile():
+    """10 blocks: 20 sites of each kind, more than dynamo's recompile limit (8) per frame.
+    Measured 2026-12-08: the resumed frame of timm's Attention.forward guards on the call's
+    ``progress[site]`` (runtime/dynamic.py ``in_progress``) and on each site's sliced width,
+    so it compiles once per site and hits the limit (then runs eagerly)."""
+    from dynconvert.inputs import default_inputs, split_inputs, with_timestep
+    from dynconvert.testing import randomize_routing
+
+    model = tiny_dit(depth=10)
+    inputs = default_inputs(model, batch_size=2)
+    dynconvert.convert(model, 0.5, example_inputs=inputs)
+    randomize_routing(model, keep=0.5, seed=3, example_inputs=inputs)
+    dynconvert.set_routing(model, "eval", "fast")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    args, kwargs = split_inputs(with_timestep(model, inputs, [500, 500]))
+    with torch.no_grad():
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            compiled(*args, **kwargs)  # the first call compiles; it must not reach the limit
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(2):  # the same routing pattern again: nothing compiles
+                compiled(*args, **kwargs)
