@@ -79,6 +79,11 @@ def adapter_files(model: nn.Module) -> tuple[dict[str, Any] | None, dict[str, Wr
                 "saved as a peft adapter; add adapters with peft or diffusers, or merge them first"
             )
         sub = "." if len(names) == 1 else name
+        if not _folder_ok(sub):
+            raise RecordError(
+                f"the LoRA adapter name {name!r} cannot name a folder; rename the adapter "
+                "(letters, digits, '-', '_')"
+            )
         state = get_peft_model_state_dict(model, adapter_name=name)
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         text = json.dumps(configs[name].to_dict(), indent=2, sort_keys=True, default=_jsonable)
@@ -92,6 +97,14 @@ def adapter_files(model: nn.Module) -> tuple[dict[str, Any] | None, dict[str, Wr
         fingerprint = [len(blob), hashlib.sha256(blob).hexdigest()]  # as file_digest gives it
         entry["adapters"][name] = {"folder": sub, "fingerprint": fingerprint}
     return entry, writers
+
+
+def _folder_ok(sub: Any) -> bool:
+    """An adapter's folder: the saved folder itself, or one plain subfolder name of it."""
+    return sub == "." or (
+        isinstance(sub, str) and sub not in ("", "..") and "/" not in sub and "\\" not in sub
+        and "\0" not in sub and len(sub.encode("utf-8", "surrogateescape")) <= 255
+    )  # fmt: skip
 
 
 def _in(sub: str, name: str) -> str:
@@ -182,6 +195,11 @@ def load_adapters(model: nn.Module, directory: Path, record: dict[str, Any]) -> 
     from safetensors.torch import load_file
 
     for name, info in adapters.items():
+        if not isinstance(info, dict) or not _folder_ok(info.get("folder")):
+            raise RecordError(
+                f"the record of {directory} names no folder inside it for the LoRA adapter "
+                f"{name!r}; save the model again"
+            )
         path = directory / current_file(
             directory, record.get("weights", {}), _in(info["folder"], ADAPTER_WEIGHTS)
         )
