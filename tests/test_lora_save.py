@@ -3,6 +3,7 @@ a run calibrated with ``trainable=lora`` loads and samples where peft cannot be 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import dynconvert
+from dynconvert.errors import RecordError
 from dynconvert.io import files as iofiles
 from dynconvert.testing import tiny_dit
 
@@ -72,6 +74,22 @@ def test_a_resave_with_adapters_stopped_anywhere_leaves_one_of_the_two_saves(tmp
         assert not [p for p in folder.rglob(".*")], (stop, list(folder.rglob(".*")))
         torch.testing.assert_close(forward(dynconvert.load(folder), inputs), expected["new"])
     assert seen["old"] and seen["new"], seen  # stopped on both sides of the commit
+
+
+def test_two_adapters_load_from_their_subfolders_and_a_record_cannot_point_outside(tmp_path):
+    model = with_adapters(0, ["a", "b"])
+    inputs = tiny_dit().example_inputs(batch_size=2)
+    out = dynconvert.save(model, tmp_path / "m")
+    assert (
+        sorted(p.name for p in out.glob("*/adapter_model.safetensors"))
+        == ["adapter_model.safetensors"] * 2
+    )
+    torch.testing.assert_close(forward(dynconvert.load(out), inputs), forward(model, inputs))
+    record = json.loads((out / "dynconvert.json").read_text())
+    record["lora"]["adapters"]["a"]["folder"] = "../m/a"
+    (out / "dynconvert.json").write_text(json.dumps(record))
+    with pytest.raises(RecordError, match="no folder inside it for the LoRA adapter 'a'"):
+        dynconvert.load(out)
 
 
 SAMPLE_WITHOUT_PEFT = """
