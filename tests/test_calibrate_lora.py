@@ -70,11 +70,8 @@ def test_lora_calibration_trains_the_adapter_and_routers_then_merges(tmp_path, m
     # The EMA and the optimiser hold the adapter and the routers, nothing else.
     payload = load_checkpoint(list_checkpoints(tmp_path / "run")[-1][1])
     shadow = payload["ema"]["shadow"]
-    state = dynconvert.get_state(model)
-    routers = {f"dynconvert.{n}" for n, _ in state.named_parameters() if "t_embed." not in n}
-    assert set(shadow) == set(lora) | routers  # the shared timestep encoder stays frozen
-    for key in [k for k in before if k.startswith("dynconvert.t_embed.")]:
-        assert torch.equal(raw[key], before[key]), key
+    routers = {f"dynconvert.{n}" for n, _ in dynconvert.get_state(model).named_parameters()}
+    assert set(shadow) == set(lora) | routers
     assert result.trainable_params == sum(v.numel() for v in shadow.values())
     assert len(payload["optimizer"]["state"]) == len(shadow)
     assert result.trainable_params < result.total_params
@@ -141,19 +138,6 @@ def test_lora_settings_are_checked():
         calibrate(converted(), latents(), quick(lora_targets=["no_such_module"]))
     recipe = load_recipe("digits", ["calibration.trainable=lora"])
     assert recipe.calibration_config(0.5).trainable == "lora"
-
-
-def test_the_digits_recipe_trains_at_most_5_percent_under_lora():
-    from dynconvert.calibration.trainable import attach_lora, select_trainable
-    from dynconvert.models import build_model
-
-    cfg = load_recipe("digits", ["calibration.trainable=lora"]).calibration_config(0.5)
-    model = dynconvert.convert(build_model("digits"), 0.5)
-    attach_lora(model, cfg)
-    trained = sum(p.numel() for p in select_trainable(model, cfg))
-    total = sum(p.numel() for p in model.parameters())
-    assert trained / total <= 0.05, (trained, total)
-    assert trained == 21_572 and total == 486_476  # docs/lora.md's figures (rank 3)
 
 
 @pytest.mark.parametrize("td_lora", [False, True])

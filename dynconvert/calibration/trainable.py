@@ -2,15 +2,10 @@
 
 - "all": every parameter whose ``requires_grad`` is set (the paper: routers and model);
 - "routers": the router bank only (base weights frozen);
-- "lora": the routers' per-site heads plus one LoRA adapter, named ``dynconvert``, that
-  :func:`attach_lora` puts on the routed Linears (peft ``LoraLayer``; routed with them,
-  ``runtime/lora.py``). The base weights stay frozen, so AdamW's moments, the gradients and the
-  EMA cover only the adapter and the routers: about ``2 r (in + out)`` values per Linear
-  instead of ``in * out``. The routers' shared timestep encoder stays frozen too, at its
-  convert-time values: the width heads learn any linear read-out of its fixed features (what
-  each site needs per timestep), and it is 2 (e^2 + e) values for embedding width e (131,584
-  at 256), which is 28% of the digits DiT, so training it would make the frugal mode a large
-  share of a small model (``docs/lora.md``).
+- "lora": the router bank plus one LoRA adapter, named ``dynconvert``, that :func:`attach_lora`
+  puts on the routed Linears (peft ``LoraLayer``; routed with them, ``runtime/lora.py``). The
+  base weights stay frozen, so AdamW's moments, the gradients and the EMA cover only the
+  adapter and the routers: about ``2 r (in + out)`` values per Linear instead of ``in * out``.
   With ``td_lora`` each routed Linear also gets a TD-LoRA gate (``runtime/lora_run.py``). At
   the end :func:`merge_lora` merges the adapter into the base weights (``lora_save="merge"``,
   the default: the result has no peft layer), or it is kept and saved as a peft file.
@@ -137,21 +132,6 @@ def router_parameters(state: Any) -> list[nn.Parameter]:
     return list(state.parameters())
 
 
-def frozen_in_lora(state: Any) -> list[nn.Parameter]:
-    """The router parameters ``trainable="lora"`` leaves at their convert-time values: the
-    shared timestep encoder of the width routers (see the module docstring).
-
-    Example:
-        >>> import dynconvert
-        >>> from dynconvert.testing import tiny_dit
-        >>> state = get_state(dynconvert.convert(tiny_dit(), 0.5))
-        >>> sum(p.numel() for p in frozen_in_lora(state)) == 2 * (256 * 256 + 256)
-        True
-    """
-    encoder = getattr(state, "t_embed", None)
-    return list(encoder.parameters()) if encoder is not None else []
-
-
 def trainable_parameters(model: nn.Module, cfg: Any) -> list[nn.Parameter]:
     """The parameters ``cfg.trainable`` trains, in the model's order (the optimiser's order,
     which a checkpoint's optimiser state follows); changes no flag.
@@ -161,10 +141,8 @@ def trainable_parameters(model: nn.Module, cfg: Any) -> list[nn.Parameter]:
     """
     if cfg.trainable == "all":
         return [p for p in model.parameters() if p.requires_grad]
-    state = get_state(model)
-    keep = {id(p) for p in router_parameters(state)}
+    keep = {id(p) for p in router_parameters(get_state(model))}
     if cfg.trainable == "lora":
-        keep -= {id(p) for p in frozen_in_lora(state)}
         for m in model.modules():
             if is_lora(m) and TD_ADAPTER in m.lora_A:
                 keep |= {id(p) for p in m.lora_A[TD_ADAPTER].parameters()}
