@@ -116,6 +116,37 @@ def _check_meta_then_load(model, meta, inputs, budget, seed, run_early=False):
     assert torch.equal(_out(model, inputs), _out(meta, inputs))
 
 
+class ListTower(Tower):
+    """Its rotary angles made once at construction, in a Python list (not a buffer), and moved
+    to the input's device in forward, as Lumina 2 does: built on meta, the list is on meta."""
+
+    def __init__(self):
+        super().__init__()
+        hd = self.blocks[0].qkv.in_features // self.blocks[0].heads
+        self.angles = [torch.arange(64)[:, None] / 10 ** (torch.arange(hd) / hd)]
+
+    def forward(self, x, t):
+        angle = self.angles[0][: x.shape[1]].to(x.device)
+        c = F.silu(self.time(t[:, None].float()))
+        x = self.embed(x)
+        for blk in self.blocks:
+            x = blk(x, c, angle.cos(), angle.sin())
+        return self.out(x)
+
+
+def test_a_table_made_at_construction_stays_on_meta_in_an_eager_run():
+    # The torch.fx capture runs the model eagerly on the CPU inputs: moving the meta list to
+    # the CPU failed ("Cannot copy out of meta tensor"); it now keeps its shapes on meta.
+    torch.manual_seed(0)
+    model = ListTower().eval()
+    with torch.device("meta"):
+        meta = ListTower().eval()
+    inputs, fx = _tower_inputs(6), ConvertConfig(capture="fx")
+    plan = analyze(meta, inputs, fx)
+    assert len(plan.attention) == 3 and len(plan.mlp) == 3
+    assert _without_coverage(plan) == _without_coverage(analyze(model, inputs, fx))
+
+
 # zoo entry -> (the example's size, the probe's size), in latent cells
 SIZES = {
     "flux": (Size(4, 6, 1, 7), Size(2, 3, 1, 5)),

@@ -57,7 +57,24 @@ class MetaMix(TorchFunctionMode):
         # the arguments and one level of lists, not a pytree flatten, decides the usual case.
         if _mixed(args, kwargs):
             args, kwargs = to_meta((args, kwargs))
+        elif func in _MOVES and args and isinstance(args[0], torch.Tensor) and _on_meta(args[0]):
+            # A table made at construction (Lumina 2's rotary list, not a buffer) is on meta
+            # with the weights; moving it to the inputs' device keeps it there (shapes only).
+            if func is torch.Tensor.cpu:
+                return args[0]
+            args, kwargs = _to_meta_device(args, kwargs)
         return func(*args, **kwargs)
+
+
+_MOVES = (torch.Tensor.to, torch.Tensor.cpu)
+
+
+def _to_meta_device(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``Tensor.to``'s arguments with any device (a torch.device or a string) made ``meta``."""
+    out = tuple(torch.device("meta") if isinstance(a, (torch.device, str)) else a for a in args)
+    if "device" in kwargs:
+        kwargs = {**kwargs, "device": torch.device("meta")}
+    return out, kwargs
 
 
 def _mixed(args: tuple, kwargs: dict) -> bool:
