@@ -44,6 +44,8 @@ _EXPORTS = {
     "Plan": "dynconvert.plan",
     "SkippedSite": "dynconvert.plan",
     "routing": "dynconvert.runtime.routing",
+    "budget": "dynconvert.runtime.routing",
+    "set_budget": "dynconvert.runtime.routing",
     "set_routing": "dynconvert.runtime.routing",
     "load": "dynconvert.io.save",
     "save": "dynconvert.io.save",

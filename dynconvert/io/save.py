@@ -43,6 +43,7 @@ from dynconvert.io.record import (
     FORMAT_VERSION,
     RECORD,
     WEIGHTS,
+    budget_range_of,
     build_record,
     check_record,
     check_record_units,
@@ -238,8 +239,9 @@ def load(
         _to_saved_dtype(base_model, record, state)
     check_weights_fit(state, base_model, plan, config, directory, record)
     apply_plan(
-        base_model, plan, config, float(record["budget"]), always_on=list(record["always_on"])
-    )
+        base_model, plan, config, float(record["budget"]), always_on=list(record["always_on"]),
+        budget_range=budget_range_of(record),
+    )  # fmt: skip
     try:
         restore_gates(base_model, record)  # TD-LoRA gates, before their weights
         base_model.load_state_dict({**state, **gates}, strict=True)

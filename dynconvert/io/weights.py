@@ -25,7 +25,7 @@ from dynconvert.config import ConvertConfig
 from dynconvert.errors import FileError, RecordError
 from dynconvert.io.files import atomic_write, fd_path, open_file, sha256_of
 from dynconvert.io.limits import read_json
-from dynconvert.io.record import current_file, legacy_fingerprint
+from dynconvert.io.record import budget_range_of, current_file, legacy_fingerprint
 from dynconvert.plan import Plan
 from dynconvert.runtime.bank import RouterBank
 
@@ -195,7 +195,9 @@ def check_weights_fit(
     """
     expected = dict(model.state_dict())
     with torch.device("meta"):
-        bank = RouterBank(plan, config, 1.0)
+        bank = RouterBank(
+            plan, config, 1.0, budget_range_of(record or {})
+        )  # with a range.s routers
     expected.update({f"dynconvert.{k}": v for k, v in bank.state_dict().items()})
     for k in [k for k in state if k not in expected and _FUSED.search(k)]:
         del state[k]

@@ -1,0 +1,99 @@
+"""FLOPs budgets: one number, or a range for a budget-conditioned model, and the checks on both.
+
+A model converted with a single budget (``convert(model, 0.5)``) is calibrated for that budget
+alone. A model converted with a range (``convert(model, (0.3, 1.0))``, CLI ``--target-flops
+0.3:1.0``) has routers that also read the budget of each call; calibration samples a budget in
+the range per step, and at inference a call may ask for any budget inside it
+(``set_budget``, ``with budget(...)``, ``dynconvert_budget=``; routing.py). A range whose top
+is 1.0 gives back the original's compute and outputs exactly at 1.0: that call runs every unit
+and every token (``RouterBank.runs_full``).
+
+Example:
+    >>> parse_budget(0.5), parse_budget("0.3:1.0"), parse_budget((0.3, 0.9))
+    ((0.5, None), (0.3, (0.3, 1.0)), (0.3, (0.3, 0.9)))
+    >>> check_call_budget(0.4, (0.3, 1.0), 0.3)
+    0.4
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from dynconvert.errors import BudgetError
+
+BudgetRange = tuple[float, float]
+
+
+def _number(value: Any, what: str) -> float:
+    """A budget number in (0, 1] (BudgetError otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise BudgetError(
+            f"{what} must be a number in (0, 1], e.g. 0.5 for half the FLOPs; got {value!r}"
+        )
+    b = float(value)
+    if not 0.0 < b <= 1.0:  # also refuses NaN
+        raise BudgetError(
+            f"{what} must be in (0, 1] (a fraction of the original FLOPs, e.g. 0.5); got {b}"
+        )
+    return b
+
+
+def parse_budget(value: Any) -> tuple[float, BudgetRange | None]:
+    """A budget as given to convert or the CLI -> (the model's default budget, the range or None).
+
+    Accepts a number in (0, 1], a pair ``(low, high)`` with ``0 < low < high <= 1``, or their
+    text forms ``"0.5"`` and ``"0.3:1.0"``. A range's default budget is its low end (the speed
+    it was converted for); ``set_budget`` changes it.
+
+    Example:
+        >>> parse_budget([0.4, 0.8])
+        (0.4, (0.4, 0.8))
+    """
+    if isinstance(value, str):
+        parts = value.split(":")
+        try:
+            nums = [float(p) for p in parts]
+        except ValueError:
+            raise BudgetError(
+                f"budget must be a number like 0.5 or a range like 0.3:1.0; got {value!r}"
+            ) from None
+        value = nums[0] if len(nums) == 1 else tuple(nums)
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise BudgetError(
+                f"a budget range is two numbers (low, high), e.g. (0.3, 1.0); got {value!r}"
+            )
+        lo, hi = _number(value[0], "a budget range's low end"), _number(value[1], "its high end")
+        if not lo < hi:
+            raise BudgetError(f"a budget range needs low < high, e.g. (0.3, 1.0); got ({lo}, {hi})")
+        return lo, (lo, hi)
+    return _number(value, "budget"), None
+
+
+def check_call_budget(value: Any, budget_range: BudgetRange | None, calibrated: float) -> float:
+    """The budget one call (or a model's default) may run at, or BudgetError naming what may.
+
+    ``budget_range``: the model's range (None: a single-budget model, which runs only at
+    ``calibrated``, the budget it was converted for).
+
+    Example:
+        >>> check_call_budget(0.5, None, 0.5)
+        0.5
+    """
+    b = _number(value, "budget")
+    if budget_range is None:
+        if abs(b - calibrated) > 1e-9:
+            raise BudgetError(
+                f"this model was calibrated for the single budget {calibrated:g} and cannot run "
+                f"at {b:g}; convert it with a range, e.g. convert(model, ({min(b, calibrated):g}, "
+                "1.0)) or --target-flops 0.3:1.0, and calibrate it again"
+            )
+        return b
+    lo, hi = budget_range
+    if not lo - 1e-9 <= b <= hi + 1e-9:
+        raise BudgetError(
+            f"budget {b:g} is outside the range this model was calibrated for, {lo:g}..{hi:g}; "
+            "choose a budget in it"
+        )
+    return round(b, 4)  # the evaluation table and planned patterns key on it
