@@ -40,7 +40,7 @@ from dynconvert.calibration.objectives import build_objective
 from dynconvert.calibration.progress import CalibrationProgress
 from dynconvert.calibration.recompute import gradient_checkpointing
 from dynconvert.calibration.result import CalibrationResult, StepInfo
-from dynconvert.calibration.schedule import LambdaSchedule
+from dynconvert.calibration.schedule import LambdaSchedule, range_lambda
 from dynconvert.calibration.setup import (
     TrainingRun,
     converted_state,
@@ -60,7 +60,7 @@ from dynconvert.calibration.step import (
 from dynconvert.calibration.stream import batch_stream
 from dynconvert.calibration.trainable import merge_lora
 from dynconvert.errors import CalibrationError, ConfigError
-from dynconvert.runtime.routing import set_routing
+from dynconvert.runtime.routing import budget, set_routing
 
 __all__ = ["calibrate", "make_accelerator"]
 
@@ -143,12 +143,17 @@ def calibrate(
             batch = run.last_batch = _draw(stream, source, device, labels, adapter, cfg)
             x0 = batch["x"].float()
             noisy = objective.noise(x0)
-            lam = lambdas(step)
-            # Forward and backward, micro-batch by micro-batch (accumulate.py).
-            terms, nonfinite = forward_backward(
-                step_terms, accelerator, run.ddp_model, batch, x0, noisy, cfg.grad_accum_steps,
-                lam=lam, step=step,
-            )  # fmt: skip
+            lam, scope = lambdas(step), contextlib.nullcontext()
+            if state.budget_range is not None:  # budget-conditioned: one budget per step
+                lam, read = range_lambda(
+                    step, cfg.seed, state.budget_range, lambdas.hold_steps, lambdas.warmup_steps
+                )
+                scope = budget(model, read)
+            with scope:  # forward and backward, micro-batch by micro-batch (accumulate.py)
+                terms, nonfinite = forward_backward(
+                    step_terms, accelerator, run.ddp_model, batch, x0, noisy,
+                    cfg.grad_accum_steps, lam=lam, step=step,
+                )  # fmt: skip
             values, skipped, grad_norm = _optimise(run, terms, nonfinite, lam, step)
             # Checkpoint (never while non-finite losses are in a row: keep the last good one).
             wrote = _checkpoint_if_due(run, step + 1)

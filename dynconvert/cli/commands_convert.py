@@ -41,7 +41,10 @@ TargetOpt = Annotated[
     unset_option(
         "--target-flops",
         "-t",
-        help="FLOPs budget: a fraction of the original model's, in (0, 1] (default: the recipe's).",
+        help=(
+            "FLOPs budget: a fraction of the original model's, in (0, 1], or a range low:high "
+            "(e.g. 0.3:1.0) for one model that runs at any budget in it (default: the recipe's)."
+        ),
     ),
 ]
 RecipeOpt = Annotated[
