@@ -18,9 +18,11 @@ FLOPs ratio (the mean whole-model ratio over the sampler's calls). Rows go to ``
 finish (rows already there are skipped: an interrupted study resumes); ``--plot`` writes the
 FD-vs-FLOPs picture.
 
-Run (the committed results, docs/budgets.md):
-``nice -n 5 python benchmarks/budget_digits.py --out benchmarks/results/budget_digits.json
---plot docs/img/budget_digits.png``
+Run (the committed results, docs/budgets.md; the two kinds side by side, then merged):
+``nice -n 5 python benchmarks/budget_digits.py --only range --out benchmarks/results/budget_digits.json``,
+``nice -n 5 python benchmarks/budget_digits.py --only single --out /tmp/single.json``, then
+``python benchmarks/budget_digits.py --only range --out benchmarks/results/budget_digits.json
+--merge /tmp/single.json --plot docs/img/budget_digits.png``
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 
     torch.set_num_threads(1)
-    if any(("range", b) not in done for b in budgets):
+    if args.only != "single" and any(("range", b) not in done for b in budgets):
         model, cpu = _calibrated((lo, hi), range_steps, args.seed)
         for b in budgets:
             if ("range", b) in done:
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 row = _score(model, args.per_class, args.seed)
             save({"model": "range", "budget": b, "steps": range_steps, "cpu_s": cpu, **row})
     for b in singles:
-        if ("single", b) in done:
+        if ("single", b) in done or args.only == "range":
             continue
         model, cpu = _calibrated(b, args.steps, args.seed)
         row = _score(model, args.per_class, args.seed)
@@ -138,11 +140,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--range-steps", type=int, default=0)
     p.add_argument("--per-class", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", choices=("range", "single"), help="run one kind of model only")
+    p.add_argument("--merge", nargs="*", default=[], help="add the rows of these result files")
     args = p.parse_args(argv)
     import sys
 
     args.argv = sys.argv[1:] if argv is None else argv
     rows = run(args)
+    for extra in args.merge:  # another process's rows (the kinds can run side by side)
+        data = json.loads(Path(extra).read_text())
+        rows += [r for r in data["rows"] if (r["model"], r["budget"]) not in
+                 {(q["model"], q["budget"]) for q in rows}]  # fmt: skip
+        main_meta = json.loads(Path(args.out).read_text())["meta"]
+        Path(args.out).write_text(json.dumps({"meta": main_meta, "rows": rows}, indent=1) + "\n")
     if args.plot:
         plot(rows, args.plot)
 

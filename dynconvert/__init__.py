@@ -45,6 +45,7 @@ _EXPORTS = {
     "SkippedSite": "dynconvert.plan",
     "routing": "dynconvert.runtime.routing",
     "budget": "dynconvert.runtime.routing",
+    "budget_grid": "dynconvert.measure.budgets",
     "set_budget": "dynconvert.runtime.routing",
     "set_routing": "dynconvert.runtime.routing",
     "load": "dynconvert.io.save",

@@ -280,10 +280,10 @@ def check_record_tables(model: nn.Module, record: dict[str, Any], directory: Pat
         raise bad("has width masks for other sites than its routers")
     with torch.no_grad():
         grid = torch.arange(ROUTER_TIMESTEPS, dtype=torch.float32)
-        emb = bank.t_embed(grid.to(bank.always_on.device))
+        emb = bank.width_embedding(grid.to(bank.always_on.device), None)  # t's (and budget's)
         for key, router in bank.width.items():
             logits = router(emb).float().cpu()  # (T, units)
-            on = logits > 0
+            on = (logits > 0) | bank.runs_full(bank.budget)  # a range's 1.0: every unit
             on[:, int(bank.always_on[int(key)])] = True
             tol = max(1e-3, 8 * torch.finfo(logits.dtype).eps) * float(logits.abs().amax())
             differ = decode_masks(masks[str(key)]) != on

@@ -341,15 +341,22 @@ class RouterBank(EvalTable, nn.Module):
         call = self._calls.call
         if call.mode == "full" or key not in self.token:
             return None
-        logits = self.token[key](x)  # (B, N): one logit per token
-        if key in self.token_budget:  # a budget-conditioned model: the call's offset, (1,)
-            offset = self.token_budget[key](self._budget_emb(call, logits.device)).reshape(1)
-            logits = logits + offset.to(logits.dtype)
+        logits = self.token_logits(index, x)  # (B, N): one logit per token
         if call.mode == "train":
             # Inside a checkpointed block the noise is kept and replayed by its recomputation.
             noise = call.replay.noise(index, logits) if call.replay is not None else None
             return gumbel_sigmoid(logits, self.config.tau, noise=noise)
         return logits > 0
+
+    def token_logits(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Site ``index``'s token router on tokens (..., N, D) -> (..., N) logits, plus the
+        call's budget offset on a budget-conditioned model (one per call: a batch has one)."""
+        key = str(index)
+        logits = self.token[key](x)  # (..., N)
+        if key in self.token_budget:
+            emb = self._budget_emb(self._calls.call, logits.device)  # (1, embed)
+            logits = logits + self.token_budget[key](emb).reshape(1).to(logits.dtype)
+        return logits
 
     def ensure_train_masks(self) -> None:
         """Draw this training call's width masks now, if not yet drawn (checkpointing.py)."""

@@ -81,6 +81,13 @@ def check_call_budget(value: Any, budget_range: BudgetRange | None, calibrated: 
         >>> check_call_budget(0.5, None, 0.5)
         0.5
     """
+    if budget_range is not None and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if not budget_range[0] - 1e-9 <= float(value) <= budget_range[1] + 1e-9:
+            lo, hi = budget_range
+            raise BudgetError(
+                f"budget {float(value):g} is outside the range this model was calibrated for, "
+                f"{lo:g}..{hi:g}; choose a budget in it"
+            )
     b = _number(value, "budget")
     if budget_range is None:
         if abs(b - calibrated) > 1e-9:
@@ -90,10 +97,4 @@ def check_call_budget(value: Any, budget_range: BudgetRange | None, calibrated: 
                 "1.0)) or --target-flops 0.3:1.0, and calibrate it again"
             )
         return b
-    lo, hi = budget_range
-    if not lo - 1e-9 <= b <= hi + 1e-9:
-        raise BudgetError(
-            f"budget {b:g} is outside the range this model was calibrated for, {lo:g}..{hi:g}; "
-            "choose a budget in it"
-        )
     return round(b, 4)  # the evaluation table and planned patterns key on it

@@ -89,6 +89,10 @@ class PlannerBank(CallRouting, Protocol):
     model_params: int  # parameter count of the whole model: sizes the store of slices
     lock: Any  # held while the patterns and the store of slices change (threads share them)
 
+    def token_logits(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Site ``index``'s token logits (..., N) in this call (the budget's offset included)."""
+        ...
+
     def eval_masks_cpu(self, value: float, budget: float | None = None) -> dict[int, torch.Tensor]:
         """``{site: (1, units) bool}`` CPU width masks at one looked-up timestep value (and the
         call's budget, for a budget-conditioned model)."""
@@ -350,7 +354,7 @@ class Planner:
         width = bank.width_mask(site.index) if site.width else None
         call = MlpCall(x=x, sliced=True, lead=lead, width=width, decision=plan.decision, x_sel=x)
         if site.token and str(site.index) in bank.token:
-            logits = bank.token[str(site.index)](x)  # (B, N): one logit per token
+            logits = bank.token_logits(site.index, x)  # (B, N): one logit per token
             on = logits > 0
             call.tokens = on
             k = self.capacity_rows(plan.capacity, rows)
