@@ -18,11 +18,16 @@ FLOPs ratio (the mean whole-model ratio over the sampler's calls). Rows go to ``
 finish (rows already there are skipped: an interrupted study resumes); ``--plot`` writes the
 FD-vs-FLOPs picture.
 
-Run (the committed results, docs/budgets.md; the two kinds side by side, then merged):
-``nice -n 5 python benchmarks/budget_digits.py --only range --out benchmarks/results/budget_digits.json``,
-``nice -n 5 python benchmarks/budget_digits.py --only single --out /tmp/single.json``, then
-``python benchmarks/budget_digits.py --only range --out benchmarks/results/budget_digits.json
---merge /tmp/single.json --plot docs/img/budget_digits.png``
+Run (the committed results, docs/budgets.md; the two kinds side by side, each under
+``nice -n 5``, then merged; the same arguments on the merge keep the rows it has)::
+
+    python benchmarks/budget_digits.py --only range --steps 200 --range-steps 200 \
+        --per-class 10 --out benchmarks/results/budget_digits.json
+    python benchmarks/budget_digits.py --only single --budgets 0.5 --steps 200 \
+        --per-class 10 --out /tmp/single.json
+    python benchmarks/budget_digits.py --only range --steps 200 --range-steps 200 \
+        --per-class 10 --out benchmarks/results/budget_digits.json \
+        --merge /tmp/single.json --plot benchmarks/results/budget_digits.png
 """
 
 from __future__ import annotations

@@ -22,21 +22,27 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyBlock(nn.Module):
-    """A transformer block written the way small research codebases write one."""
+    """A transformer block written the way small research codebases write one: separate q/k/v
+    projections, hand-written attention, an MLP as a Sequential."""
 
-    def __init__(self, dim: int = 32, heads: int = 4):
+    def __init__(self, dim: int = 32, n_heads: int = 4):
         super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.n_heads = n_heads
+        self.ln_a, self.ln_b = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.to_out = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        att = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
-        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, n, d))
-        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm2(x))))
+        h = self.ln_a(x)
+        q, k, v = (
+            f(h).view(b, n, self.n_heads, -1).transpose(1, 2)
+            for f in (self.to_q, self.to_k, self.to_v)
+        )
+        att = torch.softmax(q @ k.transpose(-2, -1) / (q.shape[-1] ** 0.5), dim=-1)
+        x = x + self.to_out((att @ v).transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.ln_b(x))
 
 
 class TinyDenoiser(nn.Module):
