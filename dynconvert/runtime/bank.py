@@ -18,7 +18,7 @@ from dynconvert.config import ConvertConfig
 from dynconvert.errors import TimestepError
 from dynconvert.inputs import batch_of, timestep_slot
 from dynconvert.plan import MlpSite, Plan, Site
-from dynconvert.runtime.budgets import BudgetRange, check_call_budget
+from dynconvert.runtime.budgets import BudgetInputs, BudgetRange, check_call_budget
 from dynconvert.runtime.call import CallStore, RoutingCall, SharedLock
 from dynconvert.runtime.checkpointing import wrap_checkpointing
 from dynconvert.runtime.deferred import Deferred
@@ -43,7 +43,7 @@ from dynconvert.runtime.timesteps import router_timesteps
 MODES = ("train", "eval", "full")
 
 
-class RouterBank(EvalTable, nn.Module):
+class RouterBank(EvalTable, BudgetInputs, nn.Module):
     """The routers of all sites, the caches they share, and each thread's current call.
 
     Life of one forward call: the model's pre-hook (:meth:`root_pre_hook`) reads t and calls
@@ -196,33 +196,14 @@ class RouterBank(EvalTable, nn.Module):
         # Training masks are drawn here, before any block: a checkpointed block's recomputation
         # must not be the one that draws them, and the draw order then does not depend on it.
         self.ensure_train_masks()
+        if len(self.token_budget):  # the token routers' budget embedding too: made on the host
+            self._budget_emb(call, device)  # side, outside any checkpointed or captured block
         if call.mode == "eval":
             call.eval_cpu, call.eval_masks, values = self._lookup(t, call.budget)
             if self.config.fast_path:  # off: evaluation stays masked (the debugging reference)
                 call.execution = settings.execution.resolve(device.type)
             call.execution.begin(self, values, model)
         return call
-
-    def runs_full(self, budget: float | None) -> bool:
-        """Whether a call at ``budget`` runs every unit and token: a budget-conditioned model's
-        calls at 1.0 (its range's top), which so give back the original's compute exactly."""
-        return self.budget_range is not None and budget is not None and budget >= 1.0
-
-    def width_embedding(self, t: torch.Tensor, budget: float | None) -> torch.Tensor:
-        """(Bt,) timesteps -> (Bt, embed): what the width routers read (t's embedding, plus
-        the budget's for a budget-conditioned model; ``budget`` None: the model's)."""
-        emb = self.t_embed(t)  # (Bt, embed)
-        if self.b_embed is None:
-            return emb
-        b = self.budget if budget is None else budget
-        return emb + self.b_embed(torch.tensor([b], device=t.device)).to(emb.dtype)  # (1, embed)
-
-    def _budget_emb(self, call: RoutingCall, device: torch.device) -> torch.Tensor:
-        """The call's (1, embed) budget embedding (made once per call; token routers read it)."""
-        if call.b_emb is None:
-            b = self.budget if call.budget is None else call.budget
-            call.b_emb = self.b_embed(torch.tensor([b], device=device))
-        return call.b_emb
 
     @property
     def execution(self) -> str:
@@ -347,16 +328,6 @@ class RouterBank(EvalTable, nn.Module):
             noise = call.replay.noise(index, logits) if call.replay is not None else None
             return gumbel_sigmoid(logits, self.config.tau, noise=noise)
         return logits > 0
-
-    def token_logits(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """Site ``index``'s token router on tokens (..., N, D) -> (..., N) logits, plus the
-        call's budget offset on a budget-conditioned model (one per call: a batch has one)."""
-        key = str(index)
-        logits = self.token[key](x)  # (..., N)
-        if key in self.token_budget:
-            emb = self._budget_emb(self._calls.call, logits.device)  # (1, embed)
-            logits = logits + self.token_budget[key](emb).reshape(1).to(logits.dtype)
-        return logits
 
     def ensure_train_masks(self) -> None:
         """Draw this training call's width masks now, if not yet drawn (checkpointing.py)."""

@@ -6,7 +6,8 @@ alone. A model converted with a range (``convert(model, (0.3, 1.0))``, CLI ``--t
 the range per step, and at inference a call may ask for any budget inside it
 (``set_budget``, ``with budget(...)``, ``dynconvert_budget=``; routing.py). A range whose top
 is 1.0 gives back the original's compute and outputs exactly at 1.0: that call runs every unit
-and every token (``RouterBank.runs_full``).
+and every token (``RouterBank.runs_full``). :class:`BudgetInputs` is what the routers read of a
+call's budget (mixed into RouterBank).
 
 Example:
     >>> parse_budget(0.5), parse_budget("0.3:1.0"), parse_budget((0.3, 0.9))
@@ -18,9 +19,14 @@ Example:
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from dynconvert.errors import BudgetError
+
+if TYPE_CHECKING:
+    from dynconvert.runtime.call import RoutingCall
 
 BudgetRange = tuple[float, float]
 
@@ -98,3 +104,51 @@ def check_call_budget(value: Any, budget_range: BudgetRange | None, calibrated: 
             )
         return b
     return round(b, 4)  # the evaluation table and planned patterns key on it
+
+
+class BudgetInputs:
+    """What the routers of a RouterBank read of the call's budget, mixed into RouterBank (which
+    provides ``budget``, ``budget_range``, ``t_embed``, ``b_embed``, ``token``,
+    ``token_budget``, ``lock`` and each thread's call)."""
+
+    def runs_full(self, budget: float | None) -> bool:
+        """Whether a call at ``budget`` runs every unit and token: a budget-conditioned model's
+        calls at 1.0 (its range's top), which so give back the original's compute exactly."""
+        return self.budget_range is not None and budget is not None and budget >= 1.0
+
+    def width_embedding(self, t: torch.Tensor, budget: float | None) -> torch.Tensor:
+        """(Bt,) timesteps -> (Bt, embed): what the width routers read (t's embedding, plus
+        the budget's for a budget-conditioned model; ``budget`` None: the model's)."""
+        emb = self.t_embed(t)  # (Bt, embed)
+        if self.b_embed is None:
+            return emb
+        b = self.budget if budget is None else budget
+        return emb + self.b_embed(torch.tensor([b], device=t.device)).to(emb.dtype)  # (1, embed)
+
+    def _budget_emb(self, call: RoutingCall, device: torch.device) -> torch.Tensor:
+        """The call's (1, embed) budget embedding (made once per call; token routers read it).
+        Without grad it is kept per budget: a CUDA graph replays the tensor it captured."""
+        if call.b_emb is None:
+            b = self.budget if call.budget is None else call.budget
+            if torch.is_grad_enabled():
+                call.b_emb = self.b_embed(torch.tensor([b], device=device))
+                return call.b_emb
+            stamp = (b, device, sum(p._version for p in self.b_embed.parameters()))
+            with self.lock:
+                kept = self.__dict__.setdefault("_b_embs", {})
+                if stamp not in kept:
+                    if len(kept) > 1024:  # budgets turned per request: bounded
+                        kept.clear()
+                    kept[stamp] = self.b_embed(torch.tensor([b], device=device))
+                call.b_emb = kept[stamp]
+        return call.b_emb
+
+    def token_logits(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Site ``index``'s token router on tokens (..., N, D) -> (..., N) logits, plus the
+        call's budget offset on a budget-conditioned model (one per call: a batch has one)."""
+        key = str(index)
+        logits = self.token[key](x)  # (..., N)
+        if key in self.token_budget:
+            emb = self._budget_emb(self._calls.call, logits.device)  # (1, embed)
+            logits = logits + self.token_budget[key](emb).reshape(1).to(logits.dtype)
+        return logits

@@ -223,6 +223,7 @@ class Planner:
         sig = (
             tuple((i, m.numpy().tobytes()) for i, m in sorted(masks.items())),
             tuple((i, self._capacity_at(i, bt)) for i in sorted(self.capacity)),
+            bt[0] if len(getattr(self.bank, "token_budget", ())) else None,  # token offsets
         )
         pid = self._ids.get(sig)
         if pid is None:
