@@ -143,12 +143,7 @@ def calibrate(
             batch = run.last_batch = _draw(stream, source, device, labels, adapter, cfg)
             x0 = batch["x"].float()
             noisy = objective.noise(x0)
-            lam, scope = lambdas(step), contextlib.nullcontext()
-            if state.budget_range is not None:  # budget-conditioned: one budget per step
-                lam, read = range_lambda(
-                    step, cfg.seed, state.budget_range, lambdas.hold_steps, lambdas.warmup_steps
-                )
-                scope = budget(model, read)
+            lam, scope = _step_target(model, state, lambdas, cfg.seed, step)
             with scope:  # forward and backward, micro-batch by micro-batch (accumulate.py)
                 terms, nonfinite = forward_backward(
                     step_terms, accelerator, run.ddp_model, batch, x0, noisy,
@@ -187,6 +182,20 @@ def _draw(
     """This process's next rows from ``stream``, on its device, checked, with the labels the
     model sees this step (drawn and dropped with the step's seed)."""
     return labels_for_step(check_batch(source.prepare(next(stream), device)), labels, adapter, cfg)
+
+
+def _step_target(
+    model: nn.Module, state: Any, lambdas: LambdaSchedule, seed: int, step: int
+) -> tuple[float, contextlib.AbstractContextManager]:
+    """This step's lambda, and the context its forward and backward run in: for a
+    budget-conditioned model a budget drawn from its range, which the routers read
+    (schedule.range_lambda); else the schedule's lambda and no context."""
+    if state.budget_range is None:
+        return lambdas(step), contextlib.nullcontext()
+    lam, read = range_lambda(
+        step, seed, state.budget_range, lambdas.hold_steps, lambdas.warmup_steps
+    )
+    return lam, budget(model, read)
 
 
 def _optimise(

@@ -30,7 +30,7 @@ from dynconvert.io.files import FileError, open_file
 from dynconvert.io.limits import read_json
 from dynconvert.plan import PLAN_VERSION, ROUTER_TIMESTEPS, Plan
 from dynconvert.runtime.bank import RouterBank
-from dynconvert.runtime.budgets import parse_budget
+from dynconvert.runtime.budgets import budget_range_of
 from dynconvert.runtime.planned.controls import capacity_record
 from dynconvert.runtime.state import get_state
 from dynconvert.version import __version__
@@ -302,18 +302,6 @@ def check_record(record: dict[str, Any], rec_path: Path) -> None:
     for index, segments in record.get("width_masks", {}).items():
         if not _masks_fit(segments):
             raise bad(f"width_masks[{shown(index)}] is not a list of [t_first, t_last, bits]")
-
-
-def budget_range_of(record: dict[str, Any]) -> tuple[float, float] | None:
-    """A record's budget range (a budget-conditioned model), None for a single budget (and for
-    records written before ranges existed).
-
-    Example:
-        >>> budget_range_of({"budget": 0.3, "budget_range": [0.3, 1.0]})
-        (0.3, 1.0)
-    """
-    value = record.get("budget_range")
-    return None if value is None else parse_budget(value)[1]
 
 
 DTYPES = ("float16", "bfloat16", "float32", "float64", "mixed")

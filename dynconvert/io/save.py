@@ -43,7 +43,6 @@ from dynconvert.io.record import (
     FORMAT_VERSION,
     RECORD,
     WEIGHTS,
-    budget_range_of,
     build_record,
     check_record,
     check_record_units,
@@ -66,6 +65,7 @@ from dynconvert.io.weights import (
     read_weights,
     write_safetensors,
 )
+from dynconvert.runtime.budgets import budget_range_of
 from dynconvert.runtime.planned.controls import load_capacity_record
 from dynconvert.runtime.planned.graphs import enable_cuda_graphs
 from dynconvert.runtime.state import get_state

@@ -25,9 +25,10 @@ from dynconvert.config import ConvertConfig
 from dynconvert.errors import FileError, RecordError
 from dynconvert.io.files import atomic_write, fd_path, open_file, sha256_of
 from dynconvert.io.limits import read_json
-from dynconvert.io.record import budget_range_of, current_file, legacy_fingerprint
+from dynconvert.io.record import current_file, legacy_fingerprint
 from dynconvert.plan import Plan
 from dynconvert.runtime.bank import RouterBank
+from dynconvert.runtime.budgets import budget_range_of
 
 _FUSED = re.compile(r"\.(to_qkv|to_kv|to_added_qkv)\.(weight|bias)$")
 """Weights diffusers ``fuse_qkv_projections()`` adds (copies of the q/k/v weights)."""

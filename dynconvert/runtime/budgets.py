@@ -106,6 +106,18 @@ def check_call_budget(value: Any, budget_range: BudgetRange | None, calibrated: 
     return round(b, 4)  # the evaluation table and planned patterns key on it
 
 
+def budget_range_of(record: dict[str, Any]) -> BudgetRange | None:
+    """A saved record's budget range (a budget-conditioned model), None for a single budget (and
+    for records written before ranges existed). BudgetError for a range that is not one.
+
+    Example:
+        >>> budget_range_of({"budget": 0.3, "budget_range": [0.3, 1.0]})
+        (0.3, 1.0)
+    """
+    value = record.get("budget_range")
+    return None if value is None else parse_budget(value)[1]
+
+
 class BudgetInputs:
     """What the routers of a RouterBank read of the call's budget, mixed into RouterBank (which
     provides ``budget``, ``budget_range``, ``t_embed``, ``b_embed``, ``token``,
