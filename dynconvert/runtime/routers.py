@@ -160,22 +160,22 @@ class BudgetEncoder(nn.Module):
     """An embedding of a call's FLOPs budget, added to the timestep's (budget-conditioned models).
 
     The budget (a fraction in (0, 1]) is read on a 0..1000 scale by the same sinusoid as t, then
-    a small MLP whose last layer starts at zero: a fresh encoder adds nothing, so the routers
-    start as a single-budget model's would (every unit on). Token routers read it through a
-    zero-initialised Linear per site to a logit offset (``RouterBank.token_budget``).
+    a small MLP (default initialisation). What reads it starts at zero (the width routers'
+    weights, and a zero-initialised Linear per token router to a logit offset,
+    ``RouterBank.token_budget``), so a fresh conversion is still the original. The encoder itself
+    must not start at zero: the readers' gradients are the embedding, and the embedding's are
+    the readers' weights, so both would stay at zero (measured: a dial that did not move,
+    docs/budgets.md).
 
     Example:
-        >>> enc = BudgetEncoder(8)
-        >>> enc(torch.tensor([0.5])).abs().sum().item()
-        0.0
+        >>> BudgetEncoder(8)(torch.tensor([0.5, 0.9])).shape
+        torch.Size([2, 8])
     """
 
     def __init__(self, dim: int):
         super().__init__()
         self.dim = dim
         self.mlp = nn.Sequential(RouterLinear(dim, dim), nn.SiLU(), RouterLinear(dim, dim))
-        nn.init.zeros_(self.mlp[2].weight)
-        nn.init.zeros_(self.mlp[2].bias)
 
     def forward(self, budget: torch.Tensor) -> torch.Tensor:
         """(B,) budgets in (0, 1] -> (B, dim) embedding, in the MLP's compute dtype."""
