@@ -23,11 +23,12 @@ Run (the committed results, docs/budgets.md; the two kinds side by side, each un
 
     python benchmarks/budget_digits.py --only range --steps 200 --range-steps 200 \
         --per-class 10 --out benchmarks/results/budget_digits.json
-    python benchmarks/budget_digits.py --only single --budgets 0.5 --steps 200 \
-        --per-class 10 --out /tmp/single.json
+    for b in 0.3 0.5 0.7; do python benchmarks/budget_digits.py --only single --budgets $b \
+        --steps 200 --per-class 10 --out /tmp/single_$b.json; done
     python benchmarks/budget_digits.py --only range --steps 200 --range-steps 200 \
         --per-class 10 --out benchmarks/results/budget_digits.json \
-        --merge /tmp/single.json --plot benchmarks/results/budget_digits.png
+        --merge /tmp/single_0.3.json /tmp/single_0.5.json /tmp/single_0.7.json \
+        --plot benchmarks/results/budget_digits.png
 """
 
 from __future__ import annotations
