@@ -62,7 +62,7 @@ def parse_budget(value: Any) -> tuple[float, BudgetRange | None]:
             nums = [float(p) for p in parts]
         except ValueError:
             raise BudgetError(
-                f"budget must be a number like 0.5 or a range like 0.3:1.0; got {value!r}"
+                f"budget must be a number in (0, 1] like 0.5 or a range like 0.3:1.0; got {value!r}"
             ) from None
         value = nums[0] if len(nums) == 1 else tuple(nums)
     if isinstance(value, (tuple, list)):
