@@ -346,9 +346,15 @@ def _check_weights_info(w: dict[str, Any], version: int, bad: Any) -> None:
         raise bad("weights.sha256 values must be sha256 hex digests")
     staged = w.get("staged", {})
     if not isinstance(staged, dict) or not all(
-        _plain_name(k) and _plain_name(v) for k, v in staged.items()
+        _saved_name(k) and _saved_name(v) for k, v in staged.items()
     ):
         raise bad("weights.staged must map file names to file names inside the folder")
+
+
+def _saved_name(name: Any) -> bool:
+    """A file of a saved folder: a plain name, or one in a subfolder (a LoRA adapter's)."""
+    parts = name.split("/") if isinstance(name, str) else [None]
+    return len(parts) <= 2 and all(_plain_name(p) for p in parts)
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -32,11 +32,11 @@ from dynconvert.io.commit import Writer, commit_save
 from dynconvert.io.convention import check_timestep_convention
 from dynconvert.io.files import atomic_write_bytes, file_digest
 from dynconvert.io.lora import (
+    adapter_files,
     base_state_dict,
     load_adapters,
     pop_gates,
     restore_gates,
-    save_adapters,
 )
 from dynconvert.io.record import (
     DIFFUSERS_WEIGHTS,
@@ -122,13 +122,14 @@ def save(
     record = build_record(model, flops_ratio_per_t, extra)
     tensors, aliases = _dedupe(base_state_dict(model))  # LoRA layers: their own files (lora.py)
     record["aliases"] = aliases
-    lora = save_adapters(model, out)
+    lora, adapters = adapter_files(model)  # written with the weights, before the commit
     if lora is not None:
         record["lora"] = lora
     # A diffusers model's folder is also a from_pretrained folder (its static weights).
     weights = DIFFUSERS_WEIGHTS if is_diffusers_model(model) else WEIGHTS
     meta = {"format": "pt", "producer": "dynconvert"}
     files: dict[str, Writer] = {weights: lambda f: write_safetensors(f, tensors, meta)}
+    files.update(adapters)
     if is_diffusers_model(model):
         config = diffusers_config(model)
         files["config.json"] = lambda f: f.write(config)
