@@ -122,21 +122,12 @@ SLOW_KINDS = sorted(set(PATTERN_MODELS) - set(SITE_KINDS) - {"video-own-projecti
 DEFAULT_KINDS = ["dit"]  # 3 s of CPU; each other kind takes 4 to 8 s, so they run in the slow set
 
 
-# A LoRA on the fused input projection of a parallel block (Flux 2's) is not yet routed like
-# the projection: at full routing it differs from the original with the same LoRA (1.42).
-KNOWN_BUGS = {
-    "fused-parallel": [
-        pytest.mark.xfail(strict=True, reason="LoRA on a fused input projection: issue 21")
-    ]
-}
-
-
 @pytest.mark.parametrize(
     "name",
     [
         *DEFAULT_KINDS,
         *(
-            pytest.param(n, marks=[pytest.mark.slow, *KNOWN_BUGS.get(n, [])])
+            pytest.param(n, marks=pytest.mark.slow)
             for n in [*SITE_KINDS, *SLOW_KINDS]
             if n not in DEFAULT_KINDS
         ),

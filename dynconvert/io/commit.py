@@ -1,7 +1,8 @@
 """A save over an earlier save is all or nothing: the record is the commit point.
 
-A saved folder is several files (the weights, the record, a diffusers model's config.json), and
-no rename swaps several files at once. So :func:`commit_save`
+A saved folder is several files (the weights, the record, a diffusers model's config.json, LoRA
+adapter files, some in a subfolder per adapter), and no rename swaps several files at once. So
+:func:`commit_save`
 
 1. writes each new file (atomically, ``files.py``) under a staged name
    ``.<name>.<token>.next`` beside the old one, which stays as it was;
@@ -27,7 +28,7 @@ import os
 import re
 import secrets
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from dynconvert.io.files import (
@@ -56,14 +57,15 @@ def commit_save(out: Path, record: dict[str, Any], files: dict[str, Writer], wei
     Args:
         out: The folder (created if needed).
         record: The record; its ``weights`` entry is filled in here (file, size, sha256).
-        files: File name -> writer of its new content.
+        files: File name ("/"-separated below ``out``: an adapter's subfolder) -> writer of its
+            new content.
         weights: Which of ``files`` is the weights file.
 
     Raises:
         FileError: A file could not be written (the old save, if any, still loads).
     """
     token = secrets.token_hex(4)
-    staged = {name: f".{name}.{token}.next" for name in files}
+    staged = {name: _staged_name(name, token) for name in files}
     for name, write in files.items():
         atomic_write(out / staged[name], write, root=out)
     size, digest = file_digest(out / staged[weights], root=out)
@@ -74,17 +76,27 @@ def commit_save(out: Path, record: dict[str, Any], files: dict[str, Writer], wei
         "staged": staged,
     }
     atomic_write_bytes(out / RECORD, _dumps(record), root=out)  # the commit
-    with folder_fd(out, out) as dfd:
-        for name in files:
-            fault_point("rename", out / name)
-            try:
-                os.replace(staged[name], name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            except OSError as e:
-                raise file_error(e, out / name) from None
-        os.fsync(dfd)
+    for folder in dict.fromkeys(PurePosixPath(name).parent for name in files):
+        with folder_fd(out / folder, out) as dfd:  # renamed within its folder: no link walked
+            for name in [n for n in files if PurePosixPath(n).parent == folder]:
+                fault_point("rename", out / name)
+                try:
+                    os.replace(
+                        PurePosixPath(staged[name]).name, PurePosixPath(name).name,
+                        src_dir_fd=dfd, dst_dir_fd=dfd,
+                    )  # fmt: skip
+                except OSError as e:
+                    raise file_error(e, out / name) from None
+            os.fsync(dfd)
     del record["weights"]["staged"]
     atomic_write_bytes(out / RECORD, _dumps(record), root=out)
     remove_leftovers(out, [*files, RECORD])
+
+
+def _staged_name(name: str, token: str) -> str:
+    """``a/x`` -> ``a/.x.<token>.next``: staged beside its final name, in the same folder."""
+    path = PurePosixPath(name)
+    return str(path.with_name(f".{path.name}.{token}.next"))
 
 
 def _dumps(record: dict[str, Any]) -> bytes:
@@ -102,12 +114,14 @@ def remove_leftovers(out: Path, names: list[str]) -> list[str]:
         []
     """
     removed = []
-    for entry in entries(out, out):
-        temp = _TEMP.match(entry)
-        staged = _STAGED.match(temp["name"] if temp else entry)
-        pid = int(temp["pid"]) if temp else 0
-        gone = temp is not None and (pid == os.getpid() or not pid_alive(pid))
-        if (staged and staged["name"] in names) or (gone and temp["name"] in names):
-            remove_file(out / entry, out)
-            removed.append(entry)
+    for folder in dict.fromkeys(PurePosixPath(name).parent for name in names):
+        mine = {PurePosixPath(n).name for n in names if PurePosixPath(n).parent == folder}
+        for entry in entries(out / folder, out):
+            temp = _TEMP.match(entry)
+            staged = _STAGED.match(temp["name"] if temp else entry)
+            pid = int(temp["pid"]) if temp else 0
+            gone = temp is not None and (pid == os.getpid() or not pid_alive(pid))
+            if (staged and staged["name"] in mine) or (gone and temp["name"] in mine):
+                remove_file(out / folder / entry, out)
+                removed.append(str(folder / entry))
     return removed

@@ -16,6 +16,8 @@ without peft.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,9 @@ import torch
 from torch import nn
 
 from dynconvert.errors import RecordError
-from dynconvert.io.files import atomic_write, atomic_write_bytes, file_digest
+from dynconvert.io.commit import Writer
+from dynconvert.io.files import file_digest
+from dynconvert.io.record import current_file
 from dynconvert.io.weights import write_safetensors
 from dynconvert.runtime.lora import is_lora, lifted
 from dynconvert.runtime.lora_run import add_gates
@@ -50,21 +54,24 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(names)
 
 
-def save_adapters(model: nn.Module, out: Path) -> dict[str, Any] | None:
-    """Write every LoRA adapter of ``model`` into ``out``; returns the record's ``lora`` entry
-    (None when the model has no adapter and no TD-LoRA gate).
+def adapter_files(model: nn.Module) -> tuple[dict[str, Any] | None, dict[str, Writer]]:
+    """The record's ``lora`` entry for ``model`` (None without adapters and TD-LoRA gates) and a
+    writer per adapter file, by its name in the folder: the save writes them with the weights,
+    before its commit point (``commit.py``), so a save stopped anywhere leaves either the old
+    adapters or the new ones loading.
 
     Example:
-        >>> record["lora"] = save_adapters(model, Path("out/"))  # doctest: +SKIP
+        >>> record["lora"], writers = adapter_files(model)  # doctest: +SKIP
     """
     names = adapter_names(model)
     gates = _gates_record(model)
     if not names:
-        return {"adapters": {}, **gates} if gates else None
+        return ({"adapters": {}, **gates} if gates else None), {}
     from peft import get_peft_model_state_dict
 
     configs = getattr(model, "peft_config", {})
     entry: dict[str, Any] = {"adapters": {}, "active": _active(model), **gates}
+    writers: dict[str, Writer] = {}
     for name in names:
         if name not in configs:
             raise RecordError(
@@ -72,17 +79,37 @@ def save_adapters(model: nn.Module, out: Path) -> dict[str, Any] | None:
                 "saved as a peft adapter; add adapters with peft or diffusers, or merge them first"
             )
         sub = "." if len(names) == 1 else name
-        folder = out / sub
+        if not _folder_ok(sub):
+            raise RecordError(
+                f"the LoRA adapter name {name!r} cannot name a folder; rename the adapter "
+                "(letters, digits, '-', '_')"
+            )
         state = get_peft_model_state_dict(model, adapter_name=name)
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        config = configs[name].to_dict()
-        text = json.dumps(config, indent=2, sort_keys=True, default=_jsonable)
+        text = json.dumps(configs[name].to_dict(), indent=2, sort_keys=True, default=_jsonable)
         meta = {"format": "pt", "producer": "dynconvert", METADATA_KEY: text}
-        path = folder / ADAPTER_WEIGHTS
-        atomic_write(path, lambda f, t=tensors, m=meta: write_safetensors(f, t, m), root=out)
-        atomic_write_bytes(folder / ADAPTER_CONFIG, (text + "\n").encode(), root=out)
-        entry["adapters"][name] = {"folder": sub, "fingerprint": _digest(path, out)}
-    return entry
+        data = io.BytesIO()
+        write_safetensors(data, tensors, meta)  # in memory: its fingerprint goes in the record
+        blob = data.getvalue()
+        weights, config = _in(sub, ADAPTER_WEIGHTS), _in(sub, ADAPTER_CONFIG)
+        writers[weights] = lambda f, b=blob: f.write(b)
+        writers[config] = lambda f, t=(text + "\n").encode(): f.write(t)
+        fingerprint = [len(blob), hashlib.sha256(blob).hexdigest()]  # as file_digest gives it
+        entry["adapters"][name] = {"folder": sub, "fingerprint": fingerprint}
+    return entry, writers
+
+
+def _folder_ok(sub: Any) -> bool:
+    """An adapter's folder: the saved folder itself, or one plain subfolder name of it."""
+    return sub == "." or (
+        isinstance(sub, str) and sub not in ("", "..") and "/" not in sub and "\\" not in sub
+        and "\0" not in sub and len(sub.encode("utf-8", "surrogateescape")) <= 255
+    )  # fmt: skip
+
+
+def _in(sub: str, name: str) -> str:
+    """A file's name in the saved folder ("/"-separated; "." is the folder itself)."""
+    return name if sub == "." else f"{sub}/{name}"
 
 
 def _digest(path: Path, root: Path) -> list:
@@ -146,7 +173,9 @@ def restore_gates(model: nn.Module, record: dict[str, Any]) -> None:
 
 
 def load_adapters(model: nn.Module, directory: Path, record: dict[str, Any]) -> None:
-    """Put back the LoRA adapters a record lists (needs peft).
+    """Put back the LoRA adapters a record lists (needs peft). Each adapter's config is read
+    from its weights file's metadata (which the fingerprint covers), and each file from its
+    staged copy while a re-save is between its commit and its renames (``commit.py``).
 
     Raises:
         RecordError: peft is not installed, or an adapter file is missing, changed or does
@@ -156,7 +185,7 @@ def load_adapters(model: nn.Module, directory: Path, record: dict[str, Any]) -> 
     if not adapters:
         return
     try:
-        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+        from peft import inject_adapter_in_model, set_peft_model_state_dict
     except ImportError:
         raise RecordError(
             f"{directory} keeps LoRA adapters as peft files ({', '.join(adapters)}): install peft "
@@ -166,16 +195,21 @@ def load_adapters(model: nn.Module, directory: Path, record: dict[str, Any]) -> 
     from safetensors.torch import load_file
 
     for name, info in adapters.items():
-        folder = directory / info["folder"]
-        path = folder / ADAPTER_WEIGHTS
+        if not isinstance(info, dict) or not _folder_ok(info.get("folder")):
+            raise RecordError(
+                f"the record of {directory} names no folder inside it for the LoRA adapter "
+                f"{name!r}; save the model again"
+            )
+        path = directory / current_file(
+            directory, record.get("weights", {}), _in(info["folder"], ADAPTER_WEIGHTS)
+        )
         if not path.is_file() or _digest(path, directory) != info["fingerprint"]:
             raise RecordError(
                 f"the LoRA adapter {name!r} of {directory} ({path}) is missing or not the one "
                 "saved; save the model again"
             )
         try:
-            config = LoraConfig.from_pretrained(str(folder))
-            inject_adapter_in_model(config, model, adapter_name=name)
+            inject_adapter_in_model(_config(path), model, adapter_name=name)
             result = set_peft_model_state_dict(model, load_file(str(path)), adapter_name=name)
         except (ValueError, KeyError, RuntimeError, OSError) as e:
             raise RecordError(
@@ -190,6 +224,18 @@ def load_adapters(model: nn.Module, directory: Path, record: dict[str, Any]) -> 
     for m in model.modules():
         if is_lora(m) and active:
             m.set_adapter(active)
+
+
+def _config(path: Path) -> Any:
+    """The peft LoraConfig kept in an adapter file's metadata (as peft reads adapter_config)."""
+    from peft import LoraConfig
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        text = (f.metadata() or {}).get(METADATA_KEY)
+    if text is None:
+        raise ValueError(f"{path} has no {METADATA_KEY} metadata")
+    return LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**json.loads(text)))
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -32,11 +32,11 @@ from dynconvert.io.commit import Writer, commit_save
 from dynconvert.io.convention import check_timestep_convention
 from dynconvert.io.files import atomic_write_bytes, file_digest
 from dynconvert.io.lora import (
+    adapter_files,
     base_state_dict,
     load_adapters,
     pop_gates,
     restore_gates,
-    save_adapters,
 )
 from dynconvert.io.record import (
     DIFFUSERS_WEIGHTS,
@@ -66,6 +66,7 @@ from dynconvert.io.weights import (
     read_weights,
     write_safetensors,
 )
+from dynconvert.runtime.budgets import budget_range_of
 from dynconvert.runtime.planned.controls import load_capacity_record
 from dynconvert.runtime.planned.graphs import enable_cuda_graphs
 from dynconvert.runtime.state import get_state
@@ -121,13 +122,14 @@ def save(
     record = build_record(model, flops_ratio_per_t, extra)
     tensors, aliases = _dedupe(base_state_dict(model))  # LoRA layers: their own files (lora.py)
     record["aliases"] = aliases
-    lora = save_adapters(model, out)
+    lora, adapters = adapter_files(model)  # written with the weights, before the commit
     if lora is not None:
         record["lora"] = lora
     # A diffusers model's folder is also a from_pretrained folder (its static weights).
     weights = DIFFUSERS_WEIGHTS if is_diffusers_model(model) else WEIGHTS
     meta = {"format": "pt", "producer": "dynconvert"}
     files: dict[str, Writer] = {weights: lambda f: write_safetensors(f, tensors, meta)}
+    files.update(adapters)
     if is_diffusers_model(model):
         config = diffusers_config(model)
         files["config.json"] = lambda f: f.write(config)
@@ -247,8 +249,9 @@ def load(
         _to_saved_dtype(base_model, record, state)
     check_weights_fit(state, base_model, plan, config, directory, record)
     apply_plan(
-        base_model, plan, config, float(record["budget"]), always_on=list(record["always_on"])
-    )
+        base_model, plan, config, float(record["budget"]), always_on=list(record["always_on"]),
+        budget_range=budget_range_of(record),
+    )  # fmt: skip
     try:
         restore_gates(base_model, record)  # TD-LoRA gates, before their weights
         base_model.load_state_dict({**state, **gates}, strict=True)

@@ -93,6 +93,7 @@ def routed_linear(
     units: tuple[int, ...] = (),
     index: torch.Tensor | None = None,
     gather: tuple[torch.Tensor, torch.Size] | None = None,
+    part: slice | None = None,
 ) -> torch.Tensor:
     """x -> ``lin``'s output as this call routes it, its adapters' updates included.
 
@@ -104,6 +105,9 @@ def routed_linear(
             None: full width.
         gather: (rows of the flattened B * N computed, (B, N)) when the MLP gathered tokens:
             maps each computed row to its sample for per-sample TD-LoRA gates.
+        part: with ``axis="rows"``, only these of the ``index`` rows (a fused input projection
+            computes its MLP's rows on the gathered tokens and the others on every token:
+            shared_in.py); the cut weights stay one cache entry, the part is a view of them.
 
     Returns:
         The output (..., rows computed) of the Linear plus every active adapter's update.
@@ -112,11 +116,14 @@ def routed_linear(
         w, b = lin.weight, lin.bias
     else:
         w, b = bank.sliced(lin, axis, units, index)
+    if part is not None:  # rows only: (rows of the part, in)
+        w, b = w[part], None if b is None else b[part]
     y = _apply(lin, x, w, b)
     wrapper = lora_of(lin)
     if wrapper is None or wrapper.merged or wrapper.disable_adapters:
         return y
-    return _with_updates(bank, lin, wrapper, x, y, (w, b), (axis, units, index), gather)
+    cut = (axis, units, index, part)
+    return _with_updates(bank, lin, wrapper, x, y, (w, b), cut, gather)
 
 
 def _with_updates(
@@ -126,12 +133,12 @@ def _with_updates(
     x: torch.Tensor,
     y: torch.Tensor,
     wb: tuple[torch.Tensor, torch.Tensor | None],
-    cut: tuple[str | None, tuple[int, ...], torch.Tensor | None],
+    cut: tuple[str | None, tuple[int, ...], torch.Tensor | None, slice | None],
     gather: tuple[torch.Tensor, torch.Size] | None,
 ) -> torch.Tensor:
     """``y`` plus the update of each active adapter of ``wrapper``, cut like ``lin`` (peft's
     loop over ``active_adapters``, with A's columns / B's rows cut to ``cut``)."""
-    axis, units, index = cut
+    axis, units, index, part = cut
     out = y
     for name in wrapper.active_adapters:
         if name not in wrapper.lora_A:
@@ -140,9 +147,11 @@ def _with_updates(
         xa = x.to(A.weight.dtype) if getattr(wrapper, "cast_input_dtype_enabled", True) else x
         wa = bank.sliced(A, "cols", units, index)[0] if axis == "cols" else A.weight  # (r, in')
         w_b, b_b = bank.sliced(B, "rows", units, index) if axis == "rows" else (B.weight, B.bias)
+        if part is not None:  # (rows of the part, r): B's rows follow the Linear's
+            w_b, b_b = w_b[part], None if b_b is None else b_b[part]
         drop = wrapper.lora_dropout[name]
         if name in wrapper.lora_magnitude_vector:  # DoRA
-            out = _dora(wrapper, name, lin, xa, out, wb, (wa, w_b, b_b), axis, index)
+            out = _dora(wrapper, name, lin, xa, out, wb, (wa, w_b, b_b), axis, index, part)
             continue
         h = _apply(A, drop(xa), wa, None)  # (..., r)
         if name == TD_ADAPTER:
@@ -161,6 +170,7 @@ def _dora(
     lora_w: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
     axis: str | None,
     index: torch.Tensor | None,
+    part: slice | None = None,
 ) -> torch.Tensor:
     """``out`` plus one DoRA adapter's term, as peft's ``DoraLinearLayer`` computes it, cut.
 
@@ -174,6 +184,7 @@ def _dora(
     scale = wrapper.lora_magnitude_vector[name].weight / _row_norm(wrapper, name, lin, s, x.dtype)
     if axis == "rows":
         scale = scale.index_select(0, index)  # (rows computed,)
+        scale = scale if part is None else scale[part]
     drop = wrapper.lora_dropout[name]
     w, b = wb
     if isinstance(drop, nn.Identity) or not wrapper.training:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from dynconvert.runtime.dynamic import DynamicLinear
 from dynconvert.runtime.interfaces import InRowsOwner, MlpCall, cached
+from dynconvert.runtime.lora_run import routed_linear
 
 
 class SharedInRuntime:
@@ -59,28 +59,31 @@ class SharedInRuntime:
         gathered = next(
             (i for i, c in enumerate(calls) if c is not None and c.sliced and _gathers(c)), None
         )
+        bank = self.bank
+        # routed_linear: a LoRA on this projection is routed with its rows (B's rows follow).
         if all(k is None for k in keys) and gathered is None:
-            return F.linear(x, lin.weight, lin.bias)
+            return routed_linear(bank, lin, x)
         index, spans = self._rows(tuple(keys), rows, x.device)
-        w, b = self.bank.sliced(lin, "rows", tuple(keys), index)
+        cut = ("rows", tuple(keys), index)
         if gathered is None:
-            return F.linear(x, w, b)  # (B, N, R')
+            return routed_linear(bank, lin, x, *cut)  # (B, N, R')
         lo, hi = spans[gathered]
         if lo < 0:
             raise RuntimeError(
                 f"{name}: the token-routed MLP's rows are not one block of the fused projection"
             )
         call = calls[gathered]
-        h = F.linear(call.x_sel, w[lo:hi], None if b is None else b[lo:hi])  # (K, M') or (B, N, M')
+        # (K, M') or (B, N, M'): the MLP's rows on its selected tokens
+        h = routed_linear(bank, lin, call.x_sel, *cut, call.gathered(), part=slice(lo, hi))
         if call.keep is not None:  # planned path: rows under the threshold give zero
             h = h * call.keep.reshape(*h.shape[:-1], 1)
         if call.idx is not None:  # scattered back into zeros: a skipped token's hidden is zero
             out = h.new_zeros(math.prod(x.shape[:-1]), h.shape[-1])  # (B * N, M')
             h = out.index_copy(0, call.idx, h.reshape(-1, h.shape[-1])).reshape(*x.shape[:-1], -1)
-        parts = [F.linear(x, w[:lo], None if b is None else b[:lo])] if lo else []
+        parts = [routed_linear(bank, lin, x, *cut, part=slice(0, lo))] if lo else []
         parts.append(h)
         if hi < index.numel():
-            parts.append(F.linear(x, w[hi:], None if b is None else b[hi:]))
+            parts.append(routed_linear(bank, lin, x, *cut, part=slice(hi, None)))
         return torch.cat(parts, -1)  # (B, N, R')
 
     def _rows(
