@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import platform
 import shlex
 import sys
@@ -24,12 +25,14 @@ import torch
 from dynconvert.measure.realsize import real_size_row
 from dynconvert.testing.configs import REAL_CONFIGS
 
+FULL = "python benchmarks/support_matrix.py --real-size"  # the whole table's command
 ROUTABLE, MINIMUM = 0.9, 0.4  # issue 20's bar: routable share and reachable minimum
 
 
 def _row(name: str) -> dict:
     torch.set_num_threads(2)
-    return real_size_row(name)
+    load = os.getloadavg()[0]  # a shared machine's wall times say little: each row says so
+    return {**real_size_row(name), "load": round(load, 1)}
 
 
 def _reason(r: dict) -> str:
@@ -62,17 +65,18 @@ def markdown(rows: list[dict], command: str, seconds: float, note: str) -> str:
         "its pipeline's usual resolution; head-locality decided on a probe of a few tokens. "
         "params in billions; tokens = the most queries of one attention (all its streams); s = "
         "build + analyse + convert seconds (wall clock); cpu = their CPU seconds (user + "
-        "system, 2 threads): on an idle machine the wall time lies between cpu / 2 and cpu; GB "
+        "system, 2 threads): on an idle machine the wall time lies between cpu / 2 and cpu; "
+        "load = the machine's 1-minute load average when the row started (2 cores); GB "
         "= peak resident memory of the process (imports included); sites = attention/MLP sites "
         "found in that many blocks; routable = converted sites' share of the MACs; min = lowest"
         " reachable budget (whole model); MACs per sample; calib GB = what a calibration run "
         "holds besides activations with bf16 weights, training every parameter / the routers "
         "only (dynconvert/calibration/memory.py).",
         "",
-        "| family | class | pixels (h x w x frames) | params | tokens | s | cpu | GB | sites "
-        "| skipped "
+        "| family | class | pixels (h x w x frames) | params | tokens | s | cpu | load | GB "
+        "| sites | skipped "
         "| TMACs | routable | min | calib GB | why not (one line) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         h, w, f = r["pixels"]
@@ -81,7 +85,7 @@ def markdown(rows: list[dict], command: str, seconds: float, note: str) -> str:
         lines.append(
             f"| {r['name']} | {r['class_name']} | {h} x {w} x {f} "
             f"| {_num(r.get('params'), 1e9, '.2f')} | {r.get('tokens', '-')} | {r['seconds']} "
-            f"| {r.get('cpu_s', '-')} "
+            f"| {r.get('cpu_s', '-')} | {r.get('load', '-')} "
             f"| {r['peak_rss_gb']} | {sites} | {r.get('skipped', '-')} "
             f"| {_num(r.get('static_macs'), 1e12, '.1f')} "
             f"| {_num(r.get('routable'), 0.01, '.1f')}% "
@@ -90,25 +94,36 @@ def markdown(rows: list[dict], command: str, seconds: float, note: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(only: list[str] | None, out: Path, note: str) -> None:
-    """Run the table (one process per family, one at a time), writing its files after each."""
+def main(only: list[str] | None, out: Path, note: str, update: bool = False) -> None:
+    """Run the table (one process per family, one at a time), writing its files after each.
+
+    ``update``: the rows of ``only`` replace theirs in the full table (one family at a time
+    under a shared lock, the others' rows kept); else ``only`` writes a ``_partial`` table.
+    """
     names = only or list(REAL_CONFIGS)
     t0 = time.perf_counter()
-    rows = []
     ctx = multiprocessing.get_context("spawn")  # a fresh process: its own peak memory
     command = "python benchmarks/support_matrix.py " + shlex.join(sys.argv[1:])
-    stem = "support_matrix_real_size" + ("_partial" if only else "")
+    stem = "support_matrix_real_size" + ("_partial" if only and not update else "")
+    table = out / f"{stem}.json"
+    old = json.loads(table.read_text()) if update and table.exists() else {}
+    kept = {r["name"]: r for r in old.get("rows", [])}
+    rows = []
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
         with ProcessPoolExecutor(1, mp_context=ctx) as pool:
             row = pool.submit(_row, name).result()
-        rows.append(row)
+        kept[row["name"]] = row
+        rows = [kept[n] for n in REAL_CONFIGS if n in kept] if update else [*rows, row]
         print(
             f"{row['name']:18s} {row['seconds']:7.1f} s {row['peak_rss_gb']:5.2f} GB "
             f"{row.get('routable', 0):.3f} {row.get('min_ratio', 0) or 0:.3f} {_reason(row)}"[:200],
             flush=True,
         )
         seconds = time.perf_counter() - t0  # written after every family: a long run keeps rows
+        if update:  # the table's own command and note; the rows say how each was measured
+            command, note = old.get("command", FULL), old.get("note", note)
+            seconds += old.get("seconds", 0.0)
         data = {"command": command, "note": note, "seconds": round(seconds, 1), "rows": rows}
         (out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
         (out / f"{stem}.md").write_text(markdown(rows, command, seconds, note))

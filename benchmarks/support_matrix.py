@@ -160,11 +160,16 @@ def main() -> None:
         action="store_true",
         help="the published configurations on meta at their usual resolution (real_size.py)",
     )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="with --real-size --only: replace those rows in the full real-size table",
+    )
     args = parser.parse_args()
     if args.real_size:
         from real_size import main as real_size_main  # benchmarks/ is the script's folder
 
-        real_size_main(args.only, args.out, args.note)
+        real_size_main(args.only, args.out, args.note, args.update)
         return
     names = args.only or list(ZOO)
     unknown = [n for n in names if n not in ZOO]

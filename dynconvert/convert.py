@@ -19,6 +19,7 @@ from dynconvert.inputs import default_inputs, split_inputs
 from dynconvert.plan import AttentionSite, Plan
 from dynconvert.runtime.attention import AttentionRuntime
 from dynconvert.runtime.bank import RouterBank
+from dynconvert.runtime.budgets import BudgetRange, parse_budget
 from dynconvert.runtime.conv import ConvMlpRuntime
 from dynconvert.runtime.deferred import Deferred, check_weights, weights_pending
 from dynconvert.runtime.dynamic import (
@@ -48,7 +49,7 @@ __all__ = [
 
 
 def check_budget(budget: Any) -> float:
-    """Validate a FLOPs budget: a number in (0, 1]."""
+    """Validate a single FLOPs budget: a number in (0, 1] (a range: runtime/budgets.py)."""
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise BudgetError(
             f"budget must be a number in (0, 1], e.g. 0.5 for half the FLOPs; got {budget!r}"
@@ -63,7 +64,7 @@ def check_budget(budget: Any) -> float:
 
 def convert(
     model: nn.Module,
-    budget: float,
+    budget: float | tuple[float, float],
     *,
     example_inputs: Any = None,
     config: ConvertConfig | None = None,
@@ -86,7 +87,10 @@ def convert(
     Args:
         model: a diffusion transformer (built-in DiT/U-ViT, diffusers DiT/PixArt, or any model
             built the same way).
-        budget: target FLOPs as a fraction of the original forward pass, in (0, 1].
+        budget: target FLOPs as a fraction of the original forward pass, in (0, 1]; or a
+            range ``(low, high)`` for budget-conditioned routers: calibration then trains one
+            model for every budget in it, chosen per call at inference (``set_budget``,
+            ``with dynconvert.budget(...)``; docs/budgets.md).
         example_inputs: positional args (tuple) or keyword args (dict) that run the model;
             optional for models that can make their own.
         config: router settings (:class:`ConvertConfig`).
@@ -107,7 +111,7 @@ def convert(
         >>> dynconvert.is_converted(model)
         True
     """
-    b = check_budget(budget)
+    b, budget_range = parse_budget(budget)  # a range's low end is checked against the plan
     check_value("seed", seed, int, Range(0, SEED_MAX))
     config = config or ConvertConfig()
     if is_converted(model):
@@ -123,7 +127,7 @@ def convert(
     # LoRA layers already on the model are lifted off while it is converted (analysis sees the
     # plain model) and adopted after, routed with the Linears they wrap (runtime/lora.py).
     with lifted(model) as taken:
-        _convert(model, b, example_inputs, config, filter_fn, seed, probe_inputs)
+        _convert(model, (b, budget_range), example_inputs, config, filter_fn, seed, probe_inputs)
         try:
             check_adoptable([layer for _, _, layer in taken])
         except LoraNotRoutedError:  # an adapter kind that is not routed: the model as it was
@@ -135,7 +139,7 @@ def convert(
 
 def _convert(
     model: nn.Module,
-    b: float,
+    spec: tuple[float, BudgetRange | None],
     example_inputs: Any,
     config: ConvertConfig,
     filter_fn: FilterFn | None,
@@ -149,24 +153,27 @@ def _convert(
         split_inputs(example_inputs) if example_inputs is not None else default_inputs(model)
     )
     plan = analyze(model, (args, kwargs), config, filter_fn, probe_inputs)
-    check_plan(plan, b, config)  # before any change: a refused plan leaves the model untouched
+    check_plan(plan, spec[0], config)  # before any change: a refused plan leaves it untouched
     if is_meta(model):  # no weights yet: the rest waits for them (runtime/deferred.py)
-        bank = apply_plan(model, plan, config, b)
+        bank = apply_plan(model, plan, config, spec[0], budget_range=spec[1])
         bank.deferred = Deferred(seed, (args, kwargs), _finish)
         bank.deferred.handle = model.register_load_state_dict_post_hook(_loaded)
         return
-    _seeded_apply(model, plan, config, b, seed)
-    _check_fast_path(model, plan, config, b, seed, (args, kwargs))
+    _seeded_apply(model, plan, config, spec, seed)
+    _check_fast_path(model, plan, config, spec, seed, (args, kwargs))
 
 
-def _seeded_apply(model: nn.Module, plan: Plan, config: ConvertConfig, b: float, seed: int) -> None:
+def _seeded_apply(
+    model: nn.Module, plan: Plan, config: ConvertConfig, spec: tuple, seed: int
+) -> None:
+    """apply_plan with routers drawn from ``seed`` (``spec``: the budget and its range)."""
     with torch.random.fork_rng(devices=[]):  # router init from the seed, global RNG untouched
         torch.manual_seed(seed)
-        apply_plan(model, plan, config, b)
+        apply_plan(model, plan, config, spec[0], budget_range=spec[1])
 
 
 def _check_fast_path(
-    model: nn.Module, plan: Plan, config: ConvertConfig, b: float, seed: int, inputs: tuple
+    model: nn.Module, plan: Plan, config: ConvertConfig, spec: tuple, seed: int, inputs: tuple
 ) -> None:
     """Head-count attributes found by a scan, or ops beyond reshapes before the attention:
     compare fast and masked paths once (verify.py). A site whose sliced path differs is not
@@ -189,8 +196,8 @@ def _check_fast_path(
                 s.index: attention if isinstance(s, AttentionSite) else mlp
                 for s in plan.sites if s.index in failed
             })  # fmt: skip
-            check_plan(plan, b, config)
-            _seeded_apply(model, plan, config, b, seed)
+            check_plan(plan, spec[0], config)
+            _seeded_apply(model, plan, config, spec, seed)
 
 
 def _finish(model: nn.Module) -> RouterBank:
@@ -205,11 +212,12 @@ def _finish(model: nn.Module) -> RouterBank:
     device = next(p.device for p in model.parameters() if not p.is_meta)
     with torch.random.fork_rng(devices=[]):  # the same draws as apply_plan with weights
         torch.manual_seed(deferred.seed)
-        fresh = RouterBank(bank.plan, bank.config, bank.budget)
+        fresh = RouterBank(bank.plan, bank.config, bank.budget, bank.budget_range)
     bank.load_state_dict(fresh.state_dict(), assign=True)
     bank.to(device)
     _always_on(bank, dict(model.named_modules()), None)
-    _check_fast_path(model, bank.plan, bank.config, bank.budget, deferred.seed, deferred.inputs)
+    spec = (bank.budget, bank.budget_range)
+    _check_fast_path(model, bank.plan, bank.config, spec, deferred.seed, deferred.inputs)
     return get_state(model)
 
 
@@ -251,17 +259,21 @@ def apply_plan(
     config: ConvertConfig,
     budget: float,
     always_on: list[int] | None = None,
+    budget_range: BudgetRange | None = None,
 ) -> RouterBank:
-    """Swap the plan's Linears for DynamicLinears and attach the RouterBank (no checks)."""
+    """Swap the plan's Linears for DynamicLinears and attach the RouterBank (no checks;
+    ``budget_range``: a budget-conditioned model's, runtime/budgets.py)."""
     install_hook()  # from now on a LoRA layer put around a routed Linear is routed with it
     modules = dict(model.named_modules())
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     if is_meta(model):  # shapes only: values are made when the weights arrive (_finish)
         with torch.device("meta"):
-            bank = RouterBank(plan, config, budget)
+            bank = RouterBank(plan, config, budget, budget_range)
     else:
-        bank = RouterBank(plan, config, budget).to(device)  # routers where the weights are
+        bank = RouterBank(plan, config, budget, budget_range).to(
+            device
+        )  # routers where the weights are
         _always_on(bank, modules, always_on)
     bank.model_params = sum(p.numel() for p in model.parameters())  # sizes the slice cache
     runtimes: list[SiteRuntime] = []

@@ -116,6 +116,53 @@ def _check_meta_then_load(model, meta, inputs, budget, seed, run_early=False):
     assert torch.equal(_out(model, inputs), _out(meta, inputs))
 
 
+class ListTower(Tower):
+    """Its rotary angles made once at construction, in a Python list (not a buffer), and moved
+    to the input's device in forward, as Lumina 2 does: built on meta, the list is on meta."""
+
+    def __init__(self):
+        super().__init__()
+        hd = self.blocks[0].qkv.in_features // self.blocks[0].heads
+        self.angles = [torch.arange(64)[:, None] / 10 ** (torch.arange(hd) / hd)]
+
+    def forward(self, x, t):
+        angle = self.angles[0][: x.shape[1]].to(x.device)
+        c = F.silu(self.time(t[:, None].float()))
+        x = self.embed(x)
+        for blk in self.blocks:
+            x = blk(x, c, angle.cos(), angle.sin())
+        return self.out(x)
+
+
+def test_a_table_made_at_construction_stays_on_meta_in_an_eager_run():
+    # The torch.fx capture runs the model eagerly on the CPU inputs: moving the meta list to
+    # the CPU failed ("Cannot copy out of meta tensor"); it now keeps its shapes on meta.
+    torch.manual_seed(0)
+    model = ListTower().eval()
+    with torch.device("meta"):
+        meta = ListTower().eval()
+    inputs, fx = _tower_inputs(6), ConvertConfig(capture="fx")
+    plan = analyze(meta, inputs, fx)
+    assert len(plan.attention) == 3 and len(plan.mlp) == 3
+    assert _without_coverage(plan) == _without_coverage(analyze(model, inputs, fx))
+
+
+class AutocastTower(Tower):
+    """Its timestep embedding in float32 under torch.autocast on its weights' device (Mochi's
+    rotary frequencies): a device that has no autocast when the weights are on meta."""
+
+    def forward(self, x, t):
+        with torch.autocast(self.time.weight.device.type, torch.float32):
+            return super().forward(x, t)
+
+
+def test_a_meta_model_that_opens_autocast_on_its_weights_device_is_refused_by_name():
+    with torch.device("meta"):
+        meta = AutocastTower().eval()
+    with pytest.raises(dynconvert.errors.ExampleInputsError, match="torch.autocast on the dev"):
+        analyze(meta, _tower_inputs(4))
+
+
 # zoo entry -> (the example's size, the probe's size), in latent cells
 SIZES = {
     "flux": (Size(4, 6, 1, 7), Size(2, 3, 1, 5)),
@@ -212,11 +259,11 @@ def _out(model, inputs):
 # One per family kind: self-attention DiT, cross-attention (PixArt), joint attention with
 # parallel blocks (Flux), video with qk-norm across heads (Wan: partial sites), per-head rotary
 # tables handed in (LTX), linear attention and convolutional MLPs (Sana), grouped-query
-# attention with data-dependent caption lengths (Lumina 2).
-# LTX's per-head rotary tables are matched with its attention's arguments by value, which a
-# model on meta does not have: its sites are refused with that reason (issue 20, item 3).
+# attention with data-dependent caption lengths (Lumina 2). LTX's tables are matched with its
+# attention's arguments by value: on meta, the exported graph reruns on the CPU inputs
+# (analysis/tables.py), where tables made from the inputs alone have their values.
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["dit", "pixart", "flux", "wan", "sana", "lumina2"])
+@pytest.mark.parametrize("name", ["dit", "pixart", "flux", "wan", "ltx", "sana", "lumina2"])
 def test_convert_on_meta_then_load_equals_convert_with_weights(name):
     _check_meta_then_load(*_meta_twin(name), budget=0.9, seed=3)
 

@@ -162,7 +162,7 @@ def test_converted_sampling_fills_the_mask_table_with_scheduler_timesteps(builde
     expected = make_scheduler("dpm", beta_schedule=spec.beta_schedule)
     expected.set_timesteps(6)
     keys = {float(t) + spec.timestep_offset for t in expected.timesteps}
-    assert set(bank._table) == keys  # masks keyed by the original training timestep values
+    assert {t for _, t in bank._table} == keys  # keyed (budget, t): the training t values
 
 
 def test_on_step_and_chunks():

@@ -127,7 +127,12 @@ def capture(
             ):
                 ep = torch.export.export(model, *exported, strict=False)
             graph = from_export(ep, model, any_linear)
-            graph.evaluate = functools.partial(tables.node_values, ep, *exported)
+            # A meta model's tables made from the inputs alone get their values on the CPU.
+            graph.evaluate = (
+                functools.partial(tables.node_values, ep, tuple(args), dict(kwargs), meta=True)
+                if is_meta(model)
+                else functools.partial(tables.node_values, ep, *exported)
+            )
             return graph
         except Exception as e:  # noqa: BLE001 - fall back to the tracer below
             if how == "export":
@@ -140,9 +145,24 @@ def capture(
     from dynconvert.analysis.fx_capture import capture_fx  # its eager run checks the inputs
 
     with eval_mode(model), quiet_torch(), meta_eager(model):
-        graph = capture_fx(model, args, kwargs)
+        try:
+            graph = capture_fx(model, args, kwargs)
+        except ExampleInputsError as e:
+            _refuse_meta_autocast(model, e)
+            raise
     if error is not None:
         graph.coverage = f"{graph.coverage}; torch.export failed: {type(error).__name__}"
     if isinstance(error, DataDependentSize):
         graph.export_stops = error.stops
     return graph
+
+
+def _refuse_meta_autocast(model: torch.nn.Module, error: ExampleInputsError) -> None:
+    """The reason, when a meta model's forward opens ``torch.autocast`` on its weights' device
+    (Mochi's rotary frequencies): autocast has no meta device, so it cannot run without them."""
+    if is_meta(model) and "autocast device_type 'meta'" in str(error):
+        raise ExampleInputsError(
+            f"{type(model).__name__} opens torch.autocast on the device of its weights, which "
+            "has no autocast on the meta device: it cannot be analysed without its weights; "
+            "load them (on the CPU or a GPU) and convert it then"
+        ) from error

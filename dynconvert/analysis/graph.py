@@ -352,13 +352,18 @@ def block_of(fqn: str) -> str:
 def quiet_torch() -> Iterator[None]:
     """Silence torch's own log records and warnings while capturing: a failed export logs whole
     graph dumps to the terminal and the fx tracer warns about every specialised input, while
-    analysis reports what it has to say in the plan instead."""
+    analysis reports what it has to say in the plan instead. Nor does it record each op's
+    Python stack (``node.meta["stack_trace"]``, which nothing here reads): symbolizing them took
+    about a tenth of a whole-model export."""
     logger = logging.getLogger("torch")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
+    stacks = torch.fx.config.do_not_emit_stack_traces
+    torch.fx.config.do_not_emit_stack_traces = True
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", module=r"torch(\.|$)")
             yield
     finally:
         logger.setLevel(level)
+        torch.fx.config.do_not_emit_stack_traces = stacks

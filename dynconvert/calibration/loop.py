@@ -40,7 +40,7 @@ from dynconvert.calibration.objectives import build_objective
 from dynconvert.calibration.progress import CalibrationProgress
 from dynconvert.calibration.recompute import gradient_checkpointing
 from dynconvert.calibration.result import CalibrationResult, StepInfo
-from dynconvert.calibration.schedule import LambdaSchedule
+from dynconvert.calibration.schedule import LambdaSchedule, range_lambda
 from dynconvert.calibration.setup import (
     TrainingRun,
     converted_state,
@@ -60,7 +60,7 @@ from dynconvert.calibration.step import (
 from dynconvert.calibration.stream import batch_stream
 from dynconvert.calibration.trainable import merge_lora
 from dynconvert.errors import CalibrationError, ConfigError
-from dynconvert.runtime.routing import set_routing
+from dynconvert.runtime.routing import budget, set_routing
 
 __all__ = ["calibrate", "make_accelerator"]
 
@@ -143,12 +143,12 @@ def calibrate(
             batch = run.last_batch = _draw(stream, source, device, labels, adapter, cfg)
             x0 = batch["x"].float()
             noisy = objective.noise(x0)
-            lam = lambdas(step)
-            # Forward and backward, micro-batch by micro-batch (accumulate.py).
-            terms, nonfinite = forward_backward(
-                step_terms, accelerator, run.ddp_model, batch, x0, noisy, cfg.grad_accum_steps,
-                lam=lam, step=step,
-            )  # fmt: skip
+            lam, scope = _step_target(model, state, lambdas, cfg.seed, step)
+            with scope:  # forward and backward, micro-batch by micro-batch (accumulate.py)
+                terms, nonfinite = forward_backward(
+                    step_terms, accelerator, run.ddp_model, batch, x0, noisy,
+                    cfg.grad_accum_steps, lam=lam, step=step,
+                )  # fmt: skip
             values, skipped, grad_norm = _optimise(run, terms, nonfinite, lam, step)
             # Checkpoint (never while non-finite losses are in a row: keep the last good one).
             wrote = _checkpoint_if_due(run, step + 1)
@@ -182,6 +182,20 @@ def _draw(
     """This process's next rows from ``stream``, on its device, checked, with the labels the
     model sees this step (drawn and dropped with the step's seed)."""
     return labels_for_step(check_batch(source.prepare(next(stream), device)), labels, adapter, cfg)
+
+
+def _step_target(
+    model: nn.Module, state: Any, lambdas: LambdaSchedule, seed: int, step: int
+) -> tuple[float, contextlib.AbstractContextManager]:
+    """This step's lambda, and the context its forward and backward run in: for a
+    budget-conditioned model a budget drawn from its range, which the routers read
+    (schedule.range_lambda); else the schedule's lambda and no context."""
+    if state.budget_range is None:
+        return lambdas(step), contextlib.nullcontext()
+    lam, read = range_lambda(
+        step, seed, state.budget_range, lambdas.hold_steps, lambdas.warmup_steps
+    )
+    return lam, budget(model, read)
 
 
 def _optimise(

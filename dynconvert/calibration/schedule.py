@@ -204,3 +204,26 @@ def sample_flow_times(
     else:
         raise ConfigError(f"flow_t_dist must be one of logit_normal, uniform; got {dist!r}")
     return s if device is None else s.to(device)
+
+
+def range_lambda(
+    step: int, seed: int, budget_range: tuple[float, float], hold_steps: int, warmup_steps: int
+) -> tuple[float, float]:
+    """A budget-conditioned model's step: its budget drawn uniformly from the range, then lambda.
+
+    Each step draws one budget b in ``budget_range`` (from its own generator seeded by the run's
+    seed and the step: every process draws the same, and a resumed run draws what the straight
+    run drew) and follows :func:`lambda_at` toward it; the routers read lambda (within the
+    range), so what they read is always the cost the FLOPs term pulls toward. Returns
+    (lambda, the budget the routers read).
+
+    Example:
+        >>> lam, b = range_lambda(10_000, 0, (0.3, 1.0), 100, 1000)
+        >>> 0.3 <= lam <= 1.0 and lam == b
+        True
+    """
+    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+    lo, hi = budget_range
+    target = lo + (hi - lo) * float(torch.rand((), generator=gen))
+    lam = lambda_at(step, target, hold_steps, warmup_steps)
+    return lam, min(lam, hi)

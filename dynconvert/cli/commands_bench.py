@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from dynconvert.cli import render
-from dynconvert.cli.options import DeviceOpt, JsonOpt, ModelOpt, RunOpt, unset_option
+from dynconvert.cli.options import BudgetOpt, DeviceOpt, JsonOpt, ModelOpt, RunOpt, unset_option
 from dynconvert.errors import ConfigError
 from dynconvert.runtime.modes import execution_names
 
@@ -85,6 +85,7 @@ def bench(
     memory: MemoryOpt = True,
     execution: ExecutionOpt = None,
     graphs: GraphsOpt = False,
+    budget: BudgetOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Time the original and the dynamic model per denoising call (same process, alternating).
@@ -102,6 +103,8 @@ def bench(
 
       dynconvert bench --run runs/digits-0.5 --batch 64 --json
 
+      dynconvert bench --run runs/digits-0.3-1 --budget 0.4
+
       dynconvert bench --model dit-s --keep 0.5 --tokens 0.5 --repeats 10
     """
     import torch
@@ -118,8 +121,14 @@ def bench(
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     dev = resolve_device(device)
+    if budget is not None and run is None:
+        raise ConfigError("--budget needs --run (a budget-conditioned model's run folder)")
     with render.status(f"building {model or run}"):
         net = _build(model, run)
+    if budget is not None:
+        from dynconvert.runtime.routing import set_budget
+
+        set_budget(net, budget)  # BudgetError naming the range when it is outside it
     if model is not None and dev == "cpu" and dtype in HALF:
         render.note("note: half precision on CPU is often slower than float32")
     with torch.no_grad(), render.native_stderr_silenced():  # the profiler's C++ start/stop lines

@@ -33,7 +33,8 @@ flops_ratio_note, profile {timesteps, token_keep, measured, executed_timesteps},
 flops_ratio_per_t (1000 values, also in dynconvert.json), calibration {steps, final_loss, ...},
 bench (see 'dynconvert bench --help'), files, device, cpu_threads, timings, dynconvert_version;
 for the digits demo classifier_accuracy and frechet_distance, each {"original": .., "dynamic": ..},
-evaluation, and samples ("samples.png")."""
+evaluation, and samples ("samples.png"); for a budget range (--target-flops 0.3:1.0) budget_grid,
+a list of {budget, flops_ratio, executed_flops_ratio, speedup} over the range."""
 
 
 TargetOpt = Annotated[
@@ -41,7 +42,10 @@ TargetOpt = Annotated[
     unset_option(
         "--target-flops",
         "-t",
-        help="FLOPs budget: a fraction of the original model's, in (0, 1] (default: the recipe's).",
+        help=(
+            "FLOPs budget: a fraction of the original model's, in (0, 1], or a range low:high "
+            "(e.g. 0.3:1.0) for one model that runs at any budget in it (default: the recipe's)."
+        ),
     ),
 ]
 RecipeOpt = Annotated[

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from dynconvert.cli import render
-from dynconvert.cli.options import JsonOpt, comma_list, unset_option
+from dynconvert.cli.options import BudgetOpt, JsonOpt, comma_list, unset_option
 from dynconvert.errors import ConfigError, DynconvertError
 
 SCHEMA = """The --json object (dynconvert.deploy.ExportResult, plus load_s): out, format, programs
@@ -73,21 +73,24 @@ def export(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing export folder.")
     ] = False,
+    budget: BudgetOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Export a run's model: one program per width pattern of a sampling schedule.
 
-    The folder holds the weights once, the programs, manifest.json (timestep -> program, input
-    signature, capacities, FLOPs ratios) and run_exported.py, a loader that needs only torch.
-    Every program is checked against the planned path before the folder is renamed into place.
+        The folder holds the weights once, the programs, manifest.json (timestep -> program, input
+        signature, capacities, FLOPs ratios) and run_exported.py, a loader that needs only torch.
+        Every program is checked against the planned path before the folder is renamed into place.
+    A budget-conditioned model is exported at one budget (--budget; default: the model's): one
+    export folder per budget.
 
-    [bold]Examples[/bold]
+        [bold]Examples[/bold]
 
-      dynconvert export runs/digits-0.5 --out export/
+          dynconvert export runs/digits-0.5 --out export/
 
-      dynconvert export runs/digits-0.5 --out export-aoti/ --format aoti --batch 2,20
+          dynconvert export runs/digits-0.5 --out export-aoti/ --format aoti --batch 2,20
 
-      dynconvert export runs/dit-xl-0.5 --out dit-export/ --steps 250 --scheduler ddpm --batch 8
+          dynconvert export runs/dit-xl-0.5 --out dit-export/ --steps 250 --scheduler ddpm --batch 8
     """
     from dynconvert.deploy import export as export_model
     from dynconvert.deploy import load_exported
@@ -102,6 +105,10 @@ def export(
     with render.status(f"loading {run}"):
         model, _ = load_run(run, device="cpu")
         info = read_run(run) or {}
+        if budget is not None:
+            from dynconvert.runtime.routing import set_budget
+
+            set_budget(model, budget)  # the budget the programs are traced at
     sampler = scheduler or ((info.get("recipe") or {}).get("samples") or {}).get(
         "scheduler", "ddim"
     )

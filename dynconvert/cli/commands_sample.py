@@ -9,6 +9,7 @@ import typer
 
 from dynconvert.cli import render
 from dynconvert.cli.options import (
+    BudgetOpt,
     CheckpointOpt,
     DeviceOpt,
     JsonOpt,
@@ -66,6 +67,7 @@ def sample(
     vae: VaeOpt = None,
     raw: RawOpt = False,
     device: DeviceOpt = "auto",
+    budget: BudgetOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Sample a grid from a run's calibrated model, optionally beside the original's.
@@ -77,6 +79,8 @@ def sample(
     [bold]Examples[/bold]
 
       dynconvert sample --run runs/digits-0.5 --out grid.png --compare
+
+      dynconvert sample --run runs/digits-0.3-1 --budget 0.4 --out grid.png
 
       dynconvert sample --run runs/digits-0.5 --labels 3,3,7,7 --steps 25 --scheduler dpm \\
         --out sevens.png
@@ -94,6 +98,7 @@ def sample(
         write_samples,
     )
     from dynconvert.runtime.planned.controls import token_overflow
+    from dynconvert.runtime.routing import set_budget
 
     check_options(run, out, scheduler)
     assert run is not None and out is not None
@@ -104,6 +109,8 @@ def sample(
     dev = resolve_device(device)
     with render.status(f"loading {run}"):
         model, info = load_run(run, device=dev)
+        if budget is not None:  # checked against the model's range before anything samples
+            set_budget(model, budget)
         original = original_model(info, checkpoint).to(dev) if compare else None
     with render.status(f"sampling ({steps} {scheduler} steps{', twice' if compare else ''})"):
         token_overflow(model)  # counted from here: this sampling call only
@@ -112,6 +119,7 @@ def sample(
     overflow = token_overflow(model)
     result = {"path": str(path), "run": run, "compare": compare, "labels": settings.labels,
               "steps": steps, "cfg_scale": cfg, "seed": seed, "scheduler": scheduler,
+              "budget": budget,
               "token_overflow": {"dropped": overflow.dropped, "rate": overflow.rate}}  # fmt: skip
     if overflow.dropped:
         render.note(f"note: {overflow.dropped} tokens ({100 * overflow.rate:.2f}%) exceeded "

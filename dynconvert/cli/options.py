@@ -79,6 +79,14 @@ FramesOpt = Annotated[
 RunOpt = Annotated[
     str | None, unset_option("--run", "-r", help="A run folder written by 'dynconvert convert'.")
 ]
+BudgetOpt = Annotated[
+    float | None,
+    unset_option(
+        "--budget",
+        help="The FLOPs budget to run a budget-conditioned model at (one inside the range it was "
+        "calibrated for, e.g. 0.4; default: the model's).",
+    ),
+]
 CheckpointOpt = Annotated[
     str | None,
     unset_option(

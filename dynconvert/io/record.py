@@ -23,13 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynconvert.errors import RecordError
+from dynconvert.errors import BudgetError, RecordError
 from dynconvert.fields import shown
 from dynconvert.flops import routed_ratio
 from dynconvert.io.files import FileError, open_file
 from dynconvert.io.limits import read_json
 from dynconvert.plan import PLAN_VERSION, ROUTER_TIMESTEPS, Plan
 from dynconvert.runtime.bank import RouterBank
+from dynconvert.runtime.budgets import budget_range_of
 from dynconvert.runtime.planned.controls import capacity_record
 from dynconvert.runtime.state import get_state
 from dynconvert.version import __version__
@@ -116,6 +117,8 @@ def build_record(
         "preset": getattr(model, "preset", None),
         "preset_kwargs": dict(getattr(model, "preset_kwargs", {}) or {}),
         "budget": bank.budget,
+        # A budget-conditioned model's range (runtime/budgets.py); null: a single budget.
+        "budget_range": list(bank.budget_range) if bank.budget_range else None,
         "config": bank.config.to_dict(),
         "plan": bank.plan.to_dict(),
         "always_on": [int(v) for v in bank.always_on.tolist()],
@@ -278,6 +281,10 @@ def check_record(record: dict[str, Any], rec_path: Path) -> None:
         )
     if not 0.0 < record["budget"] <= 1.0:
         raise bad(f"budget {shown(record['budget'])} is outside (0, 1]")
+    try:
+        budget_range_of(record)
+    except BudgetError as e:
+        raise bad(f"budget_range {shown(record.get('budget_range'))}: {e}") from None
     if not all(_is_int(v) and 0 <= v < 2**31 for v in record["always_on"]):
         raise bad("always_on must be a list of unit indices (integers >= 0)")
     _check_weights_info(record["weights"], record["format_version"], bad)

@@ -66,6 +66,7 @@ from dynconvert.io.weights import (
     read_weights,
     write_safetensors,
 )
+from dynconvert.runtime.budgets import budget_range_of
 from dynconvert.runtime.planned.controls import load_capacity_record
 from dynconvert.runtime.planned.graphs import enable_cuda_graphs
 from dynconvert.runtime.state import get_state
@@ -248,8 +249,9 @@ def load(
         _to_saved_dtype(base_model, record, state)
     check_weights_fit(state, base_model, plan, config, directory, record)
     apply_plan(
-        base_model, plan, config, float(record["budget"]), always_on=list(record["always_on"])
-    )
+        base_model, plan, config, float(record["budget"]), always_on=list(record["always_on"]),
+        budget_range=budget_range_of(record),
+    )  # fmt: skip
     try:
         restore_gates(base_model, record)  # TD-LoRA gates, before their weights
         base_model.load_state_dict({**state, **gates}, strict=True)

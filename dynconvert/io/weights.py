@@ -28,6 +28,7 @@ from dynconvert.io.limits import read_json
 from dynconvert.io.record import current_file, legacy_fingerprint
 from dynconvert.plan import Plan
 from dynconvert.runtime.bank import RouterBank
+from dynconvert.runtime.budgets import budget_range_of
 
 _FUSED = re.compile(r"\.(to_qkv|to_kv|to_added_qkv)\.(weight|bias)$")
 """Weights diffusers ``fuse_qkv_projections()`` adds (copies of the q/k/v weights)."""
@@ -195,7 +196,9 @@ def check_weights_fit(
     """
     expected = dict(model.state_dict())
     with torch.device("meta"):
-        bank = RouterBank(plan, config, 1.0)
+        bank = RouterBank(
+            plan, config, 1.0, budget_range_of(record or {})
+        )  # with a range.s routers
     expected.update({f"dynconvert.{k}": v for k, v in bank.state_dict().items()})
     for k in [k for k in state if k not in expected and _FUSED.search(k)]:
         del state[k]
@@ -278,10 +281,10 @@ def check_record_tables(model: nn.Module, record: dict[str, Any], directory: Pat
         raise bad("has width masks for other sites than its routers")
     with torch.no_grad():
         grid = torch.arange(ROUTER_TIMESTEPS, dtype=torch.float32)
-        emb = bank.t_embed(grid.to(bank.always_on.device))
+        emb = bank.width_embedding(grid.to(bank.always_on.device), None)  # t's (and budget's)
         for key, router in bank.width.items():
             logits = router(emb).float().cpu()  # (T, units)
-            on = logits > 0
+            on = (logits > 0) | bank.runs_full(bank.budget)  # a range's 1.0: every unit
             on[:, int(bank.always_on[int(key)])] = True
             tol = max(1e-3, 8 * torch.finfo(logits.dtype).eps) * float(logits.abs().amax())
             differ = decode_masks(masks[str(key)]) != on

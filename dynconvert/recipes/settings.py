@@ -20,6 +20,7 @@ from dynconvert.config import ConvertConfig
 from dynconvert.errors import ConfigError
 from dynconvert.fields import INT_MAX, SEED_MAX, Range, check_fields, check_value, shown
 from dynconvert.measure.evaluations import evaluation_names
+from dynconvert.runtime.budgets import parse_budget
 from dynconvert.sampling import SCHEDULERS
 
 RECIPE_VERSION = 1
@@ -63,6 +64,7 @@ _RECIPE_FIELDS: list[tuple[str, Any, Range | None]] = [
     ("model_kwargs", dict[str, Any], None),
     ("applies_to", list[str], None),
     ("target_flops", float, Range(0, 1, low_open=True)),
+    ("budget_range", list[float] | None, None),
     ("cpu_threads", int | None, Range(1, 4096)),
     ("version", int, Range(1, INT_MAX)),
 ]
@@ -177,6 +179,9 @@ class Recipe:
             ``recipe``.
         target_flops: The FLOPs budget lambda, a fraction of the original whole-model MACs in
             (0, 1]. A run's ``target_flops`` overrides it.
+        budget_range: ``[low, high]`` for a budget-conditioned model (one model for every
+            budget in the range, chosen per call; docs/budgets.md), its low end equal to
+            ``target_flops``; None: one budget. ``--target-flops 0.3:1.0`` sets both.
         checkpoint: Default weights (file, or diffusers folder); a run's ``checkpoint``
             overrides it.
         data: Default calibration data: a latents folder, ``digits``, or ``synthetic`` (random
@@ -200,6 +205,7 @@ class Recipe:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     applies_to: list[str] = field(default_factory=list)
     target_flops: float = 0.5
+    budget_range: list[float] | None = None
     checkpoint: str | None = None
     data: str | None = None
     launch: str | None = None
@@ -216,6 +222,10 @@ class Recipe:
         for name, kind, bounds in _RECIPE_FIELDS:
             check_value(name, getattr(self, name), kind, bounds)
         _check("name", self.name, bool(self.name), "a non-empty string")
+        if self.budget_range is not None:
+            low, _ = parse_budget(self.budget_range)  # BudgetError naming what a range is
+            _check("target_flops", self.target_flops, low == self.target_flops,
+                   f"the budget range's low end ({low:g}) with budget_range set")  # fmt: skip
         if self.version > RECIPE_VERSION:
             raise ConfigError(
                 f"recipe version {self.version} is newer than this dynconvert ({RECIPE_VERSION}); "

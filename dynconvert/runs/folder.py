@@ -42,15 +42,16 @@ RUN_VERSION = 1
 RUN_STATUSES = ("running", "finished")
 
 
-def default_out(model: str, target: float) -> Path:
-    """``runs/<model>-<target>``, e.g. ``runs/digits-0.5``.
+def default_out(model: str, target: float | tuple[float, float]) -> Path:
+    """``runs/<model>-<target>``, e.g. ``runs/digits-0.5`` (a range: ``runs/digits-0.3-1``).
 
     Example:
         >>> default_out("DiT-XL/2", 0.5).as_posix()
         'runs/dit-xl-2-0.5'
     """
     slug = model.strip().lower().replace("/", "-").replace(" ", "-")
-    return Path("runs") / f"{slug}-{target:g}"
+    budget = "-".join(f"{b:g}" for b in target) if isinstance(target, tuple) else f"{target:g}"
+    return Path("runs") / f"{slug}-{budget}"
 
 
 def _normal_path(value: str | None) -> str | None:
@@ -66,6 +67,7 @@ def run_identity(recipe: Recipe, source: ModelSource, target: float) -> dict[str
     return {
         "model": source.to_dict(with_config=False),
         "target_flops": target,
+        "budget_range": recipe.budget_range,  # absent (None) in runs before ranges
         "recipe": recipe.name,
         "data": _normal_path(recipe.data),
         "convert": recipe.convert_config().to_dict(),

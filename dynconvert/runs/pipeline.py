@@ -21,7 +21,7 @@ from torch import nn
 
 from dynconvert.calibration.checkpoint import check_resume, list_checkpoints
 from dynconvert.calibration.loop import calibrate
-from dynconvert.convert import check_budget, convert
+from dynconvert.convert import convert
 from dynconvert.errors import (
     BudgetError,
     CheckpointError,
@@ -57,24 +57,27 @@ from dynconvert.runs.memory import Heartbeat, check_run_memory
 from dynconvert.runs.report import build_report, check_report
 from dynconvert.runs.request import EventFn, PreparedRun, RunRequest
 from dynconvert.runs.sources import ModelSource, resolve_source, weights_problem
+from dynconvert.runtime.budgets import parse_budget
 from dynconvert.runtime.state import get_state
 
 
-def parse_target(value: Any) -> float:
-    """A FLOPs target from the command line or Python: a number in (0, 1] (checked by
-    :func:`dynconvert.convert.check_budget`; a string is parsed first).
+def parse_target(value: Any) -> tuple[float, list[float] | None]:
+    """A FLOPs target from the command line or Python: a number in (0, 1], or a range
+    ``"0.3:1.0"`` / ``(0.3, 1.0)`` for a budget-conditioned model (runtime/budgets.py).
+    Returns (the target, the range or None); the target of a range is its low end.
 
     Example:
-        >>> parse_target("0.5")
-        0.5
+        >>> parse_target("0.5"), parse_target("0.3:1.0")
+        ((0.5, None), (0.3, [0.3, 1.0]))
     """
     try:
-        return check_budget(float(value) if isinstance(value, str) else value)
-    except (ValueError, BudgetError):
+        low, budget_range = parse_budget(value)
+    except BudgetError:
         raise BudgetError(
             f"`target_flops` must be a number in (0, 1] (a fraction of the original FLOPs, e.g. "
-            f"0.5 for half); got {value!r}"
+            f"0.5 for half) or a range low:high such as 0.3:1.0; got {value!r}"
         ) from None
+    return low, list(budget_range) if budget_range else None
 
 
 def resolve_device(device: str) -> str:
@@ -129,7 +132,8 @@ def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> Prepare
     target = recipe.target_flops
     device = resolve_device(request.device)
     source = check_requirements(recipe, request.random_init)
-    out = Path(request.out) if request.out else default_out(recipe.model, target)
+    budget = tuple(recipe.budget_range) if recipe.budget_range else target  # convert's
+    out = Path(request.out) if request.out else default_out(recipe.model, budget)
     run_fields = {"output_dir": str(out), "resume": bool(request.resume), "cpu": device == "cpu"}
     if request.force:
         run_fields["check_memory"] = False
@@ -159,7 +163,7 @@ def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> Prepare
     check_samples(recipe, model)
 
     t0 = time.perf_counter()
-    model = convert(model, target, config=recipe.convert_config(), seed=calibration.seed)
+    model = convert(model, budget, config=recipe.convert_config(), seed=calibration.seed)
     plan = get_state(model).plan
     if main:
         check_resume(calibration, model)  # the checkpoint to continue from, before any work
@@ -174,7 +178,9 @@ def prepare_run(request: RunRequest, on_event: EventFn | None = None) -> Prepare
 
 def _checked_recipe(request: RunRequest) -> Recipe:
     """The request's values checked and its recipe loaded, the request's values applied."""
-    target = parse_target(request.target_flops) if request.target_flops is not None else None
+    target, budget_range = (
+        parse_target(request.target_flops) if request.target_flops is not None else (None, None)
+    )
     steps = request.steps
     if steps is not None:
         check_value("`steps`", steps, int, Range(1))
@@ -190,8 +196,10 @@ def _checked_recipe(request: RunRequest) -> Recipe:
         recipe_name = recipe_for_model(request.model)
     explicit = {"model": request.model, "target_flops": target, "checkpoint": request.checkpoint,
                 "data": request.data, "calibration.steps": steps}  # fmt: skip
-    recipe = load_recipe(recipe_name, list(request.overrides),
-                         {k: v for k, v in explicit.items() if v is not None})  # fmt: skip
+    explicit = {k: v for k, v in explicit.items() if v is not None}
+    if target is not None:  # a run's target replaces the recipe's, range and all
+        explicit["budget_range"] = budget_range
+    recipe = load_recipe(recipe_name, list(request.overrides), explicit)
     if recipe.model is None:
         raise ConfigError(
             'no model: pass `model` (e.g. `model="digits"`) or a `recipe` that names one'

@@ -21,6 +21,7 @@ from dynconvert.errors import ConfigError
 from dynconvert.flops import last_flops_ratio, routed_ratio
 from dynconvert.io.save import save
 from dynconvert.measure.bench import benchmark
+from dynconvert.measure.budgets import budget_grid
 from dynconvert.measure.evaluations import EVALUATIONS, NONE, evaluation_names
 from dynconvert.plan import ROUTER_TIMESTEPS
 from dynconvert.runs.folder import REPORT_FILE, SAMPLES_FILE
@@ -237,6 +238,9 @@ def build_report(
         with _timed(timings, "bench_s"):
             bench = _bench(model, recipe.report, device, event)
     report = _report_fields(prepared, result, prof, keep, summary, bench)
+    if get_state(model).budget_range is not None:  # a budget-conditioned model: its dial
+        with _timed(timings, "budget_grid_s"):
+            report["budget_grid"] = _grid(model, recipe.report, device, event)
     if recipe.evaluate.kind != NONE:
         evaluation = EVALUATIONS[recipe.evaluate.kind]
         with _timed(timings, "evaluate_s"):
@@ -314,6 +318,18 @@ def _bench(model: nn.Module, settings: Any, device: torch.device, event: EventFn
     model.eval()
     event("bench", f"speed-up {bench['speedup']:.2f}x at t={t}")
     return bench
+
+
+def _grid(model: nn.Module, settings: Any, device: torch.device, event: EventFn) -> list:
+    """The budget grid of a budget-conditioned model (measure/budgets.py), timed as the bench."""
+    event("budgets", "measuring the FLOPs and speed-up of each budget in the range")
+    rows = budget_grid(model, speed=settings.bench, batch=settings.bench_batch,
+                       timestep=float(settings.bench_timestep), repeats=settings.bench_repeats,
+                       device=str(device))  # fmt: skip
+    model.eval()
+    shown = ", ".join(f"{r['budget']:g}: {r['flops_ratio']:.3f}" for r in rows)
+    event("budgets", f"FLOPs ratio per budget {shown}")
+    return rows
 
 
 def _report_fields(

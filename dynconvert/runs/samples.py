@@ -134,6 +134,8 @@ def match_run_budget(model: nn.Module, settings: Any, report: Any, target: float
     """
     from dynconvert.sampling.budget import match_sampling_budget
 
+    if get_state(model).budget_range is not None:  # a shift would move every budget's routers
+        return {"skipped": "a budget-conditioned model: its budgets are chosen per call"}
     spec = model_spec(model)
     labels = class_labels(model, getattr(settings, "labels", None))
     if spec.adapter.needs_cond or labels is None:

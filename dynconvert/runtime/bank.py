@@ -9,7 +9,6 @@ thread (call.py), so threads calling one model at once never see each other's ro
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -18,7 +17,8 @@ from torch import nn
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import TimestepError
 from dynconvert.inputs import batch_of, timestep_slot
-from dynconvert.plan import ROUTER_TIMESTEPS, MlpSite, Plan, Site
+from dynconvert.plan import MlpSite, Plan, Site
+from dynconvert.runtime.budgets import BudgetInputs, BudgetRange, check_call_budget
 from dynconvert.runtime.call import CallStore, RoutingCall, SharedLock
 from dynconvert.runtime.checkpointing import wrap_checkpointing
 from dynconvert.runtime.deferred import Deferred
@@ -27,20 +27,23 @@ from dynconvert.runtime.interfaces import Decision, MlpCall
 from dynconvert.runtime.modes import ExecutionMode, execution_mode
 from dynconvert.runtime.planned.planner import Planner
 from dynconvert.runtime.routers import (
+    BudgetEncoder,
     TimestepEncoder,
     TokenRouter,
+    budget_offset,
     gumbel_sigmoid,
     no_autocast,
     width_router,
 )
 from dynconvert.runtime.settings import RoutingSettings, settings_of
 from dynconvert.runtime.slices import SliceCache
-from dynconvert.runtime.timesteps import convention_warning, router_timesteps
+from dynconvert.runtime.table import EvalTable
+from dynconvert.runtime.timesteps import router_timesteps
 
 MODES = ("train", "eval", "full")
 
 
-class RouterBank(nn.Module):
+class RouterBank(EvalTable, BudgetInputs, nn.Module):
     """The routers of all sites, the caches they share, and each thread's current call.
 
     Life of one forward call: the model's pre-hook (:meth:`root_pre_hook`) reads t and calls
@@ -51,11 +54,21 @@ class RouterBank(nn.Module):
     same thread. The per-call methods here answer for the calling thread's current call.
     """
 
-    def __init__(self, plan: Plan, config: ConvertConfig, budget: float):
+    def __init__(
+        self,
+        plan: Plan,
+        config: ConvertConfig,
+        budget: float,
+        budget_range: BudgetRange | None = None,
+    ):
         super().__init__()
         self.plan = plan
         self.config = config
+        # The budget calls run at when none is chosen (set_budget changes it; for a single-budget
+        # model the one it was converted for), and the range a budget-conditioned model was
+        # converted for (budgets.py; None: a single-budget model, whose routers read t alone).
         self.budget = budget
+        self.budget_range = tuple(budget_range) if budget_range is not None else None
         # Width routers see only an embedding of t (docs/method.md, "Timestep-wise dynamic
         # width"): one shared sinusoidal encoder, then one Linear per site to its units' logits.
         self.t_embed = TimestepEncoder(config.router_embed_dim)
@@ -70,6 +83,13 @@ class RouterBank(nn.Module):
                 self.token[str(s.index)] = TokenRouter(
                     s.in_features, config.token_reduction, config.token_bias_init
                 )
+        # A budget-conditioned model's routers also read the call's budget: its embedding is
+        # added to t's for the width routers, and gives each token router a logit offset.
+        self.b_embed = BudgetEncoder(config.router_embed_dim) if self.budget_range else None
+        self.token_budget = nn.ModuleDict()  # str(site index) -> Linear(embed, 1), ranges only
+        if self.budget_range:
+            for key in self.token:
+                self.token_budget[key] = budget_offset(config.router_embed_dim)
         self.lora_gates = nn.ModuleDict()  # TD-LoRA gates (lora_run.py); empty unless trained
         # The unit of each site that is never switched off (chosen by importance at convert
         # time); a buffer so it is saved, moved and loaded with the routers.
@@ -81,9 +101,9 @@ class RouterBank(nn.Module):
         self.runtimes: list[SiteRuntime] = []  # one per site, in plan order (set by convert)
         self._calls = CallStore()  # each thread's current RoutingCall
         self.lock = SharedLock()  # guards what every thread's calls fill: table, planner
-        # Evaluation width masks per t value: {t: (cpu masks, device masks)}, valid while
-        # _table_key (router parameter versions) is unchanged.
-        self._table: dict[float, tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
+        # Evaluation width masks (table.py) per (budget, t): {(budget or None, t): (cpu masks,
+        # device masks)}, valid while _table_key (router parameter versions) is unchanged.
+        self._table: dict[tuple, tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
         self._table_key: tuple | None = None
         self.slices = SliceCache(self.cache_limit)
         self.planner = Planner(self)  # patterns, pre-sliced weights and capacities (planned path)
@@ -100,17 +120,30 @@ class RouterBank(nn.Module):
     # Under torch.compile this hook runs eagerly: reading t on the host is the one graph break
     # of a forward (and the planned path keeps it the only one, see planner.py).
     @torch.compiler.disable
-    def root_pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook of the converted model: read t and start the call."""
+    def root_pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        """Forward pre-hook of the converted model: read t (and the call's ``dynconvert_budget``
+        keyword, which the model's own forward never sees) and start the call."""
+        if "dynconvert_budget" in kwargs:
+            kwargs = dict(kwargs)
+            budget = check_call_budget(
+                kwargs.pop("dynconvert_budget"), self.budget_range, self.budget
+            )
+            self._begin_hooked(model, args, kwargs, budget)
+            return args, kwargs
+        self._begin_hooked(model, args, kwargs, None)
+        return None
+
+    def _begin_hooked(self, model: nn.Module, args: tuple, kwargs: dict, budget: Any) -> None:
+        """The pre-hook's work: t from the call's arguments, then :meth:`begin`."""
         if self.deferred is not None:  # converted on meta: the weights may have arrived since
             bank = self.deferred.finish(model)  # convert may have redone it: its bank then
             if bank is not self:
-                return bank.root_pre_hook(model, args, kwargs)
+                return bank._begin_hooked(model, args, kwargs, budget)
         name, pos, default = self.t_spec
         in_args = pos is not None and pos < len(args)
         t = kwargs[name] if name in kwargs else (args[pos] if in_args else default)
         # The batch: the FLOPs accountant maps folded rows back to it; per-frame t reduce to it.
-        self.begin(t, model.training, model, batch_of(args, kwargs))
+        self.begin(t, model.training, model, batch_of(args, kwargs), budget)
         if torch.is_grad_enabled():  # a checkpointed block must recompute with this call's routing
             wrap_checkpointing(model, self)
 
@@ -130,16 +163,24 @@ class RouterBank(nn.Module):
         return settings_of(self, RoutingSettings(self.mode, self._execution))
 
     def begin(
-        self, t: Any, training: bool, model: nn.Module | None = None, batch: int | None = None
+        self,
+        t: Any,
+        training: bool,
+        model: nn.Module | None = None,
+        batch: int | None = None,
+        budget: float | None = None,
     ) -> RoutingCall:
         """Start one forward call of the model at timestep(s) ``t`` in this thread (``model``:
         the converted model, which the planned path needs to see its weights; ``batch``: its
-        batch size, None if unknown). Returns the call, now the thread's current one."""
+        batch size, None if unknown; ``budget``: the call's own, checked, else the thread's
+        ``with budget(...)`` or the model's). Returns the call, now the thread's current one."""
         settings = self.settings_now()
         self.set_call(call := RoutingCall(settings, len(self.runtimes), self._calls.call))
         call.batch = batch or 0
         call.mode = settings.mode or ("train" if training else "eval")
-        if batch == 0:  # an empty batch: nothing to route, run it whole
+        if self.budget_range is not None:  # only a range's routers read the budget
+            call.budget = budget if budget is not None else (settings.budget or self.budget)
+        if batch == 0 or self.runs_full(call.budget):  # nothing to route, or the range's 1.0
             call.mode = "full"
         if call.mode == "full" and not len(self.lora_gates):  # TD-LoRA gates read t
             return call
@@ -155,8 +196,10 @@ class RouterBank(nn.Module):
         # Training masks are drawn here, before any block: a checkpointed block's recomputation
         # must not be the one that draws them, and the draw order then does not depend on it.
         self.ensure_train_masks()
+        if len(self.token_budget):  # the token routers' budget embedding too: made on the host
+            self._budget_emb(call, device)  # side, outside any checkpointed or captured block
         if call.mode == "eval":
-            call.eval_cpu, call.eval_masks, values = self._lookup(t)
+            call.eval_cpu, call.eval_masks, values = self._lookup(t, call.budget)
             if self.config.fast_path:  # off: evaluation stays masked (the debugging reference)
                 call.execution = settings.execution.resolve(device.type)
             call.execution.begin(self, values, model)
@@ -237,7 +280,7 @@ class RouterBank(nn.Module):
         """Training masks of every site at once: one matmul and one Gumbel draw for all routers
         (the same as running each router alone, with far fewer kernel launches)."""
         keys = list(self.width.keys())
-        call.emb = self.t_embed(call.t)
+        call.emb = self.width_embedding(call.t, call.budget)  # (Bt, embed)
         weight = torch.cat([self.width[k].weight for k in keys])
         bias = torch.cat([self.width[k].bias for k in keys])
         sizes = [self.width[k].out_features for k in keys]
@@ -279,7 +322,7 @@ class RouterBank(nn.Module):
         call = self._calls.call
         if call.mode == "full" or key not in self.token:
             return None
-        logits = self.token[key](x)  # (B, N): one logit per token
+        logits = self.token_logits(index, x)  # (B, N): one logit per token
         if call.mode == "train":
             # Inside a checkpointed block the noise is kept and replayed by its recomputation.
             noise = call.replay.noise(index, logits) if call.replay is not None else None
@@ -291,84 +334,6 @@ class RouterBank(nn.Module):
         call = self._calls.call
         if call.mode == "train" and len(self.width) and call.train_masks is None:
             call.train_masks = self._all_train_masks(call)
-
-    # -- evaluation table -------------------------------------------------------------------
-    def _params_key(self) -> tuple:
-        """Changes whenever anything the width masks depend on changes (training, loading)."""
-        params = [*self.t_embed.parameters(), *self.width.parameters()]
-        return (
-            sum(p._version for p in params),
-            tuple(p.data_ptr() for p in params[:2]),
-            self.always_on._version,
-            self.always_on.device,
-        )
-
-    def _lookup(
-        self, t: torch.Tensor
-    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], list[float]]:
-        """Width masks of every site for the timesteps of this call, on CPU and on the device,
-        and the timestep values (rounded, one per sample or one for all)."""
-        values = [round(v, 4) for v in t.tolist()]  # the one host sync of an evaluation call
-        self._check_convention(values)
-        uniq = list(dict.fromkeys(values))
-        with self.lock:  # threads share the table: one resets or fills it at a time
-            key = self._params_key()
-            if key != self._table_key:
-                self._table, self._table_key = {}, key
-            missing = [v for v in uniq if v not in self._table]
-            if missing:
-                self._fill(missing)
-            rows = {v: self._table[v] for v in uniq}
-        if len(uniq) == 1:
-            return (*rows[uniq[0]], uniq)
-        cpu = {i: torch.stack([rows[v][0][i][0] for v in values]) for i in rows[uniq[0]][0]}
-        dev = {i: m.to(self.always_on.device, non_blocking=True) for i, m in cpu.items()}
-        return cpu, dev, values
-
-    def _check_convention(self, values: list[float]) -> None:
-        """Warn once when the timesteps contradict the assumed convention (timesteps.py)."""
-        if getattr(self, "_warned_convention", False):
-            return
-        message = convention_warning(values, self.plan)
-        if message is not None:
-            self._warned_convention = True
-            warnings.warn(message, stacklevel=4)
-
-    @property
-    def table_key(self) -> tuple | None:
-        """Identifies the router parameters the evaluation width table was built from."""
-        return self._table_key
-
-    def eval_masks_cpu(self, value: float) -> dict[int, torch.Tensor]:
-        """``{site: (1, units) bool}`` CPU width masks at one timestep value already looked up
-        in this evaluation call (the planned path's patterns are built from them)."""
-        return self._table[value][0]
-
-    def _fill(self, values: list[float]) -> None:
-        """Add the masks of new t values to the table (one router pass for all of them)."""
-        ons = self.width_table(torch.tensor(values))
-        cpu = {i: on.cpu() for i, on in ons.items()}
-        for j, v in enumerate(values):
-            self._table[v] = (
-                {i: m[j : j + 1] for i, m in cpu.items()},
-                {i: m[j : j + 1] for i, m in ons.items()},
-            )
-
-    def width_table(self, timesteps: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-        """Evaluation width masks for each site at the given timesteps (default 0..999).
-
-        Returns ``{site index: (T, units) bool}`` for every site with a width router.
-        """
-        grid = torch.arange(ROUTER_TIMESTEPS, dtype=torch.float32)
-        t = (grid if timesteps is None else timesteps.float()).to(self.always_on.device)
-        with torch.no_grad():
-            emb = self.t_embed(t)
-            out = {}
-            for key, router in self.width.items():
-                on = router(emb) > 0
-                on[:, int(self.always_on[int(key)])] = True
-                out[int(key)] = on
-        return out
 
     # -- weight slices ------------------------------------------------------------------------
     def sliced(

@@ -39,7 +39,8 @@ class RoutingCall:
 
     __slots__ = (
         "settings", "mode", "execution", "t", "emb", "train_masks", "eval_masks", "eval_cpu",
-        "records", "batch", "replay", "pattern", "counter", "progress", "ran",
+        "records", "batch", "replay", "pattern", "counter", "progress", "ran", "budget",
+        "b_emb",
     )  # fmt: skip
 
     def __init__(self, settings: RoutingSettings | None = None, sites: int = 0, last: Any = None):
@@ -52,6 +53,10 @@ class RoutingCall:
         self.execution: ExecutionMode = execution_mode("masked")
         self.t: torch.Tensor | None = None  # (Bt,) timesteps on the routers' 0..1000 scale
         self.emb: torch.Tensor | None = None  # (Bt, embed) timestep embedding (training)
+        # The call's FLOPs budget (a budget-conditioned model; None for a single-budget one: its
+        # routers do not read it) and its (1, embed) embedding, made once per call.
+        self.budget: float | None = None
+        self.b_emb: torch.Tensor | None = None
         self.train_masks: dict[int, torch.Tensor] | None = None  # site -> (Bt, units), drawn once
         self.eval_masks: dict[int, torch.Tensor] = {}  # site -> (Bt, units) bool, device
         self.eval_cpu: dict[int, torch.Tensor] = {}  # the same on the CPU (host decisions)

@@ -154,3 +154,37 @@ def width_router(embed_dim: int, units: int, bias_init: float) -> RouterLinear:
     nn.init.zeros_(lin.weight)
     nn.init.constant_(lin.bias, bias_init)
     return lin
+
+
+class BudgetEncoder(nn.Module):
+    """An embedding of a call's FLOPs budget, added to the timestep's (budget-conditioned models).
+
+    The budget (a fraction in (0, 1]) is read on a 0..1000 scale by the same sinusoid as t, then
+    a small MLP (default initialisation). What reads it starts at zero (the width routers'
+    weights, and a zero-initialised Linear per token router to a logit offset,
+    ``RouterBank.token_budget``), so a fresh conversion is still the original. The encoder itself
+    must not start at zero: the readers' gradients are the embedding, and the embedding's are
+    the readers' weights, so both would stay at zero (measured: a dial that did not move,
+    docs/budgets.md).
+
+    Example:
+        >>> BudgetEncoder(8)(torch.tensor([0.5, 0.9])).shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.mlp = nn.Sequential(RouterLinear(dim, dim), nn.SiLU(), RouterLinear(dim, dim))
+
+    def forward(self, budget: torch.Tensor) -> torch.Tensor:
+        """(B,) budgets in (0, 1] -> (B, dim) embedding, in the MLP's compute dtype."""
+        return self.mlp(sinusoidal(budget * 1000.0, self.dim))  # (B, dim)
+
+
+def budget_offset(embed_dim: int) -> RouterLinear:
+    """A token router's logit offset from the budget embedding: zero weights and bias at start."""
+    lin = RouterLinear(embed_dim, 1)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    return lin

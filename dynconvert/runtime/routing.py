@@ -16,6 +16,10 @@ Threads: :func:`set_routing` sets the model's defaults, which every thread's cal
 entered it, until it exits, and never for another thread's calls (settings.py). A call reads
 its settings once, when it begins, so threads calling one model at once, each in its own
 ``with routing(...)``, get exactly what each would get alone.
+
+The FLOPs budget of a budget-conditioned model (budgets.py) is chosen the same three ways:
+:func:`set_budget` (the model's default), ``with budget(model, b)`` (this thread's calls) and
+``model(..., dynconvert_budget=b)`` (one call; it wins over both). A batch has one budget.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import nn
 
 from dynconvert.errors import ConfigError
 from dynconvert.runtime.bank import MODES
+from dynconvert.runtime.budgets import check_call_budget
 from dynconvert.runtime.modes import ExecutionMode, execution_mode
 from dynconvert.runtime.settings import RoutingSettings, pop_override, push_override
 from dynconvert.runtime.state import get_state
@@ -75,3 +80,47 @@ def _checked(mode: str | None, execution: str | ExecutionMode | None) -> Routing
     if mode is not None and mode not in MODES:
         raise ConfigError(f"routing mode must be one of {', '.join(MODES)} or None; got {mode!r}")
     return RoutingSettings(mode, execution_mode(execution) if execution is not None else None)
+
+
+def set_budget(model: nn.Module, budget: float) -> None:
+    """Set the FLOPs budget a budget-conditioned model's calls run at (every thread's, unless a
+    ``with budget(...)`` or a call's ``dynconvert_budget=`` chooses another).
+
+    Raises BudgetError for a budget outside the range the model was calibrated for (the message
+    names the range), and for a single-budget model asked for another budget than its own.
+
+    Example:
+        >>> import dynconvert
+        >>> from dynconvert.testing import tiny_dit
+        >>> model = dynconvert.convert(tiny_dit(), (0.3, 1.0))
+        >>> set_budget(model, 0.6)
+        >>> dynconvert.get_state(model).budget
+        0.6
+    """
+    bank = get_state(model)
+    bank.budget = check_call_budget(budget, bank.budget_range, bank.budget)
+
+
+@contextlib.contextmanager
+def budget(model: nn.Module, value: float) -> Iterator[nn.Module]:
+    """Run this thread's calls of a budget-conditioned model inside the block at FLOPs budget
+    ``value`` (the model's default and other threads' calls are left alone; the routing mode
+    and execution stay as they are). Checked as :func:`set_budget` checks.
+
+    Example:
+        >>> import dynconvert, torch
+        >>> from dynconvert.testing import tiny_dit
+        >>> model = dynconvert.convert(tiny_dit(), (0.3, 1.0)).eval()
+        >>> x, t, y = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.tensor([1])
+        >>> with budget(model, 1.0):
+        ...     out = model(x, t, y)
+        >>> dynconvert.last_flops_ratio(model).tolist()
+        [1.0]
+    """
+    bank = get_state(model)
+    b = check_call_budget(value, bank.budget_range, bank.budget)
+    token = push_override(bank, RoutingSettings(budget=b, inherit=True))
+    try:
+        yield model
+    finally:
+        pop_override(token)

@@ -4,8 +4,8 @@
 innermost ``with dynconvert.routing(...)`` override active in the calling context, else the
 model's defaults, which ``set_routing`` sets for every caller. The overrides live in a context
 variable, so a ``with routing(...)`` applies to the thread (and the asyncio task) that entered
-it and to no other. A per-call setting (a FLOPs budget chosen per call, say) is one more field
-of :class:`RoutingSettings`, resolved in the same place.
+it and to no other. The FLOPs budget of a budget-conditioned model (``set_budget``,
+``with budget(...)``) is one more field of :class:`RoutingSettings`, resolved in the same place.
 
 Example:
     >>> import torch
@@ -35,10 +35,15 @@ class RoutingSettings(NamedTuple):
     Attributes:
         mode: "train", "eval" or "full"; None follows ``model.training``.
         execution: the evaluation execution mode; None: the model's default.
+        budget: the FLOPs budget of a budget-conditioned model's calls; None: the model's.
+        inherit: the mode comes from the enclosing override (or the model's defaults): an
+            override that sets a budget alone (``with budget(...)``) leaves the mode alone.
     """
 
     mode: str | None = None
     execution: ExecutionMode | None = None
+    budget: float | None = None
+    inherit: bool = False
 
 
 # id(bank) -> (a weak reference to the bank, the override). Never mutated: every change makes a
@@ -63,7 +68,8 @@ def override_of(bank: object) -> RoutingSettings | None:
 
 def push_override(bank: object, settings: RoutingSettings) -> Token:
     """Make ``settings`` this context's override of ``bank`` until :func:`pop_override`; an
-    execution of None keeps the enclosing override's.
+    execution or a budget of None keeps the enclosing override's, and so does ``inherit``
+    for the mode.
 
     Example:
         >>> import torch
@@ -75,8 +81,13 @@ def push_override(bank: object, settings: RoutingSettings) -> Token:
         True
     """
     outer = override_of(bank)
-    if settings.execution is None and outer is not None:
-        settings = settings._replace(execution=outer.execution)
+    if outer is not None:
+        if settings.execution is None:
+            settings = settings._replace(execution=outer.execution)
+        if settings.budget is None:
+            settings = settings._replace(budget=outer.budget)
+        if settings.inherit:
+            settings = settings._replace(mode=outer.mode, inherit=outer.inherit)
     current = _OVERRIDES.get() or {}
     live = {k: v for k, v in current.items() if v[0]() is not None}  # drop dead banks' entries
     live[id(bank)] = (weakref.ref(bank), settings)
@@ -90,8 +101,9 @@ def pop_override(token: Token) -> None:
 
 def settings_of(bank: object, defaults: RoutingSettings) -> RoutingSettings:
     """What a call of ``bank``'s model begun now in this context runs with: the innermost
-    ``with routing(...)`` override, else the model's ``defaults`` (``set_routing``); an
-    override without an execution takes the default's.
+    ``with routing(...)`` override, else the model's ``defaults`` (``set_routing``,
+    ``set_budget``); what an override leaves unset (execution, budget, an inherited mode)
+    comes from the defaults.
 
     Example:
         >>> from dynconvert.runtime.modes import execution_mode
@@ -101,4 +113,8 @@ def settings_of(bank: object, defaults: RoutingSettings) -> RoutingSettings:
     over = override_of(bank)
     if over is None:
         return defaults
-    return RoutingSettings(over.mode, over.execution or defaults.execution)
+    return RoutingSettings(
+        defaults.mode if over.inherit else over.mode,
+        over.execution or defaults.execution,
+        defaults.budget if over.budget is None else over.budget,
+    )

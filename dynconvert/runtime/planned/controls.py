@@ -74,6 +74,9 @@ def set_token_capacity(model: nn.Module, capacity: float | dict[int, Any] | None
     bank = get_state(model)
     planner = bank.planner
     planner.capacity = {}
+    # A budget-conditioned model's capacities hold at its budget now (calibration measures them
+    # there); calls at other budgets run their token sites on every token (planner.py).
+    planner.capacity_budget = round(bank.budget, 4) if bank.budget_range else None
     if capacity is not None:
         for s in bank.plan.sites:
             if not (isinstance(s, MlpSite) and s.token):

@@ -77,6 +77,10 @@ class PlannedOptions:
     capacity_margin: float = 0.05
 
 
+PAIR_LIMIT = 8192
+"""(budget, t) pairs whose pattern ids are kept before patterns and slices start again."""
+
+
 class PlannerBank(CallRouting, Protocol):
     """What the planner reads of its RouterBank (bank.py) besides a call's masks."""
 
@@ -85,8 +89,13 @@ class PlannerBank(CallRouting, Protocol):
     model_params: int  # parameter count of the whole model: sizes the store of slices
     lock: Any  # held while the patterns and the store of slices change (threads share them)
 
-    def eval_masks_cpu(self, value: float) -> dict[int, torch.Tensor]:
-        """``{site: (1, units) bool}`` CPU width masks at one looked-up timestep value."""
+    def token_logits(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Site ``index``'s token logits (..., N) in this call (the budget's offset included)."""
+        ...
+
+    def eval_masks_cpu(self, value: float, budget: float | None = None) -> dict[int, torch.Tensor]:
+        """``{site: (1, units) bool}`` CPU width masks at one looked-up timestep value (and the
+        call's budget, for a budget-conditioned model)."""
         ...
 
 
@@ -120,6 +129,9 @@ class Planner:
         self.bank = bank
         self.options = PlannedOptions()
         self.capacity: dict[int, torch.Tensor] = {}  # site index -> (1000,) fraction per t
+        # The budget the capacities hold for (a budget-conditioned model; None: every call's).
+        # At another budget the token sites have no capacity: they run every token, masked.
+        self.capacity_budget: float | None = None
         self.capacity_version = 0
         self.epoch = 0  # bumps whenever patterns and slices are rebuilt (graphs drop with it)
         self.calls = 0
@@ -131,9 +143,9 @@ class Planner:
 
     def _reset_state(self) -> None:
         self.patterns: dict[tuple[int, ...], Pattern] = {}
-        self._ids: dict[tuple, int] = {}  # signature of a t -> pattern id
-        self._id_of_t: dict[float, int] = {}
-        self._rep: dict[int, float] = {}  # pattern id -> one t that has it
+        self._ids: dict[tuple, int] = {}  # signature of a (budget, t) -> pattern id
+        self._id_of_t: dict[tuple, int] = {}  # (budget or None, t) -> pattern id
+        self._rep: dict[int, tuple] = {}  # pattern id -> one (budget, t) that has it
         self.store: dict[
             tuple[str, str, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor | None]
         ] = {}
@@ -158,11 +170,12 @@ class Planner:
         device = self.bank.always_on.device
         with self.bank.lock:  # threads share the patterns and the store
             stamp = (table_key, self._weights_stamp(model), self.capacity_version)
-            if stamp != self._stamp:
+            # Budgets turned per request give many (budget, t) pairs: bounded like the patterns.
+            if stamp != self._stamp or len(self._id_of_t) > PAIR_LIMIT:
                 self._reset_state()
                 self._stamp = stamp
                 self.epoch += 1
-            ids = tuple(self._pattern_id(v) for v in values)
+            ids = tuple(self._pattern_id((call.budget, v)) for v in values)
             key = ids[:1] if all(i == ids[0] for i in ids) else ids
             pattern = self.patterns.get(key)
             if pattern is None:
@@ -200,26 +213,30 @@ class Planner:
             adapters_stamp(lins),  # LoRA layers added, edited, merged, switched or rescaled
         )
 
-    def _pattern_id(self, t: float) -> int:
-        """The id of the pattern at one timestep value (masks from the bank's eval table)."""
-        pid = self._id_of_t.get(t)
+    def _pattern_id(self, bt: tuple) -> int:
+        """The id of the pattern at one (budget, timestep value) (masks from the bank's eval
+        table; budget None for a single-budget model)."""
+        pid = self._id_of_t.get(bt)
         if pid is not None:
             return pid
-        masks = self.bank.eval_masks_cpu(t)  # {site: (1, U) bool}
+        masks = self.bank.eval_masks_cpu(bt[1], bt[0])  # {site: (1, U) bool}
         sig = (
             tuple((i, m.numpy().tobytes()) for i, m in sorted(masks.items())),
-            tuple((i, self._capacity_at(i, t)) for i in sorted(self.capacity)),
+            tuple((i, self._capacity_at(i, bt)) for i in sorted(self.capacity)),
+            bt[0] if len(getattr(self.bank, "token_budget", ())) else None,  # token offsets
         )
         pid = self._ids.get(sig)
         if pid is None:
             pid = self._ids[sig] = len(self._ids)
-            self._rep[pid] = t
-        self._id_of_t[t] = pid
+            self._rep[pid] = bt
+        self._id_of_t[bt] = pid
         return pid
 
-    def _capacity_at(self, index: int, t: float) -> float | None:
+    def _capacity_at(self, index: int, bt: tuple) -> float | None:
+        """Site ``index``'s capacity at (budget, t): None where none is known."""
         table = self.capacity.get(index)
-        if table is None:
+        budget, t = bt
+        if table is None or (self.capacity_budget is not None and budget != self.capacity_budget):
             return None
         return float(table[min(ROUTER_TIMESTEPS - 1, max(0, int(round(t))))])
 
@@ -228,7 +245,7 @@ class Planner:
         bank = self.bank
         device = bank.always_on.device
         reps = [self._rep[i] for i in key]
-        tables = [bank.eval_masks_cpu(t) for t in reps]
+        tables = [bank.eval_masks_cpu(t, b) for b, t in reps]
         sites: dict[int, SitePlan] = {}
         for rt in bank.runtimes:
             site = rt.site
@@ -338,7 +355,7 @@ class Planner:
         width = bank.width_mask(site.index) if site.width else None
         call = MlpCall(x=x, sliced=True, lead=lead, width=width, decision=plan.decision, x_sel=x)
         if site.token and str(site.index) in bank.token:
-            logits = bank.token[str(site.index)](x)  # (B, N): one logit per token
+            logits = bank.token_logits(site.index, x)  # (B, N): one logit per token
             on = logits > 0
             call.tokens = on
             k = self.capacity_rows(plan.capacity, rows)
