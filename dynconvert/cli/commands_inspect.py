@@ -18,6 +18,7 @@ from dynconvert.cli.memory_table import (
     PlanDeviceOpt,
     ProcessesOpt,
     ShardingOpt,
+    show_calibration,
 )
 from dynconvert.cli.options import (
     ConfigFileOpt,
@@ -200,9 +201,8 @@ def inspect(
     if run is not None:
         summary = _run_summary(run)
     elif calibration:
-        with render.status(f"analysing {model}"):
-            net = build_for_inspect(model)
-            _calibration(net, model, json, list(set_ or []), batch, processes, sharding, device)
+        launch = (batch, processes, sharding, device)
+        show_calibration(model, (height, width, frames), json, list(set_ or []), *launch)
         return
     else:
         summary = _analyse(model, diffusers, config, (height, width, frames))
@@ -210,37 +210,6 @@ def inspect(
         render.print_json(summary)
         return
     show(summary)
-
-
-def _calibration(
-    net: Any,
-    model: str,
-    json: bool,
-    overrides: list[str],
-    batch: int | None,
-    processes: int,
-    sharding: str,
-    device: str,
-) -> None:
-    """The memory plan of calibrating ``net`` (a meta-device skeleton)."""
-    import torch
-
-    from dynconvert.calibration.memory_facts import skeleton_facts
-    from dynconvert.cli.memory_table import memory_summary, show_memory
-
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device must be auto, cpu or cuda; got {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    plan, facts = skeleton_facts(net)
-    summary = {
-        "model": model,
-        **memory_summary(net, plan, facts, overrides, batch, processes, sharding, device),
-    }
-    if json:
-        render.print_json(summary)
-    else:
-        show_memory(summary, model)
 
 
 def _executed(ratio: float | None) -> str:

@@ -94,6 +94,50 @@ def memory_summary(
     }
 
 
+def show_calibration(
+    model: str,
+    pixels: tuple,
+    json: bool,
+    overrides: list[str],
+    batch: int | None,
+    processes: int,
+    sharding: str,
+    device: str,
+) -> None:
+    """``inspect --model NAME --calibration``: the memory plan of calibrating NAME, from a
+    meta-device skeleton (a preset, or a published configuration at its real size, analysed
+    with its probe's few tokens as ``inspect --model flux-dev`` is), printed or as JSON."""
+    import torch
+
+    from dynconvert.calibration.memory_facts import skeleton_facts
+    from dynconvert.cli.inspect_models import build_for_inspect, real_size_model
+    from dynconvert.errors import ConfigError
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda; got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    with render.status(f"analysing {model}"):
+        real = real_size_model(model, None, None, pixels)
+        if real is None:
+            if any(p is not None for p in pixels):
+                raise ConfigError(
+                    "--height, --width and --frames apply to a published configuration "
+                    "(inspect --model flux-dev --calibration)"
+                )
+            net = build_for_inspect(model)
+            plan, facts = skeleton_facts(net)
+        else:
+            net, inputs, probe = real
+            plan, facts = skeleton_facts(net, inputs=inputs, probe_inputs=probe)
+    launch = (batch, processes, sharding, device)
+    summary = {"model": model, **memory_summary(net, plan, facts, overrides, *launch)}
+    if json:
+        render.print_json(summary)
+    else:
+        show_memory(summary, model)
+
+
 def show_memory(s: dict[str, Any], model: str) -> None:
     """Print the memory plan as a table on stdout."""
     st = s["settings"]
