@@ -57,22 +57,17 @@ def memory_summary(
     """The ``--calibration`` JSON object: settings, ``calibration_memory_bytes`` (the peak per
     process, keyed by trainable mode) and each mode's terms.
 
-    The settings are the model's recipe (``--set calibration.X=Y`` overrides them), with
-    ``--batch`` as the global batch.
+    The settings are the model's recipe, or the defaults for a model without one
+    (``--set calibration.X=Y`` overrides them), with ``--batch`` as the global batch.
     """
-    from dynconvert.calibration.config import CalibrationConfig
     from dynconvert.calibration.fit import settings_for
     from dynconvert.calibration.memory import calibration_memory
-    from dynconvert.errors import ConfigError
     from dynconvert.recipes import load_recipe, recipe_for_model
 
     name = recipe_for_model(getattr(net, "preset", None) or type(net).__name__)
-    if name is None and overrides:
-        raise ConfigError(
-            f"{type(net).__name__} has no recipe to override; pass --batch and the launch options"
-        )
-    recipe = load_recipe(name, list(overrides), {}) if name else None
-    cfg = recipe.calibration_config(0.5) if recipe else CalibrationConfig(target=0.5)
+    # a model without a recipe (flux-dev) is planned with the defaults and --set's changes
+    recipe = load_recipe(name, list(overrides), {})
+    cfg = recipe.calibration_config(0.5)
     settings = settings_for(cfg, processes, sharding, "cuda" if device == "cuda" else "cpu")
     if batch is not None:
         from dataclasses import replace
@@ -80,7 +75,7 @@ def memory_summary(
         settings = replace(settings, batch_size=batch)
     plans = calibration_memory(facts, settings)
     return {
-        "recipe": recipe.name if recipe else None,
+        "recipe": recipe.name if name else None,
         "settings": {
             k: v
             for k, v in plans[settings.trainable].to_dict()["settings"].items()
