@@ -6,12 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dynconvert.cli import render
-from dynconvert.cli.inspect_models import (
-    build_for_inspect,
-    memory_columns,
-    real_size_model,
-    to_device,
-)
+from dynconvert.cli.inspect_models import inspect_target, memory_columns, to_device
 from dynconvert.cli.memory_table import (
     BatchOpt,
     CalibrationOpt,
@@ -224,20 +219,12 @@ def _analyse(model: str | None, cls: str | None, config: Path | None, pixels: tu
     from dynconvert.inputs import default_inputs
 
     with render.status(f"analysing {model or cls}"):
-        real = real_size_model(model, cls, config, pixels)
-        if real is None:
-            if any(p is not None for p in pixels):
-                raise ConfigError(
-                    "--height, --width and --frames apply to a published configuration "
-                    "(inspect --model flux-dev, or --diffusers CLASS --config FILE)"
-                )
-            net = build_for_inspect(model)
+        net, inputs, probe = inspect_target(model, cls, config, pixels)
+        if inputs is None:  # a preset or a tiny model: its own example inputs, on its device
             args, kwargs = default_inputs(net)
             device = next(net.parameters()).device
-            plan = analyze(net, (to_device(args, device), to_device(kwargs, device)))
-        else:
-            net, inputs, probe = real
-            plan = analyze(net, inputs, probe_inputs=probe)
+            inputs = (to_device(args, device), to_device(kwargs, device))
+        plan = analyze(net, inputs, probe_inputs=probe)
     return {"model": model or cls, **memory_columns(net, plan), **plan_summary(plan)}
 
 

@@ -105,7 +105,7 @@ def show_calibration(
     import torch
 
     from dynconvert.calibration.memory_facts import skeleton_facts
-    from dynconvert.cli.inspect_models import build_for_inspect, real_size_model
+    from dynconvert.cli.inspect_models import inspect_target
     from dynconvert.errors import ConfigError
 
     if device not in ("auto", "cpu", "cuda"):
@@ -113,18 +113,8 @@ def show_calibration(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     with render.status(f"analysing {model}"):
-        real = real_size_model(model, None, None, pixels)
-        if real is None:
-            if any(p is not None for p in pixels):
-                raise ConfigError(
-                    "--height, --width and --frames apply to a published configuration "
-                    "(inspect --model flux-dev --calibration)"
-                )
-            net = build_for_inspect(model)
-            plan, facts = skeleton_facts(net)
-        else:
-            net, inputs, probe = real
-            plan, facts = skeleton_facts(net, inputs=inputs, probe_inputs=probe)
+        net, inputs, probe = inspect_target(model, None, None, pixels)
+        plan, facts = skeleton_facts(net, inputs=inputs, probe_inputs=probe)
     launch = (batch, processes, sharding, device)
     summary = {"model": model, **memory_summary(net, plan, facts, overrides, *launch)}
     if json:
