@@ -4,10 +4,11 @@
 Run: python benchmarks/memory_estimates.py [--out benchmarks/results/memory_estimates.json]
 
 Both models are built on the meta device and analysed there (Flux.1-dev from its published
-transformer config in /work/shared/data/real-configs.json, at 1024x1024: 4096 image tokens and
-512 text tokens). Settings: the global batch of the DiT-XL recipe (256; 32 for Flux, a
-fine-tuning batch), bf16 mixed precision, at most 32 rows per GPU at once (gradient accumulation
-above that), DDP or FSDP2, with and without gradient checkpointing, trainable all / routers.
+transformer config shipped in dynconvert/testing/configs, at 1024x1024: 4096 image tokens and
+512 text tokens; about 1 GB resident and 2-3 min of CPU). Settings: the global batch of the
+DiT-XL recipe (256; 32 for Flux, a fine-tuning batch), bf16 mixed precision, at most 32 rows
+per GPU at once (gradient accumulation above that), DDP or FSDP2, with and without gradient
+checkpointing, trainable all / routers / lora.
 """
 
 from __future__ import annotations
@@ -19,14 +20,12 @@ from pathlib import Path
 import torch
 
 from dynconvert.calibration.memory import MemorySettings, calibration_memory
-from dynconvert.calibration.memory_facts import count_routers, model_facts
+from dynconvert.calibration.memory_facts import skeleton_facts
 
-CONFIGS = Path("/work/shared/data/real-configs.json")
 GIB = 2**30
 
 
 def dit_xl() -> tuple[torch.nn.Module, object]:
-    from dynconvert.calibration.memory_facts import skeleton_facts
     from dynconvert.models import build_model
 
     with torch.device("meta"):
@@ -35,29 +34,13 @@ def dit_xl() -> tuple[torch.nn.Module, object]:
 
 
 def flux_dev() -> tuple[torch.nn.Module, object]:
-    import diffusers
+    """Flux.1-dev as ``dynconvert inspect --model flux-dev --calibration`` plans it: its
+    published config on meta, inputs at 1024x1024, head-locality decided on the probe's few
+    tokens (analysing at 4608 tokens instead grew past 5.6 GB and was killed)."""
+    from dynconvert.cli.inspect_models import real_size_model
 
-    from dynconvert.analysis import analyze
-    from dynconvert.testing.zoo.builders import flux_ids
-
-    entry = json.loads(CONFIGS.read_text())["flux1-dev"]
-    with torch.device("meta"):
-        model = getattr(diffusers, entry["class"]).from_config(entry["config"])
-    h, w, txt = entry["resolution"]["h"], entry["resolution"]["w"], entry["resolution"]["txt"]
-    img_ids, txt_ids = flux_ids(h, w, txt)
-    cfg = model.config
-    meta = torch.device("meta")
-    inputs = {
-        "hidden_states": torch.empty(1, h * w, cfg.in_channels, device=meta),
-        "encoder_hidden_states": torch.empty(1, txt, cfg.joint_attention_dim, device=meta),
-        "pooled_projections": torch.empty(1, cfg.pooled_projection_dim, device=meta),
-        "timestep": torch.full((1,), 0.5, device=meta),
-        "img_ids": img_ids.to(meta),
-        "txt_ids": txt_ids.to(meta),
-        "guidance": torch.full((1,), 3.5, device=meta),
-    }
-    plan = analyze(model, inputs)
-    return model, model_facts(model, plan, count_routers(plan))
+    model, inputs, probe = real_size_model("flux-dev", None, None, (None, None, None))
+    return model, skeleton_facts(model, inputs=inputs, probe_inputs=probe)[1]
 
 
 def rows(name: str, facts: object, batch: int) -> list[dict]:
@@ -103,13 +86,14 @@ def main() -> None:
         results += rows(name, facts, batch)
     print(
         "| model | GPUs | sharding | checkpointing | global batch | micro-batch | all (GiB/GPU) "
-        "| routers (GiB/GPU) |\n|---|---|---|---|---|---|---|---|"
+        "| routers (GiB/GPU) | lora (GiB/GPU) |\n|---|---|---|---|---|---|---|---|---|"
     )
     for r in results:
         print(
             f"| {r['model']} | {r['gpus']} | {r['sharding']} | "
             f"{'on' if r['checkpointing'] else 'off'} "
-            f"| {r['global_batch']} | {r['micro_batch']} | {r['all_gib']} | {r['routers_gib']} |"
+            f"| {r['global_batch']} | {r['micro_batch']} | {r['all_gib']} | {r['routers_gib']} "
+            f"| {r['lora_gib']} |"
         )
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

@@ -2,6 +2,8 @@
 
 Run: python benchmarks/memory_plan.py [--rows tiny,dit-s,...]
         [--out benchmarks/results/memory_plan.json]
+The DiT-XL/2 rows (``--rows dit-xl,dit-xl-routers``) need some 15 GB: on a shared machine run
+them alone (``flock /tmp/bigmem.lock nice -n 5 python benchmarks/memory_plan.py ...``).
 
 Each row builds its model (random weights), converts it, then resets the process's peak resident
 memory (``/proc/self/clear_refs`` 5, Linux) and calibrates a few steps with a checkpoint at the
@@ -173,8 +175,8 @@ def main() -> None:
             f"{row['measured'] / gib:7.3f} GiB  error {100 * row['error']:+5.1f}%",
             flush=True,
         )
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        if args.out:  # after every row: a long series cut short keeps what it measured
+            Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,19 +9,15 @@ Slow: each launch starts two interpreters (about 20 s on 2 cores).
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from _launch import REPO, run_two
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "examples" / "accelerate"
 
 SCRIPT = textwrap.dedent(
@@ -64,40 +60,16 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(config: Path, out: Path, steps: int, resume: bool = False, kill_at: int = 0):
     """``accelerate launch --config_file config --num_processes 2 script out ...`` (900 s: one
     launch took over 300 s on the shared 2-core machine at load 25)."""
     out.mkdir(parents=True, exist_ok=True)
     script = out.parent / "run_calibration.py"
     script.write_text(SCRIPT)
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(config),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(_free_port()),
-        str(script),
-        str(out),
-        str(steps),
-        "1" if resume else "0",
-        str(kill_at),
-    ]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    launcher = ["-m", "accelerate.commands.launch", "--config_file", str(config)]
+    launcher += ["--num_processes", "2"]
+    args = [str(out), str(steps), "1" if resume else "0", str(kill_at)]
+    return run_two(launcher, "--main_process_port", script, args, timeout=900)
 
 
 def result(out: Path) -> dict:

@@ -191,6 +191,8 @@ def test_inspect_calibration_json_is_keyed_by_trainable_mode():
     assert "fsdp_unsharded" in s["calibration_memory"]["all"]
     table = CliRunner().invoke(app, args[:-1])
     assert table.exit_code == 0 and "peak per process" in table.stdout
+    sized = CliRunner().invoke(app, [*args[:4], "--height", "512"])  # a preset has one size
+    assert sized.exit_code == 1 and "published configuration" in sized.output
 
 
 def test_gradient_accumulation_resumes_exactly(tmp_path):
@@ -261,3 +263,39 @@ def test_settings_must_divide_the_batch():
     with pytest.raises(dynconvert.errors.ConfigError, match="grad_accum_steps"):
         quick(batch_size=8, grad_accum_steps=3)
     assert replace(MemorySettings(batch_size=8), grad_accum_steps=2).micro_batch == 4
+
+
+@pytest.mark.slow  # two exports of a small Flux: about 15 s
+def test_inspect_calibration_plans_a_published_configuration_with_its_probe(monkeypatch):
+    # A Flux at a few blocks stands in for flux-dev's 57: the same path (meta skeleton, the
+    # inputs at the run's size, analysis through the probe's few tokens).
+    from dynconvert.cli import inspect_models
+    from dynconvert.testing.configs import Size, build, real_config
+
+    entry = real_config("flux-dev")
+    small = {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+             "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 16,
+             "axes_dims_rope": [4, 6, 6]}  # fmt: skip
+
+    def tiny_flux(name, cls, config, pixels):
+        net = build(entry.class_name, {**entry.config(), **small})
+        big, probe = Size(8, 8, 1, 16), Size(2, 3, 1, 5)
+        return net, entry.inputs(net, big), entry.inputs(net, probe)
+
+    plans = []
+
+    def facts(*args, **kwargs):
+        plan_and_facts = skeleton_facts(*args, **kwargs)
+        plans.append(plan_and_facts[0])
+        return plan_and_facts
+
+    monkeypatch.setattr(inspect_models, "real_size_model", tiny_flux)
+    monkeypatch.setattr("dynconvert.calibration.memory_facts.skeleton_facts", facts)
+    args = ["inspect", "--model", "flux-dev", "--calibration", "--batch", "2", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.stdout)
+    assert s["calibration_memory_bytes"]["all"] > s["calibration_memory_bytes"]["routers"] > 0
+    # the plan has the run's 64 image + 16 text tokens, not the probe's 6 + 5
+    joint = plans[0].attention[0]
+    assert joint.tokens_q + sum(st.tokens_q for st in joint.streams) == 80

@@ -198,11 +198,19 @@ def _on(value: Any, device: torch.device) -> Any:
     return value
 
 
-def skeleton_facts(model: nn.Module, convert_config: Any = None) -> tuple[Plan, ModelFacts]:
+def skeleton_facts(
+    model: nn.Module, convert_config: Any = None, inputs: Any = None, probe_inputs: Any = None
+) -> tuple[Plan, ModelFacts]:
     """The plan and facts of a model not converted yet: a meta-device skeleton is enough.
 
     Analysis runs on the skeleton (no weights are needed) and the routers its plan will get are
     counted on a meta-device RouterBank, so a 12B model is planned without allocating it.
+
+    Args:
+        model: The skeleton (meta device) or a real model, not converted.
+        convert_config: Convert settings the plan would be made with.
+        inputs: Example inputs at the size the run trains on; None: the model's own.
+        probe_inputs: The same call at a few tokens (``analyze``'s probe, for real sizes).
 
     Example:
         >>> import torch
@@ -214,11 +222,12 @@ def skeleton_facts(model: nn.Module, convert_config: Any = None) -> tuple[Plan, 
         (2, True)
     """
     from dynconvert.analysis import analyze
-    from dynconvert.inputs import default_inputs
+    from dynconvert.inputs import default_inputs, split_inputs
 
-    args, kwargs = default_inputs(model)
+    args, kwargs = default_inputs(model) if inputs is None else split_inputs(inputs)
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
-    plan = analyze(model, (_on(args, device), _on(kwargs, device)), config=convert_config)
+    example = (_on(args, device), _on(kwargs, device))
+    plan = analyze(model, example, config=convert_config, probe_inputs=probe_inputs)
     routers, adapters = count_routers(plan, convert_config), block_adapter_numel(model, plan)
     return plan, model_facts(model, plan, routers, adapters)

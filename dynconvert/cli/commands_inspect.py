@@ -6,18 +6,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dynconvert.cli import render
-from dynconvert.cli.inspect_models import (
-    build_for_inspect,
-    memory_columns,
-    real_size_model,
-    to_device,
-)
+from dynconvert.cli.inspect_models import inspect_target, memory_columns, to_device
 from dynconvert.cli.memory_table import (
     BatchOpt,
     CalibrationOpt,
     PlanDeviceOpt,
     ProcessesOpt,
     ShardingOpt,
+    show_calibration,
 )
 from dynconvert.cli.options import (
     ConfigFileOpt,
@@ -200,9 +196,8 @@ def inspect(
     if run is not None:
         summary = _run_summary(run)
     elif calibration:
-        with render.status(f"analysing {model}"):
-            net = build_for_inspect(model)
-            _calibration(net, model, json, list(set_ or []), batch, processes, sharding, device)
+        launch = (batch, processes, sharding, device)
+        show_calibration(model, (height, width, frames), json, list(set_ or []), *launch)
         return
     else:
         summary = _analyse(model, diffusers, config, (height, width, frames))
@@ -210,37 +205,6 @@ def inspect(
         render.print_json(summary)
         return
     show(summary)
-
-
-def _calibration(
-    net: Any,
-    model: str,
-    json: bool,
-    overrides: list[str],
-    batch: int | None,
-    processes: int,
-    sharding: str,
-    device: str,
-) -> None:
-    """The memory plan of calibrating ``net`` (a meta-device skeleton)."""
-    import torch
-
-    from dynconvert.calibration.memory_facts import skeleton_facts
-    from dynconvert.cli.memory_table import memory_summary, show_memory
-
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device must be auto, cpu or cuda; got {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    plan, facts = skeleton_facts(net)
-    summary = {
-        "model": model,
-        **memory_summary(net, plan, facts, overrides, batch, processes, sharding, device),
-    }
-    if json:
-        render.print_json(summary)
-    else:
-        show_memory(summary, model)
 
 
 def _executed(ratio: float | None) -> str:
@@ -255,20 +219,12 @@ def _analyse(model: str | None, cls: str | None, config: Path | None, pixels: tu
     from dynconvert.inputs import default_inputs
 
     with render.status(f"analysing {model or cls}"):
-        real = real_size_model(model, cls, config, pixels)
-        if real is None:
-            if any(p is not None for p in pixels):
-                raise ConfigError(
-                    "--height, --width and --frames apply to a published configuration "
-                    "(inspect --model flux-dev, or --diffusers CLASS --config FILE)"
-                )
-            net = build_for_inspect(model)
+        net, inputs, probe = inspect_target(model, cls, config, pixels)
+        if inputs is None:  # a preset or a tiny model: its own example inputs, on its device
             args, kwargs = default_inputs(net)
             device = next(net.parameters()).device
-            plan = analyze(net, (to_device(args, device), to_device(kwargs, device)))
-        else:
-            net, inputs, probe = real
-            plan = analyze(net, inputs, probe_inputs=probe)
+            inputs = (to_device(args, device), to_device(kwargs, device))
+        plan = analyze(net, inputs, probe_inputs=probe)
     return {"model": model or cls, **memory_columns(net, plan), **plan_summary(plan)}
 
 

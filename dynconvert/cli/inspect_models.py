@@ -74,6 +74,23 @@ def real_size_model(
     return net, entry.inputs(net, size), entry.inputs(net, entry.probe)
 
 
+def inspect_target(
+    name: str | None, cls: str | None, config: Path | None, pixels: tuple
+) -> tuple[Any, Any, Any]:
+    """What ``inspect`` analyses: ``(model on meta, inputs, probe inputs)`` for a published
+    configuration at its size, ``(model, None, None)`` for a preset or a tiny model (its own
+    example inputs)."""
+    real = real_size_model(name, cls, config, pixels)
+    if real is not None:
+        return real
+    if any(p is not None for p in pixels):
+        raise ConfigError(
+            "--height, --width and --frames apply to a published configuration "
+            "(inspect --model flux-dev, or --diffusers CLASS --config FILE)"
+        )
+    return build_for_inspect(name), None, None
+
+
 def to_device(value: Any, device: torch.device) -> Any:
     """Example inputs on the model's device (meta for weightless models)."""
     import torch

@@ -57,22 +57,17 @@ def memory_summary(
     """The ``--calibration`` JSON object: settings, ``calibration_memory_bytes`` (the peak per
     process, keyed by trainable mode) and each mode's terms.
 
-    The settings are the model's recipe (``--set calibration.X=Y`` overrides them), with
-    ``--batch`` as the global batch.
+    The settings are the model's recipe, or the defaults for a model without one
+    (``--set calibration.X=Y`` overrides them), with ``--batch`` as the global batch.
     """
-    from dynconvert.calibration.config import CalibrationConfig
     from dynconvert.calibration.fit import settings_for
     from dynconvert.calibration.memory import calibration_memory
-    from dynconvert.errors import ConfigError
     from dynconvert.recipes import load_recipe, recipe_for_model
 
     name = recipe_for_model(getattr(net, "preset", None) or type(net).__name__)
-    if name is None and overrides:
-        raise ConfigError(
-            f"{type(net).__name__} has no recipe to override; pass --batch and the launch options"
-        )
-    recipe = load_recipe(name, list(overrides), {}) if name else None
-    cfg = recipe.calibration_config(0.5) if recipe else CalibrationConfig(target=0.5)
+    # a model without a recipe (flux-dev) is planned with the defaults and --set's changes
+    recipe = load_recipe(name, list(overrides), {})
+    cfg = recipe.calibration_config(0.5)
     settings = settings_for(cfg, processes, sharding, "cuda" if device == "cuda" else "cpu")
     if batch is not None:
         from dataclasses import replace
@@ -80,7 +75,7 @@ def memory_summary(
         settings = replace(settings, batch_size=batch)
     plans = calibration_memory(facts, settings)
     return {
-        "recipe": recipe.name if recipe else None,
+        "recipe": recipe.name if name else None,
         "settings": {
             k: v
             for k, v in plans[settings.trainable].to_dict()["settings"].items()
@@ -92,6 +87,40 @@ def memory_summary(
         "calibration_memory_bytes": {mode: est.total for mode, est in plans.items()},
         "calibration_memory": {mode: est.to_dict()["terms"] for mode, est in plans.items()},
     }
+
+
+def show_calibration(
+    model: str,
+    pixels: tuple,
+    json: bool,
+    overrides: list[str],
+    batch: int | None,
+    processes: int,
+    sharding: str,
+    device: str,
+) -> None:
+    """``inspect --model NAME --calibration``: the memory plan of calibrating NAME, from a
+    meta-device skeleton (a preset, or a published configuration at its real size, analysed
+    with its probe's few tokens as ``inspect --model flux-dev`` is), printed or as JSON."""
+    import torch
+
+    from dynconvert.calibration.memory_facts import skeleton_facts
+    from dynconvert.cli.inspect_models import inspect_target
+    from dynconvert.errors import ConfigError
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda; got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    with render.status(f"analysing {model}"):
+        net, inputs, probe = inspect_target(model, None, None, pixels)
+        plan, facts = skeleton_facts(net, inputs=inputs, probe_inputs=probe)
+    launch = (batch, processes, sharding, device)
+    summary = {"model": model, **memory_summary(net, plan, facts, overrides, *launch)}
+    if json:
+        render.print_json(summary)
+    else:
+        show_memory(summary, model)
 
 
 def show_memory(s: dict[str, Any], model: str) -> None:
