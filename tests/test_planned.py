@@ -341,10 +341,10 @@ def test_compiled_fast_path_does_not_recompile_within_a_pattern():
             out = compiled(*args, **kwargs)
             torch.testing.assert_close(out, model(*args, **kwargs), atol=1e-5, rtol=1e-5)
             new_graphs.append(len(graphs) - before)
-    # Before: [25, 14, 1, 8, 3, 0] (and the recompile limit on larger models); now
-    # [25, 3, 0, 7, 1, 1] measured: the first pattern settles by its third call, the second
-    # pattern's second call and a return to the first still recompile one frame each.
-    assert new_graphs[2] == 0, new_graphs
+    # Before: [25, 14, 1, 8, 3, 0], then [26, 3, 0, 6, 1, 0] (and the recompile limit on
+    # larger models); with the sites' routing run eagerly under compile (runtime/compiled.py)
+    # [11, 0, 0, 0, 0, 0] measured: a pattern's first call compiles, its later calls nothing.
+    assert new_graphs[1:3] == [0, 0] and new_graphs[4:] == [0, 0], new_graphs
 
 
 @pytest.mark.gpu

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dynconvert.plan import AttentionSite
+from dynconvert.runtime.compiled import eager_now, run_eagerly
 from dynconvert.runtime.dynamic import (
     DynamicLinear,
     SiteRuntime,
@@ -89,6 +90,8 @@ class AttentionRuntime(SiteRuntime):
         """Forward pre-hook of the attention module: decide the call, which lowers its head
         count for this thread (heads.py), and let its forms change its arguments (per-head
         tables cut)."""
+        if eager_now(self.bank):  # traced fast call: decide outside dynamo's guards
+            return run_eagerly(type(self).pre_hook, self, module, args, kwargs)
         self.fast = None
         bank, site = self.bank, self.site
         if getattr(module, "fused_projections", False):
@@ -134,6 +137,8 @@ class AttentionRuntime(SiteRuntime):
     def post_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         """Forward hook (also called when the forward raises): the head counts read the held
         values again."""
+        if eager_now(self.bank):
+            return run_eagerly(type(self).post_hook, self, module, args, kwargs, output)
         self.fast = None
 
     def record_in(self, name: str, x: torch.Tensor) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from dynconvert.plan import AttentionSite, MlpSite, UnitMap
+from dynconvert.runtime.compiled import eager_now, run_eagerly
 from dynconvert.runtime.interfaces import (
     PATTERN_CACHE_LIMIT,
     CallRouting,
@@ -50,7 +51,10 @@ class DynamicLinear(nn.Linear):
         (fc1 only the selected tokens, gathered), the out-projection and fc2 only the active
         columns, giving (..., out_features) again. See the runtimes' ``linear_forward``.
         """
-        return self._dc_rt.linear_forward(self, x)
+        rt = self._dc_rt
+        if eager_now(rt.bank):  # traced fast call: its host routing stays out of the guards
+            return run_eagerly(type(self).forward, self, x)
+        return rt.linear_forward(self, x)
 
     def extra_repr(self) -> str:
         """From the weight: a routed module that only holds a weight and a bias (a model's own
@@ -70,7 +74,10 @@ class DynamicConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, *spatial) -> this convolution's output, as the site's runtime routes it."""
-        return self._dc_rt.conv_forward(self, x)
+        rt = self._dc_rt
+        if eager_now(rt.bank):  # as DynamicLinear.forward
+            return run_eagerly(type(self).forward, self, x)
+        return rt.conv_forward(self, x)
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -38,6 +38,8 @@ from typing import Any
 
 from torch import nn
 
+from dynconvert.runtime.compiled import eager_now, run_eagerly
+
 ROUTES = "_dc_head_routes"
 """Instance attribute: {attribute name: [(attention runtime, value per unit), ...]}."""
 
@@ -85,7 +87,13 @@ class _HeadCount:
     def __get__(self, owner: Any, cls: type | None = None) -> Any:
         if owner is None:
             return self
-        for runtime, per in owner.__dict__.get(ROUTES, {}).get(self.name, ()):
+        routes = owner.__dict__.get(ROUTES, {}).get(self.name, ())
+        # A traced fast call reads the count eagerly: traced, the read is a guard on the site's
+        # progress, and the int differs per site (compiled.py); out of it, an int dynamo makes
+        # dynamic once a second site differs.
+        if routes and eager_now(getattr(routes[0][0], "bank", None)):
+            return run_eagerly(self.__get__, owner, cls)
+        for runtime, per in routes:
             d = runtime.fast  # this thread's sliced decision at that site, or None
             if d is not None:
                 return len(d.key) * per

@@ -55,6 +55,9 @@ class ExecutionMode:
     sliced: bool = False  # sites compute only the active units (sliced weights)
     gathers_tokens: bool = False  # token-routed MLPs compute only the selected tokens
     static_shapes: bool = False  # shapes fixed on the host before the call (graphs, compile)
+    # Under torch.compile the sites' routing runs eagerly, not traced (compiled.py): per-site
+    # host decisions would otherwise be guards that recompile shared frames once per site.
+    compiled_eagerly: bool = False
 
     def resolve(self, device_type: str) -> ExecutionMode:
         """The mode a call on a device of this type ("cuda", "cpu", ...) runs: itself
@@ -141,7 +144,7 @@ class FastExecution(ExecutionMode):
 
     name = "fast"
     summary = "sliced weights and gathered tokens, decided per call (a host sync per site)"
-    sliced = gathers_tokens = True
+    sliced = gathers_tokens = compiled_eagerly = True
 
 
 @register_execution_mode

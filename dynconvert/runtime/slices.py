@@ -9,10 +9,8 @@ step, load, dtype or device move, a LoRA merged: ``runtime/lora.py`` bumps the v
 
 Under ``torch.compile`` a lookup runs eagerly (:meth:`SliceCache.get` is excluded from
 compilation): the slices it returns enter the graph as inputs, so dynamo does not guard on the
-cache's byte count or entries. That alone does not stop recompiles: the fast path's per-site
-head counts and call progress are still Python ints dynamo guards on, so a model with more than
-8 sites of one kind reaches dynamo's recompile limit (a known gap: the strict xfail in
-tests/test_reliability_third.py; the planned path compiles once per pattern).
+cache's byte count or entries. The rest of the fast path's per-site routing runs eagerly under
+compile too (runtime/compiled.py), so a pattern compiles once whatever the number of sites.
 
 The cache is bounded: by ``ConvertConfig.slice_cache_mb``, or by default 20% of the model's
 parameter bytes (so a converted model stays within about 1.25x the original's memory). Column
