@@ -1,4 +1,5 @@
-"""The quality study runner (benchmarks/quality_digits.py): its rows, schedules and smoke run."""
+"""The quality study runner (benchmarks/quality_digits.py and the quality_* modules beside it): its
+rows, schedules and smoke run."""
 
 from __future__ import annotations
 
