@@ -16,6 +16,7 @@ from torch import nn
 
 import dynconvert
 from dynconvert.demo.models import demo_spec
+from dynconvert.flops import call_costs, other_macs_per_sample
 
 
 class _Rest(nn.Module):
@@ -27,11 +28,14 @@ class _Rest(nn.Module):
         self.reuse = reuse  # per sampling step of a chunk
         self.calls = 0
         self.residual: torch.Tensor | None = None
+        self.last_reused = False  # whether the last call skipped blocks 1..L-1
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         step = self.calls % len(self.reuse)
         self.calls += 1
-        if self.reuse[step] and self.residual is not None and self.residual.shape == x.shape:
+        self.last_reused = bool(self.reuse[step] and self.residual is not None)
+        self.last_reused = self.last_reused and self.residual.shape == x.shape
+        if self.last_reused:
             return x + self.residual
         out = x
         for block in self.blocks:
@@ -76,3 +80,16 @@ def cached_step_cost(model: nn.Module) -> float:
         cached = dynconvert.measure_macs(model, inputs)
         rest.calls = 0
     return cached / full
+
+
+def cached_call_ratio(model: nn.Module) -> float:
+    """The FLOPs ratio of a converted DiT's last call when it was a cached step: what ran (the
+    embeddings, the final layer and the first block's sites as routed in that call) over the
+    original's full step. The later blocks' records are stale (they did not run), so only their
+    static cost is read."""
+    bank = dynconvert.get_state(model)
+    first = bank.plan.sites[0].block  # the first block's name ("blocks.0"): the one that ran
+    other = other_macs_per_sample(bank.plan)
+    costs = call_costs(bank)
+    ran = sum(c.dynamic + c.router for s, c in costs if s.block == first)
+    return float(((other + ran) / (other + sum(c.static for _, c in costs))).mean())

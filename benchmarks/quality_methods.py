@@ -31,6 +31,7 @@ METHODS = (
     "tokens-only",
     "static-pruning",
     "cache",
+    "dynamic+cache",
     "lora",
 )
 ROW_KEYS = (
@@ -43,7 +44,9 @@ ROW_KEYS = (
     "accuracy",
     "frechet_distance",
 )
-TRAINED = ("fine-tuned", "dynamic", "width-only", "tokens-only", "static-pruning", "lora")
+TRAINED = (
+    "fine-tuned", "dynamic", "width-only", "tokens-only", "static-pruning", "dynamic+cache", "lora",
+)  # fmt: skip
 ROUTED = {
     "dynamic": dict(attention_width=True, mlp_width=True, token_routing=True),
     "width-only": dict(attention_width=True, mlp_width=True, token_routing=False),

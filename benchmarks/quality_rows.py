@@ -8,11 +8,17 @@ executed), the routed models' per-timestep profile, and the row a worker process
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import Any
 
 import torch
-from quality_cache import cache_schedule, cached_step_cost, first_block_cache
+from quality_cache import (
+    cache_schedule,
+    cached_call_ratio,
+    cached_step_cost,
+    first_block_cache,
+)
 from quality_methods import _BENCH, EVAL_SEED, ROUTED, _recipe, build_trained, match_budget
 from torch import nn
 
@@ -24,12 +30,13 @@ from dynconvert.sampling import sample
 
 
 def evaluate(
-    model: nn.Module, settings: dict[str, Any], *, steps: int, routed: bool
+    model: nn.Module, settings: dict[str, Any], *, steps: int, routed: bool, rest: Any = None
 ) -> dict[str, Any]:
     """Sample ``settings["samples"]`` class-balanced digits and score them.
 
     Returns accuracy, Frechet distance to all real digits, and the mean FLOPs ratio of the
-    sampler's calls when ``routed`` (read from the converted model after each call).
+    sampler's calls when ``routed`` (read from the converted model after each call; a call the
+    first-block cache ``rest`` served counts only what ran).
     """
     per_class = settings["samples"] // 10
     labels = torch.arange(10).repeat_interleave(per_class)
@@ -40,7 +47,10 @@ def evaluate(
         bank = dynconvert.get_state(model)
 
         def probe(done: int, total: int) -> None:
-            ratios.append(float(dynconvert.last_flops_ratio(bank).mean()))
+            if rest is not None and rest.last_reused:
+                ratios.append(cached_call_ratio(model))
+            else:
+                ratios.append(float(dynconvert.last_flops_ratio(bank).mean()))
 
     context = dynconvert.routing(model, "eval") if routed else contextlib.nullcontext()
     t0 = time.perf_counter()
@@ -122,6 +132,8 @@ def run_row(method: str, target: float, seed: int, settings: dict[str, Any],
             res = evaluate(model, settings, steps=steps, routed=False)
         res["flops_ratio"] = (reuse.count(False) + reuse.count(True) * cost) / steps
         extra = {"cached_steps": reuse.count(True), "cached_step_cost": round(cost, 4)}
+    elif method == "dynamic+cache":
+        res, extra = dynamic_with_cache(target, seed, settings)
     else:
         model, seconds = build_trained(method, target, seed, settings)
         extra = {"calibration_steps": settings["calibration_steps"],
@@ -138,6 +150,37 @@ def run_row(method: str, target: float, seed: int, settings: dict[str, Any],
                frechet_distance=round(res["frechet_distance"], 4),
                sample_seconds=res["sample_seconds"], **extra)  # fmt: skip
     return row
+
+
+def dynamic_with_cache(
+    target: float, seed: int, settings: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The first-block cache on top of a dynamic model, at a combined budget ``target``.
+
+    The two share the saving equally: the dynamic model is calibrated at ``sqrt(target)`` and
+    the cache's schedule brings the mean to ``target``; then the routers' thresholds are fitted
+    (on held-out noise, without the cache) so that the full steps spend what is left, and the
+    evaluation measures the ratio its calls executed (cached calls: only what ran).
+    """
+    steps = settings["sample_steps"]
+    dyn_target = round(math.sqrt(target), 4)
+    model, seconds = build_trained("dynamic", dyn_target, seed, settings)
+    with dynconvert.routing(model, "eval"):
+        rel = cached_step_cost(model)  # a cached step's MACs over the dynamic model's full step
+    reuse = cache_schedule(steps, target / dyn_target, rel)
+    full, cached = reuse.count(False), reuse.count(True)
+    full_target = min(1.0, target * steps / (full + cached * rel))  # so the mean is the target
+    extra: dict[str, Any] = {
+        "calibration_steps": settings["calibration_steps"],
+        "calibration_seconds": round(seconds, 1), "dynamic_target": dyn_target,
+        "cached_steps": cached, "cached_step_cost": round(rel, 4),
+        "full_step_target": round(full_target, 4),
+    }  # fmt: skip
+    if settings.get("match_budget"):
+        extra["sampling_budget"] = match_budget(model, full_target, settings)
+    with first_block_cache(model, reuse) as rest:
+        res = evaluate(model, settings, steps=steps, routed=True, rest=rest)
+    return res, extra
 
 
 def infeasible_row(

@@ -32,10 +32,13 @@ def test_plan_covers_every_method_seed_zero_first(study):
     rows = study.plan_rows(settings, list(study.METHODS))
     assert len(rows) == len(set(rows))
     assert {m for m, _, _ in rows} == set(study.METHODS)
-    assert rows[:9] == [("original", 1.0, 0), ("fine-tuned", 1.0, 0)] + [
+    first = [("original", 1.0, 0), ("fine-tuned", 1.0, 0)] + [
         (m, 0.5, 0) for m in study.METHODS[2:]
     ]
-    assert [r[1] for r in rows[9:17]] == [1.0] + [0.5] * 5 + [1.0] + [0.5]  # seeds 1, 2 at 0.5
+    assert rows[: len(first)] == first
+    trained_at_half = len(study.TRAINED) - 1  # fine-tuned runs at 1.0
+    seed1 = rows[len(first) : len(first) + 1 + trained_at_half]
+    assert seed1[0] == ("fine-tuned", 1.0, 1) and {r[1:] for r in seed1[1:]} == {(0.5, 1)}
     assert ("dynamic", 0.5, 2) in rows and ("dynamic", 0.3, 1) not in rows
     assert ("cache", 0.5, 1) not in rows  # training-free methods are deterministic: one seed
 
@@ -81,10 +84,10 @@ def test_first_block_cache_is_exact_without_reuse_and_reuses_the_residual(study)
 
 def test_smoke_study_runs_and_writes_rows(study, tmp_path):
     # The smoke version, in the default suite: one method of each kind (training-free,
-    # routed, statically pruned, cached), about 6 s; every method and the plots run in the slow
-    # set (below).
+    # routed, statically pruned, cached, routed and cached), about 8 s; every method and the
+    # plots run in the slow set (below).
     out = tmp_path / "q.json"
-    methods = ["original", "dynamic", "static-pruning", "cache"]
+    methods = ["original", "dynamic", "static-pruning", "cache", "dynamic+cache"]
     data = study.main(
         ["--smoke", "--out", str(out), "--quiet", "--no-plots", "--methods", *methods]
     )
@@ -96,6 +99,9 @@ def test_smoke_study_runs_and_writes_rows(study, tmp_path):
     (dyn,) = [r for r in rows if r["method"] == "dynamic"]  # thresholds fitted to the sampler
     assert dyn["sampling_budget"]["target"] == 0.5 and dyn["sampling_budget"]["kind"] == "token"
     assert "sampling_budget" not in next(r for r in rows if r["method"] == "static-pruning")
+    (both,) = [r for r in rows if r["method"] == "dynamic+cache"]  # routed at sqrt(0.5), cached
+    assert both["dynamic_target"] == 0.7071 and both["cached_steps"] > 0
+    assert both["full_step_target"] > 0.5 and abs(both["flops_ratio"] - 0.5) < 0.05
     again = study.main(
         ["--smoke", "--out", str(out), "--quiet", "--no-plots", "--methods", *methods]
     )
