@@ -45,7 +45,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its modules, beside it
 
-from quality_cache import cache_schedule, cached_step_cost, first_block_cache  # noqa: E402, F401
+from quality_cache import (  # noqa: E402, F401
+    cache_schedule,
+    cached_call_ratio,
+    cached_step_cost,
+    first_block_cache,
+)
 from quality_methods import (  # noqa: E402, F401
     EVAL_SEED,
     METHODS,

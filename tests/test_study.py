@@ -84,10 +84,10 @@ def test_first_block_cache_is_exact_without_reuse_and_reuses_the_residual(study)
 
 def test_smoke_study_runs_and_writes_rows(study, tmp_path):
     # The smoke version, in the default suite: one method of each kind (training-free,
-    # routed, statically pruned, cached, routed and cached), about 8 s; every method and the
-    # plots run in the slow set (below).
+    # routed, statically pruned, cached), about 6 s; every method and the plots run in the slow
+    # set (below).
     out = tmp_path / "q.json"
-    methods = ["original", "dynamic", "static-pruning", "cache", "dynamic+cache"]
+    methods = ["original", "dynamic", "static-pruning", "cache"]
     data = study.main(
         ["--smoke", "--out", str(out), "--quiet", "--no-plots", "--methods", *methods]
     )
@@ -99,13 +99,40 @@ def test_smoke_study_runs_and_writes_rows(study, tmp_path):
     (dyn,) = [r for r in rows if r["method"] == "dynamic"]  # thresholds fitted to the sampler
     assert dyn["sampling_budget"]["target"] == 0.5 and dyn["sampling_budget"]["kind"] == "token"
     assert "sampling_budget" not in next(r for r in rows if r["method"] == "static-pruning")
-    (both,) = [r for r in rows if r["method"] == "dynamic+cache"]  # routed at 0.5 / 0.75, cached
-    assert both["dynamic_target"] == 0.6667 and both["cached_steps"] > 0
-    assert both["full_step_target"] > 0.5 and abs(both["flops_ratio"] - 0.5) < 0.05
     again = study.main(
         ["--smoke", "--out", str(out), "--quiet", "--no-plots", "--methods", *methods]
     )
     assert len(again["rows"]) == len(rows)  # resumed: nothing ran twice
+
+
+def test_a_cached_call_of_a_converted_model_counts_what_ran(study):
+    # All routers on (a fresh conversion): a cached call of the converted model must cost what
+    # the first-block cache costs on the original, counted by the flop counter (plus the tiny
+    # token routers of the first block).
+    import dynconvert
+
+    original = build_model("digits").eval()
+    model = dynconvert.convert(build_model("digits").eval(), budget=0.5)
+    x, t, y = torch.randn(2, 1, 16, 16), torch.full((2,), 500), torch.arange(2)
+    with torch.no_grad(), dynconvert.routing(model, "eval"):
+        with study.first_block_cache(model, [False, True]) as rest:
+            model(x, t, y)
+            assert not rest.last_reused
+            model(x, t, y)
+            assert rest.last_reused
+            ratio = study.cached_call_ratio(model)
+    assert abs(ratio - study.cached_step_cost(original)) < 0.01, ratio
+
+
+@pytest.mark.slow
+def test_smoke_dynamic_cache_row_spends_its_budget(study, tmp_path):
+    out = tmp_path / "dc.json"
+    study.main(
+        ["--smoke", "--out", str(out), "--quiet", "--no-plots", "--methods", "dynamic+cache"]
+    )
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["dynamic_target"] == 0.6667 and row["cached_steps"] > 0  # routed at 0.5 / 0.75
+    assert row["full_step_target"] > 0.5 and abs(row["flops_ratio"] - 0.5) < 0.05
 
 
 @pytest.mark.slow
