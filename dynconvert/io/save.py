@@ -29,6 +29,7 @@ from torch import nn
 from dynconvert.convert import apply_plan, revert
 from dynconvert.errors import RecordError
 from dynconvert.io.commit import Writer, commit_save
+from dynconvert.io.convention import check_timestep_convention
 from dynconvert.io.files import atomic_write_bytes, file_digest
 from dynconvert.io.lora import (
     base_state_dict,
@@ -200,6 +201,8 @@ def load(
     base_model: nn.Module | None = None,
     *,
     device: str | torch.device | None = None,
+    timestep_scale: float | None = None,
+    timestep_reverse: bool | None = None,
 ) -> nn.Module:
     """Rebuild a converted model: original model + record + weights.
 
@@ -211,6 +214,9 @@ def load(
             built-in presets and diffusers models it can be omitted: it is rebuilt from the
             record, or from the folder's config.json in the dtype of the saved weights.
         device: where to put the model (default: where ``base_model`` is, else CPU).
+        timestep_scale, timestep_reverse: the timestep convention set on purpose at convert
+            (``ConvertConfig``), for a model whose class has another or no known one; the
+            record's is checked against the model's otherwise (``io/convention.py``).
 
     Returns:
         The converted model in eval mode (fast path), like ``from_pretrained``.
@@ -232,6 +238,9 @@ def load(
     plan, config = plan_and_config(record, directory)  # Plan.from_dict: older plans migrated
     check_record_units(record, plan, directory)
     check_plan_matches(plan, base_model)
+    check_timestep_convention(
+        plan, config, base_model, directory, (timestep_scale, timestep_reverse)
+    )
     state = read_weights(Path(directory), record)
     gates = pop_gates(state, record, directory)  # TD-LoRA gates: checked against the record
     if built:  # a model rebuilt here takes the dtype it was saved in

@@ -8,16 +8,11 @@ step, load, dtype or device move, a LoRA merged: ``runtime/lora.py`` bumps the v
 ``.data`` writes leave as it was) or the unit set does. A LoRA's A and B are cut the same way.
 
 Under ``torch.compile`` a lookup runs eagerly (:meth:`SliceCache.get` is excluded from
-compilation): the slices it returns enter the graph as inputs, so nothing the graph guards on
-changes when the cache fills, evicts or refreshes, and a routing pattern compiled once is not
-compiled again (dynamo would otherwise guard on the cache's byte count and entries and recompile
-until its recompile limit, then run eagerly).
-
-Under ``torch.compile`` a lookup runs eagerly (:meth:`SliceCache.get` is excluded from
-compilation): the slices it returns enter the graph as inputs, so nothing the graph guards on
-changes when the cache fills, evicts or refreshes, and a routing pattern compiled once is not
-compiled again (dynamo would otherwise guard on the cache's entries, one recompile per Linear and
-axis, until its recompile limit, and then run the whole frame eagerly).
+compilation): the slices it returns enter the graph as inputs, so dynamo does not guard on the
+cache's byte count or entries. That alone does not stop recompiles: the fast path's per-site
+head counts and call progress are still Python ints dynamo guards on, so a model with more than
+8 sites of one kind reaches dynamo's recompile limit (a known gap: the strict xfail in
+tests/test_reliability_third.py; the planned path compiles once per pattern).
 
 The cache is bounded: by ``ConvertConfig.slice_cache_mb``, or by default 20% of the model's
 parameter bytes (so a converted model stays within about 1.25x the original's memory). Column
