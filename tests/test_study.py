@@ -1,4 +1,5 @@
-"""The quality study runner (benchmarks/quality_digits.py): its rows, schedules and smoke run."""
+"""The quality study runner (benchmarks/quality_digits.py and the quality_* modules beside it): its
+rows, schedules and smoke run."""
 
 from __future__ import annotations
 
@@ -31,10 +32,13 @@ def test_plan_covers_every_method_seed_zero_first(study):
     rows = study.plan_rows(settings, list(study.METHODS))
     assert len(rows) == len(set(rows))
     assert {m for m, _, _ in rows} == set(study.METHODS)
-    assert rows[:9] == [("original", 1.0, 0), ("fine-tuned", 1.0, 0)] + [
+    first = [("original", 1.0, 0), ("fine-tuned", 1.0, 0)] + [
         (m, 0.5, 0) for m in study.METHODS[2:]
     ]
-    assert [r[1] for r in rows[9:17]] == [1.0] + [0.5] * 5 + [1.0] + [0.5]  # seeds 1, 2 at 0.5
+    assert rows[: len(first)] == first
+    trained_at_half = len(study.TRAINED) - 1  # fine-tuned runs at 1.0
+    seed1 = rows[len(first) : len(first) + 1 + trained_at_half]
+    assert seed1[0] == ("fine-tuned", 1.0, 1) and {r[1:] for r in seed1[1:]} == {(0.5, 1)}
     assert ("dynamic", 0.5, 2) in rows and ("dynamic", 0.3, 1) not in rows
     assert ("cache", 0.5, 1) not in rows  # training-free methods are deterministic: one seed
 
@@ -99,6 +103,36 @@ def test_smoke_study_runs_and_writes_rows(study, tmp_path):
         ["--smoke", "--out", str(out), "--quiet", "--no-plots", "--methods", *methods]
     )
     assert len(again["rows"]) == len(rows)  # resumed: nothing ran twice
+
+
+def test_a_cached_call_of_a_converted_model_counts_what_ran(study):
+    # All routers on (a fresh conversion): a cached call of the converted model must cost what
+    # the first-block cache costs on the original, counted by the flop counter (plus the tiny
+    # token routers of the first block).
+    import dynconvert
+
+    original = build_model("digits").eval()
+    model = dynconvert.convert(build_model("digits").eval(), budget=0.5)
+    x, t, y = torch.randn(2, 1, 16, 16), torch.full((2,), 500), torch.arange(2)
+    with torch.no_grad(), dynconvert.routing(model, "eval"):
+        with study.first_block_cache(model, [False, True]) as rest:
+            model(x, t, y)
+            assert not rest.last_reused
+            model(x, t, y)
+            assert rest.last_reused
+            ratio = study.cached_call_ratio(model)
+    assert abs(ratio - study.cached_step_cost(original)) < 0.01, ratio
+
+
+@pytest.mark.slow
+def test_smoke_dynamic_cache_row_spends_its_budget(study, tmp_path):
+    out = tmp_path / "dc.json"
+    study.main(
+        ["--smoke", "--out", str(out), "--quiet", "--no-plots", "--methods", "dynamic+cache"]
+    )
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["dynamic_target"] == 0.6667 and row["cached_steps"] > 0  # routed at 0.5 / 0.75
+    assert row["full_step_target"] > 0.5 and abs(row["flops_ratio"] - 0.5) < 0.05
 
 
 @pytest.mark.slow
