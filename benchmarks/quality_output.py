@@ -92,12 +92,7 @@ def plot(data: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     ax.set_yscale("log")
     bench = (data.get("settings") or {}).get("benchmark", "digits")
     ax.set_title(f"{bench}: quality against compute (bars: min..max over seeds)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / f"{stem}_fd.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, ax, out_dir / f"{stem}_fd.png"))
     prof_rows = [r for r in rows if r["method"] == "dynamic" and r.get("profile")]
     if prof_rows:
         r = min(prof_rows, key=lambda r: (abs(r["target_flops"] - 0.5), r["seed"]))
@@ -109,13 +104,19 @@ def plot(data: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
         ax.set_xlabel("timestep t (0 = clean, 999 = pure noise)")
         ax.set_ylim(0, 1.05)
         ax.set_title(f"dynamic (width + tokens), target {r['target_flops']:g}, seed {r['seed']}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"{stem}_profile.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, ax, out_dir / f"{stem}_profile.png"))
     return written
+
+
+def _save(fig: Any, ax: Any, path: Path) -> Path:
+    """Legend, layout, write and close one figure (every plot of the study ends the same way)."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def merge(parts: list[str], out: Path, plots: bool = True, quiet: bool = False) -> dict[str, Any]:
