@@ -67,15 +67,21 @@ def _inputs(batch: int = 2) -> tuple:
 
 
 def _dialled(model: nn.Module) -> nn.Module:
-    """Routers whose decisions change with the budget (as calibration would leave them)."""
+    """Routers whose decisions change with the budget (as calibration would leave them): the
+    width routers read the budget alone, each unit turning on or off between 0.45 and 0.6."""
     bank = dynconvert.get_state(model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in [*bank.b_embed.parameters(), *bank.token_budget.parameters()]:
             p.copy_(torch.randn(p.shape, generator=g))
+        for p in bank.t_embed.mlp[-1].parameters():
+            p.zero_()
+        lo, hi = bank.b_embed(torch.tensor([0.45, 0.6]))  # (embed,) each
+        d = (hi - lo) / (hi - lo).norm() ** 2  # d . (emb(b) - emb(0.45)) is 0 at 0.45, 1 at 0.6
         for r in bank.width.values():
-            r.weight.copy_(torch.randn(r.weight.shape, generator=g))
-            r.bias.zero_()
+            v = torch.randn(r.out_features, generator=g)
+            r.weight.copy_(v[:, None] * d[None])
+            r.bias.copy_(-v * (d @ lo + 0.5))
     return model.eval()
 
 
