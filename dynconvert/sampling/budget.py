@@ -157,53 +157,65 @@ def _replay(model: nn.Module, calls: list[tuple]) -> float:
 
 @torch.no_grad()
 def _fit(model: nn.Module, put: Knob, calls: list, target: float, tolerance: float,
-         iterations: int, start: float) -> tuple[float, float]:  # fmt: skip
+         iterations: int, start: float, side: int = 0) -> tuple[float, float]:  # fmt: skip
     """Bisect the knob's shift that brings the replayed ratio to ``target`` (``start``: the
     ratio at shift 0); the knob keeps the best shift found. Returns (that shift, its ratio).
-    Ratio rises with the shift."""
+    Ratio rises with the shift. ``side`` +1 (-1): only a ratio at or over (under) the target
+    counts as found, so that another knob can then close the gap from that side."""
+
+    def ok(r: float) -> bool:
+        return side == 0 or (r - target) * side >= 0
+
     lo, hi = -_SPAN, _SPAN
-    best = (0.0, start)
+    best = (0.0, start) if ok(start) else None
     for _ in range(iterations):
-        if abs(best[1] - target) <= tolerance:
+        if best is not None and abs(best[1] - target) <= tolerance:
             break
         mid = (lo + hi) / 2
         put(mid)
         r = _replay(model, calls)
-        if abs(r - target) < abs(best[1] - target):
+        if ok(r) and (best is None or abs(r - target) < abs(best[1] - target)):
             best = (mid, r)
         lo, hi = (mid, hi) if r < target else (lo, mid)
+    best = best or (0.0, start)  # nothing on that side: as it was
     put(best[0])
     return best
 
 
 def _match(model: nn.Module, target: float, run: Callable[[], Any], row: int | None,
            tolerance: float, rounds: int, iterations: int) -> dict[str, Any]:  # fmt: skip
-    """Record the sampler's calls and fit the knobs in turn (the next only while the target is
-    not reached), ``rounds`` times; what was done, as BudgetMatch's fields."""
-    knobs = _knobs(model, row)
+    """Record the sampler's calls and fit, ``rounds`` times: the first knob (token, else width)
+    to the target; where it cannot get there, the width knob to the target's far side (over it
+    when every token kept spends too little, under it when every token skipped spends too
+    much), then the token knob again from there. What was done, as BudgetMatch's fields."""
+    knobs = dict(_knobs(model, row))
+    names = list(knobs)
     calls, before = _record(model, run)
-    shifts = {k: 0.0 for k, _ in knobs}
-    moved: list[str] = []
+    shifts = dict.fromkeys(names, 0.0)
     after, done = before, 0
-    while knobs and done < rounds:
+
+    def fit(name: str, start: float, side: int = 0) -> float:
+        put = _knob_from(knobs[name], shifts[name])
+        shift, ratio = _fit(model, put, calls, target, tolerance, iterations, start, side)
+        shifts[name] += shift
+        return ratio
+
+    while names and done < rounds:
         if done:  # the trajectory under the shifts so far
             calls, after = _record(model, run)
             if abs(after - target) <= tolerance:
                 break
-        for name, put in knobs:
-            if abs(after - target) <= tolerance and moved:
-                break
-            put = _knob_from(put, shifts[name])
-            shift, after = _fit(model, put, calls, target, tolerance, iterations, after)
-            shifts[name] += shift
-            if shift and name not in moved:
-                moved.append(name)
+        after = fit(names[0], after)
+        if len(names) > 1 and abs(after - target) > tolerance:  # the token threshold saturates
+            after = fit("width", after, side=1 if after < target else -1)
+            after = fit("token", after)
         done += 1
-    first = knobs[0][0] if knobs else "none"
+    moved = [k for k in names if shifts[k]]
+    first = names[0] if names else "none"
     return dict(
         kind="+".join(moved) or first, shift=shifts.get(first, 0.0), before=before, after=after,
         calls=len(calls), rounds=done, reached=abs(after - target) <= max(tolerance, 0.01),
-        width_shift=shifts.get("width", 0.0) if first == "token" else 0.0,
+        width_shift=shifts["width"] if first == "token" and "width" in shifts else 0.0,
     )  # fmt: skip
 
 
