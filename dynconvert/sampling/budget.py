@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -304,19 +305,7 @@ class BudgetGridMatch:
                 "budgets": [m.to_dict() for m in self.matches]}  # fmt: skip
 
 
-def match_budget_grid(
-    model: nn.Module,
-    *,
-    labels: torch.Tensor,
-    steps: int = 25,
-    cfg_scale: float = 1.5,
-    scheduler: str = "ddim",
-    seed: int = 1,
-    clip_sample: bool = False,
-    tolerance: float = 0.002,
-    rounds: int = 2,
-    iterations: int = 24,
-) -> BudgetGridMatch:
+def match_budget_grid(model: nn.Module, *, labels: torch.Tensor, **options: Any) -> BudgetGridMatch:
     """Fit a budget-conditioned model's sampler at every budget of its grid.
 
     At each budget ``b`` of ``shift_grid(range)`` (every 0.1 or closer) the sampler runs on the
@@ -324,7 +313,9 @@ def match_budget_grid(
     :func:`match_sampling_budget` fits the biases of a single-budget model: token shift first,
     width shift where that alone cannot reach ``b``. A call at a budget between two grid
     budgets uses the shifts interpolated between theirs (budgets.py); the table is a buffer of
-    the model, saved and loaded with it. Arguments as :func:`match_sampling_budget`'s.
+    the model, saved and loaded with it. ``labels`` and ``options`` (``steps``, ``cfg_scale``,
+    ``scheduler``, ``seed``, ``clip_sample``, ``tolerance``, ``rounds``, ``iterations``): as
+    :func:`match_sampling_budget`'s, with its defaults.
 
     Example:
         >>> from dynconvert.testing import tiny_dit
@@ -338,8 +329,13 @@ def match_budget_grid(
             "match_budget_grid fits a budget-conditioned model (converted with a range, e.g. "
             "convert(model, (0.3, 1.0))); fit a single-budget model with match_sampling_budget"
         )
-    settings = dict(steps=steps, cfg_scale=cfg_scale, scheduler=scheduler, seed=seed,
-                    clip_sample=clip_sample)  # fmt: skip
+    defaults = inspect.signature(match_sampling_budget).parameters
+    unknown = set(options) - set(defaults) - {"model", "target", "labels"}
+    if unknown:
+        raise TypeError(f"match_budget_grid got unexpected options {sorted(unknown)}")
+    opts = {k: options.get(k, p.default) for k, p in defaults.items() if p.default is not p.empty}
+    settings = {k: opts[k] for k in ("steps", "cfg_scale", "scheduler", "seed", "clip_sample")}
+    tolerance, rounds, iterations = opts["tolerance"], opts["rounds"], opts["iterations"]
     sampler = {**settings, "samples": len(labels)}
     matches = []
     for row, b in enumerate(shift_grid(bank.budget_range)):
