@@ -340,7 +340,9 @@ def match_budget_grid(model: nn.Module, *, labels: torch.Tensor, **options: Any)
     matches = []
     for row, b in enumerate(shift_grid(bank.budget_range)):
         b = round(b, 4)  # as a call's budget is keyed (check_call_budget)
-        if bank.runs_full(b):  # the range's top at 1.0: every unit, nothing to fit
+        if bank.runs_full(b):  # the range's top at 1.0 runs every unit: nothing to fit; its
+            with torch.no_grad():  # row is the last fitted one's, so that calls just below 1.0
+                bank.budget_shift[row] = bank.budget_shift[row - 1]  # get that one's shifts
             continue
         with budget(model, b):  # this thread's calls, the sampler's included
             found = _match(model, b, _sampler(model, labels, settings), row, tolerance,
