@@ -24,7 +24,7 @@ the FD-vs-FLOPs picture.
 
 Run (the committed results, docs/budgets.md; one process, under ``nice -n 5``)::
 
-    python benchmarks/budget_digits.py --steps 200 --per-class 10 --between 0.4 \
+    python benchmarks/budget_digits.py --steps 200 --per-class 10 \
         --out benchmarks/results/budget_digits.json --plot benchmarks/results/budget_digits.png
 """
 
@@ -111,6 +111,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     scored = budgets + [b for b in between if b not in budgets]
     if args.only != "single" and any(("range", b) not in done for b in scored):
         model, cpu, train = _calibrated((lo, hi), range_steps, args.seed)
+        if args.save:  # for later looks (dynconvert.load)
+            dynconvert.save(model, args.save)
         raw = {}
         for b in scored:
             with dynconvert.budget(model, b):
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--plot")
     p.add_argument("--budgets", default="0.3,0.5,0.7,1.0")
-    p.add_argument("--between", default="0.4,0.6,0.85", help="range model only: more budgets")
+    p.add_argument("--between", default="0.45,0.85", help="range model only: more budgets")
+    p.add_argument("--save", help="also save the calibrated range model (before its fit) here")
     p.add_argument("--range", default="0.3:1.0")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--range-steps", type=int, default=0)
