@@ -295,3 +295,23 @@ def test_cli_sample_and_bench_at_a_budget(saved_range, tmp_path):
         assert result.exit_code == 0, result.output
         ratios[b] = json.loads(result.stdout)["flops_ratio"]
     assert ratios["1.0"] == 1.0 and ratios["0.4"] < 0.9
+
+
+@pytest.mark.slow
+def test_a_range_run_fits_every_grid_budget_and_keeps_the_table(tmp_path):
+    out = tmp_path / "run"
+    args = ["convert", "--model", "digits", "--target-flops", "0.5:1.0", "--out", str(out),
+            "--json", "--steps", "2", "--set", "calibration.batch_size=4",
+            "--set", "report.profile_timesteps=2", "--set", "report.profile_batch=2",
+            "--set", "report.executed_timesteps=1", "--set", "report.bench=false",
+            "--set", "evaluate.kind=none", "--set", "samples.grid=false",
+            "--set", "samples.steps=2", "--set", "report.sampling_budget=10"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    fit = json.loads(result.stdout)["calibration"]["sampling_budget"]
+    budgets = [m["budget"] for m in fit["budgets"]]
+    assert fit["kind"] == "grid" and fit["reached"] and budgets == [0.5, 0.6, 0.7, 0.8, 0.9]
+    assert all(abs(m["after"] - m["target"]) < 0.01 for m in fit["budgets"])
+    model = dynconvert.load(out)
+    table = dynconvert.get_state(model).budget_shift  # (grid, [token, width]), saved and loaded
+    assert table.shape == (6, 2) and bool(table[:5, 0].ne(0).any())
