@@ -293,10 +293,10 @@ class RouterBank(EvalTable, BudgetInputs, nn.Module):
         call.emb = self.width_embedding(call.t, call.budget)  # (Bt, embed)
         weight = torch.cat([self.width[k].weight for k in keys])
         bias = torch.cat([self.width[k].bias for k in keys])
-        bias = bias + self.shifts_at(call.budget)[1]  # the sampler fit's (ranges only; else 0)
         sizes = [self.width[k].out_features for k in keys]
         # Cast: stored in float8 under layerwise casting, the routers compute in emb's dtype.
         weight, bias = weight.to(call.emb.dtype), bias.to(call.emb.dtype)
+        bias = bias + self.shifts_at(call.budget)[1]  # the sampler fit's (ranges only; else 0)
         with no_autocast(call.emb.device):  # in the routers' dtype under autocast too
             logits = torch.nn.functional.linear(call.emb, weight, bias)  # (B, sum of units)
         on = self._always_on_positions(keys, sizes, logits.device)
