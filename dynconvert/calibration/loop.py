@@ -36,6 +36,7 @@ from dynconvert.calibration.config import CalibrationConfig, as_config
 from dynconvert.calibration.data import as_source, check_batch
 from dynconvert.calibration.distributed import make_accelerator
 from dynconvert.calibration.fit import check_before_start
+from dynconvert.calibration.memory_release import release_freed_memory
 from dynconvert.calibration.objectives import build_objective
 from dynconvert.calibration.progress import CalibrationProgress
 from dynconvert.calibration.recompute import gradient_checkpointing
@@ -118,6 +119,7 @@ def calibrate(
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     _check_divisible(cfg, world)
     check_before_start(model, cfg, accelerator)  # the memory plan against the device (fit.py)
+    release_freed_memory(device)  # CPU: freed tensors leave the process (memory_release.py)
     teacher = frozen_teacher(model, teacher, cfg, device)
     shown = cfg.progress if accelerator.is_main_process else "off"
     progress = CalibrationProgress(shown, cfg.steps, cfg.log_every)  # a bar, log lines or none
