@@ -3,6 +3,7 @@ and gradient checkpointing in calibration, the heartbeat, and ``inspect --calibr
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 import dynconvert
@@ -18,7 +20,7 @@ from dynconvert.calibration.memory import MemorySettings, ModelFacts, estimate
 from dynconvert.calibration.memory_facts import model_facts, skeleton_facts
 from dynconvert.calibration.memory_release import release_freed_memory
 from dynconvert.calibration.recompute import gradient_checkpointing
-from dynconvert.cli import app
+from dynconvert.cli import app, render
 from dynconvert.errors import MemoryPlanError
 from dynconvert.models import build_model
 from dynconvert.runs.memory import Heartbeat, stop_note
@@ -341,3 +343,29 @@ def test_release_freed_memory_gives_freed_blocks_back(tmp_path):
     assert default > 150  # MiB the process keeps without the fix
     assert fixed == "True" and after < 20
     assert not release_freed_memory("cuda")
+
+
+def test_an_accumulating_step_reports_its_micro_batches_as_they_finish(caplog):
+    # A step of DiT-XL/2's batch 256 on a CPU takes minutes: its pace is known after the first
+    # micro-batch, in the log at once, and by on_micro_batch after every one.
+    seen = []
+    cfg = quick(steps=2, grad_accum_steps=4, progress="log")
+    with caplog.at_level("INFO", logger="dynconvert"):
+        calibrate(dynconvert.convert(tiny_dit(seed=0), budget=0.5), latents(), cfg,
+                  on_micro_batch=seen.append)  # fmt: skip
+    assert [(i.step, i.done, i.parts) for i in seen] == [
+        (s, d, 4) for s in (1, 2) for d in range(1, 5)
+    ]
+    assert all(i.seconds_each > 0 for i in seen) and seen[-1].eta_seconds == 0
+    lines = [r.getMessage() for r in caplog.records]
+    first = next(i for i, line in enumerate(lines) if "micro-batch" in line)
+    assert lines[first].startswith("step 1/2  micro-batch 1/4 ") and "ETA" in lines[first]
+    assert lines[first + 1].startswith("step 1/2  loss")  # one micro line a minute at most
+    assert sum("micro-batch" in line for line in lines) == 1
+    out = io.StringIO()
+    cli = render.StepProgress(2, Console(file=out, width=200))  # off a terminal: a line
+    cli.micro_batch(seen[0])
+    cli.micro_batch(seen[1])
+    assert (
+        out.getvalue().count("micro-batch") == 1 and "step 1/2  micro-batch 1/4" in out.getvalue()
+    )
