@@ -34,11 +34,13 @@ ROWS = {
     "dit-s-bf16": dict(model="DiT-S/2", batch=8, mixed_precision="bf16"),
     "dit-s-accum": dict(model="DiT-S/2", batch=16, accum=4),
     "dit-s-ckpt": dict(model="DiT-S/2", batch=16, checkpointing=True),
-    "dit-b": dict(model="DiT-B/2", batch=8),
-    "dit-b-routers": dict(model="DiT-B/2", batch=8, trainable="routers"),
-    "dit-b-lora": dict(model="DiT-B/2", batch=8, trainable="lora"),
-    "dit-b-ckpt": dict(model="DiT-B/2", batch=16, checkpointing=True),
-    "dit-b-ckpt-routers": dict(model="DiT-B/2", batch=16, checkpointing=True, trainable="routers"),
+    "dit-b": dict(model="DiT-B/2", batch=8, steps=2),
+    "dit-b-routers": dict(model="DiT-B/2", batch=8, steps=2, trainable="routers"),
+    "dit-b-lora": dict(model="DiT-B/2", batch=8, steps=2, trainable="lora"),
+    "dit-b-ckpt": dict(model="DiT-B/2", batch=16, steps=2, checkpointing=True),
+    "dit-b-ckpt-routers": dict(
+        model="DiT-B/2", batch=16, steps=2, checkpointing=True, trainable="routers"
+    ),
     "dit-xl": dict(model="DiT-XL/2", batch=2, steps=3),
     "dit-xl-routers": dict(model="DiT-XL/2", batch=2, steps=3, trainable="routers"),
 }
