@@ -11,7 +11,9 @@ default, 1.567 GiB with the threshold fixed, against an estimate of 1.456 GiB; t
 
 :func:`release_freed_memory` fixes the threshold at glibc's starting value (128 KiB) for the
 rest of the process (mallopt cannot restore the adaptive threshold); ``calibrate`` calls it
-when it trains on the CPU. Elsewhere (another C library, macOS, CUDA) it does nothing.
+when it trains on the CPU. Elsewhere (another C library, macOS, CUDA) it does nothing. The
+price is CPU time (each large tensor is fresh pages the kernel zeroes): the same DiT-S/2 run
+took 34% more CPU seconds (docs/large-models.md).
 
 Example:
     >>> import torch
