@@ -17,6 +17,7 @@ from dynconvert.calibration import CalibrationConfig, calibrate
 from dynconvert.cli.app import app
 from dynconvert.errors import BudgetError, RecordError
 from dynconvert.runtime.budgets import parse_budget
+from dynconvert.runtime.synthetic import randomize_routing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,15 +68,21 @@ def _inputs(batch: int = 2) -> tuple:
 
 
 def _dialled(model: nn.Module) -> nn.Module:
-    """Routers whose decisions change with the budget (as calibration would leave them)."""
+    """Routers whose decisions change with the budget (as calibration would leave them): the
+    width routers read the budget alone, each unit turning on or off between 0.45 and 0.6."""
     bank = dynconvert.get_state(model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in [*bank.b_embed.parameters(), *bank.token_budget.parameters()]:
             p.copy_(torch.randn(p.shape, generator=g))
+        for p in bank.t_embed.mlp[-1].parameters():
+            p.zero_()
+        lo, hi = bank.b_embed(torch.tensor([0.45, 0.6]))  # (embed,) each
+        d = (hi - lo) / (hi - lo).norm() ** 2  # d . (emb(b) - emb(0.45)) is 0 at 0.45, 1 at 0.6
         for r in bank.width.values():
-            r.weight.copy_(torch.randn(r.weight.shape, generator=g))
-            r.bias.zero_()
+            v = torch.randn(r.out_features, generator=g)
+            r.weight.copy_(v[:, None] * d[None])
+            r.bias.copy_(-v * (d @ lo + 0.5))
     return model.eval()
 
 
@@ -241,3 +248,70 @@ def test_cli_refuses_a_bad_budget_with_exit_code_1(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--run", str(tmp_path / "m"), "--budget", "0.2"])
     assert result.exit_code == 1 and "0.4..1" in result.output
     assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def saved_range(tmp_path_factory):
+    """A tiny DiT converted with a range, routed at its default budget 0.4, saved."""
+    model = dynconvert.convert(dynconvert.testing.tiny_dit(), (0.4, 1.0)).eval()
+    _dialled(model)
+    randomize_routing(model, keep=0.5)
+    path = tmp_path_factory.mktemp("range") / "m"
+    dynconvert.save(model, path)
+    return model, path
+
+
+def test_randomize_routing_keeps_its_fractions_at_the_model_budget(saved_range):
+    model, _ = saved_range
+    bank = dynconvert.get_state(model)
+    assert any(float(lin.weight.abs().sum()) > 0 for lin in bank.token_budget.values())
+    on = torch.cat([m.float().mean(0) for m in bank.width_table(budget=0.4).values()])
+    assert abs(float(on.mean()) - 0.5) < 0.05  # each unit on for half of the timesteps
+    with torch.no_grad():
+        model(*model.example_inputs(4))
+        kept = dynconvert.calibration.objectives.token_keep(bank)
+    assert abs(float(kept.mean()) - 0.5) < 0.1  # the budget's token offsets counted
+
+
+def test_budget_grid_executed_matches_the_accountant(saved_range):
+    model, _ = saved_range
+    rows = dynconvert.budget_grid(model, budgets=[0.4, 0.7], speed=False)
+    for row in rows:  # one timestep per call: no batch at the union of its samples' units
+        assert abs(row["executed_flops_ratio"] - row["flops_ratio"]) < 0.005, row
+
+
+def test_cli_sample_and_bench_at_a_budget(saved_range, tmp_path):
+    model, path = saved_range
+    out = tmp_path / "grid.png"
+    result = CliRunner().invoke(app, ["sample", "--run", str(path), "--budget", "0.7", "--out",
+                                      str(out), "--steps", "2", "--labels", "1,2", "--raw",
+                                      "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size > 0 and json.loads(result.stdout)["budget"] == 0.7
+    ratios = {}
+    for b in ("0.4", "1.0"):
+        args = ["--budget", b, "--batch", "2", "--repeats", "1", "--no-memory", "--json"]
+        result = CliRunner().invoke(app, ["bench", "--run", str(path), *args])
+        assert result.exit_code == 0, result.output
+        ratios[b] = json.loads(result.stdout)["flops_ratio"]
+    assert ratios["1.0"] == 1.0 and ratios["0.4"] < 0.9
+
+
+@pytest.mark.slow
+def test_a_range_run_fits_every_grid_budget_and_keeps_the_table(tmp_path):
+    out = tmp_path / "run"
+    args = ["convert", "--model", "digits", "--target-flops", "0.5:1.0", "--out", str(out),
+            "--json", "--steps", "2", "--set", "calibration.batch_size=4",
+            "--set", "report.profile_timesteps=2", "--set", "report.profile_batch=2",
+            "--set", "report.executed_timesteps=1", "--set", "report.bench=false",
+            "--set", "evaluate.kind=none", "--set", "samples.grid=false",
+            "--set", "samples.steps=2", "--set", "report.sampling_budget=10"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    fit = json.loads(result.stdout)["calibration"]["sampling_budget"]
+    budgets = [m["budget"] for m in fit["budgets"]]
+    assert fit["kind"] == "grid" and fit["reached"] and budgets == [0.5, 0.6, 0.7, 0.8, 0.9]
+    assert all(abs(m["after"] - m["target"]) < 0.01 for m in fit["budgets"])
+    model = dynconvert.load(out)
+    table = dynconvert.get_state(model).budget_shift  # (grid, [token, width]), saved and loaded
+    assert table.shape == (6, 2) and bool(table[:5, 0].ne(0).any())

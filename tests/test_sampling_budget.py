@@ -1,5 +1,6 @@
 """Budgets hit at sampling (issue 25, item 1): after the threshold shift, the sampler's calls
-spend the target (within 0.01), for token-routed and width-only models; the run stores it."""
+spend the target (within 0.01), for token-routed and width-only models, with the width bias
+where the token threshold saturates, and per budget for a range model; the run stores it."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import torch
 from torch import nn
 
 import dynconvert
+from dynconvert.errors import BudgetError
 from dynconvert.flops import last_flops_ratio
 from dynconvert.sampling import sample
-from dynconvert.sampling.budget import match_sampling_budget
+from dynconvert.sampling.budget import match_budget_grid, match_sampling_budget
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,3 +105,45 @@ def test_width_thresholds_move_when_no_token_is_routed():
     assert match.kind == "width" and match.shift < 0
     assert abs(_sampler_ratio(model, seed=1) - match.after) < 1e-6
     assert match.after < match.before
+
+
+def _narrow(model: nn.Module) -> nn.Module:
+    """Width routers that switch off every unit but the always-on one: with every token kept
+    the model then spends far less than the original, and high targets need the width."""
+    with torch.no_grad():
+        for router in dynconvert.get_state(model).width.values():
+            router.bias.fill_(-1.0)
+    return model
+
+
+def test_width_bias_moves_when_the_token_threshold_saturates():
+    model = _narrow(_converted())  # every token kept still spends less than 0.8
+    match = match_sampling_budget(
+        model, 0.8, labels=torch.arange(8) % 4, steps=5, seed=1, cfg_scale=1.0
+    )
+    assert match.kind == "token+width" and match.reached and match.width_shift > 0
+    assert abs(_sampler_ratio(model, seed=1) - 0.8) < 0.01
+
+
+def test_a_range_model_spends_each_budget_at_sampling(tmp_path):
+    torch.manual_seed(0)
+    inputs = (torch.randn(2, 1, 8, 8), torch.tensor([10, 900]), torch.tensor([0, 1]))
+    config = dynconvert.ConvertConfig(token_reduction=4)
+    model = dynconvert.convert(ToyDiT().eval(), (0.5, 1.0), example_inputs=inputs, config=config)
+    for router in dynconvert.get_state(model).token.values():
+        nn.init.normal_(router.net[0].weight, std=1.0)
+        nn.init.normal_(router.net[-1].weight, std=1.0)
+    grid = match_budget_grid(model.eval(), labels=torch.arange(8) % 4, steps=5, cfg_scale=1.0)
+    assert grid.reached and [m.budget for m in grid.matches] == [0.5, 0.6, 0.7, 0.8, 0.9]
+    shifts = [m.shift for m in grid.matches]
+    assert shifts == sorted(shifts) and all(m.kind == "token" for m in grid.matches)
+    for b, tol in ((0.5, 0.01), (0.8, 0.01), (0.55, 0.03), (0.83, 0.03), (1.0, 0.0)):
+        with dynconvert.budget(model, b):
+            assert abs(_sampler_ratio(model, seed=1) - b) <= tol, b
+    dynconvert.save(model, tmp_path / "m")
+    loaded = dynconvert.load(tmp_path / "m", base_model=ToyDiT()).eval()
+    with dynconvert.budget(loaded, 0.55):
+        assert abs(_sampler_ratio(loaded, seed=1) - 0.55) <= 0.03
+    dynconvert.set_budget(model, 0.55)  # between two grid budgets: the grid fit is the way
+    with pytest.raises(BudgetError, match="match_budget_grid"):
+        match_sampling_budget(model, 0.55, labels=torch.arange(4), steps=2)

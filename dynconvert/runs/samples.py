@@ -126,24 +126,25 @@ def to_images(x: torch.Tensor, vae: str | None = None, raw: bool = False) -> tor
 def match_run_budget(model: nn.Module, settings: Any, report: Any, target: float) -> dict:
     """The run's sampling-budget step (``report.sampling_budget`` held-out samples): shift the
     router thresholds so that the recipe's sampler (``samples``: steps, guidance, scheduler) spends
-    ``target`` on held-out noise (seed ``samples.seed + 1``); what it did, for the record.
+    ``target`` on held-out noise (seed ``samples.seed + 1``); what it did, for the record. A
+    budget-conditioned model is fitted at every budget of its grid (``match_budget_grid``).
 
     Example:
         >>> match_run_budget(model, recipe.samples, recipe.report, 0.5)["after"]  # doctest: +SKIP
         0.5
     """
-    from dynconvert.sampling.budget import match_sampling_budget
+    from dynconvert.sampling.budget import match_budget_grid, match_sampling_budget
 
-    if get_state(model).budget_range is not None:  # a shift would move every budget's routers
-        return {"skipped": "a budget-conditioned model: its budgets are chosen per call"}
     spec = model_spec(model)
     labels = class_labels(model, getattr(settings, "labels", None))
     if spec.adapter.needs_cond or labels is None:
         return {"skipped": "the sampler needs class labels (not captions) to draw held-out samples"}
     n = int(report.sampling_budget)
-    match = match_sampling_budget(
-        model, target, labels=torch.tensor(labels).repeat(n // len(labels) + 1)[:n],
-        steps=settings.steps, cfg_scale=settings.cfg_scale, scheduler=settings.scheduler,
-        seed=settings.seed + 1, clip_sample=spec.channels in (1, 3),
+    held_out = dict(
+        labels=torch.tensor(labels).repeat(n // len(labels) + 1)[:n], steps=settings.steps,
+        cfg_scale=settings.cfg_scale, scheduler=settings.scheduler, seed=settings.seed + 1,
+        clip_sample=spec.channels in (1, 3),
     )  # fmt: skip
-    return match.to_dict()
+    if get_state(model).budget_range is not None:  # every budget of its grid (a range)
+        return match_budget_grid(model, **held_out).to_dict()
+    return match_sampling_budget(model, target, **held_out).to_dict()

@@ -18,7 +18,12 @@ from dynconvert.config import ConvertConfig
 from dynconvert.errors import TimestepError
 from dynconvert.inputs import batch_of, timestep_slot
 from dynconvert.plan import MlpSite, Plan, Site
-from dynconvert.runtime.budgets import BudgetInputs, BudgetRange, check_call_budget
+from dynconvert.runtime.budgets import (
+    BudgetInputs,
+    BudgetRange,
+    check_call_budget,
+    shift_grid,
+)
 from dynconvert.runtime.call import CallStore, RoutingCall, SharedLock
 from dynconvert.runtime.checkpointing import wrap_checkpointing
 from dynconvert.runtime.deferred import Deferred
@@ -90,6 +95,10 @@ class RouterBank(EvalTable, BudgetInputs, nn.Module):
         if self.budget_range:
             for key in self.token:
                 self.token_budget[key] = budget_offset(config.router_embed_dim)
+            # The sampler fit's threshold shifts per budget of shift_grid (budgets.py):
+            # (grid budgets, [token, width]) logits, zero until fitted (sampling/budget.py).
+            grid = shift_grid(self.budget_range)
+            self.register_buffer("budget_shift", torch.zeros(len(grid), 2))
         self.lora_gates = nn.ModuleDict()  # TD-LoRA gates (lora_run.py); empty unless trained
         # The unit of each site that is never switched off (chosen by importance at convert
         # time); a buffer so it is saved, moved and loaded with the routers.
@@ -196,8 +205,9 @@ class RouterBank(EvalTable, BudgetInputs, nn.Module):
         # Training masks are drawn here, before any block: a checkpointed block's recomputation
         # must not be the one that draws them, and the draw order then does not depend on it.
         self.ensure_train_masks()
-        if len(self.token_budget):  # the token routers' budget embedding too: made on the host
-            self._budget_emb(call, device)  # side, outside any checkpointed or captured block
+        if len(self.token_budget):  # the token routers' budget embedding and shift too: made
+            self._budget_emb(call, device)  # on the host side, outside any checkpointed or
+            self._token_shift(call, device)  # captured block
         if call.mode == "eval":
             call.eval_cpu, call.eval_masks, values = self._lookup(t, call.budget)
             if self.config.fast_path:  # off: evaluation stays masked (the debugging reference)
@@ -286,6 +296,7 @@ class RouterBank(EvalTable, BudgetInputs, nn.Module):
         sizes = [self.width[k].out_features for k in keys]
         # Cast: stored in float8 under layerwise casting, the routers compute in emb's dtype.
         weight, bias = weight.to(call.emb.dtype), bias.to(call.emb.dtype)
+        bias = bias + self.shifts_at(call.budget)[1]  # the sampler fit's (ranges only; else 0)
         with no_autocast(call.emb.device):  # in the routers' dtype under autocast too
             logits = torch.nn.functional.linear(call.emb, weight, bias)  # (B, sum of units)
         on = self._always_on_positions(keys, sizes, logits.device)

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from dynconvert.runtime.call import RoutingCall
 
 BudgetRange = tuple[float, float]
+
+SHIFT_STEP = 0.1
+"""Widest gap between two budgets of the sampler fit's grid (:func:`shift_grid`)."""
 
 
 def _number(value: Any, what: str) -> float:
@@ -118,6 +122,35 @@ def budget_range_of(record: dict[str, Any]) -> BudgetRange | None:
     return None if value is None else parse_budget(value)[1]
 
 
+def shift_grid(budget_range: BudgetRange) -> list[float]:
+    """The budgets at which a budget-conditioned model's sampler fit stores threshold shifts
+    (sampling/budget.py): the range's ends and equal steps of at most :data:`SHIFT_STEP`
+    between them; a call's shift is interpolated linearly between its two neighbours.
+
+    Example:
+        >>> [round(b, 2) for b in shift_grid((0.3, 1.0))]
+        [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    """
+    lo, hi = budget_range
+    n = max(2, math.ceil((hi - lo) / SHIFT_STEP - 1e-9) + 1)
+    return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+
+
+def interpolate(x: float, xs: list[float], ys: list[float]) -> float:
+    """Piecewise-linear ``y(x)`` through the points (``xs`` increasing), constant outside.
+
+    Example:
+        >>> round(interpolate(0.35, [0.3, 0.4], [1.0, 3.0]), 6)
+        2.0
+    """
+    if x <= xs[0]:
+        return ys[0]
+    for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return ys[-1]
+
+
 class BudgetInputs:
     """What the routers of a RouterBank read of the call's budget, mixed into RouterBank (which
     provides ``budget``, ``budget_range``, ``t_embed``, ``b_embed``, ``token``,
@@ -127,6 +160,40 @@ class BudgetInputs:
         """Whether a call at ``budget`` runs every unit and token: a budget-conditioned model's
         calls at 1.0 (its range's top), which so give back the original's compute exactly."""
         return self.budget_range is not None and budget is not None and budget >= 1.0
+
+    def shifts_at(self, budget: float | None) -> tuple[float, float]:
+        """The (token, width) logit shifts of a budget-conditioned model at ``budget`` (None:
+        the model's): its ``budget_shift`` table (set by the sampler fit, sampling/budget.py),
+        interpolated between the grid's budgets. (0, 0) for a single-budget model, whose fit
+        moves the biases themselves."""
+        table = getattr(self, "budget_shift", None)
+        if table is None:
+            return 0.0, 0.0
+        b = self.budget if budget is None else budget
+        stamp = (table._version, b)
+        with self.lock:
+            kept = self.__dict__.setdefault("_shifts", {})
+            if stamp not in kept:
+                if len(kept) > 1024:  # budgets turned per request: bounded
+                    kept.clear()
+                grid, rows = shift_grid(self.budget_range), table.detach().cpu().tolist()
+                kept[stamp] = tuple(interpolate(b, grid, [r[j] for r in rows]) for j in (0, 1))
+            return kept[stamp]
+
+    def _token_shift(self, call: RoutingCall, device: torch.device) -> None:
+        """Set the call's (1,) token logit shift (kept per budget and device: a CUDA graph
+        replays the tensor it captured; None where it is 0)."""
+        shift = self.shifts_at(call.budget)[0]
+        if shift == 0.0:
+            call.shift = None
+            return
+        with self.lock:
+            kept = self.__dict__.setdefault("_shift_tensors", {})
+            if (shift, device) not in kept:
+                if len(kept) > 1024:
+                    kept.clear()
+                kept[(shift, device)] = torch.tensor([shift], device=device)
+            call.shift = kept[(shift, device)]
 
     def width_embedding(self, t: torch.Tensor, budget: float | None) -> torch.Tensor:
         """(Bt,) timesteps -> (Bt, embed): what the width routers read (t's embedding, plus
@@ -163,4 +230,7 @@ class BudgetInputs:
         if key in self.token_budget:
             emb = self._budget_emb(self._calls.call, logits.device)  # (1, embed)
             logits = logits + self.token_budget[key](emb).reshape(1).to(logits.dtype)
+            shift = self._calls.call.shift  # the sampler fit's, at this budget
+            if shift is not None:
+                logits = logits + shift.to(logits.dtype)
         return logits

@@ -40,7 +40,7 @@ class RoutingCall:
     __slots__ = (
         "settings", "mode", "execution", "t", "emb", "train_masks", "eval_masks", "eval_cpu",
         "records", "batch", "replay", "pattern", "counter", "progress", "ran", "budget",
-        "b_emb",
+        "b_emb", "shift",
     )  # fmt: skip
 
     def __init__(self, settings: RoutingSettings | None = None, sites: int = 0, last: Any = None):
@@ -57,6 +57,8 @@ class RoutingCall:
         # routers do not read it) and its (1, embed) embedding, made once per call.
         self.budget: float | None = None
         self.b_emb: torch.Tensor | None = None
+        # Its token logit shift from the sampler fit at that budget ((1,); None: none).
+        self.shift: torch.Tensor | None = None
         self.train_masks: dict[int, torch.Tensor] | None = None  # site -> (Bt, units), drawn once
         self.eval_masks: dict[int, torch.Tensor] = {}  # site -> (Bt, units) bool, device
         self.eval_cpu: dict[int, torch.Tensor] = {}  # the same on the CPU (host decisions)

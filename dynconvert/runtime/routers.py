@@ -156,16 +156,36 @@ def width_router(embed_dim: int, units: int, bias_init: float) -> RouterLinear:
     return lin
 
 
+def budget_features(budget: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B,) budgets in (0, 1] -> (B, dim) smooth features: sines and cosines of ``budget`` at
+    angular frequencies from 0.25 to 3 per unit of budget (geometric).
+
+    Why not t's sinusoid: on a 0..1000 scale its fast frequencies turn within 0.01 of budget,
+    so nearby budgets get unrelated features and the routers learn each budget drawn in
+    calibration apart, with nothing in between (measured: a dial that did not track,
+    docs/budgets.md). Here the fastest turns by 2.1 radians over a 0.3..1.0 range: what is
+    learned at one budget carries to its neighbours.
+
+    Example:
+        >>> bool(budget_features(torch.tensor([0.3, 0.31]), 8).diff(dim=0).abs().max() < 0.05)
+        True
+    """
+    half = dim // 2
+    freqs = torch.exp(torch.linspace(math.log(0.25), math.log(3.0), half, device=budget.device))
+    args = budget.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+
 class BudgetEncoder(nn.Module):
     """An embedding of a call's FLOPs budget, added to the timestep's (budget-conditioned models).
 
-    The budget (a fraction in (0, 1]) is read on a 0..1000 scale by the same sinusoid as t, then
-    a small MLP (default initialisation). What reads it starts at zero (the width routers'
-    weights, and a zero-initialised Linear per token router to a logit offset,
-    ``RouterBank.token_budget``), so a fresh conversion is still the original. The encoder itself
-    must not start at zero: the readers' gradients are the embedding, and the embedding's are
-    the readers' weights, so both would stay at zero (measured: a dial that did not move,
-    docs/budgets.md).
+    The budget (a fraction in (0, 1]) is read through smooth features (:func:`budget_features`,
+    not t's sinusoid), then a small MLP (default initialisation). What reads it starts at zero
+    (the width routers' weights, and a zero-initialised Linear per token router to a logit
+    offset, ``RouterBank.token_budget``), so a fresh conversion is still the original. The
+    encoder itself must not start at zero: the readers' gradients are the embedding, and the
+    embedding's are the readers' weights, so both would stay at zero (measured: a dial that did
+    not move, docs/budgets.md).
 
     Example:
         >>> BudgetEncoder(8)(torch.tensor([0.5, 0.9])).shape
@@ -179,7 +199,7 @@ class BudgetEncoder(nn.Module):
 
     def forward(self, budget: torch.Tensor) -> torch.Tensor:
         """(B,) budgets in (0, 1] -> (B, dim) embedding, in the MLP's compute dtype."""
-        return self.mlp(sinusoidal(budget * 1000.0, self.dim))  # (B, dim)
+        return self.mlp(budget_features(budget, self.dim))  # (B, dim)
 
 
 def budget_offset(embed_dim: int) -> RouterLinear:

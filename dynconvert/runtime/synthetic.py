@@ -44,14 +44,18 @@ def randomize_routing(
     t. Token routers get random weights and a bias at the quantile that keeps the requested
     fraction of tokens of ``example_inputs`` (default: the model's own example inputs), and a
     capacity for the planned path: that fraction plus ``PlannedOptions.capacity_margin`` (so
-    an uncalibrated model runs planned, with no overflow on those inputs).
+    an uncalibrated model runs planned, with no overflow on those inputs). A budget-conditioned
+    model is set at its budget now (``set_budget``; the budget's embedding and token offsets
+    count), with its sampler-fit shifts cleared; other budgets keep other fractions.
     """
     bank = get_state(model)
     tokens = keep if tokens is None else tokens
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        if getattr(bank, "budget_shift", None) is not None:  # a sampler fit's: set by hand now
+            bank.budget_shift.zero_()
         grid = torch.arange(ROUTER_TIMESTEPS, dtype=torch.float32, device=bank.always_on.device)
-        emb = bank.t_embed(grid)
+        emb = bank.width_embedding(grid, None)  # (1000, embed): a range's at its budget too
         for key, router in bank.width.items():
             units = router.out_features
             on = int(bank.always_on[int(key)])
@@ -116,9 +120,10 @@ def _randomize_tokens(
             ) -> None:
                 with torch.no_grad():
                     last = router.net[2]
-                    last.bias.zero_()
-                    last.bias.copy_(_threshold(router(args[0]).flatten().float().cpu(), keep))
-                    kept[index] = float((router(args[0]) > 0).float().mean())
+                    last.bias.zero_()  # the logits as the call reads them (a range's offset)
+                    logits = bank.token_logits(index, args[0]).flatten().float().cpu()
+                    last.bias.copy_(_threshold(logits, keep))
+                    kept[index] = float((bank.token_logits(index, args[0]) > 0).float().mean())
 
             handles.append(modules[s.fc1[0]].register_forward_pre_hook(set_bias))
     try:

@@ -38,7 +38,7 @@ class EvalTable:
         """Changes whenever anything the width masks depend on changes (training, loading)."""
         params = [*self.t_embed.parameters(), *self.width.parameters()]
         if self.b_embed is not None:
-            params += list(self.b_embed.parameters())
+            params += [*self.b_embed.parameters(), self.budget_shift]
         return (
             sum(p._version for p in params),
             tuple(p.data_ptr() for p in params[:2]),
@@ -114,9 +114,10 @@ class EvalTable:
         with torch.no_grad():
             emb = self.width_embedding(t, budget)  # (T, embed)
             full = self.runs_full(budget)  # a range's top at 1.0: every unit (bank.py)
+            shift = self.shifts_at(budget)[1]  # the sampler fit's at this budget (ranges)
             out = {}
             for key, router in self.width.items():
-                on = router(emb) > 0
+                on = router(emb) + shift > 0
                 if full:
                     on[:] = True
                 on[:, int(self.always_on[int(key)])] = True

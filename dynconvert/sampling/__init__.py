@@ -27,7 +27,12 @@ Example:
     (4, 4, 8, 8)
 """
 
-from dynconvert.sampling.budget import BudgetMatch, match_sampling_budget
+from dynconvert.sampling.budget import (
+    BudgetGridMatch,
+    BudgetMatch,
+    match_budget_grid,
+    match_sampling_budget,
+)
 from dynconvert.sampling.grids import (
     compare_grid,
     comparison_titles,
@@ -41,12 +46,14 @@ from dynconvert.sampling.spec import ModelSpec, model_spec
 
 __all__ = [
     "SCHEDULERS",
+    "BudgetGridMatch",
     "BudgetMatch",
     "ModelSpec",
     "compare_grid",
     "comparison_titles",
     "grid_array",
     "make_scheduler",
+    "match_budget_grid",
     "match_sampling_budget",
     "model_spec",
     "sample",
