@@ -345,6 +345,20 @@ def test_release_freed_memory_gives_freed_blocks_back(tmp_path):
     assert not release_freed_memory("cuda")
 
 
+def test_calibrate_changes_the_allocator_only_when_its_plan_is_tight(monkeypatch):
+    # The fix costs CPU time (+34% on DiT-S/2): a run that needs a small share of the memory
+    # keeps glibc's default; one that needs more than TIGHT_SHARE of it gets the fix.
+    import dynconvert.calibration.memory_release as module
+
+    calls = []
+    monkeypatch.setattr(module, "release_freed_memory", lambda device: calls.append(device) or 1)
+    gib = 1 << 30
+    assert not module.release_when_tight("cpu", None)  # not planned (check_memory off)
+    assert not module.release_when_tight("cpu", gib, free=4 * gib)
+    assert module.release_when_tight("cpu", 3 * gib, free=4 * gib)
+    assert calls == ["cpu"]
+
+
 def test_an_accumulating_step_reports_its_micro_batches_as_they_finish(caplog):
     # A step of DiT-XL/2's batch 256 on a CPU takes minutes: its pace is known after the first
     # micro-batch, in the log at once, and by on_micro_batch after every one.

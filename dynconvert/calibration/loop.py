@@ -36,7 +36,7 @@ from dynconvert.calibration.config import CalibrationConfig, as_config
 from dynconvert.calibration.data import as_source, check_batch
 from dynconvert.calibration.distributed import make_accelerator
 from dynconvert.calibration.fit import check_before_start
-from dynconvert.calibration.memory_release import release_freed_memory
+from dynconvert.calibration.memory_release import release_when_tight
 from dynconvert.calibration.objectives import build_objective
 from dynconvert.calibration.progress import CalibrationProgress, MicroBatchInfo, MicroBatchReport
 from dynconvert.calibration.recompute import gradient_checkpointing
@@ -119,8 +119,8 @@ def calibrate(
     accelerator = accelerator or make_accelerator(cfg)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     _check_divisible(cfg, world)
-    check_before_start(model, cfg, accelerator)  # the memory plan against the device (fit.py)
-    release_freed_memory(device)  # CPU: freed tensors leave the process (memory_release.py)
+    plan = check_before_start(model, cfg, accelerator)  # the plan against the device (fit.py)
+    release_when_tight(device, plan and plan.total)  # CPU, tight: freed memory is given back
     teacher = frozen_teacher(model, teacher, cfg, device)
     progress, micro = _progress(cfg, accelerator, on_micro_batch)  # a bar, log lines or none
     with training_mode(model, state), progress, contextlib.ExitStack() as after_setup:

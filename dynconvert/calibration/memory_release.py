@@ -10,10 +10,13 @@ default, 1.567 GiB with the threshold fixed, against an estimate of 1.456 GiB; t
 (``memory.py``) counts the tensors, so it is only an honest bound with the threshold fixed.
 
 :func:`release_freed_memory` fixes the threshold at glibc's starting value (128 KiB) for the
-rest of the process (mallopt cannot restore the adaptive threshold); ``calibrate`` calls it
-when it trains on the CPU. Elsewhere (another C library, macOS, CUDA) it does nothing. The
-price is CPU time (each large tensor is fresh pages the kernel zeroes): the same DiT-S/2 run
-took 34% more CPU seconds (docs/large-models.md).
+rest of the process (mallopt cannot restore the adaptive threshold). Elsewhere (another C
+library, macOS, CUDA) it does nothing. The price is CPU time (each large tensor is fresh pages
+the kernel zeroes): the same DiT-S/2 run took 34% more CPU seconds (docs/large-models.md). So
+``calibrate`` pays it only where memory is what limits the run: :func:`release_when_tight`
+fixes the threshold when the memory plan needs more than ``TIGHT_SHARE`` of the memory the
+process may use (then the plan's bound is what keeps the run alive); a small run keeps glibc's
+faster default, and the process's allocator is left as the user had it.
 
 Example:
     >>> import torch
@@ -29,6 +32,8 @@ from typing import Any
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 MMAP_THRESHOLD = 128 * 1024  # glibc's starting threshold, kept instead of raised
+TIGHT_SHARE = 0.5
+"""Share of the free memory above which a calibration's plan counts as tight."""
 
 
 def release_freed_memory(device: Any) -> bool:
@@ -55,3 +60,23 @@ def release_freed_memory(device: Any) -> bool:
     if mallopt is None:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+def release_when_tight(device: Any, needed: int | None, free: int | None = None) -> bool:
+    """:func:`release_freed_memory` when a calibration needing ``needed`` bytes (its memory
+    plan's total; None: not planned) would use more than ``TIGHT_SHARE`` of ``free`` bytes
+    (default: what ``fit.device_free`` gives this process on ``device``).
+
+    Example:
+        >>> release_when_tight("cpu", needed=1 << 20, free=1 << 30)  # 1 MiB of 1 GiB: left alone
+        False
+    """
+    if needed is None:
+        return False
+    if free is None:
+        from dynconvert.calibration.fit import device_free
+
+        free = device_free(device)[0]
+    if needed <= TIGHT_SHARE * free:
+        return False
+    return release_freed_memory(device)
