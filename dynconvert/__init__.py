@@ -28,6 +28,7 @@ _EXPORTS = {
     "CalibrationConfig": "dynconvert.calibration",
     "CalibrationResult": "dynconvert.calibration",
     "StepInfo": "dynconvert.calibration",
+    "MicroBatchInfo": "dynconvert.calibration",
     "calibrate": "dynconvert.calibration",
     "write_latents": "dynconvert.calibration",
     "ConvertConfig": "dynconvert.config",

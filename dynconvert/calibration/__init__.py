@@ -31,6 +31,7 @@ from dynconvert.calibration.ema import EMA
 from dynconvert.calibration.latents import read_index, write_latent_shards, write_latents
 from dynconvert.calibration.loop import calibrate, make_accelerator
 from dynconvert.calibration.objectives import build_objective, distill_loss, flops_loss
+from dynconvert.calibration.progress import MicroBatchInfo
 from dynconvert.calibration.result import CalibrationResult, StepInfo
 from dynconvert.calibration.schedule import (
     LambdaSchedule,
@@ -49,6 +50,7 @@ __all__ = [
     "IterableSource",
     "LambdaSchedule",
     "LatentShards",
+    "MicroBatchInfo",
     "ModelAdapter",
     "Source",
     "StepInfo",

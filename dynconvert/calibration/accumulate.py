@@ -78,6 +78,7 @@ def forward_backward(
     x0: torch.Tensor,
     noisy: Any,
     parts: int,
+    after_each: Callable[[int], None] | None = None,
     **kwargs: Any,
 ) -> tuple[dict[str, torch.Tensor], bool]:
     """Run the step's micro-batches forward and backward; the mean terms and whether one was
@@ -90,6 +91,8 @@ def forward_backward(
         model: The prepared model (``no_sync`` between DDP micro-batches).
         batch, x0, noisy: This process's rows of the step, noised once.
         parts: ``grad_accum_steps``; it must divide the rows.
+        after_each: Called with the micro-batches done after each backward (the progress of
+            a step that takes minutes: ``progress.MicroBatchReport``), or None.
         **kwargs: Passed to ``terms_of`` (``lam``, ``step``).
 
     Returns:
@@ -117,6 +120,8 @@ def forward_backward(
             accelerator.backward(terms["loss"] / parts if parts > 1 else terms["loss"])
         _add(sums, {k: v.detach() for k, v in terms.items()})
         ran += 1
+        if after_each is not None:
+            after_each(ran)
     return _mean(sums, ran), False
 
 

@@ -36,8 +36,9 @@ from dynconvert.calibration.config import CalibrationConfig, as_config
 from dynconvert.calibration.data import as_source, check_batch
 from dynconvert.calibration.distributed import make_accelerator
 from dynconvert.calibration.fit import check_before_start
+from dynconvert.calibration.memory_release import release_when_tight
 from dynconvert.calibration.objectives import build_objective
-from dynconvert.calibration.progress import CalibrationProgress
+from dynconvert.calibration.progress import CalibrationProgress, MicroBatchInfo, MicroBatchReport
 from dynconvert.calibration.recompute import gradient_checkpointing
 from dynconvert.calibration.result import CalibrationResult, StepInfo
 from dynconvert.calibration.schedule import LambdaSchedule, range_lambda
@@ -74,6 +75,7 @@ def calibrate(
     teacher: nn.Module | None = None,
     adapter: ModelAdapter | None = None,
     accelerator: Any = None,
+    on_micro_batch: Callable[[MicroBatchInfo], None] | None = None,
 ) -> CalibrationResult:
     """Fine-tune a converted model toward ``config.target`` (docs/method.md, "Training objective").
 
@@ -82,13 +84,13 @@ def calibrate(
         data: Latents folder, "digits", dict of tensors, ``Source``, dataset or iterable of
             batch dicts (see ``data.as_source``).
         config: A ``CalibrationConfig`` or a dict of its fields.
-        on_step: Called on the main process after every step with a ``StepInfo``. Beside it,
-            ``config.progress`` shows a bar on a terminal or logs a line every few steps
-            (``progress="off"``: nothing).
+        on_step: Called on the main process after every step with a ``StepInfo``; beside it
+            ``config.progress`` shows a bar or log lines (``progress="off"``: nothing).
         teacher: Frozen model to distil from (default: a copy of ``model`` at the start, run
             full width); only used with ``distill_weight`` > 0.
         adapter: How to call the model (default: chosen from its class and ``config.adapter``).
         accelerator: An ``accelerate.Accelerator`` to use instead of a new one.
+        on_micro_batch: Like ``on_step``, after each micro-batch (``grad_accum_steps`` > 1).
 
     Returns:
         A ``CalibrationResult`` whose ``model`` holds the EMA weights, in eval mode.
@@ -117,10 +119,10 @@ def calibrate(
     accelerator = accelerator or make_accelerator(cfg)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     _check_divisible(cfg, world)
-    check_before_start(model, cfg, accelerator)  # the memory plan against the device (fit.py)
+    plan = check_before_start(model, cfg, accelerator)  # the plan against the device (fit.py)
+    release_when_tight(device, plan and plan.total)  # CPU, tight: freed memory is given back
     teacher = frozen_teacher(model, teacher, cfg, device)
-    shown = cfg.progress if accelerator.is_main_process else "off"
-    progress = CalibrationProgress(shown, cfg.steps, cfg.log_every)  # a bar, log lines or none
+    progress, micro = _progress(cfg, accelerator, on_micro_batch)  # a bar, log lines or none
     with training_mode(model, state), progress, contextlib.ExitStack() as after_setup:
         run = setup_run(model, state, cfg, accelerator)
         after_setup.enter_context(gradient_checkpointing(model, cfg.gradient_checkpointing))
@@ -147,7 +149,7 @@ def calibrate(
             with scope:  # forward and backward, micro-batch by micro-batch (accumulate.py)
                 terms, nonfinite = forward_backward(
                     step_terms, accelerator, run.ddp_model, batch, x0, noisy,
-                    cfg.grad_accum_steps, lam=lam, step=step,
+                    cfg.grad_accum_steps, micro.at(step), lam=lam, step=step,
                 )  # fmt: skip
             values, skipped, grad_norm = _optimise(run, terms, nonfinite, lam, step)
             # Checkpoint (never while non-finite losses are in a row: keep the last good one).
@@ -160,11 +162,21 @@ def calibrate(
                 progress(info)
 
     # Result: the EMA weights in the model, the raw weights beside them.
-    if run.last_batch is None and cfg.capacity_points:
-        # Resumed at the last step: no batch was drawn in this call; the capacities need one.
+    if run.last_batch is None and cfg.capacity_points:  # resumed at the last step: draw one
         first = batch_stream(source, cfg.batch_size, seed=cfg.seed, rank=rank, world=world, stop=1)
         run.last_batch = _draw(first, source, device, labels, adapter, cfg)
     return _finish(run, adapter, objective)
+
+
+def _progress(
+    cfg: Any, accelerator: Any, on_micro_batch: Callable[[MicroBatchInfo], None] | None
+) -> tuple[CalibrationProgress, MicroBatchReport]:
+    """The progress the run shows itself (on the main process only) and the report of its
+    micro-batches while a step accumulates (``progress.MicroBatchReport``)."""
+    main = accelerator.is_main_process
+    progress = CalibrationProgress(cfg.progress if main else "off", cfg.steps, cfg.log_every)
+    report = on_micro_batch if main else None
+    return progress, MicroBatchReport(cfg.steps, cfg.grad_accum_steps, progress, report)
 
 
 def _check_divisible(cfg: Any, world: int) -> None:

@@ -22,7 +22,9 @@ Per process, in bytes (W: parameters, T: trainable parameters, P: processes):
   the gradients of the first micro-batches are kept while the next one runs (both count);
 - on CPU: the raw trained weights are copied beside the EMA at the end of ``calibrate`` (one
   more T; frozen weights are shared),
-  and the interpreter with torch and dynconvert imported (``CPU_RUNTIME_BYTES``).
+  and the interpreter with torch and dynconvert imported (``CPU_RUNTIME_BYTES``). The plan
+  counts tensors: it holds for the process because ``calibrate`` makes glibc give freed
+  tensors back (``memory_release.py``; with the default, the checkpointing row held 46% more).
 
 Trainable modes are entries of ``TRAINABLE_MODES`` (how many parameters train, and whether the
 projections' weights need their inputs saved); a new mode is one entry.

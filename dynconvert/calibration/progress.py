@@ -11,6 +11,12 @@ callback it is not silent for minutes: ``CalibrationConfig.progress`` chooses
 Only the main process shows progress. The bar shows the step, loss, FLOPs ratio -> lambda, speed
 and ETA; a log line says the same.
 
+A step that accumulates gradients (``grad_accum_steps`` > 1) may take minutes (DiT-XL/2's
+global batch of 256 on a CPU: 128 micro-batches), so its micro-batches are reported as they
+finish (:class:`MicroBatchReport`): the bar shows the micro-batch and its pace, the log gets a
+line after the run's first micro-batch and then at most one a minute, with the time per
+micro-batch and the run's ETA at that pace; ``calibrate(on_micro_batch=...)`` gets each one.
+
 Logging: the lines go to the logger ``"dynconvert.calibration"`` at level INFO. As transformers
 and diffusers do for theirs, they are visible by default: when the program configured no
 logging (no handler on the root logger, none on ``"dynconvert"``), the first line adds a stderr
@@ -30,6 +36,9 @@ import logging
 import math
 import os
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -38,6 +47,8 @@ from dynconvert.calibration.result import StepInfo
 from dynconvert.errors import ConfigError
 
 logger = logging.getLogger("dynconvert.calibration")
+MICRO_BATCH_LOG_SECONDS = 60.0
+"""At most one micro-batch line a minute in the log (the first one at once)."""
 
 
 def default_log_every(steps: int) -> int:
@@ -159,6 +170,7 @@ class CalibrationProgress:
         self.total = total
         self.every = log_every or default_log_every(total)
         self.bar: Any = None  # the tqdm bar while it is shown
+        self.pacer = LinePacer()
 
     def __enter__(self) -> CalibrationProgress:
         return self
@@ -194,6 +206,14 @@ class CalibrationProgress:
             info.step % self.every == 0 or info.step in (1, info.total_steps) or info.checkpoint
         ):
             logger.info("%s", log_line(info))
+            self.pacer.mark()
+
+    def micro_batch(self, info: MicroBatchInfo) -> None:
+        """Show a micro-batch of a step still accumulating (see the module docstring)."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(micro_text(info))
+        elif self.mode == "log" and self.pacer():
+            logger.info("%s", micro_line(info))
 
     def close(self) -> None:
         """Close the bar (idempotent): what follows prints below it."""
@@ -217,3 +237,120 @@ def _fixed_width(stream: Any) -> int | None:
     except (AttributeError, OSError, ValueError):  # no descriptor (io.UnsupportedOperation)
         return None
     return None if columns > 0 else 100
+
+
+@dataclass(frozen=True)
+class MicroBatchInfo:
+    """A micro-batch done while its step accumulates gradients (``grad_accum_steps`` > 1).
+
+    Attributes:
+        step: The step it belongs to, counted from 1 (``StepInfo.step`` once the step is done).
+        total_steps: The run's steps.
+        done: Micro-batches of this step done, counting this one.
+        parts: Micro-batches per step (``grad_accum_steps``).
+        seconds_each: Mean wall-clock seconds per micro-batch in this call so far.
+        eta_seconds: Seconds to the end of the run at that pace.
+    """
+
+    step: int
+    total_steps: int
+    done: int
+    parts: int
+    seconds_each: float
+    eta_seconds: float
+
+
+def micro_text(info: MicroBatchInfo) -> str:
+    """The micro-batch, its pace and the run's ETA (the bar's text).
+
+    Example:
+        >>> micro_text(MicroBatchInfo(1, 10, 2, 64, 13.04, 8300.0))
+        'micro-batch 2/64 13.0 s each (13:55 a step) ETA 2:18:20'
+    """
+    per_step = duration(info.seconds_each * info.parts)
+    return (
+        f"micro-batch {info.done}/{info.parts} {info.seconds_each:.1f} s each "
+        f"({per_step} a step) ETA {duration(info.eta_seconds)}"
+    )
+
+
+def micro_line(info: MicroBatchInfo) -> str:
+    """One log line of a micro-batch: the step it belongs to, then :func:`micro_text`.
+
+    Example:
+        >>> micro_line(MicroBatchInfo(1, 10, 2, 64, 13.04, 8300.0))
+        'step 1/10  micro-batch 2/64 13.0 s each (13:55 a step) ETA 2:18:20'
+    """
+    return f"step {info.step}/{info.total_steps}  {micro_text(info)}"
+
+
+class LinePacer:
+    """Whether a progress line is due: the first at once, then one per ``seconds`` at most.
+
+    Example:
+        >>> pacer = LinePacer(60.0)
+        >>> pacer(), pacer()
+        (True, False)
+    """
+
+    def __init__(self, seconds: float = MICRO_BATCH_LOG_SECONDS) -> None:
+        self.seconds = seconds
+        self.last: float | None = None
+
+    def mark(self) -> None:
+        """A line was written now (a step's line counts too)."""
+        self.last = time.monotonic()
+
+    def __call__(self) -> bool:
+        """True (and marked) when a line is due."""
+        if self.last is not None and time.monotonic() - self.last < self.seconds:
+            return False
+        self.mark()
+        return True
+
+
+class MicroBatchReport:
+    """Turns each finished micro-batch into a :class:`MicroBatchInfo` for the run's progress
+    and ``on_micro_batch``; the pace is measured from this call's first step.
+
+    Args:
+        total: The run's steps.
+        parts: ``grad_accum_steps`` (1: nothing is reported; a step is one micro-batch).
+        progress: The run's :class:`CalibrationProgress`.
+        on_micro_batch: Also called with each one (main process only), or None.
+
+    Example:
+        >>> report = MicroBatchReport(10, 1, CalibrationProgress("off", 10))
+        >>> report.at(0) is None
+        True
+    """
+
+    def __init__(
+        self,
+        total: int,
+        parts: int,
+        progress: CalibrationProgress,
+        on_micro_batch: Callable[[MicroBatchInfo], None] | None = None,
+    ) -> None:
+        self.total, self.parts = total, parts
+        self.progress, self.on_micro_batch = progress, on_micro_batch
+        self.t0: float | None = None
+        self.count = 0
+
+    def at(self, step: int) -> Callable[[int], None] | None:
+        """The callback for step ``step`` (0-based) that ``forward_backward`` calls with the
+        micro-batches done, or None without accumulation."""
+        if self.parts < 2:
+            return None
+        if self.t0 is None:  # the first step of this call starts now
+            self.t0 = time.perf_counter()
+        return lambda done: self._report(step, done)
+
+    def _report(self, step: int, done: int) -> None:
+        self.count += 1
+        each = (time.perf_counter() - self.t0) / self.count
+        left = ((self.total - step) * self.parts - done) * each
+        info = MicroBatchInfo(step + 1, self.total, done, self.parts, each, left)
+        self.progress.micro_batch(info)
+        if self.on_micro_batch is not None:
+            self.on_micro_batch(info)

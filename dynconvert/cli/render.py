@@ -101,6 +101,9 @@ class StepProgress:
         self.progress: Progress | None = None
         self.task: Any = None
         self.last_info: Any = None
+        from dynconvert.calibration.progress import LinePacer
+
+        self.pacer = LinePacer()  # micro-batch lines off a terminal: at most one a minute
 
     def __enter__(self) -> StepProgress:
         if self.live:
@@ -127,6 +130,16 @@ class StepProgress:
             f"{speed} ETA {duration(info.eta_seconds)}{skipped}"
         )
 
+    def micro_batch(self, info: Any) -> None:
+        """A micro-batch of a step still accumulating (``MicroBatchInfo``): its pace on the bar,
+        or a line (the run's first at once, then at most one a minute)."""
+        from dynconvert.calibration.progress import micro_line, micro_text
+
+        if self.progress is not None:
+            self.progress.update(self.task, info=micro_text(info))
+        elif self.pacer():
+            self.console.print(micro_line(info), markup=False)
+
     def __call__(self, info: Any) -> None:
         """The ``on_step`` callback of calibration."""
         self.last_info = info
@@ -140,6 +153,7 @@ class StepProgress:
             self.console.print(
                 f"step {info.step}/{info.total_steps}  {self.describe(info)}", markup=False
             )
+            self.pacer.mark()
 
 
 def event_printer(console: Console | None = None):

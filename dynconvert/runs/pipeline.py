@@ -272,6 +272,9 @@ def execute_run(
 ) -> dict[str, Any] | None:
     """Create the run folder, calibrate, measure, save, and write ``report.json``.
 
+    ``on_step`` gets every step's ``StepInfo``; when it has a ``micro_batch`` method, that gets
+    every micro-batch of an accumulating step (``calibrate``'s ``on_micro_batch``).
+
     Returns:
         The report (None on the other processes of a multi-process launch).
     """
@@ -341,7 +344,8 @@ def _calibrate_and_report(
     cal = replace(prepared.calibration, progress="off") if on_step else prepared.calibration
     with Heartbeat(out / RUN_FILE) if main else _nothing() as beat:  # run.json says how it went
         step = beat.wrap(on_step) if main else on_step
-        result = calibrate(prepared.model, prepared.data, cal, on_step=step)
+        micro = getattr(on_step, "micro_batch", None)  # the CLI's bar: micro-batches too
+        result = calibrate(prepared.model, prepared.data, cal, on_step=step, on_micro_batch=micro)
     calibrate_s = time.perf_counter() - t0
     if not main:
         return None
