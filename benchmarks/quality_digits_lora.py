@@ -2,9 +2,10 @@
 
 For each seed, runs ``dynconvert convert --model digits --target-flops 0.5`` twice, with
 ``--set calibration.trainable=lora`` and with the default ``all``, the recipe's sizes otherwise
-(400 steps of batch 64; the recipe's ``lora_rank``), and collects each run's report: FLOPs
-ratio, trainable and total parameters, classifier accuracy and Frechet distance (200 samples,
-25 DDIM steps, the recipe's evaluation seed). Writes one JSON file with a row per run and the
+(400 steps of batch 64; the recipe's ``lora_rank`` and ``lora_alpha``, and the LoRA path's
+32-wide router embedding), and collects each run's report: FLOPs ratio, trainable and total
+parameters, classifier accuracy and Frechet distance (200 samples, 25 DDIM steps, the recipe's
+evaluation seed). Writes one JSON file with a row per run and the
 mean per calibration (rows ``lora`` and ``all``):
 
     python benchmarks/quality_digits_lora.py --seeds 0 1 2
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--runs", type=Path, default=None, help="keep the run folders here")
+    parser.add_argument("--note", default=None, help="a line on the machine and the settings")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,6 +87,7 @@ def main() -> None:
                 rows.append(one_run(trainable, seed, root, args.steps))
                 print(json.dumps(rows[-1]), flush=True)
     result = {
+        "note": args.note,
         "command": "python benchmarks/quality_digits_lora.py --seeds "
         + " ".join(map(str, args.seeds)),
         "target_flops": 0.5,

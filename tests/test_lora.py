@@ -231,10 +231,23 @@ def test_adapter_kinds_that_are_not_routed_are_refused_by_name(dit):
     with_lora(model, targets)
     with pytest.raises(dynconvert.LoraNotRoutedError, match="adapter_names"):
         model.blocks[0].attn.qkv(torch.zeros(1, 3, 64), adapter_names=["default"])
+    # A LoRA variant that is not routed (activated LoRA), added beside the routed one.
+    with pytest.raises(dynconvert.LoraNotRoutedError, match="ALoraLinearVariant.*not added"):
+        with_lora(model, targets[:1], name="alora", alora_invocation_tokens=[1])
+    assert all("alora" not in m.lora_A for m in model.modules() if hasattr(m, "lora_A"))
+    # fan_in_fan_out: peft sets it False on an nn.Linear; a layer that has it is still refused.
+    wrapper = model.get_submodule(targets[0])
+    wrapper.fan_in_fan_out = True
+    with pytest.raises(dynconvert.LoraNotRoutedError, match="fan_in_fan_out"):
+        wrapper.update_layer("ffo", 2, 2, peft.LoraConfig(r=2, lora_alpha=2))
+    wrapper.fan_in_fan_out = False
+    # Any other module in a routed Linear's place.
+    with pytest.raises(dynconvert.LoraNotRoutedError, match="nn.modules.linear.Linear would"):
+        model.blocks[0].attn.proj = nn.Linear(64, 64)
 
 
 @pytest.mark.slow  # 2 s of CPU
-def test_lora_on_a_depthwise_convolution_is_refused_before_convert_changes_anything():
+def test_lora_on_a_depthwise_convolution_and_dora_on_a_pointwise_one_are_refused():
     model, inputs = PATTERN_MODELS["conv-mlp"]()
     depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
     assert depthwise  # peft asks for a rank that its groups divide
@@ -244,6 +257,12 @@ def test_lora_on_a_depthwise_convolution_is_refused_before_convert_changes_anyth
         dynconvert.convert(model, 0.85, example_inputs=inputs)
     assert not dynconvert.is_converted(model)
     assert not any(type(m).__name__.startswith("Dynamic") for m in model.modules())
+    # DoRA on a routed pointwise convolution (its norm is per output channel of a kernel).
+    model, inputs = PATTERN_MODELS["conv-mlp"]()
+    dynconvert.convert(model, 0.85, example_inputs=inputs)
+    pointwise = [n for n in lora_targets(model) if isinstance(model.get_submodule(n), nn.Conv2d)]
+    with pytest.raises(dynconvert.LoraNotRoutedError, match="DoRA on a convolution"):
+        with_lora(model, pointwise[:1], use_dora=True)
 
 
 @pytest.mark.slow  # 7 to 9 s of CPU each

@@ -23,6 +23,16 @@ from dynconvert.runtime.lora import is_lora, is_routed
 from dynconvert.runtime.lora_run import TD_ADAPTER, add_gates, base_of
 from dynconvert.runtime.state import get_state
 
+LORA_ROUTER_EMBED_DIM = 32
+"""``router_embed_dim`` a recipe's ``trainable="lora"`` run converts with unless its ``convert``
+section sets one. The routers' shared timestep encoder (2 * (e^2 + e) values: 131,584 at the
+default 256, 27% of the digits DiT) must be trained: a width router starts at zero weights and a
++15 bias (the full model) and switches a unit off only once ``W e(t)`` passes -15; ``e(t)`` at its
+random init is small (rms 0.13-0.19), so with the encoder frozen ``|W e(t)|`` stays below about
+13 after 400 AdamW steps at lr 1e-3 however ``W`` moves, no unit is ever switched off and the
+token routers carry the whole budget (samples fall apart). Trained, the encoder's output grows
+about 18 times (rms 0.19 -> 3.4 on digits). At 32 it is 2,112 values (docs/lora.md)."""
+
 
 def routed_targets(model: nn.Module) -> list[str]:
     """Names of the routed Linears and pointwise convolutions of a converted model (what

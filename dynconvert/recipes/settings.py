@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dynconvert.calibration.config import CalibrationConfig
+from dynconvert.calibration.trainable import LORA_ROUTER_EMBED_DIM
 from dynconvert.config import ConvertConfig
 from dynconvert.errors import ConfigError
 from dynconvert.fields import INT_MAX, SEED_MAX, Range, check_fields, check_value, shown
@@ -257,9 +258,23 @@ class Recipe:
         self.calibration_config()
 
     def convert_config(self) -> ConvertConfig:
-        """The validated :class:`ConvertConfig` of the ``convert`` section."""
+        """The validated :class:`ConvertConfig` of the ``convert`` section; a ``trainable="lora"``
+        run that leaves ``router_embed_dim`` unset gets the LoRA path's narrower router embedding
+        (``LORA_ROUTER_EMBED_DIM``: its encoder is trained, and at 256 it dominates a small
+        model's trainable share; docs/lora.md).
+
+        Example:
+            >>> from dynconvert.recipes import load_recipe
+            >>> r = load_recipe("digits")
+            >>> r.calibration["trainable"] = "lora"
+            >>> r.convert_config().router_embed_dim
+            32
+        """
+        data = dict(self.convert)
+        if self.calibration.get("trainable") == "lora":
+            data.setdefault("router_embed_dim", LORA_ROUTER_EMBED_DIM)
         try:
-            return ConvertConfig.from_dict(dict(self.convert))
+            return ConvertConfig.from_dict(data)
         except (ConfigError, TypeError) as e:
             raise ConfigError(f"section convert: {e}") from e
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynconvert.runtime.dynamic import column_multiplier, per_row
-from dynconvert.runtime.routers import RouterLinear
+from dynconvert.runtime.routers import COMPUTE_DTYPES, RouterLinear
 
 TD_ADAPTER = "dynconvert"
 """Name of the adapter calibration trains (the one TD-LoRA gates scale)."""
@@ -83,6 +83,11 @@ def _apply(
     if w.dim() == 2:
         return F.linear(x, w, b)
     return mod._conv_forward(x, w, b)
+
+
+def _computed(w: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``w`` in ``dtype`` if its own is a storage dtype (float8), else as it is."""
+    return w if w is None or w.dtype in COMPUTE_DTYPES else w.to(dtype)
 
 
 def routed_linear(
@@ -149,6 +154,9 @@ def _with_updates(
         w_b, b_b = bank.sliced(B, "rows", units, index) if axis == "rows" else (B.weight, B.bias)
         if part is not None:  # (rows of the part, r): B's rows follow the Linear's
             w_b, b_b = w_b[part], None if b_b is None else b_b[part]
+        # diffusers' layerwise casting on the peft layers themselves stores A and B in float8
+        # and casts them in their forward hooks, which a cut weight never runs: cast here.
+        wa, w_b, b_b = (_computed(v, xa.dtype) for v in (wa, w_b, b_b))
         drop = wrapper.lora_dropout[name]
         if name in wrapper.lora_magnitude_vector:  # DoRA
             out = _dora(wrapper, name, lin, xa, out, wb, (wa, w_b, b_b), axis, index, part)
