@@ -202,6 +202,19 @@ def check_report(recipe: Any, model: nn.Module) -> None:
         )
 
 
+def _budget_message(match: dict[str, Any]) -> str:
+    """The sampler fit's result in one line: its ratio, or a range model's ratio per budget.
+
+    Example:
+        >>> _budget_message({"kind": "grid", "budgets": [{"target": 0.3, "after": 0.2991}]})
+        "sampler's FLOPs ratio per budget: 0.3 -> 0.299"
+    """
+    if match.get("kind") != "grid":
+        return f"sampler's FLOPs ratio {_fmt(match.get('after'))}"
+    pairs = [f"{m['target']:g} -> {_fmt(m.get('after'))}" for m in match.get("budgets", [])]
+    return "sampler's FLOPs ratio per budget: " + ", ".join(pairs)
+
+
 def build_report(
     prepared: PreparedRun, result: Any, on_event: EventFn | None = None
 ) -> dict[str, Any]:
@@ -224,7 +237,7 @@ def build_report(
             summary["sampling_budget"] = match_run_budget(
                 model, recipe.samples, recipe.report, prepared.target
             )
-        event("budget", f"sampler's FLOPs ratio {_fmt(summary['sampling_budget'].get('after'))}")
+        event("budget", _budget_message(summary["sampling_budget"]))
     with _timed(timings, "profile_s"):
         prof, keep = _profile(prepared, model, device, event)
     with _timed(timings, "save_s"):
