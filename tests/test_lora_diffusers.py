@@ -14,6 +14,7 @@ here it is run as written and must pass.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 
@@ -239,25 +240,32 @@ def test_correct_lora_configs_with_different_ranks(family):
     differs(base, same_rank)
 
 
-def _keys_warning(family, tmp_path, edit):
-    """The warning diffusers logs when loading the saved adapter's state dict after ``edit``."""
+@contextlib.contextmanager
+def _logged(name):
+    """The messages diffusers' logger ``name`` emits at WARNING or above inside the block."""
     from diffusers.utils import logging as dlogging
 
-    model, _ = with_adapter(family, lora_config())
-    model.save_lora_adapter(tmp_path)
-    state = safetensors.torch.load_file(tmp_path / WEIGHTS)
-    model.unload_lora()
-    key = edit(state)
-    logger = dlogging.get_logger("diffusers.utils.peft_utils")
+    logger = dlogging.get_logger(name)
     logger.setLevel(logging.WARNING)
     records = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
     logger.addHandler(handler)
     try:
-        model.load_lora_adapter(state, prefix=None)
+        yield records
     finally:
         logger.removeHandler(handler)
+
+
+def _keys_warning(family, tmp_path, edit):
+    """The warning diffusers logs when loading the saved adapter's state dict after ``edit``."""
+    model, _ = with_adapter(family, lora_config())
+    model.save_lora_adapter(tmp_path)
+    state = safetensors.torch.load_file(tmp_path / WEIGHTS)
+    model.unload_lora()
+    key = edit(state)
+    with _logged("diffusers.utils.peft_utils") as records:
+        model.load_lora_adapter(state, prefix=None)
     return key, "\n".join(records)
 
 
@@ -282,19 +290,9 @@ def test_lora_unexpected_keys_warning(family, tmp_path):
 
 
 def test_logs_info_when_no_lora_keys_found(family):
-    from diffusers.utils import logging as dlogging
-
     model = build(family)
-    logger = dlogging.get_logger("diffusers.loaders.peft")
-    logger.setLevel(logging.WARNING)
-    records = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger.addHandler(handler)
-    try:
+    with _logged("diffusers.loaders.peft") as records:
         model.load_lora_adapter({"lora_foo": torch.tensor(2.0)}, prefix="transformer")
-    finally:
-        logger.removeHandler(handler)
     assert records and records[0].startswith(f"No LoRA keys associated to {family[0].__name__}")
     assert not has_lora(model)
 
